@@ -1,0 +1,268 @@
+"""The ``encoderflow`` command: the whole DAG in-process through Airflow, and one command per step.
+
+    encoderflow run      [--preset guide|smoke] [--data-dir DIR] [--mirror URL] [--set key=value ...]
+    encoderflow download [--data-dir DIR | --mirror URL]
+    encoderflow validate [--data-dir DIR]        exit 0 only when every dataset passes
+    encoderflow predict  "a sentence" ... | --file FILE
+    encoderflow config   [--preset P] [--set key=value ...]   print the resolved config
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from encoderflow import layout
+from encoderflow.config import ConfigError, from_overrides, parse_set
+from encoderflow.errors import EncoderflowError
+
+DAG_ID = "encoder_pretraining"
+DATASETS = ("wikitext", "sst2", "vocab")
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def dags_folder() -> Path:
+    return Path(os.environ.get("ENCODERFLOW_DAGS_FOLDER", repo_root() / "dags"))
+
+
+def airflow_env() -> dict[str, str]:
+    """The embedded Airflow: SQLite metadata DB under ENCODERFLOW_HOME/airflow, this repo's DAG."""
+    home = layout.airflow_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder()),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(repo_root() / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO"),
+        "ENCODERFLOW_HOME": str(layout.home()),
+        "GX_ANALYTICS_ENABLED": "false",
+        "KERAS_BACKEND": "jax",
+    }
+
+
+def init_airflow() -> None:
+    """Point this process at the embedded Airflow and migrate its DB (idempotent)."""
+    os.environ.update(airflow_env())
+    proc = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=os.environ.copy(),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"airflow db migrate failed (exit {proc.returncode}) for {os.environ['AIRFLOW_HOME']}")
+
+
+def load_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(dags_folder()))
+    if bag.import_errors:
+        raise SystemExit("DAG import errors:\n" + "\n".join(f"{k}: {v}" for k, v in bag.import_errors.items()))
+    dag = bag.get_dag(DAG_ID)
+    if dag is None:
+        raise SystemExit(f"no DAG {DAG_ID!r} in {dags_folder()}")
+    return dag
+
+
+def run_conf(args: argparse.Namespace) -> dict[str, Any]:
+    conf: dict[str, Any] = {"preset": args.preset, "overrides": list(args.set or [])}
+    for name in ("data_dir", "mirror", "sources_file"):
+        value = getattr(args, name, None)
+        if value:
+            conf[name] = str(Path(value).resolve()) if name != "mirror" else value
+    return conf
+
+
+def run_dag(conf: dict[str, Any]) -> tuple[str, str, list[tuple[str, int, str]]]:
+    """Run the DAG once through Airflow (``dag.test``); return run id, state and task states."""
+    init_airflow()
+    dag = load_dag()
+    dr = dag.test(run_conf=conf)
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == DAG_ID,
+                                                 TaskInstance.run_id == dr.run_id).all()
+        states = sorted((ti.task_id, ti.map_index, str(ti.state)) for ti in tis)
+    return dr.run_id, str(dr.state), states
+
+
+def print_summary(run_id: str, state: str, states: list[tuple[str, int, str]], seconds: float) -> None:
+    print("\n" + "=" * 72)
+    print(f"encoderflow run {run_id}: {state.upper()} in {seconds:.0f}s")
+    print("-" * 72)
+    for task_id, map_index, ti_state in states:
+        label = task_id if map_index < 0 else f"{task_id}[{map_index}]"
+        print(f"  {label:<32} {ti_state}")
+    summary_file = layout.run_dir(run_id) / "summary.json"
+    gate_file = layout.run_dir(run_id) / "gate.json"
+    if summary_file.exists():
+        s = layout.read_json(summary_file)
+        print("-" * 72)
+        for k, v in s["metrics"].items():
+            print(f"  {k:<32} {'-' if v is None else f'{v:.4f}'}")
+        print("-" * 72)
+        print(f"  gate: {'BLESSED' if s['gate']['blessed'] else 'NOT BLESSED'}")
+        for reason in s["gate"]["reasons"]:
+            print(f"    - {reason}")
+        r = s["registry"]
+        print(f"  registry: {r['registered_model']} v{r['version']} registered; champion is v{r['champion_version']}")
+        print(f"  tracking: {r['tracking_uri']}")
+        print("-" * 72)
+        for k, v in s["artifacts"].items():
+            if isinstance(v, dict):
+                for name, path in v.items():
+                    print(f"  {k}.{name:<22} {path}")
+            else:
+                print(f"  {k:<32} {v}")
+        print(f"  summary                          {summary_file}")
+    elif gate_file.exists():
+        print(f"  gate decision: {gate_file}")
+    print(f"  run folder: {layout.run_dir(run_id)}")
+    print("=" * 72)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    conf = run_conf(args)
+    from_overrides(conf["preset"], parse_set(conf["overrides"]))  # fail fast on a bad --set
+    t0 = time.monotonic()
+    run_id, state, states = run_dag(conf)
+    print_summary(run_id, state, states, time.monotonic() - t0)
+    return 0 if state == "success" else 1
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from encoderflow.steps import setup_logging
+
+    setup_logging()
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from encoderflow import steps
+
+    _setup_logging()
+    params = run_conf(args)
+    for dataset in DATASETS:
+        info = steps.download(dataset, params)
+        print(f"{dataset}: {info['source']} {info['root']} content_hash={info['content_hash']}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from encoderflow import steps
+    from encoderflow.data import validation
+
+    _setup_logging()
+    params = run_conf(args)
+    cfg = steps.config_from_params(params)
+    docs_root = layout.home() / "validation" / time.strftime("%Y%m%dT%H%M%S")
+    ok = True
+    t0 = time.monotonic()
+    for dataset in DATASETS:
+        info = steps.download(dataset, params)
+        report = validation.validate_dataset(info, cfg.preset, docs_root / dataset)
+        ok &= report["success"]
+        rows = ", ".join(f"{m}: {f['rows']} rows" for m, f in report["files"].items())
+        print(f"{dataset}: {'PASSED' if report['success'] else 'FAILED'} ({rows})")
+        for line in report["failures"]:
+            print(f"  {line}")
+        print(f"  Data Docs: {report['docs']}")
+    print(f"validate: {'all datasets passed' if ok else 'FAILED'} in {time.monotonic() - t0:.1f}s")
+    return 0 if ok else 1
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from encoderflow import registry
+    from encoderflow.train.finetune import Scorer
+
+    sentences = list(args.sentences)
+    if args.file:
+        sentences += [line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not sentences:
+        raise SystemExit("predict: give sentences as arguments or --file FILE")
+    name = args.model
+    current = registry.champion(name)
+    if current is None:
+        print(f"predict: registered model {name!r} has no champion yet at {registry.tracking_uri()}; "
+              "run the pipeline until a candidate is blessed (make run), or `encoderflow promote`.", file=sys.stderr)
+        return 2
+    bundle = registry.download_version(name, current["version"], layout.home() / "serving" / f"v{current['version']}")
+    scorer = Scorer(bundle)
+    probs = scorer.probabilities(sentences)
+    print(f"model: models:/{name}@champion (v{current['version']})")
+    for sentence, p in zip(sentences, probs):
+        label = "positive" if p >= 0.5 else "negative"
+        print(f"{label}\t{p if p >= 0.5 else 1 - p:.4f}\t{sentence}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = from_overrides(args.preset, parse_set(args.set or []))
+    print(json.dumps({"config_hash": cfg.config_hash(), **cfg.to_dict()}, indent=2))
+    return 0
+
+
+def cmd_airflow(args: argparse.Namespace) -> int:
+    """Airflow standalone (api-server, scheduler, dag-processor, triggerer) on localhost:8080."""
+    os.environ.update(airflow_env())
+    os.environ.setdefault("AIRFLOW__API__PORT", "8080")
+    print(f"Airflow standalone with AIRFLOW_HOME={os.environ['AIRFLOW_HOME']} on http://localhost:8080 ; "
+          "the admin password is printed below and kept in simple_auth_manager_passwords.json.generated there.")
+    os.execvpe(sys.executable, [sys.executable, "-m", "airflow", "standalone"], os.environ.copy())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="encoderflow", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, sources: bool = True):
+        sp.add_argument("--preset", default=os.environ.get("PRESET") or "guide", choices=["guide", "smoke"])
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
+        if sources:
+            sp.add_argument("--data-dir", dest="data_dir", default=os.environ.get("DATA_DIR") or None,
+                            help="offline folder laid out as the archives extract")
+            sp.add_argument("--mirror", default=os.environ.get("ENCODERFLOW_MIRROR") or None,
+                            help="base URL tried first for every file")
+            sp.add_argument("--sources-file", dest="sources_file", default=None,
+                            help="JSON replacing dataset specs (URLs, hashes)")
+
+    common(sub.add_parser("run", help="run the whole DAG once through Airflow"))
+    common(sub.add_parser("download", help="download (or locate offline) every dataset"))
+    common(sub.add_parser("validate", help="validate every dataset; exit 0 only if all pass"))
+    pp = sub.add_parser("predict", help="score sentences with the champion")
+    pp.add_argument("sentences", nargs="*")
+    pp.add_argument("--file")
+    pp.add_argument("--model", default=from_overrides("guide").gate.registered_model)
+    common(sub.add_parser("config", help="print the resolved config"), sources=False)
+    sub.add_parser("airflow", help="Airflow standalone UI with this DAG on localhost:8080")
+    return p
+
+
+COMMANDS = {"run": cmd_run, "download": cmd_download, "validate": cmd_validate, "predict": cmd_predict,
+            "config": cmd_config, "airflow": cmd_airflow}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, EncoderflowError) as exc:
+        print(f"encoderflow {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

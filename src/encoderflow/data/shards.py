@@ -1,0 +1,316 @@
+"""Masked-LM examples written once into TFRecord shards, BERT ``create_pretraining_data`` style.
+
+Plan → build one shard per mapped task → seal with a manifest written last. Every random choice
+comes from one ``numpy.random.Generator`` per shard, seeded from (seed, split, copy, index) and
+passed explicitly, so the same inputs and config give byte-identical shards.
+
+Record schema (one ``tf.train.Example`` per sequence):
+    token_ids       int64[seq_length]            masked input, 0-padded
+    mask_positions  int64[predictions_per_seq]   positions of predicted tokens, 0-padded
+    mask_ids        int64[predictions_per_seq]   original ids at those positions (labels)
+    mask_weights    float[predictions_per_seq]   1.0 for real predictions, 0.0 for padding
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from encoderflow import layout
+from encoderflow.config import Config, DataConfig
+from encoderflow.errors import EncoderflowError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPLIT_CODES = {"train": 0, "valid": 1}
+MASK_TOKEN_RATE = 0.8
+RANDOM_TOKEN_RATE = 0.1
+MANIFEST = "manifest.json"
+
+
+class ShardError(EncoderflowError):
+    """Shards that do not match the config or their manifest; the message says which value."""
+
+
+def eligible_lines(path: str | os.PathLike, min_chars: int) -> list[str]:
+    """The guide's filter: lines whose UTF-8 byte length exceeds ``min_chars`` (tf.strings.length)."""
+    with open(path, "rb") as f:
+        return [raw.rstrip(b"\n").decode("utf-8") for raw in f if len(raw.rstrip(b"\n")) > min_chars]
+
+
+def mask_batch(token_ids: np.ndarray, rng: np.random.Generator, *, vocab_size: int, mask_id: int,
+               unselectable_ids: tuple[int, ...], mask_rate: float, predictions_per_seq: int,
+               mask_token_rate: float = MASK_TOKEN_RATE, random_token_rate: float = RANDOM_TOKEN_RATE
+               ) -> dict[str, np.ndarray]:
+    """BERT-style static masking with the semantics of keras-hub's ``MaskedLMMaskGenerator``.
+
+    Each selectable token is chosen with probability ``mask_rate``; when more than
+    ``predictions_per_seq`` are chosen, a uniformly random subset of that size is kept. A chosen
+    token becomes ``[MASK]`` (80%), a uniformly random id (10%) or stays (10%).
+
+    Args:
+        token_ids: int array ``[batch, seq_length]``.
+        rng: the shard's generator; the only source of randomness.
+
+    Returns:
+        Dict of ``token_ids``, ``mask_positions`` (ascending), ``mask_ids``, ``mask_weights``.
+    """
+    ids = np.asarray(token_ids, dtype=np.int64)
+    batch, length = ids.shape
+    p = predictions_per_seq
+    selectable = ~np.isin(ids, np.asarray(unselectable_ids, dtype=np.int64))
+    chosen = selectable & (rng.random((batch, length)) < mask_rate)
+    # Random priorities pick the kept subset; unchosen tokens sort last and are dropped.
+    priority = np.where(chosen, rng.random((batch, length)), 2.0)
+    order = np.argsort(priority, axis=1, kind="stable")[:, :p]
+    if order.shape[1] < p:
+        order = np.pad(order, ((0, 0), (0, p - order.shape[1])), constant_values=0)
+    kept = np.take_along_axis(priority, order, axis=1) < 2.0
+    positions = np.sort(np.where(kept, order, length), axis=1)
+    weights = positions < length
+    positions = np.where(weights, positions, 0)
+    labels = np.where(weights, np.take_along_axis(ids, positions, axis=1), 0)
+
+    action = rng.random((batch, p))
+    random_ids = rng.integers(0, vocab_size, size=(batch, p))
+    replaced = np.where(action < mask_token_rate, mask_id,
+                        np.where(action < mask_token_rate + random_token_rate, random_ids, labels))
+    masked = ids.copy()
+    rows = np.broadcast_to(np.arange(batch)[:, None], positions.shape)
+    masked[rows[weights], positions[weights]] = replaced[weights]
+    return {
+        "token_ids": masked,
+        "mask_positions": positions.astype(np.int64),
+        "mask_ids": labels.astype(np.int64),
+        "mask_weights": weights.astype(np.float32),
+    }
+
+
+def shards_hash(cfg: DataConfig, vocab_sha256: str, text_sha256: dict[str, str]) -> str:
+    """Content address of a shard set: data config, exact inputs and record format."""
+    import dataclasses
+
+    return layout.sha256_json({
+        "format": FORMAT_VERSION,
+        "data": dataclasses.asdict(cfg),
+        "vocab": vocab_sha256,
+        "text": text_sha256,
+    })
+
+
+def plan(cfg: Config, wikitext: dict[str, Any], vocab: dict[str, Any]) -> dict[str, Any]:
+    """Split the corpus into shards. Returns the plan; ``shards`` is the mapped-task input."""
+    from encoderflow.data.sources import wikitext_member
+
+    d = cfg.data
+    vocab_file = next(iter(vocab["files"].values()))
+    roles = {"train": d.pretrain_split, "valid": d.validation_split}
+    texts = {role: wikitext["files"][wikitext_member(split)] for role, split in roles.items()}
+    h = shards_hash(d, vocab_file["sha256"], {role: t["sha256"] for role, t in texts.items()})
+    out_dir = layout.shards_dir(h)
+    shards: list[dict[str, Any]] = []
+    for role, text in texts.items():
+        n_lines = len(eligible_lines(text["path"], d.min_line_chars))
+        if n_lines == 0:
+            raise ShardError(f"{text['path']}: no line longer than {d.min_line_chars} bytes; nothing to pretrain on")
+        num = d.num_shards if role == "train" else max(1, math.ceil(d.num_shards / 8))
+        num = min(num, n_lines)
+        copies = d.dupe_factor if role == "train" else 1
+        bounds = np.linspace(0, n_lines, num + 1).astype(int)
+        for copy in range(copies):
+            for i in range(num):
+                shards.append({
+                    "split": role, "copy": copy, "index": i, "num": num,
+                    "text_path": text["path"], "text_sha256": text["sha256"],
+                    "line_start": int(bounds[i]), "line_end": int(bounds[i + 1]),
+                    "file": str(out_dir / f"{role}-c{copy:02d}-{i:05d}-of-{num:05d}.tfrecord"),
+                })
+    sealed = (out_dir / MANIFEST).exists()
+    log.info("shards plan: %d shards into %s (%s)", len(shards), out_dir,
+             "already sealed, will reuse" if sealed else "to build")
+    return {"shards_dir": str(out_dir), "shards_hash": h, "vocab_path": vocab_file["path"],
+            "vocab_sha256": vocab_file["sha256"], "sealed": sealed, "shards": shards}
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha256: str | None = None
+                ) -> dict[str, Any]:
+    """Tokenize, mask and write one shard atomically; reuse it when already complete."""
+    from encoderflow.data.tokenizer import Vocab, cpu_only_tensorflow, make_tokenizer, tokenize
+
+    d = cfg.data
+    path = Path(shard["file"])
+    sidecar = _sidecar(path)
+    if path.exists() and sidecar.exists():
+        info = layout.read_json(sidecar)
+        if info.get("sha256") == layout.sha256_file(path):
+            log.info("shard %s: complete already (%d records, sha256 %s), reused", path.name,
+                     info["records"], info["sha256"])
+            return info
+    if layout.sha256_file(shard["text_path"]) != shard["text_sha256"]:
+        raise ShardError(f"{shard['text_path']}: changed since the shard plan (sha256 differs); re-run the DAG")
+    if vocab_sha256 and layout.sha256_file(vocab_path) != vocab_sha256:
+        raise ShardError(f"{vocab_path}: changed since the shard plan (sha256 differs); re-run the DAG")
+
+    t0 = time.monotonic()
+    tf = cpu_only_tensorflow()
+    vocab = Vocab.load(vocab_path)
+    special = vocab.special_ids()
+    tokenizer = make_tokenizer(vocab_path, d.seq_length, d.lowercase, d.strip_accents)
+    lines = eligible_lines(shard["text_path"], d.min_line_chars)[shard["line_start"]:shard["line_end"]]
+    rng = np.random.default_rng([d.seed, SPLIT_CODES[shard["split"]], shard["copy"], shard["index"]])
+
+    records = tokens = 0
+    with layout.atomic_path(path) as tmp:
+        with tf.io.TFRecordWriter(str(tmp)) as writer:
+            for start in range(0, len(lines), 1024):
+                ids = tokenize(tokenizer, lines[start:start + 1024]).astype(np.int64)
+                ex = mask_batch(ids, rng, vocab_size=vocab.size, mask_id=special["[MASK]"],
+                                unselectable_ids=(special["[PAD]"], special["[CLS]"], special["[SEP]"]),
+                                mask_rate=d.mask_rate, predictions_per_seq=d.predictions_per_seq)
+                for row in range(ids.shape[0]):
+                    writer.write(_example(tf, ex, row))
+                records += ids.shape[0]
+                tokens += int((ids != special["[PAD]"]).sum())
+    info = {"file": path.name, "split": shard["split"], "copy": shard["copy"], "index": shard["index"],
+            "records": records, "tokens": tokens, "bytes": path.stat().st_size, "sha256": layout.sha256_file(path)}
+    layout.write_json(sidecar, info)
+    log.info("shard %s: %d records, %d tokens, %s bytes, sha256 %s, %.1fs", path.name, records, tokens,
+             f"{info['bytes']:,}", info["sha256"], time.monotonic() - t0)
+    return info
+
+
+def _example(tf, ex: dict[str, np.ndarray], row: int) -> bytes:
+    feature = {
+        "token_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=ex["token_ids"][row])),
+        "mask_positions": tf.train.Feature(int64_list=tf.train.Int64List(value=ex["mask_positions"][row])),
+        "mask_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=ex["mask_ids"][row])),
+        "mask_weights": tf.train.Feature(float_list=tf.train.FloatList(value=ex["mask_weights"][row])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def seal(shard_plan: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """Verify every shard and write ``manifest.json`` last: its presence means the set is complete."""
+    from encoderflow.data.tokenizer import Vocab
+
+    out_dir = Path(shard_plan["shards_dir"])
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.exists():
+        manifest = layout.read_json(manifest_path)
+        log.info("shards %s: sealed already (%d shards), reused", out_dir, len(manifest["shards"]))
+        return _summary(manifest_path, manifest)
+    entries = []
+    for shard in shard_plan["shards"]:
+        path = Path(shard["file"])
+        sidecar = _sidecar(path)
+        if not path.exists() or not sidecar.exists():
+            raise ShardError(f"shard {path} is missing; its build task did not finish. Clear the failed "
+                             "build_shard task to rebuild it.")
+        info = layout.read_json(sidecar)
+        actual = layout.sha256_file(path)
+        if actual != info["sha256"]:
+            raise ShardError(f"shard {path}: sha256 {actual} differs from its build record {info['sha256']}; "
+                             "delete it and re-run build_shard")
+        entries.append(info)
+    vocab = Vocab.load(shard_plan["vocab_path"])
+    d = cfg.data
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "shards_hash": shard_plan["shards_hash"],
+        "config": {"data": cfg.to_dict()["data"]},
+        "seq_length": d.seq_length,
+        "predictions_per_seq": d.predictions_per_seq,
+        "mask_rate": d.mask_rate,
+        "mask_token_rate": MASK_TOKEN_RATE,
+        "random_token_rate": RANDOM_TOKEN_RATE,
+        "vocab_size": vocab.size,
+        "vocab_sha256": shard_plan["vocab_sha256"],
+        "special_ids": vocab.special_ids(),
+        "inputs": sorted({(s["split"], s["text_path"], s["text_sha256"]) for s in shard_plan["shards"]}),
+        "shards": entries,
+        "totals": {split: {"records": sum(e["records"] for e in entries if e["split"] == split),
+                           "tokens": sum(e["tokens"] for e in entries if e["split"] == split)}
+                   for split in SPLIT_CODES},
+    }
+    layout.write_json(manifest_path, manifest)
+    log.info("shards %s: sealed %d shards, train %d records, valid %d records; manifest %s", out_dir,
+             len(entries), manifest["totals"]["train"]["records"], manifest["totals"]["valid"]["records"],
+             manifest_path)
+    return _summary(manifest_path, manifest)
+
+
+def _summary(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    return {"manifest": str(path), "manifest_sha256": layout.sha256_file(path),
+            "shards_hash": manifest["shards_hash"], "num_shards": len(manifest["shards"]),
+            "totals": manifest["totals"]}
+
+
+def check_manifest(manifest: dict[str, Any], cfg: Config, vocab_size: int | None = None) -> None:
+    """Refuse shards whose coupled values differ from what the training config expects."""
+    expected = {"format_version": FORMAT_VERSION, "seq_length": cfg.data.seq_length,
+                "predictions_per_seq": cfg.data.predictions_per_seq, "mask_rate": cfg.data.mask_rate}
+    if vocab_size is not None:
+        expected["vocab_size"] = vocab_size
+    for key, want in expected.items():
+        got = manifest.get(key)
+        if got != want:
+            raise ShardError(f"shard manifest {key}={got!r} but the training config expects {want!r}; "
+                             "rebuild the shards with this config (re-run plan_shards)")
+
+
+def load_manifest(path: str | os.PathLike, cfg: Config) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ShardError(f"{path}: no manifest; the shard set was never sealed (run seal_shards)")
+    manifest = layout.read_json(path)
+    check_manifest(manifest, cfg)
+    return manifest
+
+
+def make_dataset(manifest_path: str | os.PathLike, cfg: Config, split: str, batch_size: int,
+                 shuffle: bool = True, repeat: bool = False, seed: int | None = None):
+    """``(features, labels, weights)`` batches exactly as the guide's ``preprocess`` yields them."""
+    from encoderflow.data.tokenizer import cpu_only_tensorflow
+
+    tf = cpu_only_tensorflow()
+    manifest = load_manifest(manifest_path, cfg)
+    root = Path(manifest_path).parent
+    files = [str(root / e["file"]) for e in manifest["shards"] if e["split"] == split]
+    if not files:
+        raise ShardError(f"{manifest_path}: no {split!r} shards")
+    seq, p = manifest["seq_length"], manifest["predictions_per_seq"]
+    spec = {
+        "token_ids": tf.io.FixedLenFeature([seq], tf.int64),
+        "mask_positions": tf.io.FixedLenFeature([p], tf.int64),
+        "mask_ids": tf.io.FixedLenFeature([p], tf.int64),
+        "mask_weights": tf.io.FixedLenFeature([p], tf.float32),
+    }
+
+    def parse(serialized):
+        ex = tf.io.parse_example(serialized, spec)
+        features = {"token_ids": tf.cast(ex["token_ids"], tf.int32),
+                    "mask_positions": tf.cast(ex["mask_positions"], tf.int32)}
+        return features, tf.cast(ex["mask_ids"], tf.int32), ex["mask_weights"]
+
+    seed = cfg.data.seed if seed is None else seed
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed)
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if shuffle:
+        ds = ds.shuffle(10 * batch_size, seed=seed)
+    if repeat:
+        ds = ds.repeat()
+    return ds.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,98 @@
+"""Where every artifact lives under ``ENCODERFLOW_HOME`` (default ``./.encoderflow``).
+
+Folders are content-addressed (dataset hash, shard-config hash) or keyed by the Airflow run id,
+so a re-run with the same inputs finds its finished work and a retry never mixes two attempts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def home() -> Path:
+    return Path(os.environ.get("ENCODERFLOW_HOME", ".encoderflow")).resolve()
+
+
+def data_dir(dataset: str, content_hash: str) -> Path:
+    return home() / "data" / dataset / content_hash[:16]
+
+
+def shards_dir(shards_hash: str) -> Path:
+    return home() / "shards" / shards_hash[:16]
+
+
+def safe_run_id(run_id: str) -> str:
+    """Airflow run ids hold ':' and '+'; keep them readable but filesystem-safe."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_") or "run"
+
+
+def run_dir(run_id: str) -> Path:
+    return home() / "runs" / safe_run_id(run_id)
+
+
+def mlflow_dir() -> Path:
+    return home() / "mlflow"
+
+
+def airflow_home() -> Path:
+    return home() / "airflow"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@contextmanager
+def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path beside ``final``; rename it into place only if the block succeeds.
+
+    Readers never see a half-written file: either the old one, none, or the complete new one.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or ".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def reusable(result_path: str | os.PathLike, key: str) -> dict[str, Any] | None:
+    """A finished step's recorded result, if it was produced from exactly ``key`` (a hash)."""
+    path = Path(result_path)
+    if not path.exists():
+        return None
+    try:
+        result = read_json(path)
+    except ValueError:
+        return None
+    return result if result.get("key") == key else None

@@ -1,0 +1,125 @@
+"""The guide's encoder, its masked-LM pretraining model and the SST-2 classifier (keras-hub layers).
+
+Import this module only inside tasks: it imports Keras (JAX backend).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
+
+from encoderflow.config import ModelConfig  # noqa: E402
+
+
+@keras.saving.register_keras_serializable(package="encoderflow")
+class PaddingMask(keras.layers.Layer):
+    """Boolean mask of real tokens: ``token_ids != pad_id``.
+
+    Args:
+        pad_id: id of ``[PAD]`` in the vocabulary.
+    """
+
+    def __init__(self, pad_id: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.pad_id = pad_id
+
+    def call(self, token_ids):
+        return keras.ops.not_equal(token_ids, self.pad_id)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def compute_output_spec(self, token_ids):
+        return keras.KerasTensor(token_ids.shape, dtype="bool")
+
+    def get_config(self):
+        return {**super().get_config(), "pad_id": self.pad_id}
+
+
+@keras.saving.register_keras_serializable(package="encoderflow")
+class MaskedMeanPooling(keras.layers.Layer):
+    """Average of the encoder outputs over real tokens only (``[PAD]`` positions excluded)."""
+
+    def call(self, sequence, mask):
+        weights = keras.ops.expand_dims(keras.ops.cast(mask, sequence.dtype), -1)
+        total = keras.ops.sum(sequence * weights, axis=1)
+        count = keras.ops.maximum(keras.ops.sum(weights, axis=1), 1.0)
+        return total / count
+
+    def compute_output_shape(self, sequence_shape, mask_shape=None):
+        return (sequence_shape[0], sequence_shape[-1])
+
+
+def build_encoder(cfg: ModelConfig, vocab_size: int, seq_length: int, pad_id: int = 0) -> keras.Model:
+    """Token + position embedding, LayerNorm, dropout, then ``num_layers`` Transformer encoders.
+
+    With ``cfg.padding_mask`` the encoder attends to real tokens only; without it, it is the
+    guide's model exactly (padding attended to).
+
+    Returns:
+        A functional model ``token_ids [batch, seq_length] -> [batch, seq_length, model_dim]``.
+    """
+    token_ids = keras.Input(shape=(seq_length,), dtype="int32", name="token_ids")
+    embedding = keras_hub.layers.TokenAndPositionEmbedding(
+        vocabulary_size=vocab_size, sequence_length=seq_length, embedding_dim=cfg.model_dim,
+        name="token_and_position_embedding",
+    )
+    x = embedding(token_ids)
+    x = keras.layers.LayerNormalization(epsilon=cfg.norm_epsilon, name="embeddings_layer_norm")(x)
+    x = keras.layers.Dropout(rate=cfg.dropout, name="embeddings_dropout")(x)
+    padding_mask = PaddingMask(pad_id, name="padding_mask")(token_ids) if cfg.padding_mask else None
+    for i in range(cfg.num_layers):
+        x = keras_hub.layers.TransformerEncoder(
+            intermediate_dim=cfg.intermediate_dim, num_heads=cfg.num_heads, dropout=cfg.dropout,
+            layer_norm_epsilon=cfg.norm_epsilon, name=f"transformer_layer_{i}",
+        )(x, padding_mask=padding_mask)
+    return keras.Model(token_ids, x, name="encoder")
+
+
+def token_embedding(encoder: keras.Model):
+    return encoder.get_layer("token_and_position_embedding").token_embedding
+
+
+def build_pretraining_model(encoder: keras.Model, predictions_per_seq: int) -> keras.Model:
+    """Encoder plus a MaskedLMHead tied to the encoder's token embedding (the guide's model)."""
+    seq_length = encoder.input_shape[1]
+    inputs = {
+        "token_ids": keras.Input(shape=(seq_length,), dtype="int32", name="token_ids"),
+        "mask_positions": keras.Input(shape=(predictions_per_seq,), dtype="int32", name="mask_positions"),
+    }
+    encoded = encoder(inputs["token_ids"])
+    outputs = keras_hub.layers.MaskedLMHead(
+        token_embedding=token_embedding(encoder), activation="softmax", name="mlm_head",
+    )(encoded, mask_positions=inputs["mask_positions"])
+    return keras.Model(inputs, outputs, name="pretraining_model")
+
+
+def build_classifier(encoder: keras.Model, pad_id: int = 0, masked_pooling: bool = True) -> keras.Model:
+    """Encoder, mean pooling, one sigmoid unit.
+
+    The guide pooled ``encoded_tokens[0]``, which on Keras 3.15 indexes the batch axis of a
+    single-output model; pooling the encoder output itself is what it meant.
+
+    Args:
+        masked_pooling: average over real tokens only; ``False`` is the guide's plain average,
+            ``[PAD]`` positions included.
+    """
+    seq_length = encoder.input_shape[1]
+    token_ids = keras.Input(shape=(seq_length,), dtype="int32", name="token_ids")
+    encoded = encoder(token_ids)
+    if masked_pooling:
+        mask = PaddingMask(pad_id, name="pooling_mask")(token_ids)
+        pooled = MaskedMeanPooling(name="pooled_tokens")(encoded, mask)
+    else:
+        pooled = keras.layers.GlobalAveragePooling1D(name="pooled_tokens")(encoded)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="sentiment")(pooled)
+    return keras.Model(token_ids, outputs, name="sst2_classifier")
+
+
+def load(path: str | os.PathLike) -> keras.Model:
+    """Load a saved model in Keras safe mode (no lambdas, no arbitrary code)."""
+    return keras.saving.load_model(path, compile=False, safe_mode=True)

@@ -1,0 +1,177 @@
+"""MLflow tracking and model registry: candidates, the ``champion`` alias and its history.
+
+The tracking URI is ``MLFLOW_TRACKING_URI`` when set (a server), else the embedded sqlite store
+under ``ENCODERFLOW_HOME/mlflow``. Every candidate becomes a model version whose source is the
+model bundle logged with its MLflow run; only a blessing moves ``champion``, and the version it
+leaves keeps ``previous`` for rollback.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import json
+import logging
+import os
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from encoderflow import layout
+from encoderflow.errors import EncoderflowError
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "encoderflow"
+CHAMPION, PREVIOUS = "champion", "previous"
+
+
+class StaleChampion(EncoderflowError):
+    """The champion moved between evaluation and promotion; the comparison is stale."""
+
+
+def tracking_uri() -> str:
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    root = layout.mlflow_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def client():
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _experiment_id(c) -> str:
+    exp = c.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (layout.mlflow_dir() / "artifacts").resolve().as_uri()
+    try:
+        return c.create_experiment(EXPERIMENT, artifact_location=location)
+    except Exception:  # created concurrently by another task
+        return c.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def champion(name: str) -> dict[str, Any] | None:
+    """The current champion version (number, source, run id, tags), or None."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    try:
+        mv = c.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    return {"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags)}
+
+
+def download_version(name: str, version: str, dst: str | os.PathLike) -> Path:
+    """Fetch a version's bundle into ``dst`` and return its local folder."""
+    import mlflow
+
+    client()
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
+
+
+def _flatten(prefix: str, payload: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(payload, dict):
+        for k, v in payload.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = payload
+    return out
+
+
+def log_candidate(name: str, bundle_dir: str | os.PathLike, config: dict[str, Any], metrics: dict[str, float],
+                  histories: dict[str, dict[str, list[float]]], tags: dict[str, str],
+                  decision: dict[str, Any]) -> dict[str, Any]:
+    """One MLflow run with params, metrics, curves and the bundle; a model version with tags."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    exp_id = _experiment_id(c)
+    run_name = tags.get("airflow.run_id", "manual")
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
+        mlflow.log_params({k: v for k, v in _flatten("", config, {}).items()})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        for stage, hist in histories.items():
+            for metric, values in hist.items():
+                for step, value in enumerate(values):
+                    mlflow.log_metric(f"{stage}.{metric}", float(value), step=step)
+        mlflow.log_artifacts(str(bundle_dir), artifact_path="bundle")
+        mlflow.log_dict(decision, "gate.json")
+        source = f"{run.info.artifact_uri}/bundle"
+        run_id = run.info.run_id
+    try:
+        c.create_registered_model(name, description="encoderflow SST-2 classifier and its pretrained encoder")
+    except MlflowException:
+        pass  # exists
+    version_tags = {**tags, **decision_tags(decision)}
+    mv = c.create_model_version(name, source=source, run_id=run_id, tags=version_tags)
+    log.info("registry: %s version %s registered from run %s (%s)", name, mv.version, run_id, tracking_uri())
+    return {"run_id": run_id, "version": str(mv.version), "source": source, "tracking_uri": tracking_uri()}
+
+
+def decision_tags(decision: dict[str, Any]) -> dict[str, str]:
+    tags = {
+        "gate.blessed": str(bool(decision["blessed"])).lower(),
+        "gate.reasons": "; ".join(decision.get("reasons") or []) or "all checks passed",
+        "gate.candidate_accuracy": str(decision.get("candidate")),
+        "gate.baseline_accuracy": str(decision.get("baseline")),
+        "gate.champion_accuracy": str(decision.get("champion")),
+        "gate.champion_version": str(decision.get("champion_version")),
+    }
+    for check in decision.get("checks", []):
+        tags[f"gate.check.{check['name']}"] = ("pass: " if check["passed"] else "FAIL: ") + check["detail"]
+    return tags
+
+
+@contextmanager
+def promotion_lock() -> Iterator[None]:
+    """Serialises compare-and-move of the champion alias across processes on one volume."""
+    path = layout.mlflow_dir() / ".promote.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def move_champion(name: str, version: str, expected: str | None, reason: str, who: str | None = None) -> dict[str, Any]:
+    """Point ``champion`` at ``version`` if the champion is still ``expected``.
+
+    ``previous`` moves first, so a crash between the two steps leaves ``champion`` on a complete
+    version.
+
+    Raises:
+        StaleChampion: someone promoted another version since the gate compared against ``expected``.
+    """
+    c = client()
+    who = who or os.environ.get("ENCODERFLOW_USER") or getpass.getuser()
+    with promotion_lock():
+        current = champion(name)
+        current_version = current["version"] if current else None
+        if current_version != expected:
+            raise StaleChampion(f"{name}: champion is v{current_version}, but the gate compared against "
+                                f"v{expected}; re-run the gate")
+        if current_version is not None:
+            c.set_registered_model_alias(name, PREVIOUS, current_version)
+        c.set_registered_model_alias(name, CHAMPION, version)
+        event = {"at": datetime.now(timezone.utc).isoformat(), "who": who, "reason": reason,
+                 "from": current_version, "to": version}
+        c.set_model_version_tag(name, version, "champion.promoted", json.dumps(event))
+    log.info("registry: %s champion v%s -> v%s (%s, by %s)", name, current_version, version, reason, who)
+    return event

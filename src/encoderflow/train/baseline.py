@@ -1,0 +1,63 @@
+"""The guide's bag-of-words baseline: multi-hot TextVectorization and one sigmoid unit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from encoderflow import layout
+from encoderflow.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def train_baseline(cfg: Config, sst2: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Fit on SST-2 train, report dev accuracy. Reuses a result made from the same inputs."""
+    out_dir = Path(out_dir)
+    key = layout.sha256_json({"baseline": cfg.to_dict()["baseline"], "data": sst2["content_hash"]})
+    if (done := layout.reusable(out_dir / "result.json", key)) is not None:
+        log.info("baseline: reusing %s (val_accuracy %.4f)", out_dir / "result.json", done["val_accuracy"])
+        return done
+
+    from encoderflow.data.sst2 import read_split, text_dataset
+    from encoderflow.data.tokenizer import cpu_only_tensorflow
+
+    cpu_only_tensorflow()
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+
+    from encoderflow.train.callbacks import EpochLogger
+
+    b = cfg.baseline
+    keras.utils.set_random_seed(cfg.data.seed)
+    train_x, train_y = read_split(sst2["files"]["SST-2/train.tsv"]["path"])
+    dev_x, dev_y = read_split(sst2["files"]["SST-2/dev.tsv"]["path"])
+    train_ds = text_dataset(train_x, train_y, b.batch_size, shuffle_seed=cfg.data.seed)
+    dev_ds = text_dataset(dev_x, dev_y, b.batch_size)
+    multi_hot = keras.layers.TextVectorization(max_tokens=b.max_tokens, output_mode="multi_hot")
+    multi_hot.adapt(text_dataset(train_x, train_y, 1024).map(lambda x, y: x))
+    train_mh = train_ds.map(lambda x, y: (multi_hot(x), y))
+    dev_mh = dev_ds.map(lambda x, y: (multi_hot(x), y))
+
+    inputs = keras.Input(shape=(b.max_tokens,), dtype="int32", name="multi_hot")
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="sentiment")(inputs)
+    model = keras.Model(inputs, outputs, name="bow_baseline")
+    model.compile(loss="binary_crossentropy", metrics=["accuracy"])
+    t0 = time.monotonic()
+    history = model.fit(train_mh, validation_data=dev_mh, epochs=b.epochs, verbose=0,
+                        callbacks=[EpochLogger("baseline", b.batch_size)])
+    val_loss, val_accuracy = model.evaluate(dev_mh, verbose=0)
+    result = {
+        "key": key,
+        "val_accuracy": float(val_accuracy),
+        "val_loss": float(val_loss),
+        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+        "train_rows": len(train_x), "dev_rows": len(dev_x),
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    layout.write_json(out_dir / "result.json", result)
+    log.info("baseline: SST-2 dev accuracy %.4f (%d train rows, %.1fs)", val_accuracy, len(train_x), result["seconds"])
+    return result
