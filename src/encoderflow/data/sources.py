@@ -31,6 +31,9 @@ from encoderflow.errors import EncoderflowError
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"encoderflow/{__version__} (+https://github.com/encoderflow; python-requests)"
+# Ask for the file's own bytes: Content-Length and Range count the transferred representation, so
+# with gzip allowed the cut-body check and the resume offset would mix compressed and decoded bytes.
+REQUEST_HEADERS = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
@@ -172,13 +175,13 @@ class ResumingDownloader:
         import requests
 
         if check_only:
-            r = requests.head(url, headers={"User-Agent": USER_AGENT}, timeout=self.timeout, allow_redirects=True)
+            r = requests.head(url, headers=REQUEST_HEADERS, timeout=self.timeout, allow_redirects=True)
             return r.status_code == 200
         progress = _LogProgress(PurePosixPath(url).name)
         written, attempt = 0, 0
         with open(output_file, "w+b") as out:
             while True:
-                headers = {"User-Agent": USER_AGENT}
+                headers = dict(REQUEST_HEADERS)
                 if written:
                     headers["Range"] = f"bytes={written}-"
                 try:
@@ -219,6 +222,10 @@ class ResumingDownloader:
                     log.warning("download %s: %s; retry %d/%d in %.1fs%s", url, reason, attempt,
                                 self.retries, delay, resume)
                     time.sleep(delay)
+                except requests.RequestException as exc:
+                    # Not transient (redirect loop, bad URL or scheme): this URL is done, but the
+                    # caller must still get a DataError so that it moves on to the next source.
+                    raise DataError(f"download {url}: {_describe(exc)}") from None
 
 
 class _Retryable(Exception):

@@ -42,12 +42,13 @@ def train_baseline(cfg: Config, sst2: dict[str, Any], out_dir: str | os.PathLike
     train_mh = train_ds.map(lambda x, y: (multi_hot(x), y))
     dev_mh = dev_ds.map(lambda x, y: (multi_hot(x), y))
 
-    inputs = keras.Input(shape=(b.max_tokens,), dtype="int32", name="multi_hot")
+    # A corpus with fewer distinct words than max_tokens yields narrower multi-hot vectors.
+    inputs = keras.Input(shape=(multi_hot.vocabulary_size(),), dtype="int32", name="multi_hot")
     outputs = keras.layers.Dense(1, activation="sigmoid", name="sentiment")(inputs)
     model = keras.Model(inputs, outputs, name="bow_baseline")
     model.compile(loss="binary_crossentropy", metrics=["accuracy"])
     t0 = time.monotonic()
-    history = model.fit(train_mh, validation_data=dev_mh, epochs=b.epochs, verbose=0,
+    history = model.fit(train_mh, validation_data=dev_mh, epochs=b.epochs, verbose=0, shuffle=False,
                         callbacks=[EpochLogger("baseline", b.batch_size)])
     val_loss, val_accuracy = model.evaluate(dev_mh, verbose=0)
     result = {

@@ -58,7 +58,7 @@ def finetune(cfg: Config, encoder_path: str | os.PathLike, sst2: dict[str, Any],
     classifier.compile(loss="binary_crossentropy", optimizer=keras.optimizers.AdamW(f.learning_rate),
                        metrics=["accuracy"], jit_compile=True)
     t0 = time.monotonic()
-    history = classifier.fit(train_ds, validation_data=dev_ds, epochs=f.epochs, steps_per_epoch=steps, verbose=0,
+    history = classifier.fit(train_ds, validation_data=dev_ds, epochs=f.epochs, steps_per_epoch=steps, verbose=0, shuffle=False,
                              callbacks=[EpochLogger("finetune", f.batch_size)])
     val_loss, val_accuracy = classifier.evaluate(dev_ds, verbose=0)
     if not np.isfinite(val_loss):

@@ -52,6 +52,8 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
     steps = p.steps_per_epoch or None
     train_ds = make_dataset(manifest_path, cfg, "train", p.batch_size, shuffle=True, repeat=steps is not None)
     val_ds = make_dataset(manifest_path, cfg, "valid", p.batch_size, shuffle=False)
+    if p.validation_steps:
+        val_ds = val_ds.take(p.validation_steps)
     log.info("pretrain: %d parameters, %d train records (%s), batch %d, %d epochs, %s steps/epoch", mlm.count_params(),
              manifest["totals"]["train"]["records"], manifest_path, p.batch_size, p.epochs, steps or "all")
 
@@ -59,7 +61,7 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
     t0 = time.monotonic()
     history = mlm.fit(
         train_ds, validation_data=val_ds, epochs=p.epochs, steps_per_epoch=steps,
-        validation_steps=p.validation_steps or None, verbose=0,
+        verbose=0, shuffle=False,
         callbacks=[keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch", delete_checkpoint=True),
                    EpochLogger("pretrain", p.batch_size)],
     )

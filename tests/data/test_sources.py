@@ -1,0 +1,490 @@
+"""Downloads against a real loopback HTTP server, safe extraction, and the offline data folder."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+import stat
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from encoderflow.data import sources
+from encoderflow.data.sources import DataError, DatasetSpec, ResumingDownloader, fetch, get_dataset, locate
+
+from .fixtures_http import CUT, REDIRECT_SELF, STALL, STALL_BODY, http_server  # noqa: F401 - fixture
+
+SHARED = Path("/work/shared/data")
+OFFICIAL = "/official"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def payload(n: int, seed: int = 0) -> bytes:
+    # Incompressible bytes: a resumed file that splices the wrong ranges cannot match by chance.
+    return random.Random(seed).randbytes(n)
+
+
+def fast() -> ResumingDownloader:
+    return ResumingDownloader(timeout=1, retries=3, backoff=0.01)
+
+
+def serve_spec(lb, data: bytes, filename: str = "blob.bin", name: str = "vocab", archive: str | None = None,
+               members: tuple[str, ...] | None = None, serve: bytes | None = None) -> DatasetSpec:
+    """A spec pinned to ``data``'s sha256 whose one official URL is on the loopback server."""
+    path = f"{OFFICIAL}/{filename}"
+    lb.files[path] = data if serve is None else serve
+    return DatasetSpec(name=name, filename=filename, urls=(lb.url(path),), known_hash=f"sha256:{sha256(data)}",
+                       archive=archive, members=members or (filename,))
+
+
+def expected_root(home: Path, spec: DatasetSpec) -> Path:
+    # The documented content-addressed layout: ENCODERFLOW_HOME/data/<dataset>/<hash[:16]>.
+    return home / "data" / spec.name / spec.known_hash.split(":")[1][:16]
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
+
+
+def make_zip(entries: list[tuple[zipfile.ZipInfo | str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for info, content in entries:
+            zf.writestr(info, content)
+    return buf.getvalue()
+
+
+SST2_MEMBERS = {
+    "SST-2/train.tsv": b"sentence\tlabel\ngood film \t1\nbad film \t0\n",
+    "SST-2/dev.tsv": b"sentence\tlabel\nfine \t1\n",
+    "SST-2/test.tsv": b"index\tsentence\n0\tokay\n",
+}
+
+
+# 1. transient server errors --------------------------------------------------------------------
+
+def test_a_500_is_retried_and_the_file_arrives_intact(http_server, encoderflow_home, caplog):
+    data = payload(50_000)
+    spec = serve_spec(http_server, data)
+    http_server.script(f"{OFFICIAL}/blob.bin", 500)
+
+    info = fetch(spec, spec.members, downloader=fast())
+
+    final = expected_root(encoderflow_home, spec) / "blob.bin"
+    assert [s.status for s in http_server.seen] == [500, 200]
+    assert final.read_bytes() == data
+    assert info["files"] == {"blob.bin": {"path": str(final), "bytes": 50_000, "sha256": sha256(data)}}
+    assert info["source"] == "download" and info["url"] == spec.urls[0]
+    assert "HTTP 500; retry 1/3" in caplog.text
+
+
+def test_persistent_5xx_gives_up_after_the_configured_retries(http_server, encoderflow_home):
+    spec = serve_spec(http_server, payload(1000))
+    http_server.script(f"{OFFICIAL}/blob.bin", *[503] * 10)
+
+    with pytest.raises(DataError) as err:
+        fetch(spec, spec.members, downloader=fast())
+
+    assert len(http_server.seen) == 4  # the first attempt and exactly `retries` more
+    assert "gave up after 4 attempts: HTTP 503" in str(err.value)
+    assert spec.urls[0] in str(err.value)
+    assert tree(expected_root(encoderflow_home, spec)) == set()
+
+
+# 2. a cut body is resumed ----------------------------------------------------------------------
+
+def test_a_cut_body_is_resumed_with_a_range_request(http_server, encoderflow_home, caplog):
+    data = payload(300_000)
+    spec = serve_spec(http_server, data)
+    http_server.script(f"{OFFICIAL}/blob.bin", CUT)
+
+    fetch(spec, spec.members, downloader=fast())
+
+    first, second = http_server.seen
+    assert (first.status, "Range" in first.headers) == (200, False)
+    assert second.status == 206
+    # Resumes from what reached the disk: at most the 150,000 bytes sent (a partly read chunk is lost).
+    start = int(second.headers["Range"].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < start <= 150_000
+    assert f"resuming at byte {start:,}" in caplog.text
+    assert (expected_root(encoderflow_home, spec) / "blob.bin").read_bytes() == data
+
+
+def test_a_cut_body_restarts_cleanly_when_the_server_ignores_range(http_server, encoderflow_home):
+    data = payload(300_000)
+    spec = serve_spec(http_server, data)
+    http_server.honour_range = False
+    http_server.script(f"{OFFICIAL}/blob.bin", CUT)
+
+    fetch(spec, spec.members, downloader=fast())
+
+    assert [s.status for s in http_server.seen] == [200, 200]
+    assert http_server.seen[1].headers["Range"].startswith("bytes=")
+    assert (expected_root(encoderflow_home, spec) / "blob.bin").read_bytes() == data
+
+
+def test_resume_offsets_are_file_bytes_even_where_the_host_would_gzip(http_server, encoderflow_home):
+    # Range and Content-Length count the transferred representation; if the client accepted gzip,
+    # the decoded byte count it resumes from would index into the compressed stream.
+    data = b"".join(b"token%06d\n" % i for i in range(30_000))
+    spec = serve_spec(http_server, data)
+    http_server.gzip_when_accepted = True
+    http_server.script(f"{OFFICIAL}/blob.bin", CUT)
+
+    fetch(spec, spec.members, downloader=fast())
+
+    assert (expected_root(encoderflow_home, spec) / "blob.bin").read_bytes() == data
+    assert [s.status for s in http_server.seen] == [200, 206]
+
+
+# 3. wrong bytes --------------------------------------------------------------------------------
+
+def test_wrong_bytes_fail_naming_url_and_both_hashes_and_leave_nothing(http_server, encoderflow_home):
+    good, bad = payload(20_000, seed=1), payload(20_000, seed=2)
+    spec = serve_spec(http_server, good, serve=bad)
+
+    with pytest.raises(DataError) as err:
+        fetch(spec, spec.members, downloader=fast())
+
+    msg = str(err.value)
+    assert spec.urls[0] in msg
+    assert f"sha256:{sha256(good)}" in msg
+    assert sha256(bad) in msg
+    root = expected_root(encoderflow_home, spec)
+    assert root.is_dir() and tree(root) == set()  # no blob.bin, no pooch temp file
+
+
+def test_a_corrupt_file_already_in_place_is_downloaded_again(http_server, encoderflow_home):
+    data = payload(10_000)
+    spec = serve_spec(http_server, data)
+    final = expected_root(encoderflow_home, spec) / "blob.bin"
+    final.parent.mkdir(parents=True)
+    final.write_bytes(data[:5000])  # e.g. left by an older, interrupted tool
+
+    fetch(spec, spec.members, downloader=fast())
+
+    assert final.read_bytes() == data
+    assert len(http_server.seen) == 1
+
+
+def test_a_wrong_pinned_size_deletes_the_file(http_server, encoderflow_home):
+    data = payload(1000)
+    spec = serve_spec(http_server, data)
+    spec = DatasetSpec(**{**spec.__dict__, "size": 999})
+
+    with pytest.raises(DataError, match=r"1,000 bytes, expected 999"):
+        fetch(spec, spec.members, downloader=fast())
+
+    assert tree(expected_root(encoderflow_home, spec)) == set()
+
+
+# 4. stalls -------------------------------------------------------------------------------------
+
+def test_a_stalled_server_fails_with_a_timeout_in_bounded_time(http_server, encoderflow_home):
+    spec = serve_spec(http_server, payload(1000))
+    http_server.script(f"{OFFICIAL}/blob.bin", *[STALL] * 10)
+
+    t0 = time.monotonic()
+    with pytest.raises(DataError) as err:
+        fetch(spec, spec.members, downloader=fast())
+    elapsed = time.monotonic() - t0
+
+    assert "timed out" in str(err.value)
+    assert len(http_server.seen) == 4
+    # 4 attempts x 1 s read timeout plus 0.07 s of backoff; the server itself would wait 20 s per request.
+    assert elapsed < 7.0
+    assert tree(expected_root(encoderflow_home, spec)) == set()
+
+
+def test_a_body_that_stalls_midway_times_out_and_resumes(http_server, encoderflow_home, caplog):
+    data = payload(200_000)
+    spec = serve_spec(http_server, data)
+    http_server.script(f"{OFFICIAL}/blob.bin", STALL_BODY)
+
+    t0 = time.monotonic()
+    fetch(spec, spec.members, downloader=fast())
+
+    assert time.monotonic() - t0 < 5.0
+    assert [s.status for s in http_server.seen] == [200, 206]
+    assert (expected_root(encoderflow_home, spec) / "blob.bin").read_bytes() == data
+    assert "timed out waiting for data" in caplog.text
+
+
+# 5. User-Agent ---------------------------------------------------------------------------------
+
+def test_hosts_that_refuse_urllibs_agent_accept_ours(http_server, encoderflow_home):
+    data = payload(2000)
+    spec = serve_spec(http_server, data)
+    http_server.refused_agents = ("Python-urllib",)
+
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(spec.urls[0], timeout=5)
+    assert err.value.code == 403
+
+    fetch(spec, spec.members, downloader=fast())
+
+    assert [s.status for s in http_server.seen] == [403, 200]
+    assert http_server.seen[1].headers["User-Agent"] == sources.USER_AGENT
+    assert (expected_root(encoderflow_home, spec) / "blob.bin").read_bytes() == data
+
+
+# 6. archives -----------------------------------------------------------------------------------
+
+def zip_spec(lb, archive: bytes, name: str = "sst2") -> DatasetSpec:
+    return serve_spec(lb, archive, filename="SST-2.zip", name=name, archive="zip", members=tuple(SST2_MEMBERS))
+
+
+def test_a_good_zip_is_extracted_and_every_member_described(http_server, encoderflow_home):
+    spec = zip_spec(http_server, make_zip(list(SST2_MEMBERS.items())))
+
+    info = fetch(spec, spec.members, downloader=fast())
+
+    extracted = expected_root(encoderflow_home, spec) / "extracted"
+    assert info["root"] == str(extracted)
+    assert info["files"] == {
+        m: {"path": str(extracted / m), "bytes": len(content), "sha256": sha256(content)}
+        for m, content in SST2_MEMBERS.items()
+    }
+    assert (extracted / ".complete").read_text() == spec.known_hash + "\n"
+    assert not [p for p in extracted.parent.iterdir() if p.name.startswith(".extract-")]
+
+
+def test_a_zip_missing_a_member_names_it_and_the_layout(http_server, encoderflow_home):
+    entries = [(m, c) for m, c in SST2_MEMBERS.items() if m != "SST-2/dev.tsv"]
+    spec = zip_spec(http_server, make_zip(entries))
+
+    with pytest.raises(DataError) as err:
+        fetch(spec, spec.members, downloader=fast())
+
+    missing = expected_root(encoderflow_home, spec) / "extracted" / "SST-2" / "dev.tsv"
+    assert f"missing {missing}" in str(err.value)
+    assert "  SST-2/train.tsv\n  SST-2/dev.tsv\n  SST-2/test.tsv" in str(err.value)
+
+
+def _symlink_entry() -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo("SST-2/link")
+    info.create_system = 3  # unix, so the mode bits below are meaningful
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+@pytest.mark.parametrize("kind", ["traversal", "absolute", "symlink"])
+def test_unsafe_zip_entries_are_refused_and_nothing_is_written(http_server, encoderflow_home, tmp_path, kind):
+    evil_abs = tmp_path / "abs-evil.txt"
+    entry, content, refusal = {
+        "traversal": ("../evil.txt", b"pwned", "refusing path traversal entry '../evil.txt'"),
+        "absolute": (str(evil_abs), b"pwned", f"refusing absolute path {str(evil_abs)!r}"),
+        "symlink": (_symlink_entry(), b"../../../../../etc/passwd", "refusing symbolic link 'SST-2/link'"),
+    }[kind]
+    # A good member first: a check made while extracting (rather than before) would leave it behind.
+    spec = zip_spec(http_server, make_zip([*SST2_MEMBERS.items(), (entry, content)]))
+
+    with pytest.raises(DataError) as err:
+        fetch(spec, spec.members, downloader=fast())
+
+    assert refusal in str(err.value)
+    root = expected_root(encoderflow_home, spec)
+    assert tree(root) == {"SST-2.zip"}  # the verified archive only: no extracted/, no .extract-* temp
+    for parent in [root, *root.parents]:
+        assert not (parent / "evil.txt").exists(), parent
+        if parent == tmp_path.parent:
+            break
+    assert not evil_abs.exists()
+
+
+def test_a_file_that_is_not_a_zip_is_reported(http_server, encoderflow_home):
+    spec = zip_spec(http_server, b"<html>an error page with a 200 status</html>")
+
+    with pytest.raises(DataError, match="not a valid zip archive"):
+        fetch(spec, spec.members, downloader=fast())
+
+    assert tree(expected_root(encoderflow_home, spec)) == {"SST-2.zip"}
+
+
+# 7. reuse --------------------------------------------------------------------------------------
+
+def test_a_verified_file_is_reused_without_any_request(http_server, encoderflow_home):
+    spec = zip_spec(http_server, make_zip(list(SST2_MEMBERS.items())))
+    first = fetch(spec, spec.members, downloader=fast())
+    marker = expected_root(encoderflow_home, spec) / "extracted" / ".complete"
+    marker_mtime = marker.stat().st_mtime_ns
+
+    second = fetch(spec, spec.members, downloader=fast())
+
+    assert len(http_server.seen) == 1
+    assert second["files"] == first["files"]
+    assert second["content_hash"] == first["content_hash"]
+    assert marker.stat().st_mtime_ns == marker_mtime  # not extracted again either
+
+
+# 8. mirrors ------------------------------------------------------------------------------------
+
+def test_a_working_mirror_is_used_and_the_official_host_is_not_contacted(http_server, encoderflow_home):
+    data = payload(5000)
+    spec = serve_spec(http_server, data)
+    http_server.files["/mirror/blob.bin"] = data
+
+    info = fetch(spec, spec.members, mirror=http_server.url("/mirror/"), downloader=fast())
+
+    assert [s.path for s in http_server.seen] == ["/mirror/blob.bin"]
+    assert info["url"] == http_server.url("/mirror/blob.bin")
+
+
+@pytest.mark.parametrize("failure", ["404", "wrong-bytes", "redirect-loop"])
+def test_a_failing_mirror_falls_back_to_the_official_url(http_server, encoderflow_home, failure):
+    data = payload(5000)
+    spec = serve_spec(http_server, data)
+    if failure == "wrong-bytes":
+        http_server.files["/mirror/blob.bin"] = payload(5000, seed=9)
+    elif failure == "redirect-loop":
+        http_server.script("/mirror/blob.bin", REDIRECT_SELF)
+
+    info = fetch(spec, spec.members, mirror=http_server.url("/mirror"), downloader=fast())
+
+    paths = [s.path for s in http_server.seen]
+    assert paths[0] == "/mirror/blob.bin" and paths[-1] == f"{OFFICIAL}/blob.bin"
+    assert set(paths[:-1]) == {"/mirror/blob.bin"}
+    if failure != "redirect-loop":
+        assert len(paths) == 2  # a 404 or a bad hash is final for that URL: no retry
+    assert info["url"] == spec.urls[0]
+    assert (expected_root(encoderflow_home, spec) / "blob.bin").read_bytes() == data
+
+
+def test_when_every_source_fails_the_error_lists_each(http_server, encoderflow_home):
+    spec = serve_spec(http_server, payload(100))
+    http_server.files.clear()
+
+    with pytest.raises(DataError) as err:
+        fetch(spec, spec.members, mirror=http_server.url("/mirror"), downloader=fast())
+
+    msg = str(err.value)
+    assert f"no source gave a verified blob.bin (expected {spec.known_hash})" in msg
+    assert f"download {http_server.url('/mirror/blob.bin')}: HTTP 404" in msg
+    assert f"download {spec.urls[0]}: HTTP 404" in msg
+
+
+def test_get_dataset_downloads_with_a_sources_file_and_the_mirror_variable(http_server, tmp_path, monkeypatch,
+                                                                            encoderflow_home):
+    vocab = b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\n"
+    http_server.files["/mirror/my_vocab.txt"] = vocab
+    sources_file = tmp_path / "sources.json"
+    sources_file.write_text(json.dumps({"vocab": {
+        "filename": "my_vocab.txt", "urls": [http_server.url("/nowhere/my_vocab.txt")],
+        "known_hash": f"sha256:{sha256(vocab)}", "size": len(vocab), "members": ["my_vocab.txt"]}}))
+    monkeypatch.setenv("ENCODERFLOW_MIRROR", http_server.url("/mirror"))
+
+    info = get_dataset("vocab", sources_file=str(sources_file), downloader=fast())
+
+    assert [s.path for s in http_server.seen] == ["/mirror/my_vocab.txt"]
+    assert info["dataset"] == "vocab"
+    assert Path(info["files"]["my_vocab.txt"]["path"]).read_bytes() == vocab
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "cannot read it as JSON"),
+    ('{"imagenet": {}}', "unknown dataset 'imagenet'"),
+])
+def test_a_bad_sources_file_names_itself(tmp_path, content, problem):
+    path = tmp_path / "sources.json"
+    path.write_text(content)
+    with pytest.raises(DataError) as err:
+        sources.load_specs(str(path))
+    assert str(err.value).startswith(f"sources file {path}: {problem}")
+
+
+# 9. offline folder -----------------------------------------------------------------------------
+
+def test_offline_missing_file_names_the_expected_path_and_layout(tmp_path):
+    data_dir = tmp_path / "offline"
+    (data_dir / "SST-2").mkdir(parents=True)
+    (data_dir / "SST-2" / "train.tsv").write_bytes(SST2_MEMBERS["SST-2/train.tsv"])
+
+    with pytest.raises(DataError) as err:
+        get_dataset("sst2", data_dir=str(data_dir))
+
+    msg = str(err.value)
+    assert f"missing {data_dir / 'SST-2' / 'dev.tsv'}" in msg
+    for member in ["SST-2/train.tsv", "SST-2/dev.tsv", "SST-2/test.tsv", "wikitext-103-raw/wiki.train.raw",
+                   "wikitext-103-raw/wiki.valid.raw", "bert_vocab_uncased.txt"]:
+        assert f"\n  {member}" in msg
+
+
+def test_offline_folder_that_does_not_exist_is_named(tmp_path):
+    with pytest.raises(DataError) as err:
+        get_dataset("vocab", data_dir=str(tmp_path / "nope"))
+    assert f"offline data folder {tmp_path / 'nope'} does not exist" in str(err.value)
+    assert "\n  bert_vocab_uncased.txt" in str(err.value)
+
+
+def test_offline_records_each_files_sha256_and_asks_only_for_the_configured_splits(tmp_path):
+    data_dir = tmp_path / "offline"
+    (data_dir / "wikitext-103-raw").mkdir(parents=True)
+    (data_dir / "wikitext-103-raw" / "wiki.test.raw").write_bytes(b" = A = \n")
+    (data_dir / "wikitext-103-raw" / "wiki.valid.raw").write_bytes(b" = B = \n")
+
+    info = locate(sources.DEFAULT_SPECS["wikitext"], sources.required_members("wikitext", "test", "valid"),
+                  data_dir)
+
+    assert info["source"] == "offline" and info["root"] == str(data_dir)
+    assert {m: f["sha256"] for m, f in info["files"].items()} == {
+        "wikitext-103-raw/wiki.test.raw": sha256(b" = A = \n"),
+        "wikitext-103-raw/wiki.valid.raw": sha256(b" = B = \n"),
+    }
+    assert sources.required_members("wikitext", "valid", "valid") == ("wikitext-103-raw/wiki.valid.raw",)
+
+
+# Published sha256 values of the genuine files (PROVENANCE.md of the shared folder).
+GENUINE_SHA256 = {
+    "SST-2/train.tsv": "48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1",
+    "SST-2/dev.tsv": "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0",
+    "SST-2/test.tsv": "69a938605609b3e6663b4487918fe1565eb293734e6e520d0366d1d412fd2a13",
+    "wikitext-103-raw/wiki.valid.raw": "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7",
+    "wikitext-103-raw/wiki.test.raw": "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
+    "bert_vocab_uncased.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+}
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared real data not mounted")
+def test_offline_on_the_shared_real_data(encoderflow_home):
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in SHARED.rglob("*"))
+
+    recorded = {}
+    for dataset in sources.DATASETS:
+        info = get_dataset(dataset, "test", "valid", data_dir=str(SHARED))
+        assert info["source"] == "offline" and info["root"] == str(SHARED)
+        recorded.update({m: f["sha256"] for m, f in info["files"].items()})
+
+    assert recorded == GENUINE_SHA256
+    assert sources.DEFAULT_SPECS["vocab"].known_hash == f"sha256:{GENUINE_SHA256['bert_vocab_uncased.txt']}"
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in SHARED.rglob("*")) == before
+    assert not encoderflow_home.exists()  # offline mode neither downloads nor copies
+
+
+# 10. progress ----------------------------------------------------------------------------------
+
+def test_progress_is_logged_as_plain_lines(http_server, encoderflow_home, caplog, capfd):
+    caplog.set_level(logging.INFO)
+    data = payload(1_000_000)
+    spec = serve_spec(http_server, data)
+    http_server.script(f"{OFFICIAL}/blob.bin", CUT)
+
+    fetch(spec, spec.members, downloader=fast())
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "encoderflow.data.sources"]
+    progress = [line for line in lines if line.startswith("download blob.bin: ")]
+    assert progress[-1] == "download blob.bin: done, 1,000,000 bytes"
+    assert "download blob.bin: 1,000,000 of 1,000,000 bytes (100%)" in progress
+    assert 5 <= len(progress) <= 25  # about every 10 %, not once per 64 KiB chunk
+    assert not [line for line in lines if "\r" in line or "\n" in line]
+    out, err = capfd.readouterr()
+    assert "\r" not in out and "\r" not in err  # nor from pooch's own stream handler or a tqdm bar

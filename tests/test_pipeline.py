@@ -1,0 +1,125 @@
+"""The whole DAG through Airflow (``encoderflow run`` → ``dag.test()``) on fixtures served over HTTP.
+
+The download code runs for real against a loopback server; nothing is mocked. Two runs: the
+first trains and becomes champion; the second is deliberately untrained (a vanishing learning
+rate) and must be registered but leave ``champion`` where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import fixtures_data
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "encoderflow-sst2"
+
+
+def _run(home: Path, mirror: str, sources: Path, *sets: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ENCODERFLOW_HOME": str(home)}
+    cmd = [sys.executable, "-m", "encoderflow.cli", "run", "--preset", "smoke", "--mirror", mirror,
+           "--sources-file", str(sources), "--set", "data.pretrain_split=train",
+           "--set", "finetune.steps_per_epoch=40"]
+    for s in sets:
+        cmd += ["--set", s]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def _task_states(home: Path) -> dict[str, list[tuple[str, int, str]]]:
+    db = sqlite3.connect(home / "airflow" / "airflow.db")
+    try:
+        rows = db.execute("select run_id, task_id, map_index, state from task_instance").fetchall()
+    finally:
+        db.close()
+    out: dict[str, list] = {}
+    for run_id, task_id, map_index, state in rows:
+        out.setdefault(run_id, []).append((task_id, map_index, state))
+    return out
+
+
+def _summary(proc: subprocess.CompletedProcess, home: Path) -> dict:
+    run_line = next(line for line in proc.stdout.splitlines() if line.startswith("encoderflow run "))
+    run_id = run_line.split()[2].rstrip(":")
+    from encoderflow import layout
+
+    return run_id, json.loads((layout.run_dir(run_id) / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fixtures")
+    tree = fixtures_data.write_tree(root / "tree")
+    sources = fixtures_data.write_archives(tree, root / "www")
+    with fixtures_data.serve(root / "www") as (url, requests):
+        yield url, requests, sources
+
+
+def test_two_runs_through_airflow(served, encoderflow_home):
+    url, requests, sources = served
+    home = encoderflow_home
+
+    first = _run(home, url, sources)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    run1, summary1 = _summary(first, home)
+
+    # Every task instance of the run succeeded, mapped shards included.
+    states = _task_states(home)[run1]
+    assert states and all(state == "success" for _, _, state in states), states
+    task_ids = {t for t, _, _ in states}
+    assert {"download_wikitext", "validate_sst2", "plan_shards", "build_shard", "seal_shards", "train_baseline",
+            "pretrain", "finetune", "evaluate_and_gate", "promote", "report"} <= task_ids
+    mapped = sorted(m for t, m, _ in states if t == "build_shard")
+    assert mapped == list(range(len(mapped))) and len(mapped) >= 2
+
+    # The downloads really went over HTTP, once per file.
+    assert sorted(requests) == ["/SST-2.zip", "/bert_vocab_uncased.txt", "/wikitext-103-raw-v1.zip"]
+
+    # The manifest lists every shard that exists, with matching hashes.
+    manifest_path = Path(summary1["artifacts"]["shards_manifest"])
+    manifest = json.loads(manifest_path.read_text())
+    on_disk = sorted(p.name for p in manifest_path.parent.glob("*.tfrecord"))
+    assert sorted(s["file"] for s in manifest["shards"]) == on_disk
+    assert len(on_disk) == len(mapped)
+    from encoderflow import layout
+
+    for shard in manifest["shards"]:
+        assert layout.sha256_file(manifest_path.parent / shard["file"]) == shard["sha256"]
+    assert manifest["seq_length"] == 32 and manifest["predictions_per_seq"] == 6
+
+    # The first candidate learned the fixture and became champion, with the decision on the version.
+    assert summary1["metrics"]["sst2_val_accuracy"] > 0.8, summary1
+    assert summary1["gate"]["blessed"] is True
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    v1 = client.get_model_version_by_alias(MODEL, "champion")
+    assert v1.tags["gate.blessed"] == "true"
+    assert v1.tags["airflow.run_id"] == run1
+    assert v1.tags["gate.check.floor"].startswith("pass")
+    assert v1.tags["shards.manifest_sha256"] == layout.sha256_file(manifest_path)
+
+    # A second, untrained candidate: registered, not blessed, champion unchanged.
+    second = _run(home, url, sources, "finetune.learning_rate=1e-9", "finetune.steps_per_epoch=1")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
+    run2, summary2 = _summary(second, home)
+    assert run2 != run1
+    assert summary2["gate"]["blessed"] is False
+    assert any(r.startswith("champion:") for r in summary2["gate"]["reasons"]), summary2["gate"]
+    # The champion was re-evaluated on this run's data, not copied from its stored number.
+    assert summary2["metrics"]["champion_val_accuracy"] == pytest.approx(summary1["metrics"]["sst2_val_accuracy"])
+    assert client.get_model_version_by_alias(MODEL, "champion").version == v1.version
+    v2 = client.get_model_version(MODEL, summary2["registry"]["version"])
+    assert v2.tags["gate.blessed"] == "false"
+    assert "champion" in v2.tags["gate.reasons"]
+    # Verified data was reused: the second run made no new request.
+    assert len(requests) == 3
+    assert "NOT BLESSED" in second.stdout
