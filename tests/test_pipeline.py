@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import fixtures_data
+from tests import fixtures_pipeline as fixtures_data
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +103,9 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     v1 = client.get_model_version_by_alias(MODEL, "champion")
     assert v1.tags["gate.blessed"] == "true"
+    # Artifacts live beside the embedded store, never in ./mlruns of the working directory.
+    assert v1.source.startswith((home / "mlflow" / "artifacts").as_uri()), v1.source
+    assert not (REPO / "mlruns").exists()
     assert v1.tags["airflow.run_id"] == run1
     assert v1.tags["gate.check.floor"].startswith("pass")
     assert v1.tags["shards.manifest_sha256"] == layout.sha256_file(manifest_path)

@@ -249,8 +249,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"num_layers": 1, "model_dim": 32, "intermediate_dim": 64, "num_heads": 2},
         "baseline": {"max_tokens": 1000, "epochs": 2, "batch_size": 64},
         "pretrain": {"batch_size": 32, "learning_rate": 1e-3, "epochs": 2,
-                     "steps_per_epoch": 20, "validation_steps": 5},
-        "finetune": {"batch_size": 32, "learning_rate": 1e-3, "epochs": 1, "steps_per_epoch": 60},
+                     "steps_per_epoch": 50, "validation_steps": 10},
+        "finetune": {"batch_size": 32, "learning_rate": 1e-3, "epochs": 1, "steps_per_epoch": 300},
         "gate": {"min_accuracy": 0.5, "min_gain_over_baseline": -1.0, "max_regression": 0.0},
     },
 }

@@ -8,6 +8,7 @@ Checks, all of which must pass for a blessing:
               this run's validation data; passes when there is no champion yet
 
 A missing or NaN value on either side of a comparison fails that check: it is never blessed.
+Comparisons allow 1e-6 for float rounding, so a value exactly on its threshold passes.
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
+# Accuracies arrive as float32 (Keras metrics) and their differences carry rounding
+# (0.85 - 0.86 = -0.010000000000000009), which would fail a candidate sitting exactly on a
+# threshold. 1e-6 covers both and is far below one example's worth (1/872 on SST-2).
+_EPS = 1e-6
+
+
+def _at_least(value: float, threshold: float) -> bool:
+    return value >= threshold - _EPS
+
+
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -81,7 +92,7 @@ def decide(candidate: float | None, baseline: float | None, champion: float | No
     checks.append(Check("metric", ok, candidate if ok else None, None,
                         "candidate accuracy present" if ok else f"candidate accuracy is {candidate!r}"))
     if ok:
-        passed = candidate >= gate.min_accuracy
+        passed = _at_least(candidate, gate.min_accuracy)
         checks.append(Check("floor", passed, candidate, gate.min_accuracy,
                             f"{candidate:.4f} {'>=' if passed else '<'} floor {gate.min_accuracy:.4f}"))
     else:
@@ -89,7 +100,7 @@ def decide(candidate: float | None, baseline: float | None, champion: float | No
 
     if ok and _finite(baseline):
         gain = candidate - baseline
-        passed = gain >= gate.min_gain_over_baseline
+        passed = _at_least(gain, gate.min_gain_over_baseline)
         checks.append(Check("baseline", passed, gain, gate.min_gain_over_baseline,
                             f"gain over baseline {baseline:.4f} is {gain:+.4f}, needs >= {gate.min_gain_over_baseline:+.4f}"))
     else:
@@ -100,7 +111,7 @@ def decide(candidate: float | None, baseline: float | None, champion: float | No
         checks.append(Check("champion", True, None, -gate.max_regression, "no champion yet"))
     elif ok and _finite(champion):
         delta = candidate - champion
-        passed = delta >= -gate.max_regression
+        passed = _at_least(delta, -gate.max_regression)
         checks.append(Check("champion", passed, delta, -gate.max_regression,
                             f"vs champion v{champion_version} at {champion:.4f} on this run's data: {delta:+.4f}, "
                             f"needs >= {-gate.max_regression:+.4f}"))

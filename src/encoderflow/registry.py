@@ -31,12 +31,15 @@ class StaleChampion(EncoderflowError):
     """The champion moved between evaluation and promotion; the comparison is stale."""
 
 
+def embedded_uri() -> str:
+    return f"sqlite:///{layout.mlflow_dir() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         return uri
-    root = layout.mlflow_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    layout.mlflow_dir().mkdir(parents=True, exist_ok=True)
+    return embedded_uri()
 
 
 def client():
@@ -53,8 +56,10 @@ def _experiment_id(c) -> str:
     exp = c.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
         return exp.experiment_id
+    # The embedded store keeps artifacts beside it, not in ./mlruns of whatever the cwd is.
+    # (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so compare URIs, not the env.)
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if tracking_uri() == embedded_uri():
         location = (layout.mlflow_dir() / "artifacts").resolve().as_uri()
     try:
         return c.create_experiment(EXPERIMENT, artifact_location=location)

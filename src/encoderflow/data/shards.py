@@ -223,6 +223,14 @@ def seal(shard_plan: dict[str, Any], cfg: Config) -> dict[str, Any]:
             raise ShardError(f"shard {path}: sha256 {actual} differs from its build record {info['sha256']}; "
                              "delete it and re-run build_shard")
         entries.append(info)
+    # A writer killed mid-shard (OOM, SIGKILL) leaves its temp file behind; every build task has
+    # finished by now, so any left are dead and can hold a shard's worth of disk each.
+    # The pattern covers the shard's build record (``<shard>.json``) as well.
+    stale = [tmp for s in shard_plan["shards"] for tmp in out_dir.glob(f".{Path(s['file']).name}.*.tmp")]
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    if stale:
+        log.info("shards %s: removed %d temp files left by interrupted writers", out_dir, len(stale))
     vocab = Vocab.load(shard_plan["vocab_path"])
     d = cfg.data
     manifest = {

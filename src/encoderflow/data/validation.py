@@ -193,7 +193,10 @@ def _observed(result: Any) -> str:
         return f"error: {msg[:200]}"
     r = result.result or {}
     if "observed_value" in r and r["observed_value"] is not None:
-        return repr(r["observed_value"])[:200]
+        value = r["observed_value"]
+        if getattr(value, "shape", None) == ():  # numpy 2 scalars repr as "np.int64(0)"
+            value = value.item()
+        return repr(value)[:200]
     if "unexpected_count" in r:
         rows = r.get("partial_unexpected_index_list") or []
         where = f" at rows {[i + 1 for i in rows[:5]]}" if rows else ""
