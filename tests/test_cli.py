@@ -1,0 +1,54 @@
+"""The command-line contract: clear refusals before any work, exit codes that mean something."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from encoderflow import cli, steps
+from encoderflow.config import ConfigError
+
+
+def test_config_prints_resolved_values(capsys):
+    assert cli.main(["config", "--preset", "smoke", "--set", "model.num_layers=2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["preset"] == "smoke" and out["model"]["num_layers"] == 2 and len(out["config_hash"]) == 64
+
+
+@pytest.mark.parametrize("override, named", [
+    ("model.layers=2", "model.layers"),
+    ("model.num_layers=two", "model.num_layers"),
+    ("pretrain.learning_rate=-1", "pretrain.learning_rate"),
+    ("nosection", "nosection"),
+])
+def test_bad_override_is_refused_naming_the_key(override, named, capsys):
+    assert cli.main(["config", "--set", override]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_run_refuses_a_bad_override_before_starting_airflow(capsys):
+    assert cli.main(["run", "--preset", "smoke", "--set", "data.mask_rate=1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "data.mask_rate" in err
+
+
+def test_validate_names_the_missing_offline_folder(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert cli.main(["validate", "--preset", "smoke", "--data-dir", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "SST-2/train.tsv" in err
+
+
+def test_predict_without_champion_says_so(capsys):
+    assert cli.main(["predict", "a fine film"]) == 2
+    assert "no champion yet" in capsys.readouterr().err
+
+
+def test_dag_params_become_config_values():
+    cfg = steps.config_from_params({"preset": "smoke", "pretrain_epochs": 3, "gate_min_accuracy": 0.6,
+                                    "finetune_learning_rate": None, "overrides": ["model.num_heads=4"]})
+    assert cfg.pretrain.epochs == 3 and cfg.gate.min_accuracy == 0.6 and cfg.model.num_heads == 4
+    assert cfg.finetune.learning_rate == 1e-3  # None keeps the preset's value
+    with pytest.raises(ConfigError, match="pretrain.epochs"):
+        steps.config_from_params({"preset": "smoke", "pretrain_epochs": 0})
