@@ -33,7 +33,8 @@ CASES = [
     # On the boundary in exact arithmetic; float subtraction gives -0.010000000000000009.
     ("regression-exactly-at-tolerance", 85 / 100, 0.80, 86 / 100, G, True, []),
     # 57/100 - 55/100 = 0.019999999999999907 in floats: still exactly the required gain.
-    ("gain-exactly-at-threshold", 0.57, 0.55, None, GateConfig(min_accuracy=0.5, min_gain_over_baseline=0.02), True, []),
+    ("gain-exactly-at-threshold", 0.57, 0.55, None, GateConfig(min_accuracy=0.5, min_gain_over_baseline=0.02),
+     True, []),
     # TFX semantics, change >= -max_regression: a tie with no tolerance still promotes.
     ("tie-with-champion-no-tolerance", 0.85, 0.80, 0.85, STRICT, True, []),
     ("tiny-regression-no-tolerance", 0.85, 0.80, 0.851, STRICT, False, ["champion"]),

@@ -1,0 +1,180 @@
+"""Config presets, overrides, validation, immutability and hashing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from encoderflow.config import Config, ConfigError, from_dict, from_overrides, keys, parse_set
+
+
+def test_guide_preset_is_the_guides_hyperparameters():
+    cfg = from_overrides("guide")
+    d, m, pt, ft = cfg.data, cfg.model, cfg.pretrain, cfg.finetune
+    assert (d.seq_length, d.mask_rate, d.predictions_per_seq) == (128, 0.25, 32)
+    assert d.min_line_chars == 100  # the guide keeps lines with tf.strings.length(x) > 100
+    assert (m.num_layers, m.model_dim, m.intermediate_dim, m.num_heads) == (3, 256, 512, 4)
+    assert (m.dropout, m.norm_epsilon) == (0.1, 1e-5)
+    assert (pt.learning_rate, pt.batch_size, pt.epochs) == (5e-4, 128, 8)
+    assert (ft.learning_rate, ft.batch_size, ft.epochs) == (5e-5, 32, 3)
+    # The guide trains on the full splits, uncapped.
+    assert pt.steps_per_epoch == pt.validation_steps == ft.steps_per_epoch == 0
+    assert (d.pretrain_split, d.validation_split) == ("train", "valid")
+    assert cfg.preset == "guide" and cfg == Config()
+
+
+def test_smoke_preset_is_tiny_and_offline():
+    s, g = from_overrides("smoke"), from_overrides("guide")
+    assert s.preset == "smoke"
+    assert s.data.seq_length <= 32 and s.data.predictions_per_seq < g.data.predictions_per_seq
+    assert s.model.num_layers == 1 and s.model.model_dim <= 64 and s.model.intermediate_dim <= 128
+    assert s.data.num_shards < g.data.num_shards
+    # Bounded work: every loop is capped, and WikiText's train split is not needed offline.
+    assert 0 < s.pretrain.steps_per_epoch <= 1000 and 0 < s.pretrain.validation_steps <= 100
+    assert 0 < s.finetune.steps_per_epoch <= 1000
+    assert s.pretrain.epochs <= 2 and s.finetune.epochs <= 2
+    assert s.data.pretrain_split == "test"
+    # Values the smoke preset does not mention stay the guide's.
+    assert s.data.mask_rate == g.data.mask_rate and s.model.dropout == g.model.dropout
+
+
+def test_overrides_from_strings_are_coerced():
+    cfg = from_overrides("guide", {
+        "data.seq_length": " 64 ", "pretrain.learning_rate": "1e-3", "model.padding_mask": "false",
+        "data.lowercase": "Yes", "gate.registered_model": " my-model ", "data.pretrain_split": "test",
+    })
+    assert cfg.data.seq_length == 64 and type(cfg.data.seq_length) is int
+    assert cfg.pretrain.learning_rate == 1e-3 and type(cfg.pretrain.learning_rate) is float
+    assert cfg.model.padding_mask is False and cfg.data.lowercase is True
+    assert cfg.gate.registered_model == "my-model"
+    assert cfg.data.pretrain_split == "test"
+    # Only the named values moved.
+    assert dataclasses.replace(cfg.data, seq_length=128, lowercase=True, pretrain_split="train") == Config().data
+
+
+def test_overrides_from_typed_values():
+    cfg = from_overrides("smoke", {"data.seq_length": 64, "pretrain.learning_rate": 1, "model.padding_mask": False,
+                                   "gate.max_regression": 0.02})
+    assert cfg.data.seq_length == 64
+    # An int where a float is wanted is widened (a DAG Param of 1 means 1.0).
+    assert cfg.pretrain.learning_rate == 1.0 and type(cfg.pretrain.learning_rate) is float
+    assert cfg.model.padding_mask is False and cfg.gate.max_regression == 0.02
+    assert cfg.preset == "smoke" and cfg.model.num_layers == 1
+
+
+@pytest.mark.parametrize("key", keys())
+def test_every_key_accepts_its_own_value_as_a_string(key):
+    section, name = key.split(".")
+    value = getattr(getattr(Config(), section), name)
+    assert from_overrides("guide", {key: str(value)}) == Config()
+
+
+def test_none_overrides_are_skipped():
+    assert from_overrides("smoke", {"data.seq_length": None, "pretrain.learning_rate": None}) == from_overrides("smoke")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"nosuch.seq_length": 1}, "nosuch.seq_length"),
+    ({"seq_length": 1}, "seq_length"),
+    ({"data.nosuch": 1}, "data.nosuch"),
+    ({"data.seq_length": "abc"}, "data.seq_length"),
+    ({"data.seq_length": "1.5"}, "data.seq_length"),
+    ({"data.seq_length": 1.5}, "data.seq_length"),
+    ({"data.seq_length": True}, "data.seq_length"),
+    ({"model.padding_mask": "maybe"}, "model.padding_mask"),
+    ({"model.padding_mask": 1}, "model.padding_mask"),
+    ({"gate.registered_model": 5}, "gate.registered_model"),
+    ({"pretrain.learning_rate": "fast"}, "pretrain.learning_rate"),
+    ({"pretrain.learning_rate": -1e-4}, "pretrain.learning_rate"),
+    ({"pretrain.learning_rate": 0}, "pretrain.learning_rate"),
+    ({"finetune.learning_rate": "nan"}, "finetune.learning_rate"),
+    ({"pretrain.learning_rate": "inf"}, "pretrain.learning_rate"),
+    ({"data.mask_rate": 1.5}, "data.mask_rate"),
+    ({"data.mask_rate": 0.0}, "data.mask_rate"),
+    ({"model.num_heads": 3}, "model.num_heads"),
+    ({"data.predictions_per_seq": 129}, "data.predictions_per_seq"),
+    ({"data.seq_length": 16}, "data.predictions_per_seq"),  # 32 predictions no longer fit
+    ({"data.seed": -1}, "data.seed"),
+    ({"data.pretrain_split": "training"}, "data.pretrain_split"),
+    ({"gate.min_accuracy": 1.01}, "gate.min_accuracy"),
+    ({"gate.registered_model": "a/b"}, "gate.registered_model"),
+    ({"pretrain.batch_size": 0}, "pretrain.batch_size"),
+])
+def test_invalid_overrides_raise_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        from_overrides("guide", overrides)
+
+
+def test_valid_edges_are_accepted():
+    cfg = from_overrides("guide", {"data.mask_rate": 1.0, "data.predictions_per_seq": 128, "model.num_heads": 8,
+                                   "gate.max_regression": 0.0})
+    assert (cfg.data.mask_rate, cfg.data.predictions_per_seq, cfg.model.num_heads) == (1.0, 128, 8)
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(ConfigError, match="'preset'.*guide.*smoke"):
+        from_overrides("huge")
+    with pytest.raises(ConfigError, match="'preset'"):
+        Config(preset="huge")
+
+
+def test_direct_construction_validates_too():
+    with pytest.raises(ConfigError, match="'model.num_heads'"):
+        Config(model=dataclasses.replace(Config().model, num_heads=5))
+
+
+def test_parse_set():
+    assert parse_set(["data.seq_length=64", " gate.registered_model =a=b", "data.seed="]) == {
+        "data.seq_length": "64", "gate.registered_model": "a=b", "data.seed": ""}
+    assert from_overrides("guide", parse_set(["data.seq_length=64"])).data.seq_length == 64
+    for bad in ("data.seq_length", "=64", " =64"):
+        with pytest.raises(ConfigError, match="expected section.key=value"):
+            parse_set([bad])
+
+
+def test_config_is_frozen():
+    cfg = from_overrides("smoke")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.seq_length = 64
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data = Config().data
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a = from_overrides("guide", {"data.seed": 7, "model.dropout": 0.2})
+    b = from_overrides("guide", {"model.dropout": "0.2", "data.seed": "7"})
+    h = a.config_hash()
+    assert len(h) == 64 and int(h, 16) >= 0
+    assert h == a.config_hash() == b.config_hash()
+    assert from_overrides("guide", {"data.seed": 8, "model.dropout": 0.2}).config_hash() != h
+    assert from_overrides("guide", {"data.seed": 7, "model.dropout": 0.2, "gate.min_accuracy": 0.81}).config_hash() != h
+    # Section hashes isolate what a consumer depends on: the model does not move the data hash.
+    assert a.section_hash("data") == from_overrides("guide", {"data.seed": 7}).section_hash("data")
+    assert a.section_hash("model") != Config().section_hash("model")
+    assert a.section_hash() == h
+
+
+def test_from_dict_round_trips_through_json():
+    cfg = from_overrides("smoke", {"data.seed": 3, "model.padding_mask": False, "gate.max_regression": 0.01})
+    again = from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.preset == "smoke" and again.config_hash() == cfg.config_hash()
+    assert from_dict(Config().to_dict()) == Config()
+
+
+def test_from_dict_refuses_incomplete_unknown_or_invalid_records():
+    payload = from_overrides("smoke").to_dict()
+    with pytest.raises(ConfigError, match="incomplete or has unknown keys"):
+        from_dict({k: v for k, v in payload.items() if k != "model"})
+    with pytest.raises(ConfigError, match="incomplete or has unknown keys"):
+        from_dict({**payload, "data": {**payload["data"], "vocab": "x"}})
+    with pytest.raises(ConfigError, match="'data.mask_rate'"):
+        from_dict({**payload, "data": {**payload["data"], "mask_rate": 2.0}})
+
+
+def test_keys_lists_every_field():
+    ks = keys()
+    assert len(ks) == len(set(ks))
+    assert {"data.seq_length", "model.padding_mask", "pretrain.steps_per_epoch", "gate.registered_model"} <= set(ks)
+    assert all(k.split(".")[0] in Config().to_dict() for k in ks)
