@@ -238,6 +238,9 @@ def _describe(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, requests.Timeout) or "timed out" in text.lower():
         return "timed out waiting for data (server stalled)"
+    # urllib3 reports a cut body as a nested tuple with IncompleteRead; say it plainly.
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError) or "IncompleteRead" in text:
+        return "connection closed before the whole body arrived"
     return text[:300]
 
 
