@@ -52,3 +52,20 @@ def test_dag_params_become_config_values():
     assert cfg.finetune.learning_rate == 1e-3  # None keeps the preset's value
     with pytest.raises(ConfigError, match="pretrain.epochs"):
         steps.config_from_params({"preset": "smoke", "pretrain_epochs": 0})
+
+
+def test_validate_passes_offline_without_a_train_split_and_fails_on_bad_data(tmp_path, capsys):
+    from tests.fixtures_pipeline import write_tree
+
+    tree = write_tree(tmp_path / "data")
+    (tree / "wikitext-103-raw" / "wiki.train.raw").unlink()
+    assert cli.main(["validate", "--preset", "smoke", "--data-dir", str(tree)]) == 0
+    out = capsys.readouterr().out
+    assert "wiki.train.raw not in" in out and "all datasets passed" in out
+
+    dev = tree / "SST-2" / "dev.tsv"
+    dev.write_text(dev.read_text().replace("\t1\n", "\t2\n", 1))
+    assert cli.main(["validate", "--preset", "smoke", "--data-dir", str(tree)]) == 1
+    out = capsys.readouterr().out
+    assert f"sst2: {dev}: expect_column_values_to_be_in_set(column='label'" in out
+    assert "validate: FAILED" in out

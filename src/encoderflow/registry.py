@@ -43,6 +43,8 @@ def tracking_uri() -> str:
 
 
 def client():
+    # Its tqdm bar writes carriage returns into task logs and terminals.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
     from mlflow import MlflowClient
 

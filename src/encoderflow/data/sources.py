@@ -370,6 +370,17 @@ def _result(name: str, source: str, root: Path, files: dict[str, dict[str, Any]]
     return out
 
 
+def present_members(spec: DatasetSpec, data_dir: str | os.PathLike) -> tuple[str, ...]:
+    """The layout's WikiText splits found in an offline folder (all members for other datasets).
+
+    A folder without any of them gets the full list back, so ``locate`` names what is missing.
+    """
+    if spec.name != "wikitext":
+        return spec.members
+    root = Path(data_dir).expanduser()
+    return tuple(m for m in spec.members if (root / m).is_file()) or spec.members
+
+
 def required_members(dataset: str, pretrain_split: str, validation_split: str,
                      specs: dict[str, DatasetSpec] | None = None) -> tuple[str, ...]:
     """Files a run needs: the configured WikiText splits, every SST-2 file, the vocab."""
