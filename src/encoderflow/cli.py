@@ -3,7 +3,9 @@
     encoderflow run      [--preset guide|smoke] [--data-dir DIR] [--mirror URL] [--set key=value ...]
     encoderflow download [--data-dir DIR | --mirror URL]
     encoderflow validate [--data-dir DIR]        exit 0 only when every dataset passes
-    encoderflow predict  "a sentence" ... | --file FILE
+    encoderflow predict  "a sentence" ... | --file FILE      with models:/NAME@champion
+    encoderflow promote  --version N --reason "..."           a person's promotion, recorded
+    encoderflow rollback [--reason "..."]                     put the previous champion back
     encoderflow config   [--preset P] [--set key=value ...]   print the resolved config
 """
 
@@ -207,13 +209,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"predict: registered model {name!r} has no champion yet at {registry.tracking_uri()}; "
               "run the pipeline until a candidate is blessed (make run), or `encoderflow promote`.", file=sys.stderr)
         return 2
-    bundle = registry.download_version(name, current["version"], layout.home() / "serving" / f"v{current['version']}")
+    bundle = registry.download_version(name, "@champion", layout.home() / "serving" / f"v{current['version']}")
     scorer = Scorer(bundle)
     probs = scorer.probabilities(sentences)
     print(f"model: models:/{name}@champion (v{current['version']})")
     for sentence, p in zip(sentences, probs):
         label = "positive" if p >= 0.5 else "negative"
         print(f"{label}\t{p if p >= 0.5 else 1 - p:.4f}\t{sentence}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from encoderflow import registry
+
+    event = registry.promote(args.model, str(args.version), args.reason, who=args.who)
+    print(f"{args.model}: champion v{event['from']} -> v{event['to']} by {event['who']}: {event['reason']}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from encoderflow import registry
+
+    event = registry.rollback(args.model, args.reason, who=args.who)
+    print(f"{args.model}: rolled back, champion v{event['from']} -> v{event['to']} by {event['who']}: {event['reason']}")
     return 0
 
 
@@ -256,12 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--file")
     pp.add_argument("--model", default=from_overrides("guide").gate.registered_model)
     common(sub.add_parser("config", help="print the resolved config"), sources=False)
+    default_model = from_overrides("guide").gate.registered_model
+    pr = sub.add_parser("promote", help="make a registered version champion (recorded with who and why)")
+    pr.add_argument("--version", required=True, type=int)
+    pr.add_argument("--reason", required=True)
+    rb = sub.add_parser("rollback", help="put the previous champion back")
+    rb.add_argument("--reason", default="rollback")
+    for sp in (pr, rb):
+        sp.add_argument("--model", default=default_model)
+        sp.add_argument("--who", default=None, help="recorded as the actor (default: $ENCODERFLOW_USER or login)")
     sub.add_parser("airflow", help="Airflow standalone UI with this DAG on localhost:8080")
     return p
 
 
 COMMANDS = {"run": cmd_run, "download": cmd_download, "validate": cmd_validate, "predict": cmd_predict,
-            "config": cmd_config, "airflow": cmd_airflow}
+            "config": cmd_config, "airflow": cmd_airflow, "promote": cmd_promote, "rollback": cmd_rollback}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,12 +82,13 @@ def champion(name: str) -> dict[str, Any] | None:
 
 
 def download_version(name: str, version: str, dst: str | os.PathLike) -> Path:
-    """Fetch a version's bundle into ``dst`` and return its local folder."""
+    """Fetch a version (a number or ``@alias``) into ``dst``; verify it; return its folder."""
     import mlflow
 
     client()
     Path(dst).mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
+    uri = f"models:/{name}{version}" if version.startswith("@") else f"models:/{name}/{version}"
+    return verify_bundle(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
 
 
 def _flatten(prefix: str, payload: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -157,28 +158,89 @@ def promotion_lock() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def move_champion(name: str, version: str, expected: str | None, reason: str, who: str | None = None) -> dict[str, Any]:
+def move_champion(name: str, version: str, expected: str | None, reason: str, who: str | None = None,
+                  action: str = "promote") -> dict[str, Any]:
     """Point ``champion`` at ``version`` if the champion is still ``expected``.
 
-    ``previous`` moves first, so a crash between the two steps leaves ``champion`` on a complete
-    version.
+    ``previous`` moves first, so a crash between the two steps leaves ``champion`` on the old,
+    complete version. The move is recorded (who, why, from, to) on the version and in the
+    registered model's ``champion.history`` tag.
 
     Raises:
-        StaleChampion: someone promoted another version since the gate compared against ``expected``.
+        StaleChampion: someone moved the champion since the caller looked at ``expected``.
+        EncoderflowError: ``version`` does not exist.
     """
+    from mlflow.exceptions import MlflowException
+
     c = client()
     who = who or os.environ.get("ENCODERFLOW_USER") or getpass.getuser()
+    try:
+        c.get_model_version(name, version)
+    except MlflowException:
+        raise EncoderflowError(f"{name}: no version {version} in {tracking_uri()}") from None
     with promotion_lock():
         current = champion(name)
         current_version = current["version"] if current else None
         if current_version != expected:
-            raise StaleChampion(f"{name}: champion is v{current_version}, but the gate compared against "
+            raise StaleChampion(f"{name}: champion is v{current_version}, but the decision was made against "
                                 f"v{expected}; re-run the gate")
         if current_version is not None:
             c.set_registered_model_alias(name, PREVIOUS, current_version)
         c.set_registered_model_alias(name, CHAMPION, version)
-        event = {"at": datetime.now(timezone.utc).isoformat(), "who": who, "reason": reason,
+        event = {"at": datetime.now(timezone.utc).isoformat(), "action": action, "who": who, "reason": reason,
                  "from": current_version, "to": version}
-        c.set_model_version_tag(name, version, "champion.promoted", json.dumps(event))
-    log.info("registry: %s champion v%s -> v%s (%s, by %s)", name, current_version, version, reason, who)
+        c.set_model_version_tag(name, version, f"champion.{action}", json.dumps(event))
+        events = history(name)[-(HISTORY_LIMIT - 1):] + [event]
+        c.set_registered_model_tag(name, "champion.history", json.dumps(events))
+    log.info("registry: %s champion v%s -> v%s (%s: %s, by %s)", name, current_version, version, action, reason, who)
     return event
+
+
+HISTORY_LIMIT = 50
+
+
+def history(name: str) -> list[dict[str, Any]]:
+    """Champion moves, oldest first (the last ``HISTORY_LIMIT``)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client().get_registered_model(name).tags
+    except MlflowException:
+        return []
+    return json.loads(tags.get("champion.history", "[]"))
+
+
+def promote(name: str, version: str, reason: str, who: str | None = None) -> dict[str, Any]:
+    """A person's explicit promotion of ``version`` (no gate), recorded with who and why."""
+    if not reason.strip():
+        raise EncoderflowError("promote: give a --reason; it is recorded with the move")
+    current = champion(name)
+    return move_champion(name, str(version), current["version"] if current else None, reason, who, action="promote")
+
+
+def rollback(name: str, reason: str, who: str | None = None) -> dict[str, Any]:
+    """Put ``previous`` back as champion; the demoted version becomes ``previous``."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    try:
+        prev = c.get_model_version_by_alias(name, PREVIOUS)
+    except MlflowException:
+        raise EncoderflowError(f"{name}: no 'previous' version to roll back to") from None
+    current = champion(name)
+    return move_champion(name, str(prev.version), current["version"] if current else None,
+                         reason or "rollback", who, action="rollback")
+
+
+def verify_bundle(bundle_dir: str | os.PathLike) -> Path:
+    """Check a downloaded bundle against the sha256s in its ``bundle.json`` before using it."""
+    bundle_dir = Path(bundle_dir)
+    meta_path = bundle_dir / "bundle.json"
+    if not meta_path.exists():
+        raise EncoderflowError(f"{bundle_dir}: incomplete model bundle (no bundle.json)")
+    for fname, digest in layout.read_json(meta_path)["files"].items():
+        path = bundle_dir / fname
+        if not path.exists() or layout.sha256_file(path) != digest:
+            raise EncoderflowError(f"{path}: missing or altered (sha256 differs from bundle.json); "
+                                   "the registered version is incomplete")
+    return bundle_dir

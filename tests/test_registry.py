@@ -1,0 +1,162 @@
+"""MLflow registry: candidates, champion/previous aliases, people's promote/rollback, crash safety.
+
+Bundles here are small files with a real ``bundle.json`` (sha256 per file); no Keras is needed
+to test what the registry promises about them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from encoderflow import cli, layout, registry
+from encoderflow.errors import EncoderflowError
+
+NAME = "encoderflow-sst2"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bundle(root: Path, tag: str) -> Path:
+    root.mkdir(parents=True)
+    files = {"classifier.keras": f"clf-{tag}", "encoder.keras": f"enc-{tag}", "vocab.txt": "[PAD]\n"}
+    for fname, body in files.items():
+        (root / fname).write_text(body)
+    layout.write_json(root / "bundle.json", {"files": {f: layout.sha256_file(root / f) for f in files}})
+    return root
+
+
+def _register(tmp_path: Path, tag: str, blessed: bool = True) -> str:
+    decision = {"blessed": blessed, "reasons": [] if blessed else ["floor: 0.4 < 0.5"], "candidate": 0.9,
+                "baseline": 0.8, "champion": None, "champion_version": None,
+                "checks": [{"name": "floor", "passed": blessed, "detail": "x"}]}
+    out = registry.log_candidate(NAME, _bundle(tmp_path / f"b{tag}", tag), {"model": {"num_layers": 1}},
+                                 {"sst2_val_accuracy": 0.9}, {"finetune": {"loss": [0.5, 0.4]}},
+                                 {"airflow.run_id": f"run-{tag}"}, decision)
+    return out["version"]
+
+
+def _aliases() -> dict[str, str | None]:
+    from mlflow.exceptions import MlflowException
+
+    out = {}
+    for alias in ("champion", "previous"):
+        try:
+            out[alias] = str(registry.client().get_model_version_by_alias(NAME, alias).version)
+        except MlflowException:
+            out[alias] = None
+    return out
+
+
+def test_candidates_aliases_history_and_rollback(tmp_path, capsys):
+    v1, v2, v3 = (_register(tmp_path, t) for t in "123")
+    assert (v1, v2, v3) == ("1", "2", "3")
+    assert registry.champion(NAME) is None
+
+    registry.move_champion(NAME, v1, expected=None, reason="first", who="gate")
+    registry.move_champion(NAME, v2, expected=v1, reason="better", who="gate")
+    assert _aliases() == {"champion": "2", "previous": "1"}
+
+    # The gate compared against v1, but v2 is champion now: refused, nothing moves.
+    with pytest.raises(registry.StaleChampion, match="champion is v2"):
+        registry.move_champion(NAME, v3, expected=v1, reason="stale", who="gate")
+    assert _aliases() == {"champion": "2", "previous": "1"}
+
+    assert cli.main(["rollback", "--reason", "v2 misbehaves in serving", "--who", "alice"]) == 0
+    assert "champion v2 -> v1 by alice" in capsys.readouterr().out
+    assert _aliases() == {"champion": "1", "previous": "2"}
+
+    assert cli.main(["promote", "--version", "3", "--reason", "hand-checked", "--who", "bob"]) == 0
+    assert _aliases() == {"champion": "3", "previous": "1"}
+
+    events = registry.history(NAME)
+    assert [(e["action"], e["from"], e["to"], e["who"]) for e in events] == [
+        ("promote", None, "1", "gate"), ("promote", "1", "2", "gate"),
+        ("rollback", "2", "1", "alice"), ("promote", "1", "3", "bob")]
+    tag = json.loads(registry.client().get_model_version(NAME, "3").tags["champion.promote"])
+    assert tag["reason"] == "hand-checked" and tag["who"] == "bob"
+
+    # The registry serves what was registered, verified against bundle.json.
+    served = registry.download_version(NAME, "@champion", tmp_path / "serve")
+    assert (served / "classifier.keras").read_text() == "clf-3"
+
+
+def test_unknown_version_and_empty_history_are_clear_errors(tmp_path, capsys):
+    _register(tmp_path, "1")
+    assert cli.main(["promote", "--version", "9", "--reason", "typo"]) == 2
+    assert "no version 9" in capsys.readouterr().err
+    assert cli.main(["rollback"]) == 2
+    assert "no 'previous' version" in capsys.readouterr().err
+
+
+def test_version_tags_carry_the_gate_decision(tmp_path):
+    version = _register(tmp_path, "1", blessed=False)
+    tags = registry.client().get_model_version(NAME, version).tags
+    assert tags["gate.blessed"] == "false"
+    assert tags["gate.reasons"] == "floor: 0.4 < 0.5"
+    assert tags["gate.check.floor"] == "FAIL: x"
+    assert tags["airflow.run_id"] == "run-1"
+
+
+def test_altered_bundle_is_refused(tmp_path):
+    bundle = _bundle(tmp_path / "b", "x")
+    (bundle / "encoder.keras").write_text("tampered")
+    with pytest.raises(EncoderflowError, match="encoder.keras: missing or altered"):
+        registry.verify_bundle(bundle)
+
+
+KILL_BETWEEN_STEPS = r"""
+import os, signal, sys
+from mlflow import MlflowClient
+from encoderflow import registry
+real = MlflowClient.set_registered_model_alias
+def crash_before_champion(self, name, alias, version):
+    if alias == "champion":
+        os.kill(os.getpid(), signal.SIGKILL)  # the process dies between the two alias moves
+    return real(self, name, alias, version)
+MlflowClient.set_registered_model_alias = crash_before_champion
+registry.move_champion(sys.argv[1], sys.argv[2], expected=sys.argv[3], reason="killed", who="test")
+"""
+
+
+def test_promote_killed_between_steps_leaves_champion_on_a_complete_version(tmp_path):
+    v1, v2 = _register(tmp_path, "1"), _register(tmp_path, "2")
+    registry.move_champion(NAME, v1, expected=None, reason="first", who="gate")
+    proc = subprocess.run([sys.executable, "-c", KILL_BETWEEN_STEPS, NAME, v2, v1], env=os.environ.copy(),
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert _aliases()["champion"] == "1"
+    served = registry.download_version(NAME, "@champion", tmp_path / "serve")
+    assert (served / "classifier.keras").read_text() == "clf-1"
+    # A later attempt, from the state the crash left, completes normally.
+    registry.move_champion(NAME, v2, expected=v1, reason="retry", who="gate")
+    assert _aliases() == {"champion": "2", "previous": "1"}
+
+
+RACE = r"""
+import sys, time
+from encoderflow import registry
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
+try:
+    registry.move_champion("encoderflow-sst2", sys.argv[1], expected=sys.argv[2], reason="race", who=sys.argv[1])
+except registry.StaleChampion:
+    sys.exit(3)
+"""
+
+
+def test_two_runs_finishing_together_cannot_both_win(tmp_path):
+    import time
+
+    v1, v2, v3 = (_register(tmp_path, t) for t in "123")
+    registry.move_champion(NAME, v1, expected=None, reason="first", who="gate")
+    start = str(time.time() + 3.0)  # both processes wake at the same moment, after their imports
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, v, v1, start], env=os.environ.copy(), cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in (v2, v3)]
+    codes = sorted(p.wait(timeout=120) for p in procs)
+    assert codes == [0, 3], [p.stderr.read()[-1500:] for p in procs]
+    winner = _aliases()["champion"]
+    assert winner in (v2, v3) and _aliases()["previous"] == v1
