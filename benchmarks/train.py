@@ -35,7 +35,7 @@ def main() -> int:
     from encoderflow import model as models
     from encoderflow import steps
     from encoderflow.data import shards, sources
-    from encoderflow.data.sst2 import read_split, token_dataset
+    from encoderflow.data.sst2 import bucketed_token_dataset, read_split, token_dataset
     from encoderflow.data.tokenizer import make_tokenizer
 
     params = {"preset": args.preset, "overrides": ["data.pretrain_split=test", *args.set]}
@@ -64,10 +64,15 @@ def main() -> int:
     mlm.fit(ds, steps_per_epoch=args.steps, epochs=1, verbose=0)
     pre_s = time.perf_counter() - t0
 
-    tokenizer = make_tokenizer(vocab["files"]["bert_vocab_uncased.txt"]["path"], cfg.data.seq_length)
+    vocab_path = vocab["files"]["bert_vocab_uncased.txt"]["path"]
     x, y = read_split(sst2["files"]["SST-2/train.tsv"]["path"])
-    ft = token_dataset(x, y, tokenizer, f.batch_size, shuffle_seed=0).repeat()
-    clf = models.build_classifier(encoder)
+    if cfg.model.padding_mask:  # what finetune.py does: length buckets
+        ft = bucketed_token_dataset(x, y, make_tokenizer(vocab_path, None), f.batch_size, cfg.data.seq_length,
+                                    shuffle_seed=0).repeat()
+    else:
+        ft = token_dataset(x, y, make_tokenizer(vocab_path, cfg.data.seq_length), f.batch_size,
+                           shuffle_seed=0).repeat()
+    clf = models.build_classifier(encoder, masked_pooling=cfg.model.padding_mask)
     clf.compile(loss="binary_crossentropy", optimizer=keras.optimizers.AdamW(f.learning_rate), metrics=["accuracy"],
                 jit_compile=True)
     t0 = time.perf_counter()

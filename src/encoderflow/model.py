@@ -61,9 +61,11 @@ def build_encoder(cfg: ModelConfig, vocab_size: int, seq_length: int, pad_id: in
     guide's model exactly (padding attended to).
 
     Returns:
-        A functional model ``token_ids [batch, seq_length] -> [batch, seq_length, model_dim]``.
+        A functional model ``token_ids [batch, length] -> [batch, length, model_dim]`` for any
+        ``length <= seq_length`` (position embeddings are sliced), so fine-tuning can feed
+        sequences cut to the data instead of always ``seq_length``.
     """
-    token_ids = keras.Input(shape=(seq_length,), dtype="int32", name="token_ids")
+    token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
     embedding = keras_hub.layers.TokenAndPositionEmbedding(
         vocabulary_size=vocab_size, sequence_length=seq_length, embedding_dim=cfg.model_dim,
         name="token_and_position_embedding",
@@ -84,9 +86,14 @@ def token_embedding(encoder: keras.Model):
     return encoder.get_layer("token_and_position_embedding").token_embedding
 
 
+def max_length(encoder: keras.Model) -> int:
+    """The longest sequence the encoder's position embedding covers."""
+    return int(encoder.get_layer("token_and_position_embedding").position_embedding.sequence_length)
+
+
 def build_pretraining_model(encoder: keras.Model, predictions_per_seq: int) -> keras.Model:
     """Encoder plus a MaskedLMHead tied to the encoder's token embedding (the guide's model)."""
-    seq_length = encoder.input_shape[1]
+    seq_length = max_length(encoder)
     inputs = {
         "token_ids": keras.Input(shape=(seq_length,), dtype="int32", name="token_ids"),
         "mask_positions": keras.Input(shape=(predictions_per_seq,), dtype="int32", name="mask_positions"),
@@ -108,8 +115,8 @@ def build_classifier(encoder: keras.Model, pad_id: int = 0, masked_pooling: bool
         masked_pooling: average over real tokens only; ``False`` is the guide's plain average,
             ``[PAD]`` positions included.
     """
-    seq_length = encoder.input_shape[1]
-    token_ids = keras.Input(shape=(seq_length,), dtype="int32", name="token_ids")
+    # Any length up to the encoder's: fine-tuning feeds length buckets, serving pads to the max.
+    token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
     encoded = encoder(token_ids)
     if masked_pooling:
         mask = PaddingMask(pad_id, name="pooling_mask")(token_ids)

@@ -38,3 +38,54 @@ def token_dataset(sentences: list[str], labels: np.ndarray, tokenizer, batch_siz
     tf = cpu_only_tensorflow()
     ds = text_dataset(sentences, labels, batch_size, shuffle_seed)
     return ds.map(lambda x, y: (tokenizer(x), y), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def bucket_widths(seq_length: int) -> list[int]:
+    """Padded widths for length buckets: 16, 32, 64, ... up to ``seq_length``."""
+    widths, w = [], 16
+    while w < seq_length:
+        widths.append(w)
+        w *= 2
+    return widths + [seq_length]
+
+
+def bucketed_token_dataset(sentences: list[str], labels: np.ndarray, tokenizer, batch_size: int,
+                           seq_length: int, shuffle_seed: int | None = None, count_batches: bool = False):
+    """Batches of sentences of similar length, padded to the bucket width, not to ``seq_length``.
+
+    SST-2 sentences average ~13 WordPiece tokens, so padding every batch to 128 spends most of
+    the encoder's work on [PAD]. A handful of fixed widths keeps XLA to one compilation per
+    width. Only valid with a padding-masked encoder and masked pooling: the guide's model
+    attends to and averages over [PAD], so its outputs depend on the padded length.
+
+    Args:
+        tokenizer: an unpadded tokenizer (``sequence_length=None``) returning one id vector per
+            sentence; ids beyond ``seq_length`` are cut, as the guide's tokenizer does.
+        count_batches: count the batches once and declare them, for validation data: Keras
+            warns "input ran out of data" on every later epoch of an unknown-length dataset.
+    """
+    from encoderflow.data.tokenizer import cpu_only_tensorflow
+
+    tf = cpu_only_tensorflow()
+    widths = bucket_widths(seq_length)
+    ds = tf.data.Dataset.from_tensor_slices((sentences, labels))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(sentences), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.map(lambda x, y: (tf.cast(tokenizer(x)[:seq_length], tf.int32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.bucket_by_sequence_length(
+        element_length_func=lambda x, y: tf.shape(x)[0],
+        bucket_boundaries=[w + 1 for w in widths[:-1]],
+        bucket_batch_sizes=[batch_size] * len(widths),
+        padded_shapes=([None], []),
+        pad_to_bucket_boundary=False,
+    )
+    # Pad each batch up to its bucket's width so only len(widths) shapes ever reach XLA.
+    def to_width(x, y):
+        length = tf.shape(x)[1]
+        width = tf.reduce_min(tf.boolean_mask(tf.constant(widths), tf.constant(widths) >= length))
+        return tf.pad(x, [[0, 0], [0, width - length]]), y
+
+    ds = ds.map(to_width, num_parallel_calls=tf.data.AUTOTUNE)
+    if count_batches:
+        ds = ds.apply(tf.data.experimental.assert_cardinality(int(ds.reduce(0, lambda n, _: n + 1))))
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -55,9 +55,12 @@ class Vocab:
         return {t: self.id(t) for t in SPECIAL_TOKENS}
 
 
-def make_tokenizer(vocab_path: str | os.PathLike, seq_length: int, lowercase: bool = True,
+def make_tokenizer(vocab_path: str | os.PathLike, seq_length: int | None, lowercase: bool = True,
                    strip_accents: bool = True):
-    """The guide's tokenizer: WordPiece, truncated and zero-padded to ``seq_length``."""
+    """The guide's tokenizer: WordPiece, truncated and zero-padded to ``seq_length``.
+
+    With ``seq_length=None`` it neither pads nor truncates (one id vector per sentence).
+    """
     cpu_only_tensorflow()
     import keras_hub
 

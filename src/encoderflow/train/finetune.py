@@ -32,7 +32,7 @@ def finetune(cfg: Config, encoder_path: str | os.PathLike, sst2: dict[str, Any],
         log.info("finetune: reusing %s", done["bundle"])
         return done
 
-    from encoderflow.data.sst2 import read_split, token_dataset
+    from encoderflow.data.sst2 import bucketed_token_dataset, read_split, token_dataset
     from encoderflow.data.tokenizer import Vocab, make_tokenizer
 
     os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -44,16 +44,24 @@ def finetune(cfg: Config, encoder_path: str | os.PathLike, sst2: dict[str, Any],
     f = cfg.finetune
     keras.utils.set_random_seed(cfg.data.seed)
     vocab = Vocab.load(vocab_path)
-    tokenizer = make_tokenizer(vocab_path, cfg.data.seq_length, cfg.data.lowercase, cfg.data.strip_accents)
     train_x, train_y = read_split(sst2["files"]["SST-2/train.tsv"]["path"])
     dev_x, dev_y = read_split(sst2["files"]["SST-2/dev.tsv"]["path"])
-    train_ds = token_dataset(train_x, train_y, tokenizer, f.batch_size, shuffle_seed=cfg.data.seed)
-    dev_ds = token_dataset(dev_x, dev_y, tokenizer, f.batch_size)
+    seq = cfg.data.seq_length
+    encoder = models.load(encoder_path)
+    # Encoders saved with a fixed input length (older artifacts, the guide's) take full-length input.
+    if cfg.model.padding_mask and encoder.input_shape[1] is None:
+        # Real-token attention and pooling make outputs independent of padding: fit lengths to the data.
+        tokenizer = make_tokenizer(vocab_path, None, cfg.data.lowercase, cfg.data.strip_accents)
+        train_ds = bucketed_token_dataset(train_x, train_y, tokenizer, f.batch_size, seq, shuffle_seed=cfg.data.seed)
+        dev_ds = bucketed_token_dataset(dev_x, dev_y, tokenizer, f.batch_size, seq, count_batches=True)
+    else:  # the guide's model depends on how much [PAD] it sees: always pad to seq_length
+        tokenizer = make_tokenizer(vocab_path, seq, cfg.data.lowercase, cfg.data.strip_accents)
+        train_ds = token_dataset(train_x, train_y, tokenizer, f.batch_size, shuffle_seed=cfg.data.seed)
+        dev_ds = token_dataset(dev_x, dev_y, tokenizer, f.batch_size)
     steps = f.steps_per_epoch or None
     if steps is not None:
         train_ds = train_ds.repeat()
 
-    encoder = models.load(encoder_path)
     classifier = models.build_classifier(encoder, vocab.pad_id, masked_pooling=cfg.model.padding_mask)
     classifier.compile(loss="binary_crossentropy", optimizer=keras.optimizers.AdamW(f.learning_rate),
                        metrics=["accuracy"], jit_compile=True)
