@@ -102,7 +102,7 @@ def _flatten(prefix: str, payload: Any, out: dict[str, Any]) -> dict[str, Any]:
 
 def log_candidate(name: str, bundle_dir: str | os.PathLike, config: dict[str, Any], metrics: dict[str, float],
                   histories: dict[str, dict[str, list[float]]], tags: dict[str, str],
-                  decision: dict[str, Any]) -> dict[str, Any]:
+                  decision: dict[str, Any], extra_artifacts: list[str | os.PathLike] = ()) -> dict[str, Any]:
     """One MLflow run with params, metrics, curves and the bundle; a model version with tags."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -119,6 +119,8 @@ def log_candidate(name: str, bundle_dir: str | os.PathLike, config: dict[str, An
                     mlflow.log_metric(f"{stage}.{metric}", float(value), step=step)
         mlflow.log_artifacts(str(bundle_dir), artifact_path="bundle")
         mlflow.log_dict(decision, "gate.json")
+        for extra in extra_artifacts:
+            mlflow.log_artifact(str(extra))
         source = f"{run.info.artifact_uri}/bundle"
         run_id = run.info.run_id
     try:

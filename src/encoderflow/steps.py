@@ -179,15 +179,18 @@ def promote(decision: dict[str, Any], finetuned: dict[str, Any], pretrained: dic
             "shards.hash": sealed["shards_hash"],
             **{f"data.{name}.content_hash": info["content_hash"] for name, info in inputs.items()},
             **{f"data.{name}.source": info["source"] for name, info in inputs.items()}}
+    from encoderflow import curves
+
     histories = {}
     for stage, res in (("pretrain", pretrained), ("finetune", finetuned), ("baseline", baseline)):
         histories[stage] = layout.read_json(res["result"]).get("history", {})
+    curves_png = curves.plot(histories, layout.run_dir(run_id) / "curves.png", title=f"{cfg.preset} · {run_id}")
     metrics = {"sst2_val_accuracy": finetuned["val_accuracy"], "baseline_val_accuracy": baseline["val_accuracy"],
                "mlm_val_accuracy": pretrained["val_mlm_accuracy"]}
     if decision.get("champion") is not None:
         metrics["champion_val_accuracy"] = decision["champion"]
     registered = registry.log_candidate(cfg.gate.registered_model, finetuned["bundle"], cfg.to_dict(), metrics,
-                                        histories, tags, decision)
+                                        histories, tags, decision, extra_artifacts=[curves_png])
     promoted = None
     if decision["blessed"]:
         promoted = registry.move_champion(cfg.gate.registered_model, registered["version"],
@@ -225,6 +228,7 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
             "shards_manifest": results["sealed"]["manifest"],
             "encoder": results["pretrained"]["encoder"],
             "bundle": results["finetuned"]["bundle"],
+            "curves": str(layout.run_dir(run_id) / "curves.png"),
             "data_docs": {name: info["validation"]["docs"] for name, info in results["inputs"].items()},
         },
     }

@@ -1,0 +1,41 @@
+"""A NaN loss stops training with a clear, expected error (the DAG fails the task; nothing is promoted)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+
+def test_nan_loss_raises_non_finite_loss(caplog):
+    import keras
+
+    from encoderflow.errors import EncoderflowError
+    from encoderflow.train.callbacks import EpochLogger, NonFiniteLoss
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(loss="mse", optimizer="sgd")
+    x = np.ones((8, 2), "float32")
+    y = np.full((8, 1), np.nan, "float32")  # the loss is NaN from the first batch
+    with pytest.raises(NonFiniteLoss, match="loss became nan at step 1") as info:
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[EpochLogger("pretrain", 4)])
+    assert isinstance(info.value, EncoderflowError)  # the DAG maps this to a failed task, no retry
+
+
+def test_epoch_lines_are_plain_and_complete(caplog):
+    import keras
+
+    from encoderflow.train.callbacks import EpochLogger
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(loss="mse", optimizer="sgd", metrics=["mae"])
+    x, y = np.ones((8, 2), "float32"), np.zeros((8, 1), "float32")
+    with caplog.at_level(logging.INFO, logger="encoderflow.train"):
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0, validation_data=(x, y), callbacks=[EpochLogger("finetune", 4)])
+    lines = [r.getMessage() for r in caplog.records if r.name == "encoderflow.train"]
+    assert len(lines) == 2
+    assert lines[0].startswith("finetune epoch 1/2: ") and lines[1].startswith("finetune epoch 2/2: ")
+    for key in ("loss=", "val_loss=", "mae=", "steps=2", "seq/s=", "elapsed_s="):
+        assert key in lines[1]
+    assert not any("\r" in line for line in lines)
