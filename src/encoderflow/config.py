@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from encoderflow.errors import EncoderflowError
 
 SPLITS = ("train", "valid", "test")
+SEQUENCE_MODES = ("line", "packed")
 
 
 class ConfigError(EncoderflowError, ValueError):
@@ -58,6 +59,9 @@ class DataConfig:
         validation_split: WikiText split for MLM validation.
         lowercase: WordPiece lower-casing (BERT uncased vocabulary).
         strip_accents: WordPiece accent stripping.
+        sequence_mode: ``line`` (the guide: one sequence per line longer than ``min_line_chars``,
+            truncated to ``seq_length``) or ``packed`` (every non-blank line of an article,
+            concatenated and cut into consecutive ``seq_length`` windows: no text is dropped).
     """
 
     seq_length: int = 128
@@ -71,6 +75,7 @@ class DataConfig:
     validation_split: str = "valid"
     lowercase: bool = True
     strip_accents: bool = True
+    sequence_mode: str = "line"
 
     def validate(self) -> None:
         s = "data"
@@ -85,6 +90,8 @@ class DataConfig:
                f"must be one of {SPLITS}, got {self.pretrain_split!r}")
         _check(self.validation_split in SPLITS, "data.validation_split",
                f"must be one of {SPLITS}, got {self.validation_split!r}")
+        _check(self.sequence_mode in SEQUENCE_MODES, "data.sequence_mode",
+               f"must be one of {SEQUENCE_MODES}, got {self.sequence_mode!r}")
 
 
 @dataclass(frozen=True)

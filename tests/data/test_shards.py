@@ -623,3 +623,77 @@ def test_make_dataset_covers_every_train_record_once_per_epoch(reference):
     assert not np.array_equal(got, expected)
     with pytest.raises(ShardError, match="no 'test' shards"):
         shards.make_dataset(manifest, cfg, "test", 8)
+
+
+REAL_DATA = Path(os.environ.get("ENCODERFLOW_REAL_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+
+
+@pytest.mark.skipif(not (REAL_DATA / "wikitext-103-raw" / "wiki.valid.raw").exists(), reason="no real data folder")
+def test_graph_tokenizer_gives_the_eager_tokenizers_ids_on_real_wikitext():
+    from encoderflow.data.tokenizer import make_tokenizer, tokenize
+
+    vocab = REAL_DATA / "bert_vocab_uncased.txt"
+    lines = shards.eligible_lines(REAL_DATA / "wikitext-103-raw" / "wiki.valid.raw", 100)[:600]
+    # Accents, digits, punctuation and over-long lines (truncation) all occur in these lines.
+    graph = shards.graph_tokenizer(str(vocab), layout.sha256_file(vocab), 128)
+    got = graph(lines)
+    expected = tokenize(make_tokenizer(vocab, 128), lines)
+    assert got.dtype == expected.dtype and got.shape == (600, 128)
+    np.testing.assert_array_equal(got, expected)
+    assert (got != 0).all(axis=1).any()
+    np.testing.assert_array_equal(graph(lines[:7]), expected[:7])  # one trace serves every batch size
+
+
+def test_articles_split_at_top_level_headings(tmp_path):
+    f = tmp_path / "t.raw"
+    f.write_text(" \n = A = \n \n x y \n = = Sec = = \n z \n = B = \n w \n", encoding="utf-8")
+    assert shards.articles(f) == [[" = A = ", " x y ", " = = Sec = = ", " z "], [" = B = ", " w "]]
+    np.testing.assert_array_equal(shards.pack([[5, 6, 7], [8, 9]], 2, PAD), [[5, 6], [7, 8], [9, PAD]])
+
+
+def test_packed_mode_keeps_every_token_in_full_windows(corpus, encoderflow_home):
+    import tensorflow as tf
+
+    from encoderflow.data.tokenizer import make_tokenizer
+
+    cfg = _cfg(sequence_mode="packed")
+    assert shards.plan(cfg, *corpus)["shards_hash"] != shards.plan(_cfg(), *corpus)["shards_hash"]
+    p, infos, sealed = _build_all(cfg, corpus, encoderflow_home)
+    wikitext, _ = corpus
+    path = wikitext["files"]["wikitext-103-raw/wiki.test.raw"]["path"]
+    docs = shards.articles(path)
+    train = [s for s in p["shards"] if s["split"] == "train"]
+    assert train[0]["article_start"] == 0 and train[-1]["article_end"] == len(docs)
+    got = []
+    for s in train:
+        rec = _read(s["file"])
+        _assert_invariants(_unmask(rec), rec, P)
+        got.append(_unmask(rec))
+    got = np.concatenate(got)
+    ragged = make_tokenizer(p["vocab_path"], None)
+
+    def ids(line):
+        return list(ragged(tf.constant([line]))[0])
+
+    # Each article's lines run on across window edges; only its last window is padded.
+    expected = [shards.pack([[t for line in doc for t in ids(line)]], SEQ, PAD) for doc in docs]
+    np.testing.assert_array_equal(got, np.concatenate(expected))
+    all_tokens = sum(len(ids(line)) for doc in docs for line in doc)
+    assert sealed["totals"]["train"]["tokens"] == all_tokens == int((got != PAD).sum())
+    line_mode = _build_all(_cfg(), corpus, encoderflow_home / "line")[2]
+    assert sealed["totals"]["train"]["tokens"] > line_mode["totals"]["train"]["tokens"]
+
+
+def test_another_process_writes_the_same_bytes(reference, tmp_path):
+    # Proto map order is seeded per process: only a second process can catch it leaking into bytes.
+    shard = {**reference["plan"]["shards"][0], "file": str(tmp_path / "again.tfrecord")}
+    script = textwrap.dedent(f"""
+        import json, sys
+        from encoderflow.config import from_overrides
+        from encoderflow.data import shards
+        cfg = from_overrides("smoke", {json.dumps(SMOKE)})
+        info = shards.build_shard({json.dumps(shard)}, cfg, {json.dumps(reference["plan"]["vocab_path"])})
+        print("SHA", info["sha256"])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert f"SHA {reference['infos'][0]['sha256']}" in out

@@ -13,9 +13,11 @@ Record schema (one ``tf.train.Example`` per sequence):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,32 @@ def eligible_lines(path: str | os.PathLike, min_chars: int) -> list[str]:
     """The guide's filter: lines whose UTF-8 byte length exceeds ``min_chars`` (tf.strings.length)."""
     with open(path, "rb") as f:
         return [raw.rstrip(b"\n").decode("utf-8") for raw in f if len(raw.rstrip(b"\n")) > min_chars]
+
+
+# A top-level WikiText heading (" = Title = "); section headings have doubled "= =".
+_ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")
+
+
+def articles(path: str | os.PathLike) -> list[list[str]]:
+    """Each article's non-blank lines, heading included; blank lines hold no tokens."""
+    out: list[list[str]] = []
+    with open(path, "rb") as f:
+        for raw in f:
+            line = raw.rstrip(b"\n").decode("utf-8")
+            if _ARTICLE_HEADING.match(line) or not out:
+                out.append([])
+            if line.strip():
+                out[-1].append(line)
+    return [a for a in out if a]
+
+
+def pack(token_lists: list[list[int]], seq_length: int, pad_id: int) -> np.ndarray:
+    """One article's tokens, concatenated and cut into consecutive windows; the last one padded."""
+    flat = np.fromiter((t for ids in token_lists for t in ids), dtype=np.int64)
+    n = max(1, math.ceil(len(flat) / seq_length))
+    out = np.full(n * seq_length, pad_id, dtype=np.int64)
+    out[:len(flat)] = flat
+    return out.reshape(n, seq_length)
 
 
 def mask_batch(token_ids: np.ndarray, rng: np.random.Generator, *, vocab_size: int, mask_id: int,
@@ -97,9 +125,13 @@ def shards_hash(cfg: DataConfig, vocab_sha256: str, text_sha256: dict[str, str])
     """Content address of a shard set: data config, exact inputs and record format."""
     import dataclasses
 
+    data = dataclasses.asdict(cfg)
+    # Line mode is what every set built before the field existed holds: keep their addresses.
+    if data.get("sequence_mode") == "line":
+        del data["sequence_mode"]
     return layout.sha256_json({
         "format": FORMAT_VERSION,
-        "data": dataclasses.asdict(cfg),
+        "data": data,
         "vocab": vocab_sha256,
         "text": text_sha256,
     })
@@ -116,20 +148,30 @@ def plan(cfg: Config, wikitext: dict[str, Any], vocab: dict[str, Any]) -> dict[s
     h = shards_hash(d, vocab_file["sha256"], {role: t["sha256"] for role, t in texts.items()})
     out_dir = layout.shards_dir(h)
     shards: list[dict[str, Any]] = []
+    packed = d.sequence_mode == "packed"
+    # Packed shards split the text between articles, so no window straddles two shards.
+    start_key, end_key = ("article_start", "article_end") if packed else ("line_start", "line_end")
     for role, text in texts.items():
-        n_lines = len(eligible_lines(text["path"], d.min_line_chars))
-        if n_lines == 0:
-            raise ShardError(f"{text['path']}: no line longer than {d.min_line_chars} bytes; nothing to pretrain on")
+        # Units a shard boundary may fall between: articles (packed) or eligible lines.
+        if packed:
+            n_units = len(articles(text["path"]))
+            if n_units == 0:
+                raise ShardError(f"{text['path']}: no text; nothing to pretrain on")
+        else:
+            n_units = len(eligible_lines(text["path"], d.min_line_chars))
+            if n_units == 0:
+                raise ShardError(f"{text['path']}: no line longer than {d.min_line_chars} bytes; "
+                                 "nothing to pretrain on")
         num = d.num_shards if role == "train" else max(1, math.ceil(d.num_shards / 8))
-        num = min(num, n_lines)
+        num = min(num, n_units)
         copies = d.dupe_factor if role == "train" else 1
-        bounds = np.linspace(0, n_lines, num + 1).astype(int)
+        bounds = np.linspace(0, n_units, num + 1).astype(int)
         for copy in range(copies):
             for i in range(num):
                 shards.append({
                     "split": role, "copy": copy, "index": i, "num": num,
                     "text_path": text["path"], "text_sha256": text["sha256"],
-                    "line_start": int(bounds[i]), "line_end": int(bounds[i + 1]),
+                    start_key: int(bounds[i]), end_key: int(bounds[i + 1]),
                     "file": str(out_dir / f"{role}-c{copy:02d}-{i:05d}-of-{num:05d}.tfrecord"),
                 })
     sealed = (out_dir / MANIFEST).exists()
@@ -143,10 +185,34 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+@functools.lru_cache(maxsize=4)
+def graph_tokenizer(vocab_path: str, vocab_sha256: str, seq_length: int | None, lowercase: bool = True,
+                    strip_accents: bool = True):
+    """The guide's tokenizer run as one traced graph: ``lines -> int32 [len(lines), seq_length]``.
+
+    Eagerly, keras-hub's WordPieceTokenizer dispatches its tf_text ops one by one and tokenizes
+    ~15x slower than the same layer traced; the ids are the same (tested on WikiText). Cached so
+    the building process traces once for all its shards, not once per shard; ``vocab_sha256``
+    is part of the cache key so a vocabulary rewritten in place is never served stale.
+    """
+    from encoderflow.data.tokenizer import cpu_only_tensorflow, make_tokenizer
+
+    tf = cpu_only_tensorflow()
+    tokenizer = make_tokenizer(vocab_path, seq_length, lowercase, strip_accents)
+    traced = tf.function(tokenizer, input_signature=[tf.TensorSpec([None], tf.string)])
+
+    def tokenize(lines: list[str]):
+        out = traced(tf.constant(lines, dtype=tf.string))
+        # Untruncated (seq_length None) the ids are ragged: one list per line.
+        return out.to_list() if isinstance(out, tf.RaggedTensor) else out.numpy()
+
+    return tokenize
+
+
 def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha256: str | None = None
                 ) -> dict[str, Any]:
     """Tokenize, mask and write one shard atomically; reuse it when already complete."""
-    from encoderflow.data.tokenizer import Vocab, cpu_only_tensorflow, make_tokenizer, tokenize
+    from encoderflow.data.tokenizer import Vocab, cpu_only_tensorflow
 
     d = cfg.data
     path = Path(shard["file"])
@@ -166,20 +232,31 @@ def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha25
     tf = cpu_only_tensorflow()
     vocab = Vocab.load(vocab_path)
     special = vocab.special_ids()
-    tokenizer = make_tokenizer(vocab_path, d.seq_length, d.lowercase, d.strip_accents)
-    lines = eligible_lines(shard["text_path"], d.min_line_chars)[shard["line_start"]:shard["line_end"]]
+    vocab_sha = layout.sha256_file(vocab_path)
+    # Masked 1024 sequences at a time: the generator's draws, hence the bytes, depend on it.
+    if "article_start" in shard:
+        docs = articles(shard["text_path"])[shard["article_start"]:shard["article_end"]]
+        untruncated = graph_tokenizer(str(vocab_path), vocab_sha, None, d.lowercase, d.strip_accents)
+        windows = [pack(untruncated(doc), d.seq_length, special["[PAD]"]) for doc in docs]
+        sequences = np.concatenate(windows) if windows else np.zeros((0, d.seq_length), np.int64)
+        chunks = (sequences[i:i + 1024] for i in range(0, len(sequences), 1024))
+    else:
+        tokenize = graph_tokenizer(str(vocab_path), vocab_sha, d.seq_length, d.lowercase, d.strip_accents)
+        lines = eligible_lines(shard["text_path"], d.min_line_chars)[shard["line_start"]:shard["line_end"]]
+        chunks = (tokenize(lines[i:i + 1024]).astype(np.int64) for i in range(0, len(lines), 1024))
     rng = np.random.default_rng([d.seed, SPLIT_CODES[shard["split"]], shard["copy"], shard["index"]])
 
     records = tokens = 0
     with layout.atomic_path(path) as tmp:
         with tf.io.TFRecordWriter(str(tmp)) as writer:
-            for start in range(0, len(lines), 1024):
-                ids = tokenize(tokenizer, lines[start:start + 1024]).astype(np.int64)
+            for ids in chunks:
                 ex = mask_batch(ids, rng, vocab_size=vocab.size, mask_id=special["[MASK]"],
                                 unselectable_ids=(special["[PAD]"], special["[CLS]"], special["[SEP]"]),
                                 mask_rate=d.mask_rate, predictions_per_seq=d.predictions_per_seq)
+                # Protos fill faster from Python ints than from numpy scalars; the bytes are the same.
+                rows = {k: v.tolist() for k, v in ex.items()}
                 for row in range(ids.shape[0]):
-                    writer.write(_example(tf, ex, row))
+                    writer.write(_example(tf, rows, row))
                 records += ids.shape[0]
                 tokens += int((ids != special["[PAD]"]).sum())
     info = {"file": path.name, "split": shard["split"], "copy": shard["copy"], "index": shard["index"],
@@ -190,14 +267,16 @@ def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha25
     return info
 
 
-def _example(tf, ex: dict[str, np.ndarray], row: int) -> bytes:
+def _example(tf, ex: dict[str, Any], row: int) -> bytes:
     feature = {
         "token_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=ex["token_ids"][row])),
         "mask_positions": tf.train.Feature(int64_list=tf.train.Int64List(value=ex["mask_positions"][row])),
         "mask_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=ex["mask_ids"][row])),
         "mask_weights": tf.train.Feature(float_list=tf.train.FloatList(value=ex["mask_weights"][row])),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # ``feature`` is a proto map: without ``deterministic`` its key order follows a hash seeded
+    # per process, so the same records gave different shard bytes (and sha256) in another process.
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def seal(shard_plan: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -286,15 +365,42 @@ def load_manifest(path: str | os.PathLike, cfg: Config) -> dict[str, Any]:
     return manifest
 
 
+def num_copies(manifest: dict[str, Any], split: str = "train") -> int:
+    """How many differently-masked copies of ``split`` the shard set holds (``dupe_factor``)."""
+    return 1 + max((e.get("copy", 0) for e in manifest["shards"] if e["split"] == split), default=0)
+
+
+def copy_records(manifest: dict[str, Any], split: str = "train", copy: int = 0) -> int:
+    """Records in one copy of ``split``; every copy masks the same lines, so all copies agree."""
+    return sum(e["records"] for e in manifest["shards"] if e["split"] == split and e.get("copy", 0) == copy)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A shuffle seed per epoch, so an epoch's order depends on (seed, epoch) only, not on history."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
 def make_dataset(manifest_path: str | os.PathLike, cfg: Config, split: str, batch_size: int,
-                 shuffle: bool = True, repeat: bool = False, seed: int | None = None):
-    """``(features, labels, weights)`` batches exactly as the guide's ``preprocess`` yields them."""
+                 shuffle: bool = True, repeat: bool = False, seed: int | None = None, epoch: int | None = None):
+    """``(features, labels, weights)`` batches exactly as the guide's ``preprocess`` yields them.
+
+    Args:
+        epoch: serve only copy ``epoch % dupe_factor``, shuffled with a seed derived from
+            ``(seed, epoch)``, so epoch ``e`` sees the same masks and order however training got
+            there (fresh or resumed). ``None`` serves every copy at once.
+    """
     from encoderflow.data.tokenizer import cpu_only_tensorflow
 
     tf = cpu_only_tensorflow()
     manifest = load_manifest(manifest_path, cfg)
     root = Path(manifest_path).parent
-    files = [str(root / e["file"]) for e in manifest["shards"] if e["split"] == split]
+    entries = [e for e in manifest["shards"] if e["split"] == split]
+    if epoch is not None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        copy = epoch % num_copies(manifest, split)
+        entries = [e for e in entries if e.get("copy", 0) == copy]
+    files = [str(root / e["file"]) for e in entries]
     if not files:
         raise ShardError(f"{manifest_path}: no {split!r} shards")
     seq, p = manifest["seq_length"], manifest["predictions_per_seq"]
@@ -312,6 +418,8 @@ def make_dataset(manifest_path: str | os.PathLike, cfg: Config, split: str, batc
         return features, tf.cast(ex["mask_ids"], tf.int32), ex["mask_weights"]
 
     seed = cfg.data.seed if seed is None else seed
+    if epoch is not None:
+        seed = epoch_seed(seed, epoch)
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed)

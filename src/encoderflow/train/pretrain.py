@@ -14,6 +14,80 @@ from encoderflow.config import Config
 
 log = logging.getLogger(__name__)
 
+# Keras's BackupAndRestore bookkeeping file; its "epoch" is where a resumed fit starts.
+BACKUP_METADATA = "training_metadata.json"
+
+
+def resume_epoch(backup_dir: str | os.PathLike) -> int:
+    """The epoch a ``BackupAndRestore`` fit will resume at (0 for a fresh start).
+
+    The training dataset must be built before ``fit`` starts, and Keras skips finished epochs
+    without consuming data, so the data for the resumed epoch has to be first in the dataset.
+    """
+    backup_dir = Path(backup_dir)
+    meta = backup_dir / BACKUP_METADATA
+    if not (backup_dir / "latest.weights.h5").exists() or not meta.exists():
+        return 0
+    return int(layout.read_json(meta)["epoch"])
+
+
+def train_batches(manifest_path: str | os.PathLike, cfg: Config, initial_epoch: int = 0):
+    """One dataset for the whole run: epoch ``e`` is copy ``e % dupe_factor``, from ``initial_epoch`` on.
+
+    Returns ``(dataset, steps_per_epoch)``. Each epoch contributes exactly ``steps_per_epoch``
+    batches (a full pass over its copy when ``pretrain.steps_per_epoch`` is 0, otherwise that many,
+    repeating within the copy), so fit's persistent iterator crosses into the next copy exactly
+    at the epoch boundary.
+    """
+    from encoderflow.data.shards import copy_records, load_manifest, make_dataset
+    from encoderflow.data.tokenizer import cpu_only_tensorflow
+
+    tf = cpu_only_tensorflow()
+    p = cfg.pretrain
+    manifest = load_manifest(manifest_path, cfg)
+    if not 0 <= initial_epoch < p.epochs:
+        raise ValueError(f"initial_epoch must be in [0, {p.epochs}), got {initial_epoch}")
+    steps = p.steps_per_epoch or math.ceil(copy_records(manifest) / p.batch_size)
+    ds = None
+    for epoch in range(initial_epoch, p.epochs):
+        one = make_dataset(manifest_path, cfg, "train", p.batch_size, shuffle=True,
+                           repeat=bool(p.steps_per_epoch), epoch=epoch).take(steps)
+        ds = one if ds is None else ds.concatenate(one)
+    # A copy short of records would shift every later epoch onto the wrong copy; fail instead.
+    return ds.apply(tf.data.experimental.assert_cardinality((p.epochs - initial_epoch) * steps)), steps
+
+
+def epoch_guard(first_epoch: int):
+    """A callback that stops fit if Keras starts at another epoch than the dataset was built for."""
+    import keras
+
+    class EpochGuard(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.started = False
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if not self.started and epoch != first_epoch:
+                raise RuntimeError(f"pretrain: fit started at epoch {epoch} but the data was built from epoch "
+                                   f"{first_epoch}; delete the backup folder to start over")
+            self.started = True
+
+    return EpochGuard()
+
+
+def read_history(path: Path) -> dict[str, list[float]]:
+    """Per-epoch metrics from CSVLogger; an epoch logged twice (re-run after a crash) keeps its last row."""
+    import csv
+
+    if not path.exists():
+        return {}
+    rows: dict[int, dict[str, str]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            rows[int(row.pop("epoch"))] = row
+    keys = sorted({k for row in rows.values() for k in row})
+    return {k: [float(rows[e][k]) for e in sorted(rows) if rows[e].get(k) not in (None, "")] for k in keys}
+
 
 def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Train the guide's encoder + tied MLM head; write ``encoder.keras`` atomically.
@@ -49,24 +123,41 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
         weighted_metrics=["sparse_categorical_accuracy"],
         jit_compile=True,
     )
-    steps = p.steps_per_epoch or None
-    train_ds = make_dataset(manifest_path, cfg, "train", p.batch_size, shuffle=True, repeat=steps is not None)
-    val_ds = make_dataset(manifest_path, cfg, "valid", p.batch_size, shuffle=False)
-    if p.validation_steps:
-        val_ds = val_ds.take(p.validation_steps)
-    log.info("pretrain: %d parameters, %d train records (%s), batch %d, %d epochs, %s steps/epoch", mlm.count_params(),
-             manifest["totals"]["train"]["records"], manifest_path, p.batch_size, p.epochs, steps or "all")
-
     backup = out_dir / "backup"
+    # A backup saved after the last epoch (killed before it was deleted) resumes past the end:
+    # Keras then runs no epoch and reads no data, so any valid start will do.
+    initial_epoch = min(resume_epoch(backup), p.epochs - 1)
+    train_ds, steps = train_batches(manifest_path, cfg, initial_epoch)
+    from encoderflow.data.tokenizer import cpu_only_tensorflow
+
+    tf = cpu_only_tensorflow()
+    # Declared length: Keras warns "input ran out of data" each epoch on an unknown-length set.
+    val_batches = math.ceil(manifest["totals"]["valid"]["records"] / p.batch_size)
+    if p.validation_steps:
+        val_batches = min(val_batches, p.validation_steps)
+    val_ds = make_dataset(manifest_path, cfg, "valid", p.batch_size, shuffle=False).take(val_batches)
+    val_ds = val_ds.apply(tf.data.experimental.assert_cardinality(val_batches))
+    log.info("pretrain: %d parameters, %d train records (%s), batch %d, %d epochs from epoch %d, %d steps/epoch",
+             mlm.count_params(), manifest["totals"]["train"]["records"], manifest_path, p.batch_size, p.epochs,
+             initial_epoch, steps)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     history = mlm.fit(
-        train_ds, validation_data=val_ds, epochs=p.epochs, steps_per_epoch=steps,
+        train_ds, validation_data=val_ds, epochs=p.epochs, steps_per_epoch=steps, initial_epoch=initial_epoch,
         verbose=0, shuffle=False,
+        # The guard runs after BackupAndRestore has set the epoch Keras resumes at.
         callbacks=[keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch", delete_checkpoint=True),
+                   epoch_guard(initial_epoch),
+                   # Survives a retry, unlike History: the curves cover every attempt's epochs.
+                   keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=initial_epoch > 0),
                    EpochLogger("pretrain", p.batch_size)],
     )
-    hist = {k: [float(v) for v in vs] for k, vs in history.history.items()}
-    final_loss = hist.get("loss", [float("nan")])[-1]
+    hist = read_history(out_dir / "history.csv") or {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    if not hist.get("loss"):
+        from encoderflow.errors import EncoderflowError
+        raise EncoderflowError(f"pretrain: no epoch was recorded in {out_dir}; delete {backup} and retry")
+    final_loss = hist["loss"][-1]
     if not math.isfinite(final_loss):
         from encoderflow.train.callbacks import NonFiniteLoss
         raise NonFiniteLoss(f"pretrain: final loss {final_loss}; the encoder is not saved")

@@ -1,0 +1,159 @@
+"""Per-epoch copies: epoch e trains on copy e % dupe_factor, fresh or resumed."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from encoderflow.data import shards
+from encoderflow.train import pretrain
+from tests.data.test_shards import _build_all, _cfg, _read, _unmask, _write_corpus
+
+BATCH = 8  # 30 train records per copy: 4 batches, the last one partial
+
+
+@pytest.fixture(scope="module")
+def duped(tmp_path_factory):
+    corpus = _write_corpus(tmp_path_factory.mktemp("corpus"))
+    cfg = _cfg(dupe_factor=2)
+    p, _, sealed = _build_all(cfg, corpus, tmp_path_factory.mktemp("home"))
+    copies = {}
+    for c in (0, 1):
+        recs = [_read(s["file"]) for s in p["shards"] if s["split"] == "train" and s["copy"] == c]
+        copies[c] = {k: np.concatenate([r[k] for r in recs]) for k in recs[0]}
+    return {"cfg": cfg, "manifest": sealed["manifest"], "copies": copies}
+
+
+def _run_cfg(duped, **pretrain_kw):
+    from encoderflow.config import from_overrides
+    from tests.data.test_shards import SMOKE
+
+    over = {**SMOKE, "data.dupe_factor": 2, "pretrain.batch_size": BATCH}
+    over.update({f"pretrain.{k}": v for k, v in pretrain_kw.items()})
+    return from_overrides("smoke", over)
+
+
+def _rows(batches):
+    """Each record as (masked token ids, mask positions): what tells two copies apart."""
+    batches = list(batches)  # one pass: a second one over a dataset would be reshuffled
+    ids = np.concatenate([f["token_ids"].numpy() for f, _, _ in batches])
+    pos = np.concatenate([f["mask_positions"].numpy() for f, _, _ in batches])
+    return [tuple(a.tolist()) + tuple(b.tolist()) for a, b in zip(ids, pos)]
+
+
+def _copy_rows(duped, c):
+    rec = duped["copies"][c]
+    return [tuple(a.tolist()) + tuple(b.tolist()) for a, b in zip(rec["token_ids"], rec["mask_positions"])]
+
+
+def test_copies_hold_the_same_tokens_with_different_masks(duped):
+    c0, c1 = duped["copies"][0], duped["copies"][1]
+    np.testing.assert_array_equal(_unmask(c0), _unmask(c1))
+    assert not np.array_equal(c0["token_ids"], c1["token_ids"])
+
+
+def test_make_dataset_epoch_serves_one_copy(duped):
+    cfg, manifest = duped["cfg"], duped["manifest"]
+    for epoch, copy in ((0, 0), (1, 1), (2, 0), (3, 1)):
+        got = _rows(shards.make_dataset(manifest, cfg, "train", BATCH, epoch=epoch))
+        assert sorted(got) == sorted(_copy_rows(duped, copy)), epoch
+    # Epochs 0 and 2 share a copy but not an order; each order is reproducible.
+    e0 = _rows(shards.make_dataset(manifest, cfg, "train", BATCH, epoch=0))
+    e2 = _rows(shards.make_dataset(manifest, cfg, "train", BATCH, epoch=2))
+    assert e0 != e2
+    assert e0 == _rows(shards.make_dataset(manifest, cfg, "train", BATCH, epoch=0))
+    # Without an epoch, both copies at once (validation, and the old behaviour).
+    both = _rows(shards.make_dataset(manifest, cfg, "train", BATCH))
+    assert sorted(both) == sorted(_copy_rows(duped, 0) + _copy_rows(duped, 1))
+
+
+def test_train_batches_line_epoch_boundaries_up_with_copies(duped):
+    cfg = _run_cfg(duped, epochs=3, steps_per_epoch=0)
+    ds, steps = pretrain.train_batches(duped["manifest"], cfg)
+    assert steps == 4
+    batches = list(ds)
+    assert len(batches) == 12 and int(ds.cardinality()) == 12
+    for epoch in range(3):
+        got = _rows(batches[epoch * steps:(epoch + 1) * steps])
+        assert sorted(got) == sorted(_copy_rows(duped, epoch % 2)), epoch
+    # Resuming at epoch 1 serves exactly what a fresh run served from epoch 1 on.
+    resumed, _ = pretrain.train_batches(duped["manifest"], cfg, initial_epoch=1)
+    assert _rows(list(resumed)) == _rows(batches[steps:])
+
+
+def test_train_batches_with_a_step_cap_repeats_within_the_copy(duped):
+    cfg = _run_cfg(duped, epochs=2, steps_per_epoch=6)  # 48 > 30 records: wraps inside the copy
+    ds, steps = pretrain.train_batches(duped["manifest"], cfg)
+    batches = list(ds)
+    assert steps == 6 and len(batches) == 12
+    assert all(int(f["token_ids"].shape[0]) == BATCH for f, _, _ in batches)
+    for epoch in range(2):
+        got = set(_rows(batches[epoch * steps:(epoch + 1) * steps]))
+        assert got == set(_copy_rows(duped, epoch)), epoch
+
+
+def test_resume_epoch_reads_what_backup_and_restore_saved(tmp_path):
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+
+    class Stop(Exception):
+        pass
+
+    class StopAfter(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise Stop()
+
+    x, y = np.ones((8, 2), "float32"), np.zeros((8, 1), "float32")
+
+    def model():
+        m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        m.compile(loss="mse", optimizer="sgd")
+        return m
+
+    backup = tmp_path / "backup"
+    assert pretrain.resume_epoch(backup) == 0
+    with pytest.raises(Stop):
+        model().fit(x, y, epochs=4, verbose=0, callbacks=[
+            keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch"), StopAfter()])
+    assert pretrain.resume_epoch(backup) == 2
+    # Resumed with the data built from that epoch: the guard lets it through, and Keras runs 2 and 3.
+    seen = []
+    log = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: seen.append(e))
+    model().fit(x, y, epochs=4, initial_epoch=2, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch"), pretrain.epoch_guard(2), log])
+    assert seen == [2, 3]
+    # A dataset built for the wrong epoch is refused before a single step trains on it.
+    with pytest.raises(RuntimeError, match="started at epoch 0 but the data was built from epoch 2"):
+        model().fit(x, y, epochs=4, verbose=0, callbacks=[pretrain.epoch_guard(2)])
+
+
+def test_pretrain_resumes_on_the_copy_of_the_interrupted_epoch(duped, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from encoderflow.train import callbacks
+
+    class Killed(Exception):
+        pass
+
+    class DiesAfterFirstEpoch(callbacks.EpochLogger):
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            raise Killed()
+
+    cfg = _run_cfg(duped, epochs=3, steps_per_epoch=2, validation_steps=1)
+    out = tmp_path / "pretrain"
+    with monkeypatch.context() as mp:
+        mp.setattr(callbacks, "EpochLogger", DiesAfterFirstEpoch)
+        with pytest.raises(Killed):
+            pretrain.pretrain(cfg, duped["manifest"], out)
+    # BackupAndRestore (first in the list) saved epoch 0 before the logger died.
+    assert pretrain.resume_epoch(out / "backup") == 1
+    with caplog.at_level(logging.INFO, logger="encoderflow.train.pretrain"):
+        result = pretrain.pretrain(cfg, duped["manifest"], out)
+    assert "3 epochs from epoch 1" in caplog.text
+    # The recorded history spans both attempts: epoch 0 from the first, epochs 1-2 from the resume.
+    assert len(result["history"]["loss"]) == 3 and np.isfinite(result["loss"])
+    assert not (out / "backup").exists()
