@@ -51,6 +51,8 @@ def airflow_env() -> dict[str, str]:
         "ENCODERFLOW_HOME": str(layout.home()),
         "GX_ANALYTICS_ENABLED": "false",
         "KERAS_BACKEND": "jax",
+        # TensorFlow's C++ INFO/WARNING lines would otherwise fill every task log.
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
     }
 
 
@@ -242,11 +244,51 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_airflow(args: argparse.Namespace) -> int:
-    """Airflow standalone (api-server, scheduler, dag-processor, triggerer) on localhost:8080."""
+    """Airflow standalone (api-server, scheduler, dag-processor, triggerer) on localhost:8080 with this
+    DAG and the Encoderflow runs plugin; prints the login before handing over to Airflow."""
+    import secrets
+
     os.environ.update(airflow_env())
-    os.environ.setdefault("AIRFLOW__API__PORT", "8080")
-    print(f"Airflow standalone with AIRFLOW_HOME={os.environ['AIRFLOW_HOME']} on http://localhost:8080 ; "
-          "the admin password is printed below and kept in simple_auth_manager_passwords.json.generated there.")
+    # standalone starts its components as `airflow ...` from PATH; make that this venv's airflow
+    # even when the venv is not activated (make calls .venv/bin/encoderflow directly).
+    bin_dir = str(Path(sys.executable).parent)
+    os.environ["PATH"] = os.pathsep.join([bin_dir, *[p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                                     if p != bin_dir]])
+    port = os.environ.setdefault("AIRFLOW__API__PORT", "8080")
+    # Loopback unless asked otherwise: the simple auth manager is for one developer's machine.
+    os.environ.setdefault("AIRFLOW__API__HOST", "127.0.0.1")
+    os.environ.setdefault("AIRFLOW__API__BASE_URL", f"http://localhost:{port}")
+    os.environ.setdefault("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", "admin:admin")
+    # Manual triggers should run at once; a schedule only exists if ENCODERFLOW_SCHEDULE asks for one.
+    os.environ.setdefault("AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "False")
+    init_airflow()
+    # pretrain and finetune run in pool `gpu` (one slot); without the pool they would never be queued.
+    pool = subprocess.run([sys.executable, "-m", "airflow", "pools", "set", "gpu", "1",
+                           "one training job on the accelerator at a time"],
+                          env=os.environ.copy(), capture_output=True, text=True)
+    if pool.returncode != 0:
+        sys.stderr.write(pool.stdout[-2000:] + pool.stderr[-2000:])
+        raise SystemExit("airflow pools set gpu failed")
+
+    # Airflow prints a generated password only the first time; keep the file it reads and say
+    # the login every time.
+    home = Path(os.environ["AIRFLOW_HOME"])
+    pw_file = Path(os.environ.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE")
+                   or home / "simple_auth_manager_passwords.json.generated")
+    passwords = json.loads(pw_file.read_text() or "{}") if pw_file.exists() else {}
+    users = [u.split(":")[0].strip() for u in os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(",")
+             if u.strip()]
+    if any(u not in passwords for u in users):
+        passwords.update({u: secrets.token_urlsafe(12) for u in users if u not in passwords})
+        pw_file.write_text(json.dumps(passwords) + "\n")
+        pw_file.chmod(0o600)
+    print("=" * 72)
+    print(f"Airflow standalone: http://localhost:{port}  (AIRFLOW_HOME={home})")
+    for u in users:
+        print(f"  login: {u} / {passwords[u]}")
+    print(f"  passwords kept in {pw_file}")
+    print(f"  Encoderflow runs page: http://localhost:{port}/encoderflow/ (also in the navigation)")
+    print("=" * 72, flush=True)
     os.execvpe(sys.executable, [sys.executable, "-m", "airflow", "standalone"], os.environ.copy())
 
 

@@ -1,0 +1,507 @@
+"""Airflow for real: api-server, scheduler and dag-processor on loopback (SQLite, LocalExecutor).
+
+``encoder_pretraining`` is triggered through the REST API v2 with a smoke conf on the fixture
+tree (offline, ``data_dir``), polled to success, and a training task's log is read back through
+the API. The same servers answer the plugin page and the headless-browser check of the trigger
+form (which needs Debian's ``chromium``; skipped without it).
+
+``AirflowStack`` is also what ``tests/test_plugin.py`` starts. Every process it starts, and
+every process those start, is ended by id when the block exits, failed or not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests import fixtures_pipeline as fixtures_data
+
+REPO = Path(__file__).resolve().parents[1]
+DAG_ID = "encoder_pretraining"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc), deepest last."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+class AirflowStack:
+    """Airflow components in subprocesses around one temporary AIRFLOW_HOME and ENCODERFLOW_HOME."""
+
+    def __init__(self, root: Path, encoderflow_home: Path, components=("api-server", "scheduler", "dag-processor")):
+        self.root, self.components = root, components
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.password = secrets.token_urlsafe(12)
+        self.viewer_password = secrets.token_urlsafe(12)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._tokens: dict[str, str] = {}
+        self.logs = root / "component-logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "ENCODERFLOW_HOME": str(encoderflow_home)}
+        env.pop("AIRFLOW_HOME", None)
+        # The embedded Airflow `encoderflow run` and `make airflow` use, plus what a test needs:
+        # loopback only, a free port, one api worker, known logins, quick parsing.
+        from encoderflow.cli import airflow_env
+
+        saved = os.environ.get("ENCODERFLOW_HOME")
+        os.environ["ENCODERFLOW_HOME"] = str(encoderflow_home)
+        try:
+            env.update(airflow_env())
+        finally:
+            if saved is None:
+                os.environ.pop("ENCODERFLOW_HOME", None)
+            else:
+                os.environ["ENCODERFLOW_HOME"] = saved
+        self.home = Path(env["AIRFLOW_HOME"])
+        self.passwords_file = self.home / "passwords.json"
+        env.update({
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.passwords_file),
+            "AIRFLOW__CORE__LAZY_LOAD_PLUGINS": "False",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            "ENCODERFLOW_MLFLOW_UI_URL": "http://127.0.0.1:5000",
+        })
+        self.env = env
+
+    def airflow(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "airflow", *args], env=self.env, cwd=self.root,
+                              capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"airflow {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.passwords_file.write_text(json.dumps({"admin": self.password, "viewer": self.viewer_password}))
+        self.airflow("db", "migrate")
+        for name in self.components:
+            log = open(self.logs / f"{name}.log", "wb")
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", "airflow", name], env=self.env, cwd=self.root,
+                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            log.close()
+        if "api-server" in self.components:
+            self.wait_for(lambda: self._health_ok(), 180, "api-server health")
+            # pretrain and finetune wait in pool `gpu` (one slot); without it they would never be queued.
+            status, body = self.request("POST", "/api/v2/pools", {"name": "gpu", "slots": 1,
+                                                                  "description": "one training job at a time"})
+            assert status in (200, 201), (status, body)
+
+    def _health_ok(self) -> bool:
+        try:
+            status, _ = self.request("GET", "/api/v2/monitor/health", token=None)
+            return status == 200
+        except OSError:
+            return False
+
+    def wait_for(self, predicate, timeout: float, what: str, interval: float = 1.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise AssertionError(f"{name} exited ({proc.returncode}) while waiting for {what}:\n"
+                                         + self.tail(name))
+            value = predicate()
+            if value:
+                return value
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}\n" +
+                             "\n".join(self.tail(n) for n in self.procs))
+
+    def tail(self, name: str, chars: int = 4000) -> str:
+        path = self.logs / f"{name}.log"
+        return f"--- {name} ---\n" + (path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)")
+
+    def stop(self) -> None:
+        tree = {name: [p.pid, *_children(p.pid)] for name, p in self.procs.items() if p.poll() is None}
+        for pids in tree.values():
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 20
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for pids in tree.values():
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    # --- HTTP ---------------------------------------------------------------------------------
+    def request(self, method: str, path: str, body: Any = None, token: str | None = "admin",
+                headers: dict[str, str] | None = None, cookie: str | None = None) -> tuple[int, Any]:
+        headers = dict(headers or {})
+        if token == "admin":
+            token = self.token("admin", self.password)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if cookie:
+            headers["Cookie"] = f"_token={cookie}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        headers.setdefault("Accept", "application/json")
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                raw, status, ctype = resp.read(), resp.status, resp.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as exc:
+            raw, status, ctype = exc.read(), exc.code, exc.headers.get("Content-Type", "")
+        text = raw.decode(errors="replace")
+        return status, (json.loads(text) if "json" in ctype and text else text)
+
+    def token(self, username: str, password: str) -> str:
+        key = f"{username}:{password}"
+        if key not in self._tokens:
+            status, body = self.request("POST", "/auth/token", {"username": username, "password": password},
+                                        token=None)
+            assert status in (200, 201), (status, body)
+            self._tokens[key] = body["access_token"]
+        return self._tokens[key]
+
+
+@contextmanager
+def airflow_stack(root: Path, encoderflow_home: Path, **kwargs) -> Iterator[AirflowStack]:
+    stack = AirflowStack(root, encoderflow_home, **kwargs)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+def smoke_conf(data_dir: Path) -> dict[str, Any]:
+    """The smoke preset on the fixture tree: a real run of every task in a couple of minutes."""
+    return {"preset": "smoke", "data_dir": str(data_dir), "pretrain_split": "train",
+            "finetune_steps_per_epoch": 40}
+
+
+def log_lines(content: list[Any]) -> list[str]:
+    """Plain text of a task log as the API returns it (structured records or strings)."""
+    lines = []
+    for rec in content:
+        if isinstance(rec, dict):
+            lines.append(" ".join(str(rec.get(k, "")) for k in ("event", "error_detail") if rec.get(k)))
+        else:
+            lines.append(str(rec))
+    return lines
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("airflow-api")
+    with airflow_stack(root, root / "efhome") as s:
+        yield s
+
+
+@pytest.mark.slow
+def test_rest_api_run_to_success_with_epoch_logs(stack):
+    tree = fixtures_data.write_tree(stack.root / "data")
+    t0 = time.monotonic()
+    stack.wait_for(lambda: stack.request("GET", f"/api/v2/dags/{DAG_ID}")[0] == 200, 120, "the DAG to be parsed")
+
+    # A conf the form would refuse is refused by the API too (typed params are enforced).
+    status, body = stack.request("POST", f"/api/v2/dags/{DAG_ID}/dagRuns",
+                                 {"logical_date": None, "conf": {"preset": "tiny"}})
+    assert status == 400, (status, body)
+
+    status, run = stack.request("POST", f"/api/v2/dags/{DAG_ID}/dagRuns",
+                                {"logical_date": None, "conf": smoke_conf(tree), "note": "REST API test"})
+    assert status == 200, (status, run)
+    run_id = run["dag_run_id"]
+    quoted = urllib.parse.quote(run_id, safe="")
+
+    def finished():
+        _, dr = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}")
+        return dr["state"] if dr["state"] in ("success", "failed") else None
+
+    state = stack.wait_for(finished, 480, f"run {run_id} to finish", interval=3)
+    _, tis = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances")
+    states = {(ti["task_id"], ti["map_index"]): ti["state"] for ti in tis["task_instances"]}
+    assert state == "success", f"{states}\n" + "\n".join(stack.tail(n) for n in stack.procs)
+    assert all(s == "success" for s in states.values()), states
+    print(f"\nREST run {run_id}: success in {time.monotonic() - t0:.0f}s, {len(states)} task instances")
+
+    # Training logs one line per epoch, readable through the API.
+    _, ti = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/pretrain")
+    assert ti["pool"] == "gpu" and ti["queue"] == "gpu", ti
+    status, log = stack.request(
+        "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/pretrain/logs/{ti['try_number']}"
+               "?full_content=true")
+    assert status == 200, log
+    lines = log_lines(log["content"])
+    epochs = [line for line in lines if "pretrain epoch" in line]
+    assert any("pretrain epoch 1/2" in line for line in epochs), "\n".join(lines[-60:])
+    assert any("pretrain epoch 2/2" in line for line in epochs), "\n".join(lines[-60:])
+    assert all("loss=" in line and "seq/s=" in line for line in epochs), epochs
+    # ... and says what it read and wrote.
+    assert any("pretrain output encoder:" in line and "sha256" in line for line in lines), "\n".join(lines[-60:])
+    _, flog = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/finetune/logs/1"
+                                   "?full_content=true")
+    assert any("finetune epoch 1/1" in line for line in log_lines(flog["content"]))
+
+    # The sealed shards and the new champion are asset events other DAGs can be scheduled on.
+    _, events = stack.request("GET", f"/api/v2/assets/events?source_dag_id={DAG_ID}&limit=50")
+    uris = {e["uri"] for e in events["asset_events"] if e["source_run_id"] == run_id}
+    assert {"x-encoderflow://shards/sealed", "x-encoderflow://registry/encoderflow-sst2/champion"} <= uris, events
+
+    # The plugin page lists this run with its decision, to a signed-in user only.
+    status, _ = stack.request("GET", "/encoderflow/runs.json", token=None)
+    assert status == 401
+    status, snap = stack.request("GET", "/encoderflow/runs.json")
+    assert status == 200, snap
+    mine = next(r for r in snap["runs"] if r["run_id"] == run_id)
+    assert mine["state"] == "success" and mine["gate"]["blessed"] is True, mine
+    assert set(mine["data_docs"]) == {"sst2", "vocab", "wikitext"}
+    assert snap["registry"]["champion"]["version"] == "1"
+
+
+# Open the trigger form the way a person does: the DAG page's Trigger button.
+OPEN_FORM_JS = r"""
+(async () => {
+  const sleep = (ms) => new Promise(r => setTimeout(r, ms));
+  for (let i = 0; i < 60; i++) {
+    const btn = [...document.querySelectorAll('button')].find(b => /^\s*Trigger\s*$/.test(b.innerText));
+    if (btn) { btn.click(); break; }
+    await sleep(500);
+  }
+  for (let i = 0; i < 60; i++) {
+    if ([...document.querySelectorAll('[role=dialog]')].some(e => /Trigger Dag/.test(e.innerText))) return true;
+    await sleep(500);
+  }
+  return false;
+})()
+"""
+FORM = "[...document.querySelectorAll('[role=dialog]')].find(e => /Trigger Dag/.test(e.innerText))"
+# Where a collapsed param section's header is, so a real mouse click can open it.
+SECTION_JS = "(() => { const b = [...(" + FORM + ").querySelectorAll('button[aria-expanded=\"false\"]')]" \
+             ".find(b => b.innerText.trim() === %s); if (!b) return null; b.scrollIntoView({block: 'center'});" \
+             " const r = b.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+SECTIONS = ("Data generation", "Pretraining", "Fine-tuning", "Promotion gate", "Advanced")
+
+
+def chromium_binary() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def browser_check(url: str, token: str, workdir: Path, screenshot: Path) -> str:
+    """Open the DAG signed in, press Trigger, screenshot the form; returns the form's text."""
+    import asyncio
+
+    import websockets
+
+    chrome = chromium_binary()
+    profile = workdir / "chromium-profile"
+    port = free_port()
+    proc = subprocess.Popen([chrome, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                             f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
+                             f"--user-data-dir={profile}", "--window-size=1400,1800", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def target():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=2) as r:
+                    pages = [t for t in json.loads(r.read()) if t["type"] == "page"]
+                    return pages[0]["webSocketDebuggerUrl"] if pages else None
+            except OSError:
+                return None
+
+        deadline = time.monotonic() + 60
+        ws_url = None
+        while not ws_url and time.monotonic() < deadline:
+            ws_url = target()
+            time.sleep(0.5)
+        assert ws_url, "chromium did not open its debugging port"
+
+        async def drive() -> str:
+            async with websockets.connect(ws_url, max_size=64 * 1024 * 1024) as ws:
+                ids = iter(range(1, 10_000))
+
+                async def call(method, **params):
+                    i = next(ids)
+                    await ws.send(json.dumps({"id": i, "method": method, "params": params}))
+                    while True:
+                        msg = json.loads(await ws.recv())
+                        if msg.get("id") == i:
+                            assert "error" not in msg, msg
+                            return msg.get("result", {})
+
+                await call("Page.enable")
+                await call("Network.enable")
+                # The session cookie the login page would set, for this origin only.
+                await call("Network.setCookie", name="_token", value=token, url=url + "/", httpOnly=True)
+                await call("Page.navigate", url=f"{url}/dags/{DAG_ID}")
+
+                async def js(expression, **kw):
+                    res = await call("Runtime.evaluate", expression=expression, returnByValue=True, **kw)
+                    return res.get("result", {}).get("value")
+
+                async def shoot(path: Path) -> None:
+                    import base64
+
+                    await js("window.scrollTo(0, 0)")
+                    shot = await call("Page.captureScreenshot", format="png")
+                    path.write_bytes(base64.b64decode(shot["data"]))
+
+                assert await js(OPEN_FORM_JS, awaitPromise=True, timeout=90_000), "the trigger form did not open"
+                await asyncio.sleep(1)
+                texts = [await js(f"({FORM}).innerText")]
+                await shoot(screenshot)
+                # The form's sections are an accordion (one open at a time): open each, read, shoot.
+                for section in SECTIONS:
+                    point = await js(SECTION_JS % json.dumps(section))
+                    assert point, f"no collapsed section {section!r} in the form"
+                    for kind in ("mousePressed", "mouseReleased"):
+                        await call("Input.dispatchMouseEvent", type=kind, x=point[0], y=point[1], button="left",
+                                   clickCount=1)
+                    await asyncio.sleep(0.8)
+                    texts.append(await js(f"({FORM}).innerText"))
+                    await shoot(screenshot.with_name(f"{screenshot.stem}-{section.lower().replace(' ', '-')}.png"))
+                return "\n".join(texts)
+
+        return asyncio.run(asyncio.wait_for(drive(), 150))
+    finally:
+        for pid in [proc.pid, *_children(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(chromium_binary() is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_trigger_form_in_a_real_browser(stack):
+    pytest.importorskip("websockets")
+    stack.wait_for(lambda: stack.request("GET", f"/api/v2/dags/{DAG_ID}")[0] == 200, 120, "the DAG to be parsed")
+    shot = Path(os.environ.get("ENCODERFLOW_SCREENSHOT") or stack.root / "trigger-form.png")
+    text = browser_check(stack.url, stack.token("admin", stack.password), stack.root, shot)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    for label in ("Preset", "Offline data folder", "Mirror URL", "Pretraining epochs", "Fine-tuning learning rate",
+                  "Gate: accuracy floor"):
+        assert label in text, f"{label!r} not in the trigger form:\n{text[:3000]}"
+    print(f"\ntrigger form screenshot: {shot}")
+
+
+# --- fast: the DAG's failure handling, without servers -------------------------------------------------
+
+PROBE = r"""
+import json, logging, sys
+sys.path.insert(0, sys.argv[1])
+import encoder_pretraining as d
+from encoderflow.errors import EncoderflowError
+records = []
+class H(logging.Handler):
+    def emit(self, r): records.append(r.getMessage())
+logging.getLogger("encoderflow.dag").addHandler(H())
+logging.getLogger("encoderflow.dag").setLevel(logging.INFO)
+
+@d.expected_failures
+def validate(info):
+    raise EncoderflowError("sst2: SST-2/dev.tsv: expect_column_values_to_be_in_set label failed (3 rows)")
+try:
+    validate({})
+except Exception as exc:
+    failed = {"type": type(exc).__name__, "message": str(exc), "cause": repr(exc.__cause__),
+              "suppressed": exc.__suppress_context__}
+
+class TI:
+    dag_id, task_id, run_id, try_number, max_tries, map_index = "encoder_pretraining", "build_shard", "r1", 2, 1, 3
+d.log_failure({"ti": TI(), "exception": ValueError("disk full\n  while writing shard 3")})
+try:
+    validate({})
+except Exception as exc:
+    d.log_failure({"ti": TI(), "exception": exc})
+schedules = {}
+import os
+for value in ("", "@daily", "0 3 * * 1", "off", "None"):
+    os.environ["ENCODERFLOW_SCHEDULE"] = value
+    schedules[value] = d.schedule_from_env()
+print(json.dumps({"failed": failed, "records": records, "schedules": schedules}))
+"""
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("dag-probe")
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp / "airflow"),
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp / 'airflow.db'}"}
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(REPO / "dags")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_expected_failure_is_a_message_and_failure_callback_one_line(probe):
+    message = "EncoderflowError: sst2: SST-2/dev.tsv: expect_column_values_to_be_in_set label failed (3 rows)"
+    assert probe["failed"] == {"type": "AirflowFailException", "cause": "None", "suppressed": True,
+                               "message": message}
+    # The wrapper logs the diagnosis itself, first, as one ERROR line.
+    assert message in probe["records"]
+    failure_lines = [r for r in probe["records"] if r.startswith("encoderflow FAILED")]
+    assert failure_lines == [
+        "encoderflow FAILED encoder_pretraining.build_shard[3] run=r1 try=2/2: ValueError: disk full while "
+        "writing shard 3",
+        f"encoderflow FAILED encoder_pretraining.build_shard[3] run=r1 try=2, no retry: {message}"]
+
+
+def test_schedule_comes_from_the_environment(probe):
+    assert probe["schedules"] == {"": None, "@daily": "@daily", "0 3 * * 1": "0 3 * * 1", "off": None,
+                                  "None": None}
