@@ -60,6 +60,9 @@ def test_candidates_aliases_history_and_rollback(tmp_path, capsys):
     registry.move_champion(NAME, v1, expected=None, reason="first", who="gate")
     registry.move_champion(NAME, v2, expected=v1, reason="better", who="gate")
     assert _aliases() == {"champion": "2", "previous": "1"}
+    # An Airflow retry of the same promotion finds it done instead of failing as stale.
+    assert registry.move_champion(NAME, v2, expected=v1, reason="better", who="gate")["already"] is True
+    assert _aliases() == {"champion": "2", "previous": "1"} and len(registry.history(NAME)) == 2
 
     # The gate compared against v1, but v2 is champion now: refused, nothing moves.
     with pytest.raises(registry.StaleChampion, match="champion is v2"):
@@ -160,3 +163,12 @@ def test_two_runs_finishing_together_cannot_both_win(tmp_path):
     assert codes == [0, 3], [p.stderr.read()[-1500:] for p in procs]
     winner = _aliases()["champion"]
     assert winner in (v2, v3) and _aliases()["previous"] == v1
+
+
+def test_a_retry_of_the_same_airflow_run_registers_no_second_version(tmp_path):
+    first = _register(tmp_path, "1")
+    decision = {"blessed": True, "reasons": [], "checks": []}
+    again = registry.log_candidate(NAME, _bundle(tmp_path / "retry", "1b"), {}, {}, {},
+                                   {"airflow.run_id": "run-1"}, decision)
+    assert again["version"] == first
+    assert len(registry.client().search_model_versions(f"name='{NAME}'")) == 1

@@ -108,6 +108,10 @@ def log_candidate(name: str, bundle_dir: str | os.PathLike, config: dict[str, An
     from mlflow.exceptions import MlflowException
 
     c = client()
+    if (done := _registered_for(c, name, tags)) is not None:
+        log.info("registry: %s version %s already registered for %s (a retry); reused", name, done["version"],
+                 tags.get("airflow.run_id"))
+        return done
     exp_id = _experiment_id(c)
     run_name = tags.get("airflow.run_id", "manual")
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
@@ -131,6 +135,24 @@ def log_candidate(name: str, bundle_dir: str | os.PathLike, config: dict[str, An
     mv = c.create_model_version(name, source=source, run_id=run_id, tags=version_tags)
     log.info("registry: %s version %s registered from run %s (%s)", name, mv.version, run_id, tracking_uri())
     return {"run_id": run_id, "version": str(mv.version), "source": source, "tracking_uri": tracking_uri()}
+
+
+def _registered_for(c, name: str, tags: dict[str, str]) -> dict[str, Any] | None:
+    """The version a previous attempt of the same Airflow run registered, so a retry adds none."""
+    from mlflow.exceptions import MlflowException
+
+    run = tags.get("airflow.run_id")
+    if not run:
+        return None
+    try:
+        versions = c.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    for mv in versions:
+        if mv.tags.get("airflow.run_id") == run and mv.tags.get("airflow.dag_id") == tags.get("airflow.dag_id"):
+            return {"run_id": mv.run_id, "version": str(mv.version), "source": mv.source,
+                    "tracking_uri": tracking_uri()}
+    return None
 
 
 def decision_tags(decision: dict[str, Any]) -> dict[str, str]:
@@ -183,6 +205,10 @@ def move_champion(name: str, version: str, expected: str | None, reason: str, wh
     with promotion_lock():
         current = champion(name)
         current_version = current["version"] if current else None
+        if current_version == version and action == "promote":  # a retry after the move went through
+            log.info("registry: %s v%s is champion already", name, version)
+            return {"action": action, "who": who, "reason": reason, "from": expected, "to": version,
+                    "already": True}
         if current_version != expected:
             raise StaleChampion(f"{name}: champion is v{current_version}, but the decision was made against "
                                 f"v{expected}; re-run the gate")
