@@ -41,6 +41,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _signal_all(tree: dict[str, list[int]], sig: int) -> None:
+    for pids in tree.values():
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
 def _children(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (from /proc), deepest last."""
     parents: dict[int, list[int]] = {}
@@ -159,24 +168,14 @@ class AirflowStack:
 
     def stop(self) -> None:
         tree = {name: [p.pid, *_children(p.pid)] for name, p in self.procs.items() if p.poll() is None}
-        for pids in tree.values():
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        _signal_all(tree, signal.SIGTERM)
         deadline = time.monotonic() + 20
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        for pids in tree.values():
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        _signal_all(tree, signal.SIGKILL)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=10)
