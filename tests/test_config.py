@@ -178,3 +178,15 @@ def test_keys_lists_every_field():
     assert len(ks) == len(set(ks))
     assert {"data.seq_length", "model.padding_mask", "pretrain.steps_per_epoch", "gate.registered_model"} <= set(ks)
     assert all(k.split(".")[0] in Config().to_dict() for k in ks)
+
+
+@pytest.mark.parametrize("key, value", [("pretrain.precision", "float8"), ("pretrain.lr_schedule", "linear"),
+                                        ("pretrain.warmup_ratio", "0.95")])
+def test_training_options_are_validated(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        from_overrides("guide", {key: value})
+
+
+def test_training_options_defaults_keep_the_guide():
+    cfg = from_overrides("guide")
+    assert (cfg.pretrain.precision, cfg.pretrain.lr_schedule) == ("auto", "constant")

@@ -18,6 +18,8 @@ from typing import Any, Mapping
 from encoderflow.errors import EncoderflowError
 
 SPLITS = ("train", "valid", "test")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+LR_SCHEDULES = ("constant", "warmup_cosine")
 SEQUENCE_MODES = ("line", "packed")
 
 
@@ -144,6 +146,10 @@ class PretrainConfig:
     Attributes:
         steps_per_epoch: cap on steps per epoch; 0 trains on every shard record.
         validation_steps: cap on validation batches; 0 uses the whole validation split.
+        precision: Keras dtype policy; ``auto`` is ``mixed_bfloat16`` on a GPU/TPU and
+            ``float32`` on a CPU (where bfloat16 matmuls are slower, not faster).
+        lr_schedule: ``constant`` (the guide) or ``warmup_cosine``: linear warm-up over
+            ``warmup_ratio`` of all steps to ``learning_rate``, then cosine decay to 0.
     """
 
     batch_size: int = 128
@@ -151,6 +157,9 @@ class PretrainConfig:
     epochs: int = 8
     steps_per_epoch: int = 0
     validation_steps: int = 0
+    precision: str = "auto"
+    lr_schedule: str = "constant"
+    warmup_ratio: float = 0.1
 
     def validate(self) -> None:
         s = "pretrain"
@@ -159,6 +168,11 @@ class PretrainConfig:
         _range(self, s, "epochs", 1, 1000)
         _range(self, s, "steps_per_epoch", 0, 10_000_000)
         _range(self, s, "validation_steps", 0, 10_000_000)
+        _check(self.precision in PRECISIONS, "pretrain.precision",
+               f"must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.lr_schedule in LR_SCHEDULES, "pretrain.lr_schedule",
+               f"must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        _range(self, s, "warmup_ratio", 0.0, 0.9)
 
 
 @dataclass(frozen=True)

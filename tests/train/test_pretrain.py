@@ -157,3 +157,24 @@ def test_pretrain_resumes_on_the_copy_of_the_interrupted_epoch(duped, tmp_path, 
     # The recorded history spans both attempts: epoch 0 from the first, epochs 1-2 from the resume.
     assert len(result["history"]["loss"]) == 3 and np.isfinite(result["loss"])
     assert not (out / "backup").exists()
+
+
+def test_precision_auto_is_bfloat16_on_accelerators_and_float32_on_cpu():
+    assert pretrain.dtype_policy("auto", "gpu") == "mixed_bfloat16"
+    assert pretrain.dtype_policy("auto", "tpu") == "mixed_bfloat16"
+    assert pretrain.dtype_policy("auto", "cpu") == "float32"
+    assert pretrain.dtype_policy("mixed_float16", "cpu") == "mixed_float16"
+    assert pretrain.dtype_policy("auto") == "float32"  # this machine has no accelerator
+
+
+def test_learning_rate_schedules():
+    from encoderflow.config import PretrainConfig
+
+    assert pretrain.learning_rate(PretrainConfig(), total_steps=100) == 5e-4  # the guide's constant rate
+    sched = pretrain.learning_rate(PretrainConfig(lr_schedule="warmup_cosine", warmup_ratio=0.1), total_steps=100)
+    at = {step: float(sched(step)) for step in (0, 5, 10, 55, 100)}
+    assert at[0] == pytest.approx(0.0)
+    assert at[5] == pytest.approx(2.5e-4)        # halfway up the linear warm-up
+    assert at[10] == pytest.approx(5e-4)         # peak at the end of warm-up
+    assert at[55] == pytest.approx(2.5e-4, rel=1e-3)  # cosine halfway down
+    assert at[100] == pytest.approx(0.0, abs=1e-9)

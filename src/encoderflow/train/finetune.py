@@ -41,8 +41,12 @@ def finetune(cfg: Config, encoder_path: str | os.PathLike, sst2: dict[str, Any],
     from encoderflow import model as models
     from encoderflow.train.callbacks import EpochLogger, NonFiniteLoss
 
+    from encoderflow.train.pretrain import dtype_policy
+
     f = cfg.finetune
     keras.utils.set_random_seed(cfg.data.seed)
+    # Set, not inherited: dag.test runs every task in one process, where the policy is global.
+    keras.config.set_dtype_policy(dtype_policy(cfg.pretrain.precision))
     vocab = Vocab.load(vocab_path)
     train_x, train_y = read_split(sst2["files"]["SST-2/train.tsv"]["path"])
     dev_x, dev_y = read_split(sst2["files"]["SST-2/dev.tsv"]["path"])

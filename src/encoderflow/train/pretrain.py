@@ -75,6 +75,29 @@ def epoch_guard(first_epoch: int):
     return EpochGuard()
 
 
+def dtype_policy(precision: str, platform: str | None = None) -> str:
+    """``auto``: bfloat16 compute where the accelerator has it, float32 on a CPU."""
+    if precision != "auto":
+        return precision
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    return "mixed_bfloat16" if platform in ("gpu", "cuda", "rocm", "tpu") else "float32"
+
+
+def learning_rate(p, total_steps: int):
+    """The guide's constant rate, or linear warm-up then cosine decay over ``total_steps``."""
+    if p.lr_schedule == "constant":
+        return p.learning_rate
+    import keras
+
+    warmup = max(1, int(round(p.warmup_ratio * total_steps)))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0, decay_steps=max(1, total_steps - warmup), alpha=0.0,
+        warmup_target=p.learning_rate, warmup_steps=warmup)
+
+
 def read_history(path: Path) -> dict[str, list[float]]:
     """Per-epoch metrics from CSVLogger; an epoch logged twice (re-run after a crash) keeps its last row."""
     import csv
@@ -114,20 +137,23 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
 
     p = cfg.pretrain
     keras.utils.set_random_seed(cfg.data.seed)
-    pad_id = manifest["special_ids"]["[PAD]"]
-    encoder = models.build_encoder(cfg.model, manifest["vocab_size"], manifest["seq_length"], pad_id)
-    mlm = models.build_pretraining_model(encoder, manifest["predictions_per_seq"])
-    mlm.compile(
-        loss="sparse_categorical_crossentropy",
-        optimizer=keras.optimizers.AdamW(p.learning_rate),
-        weighted_metrics=["sparse_categorical_accuracy"],
-        jit_compile=True,
-    )
+    policy = dtype_policy(p.precision)
+    keras.config.set_dtype_policy(policy)
     backup = out_dir / "backup"
     # A backup saved after the last epoch (killed before it was deleted) resumes past the end:
     # Keras then runs no epoch and reads no data, so any valid start will do.
     initial_epoch = min(resume_epoch(backup), p.epochs - 1)
     train_ds, steps = train_batches(manifest_path, cfg, initial_epoch)
+    pad_id = manifest["special_ids"]["[PAD]"]
+    encoder = models.build_encoder(cfg.model, manifest["vocab_size"], manifest["seq_length"], pad_id)
+    mlm = models.build_pretraining_model(encoder, manifest["predictions_per_seq"])
+    mlm.compile(
+        loss="sparse_categorical_crossentropy",
+        optimizer=keras.optimizers.AdamW(learning_rate(p, total_steps=steps * p.epochs)),
+        weighted_metrics=["sparse_categorical_accuracy"],
+        jit_compile=True,
+    )
+    log.info("pretrain: dtype policy %s (precision=%s), learning rate %s", policy, p.precision, p.lr_schedule)
     from encoderflow.data.tokenizer import cpu_only_tensorflow
 
     tf = cpu_only_tensorflow()
