@@ -178,3 +178,38 @@ def test_learning_rate_schedules():
     assert at[10] == pytest.approx(5e-4)         # peak at the end of warm-up
     assert at[55] == pytest.approx(2.5e-4, rel=1e-3)  # cosine halfway down
     assert at[100] == pytest.approx(0.0, abs=1e-9)
+
+
+TWO_DEVICES = r"""
+import json, sys
+from encoderflow.config import from_overrides
+from encoderflow.train import pretrain
+cfg = from_overrides("smoke", json.loads(sys.argv[2]))
+result = pretrain.pretrain(cfg, sys.argv[1], sys.argv[3])
+print("RESULT " + json.dumps({"devices": result["devices"], "first_step_loss": result["first_step_loss"]}))
+"""
+
+
+@pytest.mark.slow
+def test_two_device_data_parallel_matches_one_device(duped, tmp_path):
+    """DataParallel over 2 (forced host) devices: same first-step loss as 1 device, dropout off."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.data.test_shards import SMOKE
+
+    over = {**SMOKE, "data.dupe_factor": 2, "pretrain.batch_size": BATCH, "pretrain.epochs": 1,
+            "pretrain.steps_per_epoch": 1, "pretrain.validation_steps": 1, "model.dropout": 0.0}
+    results = {}
+    for n in (1, 2):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+        proc = subprocess.run([sys.executable, "-c", TWO_DEVICES, str(duped["manifest"]), json.dumps(over),
+                               str(tmp_path / f"dev{n}")], env=env, capture_output=True, text=True, timeout=300,
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+        results[n] = json.loads(line[len("RESULT "):])
+    assert results[1]["devices"] == 1 and results[2]["devices"] == 2
+    assert isinstance(results[1]["first_step_loss"], float) and results[1]["first_step_loss"] > 1.0
+    assert results[2]["first_step_loss"] == pytest.approx(results[1]["first_step_loss"], abs=1e-4)

@@ -38,9 +38,13 @@ class EpochLogger(keras.callbacks.Callback):
         self._epoch_t0 = time.monotonic()
         self._steps = 0
 
+    first_loss: float | None = None
+
     def on_train_batch_end(self, batch, logs=None):
         self._steps += 1
         loss = (logs or {}).get("loss")
+        if self.first_loss is None and loss is not None:
+            self.first_loss = float(loss)
         if loss is not None and not math.isfinite(float(loss)):
             self.model.stop_training = True
             raise NonFiniteLoss(f"{self.label}: loss became {float(loss)} at step {self._steps}; "

@@ -75,6 +75,22 @@ def epoch_guard(first_epoch: int):
     return EpochGuard()
 
 
+def data_parallel(batch_size: int) -> int:
+    """Shard each batch over every local device (``keras.distribution.DataParallel``) when there is
+    more than one; the same code runs unchanged on one. Returns the device count."""
+    import jax
+    import keras
+
+    devices = jax.devices()
+    if len(devices) > 1:
+        if batch_size % len(devices):
+            from encoderflow.errors import EncoderflowError
+            raise EncoderflowError(f"pretrain.batch_size={batch_size} must be a multiple of the {len(devices)} "
+                                   "local devices for data-parallel training")
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    return len(devices)
+
+
 def dtype_policy(precision: str, platform: str | None = None) -> str:
     """``auto``: bfloat16 compute where the accelerator has it, float32 on a CPU."""
     if precision != "auto":
@@ -139,6 +155,7 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
     keras.utils.set_random_seed(cfg.data.seed)
     policy = dtype_policy(p.precision)
     keras.config.set_dtype_policy(policy)
+    devices = data_parallel(p.batch_size)
     backup = out_dir / "backup"
     # A backup saved after the last epoch (killed before it was deleted) resumes past the end:
     # Keras then runs no epoch and reads no data, so any valid start will do.
@@ -153,7 +170,8 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
         weighted_metrics=["sparse_categorical_accuracy"],
         jit_compile=True,
     )
-    log.info("pretrain: dtype policy %s (precision=%s), learning rate %s", policy, p.precision, p.lr_schedule)
+    log.info("pretrain: dtype policy %s (precision=%s), learning rate %s, %d device(s)", policy, p.precision,
+             p.lr_schedule, devices)
     from encoderflow.data.tokenizer import cpu_only_tensorflow
 
     tf = cpu_only_tensorflow()
@@ -168,6 +186,7 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
              initial_epoch, steps)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    epoch_logger = EpochLogger("pretrain", p.batch_size)
     t0 = time.monotonic()
     history = mlm.fit(
         train_ds, validation_data=val_ds, epochs=p.epochs, steps_per_epoch=steps, initial_epoch=initial_epoch,
@@ -177,7 +196,7 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
                    epoch_guard(initial_epoch),
                    # Survives a retry, unlike History: the curves cover every attempt's epochs.
                    keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=initial_epoch > 0),
-                   EpochLogger("pretrain", p.batch_size)],
+                   epoch_logger],
     )
     hist = read_history(out_dir / "history.csv") or {k: [float(v) for v in vs] for k, vs in history.history.items()}
     if not hist.get("loss"):
@@ -200,6 +219,8 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
         "val_mlm_accuracy": hist.get("val_sparse_categorical_accuracy", [float("nan")])[-1],
         "val_loss": hist.get("val_loss", [float("nan")])[-1],
         "loss": final_loss,
+        "first_step_loss": epoch_logger.first_loss,
+        "devices": devices,
         "history": hist,
         "seconds": round(time.monotonic() - t0, 1),
     }
