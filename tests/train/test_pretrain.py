@@ -213,3 +213,47 @@ def test_two_device_data_parallel_matches_one_device(duped, tmp_path):
     assert results[1]["devices"] == 1 and results[2]["devices"] == 2
     assert isinstance(results[1]["first_step_loss"], float) and results[1]["first_step_loss"] > 1.0
     assert results[2]["first_step_loss"] == pytest.approx(results[1]["first_step_loss"], abs=1e-4)
+
+
+KILLED_AFTER_FIRST_EPOCH = r"""
+import json, os, signal, sys
+from encoderflow.config import from_overrides
+from encoderflow.train import callbacks, pretrain
+
+class DiesAfterFirstEpoch(callbacks.EpochLogger):
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a lost worker would
+
+callbacks.EpochLogger = DiesAfterFirstEpoch
+pretrain.pretrain(from_overrides("smoke", json.loads(sys.argv[2])), sys.argv[1], sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+def test_pretraining_sigkilled_after_epoch_one_resumes_at_epoch_two(duped, tmp_path, caplog):
+    import json
+    import logging
+    import subprocess
+    import sys
+
+    from encoderflow.config import from_overrides
+    from tests.data.test_shards import SMOKE
+
+    over = {**SMOKE, "data.dupe_factor": 2, "pretrain.batch_size": BATCH, "pretrain.epochs": 3,
+            "pretrain.steps_per_epoch": 2, "pretrain.validation_steps": 1}
+    out = tmp_path / "pretrain"
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_FIRST_EPOCH, str(duped["manifest"]), json.dumps(over),
+                           str(out)], capture_output=True, text=True, timeout=300, cwd=repo)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert not (out / "encoder.keras").exists()
+    assert pretrain.resume_epoch(out / "backup") == 1
+
+    with caplog.at_level(logging.INFO, logger="encoderflow.train"):
+        result = pretrain.pretrain(from_overrides("smoke", over), duped["manifest"], out)
+    assert "3 epochs from epoch 1" in caplog.text
+    epochs_run = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "encoderflow.train"]
+    assert epochs_run == ["pretrain epoch 2/3", "pretrain epoch 3/3"]  # resumed at the second epoch
+    assert len(result["history"]["loss"]) == 3  # the killed attempt's epoch is in the record too
+    assert (out / "encoder.keras").exists() and not (out / "backup").exists()
