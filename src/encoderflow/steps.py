@@ -7,7 +7,6 @@ rebuilds the same frozen :class:`~encoderflow.config.Config` from them.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Mapping
 
 from encoderflow import layout
@@ -235,7 +234,3 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
     path = layout.write_json(layout.run_dir(run_id) / "summary.json", summary)
     log.info("report: %s", path)
     return {"summary": str(path), **summary["metrics"], "blessed": summary["gate"]["blessed"]}
-
-
-def summary_path(run_id: str) -> Path:
-    return layout.run_dir(run_id) / "summary.json"
