@@ -191,11 +191,11 @@ print("RESULT " + json.dumps({"devices": result["devices"], "first_step_loss": r
 
 
 @pytest.mark.slow
-def test_two_device_data_parallel_trains(duped, tmp_path):
-    """DataParallel over 2 (forced host) devices trains, as the 1-device run does.
+def test_two_device_data_parallel_matches_one_device(duped, tmp_path):
+    """DataParallel over 2 (forced host) devices: the first step's loss equals 1 device's within 1e-4.
 
-    Issue 5 asks for equal first-step losses within 1e-4; they differ (2.889 vs 2.848 on the
-    fixture), deterministically, so that is left open in the issue rather than asserted here.
+    Each run is a fresh process, so this also pins that the data order does not vary between
+    processes (it once did: tf.data's per-iteration reshuffle).
     """
     import json
     import subprocess
@@ -215,8 +215,9 @@ def test_two_device_data_parallel_trains(duped, tmp_path):
         line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
         results[n] = json.loads(line[len("RESULT "):])
     assert results[1]["devices"] == 1 and results[2]["devices"] == 2
-    assert isinstance(results[1]["first_step_loss"], float) and results[1]["first_step_loss"] > 1.0
-    assert np.isfinite(results[2]["first_step_loss"]) and results[2]["first_step_loss"] > 1.0
+    one, two = results[1]["first_step_loss"], results[2]["first_step_loss"]
+    assert np.isfinite(one) and one > 1.0
+    assert abs(one - two) < 1e-4, (one, two)
 
 
 KILLED_AFTER_FIRST_EPOCH = r"""

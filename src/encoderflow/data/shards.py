@@ -420,13 +420,17 @@ def make_dataset(manifest_path: str | os.PathLike, cfg: Config, split: str, batc
     seed = cfg.data.seed if seed is None else seed
     if epoch is not None:
         seed = epoch_seed(seed, epoch)
+    # reshuffle_each_iteration=False: with the default, each iter() over the same dataset draws
+    # the next order from a generator the iterators share, so the batches fit saw depended on how
+    # often Keras had iterated before, and runs of one config in two processes differed. Every
+    # pass (repeat) is then the same permutation: each pass still holds every record once.
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
-        ds = ds.shuffle(len(files), seed=seed)
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=False)
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if shuffle:
-        ds = ds.shuffle(10 * batch_size, seed=seed)
+        ds = ds.shuffle(10 * batch_size, seed=seed, reshuffle_each_iteration=False)
     if repeat:
         ds = ds.repeat()
     return ds.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
