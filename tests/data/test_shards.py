@@ -648,6 +648,28 @@ def test_graph_tokenizer_gives_the_eager_tokenizers_ids_on_real_wikitext():
     np.testing.assert_array_equal(graph(lines[:7]), expected[:7])  # one trace serves every batch size
 
 
+@pytest.mark.parametrize("n,chunk,part", [(0, 4, 2), (1, 4, 2), (10, 4, 3), (12, 4, 4), (13, 1024, 128), (9, 3, 7)])
+def test_tokenized_chunks_keep_line_order_and_chunk_sizes(n, chunk, part):
+    lines = [f"line {i}" for i in range(n)]
+
+    def fake_tokenize(batch):  # one row per line: its number twice
+        return np.array([[int(l.split()[1])] * 2 for l in batch], dtype=np.int32)
+
+    got = list(shards._tokenized_chunks(fake_tokenize, lines, chunk, part=part))
+    assert [len(c) for c in got] == [min(chunk, n - i) for i in range(0, n, chunk)]
+    assert all(c.dtype == np.int64 for c in got)
+    rows = np.concatenate(got) if got else np.zeros((0, 2))
+    np.testing.assert_array_equal(rows, [[i, i] for i in range(n)] if n else rows)
+
+
+def test_tokenized_chunks_raise_the_tokenizers_error():
+    def broken(batch):
+        raise ValueError("bad utf-8 in batch")
+
+    with pytest.raises(ValueError, match="bad utf-8"):
+        list(shards._tokenized_chunks(broken, ["a", "b", "c"], 2, part=1))
+
+
 def test_articles_split_at_top_level_headings(tmp_path):
     f = tmp_path / "t.raw"
     f.write_text(" \n = A = \n \n x y \n = = Sec = = \n z \n = B = \n w \n", encoding="utf-8")

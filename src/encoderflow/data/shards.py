@@ -43,8 +43,16 @@ class ShardError(EncoderflowError):
 
 def eligible_lines(path: str | os.PathLike, min_chars: int) -> list[str]:
     """The guide's filter: lines whose UTF-8 byte length exceeds ``min_chars`` (tf.strings.length)."""
+    st = os.stat(path)
+    # Every shard of a set scans the same file for its slice: one scan per process and file
+    # version (size and mtime in the key), not one per shard.
+    return list(_eligible_lines(str(path), st.st_size, st.st_mtime_ns, min_chars))
+
+
+@functools.lru_cache(maxsize=2)
+def _eligible_lines(path: str, size: int, mtime_ns: int, min_chars: int) -> tuple[str, ...]:
     with open(path, "rb") as f:
-        return [raw.rstrip(b"\n").decode("utf-8") for raw in f if len(raw.rstrip(b"\n")) > min_chars]
+        return tuple(raw.rstrip(b"\n").decode("utf-8") for raw in f if len(raw.rstrip(b"\n")) > min_chars)
 
 
 # A top-level WikiText heading (" = Title = "); section headings have doubled "= =".
@@ -209,6 +217,40 @@ def graph_tokenizer(vocab_path: str, vocab_sha256: str, seq_length: int | None, 
     return tokenize
 
 
+def _tokenized_chunks(tokenize, lines: list[str], chunk: int, part: int = 128, workers: int = 2):
+    """``tokenize`` over ``lines`` in order, as int64 arrays of ``chunk`` rows (the last shorter).
+
+    TensorFlow releases the GIL while it tokenizes, so parts of a few hundred lines run on a
+    small thread pool, ahead of and alongside the masking and proto writing that hold it
+    (measured in benchmarks/shards.py). Ids do not depend on how lines are grouped.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not lines:
+        return
+    starts = range(0, len(lines), part)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize") as pool:
+        # Bounded read-ahead: at most two chunks' parts tokenized but not yet consumed.
+        ahead = max(1, 2 * chunk // part)
+        futures = [pool.submit(tokenize, lines[i:i + part]) for i in starts[:ahead]]
+        submitted = len(futures)
+        done: list[np.ndarray] = []
+        rows = 0
+        while futures:
+            ids = np.asarray(futures.pop(0).result(), dtype=np.int64)
+            if submitted < len(starts):
+                futures.append(pool.submit(tokenize, lines[starts[submitted]:starts[submitted] + part]))
+                submitted += 1
+            done.append(ids)
+            rows += len(ids)
+            while rows >= chunk:
+                block = np.concatenate(done)
+                yield block[:chunk]
+                done, rows = [block[chunk:]], len(block) - chunk
+        if rows:
+            yield np.concatenate(done)
+
+
 def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha256: str | None = None
                 ) -> dict[str, Any]:
     """Tokenize, mask and write one shard atomically; reuse it when already complete."""
@@ -243,7 +285,7 @@ def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha25
     else:
         tokenize = graph_tokenizer(str(vocab_path), vocab_sha, d.seq_length, d.lowercase, d.strip_accents)
         lines = eligible_lines(shard["text_path"], d.min_line_chars)[shard["line_start"]:shard["line_end"]]
-        chunks = (tokenize(lines[i:i + 1024]).astype(np.int64) for i in range(0, len(lines), 1024))
+        chunks = _tokenized_chunks(tokenize, lines, 1024)
     rng = np.random.default_rng([d.seed, SPLIT_CODES[shard["split"]], shard["copy"], shard["index"]])
 
     records = tokens = 0
