@@ -12,6 +12,7 @@ Guide preset data config (seq 128, 32 predictions), dupe_factor 1, pretraining o
   per process), "warm" is a build into a fresh home with it cached, comparable to the
   guide's rate, which excludes its tokenizer set-up and map tracing. Guide and warm build
   run ``--repeats`` times, alternating; medians reported, [min-max] beside them;
+* build, packed: the packed sequence mode (every token kept), with the tokens each mode keeps;
 * build, pool: the same into a fresh home with a spawn pool (worker start-up included);
 * read: ``make_dataset`` batches of 128 over the train shards, one warm-up epoch then
   ``--epochs`` timed ones, each epoch a fresh ``make_dataset(epoch=e)``; and the same epochs
@@ -140,6 +141,12 @@ def main() -> int:
         _, n, s = _build(cfg, cfg_dict, inputs, tmp / "pool", args.pool)
         rows.append((f"build, spawn pool of {args.pool}", n, n / s))
 
+    # Packed mode keeps every token of the text (no line filter, no truncation): how much more.
+    packed_over = {**overrides, "data.sequence_mode": "packed"}
+    packed, pn, ps = _build(from_overrides("guide", packed_over), {"preset": "guide", "overrides": packed_over},
+                            inputs, tmp / "packed", 1)
+    rows.append(("build, packed mode (incl. its untruncated tokenizer trace)", pn, pn / ps))
+
     def epoch(e):
         count = 0
         for f, _, _ in shards.make_dataset(sealed["manifest"], cfg, "train", 128, epoch=e):
@@ -177,6 +184,10 @@ def main() -> int:
     print(f"{'stage':<58} {'seqs':>8} {'seq/s':>10} {'x guide':>8}")
     for name, count, rate in rows:
         print(f"{name:<58} {count:>8} {rate:>10.0f} {rate / guide_rate:>8.2f}")
+    line_t, packed_t = sealed["totals"]["train"], packed["totals"]["train"]
+    print(f"\ntokens kept from wiki.test.raw: line mode {line_t['tokens']:,} in {line_t['records']:,} sequences "
+          f"({100 * line_t['tokens'] / packed_t['tokens']:.1f}%); packed mode {packed_t['tokens']:,} in "
+          f"{packed_t['records']:,} sequences (every token)")
     build_rate = statistics.median(warm_rates)
     read_rate = max(r[2] for r in rows if r[0].startswith("read"))
     print("timings on a shared, loaded machine: noisy; compare rates within one run only")
