@@ -1,20 +1,33 @@
-"""Training throughput of this pipeline at a preset, on the offline data: prints a table.
+"""Training throughput of this pipeline next to the guide's own code, same data and machine: a table.
 
     .venv/bin/python benchmarks/train.py --data-dir ../shared/data --preset guide --steps 20
 
-Builds (or reuses) the shards for the preset, then times pretraining and fine-tuning steps after
-one warm-up step each (the warm-up pays for XLA compilation and is reported separately).
+encoderflow: builds (or reuses) the shards for the preset, then times pretraining and
+fine-tuning steps after warm-up (the warm-up pays for XLA compilation, reported separately).
+Fine-tuning feeds length buckets as finetune.py does, so a step's cost depends on its bucket:
+the fine-tune step is the mean over ``--finetune-steps`` shuffled batches.
+
+guide: ``../shared/peers/seed_guide.py --stage pretrain`` run twice, with few and with more
+steps (``--guide-steps``); its reported pretrain and fine-tune seconds include compilation and a
+full validation pass, which the difference between the two runs cancels:
+``s/step = (t(long) - t(short)) / (steps(long) - steps(short))``. The guide always pads SST-2 to
+128 tokens, so its per-step cost is the same for every batch.
+
 Pretraining text is WikiText `test` (the offline folder has no train split).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import re
+import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -29,11 +42,41 @@ def time_fit(model, ds, warm_steps: int, steps: int) -> tuple[float, float]:
     return warm, time.perf_counter() - t0
 
 
+GUIDE = Path(__file__).resolve().parents[2] / "shared" / "peers" / "seed_guide.py"
+
+
+def guide_run(data_dir: Path, pretrain_steps: int, finetune_steps: int) -> dict:
+    cmd = [sys.executable, str(GUIDE), "--stage", "pretrain",
+           "--wiki-train", str(data_dir / "wikitext-103-raw/wiki.test.raw"),
+           "--wiki-valid", str(data_dir / "wikitext-103-raw/wiki.valid.raw"),
+           "--sst-dir", str(data_dir / "SST-2"), "--vocab", str(data_dir / "bert_vocab_uncased.txt"),
+           "--pretrain-epochs", "1", "--pretrain-steps", str(pretrain_steps),
+           "--finetune-epochs", "1", "--finetune-steps", str(finetune_steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    m = re.search(r"^SEED_RESULT (\{.*\})$", proc.stdout, re.M)
+    if proc.returncode != 0 or not m:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"seed_guide.py failed (exit {proc.returncode})")
+    return json.loads(m.group(1))
+
+
+def guide_rates(data_dir: Path, short: tuple[int, int], long: tuple[int, int]) -> dict:
+    """Seconds per pretraining and fine-tuning step of the guide's code, by difference."""
+    a, b = guide_run(data_dir, *short), guide_run(data_dir, *long)
+    return {"pretrain_step_s": (b["pretrain_s"] - a["pretrain_s"]) / (long[0] - short[0]),
+            "finetune_step_s": (b["finetune_s"] - a["finetune_s"]) / (long[1] - short[1]),
+            "pretrain_first_s": a["pretrain_s"], "finetune_first_s": a["finetune_s"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--preset", default="guide", choices=["guide", "smoke"])
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=20, help="timed pretraining steps")
+    ap.add_argument("--finetune-steps", type=int, default=200, help="timed fine-tuning steps")
+    ap.add_argument("--guide-steps", default="2,8:10,110",
+                    help="seed_guide.py step counts 'pretrain_short,pretrain_long:finetune_short,finetune_long'")
+    ap.add_argument("--no-guide", action="store_true", help="skip the guide's runs")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     os.environ.setdefault("ENCODERFLOW_HOME", tempfile.mkdtemp(prefix="encoderflow-bench-"))
@@ -81,25 +124,39 @@ def main() -> int:
     clf.compile(loss="binary_crossentropy", optimizer=keras.optimizers.AdamW(f.learning_rate), metrics=["accuracy"],
                 jit_compile=True)
     # Length buckets compile once per width: warm up long enough to meet them all.
-    ft_warm, ft_s = time_fit(clf, ft, 30 if cfg.model.padding_mask else 1, args.steps)
+    ft_warm, ft_s = time_fit(clf, ft, 30 if cfg.model.padding_mask else 1, args.finetune_steps)
     ft_epoch_steps = int(np.ceil(len(x) / f.batch_size))
 
-    print(f"\nencoderflow training benchmark: preset {args.preset}, {jax.devices()[0].platform} "
-          f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores), jax {jax.__version__}, "
-          f"{args.steps} timed steps; pretraining text wiki.test.raw")
-    rows = [
-        ("shard build (all shards)", f"{build_s:.1f} s", f"{manifest['totals']['train']['records'] / build_s:,.0f} seq/s"),
-        ("pretrain warm-up (1 step, compile)", f"{pre_warm:.1f} s", ""),
-        (f"pretrain step (batch {p.batch_size})", f"{1000 * pre_s / args.steps:.0f} ms",
-         f"{args.steps * p.batch_size / pre_s:,.0f} seq/s"),
-        ("finetune warm-up (compile)", f"{ft_warm:.1f} s", "30 steps" if cfg.model.padding_mask else "1 step"),
-        (f"finetune step (batch {f.batch_size})", f"{1000 * ft_s / args.steps:.0f} ms",
-         f"{args.steps * f.batch_size / ft_s:,.0f} seq/s"),
-        ("finetune epoch (estimated)", f"{ft_epoch_steps * ft_s / args.steps / 60:.1f} min", f"{ft_epoch_steps} steps"),
-    ]
-    print(f"{'measure':<30} {'time':>10} {'rate':>16}")
-    for name, t, r in rows:
-        print(f"{name:<30} {t:>10} {r:>16}")
+    ours = {"pretrain_step_s": pre_s / args.steps, "finetune_step_s": ft_s / args.finetune_steps}
+    guide = None
+    if not args.no_guide:
+        (ps, pl), (fs, fl) = [tuple(int(v) for v in part.split(",")) for part in args.guide_steps.split(":")]
+        guide = guide_rates(Path(args.data_dir).resolve(), (ps, fs), (pl, fl))
+
+    print(f"\ntraining benchmark: preset {args.preset}, {jax.devices()[0].platform} "
+          f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores), jax {jax.__version__}; "
+          f"pretraining text wiki.test.raw; SST-2 train {len(x):,} sentences = {ft_epoch_steps} steps of "
+          f"{f.batch_size}")
+    print(f"encoderflow: shards built in {build_s:.1f}s ({manifest['totals']['train']['records'] / build_s:,.0f} "
+          f"seq/s); compile: pretrain {pre_warm:.1f}s (1 step), fine-tune {ft_warm:.1f}s "
+          f"({30 if cfg.model.padding_mask else 1} steps, every bucket width)")
+    print(f"timed: encoderflow {args.steps} pretraining / {args.finetune_steps} fine-tuning steps"
+          + ("" if guide is None else f"; guide by difference of runs with {args.guide_steps} steps"))
+    print(f"{'measure':<34} {'encoderflow':>14} {'guide':>14} {'speed-up':>9}")
+
+    def row(name, mine, theirs, fmt, better_low=True):
+        ratio = "" if theirs is None else f"{(theirs / mine if better_low else mine / theirs):.2f}x"
+        print(f"{name:<34} {fmt(mine):>14} {'' if theirs is None else fmt(theirs):>14} {ratio:>9}")
+
+    g = guide or {}
+    row(f"pretrain step (batch {p.batch_size})", ours["pretrain_step_s"], g.get("pretrain_step_s"),
+        lambda v: f"{1000 * v:,.0f} ms")
+    row("pretrain throughput", p.batch_size / ours["pretrain_step_s"],
+        p.batch_size / g["pretrain_step_s"] if guide else None, lambda v: f"{v:,.1f} seq/s", better_low=False)
+    row(f"fine-tune step (batch {f.batch_size})", ours["finetune_step_s"], g.get("finetune_step_s"),
+        lambda v: f"{1000 * v:,.0f} ms")
+    row("fine-tune epoch (steps x step)", ft_epoch_steps * ours["finetune_step_s"],
+        ft_epoch_steps * g["finetune_step_s"] if guide else None, lambda v: f"{v / 60:.1f} min")
     return 0
 
 

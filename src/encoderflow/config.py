@@ -150,6 +150,8 @@ class PretrainConfig:
             ``float32`` on a CPU (where bfloat16 matmuls are slower, not faster).
         lr_schedule: ``constant`` (the guide) or ``warmup_cosine``: linear warm-up over
             ``warmup_ratio`` of all steps to ``learning_rate``, then cosine decay to 0.
+        backup_every_steps: back up weights and optimizer state every this many steps as well
+            as at each epoch end, so a retry resumes mid-epoch; 0 backs up at epoch ends only.
     """
 
     batch_size: int = 128
@@ -160,9 +162,11 @@ class PretrainConfig:
     precision: str = "auto"
     lr_schedule: str = "constant"
     warmup_ratio: float = 0.1
+    backup_every_steps: int = 1000
 
     def validate(self) -> None:
         s = "pretrain"
+        _range(self, s, "backup_every_steps", 0, 10_000_000)
         _range(self, s, "batch_size", 1, 65536)
         _range(self, s, "learning_rate", 0.0, 1.0, lo_open=True)
         _range(self, s, "epochs", 1, 1000)

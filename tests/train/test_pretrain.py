@@ -37,7 +37,7 @@ def _run_cfg(duped, **pretrain_kw):
 
 def _rows(batches):
     """Each record as (masked token ids, mask positions): what tells two copies apart."""
-    batches = list(batches)  # one pass: a second one over a dataset would be reshuffled
+    batches = list(batches)
     ids = np.concatenate([f["token_ids"].numpy() for f, _, _ in batches])
     pos = np.concatenate([f["mask_positions"].numpy() for f, _, _ in batches])
     return [tuple(a.tolist()) + tuple(b.tolist()) for a, b in zip(ids, pos)]
@@ -157,6 +157,83 @@ def test_pretrain_resumes_on_the_copy_of_the_interrupted_epoch(duped, tmp_path, 
     # The recorded history spans both attempts: epoch 0 from the first, epochs 1-2 from the resume.
     assert len(result["history"]["loss"]) == 3 and np.isfinite(result["loss"])
     assert not (out / "backup").exists()
+
+
+def test_pretrain_killed_mid_epoch_resumes_at_the_next_step_and_matches_an_uninterrupted_run(
+        duped, tmp_path, monkeypatch, caplog):
+    """Backups every step: a run killed at step 2 of epoch 2 resumes at step 3 and ends with the
+    weights of a run never killed (no batch skipped, none trained twice)."""
+    import logging
+
+    from encoderflow import model as models
+    from encoderflow.config import from_overrides
+    from encoderflow.train import callbacks
+    from tests.data.test_shards import SMOKE
+
+    cfg = from_overrides("smoke", {**SMOKE, "data.dupe_factor": 2, "pretrain.batch_size": BATCH,
+                                   "pretrain.epochs": 3, "pretrain.steps_per_epoch": 0, "pretrain.validation_steps": 1,
+                                   "pretrain.backup_every_steps": 1, "model.dropout": 0.0})
+
+    class Killed(Exception):
+        pass
+
+    class DiesMidEpoch(callbacks.EpochLogger):
+        def on_epoch_begin(self, epoch, logs=None):
+            super().on_epoch_begin(epoch, logs)
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            super().on_train_batch_end(batch, logs)
+            if self.epoch == 1 and batch == 1:
+                raise Killed()
+
+    out = tmp_path / "killed"
+    with monkeypatch.context() as mp:
+        mp.setattr(callbacks, "EpochLogger", DiesMidEpoch)
+        with pytest.raises(Killed):
+            pretrain.pretrain(cfg, duped["manifest"], out)
+    assert pretrain.resume_point(out / "backup") == (1, 2)
+    with caplog.at_level(logging.INFO, logger="encoderflow.train.pretrain"):
+        resumed = pretrain.pretrain(cfg, duped["manifest"], out)
+    assert "resuming epoch 2 at step 3 of 4" in caplog.text
+    assert len(resumed["history"]["loss"]) == 3 and not (out / "backup").exists()
+
+    straight = pretrain.pretrain(cfg, duped["manifest"], tmp_path / "straight")
+    a = models.load(resumed["encoder"]).get_weights()
+    b = models.load(straight["encoder"]).get_weights()
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+    # Epoch 1 is the same in both; the resumed epoch 2 row covers only its last 2 steps.
+    assert resumed["history"]["loss"][0] == pytest.approx(straight["history"]["loss"][0], abs=1e-5)
+    assert resumed["history"]["val_loss"][-1] == pytest.approx(straight["history"]["val_loss"][-1], abs=1e-4)
+
+
+def test_step_backup_records_epoch_and_steps_after_a_restore(tmp_path):
+    """Keras's int save_freq records epoch 0 after a restore until an epoch ends; ours does not."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+
+    from encoderflow import layout
+
+    x, y = np.ones((8, 2), "float32"), np.zeros((8, 1), "float32")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(loss="mse", optimizer="sgd")
+    backup = tmp_path / "backup"
+    model.fit(x, y, batch_size=2, epochs=2, verbose=0, callbacks=[pretrain.step_backup(backup, 3, keep=True)])
+    assert pretrain.resume_point(backup) == (2, 0)  # saved at the last epoch end
+
+    class Stop(Exception):
+        pass
+
+    stop = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda b, logs: (_ for _ in ()).throw(Stop()) if b == 2 else None)
+    with pytest.raises(Stop):
+        model.fit(x, y, batch_size=2, epochs=4, verbose=0,
+                  callbacks=[pretrain.step_backup(backup, 3), stop])
+    meta = layout.read_json(backup / pretrain.BACKUP_METADATA)
+    assert meta["epoch"] == 2 and meta["steps_done"] == 3
+    assert pretrain.resume_point(backup) == (2, 3)
 
 
 def test_precision_auto_is_bfloat16_on_accelerators_and_float32_on_cpu():

@@ -1,0 +1,122 @@
+"""Offline quality benchmark: this pipeline against the guide's own code, same data and machine.
+
+    .venv/bin/python benchmarks/quality.py --data-dir ../shared/data            # the issue's run
+    .venv/bin/python benchmarks/quality.py --data-dir ../shared/data \\
+        --pretrain-epochs 1 --finetune-steps 300                                # a shorter one
+
+Both sides pretrain on WikiText ``test`` (the offline folder has no train split) and validate
+on ``valid``, then fine-tune on SST-2 train and report SST-2 dev accuracy:
+
+* encoderflow: ``encoderflow run --preset guide`` through Airflow (download/validate/shards/
+  baseline/pretrain/finetune/gate), in a fresh ENCODERFLOW_HOME; the wall time is the whole run;
+* guide: ``seed_guide.py --stage all`` (baseline, on-the-fly preprocessing, pretrain, fine-tune).
+
+Runs one after the other (never side by side: they would share the CPU). Prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GUIDE = ROOT.parent / "shared" / "peers" / "seed_guide.py"
+
+
+def run(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[float, str]:
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    seconds = time.monotonic() - t0
+    Path(str(log_path) + ".out").write_text(proc.stdout)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:])
+        raise SystemExit(f"{cmd[1]} failed with exit {proc.returncode}; see {log_path}")
+    return seconds, proc.stdout
+
+
+def ours(args, work: Path) -> dict:
+    home = work / "home"
+    sets = ["data.pretrain_split=test", "data.validation_split=valid",
+            f"pretrain.epochs={args.pretrain_epochs}", f"finetune.epochs={args.finetune_epochs}"]
+    if args.pretrain_steps:
+        sets.append(f"pretrain.steps_per_epoch={args.pretrain_steps}")
+    if args.finetune_steps:
+        sets.append(f"finetune.steps_per_epoch={args.finetune_steps}")
+    sets += args.set
+    cmd = [str(Path(sys.executable).with_name("encoderflow")), "run", "--preset", "guide",
+           "--data-dir", str(args.data_dir), *[a for s in sets for a in ("--set", s)]]
+    seconds, _ = run(cmd, {**os.environ, "ENCODERFLOW_HOME": str(home)}, work / "encoderflow.log")
+    summary = json.loads(next((home / "runs").glob("*/summary.json")).read_text())
+    run_dir = next((home / "runs").glob("*/"))
+    pre = json.loads((run_dir / "pretrain" / "result.json").read_text())
+    fin = json.loads((run_dir / "finetune" / "result.json").read_text())
+    return {"wall_s": seconds, "sst2": summary["metrics"]["sst2_val_accuracy"],
+            "mlm": summary["metrics"]["mlm_val_accuracy"], "baseline": summary["metrics"]["baseline_val_accuracy"],
+            "pretrain_s": pre["seconds"], "finetune_s": fin["seconds"], "sets": sets}
+
+
+def guide(args, work: Path) -> dict:
+    d = args.data_dir
+    cmd = [sys.executable, str(GUIDE), "--stage", "all",
+           "--wiki-train", str(d / "wikitext-103-raw/wiki.test.raw"),
+           "--wiki-valid", str(d / "wikitext-103-raw/wiki.valid.raw"),
+           "--sst-dir", str(d / "SST-2"), "--vocab", str(d / "bert_vocab_uncased.txt"),
+           "--pretrain-epochs", str(args.pretrain_epochs), "--finetune-epochs", str(args.finetune_epochs),
+           "--pretrain-steps", str(args.pretrain_steps), "--finetune-steps", str(args.finetune_steps)]
+    seconds, out = run(cmd, {**os.environ, "CUDA_VISIBLE_DEVICES": ""}, work / "guide.log")
+    m = re.search(r"^SEED_RESULT (\{.*\})$", out, re.M)
+    if not m:
+        raise SystemExit(f"guide printed no SEED_RESULT; see {work / 'guide.log'}")
+    r = json.loads(m.group(1))
+    return {"wall_s": seconds, "sst2": r["finetune_val_accuracy"][-1], "mlm": r["pretrain_val_mlm_accuracy"][-1],
+            "baseline": r["baseline_val_accuracy"][-1], "pretrain_s": r["pretrain_s"], "finetune_s": r["finetune_s"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", required=True, type=lambda p: Path(p).resolve())
+    ap.add_argument("--pretrain-epochs", type=int, default=8)
+    ap.add_argument("--finetune-epochs", type=int, default=1)
+    ap.add_argument("--pretrain-steps", type=int, default=0, help="cap steps per pretraining epoch (0 = full)")
+    ap.add_argument("--finetune-steps", type=int, default=0, help="cap steps per fine-tuning epoch (0 = full)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra encoderflow override")
+    ap.add_argument("--only", choices=["encoderflow", "guide"], help="run one side only")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="encoderflow-quality-"))
+    print(f"logs in {work}", flush=True)
+
+    results = {}
+    if args.only in (None, "encoderflow"):
+        results["encoderflow"] = ours(args, work)
+        print("encoderflow", json.dumps(results["encoderflow"]), flush=True)
+    if args.only in (None, "guide"):
+        results["guide (seed_guide.py)"] = guide(args, work)
+        print("guide", json.dumps(results["guide (seed_guide.py)"]), flush=True)
+
+    caps = (f", pretrain steps/epoch {args.pretrain_steps}" if args.pretrain_steps else "") + \
+           (f", fine-tune steps/epoch {args.finetune_steps}" if args.finetune_steps else "")
+    print(f"\nquality benchmark: guide preset, pretrain {args.pretrain_epochs} epochs on wiki.test.raw "
+          f"(validation wiki.valid.raw), fine-tune {args.finetune_epochs} epoch(s) on SST-2 train{caps}; "
+          f"{os.cpu_count()} cpus")
+    print(f"{'':<24} {'SST-2 dev':>9} {'MLM val':>8} {'BoW':>7} {'pretrain':>9} {'finetune':>9} {'wall':>9}")
+    for name, r in results.items():
+        print(f"{name:<24} {r['sst2']:>9.4f} {r['mlm']:>8.4f} {r['baseline']:>7.4f} {r['pretrain_s'] / 60:>8.1f}m "
+              f"{r['finetune_s'] / 60:>8.1f}m {r['wall_s'] / 60:>8.1f}m")
+    if len(results) == 2:
+        a, b = results["encoderflow"], results["guide (seed_guide.py)"]
+        print(f"\nSST-2 dev: {100 * (a['sst2'] - b['sst2']):+.1f} points; wall time {a['wall_s'] / b['wall_s']:.2f}x "
+              f"the guide's; target >= +3.0 points in less wall time: "
+              f"{'met' if a['sst2'] - b['sst2'] >= 0.03 and a['wall_s'] < b['wall_s'] else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
