@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-GUIDE = ROOT.parent / "shared" / "peers" / "seed_guide.py"
+from peer import run_guide
+
 
 
 def run(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[float, str]:
@@ -64,18 +63,9 @@ def ours(args, work: Path) -> dict:
 
 
 def guide(args, work: Path) -> dict:
-    d = args.data_dir
-    cmd = [sys.executable, str(GUIDE), "--stage", "all",
-           "--wiki-train", str(d / "wikitext-103-raw/wiki.test.raw"),
-           "--wiki-valid", str(d / "wikitext-103-raw/wiki.valid.raw"),
-           "--sst-dir", str(d / "SST-2"), "--vocab", str(d / "bert_vocab_uncased.txt"),
-           "--pretrain-epochs", str(args.pretrain_epochs), "--finetune-epochs", str(args.finetune_epochs),
-           "--pretrain-steps", str(args.pretrain_steps), "--finetune-steps", str(args.finetune_steps)]
-    seconds, out = run(cmd, {**os.environ, "CUDA_VISIBLE_DEVICES": ""}, work / "guide.log")
-    m = re.search(r"^SEED_RESULT (\{.*\})$", out, re.M)
-    if not m:
-        raise SystemExit(f"guide printed no SEED_RESULT; see {work / 'guide.log'}")
-    r = json.loads(m.group(1))
+    r, seconds = run_guide(args.data_dir, "all", "--pretrain-epochs", str(args.pretrain_epochs),
+                           "--finetune-epochs", str(args.finetune_epochs), "--pretrain-steps", str(args.pretrain_steps),
+                           "--finetune-steps", str(args.finetune_steps), log_path=work / "guide.log")
     return {"wall_s": seconds, "sst2": r["finetune_val_accuracy"][-1], "mlm": r["pretrain_val_mlm_accuracy"][-1],
             "baseline": r["baseline_val_accuracy"][-1], "pretrain_s": r["pretrain_s"], "finetune_s": r["finetune_s"]}
 

@@ -24,12 +24,9 @@ Targets (the issue): build >= 2x the guide's rate; read >= 50,000 seq/s.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +35,8 @@ from pathlib import Path
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-GUIDE = Path(__file__).resolve().parents[2] / "shared" / "peers" / "seed_guide.py"
+from peer import run_guide  # noqa: E402
+
 
 
 def _inputs(data_dir: Path):
@@ -84,17 +82,7 @@ def _build(cfg, cfg_dict, inputs, home: Path, pool: int):
 
 
 def _guide(data_dir: Path, batches: int) -> dict:
-    cmd = [sys.executable, str(GUIDE), "--stage", "preprocess",
-           "--wiki-train", str(data_dir / "wikitext-103-raw/wiki.test.raw"),
-           "--wiki-valid", str(data_dir / "wikitext-103-raw/wiki.valid.raw"),
-           "--sst-dir", str(data_dir / "SST-2"), "--vocab", str(data_dir / "bert_vocab_uncased.txt"),
-           "--preprocess-batches", str(batches)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    m = re.search(r"^SEED_RESULT (\{.*\})$", proc.stdout, re.M)
-    if proc.returncode != 0 or not m:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"guide preprocess failed (exit {proc.returncode})")
-    return json.loads(m.group(1))
+    return run_guide(data_dir, "preprocess", "--preprocess-batches", str(batches))[0]
 
 
 def main() -> int:

@@ -19,17 +19,16 @@ Pretraining text is WikiText `test` (the offline folder has no train split).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+
+from peer import run_guide  # noqa: E402
 
 
 def time_fit(model, ds, warm_steps: int, steps: int) -> tuple[float, float]:
@@ -42,22 +41,9 @@ def time_fit(model, ds, warm_steps: int, steps: int) -> tuple[float, float]:
     return warm, time.perf_counter() - t0
 
 
-GUIDE = Path(__file__).resolve().parents[2] / "shared" / "peers" / "seed_guide.py"
-
-
 def guide_run(data_dir: Path, pretrain_steps: int, finetune_steps: int) -> dict:
-    cmd = [sys.executable, str(GUIDE), "--stage", "pretrain",
-           "--wiki-train", str(data_dir / "wikitext-103-raw/wiki.test.raw"),
-           "--wiki-valid", str(data_dir / "wikitext-103-raw/wiki.valid.raw"),
-           "--sst-dir", str(data_dir / "SST-2"), "--vocab", str(data_dir / "bert_vocab_uncased.txt"),
-           "--pretrain-epochs", "1", "--pretrain-steps", str(pretrain_steps),
-           "--finetune-epochs", "1", "--finetune-steps", str(finetune_steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    m = re.search(r"^SEED_RESULT (\{.*\})$", proc.stdout, re.M)
-    if proc.returncode != 0 or not m:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"seed_guide.py failed (exit {proc.returncode})")
-    return json.loads(m.group(1))
+    return run_guide(data_dir, "pretrain", "--pretrain-epochs", "1", "--pretrain-steps", str(pretrain_steps),
+                     "--finetune-epochs", "1", "--finetune-steps", str(finetune_steps))[0]
 
 
 def guide_rates(data_dir: Path, short: tuple[int, int], long: tuple[int, int]) -> dict:
