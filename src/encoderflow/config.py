@@ -152,6 +152,8 @@ class PretrainConfig:
             ``warmup_ratio`` of all steps to ``learning_rate``, then cosine decay to 0.
         backup_every_steps: back up weights and optimizer state every this many steps as well
             as at each epoch end, so a retry resumes mid-epoch; 0 backs up at epoch ends only.
+            A backup of the guide model is ~230 MB written (weights and AdamW moments, kept
+            twice): 5000 steps is minutes on a Colab-class GPU, ~15 s at 40,000 seq/s.
     """
 
     batch_size: int = 128
@@ -162,7 +164,7 @@ class PretrainConfig:
     precision: str = "auto"
     lr_schedule: str = "constant"
     warmup_ratio: float = 0.1
-    backup_every_steps: int = 1000
+    backup_every_steps: int = 5000
 
     def validate(self) -> None:
         s = "pretrain"
