@@ -55,7 +55,9 @@ class DataConfig:
         predictions_per_seq: cap on predicted tokens per sequence (MLM label slots).
         min_line_chars: the guide keeps only WikiText lines longer than this.
         num_shards: TFRecord shards for the pretraining split (validation gets fewer).
-        dupe_factor: copies of the corpus with different masks.
+        dupe_factor: copies of the corpus, each with different masks; epoch ``e`` trains on copy
+            ``e % dupe_factor``. The guide masks on the fly, so each of its 8 epochs sees new
+            masks: one copy per pretraining epoch (8) reproduces that, reproducibly.
         seed: root of every random choice in data generation.
         pretrain_split: WikiText split to pretrain on (offline runs use ``test``).
         validation_split: WikiText split for MLM validation.
@@ -71,7 +73,7 @@ class DataConfig:
     predictions_per_seq: int = 32
     min_line_chars: int = 100
     num_shards: int = 8
-    dupe_factor: int = 1
+    dupe_factor: int = 8
     seed: int = 42
     pretrain_split: str = "train"
     validation_split: str = "valid"
@@ -272,7 +274,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Offline data has no WikiText train split, so smoke pretrains on `test`.
     # Its gate only asks for better than chance: a smoke model is a plumbing check, not a product.
     "smoke": {
-        "data": {"seq_length": 32, "predictions_per_seq": 6, "num_shards": 2, "pretrain_split": "test"},
+        "data": {"seq_length": 32, "predictions_per_seq": 6, "num_shards": 2, "pretrain_split": "test",
+                 "dupe_factor": 2},
         "model": {"num_layers": 1, "model_dim": 32, "intermediate_dim": 64, "num_heads": 2},
         "baseline": {"max_tokens": 1000, "epochs": 2, "batch_size": 64},
         "pretrain": {"batch_size": 32, "learning_rate": 1e-3, "epochs": 2,

@@ -34,8 +34,9 @@ WORDS = ["the", "a", "cat", "cats", "dog", "dogs", "sat", "on", "mat", "ran", "a
          "red", "Café", "of", "river", "zebra", ",", "."]
 
 # Small enough to build in seconds, big enough that every shard holds several records and some
-# lines overflow seq_length (32) so truncation is exercised.
-SMOKE = {"data.pretrain_split": "test", "data.validation_split": "valid", "data.min_line_chars": 20}
+# lines overflow seq_length (32) so truncation is exercised. One copy unless a test asks for more.
+SMOKE = {"data.pretrain_split": "test", "data.validation_split": "valid", "data.min_line_chars": 20,
+         "data.dupe_factor": 1}
 SEQ, P = 32, 6
 
 
