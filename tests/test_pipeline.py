@@ -1,8 +1,9 @@
 """The whole DAG through Airflow (``encoderflow run`` → ``dag.test()``) on fixtures served over HTTP.
 
-The download code runs for real against a loopback server; nothing is mocked. Two runs: the
+The download code runs for real against a loopback server; nothing is mocked. Three runs: the
 first trains and becomes champion; the second is deliberately untrained (a vanishing learning
-rate) and must be registered but leave ``champion`` where it was.
+rate) and must be registered but leave ``champion`` where it was; the third diverges (its loss
+turns NaN) and must fail in ``pretrain`` with nothing downstream run and nothing registered.
 """
 
 from __future__ import annotations
@@ -45,9 +46,13 @@ def _task_states(home: Path) -> dict[str, list[tuple[str, int, str]]]:
     return out
 
 
-def _summary(proc: subprocess.CompletedProcess, home: Path) -> dict:
+def _run_id(proc: subprocess.CompletedProcess) -> str:
     run_line = next(line for line in proc.stdout.splitlines() if line.startswith("encoderflow run "))
-    run_id = run_line.split()[2].rstrip(":")
+    return run_line.split()[2].rstrip(":")
+
+
+def _summary(proc: subprocess.CompletedProcess, home: Path) -> dict:
+    run_id = _run_id(proc)
     from encoderflow import layout
 
     return run_id, json.loads((layout.run_dir(run_id) / "summary.json").read_text())
@@ -126,3 +131,26 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     # Verified data was reused: the second run made no new request.
     assert len(requests) == 3
     assert "NOT BLESSED" in second.stdout
+
+    # A diverging candidate: float16 activations overflow at learning rate 1.0 and the loss turns
+    # NaN. pretrain fails once (no retry), nothing downstream runs, nothing is registered.
+    versions = {v.version for v in client.search_model_versions(f"name='{MODEL}'")}
+    third = _run(home, url, sources, "pretrain.precision=mixed_float16", "pretrain.learning_rate=1.0")
+    assert third.returncode == 1, third.stdout[-3000:] + third.stderr[-5000:]
+    run3 = _run_id(third)
+    states3 = {(t, m): state for t, m, state in _task_states(home)[run3]}
+    assert states3[("pretrain", -1)] == "failed", states3
+    for task in ("finetune", "evaluate_and_gate", "promote", "report"):
+        assert states3[(task, -1)] == "upstream_failed", (task, states3)
+    db = sqlite3.connect(home / "airflow" / "airflow.db")
+    try:
+        (tries,) = db.execute("select try_number from task_instance where run_id=? and task_id='pretrain'",
+                              (run3,)).fetchone()
+    finally:
+        db.close()
+    assert tries == 1  # a diverged loss is not worth a retry
+    output = third.stdout + third.stderr
+    assert "NonFiniteLoss: pretrain: loss became nan" in output, output[-5000:]
+    assert not (layout.run_dir(run3) / "pretrain" / "encoder.keras").exists()
+    assert {v.version for v in client.search_model_versions(f"name='{MODEL}'")} == versions
+    assert client.get_model_version_by_alias(MODEL, "champion").version == v1.version
