@@ -34,14 +34,19 @@ def _run(home: Path, mirror: str, sources: Path, *sets: str) -> subprocess.Compl
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
-def _task_states(home: Path) -> dict[str, list[tuple[str, int, str]]]:
+def _query(home: Path, sql: str, *args) -> list[tuple]:
+    """Rows from the Airflow metadata DB that ``encoderflow run`` used under ``home``."""
     db = sqlite3.connect(home / "airflow" / "airflow.db")
     try:
-        rows = db.execute("select run_id, task_id, map_index, state from task_instance").fetchall()
+        return db.execute(sql, args).fetchall()
     finally:
         db.close()
+
+
+def _task_states(home: Path) -> dict[str, list[tuple[str, int, str]]]:
     out: dict[str, list] = {}
-    for run_id, task_id, map_index, state in rows:
+    for run_id, task_id, map_index, state in _query(home, "select run_id, task_id, map_index, state "
+                                                          "from task_instance"):
         out.setdefault(run_id, []).append((task_id, map_index, state))
     return out
 
@@ -142,12 +147,7 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     assert states3[("pretrain", -1)] == "failed", states3
     for task in ("finetune", "evaluate_and_gate", "promote", "report"):
         assert states3[(task, -1)] == "upstream_failed", (task, states3)
-    db = sqlite3.connect(home / "airflow" / "airflow.db")
-    try:
-        (tries,) = db.execute("select try_number from task_instance where run_id=? and task_id='pretrain'",
-                              (run3,)).fetchone()
-    finally:
-        db.close()
+    [(tries,)] = _query(home, "select try_number from task_instance where run_id=? and task_id='pretrain'", run3)
     assert tries == 1  # a diverged loss is not worth a retry
     output = third.stdout + third.stderr
     assert "NonFiniteLoss: pretrain: loss became nan" in output, output[-5000:]
