@@ -3,7 +3,23 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+
+# JAX's accelerator flavour: cuda12 when `nvidia-smi -L` lists a GPU, else cpu; ACCEL=cpu|cuda12
+# overrides. Both sets resolve against constraints.txt (it pins the CUDA wheels too). TensorFlow is
+# the CPU build either way. The stamp records the flavour: switching ACCEL rebuilds .venv.
+ifeq ($(origin ACCEL),undefined)
+ACCEL := $(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU ' && echo cuda12 || echo cpu)
+endif
+ACCELS := cpu cuda12
+ifneq ($(words $(ACCEL)) $(filter $(ACCEL),$(ACCELS)),1 $(ACCEL))
+$(error ACCEL='$(ACCEL)' is not supported: use ACCEL=cpu or ACCEL=cuda12 (default: cuda12 when `nvidia-smi -L` lists a GPU))
+endif
+JAX_VERSION := $(shell sed -n 's/^jax==//p' constraints.txt)
+JAX         := jax[$(ACCEL)]==$(JAX_VERSION)
+STAMP       := $(VENV)/.installed-$(ACCEL)
+PIP_INSTALL := -r requirements.txt "$(JAX)" -c constraints.txt
+# `make venv-dry-run REPORT=r.json` also writes pip's JSON report of the resolved set.
+REPORT ?=
 
 PRESET   ?= guide
 DATA_DIR ?=
@@ -18,30 +34,58 @@ RUN_ARGS := --preset $(PRESET) \
 	$(if $(MIRROR),--mirror $(MIRROR)) \
 	$(foreach s,$(SET),--set $(s))
 
-.PHONY: run test test-fast airflow venv clean
+.PHONY: run test test-fast lint format docs airflow venv venv-dry-run doctor clean
 
 venv: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
+	@for s in $(VENV)/.installed-*; do \
+		if [ -e "$$s" ] && [ "$$s" != "$(STAMP)" ]; then \
+			echo "$(VENV) was built for $${s##*/.installed-}, ACCEL=$(ACCEL) asked: rebuilding it"; rm -rf $(VENV); break; \
+		fi; \
+	done
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet $(PIP_INSTALL)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
+	@rm -f $(VENV)/.installed
 	@touch $(STAMP)
+
+# What `make venv` would install for ACCEL, resolved from scratch against the pins; changes nothing.
+venv-dry-run:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m pip install --dry-run --ignore-installed \
+		$(if $(REPORT),--report $(REPORT)) $(PIP_INSTALL)
 
 run: $(STAMP)
 	$(BIN)/encoderflow run $(RUN_ARGS)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -ra
 
 # Everything but the end-to-end Airflow runs.
-test-fast: $(STAMP)
+test-fast: lint
 	$(BIN)/python -m pytest -ra -m "not slow"
+
+# ruff's settings are in pyproject.toml; `make format` rewrites, `make lint` only checks.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# docs/parameters.md is generated from the config declarations (a test fails when it is stale).
+docs: $(STAMP)
+	$(BIN)/python -c "from encoderflow.config import parameters_markdown as md; print(md(), end='')" > docs/parameters.md
 
 airflow: $(STAMP)
 	$(BIN)/encoderflow airflow
+
+# One screen on what a run here would use (Python, JAX devices, dtype policy, disk, data sources).
+doctor: $(STAMP)
+	$(BIN)/encoderflow doctor $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(MIRROR),--mirror $(MIRROR))
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

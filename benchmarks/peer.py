@@ -19,10 +19,21 @@ def run_guide(data_dir: Path, stage: str, *extra: str, log_path: Path | None = N
     Returns its ``SEED_RESULT`` dict and the wall seconds of the whole process. Its GPU is hidden
     (TensorFlow and JAX both on the CPU, as this pipeline's are on a CPU machine).
     """
-    cmd = [sys.executable, str(GUIDE), "--stage", stage,
-           "--wiki-train", str(data_dir / "wikitext-103-raw/wiki.test.raw"),
-           "--wiki-valid", str(data_dir / "wikitext-103-raw/wiki.valid.raw"),
-           "--sst-dir", str(data_dir / "SST-2"), "--vocab", str(data_dir / "bert_vocab_uncased.txt"), *extra]
+    cmd = [
+        sys.executable,
+        str(GUIDE),
+        "--stage",
+        stage,
+        "--wiki-train",
+        str(data_dir / "wikitext-103-raw/wiki.test.raw"),
+        "--wiki-valid",
+        str(data_dir / "wikitext-103-raw/wiki.valid.raw"),
+        "--sst-dir",
+        str(data_dir / "SST-2"),
+        "--vocab",
+        str(data_dir / "bert_vocab_uncased.txt"),
+        *extra,
+    ]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     seconds = time.monotonic() - t0

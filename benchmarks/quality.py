@@ -28,7 +28,6 @@ from pathlib import Path
 from peer import run_guide
 
 
-
 def run(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[float, str]:
     t0 = time.monotonic()
     with open(log_path, "w") as log:
@@ -43,31 +42,64 @@ def run(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[float, str
 
 def ours(args, work: Path) -> dict:
     home = work / "home"
-    sets = ["data.pretrain_split=test", "data.validation_split=valid",
-            f"pretrain.epochs={args.pretrain_epochs}", f"finetune.epochs={args.finetune_epochs}"]
+    sets = [
+        "data.pretrain_split=test",
+        "data.validation_split=valid",
+        f"pretrain.epochs={args.pretrain_epochs}",
+        f"finetune.epochs={args.finetune_epochs}",
+    ]
     if args.pretrain_steps:
         sets.append(f"pretrain.steps_per_epoch={args.pretrain_steps}")
     if args.finetune_steps:
         sets.append(f"finetune.steps_per_epoch={args.finetune_steps}")
     sets += args.set
-    cmd = [str(Path(sys.executable).with_name("encoderflow")), "run", "--preset", "guide",
-           "--data-dir", str(args.data_dir), *[a for s in sets for a in ("--set", s)]]
+    cmd = [
+        str(Path(sys.executable).with_name("encoderflow")),
+        "run",
+        "--preset",
+        "guide",
+        "--data-dir",
+        str(args.data_dir),
+        *[a for s in sets for a in ("--set", s)],
+    ]
     seconds, _ = run(cmd, {**os.environ, "ENCODERFLOW_HOME": str(home)}, work / "encoderflow.log")
     summary = json.loads(next((home / "runs").glob("*/summary.json")).read_text())
     run_dir = next((home / "runs").glob("*/"))
     pre = json.loads((run_dir / "pretrain" / "result.json").read_text())
     fin = json.loads((run_dir / "finetune" / "result.json").read_text())
-    return {"wall_s": seconds, "sst2": summary["metrics"]["sst2_val_accuracy"],
-            "mlm": summary["metrics"]["mlm_val_accuracy"], "baseline": summary["metrics"]["baseline_val_accuracy"],
-            "pretrain_s": pre["seconds"], "finetune_s": fin["seconds"], "sets": sets}
+    return {
+        "wall_s": seconds,
+        "sst2": summary["metrics"]["sst2_val_accuracy"],
+        "mlm": summary["metrics"]["mlm_val_accuracy"],
+        "baseline": summary["metrics"]["baseline_val_accuracy"],
+        "pretrain_s": pre["seconds"],
+        "finetune_s": fin["seconds"],
+        "sets": sets,
+    }
 
 
 def guide(args, work: Path) -> dict:
-    r, seconds = run_guide(args.data_dir, "all", "--pretrain-epochs", str(args.pretrain_epochs),
-                           "--finetune-epochs", str(args.finetune_epochs), "--pretrain-steps", str(args.pretrain_steps),
-                           "--finetune-steps", str(args.finetune_steps), log_path=work / "guide.log")
-    return {"wall_s": seconds, "sst2": r["finetune_val_accuracy"][-1], "mlm": r["pretrain_val_mlm_accuracy"][-1],
-            "baseline": r["baseline_val_accuracy"][-1], "pretrain_s": r["pretrain_s"], "finetune_s": r["finetune_s"]}
+    r, seconds = run_guide(
+        args.data_dir,
+        "all",
+        "--pretrain-epochs",
+        str(args.pretrain_epochs),
+        "--finetune-epochs",
+        str(args.finetune_epochs),
+        "--pretrain-steps",
+        str(args.pretrain_steps),
+        "--finetune-steps",
+        str(args.finetune_steps),
+        log_path=work / "guide.log",
+    )
+    return {
+        "wall_s": seconds,
+        "sst2": r["finetune_val_accuracy"][-1],
+        "mlm": r["pretrain_val_mlm_accuracy"][-1],
+        "baseline": r["baseline_val_accuracy"][-1],
+        "pretrain_s": r["pretrain_s"],
+        "finetune_s": r["finetune_s"],
+    }
 
 
 def main() -> int:
@@ -91,20 +123,27 @@ def main() -> int:
         results["guide (seed_guide.py)"] = guide(args, work)
         print("guide", json.dumps(results["guide (seed_guide.py)"]), flush=True)
 
-    caps = (f", pretrain steps/epoch {args.pretrain_steps}" if args.pretrain_steps else "") + \
-           (f", fine-tune steps/epoch {args.finetune_steps}" if args.finetune_steps else "")
-    print(f"\nquality benchmark: guide preset, pretrain {args.pretrain_epochs} epochs on wiki.test.raw "
-          f"(validation wiki.valid.raw), fine-tune {args.finetune_epochs} epoch(s) on SST-2 train{caps}; "
-          f"{os.cpu_count()} cpus")
+    caps = (f", pretrain steps/epoch {args.pretrain_steps}" if args.pretrain_steps else "") + (
+        f", fine-tune steps/epoch {args.finetune_steps}" if args.finetune_steps else ""
+    )
+    print(
+        f"\nquality benchmark: guide preset, pretrain {args.pretrain_epochs} epochs on wiki.test.raw "
+        f"(validation wiki.valid.raw), fine-tune {args.finetune_epochs} epoch(s) on SST-2 train{caps}; "
+        f"{os.cpu_count()} cpus"
+    )
     print(f"{'':<24} {'SST-2 dev':>9} {'MLM val':>8} {'BoW':>7} {'pretrain':>9} {'finetune':>9} {'wall':>9}")
     for name, r in results.items():
-        print(f"{name:<24} {r['sst2']:>9.4f} {r['mlm']:>8.4f} {r['baseline']:>7.4f} {r['pretrain_s'] / 60:>8.1f}m "
-              f"{r['finetune_s'] / 60:>8.1f}m {r['wall_s'] / 60:>8.1f}m")
+        print(
+            f"{name:<24} {r['sst2']:>9.4f} {r['mlm']:>8.4f} {r['baseline']:>7.4f} {r['pretrain_s'] / 60:>8.1f}m "
+            f"{r['finetune_s'] / 60:>8.1f}m {r['wall_s'] / 60:>8.1f}m"
+        )
     if len(results) == 2:
         a, b = results["encoderflow"], results["guide (seed_guide.py)"]
-        print(f"\nSST-2 dev: {100 * (a['sst2'] - b['sst2']):+.1f} points; wall time {a['wall_s'] / b['wall_s']:.2f}x "
-              f"the guide's; target >= +3.0 points in less wall time: "
-              f"{'met' if a['sst2'] - b['sst2'] >= 0.03 and a['wall_s'] < b['wall_s'] else 'NOT met'}")
+        print(
+            f"\nSST-2 dev: {100 * (a['sst2'] - b['sst2']):+.1f} points; wall time {a['wall_s'] / b['wall_s']:.2f}x "
+            f"the guide's; target >= +3.0 points in less wall time: "
+            f"{'met' if a['sst2'] - b['sst2'] >= 0.03 and a['wall_s'] < b['wall_s'] else 'NOT met'}"
+        )
     return 0
 
 

@@ -32,24 +32,30 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
+from encoderflow import runtime
+
+runtime.use_jax()
+# Also for the guide's subprocess, which inherits this environment.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from peer import run_guide  # noqa: E402
-
 
 
 def _inputs(data_dir: Path):
     from encoderflow import layout
 
     def files(root, members):
-        return {m: {"path": str(root / m), "bytes": (root / m).stat().st_size,
-                    "sha256": layout.sha256_file(root / m)} for m in members}
+        return {
+            m: {"path": str(root / m), "bytes": (root / m).stat().st_size, "sha256": layout.sha256_file(root / m)}
+            for m in members
+        }
 
     wt = files(data_dir, ["wikitext-103-raw/wiki.test.raw", "wikitext-103-raw/wiki.valid.raw"])
     vocab = files(data_dir, ["bert_vocab_uncased.txt"])
-    return ({"dataset": "wikitext", "root": str(data_dir), "files": wt},
-            {"dataset": "vocab", "root": str(data_dir), "files": vocab})
+    return (
+        {"dataset": "wikitext", "root": str(data_dir), "files": wt},
+        {"dataset": "vocab", "root": str(data_dir), "files": vocab},
+    )
 
 
 def _build_one(args):
@@ -97,9 +103,8 @@ def main() -> int:
 
     from encoderflow.config import from_overrides
     from encoderflow.data import shards
-    from encoderflow.data.tokenizer import cpu_only_tensorflow
 
-    cpu_only_tensorflow()
+    runtime.tensorflow()
     overrides = {"data.pretrain_split": "test", "data.validation_split": "valid", "data.dupe_factor": 1}
     cfg = from_overrides("guide", overrides)
     cfg_dict = {"preset": "guide", "overrides": overrides}
@@ -120,9 +125,13 @@ def main() -> int:
         sealed, n, s = _build(cfg, cfg_dict, inputs, tmp / f"seq-warm-{r}", 1)
         warm_rates.append(n / s)
     guide_rate = statistics.median(guide_rates)
-    spread = lambda rates: f" [{min(rates):,.0f}-{max(rates):,.0f}]" if len(rates) > 1 else ""
-    rows.append((f"guide preprocess (tf.data tokenize+mask){spread(guide_rates)}", guide["preprocess_seqs"],
-                 guide_rate))
+
+    def spread(rates):
+        return f" [{min(rates):,.0f}-{max(rates):,.0f}]" if len(rates) > 1 else ""
+
+    rows.append(
+        (f"guide preprocess (tf.data tokenize+mask){spread(guide_rates)}", guide["preprocess_seqs"], guide_rate)
+    )
     rows.append(cold)
     rows.append((f"build, sequential, warm{spread(warm_rates)}", n, statistics.median(warm_rates)))
     if args.pool > 1:
@@ -131,8 +140,9 @@ def main() -> int:
 
     # Packed mode keeps every token of the text (no line filter, no truncation): how much more.
     packed_over = {**overrides, "data.sequence_mode": "packed"}
-    packed, pn, ps = _build(from_overrides("guide", packed_over), {"preset": "guide", "overrides": packed_over},
-                            inputs, tmp / "packed", 1)
+    packed, pn, ps = _build(
+        from_overrides("guide", packed_over), {"preset": "guide", "overrides": packed_over}, inputs, tmp / "packed", 1
+    )
     rows.append(("build, packed mode (incl. its untruncated tokenizer trace)", pn, pn / ps))
 
     def epoch(e):
@@ -167,21 +177,27 @@ def main() -> int:
     n = sum(int(next(it)[0]["token_ids"].shape[0]) for _ in range(300))
     rows.append(("read, make_dataset steady state (300 batches)", n, n / (time.monotonic() - t0)))
 
-    print(f"\nhost: {platform.node()} {os.cpu_count()} cpus; text: wiki.test.raw (train), "
-          f"{sealed['totals']['train']['records']} train sequences")
+    print(
+        f"\nhost: {platform.node()} {os.cpu_count()} cpus; text: wiki.test.raw (train), "
+        f"{sealed['totals']['train']['records']} train sequences"
+    )
     print(f"{'stage':<58} {'seqs':>8} {'seq/s':>10} {'x guide':>8}")
     for name, count, rate in rows:
         print(f"{name:<58} {count:>8} {rate:>10.0f} {rate / guide_rate:>8.2f}")
     line_t, packed_t = sealed["totals"]["train"], packed["totals"]["train"]
-    print(f"\ntokens kept from wiki.test.raw: line mode {line_t['tokens']:,} in {line_t['records']:,} sequences "
-          f"({100 * line_t['tokens'] / packed_t['tokens']:.1f}%); packed mode {packed_t['tokens']:,} in "
-          f"{packed_t['records']:,} sequences (every token)")
+    print(
+        f"\ntokens kept from wiki.test.raw: line mode {line_t['tokens']:,} in {line_t['records']:,} sequences "
+        f"({100 * line_t['tokens'] / packed_t['tokens']:.1f}%); packed mode {packed_t['tokens']:,} in "
+        f"{packed_t['records']:,} sequences (every token)"
+    )
     build_rate = statistics.median(warm_rates)
     read_rate = max(r[2] for r in rows if r[0].startswith("read"))
     print("timings on a shared, loaded machine: noisy; compare rates within one run only")
-    print(f"\ntarget build >= 2x guide: {'met' if build_rate >= 2 * guide_rate else 'NOT met'} "
-          f"({build_rate / guide_rate:.2f}x); target read >= 50,000 seq/s: "
-          f"{'met' if read_rate >= 50_000 else 'NOT met'} ({read_rate:.0f})")
+    print(
+        f"\ntarget build >= 2x guide: {'met' if build_rate >= 2 * guide_rate else 'NOT met'} "
+        f"({build_rate / guide_rate:.2f}x); target read >= 50,000 seq/s: "
+        f"{'met' if read_rate >= 50_000 else 'NOT met'} ({read_rate:.0f})"
+    )
     return 0
 
 

@@ -16,11 +16,10 @@ import html
 import logging
 from typing import Any
 
+import encoderflow_runs_page as page
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
-
-import encoderflow_runs_page as page
 
 log = logging.getLogger(__name__)
 URL_PREFIX = "/encoderflow"
@@ -47,8 +46,12 @@ async def reader(request: Request) -> Any:
     except HTTPException as exc:
         raise NotSignedIn(401, str(exc.detail)) from None
     allowed = await asyncio.to_thread(
-        get_auth_manager().is_authorized_dag, method="GET", access_entity=DagAccessEntity.RUN,
-        details=DagDetails(id=page.DAG_ID), user=user)
+        get_auth_manager().is_authorized_dag,
+        method="GET",
+        access_entity=DagAccessEntity.RUN,
+        details=DagDetails(id=page.DAG_ID),
+        user=user,
+    )
     if not allowed:
         raise NotSignedIn(403, f"{user.get_name()} may not read {page.DAG_ID} runs")
     return user
@@ -61,24 +64,32 @@ async def _refuse(request: Request, exc: NotSignedIn):
     from airflow.api_fastapi.app import get_auth_manager
 
     login = get_auth_manager().get_url_login(next_url=str(request.url))
-    body = (f"<!doctype html><title>Sign in</title><p>{html.escape(exc.detail)}. "
-            f"<a target='_top' href='{html.escape(login)}'>Sign in to Airflow</a> to see Encoderflow runs.</p>")
+    body = (
+        f"<!doctype html><title>Sign in</title><p>{html.escape(exc.detail)}. "
+        f"<a target='_top' href='{html.escape(login)}'>Sign in to Airflow</a> to see Encoderflow runs.</p>"
+    )
     return HTMLResponse(body, status_code=exc.status)
 
 
 def _dag_runs(limit: int = 200) -> list[dict[str, Any]]:
-    from sqlalchemy import select
-
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
+    from sqlalchemy import select
 
     with create_session() as session:
-        rows = session.scalars(select(DagRun).where(DagRun.dag_id == page.DAG_ID)
-                               .order_by(DagRun.id.desc()).limit(limit)).all()
-        return [{"run_id": r.run_id, "state": str(r.state.value if hasattr(r.state, "value") else r.state),
-                 "start_date": r.start_date.isoformat() if r.start_date else None,
-                 "end_date": r.end_date.isoformat() if r.end_date else None, "conf": dict(r.conf or {})}
-                for r in rows]
+        rows = session.scalars(
+            select(DagRun).where(DagRun.dag_id == page.DAG_ID).order_by(DagRun.id.desc()).limit(limit)
+        ).all()
+        return [
+            {
+                "run_id": r.run_id,
+                "state": str(r.state.value if hasattr(r.state, "value") else r.state),
+                "start_date": r.start_date.isoformat() if r.start_date else None,
+                "end_date": r.end_date.isoformat() if r.end_date else None,
+                "conf": dict(r.conf or {}),
+            }
+            for r in rows
+        ]
 
 
 def _snapshot(model: str) -> dict[str, Any]:
@@ -88,8 +99,12 @@ def _snapshot(model: str) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - the folders still tell most of the story
         log.warning("encoderflow runs page: cannot read DAG runs: %s", exc)
         dag_runs = []
-    return {"model": model, "runs": page.collect_runs(home, dag_runs), "registry": page.registry_state(home, model),
-            "mlflow_ui": page.mlflow_ui_url()}
+    return {
+        "model": model,
+        "runs": page.collect_runs(home, dag_runs),
+        "registry": page.registry_state(home, model),
+        "mlflow_ui": page.mlflow_ui_url(),
+    }
 
 
 @app.get("/", response_class=HTMLResponse)
@@ -97,8 +112,10 @@ def runs_page(request: Request, user=Depends(reader), model: str = page.DEFAULT_
     if not request.url.path.endswith("/"):  # the page's links are relative to <prefix>/encoderflow/
         return RedirectResponse(request.url.path + "/" + (f"?{request.url.query}" if request.url.query else ""))
     snap = _snapshot(model)
-    return HTMLResponse(page.render(snap["runs"], snap["registry"], model, snap["mlflow_ui"], user.get_name()),
-                        headers={"Cache-Control": "no-store"})
+    return HTMLResponse(
+        page.render(snap["runs"], snap["registry"], model, snap["mlflow_ui"], user.get_name()),
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 @app.get("/runs.json")
@@ -119,5 +136,12 @@ class EncoderflowPlugin(AirflowPlugin):
     fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "Encoderflow runs"}]
     # url_route: shown inside the Airflow UI (an iframe under /plugin/encoderflow-runs), with the
     # UI's navigation around it. The relative href keeps it working under a base_url prefix.
-    external_views = [{"name": "Encoderflow runs", "href": "encoderflow/", "url_route": "encoderflow-runs",
-                       "destination": "nav", "nav_top_level": True}]
+    external_views = [
+        {
+            "name": "Encoderflow runs",
+            "href": "encoderflow/",
+            "url_route": "encoderflow-runs",
+            "destination": "nav",
+            "nav_top_level": True,
+        }
+    ]

@@ -20,8 +20,12 @@ from encoderflow.layout import safe_run_id
 
 DAG_ID = "encoder_pretraining"
 DEFAULT_MODEL = "encoderflow-sst2"
-METRICS = (("sst2_val_accuracy", "SST-2 dev accuracy"), ("baseline_val_accuracy", "BoW baseline"),
-           ("champion_val_accuracy", "champion (re-evaluated)"), ("mlm_val_accuracy", "MLM accuracy"))
+METRICS = (
+    ("sst2_val_accuracy", "SST-2 dev accuracy"),
+    ("baseline_val_accuracy", "BoW baseline"),
+    ("champion_val_accuracy", "champion (re-evaluated)"),
+    ("mlm_val_accuracy", "MLM accuracy"),
+)
 
 
 def encoderflow_home() -> Path:
@@ -40,8 +44,7 @@ def data_docs(run_dir: Path) -> dict[str, str]:
     root = run_dir / "data_docs"
     if not root.is_dir():
         return {}
-    return {d.name: f"data_docs/{d.name}/index.html" for d in sorted(root.iterdir())
-            if (d / "index.html").is_file()}
+    return {d.name: f"data_docs/{d.name}/index.html" for d in sorted(root.iterdir()) if (d / "index.html").is_file()}
 
 
 def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -60,8 +63,17 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
     for folder in folders:
         if not folder.is_dir():
             continue
-        entry = runs.setdefault(folder.name, {"run_id": None, "state": None, "start_date": None, "end_date": None,
-                                              "conf": {}, "mtime": folder.stat().st_mtime})
+        entry = runs.setdefault(
+            folder.name,
+            {
+                "run_id": None,
+                "state": None,
+                "start_date": None,
+                "end_date": None,
+                "conf": {},
+                "mtime": folder.stat().st_mtime,
+            },
+        )
         entry["folder"] = folder.name
         summary = _read_json(folder / "summary.json")
         gate = _read_json(folder / "gate.json")
@@ -76,9 +88,11 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
             entry["preset"] = summary.get("preset")
         elif gate:
             entry["gate"] = {"blessed": gate.get("blessed"), "reasons": gate.get("reasons", [])}
-            entry["metrics"] = {"sst2_val_accuracy": gate.get("candidate"),
-                                "baseline_val_accuracy": gate.get("baseline"),
-                                "champion_val_accuracy": gate.get("champion")}
+            entry["metrics"] = {
+                "sst2_val_accuracy": gate.get("candidate"),
+                "baseline_val_accuracy": gate.get("baseline"),
+                "champion_val_accuracy": gate.get("champion"),
+            }
         if gate:
             entry["checks"] = gate.get("checks", [])
         entry["data_docs"] = data_docs(folder)
@@ -119,8 +133,12 @@ def registry_state(home: Path, model: str) -> dict[str, Any]:
     try:
         from encoderflow import registry
 
-        return {"champion": registry.champion(model), "history": registry.history(model), "error": None,
-                "store": registry.tracking_uri()}
+        return {
+            "champion": registry.champion(model),
+            "history": registry.history(model),
+            "error": None,
+            "store": registry.tracking_uri(),
+        }
     except Exception as exc:  # noqa: BLE001 - shown on the page instead
         return {"champion": None, "history": [], "error": f"{type(exc).__name__}: {exc}", "store": None}
 
@@ -150,28 +168,39 @@ a{color:#2b6cb0}
 """
 
 
-def render(runs: list[dict[str, Any]], registry: dict[str, Any], model: str, mlflow_url: str | None,
-           user: str | None = None) -> str:
+def render(
+    runs: list[dict[str, Any]], registry: dict[str, Any], model: str, mlflow_url: str | None, user: str | None = None
+) -> str:
     """The whole page as HTML (no script: it renders in the Airflow UI's frame and on its own)."""
-    out = ["<!doctype html><html><head><meta charset='utf-8'><title>Encoderflow runs</title>",
-           f"<style>{CSS}</style></head><body>",
-           f"<h1>Encoderflow runs</h1><div class='muted'>DAG <code>{_e(DAG_ID)}</code> · registered model "
-           f"<code>{_e(model)}</code>{' · signed in as ' + _e(user) if user else ''}</div>"]
+    out = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>Encoderflow runs</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>Encoderflow runs</h1><div class='muted'>DAG <code>{_e(DAG_ID)}</code> · registered model "
+        f"<code>{_e(model)}</code>{' · signed in as ' + _e(user) if user else ''}</div>",
+    ]
 
     champ = registry.get("champion")
     out.append("<h2>Champion</h2>")
     if registry.get("error"):
         out.append(f"<p class='no'>registry unavailable: {_e(registry['error'])}</p>")
     elif champ:
-        link = (f" · <a target='_blank' rel='noopener' href='{_e(mlflow_url)}/#/models/{quote(model)}/versions/"
-                f"{quote(str(champ['version']))}'>MLflow model version</a>") if mlflow_url else ""
+        link = (
+            (
+                f" · <a target='_blank' rel='noopener' href='{_e(mlflow_url)}/#/models/{quote(model)}/versions/"
+                f"{quote(str(champ['version']))}'>MLflow model version</a>"
+            )
+            if mlflow_url
+            else ""
+        )
         tags = champ.get("tags") or {}
         try:
             accuracy = _acc(float(tags["gate.candidate_accuracy"]))
         except (KeyError, TypeError, ValueError):
             accuracy = "–"
-        out.append(f"<p><b>v{_e(champ['version'])}</b> · SST-2 dev accuracy {accuracy}"
-                   f" · from Airflow run <code>{_e(tags.get('airflow.run_id', '–'))}</code>{link}</p>")
+        out.append(
+            f"<p><b>v{_e(champ['version'])}</b> · SST-2 dev accuracy {accuracy}"
+            f" · from Airflow run <code>{_e(tags.get('airflow.run_id', '–'))}</code>{link}</p>"
+        )
     else:
         out.append(f"<p class='muted'>no champion yet ({_e(registry.get('store'))})</p>")
     history = list(reversed(registry.get("history") or []))
@@ -180,17 +209,20 @@ def render(runs: list[dict[str, Any]], registry: dict[str, Any], model: str, mlf
     if history:
         out.append("<table><tr><th>when (UTC)</th><th>action</th><th>move</th><th>by</th><th>reason</th></tr>")
         for ev in history:
-            out.append(f"<tr><td>{_e(str(ev.get('at', ''))[:19].replace('T', ' '))}</td><td>{_e(ev.get('action'))}</td>"
-                       f"<td>v{_e(ev.get('from') or '–')} → v{_e(ev.get('to'))}</td><td>{_e(ev.get('who'))}</td>"
-                       f"<td>{_e(ev.get('reason'))}</td></tr>")
+            out.append(
+                f"<tr><td>{_e(str(ev.get('at', ''))[:19].replace('T', ' '))}</td><td>{_e(ev.get('action'))}</td>"
+                f"<td>v{_e(ev.get('from') or '–')} → v{_e(ev.get('to'))}</td><td>{_e(ev.get('who'))}</td>"
+                f"<td>{_e(ev.get('reason'))}</td></tr>"
+            )
         out.append("</table>")
 
     out.append(f"<h2>Runs ({len(runs)})</h2>")
     if not runs:
         out.append("<p class='muted'>No runs yet: trigger <code>encoder_pretraining</code>.</p>")
     else:
-        out.append("<table><tr><th>run</th><th>gate decision</th><th>metrics</th><th>registry</th>"
-                   "<th>Data Docs</th></tr>")
+        out.append(
+            "<table><tr><th>run</th><th>gate decision</th><th>metrics</th><th>registry</th><th>Data Docs</th></tr>"
+        )
         for run in runs:
             out.append(_row(run, mlflow_url))
         out.append("</table>")
@@ -203,10 +235,20 @@ def render(runs: list[dict[str, Any]], registry: dict[str, Any], model: str, mlf
 def _row(run: dict[str, Any], mlflow_url: str | None) -> str:
     run_id = run.get("run_id") or run.get("folder")
     state = run.get("state")
-    cells = [f"<a target='_top' href='{_e(airflow_run_href(run_id))}'><code>{_e(run_id)}</code></a>"
-             if state is not None else f"<code>{_e(run_id)}</code> <span class='muted'>(not in this Airflow)</span>"]
-    meta = [m for m in (state and f"state <b>{_e(state)}</b>", run.get("preset") and f"preset {_e(run['preset'])}",
-                        run.get("start_date") and f"started {_e(str(run['start_date'])[:19])}") if m]
+    cells = [
+        f"<a target='_top' href='{_e(airflow_run_href(run_id))}'><code>{_e(run_id)}</code></a>"
+        if state is not None
+        else f"<code>{_e(run_id)}</code> <span class='muted'>(not in this Airflow)</span>"
+    ]
+    meta = [
+        m
+        for m in (
+            state and f"state <b>{_e(state)}</b>",
+            run.get("preset") and f"preset {_e(run['preset'])}",
+            run.get("start_date") and f"started {_e(str(run['start_date'])[:19])}",
+        )
+        if m
+    ]
     if meta:
         cells[0] += "<div class='muted'>" + " · ".join(meta) + "</div>"
 
@@ -222,19 +264,25 @@ def _row(run: dict[str, Any], mlflow_url: str | None) -> str:
         cells.append(f"{verdict}<ul>{items}</ul>")
 
     metrics = run.get("metrics") or {}
-    cells.append("<br>".join(f"{label}: <b>{_acc(metrics.get(key))}</b>" for key, label in METRICS
-                             if key in metrics) or "<span class='muted'>–</span>")
+    cells.append(
+        "<br>".join(f"{label}: <b>{_acc(metrics.get(key))}</b>" for key, label in METRICS if key in metrics)
+        or "<span class='muted'>–</span>"
+    )
 
     reg = run.get("registry") or {}
     if reg.get("version"):
         model = reg.get("registered_model") or DEFAULT_MODEL
         parts = [f"{_e(model)} v{_e(reg['version'])}"]
         if mlflow_url:
-            parts.append(f"<a target='_blank' rel='noopener' href='{_e(mlflow_url)}/#/models/{quote(model)}/versions/"
-                         f"{quote(str(reg['version']))}'>model version</a>")
+            parts.append(
+                f"<a target='_blank' rel='noopener' href='{_e(mlflow_url)}/#/models/{quote(model)}/versions/"
+                f"{quote(str(reg['version']))}'>model version</a>"
+            )
             if reg.get("run_id"):
-                parts.append(f"<a target='_blank' rel='noopener' href='{_e(mlflow_url)}/#/runs/"
-                             f"{quote(reg['run_id'])}'>MLflow run</a>")
+                parts.append(
+                    f"<a target='_blank' rel='noopener' href='{_e(mlflow_url)}/#/runs/"
+                    f"{quote(reg['run_id'])}'>MLflow run</a>"
+                )
         elif reg.get("run_id"):
             parts.append(f"MLflow run <code>{_e(reg['run_id'])}</code>")
         cells.append("<br>".join(parts))
@@ -243,8 +291,12 @@ def _row(run: dict[str, Any], mlflow_url: str | None) -> str:
 
     docs = run.get("data_docs") or {}
     if docs and run.get("folder"):
-        cells.append("<br>".join(f"<a target='_blank' rel='noopener' href='runs/{quote(run['folder'])}/{_e(rel)}'>"
-                                 f"{_e(name)}</a>" for name, rel in docs.items()))
+        cells.append(
+            "<br>".join(
+                f"<a target='_blank' rel='noopener' href='runs/{quote(run['folder'])}/{_e(rel)}'>{_e(name)}</a>"
+                for name, rel in docs.items()
+            )
+        )
     else:
         cells.append("<span class='muted'>–</span>")
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
+import pytest
+
+from encoderflow import runtime
+
+runtime.use_jax()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
-import pytest  # noqa: E402
+# The loopback HTTP server fixture, for every test that downloads.
+pytest_plugins = ["tests.data.fixtures_http"]
 
 
 @pytest.fixture(autouse=True)

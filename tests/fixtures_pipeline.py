@@ -12,19 +12,74 @@ import json
 import random
 import threading
 import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 POSITIVE = ["good", "great", "wonderful", "delightful", "moving", "brilliant"]
 NEGATIVE = ["bad", "awful", "boring", "dull", "terrible", "tedious"]
-NEUTRAL = ["the", "film", "movie", "story", "a", "is", "was", "and", "plot", "acting", "it", "this", "of",
-           "cast", "score", "scenes", "ending", "director", "very", "quite"]
-WIKI_WORDS = ["history", "river", "city", "king", "war", "music", "album", "team", "season", "built", "church",
-              "north", "south", "year", "first", "league", "song", "released", "born", "game", "in", "on", "to",
-              "by", "with", "as", "at", "for", "from", "he", "she", "his", "her", "which", "were", "later"]
+NEUTRAL = [
+    "the",
+    "film",
+    "movie",
+    "story",
+    "a",
+    "is",
+    "was",
+    "and",
+    "plot",
+    "acting",
+    "it",
+    "this",
+    "of",
+    "cast",
+    "score",
+    "scenes",
+    "ending",
+    "director",
+    "very",
+    "quite",
+]
+WIKI_WORDS = [
+    "history",
+    "river",
+    "city",
+    "king",
+    "war",
+    "music",
+    "album",
+    "team",
+    "season",
+    "built",
+    "church",
+    "north",
+    "south",
+    "year",
+    "first",
+    "league",
+    "song",
+    "released",
+    "born",
+    "game",
+    "in",
+    "on",
+    "to",
+    "by",
+    "with",
+    "as",
+    "at",
+    "for",
+    "from",
+    "he",
+    "she",
+    "his",
+    "her",
+    "which",
+    "were",
+    "later",
+]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 

@@ -23,9 +23,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -100,28 +101,36 @@ class AirflowStack:
                 os.environ["ENCODERFLOW_HOME"] = saved
         self.home = Path(env["AIRFLOW_HOME"])
         self.passwords_file = self.home / "passwords.json"
-        env.update({
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-            "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__API__PORT": str(self.port),
-            "AIRFLOW__API__WORKERS": "1",
-            "AIRFLOW__API__BASE_URL": self.url,
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.passwords_file),
-            "AIRFLOW__CORE__LAZY_LOAD_PLUGINS": "False",
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-            "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-            "ENCODERFLOW_MLFLOW_UI_URL": "http://127.0.0.1:5000",
-        })
+        env.update(
+            {
+                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+                "AIRFLOW__API__HOST": "127.0.0.1",
+                "AIRFLOW__API__PORT": str(self.port),
+                "AIRFLOW__API__WORKERS": "1",
+                "AIRFLOW__API__BASE_URL": self.url,
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.passwords_file),
+                "AIRFLOW__CORE__LAZY_LOAD_PLUGINS": "False",
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+                "AIRFLOW__CORE__PARALLELISM": "4",
+                "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+                "ENCODERFLOW_MLFLOW_UI_URL": "http://127.0.0.1:5000",
+            }
+        )
         self.env = env
 
     def airflow(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "airflow", *args], env=self.env, cwd=self.root,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "airflow", *args],
+            env=self.env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert proc.returncode == 0, f"airflow {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         return proc
 
@@ -131,14 +140,21 @@ class AirflowStack:
         self.airflow("db", "migrate")
         for name in self.components:
             log = open(self.logs / f"{name}.log", "wb")
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", "airflow", name], env=self.env, cwd=self.root,
-                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "airflow", name],
+                env=self.env,
+                cwd=self.root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             log.close()
         if "api-server" in self.components:
             self.wait_for(lambda: self._health_ok(), 180, "api-server health")
             # pretrain and finetune wait in pool `gpu` (one slot); without it they would never be queued.
-            status, body = self.request("POST", "/api/v2/pools", {"name": "gpu", "slots": 1,
-                                                                  "description": "one training job at a time"})
+            status, body = self.request(
+                "POST", "/api/v2/pools", {"name": "gpu", "slots": 1, "description": "one training job at a time"}
+            )
             assert status in (200, 201), (status, body)
 
     def _health_ok(self) -> bool:
@@ -153,14 +169,16 @@ class AirflowStack:
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise AssertionError(f"{name} exited ({proc.returncode}) while waiting for {what}:\n"
-                                         + self.tail(name))
+                    raise AssertionError(
+                        f"{name} exited ({proc.returncode}) while waiting for {what}:\n" + self.tail(name)
+                    )
             value = predicate()
             if value:
                 return value
             time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}\n" +
-                             "\n".join(self.tail(n) for n in self.procs))
+        raise AssertionError(
+            f"timed out after {timeout}s waiting for {what}\n" + "\n".join(self.tail(n) for n in self.procs)
+        )
 
     def tail(self, name: str, chars: int = 4000) -> str:
         path = self.logs / f"{name}.log"
@@ -183,8 +201,15 @@ class AirflowStack:
                 pass
 
     # --- HTTP ---------------------------------------------------------------------------------
-    def request(self, method: str, path: str, body: Any = None, token: str | None = "admin",
-                headers: dict[str, str] | None = None, cookie: str | None = None) -> tuple[int, Any]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = "admin",
+        headers: dict[str, str] | None = None,
+        cookie: str | None = None,
+    ) -> tuple[int, Any]:
         headers = dict(headers or {})
         if token == "admin":
             token = self.token("admin", self.password)
@@ -209,8 +234,7 @@ class AirflowStack:
     def token(self, username: str, password: str) -> str:
         key = f"{username}:{password}"
         if key not in self._tokens:
-            status, body = self.request("POST", "/auth/token", {"username": username, "password": password},
-                                        token=None)
+            status, body = self.request("POST", "/auth/token", {"username": username, "password": password}, token=None)
             assert status in (200, 201), (status, body)
             self._tokens[key] = body["access_token"]
         return self._tokens[key]
@@ -228,8 +252,7 @@ def airflow_stack(root: Path, encoderflow_home: Path, **kwargs) -> Iterator[Airf
 
 def smoke_conf(data_dir: Path) -> dict[str, Any]:
     """The smoke preset on the fixture tree: a real run of every task in a couple of minutes."""
-    return {"preset": "smoke", "data_dir": str(data_dir), "pretrain_split": "train",
-            "finetune_steps_per_epoch": 40}
+    return {"preset": "smoke", "data_dir": str(data_dir), "pretrain_split": "train", "finetune_steps_per_epoch": 40}
 
 
 def log_lines(content: list[Any]) -> list[str]:
@@ -257,12 +280,16 @@ def test_rest_api_run_to_success_with_epoch_logs(stack):
     stack.wait_for(lambda: stack.request("GET", f"/api/v2/dags/{DAG_ID}")[0] == 200, 120, "the DAG to be parsed")
 
     # A conf the form would refuse is refused by the API too (typed params are enforced).
-    status, body = stack.request("POST", f"/api/v2/dags/{DAG_ID}/dagRuns",
-                                 {"logical_date": None, "conf": {"preset": "tiny"}})
+    status, body = stack.request(
+        "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": {"preset": "tiny"}}
+    )
     assert status == 400, (status, body)
 
-    status, run = stack.request("POST", f"/api/v2/dags/{DAG_ID}/dagRuns",
-                                {"logical_date": None, "conf": smoke_conf(tree), "note": "REST API test"})
+    status, run = stack.request(
+        "POST",
+        f"/api/v2/dags/{DAG_ID}/dagRuns",
+        {"logical_date": None, "conf": smoke_conf(tree), "note": "REST API test"},
+    )
     assert status == 200, (status, run)
     run_id = run["dag_run_id"]
     quoted = urllib.parse.quote(run_id, safe="")
@@ -282,8 +309,9 @@ def test_rest_api_run_to_success_with_epoch_logs(stack):
     _, ti = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/pretrain")
     assert ti["pool"] == "gpu" and ti["queue"] == "gpu", ti
     status, log = stack.request(
-        "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/pretrain/logs/{ti['try_number']}"
-               "?full_content=true")
+        "GET",
+        f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/pretrain/logs/{ti['try_number']}?full_content=true",
+    )
     assert status == 200, log
     lines = log_lines(log["content"])
     epochs = [line for line in lines if "pretrain epoch" in line]
@@ -292,8 +320,9 @@ def test_rest_api_run_to_success_with_epoch_logs(stack):
     assert all("loss=" in line and "seq/s=" in line for line in epochs), epochs
     # ... and says what it read and wrote.
     assert any("pretrain output encoder:" in line and "sha256" in line for line in lines), "\n".join(lines[-60:])
-    _, flog = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/finetune/logs/1"
-                                   "?full_content=true")
+    _, flog = stack.request(
+        "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/finetune/logs/1?full_content=true"
+    )
     assert any("finetune epoch 1/1" in line for line in log_lines(flog["content"]))
 
     # The sealed shards and the new champion are asset events other DAGs can be scheduled on.
@@ -330,9 +359,11 @@ OPEN_FORM_JS = r"""
 """
 FORM = "[...document.querySelectorAll('[role=dialog]')].find(e => /Trigger Dag/.test(e.innerText))"
 # Where a collapsed param section's header is, so a real mouse click can open it.
-SECTION_JS = "(() => { const b = [...(" + FORM + ").querySelectorAll('button[aria-expanded=\"false\"]')]" \
-             ".find(b => b.innerText.trim() === %s); if (!b) return null; b.scrollIntoView({block: 'center'});" \
-             " const r = b.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+SECTION_JS = (
+    "(() => { const b = [...(" + FORM + ").querySelectorAll('button[aria-expanded=\"false\"]')]"
+    ".find(b => b.innerText.trim() === %s); if (!b) return null; b.scrollIntoView({block: 'center'});"
+    " const r = b.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+)
 SECTIONS = ("Data generation", "Pretraining", "Fine-tuning", "Promotion gate", "Advanced")
 
 
@@ -349,11 +380,25 @@ def browser_check(url: str, token: str, workdir: Path, screenshot: Path) -> str:
     chrome = chromium_binary()
     profile = workdir / "chromium-profile"
     port = free_port()
-    proc = subprocess.Popen([chrome, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                             f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
-                             f"--user-data-dir={profile}", "--window-size=1400,1800", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            chrome,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--remote-debugging-port={port}",
+            "--remote-debugging-address=127.0.0.1",
+            f"--user-data-dir={profile}",
+            "--window-size=1400,1800",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
+
         def target():
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=2) as r:
@@ -408,8 +453,9 @@ def browser_check(url: str, token: str, workdir: Path, screenshot: Path) -> str:
                     point = await js(SECTION_JS % json.dumps(section))
                     assert point, f"no collapsed section {section!r} in the form"
                     for kind in ("mousePressed", "mouseReleased"):
-                        await call("Input.dispatchMouseEvent", type=kind, x=point[0], y=point[1], button="left",
-                                   clickCount=1)
+                        await call(
+                            "Input.dispatchMouseEvent", type=kind, x=point[0], y=point[1], button="left", clickCount=1
+                        )
                     await asyncio.sleep(0.8)
                     texts.append(await js(f"({FORM}).innerText"))
                     await shoot(screenshot.with_name(f"{screenshot.stem}-{section.lower().replace(' ', '-')}.png"))
@@ -433,18 +479,23 @@ def test_trigger_form_in_a_real_browser(stack):
     shot = Path(os.environ.get("ENCODERFLOW_SCREENSHOT") or stack.root / "trigger-form.png")
     text = browser_check(stack.url, stack.token("admin", stack.password), stack.root, shot)
     assert shot.exists() and shot.stat().st_size > 10_000
-    for label in ("Preset", "Offline data folder", "Mirror URL", "Pretraining epochs", "Fine-tuning learning rate",
-                  "Gate: accuracy floor"):
+    for label in (
+        "Preset",
+        "Offline data folder",
+        "Mirror URL",
+        "Pretraining epochs",
+        "Fine-tuning learning rate",
+        "Gate: accuracy floor",
+    ):
         assert label in text, f"{label!r} not in the trigger form:\n{text[:3000]}"
     print(f"\ntrigger form screenshot: {shot}")
 
 
-# --- fast: the DAG's failure handling, without servers -------------------------------------------------
+# --- fast: the DAG's failure handling (encoderflow.airflow_adapter), without servers ---------------------------
 
 PROBE = r"""
 import json, logging, sys
-sys.path.insert(0, sys.argv[1])
-import encoder_pretraining as d
+from encoderflow import airflow_adapter as d
 from encoderflow.errors import EncoderflowError
 records = []
 class H(logging.Handler):
@@ -480,27 +531,30 @@ print(json.dumps({"failed": failed, "records": records, "schedules": schedules})
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("dag-probe")
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp / "airflow"),
-           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp / 'airflow.db'}"}
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(REPO / "dags")], env=env, capture_output=True, text=True,
-                          timeout=120)
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp / "airflow"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp / 'airflow.db'}",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, str(REPO / "dags")], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_expected_failure_is_a_message_and_failure_callback_one_line(probe):
     message = "EncoderflowError: sst2: SST-2/dev.tsv: expect_column_values_to_be_in_set label failed (3 rows)"
-    assert probe["failed"] == {"type": "AirflowFailException", "cause": "None", "suppressed": True,
-                               "message": message}
+    assert probe["failed"] == {"type": "AirflowFailException", "cause": "None", "suppressed": True, "message": message}
     # The wrapper logs the diagnosis itself, first, as one ERROR line.
     assert message in probe["records"]
     failure_lines = [r for r in probe["records"] if r.startswith("encoderflow FAILED")]
     assert failure_lines == [
         "encoderflow FAILED encoder_pretraining.build_shard[3] run=r1 try=2/2: ValueError: disk full while "
         "writing shard 3",
-        f"encoderflow FAILED encoder_pretraining.build_shard[3] run=r1 try=2, no retry: {message}"]
+        f"encoderflow FAILED encoder_pretraining.build_shard[3] run=r1 try=2, no retry: {message}",
+    ]
 
 
 def test_schedule_comes_from_the_environment(probe):
-    assert probe["schedules"] == {"": None, "@daily": "@daily", "0 3 * * 1": "0 3 * * 1", "off": None,
-                                  "None": None}
+    assert probe["schedules"] == {"": None, "@daily": "@daily", "0 3 * * 1": "0 3 * * 1", "off": None, "None": None}

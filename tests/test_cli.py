@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from encoderflow import cli, steps
-from encoderflow.config import ConfigError
+from encoderflow import cli
+from encoderflow.config import ConfigError, from_params
 
 
 def test_config_prints_resolved_values(capsys):
@@ -16,12 +16,15 @@ def test_config_prints_resolved_values(capsys):
     assert out["preset"] == "smoke" and out["model"]["num_layers"] == 2 and len(out["config_hash"]) == 64
 
 
-@pytest.mark.parametrize("override, named", [
-    ("model.layers=2", "model.layers"),
-    ("model.num_layers=two", "model.num_layers"),
-    ("pretrain.learning_rate=-1", "pretrain.learning_rate"),
-    ("nosection", "nosection"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("model.layers=2", "model.layers"),
+        ("model.num_layers=two", "model.num_layers"),
+        ("pretrain.learning_rate=-1", "pretrain.learning_rate"),
+        ("nosection", "nosection"),
+    ],
+)
 def test_bad_override_is_refused_naming_the_key(override, named, capsys):
     assert cli.main(["config", "--set", override]) == 2
     assert named in capsys.readouterr().err
@@ -46,12 +49,19 @@ def test_predict_without_champion_says_so(capsys):
 
 
 def test_dag_params_become_config_values():
-    cfg = steps.config_from_params({"preset": "smoke", "pretrain_epochs": 3, "gate_min_accuracy": 0.6,
-                                    "finetune_learning_rate": None, "overrides": ["model.num_heads=4"]})
+    cfg = from_params(
+        {
+            "preset": "smoke",
+            "pretrain_epochs": 3,
+            "gate_min_accuracy": 0.6,
+            "finetune_learning_rate": None,
+            "overrides": ["model.num_heads=4"],
+        }
+    )
     assert cfg.pretrain.epochs == 3 and cfg.gate.min_accuracy == 0.6 and cfg.model.num_heads == 4
     assert cfg.finetune.learning_rate == 1e-3  # None keeps the preset's value
     with pytest.raises(ConfigError, match="pretrain.epochs"):
-        steps.config_from_params({"preset": "smoke", "pretrain_epochs": 0})
+        from_params({"preset": "smoke", "pretrain_epochs": 0})
 
 
 def test_validate_passes_offline_without_a_train_split_and_fails_on_bad_data(tmp_path, capsys):

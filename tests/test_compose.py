@@ -24,8 +24,16 @@ ENV_EXAMPLE = REPO / ".env.example"
 SECRET = re.compile(r"PASSWORD|SECRET|FERNET|TOKEN|(^|_)KEY$")
 # ${NAME}, ${NAME:-x}, ${NAME-x}, ${NAME:?x}, ${NAME?x}, ${NAME:+x}, $NAME; $$ is a literal $.
 VAR = re.compile(r"\$\$|\$\{(?P<name>\w+)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}|\$(?P<bare>\w+)")
-OFFICIAL = {"postgres", "redis", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-            "airflow-triggerer", "airflow-worker", "airflow-init"}
+OFFICIAL = {
+    "postgres",
+    "redis",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "airflow-worker",
+    "airflow-init",
+}
 
 
 class MissingVariable(Exception):
@@ -34,6 +42,7 @@ class MissingVariable(Exception):
 
 def interpolate(text: str, env: dict[str, str]) -> str:
     """Compose's variable interpolation, enough of it to check what `docker compose config` would say."""
+
     def sub(m: re.Match) -> str:
         if m.group(0) == "$$":
             return "$"
@@ -131,8 +140,11 @@ def test_every_image_or_build_exists(services):
 def test_images_match_the_pinned_stack():
     """The images install exactly the venv's pins (requirements + constraints), and JAX on CUDA for gpu."""
     text = DOCKERFILE.read_text()
-    constraints = dict(line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines()
-                       if "==" in line and not line.startswith("#"))
+    constraints = dict(
+        line.split("==", 1)
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     assert "pip install -r requirements.txt" in text
     jax = re.search(r'"jax\[cuda12\]==([\w.]+)"', text)
     assert jax and jax.group(1) == constraints["jax"], "the GPU image's jax must be the venv's"
@@ -155,11 +167,13 @@ def test_gpu_worker_reserves_a_gpu_and_listens_on_gpu(services):
     assert gpu["build"]["target"] == "gpu"
     cpu = services["airflow-worker"]["command"]
     assert interpolate(cpu[cpu.index("--queues") + 1], {}) == "default"
-    # The DAG sends training to that queue and pool; init creates the pool with one slot.
+    # The DAG sends training to that queue and pool (presets in the adapter); init creates the pool.
     dag = (REPO / "dags" / "encoder_pretraining.py").read_text()
-    assert re.search(r'GPU = \{"queue": "gpu", "pool": "gpu", "pool_slots": 1\}', dag)
+    adapter = (REPO / "src" / "encoderflow" / "airflow_adapter.py").read_text()
+    assert re.search(r'GPU = \{"queue": "gpu", "pool": "gpu", "pool_slots": 1\}', adapter)
+    assert "@task(**af.GPU" in dag
     init = "\n".join(services["airflow-init"]["command"])
-    assert 'airflow pools set gpu 1 ' in init
+    assert "airflow pools set gpu 1 " in init
 
 
 def test_shared_volume_at_the_same_path_in_every_airflow_service(compose, services):
@@ -190,8 +204,15 @@ def test_no_password_has_a_literal_default(compose):
         # user:password@host in a URL: the password is a required variable.
         for cred in re.findall(r"://[^:/@\s]*:([^@\s]+)@", value):
             assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", cred), f"{path}: literal password in {value!r}"
-    assert required >= {"POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "REDIS_PASSWORD", "AIRFLOW_ADMIN_PASSWORD",
-                        "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_API_SECRET_KEY"}, required
+    assert required >= {
+        "POSTGRES_PASSWORD",
+        "MLFLOW_DB_PASSWORD",
+        "REDIS_PASSWORD",
+        "AIRFLOW_ADMIN_PASSWORD",
+        "AIRFLOW_FERNET_KEY",
+        "AIRFLOW_JWT_SECRET",
+        "AIRFLOW_API_SECRET_KEY",
+    }, required
 
 
 def test_required_variables_fail_clearly_and_env_example_lists_them(compose):
@@ -212,11 +233,15 @@ def test_required_variables_fail_clearly_and_env_example_lists_them(compose):
     env = {n: f"value-of-{n.lower()}" for n in required}
     resolved = yaml.safe_load(interpolate(text, env))
     common = resolved["services"]["airflow-scheduler"]["environment"]
-    assert common["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == \
-        "postgresql+psycopg2://airflow:value-of-postgres_password@postgres/airflow"
+    assert (
+        common["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+        == "postgresql+psycopg2://airflow:value-of-postgres_password@postgres/airflow"
+    )
     assert common["AIRFLOW__CELERY__BROKER_URL"] == "redis://:value-of-redis_password@redis:6379/0"
-    assert resolved["services"]["airflow-init"]["environment"]["AIRFLOW_ADMIN_PASSWORD"] == \
-        "value-of-airflow_admin_password"
+    assert (
+        resolved["services"]["airflow-init"]["environment"]["AIRFLOW_ADMIN_PASSWORD"]
+        == "value-of-airflow_admin_password"
+    )
     assert "${" not in interpolate(text.replace("$$", ""), env)  # $$ is compose's escape for a literal $
 
 
@@ -236,9 +261,19 @@ def test_docker_compose_config_accepts_it(tmp_path):
     full.write_text("".join(f"{n}=ci-{n.lower()}\n" for n in required))
     empty.write_text("")
     cli = compose_cli()
-    ok = subprocess.run([*cli, "--env-file", str(full), "-f", str(COMPOSE), "config", "-q"], capture_output=True,
-                        text=True, timeout=120, cwd=tmp_path)
+    ok = subprocess.run(
+        [*cli, "--env-file", str(full), "-f", str(COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert ok.returncode == 0, ok.stderr
-    refused = subprocess.run([*cli, "--env-file", str(empty), "-f", str(COMPOSE), "config", "-q"],
-                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    refused = subprocess.run(
+        [*cli, "--env-file", str(empty), "-f", str(COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert refused.returncode != 0 and "in .env (see .env.example)" in refused.stderr, refused.stderr

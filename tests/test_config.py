@@ -41,10 +41,17 @@ def test_smoke_preset_is_tiny_and_offline():
 
 
 def test_overrides_from_strings_are_coerced():
-    cfg = from_overrides("guide", {
-        "data.seq_length": " 64 ", "pretrain.learning_rate": "1e-3", "model.padding_mask": "false",
-        "data.lowercase": "Yes", "gate.registered_model": " my-model ", "data.pretrain_split": "test",
-    })
+    cfg = from_overrides(
+        "guide",
+        {
+            "data.seq_length": " 64 ",
+            "pretrain.learning_rate": "1e-3",
+            "model.padding_mask": "false",
+            "data.lowercase": "Yes",
+            "gate.registered_model": " my-model ",
+            "data.pretrain_split": "test",
+        },
+    )
     assert cfg.data.seq_length == 64 and type(cfg.data.seq_length) is int
     assert cfg.pretrain.learning_rate == 1e-3 and type(cfg.pretrain.learning_rate) is float
     assert cfg.model.padding_mask is False and cfg.data.lowercase is True
@@ -55,8 +62,10 @@ def test_overrides_from_strings_are_coerced():
 
 
 def test_overrides_from_typed_values():
-    cfg = from_overrides("smoke", {"data.seq_length": 64, "pretrain.learning_rate": 1, "model.padding_mask": False,
-                                   "gate.max_regression": 0.02})
+    cfg = from_overrides(
+        "smoke",
+        {"data.seq_length": 64, "pretrain.learning_rate": 1, "model.padding_mask": False, "gate.max_regression": 0.02},
+    )
     assert cfg.data.seq_length == 64
     # An int where a float is wanted is widened (a DAG Param of 1 means 1.0).
     assert cfg.pretrain.learning_rate == 1.0 and type(cfg.pretrain.learning_rate) is float
@@ -75,41 +84,46 @@ def test_none_overrides_are_skipped():
     assert from_overrides("smoke", {"data.seq_length": None, "pretrain.learning_rate": None}) == from_overrides("smoke")
 
 
-@pytest.mark.parametrize("overrides, key", [
-    ({"nosuch.seq_length": 1}, "nosuch.seq_length"),
-    ({"seq_length": 1}, "seq_length"),
-    ({"data.nosuch": 1}, "data.nosuch"),
-    ({"data.seq_length": "abc"}, "data.seq_length"),
-    ({"data.seq_length": "1.5"}, "data.seq_length"),
-    ({"data.seq_length": 1.5}, "data.seq_length"),
-    ({"data.seq_length": True}, "data.seq_length"),
-    ({"model.padding_mask": "maybe"}, "model.padding_mask"),
-    ({"model.padding_mask": 1}, "model.padding_mask"),
-    ({"gate.registered_model": 5}, "gate.registered_model"),
-    ({"pretrain.learning_rate": "fast"}, "pretrain.learning_rate"),
-    ({"pretrain.learning_rate": -1e-4}, "pretrain.learning_rate"),
-    ({"pretrain.learning_rate": 0}, "pretrain.learning_rate"),
-    ({"finetune.learning_rate": "nan"}, "finetune.learning_rate"),
-    ({"pretrain.learning_rate": "inf"}, "pretrain.learning_rate"),
-    ({"data.mask_rate": 1.5}, "data.mask_rate"),
-    ({"data.mask_rate": 0.0}, "data.mask_rate"),
-    ({"model.num_heads": 3}, "model.num_heads"),
-    ({"data.predictions_per_seq": 129}, "data.predictions_per_seq"),
-    ({"data.seq_length": 16}, "data.predictions_per_seq"),  # 32 predictions no longer fit
-    ({"data.seed": -1}, "data.seed"),
-    ({"data.pretrain_split": "training"}, "data.pretrain_split"),
-    ({"gate.min_accuracy": 1.01}, "gate.min_accuracy"),
-    ({"gate.registered_model": "a/b"}, "gate.registered_model"),
-    ({"pretrain.batch_size": 0}, "pretrain.batch_size"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"nosuch.seq_length": 1}, "nosuch.seq_length"),
+        ({"seq_length": 1}, "seq_length"),
+        ({"data.nosuch": 1}, "data.nosuch"),
+        ({"data.seq_length": "abc"}, "data.seq_length"),
+        ({"data.seq_length": "1.5"}, "data.seq_length"),
+        ({"data.seq_length": 1.5}, "data.seq_length"),
+        ({"data.seq_length": True}, "data.seq_length"),
+        ({"model.padding_mask": "maybe"}, "model.padding_mask"),
+        ({"model.padding_mask": 1}, "model.padding_mask"),
+        ({"gate.registered_model": 5}, "gate.registered_model"),
+        ({"pretrain.learning_rate": "fast"}, "pretrain.learning_rate"),
+        ({"pretrain.learning_rate": -1e-4}, "pretrain.learning_rate"),
+        ({"pretrain.learning_rate": 0}, "pretrain.learning_rate"),
+        ({"finetune.learning_rate": "nan"}, "finetune.learning_rate"),
+        ({"pretrain.learning_rate": "inf"}, "pretrain.learning_rate"),
+        ({"data.mask_rate": 1.5}, "data.mask_rate"),
+        ({"data.mask_rate": 0.0}, "data.mask_rate"),
+        ({"model.num_heads": 3}, "model.num_heads"),
+        ({"data.predictions_per_seq": 129}, "data.predictions_per_seq"),
+        ({"data.seq_length": 16}, "data.predictions_per_seq"),  # 32 predictions no longer fit
+        ({"data.seed": -1}, "data.seed"),
+        ({"data.pretrain_split": "training"}, "data.pretrain_split"),
+        ({"gate.min_accuracy": 1.01}, "gate.min_accuracy"),
+        ({"gate.registered_model": "a/b"}, "gate.registered_model"),
+        ({"pretrain.batch_size": 0}, "pretrain.batch_size"),
+    ],
+)
 def test_invalid_overrides_raise_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         from_overrides("guide", overrides)
 
 
 def test_valid_edges_are_accepted():
-    cfg = from_overrides("guide", {"data.mask_rate": 1.0, "data.predictions_per_seq": 128, "model.num_heads": 8,
-                                   "gate.max_regression": 0.0})
+    cfg = from_overrides(
+        "guide",
+        {"data.mask_rate": 1.0, "data.predictions_per_seq": 128, "model.num_heads": 8, "gate.max_regression": 0.0},
+    )
     assert (cfg.data.mask_rate, cfg.data.predictions_per_seq, cfg.model.num_heads) == (1.0, 128, 8)
 
 
@@ -127,7 +141,10 @@ def test_direct_construction_validates_too():
 
 def test_parse_set():
     assert parse_set(["data.seq_length=64", " gate.registered_model =a=b", "data.seed="]) == {
-        "data.seq_length": "64", "gate.registered_model": "a=b", "data.seed": ""}
+        "data.seq_length": "64",
+        "gate.registered_model": "a=b",
+        "data.seed": "",
+    }
     assert from_overrides("guide", parse_set(["data.seq_length=64"])).data.seq_length == 64
     for bad in ("data.seq_length", "=64", " =64"):
         with pytest.raises(ConfigError, match="expected section.key=value"):
@@ -180,8 +197,10 @@ def test_keys_lists_every_field():
     assert all(k.split(".")[0] in Config().to_dict() for k in ks)
 
 
-@pytest.mark.parametrize("key, value", [("pretrain.precision", "float8"), ("pretrain.lr_schedule", "linear"),
-                                        ("pretrain.warmup_ratio", "0.95")])
+@pytest.mark.parametrize(
+    "key, value",
+    [("pretrain.precision", "float8"), ("pretrain.lr_schedule", "linear"), ("pretrain.warmup_ratio", "0.95")],
+)
 def test_training_options_are_validated(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         from_overrides("guide", {key: value})

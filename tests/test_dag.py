@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,6 +27,7 @@ print(json.dumps({
     "heavy": sorted(m for m in heavy if m in sys.modules and m not in before),
     "task_ids": sorted(dag.task_ids) if dag else [],
     "params": sorted(dag.params.keys()) if dag else [],
+    "schemas": {k: dag.params.get_param(k).schema for k in dag.params} if dag else {},
     "max_active_runs": dag.max_active_runs if dag else None,
     "catchup": dag.catchup if dag else None,
     "download_retries": dag.get_task("download_sst2").retries if dag else None,
@@ -34,10 +36,15 @@ print(json.dumps({
 
 
 def _probe(tmp_path) -> dict:
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow.db'}"}
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(REPO / "dags")], env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow.db'}",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, str(REPO / "dags")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -50,16 +57,58 @@ def test_dagbag_parses_fast_without_heavy_imports(tmp_path):
     assert result["max_active_runs"] == 1
     assert result["catchup"] is False
     assert result["download_retries"] >= 2
-    assert {"download_wikitext", "download_sst2", "download_vocab", "validate_wikitext", "validate_sst2",
-            "validate_vocab", "plan_shards", "build_shard", "seal_shards", "train_baseline", "pretrain",
-            "finetune", "evaluate_and_gate", "promote", "report"} == set(result["task_ids"])
-    assert {"preset", "data_dir", "mirror", "pretrain_epochs", "finetune_learning_rate",
-            "gate_min_accuracy", "gate_max_regression"} <= set(result["params"])
+    assert {
+        "download_wikitext",
+        "download_sst2",
+        "download_vocab",
+        "validate_wikitext",
+        "validate_sst2",
+        "validate_vocab",
+        "plan_shards",
+        "build_shard",
+        "seal_shards",
+        "train_baseline",
+        "pretrain",
+        "finetune",
+        "evaluate_and_gate",
+        "promote",
+        "report",
+    } == set(result["task_ids"])
+    assert {
+        "preset",
+        "data_dir",
+        "mirror",
+        "pretrain_epochs",
+        "finetune_learning_rate",
+        "gate_min_accuracy",
+        "gate_max_regression",
+    } <= set(result["params"])
 
 
-def test_every_param_maps_to_a_config_key():
-    """A DAG param the config does not know would be silently ignored: forbid it."""
-    from encoderflow import config, steps
+def test_every_param_maps_to_a_config_key(tmp_path):
+    """A DAG param the config does not know would be silently ignored: forbid it.
 
-    for name, key in steps.PARAM_KEYS.items():
-        assert key in config.keys(), (name, key)
+    Walks the params the parsed DAG really has, not the map it is built from.
+    """
+    from encoderflow import config
+
+    form_only = {"preset", "overrides"} | {f.name for f in dataclasses.fields(config.Sources)}
+    keyed = set(_probe(tmp_path)["params"]) - form_only
+    assert keyed, "the DAG has no config params at all"
+    for name in keyed:
+        assert config.param_keys().get(name) in config.keys(), name
+
+
+def test_form_fields_carry_the_declared_bounds(tmp_path):
+    """The trigger form's bounds are the config's: one declaration, no second copy to drift."""
+    from encoderflow import config
+
+    schemas = _probe(tmp_path)["schemas"]
+    assert schemas["seq_length"]["minimum"] == 8 and schemas["seq_length"]["maximum"] == 512
+    for k in config.knobs():
+        if k.form is None:
+            continue
+        schema = schemas[config.param_name(k)]
+        bound = "exclusiveMinimum" if k.exclusive_minimum else "minimum"
+        assert schema.get(bound) == k.minimum and schema.get("maximum") == k.maximum, k.key
+        assert schema["title"] == k.title and schema.get("section") == (k.form or None), k.key

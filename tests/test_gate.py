@@ -33,8 +33,15 @@ CASES = [
     # On the boundary in exact arithmetic; float subtraction gives -0.010000000000000009.
     ("regression-exactly-at-tolerance", 85 / 100, 0.80, 86 / 100, G, True, []),
     # 57/100 - 55/100 = 0.019999999999999907 in floats: still exactly the required gain.
-    ("gain-exactly-at-threshold", 0.57, 0.55, None, GateConfig(min_accuracy=0.5, min_gain_over_baseline=0.02),
-     True, []),
+    (
+        "gain-exactly-at-threshold",
+        0.57,
+        0.55,
+        None,
+        GateConfig(min_accuracy=0.5, min_gain_over_baseline=0.02),
+        True,
+        [],
+    ),
     # TFX semantics, change >= -max_regression: a tie with no tolerance still promotes.
     ("tie-with-champion-no-tolerance", 0.85, 0.80, 0.85, STRICT, True, []),
     ("tiny-regression-no-tolerance", 0.85, 0.80, 0.851, STRICT, False, ["champion"]),
@@ -50,8 +57,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("candidate, baseline, champion, gate, blessed, failing",
-                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    "candidate, baseline, champion, gate, blessed, failing", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_decide(candidate, baseline, champion, gate, blessed, failing):
     d = decide(candidate, baseline, champion, gate, champion_version="3")
     assert d.blessed is blessed
@@ -84,8 +92,9 @@ def test_check_values_and_thresholds_are_recorded():
 def test_first_run_champion_check_passes_with_no_value():
     champion = decide(0.85, 0.80, None, G).checks[3]
     assert champion.passed and champion.value is None and champion.detail == "no champion yet"
-    assert " - " in next(line for line in decide(0.85, 0.80, None, G).table().splitlines()
-                         if line.startswith("champion"))
+    assert " - " in next(
+        line for line in decide(0.85, 0.80, None, G).table().splitlines() if line.startswith("champion")
+    )
 
 
 def test_missing_candidate_reason_says_what_it_was():

@@ -21,8 +21,14 @@ def test_guide_encoder_has_the_guides_parameter_count(models):
     # 30522*256 token + 128*256 position embeddings, LayerNorm, 3 Transformer blocks (dim 256, FFN 512).
     assert encoder.count_params() == 9_428_224
     names = {layer.name for layer in encoder.layers}
-    assert {"token_and_position_embedding", "embeddings_layer_norm", "embeddings_dropout",
-            "transformer_layer_0", "transformer_layer_1", "transformer_layer_2"} <= names
+    assert {
+        "token_and_position_embedding",
+        "embeddings_layer_norm",
+        "embeddings_dropout",
+        "transformer_layer_0",
+        "transformer_layer_1",
+        "transformer_layer_2",
+    } <= names
 
 
 def test_mlm_head_is_tied_to_the_token_embedding(models):
@@ -32,10 +38,12 @@ def test_mlm_head_is_tied_to_the_token_embedding(models):
     # Tied: the head adds only its own dense/LN/bias weights, not a second 50x16 matrix.
     head = mlm.get_layer("mlm_head")
     assert head.token_embedding is models.token_embedding(encoder)
-    out = mlm.predict({"token_ids": np.ones((2, 12), "int32"), "mask_positions": np.zeros((2, 3), "int32")},
-                      verbose=0)
+    out = mlm.predict({"token_ids": np.ones((2, 12), "int32"), "mask_positions": np.zeros((2, 3), "int32")}, verbose=0)
     assert out.shape == (2, 3, 50)
-    np.testing.assert_allclose(out.sum(-1), 1.0, rtol=1e-5)
+    # Logits (the loss applies the softmax): not probabilities, but a distribution once normalised.
+    assert (out < 0).any()
+    probs = np.exp(out - out.max(-1, keepdims=True))
+    np.testing.assert_allclose((probs / probs.sum(-1, keepdims=True)).sum(-1), 1.0, rtol=1e-5)
 
 
 def test_guide_mode_attends_to_padding(models):
@@ -55,8 +63,9 @@ def test_padding_mask_leaves_real_token_outputs_unchanged_when_padding_is_added(
     # Copy weights except the position table, whose length differs; share its first 6 rows.
     for la, lb in zip(a.layers, b.layers):
         wa, wb = la.get_weights(), lb.get_weights()
-        lb.set_weights([w_a if w_a.shape == w_b.shape else np.concatenate([w_a, w_b[w_a.shape[0]:]])
-                        for w_a, w_b in zip(wa, wb)])
+        lb.set_weights(
+            [w_a if w_a.shape == w_b.shape else np.concatenate([w_a, w_b[w_a.shape[0] :]]) for w_a, w_b in zip(wa, wb)]
+        )
     ids6 = np.array([[9, 8, 7, 0, 0, 0]], "int32")
     ids12 = np.array([[9, 8, 7] + [0] * 9], "int32")
     np.testing.assert_allclose(a.predict(ids6, verbose=0)[:, :3], b.predict(ids12, verbose=0)[:, :3], atol=1e-5)

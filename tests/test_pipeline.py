@@ -26,9 +26,22 @@ MODEL = "encoderflow-sst2"
 
 def _run(home: Path, mirror: str, sources: Path, *sets: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "ENCODERFLOW_HOME": str(home)}
-    cmd = [sys.executable, "-m", "encoderflow.cli", "run", "--preset", "smoke", "--mirror", mirror,
-           "--sources-file", str(sources), "--set", "data.pretrain_split=train",
-           "--set", "finetune.steps_per_epoch=40"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "encoderflow.cli",
+        "run",
+        "--preset",
+        "smoke",
+        "--mirror",
+        mirror,
+        "--sources-file",
+        str(sources),
+        "--set",
+        "data.pretrain_split=train",
+        "--set",
+        "finetune.steps_per_epoch=40",
+    ]
     for s in sets:
         cmd += ["--set", s]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -45,8 +58,9 @@ def _query(home: Path, sql: str, *args) -> list[tuple]:
 
 def _task_states(home: Path) -> dict[str, list[tuple[str, int, str]]]:
     out: dict[str, list] = {}
-    for run_id, task_id, map_index, state in _query(home, "select run_id, task_id, map_index, state "
-                                                          "from task_instance"):
+    for run_id, task_id, map_index, state in _query(
+        home, "select run_id, task_id, map_index, state from task_instance"
+    ):
         out.setdefault(run_id, []).append((task_id, map_index, state))
     return out
 
@@ -84,8 +98,19 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     states = _task_states(home)[run1]
     assert states and all(state == "success" for _, _, state in states), states
     task_ids = {t for t, _, _ in states}
-    assert {"download_wikitext", "validate_sst2", "plan_shards", "build_shard", "seal_shards", "train_baseline",
-            "pretrain", "finetune", "evaluate_and_gate", "promote", "report"} <= task_ids
+    assert {
+        "download_wikitext",
+        "validate_sst2",
+        "plan_shards",
+        "build_shard",
+        "seal_shards",
+        "train_baseline",
+        "pretrain",
+        "finetune",
+        "evaluate_and_gate",
+        "promote",
+        "report",
+    } <= task_ids
     mapped = sorted(m for t, m, _ in states if t == "build_shard")
     assert mapped == list(range(len(mapped))) and len(mapped) >= 2
 

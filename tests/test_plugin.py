@@ -38,42 +38,97 @@ def write_runs(home: Path) -> None:
             out[name] = str(index)
         return out
 
-    blessed_checks = [{"name": "floor", "passed": True, "detail": "0.8120 >= floor 0.8000", "value": 0.812,
-                       "threshold": 0.8}]
+    blessed_checks = [
+        {"name": "floor", "passed": True, "detail": "0.8120 >= floor 0.8000", "value": 0.812, "threshold": 0.8}
+    ]
     for run_id, blessed, reasons, acc, version in (
-            (BLESSED_RUN, True, [], 0.812, "1"),
-            (REJECTED_RUN, False, ["champion: 0.7010 is 0.1110 below champion v1 (0.8120), allowed 0.0000",
-                                   "<script>alert(1)</script>"], 0.701, "2")):
+        (BLESSED_RUN, True, [], 0.812, "1"),
+        (
+            REJECTED_RUN,
+            False,
+            ["champion: 0.7010 is 0.1110 below champion v1 (0.8120), allowed 0.0000", "<script>alert(1)</script>"],
+            0.701,
+            "2",
+        ),
+    ):
         run_dir = layout.run_dir(run_id)
-        gate = {"blessed": blessed, "reasons": reasons, "candidate": acc, "baseline": 0.75,
-                "champion": None if blessed else 0.812, "checks": blessed_checks if blessed else []}
+        gate = {
+            "blessed": blessed,
+            "reasons": reasons,
+            "candidate": acc,
+            "baseline": 0.75,
+            "champion": None if blessed else 0.812,
+            "checks": blessed_checks if blessed else [],
+        }
         layout.write_json(run_dir / "gate.json", gate)
-        layout.write_json(run_dir / "summary.json", {
-            "run_id": run_id, "preset": "guide",
-            "metrics": {"baseline_val_accuracy": 0.75, "mlm_val_accuracy": 0.31, "sst2_val_accuracy": acc,
-                        "champion_val_accuracy": gate["champion"]},
-            "gate": {"blessed": blessed, "reasons": reasons, "gate_json": str(run_dir / "gate.json")},
-            "registry": {"registered_model": "encoderflow-sst2", "version": version, "champion_version": "1",
-                         "run_id": f"mlflowrun{version}", "tracking_uri": "http://mlflow:5000"},
-            "artifacts": {"data_docs": docs(run_id, "sst2", "vocab", "wikitext")}})
+        layout.write_json(
+            run_dir / "summary.json",
+            {
+                "run_id": run_id,
+                "preset": "guide",
+                "metrics": {
+                    "baseline_val_accuracy": 0.75,
+                    "mlm_val_accuracy": 0.31,
+                    "sst2_val_accuracy": acc,
+                    "champion_val_accuracy": gate["champion"],
+                },
+                "gate": {"blessed": blessed, "reasons": reasons, "gate_json": str(run_dir / "gate.json")},
+                "registry": {
+                    "registered_model": "encoderflow-sst2",
+                    "version": version,
+                    "champion_version": "1",
+                    "run_id": f"mlflowrun{version}",
+                    "tracking_uri": "http://mlflow:5000",
+                },
+                "artifacts": {"data_docs": docs(run_id, "sst2", "vocab", "wikitext")},
+            },
+        )
     docs(FAILED_RUN, "sst2")
 
 
-REGISTRY = {"champion": {"version": "1", "tags": {"gate.candidate_accuracy": "0.812",
-                                                  "airflow.run_id": BLESSED_RUN}},
-            "history": [{"at": "2026-11-25T10:20:00+00:00", "action": "promote", "who": "airflow", "from": None,
-                         "to": "1", "reason": f"gate blessed run {BLESSED_RUN}"},
-                        {"at": "2026-11-28T08:00:00+00:00", "action": "rollback", "who": "alice", "from": "3",
-                         "to": "1", "reason": "v3 misbehaves"}],
-            "error": None, "store": "http://mlflow:5000"}
+REGISTRY = {
+    "champion": {"version": "1", "tags": {"gate.candidate_accuracy": "0.812", "airflow.run_id": BLESSED_RUN}},
+    "history": [
+        {
+            "at": "2026-11-25T10:20:00+00:00",
+            "action": "promote",
+            "who": "airflow",
+            "from": None,
+            "to": "1",
+            "reason": f"gate blessed run {BLESSED_RUN}",
+        },
+        {
+            "at": "2026-11-28T08:00:00+00:00",
+            "action": "rollback",
+            "who": "alice",
+            "from": "3",
+            "to": "1",
+            "reason": "v3 misbehaves",
+        },
+    ],
+    "error": None,
+    "store": "http://mlflow:5000",
+}
 
 
 def test_runs_page_shows_decisions_metrics_history_and_links(encoderflow_home):
     write_runs(encoderflow_home)
-    dag_runs = [{"run_id": FAILED_RUN, "state": "failed", "start_date": "2026-11-27T09:00:01", "end_date": None,
-                 "conf": {"preset": "smoke"}},
-                {"run_id": BLESSED_RUN, "state": "success", "start_date": "2026-11-25T10:00:01", "end_date": None,
-                 "conf": {"preset": "guide"}}]
+    dag_runs = [
+        {
+            "run_id": FAILED_RUN,
+            "state": "failed",
+            "start_date": "2026-11-27T09:00:01",
+            "end_date": None,
+            "conf": {"preset": "smoke"},
+        },
+        {
+            "run_id": BLESSED_RUN,
+            "state": "success",
+            "start_date": "2026-11-25T10:00:01",
+            "end_date": None,
+            "conf": {"preset": "guide"},
+        },
+    ]
     runs = page.collect_runs(encoderflow_home, dag_runs)
     # Airflow's runs first (as Airflow orders them), then folders this Airflow does not know.
     assert [r["run_id"] for r in runs] == [FAILED_RUN, BLESSED_RUN, REJECTED_RUN]
@@ -130,15 +185,21 @@ def test_data_docs_stay_inside_the_run_folder(encoderflow_home):
 
 def test_plugin_module_is_import_light(tmp_path):
     """Every Airflow component imports plugins: no MLflow, TensorFlow or API internals at import."""
-    probe = ("import json, sys; sys.path.insert(0, sys.argv[1]); import encoderflow_plugin as p; "
-             "heavy = ('mlflow', 'tensorflow', 'jax', 'keras', 'airflow.api_fastapi.core_api.security'); "
-             "print(json.dumps({'heavy': [m for m in heavy if m in sys.modules], "
-             "'apps': [(a['url_prefix'], a['name']) for a in p.EncoderflowPlugin.fastapi_apps], "
-             "'views': p.EncoderflowPlugin.external_views}))")
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"),
-           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow.db'}"}
-    proc = subprocess.run([sys.executable, "-c", probe, str(REPO / "plugins")], env=env, capture_output=True,
-                          text=True, timeout=120)
+    probe = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import encoderflow_plugin as p; "
+        "heavy = ('mlflow', 'tensorflow', 'jax', 'keras', 'airflow.api_fastapi.core_api.security'); "
+        "print(json.dumps({'heavy': [m for m in heavy if m in sys.modules], "
+        "'apps': [(a['url_prefix'], a['name']) for a in p.EncoderflowPlugin.fastapi_apps], "
+        "'views': p.EncoderflowPlugin.external_views}))"
+    )
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow.db'}",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, str(REPO / "plugins")], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["heavy"] == []
@@ -174,8 +235,7 @@ def test_page_refuses_anonymous_and_shows_runs_to_a_signed_in_user(tmp_path, enc
         assert status == 200, body
         assert BLESSED_RUN in body and REJECTED_RUN in body and "NOT BLESSED" in body
         viewer = stack.token("viewer", stack.viewer_password)
-        status, body = stack.request("GET", "/encoderflow/", token=None, cookie=viewer,
-                                     headers={"Accept": "text/html"})
+        status, body = stack.request("GET", "/encoderflow/", token=None, cookie=viewer, headers={"Accept": "text/html"})
         assert status == 200 and "signed in as viewer" in body
         status, snap = stack.request("GET", "/encoderflow/runs.json")
         # The run that failed before reporting is known by its folder only (this Airflow has no record of it).

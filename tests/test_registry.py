@@ -1,7 +1,7 @@
 """MLflow registry: candidates, champion/previous aliases, people's promote/rollback, crash safety.
 
 Bundles here are small files with a real ``bundle.json`` (sha256 per file); no Keras is needed
-to test what the registry promises about them.
+to test what the registry promises about them. What a bundle itself promises is in test_bundle.
 """
 
 from __future__ import annotations
@@ -14,29 +14,32 @@ from pathlib import Path
 
 import pytest
 
-from encoderflow import cli, layout, registry
-from encoderflow.errors import EncoderflowError
+from encoderflow import cli, registry
+from tests.test_bundle import fake_bundle as _bundle
 
 NAME = "encoderflow-sst2"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _bundle(root: Path, tag: str) -> Path:
-    root.mkdir(parents=True)
-    files = {"classifier.keras": f"clf-{tag}", "encoder.keras": f"enc-{tag}", "vocab.txt": "[PAD]\n"}
-    for fname, body in files.items():
-        (root / fname).write_text(body)
-    layout.write_json(root / "bundle.json", {"files": {f: layout.sha256_file(root / f) for f in files}})
-    return root
-
-
 def _register(tmp_path: Path, tag: str, blessed: bool = True) -> str:
-    decision = {"blessed": blessed, "reasons": [] if blessed else ["floor: 0.4 < 0.5"], "candidate": 0.9,
-                "baseline": 0.8, "champion": None, "champion_version": None,
-                "checks": [{"name": "floor", "passed": blessed, "detail": "x"}]}
-    out = registry.log_candidate(NAME, _bundle(tmp_path / f"b{tag}", tag), {"model": {"num_layers": 1}},
-                                 {"sst2_val_accuracy": 0.9}, {"finetune": {"loss": [0.5, 0.4]}},
-                                 {"airflow.run_id": f"run-{tag}"}, decision)
+    decision = {
+        "blessed": blessed,
+        "reasons": [] if blessed else ["floor: 0.4 < 0.5"],
+        "candidate": 0.9,
+        "baseline": 0.8,
+        "champion": None,
+        "champion_version": None,
+        "checks": [{"name": "floor", "passed": blessed, "detail": "x"}],
+    }
+    out = registry.log_candidate(
+        NAME,
+        _bundle(tmp_path / f"b{tag}", tag),
+        {"model": {"num_layers": 1}},
+        {"sst2_val_accuracy": 0.9},
+        {"finetune": {"loss": [0.5, 0.4]}},
+        {"airflow.run_id": f"run-{tag}"},
+        decision,
+    )
     return out["version"]
 
 
@@ -78,8 +81,11 @@ def test_candidates_aliases_history_and_rollback(tmp_path, capsys):
 
     events = registry.history(NAME)
     assert [(e["action"], e["from"], e["to"], e["who"]) for e in events] == [
-        ("promote", None, "1", "gate"), ("promote", "1", "2", "gate"),
-        ("rollback", "2", "1", "alice"), ("promote", "1", "3", "bob")]
+        ("promote", None, "1", "gate"),
+        ("promote", "1", "2", "gate"),
+        ("rollback", "2", "1", "alice"),
+        ("promote", "1", "3", "bob"),
+    ]
     tag = json.loads(registry.client().get_model_version(NAME, "3").tags["champion.promote"])
     assert tag["reason"] == "hand-checked" and tag["who"] == "bob"
 
@@ -105,13 +111,6 @@ def test_version_tags_carry_the_gate_decision(tmp_path):
     assert tags["airflow.run_id"] == "run-1"
 
 
-def test_altered_bundle_is_refused(tmp_path):
-    bundle = _bundle(tmp_path / "b", "x")
-    (bundle / "encoder.keras").write_text("tampered")
-    with pytest.raises(EncoderflowError, match="encoder.keras: missing or altered"):
-        registry.verify_bundle(bundle)
-
-
 KILL_BETWEEN_STEPS = r"""
 import os, signal, sys
 from mlflow import MlflowClient
@@ -129,8 +128,14 @@ registry.move_champion(sys.argv[1], sys.argv[2], expected=sys.argv[3], reason="k
 def test_promote_killed_between_steps_leaves_champion_on_a_complete_version(tmp_path):
     v1, v2 = _register(tmp_path, "1"), _register(tmp_path, "2")
     registry.move_champion(NAME, v1, expected=None, reason="first", who="gate")
-    proc = subprocess.run([sys.executable, "-c", KILL_BETWEEN_STEPS, NAME, v2, v1], env=os.environ.copy(),
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_BETWEEN_STEPS, NAME, v2, v1],
+        env=os.environ.copy(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert _aliases()["champion"] == "1"
     served = registry.download_version(NAME, "@champion", tmp_path / "serve")
@@ -157,8 +162,17 @@ def test_two_runs_finishing_together_cannot_both_win(tmp_path):
     v1, v2, v3 = (_register(tmp_path, t) for t in "123")
     registry.move_champion(NAME, v1, expected=None, reason="first", who="gate")
     start = str(time.time() + 3.0)  # both processes wake at the same moment, after their imports
-    procs = [subprocess.Popen([sys.executable, "-c", RACE, v, v1, start], env=os.environ.copy(), cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in (v2, v3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, v, v1, start],
+            env=os.environ.copy(),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for v in (v2, v3)
+    ]
     codes = sorted(p.wait(timeout=120) for p in procs)
     assert codes == [0, 3], [p.stderr.read()[-1500:] for p in procs]
     winner = _aliases()["champion"]
@@ -168,7 +182,8 @@ def test_two_runs_finishing_together_cannot_both_win(tmp_path):
 def test_a_retry_of_the_same_airflow_run_registers_no_second_version(tmp_path):
     first = _register(tmp_path, "1")
     decision = {"blessed": True, "reasons": [], "checks": []}
-    again = registry.log_candidate(NAME, _bundle(tmp_path / "retry", "1b"), {}, {}, {},
-                                   {"airflow.run_id": "run-1"}, decision)
+    again = registry.log_candidate(
+        NAME, _bundle(tmp_path / "retry", "1b"), {}, {}, {}, {"airflow.run_id": "run-1"}, decision
+    )
     assert again["version"] == first
     assert len(registry.client().search_model_versions(f"name='{NAME}'")) == 1

@@ -1,12 +1,13 @@
 """The ``encoderflow`` command: the whole DAG in-process through Airflow, and one command per step.
 
-    encoderflow run      [--preset guide|smoke] [--data-dir DIR] [--mirror URL] [--set key=value ...]
-    encoderflow download [--data-dir DIR | --mirror URL]
-    encoderflow validate [--data-dir DIR]        exit 0 only when every dataset passes
-    encoderflow predict  "a sentence" ... | --file FILE      with models:/NAME@champion
-    encoderflow promote  --version N --reason "..."           a person's promotion, recorded
-    encoderflow rollback [--reason "..."]                     put the previous champion back
-    encoderflow config   [--preset P] [--set key=value ...]   print the resolved config
+encoderflow run      [--preset guide|smoke] [--data-dir DIR] [--mirror URL] [--set key=value ...]
+encoderflow download [--data-dir DIR | --mirror URL]
+encoderflow validate [--data-dir DIR]        exit 0 only when every dataset passes
+encoderflow predict  "a sentence" ... | --file FILE      with models:/NAME@champion
+encoderflow promote  --version N --reason "..."           a person's promotion, recorded
+encoderflow rollback [--reason "..."]                     put the previous champion back
+encoderflow config   [--preset P] [--set key=value ...]   print the resolved config
+encoderflow doctor   [--data-dir DIR | --mirror URL]      what a run here would use; exit 0 if it can start
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from encoderflow import layout
-from encoderflow.config import ConfigError, from_overrides, parse_set
+from encoderflow import layout, runtime
+from encoderflow.config import ConfigError, from_overrides, from_params, parse_set
 from encoderflow.errors import EncoderflowError
 
 DAG_ID = "encoder_pretraining"
@@ -50,7 +51,7 @@ def airflow_env() -> dict[str, str]:
         "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO"),
         "ENCODERFLOW_HOME": str(layout.home()),
         "GX_ANALYTICS_ENABLED": "false",
-        "KERAS_BACKEND": "jax",
+        "KERAS_BACKEND": runtime.BACKEND,
         # TensorFlow's C++ INFO/WARNING lines would otherwise fill every task log.
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
     }
@@ -59,8 +60,9 @@ def airflow_env() -> dict[str, str]:
 def init_airflow() -> None:
     """Point this process at the embedded Airflow and migrate its DB (idempotent)."""
     os.environ.update(airflow_env())
-    proc = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=os.environ.copy(),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], env=os.environ.copy(), capture_output=True, text=True
+    )
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"airflow db migrate failed (exit {proc.returncode}) for {os.environ['AIRFLOW_HOME']}")
@@ -96,8 +98,7 @@ def run_dag(conf: dict[str, Any]) -> tuple[str, str, list[tuple[str, int, str]]]
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == DAG_ID,
-                                                 TaskInstance.run_id == dr.run_id).all()
+        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == dr.run_id).all()
         states = sorted((ti.task_id, ti.map_index, str(ti.state)) for ti in tis)
     return dr.run_id, str(dr.state), states
 
@@ -116,6 +117,8 @@ def print_summary(run_id: str, state: str, states: list[tuple[str, int, str]], s
         print("-" * 72)
         for k, v in s["metrics"].items():
             print(f"  {k:<32} {'-' if v is None else f'{v:.4f}'}")
+        for stage, rt in s.get("runtime", {}).items():
+            print(f"  {stage:<32} {rt['device']}, {rt['dtype_policy']}, {rt['seconds']}s")
         print("-" * 72)
         print(f"  gate: {'BLESSED' if s['gate']['blessed'] else 'NOT BLESSED'}")
         for reason in s["gate"]["reasons"]:
@@ -172,7 +175,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     _setup_logging()
     params = run_conf(args)
-    cfg = steps.config_from_params(params)
+    from_params(params)  # a bad --set fails here, before any download
     docs_root = layout.home() / "validation" / time.strftime("%Y%m%dT%H%M%S")
     specs = sources.load_specs(params.get("sources_file"))
     ok = True
@@ -185,7 +188,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             info = sources.locate(specs[dataset], members, args.data_dir, specs)
         else:
             info = steps.download(dataset, params)
-        report = validation.validate_dataset(info, cfg.preset, docs_root / dataset)
+        # Strict row counts for the pinned official archives only (``info["pinned"]``), as in the DAG.
+        report = validation.validate_dataset(info, docs_root / dataset)
         ok &= report["success"]
         rows = ", ".join(f"{m}: {f['rows']:,} rows" for m, f in report["files"].items())
         print(f"{dataset}: {'PASSED' if report['success'] else 'FAILED'} ({rows})")
@@ -198,7 +202,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from encoderflow import registry
-    from encoderflow.train.finetune import Scorer
+    from encoderflow.bundle import Scorer
 
     sentences = list(args.sentences)
     if args.file:
@@ -208,8 +212,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     name = args.model
     current = registry.champion(name)
     if current is None:
-        print(f"predict: registered model {name!r} has no champion yet at {registry.tracking_uri()}; "
-              "run the pipeline until a candidate is blessed (make run), or `encoderflow promote`.", file=sys.stderr)
+        print(
+            f"predict: registered model {name!r} has no champion yet at {registry.tracking_uri()}; "
+            "run the pipeline until a candidate is blessed (make run), or `encoderflow promote`.",
+            file=sys.stderr,
+        )
         return 2
     bundle = registry.download_version(name, "@champion", layout.home() / "serving" / f"v{current['version']}")
     scorer = Scorer(bundle)
@@ -233,7 +240,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from encoderflow import registry
 
     event = registry.rollback(args.model, args.reason, who=args.who)
-    print(f"{args.model}: rolled back, champion v{event['from']} -> v{event['to']} by {event['who']}: {event['reason']}")
+    print(
+        f"{args.model}: rolled back, champion v{event['from']} -> v{event['to']} by {event['who']}: {event['reason']}"
+    )
     return 0
 
 
@@ -252,8 +261,9 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     # standalone starts its components as `airflow ...` from PATH; make that this venv's airflow
     # even when the venv is not activated (make calls .venv/bin/encoderflow directly).
     bin_dir = str(Path(sys.executable).parent)
-    os.environ["PATH"] = os.pathsep.join([bin_dir, *[p for p in os.environ.get("PATH", "").split(os.pathsep)
-                                                     if p != bin_dir]])
+    os.environ["PATH"] = os.pathsep.join(
+        [bin_dir, *[p for p in os.environ.get("PATH", "").split(os.pathsep) if p != bin_dir]]
+    )
     port = os.environ.setdefault("AIRFLOW__API__PORT", "8080")
     # Loopback unless asked otherwise: the simple auth manager is for one developer's machine.
     os.environ.setdefault("AIRFLOW__API__HOST", "127.0.0.1")
@@ -263,9 +273,12 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     os.environ.setdefault("AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "False")
     init_airflow()
     # pretrain and finetune run in pool `gpu` (one slot); without the pool they would never be queued.
-    pool = subprocess.run([sys.executable, "-m", "airflow", "pools", "set", "gpu", "1",
-                           "one training job on the accelerator at a time"],
-                          env=os.environ.copy(), capture_output=True, text=True)
+    pool = subprocess.run(
+        [sys.executable, "-m", "airflow", "pools", "set", "gpu", "1", "one training job on the accelerator at a time"],
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+    )
     if pool.returncode != 0:
         sys.stderr.write(pool.stdout[-2000:] + pool.stderr[-2000:])
         raise SystemExit("airflow pools set gpu failed")
@@ -273,11 +286,14 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     # Airflow prints a generated password only the first time; keep the file it reads and say
     # the login every time.
     home = Path(os.environ["AIRFLOW_HOME"])
-    pw_file = Path(os.environ.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE")
-                   or home / "simple_auth_manager_passwords.json.generated")
+    pw_file = Path(
+        os.environ.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE")
+        or home / "simple_auth_manager_passwords.json.generated"
+    )
     passwords = json.loads(pw_file.read_text() or "{}") if pw_file.exists() else {}
-    users = [u.split(":")[0].strip() for u in os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(",")
-             if u.strip()]
+    users = [
+        u.split(":")[0].strip() for u in os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(",") if u.strip()
+    ]
     if any(u not in passwords for u in users):
         passwords.update({u: secrets.token_urlsafe(12) for u in users if u not in passwords})
         pw_file.write_text(json.dumps(passwords) + "\n")
@@ -292,21 +308,43 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     os.execvpe(sys.executable, [sys.executable, "-m", "airflow", "standalone"], os.environ.copy())
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from encoderflow import doctor
+
+    return doctor.main(
+        data_dir=args.data_dir,
+        mirror=args.mirror,
+        sources_file=args.sources_file,
+        preset=args.preset,
+        overrides=args.set or [],
+        timeout=args.timeout,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="encoderflow", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="encoderflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, sources: bool = True):
         sp.add_argument("--preset", default=os.environ.get("PRESET") or "guide", choices=["guide", "smoke"])
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
         if sources:
-            sp.add_argument("--data-dir", dest="data_dir", default=os.environ.get("DATA_DIR") or None,
-                            help="offline folder laid out as the archives extract")
-            sp.add_argument("--mirror", default=os.environ.get("ENCODERFLOW_MIRROR") or None,
-                            help="base URL tried first for every file")
-            sp.add_argument("--sources-file", dest="sources_file", default=None,
-                            help="JSON replacing dataset specs (URLs, hashes)")
+            sp.add_argument(
+                "--data-dir",
+                dest="data_dir",
+                default=os.environ.get("DATA_DIR") or None,
+                help="offline folder laid out as the archives extract",
+            )
+            sp.add_argument(
+                "--mirror",
+                default=os.environ.get("ENCODERFLOW_MIRROR") or None,
+                help="base URL tried first for every file",
+            )
+            sp.add_argument(
+                "--sources-file", dest="sources_file", default=None, help="JSON replacing dataset specs (URLs, hashes)"
+            )
 
     common(sub.add_parser("run", help="run the whole DAG once through Airflow"))
     common(sub.add_parser("download", help="download (or locate offline) every dataset"))
@@ -326,11 +364,29 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default=default_model)
         sp.add_argument("--who", default=None, help="recorded as the actor (default: $ENCODERFLOW_USER or login)")
     sub.add_parser("airflow", help="Airflow standalone UI with this DAG on localhost:8080")
+    dr = sub.add_parser("doctor", help="what a run here would use; exit 0 only if a run can start")
+    dr.add_argument("--data-dir", dest="data_dir", default=os.environ.get("DATA_DIR") or None, help="offline folder")
+    dr.add_argument("--mirror", default=os.environ.get("ENCODERFLOW_MIRROR") or None, help="base URL probed first")
+    dr.add_argument("--sources-file", dest="sources_file", default=None, help="JSON replacing dataset specs")
+    dr.add_argument(
+        "--preset", default=None, choices=["guide", "smoke"], help="check this config's files only (default: both)"
+    )
+    dr.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
+    dr.add_argument("--timeout", type=float, default=5.0, help="seconds per URL probe")
     return p
 
 
-COMMANDS = {"run": cmd_run, "download": cmd_download, "validate": cmd_validate, "predict": cmd_predict,
-            "config": cmd_config, "airflow": cmd_airflow, "promote": cmd_promote, "rollback": cmd_rollback}
+COMMANDS = {
+    "run": cmd_run,
+    "download": cmd_download,
+    "validate": cmd_validate,
+    "predict": cmd_predict,
+    "config": cmd_config,
+    "airflow": cmd_airflow,
+    "promote": cmd_promote,
+    "rollback": cmd_rollback,
+    "doctor": cmd_doctor,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

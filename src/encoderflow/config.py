@@ -9,11 +9,13 @@ the coupled values (sequence length, predictions per sequence, vocabulary) it de
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from encoderflow.errors import EncoderflowError
 
@@ -27,204 +29,370 @@ class ConfigError(EncoderflowError, ValueError):
     """An invalid preset, key, type or value; the message names the offending key."""
 
 
+# Trigger-form sections: MAIN stays at the top of the form, the others are collapsed groups below.
+MAIN, DATA, TRAIN, TUNE, GATE = "", "Data generation", "Pretraining", "Fine-tuning", "Promotion gate"
+
+
+def knob(
+    default: Any,
+    description: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+    choices: tuple[str, ...] | None = None,
+    title: str | None = None,
+    form: str | None = None,
+    param: str | None = None,
+    display: Mapping[str, str] | None = None,
+) -> Any:
+    """A config field and everything said about it, in one place.
+
+    Validation, the DAG's trigger-form ``Param``s, the param-to-key map, ``encoderflow config``
+    and ``docs/parameters.md`` are all generated from this metadata.
+
+    Args:
+        default: the guide preset's value.
+        description: one or two sentences for a person filling the trigger form.
+        minimum: inclusive lower bound (exclusive with ``exclusive_minimum``).
+        maximum: inclusive upper bound.
+        choices: the allowed strings.
+        title: the trigger-form label; fields without ``form`` are set through "Other overrides".
+        form: the trigger-form section (``MAIN`` or a group name); ``None`` keeps it off the form.
+        param: the DAG param's name; default ``<section>_<name>``.
+        display: labels for ``choices`` in the form.
+    """
+    meta = {
+        "description": description,
+        "minimum": minimum,
+        "maximum": maximum,
+        "exclusive_minimum": exclusive_minimum,
+        "choices": choices,
+        "title": title,
+        "form": form,
+        "param": param,
+        "display": dict(display) if display else None,
+    }
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One config field as declared: its key, Python type, default and :func:`knob` metadata."""
+
+    key: str
+    type: type
+    default: Any
+    description: str
+    minimum: float | None
+    maximum: float | None
+    exclusive_minimum: bool
+    choices: tuple[str, ...] | None
+    title: str | None
+    form: str | None
+    param: str | None
+    display: dict[str, str] | None
+
+    @property
+    def section(self) -> str:
+        return self.key.split(".")[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.split(".")[1]
+
+    def check(self, value: Any) -> None:
+        """Raise ``ConfigError`` naming the key if ``value`` breaks the declared bounds or choices."""
+        if isinstance(value, float):
+            _check(math.isfinite(value), self.key, f"must be finite, got {value!r}")
+        if self.minimum is not None:
+            ok = value > self.minimum if self.exclusive_minimum else value >= self.minimum
+            _check(ok, self.key, f"must be {'>' if self.exclusive_minimum else '>='} {self.minimum}, got {value!r}")
+        if self.maximum is not None:
+            _check(value <= self.maximum, self.key, f"must be <= {self.maximum}, got {value!r}")
+        if self.choices is not None:
+            _check(value in self.choices, self.key, f"must be one of {self.choices}, got {value!r}")
+
+    def bounds(self) -> str:
+        """``[8, 512]``, ``(0, 1]``, ``>= 0`` or one of the choices, for docs and CLI output."""
+        if self.choices:
+            return " | ".join(self.choices)
+        lo = "" if self.minimum is None else f"{'(' if self.exclusive_minimum else '['}{_fmt(self.minimum)}"
+        hi = "" if self.maximum is None else f"{_fmt(self.maximum)}]"
+        if lo and hi:
+            return f"{lo}, {hi}"
+        if lo:
+            return f"{'>' if self.exclusive_minimum else '>='} {_fmt(self.minimum)}"
+        return f"<= {_fmt(self.maximum)}" if hi else ""
+
+
+def _fmt(value: Any) -> str:
+    """Bounds and preset values as a person writes them: 2147483647, 0.0005, 1e-05."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
+class _Section:
+    """Shared by the config sections: bounds come from the declarations, cross-field rules from ``rules``."""
+
+    def validate(self) -> None:
+        for k in section_knobs(type(self)):
+            k.check(getattr(self, k.name))
+        self.rules()
+
+    def rules(self) -> None:
+        """Checks that involve more than one field; the declarations cover the rest."""
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config value {key!r}: {msg}")
 
 
-def _range(obj: Any, section: str, name: str, lo: float | None = None, hi: float | None = None,
-           lo_open: bool = False) -> None:
-    value = getattr(obj, name)
-    key = f"{section}.{name}"
-    if isinstance(value, float):
-        _check(math.isfinite(value), key, f"must be finite, got {value!r}")
-    if lo is not None:
-        ok = value > lo if lo_open else value >= lo
-        _check(ok, key, f"must be {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None:
-        _check(value <= hi, key, f"must be <= {hi}, got {value!r}")
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """Inputs, tokenization and masked-LM example generation (fields: ``docs/parameters.md``)."""
+
+    seq_length: int = knob(
+        128,
+        "Tokens per sequence (pretraining and fine-tuning).",
+        minimum=8,
+        maximum=512,
+        title="Sequence length",
+        form=DATA,
+        param="seq_length",
+    )
+    mask_rate: float = knob(
+        0.25,
+        "Probability that a selectable token is chosen for prediction.",
+        minimum=0.0,
+        exclusive_minimum=True,
+        maximum=1.0,
+    )
+    predictions_per_seq: int = knob(
+        32, "Cap on predicted tokens per sequence (MLM label slots); at most data.seq_length.", minimum=1, maximum=512
+    )
+    min_line_chars: int = knob(100, "The guide keeps only WikiText lines longer than this.", minimum=0, maximum=100_000)
+    num_shards: int = knob(
+        8,
+        "TFRecord shards for the pretraining split (one mapped build_shard task each; validation gets fewer).",
+        minimum=1,
+        maximum=1024,
+        title="Shards",
+        form=DATA,
+        param="num_shards",
+    )
+    dupe_factor: int = knob(
+        8,
+        "Copies of the corpus, each with different masks; epoch e trains on copy "
+        "e % dupe_factor. The guide masks on the fly, so one copy per pretraining epoch "
+        "reproduces it, reproducibly.",
+        minimum=1,
+        maximum=64,
+        title="Dupe factor",
+        form=DATA,
+        param="dupe_factor",
+    )
+    seed: int = knob(
+        42,
+        "Root of every random choice in data generation and training.",
+        minimum=0,
+        maximum=2**31 - 1,
+        title="Seed",
+        form=DATA,
+        param="seed",
+    )
+    pretrain_split: str = knob(
+        "train",
+        "WikiText split to pretrain on (offline copies usually lack train: use "
+        "test). Validation always uses WikiText valid.",
+        choices=SPLITS,
+        title="WikiText split to pretrain on",
+        form=MAIN,
+        param="pretrain_split",
+        display={
+            "train": "train (full WikiText-103)",
+            "valid": "valid",
+            "test": "test (offline copies without the train split)",
+        },
+    )
+    validation_split: str = knob("valid", "WikiText split for MLM validation.", choices=SPLITS)
+    lowercase: bool = knob(True, "WordPiece lower-casing (BERT uncased vocabulary).")
+    strip_accents: bool = knob(True, "WordPiece accent stripping.")
+    sequence_mode: str = knob(
+        "line",
+        "line: the guide, one sequence per line longer than data.min_line_chars, "
+        "truncated; packed: every non-blank line of an article, concatenated and cut into "
+        "consecutive windows (no text dropped).",
+        choices=SEQUENCE_MODES,
+    )
+
+    def rules(self) -> None:
+        _check(
+            self.predictions_per_seq <= self.seq_length,
+            "data.predictions_per_seq",
+            f"must be <= data.seq_length={self.seq_length}, got {self.predictions_per_seq}",
+        )
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Inputs, tokenization and masked-LM example generation.
+class ModelConfig(_Section):
+    """The encoder (the guide: 3 layers, dim 256, FFN 512, 4 heads, dropout 0.1)."""
 
-    Attributes:
-        seq_length: tokens per sequence (pretraining and fine-tuning).
-        mask_rate: probability that a selectable token is chosen for prediction.
-        predictions_per_seq: cap on predicted tokens per sequence (MLM label slots).
-        min_line_chars: the guide keeps only WikiText lines longer than this.
-        num_shards: TFRecord shards for the pretraining split (validation gets fewer).
-        dupe_factor: copies of the corpus, each with different masks; epoch ``e`` trains on copy
-            ``e % dupe_factor``. The guide masks on the fly, so each of its 8 epochs sees new
-            masks: one copy per pretraining epoch (8) reproduces that, reproducibly.
-        seed: root of every random choice in data generation.
-        pretrain_split: WikiText split to pretrain on (offline runs use ``test``).
-        validation_split: WikiText split for MLM validation.
-        lowercase: WordPiece lower-casing (BERT uncased vocabulary).
-        strip_accents: WordPiece accent stripping.
-        sequence_mode: ``line`` (the guide: one sequence per line longer than ``min_line_chars``,
-            truncated to ``seq_length``) or ``packed`` (every non-blank line of an article,
-            concatenated and cut into consecutive ``seq_length`` windows: no text is dropped).
-    """
+    num_layers: int = knob(3, "Transformer encoder layers.", minimum=1, maximum=48)
+    model_dim: int = knob(256, "Hidden size (token and position embeddings, attention).", minimum=8, maximum=4096)
+    intermediate_dim: int = knob(512, "Feed-forward inner size.", minimum=8, maximum=16384)
+    num_heads: int = knob(4, "Attention heads; must divide model.model_dim.", minimum=1, maximum=64)
+    dropout: float = knob(0.1, "Dropout rate in every encoder layer.", minimum=0.0, maximum=0.9)
+    norm_epsilon: float = knob(1e-5, "Layer-normalization epsilon.", minimum=0.0, exclusive_minimum=True, maximum=0.1)
+    padding_mask: bool = knob(
+        True,
+        "Attend to real tokens only; false reproduces the guide, which lets every token attend to [PAD].",
+        title="Padding mask",
+        form=DATA,
+        param="padding_mask",
+    )
 
-    seq_length: int = 128
-    mask_rate: float = 0.25
-    predictions_per_seq: int = 32
-    min_line_chars: int = 100
-    num_shards: int = 8
-    dupe_factor: int = 8
-    seed: int = 42
-    pretrain_split: str = "train"
-    validation_split: str = "valid"
-    lowercase: bool = True
-    strip_accents: bool = True
-    sequence_mode: str = "line"
-
-    def validate(self) -> None:
-        s = "data"
-        _range(self, s, "seq_length", 8, 512)
-        _range(self, s, "mask_rate", 0.0, 1.0, lo_open=True)
-        _range(self, s, "predictions_per_seq", 1, self.seq_length)
-        _range(self, s, "min_line_chars", 0, 100_000)
-        _range(self, s, "num_shards", 1, 1024)
-        _range(self, s, "dupe_factor", 1, 64)
-        _range(self, s, "seed", 0, 2**31 - 1)
-        _check(self.pretrain_split in SPLITS, "data.pretrain_split",
-               f"must be one of {SPLITS}, got {self.pretrain_split!r}")
-        _check(self.validation_split in SPLITS, "data.validation_split",
-               f"must be one of {SPLITS}, got {self.validation_split!r}")
-        _check(self.sequence_mode in SEQUENCE_MODES, "data.sequence_mode",
-               f"must be one of {SEQUENCE_MODES}, got {self.sequence_mode!r}")
+    def rules(self) -> None:
+        _check(
+            self.model_dim % self.num_heads == 0,
+            "model.num_heads",
+            f"must divide model.model_dim={self.model_dim}, got {self.num_heads}",
+        )
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """The encoder (the guide: 3 layers, dim 256, FFN 512, 4 heads, dropout 0.1).
-
-    Attributes:
-        padding_mask: attend to real tokens only. ``False`` reproduces the guide, which lets
-            every token attend to ``[PAD]``.
-    """
-
-    num_layers: int = 3
-    model_dim: int = 256
-    intermediate_dim: int = 512
-    num_heads: int = 4
-    dropout: float = 0.1
-    norm_epsilon: float = 1e-5
-    padding_mask: bool = True
-
-    def validate(self) -> None:
-        s = "model"
-        _range(self, s, "num_layers", 1, 48)
-        _range(self, s, "model_dim", 8, 4096)
-        _range(self, s, "intermediate_dim", 8, 16384)
-        _range(self, s, "num_heads", 1, 64)
-        _range(self, s, "dropout", 0.0, 0.9)
-        _range(self, s, "norm_epsilon", 0.0, 0.1, lo_open=True)
-        _check(self.model_dim % self.num_heads == 0, "model.num_heads",
-               f"must divide model.model_dim={self.model_dim}, got {self.num_heads}")
-
-
-@dataclass(frozen=True)
-class BaselineConfig:
+class BaselineConfig(_Section):
     """The guide's bag-of-words baseline: multi-hot over the top tokens, one sigmoid unit."""
 
-    max_tokens: int = 4000
-    epochs: int = 5
-    batch_size: int = 32
-
-    def validate(self) -> None:
-        _range(self, "baseline", "max_tokens", 16, 1_000_000)
-        _range(self, "baseline", "epochs", 1, 1000)
-        _range(self, "baseline", "batch_size", 1, 65536)
+    max_tokens: int = knob(
+        4000, "Vocabulary of the multi-hot encoding (most frequent tokens).", minimum=16, maximum=1_000_000
+    )
+    epochs: int = knob(5, "Passes over SST-2 train.", minimum=1, maximum=1000)
+    batch_size: int = knob(32, "Sentences per step.", minimum=1, maximum=65536)
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
-    """Masked-LM pretraining.
+class PretrainConfig(_Section):
+    """Masked-LM pretraining."""
 
-    Attributes:
-        steps_per_epoch: cap on steps per epoch; 0 trains on every shard record.
-        validation_steps: cap on validation batches; 0 uses the whole validation split.
-        precision: Keras dtype policy; ``auto`` is ``mixed_bfloat16`` on a GPU/TPU and
-            ``float32`` on a CPU (where bfloat16 matmuls are slower, not faster).
-        lr_schedule: ``constant`` (the guide) or ``warmup_cosine``: linear warm-up over
-            ``warmup_ratio`` of all steps to ``learning_rate``, then cosine decay to 0.
-        backup_every_steps: back up weights and optimizer state every this many steps as well
-            as at each epoch end, so a retry resumes mid-epoch; 0 backs up at epoch ends only.
-            A backup of the guide model is ~230 MB written (weights and AdamW moments, kept
-            twice): 5000 steps is minutes on a Colab-class GPU, ~15 s at 40,000 seq/s.
-    """
-
-    batch_size: int = 128
-    learning_rate: float = 5e-4
-    epochs: int = 8
-    steps_per_epoch: int = 0
-    validation_steps: int = 0
-    precision: str = "auto"
-    lr_schedule: str = "constant"
-    warmup_ratio: float = 0.1
-    backup_every_steps: int = 5000
-
-    def validate(self) -> None:
-        s = "pretrain"
-        _range(self, s, "backup_every_steps", 0, 10_000_000)
-        _range(self, s, "batch_size", 1, 65536)
-        _range(self, s, "learning_rate", 0.0, 1.0, lo_open=True)
-        _range(self, s, "epochs", 1, 1000)
-        _range(self, s, "steps_per_epoch", 0, 10_000_000)
-        _range(self, s, "validation_steps", 0, 10_000_000)
-        _check(self.precision in PRECISIONS, "pretrain.precision",
-               f"must be one of {PRECISIONS}, got {self.precision!r}")
-        _check(self.lr_schedule in LR_SCHEDULES, "pretrain.lr_schedule",
-               f"must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        _range(self, s, "warmup_ratio", 0.0, 0.9)
+    batch_size: int = knob(
+        128, "Sequences per step.", minimum=1, maximum=65536, title="Pretraining batch size", form=TRAIN
+    )
+    learning_rate: float = knob(
+        5e-4, "AdamW.", minimum=0.0, exclusive_minimum=True, maximum=1.0, title="Pretraining learning rate", form=TRAIN
+    )
+    epochs: int = knob(8, "Passes over the shards.", minimum=1, maximum=1000, title="Pretraining epochs", form=TRAIN)
+    steps_per_epoch: int = knob(
+        0,
+        "Cap on steps per epoch; 0 = every shard record.",
+        minimum=0,
+        maximum=10_000_000,
+        title="Pretraining steps per epoch",
+        form=TRAIN,
+    )
+    validation_steps: int = knob(
+        0, "Cap on validation batches; 0 = the whole validation split.", minimum=0, maximum=10_000_000
+    )
+    precision: str = knob(
+        "auto",
+        "Keras dtype policy; auto is mixed_bfloat16 on a GPU/TPU and float32 on a CPU "
+        "(where bfloat16 matmuls are slower, not faster).",
+        choices=PRECISIONS,
+    )
+    lr_schedule: str = knob(
+        "constant",
+        "constant (the guide) or warmup_cosine: linear warm-up over "
+        "pretrain.warmup_ratio of all steps, then cosine decay to 0.",
+        choices=LR_SCHEDULES,
+    )
+    warmup_ratio: float = knob(
+        0.1, "Share of all steps spent warming up (warmup_cosine only).", minimum=0.0, maximum=0.9
+    )
+    steps_per_execution: int = knob(
+        16,
+        "Training steps per call into the compiled step (Keras steps_per_execution): fewer host round trips per "
+        "step; progress lines, NaN checks and backups run between calls. Lowered to the largest divisor of the "
+        "steps per epoch and of pretrain.backup_every_steps.",
+        minimum=1,
+        maximum=1024,
+    )
+    log_every_seconds: float = knob(
+        60.0,
+        "At most one progress line (step, loss, sequences/s, ETA) per this many seconds within an epoch; the "
+        "loss is read, and checked for NaN, only then. 0 = after every call into the compiled step.",
+        minimum=0.0,
+        maximum=86400.0,
+    )
+    backup_every_steps: int = knob(
+        5000,
+        "Back up weights and optimizer state every this many steps as well as at "
+        "each epoch end, so a retry resumes mid-epoch; 0 = epoch ends only. A guide-model "
+        "backup writes ~230 MB.",
+        minimum=0,
+        maximum=10_000_000,
+    )
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(_Section):
     """SST-2 fine-tuning of the pretrained encoder."""
 
-    batch_size: int = 32
-    learning_rate: float = 5e-5
-    epochs: int = 3
-    steps_per_epoch: int = 0
-
-    def validate(self) -> None:
-        s = "finetune"
-        _range(self, s, "batch_size", 1, 65536)
-        _range(self, s, "learning_rate", 0.0, 1.0, lo_open=True)
-        _range(self, s, "epochs", 1, 1000)
-        _range(self, s, "steps_per_epoch", 0, 10_000_000)
+    batch_size: int = knob(
+        32, "Sentences per step.", minimum=1, maximum=65536, title="Fine-tuning batch size", form=TUNE
+    )
+    learning_rate: float = knob(
+        5e-5, "AdamW.", minimum=0.0, exclusive_minimum=True, maximum=1.0, title="Fine-tuning learning rate", form=TUNE
+    )
+    epochs: int = knob(3, "Passes over SST-2 train.", minimum=1, maximum=1000, title="Fine-tuning epochs", form=TUNE)
+    steps_per_epoch: int = knob(
+        0,
+        "0 = the whole SST-2 train split.",
+        minimum=0,
+        maximum=10_000_000,
+        title="Fine-tuning steps per epoch",
+        form=TUNE,
+    )
 
 
 @dataclass(frozen=True)
-class GateConfig:
-    """Promotion thresholds, TFX Evaluator style.
+class GateConfig(_Section):
+    """Promotion thresholds, TFX Evaluator style."""
 
-    Attributes:
-        min_accuracy: absolute floor on SST-2 validation accuracy.
-        min_gain_over_baseline: the candidate must beat this run's bag-of-words baseline by at
-            least this much (negative values tolerate a deficit).
-        max_regression: how far below the current champion (re-evaluated on this run's
-            validation data) the candidate may fall and still be promoted.
-        registered_model: MLflow registered model name.
-    """
+    min_accuracy: float = knob(
+        0.80,
+        "SST-2 dev accuracy the candidate must reach.",
+        minimum=0.0,
+        maximum=1.0,
+        title="Gate: accuracy floor",
+        form=GATE,
+    )
+    min_gain_over_baseline: float = knob(
+        0.0,
+        "Accuracy points over this run's bag-of-words baseline; negative tolerates a deficit.",
+        minimum=-1.0,
+        maximum=1.0,
+        title="Gate: minimum gain over the BoW baseline",
+        form=GATE,
+    )
+    max_regression: float = knob(
+        0.0,
+        "How far below the current champion (re-evaluated on this run's dev data) a "
+        "candidate may fall and still be promoted.",
+        minimum=0.0,
+        maximum=1.0,
+        title="Gate: maximum regression vs champion",
+        form=GATE,
+    )
+    registered_model: str = knob("encoderflow-sst2", "MLflow registered model name.")
 
-    min_accuracy: float = 0.80
-    min_gain_over_baseline: float = 0.0
-    max_regression: float = 0.0
-    registered_model: str = "encoderflow-sst2"
-
-    def validate(self) -> None:
-        s = "gate"
-        _range(self, s, "min_accuracy", 0.0, 1.0)
-        _range(self, s, "min_gain_over_baseline", -1.0, 1.0)
-        _range(self, s, "max_regression", 0.0, 1.0)
-        _check(bool(self.registered_model.strip()) and "/" not in self.registered_model,
-               "gate.registered_model", f"must be a non-empty name without '/', got {self.registered_model!r}")
+    def rules(self) -> None:
+        _check(
+            bool(self.registered_model.strip()) and "/" not in self.registered_model,
+            "gate.registered_model",
+            f"must be a non-empty name without '/', got {self.registered_model!r}",
+        )
 
 
 SECTIONS: dict[str, type] = {
@@ -274,12 +442,22 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Offline data has no WikiText train split, so smoke pretrains on `test`.
     # Its gate only asks for better than chance: a smoke model is a plumbing check, not a product.
     "smoke": {
-        "data": {"seq_length": 32, "predictions_per_seq": 6, "num_shards": 2, "pretrain_split": "test",
-                 "dupe_factor": 2},
+        "data": {
+            "seq_length": 32,
+            "predictions_per_seq": 6,
+            "num_shards": 2,
+            "pretrain_split": "test",
+            "dupe_factor": 2,
+        },
         "model": {"num_layers": 1, "model_dim": 32, "intermediate_dim": 64, "num_heads": 2},
         "baseline": {"max_tokens": 1000, "epochs": 2, "batch_size": 64},
-        "pretrain": {"batch_size": 32, "learning_rate": 1e-3, "epochs": 2,
-                     "steps_per_epoch": 50, "validation_steps": 10},
+        "pretrain": {
+            "batch_size": 32,
+            "learning_rate": 1e-3,
+            "epochs": 2,
+            "steps_per_epoch": 50,
+            "validation_steps": 10,
+        },
         "finetune": {"batch_size": 32, "learning_rate": 1e-3, "epochs": 1, "steps_per_epoch": 300},
         "gate": {"min_accuracy": 0.5, "min_gain_over_baseline": -1.0, "max_regression": 0.0},
     },
@@ -317,6 +495,31 @@ def _coerce(key: str, typ: type, value: Any) -> Any:
 def _field_types(cls: type) -> dict[str, type]:
     hints = {"int": int, "float": float, "str": str, "bool": bool}
     return {f.name: hints[f.type] for f in fields(cls)}
+
+
+@functools.cache
+def section_knobs(cls: type) -> tuple[Knob, ...]:
+    """The declared fields of one config section class."""
+    section = next(name for name, c in SECTIONS.items() if c is cls)
+    types = _field_types(cls)
+    return tuple(
+        Knob(key=f"{section}.{f.name}", type=types[f.name], default=f.default, **f.metadata) for f in fields(cls)
+    )
+
+
+def knobs() -> tuple[Knob, ...]:
+    """Every declared field, section by section, in declaration order."""
+    return tuple(k for cls in SECTIONS.values() for k in section_knobs(cls))
+
+
+def param_name(k: Knob) -> str:
+    """The DAG param a form field is filled in through."""
+    return k.param or f"{k.section}_{k.name}"
+
+
+def param_keys() -> dict[str, str]:
+    """DAG param name -> config key, for every field on the trigger form."""
+    return {param_name(k): k.key for k in knobs() if k.form is not None}
 
 
 def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -367,3 +570,80 @@ def from_dict(payload: Mapping[str, Any]) -> Config:
 def keys() -> list[str]:
     """Every overridable key, ``section.name``."""
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)]
+
+
+def from_params(params: Mapping[str, Any]) -> Config:
+    """The run's Config from DAG params: preset, then the form fields, then free-form ``overrides``."""
+    overrides: dict[str, Any] = {key: params.get(name) for name, key in param_keys().items()}
+    overrides.update(parse_set(list(params.get("overrides") or [])))
+    return from_overrides(params.get("preset") or "guide", overrides)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where a run's data comes from: not part of the config hash, since the bytes are pinned.
+
+    Each field is a trigger-form field of the same name; its metadata is the form's declaration.
+    """
+
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "title": "Offline data folder",
+            "pattern": r"^/",
+            "minLength": 1,
+            "description": "Absolute path, readable by every worker, laid out as the archives extract (SST-2/, "
+            "wikitext-103-raw/, bert_vocab_uncased.txt). Empty: download.",
+        },
+    )
+    mirror: str | None = field(
+        default=None,
+        metadata={
+            "title": "Mirror URL",
+            "pattern": r"^(https?|file)://",
+            "description": "Base URL tried before the official addresses for every file (same file names; the pinned "
+            "sha256 still applies). Empty: official addresses only.",
+        },
+    )
+    sources_file: str | None = field(
+        default=None,
+        metadata={
+            "title": "Sources file",
+            "pattern": r"^/",
+            "description": "Absolute path of a JSON file replacing dataset specs (URLs, sha256) for re-packed copies. "
+            "Empty: the pinned official archives.",
+        },
+    )
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Sources:
+        return cls(**{f.name: (str(v) if (v := params.get(f.name)) not in (None, "") else None) for f in fields(cls)})
+
+
+def _preset_value(k: Knob, preset: str) -> Any:
+    return PRESETS[preset].get(k.section, {}).get(k.name, k.default)
+
+
+def preset_hint(k: Knob) -> str:
+    """``guide X / smoke Y``: what an empty form field means under each preset."""
+    return " / ".join(f"{p} {_fmt(_preset_value(k, p))}" for p in PRESETS)
+
+
+def parameters_markdown() -> str:
+    """``docs/parameters.md``: every config key with its bounds, presets and description."""
+    lines = [
+        "# Parameters",
+        "",
+        "Generated from the declarations in `src/encoderflow/config.py` by `make docs`; do not edit by hand",
+        "(a test fails when this file is stale). A form field is filled in through the DAG param named in",
+        "the second column; every key can be set with `--set key=value` (CLI) or the form's *Other",
+        "overrides*. An empty form field keeps the preset's value.",
+        "",
+        "| key | trigger form | type | allowed | " + " | ".join(PRESETS) + " | description |",
+        "|---|---|---|---|" + "---|" * len(PRESETS) + "---|",
+    ]
+    for k in knobs():
+        form = f"`{param_name(k)}` ({k.form or 'main'})" if k.form is not None else ""
+        values = " | ".join(f"`{_preset_value(k, p)}`" for p in PRESETS)
+        lines.append(f"| `{k.key}` | {form} | {k.type.__name__} | {k.bounds()} | {values} | {k.description} |")
+    return "\n".join(lines) + "\n"

@@ -77,8 +77,13 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def decide(candidate: float | None, baseline: float | None, champion: float | None, gate: GateConfig,
-           champion_version: str | None = None) -> Decision:
+def decide(
+    candidate: float | None,
+    baseline: float | None,
+    champion: float | None,
+    gate: GateConfig,
+    champion_version: str | None = None,
+) -> Decision:
     """Bless or not, with every check and its numbers.
 
     Args:
@@ -89,33 +94,75 @@ def decide(candidate: float | None, baseline: float | None, champion: float | No
     """
     checks: list[Check] = []
     ok = _finite(candidate)
-    checks.append(Check("metric", ok, candidate if ok else None, None,
-                        "candidate accuracy present" if ok else f"candidate accuracy is {candidate!r}"))
+    checks.append(
+        Check(
+            "metric",
+            ok,
+            candidate if ok else None,
+            None,
+            "candidate accuracy present" if ok else f"candidate accuracy is {candidate!r}",
+        )
+    )
     if ok:
         passed = _at_least(candidate, gate.min_accuracy)
-        checks.append(Check("floor", passed, candidate, gate.min_accuracy,
-                            f"{candidate:.4f} {'>=' if passed else '<'} floor {gate.min_accuracy:.4f}"))
+        checks.append(
+            Check(
+                "floor",
+                passed,
+                candidate,
+                gate.min_accuracy,
+                f"{candidate:.4f} {'>=' if passed else '<'} floor {gate.min_accuracy:.4f}",
+            )
+        )
     else:
         checks.append(Check("floor", False, None, gate.min_accuracy, "no candidate accuracy"))
 
     if ok and _finite(baseline):
         gain = candidate - baseline
         passed = _at_least(gain, gate.min_gain_over_baseline)
-        checks.append(Check("baseline", passed, gain, gate.min_gain_over_baseline,
-                            f"gain over baseline {baseline:.4f} is {gain:+.4f}, needs >= {gate.min_gain_over_baseline:+.4f}"))
+        checks.append(
+            Check(
+                "baseline",
+                passed,
+                gain,
+                gate.min_gain_over_baseline,
+                f"gain over baseline {baseline:.4f} is {gain:+.4f}, needs >= {gate.min_gain_over_baseline:+.4f}",
+            )
+        )
     else:
-        checks.append(Check("baseline", False, None, gate.min_gain_over_baseline,
-                            f"cannot compare: candidate {candidate!r}, baseline {baseline!r}"))
+        checks.append(
+            Check(
+                "baseline",
+                False,
+                None,
+                gate.min_gain_over_baseline,
+                f"cannot compare: candidate {candidate!r}, baseline {baseline!r}",
+            )
+        )
 
     if champion is None:
         checks.append(Check("champion", True, None, -gate.max_regression, "no champion yet"))
     elif ok and _finite(champion):
         delta = candidate - champion
         passed = _at_least(delta, -gate.max_regression)
-        checks.append(Check("champion", passed, delta, -gate.max_regression,
-                            f"vs champion v{champion_version} at {champion:.4f} on this run's data: {delta:+.4f}, "
-                            f"needs >= {-gate.max_regression:+.4f}"))
+        checks.append(
+            Check(
+                "champion",
+                passed,
+                delta,
+                -gate.max_regression,
+                f"vs champion v{champion_version} at {champion:.4f} on this run's data: {delta:+.4f}, "
+                f"needs >= {-gate.max_regression:+.4f}",
+            )
+        )
     else:
-        checks.append(Check("champion", False, None, -gate.max_regression,
-                            f"cannot compare: candidate {candidate!r}, champion {champion!r}"))
+        checks.append(
+            Check(
+                "champion",
+                False,
+                None,
+                -gate.max_regression,
+                f"cannot compare: candidate {candidate!r}, champion {champion!r}",
+            )
+        )
     return Decision(all(c.passed for c in checks), tuple(checks), candidate, baseline, champion, champion_version)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
+from encoderflow import runtime
+
+runtime.use_jax()  # before the first ``import keras`` of the process, or Keras picks its default backend
 
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
@@ -67,7 +69,9 @@ def build_encoder(cfg: ModelConfig, vocab_size: int, seq_length: int, pad_id: in
     """
     token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
     embedding = keras_hub.layers.TokenAndPositionEmbedding(
-        vocabulary_size=vocab_size, sequence_length=seq_length, embedding_dim=cfg.model_dim,
+        vocabulary_size=vocab_size,
+        sequence_length=seq_length,
+        embedding_dim=cfg.model_dim,
         name="token_and_position_embedding",
     )
     x = embedding(token_ids)
@@ -76,8 +80,11 @@ def build_encoder(cfg: ModelConfig, vocab_size: int, seq_length: int, pad_id: in
     padding_mask = PaddingMask(pad_id, name="padding_mask")(token_ids) if cfg.padding_mask else None
     for i in range(cfg.num_layers):
         x = keras_hub.layers.TransformerEncoder(
-            intermediate_dim=cfg.intermediate_dim, num_heads=cfg.num_heads, dropout=cfg.dropout,
-            layer_norm_epsilon=cfg.norm_epsilon, name=f"transformer_layer_{i}",
+            intermediate_dim=cfg.intermediate_dim,
+            num_heads=cfg.num_heads,
+            dropout=cfg.dropout,
+            layer_norm_epsilon=cfg.norm_epsilon,
+            name=f"transformer_layer_{i}",
         )(x, padding_mask=padding_mask)
     return keras.Model(token_ids, x, name="encoder")
 
@@ -92,7 +99,11 @@ def max_length(encoder: keras.Model) -> int:
 
 
 def build_pretraining_model(encoder: keras.Model, predictions_per_seq: int) -> keras.Model:
-    """Encoder plus a MaskedLMHead tied to the encoder's token embedding (the guide's model)."""
+    """Encoder plus a MaskedLMHead tied to the encoder's token embedding (the guide's model).
+
+    The head returns logits over the vocabulary (the guide's head applies a softmax; its loss then
+    takes probabilities): compile with ``from_logits=True``, as ``train.pretrain.compile_mlm`` does.
+    """
     seq_length = max_length(encoder)
     inputs = {
         "token_ids": keras.Input(shape=(seq_length,), dtype="int32", name="token_ids"),
@@ -100,7 +111,10 @@ def build_pretraining_model(encoder: keras.Model, predictions_per_seq: int) -> k
     }
     encoded = encoder(inputs["token_ids"])
     outputs = keras_hub.layers.MaskedLMHead(
-        token_embedding=token_embedding(encoder), activation="softmax", name="mlm_head",
+        token_embedding=token_embedding(encoder),
+        # Logits: the loss applies the softmax (from_logits=True), stable under bfloat16.
+        activation=None,
+        name="mlm_head",
     )(encoded, mask_positions=inputs["mask_positions"])
     return keras.Model(inputs, outputs, name="pretraining_model")
 

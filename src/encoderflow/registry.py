@@ -13,12 +13,13 @@ import getpass
 import json
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from encoderflow import layout
+from encoderflow import bundle, layout
 from encoderflow.errors import EncoderflowError
 
 log = logging.getLogger(__name__)
@@ -82,13 +83,17 @@ def champion(name: str) -> dict[str, Any] | None:
 
 
 def download_version(name: str, version: str, dst: str | os.PathLike) -> Path:
-    """Fetch a version (a number or ``@alias``) into ``dst``; verify it; return its folder."""
+    """Fetch a version (a number or ``@alias``) into ``dst``; verify it; return its folder.
+
+    Raises:
+        EncoderflowError: a file of the downloaded bundle is missing or altered (``bundle.verify``).
+    """
     import mlflow
 
     client()
     Path(dst).mkdir(parents=True, exist_ok=True)
     uri = f"models:/{name}{version}" if version.startswith("@") else f"models:/{name}/{version}"
-    return verify_bundle(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    return bundle.verify(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
 
 
 def _flatten(prefix: str, payload: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -100,17 +105,28 @@ def _flatten(prefix: str, payload: Any, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def log_candidate(name: str, bundle_dir: str | os.PathLike, config: dict[str, Any], metrics: dict[str, float],
-                  histories: dict[str, dict[str, list[float]]], tags: dict[str, str],
-                  decision: dict[str, Any], extra_artifacts: list[str | os.PathLike] = ()) -> dict[str, Any]:
+def log_candidate(
+    name: str,
+    bundle_dir: str | os.PathLike,
+    config: dict[str, Any],
+    metrics: dict[str, float],
+    histories: dict[str, dict[str, list[float]]],
+    tags: dict[str, str],
+    decision: dict[str, Any],
+    extra_artifacts: list[str | os.PathLike] = (),
+) -> dict[str, Any]:
     """One MLflow run with params, metrics, curves and the bundle; a model version with tags."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     c = client()
     if (done := _registered_for(c, name, tags)) is not None:
-        log.info("registry: %s version %s already registered for %s (a retry); reused", name, done["version"],
-                 tags.get("airflow.run_id"))
+        log.info(
+            "registry: %s version %s already registered for %s (a retry); reused",
+            name,
+            done["version"],
+            tags.get("airflow.run_id"),
+        )
         return done
     exp_id = _experiment_id(c)
     run_name = tags.get("airflow.run_id", "manual")
@@ -150,8 +166,12 @@ def _registered_for(c, name: str, tags: dict[str, str]) -> dict[str, Any] | None
         return None
     for mv in versions:
         if mv.tags.get("airflow.run_id") == run and mv.tags.get("airflow.dag_id") == tags.get("airflow.dag_id"):
-            return {"run_id": mv.run_id, "version": str(mv.version), "source": mv.source,
-                    "tracking_uri": tracking_uri()}
+            return {
+                "run_id": mv.run_id,
+                "version": str(mv.version),
+                "source": mv.source,
+                "tracking_uri": tracking_uri(),
+            }
     return None
 
 
@@ -182,8 +202,9 @@ def promotion_lock() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def move_champion(name: str, version: str, expected: str | None, reason: str, who: str | None = None,
-                  action: str = "promote") -> dict[str, Any]:
+def move_champion(
+    name: str, version: str, expected: str | None, reason: str, who: str | None = None, action: str = "promote"
+) -> dict[str, Any]:
     """Point ``champion`` at ``version`` if the champion is still ``expected``.
 
     ``previous`` moves first, so a crash between the two steps leaves ``champion`` on the old,
@@ -207,18 +228,25 @@ def move_champion(name: str, version: str, expected: str | None, reason: str, wh
         current_version = current["version"] if current else None
         if current_version == version and action == "promote":  # a retry after the move went through
             log.info("registry: %s v%s is champion already", name, version)
-            return {"action": action, "who": who, "reason": reason, "from": expected, "to": version,
-                    "already": True}
+            return {"action": action, "who": who, "reason": reason, "from": expected, "to": version, "already": True}
         if current_version != expected:
-            raise StaleChampion(f"{name}: champion is v{current_version}, but the decision was made against "
-                                f"v{expected}; re-run the gate")
+            raise StaleChampion(
+                f"{name}: champion is v{current_version}, but the decision was made against "
+                f"v{expected}; re-run the gate"
+            )
         if current_version is not None:
             c.set_registered_model_alias(name, PREVIOUS, current_version)
         c.set_registered_model_alias(name, CHAMPION, version)
-        event = {"at": datetime.now(timezone.utc).isoformat(), "action": action, "who": who, "reason": reason,
-                 "from": current_version, "to": version}
+        event = {
+            "at": datetime.now(UTC).isoformat(),
+            "action": action,
+            "who": who,
+            "reason": reason,
+            "from": current_version,
+            "to": version,
+        }
         c.set_model_version_tag(name, version, f"champion.{action}", json.dumps(event))
-        events = history(name)[-(HISTORY_LIMIT - 1):] + [event]
+        events = history(name)[-(HISTORY_LIMIT - 1) :] + [event]
         c.set_registered_model_tag(name, "champion.history", json.dumps(events))
     log.info("registry: %s champion v%s -> v%s (%s: %s, by %s)", name, current_version, version, action, reason, who)
     return event
@@ -256,19 +284,6 @@ def rollback(name: str, reason: str, who: str | None = None) -> dict[str, Any]:
     except MlflowException:
         raise EncoderflowError(f"{name}: no 'previous' version to roll back to") from None
     current = champion(name)
-    return move_champion(name, str(prev.version), current["version"] if current else None,
-                         reason or "rollback", who, action="rollback")
-
-
-def verify_bundle(bundle_dir: str | os.PathLike) -> Path:
-    """Check a downloaded bundle against the sha256s in its ``bundle.json`` before using it."""
-    bundle_dir = Path(bundle_dir)
-    meta_path = bundle_dir / "bundle.json"
-    if not meta_path.exists():
-        raise EncoderflowError(f"{bundle_dir}: incomplete model bundle (no bundle.json)")
-    for fname, digest in layout.read_json(meta_path)["files"].items():
-        path = bundle_dir / fname
-        if not path.exists() or layout.sha256_file(path) != digest:
-            raise EncoderflowError(f"{path}: missing or altered (sha256 differs from bundle.json); "
-                                   "the registered version is incomplete")
-    return bundle_dir
+    return move_champion(
+        name, str(prev.version), current["version"] if current else None, reason or "rollback", who, action="rollback"
+    )

@@ -1,48 +1,31 @@
-"""One function per DAG task: typed params in, small dicts of paths/hashes/metrics out.
+"""One function per DAG task: typed params in, small typed dicts of paths, hashes and metrics out.
 
 Nothing here imports Airflow; the DAG passes ``params`` and the run id, and each function
-rebuilds the same frozen :class:`~encoderflow.config.Config` from them.
+rebuilds the same frozen :class:`~encoderflow.config.Config` from them. Each step logs what it
+read and what it wrote (path and sha256) once, so a task log says where its artifacts are.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from encoderflow import layout
-from encoderflow.config import Config, from_overrides, parse_set
+from encoderflow.config import Sources, from_params
+from encoderflow.results import (
+    SST2_DEV,
+    SST2_TRAIN,
+    Baseline,
+    Dataset,
+    Finetuned,
+    Pretrained,
+    Sealed,
+    file_path,
+    only_file,
+)
 
 log = logging.getLogger("encoderflow")
-
-# DAG param name -> config key. Params left empty (None) keep the preset's value.
-PARAM_KEYS = {
-    "seed": "data.seed",
-    "seq_length": "data.seq_length",
-    "num_shards": "data.num_shards",
-    "dupe_factor": "data.dupe_factor",
-    "pretrain_split": "data.pretrain_split",
-    "padding_mask": "model.padding_mask",
-    "pretrain_epochs": "pretrain.epochs",
-    "pretrain_steps_per_epoch": "pretrain.steps_per_epoch",
-    "pretrain_batch_size": "pretrain.batch_size",
-    "pretrain_learning_rate": "pretrain.learning_rate",
-    "finetune_epochs": "finetune.epochs",
-    "finetune_steps_per_epoch": "finetune.steps_per_epoch",
-    "finetune_batch_size": "finetune.batch_size",
-    "finetune_learning_rate": "finetune.learning_rate",
-    "gate_min_accuracy": "gate.min_accuracy",
-    "gate_min_gain_over_baseline": "gate.min_gain_over_baseline",
-    "gate_max_regression": "gate.max_regression",
-}
-# Params about where the data comes from, not what is computed.
-SOURCE_PARAMS = ("data_dir", "mirror", "sources_file")
-
-
-def config_from_params(params: Mapping[str, Any]) -> Config:
-    """The run's Config: preset, then the typed params, then free-form ``overrides`` strings."""
-    overrides: dict[str, Any] = {key: params.get(name) for name, key in PARAM_KEYS.items()}
-    overrides.update(parse_set(list(params.get("overrides") or [])))
-    return from_overrides(params.get("preset") or "guide", overrides)
 
 
 def setup_logging() -> None:
@@ -52,42 +35,63 @@ def setup_logging() -> None:
     logging.getLogger("encoderflow").setLevel(logging.INFO)
 
 
-def _source(params: Mapping[str, Any], name: str) -> str | None:
-    value = params.get(name)
-    return str(value) if value not in (None, "") else None
+def _inputs(step: str, **paths: str) -> None:
+    for label, path in paths.items():
+        log.info("%s input %s: %s", step, label, path)
 
 
-def download(dataset: str, params: Mapping[str, Any]) -> dict[str, Any]:
+def _output(step: str, label: str, path: str, sha256: str | None = None) -> None:
+    log.info("%s output %s: %s%s", step, label, path, f" (sha256 {sha256})" if sha256 else "")
+
+
+def download(dataset: str, params: Mapping[str, Any]) -> Dataset:
     from encoderflow.data import sources
 
     setup_logging()
-    cfg = config_from_params(params)
-    return sources.get_dataset(dataset, cfg.data.pretrain_split, cfg.data.validation_split,
-                               data_dir=_source(params, "data_dir"), mirror=_source(params, "mirror"),
-                               sources_file=_source(params, "sources_file"))
+    cfg, src = from_params(params), Sources.from_params(params)
+    return sources.get_dataset(
+        dataset,
+        cfg.data.pretrain_split,
+        cfg.data.validation_split,
+        data_dir=src.data_dir,
+        mirror=src.mirror,
+        sources_file=src.sources_file,
+    )
 
 
-def validate(info: dict[str, Any], params: Mapping[str, Any], run_id: str) -> dict[str, Any]:
-    """Raises ``ValidationFailed`` (one line per failed expectation) on bad data."""
+def validate(info: Dataset, params: Mapping[str, Any], run_id: str) -> Dataset:
+    """Raises ``ValidationFailed`` (one line per failed expectation) on bad data.
+
+    Exact genuine row counts apply to the pinned official archives only (``info["pinned"]``):
+    a mirror re-pack or an offline folder is checked with loose size bounds.
+    """
     from encoderflow.data import validation
 
     setup_logging()
-    cfg = config_from_params(params)
+    _inputs("validate", **{m: f["path"] for m, f in info["files"].items()})
     docs = layout.run_dir(run_id) / "data_docs" / info["dataset"]
-    report = validation.check(info, cfg.preset, docs)
-    return {**info, "validation": {"success": report["success"], "docs": report["docs"],
-                                   "rows": {m: f["rows"] for m, f in report["files"].items()}}}
+    report = validation.check(info, docs)
+    _output("validate", "data_docs", report["docs"])
+    return {
+        **info,
+        "validation": {
+            "success": report["success"],
+            "strict": report["strict"],
+            "docs": report["docs"],
+            "rows": {m: f["rows"] for m, f in report["files"].items()},
+        },
+    }
 
 
 SHARED_PLAN_KEYS = ("shards_dir", "shards_hash", "vocab_path", "vocab_sha256")
 
 
-def plan_shards(wikitext: dict[str, Any], vocab: dict[str, Any], params: Mapping[str, Any]) -> list[dict[str, Any]]:
+def plan_shards(wikitext: Dataset, vocab: Dataset, params: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One self-contained spec per shard: the list a mapped ``build_shard`` expands over."""
     from encoderflow.data import shards
 
     setup_logging()
-    plan = shards.plan(config_from_params(params), wikitext, vocab)
+    plan = shards.plan(from_params(params), wikitext, vocab)
     return [{**shard, **{k: plan[k] for k in SHARED_PLAN_KEYS}} for shard in plan["shards"]]
 
 
@@ -95,133 +99,202 @@ def build_shard(shard: dict[str, Any], params: Mapping[str, Any]) -> dict[str, A
     from encoderflow.data import shards
 
     setup_logging()
-    return shards.build_shard(shard, config_from_params(params), shard["vocab_path"], shard["vocab_sha256"])
+    _inputs("build_shard", text=shard["text_path"], vocab=shard["vocab_path"])
+    built = shards.build_shard(shard, from_params(params), shard["vocab_path"], shard["vocab_sha256"])
+    _output("build_shard", "file", shard["file"], built["sha256"])
+    return built
 
 
-def seal_shards(planned: list[dict[str, Any]], params: Mapping[str, Any]) -> dict[str, Any]:
+def seal_shards(planned: list[dict[str, Any]], params: Mapping[str, Any]) -> Sealed:
     from encoderflow.data import shards
 
     setup_logging()
     plan = {**{k: planned[0][k] for k in SHARED_PLAN_KEYS}, "shards": planned}
-    return shards.seal(plan, config_from_params(params))
+    sealed = shards.seal(plan, from_params(params))
+    _output("seal_shards", "manifest", sealed["manifest"], sealed["manifest_sha256"])
+    return sealed
 
 
-def train_baseline(sst2: dict[str, Any], params: Mapping[str, Any], run_id: str) -> dict[str, Any]:
+def train_baseline(sst2: Dataset, params: Mapping[str, Any], run_id: str) -> Baseline:
     from encoderflow.train.baseline import train_baseline as fit
 
     setup_logging()
-    result = fit(config_from_params(params), sst2, layout.run_dir(run_id) / "baseline")
-    return {"val_accuracy": result["val_accuracy"], "result": str(layout.run_dir(run_id) / "baseline" / "result.json")}
+    out = layout.run_dir(run_id) / "baseline"
+    _inputs("train_baseline", train=file_path(sst2, SST2_TRAIN), dev=file_path(sst2, SST2_DEV))
+    result = fit(from_params(params), sst2, out)
+    _output("train_baseline", "result", str(out / "result.json"))
+    return {"baseline_val_accuracy": result["val_accuracy"], "result": str(out / "result.json")}
 
 
-def pretrain(sealed: dict[str, Any], params: Mapping[str, Any], run_id: str) -> dict[str, Any]:
+def pretrain(sealed: Sealed, params: Mapping[str, Any], run_id: str) -> Pretrained:
     from encoderflow.train.pretrain import pretrain as fit
 
     setup_logging()
     out = layout.run_dir(run_id) / "pretrain"
-    result = fit(config_from_params(params), sealed["manifest"], out)
-    return {"encoder": result["encoder"], "encoder_sha256": result["encoder_sha256"],
-            "val_mlm_accuracy": result["val_mlm_accuracy"], "result": str(out / "result.json")}
+    _inputs("pretrain", manifest=sealed["manifest"])
+    result = fit(from_params(params), sealed["manifest"], out)
+    _output("pretrain", "encoder", result["encoder"], result["encoder_sha256"])
+    return {
+        "encoder": result["encoder"],
+        "encoder_sha256": result["encoder_sha256"],
+        "mlm_val_accuracy": result["mlm_val_accuracy"],
+        "result": str(out / "result.json"),
+    }
 
 
-def finetune(pretrained: dict[str, Any], sst2: dict[str, Any], vocab: dict[str, Any], params: Mapping[str, Any],
-             run_id: str) -> dict[str, Any]:
+def finetune(
+    pretrained: Pretrained, sst2: Dataset, vocab: Dataset, params: Mapping[str, Any], run_id: str
+) -> Finetuned:
     from encoderflow.train.finetune import finetune as fit
 
     setup_logging()
     out = layout.run_dir(run_id) / "finetune"
-    vocab_path = next(iter(vocab["files"].values()))["path"]
-    result = fit(config_from_params(params), pretrained["encoder"], sst2, vocab_path, out)
-    return {"bundle": result["bundle"], "val_accuracy": result["val_accuracy"], "result": str(out / "result.json")}
+    vocab_path = only_file(vocab)["path"]
+    _inputs("finetune", encoder=pretrained["encoder"], train=file_path(sst2, SST2_TRAIN), vocab=vocab_path)
+    result = fit(from_params(params), pretrained["encoder"], sst2, vocab_path, out)
+    _output("finetune", "bundle", result["bundle"])
+    return {"bundle": result["bundle"], "sst2_val_accuracy": result["val_accuracy"], "result": str(out / "result.json")}
 
 
-def evaluate_and_gate(finetuned: dict[str, Any], baseline: dict[str, Any], sst2: dict[str, Any],
-                      params: Mapping[str, Any], run_id: str) -> dict[str, Any]:
+def evaluate_and_gate(
+    finetuned: Finetuned, baseline: Baseline, sst2: Dataset, params: Mapping[str, Any], run_id: str
+) -> dict[str, Any]:
     """Re-evaluate the champion on this run's dev data, decide, write ``gate.json``."""
     from encoderflow import gate, registry
 
     setup_logging()
-    cfg = config_from_params(params)
+    cfg = from_params(params)
     current = registry.champion(cfg.gate.registered_model)
     champion_acc = None
     if current is not None:
+        from encoderflow.bundle import Scorer
         from encoderflow.data.sst2 import read_split
-        from encoderflow.train.finetune import Scorer
 
         dst = layout.run_dir(run_id) / "champion" / f"v{current['version']}"
         bundle = registry.download_version(cfg.gate.registered_model, current["version"], dst)
-        dev_x, dev_y = read_split(sst2["files"]["SST-2/dev.tsv"]["path"])
-        champion_acc = Scorer(bundle).accuracy(dev_x, dev_y)
-        log.info("gate: champion v%s re-evaluated on %s: accuracy %.4f", current["version"],
-                 sst2["files"]["SST-2/dev.tsv"]["path"], champion_acc)
-    decision = gate.decide(finetuned.get("val_accuracy"), baseline.get("val_accuracy"), champion_acc, cfg.gate,
-                           champion_version=current["version"] if current else None)
+        dev = file_path(sst2, SST2_DEV)
+        champion_acc = Scorer(bundle).accuracy(*read_split(dev))
+        log.info("gate: champion v%s re-evaluated on %s: accuracy %.4f", current["version"], dev, champion_acc)
+    decision = gate.decide(
+        finetuned["sst2_val_accuracy"],
+        baseline["baseline_val_accuracy"],
+        champion_acc,
+        cfg.gate,
+        champion_version=current["version"] if current else None,
+    )
     for line in decision.table().splitlines():
         log.info("%s", line)
     path = layout.write_json(layout.run_dir(run_id) / "gate.json", decision.to_dict())
+    _output("evaluate_and_gate", "gate_json", str(path))
     return {**decision.to_dict(), "gate_json": str(path)}
 
 
-def promote(decision: dict[str, Any], finetuned: dict[str, Any], pretrained: dict[str, Any],
-            baseline: dict[str, Any], sealed: dict[str, Any], inputs: dict[str, dict[str, Any]],
-            params: Mapping[str, Any], lineage: dict[str, str]) -> dict[str, Any]:
+def promote(
+    decision: dict[str, Any],
+    finetuned: Finetuned,
+    pretrained: Pretrained,
+    baseline: Baseline,
+    sealed: Sealed,
+    inputs: dict[str, Dataset],
+    params: Mapping[str, Any],
+    lineage: dict[str, str],
+) -> dict[str, Any]:
     """Register the candidate (always) and move ``champion`` only when blessed."""
-    from encoderflow import registry
+    from encoderflow import curves, registry
 
     setup_logging()
-    cfg = config_from_params(params)
+    cfg = from_params(params)
     run_id = lineage.get("airflow.run_id", "manual")
-    tags = {**lineage,
-            "config.hash": cfg.config_hash(),
-            "config.preset": cfg.preset,
-            "shards.manifest_sha256": sealed["manifest_sha256"],
-            "shards.hash": sealed["shards_hash"],
-            **{f"data.{name}.content_hash": info["content_hash"] for name, info in inputs.items()},
-            **{f"data.{name}.source": info["source"] for name, info in inputs.items()}}
-    from encoderflow import curves
-
-    histories = {}
-    for stage, res in (("pretrain", pretrained), ("finetune", finetuned), ("baseline", baseline)):
-        histories[stage] = layout.read_json(res["result"]).get("history", {})
+    tags = {
+        **lineage,
+        "config.hash": cfg.config_hash(),
+        "config.preset": cfg.preset,
+        "shards.manifest_sha256": sealed["manifest_sha256"],
+        "shards.hash": sealed["shards_hash"],
+        **{f"data.{name}.content_hash": info["content_hash"] for name, info in inputs.items()},
+        **{f"data.{name}.source": info["source"] for name, info in inputs.items()},
+    }
+    histories = {
+        stage: layout.read_json(res["result"]).get("history", {})
+        for stage, res in (("pretrain", pretrained), ("finetune", finetuned), ("baseline", baseline))
+    }
     curves_png = curves.plot(histories, layout.run_dir(run_id) / "curves.png", title=f"{cfg.preset} · {run_id}")
-    metrics = {"sst2_val_accuracy": finetuned["val_accuracy"], "baseline_val_accuracy": baseline["val_accuracy"],
-               "mlm_val_accuracy": pretrained["val_mlm_accuracy"]}
+    metrics = {
+        "sst2_val_accuracy": finetuned["sst2_val_accuracy"],
+        "baseline_val_accuracy": baseline["baseline_val_accuracy"],
+        "mlm_val_accuracy": pretrained["mlm_val_accuracy"],
+    }
     if decision.get("champion") is not None:
         metrics["champion_val_accuracy"] = decision["champion"]
-    registered = registry.log_candidate(cfg.gate.registered_model, finetuned["bundle"], cfg.to_dict(), metrics,
-                                        histories, tags, decision, extra_artifacts=[curves_png])
+    _inputs("promote", bundle=finetuned["bundle"])
+    registered = registry.log_candidate(
+        cfg.gate.registered_model,
+        finetuned["bundle"],
+        cfg.to_dict(),
+        metrics,
+        histories,
+        tags,
+        decision,
+        extra_artifacts=[curves_png],
+    )
     promoted = None
     if decision["blessed"]:
-        promoted = registry.move_champion(cfg.gate.registered_model, registered["version"],
-                                          expected=decision.get("champion_version"),
-                                          reason=f"gate blessed run {run_id}", who="airflow")
+        promoted = registry.move_champion(
+            cfg.gate.registered_model,
+            registered["version"],
+            expected=decision.get("champion_version"),
+            reason=f"gate blessed run {run_id}",
+            who="airflow",
+        )
     else:
-        log.info("promote: not blessed, champion stays at v%s: %s", decision.get("champion_version"),
-                 "; ".join(decision["reasons"]))
+        log.info(
+            "promote: not blessed, champion stays at v%s: %s",
+            decision.get("champion_version"),
+            "; ".join(decision["reasons"]),
+        )
     current = registry.champion(cfg.gate.registered_model)
-    return {**registered, "blessed": decision["blessed"], "promoted": promoted,
-            "champion_version": current["version"] if current else None,
-            "registered_model": cfg.gate.registered_model}
+    log.info(
+        "promote output: %s v%s (champion v%s)",
+        cfg.gate.registered_model,
+        registered["version"],
+        current["version"] if current else None,
+    )
+    return {
+        **registered,
+        "blessed": decision["blessed"],
+        "promoted": promoted,
+        "champion_version": current["version"] if current else None,
+        "registered_model": cfg.gate.registered_model,
+    }
 
 
 def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     """Write ``summary.json`` in the run folder: metrics, decision, where everything is."""
     setup_logging()
-    cfg = config_from_params(params)
+    cfg = from_params(params)
     summary = {
         "run_id": run_id,
         "preset": cfg.preset,
         "config_hash": cfg.config_hash(),
         "metrics": {
-            "baseline_val_accuracy": results["baseline"]["val_accuracy"],
-            "mlm_val_accuracy": results["pretrained"]["val_mlm_accuracy"],
-            "sst2_val_accuracy": results["finetuned"]["val_accuracy"],
+            "baseline_val_accuracy": results["baseline"]["baseline_val_accuracy"],
+            "mlm_val_accuracy": results["pretrained"]["mlm_val_accuracy"],
+            "sst2_val_accuracy": results["finetuned"]["sst2_val_accuracy"],
             "champion_val_accuracy": results["decision"].get("champion"),
         },
-        "gate": {"blessed": results["decision"]["blessed"], "reasons": results["decision"]["reasons"],
-                 "gate_json": results["decision"]["gate_json"]},
-        "registry": {k: results["promoted"].get(k) for k in ("registered_model", "version", "champion_version",
-                                                              "run_id", "tracking_uri")},
+        "runtime": {
+            stage: {k: layout.read_json(res["result"]).get(k) for k in ("device", "dtype_policy", "seconds")}
+            for stage, res in (("pretrain", results["pretrained"]), ("finetune", results["finetuned"]))
+        },
+        "gate": {
+            "blessed": results["decision"]["blessed"],
+            "reasons": results["decision"]["reasons"],
+            "gate_json": results["decision"]["gate_json"],
+        },
+        "registry": {
+            k: results["promoted"].get(k)
+            for k in ("registered_model", "version", "champion_version", "run_id", "tracking_uri")
+        },
         "artifacts": {
             "run_dir": str(layout.run_dir(run_id)),
             "shards_manifest": results["sealed"]["manifest"],
@@ -232,5 +305,5 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
         },
     }
     path = layout.write_json(layout.run_dir(run_id) / "summary.json", summary)
-    log.info("report: %s", path)
+    _output("report", "summary", str(path))
     return {"summary": str(path), **summary["metrics"], "blessed": summary["gate"]["blessed"]}

@@ -20,8 +20,22 @@ WIKI_TEST = "wikitext-103-raw/wiki.test.raw"
 WIKI_VALID = "wikitext-103-raw/wiki.valid.raw"
 VOCAB = "bert_vocab_uncased.txt"
 
-VOCAB_TOKENS = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "film", "##s", "good",
-                "bad", ",", "."]
+VOCAB_TOKENS = [
+    "[PAD]",
+    "[unused0]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "the",
+    "a",
+    "film",
+    "##s",
+    "good",
+    "bad",
+    ",",
+    ".",
+]
 
 
 def sentences(n: int, offset: int = 0) -> list[str]:
@@ -43,11 +57,25 @@ def sst2_test(n: int = 20) -> str:
 
 
 def wikitext(title: str = "Fixture Article") -> str:
-    long_line = (" The fixture article is long enough that this paragraph runs well past one hundred bytes , "
-                 "as most of the genuine WikiText paragraphs do . ")
-    lines = [" ", f" = {title} = ", " ", long_line, " ", " = = Early life = = ", " ",
-             " A short line . ", long_line.replace("fixture", "second"), " ", " = = Career = = ", " ",
-             long_line.replace("fixture", "third")]
+    long_line = (
+        " The fixture article is long enough that this paragraph runs well past one hundred bytes , "
+        "as most of the genuine WikiText paragraphs do . "
+    )
+    lines = [
+        " ",
+        f" = {title} = ",
+        " ",
+        long_line,
+        " ",
+        " = = Early life = = ",
+        " ",
+        " A short line . ",
+        long_line.replace("fixture", "second"),
+        " ",
+        " = = Career = = ",
+        " ",
+        long_line.replace("fixture", "third"),
+    ]
     return "\n".join(lines) + "\n"
 
 

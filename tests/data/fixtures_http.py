@@ -15,9 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 # Scripted answers, consumed one per request to a path; when a path's script runs out, it is served.
-SERVE = "serve"          # the file, honouring "Range: bytes=N-" with 206 when range support is on
-CUT = "cut"              # announce the full Content-Length, send half of the body, close the socket
-STALL = "stall"          # accept the request and send nothing until the test ends (or STALL_MAX_S)
+SERVE = "serve"  # the file, honouring "Range: bytes=N-" with 206 when range support is on
+CUT = "cut"  # announce the full Content-Length, send half of the body, close the socket
+STALL = "stall"  # accept the request and send nothing until the test ends (or STALL_MAX_S)
 STALL_BODY = "stall-body"  # send headers and half of the body, then go silent
 REDIRECT_SELF = "redirect-self"  # 302 to the same path, forever
 
@@ -104,7 +104,7 @@ class _Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         if rng and lb.honour_range:
             assert rng.startswith("bytes=") and rng.endswith("-"), f"unexpected Range {rng!r}"
-            start = int(rng[len("bytes="):-1])
+            start = int(rng[len("bytes=") : -1])
             status = 206
             headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
         part = body[start:]

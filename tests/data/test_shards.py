@@ -28,15 +28,63 @@ from encoderflow.data.shards import ShardError, mask_batch
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 UNSELECTABLE = (PAD, CLS, SEP)
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "cat", "dog", "sat", "on", "mat",
-         "ran", "and", "big", "small", ".", ",", "##s", "red", "cafe", "=", "of", "river"]
-WORDS = ["the", "a", "cat", "cats", "dog", "dogs", "sat", "on", "mat", "ran", "and", "big", "small",
-         "red", "Café", "of", "river", "zebra", ",", "."]
+VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "ran",
+    "and",
+    "big",
+    "small",
+    ".",
+    ",",
+    "##s",
+    "red",
+    "cafe",
+    "=",
+    "of",
+    "river",
+]
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "cats",
+    "dog",
+    "dogs",
+    "sat",
+    "on",
+    "mat",
+    "ran",
+    "and",
+    "big",
+    "small",
+    "red",
+    "Café",
+    "of",
+    "river",
+    "zebra",
+    ",",
+    ".",
+]
 
 # Small enough to build in seconds, big enough that every shard holds several records and some
 # lines overflow seq_length (32) so truncation is exercised. One copy unless a test asks for more.
-SMOKE = {"data.pretrain_split": "test", "data.validation_split": "valid", "data.min_line_chars": 20,
-         "data.dupe_factor": 1}
+SMOKE = {
+    "data.pretrain_split": "test",
+    "data.validation_split": "valid",
+    "data.min_line_chars": 20,
+    "data.dupe_factor": 1,
+}
 SEQ, P = 32, 6
 
 
@@ -44,17 +92,20 @@ SEQ, P = 32, 6
 # mask_batch: pure numpy
 # --------------------------------------------------------------------------------------------
 
+
 def _mask(ids, rng, **kw):
     args = dict(vocab_size=20, mask_id=MASK, unselectable_ids=UNSELECTABLE, mask_rate=0.5, predictions_per_seq=4)
     args.update(kw)
     return mask_batch(np.asarray(ids), rng, **args)
 
 
-SMALL = np.array([
-    [2, 5, 6, 7, 8, 9, 10, 11, 12, 3, 0, 0],
-    [2, 13, 14, 15, 16, 17, 18, 19, 5, 6, 7, 3],
-    [2, 8, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-])
+SMALL = np.array(
+    [
+        [2, 5, 6, 7, 8, 9, 10, 11, 12, 3, 0, 0],
+        [2, 13, 14, 15, 16, 17, 18, 19, 5, 6, 7, 3],
+        [2, 8, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    ]
+)
 
 
 def test_mask_batch_exact_output_for_fixed_seed():
@@ -62,11 +113,14 @@ def test_mask_batch_exact_output_for_fixed_seed():
     # row 1 pos 5: 17 kept as is; the rest -> [MASK]) and full, partial and single-slot rows.
     # Any change to the order of random draws changes every shard ever built, so it must be loud.
     out = _mask(SMALL, np.random.default_rng(16))
-    np.testing.assert_array_equal(out["token_ids"], [
-        [2, 4, 6, 19, 8, 4, 10, 11, 4, 3, 0, 0],
-        [2, 13, 14, 15, 16, 17, 4, 4, 5, 4, 7, 3],
-        [2, 4, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-    ])
+    np.testing.assert_array_equal(
+        out["token_ids"],
+        [
+            [2, 4, 6, 19, 8, 4, 10, 11, 4, 3, 0, 0],
+            [2, 13, 14, 15, 16, 17, 4, 4, 5, 4, 7, 3],
+            [2, 4, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ],
+    )
     np.testing.assert_array_equal(out["mask_positions"], [[1, 3, 5, 8], [5, 6, 7, 9], [1, 0, 0, 0]])
     np.testing.assert_array_equal(out["mask_ids"], [[5, 7, 9, 12], [17, 18, 19, 6], [8, 0, 0, 0]])
     np.testing.assert_array_equal(out["mask_weights"], [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]])
@@ -103,7 +157,7 @@ def _assert_invariants(ids, out, p):
     assert (n_real <= p).all()
     rows = np.broadcast_to(np.arange(batch)[:, None], pos.shape)
     for r in range(batch):
-        assert np.all(np.diff(pos[r, :n_real[r]]) > 0), f"row {r}: positions not strictly ascending"
+        assert np.all(np.diff(pos[r, : n_real[r]]) > 0), f"row {r}: positions not strictly ascending"
     assert not np.isin(ids[rows[real], pos[real]], UNSELECTABLE).any(), "a special token was selected"
     np.testing.assert_array_equal(labels[real], ids[rows[real], pos[real]])
     untouched = np.ones_like(ids, dtype=bool)
@@ -181,6 +235,7 @@ def test_mask_batch_row_without_selectable_tokens():
 # Line filter and plan: no TensorFlow needed
 # --------------------------------------------------------------------------------------------
 
+
 def test_eligible_lines_counts_utf8_bytes_strictly_greater(tmp_path):
     f = tmp_path / "t.raw"
     lines = ["x" * 20, "x" * 21, "é" * 10, "é" * 10 + "a", "", " = Heading = "]
@@ -217,8 +272,13 @@ def _write_corpus(root: Path) -> tuple[dict, dict]:
     v_files = {"bert_vocab_uncased.txt": {"path": str(v), "bytes": v.stat().st_size, "sha256": layout.sha256_file(v)}}
 
     def info(name, r, files):
-        return {"dataset": name, "source": "offline", "root": str(r), "files": files,
-                "content_hash": layout.sha256_json({m: f["sha256"] for m, f in files.items()})}
+        return {
+            "dataset": name,
+            "source": "offline",
+            "root": str(r),
+            "files": files,
+            "content_hash": layout.sha256_json({m: f["sha256"] for m, f in files.items()}),
+        }
 
     return info("wikitext", root / "wikitext", wt_files), info("vocab", root / "vocab", v_files)
 
@@ -253,8 +313,7 @@ def test_plan_partitions_eligible_lines(corpus, encoderflow_home):
     assert p["vocab_path"].endswith("bert_vocab_uncased.txt")
     # smoke: 2 train shards x 2 copies; validation gets ceil(2 / 8) = 1 shard.
     keys = [(s["split"], s["copy"], s["index"], s["num"]) for s in p["shards"]]
-    assert keys == [("train", 0, 0, 2), ("train", 0, 1, 2), ("train", 1, 0, 2), ("train", 1, 1, 2),
-                    ("valid", 0, 0, 1)]
+    assert keys == [("train", 0, 0, 2), ("train", 0, 1, 2), ("train", 1, 0, 2), ("train", 1, 1, 2), ("valid", 0, 0, 1)]
     for role, split, n in (("train", "test", 30), ("valid", "valid", 9)):
         path = wikitext["files"][f"wikitext-103-raw/wiki.{split}.raw"]["path"]
         assert len(shards.eligible_lines(path, 20)) == n
@@ -288,6 +347,7 @@ def test_plan_address_depends_on_data_config_not_training_config(corpus):
 # Building, sealing and reading (TensorFlow)
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
     """The smoke shard set with seed 42, built once."""
@@ -300,10 +360,12 @@ def reference(corpus, tmp_path_factory):
 def _read(path, seq=SEQ, p=P):
     import tensorflow as tf
 
-    spec = {"token_ids": tf.io.FixedLenFeature([seq], tf.int64),
-            "mask_positions": tf.io.FixedLenFeature([p], tf.int64),
-            "mask_ids": tf.io.FixedLenFeature([p], tf.int64),
-            "mask_weights": tf.io.FixedLenFeature([p], tf.float32)}
+    spec = {
+        "token_ids": tf.io.FixedLenFeature([seq], tf.int64),
+        "mask_positions": tf.io.FixedLenFeature([p], tf.int64),
+        "mask_ids": tf.io.FixedLenFeature([p], tf.int64),
+        "mask_weights": tf.io.FixedLenFeature([p], tf.float32),
+    }
     recs = [tf.io.parse_single_example(r, spec) for r in tf.data.TFRecordDataset(str(path))]
     return {k: np.stack([r[k].numpy() for r in recs]) for k in spec}
 
@@ -420,8 +482,7 @@ def test_load_manifest_of_unsealed_set_refuses(tmp_path):
 def _copy_reference(reference, corpus):
     """The reference shards copied into this test's home, as a finished build would leave them."""
     p = shards.plan(reference["cfg"], *corpus)
-    shutil.copytree(reference["plan"]["shards_dir"], p["shards_dir"],
-                    ignore=shutil.ignore_patterns(shards.MANIFEST))
+    shutil.copytree(reference["plan"]["shards_dir"], p["shards_dir"], ignore=shutil.ignore_patterns(shards.MANIFEST))
     return p
 
 
@@ -533,8 +594,9 @@ def test_writer_killed_mid_shard_leaves_no_shard_and_a_rerun_completes(reference
     marker = tmp_path / "writing"
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
     args = json.dumps([shard, SMOKE, p["vocab_path"], str(marker)])
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():
@@ -579,17 +641,24 @@ def test_make_dataset_batches_match_the_guides_preprocess(reference, corpus):
     # dtype, int64 there and int32 here as JAX wants it) dtypes.
     wikitext, _ = corpus
     lines = shards.eligible_lines(wikitext["files"]["wikitext-103-raw/wiki.valid.raw"]["path"], 20)
-    tokenizer = keras_hub.tokenizers.WordPieceTokenizer(vocabulary=p["vocab_path"], sequence_length=SEQ,
-                                                        lowercase=True, strip_accents=True, dtype="int32")
+    tokenizer = keras_hub.tokenizers.WordPieceTokenizer(
+        vocabulary=p["vocab_path"], sequence_length=SEQ, lowercase=True, strip_accents=True, dtype="int32"
+    )
     masker = keras_hub.layers.MaskedLMMaskGenerator(
-        mask_selection_rate=0.25, mask_selection_length=P, vocabulary_size=tokenizer.vocabulary_size(),
+        mask_selection_rate=0.25,
+        mask_selection_length=P,
+        vocabulary_size=tokenizer.vocabulary_size(),
         mask_token_id=tokenizer.token_to_id("[MASK]"),
-        unselectable_token_ids=[tokenizer.token_to_id(x) for x in ["[CLS]", "[PAD]", "[SEP]"]])
+        unselectable_token_ids=[tokenizer.token_to_id(x) for x in ["[CLS]", "[PAD]", "[SEP]"]],
+    )
 
     def preprocess(inputs):
         outputs = masker(tokenizer(inputs))
-        return ({"token_ids": outputs["token_ids"], "mask_positions": outputs["mask_positions"]},
-                outputs["mask_ids"], outputs["mask_weights"])
+        return (
+            {"token_ids": outputs["token_ids"], "mask_positions": outputs["mask_positions"]},
+            outputs["mask_ids"],
+            outputs["mask_weights"],
+        )
 
     guide = next(iter(tf.data.Dataset.from_tensor_slices(lines).batch(4).map(preprocess)))
     tf.nest.assert_same_structure(guide, (features, labels, weights))
@@ -600,9 +669,15 @@ def test_make_dataset_batches_match_the_guides_preprocess(reference, corpus):
     # Unshuffled, the first batch is exactly what mask_batch made of the first lines, drawn from
     # the generator the module documents: (seed, split code, copy, index).
     originals = _tokenize_lines(p["vocab_path"], lines)
-    expected = mask_batch(originals, np.random.default_rng([42, shards.SPLIT_CODES["valid"], 0, 0]),
-                          vocab_size=len(VOCAB), mask_id=MASK, unselectable_ids=UNSELECTABLE,
-                          mask_rate=0.25, predictions_per_seq=P)
+    expected = mask_batch(
+        originals,
+        np.random.default_rng([42, shards.SPLIT_CODES["valid"], 0, 0]),
+        vocab_size=len(VOCAB),
+        mask_id=MASK,
+        unselectable_ids=UNSELECTABLE,
+        mask_rate=0.25,
+        predictions_per_seq=P,
+    )
     np.testing.assert_array_equal(features["token_ids"], expected["token_ids"][:4])
     np.testing.assert_array_equal(features["mask_positions"], expected["mask_positions"][:4])
     np.testing.assert_array_equal(labels, expected["mask_ids"][:4])
@@ -614,8 +689,9 @@ def test_make_dataset_covers_every_train_record_once_per_epoch(reference):
     manifest = reference["sealed"]["manifest"]
     seen = [f["token_ids"].numpy() for f, _, _ in shards.make_dataset(manifest, cfg, "train", 8)]
     assert [len(b) for b in seen] == [8, 8, 8, 6]
-    expected = np.concatenate([_read(s["file"])["token_ids"] for s in reference["plan"]["shards"]
-                               if s["split"] == "train"])
+    expected = np.concatenate(
+        [_read(s["file"])["token_ids"] for s in reference["plan"]["shards"] if s["split"] == "train"]
+    )
     got = np.concatenate(seen)
     assert sorted(map(tuple, got)) == sorted(map(tuple, expected))
     # Shuffled, but deterministically for a given seed.
@@ -654,7 +730,7 @@ def test_tokenized_chunks_keep_line_order_and_chunk_sizes(n, chunk, part):
     lines = [f"line {i}" for i in range(n)]
 
     def fake_tokenize(batch):  # one row per line: its number twice
-        return np.array([[int(l.split()[1])] * 2 for l in batch], dtype=np.int32)
+        return np.array([[int(line.split()[1])] * 2 for line in batch], dtype=np.int32)
 
     got = list(shards._tokenized_chunks(fake_tokenize, lines, chunk, part=part))
     assert [len(c) for c in got] == [min(chunk, n - i) for i in range(0, n, chunk)]

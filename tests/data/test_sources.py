@@ -19,7 +19,7 @@ import pytest
 from encoderflow.data import sources
 from encoderflow.data.sources import DataError, DatasetSpec, ResumingDownloader, fetch, get_dataset, locate
 
-from .fixtures_http import CUT, REDIRECT_SELF, STALL, STALL_BODY, http_server  # noqa: F401 - fixture
+from .fixtures_http import CUT, REDIRECT_SELF, STALL, STALL_BODY
 
 SHARED = Path("/work/shared/data")
 OFFICIAL = "/official"
@@ -38,13 +38,26 @@ def fast() -> ResumingDownloader:
     return ResumingDownloader(timeout=1, retries=3, backoff=0.01)
 
 
-def serve_spec(lb, data: bytes, filename: str = "blob.bin", name: str = "vocab", archive: str | None = None,
-               members: tuple[str, ...] | None = None, serve: bytes | None = None) -> DatasetSpec:
+def serve_spec(
+    lb,
+    data: bytes,
+    filename: str = "blob.bin",
+    name: str = "vocab",
+    archive: str | None = None,
+    members: tuple[str, ...] | None = None,
+    serve: bytes | None = None,
+) -> DatasetSpec:
     """A spec pinned to ``data``'s sha256 whose one official URL is on the loopback server."""
     path = f"{OFFICIAL}/{filename}"
     lb.files[path] = data if serve is None else serve
-    return DatasetSpec(name=name, filename=filename, urls=(lb.url(path),), known_hash=f"sha256:{sha256(data)}",
-                       archive=archive, members=members or (filename,))
+    return DatasetSpec(
+        name=name,
+        filename=filename,
+        urls=(lb.url(path),),
+        known_hash=f"sha256:{sha256(data)}",
+        archive=archive,
+        members=members or (filename,),
+    )
 
 
 def expected_root(home: Path, spec: DatasetSpec) -> Path:
@@ -72,6 +85,7 @@ SST2_MEMBERS = {
 
 
 # 1. transient server errors --------------------------------------------------------------------
+
 
 def test_a_500_is_retried_and_the_file_arrives_intact(http_server, encoderflow_home, caplog):
     data = payload(50_000)
@@ -102,6 +116,7 @@ def test_persistent_5xx_gives_up_after_the_configured_retries(http_server, encod
 
 
 # 2. a cut body is resumed ----------------------------------------------------------------------
+
 
 def test_a_cut_body_is_resumed_with_a_range_request(http_server, encoderflow_home, caplog):
     data = payload(300_000)
@@ -149,6 +164,7 @@ def test_resume_offsets_are_file_bytes_even_where_the_host_would_gzip(http_serve
 
 # 3. wrong bytes --------------------------------------------------------------------------------
 
+
 def test_wrong_bytes_fail_naming_url_and_both_hashes_and_leave_nothing(http_server, encoderflow_home):
     good, bad = payload(20_000, seed=1), payload(20_000, seed=2)
     spec = serve_spec(http_server, good, serve=bad)
@@ -190,6 +206,7 @@ def test_a_wrong_pinned_size_deletes_the_file(http_server, encoderflow_home):
 
 # 4. stalls -------------------------------------------------------------------------------------
 
+
 def test_a_stalled_server_fails_with_a_timeout_in_bounded_time(http_server, encoderflow_home):
     spec = serve_spec(http_server, payload(1000))
     http_server.script(f"{OFFICIAL}/blob.bin", *[STALL] * 10)
@@ -222,6 +239,7 @@ def test_a_body_that_stalls_midway_times_out_and_resumes(http_server, encoderflo
 
 # 5. User-Agent ---------------------------------------------------------------------------------
 
+
 def test_hosts_that_refuse_urllibs_agent_accept_ours(http_server, encoderflow_home):
     data = payload(2000)
     spec = serve_spec(http_server, data)
@@ -239,6 +257,7 @@ def test_hosts_that_refuse_urllibs_agent_accept_ours(http_server, encoderflow_ho
 
 
 # 6. archives -----------------------------------------------------------------------------------
+
 
 def zip_spec(lb, archive: bytes, name: str = "sst2") -> DatasetSpec:
     return serve_spec(lb, archive, filename="SST-2.zip", name=name, archive="zip", members=tuple(SST2_MEMBERS))
@@ -313,6 +332,7 @@ def test_a_file_that_is_not_a_zip_is_reported(http_server, encoderflow_home):
 
 # 7. reuse --------------------------------------------------------------------------------------
 
+
 def test_a_verified_file_is_reused_without_any_request(http_server, encoderflow_home):
     spec = zip_spec(http_server, make_zip(list(SST2_MEMBERS.items())))
     first = fetch(spec, spec.members, downloader=fast())
@@ -328,6 +348,7 @@ def test_a_verified_file_is_reused_without_any_request(http_server, encoderflow_
 
 
 # 8. mirrors ------------------------------------------------------------------------------------
+
 
 def test_a_working_mirror_is_used_and_the_official_host_is_not_contacted(http_server, encoderflow_home):
     data = payload(5000)
@@ -373,14 +394,25 @@ def test_when_every_source_fails_the_error_lists_each(http_server, encoderflow_h
     assert f"download {spec.urls[0]}: HTTP 404" in msg
 
 
-def test_get_dataset_downloads_with_a_sources_file_and_the_mirror_variable(http_server, tmp_path, monkeypatch,
-                                                                            encoderflow_home):
+def test_get_dataset_downloads_with_a_sources_file_and_the_mirror_variable(
+    http_server, tmp_path, monkeypatch, encoderflow_home
+):
     vocab = b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\n"
     http_server.files["/mirror/my_vocab.txt"] = vocab
     sources_file = tmp_path / "sources.json"
-    sources_file.write_text(json.dumps({"vocab": {
-        "filename": "my_vocab.txt", "urls": [http_server.url("/nowhere/my_vocab.txt")],
-        "known_hash": f"sha256:{sha256(vocab)}", "size": len(vocab), "members": ["my_vocab.txt"]}}))
+    sources_file.write_text(
+        json.dumps(
+            {
+                "vocab": {
+                    "filename": "my_vocab.txt",
+                    "urls": [http_server.url("/nowhere/my_vocab.txt")],
+                    "known_hash": f"sha256:{sha256(vocab)}",
+                    "size": len(vocab),
+                    "members": ["my_vocab.txt"],
+                }
+            }
+        )
+    )
     monkeypatch.setenv("ENCODERFLOW_MIRROR", http_server.url("/mirror"))
 
     info = get_dataset("vocab", sources_file=str(sources_file), downloader=fast())
@@ -388,12 +420,29 @@ def test_get_dataset_downloads_with_a_sources_file_and_the_mirror_variable(http_
     assert [s.path for s in http_server.seen] == ["/mirror/my_vocab.txt"]
     assert info["dataset"] == "vocab"
     assert Path(info["files"]["my_vocab.txt"]["path"]).read_bytes() == vocab
+    # A re-packed copy is nobody's pinned official archive: validation uses loose bounds on it.
+    assert info["pinned"] is False
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("{not json", "cannot read it as JSON"),
-    ('{"imagenet": {}}', "unknown dataset 'imagenet'"),
-])
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared real data not mounted")
+def test_the_pinned_archive_from_a_mirror_is_pinned_and_an_offline_copy_is_not(http_server, encoderflow_home):
+    spec = sources.DEFAULT_SPECS["vocab"]
+    http_server.files[f"/mirror/{spec.filename}"] = (SHARED / "bert_vocab_uncased.txt").read_bytes()
+
+    downloaded = get_dataset("vocab", mirror=http_server.url("/mirror"), downloader=fast())
+    offline = get_dataset("vocab", data_dir=str(SHARED))
+
+    assert downloaded["pinned"] is True and offline["pinned"] is False
+    assert downloaded["content_hash"] == offline["content_hash"]
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{not json", "cannot read it as JSON"),
+        ('{"imagenet": {}}', "unknown dataset 'imagenet'"),
+    ],
+)
 def test_a_bad_sources_file_names_itself(tmp_path, content, problem):
     path = tmp_path / "sources.json"
     path.write_text(content)
@@ -403,6 +452,7 @@ def test_a_bad_sources_file_names_itself(tmp_path, content, problem):
 
 
 # 9. offline folder -----------------------------------------------------------------------------
+
 
 def test_offline_missing_file_names_the_expected_path_and_layout(tmp_path):
     data_dir = tmp_path / "offline"
@@ -414,8 +464,14 @@ def test_offline_missing_file_names_the_expected_path_and_layout(tmp_path):
 
     msg = str(err.value)
     assert f"missing {data_dir / 'SST-2' / 'dev.tsv'}" in msg
-    for member in ["SST-2/train.tsv", "SST-2/dev.tsv", "SST-2/test.tsv", "wikitext-103-raw/wiki.train.raw",
-                   "wikitext-103-raw/wiki.valid.raw", "bert_vocab_uncased.txt"]:
+    for member in [
+        "SST-2/train.tsv",
+        "SST-2/dev.tsv",
+        "SST-2/test.tsv",
+        "wikitext-103-raw/wiki.train.raw",
+        "wikitext-103-raw/wiki.valid.raw",
+        "bert_vocab_uncased.txt",
+    ]:
         assert f"\n  {member}" in msg
 
 
@@ -432,8 +488,7 @@ def test_offline_records_each_files_sha256_and_asks_only_for_the_configured_spli
     (data_dir / "wikitext-103-raw" / "wiki.test.raw").write_bytes(b" = A = \n")
     (data_dir / "wikitext-103-raw" / "wiki.valid.raw").write_bytes(b" = B = \n")
 
-    info = locate(sources.DEFAULT_SPECS["wikitext"], sources.required_members("wikitext", "test", "valid"),
-                  data_dir)
+    info = locate(sources.DEFAULT_SPECS["wikitext"], sources.required_members("wikitext", "test", "valid"), data_dir)
 
     assert info["source"] == "offline" and info["root"] == str(data_dir)
     assert {m: f["sha256"] for m, f in info["files"].items()} == {
@@ -471,6 +526,7 @@ def test_offline_on_the_shared_real_data(encoderflow_home):
 
 
 # 10. progress ----------------------------------------------------------------------------------
+
 
 def test_progress_is_logged_as_plain_lines(http_server, encoderflow_home, caplog, capfd):
     caplog.set_level(logging.INFO)

@@ -35,7 +35,7 @@ def test_bucketed_batches_keep_every_token_at_the_smallest_width(tokenizers):
     expected = sorted(tuple(int(t) for t in row if t) for row in tokenize(padded40, sentences))
 
     seen, widths = [], set()
-    for ids, y in sst2.bucketed_token_dataset(sentences, labels, unpadded, batch_size=8, seq_length=40):
+    for ids, _ in sst2.bucketed_token_dataset(sentences, labels, unpadded, batch_size=8, seq_length=40):
         ids = ids.numpy()
         widths.add(ids.shape[1])
         longest = int((ids != 0).sum(axis=1).max())
@@ -53,5 +53,7 @@ def test_counted_dataset_declares_its_batches(tokenizers):
     sentences = ["good film", "bad plot"] * 10
     ds = sst2.bucketed_token_dataset(sentences, np.zeros(20, "int32"), unpadded, 8, 40, count_batches=True)
     assert int(ds.cardinality()) == 3 == sum(1 for _ in ds)
-    assert int(sst2.bucketed_token_dataset(sentences, np.zeros(20, "int32"), unpadded, 8, 40).cardinality()) == \
-        tf.data.UNKNOWN_CARDINALITY
+    assert (
+        int(sst2.bucketed_token_dataset(sentences, np.zeros(20, "int32"), unpadded, 8, 40).cardinality())
+        == tf.data.UNKNOWN_CARDINALITY
+    )

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from encoderflow.data import sources, validation
 from encoderflow.data.validation import ValidationFailed
 
-from .fixtures_data import DEV, TEST, TRAIN, VALID_FILES, VOCAB, VOCAB_TOKENS, WIKI_TEST, WIKI_VALID, vocab, \
-    write_valid_folder
+from .fixtures_data import (
+    DEV,
+    TEST,
+    TRAIN,
+    VALID_FILES,
+    VOCAB,
+    VOCAB_TOKENS,
+    WIKI_TEST,
+    WIKI_VALID,
+    vocab,
+    write_valid_folder,
+)
 
 SHARED = Path("/work/shared/data")
-DATASET_OF = {TRAIN: "sst2", DEV: "sst2", TEST: "sst2", WIKI_TEST: "wikitext", WIKI_VALID: "wikitext",
-              VOCAB: "vocab"}
+DATASET_OF = {TRAIN: "sst2", DEV: "sst2", TEST: "sst2", WIKI_TEST: "wikitext", WIKI_VALID: "wikitext", VOCAB: "vocab"}
 
 
 @pytest.fixture
@@ -31,10 +40,10 @@ def info_for(dataset: str, root: Path, only: str | None = None) -> dict:
     return sources.locate(sources.DEFAULT_SPECS[dataset], (only,), root)
 
 
-def test_valid_fixtures_pass_the_smoke_preset(folder, tmp_path, capfd):
+def test_valid_fixtures_pass_the_loose_bounds(folder, tmp_path, capfd):
     rows = {}
     for dataset in sources.DATASETS:
-        report = validation.validate_dataset(info_for(dataset, folder), "smoke", tmp_path / "docs" / dataset)
+        report = validation.validate_dataset(info_for(dataset, folder), tmp_path / "docs" / dataset)
         assert report["failures"] == [] and report["success"] is True, report["failures"]
         assert all(f["failed"] == 0 and f["expectations"] >= 4 for f in report["files"].values())
         rows.update({m: f["rows"] for m, f in report["files"].items()})
@@ -48,6 +57,7 @@ def test_valid_fixtures_pass_the_smoke_preset(folder, tmp_path, capfd):
 
 # --- corruptions ---------------------------------------------------------------------------------
 
+
 def _swap_columns(text: str) -> str:
     return "\n".join("\t".join(reversed(line.split("\t"))) for line in text.splitlines()) + "\n"
 
@@ -57,6 +67,7 @@ def _replace_line(n: int, new: Callable[[str], str]) -> Callable[[str], str]:
         lines = text.splitlines()
         lines[n] = new(lines[n])
         return "\n".join(lines) + "\n"
+
     return mutate
 
 
@@ -65,48 +76,109 @@ def _tsv_field(n: int, field: int, value: str) -> Callable[[str], str]:
         fields = line.split("\t")
         fields[field] = value
         return "\t".join(fields)
+
     return _replace_line(n, new)
 
 
 CORRUPTIONS = {
     # id: (file, mutation of its text or bytes, [(expectation, start of observed)]: exactly these fail)
-    "sst2-swapped-columns": (TRAIN, _swap_columns, [
-        ("expect_table_columns_to_match_ordered_list", "['label', 'sentence', '_fields', '_utf8', '_label_value']")]),
-    "sst2-label-2": (DEV, _tsv_field(2, 1, "2"), [
-        ("expect_column_values_to_be_in_set(column='label', value_set=['0', '1'])", "1 unexpected of 20, e.g. ['2']")]),
-    "sst2-three-fields": (TRAIN, _replace_line(5, lambda s: s + "\textra"), [
-        ("expect_column_values_to_be_in_set(column='_fields', value_set=[2])", "1 unexpected of 20, e.g. [3]")]),
-    "sst2-whitespace-only-sentence": (DEV, _tsv_field(3, 0, "   "), [
-        ("expect_column_values_to_match_regex(column='sentence', regex='\\\\S')", "1 unexpected of 20, e.g. ['   ']")]),
-    "sst2-test-whitespace-only-sentence": (TEST, _tsv_field(3, 1, "  "), [
-        ("expect_column_values_to_match_regex(column='sentence', regex='\\\\S')", "1 unexpected of 20, e.g. ['  ']")]),
-    "sst2-test-duplicate-index": (TEST, _tsv_field(4, 0, "0"), [
-        ("expect_column_values_to_be_unique(column='index')", "2 unexpected of 20, e.g. ['0', '0']")]),
-    "sst2-one-class-only": (TRAIN, lambda t: t.replace("\t0\n", "\t1\n"), [
-        ("expect_column_mean_to_be_between(column='_label_value', min_value=0.3, max_value=0.7)", "1.0")]),
-    "sst2-invalid-utf8": (TRAIN, lambda b: b.replace(b"dull", b"d\xffll", 1), [
-        ("expect_column_values_to_be_in_set(column='_utf8', value_set=[True])", "1 unexpected of 20, e.g. [False]")]),
-    "wikitext-tokenized": (WIKI_VALID, lambda t: t.replace("genuine WikiText", "genuine <unk>"), [
-        ("expect_column_values_to_not_match_regex(column='line', regex='<unk>')", "3 unexpected of 13, e.g. [' The")]),
-    "wikitext-no-article-titles": (WIKI_TEST, lambda t: t.replace(" = Test Article = ", " "), [
-        ("expect_column_sum_to_be_between(column='_header', min_value=1", "0")]),
-    "wikitext-invalid-utf8": (WIKI_TEST, lambda b: b.replace(b"short", b"sh\x80rt"), [
-        ("expect_column_values_to_be_in_set(column='_utf8', value_set=[True])", "1 unexpected of 13, e.g. [False]")]),
-    "vocab-without-mask": (VOCAB, lambda t: t.replace("[MASK]\n", ""), [
-        ("expect_column_distinct_values_to_contain_set(column='token', value_set=['[UNK]', '[CLS]', '[SEP]', '[MASK]'])",
-         "missing ['[MASK]']")]),
-    "vocab-pad-not-first": (VOCAB, lambda t: vocab(VOCAB_TOKENS[1:] + ["[PAD]"]), [
-        ("expect_column_values_to_be_in_set(column='token', row_condition=", "1 unexpected of 1, e.g. ['[unused0]']")]),
-    "vocab-duplicate-tokens": (VOCAB, lambda t: t + "film\n", [
-        ("expect_column_values_to_be_unique(column='token')", "2 unexpected of 15, e.g. ['film', 'film']")]),
+    "sst2-swapped-columns": (
+        TRAIN,
+        _swap_columns,
+        [("expect_table_columns_to_match_ordered_list", "['label', 'sentence', '_fields', '_utf8', '_label_value']")],
+    ),
+    "sst2-label-2": (
+        DEV,
+        _tsv_field(2, 1, "2"),
+        [("expect_column_values_to_be_in_set(column='label', value_set=['0', '1'])", "1 unexpected of 20, e.g. ['2']")],
+    ),
+    "sst2-three-fields": (
+        TRAIN,
+        _replace_line(5, lambda s: s + "\textra"),
+        [("expect_column_values_to_be_in_set(column='_fields', value_set=[2])", "1 unexpected of 20, e.g. [3]")],
+    ),
+    "sst2-whitespace-only-sentence": (
+        DEV,
+        _tsv_field(3, 0, "   "),
+        [("expect_column_values_to_match_regex(column='sentence', regex='\\\\S')", "1 unexpected of 20, e.g. ['   ']")],
+    ),
+    "sst2-test-whitespace-only-sentence": (
+        TEST,
+        _tsv_field(3, 1, "  "),
+        [("expect_column_values_to_match_regex(column='sentence', regex='\\\\S')", "1 unexpected of 20, e.g. ['  ']")],
+    ),
+    "sst2-test-duplicate-index": (
+        TEST,
+        _tsv_field(4, 0, "0"),
+        [("expect_column_values_to_be_unique(column='index')", "2 unexpected of 20, e.g. ['0', '0']")],
+    ),
+    "sst2-one-class-only": (
+        TRAIN,
+        lambda t: t.replace("\t0\n", "\t1\n"),
+        [("expect_column_mean_to_be_between(column='_label_value', min_value=0.3, max_value=0.7)", "1.0")],
+    ),
+    "sst2-invalid-utf8": (
+        TRAIN,
+        lambda b: b.replace(b"dull", b"d\xffll", 1),
+        [("expect_column_values_to_be_in_set(column='_utf8', value_set=[True])", "1 unexpected of 20, e.g. [False]")],
+    ),
+    "wikitext-tokenized": (
+        WIKI_VALID,
+        lambda t: t.replace("genuine WikiText", "genuine <unk>"),
+        [("expect_column_values_to_not_match_regex(column='line', regex='<unk>')", "3 unexpected of 13, e.g. [' The")],
+    ),
+    "wikitext-no-article-titles": (
+        WIKI_TEST,
+        lambda t: t.replace(" = Test Article = ", " "),
+        [("expect_column_sum_to_be_between(column='_header', min_value=1", "0")],
+    ),
+    "wikitext-invalid-utf8": (
+        WIKI_TEST,
+        lambda b: b.replace(b"short", b"sh\x80rt"),
+        [("expect_column_values_to_be_in_set(column='_utf8', value_set=[True])", "1 unexpected of 13, e.g. [False]")],
+    ),
+    "vocab-without-mask": (
+        VOCAB,
+        lambda t: t.replace("[MASK]\n", ""),
+        [
+            (
+                "expect_column_distinct_values_to_contain_set("
+                "column='token', value_set=['[UNK]', '[CLS]', '[SEP]', '[MASK]'])",
+                "missing ['[MASK]']",
+            )
+        ],
+    ),
+    "vocab-pad-not-first": (
+        VOCAB,
+        lambda t: vocab(VOCAB_TOKENS[1:] + ["[PAD]"]),
+        [("expect_column_values_to_be_in_set(column='token', row_condition=", "1 unexpected of 1, e.g. ['[unused0]']")],
+    ),
+    "vocab-duplicate-tokens": (
+        VOCAB,
+        lambda t: t + "film\n",
+        [("expect_column_values_to_be_unique(column='token')", "2 unexpected of 15, e.g. ['film', 'film']")],
+    ),
     # Every token keeps its "\r", so the specials are missing too: all three checks name it.
-    "vocab-crlf-line-endings": (VOCAB, lambda t: t.replace("\n", "\r\n"), [
-        ("expect_column_values_to_match_regex(column='token', regex='^\\\\S+$')",
-         f"{len(VOCAB_TOKENS)} unexpected of {len(VOCAB_TOKENS)}, e.g. ['[PAD]\\r'"),
-        ("expect_column_values_to_be_in_set(column='token', row_condition=", "1 unexpected of 1, e.g. ['[PAD]\\r']"),
-        ("expect_column_distinct_values_to_contain_set(column='token'", "missing [")]),
-    "vocab-invalid-utf8": (VOCAB, lambda b: b.replace(b"film", b"fi\xc3lm"), [
-        ("expect_column_values_to_be_in_set(column='_utf8', value_set=[True])", "1 unexpected of 14, e.g. [False]")]),
+    "vocab-crlf-line-endings": (
+        VOCAB,
+        lambda t: t.replace("\n", "\r\n"),
+        [
+            (
+                "expect_column_values_to_match_regex(column='token', regex='^\\\\S+$')",
+                f"{len(VOCAB_TOKENS)} unexpected of {len(VOCAB_TOKENS)}, e.g. ['[PAD]\\r'",
+            ),
+            (
+                "expect_column_values_to_be_in_set(column='token', row_condition=",
+                "1 unexpected of 1, e.g. ['[PAD]\\r']",
+            ),
+            ("expect_column_distinct_values_to_contain_set(column='token'", "missing ["),
+        ],
+    ),
+    "vocab-invalid-utf8": (
+        VOCAB,
+        lambda b: b.replace(b"film", b"fi\xc3lm"),
+        [("expect_column_values_to_be_in_set(column='_utf8', value_set=[True])", "1 unexpected of 14, e.g. [False]")],
+    ),
 }
 
 
@@ -121,7 +193,7 @@ def test_each_corruption_is_caught_naming_file_and_expectation(folder, tmp_path,
     path.write_bytes(corrupted) if binary else path.write_text(corrupted)
     dataset = DATASET_OF[member]
 
-    report = validation.validate_dataset(info_for(dataset, folder, only=member), "smoke", tmp_path / "docs")
+    report = validation.validate_dataset(info_for(dataset, folder, only=member), tmp_path / "docs")
 
     assert report["success"] is False
     assert len(report["failures"]) == len(expected), report["failures"]
@@ -137,21 +209,35 @@ def test_an_empty_file_fails_its_row_count(folder, tmp_path, member):
     path.write_bytes(b"")
     dataset = DATASET_OF[member]
 
-    report = validation.validate_dataset(info_for(dataset, folder, only=member), "smoke", tmp_path / "docs")
+    report = validation.validate_dataset(info_for(dataset, folder, only=member), tmp_path / "docs")
 
     assert report["success"] is False and report["files"][member]["rows"] == 0
     assert all(line.startswith(f"{dataset}: {path}: expect_") for line in report["failures"])
     lo = 5 if member == VOCAB else 10
-    assert (f"{dataset}: {path}: expect_table_row_count_to_be_between(min_value={lo}, max_value=50000000) "
-            "failed, observed 0") in report["failures"]
+    assert (
+        f"{dataset}: {path}: expect_table_row_count_to_be_between(min_value={lo}, max_value=50000000) "
+        "failed, observed 0"
+    ) in report["failures"]
 
 
-def test_the_guide_preset_demands_the_genuine_row_counts(folder, tmp_path):
-    report = validation.validate_dataset(info_for("vocab", folder), "guide", tmp_path / "docs")
+def test_a_pinned_archive_must_have_the_genuine_row_counts(folder, tmp_path):
+    report = validation.validate_dataset(info_for("vocab", folder), tmp_path / "docs", strict=True)
 
     assert report["failures"] == [
         f"vocab: {folder / VOCAB}: expect_table_row_count_to_be_between(min_value=30522, max_value=30522) "
-        f"failed, observed {len(VOCAB_TOKENS)}"]
+        f"failed, observed {len(VOCAB_TOKENS)}"
+    ]
+
+
+def test_strictness_follows_the_source_not_the_preset(folder, tmp_path):
+    info = info_for("vocab", folder)  # an offline folder: nobody pinned its bytes
+    assert info["pinned"] is False
+    loose = validation.validate_dataset(info, tmp_path / "loose")
+    assert loose["strict"] is False and loose["success"] is True, loose["failures"]
+    # The same bytes claimed to be the pinned official archive must have its genuine row count.
+    strict = validation.validate_dataset({**info, "pinned": True}, tmp_path / "strict")
+    assert strict["strict"] is True and strict["success"] is False
+    assert "min_value=30522, max_value=30522" in strict["failures"][0]
 
 
 def test_check_raises_listing_every_failure_across_files(folder, tmp_path):
@@ -160,7 +246,7 @@ def test_check_raises_listing_every_failure_across_files(folder, tmp_path):
     docs = tmp_path / "docs"
 
     with pytest.raises(ValidationFailed) as err:
-        validation.check(info_for("sst2", folder), "smoke", docs)
+        validation.check(info_for("sst2", folder), docs)
 
     lines = err.value.lines
     assert [line.split(": ")[1] for line in lines] == [str(folder / DEV), str(folder / TRAIN)]
@@ -173,7 +259,7 @@ def test_check_raises_listing_every_failure_across_files(folder, tmp_path):
 
 def test_data_docs_are_written_for_every_file(folder, tmp_path):
     docs = tmp_path / "docs"
-    report = validation.check(info_for("sst2", folder), "smoke", docs)
+    report = validation.check(info_for("sst2", folder), docs)
 
     index = docs / "index.html"
     assert report["docs"] == str(index) and index.is_file()
@@ -184,11 +270,11 @@ def test_data_docs_are_written_for_every_file(folder, tmp_path):
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared real data not mounted")
-def test_the_real_data_passes_the_guide_preset(tmp_path):
+def test_the_real_data_passes_the_strict_suite(tmp_path):
     rows = {}
     for dataset in sources.DATASETS:
         info = sources.get_dataset(dataset, "test", "valid", data_dir=str(SHARED))
-        report = validation.check(info, "guide", tmp_path / "docs" / dataset)
+        report = validation.check(info, tmp_path / "docs" / dataset, strict=True)
         assert Path(report["docs"]).is_file()
         rows.update({m: f["rows"] for m, f in report["files"].items()})
     # Published counts (GLUE SST-2; WikiText-103 raw valid/test lines; BERT uncased vocab).

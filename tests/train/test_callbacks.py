@@ -32,7 +32,9 @@ def test_epoch_lines_are_plain_and_complete(caplog):
     model.compile(loss="mse", optimizer="sgd", metrics=["mae"])
     x, y = np.ones((8, 2), "float32"), np.zeros((8, 1), "float32")
     with caplog.at_level(logging.INFO, logger="encoderflow.train"):
-        model.fit(x, y, batch_size=4, epochs=2, verbose=0, validation_data=(x, y), callbacks=[EpochLogger("finetune", 4)])
+        model.fit(
+            x, y, batch_size=4, epochs=2, verbose=0, validation_data=(x, y), callbacks=[EpochLogger("finetune", 4)]
+        )
     lines = [r.getMessage() for r in caplog.records if r.name == "encoderflow.train"]
     assert len(lines) == 2
     assert lines[0].startswith("finetune epoch 1/2: ") and lines[1].startswith("finetune epoch 2/2: ")

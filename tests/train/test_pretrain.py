@@ -30,7 +30,8 @@ def _run_cfg(duped, **pretrain_kw):
     from encoderflow.config import from_overrides
     from tests.data.test_shards import SMOKE
 
-    over = {**SMOKE, "data.dupe_factor": 2, "pretrain.batch_size": BATCH}
+    # One step per call unless a test says otherwise: several tests stop the run at a given step.
+    over = {**SMOKE, "data.dupe_factor": 2, "pretrain.batch_size": BATCH, "pretrain.steps_per_execution": 1}
     over.update({f"pretrain.{k}": v for k, v in pretrain_kw.items()})
     return from_overrides("smoke", over)
 
@@ -40,12 +41,12 @@ def _rows(batches):
     batches = list(batches)
     ids = np.concatenate([f["token_ids"].numpy() for f, _, _ in batches])
     pos = np.concatenate([f["mask_positions"].numpy() for f, _, _ in batches])
-    return [tuple(a.tolist()) + tuple(b.tolist()) for a, b in zip(ids, pos)]
+    return [tuple(a.tolist()) + tuple(b.tolist()) for a, b in zip(ids, pos, strict=True)]
 
 
 def _copy_rows(duped, c):
     rec = duped["copies"][c]
-    return [tuple(a.tolist()) + tuple(b.tolist()) for a, b in zip(rec["token_ids"], rec["mask_positions"])]
+    return [tuple(a.tolist()) + tuple(b.tolist()) for a, b in zip(rec["token_ids"], rec["mask_positions"], strict=True)]
 
 
 def test_copies_hold_the_same_tokens_with_different_masks(duped):
@@ -76,11 +77,16 @@ def test_train_batches_line_epoch_boundaries_up_with_copies(duped):
     batches = list(ds)
     assert len(batches) == 12 and int(ds.cardinality()) == 12
     for epoch in range(3):
-        got = _rows(batches[epoch * steps:(epoch + 1) * steps])
+        got = _rows(batches[epoch * steps : (epoch + 1) * steps])
         assert sorted(got) == sorted(_copy_rows(duped, epoch % 2)), epoch
     # Resuming at epoch 1 serves exactly what a fresh run served from epoch 1 on.
     resumed, _ = pretrain.train_batches(duped["manifest"], cfg, initial_epoch=1)
     assert _rows(list(resumed)) == _rows(batches[steps:])
+    # Resuming 3 steps into epoch 1 serves the rest, and declares that length.
+    mid, _ = pretrain.train_batches(duped["manifest"], cfg, initial_epoch=1, skip=3)
+    assert _rows(list(mid)) == _rows(batches[steps + 3 :]) and int(mid.cardinality()) == 2 * steps - 3
+    with pytest.raises(ValueError, match="skip must be in"):
+        pretrain.train_batches(duped["manifest"], cfg, initial_epoch=1, skip=steps)
 
 
 def test_train_batches_with_a_step_cap_repeats_within_the_copy(duped):
@@ -90,13 +96,35 @@ def test_train_batches_with_a_step_cap_repeats_within_the_copy(duped):
     assert steps == 6 and len(batches) == 12
     assert all(int(f["token_ids"].shape[0]) == BATCH for f, _, _ in batches)
     for epoch in range(2):
-        got = set(_rows(batches[epoch * steps:(epoch + 1) * steps]))
+        got = set(_rows(batches[epoch * steps : (epoch + 1) * steps]))
         assert got == set(_copy_rows(duped, epoch)), epoch
 
 
-def test_resume_epoch_reads_what_backup_and_restore_saved(tmp_path):
-    os.environ.setdefault("KERAS_BACKEND", "jax")
+def _resume_point(backup, steps_per_epoch):
+    """(epoch, steps of it done) where a run resumes from ``backup``."""
+    from encoderflow.train.callbacks import latest_backup
+
+    return divmod(latest_backup(backup)[0], steps_per_epoch)
+
+
+def _tiny_model():
     import keras
+
+    m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    m.compile(loss="mse", optimizer=keras.optimizers.AdamW(0.05))
+    return m
+
+
+def _tiny_data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(8, 2)).astype("float32"), rng.normal(size=(8, 1)).astype("float32")
+
+
+def test_step_backup_restores_weights_optimizer_and_step(tmp_path):
+    """A fit stopped after epoch 1 resumes at epoch 2 with the weights and optimizer state it had."""
+    import keras
+
+    from encoderflow.train.callbacks import StepBackup, latest_backup
 
     class Stop(Exception):
         pass
@@ -106,28 +134,46 @@ def test_resume_epoch_reads_what_backup_and_restore_saved(tmp_path):
             if epoch == 1:
                 raise Stop()
 
-    x, y = np.ones((8, 2), "float32"), np.zeros((8, 1), "float32")
-
-    def model():
-        m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-        m.compile(loss="mse", optimizer="sgd")
-        return m
-
+    x, y = _tiny_data()
     backup = tmp_path / "backup"
-    assert pretrain.resume_epoch(backup) == 0
+    assert _resume_point(backup, 4) == (0, 0) and latest_backup(backup) == (0, None)
+    stopped, straight = _tiny_model(), _tiny_model()
+    straight.set_weights(stopped.get_weights())
     with pytest.raises(Stop):
-        model().fit(x, y, epochs=4, verbose=0, callbacks=[
-            keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch"), StopAfter()])
-    assert pretrain.resume_epoch(backup) == 2
-    # Resumed with the data built from that epoch: the guard lets it through, and Keras runs 2 and 3.
+        stopped.fit(
+            x,
+            y,
+            batch_size=2,
+            epochs=4,
+            verbose=0,
+            shuffle=False,
+            callbacks=[StepBackup(backup, 4, every_steps=3), StopAfter()],
+        )
+    assert _resume_point(backup, 4) == (2, 0)
+    assert [f.name for f in backup.iterdir()] == ["step-000000000008.weights.h5"]  # older ones deleted
+    # A backup killed while being written keeps its temp name: never taken for a backup.
+    (backup / ".step-000000000011.weights.h5.x1.weights.h5").write_bytes(b"half")
+    assert latest_backup(backup)[0] == 8
+
+    resumed = _tiny_model()
+    restore = StepBackup(backup, 4, every_steps=3)
+    assert restore.restore(resumed) == 8 == restore.steps_done
+    assert int(resumed.optimizer.iterations) == 8
+    for a, b in zip(
+        stopped.weights + stopped.optimizer.variables, resumed.weights + resumed.optimizer.variables, strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Resumed with the data from that epoch on, Keras runs 2 and 3 and ends where a run never stopped does.
     seen = []
     log = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: seen.append(e))
-    model().fit(x, y, epochs=4, initial_epoch=2, verbose=0, callbacks=[
-        keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch"), pretrain.epoch_guard(2), log])
-    assert seen == [2, 3]
-    # A dataset built for the wrong epoch is refused before a single step trains on it.
-    with pytest.raises(RuntimeError, match="started at epoch 0 but the data was built from epoch 2"):
-        model().fit(x, y, epochs=4, verbose=0, callbacks=[pretrain.epoch_guard(2)])
+    resumed.fit(x, y, batch_size=2, epochs=4, initial_epoch=2, verbose=0, shuffle=False, callbacks=[restore, log])
+    assert seen == [2, 3] and restore.steps_done == 16 and _resume_point(backup, 4) == (4, 0)
+    straight.fit(x, y, batch_size=2, epochs=4, verbose=0, shuffle=False)
+    for a, b in zip(
+        straight.weights + straight.optimizer.variables, resumed.weights + resumed.optimizer.variables, strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+    assert StepBackup(tmp_path / "none", 4).restore(_tiny_model()) == 0  # nothing to restore: a fresh start
 
 
 def test_pretrain_resumes_on_the_copy_of_the_interrupted_epoch(duped, tmp_path, monkeypatch, caplog):
@@ -149,8 +195,8 @@ def test_pretrain_resumes_on_the_copy_of_the_interrupted_epoch(duped, tmp_path, 
         mp.setattr(callbacks, "EpochLogger", DiesAfterFirstEpoch)
         with pytest.raises(Killed):
             pretrain.pretrain(cfg, duped["manifest"], out)
-    # BackupAndRestore (first in the list) saved epoch 0 before the logger died.
-    assert pretrain.resume_epoch(out / "backup") == 1
+    # The backup (before the logger in the list) saved epoch 0's end before the logger died.
+    assert _resume_point(out / "backup", 2) == (1, 0)
     with caplog.at_level(logging.INFO, logger="encoderflow.train.pretrain"):
         result = pretrain.pretrain(cfg, duped["manifest"], out)
     assert "3 epochs from epoch 1" in caplog.text
@@ -160,8 +206,9 @@ def test_pretrain_resumes_on_the_copy_of_the_interrupted_epoch(duped, tmp_path, 
 
 
 def test_pretrain_killed_mid_epoch_resumes_at_the_next_step_and_matches_an_uninterrupted_run(
-        duped, tmp_path, monkeypatch, caplog):
-    """Backups every step: a run killed at step 2 of epoch 2 resumes at step 3 and ends with the
+    duped, tmp_path, monkeypatch, caplog
+):
+    """Backups every step: a run killed after step 2 of epoch 2 resumes at step 3 and ends with the
     weights of a run never killed (no batch skipped, none trained twice)."""
     import logging
 
@@ -170,9 +217,19 @@ def test_pretrain_killed_mid_epoch_resumes_at_the_next_step_and_matches_an_unint
     from encoderflow.train import callbacks
     from tests.data.test_shards import SMOKE
 
-    cfg = from_overrides("smoke", {**SMOKE, "data.dupe_factor": 2, "pretrain.batch_size": BATCH,
-                                   "pretrain.epochs": 3, "pretrain.steps_per_epoch": 0, "pretrain.validation_steps": 1,
-                                   "pretrain.backup_every_steps": 1, "model.dropout": 0.0})
+    cfg = from_overrides(
+        "smoke",
+        {
+            **SMOKE,
+            "data.dupe_factor": 2,
+            "pretrain.batch_size": BATCH,
+            "pretrain.epochs": 3,
+            "pretrain.steps_per_epoch": 0,
+            "pretrain.validation_steps": 1,
+            "pretrain.backup_every_steps": 1,
+            "model.dropout": 0.0,
+        },
+    )
 
     class Killed(Exception):
         pass
@@ -182,9 +239,9 @@ def test_pretrain_killed_mid_epoch_resumes_at_the_next_step_and_matches_an_unint
             super().on_epoch_begin(epoch, logs)
             self.epoch = epoch
 
-        def on_train_batch_end(self, batch, logs=None):
-            super().on_train_batch_end(batch, logs)
-            if self.epoch == 1 and batch == 1:
+        def on_train_batch_begin(self, batch, logs=None):
+            # As step 3 begins: step 2's backup, due when it ended, is written by now.
+            if self.epoch == 1 and batch == 2:
                 raise Killed()
 
     out = tmp_path / "killed"
@@ -192,7 +249,7 @@ def test_pretrain_killed_mid_epoch_resumes_at_the_next_step_and_matches_an_unint
         mp.setattr(callbacks, "EpochLogger", DiesMidEpoch)
         with pytest.raises(Killed):
             pretrain.pretrain(cfg, duped["manifest"], out)
-    assert pretrain.resume_point(out / "backup") == (1, 2)
+    assert _resume_point(out / "backup", 4) == (1, 2)
     with caplog.at_level(logging.INFO, logger="encoderflow.train.pretrain"):
         resumed = pretrain.pretrain(cfg, duped["manifest"], out)
     assert "resuming epoch 2 at step 3 of 4" in caplog.text
@@ -202,46 +259,64 @@ def test_pretrain_killed_mid_epoch_resumes_at_the_next_step_and_matches_an_unint
     a = models.load(resumed["encoder"]).get_weights()
     b = models.load(straight["encoder"]).get_weights()
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
-    # Epoch 1 is the same in both; the resumed epoch 2 row covers only its last 2 steps.
+    # Epoch 1 is the same in both; the resumed attempt's rows start at its resume point, and its last
+    # validation, at the end of training, sees the same weights.
     assert resumed["history"]["loss"][0] == pytest.approx(straight["history"]["loss"][0], abs=1e-5)
     assert resumed["history"]["val_loss"][-1] == pytest.approx(straight["history"]["val_loss"][-1], abs=1e-4)
 
 
-def test_step_backup_records_epoch_and_steps_after_a_restore(tmp_path):
-    """Keras's int save_freq records epoch 0 after a restore until an epoch ends; ours does not."""
-    os.environ.setdefault("KERAS_BACKEND", "jax")
+def test_step_backup_records_the_step_after_a_restore(tmp_path):
+    """Backups every 3 steps into an epoch and at epoch ends, counting the steps of earlier attempts."""
     import keras
 
-    from encoderflow import layout
+    from encoderflow.train.callbacks import StepBackup
 
-    x, y = np.ones((8, 2), "float32"), np.zeros((8, 1), "float32")
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model.compile(loss="mse", optimizer="sgd")
+    x, y = _tiny_data()
+    model = _tiny_model()
     backup = tmp_path / "backup"
-    model.fit(x, y, batch_size=2, epochs=2, verbose=0, callbacks=[pretrain.step_backup(backup, 3, keep=True)])
-    assert pretrain.resume_point(backup) == (2, 0)  # saved at the last epoch end
+    saved = []
+
+    class Spy(StepBackup):
+        def save(self):
+            saved.append(self.steps_done)
+            return super().save()
+
+    model.fit(x, y, batch_size=2, epochs=2, verbose=0, callbacks=[Spy(backup, 4, every_steps=3)])
+    assert saved == [3, 4, 7, 8]
+    assert _resume_point(backup, 4) == (2, 0)  # saved at the last epoch end
 
     class Stop(Exception):
         pass
 
     stop = keras.callbacks.LambdaCallback(
-        on_train_batch_end=lambda b, logs: (_ for _ in ()).throw(Stop()) if b == 2 else None)
+        on_train_batch_begin=lambda b, logs: (_ for _ in ()).throw(Stop()) if b == 3 else None
+    )
+    model = _tiny_model()
+    resumed = StepBackup(backup, 4, every_steps=3)
+    resumed.restore(model)
     with pytest.raises(Stop):
-        model.fit(x, y, batch_size=2, epochs=4, verbose=0,
-                  callbacks=[pretrain.step_backup(backup, 3), stop])
-    meta = layout.read_json(backup / pretrain.BACKUP_METADATA)
-    assert meta["epoch"] == 2 and meta["steps_done"] == 3
-    assert pretrain.resume_point(backup) == (2, 3)
+        model.fit(x, y, batch_size=2, epochs=4, initial_epoch=2, verbose=0, callbacks=[resumed, stop])
+    assert _resume_point(backup, 4) == (2, 3)
 
 
-def test_precision_auto_is_bfloat16_on_accelerators_and_float32_on_cpu():
-    assert pretrain.dtype_policy("auto", "gpu") == "mixed_bfloat16"
-    assert pretrain.dtype_policy("auto", "tpu") == "mixed_bfloat16"
-    assert pretrain.dtype_policy("auto", "cpu") == "float32"
-    assert pretrain.dtype_policy("mixed_float16", "cpu") == "mixed_float16"
-    assert pretrain.dtype_policy("auto") == "float32"  # this machine has no accelerator
+def test_step_backup_never_saves_a_step_that_raised(tmp_path):
+    """A NaN loss stops training before the state it produced is backed up."""
+    from encoderflow.train.callbacks import EpochLogger, NonFiniteLoss, StepBackup
+
+    x, _ = _tiny_data()
+    y = np.full((8, 1), np.nan, "float32")
+    with pytest.raises(NonFiniteLoss):
+        _tiny_model().fit(
+            x,
+            y,
+            batch_size=2,
+            epochs=2,
+            verbose=0,
+            callbacks=[StepBackup(tmp_path / "backup", 4, every_steps=1), EpochLogger("pretrain", 2)],
+        )
+    assert _resume_point(tmp_path / "backup", 4) == (0, 0)
 
 
 def test_learning_rate_schedules():
@@ -251,8 +326,8 @@ def test_learning_rate_schedules():
     sched = pretrain.learning_rate(PretrainConfig(lr_schedule="warmup_cosine", warmup_ratio=0.1), total_steps=100)
     at = {step: float(sched(step)) for step in (0, 5, 10, 55, 100)}
     assert at[0] == pytest.approx(0.0)
-    assert at[5] == pytest.approx(2.5e-4)        # halfway up the linear warm-up
-    assert at[10] == pytest.approx(5e-4)         # peak at the end of warm-up
+    assert at[5] == pytest.approx(2.5e-4)  # halfway up the linear warm-up
+    assert at[10] == pytest.approx(5e-4)  # peak at the end of warm-up
     assert at[55] == pytest.approx(2.5e-4, rel=1e-3)  # cosine halfway down
     assert at[100] == pytest.approx(0.0, abs=1e-9)
 
@@ -280,17 +355,29 @@ def test_two_device_data_parallel_matches_one_device(duped, tmp_path):
 
     from tests.data.test_shards import SMOKE
 
-    over = {**SMOKE, "data.dupe_factor": 2, "pretrain.batch_size": BATCH, "pretrain.epochs": 1,
-            "pretrain.steps_per_epoch": 1, "pretrain.validation_steps": 1, "model.dropout": 0.0}
+    over = {
+        **SMOKE,
+        "data.dupe_factor": 2,
+        "pretrain.batch_size": BATCH,
+        "pretrain.epochs": 1,
+        "pretrain.steps_per_epoch": 1,
+        "pretrain.validation_steps": 1,
+        "model.dropout": 0.0,
+    }
     results = {}
     for n in (1, 2):
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-        proc = subprocess.run([sys.executable, "-c", TWO_DEVICES, str(duped["manifest"]), json.dumps(over),
-                               str(tmp_path / f"dev{n}")], env=env, capture_output=True, text=True, timeout=300,
-                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        proc = subprocess.run(
+            [sys.executable, "-c", TWO_DEVICES, str(duped["manifest"]), json.dumps(over), str(tmp_path / f"dev{n}")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-        results[n] = json.loads(line[len("RESULT "):])
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+        results[n] = json.loads(line[len("RESULT ") :])
     assert results[1]["devices"] == 1 and results[2]["devices"] == 2
     one, two = results[1]["first_step_loss"], results[2]["first_step_loss"]
     assert np.isfinite(one) and one > 1.0
@@ -322,15 +409,26 @@ def test_pretraining_sigkilled_after_epoch_one_resumes_at_epoch_two(duped, tmp_p
     from encoderflow.config import from_overrides
     from tests.data.test_shards import SMOKE
 
-    over = {**SMOKE, "data.dupe_factor": 2, "pretrain.batch_size": BATCH, "pretrain.epochs": 3,
-            "pretrain.steps_per_epoch": 2, "pretrain.validation_steps": 1}
+    over = {
+        **SMOKE,
+        "data.dupe_factor": 2,
+        "pretrain.batch_size": BATCH,
+        "pretrain.epochs": 3,
+        "pretrain.steps_per_epoch": 2,
+        "pretrain.validation_steps": 1,
+    }
     out = tmp_path / "pretrain"
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_FIRST_EPOCH, str(duped["manifest"]), json.dumps(over),
-                           str(out)], capture_output=True, text=True, timeout=300, cwd=repo)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_FIRST_EPOCH, str(duped["manifest"]), json.dumps(over), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+    )
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert not (out / "encoder.keras").exists()
-    assert pretrain.resume_epoch(out / "backup") == 1
+    assert _resume_point(out / "backup", 2) == (1, 0)
 
     with caplog.at_level(logging.INFO, logger="encoderflow.train"):
         result = pretrain.pretrain(from_overrides("smoke", over), duped["manifest"], out)
@@ -339,3 +437,155 @@ def test_pretraining_sigkilled_after_epoch_one_resumes_at_epoch_two(duped, tmp_p
     assert epochs_run == ["pretrain epoch 2/3", "pretrain epoch 3/3"]  # resumed at the second epoch
     assert len(result["history"]["loss"]) == 3  # the killed attempt's epoch is in the record too
     assert (out / "encoder.keras").exists() and not (out / "backup").exists()
+
+
+KILLED_MID_EPOCH = r"""
+import json, os, signal, sys
+from encoderflow.config import from_overrides
+from encoderflow.train import callbacks, pretrain
+
+class DiesMidEpoch(callbacks.EpochLogger):
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.epoch == 1 and batch == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+callbacks.EpochLogger = DiesMidEpoch
+pretrain.pretrain(from_overrides("smoke", json.loads(sys.argv[2])), sys.argv[1], sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+def test_pretraining_sigkilled_mid_epoch_resumes_at_the_next_step(duped, tmp_path, caplog):
+    """A real SIGKILL as step 3 of epoch 2 begins: the backup on disk resumes at step 3 and the run
+    ends with an uninterrupted run's weights and final validation."""
+    import json
+    import logging
+    import subprocess
+    import sys
+
+    from encoderflow import model as models
+    from encoderflow.config import from_overrides
+    from tests.data.test_shards import SMOKE
+
+    over = {
+        **SMOKE,
+        "data.dupe_factor": 2,
+        "pretrain.batch_size": BATCH,
+        "pretrain.epochs": 3,
+        "pretrain.steps_per_epoch": 0,
+        "pretrain.validation_steps": 1,
+        "pretrain.backup_every_steps": 2,
+        "model.dropout": 0.0,
+    }
+    out = tmp_path / "pretrain"
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_EPOCH, str(duped["manifest"]), json.dumps(over), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert _resume_point(out / "backup", 4) == (1, 2)
+
+    cfg = from_overrides("smoke", over)
+    with caplog.at_level(logging.INFO, logger="encoderflow.train"):
+        resumed = pretrain.pretrain(cfg, duped["manifest"], out)
+    assert "resuming epoch 2 at step 3 of 4" in caplog.text
+    # The resumed attempt's epochs start 2 steps into an epoch; the last is 2 steps short.
+    steps_run = [r.getMessage().split(" steps=")[1].split()[0] for r in caplog.records if r.name == "encoderflow.train"]
+    assert steps_run == ["4", "2"]
+    assert len(resumed["history"]["loss"]) == 3 and not (out / "backup").exists()
+    straight = pretrain.pretrain(cfg, duped["manifest"], tmp_path / "straight")
+    for x, y in zip(
+        models.load(resumed["encoder"]).get_weights(), models.load(straight["encoder"]).get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+    assert resumed["mlm_val_accuracy"] == pytest.approx(straight["mlm_val_accuracy"], abs=1e-4)
+
+
+def test_pretrain_killed_after_its_last_backup_trains_nothing_more(duped, tmp_path, monkeypatch, caplog):
+    """Killed after the final backup but before the result: the retry restores it and saves the encoder."""
+    import logging
+
+    from encoderflow import model as models
+    from encoderflow.train import callbacks
+
+    class Killed(Exception):
+        pass
+
+    class DiesAtTheEnd(callbacks.EpochLogger):
+        def on_train_end(self, logs=None):
+            raise Killed()
+
+    cfg = _run_cfg(duped, epochs=2, steps_per_epoch=2, validation_steps=1)
+    out = tmp_path / "pretrain"
+    with monkeypatch.context() as mp:
+        mp.setattr(callbacks, "EpochLogger", DiesAtTheEnd)
+        with pytest.raises(Killed):
+            pretrain.pretrain(cfg, duped["manifest"], out)
+    assert _resume_point(out / "backup", 2) == (2, 0)
+    caplog.clear()  # only the retry's lines count below
+    with caplog.at_level(logging.INFO, logger="encoderflow.train"):
+        result = pretrain.pretrain(cfg, duped["manifest"], out)
+    assert "2 epochs from epoch 2" in caplog.text
+    assert not [r for r in caplog.records if r.name == "encoderflow.train"]  # no epoch ran
+    assert (
+        len(result["history"]["loss"]) == 2
+        and result["mlm_val_accuracy"] == result["history"]["val_sparse_categorical_accuracy"][-1]
+    )
+    straight = pretrain.pretrain(cfg, duped["manifest"], tmp_path / "straight")
+    for x, y in zip(
+        models.load(result["encoder"]).get_weights(), models.load(straight["encoder"]).get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+
+
+def test_steps_per_execution_divides_the_epoch_and_the_backup_interval():
+    assert pretrain.steps_per_execution(16, 50) == 10  # the smoke epoch: 50 steps
+    assert pretrain.steps_per_execution(16, 9000, 5000) == 10  # gcd(9000, 5000) = 1000
+    assert pretrain.steps_per_execution(16, 4, 1) == 1
+    assert pretrain.steps_per_execution(1, 128) == 1
+    assert pretrain.steps_per_execution(64, 7) == 7  # never more than an epoch
+    assert pretrain.steps_per_execution(8, 13) == 1  # a prime epoch: one step per call
+
+
+def test_pretrain_logs_an_estimate_progress_and_the_cpu_warning(duped, tmp_path, caplog):
+    """Before long training on a CPU, the log says how long it will take and what to do instead."""
+    import dataclasses
+    import logging
+
+    cfg = _run_cfg(duped, epochs=1, steps_per_epoch=16, validation_steps=1, log_every_seconds=0)
+    cfg = dataclasses.replace(cfg, preset="guide")  # the preset that needs a GPU
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        result = pretrain.pretrain(cfg, duped["manifest"], tmp_path / "pretrain")
+    lines = [r.getMessage() for r in caplog.records if r.name == "encoderflow.train"]
+    estimate = [line for line in lines if "ms/step measured over 10 steps; estimated training time" in line]
+    assert len(estimate) == 1 and "for 16 steps" in estimate[0], lines
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "encoderflow.train"]
+    assert len(warning) == 1 and "GPU worker" in warning[0].getMessage() and "smoke" in warning[0].getMessage()
+    progress = [line for line in lines if line.startswith("pretrain progress: epoch step ")]
+    assert progress and all("loss=" in line and "seq/s=" in line and "eta=" in line for line in progress)
+    assert "pretrain progress: epoch step 16/16" in progress[-1]
+    assert not any("\r" in line for line in lines)
+    assert result["step_seconds"] > 0 and result["device"].endswith("(cpu)")
+    assert any("pretrain: device 1 x " in r.getMessage() for r in caplog.records)
+
+
+def test_mixed_bfloat16_trains_to_within_5_percent_of_float32(duped, tmp_path):
+    import dataclasses
+
+    losses = {}
+    for precision in ("float32", "mixed_bfloat16"):
+        cfg = _run_cfg(duped, epochs=1, steps_per_epoch=20, validation_steps=1, precision=precision)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.0))
+        result = pretrain.pretrain(cfg, duped["manifest"], tmp_path / precision)
+        assert result["dtype_policy"] == precision
+        losses[precision] = result["loss"]
+    assert np.isfinite(losses["mixed_bfloat16"])
+    assert losses["mixed_bfloat16"] == pytest.approx(losses["float32"], rel=0.05), losses

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from encoderflow import layout
+from encoderflow import layout, runtime
 from encoderflow.config import Config, DataConfig
 from encoderflow.errors import EncoderflowError
+from encoderflow.results import file_info, only_file
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,22 @@ def pack(token_lists: list[list[int]], seq_length: int, pad_id: int) -> np.ndarr
     flat = np.fromiter((t for ids in token_lists for t in ids), dtype=np.int64)
     n = max(1, math.ceil(len(flat) / seq_length))
     out = np.full(n * seq_length, pad_id, dtype=np.int64)
-    out[:len(flat)] = flat
+    out[: len(flat)] = flat
     return out.reshape(n, seq_length)
 
 
-def mask_batch(token_ids: np.ndarray, rng: np.random.Generator, *, vocab_size: int, mask_id: int,
-               unselectable_ids: tuple[int, ...], mask_rate: float, predictions_per_seq: int,
-               mask_token_rate: float = MASK_TOKEN_RATE, random_token_rate: float = RANDOM_TOKEN_RATE
-               ) -> dict[str, np.ndarray]:
+def mask_batch(
+    token_ids: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    vocab_size: int,
+    mask_id: int,
+    unselectable_ids: tuple[int, ...],
+    mask_rate: float,
+    predictions_per_seq: int,
+    mask_token_rate: float = MASK_TOKEN_RATE,
+    random_token_rate: float = RANDOM_TOKEN_RATE,
+) -> dict[str, np.ndarray]:
     """BERT-style static masking with the semantics of keras-hub's ``MaskedLMMaskGenerator``.
 
     Each selectable token is chosen with probability ``mask_rate``; when more than
@@ -116,8 +125,9 @@ def mask_batch(token_ids: np.ndarray, rng: np.random.Generator, *, vocab_size: i
 
     action = rng.random((batch, p))
     random_ids = rng.integers(0, vocab_size, size=(batch, p))
-    replaced = np.where(action < mask_token_rate, mask_id,
-                        np.where(action < mask_token_rate + random_token_rate, random_ids, labels))
+    replaced = np.where(
+        action < mask_token_rate, mask_id, np.where(action < mask_token_rate + random_token_rate, random_ids, labels)
+    )
     masked = ids.copy()
     rows = np.broadcast_to(np.arange(batch)[:, None], positions.shape)
     masked[rows[weights], positions[weights]] = replaced[weights]
@@ -137,12 +147,14 @@ def shards_hash(cfg: DataConfig, vocab_sha256: str, text_sha256: dict[str, str])
     # Line mode is what every set built before the field existed holds: keep their addresses.
     if data.get("sequence_mode") == "line":
         del data["sequence_mode"]
-    return layout.sha256_json({
-        "format": FORMAT_VERSION,
-        "data": data,
-        "vocab": vocab_sha256,
-        "text": text_sha256,
-    })
+    return layout.sha256_json(
+        {
+            "format": FORMAT_VERSION,
+            "data": data,
+            "vocab": vocab_sha256,
+            "text": text_sha256,
+        }
+    )
 
 
 def plan(cfg: Config, wikitext: dict[str, Any], vocab: dict[str, Any]) -> dict[str, Any]:
@@ -150,9 +162,9 @@ def plan(cfg: Config, wikitext: dict[str, Any], vocab: dict[str, Any]) -> dict[s
     from encoderflow.data.sources import wikitext_member
 
     d = cfg.data
-    vocab_file = next(iter(vocab["files"].values()))
+    vocab_file = only_file(vocab)
     roles = {"train": d.pretrain_split, "valid": d.validation_split}
-    texts = {role: wikitext["files"][wikitext_member(split)] for role, split in roles.items()}
+    texts = {role: file_info(wikitext, wikitext_member(split)) for role, split in roles.items()}
     h = shards_hash(d, vocab_file["sha256"], {role: t["sha256"] for role, t in texts.items()})
     out_dir = layout.shards_dir(h)
     shards: list[dict[str, Any]] = []
@@ -168,25 +180,43 @@ def plan(cfg: Config, wikitext: dict[str, Any], vocab: dict[str, Any]) -> dict[s
         else:
             n_units = len(eligible_lines(text["path"], d.min_line_chars))
             if n_units == 0:
-                raise ShardError(f"{text['path']}: no line longer than {d.min_line_chars} bytes; "
-                                 "nothing to pretrain on")
+                raise ShardError(
+                    f"{text['path']}: no line longer than {d.min_line_chars} bytes; nothing to pretrain on"
+                )
         num = d.num_shards if role == "train" else max(1, math.ceil(d.num_shards / 8))
         num = min(num, n_units)
         copies = d.dupe_factor if role == "train" else 1
         bounds = np.linspace(0, n_units, num + 1).astype(int)
         for copy in range(copies):
             for i in range(num):
-                shards.append({
-                    "split": role, "copy": copy, "index": i, "num": num,
-                    "text_path": text["path"], "text_sha256": text["sha256"],
-                    start_key: int(bounds[i]), end_key: int(bounds[i + 1]),
-                    "file": str(out_dir / f"{role}-c{copy:02d}-{i:05d}-of-{num:05d}.tfrecord"),
-                })
+                shards.append(
+                    {
+                        "split": role,
+                        "copy": copy,
+                        "index": i,
+                        "num": num,
+                        "text_path": text["path"],
+                        "text_sha256": text["sha256"],
+                        start_key: int(bounds[i]),
+                        end_key: int(bounds[i + 1]),
+                        "file": str(out_dir / f"{role}-c{copy:02d}-{i:05d}-of-{num:05d}.tfrecord"),
+                    }
+                )
     sealed = (out_dir / MANIFEST).exists()
-    log.info("shards plan: %d shards into %s (%s)", len(shards), out_dir,
-             "already sealed, will reuse" if sealed else "to build")
-    return {"shards_dir": str(out_dir), "shards_hash": h, "vocab_path": vocab_file["path"],
-            "vocab_sha256": vocab_file["sha256"], "sealed": sealed, "shards": shards}
+    log.info(
+        "shards plan: %d shards into %s (%s)",
+        len(shards),
+        out_dir,
+        "already sealed, will reuse" if sealed else "to build",
+    )
+    return {
+        "shards_dir": str(out_dir),
+        "shards_hash": h,
+        "vocab_path": vocab_file["path"],
+        "vocab_sha256": vocab_file["sha256"],
+        "sealed": sealed,
+        "shards": shards,
+    }
 
 
 def _sidecar(path: Path) -> Path:
@@ -194,8 +224,9 @@ def _sidecar(path: Path) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def graph_tokenizer(vocab_path: str, vocab_sha256: str, seq_length: int | None, lowercase: bool = True,
-                    strip_accents: bool = True):
+def graph_tokenizer(
+    vocab_path: str, vocab_sha256: str, seq_length: int | None, lowercase: bool = True, strip_accents: bool = True
+):
     """The guide's tokenizer run as one traced graph: ``lines -> int32 [len(lines), seq_length]``.
 
     Eagerly, keras-hub's WordPieceTokenizer dispatches its tf_text ops one by one and tokenizes
@@ -203,9 +234,9 @@ def graph_tokenizer(vocab_path: str, vocab_sha256: str, seq_length: int | None, 
     the building process traces once for all its shards, not once per shard; ``vocab_sha256``
     is part of the cache key so a vocabulary rewritten in place is never served stale.
     """
-    from encoderflow.data.tokenizer import cpu_only_tensorflow, make_tokenizer
+    from encoderflow.data.tokenizer import make_tokenizer
 
-    tf = cpu_only_tensorflow()
+    tf = runtime.tensorflow()
     tokenizer = make_tokenizer(vocab_path, seq_length, lowercase, strip_accents)
     traced = tf.function(tokenizer, input_signature=[tf.TensorSpec([None], tf.string)])
 
@@ -232,14 +263,14 @@ def _tokenized_chunks(tokenize, lines: list[str], chunk: int, part: int = 128, w
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize") as pool:
         # Bounded read-ahead: at most two chunks' parts tokenized but not yet consumed.
         ahead = max(1, 2 * chunk // part)
-        futures = [pool.submit(tokenize, lines[i:i + part]) for i in starts[:ahead]]
+        futures = [pool.submit(tokenize, lines[i : i + part]) for i in starts[:ahead]]
         submitted = len(futures)
         done: list[np.ndarray] = []
         rows = 0
         while futures:
             ids = np.asarray(futures.pop(0).result(), dtype=np.int64)
             if submitted < len(starts):
-                futures.append(pool.submit(tokenize, lines[starts[submitted]:starts[submitted] + part]))
+                futures.append(pool.submit(tokenize, lines[starts[submitted] : starts[submitted] + part]))
                 submitted += 1
             done.append(ids)
             rows += len(ids)
@@ -251,10 +282,9 @@ def _tokenized_chunks(tokenize, lines: list[str], chunk: int, part: int = 128, w
             yield np.concatenate(done)
 
 
-def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha256: str | None = None
-                ) -> dict[str, Any]:
+def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha256: str | None = None) -> dict[str, Any]:
     """Tokenize, mask and write one shard atomically; reuse it when already complete."""
-    from encoderflow.data.tokenizer import Vocab, cpu_only_tensorflow
+    from encoderflow.data.tokenizer import Vocab
 
     d = cfg.data
     path = Path(shard["file"])
@@ -262,8 +292,9 @@ def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha25
     if path.exists() and sidecar.exists():
         info = layout.read_json(sidecar)
         if info.get("sha256") == layout.sha256_file(path):
-            log.info("shard %s: complete already (%d records, sha256 %s), reused", path.name,
-                     info["records"], info["sha256"])
+            log.info(
+                "shard %s: complete already (%d records, sha256 %s), reused", path.name, info["records"], info["sha256"]
+            )
             return info
     if layout.sha256_file(shard["text_path"]) != shard["text_sha256"]:
         raise ShardError(f"{shard['text_path']}: changed since the shard plan (sha256 differs); re-run the DAG")
@@ -271,20 +302,20 @@ def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha25
         raise ShardError(f"{vocab_path}: changed since the shard plan (sha256 differs); re-run the DAG")
 
     t0 = time.monotonic()
-    tf = cpu_only_tensorflow()
+    tf = runtime.tensorflow()
     vocab = Vocab.load(vocab_path)
     special = vocab.special_ids()
     vocab_sha = layout.sha256_file(vocab_path)
     # Masked 1024 sequences at a time: the generator's draws, hence the bytes, depend on it.
     if "article_start" in shard:
-        docs = articles(shard["text_path"])[shard["article_start"]:shard["article_end"]]
+        docs = articles(shard["text_path"])[shard["article_start"] : shard["article_end"]]
         untruncated = graph_tokenizer(str(vocab_path), vocab_sha, None, d.lowercase, d.strip_accents)
         windows = [pack(untruncated(doc), d.seq_length, special["[PAD]"]) for doc in docs]
         sequences = np.concatenate(windows) if windows else np.zeros((0, d.seq_length), np.int64)
-        chunks = (sequences[i:i + 1024] for i in range(0, len(sequences), 1024))
+        chunks = (sequences[i : i + 1024] for i in range(0, len(sequences), 1024))
     else:
         tokenize = graph_tokenizer(str(vocab_path), vocab_sha, d.seq_length, d.lowercase, d.strip_accents)
-        lines = eligible_lines(shard["text_path"], d.min_line_chars)[shard["line_start"]:shard["line_end"]]
+        lines = eligible_lines(shard["text_path"], d.min_line_chars)[shard["line_start"] : shard["line_end"]]
         chunks = _tokenized_chunks(tokenize, lines, 1024)
     rng = np.random.default_rng([d.seed, SPLIT_CODES[shard["split"]], shard["copy"], shard["index"]])
 
@@ -292,20 +323,41 @@ def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha25
     with layout.atomic_path(path) as tmp:
         with tf.io.TFRecordWriter(str(tmp)) as writer:
             for ids in chunks:
-                ex = mask_batch(ids, rng, vocab_size=vocab.size, mask_id=special["[MASK]"],
-                                unselectable_ids=(special["[PAD]"], special["[CLS]"], special["[SEP]"]),
-                                mask_rate=d.mask_rate, predictions_per_seq=d.predictions_per_seq)
+                ex = mask_batch(
+                    ids,
+                    rng,
+                    vocab_size=vocab.size,
+                    mask_id=special["[MASK]"],
+                    unselectable_ids=(special["[PAD]"], special["[CLS]"], special["[SEP]"]),
+                    mask_rate=d.mask_rate,
+                    predictions_per_seq=d.predictions_per_seq,
+                )
                 # Protos fill faster from Python ints than from numpy scalars; the bytes are the same.
                 rows = {k: v.tolist() for k, v in ex.items()}
                 for row in range(ids.shape[0]):
                     writer.write(_example(tf, rows, row))
                 records += ids.shape[0]
                 tokens += int((ids != special["[PAD]"]).sum())
-    info = {"file": path.name, "split": shard["split"], "copy": shard["copy"], "index": shard["index"],
-            "records": records, "tokens": tokens, "bytes": path.stat().st_size, "sha256": layout.sha256_file(path)}
+    info = {
+        "file": path.name,
+        "split": shard["split"],
+        "copy": shard["copy"],
+        "index": shard["index"],
+        "records": records,
+        "tokens": tokens,
+        "bytes": path.stat().st_size,
+        "sha256": layout.sha256_file(path),
+    }
     layout.write_json(sidecar, info)
-    log.info("shard %s: %d records, %d tokens, %s bytes, sha256 %s, %.1fs", path.name, records, tokens,
-             f"{info['bytes']:,}", info["sha256"], time.monotonic() - t0)
+    log.info(
+        "shard %s: %d records, %d tokens, %s bytes, sha256 %s, %.1fs",
+        path.name,
+        records,
+        tokens,
+        f"{info['bytes']:,}",
+        info["sha256"],
+        time.monotonic() - t0,
+    )
     return info
 
 
@@ -336,13 +388,17 @@ def seal(shard_plan: dict[str, Any], cfg: Config) -> dict[str, Any]:
         path = Path(shard["file"])
         sidecar = _sidecar(path)
         if not path.exists() or not sidecar.exists():
-            raise ShardError(f"shard {path} is missing; its build task did not finish. Clear the failed "
-                             "build_shard task to rebuild it.")
+            raise ShardError(
+                f"shard {path} is missing; its build task did not finish. Clear the failed "
+                "build_shard task to rebuild it."
+            )
         info = layout.read_json(sidecar)
         actual = layout.sha256_file(path)
         if actual != info["sha256"]:
-            raise ShardError(f"shard {path}: sha256 {actual} differs from its build record {info['sha256']}; "
-                             "delete it and re-run build_shard")
+            raise ShardError(
+                f"shard {path}: sha256 {actual} differs from its build record {info['sha256']}; "
+                "delete it and re-run build_shard"
+            )
         entries.append(info)
     # A writer killed mid-shard (OOM, SIGKILL) leaves its temp file behind; every build task has
     # finished by now, so any left are dead and can hold a shard's worth of disk each.
@@ -368,34 +424,53 @@ def seal(shard_plan: dict[str, Any], cfg: Config) -> dict[str, Any]:
         "special_ids": vocab.special_ids(),
         "inputs": sorted({(s["split"], s["text_path"], s["text_sha256"]) for s in shard_plan["shards"]}),
         "shards": entries,
-        "totals": {split: {"records": sum(e["records"] for e in entries if e["split"] == split),
-                           "tokens": sum(e["tokens"] for e in entries if e["split"] == split)}
-                   for split in SPLIT_CODES},
+        "totals": {
+            split: {
+                "records": sum(e["records"] for e in entries if e["split"] == split),
+                "tokens": sum(e["tokens"] for e in entries if e["split"] == split),
+            }
+            for split in SPLIT_CODES
+        },
     }
     layout.write_json(manifest_path, manifest)
-    log.info("shards %s: sealed %d shards, train %d records, valid %d records; manifest %s", out_dir,
-             len(entries), manifest["totals"]["train"]["records"], manifest["totals"]["valid"]["records"],
-             manifest_path)
+    log.info(
+        "shards %s: sealed %d shards, train %d records, valid %d records; manifest %s",
+        out_dir,
+        len(entries),
+        manifest["totals"]["train"]["records"],
+        manifest["totals"]["valid"]["records"],
+        manifest_path,
+    )
     return _summary(manifest_path, manifest)
 
 
 def _summary(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    return {"manifest": str(path), "manifest_sha256": layout.sha256_file(path),
-            "shards_hash": manifest["shards_hash"], "num_shards": len(manifest["shards"]),
-            "totals": manifest["totals"]}
+    return {
+        "manifest": str(path),
+        "manifest_sha256": layout.sha256_file(path),
+        "shards_hash": manifest["shards_hash"],
+        "num_shards": len(manifest["shards"]),
+        "totals": manifest["totals"],
+    }
 
 
 def check_manifest(manifest: dict[str, Any], cfg: Config, vocab_size: int | None = None) -> None:
     """Refuse shards whose coupled values differ from what the training config expects."""
-    expected = {"format_version": FORMAT_VERSION, "seq_length": cfg.data.seq_length,
-                "predictions_per_seq": cfg.data.predictions_per_seq, "mask_rate": cfg.data.mask_rate}
+    expected = {
+        "format_version": FORMAT_VERSION,
+        "seq_length": cfg.data.seq_length,
+        "predictions_per_seq": cfg.data.predictions_per_seq,
+        "mask_rate": cfg.data.mask_rate,
+    }
     if vocab_size is not None:
         expected["vocab_size"] = vocab_size
     for key, want in expected.items():
         got = manifest.get(key)
         if got != want:
-            raise ShardError(f"shard manifest {key}={got!r} but the training config expects {want!r}; "
-                             "rebuild the shards with this config (re-run plan_shards)")
+            raise ShardError(
+                f"shard manifest {key}={got!r} but the training config expects {want!r}; "
+                "rebuild the shards with this config (re-run plan_shards)"
+            )
 
 
 def load_manifest(path: str | os.PathLike, cfg: Config) -> dict[str, Any]:
@@ -422,8 +497,16 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def make_dataset(manifest_path: str | os.PathLike, cfg: Config, split: str, batch_size: int,
-                 shuffle: bool = True, repeat: bool = False, seed: int | None = None, epoch: int | None = None):
+def make_dataset(
+    manifest_path: str | os.PathLike,
+    cfg: Config,
+    split: str,
+    batch_size: int,
+    shuffle: bool = True,
+    repeat: bool = False,
+    seed: int | None = None,
+    epoch: int | None = None,
+):
     """``(features, labels, weights)`` batches exactly as the guide's ``preprocess`` yields them.
 
     Args:
@@ -431,9 +514,7 @@ def make_dataset(manifest_path: str | os.PathLike, cfg: Config, split: str, batc
             ``(seed, epoch)``, so epoch ``e`` sees the same masks and order however training got
             there (fresh or resumed). ``None`` serves every copy at once.
     """
-    from encoderflow.data.tokenizer import cpu_only_tensorflow
-
-    tf = cpu_only_tensorflow()
+    tf = runtime.tensorflow()
     manifest = load_manifest(manifest_path, cfg)
     root = Path(manifest_path).parent
     entries = [e for e in manifest["shards"] if e["split"] == split]
@@ -455,8 +536,10 @@ def make_dataset(manifest_path: str | os.PathLike, cfg: Config, split: str, batc
 
     def parse(serialized):
         ex = tf.io.parse_example(serialized, spec)
-        features = {"token_ids": tf.cast(ex["token_ids"], tf.int32),
-                    "mask_positions": tf.cast(ex["mask_positions"], tf.int32)}
+        features = {
+            "token_ids": tf.cast(ex["token_ids"], tf.int32),
+            "mask_positions": tf.cast(ex["mask_positions"], tf.int32),
+        }
         return features, tf.cast(ex["mask_ids"], tf.int32), ex["mask_weights"]
 
     seed = cfg.data.seed if seed is None else seed
@@ -469,8 +552,12 @@ def make_dataset(manifest_path: str | os.PathLike, cfg: Config, split: str, batc
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=False)
-    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(len(files), 8),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     if shuffle:
         ds = ds.shuffle(10 * batch_size, seed=seed, reshuffle_each_iteration=False)
     if repeat:

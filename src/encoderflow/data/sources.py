@@ -21,9 +21,10 @@ import stat
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable
+from typing import Any
 
 from encoderflow import __version__, layout
 from encoderflow.errors import EncoderflowError
@@ -207,8 +208,12 @@ class ResumingDownloader:
                             raise _Retryable(f"body cut at {written} of {expected} bytes")
                     progress.close()
                     return None
-                except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                        _Retryable) as exc:
+                except (
+                    requests.ConnectionError,
+                    requests.Timeout,
+                    requests.exceptions.ChunkedEncodingError,
+                    _Retryable,
+                ) as exc:
                     out.flush()
                     attempt += 1
                     reason = _describe(exc)
@@ -219,8 +224,9 @@ class ResumingDownloader:
                         ) from None
                     delay = self.backoff * 2 ** (attempt - 1)
                     resume = f", resuming at byte {written:,}" if written else ""
-                    log.warning("download %s: %s; retry %d/%d in %.1fs%s", url, reason, attempt,
-                                self.retries, delay, resume)
+                    log.warning(
+                        "download %s: %s; retry %d/%d in %.1fs%s", url, reason, attempt, self.retries, delay, resume
+                    )
                     time.sleep(delay)
                 except requests.RequestException as exc:
                     # Not transient (redirect loop, bad URL or scheme): this URL is done, but the
@@ -293,8 +299,9 @@ def _layout_hint(specs: dict[str, DatasetSpec]) -> str:
     return "\n".join(f"  {m}" for s in specs.values() for m in s.members)
 
 
-def fetch(spec: DatasetSpec, members: Iterable[str], mirror: str | None = None,
-          downloader: ResumingDownloader | None = None) -> dict[str, Any]:
+def fetch(
+    spec: DatasetSpec, members: Iterable[str], mirror: str | None = None, downloader: ResumingDownloader | None = None
+) -> dict[str, Any]:
     """Download (or reuse) a dataset, verify it, extract it, and describe the needed files.
 
     Returns:
@@ -312,8 +319,14 @@ def fetch(spec: DatasetSpec, members: Iterable[str], mirror: str | None = None,
     errors: list[str] = []
     for url in urls:
         try:
-            pooch.retrieve(url, known_hash=spec.known_hash, fname=spec.filename, path=root,
-                           downloader=downloader, progressbar=False)
+            pooch.retrieve(
+                url,
+                known_hash=spec.known_hash,
+                fname=spec.filename,
+                path=root,
+                downloader=downloader,
+                progressbar=False,
+            )
             break
         except ValueError as exc:  # pooch's hash mismatch; it already deleted the temp file
             errors.append(f"{url}: hash mismatch: {exc}")
@@ -322,14 +335,21 @@ def fetch(spec: DatasetSpec, members: Iterable[str], mirror: str | None = None,
             errors.append(str(exc))
             log.error("%s", exc)
     else:
-        raise DataError(f"dataset {spec.name}: no source gave a verified {spec.filename} "
-                        f"(expected {spec.known_hash}):\n  " + "\n  ".join(errors))
+        raise DataError(
+            f"dataset {spec.name}: no source gave a verified {spec.filename} "
+            f"(expected {spec.known_hash}):\n  " + "\n  ".join(errors)
+        )
     if spec.size is not None and archive_path.stat().st_size != spec.size:
         size = archive_path.stat().st_size
         archive_path.unlink()
         raise DataError(f"{archive_path}: {size:,} bytes, expected {spec.size:,}; deleted, download again")
-    log.info("dataset %s: %s verified (%s, %s bytes)", spec.name, archive_path, spec.known_hash,
-             f"{archive_path.stat().st_size:,}")
+    log.info(
+        "dataset %s: %s verified (%s, %s bytes)",
+        spec.name,
+        archive_path,
+        spec.known_hash,
+        f"{archive_path.stat().st_size:,}",
+    )
 
     if spec.archive == "zip":
         extracted = root / "extracted"
@@ -346,23 +366,28 @@ def fetch(spec: DatasetSpec, members: Iterable[str], mirror: str | None = None,
     return _result(spec.name, "download", files_root, files, url=url)
 
 
-def locate(spec: DatasetSpec, members: Iterable[str], data_dir: str | os.PathLike,
-           specs: dict[str, DatasetSpec] | None = None) -> dict[str, Any]:
+def locate(
+    spec: DatasetSpec, members: Iterable[str], data_dir: str | os.PathLike, specs: dict[str, DatasetSpec] | None = None
+) -> dict[str, Any]:
     """Offline mode: find the needed files in a folder laid out as the archives extract.
 
     No network is touched. Each file's sha256 is recorded for lineage.
     """
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
-        raise DataError(f"offline data folder {root} does not exist; pass --data-dir pointing at a folder "
-                        f"laid out as the archives extract:\n{_layout_hint(specs or DEFAULT_SPECS)}")
+        raise DataError(
+            f"offline data folder {root} does not exist; pass --data-dir pointing at a folder "
+            f"laid out as the archives extract:\n{_layout_hint(specs or DEFAULT_SPECS)}"
+        )
     files = _describe_files(root, members, f"offline data folder {root}", _layout_hint(specs or DEFAULT_SPECS))
     return _result(spec.name, "offline", root, files)
 
 
-def _result(name: str, source: str, root: Path, files: dict[str, dict[str, Any]], url: str | None = None) -> dict[str, Any]:
+def _result(
+    name: str, source: str, root: Path, files: dict[str, dict[str, Any]], url: str | None = None
+) -> dict[str, Any]:
     content_hash = layout.sha256_json({m: f["sha256"] for m, f in files.items()})
-    for member, f in files.items():
+    for f in files.values():
         log.info("dataset %s: %s (%s bytes, sha256 %s)", name, f["path"], f"{f['bytes']:,}", f["sha256"])
     out = {"dataset": name, "source": source, "root": str(root), "files": files, "content_hash": content_hash}
     if url:
@@ -381,8 +406,9 @@ def present_members(spec: DatasetSpec, data_dir: str | os.PathLike) -> tuple[str
     return tuple(m for m in spec.members if (root / m).is_file()) or spec.members
 
 
-def required_members(dataset: str, pretrain_split: str, validation_split: str,
-                     specs: dict[str, DatasetSpec] | None = None) -> tuple[str, ...]:
+def required_members(
+    dataset: str, pretrain_split: str, validation_split: str, specs: dict[str, DatasetSpec] | None = None
+) -> tuple[str, ...]:
     """Files a run needs: the configured WikiText splits, every SST-2 file, the vocab."""
     specs = specs or DEFAULT_SPECS
     if dataset == "wikitext":
@@ -390,9 +416,15 @@ def required_members(dataset: str, pretrain_split: str, validation_split: str,
     return specs[dataset].members
 
 
-def get_dataset(dataset: str, pretrain_split: str = "train", validation_split: str = "valid",
-                data_dir: str | None = None, mirror: str | None = None, sources_file: str | None = None,
-                downloader: ResumingDownloader | None = None) -> dict[str, Any]:
+def get_dataset(
+    dataset: str,
+    pretrain_split: str = "train",
+    validation_split: str = "valid",
+    data_dir: str | None = None,
+    mirror: str | None = None,
+    sources_file: str | None = None,
+    downloader: ResumingDownloader | None = None,
+) -> dict[str, Any]:
     """One entry point for the download task: offline folder when given, else HTTP."""
     specs = load_specs(sources_file)
     if dataset not in specs:
@@ -400,6 +432,8 @@ def get_dataset(dataset: str, pretrain_split: str = "train", validation_split: s
     spec = specs[dataset]
     members = required_members(dataset, pretrain_split, validation_split, specs)
     if data_dir:
-        return locate(spec, members, data_dir, specs)
+        # An offline folder is whatever someone put there: validated with loose bounds.
+        return {**locate(spec, members, data_dir, specs), "pinned": False}
     mirror = mirror or os.environ.get("ENCODERFLOW_MIRROR") or None
-    return fetch(spec, members, mirror=mirror, downloader=downloader)
+    # The built-in spec's sha256 pins the official archive's bytes, from any mirror.
+    return {**fetch(spec, members, mirror=mirror, downloader=downloader), "pinned": spec == DEFAULT_SPECS[dataset]}

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from encoderflow import runtime
+
 
 def read_split(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     """``sentence<TAB>label`` rows under a header (validated upstream) → sentences, int labels."""
@@ -21,21 +23,18 @@ def read_split(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 
 def text_dataset(sentences: list[str], labels: np.ndarray, batch_size: int, shuffle_seed: int | None = None):
     """Batches of ``(sentence, label)``; shuffled per epoch when a seed is given."""
-    from encoderflow.data.tokenizer import cpu_only_tensorflow
-
-    tf = cpu_only_tensorflow()
+    tf = runtime.tensorflow()
     ds = tf.data.Dataset.from_tensor_slices((sentences, labels))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(sentences), seed=shuffle_seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size)
 
 
-def token_dataset(sentences: list[str], labels: np.ndarray, tokenizer, batch_size: int,
-                  shuffle_seed: int | None = None):
+def token_dataset(
+    sentences: list[str], labels: np.ndarray, tokenizer, batch_size: int, shuffle_seed: int | None = None
+):
     """Batches of ``(token_ids, label)`` tokenized by ``tokenizer`` (the guide's ``ft_preprocess``)."""
-    from encoderflow.data.tokenizer import cpu_only_tensorflow
-
-    tf = cpu_only_tensorflow()
+    tf = runtime.tensorflow()
     ds = text_dataset(sentences, labels, batch_size, shuffle_seed)
     return ds.map(lambda x, y: (tokenizer(x), y), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
@@ -49,8 +48,15 @@ def bucket_widths(seq_length: int) -> list[int]:
     return widths + [seq_length]
 
 
-def bucketed_token_dataset(sentences: list[str], labels: np.ndarray, tokenizer, batch_size: int,
-                           seq_length: int, shuffle_seed: int | None = None, count_batches: bool = False):
+def bucketed_token_dataset(
+    sentences: list[str],
+    labels: np.ndarray,
+    tokenizer,
+    batch_size: int,
+    seq_length: int,
+    shuffle_seed: int | None = None,
+    count_batches: bool = False,
+):
     """Batches of sentences of similar length, padded to the bucket width, not to ``seq_length``.
 
     SST-2 sentences average ~13 WordPiece tokens, so padding every batch to 128 spends most of
@@ -64,9 +70,7 @@ def bucketed_token_dataset(sentences: list[str], labels: np.ndarray, tokenizer, 
         count_batches: count the batches once and declare them, for validation data: Keras
             warns "input ran out of data" on every later epoch of an unknown-length dataset.
     """
-    from encoderflow.data.tokenizer import cpu_only_tensorflow
-
-    tf = cpu_only_tensorflow()
+    tf = runtime.tensorflow()
     widths = bucket_widths(seq_length)
     ds = tf.data.Dataset.from_tensor_slices((sentences, labels))
     if shuffle_seed is not None:
@@ -79,6 +83,7 @@ def bucketed_token_dataset(sentences: list[str], labels: np.ndarray, tokenizer, 
         padded_shapes=([None], []),
         pad_to_bucket_boundary=False,
     )
+
     # Pad each batch up to its bucket's width so only len(widths) shapes ever reach XLA.
     def to_width(x, y):
         length = tf.shape(x)[1]

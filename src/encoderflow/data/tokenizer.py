@@ -6,19 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from encoderflow import runtime
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-
-
-def cpu_only_tensorflow():
-    """Import TensorFlow with its GPUs hidden: it only feeds data, JAX owns the accelerator."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # already initialised in this process; visibility was set earlier
-        pass
-    return tf
 
 
 @dataclass(frozen=True)
@@ -29,7 +19,7 @@ class Vocab:
     tokens: tuple[str, ...]
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Vocab":
+    def load(cls, path: str | os.PathLike) -> Vocab:
         text = Path(path).read_text(encoding="utf-8")
         return cls(path=str(path), tokens=tuple(text.splitlines()))
 
@@ -47,21 +37,18 @@ class Vocab:
     def pad_id(self) -> int:
         return self.id("[PAD]")
 
-    @property
-    def mask_id(self) -> int:
-        return self.id("[MASK]")
-
     def special_ids(self) -> dict[str, int]:
         return {t: self.id(t) for t in SPECIAL_TOKENS}
 
 
-def make_tokenizer(vocab_path: str | os.PathLike, seq_length: int | None, lowercase: bool = True,
-                   strip_accents: bool = True):
+def make_tokenizer(
+    vocab_path: str | os.PathLike, seq_length: int | None, lowercase: bool = True, strip_accents: bool = True
+):
     """The guide's tokenizer: WordPiece, truncated and zero-padded to ``seq_length``.
 
     With ``seq_length=None`` it neither pads nor truncates (one id vector per sentence).
     """
-    cpu_only_tensorflow()
+    runtime.tensorflow()  # keras-hub imports TensorFlow: hide its GPUs first
     import keras_hub
 
     return keras_hub.tokenizers.WordPieceTokenizer(
@@ -77,6 +64,6 @@ def tokenize(tokenizer, lines: list[str]):
     """Eager tokenization to a numpy int array (keras-hub hands back backend arrays outside tf.data)."""
     import numpy as np
 
-    tf = cpu_only_tensorflow()
+    tf = runtime.tensorflow()
     out = tokenizer(tf.constant(lines, dtype=tf.string))
     return out.numpy() if hasattr(out, "numpy") else np.asarray(out)

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from encoderflow import layout
+from encoderflow import layout, runtime
 from encoderflow.config import Config
+from encoderflow.results import SST2_DEV, SST2_TRAIN, file_path
 
 log = logging.getLogger(__name__)
 
@@ -17,24 +18,25 @@ log = logging.getLogger(__name__)
 def train_baseline(cfg: Config, sst2: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
     """Fit on SST-2 train, report dev accuracy. Reuses a result made from the same inputs."""
     out_dir = Path(out_dir)
-    key = layout.sha256_json({"baseline": cfg.to_dict()["baseline"], "data": sst2["content_hash"]})
+    # The seed shuffles and initialises: part of what was trained, so part of the key.
+    key = layout.sha256_json(
+        {"baseline": cfg.to_dict()["baseline"], "data": sst2["content_hash"], "seed": cfg.data.seed}
+    )
     if (done := layout.reusable(out_dir / "result.json", key)) is not None:
         log.info("baseline: reusing %s (val_accuracy %.4f)", out_dir / "result.json", done["val_accuracy"])
         return done
 
     from encoderflow.data.sst2 import read_split, text_dataset
-    from encoderflow.data.tokenizer import cpu_only_tensorflow
 
-    cpu_only_tensorflow()
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    import keras
+    runtime.tensorflow()  # GPUs hidden before Keras's TextVectorization brings TensorFlow in
+    keras = runtime.keras()
 
     from encoderflow.train.callbacks import EpochLogger
 
     b = cfg.baseline
     keras.utils.set_random_seed(cfg.data.seed)
-    train_x, train_y = read_split(sst2["files"]["SST-2/train.tsv"]["path"])
-    dev_x, dev_y = read_split(sst2["files"]["SST-2/dev.tsv"]["path"])
+    train_x, train_y = read_split(file_path(sst2, SST2_TRAIN))
+    dev_x, dev_y = read_split(file_path(sst2, SST2_DEV))
     train_ds = text_dataset(train_x, train_y, b.batch_size, shuffle_seed=cfg.data.seed)
     dev_ds = text_dataset(dev_x, dev_y, b.batch_size)
     multi_hot = keras.layers.TextVectorization(max_tokens=b.max_tokens, output_mode="multi_hot")
@@ -48,15 +50,22 @@ def train_baseline(cfg: Config, sst2: dict[str, Any], out_dir: str | os.PathLike
     model = keras.Model(inputs, outputs, name="bow_baseline")
     model.compile(loss="binary_crossentropy", metrics=["accuracy"])
     t0 = time.monotonic()
-    history = model.fit(train_mh, validation_data=dev_mh, epochs=b.epochs, verbose=0, shuffle=False,
-                        callbacks=[EpochLogger("baseline", b.batch_size)])
+    history = model.fit(
+        train_mh,
+        validation_data=dev_mh,
+        epochs=b.epochs,
+        verbose=0,
+        shuffle=False,
+        callbacks=[EpochLogger("baseline", b.batch_size)],
+    )
     val_loss, val_accuracy = model.evaluate(dev_mh, verbose=0)
     result = {
         "key": key,
         "val_accuracy": float(val_accuracy),
         "val_loss": float(val_loss),
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
-        "train_rows": len(train_x), "dev_rows": len(dev_x),
+        "train_rows": len(train_x),
+        "dev_rows": len(dev_x),
         "seconds": round(time.monotonic() - t0, 1),
     }
     layout.write_json(out_dir / "result.json", result)

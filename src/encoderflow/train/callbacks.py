@@ -4,60 +4,269 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from pathlib import Path
 
-import keras
-
+from encoderflow import layout, runtime
 from encoderflow.errors import EncoderflowError
 
+keras = runtime.keras()
+
 log = logging.getLogger("encoderflow.train")
+
+BACKUP_GLOB = "step-*.weights.h5"
 
 
 class NonFiniteLoss(EncoderflowError):
     """Training produced a NaN or infinite loss; nothing from this run may be promoted."""
 
 
+def _fmt_seconds(seconds: float) -> str:
+    """``2h05m``, ``4m10s``, ``12.3s``: durations as a person reads them in a log line."""
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+    if seconds >= 60:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{seconds:.1f}s"
+
+
 class EpochLogger(keras.callbacks.Callback):
-    """One plain log line per epoch (no progress bars in task logs), and a NaN guard.
+    """Plain log lines (no progress bars in task logs), a time estimate and a NaN guard.
+
+    The step path stays free of device-to-host copies: the loss is read (which waits for the
+    device) only for the first step, for the time estimate, for a progress line at most every
+    ``log_every_seconds``, and at epoch ends (where Keras has read it already). A NaN or infinite
+    loss raises :class:`NonFiniteLoss` at the first of those reads after it appears.
 
     Args:
         label: what is training (``pretrain``, ``finetune``, ``baseline``).
         examples_per_step: batch size, to report sequences per second.
+        log_every_seconds: at most one progress line per this many seconds within an epoch
+            (step/steps, loss, sequences/s, ETA); 0 logs one per call into the compiled step.
+        estimate_steps: after the first step (which compiles), time this many steps and log the
+            estimated training time; 0 skips the estimate.
+        slow_hint: logged as a warning with the estimate (e.g. "run it on a GPU worker ..."),
+            when the caller knows this machine is the wrong one for the job.
+
+    Attributes:
+        first_loss: the loss after the first call into the compiled step (``None`` before).
+        step_seconds: the measured seconds per step (``None`` before the estimate).
     """
 
-    def __init__(self, label: str, examples_per_step: int):
+    first_loss: float | None = None
+    step_seconds: float | None = None
+
+    def __init__(
+        self,
+        label: str,
+        examples_per_step: int,
+        log_every_seconds: float = 60.0,
+        estimate_steps: int = 0,
+        slow_hint: str | None = None,
+    ):
         super().__init__()
         self.label, self.examples_per_step = label, examples_per_step
-        self._t0 = self._epoch_t0 = 0.0
-        self._steps = 0
+        self.log_every_seconds, self.estimate_steps, self.slow_hint = log_every_seconds, estimate_steps, slow_hint
+        self.train_t0 = self.epoch_t0 = self.last_line_t = 0.0
+        self.epoch_steps = self.steps_seen = 0
+        self.estimate_from: tuple[int, float] | None = None
 
     def on_train_begin(self, logs=None):
-        self._t0 = time.monotonic()
+        self.train_t0 = self.last_line_t = time.monotonic()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_t0 = time.monotonic()
-        self._steps = 0
+        self.epoch_t0 = time.monotonic()
+        self.epoch_steps = 0
 
-    first_loss: float | None = None
+    def read_loss(self, logs, step: int) -> float | None:
+        """Read the loss (waits for the device) and stop on NaN."""
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return None
+        value = float(loss)
+        if not math.isfinite(value):
+            self.model.stop_training = True
+            raise NonFiniteLoss(
+                f"{self.label}: loss became {value} at step {step}; lower the learning rate or check the input data"
+            )
+        return value
 
     def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
-        loss = (logs or {}).get("loss")
-        if self.first_loss is None and loss is not None:
-            self.first_loss = float(loss)
-        if loss is not None and not math.isfinite(float(loss)):
-            self.model.stop_training = True
-            raise NonFiniteLoss(f"{self.label}: loss became {float(loss)} at step {self._steps}; "
-                                "lower the learning rate or check the input data")
+        # ``batch`` is the last step of this call: with steps_per_execution > 1 a call runs several.
+        self.steps_seen += batch + 1 - self.epoch_steps
+        self.epoch_steps = batch + 1
+        if self.first_loss is None:
+            self.first_loss = self.read_loss(logs, self.epoch_steps)
+            # Steps after the first, which also compiled the step function, are timed from here.
+            self.estimate_from = (self.steps_seen, time.monotonic())
+            return
+        if self.estimate_steps and self.step_seconds is None and self.estimate_from:
+            done, t0 = self.estimate_from
+            if self.steps_seen - done >= self.estimate_steps:
+                self.read_loss(logs, self.epoch_steps)
+                self.step_seconds = (time.monotonic() - t0) / (self.steps_seen - done)
+                self.log_estimate()
+        now = time.monotonic()
+        if now - self.last_line_t >= self.log_every_seconds:
+            self.last_line_t = now
+            self.log_progress(logs, now)
+
+    def total_steps(self) -> int | None:
+        p = self.params or {}
+        return p["epochs"] * p["steps"] if p.get("epochs") and p.get("steps") else None
+
+    def log_estimate(self) -> None:
+        total = self.total_steps()
+        if total is None:
+            return
+        seconds = total * self.step_seconds
+        log.info(
+            "%s: %.1f ms/step measured over %d steps; estimated training time %s for %d steps (+ validation)",
+            self.label,
+            1000 * self.step_seconds,
+            self.estimate_steps,
+            _fmt_seconds(seconds),
+            total,
+        )
+        if self.slow_hint:
+            log.warning("%s: estimated %s here; %s", self.label, _fmt_seconds(seconds), self.slow_hint)
+
+    def log_progress(self, logs, now: float) -> None:
+        loss = self.read_loss(logs, self.epoch_steps)
+        p = self.params or {}
+        steps, elapsed = p.get("steps"), now - self.epoch_t0
+        rate = self.epoch_steps * self.examples_per_step / elapsed if elapsed > 0 else float("nan")
+        total, run_elapsed = self.total_steps(), now - self.train_t0
+        left = (total - self.steps_seen) * run_elapsed / self.steps_seen if total and self.steps_seen else float("nan")
+        log.info(
+            "%s progress: epoch step %d/%s loss=%.4f seq/s=%.0f eta=%s",
+            self.label,
+            self.epoch_steps,
+            steps or "?",
+            loss if loss is not None else float("nan"),
+            rate,
+            _fmt_seconds(left),
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        seconds = time.monotonic() - self._epoch_t0
-        rate = self._steps * self.examples_per_step / seconds if seconds > 0 else float("nan")
+        self.read_loss(logs, self.epoch_steps)
+        seconds = time.monotonic() - self.epoch_t0
+        rate = self.epoch_steps * self.examples_per_step / seconds if seconds > 0 else float("nan")
         metrics = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(logs.items()) if _is_number(v))
         total = self.params.get("epochs") if self.params else "?"
-        log.info("%s epoch %d/%s: %s steps=%d seq/s=%.0f epoch_s=%.1f elapsed_s=%.1f", self.label, epoch + 1,
-                 total, metrics, self._steps, rate, seconds, time.monotonic() - self._t0)
+        log.info(
+            "%s epoch %d/%s: %s steps=%d seq/s=%.0f epoch_s=%.1f elapsed_s=%.1f",
+            self.label,
+            epoch + 1,
+            total,
+            metrics,
+            self.epoch_steps,
+            rate,
+            seconds,
+            time.monotonic() - self.train_t0,
+        )
+
+
+def latest_backup(directory: str | os.PathLike) -> tuple[int, Path | None]:
+    """The newest complete backup :class:`StepBackup` left in ``directory``: ``(steps done, its file)``.
+
+    ``(0, None)`` when there is none. Only complete backups carry the ``step-*`` name (they are
+    written under a temp name and renamed), so a half-written one is never picked.
+    """
+    found = [(int(f.name.split(".")[0].removeprefix("step-")), f) for f in Path(directory).glob(BACKUP_GLOB)]
+    return max(found, default=(0, None))
+
+
+class StepBackup(keras.callbacks.Callback):
+    """Backs up weights, optimizer state and the global step, so a killed fit can resume at the next step.
+
+    A backup is due every ``every_steps`` steps into an epoch and at each epoch end (with
+    ``every_steps`` 0 or at least ``steps_per_epoch``: epoch ends only). It is written when the next
+    step begins or at the Keras epoch end, after validation and after the callbacks listed before
+    this one (a ``CSVLogger`` there has written the epoch's history row); so a step after which a
+    callback raised (the NaN guard) is never backed up. ``model.save_weights`` holds the
+    optimizer's variables too, its step count among them (which drives the learning-rate schedule).
+    The step is in the file name and the file is renamed into place once complete, so a backup is
+    either whole or absent and always agrees with its step; older backups are deleted after that.
+
+    Keras's own ``BackupAndRestore`` resumes at epoch granularity only; this one leaves the resume
+    to the caller: :meth:`restore` the weights, and start the data and ``fit`` at ``steps_done``
+    (``fit`` does not skip data on a resume).
+
+    Args:
+        directory: where backups go (created on the first one).
+        steps_per_epoch: steps in one epoch of the training schedule.
+        every_steps: steps between backups within an epoch; 0 = epoch ends only.
+        label: names the training in a NaN error.
+
+    Attributes:
+        steps_done: steps trained over every attempt: the newest backup's when created, then
+            counting each step this callback sees.
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike, steps_per_epoch: int, every_steps: int = 0, label: str = "pretrain"
+    ):
+        super().__init__()
+        self.label = label
+        self.directory = Path(directory)
+        self.steps_per_epoch, self.every_steps = steps_per_epoch, every_steps
+        self.steps_done, self.restore_from = latest_backup(self.directory)
+        self.due = False
+        self.batch_seen = 0
+        self.last_logs = None
+
+    def restore(self, model) -> int:
+        """Load the newest backup into ``model`` (compiled); returns the steps it had done (0: none)."""
+        if self.restore_from is None:
+            return 0
+        # An unbuilt optimizer has no variables to load into: Keras would skip its state.
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(self.restore_from)
+        return self.steps_done
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.due:
+            self.save()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batch_seen = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        # ``batch`` is the last step of this call: with steps_per_execution > 1 a call runs several.
+        self.steps_done += batch + 1 - self.batch_seen
+        self.batch_seen = batch + 1
+        self.last_logs = logs
+        into_epoch = self.steps_done % self.steps_per_epoch
+        self.due = into_epoch == 0 or bool(self.every_steps and into_epoch % self.every_steps == 0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.due:
+            self.last_logs = logs
+            self.save()
+
+    def save(self) -> Path:
+        """Write a backup of the model as it is now, at ``steps_done``; returns its file."""
+        # The loss is read here, at the backup cadence, not every step: a backup never holds NaN weights.
+        loss = (self.last_logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLoss(
+                f"{self.label}: loss became {float(loss)} by step {self.steps_done}; "
+                "lower the learning rate or check the input data"
+            )
+        final = self.directory / f"step-{self.steps_done:012d}.weights.h5"
+        with layout.atomic_path(final, suffix=".weights.h5") as tmp:
+            self.model.save_weights(tmp)
+        for old in self.directory.glob(BACKUP_GLOB):
+            if old != final:
+                old.unlink(missing_ok=True)
+        self.due = False
+        return final
 
 
 def _is_number(v) -> bool:

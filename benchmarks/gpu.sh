@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, no TensorFlow, no data folder (issue 12):
+#
+#   bash benchmarks/gpu.sh OUTDIR
+#
+# 1. synthetic throughput table, guide preset: float32 and mixed_bfloat16 at batch 128 and 1024,
+#    fit next to the bare jitted step (benchmarks/synthetic.py; one process per cell);
+# 2. a 300-step mixed_bfloat16 run whose loss must fall and stay finite.
+# Writes OUTDIR/synthetic.md, OUTDIR/synthetic.json and OUTDIR/log.txt; prints the tables last.
+# Exit status: non-zero when a cell failed or the loss run did not pass.
+#
+# Needs python3 with jax, keras 3 and keras-hub importable and src/ on PYTHONPATH; on a bare
+# device machine install the wheels carried in .whl/ first:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+#       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/src
+#
+# Knobs (defaults are the real check; a CPU rehearsal shrinks them):
+#   GPU_CHECK_PRESET=guide GPU_CHECK_BATCHES=128,1024 GPU_CHECK_PRECISIONS=float32,mixed_bfloat16
+#   GPU_CHECK_STEPS=64 GPU_CHECK_WARMUP=5 GPU_CHECK_REPEATS=3 GPU_CHECK_LOSS_STEPS=300
+#   PYTHON=python3
+set -euo pipefail
+
+out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export KERAS_BACKEND=jax
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+mkdir -p "$out"
+log="$out/log.txt"
+
+{
+    echo "gpu check: $(date -u +%FT%TZ) on $(hostname)"
+    "$py" - <<'EOF'
+import sys
+
+print("python", sys.version.split()[0])
+import jax
+
+print("jax", jax.__version__, "devices", jax.devices())
+import encoderflow.model  # noqa: F401  (selects the JAX backend; the real model, without TensorFlow)
+import keras
+import keras_hub
+
+print("keras", keras.__version__, "keras-hub", keras_hub.__version__, "backend", keras.backend.backend())
+print("tensorflow imported:", "tensorflow" in sys.modules and sys.modules["tensorflow"] is not None)
+EOF
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv || true
+} 2>&1 | tee "$log"
+
+set +e
+"$py" "$here/train.py" --synthetic \
+    --preset "${GPU_CHECK_PRESET:-guide}" \
+    --precision "${GPU_CHECK_PRECISIONS:-float32,mixed_bfloat16}" \
+    --batch-size "${GPU_CHECK_BATCHES:-128,1024}" \
+    --steps "${GPU_CHECK_STEPS:-64}" \
+    --warmup "${GPU_CHECK_WARMUP:-5}" \
+    --repeats "${GPU_CHECK_REPEATS:-3}" \
+    --loss-run "${GPU_CHECK_LOSS_STEPS:-300}" \
+    --out "$out" 2>&1 | tee -a "$log"
+rc=${PIPESTATUS[0]}
+set -e
+
+echo
+echo "================ gpu check tables ($out/synthetic.md) ================"
+if [[ -f "$out/synthetic.md" ]]; then
+    cat "$out/synthetic.md"
+else
+    echo "no table was written (see $log)"
+    [[ $rc -ne 0 ]] || rc=1
+fi
+echo "gpu check: exit $rc"
+exit "$rc"

@@ -1,0 +1,171 @@
+"""Airflow glue for the ``encoder_pretraining`` DAG; only the DAG file imports this module.
+
+Here: the trigger form built from the config declarations, failure handling (one line per
+failure, no retry for bad data, bad config or diverged training), retry and pool presets, the
+assets other DAGs schedule on. ``encoderflow.steps`` stays free of Airflow.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import fields
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import Asset, AssetAlias, Param
+
+from encoderflow import config
+from encoderflow.errors import EncoderflowError
+
+DAG_ID = "encoder_pretraining"
+REGISTERED_MODEL = config.GateConfig().registered_model
+log = logging.getLogger("encoderflow.dag")
+
+# Network-bound tasks: transient outages are worth waiting out, with growing pauses.
+NETWORK = {
+    "retries": 3,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=10),
+}
+# One training job at a time on the accelerator; the `gpu` pool holds one slot.
+GPU = {"queue": "gpu", "pool": "gpu", "pool_slots": 1}
+
+# Other DAGs schedule on these, e.g. ``@dag(schedule=CHAMPION)`` to run on every new champion.
+SHARDS = Asset(name="encoderflow_shards", uri="x-encoderflow://shards/sealed", group="encoderflow")
+CHAMPION_MOVES = AssetAlias(name="encoderflow_champion_moves", group="encoderflow")
+
+
+def champion_asset(model: str = REGISTERED_MODEL) -> Asset:
+    """The ``champion`` alias of a registered model, as an Airflow asset (one event per move)."""
+    return Asset(name=f"{model}@champion", uri=f"x-encoderflow://registry/{model}/champion", group="encoderflow")
+
+
+CHAMPION = champion_asset()
+
+
+def schedule_from_env() -> str | None:
+    """``ENCODERFLOW_SCHEDULE``: a cron expression or preset (``@daily``); empty/``off`` = manual only."""
+    value = os.environ.get("ENCODERFLOW_SCHEDULE", "").strip()
+    return None if value.lower() in ("", "none", "off", "manual") else value
+
+
+_JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}
+
+
+def form_param(k: config.Knob) -> Param:
+    """A trigger-form field for a declared config field: empty means the preset's value."""
+    extra: dict[str, Any] = {}
+    if k.choices:
+        extra["enum"] = [None, *k.choices]
+        extra["values_display"] = {"null": "the preset's value", **(k.display or {})}
+    if k.minimum is not None:
+        extra["exclusiveMinimum" if k.exclusive_minimum else "minimum"] = k.minimum
+    if k.maximum is not None:
+        extra["maximum"] = k.maximum
+    if k.form:
+        extra["section"] = k.form
+    return Param(
+        None,
+        type=["null", _JSON_TYPES[k.type]],
+        title=k.title,
+        description=f"{k.description} Empty: the preset's value ({config.preset_hint(k)}).",
+        **extra,
+    )
+
+
+def params() -> dict[str, Param]:
+    """The trigger form: preset, where the data comes from, the declared form fields, free overrides."""
+    form = [k for k in config.knobs() if k.form is not None]
+    order = [config.MAIN, config.DATA, config.TRAIN, config.TUNE, config.GATE]
+    form.sort(key=lambda k: order.index(k.form))
+    return {
+        "preset": Param(
+            "guide",
+            type="string",
+            enum=sorted(config.PRESETS),
+            title="Preset",
+            values_display={
+                "guide": "guide: the Keras guide's numbers (GPU)",
+                "smoke": "smoke: tiny model, minutes on a CPU",
+            },
+            description="Hyperparameters every empty field below falls back to. guide: 3 layers, dim "
+            "256, 8 pretraining epochs (needs a GPU). smoke: 1 layer, dim 32, a plumbing "
+            "check in minutes on a CPU.",
+        ),
+        **{f.name: Param(None, type=["null", "string"], **f.metadata) for f in fields(config.Sources)},
+        **{config.param_name(k): form_param(k) for k in form},
+        "overrides": Param(
+            None,
+            type=["null", "array"],
+            items={"type": "string", "pattern": r"^[a-z_]+\.[a-z_]+=.*$"},
+            title="Other overrides",
+            section="Advanced",
+            description="One section.key=value per line for any other config value, e.g. "
+            "model.num_layers=2 (list: docs/parameters.md or `encoderflow config`). "
+            "Applied after the fields above.",
+        ),
+    }
+
+
+def _one_line(exc: BaseException | None, limit: int = 300) -> str:
+    if exc is None:
+        return "no exception recorded"
+    text = " ".join(str(exc).split()) or repr(exc)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def log_failure(context) -> None:
+    """on_failure_callback: one line that says which task of which run failed, on which try, and why."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    ti, exc = context["ti"], context.get("exception")
+    label = ti.task_id if getattr(ti, "map_index", -1) in (-1, None) else f"{ti.task_id}[{ti.map_index}]"
+    if isinstance(exc, AirflowFailException):
+        # Raised by expected_failures: the message already starts with the encoderflow error type.
+        attempt, why = f"try={ti.try_number}, no retry", _one_line(exc)
+    else:
+        attempt = f"try={ti.try_number}/{(getattr(ti, 'max_tries', 0) or 0) + 1}"
+        why = f"{type(exc).__name__ if exc is not None else 'Failure'}: {_one_line(exc)}"
+    log.error("encoderflow FAILED %s.%s run=%s %s: %s", ti.dag_id, label, ti.run_id, attempt, why)
+
+
+DEFAULT_ARGS = {
+    "retries": 1,
+    "retry_delay": timedelta(seconds=30),
+    "execution_timeout": timedelta(hours=1),
+    "on_failure_callback": log_failure,
+}
+
+
+def expected_failures(fn):
+    """Bad data, bad config or diverged training fails the task once, with the message alone."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from airflow.sdk.exceptions import AirflowFailException
+
+        try:
+            return fn(*args, **kwargs)
+        except EncoderflowError as exc:
+            # The message is the diagnosis; the stack below it (TF, GX, MLflow) only hides it.
+            log.error("%s: %s", type(exc).__name__, exc)
+            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from None
+
+    return wrapper
+
+
+def record_shards(outlet_events, sealed: dict[str, Any]) -> None:
+    """The ``encoderflow_shards`` asset event carries the manifest and its sha256."""
+    outlet_events[SHARDS].extra = {"manifest": sealed["manifest"], "manifest_sha256": sealed["manifest_sha256"]}
+
+
+def record_champion(outlet_events, promoted: dict[str, Any], accuracy: float | None) -> None:
+    """One ``<model>@champion`` asset event when, and only when, the champion moved."""
+    if promoted.get("promoted"):
+        outlet_events[CHAMPION_MOVES].add(
+            champion_asset(promoted["registered_model"]),
+            extra={"version": promoted["version"], "run_id": promoted.get("run_id"), "accuracy": accuracy},
+        )

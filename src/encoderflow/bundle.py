@@ -1,0 +1,194 @@
+"""The model bundle: the one folder that is registered, downloaded, verified and served.
+
+A bundle holds everything needed to score sentences, and nothing from training::
+
+    classifier.keras   encoder + pooling + sigmoid unit (Keras safe mode loads it)
+    encoder.keras      the pretrained encoder it was fine-tuned from
+    vocab.txt          the WordPiece vocabulary
+    bundle.json        config, tokenizer settings, val_accuracy, sha256 of each file above
+
+Fine-tuning writes it (:func:`write`), the registry checks a downloaded one (:func:`verify`),
+the gate and ``encoderflow predict`` score with it (:class:`Scorer`). This module imports no
+ML library at load time: the registry imports it, and the Airflow plugin imports the registry.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from encoderflow import layout
+from encoderflow.errors import EncoderflowError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from encoderflow.config import Config
+
+CLASSIFIER, ENCODER, VOCAB = "classifier.keras", "encoder.keras", "vocab.txt"
+FILES = (CLASSIFIER, ENCODER, VOCAB)
+META = "bundle.json"
+
+
+def seal(folder: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``bundle.json``: ``meta`` plus the sha256 of each bundle file present in ``folder``.
+
+    Args:
+        folder: a folder holding some or all of :data:`FILES`.
+        meta: the other ``bundle.json`` fields (config, tokenizer settings, accuracy).
+
+    Returns:
+        The path of ``bundle.json``.
+    """
+    folder = Path(folder)
+    files = {name: layout.sha256_file(folder / name) for name in FILES if (folder / name).exists()}
+    return layout.write_json(folder / META, {**(meta or {}), "files": files})
+
+
+def write(
+    path: str | os.PathLike,
+    classifier,
+    encoder_path: str | os.PathLike,
+    vocab_path: str | os.PathLike,
+    cfg: Config,
+    val_accuracy: float,
+) -> Path:
+    """Save a bundle at ``path``, replacing any bundle there, atomically.
+
+    The bundle is assembled in a temporary folder beside ``path`` and renamed into place, so a
+    reader (a retry, the promote step) sees the old bundle, none, or the complete new one.
+
+    Args:
+        path: the bundle folder to create.
+        classifier: the fine-tuned ``keras.Model``.
+        encoder_path: the pretrained ``encoder.keras`` it started from (copied in).
+        vocab_path: the vocabulary it was tokenized with (copied in).
+        cfg: the run's config; its data settings are the tokenizer settings serving uses.
+        val_accuracy: SST-2 dev accuracy, recorded in ``bundle.json``.
+
+    Returns:
+        ``path``.
+    """
+    from encoderflow.data.tokenizer import Vocab
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}-{os.getpid()}"
+    old = path.parent / f".{path.name}-old-{os.getpid()}"
+    for leftover in (tmp, old):  # from an attempt of this pid that died before cleaning up
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        classifier.save(tmp / CLASSIFIER)
+        shutil.copyfile(encoder_path, tmp / ENCODER)
+        shutil.copyfile(vocab_path, tmp / VOCAB)
+        vocab = Vocab.load(vocab_path)
+        seal(
+            tmp,
+            {
+                "config": cfg.to_dict(),
+                "seq_length": cfg.data.seq_length,
+                "lowercase": cfg.data.lowercase,
+                "strip_accents": cfg.data.strip_accents,
+                "vocab_size": vocab.size,
+                "pad_id": vocab.pad_id,
+                "val_accuracy": float(val_accuracy),
+            },
+        )
+        # A folder cannot be renamed onto a non-empty one, and deleting the old bundle in place
+        # could leave it half-deleted if killed; renaming it aside first is atomic.
+        if path.exists():
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old.exists():
+                os.replace(old, path)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The bundle's ``bundle.json``.
+
+    Raises:
+        FileNotFoundError: ``path`` has no ``bundle.json``.
+    """
+    meta_path = Path(path) / META
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path}: not a model bundle (no bundle.json)")
+    return layout.read_json(meta_path)
+
+
+def verify(path: str | os.PathLike) -> Path:
+    """Check every file of a bundle (a downloaded one, say) against the sha256s in its ``bundle.json``.
+
+    Returns:
+        ``path``, for chaining.
+
+    Raises:
+        EncoderflowError: no ``bundle.json``, or a file is missing or differs from its recorded
+            sha256; the message names the file.
+    """
+    path = Path(path)
+    meta_path = path / META
+    if not meta_path.exists():
+        raise EncoderflowError(f"{path}: incomplete model bundle (no bundle.json)")
+    for fname, digest in layout.read_json(meta_path)["files"].items():
+        file = path / fname
+        if not file.exists() or layout.sha256_file(file) != digest:
+            raise EncoderflowError(
+                f"{file}: missing or altered (sha256 differs from bundle.json); the registered version is incomplete"
+            )
+    return path
+
+
+class Scorer:
+    """Score sentences with a saved bundle: its own tokenizer settings, Keras safe mode.
+
+    It does not re-hash the files; :func:`verify` a bundle that came from elsewhere first
+    (``registry.download_version`` does).
+
+    Args:
+        bundle_dir: the bundle folder.
+
+    Raises:
+        FileNotFoundError: ``bundle_dir`` has no ``bundle.json``.
+    """
+
+    def __init__(self, bundle_dir: str | os.PathLike):
+        from encoderflow.data.tokenizer import make_tokenizer
+
+        self.bundle_dir = Path(bundle_dir)
+        self.meta = metadata(self.bundle_dir)
+        # Padded to the length it was trained on: the guide's model (no padding mask) depends on it.
+        self.tokenizer = make_tokenizer(
+            self.bundle_dir / VOCAB, self.meta["seq_length"], self.meta["lowercase"], self.meta["strip_accents"]
+        )
+        from encoderflow import model as models  # imports Keras on JAX
+
+        self.classifier = models.load(self.bundle_dir / CLASSIFIER)
+
+    def probabilities(self, sentences: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """P(positive) for each sentence, as a float array of ``len(sentences)``."""
+        import numpy as np
+
+        from encoderflow.data.tokenizer import tokenize
+
+        out = []
+        for i in range(0, len(sentences), batch_size):
+            ids = tokenize(self.tokenizer, list(sentences[i : i + batch_size]))
+            out.append(np.asarray(self.classifier.predict(ids, verbose=0)).reshape(-1))
+        return np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)
+
+    def accuracy(self, sentences: Sequence[str], labels) -> float:
+        """Share of sentences whose thresholded (0.5) probability equals the 0/1 label."""
+        import numpy as np
+
+        probs = self.probabilities(sentences)
+        return float(np.mean((probs >= 0.5).astype(np.int32) == np.asarray(labels)))

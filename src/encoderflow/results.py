@@ -1,0 +1,86 @@
+"""What the steps hand each other through XCom: small typed dicts of paths, hashes and metrics.
+
+TypedDicts, not classes: XCom stores them as plain JSON and the Airflow UI shows them as they
+are. Metrics carry one name everywhere (step result, ``summary.json``, MLflow, the runs page):
+``baseline_val_accuracy``, ``mlm_val_accuracy``, ``sst2_val_accuracy``, ``champion_val_accuracy``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NotRequired, TypedDict
+
+
+class FileInfo(TypedDict):
+    path: str
+    bytes: int
+    sha256: str
+
+
+class Validation(TypedDict):
+    success: bool
+    strict: bool
+    docs: str
+    rows: dict[str, int]
+
+
+class Dataset(TypedDict):
+    """A downloaded or located dataset (``download``), plus its validation report (``validate``)."""
+
+    dataset: str
+    source: str
+    pinned: bool
+    root: str
+    files: dict[str, FileInfo]
+    content_hash: str
+    url: NotRequired[str]
+    validation: NotRequired[Validation]
+
+
+class Sealed(TypedDict):
+    manifest: str
+    manifest_sha256: str
+    shards_hash: str
+    num_shards: int
+    totals: dict[str, Any]
+
+
+class Baseline(TypedDict):
+    baseline_val_accuracy: float
+    result: str
+
+
+class Pretrained(TypedDict):
+    encoder: str
+    encoder_sha256: str
+    mlm_val_accuracy: float
+    result: str
+
+
+class Finetuned(TypedDict):
+    bundle: str
+    sst2_val_accuracy: float
+    result: str
+
+
+# The SST-2 members the pipeline reads (test.tsv has no labels: validated, never scored).
+SST2_TRAIN, SST2_DEV = "SST-2/train.tsv", "SST-2/dev.tsv"
+
+
+def file_info(info: Dataset, member: str) -> FileInfo:
+    """Path, size and sha256 of one member (``SST-2/dev.tsv``); a missing member names what there is."""
+    try:
+        return info["files"][member]
+    except KeyError:
+        raise KeyError(f"dataset {info['dataset']} has no {member!r}; it has {sorted(info['files'])}") from None
+
+
+def file_path(info: Dataset, member: str) -> str:
+    """The local path of one member."""
+    return file_info(info, member)["path"]
+
+
+def only_file(info: Dataset) -> FileInfo:
+    """The single file of a one-file dataset (the vocabulary)."""
+    if len(info["files"]) != 1:
+        raise ValueError(f"dataset {info['dataset']} has {len(info['files'])} files, expected one")
+    return next(iter(info["files"].values()))

@@ -1,0 +1,130 @@
+"""benchmarks/train.py --synthetic: runs where TensorFlow cannot be imported, and its numbers add up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import synthetic  # noqa: E402
+
+from encoderflow.config import from_overrides  # noqa: E402
+
+
+def no_tensorflow_env(tmp_path: Path) -> dict[str, str]:
+    """An environment whose Python finds a ``tensorflow`` package that refuses to import."""
+    fake = tmp_path / "no_tf"
+    (fake / "tensorflow").mkdir(parents=True)
+    (fake / "tensorflow" / "__init__.py").write_text('raise ImportError("TensorFlow is blocked in this test")\n')
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(fake), str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["ENCODERFLOW_BENCH_ALLOW_TF"] = "1"  # the benchmark's own guard off: the fake package must do it
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def test_synthetic_benchmark_and_loss_run_without_tensorflow(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "train.py"),
+            "--synthetic",
+            "--preset",
+            "smoke",
+            "--batch-size",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--pool",
+            "2",
+            "--loss-run",
+            "30",
+            "--in-process",
+            "--out",
+            str(out),
+        ],
+        env=no_tensorflow_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    header = "| " + " | ".join(synthetic.COLUMNS) + " |"
+    assert header in proc.stdout
+    for name in ("fit ms/step", "bare ms/step", "fit/bare", "seq/s", "GFLOP/seq", "util", "peak mem"):
+        assert name in proc.stdout
+    assert "loss run (mixed_bfloat16" in proc.stdout and "PASS" in proc.stdout
+    assert "TensorFlow WAS imported" not in proc.stdout
+    assert (out / "synthetic.md").read_text() in proc.stdout
+    result = json.loads((out / "synthetic.json").read_text())
+    (cell,) = result["cells"]
+    assert "error" not in cell, cell
+    assert cell["precision"] == "float32" and cell["batch"] == 8  # auto on a CPU
+    assert cell["fit_ms"] > 0 and cell["bare_ms"] > 0 and cell["fit_over_bare"] > 0
+    assert cell["flops_per_seq"] == synthetic.train_flops_per_sequence(from_overrides("smoke"), 30522)
+    loss = result["loss_run"]
+    assert loss["passed"] and loss["finite"] and loss["steps"] == 30 and len(loss["every_10_steps"]) == 3
+    assert loss["last"] < loss["first"]
+
+
+def test_flops_formula_for_the_guide_model():
+    cfg = from_overrides("guide")
+    d, f, s, layers, p, v = 256, 512, 128, 3, 32, 30522
+    forward = layers * (2 * (4 * d * d + 2 * d * f) * s + 4 * s * s * d) + 2 * (d * d + d * v) * p
+    assert synthetic.train_flops_per_sequence(cfg, v) == 3 * forward
+    assert round(3 * forward / 1e9, 2) == 2.87
+
+
+def test_peaks_by_device_kind():
+    assert synthetic.peak_flops("NVIDIA H100 80GB HBM3", "gpu", "mixed_bfloat16") == 989e12
+    assert synthetic.peak_flops("NVIDIA H100 80GB HBM3", "gpu", "float32") == 494e12  # TF32
+    assert synthetic.peak_flops("NVIDIA H200", "gpu", "mixed_bfloat16") == 989e12
+    assert synthetic.peak_flops("NVIDIA H100 PCIe", "gpu", "mixed_bfloat16") == 756e12
+    assert synthetic.peak_flops("cpu", "cpu", "float32") is None
+    assert synthetic.peak_flops("Some Future GPU", "gpu", "float32") is None
+
+
+@pytest.mark.parametrize("preset", ["smoke", "guide"])
+def test_synthetic_batches_match_the_shards(preset):
+    cfg = from_overrides(preset)
+    seq, p = cfg.data.seq_length, cfg.data.predictions_per_seq
+    batches = synthetic.make_batches(cfg, 30522, 64, 2, seed=0)
+    assert len(batches) == 2
+    features, labels, weights = batches[0]
+    assert set(features) == {"token_ids", "mask_positions"}
+    tokens, positions = features["token_ids"], features["mask_positions"]
+    assert tokens.shape == (64, seq) and tokens.dtype == np.int32
+    assert positions.shape == labels.shape == weights.shape == (64, p)
+    assert positions.dtype == labels.dtype == np.int32 and weights.dtype == np.float32
+    assert tokens.min() >= 0 and tokens.max() < 30522
+    real = weights > 0
+    assert set(np.unique(weights)) <= {0.0, 1.0}
+    assert 0.5 < real.mean() < 1.0  # most slots predict, some are padding
+    assert (positions[~real] == 0).all() and (labels[~real] == 0).all()
+    for row in range(64):
+        kept = positions[row][real[row]]
+        assert (np.diff(kept) > 0).all() and kept.max() < seq  # distinct, ascending, in the sequence
+        assert (tokens[row][kept] != 0).all()  # never a [PAD] position
+    # labels are words, never special or [unused] ids; most masked inputs are [MASK]
+    assert labels[real].min() >= 999
+    assert (tokens[real.nonzero()[0], positions[real]] == 103).mean() > 0.6
+    assert not np.array_equal(batches[0][0]["token_ids"], batches[1][0]["token_ids"])
+
+
+def test_gpu_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")], check=True)

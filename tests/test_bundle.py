@@ -1,0 +1,133 @@
+"""The model bundle: written atomically, verified against its sha256s, scored as it was trained.
+
+Most bundles here are small files with a real ``bundle.json``; only the round trip needs Keras.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from encoderflow import bundle, layout
+from encoderflow.config import from_overrides
+from encoderflow.errors import EncoderflowError
+from tests import fixtures_pipeline
+
+
+def fake_bundle(root: Path, tag: str) -> Path:
+    """A bundle of small text files (no Keras) with a real ``bundle.json``."""
+    root.mkdir(parents=True)
+    files = {"classifier.keras": f"clf-{tag}", "encoder.keras": f"enc-{tag}", "vocab.txt": "[PAD]\n"}
+    for fname, body in files.items():
+        (root / fname).write_text(body)
+    bundle.seal(root)
+    return root
+
+
+class FakeClassifier:
+    """Stands in for a ``keras.Model`` where only ``save`` matters."""
+
+    def __init__(self, body: str = "clf", fail: bool = False):
+        self.body, self.fail = body, fail
+
+    def save(self, path):
+        if self.fail:
+            raise OSError("disk full")
+        Path(path).write_text(self.body)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    vocab = tmp_path / "in" / "vocab.txt"
+    vocab.parent.mkdir()
+    vocab.write_text("\n".join(fixtures_pipeline.vocab_tokens()) + "\n")
+    encoder = tmp_path / "in" / "encoder.keras"
+    encoder.write_text("enc")
+    return encoder, vocab
+
+
+def test_altered_bundle_is_refused(tmp_path):
+    path = fake_bundle(tmp_path / "b", "x")
+    (path / "encoder.keras").write_text("tampered")
+    with pytest.raises(EncoderflowError, match="encoder.keras: missing or altered"):
+        bundle.verify(path)
+
+
+@pytest.mark.parametrize("fname", bundle.FILES)
+def test_a_tampered_or_missing_file_fails_verify_naming_it(tmp_path, fname):
+    path = fake_bundle(tmp_path / "b", "x")
+    assert bundle.verify(path) == path
+    with open(path / fname, "a") as f:
+        f.write("!")
+    with pytest.raises(EncoderflowError, match=rf"{fname}: missing or altered .* incomplete"):
+        bundle.verify(path)
+    (path / fname).unlink()
+    with pytest.raises(EncoderflowError, match=rf"{fname}: missing or altered"):
+        bundle.verify(path)
+
+
+def test_a_folder_without_bundle_json_is_not_a_bundle(tmp_path):
+    with pytest.raises(EncoderflowError, match="incomplete model bundle .no bundle.json."):
+        bundle.verify(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a model bundle"):
+        bundle.Scorer(tmp_path)
+
+
+def test_write_records_settings_and_hashes_and_replaces_the_old_bundle(tmp_path, inputs):
+    encoder, vocab = inputs
+    cfg = from_overrides("smoke")
+    out = tmp_path / "finetune"
+    first = bundle.write(out / "bundle", FakeClassifier("one"), encoder, vocab, cfg, 0.75)
+    assert first == out / "bundle" and (first / "classifier.keras").read_text() == "one"
+    second = bundle.write(out / "bundle", FakeClassifier("two"), encoder, vocab, cfg, np.float32(0.8))
+    assert bundle.verify(second) == first
+    assert (second / "classifier.keras").read_text() == "two"
+    assert sorted(p.name for p in out.iterdir()) == ["bundle"]  # no temp or set-aside folder left
+    meta = bundle.metadata(second)
+    assert meta["val_accuracy"] == pytest.approx(0.8) and isinstance(meta["val_accuracy"], float)
+    assert (meta["seq_length"], meta["lowercase"], meta["strip_accents"]) == (
+        cfg.data.seq_length,
+        cfg.data.lowercase,
+        cfg.data.strip_accents,
+    )
+    assert meta["pad_id"] == 0 and meta["vocab_size"] == len(fixtures_pipeline.vocab_tokens())
+    assert meta["config"] == cfg.to_dict()
+    assert meta["files"] == {f: layout.sha256_file(second / f) for f in bundle.FILES}
+
+
+def test_a_failed_write_leaves_the_old_bundle_whole(tmp_path, inputs):
+    encoder, vocab = inputs
+    cfg = from_overrides("smoke")
+    out = tmp_path / "finetune"
+    bundle.write(out / "bundle", FakeClassifier("old"), encoder, vocab, cfg, 0.7)
+    with pytest.raises(OSError, match="disk full"):
+        bundle.write(out / "bundle", FakeClassifier(fail=True), encoder, vocab, cfg, 0.9)
+    assert (bundle.verify(out / "bundle") / "classifier.keras").read_text() == "old"
+    assert sorted(p.name for p in out.iterdir()) == ["bundle"]
+
+
+def test_round_trip_scores_the_accuracy_recorded(tmp_path, inputs):
+    from encoderflow import model as models
+    from encoderflow.data.tokenizer import make_tokenizer, tokenize
+
+    _, vocab = inputs
+    cfg = from_overrides("smoke")
+    encoder = models.build_encoder(cfg.model, len(fixtures_pipeline.vocab_tokens()), cfg.data.seq_length)
+    encoder_path = tmp_path / "in" / "encoder.keras"
+    encoder.save(encoder_path)
+    classifier = models.build_classifier(encoder)
+    rows = fixtures_pipeline.sst2_rows(40, random.Random(0))
+    sentences, labels = [s for s, _ in rows], np.array([y for _, y in rows])
+    # What fine-tuning measures: the in-memory classifier on the bundle's tokenization.
+    ids = tokenize(make_tokenizer(vocab, cfg.data.seq_length, cfg.data.lowercase, cfg.data.strip_accents), sentences)
+    probs = classifier.predict(ids, verbose=0).reshape(-1)
+    recorded = float(np.mean((probs >= 0.5) == labels))
+
+    path = bundle.write(tmp_path / "bundle", classifier, encoder_path, vocab, cfg, recorded)
+    scorer = bundle.Scorer(bundle.verify(path))
+    np.testing.assert_allclose(scorer.probabilities(sentences, batch_size=16), probs, atol=1e-6)
+    assert scorer.accuracy(sentences, labels) == bundle.metadata(path)["val_accuracy"] == recorded
+    assert scorer.probabilities([]).shape == (0,)
