@@ -21,7 +21,7 @@ from encoderflow.data.sources import DataError, DatasetSpec, ResumingDownloader,
 
 from .fixtures_http import CUT, REDIRECT_SELF, STALL, STALL_BODY
 
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared beside the checkout
 OFFICIAL = "/official"
 
 

@@ -24,7 +24,7 @@ from .fixtures_data import (
     write_valid_folder,
 )
 
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared beside the checkout
 DATASET_OF = {TRAIN: "sst2", DEV: "sst2", TEST: "sst2", WIKI_TEST: "wikitext", WIKI_VALID: "wikitext", VOCAB: "vocab"}
 
 
