@@ -325,6 +325,22 @@ def test_rest_api_run_to_success_with_epoch_logs(stack):
     )
     assert any("finetune epoch 1/1" in line for line in log_lines(flog["content"]))
 
+    # A successful run's task logs hold no ERROR line: no third-party start-up noise at that level.
+    errors = []
+    for t in tis["task_instances"]:
+        mapped = f"/{t['map_index']}" if t["map_index"] >= 0 else ""
+        _, tlog = stack.request(
+            "GET",
+            f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/{t['task_id']}/logs/{t['try_number']}"
+            f"?full_content=true&map_index={t['map_index']}",
+        )
+        for rec in tlog["content"]:
+            level = str(rec.get("level", "")).lower() if isinstance(rec, dict) else ""
+            text = log_lines([rec])[0]
+            if level in ("error", "critical") or text.lstrip().startswith(("E0000", "ERROR")):
+                errors.append(f"{t['task_id']}{mapped}: [{level}] {text[:300]}")
+    assert not errors, "\n".join(errors)
+
     # The sealed shards and the new champion are asset events other DAGs can be scheduled on.
     _, events = stack.request("GET", f"/api/v2/assets/events?source_dag_id={DAG_ID}&limit=50")
     uris = {e["uri"] for e in events["asset_events"] if e["source_run_id"] == run_id}

@@ -10,6 +10,7 @@ import os
 from encoderflow import runtime
 
 runtime.use_jax()  # before the first ``import keras`` of the process, or Keras picks its default backend
+runtime.tensorflow(optional=True)  # keras-hub imports TensorFlow: do it first, GPUs hidden, notes logged
 
 import keras  # noqa: E402
 import keras_hub  # noqa: E402

@@ -7,7 +7,12 @@ TensorFlow goes through here instead of importing them at its top.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import sys
+import threading
 
 BACKEND = "jax"
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
@@ -26,15 +31,93 @@ def keras():
     return k
 
 
-def tensorflow():
-    """TensorFlow with its GPUs hidden: it only feeds data, JAX owns the accelerator."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+native_log = logging.getLogger("encoderflow.native")
+# glog/absl severities of TensorFlow's C++ start-up lines ("I0000 …", "E0000 …"): none of them is an
+# error of ours (a real failure raises in Python), so none reaches a task log at ERROR level.
+_SEVERITY = {"I": logging.DEBUG, "W": logging.INFO, "E": logging.WARNING, "F": logging.ERROR}
+_GLOG = re.compile(r"^([IWEF])\d{4} ")
+# "E0000 00:00:1795.1  4930 cuda_platform.cc:52] failed call to cuInit …" -> source and message.
+_GLOG_LINE = re.compile(r"^[IWEF]\d{4} \S+\s+\d+ (\S+)\] (.*)$")
 
+
+_NATIVE_NOTES = (
+    "WARNING: All log messages before absl::InitializeLog()",  # absl's preamble to the first line
+    "To enable the following instructions:",  # the second line of cpu_feature_guard's note
+)
+
+
+def _native_level(line: str) -> int | None:
+    """The level for a native start-up line; ``None`` for anything else (passed through as is)."""
+    if line.startswith(_NATIVE_NOTES):
+        return logging.DEBUG
+    m = _GLOG.match(line)
+    return _SEVERITY[m.group(1)] if m else None
+
+
+@contextlib.contextmanager
+def native_stderr_to_log():
+    """Route what native code writes to file descriptor 2 meanwhile into ``encoderflow.native``.
+
+    TensorFlow's C++ runtime prints its start-up notes (oneDNN, CUDA probing, absl's preamble)
+    straight to stderr, which Airflow files at ERROR level in the task log. Inside this block
+    they are logged line by line at their own severity instead (see ``_SEVERITY``).
+    """
+    sys.stderr.flush()
+    saved, (read_end, write_end) = os.dup(2), os.pipe()
+    lines: list[str] = []
+
+    def drain():
+        with os.fdopen(read_end, "r", errors="replace") as pipe:
+            for line in pipe:
+                if _native_level(line) is None:  # Python's own stderr (log handlers, warnings): as it was
+                    os.write(saved, line.encode(errors="replace"))
+                else:
+                    lines.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=drain, name="native-stderr", daemon=True)
+    reader.start()
+    os.dup2(write_end, 2)
+    os.close(write_end)
     try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # already initialised in this process; visibility was set earlier
-        pass
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the reader sees EOF
+        reader.join(timeout=10)  # before closing ``saved``, which it still writes pass-through lines to
+        os.close(saved)
+        for line in lines:
+            m = _GLOG_LINE.match(line)
+            # The glog header's letter is the severity, now the record's level: not repeated.
+            native_log.log(_native_level(line), "native (%s): %s", *(m.groups() if m else ("absl", line)))
+
+
+_tf = None  # set once: GPUs hidden, even where another library imported TensorFlow first
+
+
+def tensorflow(optional: bool = False):
+    """TensorFlow with its GPUs hidden: it only feeds data, JAX owns the accelerator.
+
+    Imported (with tensorflow-text, which keras-hub loads) while its native start-up notes are
+    routed to the log at their own level. ``optional``: return ``None`` where TensorFlow is not
+    installed (the GPU check runs without it).
+    """
+    global _tf
+    if _tf is not None:
+        return _tf
+    with native_stderr_to_log():
+        try:
+            import tensorflow as tf
+        except ImportError:
+            if optional:
+                return None
+            raise
+        with contextlib.suppress(ImportError):
+            import tensorflow_text  # noqa: F401  (keras-hub's tokenizers load it; its .so logs too)
+        try:
+            tf.config.set_visible_devices([], "GPU")  # probes CUDA: the "failed call to cuInit" line
+        except RuntimeError:  # already initialised in this process; visibility was set earlier
+            pass
+    _tf = tf
     return tf
 
 

@@ -8,6 +8,7 @@ read and what it wrote (path and sha256) once, so a task log says where its arti
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,8 @@ log = logging.getLogger("encoderflow")
 
 def setup_logging() -> None:
     """Quiet the chattiest libraries so task logs show our lines."""
+    # MLflow sets its own level and stderr handler when imported (after this): tell it by environment.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("great_expectations", "absl", "mlflow", "alembic", "urllib3", "pooch", "h5py", "jax._src"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("encoderflow").setLevel(logging.INFO)
