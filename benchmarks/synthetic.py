@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from encoderflow.config import PRESETS  # plain dataclasses: imports no ML library
+
 # Peak dense (no sparsity) matmul FLOP/s by device kind and math mode. H100 SXM figures from the
 # NVIDIA datasheet; the H200 is the same chip at the same clocks (more, faster memory).
 PEAK_FLOPS = {
@@ -491,7 +493,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="train.py --synthetic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--synthetic", action="store_true", help="this mode (accepted for train.py's dispatch)")
-    ap.add_argument("--preset", default="guide", choices=["guide", "smoke"])
+    ap.add_argument("--preset", default="guide", choices=sorted(PRESETS))
     ap.add_argument(
         "--precision",
         action="append",

@@ -30,6 +30,7 @@ from pathlib import Path
 from peer import run_guide
 
 from encoderflow import runtime
+from encoderflow.config import PRESETS
 
 runtime.use_jax()
 
@@ -77,7 +78,7 @@ def main() -> int:
         return synthetic_main(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--preset", default="guide", choices=["guide", "smoke"])
+    ap.add_argument("--preset", default="guide", choices=sorted(PRESETS))
     ap.add_argument("--steps", type=int, default=20, help="timed pretraining steps")
     ap.add_argument("--finetune-steps", type=int, default=200, help="timed fine-tuning steps")
     ap.add_argument(

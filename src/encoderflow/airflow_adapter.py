@@ -79,8 +79,7 @@ def form_param(k: config.Knob) -> Param:
 def params() -> dict[str, Param]:
     """The trigger form: preset, where the data comes from, the declared form fields, free overrides."""
     form = [k for k in config.knobs() if k.form is not None]
-    order = [config.MAIN, config.DATA, config.TRAIN, config.TUNE, config.GATE]
-    form.sort(key=lambda k: order.index(k.form))
+    form.sort(key=lambda k: config.FORM_SECTIONS.index(k.form))
     return {
         "preset": Param(
             "guide",

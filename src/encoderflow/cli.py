@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from encoderflow import layout, runtime
-from encoderflow.config import ConfigError, from_overrides, from_params, parse_set
+from encoderflow.config import PRESETS, ConfigError, from_overrides, from_params, parse_set
 from encoderflow.errors import EncoderflowError
 
 DAG_ID = "encoder_pretraining"
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, sources: bool = True):
-        sp.add_argument("--preset", default=os.environ.get("PRESET") or "guide", choices=["guide", "smoke"])
+        sp.add_argument("--preset", default=os.environ.get("PRESET") or "guide", choices=sorted(PRESETS))
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
         if sources:
             sp.add_argument(
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--mirror", default=os.environ.get("ENCODERFLOW_MIRROR") or None, help="base URL probed first")
     dr.add_argument("--sources-file", dest="sources_file", default=None, help="JSON replacing dataset specs")
     dr.add_argument(
-        "--preset", default=None, choices=["guide", "smoke"], help="check this config's files only (default: both)"
+        "--preset", default=None, choices=sorted(PRESETS), help="check this config's files only (default: both)"
     )
     dr.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
     dr.add_argument("--timeout", type=float, default=5.0, help="seconds per URL probe")

@@ -31,6 +31,7 @@ class ConfigError(EncoderflowError, ValueError):
 
 # Trigger-form sections: MAIN stays at the top of the form, the others are collapsed groups below.
 MAIN, DATA, TRAIN, TUNE, GATE = "", "Data generation", "Pretraining", "Fine-tuning", "Promotion gate"
+FORM_SECTIONS = (MAIN, DATA, TRAIN, TUNE, GATE)
 
 
 def knob(
@@ -569,7 +570,7 @@ def from_dict(payload: Mapping[str, Any]) -> Config:
 
 def keys() -> list[str]:
     """Every overridable key, ``section.name``."""
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)]
+    return [k.key for k in knobs()]
 
 
 def from_params(params: Mapping[str, Any]) -> Config:

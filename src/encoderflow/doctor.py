@@ -16,17 +16,15 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from encoderflow import layout, runtime
-from encoderflow.config import from_overrides, parse_set
+from encoderflow.config import PRESETS, from_overrides, parse_set
 from encoderflow.data import sources
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -35,7 +33,6 @@ GIB = 1 << 30
 DISK_FAIL_BYTES = 1 * GIB
 DISK_WARN_BYTES = 5 * GIB
 PROBE_TIMEOUT_S = 5.0
-PRESETS = ("smoke", "guide")
 
 
 @dataclass(frozen=True)
@@ -148,31 +145,10 @@ def check_dtype_policy(backend: str | None) -> Check:
     return Check(OK, "precision=auto", f"{runtime.dtype_policy('auto', platform=backend)} (backend {backend})")
 
 
-@contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Hold back what native code writes to fd 2 (TensorFlow's start-up lines); replay it on an error."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            held.seek(0)
-            sys.stderr.write(held.read().decode(errors="replace"))
-            raise
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def check_tensorflow() -> Check:
     try:
-        with _quiet_stderr():
-            tf = runtime.tensorflow()
-            gpus = tf.config.get_visible_devices("GPU")
+        tf = runtime.tensorflow()  # its native start-up lines go to the log, not this screen
+        gpus = tf.config.get_visible_devices("GPU")
     except Exception as exc:  # noqa: BLE001
         return Check(FAIL, "tensorflow", f"unusable: {type(exc).__name__}: {str(exc)[:200]}", "make venv")
     if gpus:

@@ -32,12 +32,14 @@ def keras():
 
 
 native_log = logging.getLogger("encoderflow.native")
+# Where nothing configured logging (the CLI's screens), these notes stay off the terminal, as a
+# library's should; a configured root logger (Airflow's task log) still receives them.
+native_log.addHandler(logging.NullHandler())
 # glog/absl severities of TensorFlow's C++ start-up lines ("I0000 …", "E0000 …"): none of them is an
 # error of ours (a real failure raises in Python), so none reaches a task log at ERROR level.
 _SEVERITY = {"I": logging.DEBUG, "W": logging.INFO, "E": logging.WARNING, "F": logging.ERROR}
-_GLOG = re.compile(r"^([IWEF])\d{4} ")
-# "E0000 00:00:1795.1  4930 cuda_platform.cc:52] failed call to cuInit …" -> source and message.
-_GLOG_LINE = re.compile(r"^[IWEF]\d{4} \S+\s+\d+ (\S+)\] (.*)$")
+# "E0000 00:00:1795.1  4930 cuda_platform.cc:52] failed call to cuInit …": severity, source, message.
+_GLOG = re.compile(r"^([IWEF])\d{4} (?:\S+\s+\d+ (\S+)\] (.*))?")
 
 
 _NATIVE_NOTES = (
@@ -46,12 +48,15 @@ _NATIVE_NOTES = (
 )
 
 
-def _native_level(line: str) -> int | None:
-    """The level for a native start-up line; ``None`` for anything else (passed through as is)."""
+def _native_record(line: str) -> tuple[int, str, str] | None:
+    """``(level, source, message)`` of a native start-up line; ``None`` for anything else."""
     if line.startswith(_NATIVE_NOTES):
-        return logging.DEBUG
+        return logging.DEBUG, "absl", line
     m = _GLOG.match(line)
-    return _SEVERITY[m.group(1)] if m else None
+    if m is None:
+        return None
+    # The glog header's letter is the severity, now the record's level: not repeated in the message.
+    return _SEVERITY[m.group(1)], m.group(2) or "absl", m.group(3) if m.group(2) else line
 
 
 @contextlib.contextmanager
@@ -64,15 +69,16 @@ def native_stderr_to_log():
     """
     sys.stderr.flush()
     saved, (read_end, write_end) = os.dup(2), os.pipe()
-    lines: list[str] = []
+    records: list[tuple[int, str, str]] = []
 
     def drain():
         with os.fdopen(read_end, "r", errors="replace") as pipe:
             for line in pipe:
-                if _native_level(line) is None:  # Python's own stderr (log handlers, warnings): as it was
+                record = _native_record(line.rstrip("\n"))
+                if record is None:  # Python's own stderr (log handlers, warnings): as it was
                     os.write(saved, line.encode(errors="replace"))
                 else:
-                    lines.append(line.rstrip("\n"))
+                    records.append(record)
 
     reader = threading.Thread(target=drain, name="native-stderr", daemon=True)
     reader.start()
@@ -85,10 +91,8 @@ def native_stderr_to_log():
         os.dup2(saved, 2)  # closes the pipe's last write end: the reader sees EOF
         reader.join(timeout=10)  # before closing ``saved``, which it still writes pass-through lines to
         os.close(saved)
-        for line in lines:
-            m = _GLOG_LINE.match(line)
-            # The glog header's letter is the severity, now the record's level: not repeated.
-            native_log.log(_native_level(line), "native (%s): %s", *(m.groups() if m else ("absl", line)))
+        for level, source, message in records:
+            native_log.log(level, "native (%s): %s", source, message)
 
 
 _tf = None  # set once: GPUs hidden, even where another library imported TensorFlow first
