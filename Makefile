@@ -34,7 +34,7 @@ RUN_ARGS := --preset $(PRESET) \
 	$(if $(MIRROR),--mirror $(MIRROR)) \
 	$(foreach s,$(SET),--set $(s))
 
-.PHONY: run test test-fast lint format docs airflow venv venv-dry-run doctor clean
+.PHONY: run test test-fast lint format docs airflow venv venv-dry-run doctor clean stack stack-down stack-status stack-deps
 
 venv: $(STAMP)
 
@@ -86,6 +86,29 @@ airflow: $(STAMP)
 # One screen on what a run here would use (Python, JAX devices, dtype policy, disk, data sources).
 doctor: $(STAMP)
 	$(BIN)/encoderflow doctor $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(MIRROR),--mirror $(MIRROR))
+
+# The docker-compose topology natively (PostgreSQL, Redis, Celery workers `default` and `gpu`, api-server,
+# scheduler, dag-processor, triggerer, MLflow with basic auth), all under $(ENCODERFLOW_HOME)/stack.
+stack: stack-deps $(STAMP)
+	$(BIN)/python -m encoderflow.stack up
+
+stack-down: $(STAMP)
+	$(BIN)/python -m encoderflow.stack down
+
+stack-status: $(STAMP)
+	$(BIN)/python -m encoderflow.stack status
+
+# Debian's PostgreSQL and Redis servers (and Chromium, for the browser test), installed only when missing.
+stack-deps:
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

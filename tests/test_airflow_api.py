@@ -2,8 +2,10 @@
 
 ``encoder_pretraining`` is triggered through the REST API v2 with a smoke conf on the fixture
 tree (offline, ``data_dir``), polled to success, and a training task's log is read back through
-the API. The same servers answer the plugin page and the headless-browser check of the trigger
-form (which needs Debian's ``chromium``; skipped without it).
+the API. The same servers answer the plugin page and the headless-browser checks (which need
+Debian's ``chromium``; skipped without it): the trigger form, and the runs page after that run,
+its charts read from the DOM and a full-page screenshot checked where the DOM put them.
+``ENCODERFLOW_SCREENSHOT_DIR`` keeps a copy of the runs-page screenshots.
 
 ``AirflowStack`` is also what ``tests/test_plugin.py`` starts. Every process it starts, and
 every process those start, is ended by id when the block exits, failed or not.
@@ -11,7 +13,10 @@ every process those start, is ended by id when the block exits, failed or not.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
+import math
 import os
 import secrets
 import shutil
@@ -30,6 +35,7 @@ from typing import Any
 
 import pytest
 
+from encoderflow.stack import descendants
 from tests import fixtures_pipeline as fixtures_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,26 +55,6 @@ def _signal_all(tree: dict[str, list[int]], sig: int) -> None:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-
-
-def _children(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc), deepest last."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 class AirflowStack:
@@ -185,7 +171,7 @@ class AirflowStack:
         return f"--- {name} ---\n" + (path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)")
 
     def stop(self) -> None:
-        tree = {name: [p.pid, *_children(p.pid)] for name, p in self.procs.items() if p.poll() is None}
+        tree = {name: [p.pid, *descendants(p.pid)] for name, p in self.procs.items() if p.poll() is None}
         _signal_all(tree, signal.SIGTERM)
         deadline = time.monotonic() + 20
         for proc in self.procs.values():
@@ -273,18 +259,17 @@ def stack(tmp_path_factory):
         yield s
 
 
-@pytest.mark.slow
-def test_rest_api_run_to_success_with_epoch_logs(stack):
+@pytest.fixture(scope="module")
+def smoke_run(stack) -> dict[str, Any]:
+    """One smoke run triggered through the REST API and polled to its end; the tests that need a finished run share it.
+
+    Returns:
+        ``run_id``, ``quoted`` (for URLs), final ``state``, ``task_instances`` as the API lists them,
+        ``states`` ((task, map index) -> state) and ``seconds`` from trigger to end.
+    """
     tree = fixtures_data.write_tree(stack.root / "data")
     t0 = time.monotonic()
     stack.wait_for(lambda: stack.request("GET", f"/api/v2/dags/{DAG_ID}")[0] == 200, 120, "the DAG to be parsed")
-
-    # A conf the form would refuse is refused by the API too (typed params are enforced).
-    status, body = stack.request(
-        "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": {"preset": "tiny"}}
-    )
-    assert status == 400, (status, body)
-
     status, run = stack.request(
         "POST",
         f"/api/v2/dags/{DAG_ID}/dagRuns",
@@ -300,10 +285,30 @@ def test_rest_api_run_to_success_with_epoch_logs(stack):
 
     state = stack.wait_for(finished, 480, f"run {run_id} to finish", interval=3)
     _, tis = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances")
-    states = {(ti["task_id"], ti["map_index"]): ti["state"] for ti in tis["task_instances"]}
+    return {
+        "run_id": run_id,
+        "quoted": quoted,
+        "state": state,
+        "task_instances": tis["task_instances"],
+        "states": {(ti["task_id"], ti["map_index"]): ti["state"] for ti in tis["task_instances"]},
+        "seconds": time.monotonic() - t0,
+    }
+
+
+@pytest.mark.slow
+def test_rest_api_run_to_success_with_epoch_logs(stack, smoke_run):
+    stack.wait_for(lambda: stack.request("GET", f"/api/v2/dags/{DAG_ID}")[0] == 200, 120, "the DAG to be parsed")
+
+    # A conf the form would refuse is refused by the API too (typed params are enforced).
+    status, body = stack.request(
+        "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": {"preset": "tiny"}}
+    )
+    assert status == 400, (status, body)
+
+    run_id, quoted, state, states = (smoke_run[k] for k in ("run_id", "quoted", "state", "states"))
     assert state == "success", f"{states}\n" + "\n".join(stack.tail(n) for n in stack.procs)
     assert all(s == "success" for s in states.values()), states
-    print(f"\nREST run {run_id}: success in {time.monotonic() - t0:.0f}s, {len(states)} task instances")
+    print(f"\nREST run {run_id}: success in {smoke_run['seconds']:.0f}s, {len(states)} task instances")
 
     # Training logs one line per epoch, readable through the API.
     _, ti = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/pretrain")
@@ -327,7 +332,7 @@ def test_rest_api_run_to_success_with_epoch_logs(stack):
 
     # A successful run's task logs hold no ERROR line: no third-party start-up noise at that level.
     errors = []
-    for t in tis["task_instances"]:
+    for t in smoke_run["task_instances"]:
         mapped = f"/{t['map_index']}" if t["map_index"] >= 0 else ""
         _, tlog = stack.request(
             "GET",
@@ -354,6 +359,9 @@ def test_rest_api_run_to_success_with_epoch_logs(stack):
     mine = next(r for r in snap["runs"] if r["run_id"] == run_id)
     assert mine["state"] == "success" and mine["gate"]["blessed"] is True, mine
     assert set(mine["data_docs"]) == {"sst2", "vocab", "wikitext"}
+    # ... and what its charts are drawn from: every stage's per-epoch history, the gate's figures.
+    assert set(mine["curves"]) == {"pretrain", "finetune", "baseline"}, mine["curves"]
+    assert mine["gate_chart"]["blessed"] is True and mine["gate_chart"]["champion"] is None, mine["gate_chart"]
     assert snap["registry"]["champion"]["version"] == "1"
 
 
@@ -387,26 +395,73 @@ def chromium_binary() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def browser_check(url: str, token: str, workdir: Path, screenshot: Path) -> str:
-    """Open the DAG signed in, press Trigger, screenshot the form; returns the form's text."""
-    import asyncio
+# CI (.ci/run) installs chromium and sets ENCODERFLOW_REQUIRE_BROWSER=1: there a missing browser fails.
+needs_chromium = pytest.mark.skipif(
+    chromium_binary() is None and not os.environ.get("ENCODERFLOW_REQUIRE_BROWSER"),
+    reason="needs Debian's chromium (make stack-deps, or apt-get install chromium)",
+)
 
-    import websockets
 
-    chrome = chromium_binary()
-    profile = workdir / "chromium-profile"
+class Cdp:
+    """Just enough of the Chrome DevTools Protocol over one page's websocket: commands, JS, screenshots."""
+
+    def __init__(self, ws):
+        self.ws, self._ids = ws, iter(range(1, 1_000_000))
+
+    async def call(self, method: str, **params) -> dict[str, Any]:
+        i = next(self._ids)
+        await self.ws.send(json.dumps({"id": i, "method": method, "params": params}))
+        while True:  # events arrive in between; only this command's answer counts
+            msg = json.loads(await self.ws.recv())
+            if msg.get("id") == i:
+                assert "error" not in msg, msg
+                return msg.get("result", {})
+
+    async def js(self, expression: str, **kw) -> Any:
+        res = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, **kw)
+        assert "exceptionDetails" not in res, res["exceptionDetails"]
+        return res.get("result", {}).get("value")
+
+    async def shoot(self, path: Path) -> None:
+        await self.js("window.scrollTo(0, 0)")
+        shot = await self.call("Page.captureScreenshot", format="png")
+        path.write_bytes(base64.b64decode(shot["data"]))
+
+    async def shoot_page(self, path: Path, width: int = 1400, max_height: int = 8000) -> None:
+        """The whole page, not only the window: the viewport is resized to the page's height first."""
+        metrics = await self.call("Page.getLayoutMetrics")
+        height = min(max_height, math.ceil(metrics["cssContentSize"]["height"]))
+        await self.call(
+            "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False
+        )
+        await asyncio.sleep(0.5)  # let it lay out at the new size
+        await self.shoot(path)
+
+    async def sign_in_and_open(self, url: str, token: str, path: str) -> None:
+        await self.call("Page.enable")
+        await self.call("Network.enable")
+        # The session cookie the login page would set, for this origin only.
+        await self.call("Network.setCookie", name="_token", value=token, url=url + "/", httpOnly=True)
+        await self.call("Page.navigate", url=url + path)
+
+
+@contextmanager
+def chromium(workdir: Path, window: str = "1400,1800") -> Iterator[str]:
+    """Headless Chromium with a debugging port on loopback; yields its page's websocket URL, killed on exit."""
+    profile = workdir / f"chromium-profile-{secrets.token_hex(4)}"
     port = free_port()
     proc = subprocess.Popen(
         [
-            chrome,
+            chromium_binary(),
             "--headless=new",
             "--no-sandbox",
             "--disable-gpu",
             "--disable-dev-shm-usage",
+            "--hide-scrollbars",
             f"--remote-debugging-port={port}",
             "--remote-debugging-address=127.0.0.1",
             f"--user-data-dir={profile}",
-            "--window-size=1400,1800",
+            f"--window-size={window}",
             "about:blank",
         ],
         stdout=subprocess.DEVNULL,
@@ -429,57 +484,9 @@ def browser_check(url: str, token: str, workdir: Path, screenshot: Path) -> str:
             ws_url = target()
             time.sleep(0.5)
         assert ws_url, "chromium did not open its debugging port"
-
-        async def drive() -> str:
-            async with websockets.connect(ws_url, max_size=64 * 1024 * 1024) as ws:
-                ids = iter(range(1, 10_000))
-
-                async def call(method, **params):
-                    i = next(ids)
-                    await ws.send(json.dumps({"id": i, "method": method, "params": params}))
-                    while True:
-                        msg = json.loads(await ws.recv())
-                        if msg.get("id") == i:
-                            assert "error" not in msg, msg
-                            return msg.get("result", {})
-
-                await call("Page.enable")
-                await call("Network.enable")
-                # The session cookie the login page would set, for this origin only.
-                await call("Network.setCookie", name="_token", value=token, url=url + "/", httpOnly=True)
-                await call("Page.navigate", url=f"{url}/dags/{DAG_ID}")
-
-                async def js(expression, **kw):
-                    res = await call("Runtime.evaluate", expression=expression, returnByValue=True, **kw)
-                    return res.get("result", {}).get("value")
-
-                async def shoot(path: Path) -> None:
-                    import base64
-
-                    await js("window.scrollTo(0, 0)")
-                    shot = await call("Page.captureScreenshot", format="png")
-                    path.write_bytes(base64.b64decode(shot["data"]))
-
-                assert await js(OPEN_FORM_JS, awaitPromise=True, timeout=90_000), "the trigger form did not open"
-                await asyncio.sleep(1)
-                texts = [await js(f"({FORM}).innerText")]
-                await shoot(screenshot)
-                # The form's sections are an accordion (one open at a time): open each, read, shoot.
-                for section in SECTIONS:
-                    point = await js(SECTION_JS % json.dumps(section))
-                    assert point, f"no collapsed section {section!r} in the form"
-                    for kind in ("mousePressed", "mouseReleased"):
-                        await call(
-                            "Input.dispatchMouseEvent", type=kind, x=point[0], y=point[1], button="left", clickCount=1
-                        )
-                    await asyncio.sleep(0.8)
-                    texts.append(await js(f"({FORM}).innerText"))
-                    await shoot(screenshot.with_name(f"{screenshot.stem}-{section.lower().replace(' ', '-')}.png"))
-                return "\n".join(texts)
-
-        return asyncio.run(asyncio.wait_for(drive(), 150))
+        yield ws_url
     finally:
-        for pid in [proc.pid, *_children(proc.pid)]:
+        for pid in [proc.pid, *descendants(proc.pid)]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -487,10 +494,46 @@ def browser_check(url: str, token: str, workdir: Path, screenshot: Path) -> str:
         proc.wait(timeout=10)
 
 
+def drive(ws_url: str, script, timeout: float = 150) -> Any:
+    """Run ``await script(cdp)`` against the page at ``ws_url``; its result."""
+    import websockets
+
+    async def main():
+        async with websockets.connect(ws_url, max_size=64 * 1024 * 1024) as ws:
+            return await script(Cdp(ws))
+
+    return asyncio.run(asyncio.wait_for(main(), timeout))
+
+
+def browser_check(url: str, token: str, workdir: Path, screenshot: Path) -> str:
+    """Open the DAG signed in, press Trigger, screenshot the form; returns the form's text."""
+
+    async def script(cdp: Cdp) -> str:
+        await cdp.sign_in_and_open(url, token, f"/dags/{DAG_ID}")
+        assert await cdp.js(OPEN_FORM_JS, awaitPromise=True, timeout=90_000), "the trigger form did not open"
+        await asyncio.sleep(1)
+        texts = [await cdp.js(f"({FORM}).innerText")]
+        await cdp.shoot(screenshot)
+        # The form's sections are an accordion (one open at a time): open each, read, shoot.
+        for section in SECTIONS:
+            point = await cdp.js(SECTION_JS % json.dumps(section))
+            assert point, f"no collapsed section {section!r} in the form"
+            for kind in ("mousePressed", "mouseReleased"):
+                await cdp.call(
+                    "Input.dispatchMouseEvent", type=kind, x=point[0], y=point[1], button="left", clickCount=1
+                )
+            await asyncio.sleep(0.8)
+            texts.append(await cdp.js(f"({FORM}).innerText"))
+            await cdp.shoot(screenshot.with_name(f"{screenshot.stem}-{section.lower().replace(' ', '-')}.png"))
+        return "\n".join(texts)
+
+    with chromium(workdir) as ws_url:
+        return drive(ws_url, script)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(chromium_binary() is None, reason="needs Debian's chromium (apt-get install chromium)")
+@needs_chromium
 def test_trigger_form_in_a_real_browser(stack):
-    pytest.importorskip("websockets")
     stack.wait_for(lambda: stack.request("GET", f"/api/v2/dags/{DAG_ID}")[0] == 200, 120, "the DAG to be parsed")
     shot = Path(os.environ.get("ENCODERFLOW_SCREENSHOT") or stack.root / "trigger-form.png")
     text = browser_check(stack.url, stack.token("admin", stack.password), stack.root, shot)
@@ -505,6 +548,150 @@ def test_trigger_form_in_a_real_browser(stack):
     ):
         assert label in text, f"{label!r} not in the trigger form:\n{text[:3000]}"
     print(f"\ntrigger form screenshot: {shot}")
+
+
+# What the runs page shows for one run, read from its DOM once the run's chart row is there.
+RUN_CHARTS_JS = r"""
+(async (RUN, doc) => {
+  const sleep = (ms) => new Promise(r => setTimeout(r, ms));
+  let row = null;
+  for (let i = 0; i < 60 && !row; i++) {
+    const d = doc();
+    row = d && [...d.querySelectorAll('tr.ef-charts')].find(t => t.dataset.run === RUN);
+    if (!row) await sleep(500);
+  }
+  if (!row) { const d = doc(); return {found: false, text: d && d.body ? d.body.innerText.slice(0, 3000) : null}; }
+  const d = doc();
+  const box = (e) => { const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; };
+  const main = [...d.querySelectorAll('tr.ef-run')].find(t => t.dataset.run === RUN);
+  const gate = row.querySelector('svg.ef-gate');
+  return {
+    found: true,
+    curves: [...row.querySelectorAll('svg.ef-curves')].map(s => ({
+      stage: s.dataset.stage, epochs: +s.dataset.epochs, points: s.querySelectorAll('circle').length,
+      series: [...s.querySelectorAll('g.ef-series')].map(g => g.dataset.series),
+      text: [...s.querySelectorAll('text')].map(t => t.textContent), box: box(s)})),
+    gate: gate && {blessed: gate.dataset.blessed, box: box(gate),
+      bars: Object.fromEntries([...gate.querySelectorAll('rect.ef-bar')].map(b => [b.dataset.name, b.dataset.value])),
+      floor: gate.querySelector('.ef-floor') && gate.querySelector('.ef-floor').dataset.value},
+    links: main ? [...main.querySelectorAll('a')].map(a => [a.textContent.trim(), a.href]) : [],
+    text: main ? main.innerText : null,
+  };
+})(%s, %s)
+"""
+PAGE_DOC = "() => document"
+# Inside the Airflow UI the page is an iframe under the UI's navigation.
+FRAME_DOC = (
+    "() => { const f = [...document.querySelectorAll('iframe')].find(f => /encoderflow\\/$/.test(f.src));"
+    " return f && f.contentDocument; }"
+)
+
+
+def runs_page_check(url: str, token: str, workdir: Path, run_id: str, shots: Path) -> dict[str, Any]:
+    """Open the runs page signed in, read one run's charts from its DOM, screenshot the whole page.
+
+    The same page is then opened as a person reaches it, from the Airflow UI's navigation (an
+    iframe under ``/plugin/encoderflow-runs``), and shot again. Writes ``runs-page.png`` and
+    ``runs-page-in-ui.png`` under ``shots``; returns the two DOM readings.
+    """
+
+    async def script(cdp: Cdp) -> dict[str, Any]:
+        await cdp.sign_in_and_open(url, token, "/encoderflow/")
+        page = await cdp.js(RUN_CHARTS_JS % (json.dumps(run_id), PAGE_DOC), awaitPromise=True, timeout=60_000)
+        assert page and page["found"], f"no charts for {run_id} on the runs page: {page}"
+        await cdp.shoot_page(shots / "runs-page.png")
+        # Chart positions after the resize, in the screenshot's pixels (the page is shot from its top).
+        page = await cdp.js(RUN_CHARTS_JS % (json.dumps(run_id), PAGE_DOC), awaitPromise=True, timeout=60_000)
+        await cdp.call("Emulation.clearDeviceMetricsOverride")
+        await cdp.call("Page.navigate", url=f"{url}/plugin/encoderflow-runs")
+        in_ui = await cdp.js(RUN_CHARTS_JS % (json.dumps(run_id), FRAME_DOC), awaitPromise=True, timeout=60_000)
+        await asyncio.sleep(1)
+        await cdp.shoot(shots / "runs-page-in-ui.png")
+        return {"page": page, "in_ui": in_ui}
+
+    with chromium(workdir) as ws_url:
+        return drive(ws_url, script)
+
+
+def png_pixels_near(path: Path, box: list[float], colour: str, tolerance: int = 40) -> int:
+    """How many pixels inside ``box`` (x, y, width, height) are within ``tolerance`` of ``colour`` (#rrggbb)."""
+    from PIL import Image
+
+    want = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
+    with Image.open(path) as img:
+        x, y, w, h = (round(v) for v in box)
+        crop = img.convert("RGB").crop((x, y, x + w, y + h))
+        return sum(
+            count
+            for count, pixel in crop.getcolors(maxcolors=w * h + 1)
+            if all(abs(a - b) <= tolerance for a, b in zip(pixel, want))
+        )
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_runs_page_in_a_real_browser_shows_the_runs_charts(stack, smoke_run):
+    """After a real run, the runs page draws its training curves and gate decision, and a screenshot shows them."""
+    if str(REPO / "plugins") not in sys.path:
+        sys.path.insert(0, str(REPO / "plugins"))
+    import encoderflow_runs_page as page
+
+    assert smoke_run["state"] == "success", smoke_run["states"]
+    run_id = smoke_run["run_id"]
+    shots = stack.root / "screens"
+    shots.mkdir(exist_ok=True)
+    seen = runs_page_check(stack.url, stack.token("admin", stack.password), stack.root, run_id, shots)
+    dom = seen["page"]
+
+    # One chart per training stage, each with a point for every epoch of every series the run recorded.
+    folder = stack.root / "efhome" / "runs" / page.safe_run_id(run_id)
+    assert [c["stage"] for c in dom["curves"]] == ["pretrain", "finetune", "baseline"], dom["curves"]
+    for chart in dom["curves"]:
+        history = json.loads((folder / chart["stage"] / "result.json").read_text())["history"]
+        assert chart["epochs"] == len(history["loss"]), chart
+        assert len(chart["series"]) == 4 and set(chart["series"]) <= set(history), chart
+        assert chart["points"] == sum(len(history[s]) for s in chart["series"]), chart
+        assert {"epoch", "loss", "accuracy", "train", "val"} <= set(chart["text"]), chart["text"]
+    # The gate chart holds the numbers gate.json decided on, and the floor it used.
+    gate = json.loads((folder / "gate.json").read_text())
+    floor = next(c["threshold"] for c in gate["checks"] if c["name"] == "floor")
+    assert dom["gate"]["blessed"] == "true" and gate["blessed"] is True
+    assert dom["gate"]["bars"] == {"candidate": f"{gate['candidate']:.4f}", "baseline": f"{gate['baseline']:.4f}"}
+    assert dom["gate"]["floor"] == f"{floor:.4f}"
+    # The run's row links its MLflow run and registered model version.
+    summary = json.loads((folder / "summary.json").read_text())
+    links = dict(dom["links"])
+    mlflow_ui = stack.env["ENCODERFLOW_MLFLOW_UI_URL"]
+    version = summary["registry"]["version"]
+    assert links["model version"] == f"{mlflow_ui}/#/models/encoderflow-sst2/versions/{version}", links
+    assert links["MLflow run"] == f"{mlflow_ui}/#/runs/{summary['registry']['run_id']}", links
+
+    # The screenshot is a real picture of those charts: a full-width PNG whose pixels, where the
+    # DOM put each chart, carry its curves' and bars' colours.
+    shot = shots / "runs-page.png"
+    with open(shot, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    assert width == 1400 and height >= max(c["box"][1] + c["box"][3] for c in dom["curves"]), (width, height)
+    for chart in dom["curves"]:
+        for colour in (page.TRAIN_COLOUR, page.VAL_COLOUR):
+            assert png_pixels_near(shot, chart["box"], colour) > 15, (chart["stage"], colour)
+    assert png_pixels_near(shot, dom["gate"]["box"], page.GATE_COLOURS["blessed"]) > 200  # the candidate's bar
+    assert png_pixels_near(shot, dom["gate"]["box"], page.GATE_COLOURS["baseline"]) > 200
+
+    # Reached from Airflow's navigation, the same charts are inside the UI's frame.
+    in_ui = seen["in_ui"]
+    assert in_ui and in_ui["found"], in_ui
+    assert [c["stage"] for c in in_ui["curves"]] == ["pretrain", "finetune", "baseline"] and in_ui["gate"]
+    assert (shots / "runs-page-in-ui.png").stat().st_size > 20_000
+
+    keep = os.environ.get("ENCODERFLOW_SCREENSHOT_DIR")
+    if keep:  # a copy that outlives pytest's temporary folders, for a person to look at
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        for name in ("runs-page.png", "runs-page-in-ui.png"):
+            shutil.copy2(shots / name, Path(keep) / name)
+    print(f"\nruns page screenshots: {shots}" + (f" (copied to {keep})" if keep else ""))
 
 
 # --- fast: the DAG's failure handling (encoderflow.airflow_adapter), without servers ---------------------------
@@ -551,6 +738,8 @@ def probe(tmp_path_factory) -> dict:
         **os.environ,
         "AIRFLOW_HOME": str(tmp / "airflow"),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp / 'airflow.db'}",
+        # The probe calls the failure hook, which records the failure under ENCODERFLOW_HOME.
+        "ENCODERFLOW_HOME": str(tmp / "efhome"),
     }
     proc = subprocess.run(
         [sys.executable, "-c", PROBE, str(REPO / "dags")], env=env, capture_output=True, text=True, timeout=120

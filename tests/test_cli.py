@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from encoderflow import cli
+from encoderflow import cli, errors, layout
 from encoderflow.config import ConfigError, from_params
+from encoderflow.data.shards import ShardError
+from encoderflow.data.sources import DataError
+from encoderflow.data.validation import ValidationFailed
+from encoderflow.train.callbacks import NonFiniteLoss
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_config_prints_resolved_values(capsys):
@@ -79,3 +90,237 @@ def test_validate_passes_offline_without_a_train_split_and_fails_on_bad_data(tmp
     out = capsys.readouterr().out
     assert f"sst2: {dev}: expect_column_values_to_be_in_set(column='label'" in out
     assert "validate: FAILED" in out
+
+
+# --- a failed run's summary: the first failure's cause, its fix and its task's log ----------------------------
+
+TOY_DAG = """
+import logging, os
+from datetime import datetime
+
+from airflow.sdk import dag, task
+
+from encoderflow import airflow_adapter as af
+from encoderflow.data.sources import DataError
+
+log = logging.getLogger("encoderflow.toy")
+
+
+@dag(dag_id=af.DAG_ID, schedule=None, start_date=datetime(2026, 1, 1), catchup=False, default_args=af.DEFAULT_ARGS)
+def toy():
+    @task(retries=0)
+    def fetch():
+        log.info("fetch: a line of the first task")
+        return 1
+
+    @task(retries=0)
+    @af.expected_failures
+    def train(x):
+        log.info("train: a line of the failing task, input %s", x)
+        if os.environ["TOY_FAILURE"] == "bug":
+            raise ValueError("disk full\\n  while writing shard 3")
+        raise DataError("download http://127.0.0.1:9/SST-2.zip: too slow: 12 bytes in the last 60.2s",
+                        fix="use a nearer --mirror or an offline --data-dir")
+
+    @task
+    def report(y):
+        return y
+
+    report(train(fetch()))
+
+
+toy()
+"""
+
+
+def _run_toy(tmp_path: Path, home: Path, failure: str) -> subprocess.CompletedProcess:
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "toy.py").write_text(TOY_DAG)
+    env = {**os.environ, "ENCODERFLOW_HOME": str(home), "ENCODERFLOW_DAGS_FOLDER": str(dags), "TOY_FAILURE": failure}
+    cmd = [sys.executable, "-m", "encoderflow.cli", "run", "--preset", "smoke"]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("failure", ["expected", "bug"])
+def test_a_failed_run_ends_with_the_cause_the_fix_and_the_task_log(tmp_path, encoderflow_home, failure):
+    proc = _run_toy(tmp_path, encoderflow_home, failure)
+
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.rstrip().splitlines()
+    assert lines[-1] == "=" * 72
+    first, cause, fix, log_line = lines[-5:-1]
+    run_id = next(line for line in lines if line.startswith("encoderflow run ")).split()[2].rstrip(":")
+    if failure == "expected":
+        assert first == "  first failure: train, try 1 (no retry)"
+        assert (
+            cause == "  cause: DataError: download http://127.0.0.1:9/SST-2.zip: too slow: 12 bytes in the last 60.2s"
+        )
+        assert fix == "  fix:   use a nearer --mirror or an offline --data-dir"
+    else:
+        assert first == "  first failure: train, try 1 of 1"
+        assert cause == "  cause: ValueError: disk full while writing shard 3"
+        assert fix == "  fix:   not an expected failure (a bug or an outage): the traceback is in the task log"
+
+    # The printed log exists, under the run folder, and holds the task's own lines and the cause.
+    assert log_line.startswith("  log:   ")
+    log_file = Path(log_line.removeprefix("  log:   "))
+    assert log_file == layout.run_dir(run_id) / "logs" / "task_id=train" / "attempt=1.log"
+    text = log_file.read_text()
+    assert "INFO encoderflow.toy: train: a line of the failing task, input 1" in text
+    assert "fetch: a line of the first task" not in text  # that one is in fetch's own log
+    assert "a line of the first task" in (log_file.parents[1] / "task_id=fetch" / "attempt=1.log").read_text()
+    assert f"encoderflow FAILED encoder_pretraining.train run={run_id}" in text
+    if failure == "expected":
+        assert "DataError: download http://127.0.0.1:9/SST-2.zip: too slow" in text
+        assert "Traceback" not in text  # an expected failure is its message
+    else:
+        assert "Traceback (most recent call last)" in text and "ValueError: disk full" in text
+
+    # The failure callback kept the cause in the run folder.
+    record = json.loads((layout.run_dir(run_id) / "failure.json").read_text())
+    assert {k: record[k] for k in ("task_id", "map_index", "try_number", "run_id")} == {
+        "task_id": "train",
+        "map_index": -1,
+        "try_number": 1,
+        "run_id": run_id,
+    }
+    assert record["error"] == cause.removeprefix("  cause: ").split(":")[0]
+    assert record["fix"] == fix.removeprefix("  fix:   ")
+
+
+def _summary(capsys, run_id: str, state: str, states) -> list[str]:
+    cli.print_summary(run_id, state, states, 12.0)
+    return capsys.readouterr().out.rstrip().splitlines()
+
+
+def test_a_successful_summary_has_no_failure_block(capsys):
+    out = _summary(capsys, "manual__1", "success", [("report", -1, "success")])
+    assert out[-2:] == [f"  run folder: {layout.run_dir('manual__1')}", "=" * 72]
+    assert not [line for line in out if "first failure" in line or "fix:" in line]
+
+
+def test_a_failed_summary_without_a_log_file_says_where_the_lines_are(capsys):
+    cause = errors.cause_of(NonFiniteLoss("pretrain: loss became nan at step 7; lower the learning rate"))
+    errors.record_failure("manual__2", cause, task_id="build_shard", map_index=3, try_number=2, max_tries=2)
+    out = _summary(capsys, "manual__2", "failed", [("build_shard", 3, "failed")])
+    assert out[-5:] == [
+        "  first failure: build_shard[3], try 2 of 2",
+        "  cause: NonFiniteLoss: pretrain: loss became nan at step 7",
+        "  fix:   lower the learning rate",
+        "  log:   none written for this try; its lines are in the output above",
+        "=" * 72,
+    ]
+
+
+def test_a_failed_summary_without_any_record_names_the_failed_tasks(capsys):
+    out = _summary(capsys, "manual__3", "failed", [("a", -1, "failed"), ("b", -1, "upstream_failed")])
+    assert out[-2:] == ["  a failed, and no cause was recorded: see the lines above", "=" * 72]
+
+
+def test_the_first_failure_of_a_run_is_kept_and_written_whole():
+    first = errors.Cause("DataError", "first", "fix one", True)
+    assert errors.record_failure("r1", first, task_id="a") is True
+    assert errors.record_failure("r1", errors.Cause("ValueError", "second", "fix two", False), task_id="b") is False
+    assert errors.read_failure("r1") == {"task_id": "a", **first.__dict__}
+    assert sorted(p.name for p in errors.failure_path("r1").parent.iterdir()) == ["failure.json"]  # no temp left
+    assert errors.read_failure("never-ran") is None
+
+
+@pytest.mark.parametrize(
+    "exc, error, message, fix",
+    [
+        # The fix spelled inline by today's messages: the clause after "; " or ". " that starts with a verb.
+        (
+            NonFiniteLoss("pretrain: loss became nan at step 12; lower the learning rate or check the input data"),
+            "NonFiniteLoss",
+            "pretrain: loss became nan at step 12",
+            "lower the learning rate or check the input data",
+        ),
+        (
+            ShardError("shard /s/a.tfrecord is missing; its build task did not finish. Clear the failed build_shard"),
+            "ShardError",
+            "shard /s/a.tfrecord is missing; its build task did not finish",
+            "Clear the failed build_shard",
+        ),
+        # Given apart, it stays apart.
+        (
+            DataError("download http://h/f.zip: gave up after 5 attempts", fix="check the network"),
+            "DataError",
+            "download http://h/f.zip: gave up after 5 attempts",
+            "check the network",
+        ),
+        # None spelled: the type's default. A multi-line message becomes one line.
+        (
+            NonFiniteLoss("finetune: validation loss nan; the classifier is not saved"),
+            "NonFiniteLoss",
+            "finetune: validation loss nan; the classifier is not saved",
+            errors.DEFAULT_FIXES["NonFiniteLoss"],
+        ),
+        (
+            ValidationFailed(["sst2: dev.tsv: expect_column_values_to_be_in_set", "sst2: train.tsv: rows"], "/d/x"),
+            "ValidationFailed",
+            "sst2: dev.tsv: expect_column_values_to_be_in_set sst2: train.tsv: rows Data Docs: /d/x",
+            errors.DEFAULT_FIXES["ValidationFailed"] + ": /d/x",
+        ),
+        # A bug or an outage: its own type, and no fix to guess.
+        (OSError("disk full\n  while writing"), "OSError", "disk full while writing", errors.BUG_FIX),
+        # Only the DAG wrapper's text is left.
+        (
+            "ConfigError: config value 'data.mask_rate': must be <= 1.0, got 1.5",
+            "ConfigError",
+            "config value 'data.mask_rate': must be <= 1.0, got 1.5",
+            errors.DEFAULT_FIXES["ConfigError"],
+        ),
+    ],
+)
+def test_a_cause_is_the_error_a_one_line_message_and_a_fix(exc, error, message, fix):
+    cause = errors.cause_of(exc)
+    assert (cause.error, cause.message, cause.fix) == (error, message, fix)
+    assert cause.expected is (error != "OSError")
+
+
+def test_the_dag_wrapper_is_seen_through_to_the_encoderflow_error():
+    class AirflowFailException(Exception):  # what expected_failures raises, "from None"
+        pass
+
+    try:
+        try:
+            raise DataError("download http://h/f.zip: too slow", fix="use a mirror")
+        except DataError as inner:
+            raise AirflowFailException(f"{type(inner).__name__}: {inner}") from None
+    except AirflowFailException as wrapped:
+        cause = errors.cause_of(wrapped)
+    assert cause == errors.Cause("DataError", "download http://h/f.zip: too slow", "use a mirror", True)
+
+
+def test_make_airflow_starts_an_mlflow_ui_and_points_the_runs_page_at_it(tmp_path, monkeypatch):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("ENCODERFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ENCODERFLOW_MLFLOW_PORT", str(port))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("ENCODERFLOW_MLFLOW_UI_URL", raising=False)
+    url, proc = cli.start_mlflow_ui()
+    try:
+        assert url == f"http://localhost:{port}" and os.environ["ENCODERFLOW_MLFLOW_UI_URL"] == url
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+                    assert resp.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "home" / "airflow" / "mlflow-ui.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "the MLflow UI did not answer in 120 s"
+                time.sleep(0.5)
+        # A second `make airflow` while the first runs: the port is taken, nothing more is started.
+        again, none = cli.start_mlflow_ui()
+        assert none is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -185,8 +185,16 @@ def test_shared_volume_at_the_same_path_in_every_airflow_service(compose, servic
     mlflow = services["mlflow"]
     assert any(v.startswith("mlflow-artifacts:") for v in mlflow["volumes"])
     args = " ".join(mlflow["command"])
-    assert "--backend-store-uri=postgresql://" in args and "@mlflow-postgres/" in args
+    assert '--backend-store-uri="$$MLFLOW_STORE_URI"' in args and "--app-name=basic-auth" in args
+    assert mlflow["environment"]["MLFLOW_STORE_URI"].startswith("postgresql+psycopg2://mlflow:")
+    assert mlflow["environment"]["MLFLOW_STORE_URI"].endswith("@mlflow-postgres/mlflow")
     assert "--artifacts-destination=/mlflow/artifacts" in args
+    # Workers write to MLflow with their own user, created by mlflow-init before they start.
+    common = services["airflow-worker"]["environment"]
+    assert common["MLFLOW_TRACKING_USERNAME"] == "encoderflow-worker"
+    assert services["airflow-worker"]["depends_on"]["mlflow-init"]["condition"] == "service_completed_successfully"
+    assert services["airflow-apiserver"]["environment"]["MLFLOW_TRACKING_USERNAME"] == "encoderflow-reader"
+    assert "viewer:viewer" in common["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"]
 
 
 def test_no_password_has_a_literal_default(compose):
@@ -212,6 +220,11 @@ def test_no_password_has_a_literal_default(compose):
         "AIRFLOW_FERNET_KEY",
         "AIRFLOW_JWT_SECRET",
         "AIRFLOW_API_SECRET_KEY",
+        "AIRFLOW_VIEWER_PASSWORD",
+        "MLFLOW_ADMIN_PASSWORD",
+        "MLFLOW_WORKER_PASSWORD",
+        "MLFLOW_READER_PASSWORD",
+        "MLFLOW_FLASK_SECRET_KEY",
     }, required
 
 

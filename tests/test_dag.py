@@ -112,3 +112,20 @@ def test_form_fields_carry_the_declared_bounds(tmp_path):
         bound = "exclusiveMinimum" if k.exclusive_minimum else "minimum"
         assert schema.get(bound) == k.minimum and schema.get("maximum") == k.maximum, k.key
         assert schema["title"] == k.title and schema.get("section") == (k.form or None), k.key
+
+
+def test_retry_delay_comes_from_the_environment_and_refuses_nonsense(monkeypatch):
+    from datetime import timedelta
+
+    import pytest
+
+    from encoderflow import airflow_adapter as af
+
+    monkeypatch.delenv("ENCODERFLOW_RETRY_DELAY_SECONDS", raising=False)
+    assert af.retry_delay() == timedelta(seconds=30)
+    monkeypatch.setenv("ENCODERFLOW_RETRY_DELAY_SECONDS", "5")
+    assert af.retry_delay() == timedelta(seconds=5)
+    for bad in ("soon", "-1", "7200"):
+        monkeypatch.setenv("ENCODERFLOW_RETRY_DELAY_SECONDS", bad)
+        with pytest.raises(ValueError, match="ENCODERFLOW_RETRY_DELAY_SECONDS"):
+            af.retry_delay()

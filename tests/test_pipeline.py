@@ -176,6 +176,16 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     assert tries == 1  # a diverged loss is not worth a retry
     output = third.stdout + third.stderr
     assert "NonFiniteLoss: pretrain: loss became nan" in output, output[-5000:]
+    # The summary ends with the first failure's cause, its fix and its task's log (which holds the cause).
+    tail = third.stdout.rstrip().splitlines()[-5:]
+    assert tail[0] == "  first failure: pretrain, try 1 (no retry)", tail
+    assert tail[1].startswith("  cause: NonFiniteLoss: pretrain: loss became nan"), tail
+    assert tail[2] == "  fix:   lower the learning rate or check the input data", tail
+    assert tail[3].startswith("  log:   ") and tail[4] == "=" * 72, tail
+    task_log = Path(tail[3].removeprefix("  log:   "))
+    assert task_log.is_relative_to(layout.run_dir(run3)), task_log
+    assert "NonFiniteLoss: pretrain: loss became nan" in task_log.read_text()
+    assert json.loads((layout.run_dir(run3) / "failure.json").read_text())["task_id"] == "pretrain"
     assert not (layout.run_dir(run3) / "pretrain" / "encoder.keras").exists()
     assert {v.version for v in client.search_model_versions(f"name='{MODEL}'")} == versions
     assert client.get_model_version_by_alias(MODEL, "champion").version == v1.version

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 import urllib.parse
+import xml.etree.ElementTree as ET
+from html import escape as html_escape
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,13 @@ def write_runs(home: Path) -> None:
     blessed_checks = [
         {"name": "floor", "passed": True, "detail": "0.8120 >= floor 0.8000", "value": 0.812, "threshold": 0.8}
     ]
+    # The thresholds gate.json records: floor 0.70, gain over baseline >= -0.10, no regression vs the champion.
+    rejected_checks = [
+        {"name": "metric", "passed": True, "detail": "candidate accuracy present", "value": 0.701, "threshold": None},
+        {"name": "floor", "passed": True, "detail": "0.7010 >= floor 0.7000", "value": 0.701, "threshold": 0.7},
+        {"name": "baseline", "passed": True, "detail": "gain -0.0490", "value": -0.049, "threshold": -0.1},
+        {"name": "champion", "passed": False, "detail": "-0.1110", "value": -0.111, "threshold": -0.0},
+    ]
     for run_id, blessed, reasons, acc, version in (
         (BLESSED_RUN, True, [], 0.812, "1"),
         (
@@ -58,7 +67,8 @@ def write_runs(home: Path) -> None:
             "candidate": acc,
             "baseline": 0.75,
             "champion": None if blessed else 0.812,
-            "checks": blessed_checks if blessed else [],
+            "champion_version": None if blessed else "1",
+            "checks": blessed_checks if blessed else rejected_checks,
         }
         layout.write_json(run_dir / "gate.json", gate)
         layout.write_json(
@@ -83,7 +93,33 @@ def write_runs(home: Path) -> None:
                 "artifacts": {"data_docs": docs(run_id, "sst2", "vocab", "wikitext")},
             },
         )
+        for stage, history in HISTORIES.items():
+            layout.write_json(run_dir / stage / "result.json", {"key": "k", "history": history})
+    # A NaN epoch (as Keras writes it into result.json) in the rejected run's fine-tuning.
+    layout.write_json(
+        layout.run_dir(REJECTED_RUN) / "finetune" / "result.json",
+        {"history": {**HISTORIES["finetune"], "val_loss": [0.61, float("nan")]}},
+    )
     docs(FAILED_RUN, "sst2")
+
+
+# Per-epoch histories as the training steps write them (Keras metric names; pretraining via CSVLogger).
+HISTORIES = {
+    "pretrain": {
+        "loss": [3.94, 3.47, 3.1],
+        "val_loss": [3.76, 3.64, 3.5],
+        "sparse_categorical_accuracy": [0.05, 0.07, 0.09],
+        "val_sparse_categorical_accuracy": [0.057, 0.035, 0.08],
+        "learning_rate": [0.001, 0.001, 0.001],
+    },
+    "finetune": {"loss": [0.62, 0.4], "val_loss": [0.4, 0.38], "accuracy": [0.68, 0.8], "val_accuracy": [0.94, 0.95]},
+    "baseline": {
+        "loss": [0.69, 0.68],
+        "val_loss": [0.68, 0.67],
+        "accuracy": [0.52, 0.55],
+        "val_accuracy": [0.55, 0.55],
+    },
+}
 
 
 REGISTRY = {
@@ -181,6 +217,214 @@ def test_data_docs_stay_inside_the_run_folder(encoderflow_home):
     for rel in ("../gate.json", "../../../secret.txt", "/etc/passwd", "sst2/../../summary.json", "sst2/missing.html"):
         assert page.data_docs_file(encoderflow_home, folder, rel) is None, rel
     assert page.data_docs_file(encoderflow_home, "..", "runs/x") is None
+
+
+# --- the charts ----------------------------------------------------------------------------------------------------
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def parse_svg(markup: str) -> ET.Element:
+    """The chart as XML: it must be well-formed on its own, not only inside an HTML page."""
+    root = ET.fromstring(markup)
+    assert root.tag == f"{SVG}svg"
+    return root
+
+
+def points(root: ET.Element, series: str) -> list[tuple[int, float, float]]:
+    """(epoch, x, y) of each point drawn for one metric key."""
+    (group,) = [g for g in root.iter(f"{SVG}g") if g.get("data-series") == series]
+    return [(int(c.get("data-epoch")), float(c.get("cx")), float(c.get("cy"))) for c in group.iter(f"{SVG}circle")]
+
+
+def test_curves_chart_has_a_point_per_epoch_for_train_and_val_loss_and_accuracy():
+    markup = page.curves_svg("pretrain", "Pretraining (MLM)", HISTORIES["pretrain"])
+    root = parse_svg(markup)
+    assert "ef-curves" in root.get("class") and root.get("data-stage") == "pretrain"
+    assert root.get("data-epochs") == "3"
+    panels = [g.get("data-metric") for g in root.iter(f"{SVG}g") if g.get("class") == "ef-panel"]
+    assert panels == ["loss", "accuracy"]
+    drawn = {g.get("data-series"): g.get("data-role") for g in root.iter(f"{SVG}g") if g.get("data-series")}
+    # Train and val of both metrics; the learning rate in the same history is not a curve.
+    assert drawn == {
+        "loss": "train",
+        "val_loss": "val",
+        "sparse_categorical_accuracy": "train",
+        "val_sparse_categorical_accuracy": "val",
+    }
+    for series in drawn:
+        assert [e for e, _, _ in points(root, series)] == [1, 2, 3], series
+    # Epochs run left to right; a falling loss is drawn falling (SVG y grows downwards).
+    loss = points(root, "loss")
+    assert loss[0][1] < loss[1][1] < loss[2][1]
+    assert loss[0][2] < loss[1][2] < loss[2][2]
+    # Validation accuracy dipped at epoch 2, and the chart shows the dip.
+    val_acc = points(root, "val_sparse_categorical_accuracy")
+    assert val_acc[1][2] > val_acc[0][2] and val_acc[1][2] > val_acc[2][2]
+    # Every point lies inside the drawing.
+    width, height = float(root.get("width")), float(root.get("height"))
+    assert all(0 < x < width and 0 < y < height for s in drawn for _, x, y in points(root, s))
+    texts = [t.text for t in root.iter(f"{SVG}text")]
+    assert texts.count("epoch") == 2 and "loss" in texts and "accuracy" in texts  # axes labelled
+    assert "Pretraining (MLM)" in texts and "train" in texts and "val" in texts  # title and legend
+    # Each point says what it is when hovered, and the panel says where the curves ended.
+    titles = [t.text for t in root.iter(f"{SVG}title")]
+    assert "val_loss, epoch 3: 3.5000" in titles
+    assert "last: train 3.1, val 3.5" in texts
+    # Val is dashed, train solid: told apart without colour.
+    lines = {g.get("data-series"): g.find(f"{SVG}polyline") for g in root.iter(f"{SVG}g") if g.get("data-series")}
+    assert lines["val_loss"].get("stroke-dasharray") and lines["loss"].get("stroke-dasharray") is None
+
+
+def test_curves_chart_breaks_at_a_missing_epoch_and_handles_one_or_none():
+    history = {"loss": [0.9, None, 0.5, 0.4], "val_loss": [1.0, 0.8, 0.7, 0.6]}
+    root = parse_svg(page.curves_svg("finetune", "Fine-tuning", history))
+    assert [e for e, _, _ in points(root, "loss")] == [1, 3, 4]  # no point for the missing epoch
+    (loss,) = [g for g in root.iter(f"{SVG}g") if g.get("data-series") == "loss"]
+    # A line through epochs 3-4 only: epoch 1 stands alone, nothing bridges the gap.
+    assert [len(p.get("points").split()) for p in loss.iter(f"{SVG}polyline")] == [2]
+    assert [g.get("data-metric") for g in root.iter(f"{SVG}g") if g.get("class") == "ef-panel"] == ["loss"]
+
+    # One epoch (the smoke preset's fine-tuning): a point per series, in the middle, no line.
+    one = parse_svg(page.curves_svg("finetune", "Fine-tuning", {"loss": [0.62], "val_accuracy": [0.94]}))
+    assert one.find(f".//{SVG}polyline") is None
+    assert [len(points(one, s)) for s in ("loss", "val_accuracy")] == [1, 1]
+    (_, x, _), (_, x2, _) = points(one, "loss")[0], points(one, "val_accuracy")[0]
+    assert x - 50 == pytest.approx(75) and x2 - 265 == pytest.approx(75)  # the centre of each 150-wide panel
+
+    # Nothing to draw: no chart at all, rather than empty axes.
+    for empty in ({}, {"loss": []}, {"learning_rate": [0.001]}, {"loss": [None, None]}):
+        assert page.curves_svg("pretrain", "Pretraining", empty) == "", empty
+
+
+def test_chart_text_is_escaped():
+    hostile = "<script>alert(1)</script>"
+    markup = page.curves_svg(f"x'{hostile}", hostile, {"loss": [1.0, 0.5], f"{hostile}accuracy": [0.1, 0.2]})
+    assert "<script>" not in markup and "&lt;script&gt;" in markup
+    root = parse_svg(markup)  # still well-formed: nothing broke out of an attribute or element
+    assert root.get("data-stage") == f"x'{hostile}"
+    assert any(g.get("data-series") == f"{hostile}accuracy" for g in root.iter(f"{SVG}g"))
+    gate = page.gate_svg({"blessed": False, "candidate": 0.5, "champion": 0.6, "champion_version": hostile})
+    assert "<script>" not in gate and parse_svg(gate) is not None
+
+
+def test_gate_chart_compares_candidate_baseline_and_champion_with_the_thresholds_used():
+    figures = {
+        "blessed": False,
+        "candidate": 0.701,
+        "baseline": 0.75,
+        "champion": 0.812,
+        "champion_version": "1",
+        "floor": 0.7,
+        "min_gain_over_baseline": 0.02,
+        "min_change_vs_champion": -0.01,
+    }
+    root = parse_svg(page.gate_svg(figures))
+    assert "ef-gate" in root.get("class") and root.get("data-blessed") == "false"
+    bars = {r.get("data-name"): r for r in root.iter(f"{SVG}rect") if r.get("class") == "ef-bar"}
+    assert {name: r.get("data-value") for name, r in bars.items()} == {
+        "candidate": "0.7010",
+        "baseline": "0.7500",
+        "champion": "0.8120",
+    }
+    # Bar lengths are proportional to the accuracy (axis 0..1), so the order is visible.
+    length = {name: float(r.get("width")) for name, r in bars.items()}
+    assert length["candidate"] < length["baseline"] < length["champion"]
+    assert length["champion"] / length["candidate"] == pytest.approx(0.812 / 0.701, rel=0.01)
+    assert bars["candidate"].get("fill") == page.GATE_COLOURS["rejected"]
+    texts = [t.text for t in root.iter(f"{SVG}text")]
+    assert "Gate: NOT BLESSED" in texts and "champion v1" in texts and "floor 0.70" in texts
+    # What the candidate had to reach: baseline + gain, champion - allowed regression.
+    assert "0.7500 · candidate needs ≥ 0.7700" in texts and "0.8120 · candidate needs ≥ 0.8020" in texts
+    (floor,) = [g for g in root.iter(f"{SVG}g") if g.get("class") == "ef-floor"]
+    assert floor.get("data-value") == "0.7000"
+    floor_x = float(floor.find(f"{SVG}line").get("x1"))
+    assert float(bars["candidate"].get("x")) + length["candidate"] == pytest.approx(floor_x + 0.001 * 170, abs=0.2)
+
+    # First run: no champion, a gain the smoke preset does not ask for (-1), no floor recorded.
+    first = parse_svg(
+        page.gate_svg({"blessed": True, "candidate": 0.94, "baseline": 0.55, "min_gain_over_baseline": -1})
+    )
+    assert first.get("data-blessed") == "true"
+    texts = [t.text for t in first.iter(f"{SVG}text")]
+    assert "no champion yet" in texts and "0.5500" in texts and not any("needs" in t for t in texts)
+    assert [r.get("data-name") for r in first.iter(f"{SVG}rect")] == ["candidate", "baseline"]
+    assert not [g for g in first.iter(f"{SVG}g") if g.get("class") == "ef-floor"]
+    assert page.gate_svg({"blessed": None, "candidate": None, "baseline": float("nan")}) == ""
+
+
+def test_each_run_shows_its_charts_from_its_folder(encoderflow_home):
+    write_runs(encoderflow_home)
+    runs = page.collect_runs(encoderflow_home)
+    by_id = {r["run_id"]: r for r in runs}
+    blessed, rejected, failed = by_id[BLESSED_RUN], by_id[REJECTED_RUN], by_id[page.safe_run_id(FAILED_RUN)]
+    assert blessed["curves"] == HISTORIES
+    assert rejected["curves"]["finetune"]["val_loss"] == [0.61, None]  # NaN read as a gap
+    assert failed["curves"] == {} and failed["gate_chart"] is None
+    assert rejected["gate_chart"] == {
+        "blessed": False,
+        "candidate": 0.701,
+        "baseline": 0.75,
+        "champion": 0.812,
+        "champion_version": "1",
+        "floor": 0.7,
+        "min_gain_over_baseline": -0.1,
+        "min_change_vs_champion": -0.0,
+    }
+    json.dumps(runs, allow_nan=False)  # runs.json: Starlette refuses NaN, so none may be left
+
+    html = page.render(runs, REGISTRY, "encoderflow-sst2", "http://mlflow.example:5000")
+    rows = {}
+    for run_id in (BLESSED_RUN, REJECTED_RUN):
+        start = html.index(f"<tr class='ef-charts' data-run='{html_escape(run_id)}'>")
+        rows[run_id] = html[start : html.index("</tr>", start)]
+    for run_id, row in rows.items():
+        stages = [s for s, _ in page.STAGES if f"data-stage='{s}'" in row]
+        assert stages == ["pretrain", "finetune", "baseline"], run_id
+        assert row.count("class='ef-chart ef-gate'") == 1
+    assert "data-blessed='true'" in rows[BLESSED_RUN] and "data-blessed='false'" in rows[REJECTED_RUN]
+
+    def finetune_chart(row: str) -> str:
+        start = row.index("data-stage='finetune'")
+        return row[start : row.index("</svg>", start)]
+
+    assert "val_loss, epoch 2: 0.3800" in finetune_chart(rows[BLESSED_RUN])
+    assert "val_loss, epoch 1: 0.6100" in finetune_chart(rows[REJECTED_RUN])
+    assert "val_loss, epoch 2" not in finetune_chart(rows[REJECTED_RUN])
+    # The run that failed validation has a folder but nothing to draw: no chart row.
+    assert f"<tr class='ef-charts' data-run='{page.safe_run_id(FAILED_RUN)}'>" not in html
+    assert "<script" not in html
+
+    # Charts only for the newest runs: the page stays small with 200 runs.
+    # (the newest folder, the failed run's, has none and does not use up the allowance).
+    few = page.render(runs, REGISTRY, "encoderflow-sst2", None, chart_runs=1)
+    assert few.count("<tr class='ef-charts'") == 1 and "newest 1 runs that have them (1 older not drawn" in few
+    newest_drawn = next(r["run_id"] for r in runs if r["curves"])
+    assert f"<tr class='ef-charts' data-run='{html_escape(newest_drawn)}'>" in few
+
+
+def test_each_run_links_its_mlflow_run_and_model_version(encoderflow_home):
+    write_runs(encoderflow_home)
+    runs = page.collect_runs(encoderflow_home)
+    url = "http://mlflow.example:5000"
+    registry = {**REGISTRY, "champion": {**REGISTRY["champion"], "run_id": "champrun"}}
+    html = page.render(runs, registry, "encoderflow-sst2", url)
+    for version in ("1", "2"):
+        start = html.index(
+            f"<tr class='ef-run has-charts' data-run='{html_escape(BLESSED_RUN if version == '1' else REJECTED_RUN)}'>"
+        )
+        row = html[start : html.index("</tr>", start)]
+        assert f"href='{url}/#/models/encoderflow-sst2/versions/{version}'>model version</a>" in row
+        assert f"href='{url}/#/runs/mlflowrun{version}'>MLflow run</a>" in row
+    # The champion links its version and the MLflow run that produced it.
+    champion = html[html.index("<h2>Champion</h2>") : html.index("<h2>Runs")]
+    assert f"{url}/#/models/encoderflow-sst2/versions/1'>MLflow model version</a>" in champion
+    assert f"{url}/#/runs/champrun'>MLflow run</a>" in champion
+    # A run MLflow logged but did not register (no version yet) still links its MLflow run.
+    partial = {"run_id": "r", "state": "running", "registry": {"run_id": "abc/def"}, "folder": None}
+    row = page.render([partial], registry, "encoderflow-sst2", url)
+    assert f"{url}/#/runs/abc%2Fdef'>MLflow run</a>" in row and "#/models/encoderflow-sst2/versions/None" not in row
+    assert "no version" in row
 
 
 def test_plugin_module_is_import_light(tmp_path):

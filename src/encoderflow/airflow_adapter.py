@@ -16,17 +16,30 @@ from typing import Any
 
 from airflow.sdk import Asset, AssetAlias, Param
 
-from encoderflow import config
+from encoderflow import config, errors
 from encoderflow.errors import EncoderflowError
 
 DAG_ID = "encoder_pretraining"
 REGISTERED_MODEL = config.GateConfig().registered_model
 log = logging.getLogger("encoderflow.dag")
 
+
+def retry_delay() -> timedelta:
+    """The first pause before a retry: ``ENCODERFLOW_RETRY_DELAY_SECONDS`` (default 30), read at parse time."""
+    raw = os.environ.get("ENCODERFLOW_RETRY_DELAY_SECONDS", "30")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise ValueError(f"ENCODERFLOW_RETRY_DELAY_SECONDS={raw!r}: give seconds between 0 and 3600 (default 30)")
+    return timedelta(seconds=seconds)
+
+
 # Network-bound tasks: transient outages are worth waiting out, with growing pauses.
 NETWORK = {
     "retries": 3,
-    "retry_delay": timedelta(seconds=30),
+    "retry_delay": retry_delay(),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=10),
 }
@@ -109,31 +122,59 @@ def params() -> dict[str, Param]:
     }
 
 
-def _one_line(exc: BaseException | None, limit: int = 300) -> str:
+def _one_line(exc: BaseException | None) -> str:
     if exc is None:
         return "no exception recorded"
-    text = " ".join(str(exc).split()) or repr(exc)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return errors.one_line(str(exc)) or repr(exc)
 
 
 def log_failure(context) -> None:
-    """on_failure_callback: one line that says which task of which run failed, on which try, and why."""
+    """on_failure_callback: one line that says which task of which run failed, on which try, and why.
+
+    The cause (error, one-line message, fix) is also kept in ``runs/<run id>/failure.json``, the
+    run's first failure only, for the run summary and anyone reading the run folder.
+    """
     from airflow.sdk.exceptions import AirflowFailException
 
     ti, exc = context["ti"], context.get("exception")
-    label = ti.task_id if getattr(ti, "map_index", -1) in (-1, None) else f"{ti.task_id}[{ti.map_index}]"
+    map_index = getattr(ti, "map_index", -1)
+    map_index = -1 if map_index is None else map_index
+    label = ti.task_id if map_index == -1 else f"{ti.task_id}[{map_index}]"
+    max_tries = (getattr(ti, "max_tries", 0) or 0) + 1
     if isinstance(exc, AirflowFailException):
         # Raised by expected_failures: the message already starts with the encoderflow error type.
         attempt, why = f"try={ti.try_number}, no retry", _one_line(exc)
     else:
-        attempt = f"try={ti.try_number}/{(getattr(ti, 'max_tries', 0) or 0) + 1}"
+        attempt = f"try={ti.try_number}/{max_tries}"
         why = f"{type(exc).__name__ if exc is not None else 'Failure'}: {_one_line(exc)}"
     log.error("encoderflow FAILED %s.%s run=%s %s: %s", ti.dag_id, label, ti.run_id, attempt, why)
+    _record_failure(ti, map_index, max_tries, exc, no_retry=isinstance(exc, AirflowFailException))
+
+
+def _record_failure(ti, map_index: int, max_tries: int, exc: BaseException | None, no_retry: bool) -> None:
+    from datetime import UTC, datetime
+
+    try:
+        errors.record_failure(
+            ti.run_id,
+            errors.cause_of(exc),
+            dag_id=ti.dag_id,
+            run_id=ti.run_id,
+            task_id=ti.task_id,
+            map_index=map_index,
+            try_number=ti.try_number,
+            max_tries=max_tries,
+            no_retry=no_retry,
+            failed_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+    except OSError as e:
+        # The failure line above is the record that matters; a read-only run folder must not hide it.
+        log.warning("could not keep the failure in %s: %s", errors.failure_path(ti.run_id), e)
 
 
 DEFAULT_ARGS = {
     "retries": 1,
-    "retry_delay": timedelta(seconds=30),
+    "retry_delay": retry_delay(),
     "execution_timeout": timedelta(hours=1),
     "on_failure_callback": log_failure,
 }

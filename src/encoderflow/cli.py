@@ -20,14 +20,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import pluggy
 
 from encoderflow import layout, runtime
 from encoderflow.config import PRESETS, ConfigError, from_overrides, from_params, parse_set
-from encoderflow.errors import EncoderflowError
+from encoderflow.errors import Cause, EncoderflowError, cause_of, read_failure
 
 DAG_ID = "encoder_pretraining"
 DATASETS = ("wikitext", "sst2", "vocab")
+# The marker of Airflow's listener hooks (what airflow.listeners.hookimpl is), without importing
+# Airflow for every command.
+_hookimpl = pluggy.HookimplMarker("airflow")
 
 
 def repo_root() -> Path:
@@ -89,27 +94,149 @@ def run_conf(args: argparse.Namespace) -> dict[str, Any]:
     return conf
 
 
-def run_dag(conf: dict[str, Any]) -> tuple[str, str, list[tuple[str, int, str]]]:
-    """Run the DAG once through Airflow (``dag.test``); return run id, state and task states."""
+class TaskLogs:
+    """One log file per task instance while ``dag.test`` runs the DAG in this process.
+
+    A worker's supervisor writes each task's log file; ``dag.test`` runs tasks in-process and
+    writes none, so their lines would only scroll past on the terminal. An Airflow listener marks
+    where each task instance starts and ends, and a handler on the root logger copies the records
+    in between (encoderflow's lines, the libraries', the failure callback's) to
+    ``runs/<run id>/logs/task_id=<task>/[map_index=<i>/]attempt=<try>.log``. Airflow's own
+    structured lines (task runner, execution API) bypass the logging module and stay on the
+    terminal; so the traceback of an unexpected exception is written to the file when its task fails.
+
+    Attributes:
+        paths: the log file of each task instance that ran, by (task_id, map_index, try_number).
+        failed: each failed try's (task_id, map_index, try_number) and cause, in order: the
+            summary's fallback when the failure callback recorded none.
+    """
+
+    def __init__(self) -> None:
+        self.paths: dict[tuple[str, int, int], Path] = {}
+        self.failed: list[tuple[tuple[str, int, int], Cause]] = []
+        self._file = None
+        self._handler = _TeeHandler(self)
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    @staticmethod
+    def path_for(run_id: str, task_id: str, map_index: int, try_number: int) -> Path:
+        mapped = f"map_index={map_index}/" if map_index >= 0 else ""
+        return layout.run_dir(run_id) / "logs" / f"task_id={task_id}" / f"{mapped}attempt={try_number}.log"
+
+    def __enter__(self) -> TaskLogs:
+        from airflow.sdk.listener import get_listener_manager
+
+        get_listener_manager().add_listener(self)
+        logging.getLogger().addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        from airflow.sdk.listener import get_listener_manager
+
+        logging.getLogger().removeHandler(self._handler)
+        manager = get_listener_manager()
+        if manager.pm.is_registered(self):
+            manager.pm.unregister(self)
+        self._close()
+
+    @staticmethod
+    def key(ti) -> tuple[str, int, int]:
+        return ti.task_id, -1 if ti.map_index is None else ti.map_index, ti.try_number
+
+    def _open(self, ti) -> None:
+        path = self.path_for(ti.run_id, *self.key(ti))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._handler.lock:  # records may come from other threads (data loaders, TF)
+            self._close()
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open from start to end of a task
+        self.paths[self.key(ti)] = path
+
+    def _close(self) -> None:
+        with self._handler.lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def write(self, text: str) -> None:
+        with self._handler.lock:
+            if self._file is not None:
+                self._file.write(text if text.endswith("\n") else text + "\n")
+                self._file.flush()
+
+    # Airflow listener hooks, matched by name against Airflow's task-instance listener spec.
+    @_hookimpl
+    def on_task_instance_running(self, previous_state, task_instance) -> None:
+        self._open(task_instance)
+
+    @_hookimpl
+    def on_task_instance_success(self, previous_state, task_instance) -> None:
+        self._close()
+
+    @_hookimpl
+    def on_task_instance_skipped(self, previous_state, task_instance) -> None:
+        self._close()
+
+    @_hookimpl
+    def on_task_instance_failed(self, previous_state, task_instance, error) -> None:
+        import traceback
+
+        if self._file is None:  # failed before it ran (e.g. while rendering templates)
+            self._open(task_instance)
+        cause = cause_of(error)
+        self.failed.append((self.key(task_instance), cause))
+        if isinstance(error, BaseException) and not cause.expected:
+            self.write("".join(traceback.format_exception(error)))
+        self._close()
+
+
+class _TeeHandler(logging.Handler):
+    def __init__(self, logs: TaskLogs):
+        super().__init__()
+        self.logs = logs
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.logs.write(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+class RunOutcome(NamedTuple):
+    run_id: str
+    state: str
+    states: list[tuple[str, int, str]]
+    logs: TaskLogs
+
+
+def run_dag(conf: dict[str, Any]) -> RunOutcome:
+    """Run the DAG once through Airflow (``dag.test``); return run id, state, task states and task logs."""
     init_airflow()
     dag = load_dag()
-    dr = dag.test(run_conf=conf)
+    with TaskLogs() as logs:
+        dr = dag.test(run_conf=conf)
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
 
     with create_session() as session:
         tis = session.query(TaskInstance).filter(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == dr.run_id).all()
         states = sorted((ti.task_id, ti.map_index, str(ti.state)) for ti in tis)
-    return dr.run_id, str(dr.state), states
+    return RunOutcome(dr.run_id, str(dr.state), states, logs)
 
 
-def print_summary(run_id: str, state: str, states: list[tuple[str, int, str]], seconds: float) -> None:
+def print_summary(
+    run_id: str,
+    state: str,
+    states: list[tuple[str, int, str]],
+    seconds: float,
+    logs: TaskLogs | None = None,
+) -> None:
+    """The run's task states, metrics, gate and artifacts; a failed run's ends with the first failure's
+    cause, its fix and its task's log."""
     print("\n" + "=" * 72)
     print(f"encoderflow run {run_id}: {state.upper()} in {seconds:.0f}s")
     print("-" * 72)
     for task_id, map_index, ti_state in states:
-        label = task_id if map_index < 0 else f"{task_id}[{map_index}]"
-        print(f"  {label:<32} {ti_state}")
+        print(f"  {_label(task_id, map_index):<32} {ti_state}")
     summary_file = layout.run_dir(run_id) / "summary.json"
     gate_file = layout.run_dir(run_id) / "gate.json"
     if summary_file.exists():
@@ -137,16 +264,53 @@ def print_summary(run_id: str, state: str, states: list[tuple[str, int, str]], s
     elif gate_file.exists():
         print(f"  gate decision: {gate_file}")
     print(f"  run folder: {layout.run_dir(run_id)}")
+    if state != "success":
+        print_failure(run_id, states, logs)
     print("=" * 72)
+
+
+def print_failure(run_id: str, states: list[tuple[str, int, str]], logs: TaskLogs | None = None) -> None:
+    """The first failed task: which try, the cause on one line, the fix, and where its log is.
+
+    The cause is the one the failure callback kept in ``runs/<run id>/failure.json``; failing
+    that, the one the task-log listener saw.
+    """
+    print("-" * 72)
+    record = read_failure(run_id)
+    if record is not None:
+        key = (record["task_id"], record.get("map_index", -1), record["try_number"])
+        cause = Cause(record["error"], record["message"], record["fix"], record.get("expected", False))
+        tries = " (no retry)" if record.get("no_retry") else f" of {record.get('max_tries', '?')}"
+    elif logs is not None and logs.failed:
+        key, cause = logs.failed[0]
+        tries = ""
+    else:
+        failed = [_label(t, m) for t, m, st in states if st == "failed"]
+        where = f"{', '.join(failed)} failed" if failed else "no task failed"
+        print(f"  {where}, and no cause was recorded: see the lines above")
+        return
+    task_id, map_index, try_number = key
+    print(f"  first failure: {_label(task_id, map_index)}, try {try_number}{tries}")
+    print(f"  cause: {cause.line()}")
+    print(f"  fix:   {cause.fix}")
+    log_file = (logs.paths.get(key) if logs is not None else None) or TaskLogs.path_for(run_id, *key)
+    if log_file.exists():
+        print(f"  log:   {log_file}")
+    else:
+        print("  log:   none written for this try; its lines are in the output above")
+
+
+def _label(task_id: str, map_index: int) -> str:
+    return task_id if map_index < 0 else f"{task_id}[{map_index}]"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     conf = run_conf(args)
     from_overrides(conf["preset"], parse_set(conf["overrides"]))  # fail fast on a bad --set
     t0 = time.monotonic()
-    run_id, state, states = run_dag(conf)
-    print_summary(run_id, state, states, time.monotonic() - t0)
-    return 0 if state == "success" else 1
+    outcome = run_dag(conf)
+    print_summary(outcome.run_id, outcome.state, outcome.states, time.monotonic() - t0, outcome.logs)
+    return 0 if outcome.state == "success" else 1
 
 
 def _setup_logging() -> None:
@@ -298,14 +462,50 @@ def cmd_airflow(args: argparse.Namespace) -> int:
         passwords.update({u: secrets.token_urlsafe(12) for u in users if u not in passwords})
         pw_file.write_text(json.dumps(passwords) + "\n")
         pw_file.chmod(0o600)
+    mlflow_url, _ = start_mlflow_ui()
     print("=" * 72)
     print(f"Airflow standalone: http://localhost:{port}  (AIRFLOW_HOME={home})")
     for u in users:
         print(f"  login: {u} / {passwords[u]}")
     print(f"  passwords kept in {pw_file}")
     print(f"  Encoderflow runs page: http://localhost:{port}/encoderflow/ (also in the navigation)")
+    if mlflow_url:
+        print(f"  MLflow UI: {mlflow_url}  (the runs page links its runs and model versions here)")
     print("=" * 72, flush=True)
     os.execvpe(sys.executable, [sys.executable, "-m", "airflow", "standalone"], os.environ.copy())
+
+
+def start_mlflow_ui() -> tuple[str | None, subprocess.Popen | None]:
+    """An MLflow UI over the embedded tracking store, for the runs page's links: (its URL, its process).
+
+    It runs in the background in this terminal's process group, so Ctrl-C ends it with Airflow.
+    ``ENCODERFLOW_MLFLOW_PORT`` (default 5000) picks its loopback port; a set ``MLFLOW_TRACKING_URI``
+    means a tracking server exists already, and ``ENCODERFLOW_MLFLOW_UI_URL`` is left as given.
+    """
+    import socket
+
+    from encoderflow import registry
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ.get("ENCODERFLOW_MLFLOW_UI_URL"), None
+    port = int(os.environ.get("ENCODERFLOW_MLFLOW_PORT", "5000"))
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            print(f"MLflow UI not started: port {port} is taken (set ENCODERFLOW_MLFLOW_PORT)", file=sys.stderr)
+            return os.environ.get("ENCODERFLOW_MLFLOW_UI_URL"), None
+    uri = registry.tracking_uri()
+    log_path = layout.airflow_home() / "mlflow-ui.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            registry.server_command(uri, port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    url = f"http://localhost:{port}"
+    os.environ["ENCODERFLOW_MLFLOW_UI_URL"] = url
+    return url, proc
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -1,9 +1,209 @@
-"""Expected failures: bad input, bad config, diverged training, a stale comparison.
+"""Expected failures, and how any failure is told to a person: what went wrong and what to do.
 
-The DAG turns these into a failed task with the message alone (no traceback, no retry): a retry
-cannot fix bad data. Anything else is a bug or an outage and keeps its traceback and retries.
+The DAG turns an :class:`EncoderflowError` into a failed task with the message alone (no
+traceback, no retry): a retry cannot fix bad data. Anything else is a bug or an outage and keeps
+its traceback and retries.
+
+:func:`cause_of` reduces a failure to a :class:`Cause` (error type, one-line message, fix), and
+:func:`record_failure` keeps the first one of a run in ``runs/<run id>/failure.json``, so a run
+summary or the runs page can say why a run failed without reading task logs.
 """
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+FAILURE_FILE = "failure.json"
+ONE_LINE_LIMIT = 300
 
 
 class EncoderflowError(RuntimeError):
-    """Base of every expected, user-actionable failure; the message says what and how to fix."""
+    """Base of every expected, user-actionable failure; the message says what and how to fix.
+
+    Args:
+        message: what went wrong, naming the file, URL or key.
+        fix: what a person should do about it. ``str()`` keeps message and fix together (logs and
+            the CLI print one text); :func:`cause_of` hands them back apart.
+    """
+
+    fix: str | None = None
+
+    def __init__(self, message: str = "", *, fix: str | None = None):
+        self.message = message
+        if fix:
+            self.fix = fix
+        super().__init__(_with_fix(message, self.fix) if fix else message)
+
+
+def _with_fix(message: str, fix: str) -> str:
+    # A multi-line message (one line per file or source) gets the fix on a line of its own.
+    return f"{message}\nfix: {fix}" if "\n" in message else f"{message}; fix: {fix}"
+
+
+# Where a message spells its fix inline ("...; lower the learning rate"), the fix is the clause
+# after the first "; " or ". " that starts with one of these verbs.
+_FIX_VERBS = (
+    "add|change|check|clear|delete|download|fix|free|give|install|lower|pass|point|put|raise|rebuild|"
+    "remove|re-run|rerun|retry|run|set|try|use"
+)
+_INLINE_FIX = re.compile(rf"(?:;|\.)\s+((?:{_FIX_VERBS})\b.*)$", re.IGNORECASE)
+_EXPLICIT_FIX = re.compile(r"(?:;|\n)\s*fix: ")
+_TYPE_PREFIX = re.compile(r"^([A-Z][A-Za-z]*): ")
+
+# For expected failures whose message does not spell a fix. Keyed by name: the classes live in the
+# modules that raise them, and a failure read back from Airflow may be text only.
+DEFAULT_FIXES = {
+    "ConfigError": "correct the value; every key, its type and bounds are in docs/parameters.md",
+    "DataError": "check the source named above, or pass a reachable --mirror or an offline --data-dir",
+    "NonFiniteLoss": "lower the learning rate or check the input data",
+    "ShardError": "rebuild the shards: re-run plan_shards and the tasks after it",
+    "StaleChampion": "re-run the gate (evaluate_and_gate, then promote)",
+    "ValidationFailed": "fix or replace the data (another --data-dir or --mirror); the Data Docs show each "
+    "failed expectation",
+}
+GENERIC_FIX = "the message names what to change; a retry alone will not help"
+BUG_FIX = "not an expected failure (a bug or an outage): the traceback is in the task log"
+
+
+@dataclass(frozen=True)
+class Cause:
+    """A failure as a person reads it.
+
+    Attributes:
+        error: the exception type, e.g. ``NonFiniteLoss``.
+        message: what went wrong, on one line (whitespace collapsed, at most ~300 characters).
+        fix: what to do about it.
+        expected: an :class:`EncoderflowError` (bad input, config or training: no retry) rather
+            than a bug or an outage.
+    """
+
+    error: str
+    message: str
+    fix: str
+    expected: bool
+
+    def line(self) -> str:
+        return f"{self.error}: {self.message}"
+
+
+def one_line(text: str, limit: int = ONE_LINE_LIMIT) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def split_fix(text: str) -> tuple[str, str | None]:
+    """Split a message into (what went wrong, the fix it suggests), or (text, None) if it has none."""
+    explicit = list(_EXPLICIT_FIX.finditer(text))
+    if explicit:
+        last = explicit[-1]
+        return text[: last.start()], text[last.end() :]
+    first_line = text.split("\n", 1)[0]
+    inline = _INLINE_FIX.search(first_line)
+    if inline and inline.start() > 0:
+        return text[: inline.start()] + text[len(first_line) :], inline.group(1).rstrip(" .")
+    return text, None
+
+
+def cause_of(exc: BaseException | str | None) -> Cause:
+    """Describe a failure: its type, a one-line message and the fix.
+
+    Args:
+        exc: the exception (an ``AirflowFailException`` raised by the DAG's expected-failure
+            wrapper is unwrapped to the encoderflow error it replaced), the text the wrapper gave
+            it (``"NonFiniteLoss: pretrain: loss became nan ..."``), or None.
+    """
+    if exc is None:
+        return Cause("Failure", "no exception recorded", BUG_FIX, expected=False)
+    if isinstance(exc, BaseException) and not isinstance(exc, EncoderflowError):
+        # expected_failures raises "from None": the original is still the exception's context.
+        if isinstance(exc.__context__, EncoderflowError) and exc.__suppress_context__:
+            exc = exc.__context__
+    if isinstance(exc, EncoderflowError):
+        name = type(exc).__name__
+        message, inline_fix = split_fix(str(exc))
+        if "fix" in exc.__dict__:  # given to this error, so str() carries it: take the message as given
+            message, inline_fix = getattr(exc, "message", message), exc.fix
+        fix = inline_fix or exc.fix or _default_fix(name, getattr(exc, "docs", None))
+        return Cause(name, one_line(message) or name, fix, expected=True)
+
+    text = str(exc)
+    prefix = _TYPE_PREFIX.match(text)
+    if prefix and prefix.group(1) in _expected_names():
+        # Only the wrapper's text is left ("Type: message"), e.g. the context was lost on the way.
+        name = prefix.group(1)
+        message, fix = split_fix(text[prefix.end() :])
+        return Cause(name, one_line(message) or name, fix or _default_fix(name), expected=True)
+    name = type(exc).__name__ if isinstance(exc, BaseException) else "Failure"
+    return Cause(name, one_line(text) or repr(exc), BUG_FIX, expected=False)
+
+
+def _expected_names() -> set[str]:
+    """Names of the expected failures: the ones with a default fix, and every subclass imported so far."""
+    names, todo = {EncoderflowError.__name__, *DEFAULT_FIXES}, [EncoderflowError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            names.add(sub.__name__)
+            todo.append(sub)
+    return names
+
+
+def _default_fix(name: str, docs: str | None = None) -> str:
+    fix = DEFAULT_FIXES.get(name, GENERIC_FIX)
+    return f"{fix}: {docs}" if docs and name == "ValidationFailed" else fix
+
+
+def failure_path(run_id: str) -> Path:
+    from encoderflow import layout
+
+    return layout.run_dir(run_id) / FAILURE_FILE
+
+
+def record_failure(run_id: str, cause: Cause, /, **where: Any) -> bool:
+    """Keep a run's first failure in ``runs/<run id>/failure.json``; later ones leave it alone.
+
+    Written to a temp name and hard-linked into place, which fails if the file exists: two tasks
+    failing at once cannot both win, and a reader never sees half a file.
+
+    Args:
+        run_id: the Airflow run id.
+        cause: what failed and the fix.
+        where: dag_id, task_id, map_index, try_number and the like, stored beside the cause.
+
+    Returns:
+        True if this call wrote the file, False if a failure was already recorded.
+    """
+    path = failure_path(run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**where, **asdict(cause)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:
+            # A filesystem without hard links: still whole when seen, but a tie may go to either.
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_failure(run_id: str) -> dict[str, Any] | None:
+    """The run's first recorded failure (see :func:`record_failure`), or None."""
+    path = failure_path(run_id)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None

@@ -13,6 +13,7 @@ import getpass
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -41,6 +42,25 @@ def tracking_uri() -> str:
         return uri
     layout.mlflow_dir().mkdir(parents=True, exist_ok=True)
     return embedded_uri()
+
+
+def server_command(store_uri: str, port: int, *extra: str) -> list[str]:
+    """``mlflow server`` on loopback with one worker over ``store_uri`` (``make airflow``, ``make stack``)."""
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        store_uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        *extra,
+    ]
 
 
 def client():

@@ -8,6 +8,7 @@ read and what it wrote (path and sha256) once, so a task log says where its arti
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -305,6 +306,10 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
             "curves": str(layout.run_dir(run_id) / "curves.png"),
             "data_docs": {name: info["validation"]["docs"] for name, info in results["inputs"].items()},
         },
+    }
+    # JSON has no NaN (a pretraining run without validation data has no MLM accuracy): null instead.
+    summary["metrics"] = {
+        k: v if isinstance(v, (int, float)) and math.isfinite(v) else None for k, v in summary["metrics"].items()
     }
     path = layout.write_json(layout.run_dir(run_id) / "summary.json", summary)
     _output("report", "summary", str(path))

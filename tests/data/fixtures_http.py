@@ -19,6 +19,7 @@ SERVE = "serve"  # the file, honouring "Range: bytes=N-" with 206 when range sup
 CUT = "cut"  # announce the full Content-Length, send half of the body, close the socket
 STALL = "stall"  # accept the request and send nothing until the test ends (or STALL_MAX_S)
 STALL_BODY = "stall-body"  # send headers and half of the body, then go silent
+DRIP = "drip"  # send headers, then the body one byte per Loopback.drip_every_s (each read is quick)
 REDIRECT_SELF = "redirect-self"  # 302 to the same path, forever
 
 STALL_MAX_S = 20.0
@@ -43,6 +44,8 @@ class Loopback:
     # Compress with Content-Encoding: gzip whenever the client allows it, and apply Range to the
     # compressed representation (as HTTP defines it) - what a host serving pre-gzipped objects does.
     gzip_when_accepted: bool = False
+    # DRIP's pace: a byte every this many seconds, until the body is sent, the client leaves or the test ends.
+    drip_every_s: float = 2.0
     release: threading.Event = field(default_factory=threading.Event)
     base: str = ""
 
@@ -109,6 +112,18 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
         part = body[start:]
         headers["Content-Length"] = str(len(part))
+        if action == DRIP:
+            self._answer(seen, status, headers)
+            for i in range(len(part)):
+                try:
+                    self.wfile.write(part[i : i + 1])
+                    self.wfile.flush()
+                except OSError:  # the client gave up
+                    return
+                if lb.release.wait(lb.drip_every_s):
+                    break
+            self.close_connection = True
+            return
         if action in (CUT, STALL_BODY):
             self._answer(seen, status, headers, part[: len(part) // 2])
             self.wfile.flush()

@@ -7,7 +7,9 @@ import io
 import json
 import logging
 import random
+import re
 import stat
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from encoderflow.config import ConfigError
 from encoderflow.data import sources
 from encoderflow.data.sources import DataError, DatasetSpec, ResumingDownloader, fetch, get_dataset, locate
+from encoderflow.errors import cause_of
 
-from .fixtures_http import CUT, REDIRECT_SELF, STALL, STALL_BODY
+from .fixtures_http import CUT, DRIP, REDIRECT_SELF, STALL, STALL_BODY
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared beside the checkout
 OFFICIAL = "/official"
@@ -235,6 +239,146 @@ def test_a_body_that_stalls_midway_times_out_and_resumes(http_server, encoderflo
     assert [s.status for s in http_server.seen] == [200, 206]
     assert (expected_root(encoderflow_home, spec) / "blob.bin").read_bytes() == data
     assert "timed out waiting for data" in caplog.text
+
+
+# 4b. a server that drips ----------------------------------------------------------------------
+# A byte every 50 ms keeps every read well inside the 1 s read timeout; only a throughput floor
+# (here 1,000 bytes/s over 0.5 s instead of 10,000 over 60 s) ends it.
+DRIP_EVERY_S = 0.05
+
+
+def with_floor(min_rate: float = 1000) -> ResumingDownloader:
+    return ResumingDownloader(timeout=1, retries=3, backoff=0.01, min_rate=min_rate, rate_window=0.5)
+
+
+def test_a_dripping_server_fails_on_the_throughput_floor_and_leaves_nothing(http_server, encoderflow_home, monkeypatch):
+    data = payload(200_000)
+    spec = serve_spec(http_server, data)
+    http_server.drip_every_s = DRIP_EVERY_S
+    http_server.script(f"{OFFICIAL}/blob.bin", DRIP)
+    # The limits a download task uses, from the environment (a task passes no downloader).
+    monkeypatch.setenv("ENCODERFLOW_DOWNLOAD_MIN_RATE", "1000")
+    monkeypatch.setenv("ENCODERFLOW_DOWNLOAD_RATE_WINDOW", "0.5")
+
+    t0 = time.monotonic()
+    with pytest.raises(DataError) as err:
+        fetch(spec, spec.members)
+    elapsed = time.monotonic() - t0
+
+    msg = str(err.value)
+    url = spec.urls[0]
+    # What was received, from where, against which limit.
+    assert re.search(
+        rf"download {re.escape(url)}: too slow: \d+ bytes in the last 0\.\d+s \([\d.]+ bytes/s, under the floor "
+        r"of 1,000 bytes/s\); \d+ of 200,000 bytes received in all, not kept",
+        msg,
+    ), msg
+    # The fix: another source, or a lower floor.
+    fix = err.value.fix
+    assert "--mirror" in fix and "--data-dir" in fix and "ENCODERFLOW_DOWNLOAD_MIN_RATE=" in fix, fix
+    assert msg.endswith(f"\nfix: {fix}")
+    cause = cause_of(err.value)
+    assert (
+        cause.error == "DataError" and cause.fix == fix and "too slow" in cause.message and "fix" not in cause.message
+    )
+    assert len(http_server.seen) == 1  # a server that drips would drip again: no retry of that URL
+    assert elapsed < 3.0
+    # pooch downloads to a temp name and deletes it on failure: no partial blob.bin, no temp file.
+    assert tree(expected_root(encoderflow_home, spec)) == set()
+
+
+def test_without_the_floor_a_read_timeout_never_ends_a_drip(http_server, encoderflow_home):
+    # Why the floor exists: with it off, the 1 s read timeout sees a byte every 50 ms and waits on.
+    data = payload(20_000)
+    spec = serve_spec(http_server, data)
+    http_server.drip_every_s = DRIP_EVERY_S
+    http_server.script(f"{OFFICIAL}/blob.bin", DRIP)
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["info"] = fetch(spec, spec.members, downloader=with_floor(min_rate=0))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(2.5)
+    assert worker.is_alive(), outcome  # still dripping after 2.5 read timeouts
+    http_server.release.set()  # the server cuts the body; the client resumes it with a range request
+    worker.join(10)
+    assert not worker.is_alive() and "info" in outcome, outcome
+    assert (expected_root(encoderflow_home, spec) / "blob.bin").read_bytes() == data
+
+
+def test_a_dripping_mirror_falls_back_to_the_official_url(http_server, encoderflow_home):
+    data = payload(50_000)
+    spec = serve_spec(http_server, data)
+    http_server.files["/mirror/blob.bin"] = data
+    http_server.drip_every_s = DRIP_EVERY_S
+    http_server.script("/mirror/blob.bin", DRIP)
+
+    info = fetch(spec, spec.members, mirror=http_server.url("/mirror"), downloader=with_floor())
+
+    assert [s.path for s in http_server.seen] == ["/mirror/blob.bin", f"{OFFICIAL}/blob.bin"]
+    assert info["url"] == spec.urls[0]
+    assert (expected_root(encoderflow_home, spec) / "blob.bin").read_bytes() == data
+
+
+def test_the_floor_judges_the_last_window_with_the_default_limits():
+    # 10,000 bytes/s over 60 s, on a clock the test drives.
+    now = [0.0]
+
+    def feed(meter, seconds: float, every: float, n: int):
+        for _ in range(round(seconds / every)):
+            now[0] += every
+            if verdict := meter.add(n):
+                return verdict
+        return None
+
+    # A byte every 5 s: judged once a window has passed, with what that window received.
+    drip = sources._Throughput(sources.DEFAULT_MIN_RATE, sources.DEFAULT_RATE_WINDOW, clock=lambda: now[0])
+    got, seconds = feed(drip, 3600, 5.0, 1)
+    assert now[0] == 60.0 and 60 <= seconds <= 61 and got == 12
+    # A 20 kB/s link that stalls for 20 s (under the 30 s read timeout): the window around the stall
+    # still averages above the floor.
+    now[0] = 0.0
+    link = sources._Throughput(sources.DEFAULT_MIN_RATE, sources.DEFAULT_RATE_WINDOW, clock=lambda: now[0])
+    assert feed(link, 120, 0.5, 10_000) is None
+    now[0] += 20
+    assert feed(link, 120, 0.5, 10_000) is None
+    # The same link slowed to 5 kB/s for good: caught within a window.
+    t_slow = now[0]
+    assert feed(link, 600, 0.5, 2_500) is not None
+    assert now[0] - t_slow <= 60
+    # Off: never judged.
+    now[0] = 0.0
+    off = sources._Throughput(0, sources.DEFAULT_RATE_WINDOW, clock=lambda: now[0])
+    assert feed(off, 3600, 5.0, 1) is None
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("ENCODERFLOW_DOWNLOAD_MIN_RATE", "fast"),
+        ("ENCODERFLOW_DOWNLOAD_MIN_RATE", "-1"),
+        ("ENCODERFLOW_DOWNLOAD_RATE_WINDOW", "0"),
+    ],
+)
+def test_a_bad_floor_setting_is_refused_naming_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as err:
+        ResumingDownloader.from_env()
+    assert str(err.value).startswith(f"{name}={value!r}: expected a number")
+
+
+def test_the_floor_defaults_and_reads_the_environment(monkeypatch):
+    d = ResumingDownloader.from_env()
+    assert (d.min_rate, d.rate_window) == (10_000, 60)
+    monkeypatch.setenv("ENCODERFLOW_DOWNLOAD_MIN_RATE", "0")
+    monkeypatch.setenv("ENCODERFLOW_DOWNLOAD_RATE_WINDOW", "120")
+    d = ResumingDownloader.from_env()
+    assert (d.min_rate, d.rate_window) == (0, 120)
 
 
 # 5. User-Agent ---------------------------------------------------------------------------------

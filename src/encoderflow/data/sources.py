@@ -5,7 +5,10 @@ hash and only then moves the file into place (a wrong file never becomes visible
 downloader neither retries nor resumes, so :class:`ResumingDownloader` does that part: a real
 User-Agent (the WikiText host refuses urllib's), retries with exponential backoff on 5xx and
 connection errors, a read timeout for stalled connections, HTTP range resume of a cut body, and
-progress as plain log lines.
+progress as plain log lines. A server that drips bytes (each read quick, so the read timeout
+never fires) is caught by a throughput floor: fewer than ``ENCODERFLOW_DOWNLOAD_MIN_RATE`` bytes
+per second (default 10,000) over the last ``ENCODERFLOW_DOWNLOAD_RATE_WINDOW`` seconds (default 60)
+ends that URL's download, and the next source is tried.
 
 Archives are extracted safely (no absolute paths, ``..`` or links) into a temporary folder that
 is renamed into the content-addressed data folder, ``ENCODERFLOW_HOME/data/<dataset>/<hash>``.
@@ -21,12 +24,14 @@ import stat
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from encoderflow import __version__, layout
+from encoderflow.config import ConfigError
 from encoderflow.errors import EncoderflowError
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,11 @@ USER_AGENT = f"encoderflow/{__version__} (+https://github.com/encoderflow; pytho
 # with gzip allowed the cut-body check and the resume offset would mix compressed and decoded bytes.
 REQUEST_HEADERS = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+CHUNK_BYTES = 1 << 16
+# The throughput floor. Not config knobs: like the mirror, they change how bytes arrive, never
+# which bytes (the pinned hash decides that), so they stay out of the config hash.
+MIN_RATE_ENV, DEFAULT_MIN_RATE = "ENCODERFLOW_DOWNLOAD_MIN_RATE", 10_000.0
+RATE_WINDOW_ENV, DEFAULT_RATE_WINDOW = "ENCODERFLOW_DOWNLOAD_RATE_WINDOW", 60.0
 
 
 class DataError(EncoderflowError):
@@ -160,20 +170,89 @@ class _LogProgress:
         log.info("download %s: done, %s bytes", self.label, f"{self.n:,}")
 
 
-class ResumingDownloader:
-    """A pooch downloader with retries, backoff, read timeouts and HTTP range resume.
+class _Throughput:
+    """Bytes per second over a sliding window of one connection's body.
 
     Args:
-        timeout: seconds to connect and to wait for each chunk; a stalled server fails fast.
-        retries: attempts after the first, on 5xx/429/408, connection errors and cut bodies.
-        backoff: first retry delay in seconds, doubled per attempt.
+        floor: bytes per second the window must average; 0 turns the check off.
+        window: seconds averaged over; nothing is judged before one window has passed.
+        clock: seconds, monotonic.
     """
 
-    def __init__(self, timeout: float = 30.0, retries: int = 4, backoff: float = 1.0):
+    def __init__(self, floor: float, window: float, clock: Callable[[], float] = time.monotonic):
+        self.floor, self.window, self.clock = floor, window, clock
+        self.start = clock()
+        self.total = 0
+        # (time, bytes so far), at most ~64 per window: enough resolution for the window's start.
+        self.samples: deque[tuple[float, int]] = deque([(self.start, 0)])
+
+    def add(self, n: int) -> tuple[int, float] | None:
+        """Count ``n`` more bytes; return the last window's (bytes, seconds) if it fell under the floor."""
+        now = self.clock()
+        self.total += n
+        if now - self.samples[-1][0] >= self.window / 64:
+            self.samples.append((now, self.total))
+        if self.floor <= 0 or now - self.start < self.window:
+            return None
+        while len(self.samples) > 1 and self.samples[1][0] <= now - self.window:
+            self.samples.popleft()
+        t0, before = self.samples[0]
+        got, seconds = self.total - before, now - t0
+        return (got, seconds) if got < self.floor * seconds else None
+
+
+def _env_number(name: str, default: float, positive: bool = False) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 if positive else value >= 0) or value == float("inf"):
+        raise ConfigError(
+            f"{name}={raw!r}: expected a number {'>' if positive else '>='} 0; unset it for the default {default:g}"
+        )
+    return value
+
+
+class ResumingDownloader:
+    """A pooch downloader with retries, backoff, read timeouts, a throughput floor and HTTP range resume.
+
+    Args:
+        timeout: seconds to connect and to wait for each read; a stalled server fails fast.
+        retries: attempts after the first, on 5xx/429/408, connection errors and cut bodies.
+        backoff: first retry delay in seconds, doubled per attempt.
+        min_rate: bytes per second a connection must average over ``rate_window`` once it has
+            been open that long; a slower one ends this URL's download with a ``DataError``
+            (not retried: a server that drips would drip again). 0 turns the floor off.
+        rate_window: seconds the floor is averaged over, so a short hiccup does not count.
+    """
+
+    def __init__(
+        self,
+        timeout: float = 30.0,
+        retries: int = 4,
+        backoff: float = 1.0,
+        min_rate: float = DEFAULT_MIN_RATE,
+        rate_window: float = DEFAULT_RATE_WINDOW,
+    ):
+        if rate_window <= 0:
+            raise ConfigError(f"download rate window must be > 0 seconds, got {rate_window!r}")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.min_rate, self.rate_window = min_rate, rate_window
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> ResumingDownloader:
+        """The defaults, with the throughput floor from ``ENCODERFLOW_DOWNLOAD_MIN_RATE`` and
+        ``ENCODERFLOW_DOWNLOAD_RATE_WINDOW`` when set."""
+        kwargs.setdefault("min_rate", _env_number(MIN_RATE_ENV, DEFAULT_MIN_RATE))
+        kwargs.setdefault("rate_window", _env_number(RATE_WINDOW_ENV, DEFAULT_RATE_WINDOW, positive=True))
+        return cls(**kwargs)
 
     def __call__(self, url: str, output_file: str, pooch_obj: Any = None, check_only: bool = False) -> bool | None:
         import requests
+        import urllib3
 
         if check_only:
             r = requests.head(url, headers=REQUEST_HEADERS, timeout=self.timeout, allow_redirects=True)
@@ -200,10 +279,15 @@ class ResumingDownloader:
                         length = r.headers.get("Content-Length")
                         expected = written + int(length) if length is not None else None
                         progress.total = expected if progress.total is None else progress.total
-                        for chunk in r.iter_content(chunk_size=1 << 16):
+                        meter = _Throughput(self.min_rate, self.rate_window)
+                        # read1 returns whatever has arrived; a full-chunk read (iter_content) would sit
+                        # in one call while a server drips a byte at a time, and nothing could judge it.
+                        while chunk := r.raw.read1(CHUNK_BYTES, decode_content=True):
                             out.write(chunk)
                             written += len(chunk)
                             progress.update(len(chunk))
+                            if slow := meter.add(len(chunk)):
+                                raise self._too_slow(url, slow, written, progress.total)
                         if expected is not None and written < expected:
                             raise _Retryable(f"body cut at {written} of {expected} bytes")
                     progress.close()
@@ -212,6 +296,7 @@ class ResumingDownloader:
                     requests.ConnectionError,
                     requests.Timeout,
                     requests.exceptions.ChunkedEncodingError,
+                    urllib3.exceptions.HTTPError,  # read1 raises urllib3's own: read timeout, cut body, reset
                     _Retryable,
                 ) as exc:
                     out.flush()
@@ -219,8 +304,8 @@ class ResumingDownloader:
                     reason = _describe(exc)
                     if attempt > self.retries:
                         raise DataError(
-                            f"download {url}: gave up after {attempt} attempts: {reason}. "
-                            "Check the network or pass a reachable --mirror / an offline --data-dir."
+                            f"download {url}: gave up after {attempt} attempts: {reason}",
+                            fix="check the network, or pass a reachable --mirror or an offline --data-dir",
                         ) from None
                     delay = self.backoff * 2 ** (attempt - 1)
                     resume = f", resuming at byte {written:,}" if written else ""
@@ -233,6 +318,17 @@ class ResumingDownloader:
                     # caller must still get a DataError so that it moves on to the next source.
                     raise DataError(f"download {url}: {_describe(exc)}") from None
 
+    def _too_slow(self, url: str, slow: tuple[int, float], written: int, total: int | None) -> DataError:
+        got, seconds = slow
+        of = f" of {total:,}" if total else ""
+        return DataError(
+            f"download {url}: too slow: {got:,} bytes in the last {seconds:.1f}s ({got / seconds:,.1f} bytes/s, "
+            f"under the floor of {self.min_rate:,.0f} bytes/s); {written:,}{of} bytes received in all, "
+            "not kept",
+            fix=f"use a nearer --mirror or an offline --data-dir, or, on a link this slow, lower the floor with "
+            f"{MIN_RATE_ENV}=<bytes per second> (0 turns it off) or lengthen {RATE_WINDOW_ENV} (seconds)",
+        )
+
 
 class _Retryable(Exception):
     pass
@@ -240,9 +336,10 @@ class _Retryable(Exception):
 
 def _describe(exc: BaseException) -> str:
     import requests
+    import urllib3
 
     text = str(exc)
-    if isinstance(exc, requests.Timeout) or "timed out" in text.lower():
+    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)) or "timed out" in text.lower():
         return "timed out waiting for data (server stalled)"
     # urllib3 reports a cut body as a nested tuple with IncompleteRead; say it plainly.
     if isinstance(exc, requests.exceptions.ChunkedEncodingError) or "IncompleteRead" in text:
@@ -314,9 +411,10 @@ def fetch(
     root.mkdir(parents=True, exist_ok=True)
     members = tuple(members)
     urls = ([f"{mirror.rstrip('/')}/{spec.filename}"] if mirror else []) + list(spec.urls)
-    downloader = downloader or ResumingDownloader()
+    downloader = downloader or ResumingDownloader.from_env()
     archive_path = root / spec.filename
     errors: list[str] = []
+    fixes: dict[str, None] = {}  # each source's fix once, in order
     for url in urls:
         try:
             pooch.retrieve(
@@ -330,14 +428,17 @@ def fetch(
             break
         except ValueError as exc:  # pooch's hash mismatch; it already deleted the temp file
             errors.append(f"{url}: hash mismatch: {exc}")
+            fixes["try another --mirror, or give a re-packed copy its own hash with --sources-file"] = None
             log.error("download %s: %s", url, exc)
-        except DataError as exc:
-            errors.append(str(exc))
+        except DataError as exc:  # pooch deletes its temp file: nothing partial stays visible
+            errors.append(exc.message)
+            fixes[exc.fix or "pass a reachable --mirror or an offline --data-dir"] = None
             log.error("%s", exc)
     else:
         raise DataError(
             f"dataset {spec.name}: no source gave a verified {spec.filename} "
-            f"(expected {spec.known_hash}):\n  " + "\n  ".join(errors)
+            f"(expected {spec.known_hash}):\n  " + "\n  ".join(errors),
+            fix="; or ".join(fixes) or "pass a reachable --mirror or an offline --data-dir",
         )
     if spec.size is not None and archive_path.stat().st_size != spec.size:
         size = archive_path.stat().st_size

@@ -237,7 +237,7 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
     t0 = time.monotonic()
     history = None
     if initial_epoch < p.epochs:
-        if skip:
+        if backup.steps_done:  # at an epoch boundary too: the log says where a retry picked up
             log.info(
                 "pretrain: resuming epoch %d at step %d of %d (backup in %s)",
                 initial_epoch + 1,

@@ -1,0 +1,541 @@
+"""The production topology of ``docker-compose.yaml``, natively: ``make stack`` / ``make stack-down``.
+
+PostgreSQL (Airflow's metadata DB, MLflow's store and MLflow's user store), Redis (the Celery
+broker), Airflow's api-server, scheduler, dag-processor and triggerer, two Celery workers (queue
+``default``; queue ``gpu``, one task at a time, for the ``gpu`` pool) and an MLflow tracking
+server with basic auth and ``--serve-artifacts``: every process on loopback, every file under
+``$ENCODERFLOW_HOME/stack``. Secrets are generated once into ``stack/secrets.json`` (mode 0600)
+and ports are chosen once into ``stack/ports.json``, so ``up`` after ``down`` (or after a crash)
+brings back the same deployment with its data.
+
+    python -m encoderflow.stack up | down | status | env [ROLE]
+
+Sign-ins: Airflow ``admin`` and ``viewer`` (SimpleAuthManager roles ADMIN and VIEWER), MLflow
+``admin``; workers write to MLflow as ``encoderflow-worker``, the api-server reads as
+``encoderflow-reader``; an anonymous MLflow client is refused. Passwords: ``stack/secrets.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import glob
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from encoderflow import layout, registry, runtime
+
+AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+WORKERS = {"worker-default": ("default", 2), "worker-gpu": ("gpu", 1)}
+# Start order; `down` stops in reverse.
+COMPONENTS = ("postgres", "redis", "mlflow", *AIRFLOW_COMPONENTS, *WORKERS)
+SECRETS = (
+    "postgres_airflow",
+    "postgres_mlflow",
+    "redis",
+    "airflow_admin",
+    "airflow_viewer",
+    "airflow_jwt",
+    "airflow_api",
+    "mlflow_admin",
+    "mlflow_worker",
+    "mlflow_reader",
+    "mlflow_flask",
+)
+MLFLOW_USERS = {"encoderflow-worker": "mlflow_worker", "encoderflow-reader": "mlflow_reader"}
+DEBIAN_PACKAGES = ("postgresql", "redis-server")
+
+
+class StackError(RuntimeError):
+    """The stack cannot start or answer; the message names the component, its log and the fix."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_private(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _pg_bin(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return found[-1]
+    if shutil.which(name):
+        return shutil.which(name)
+    raise StackError(f"PostgreSQL's {name} is not installed: run `make stack-deps` (apt-get install postgresql)")
+
+
+class Stack:
+    """One native deployment under ``home/stack``.
+
+    Args:
+        home: ENCODERFLOW_HOME shared by every process.
+        extra_env: settings added to every Airflow process (e.g. shorter heartbeat timeouts in tests).
+    """
+
+    def __init__(self, home: str | os.PathLike | None = None, extra_env: dict[str, str] | None = None):
+        self.home = Path(home).resolve() if home else layout.home()
+        self.root = self.home / "stack"
+        self.logs, self.pids = self.root / "logs", self.root / "pids"
+        self.extra_env = dict(extra_env or {})
+        self.as_postgres = os.geteuid() == 0  # PostgreSQL refuses to run as root
+        for d in (self.root, self.logs, self.pids):
+            d.mkdir(parents=True, exist_ok=True)
+        self.secrets = self._load_or_make(
+            "secrets.json", lambda: {k: secrets.token_urlsafe(18) for k in SECRETS} | {"fernet": _fernet_key()}
+        )
+        self.ports = self._load_or_make(
+            "ports.json", lambda: {k: _free_port() for k in ("postgres", "redis", "api", "mlflow")}
+        )
+        self.airflow_url = f"http://127.0.0.1:{self.ports['api']}"
+        self.mlflow_url = f"http://127.0.0.1:{self.ports['mlflow']}"
+
+    def _load_or_make(self, name: str, make) -> dict:
+        path = self.root / name
+        if path.exists():
+            return json.loads(path.read_text())
+        data = make()
+        _write_private(path, data)
+        return data
+
+    # -- environment ---------------------------------------------------------------------------
+    def _pg_url(self, user: str, db: str, driver: str = "postgresql") -> str:
+        return f"{driver}://{user}:{self.secrets['postgres_' + user]}@127.0.0.1:{self.ports['postgres']}/{db}"
+
+    def env(self, role: str = "worker-default") -> dict[str, str]:
+        """The environment of one Airflow process (``role`` picks its MLflow credentials)."""
+        from encoderflow.cli import dags_folder, repo_root
+
+        airflow_home = self.root / "airflow"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW_TRACKING"))}
+        env |= {
+            "AIRFLOW_HOME": str(airflow_home),
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__CORE__AUTH_MANAGER": (
+                "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+            ),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(airflow_home / "passwords.json"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self._pg_url("airflow", "airflow", "postgresql+psycopg2"),
+            "AIRFLOW__CELERY__RESULT_BACKEND": self._pg_url("airflow", "airflow", "db+postgresql+psycopg2"),
+            "AIRFLOW__CELERY__BROKER_URL": f"redis://:{self.secrets['redis']}@127.0.0.1:{self.ports['redis']}/0",
+            # Longer than the longest execution_timeout (pretrain, 24 h): the broker never redelivers a
+            # task that is still running.
+            "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "90000",
+            "AIRFLOW__CORE__FERNET_KEY": self.secrets["fernet"],
+            "AIRFLOW__API_AUTH__JWT_SECRET": self.secrets["airflow_jwt"],
+            "AIRFLOW__API__SECRET_KEY": self.secrets["airflow_api"],
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.ports["api"]),
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__BASE_URL": self.airflow_url,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.airflow_url}/execution/",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder()),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(repo_root() / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__OPERATORS__DEFAULT_QUEUE": "default",
+            "ENCODERFLOW_HOME": str(self.home),
+            "ENCODERFLOW_MLFLOW_UI_URL": self.mlflow_url,
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            # Airflow's retries wait out a longer outage; MLflow's own back-off would hold the worker.
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+            "KERAS_BACKEND": runtime.BACKEND,
+            "GX_ANALYTICS_ENABLED": "false",
+            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+        }
+        user = {"api-server": "encoderflow-reader"}.get(role, "encoderflow-worker" if role in WORKERS else None)
+        if user:
+            env |= {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": self.secrets[MLFLOW_USERS[user]]}
+        return env | self.extra_env
+
+    # -- processes -----------------------------------------------------------------------------
+    def _pid(self, name: str) -> int | None:
+        if name == "postgres":
+            pidfile = self.root / "postgres" / "postmaster.pid"
+        else:
+            pidfile = self.pids / f"{name}.pid"
+        try:
+            pid = int(pidfile.read_text().split()[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError):
+            return None
+        stat = Path(f"/proc/{pid}/stat")
+        if stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return None
+        return pid
+
+    def alive(self, name: str) -> bool:
+        return self._pid(name) is not None
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it from here
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: `stop` ends its children with it
+        )
+        log.close()
+        tmp = self.pids / f"{name}.pid.tmp"
+        tmp.write_text(str(proc.pid))
+        os.replace(tmp, self.pids / f"{name}.pid")
+
+    def _as_postgres(self, cmd: list[str]) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *cmd] if self.as_postgres else cmd
+
+    def _run(self, cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=self.root)
+        if proc.returncode != 0:
+            raise StackError(f"{what} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-800:]}")
+        return proc.stdout
+
+    def start(self, name: str) -> None:
+        """Start one component unless it runs; waits until it answers."""
+        if self.alive(name):
+            return
+        start = getattr(self, "_start_" + name.replace("-", "_"), None)
+        if start:
+            start()
+        else:
+            self._start_airflow(name)
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+        """Stop one component and every process it started; SIGKILL after ``timeout`` seconds."""
+        pid = self._pid(name)
+        if pid is None:
+            return
+        if name == "postgres":
+            self._run(
+                self._as_postgres([_pg_bin("pg_ctl"), "-D", str(self.root / "postgres"), "-m", "fast", "stop"]),
+                "pg_ctl stop",
+            )
+            return
+        # The whole tree, not only the group: Airflow's task supervisor starts each task in a session
+        # of its own, and a lost worker machine takes its tasks with it. Read before the signal: an
+        # orphan is re-parented to init and out of reach.
+        tree = descendants(pid)
+        for target in [pid, *tree] if sig == signal.SIGKILL else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target, sig)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)
+        deadline = time.monotonic() + timeout
+        while self.alive(name) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self.alive(name) or sig == signal.SIGKILL:
+            for target in [pid, *tree]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(target, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            while self.alive(name):
+                time.sleep(0.1)
+
+    def up(self) -> None:
+        """Start every component that is not running, in dependency order (idempotent)."""
+        for name in COMPONENTS:
+            self.start(name)
+
+    def down(self) -> None:
+        for name in reversed(COMPONENTS):
+            self.stop(name)
+
+    def status(self) -> dict[str, bool]:
+        return {name: self.alive(name) for name in COMPONENTS}
+
+    # -- components ----------------------------------------------------------------------------
+    def _start_postgres(self) -> None:
+        data, run = self.root / "postgres", self.root / "postgres-run"
+        fresh = not (data / "PG_VERSION").exists()
+        if fresh:
+            data.mkdir(exist_ok=True)
+            run.mkdir(exist_ok=True)
+            if self.as_postgres:
+                shutil.chown(data, "postgres", "postgres")
+                shutil.chown(run, "postgres", "postgres")
+                self._check_reachable(data)
+            self._run(
+                self._as_postgres(
+                    [
+                        _pg_bin("initdb"),
+                        "-D",
+                        str(data),
+                        "-U",
+                        "postgres",
+                        "--auth-local=trust",
+                        "--auth-host=scram-sha-256",
+                        "-E",
+                        "UTF8",
+                    ]
+                ),
+                "initdb",
+            )
+        log = self.logs / "postgres.log"
+        log.touch()
+        if self.as_postgres:
+            shutil.chown(log, "postgres", "postgres")
+        opts = f"-c listen_addresses=127.0.0.1 -p {self.ports['postgres']} -k {run}"
+        self._run(
+            self._as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(log), "-w", "start"]),
+            f"PostgreSQL start (log: {log})",
+        )
+        if fresh:
+            psql = [
+                _pg_bin("psql"),
+                "-h",
+                str(run),
+                "-p",
+                str(self.ports["postgres"]),
+                "-U",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-q",
+            ]
+            for user, dbs in (("airflow", ("airflow",)), ("mlflow", ("mlflow", "mlflow_auth"))):
+                sql = f"CREATE ROLE {user} LOGIN PASSWORD '{self.secrets['postgres_' + user]}';"
+                self._run(self._as_postgres([*psql, "-c", sql]), f"create role {user}")
+                for db in dbs:
+                    self._run(self._as_postgres([*psql, "-c", f"CREATE DATABASE {db} OWNER {user};"]), f"create {db}")
+
+    def _check_reachable(self, path: Path) -> None:
+        probe = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-w", str(path)], capture_output=True)
+        if probe.returncode != 0:
+            raise StackError(
+                f"PostgreSQL runs as user postgres and cannot reach {path}: put ENCODERFLOW_HOME under a "
+                "folder every user may traverse (chmod o+x on each parent)"
+            )
+
+    def _start_redis(self) -> None:
+        if not shutil.which("redis-server"):
+            raise StackError("redis-server is not installed: run `make stack-deps` (apt-get install redis-server)")
+        data = self.root / "redis"
+        data.mkdir(exist_ok=True)
+        conf = self.root / "redis.conf"
+        _write_text_private(
+            conf,
+            f"bind 127.0.0.1\nport {self.ports['redis']}\nrequirepass {self.secrets['redis']}\ndir {data}\n"
+            "appendonly yes\nprotected-mode yes\n",
+        )
+        self._spawn("redis", ["redis-server", str(conf)], dict(os.environ))
+        self._wait(lambda: _redis_ping(self.ports["redis"], self.secrets["redis"]), "redis", 30)
+
+    def _start_mlflow(self) -> None:
+        store = self.root / "mlflow"
+        (store / "artifacts").mkdir(parents=True, exist_ok=True)
+        ini = store / "auth.ini"
+        _write_text_private(
+            ini,
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = {self._pg_url('mlflow', 'mlflow_auth', 'postgresql+psycopg2')}\nadmin_username = admin\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env |= {
+            "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.secrets["mlflow_admin"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["mlflow_flask"],  # signs the UI's CSRF tokens
+        }
+        port = self.ports["mlflow"]
+        cmd = registry.server_command(
+            self._pg_url("mlflow", "mlflow", "postgresql+psycopg2"),
+            port,
+            "--app-name",
+            "basic-auth",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(store / "artifacts"),
+            "--allowed-hosts",
+            f"127.0.0.1:{port},localhost:{port}",
+        )
+        self._spawn("mlflow", cmd, env)
+        self._wait(lambda: _http_ok(f"{self.mlflow_url}/health"), "mlflow", 180)
+        for user, key in MLFLOW_USERS.items():
+            self.mlflow_admin("POST", "/api/2.0/mlflow/users/create", {"username": user, "password": self.secrets[key]})
+
+    def mlflow_admin(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One MLflow REST call as its admin; an existing user is not an error."""
+        token = base64.b64encode(f"admin:{self.secrets['mlflow_admin']}".encode()).decode()
+        req = urllib.request.Request(
+            self.mlflow_url + path,
+            data=json.dumps(body).encode() if body is not None else None,
+            method=method,
+            headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            payload = exc.read().decode(errors="replace")
+            if "RESOURCE_ALREADY_EXISTS" in payload or "already exists" in payload:
+                return {}
+            raise StackError(f"MLflow {method} {path}: HTTP {exc.code} {payload[:300]}") from None
+
+    def _airflow_init(self) -> None:
+        marker = self.root / "airflow" / ".initialised"
+        home = self.root / "airflow"
+        home.mkdir(exist_ok=True)
+        _write_private(
+            home / "passwords.json", {"admin": self.secrets["airflow_admin"], "viewer": self.secrets["airflow_viewer"]}
+        )
+        if marker.exists():
+            return
+        env = self.env("scheduler")
+        self._run([sys.executable, "-m", "airflow", "db", "migrate"], "airflow db migrate", env)
+        self._run(
+            [sys.executable, "-m", "airflow", "pools", "set", "gpu", "1", "one training job on the accelerator"],
+            "airflow pools set gpu",
+            env,
+        )
+        marker.touch()
+
+    def _start_airflow(self, name: str) -> None:
+        if name not in AIRFLOW_COMPONENTS and name not in WORKERS:
+            raise StackError(f"no component {name!r}: one of {', '.join(COMPONENTS)}")
+        self._airflow_init()
+        airflow = [sys.executable, "-m", "airflow"]
+        if name in WORKERS:
+            queue, concurrency = WORKERS[name]
+            # Logs live on this machine's disk, which the api-server reads: no log server ports to open.
+            cmd = [
+                *airflow,
+                "celery",
+                "worker",
+                "--queues",
+                queue,
+                "--concurrency",
+                str(concurrency),
+                "--celery-hostname",
+                f"{queue}@%h",
+                "--skip-serve-logs",
+                "--without-mingle",
+                "--without-gossip",
+            ]
+        elif name == "triggerer":
+            cmd = [*airflow, "triggerer", "--skip-serve-logs"]
+        else:
+            cmd = [*airflow, name]
+        self._spawn(name, cmd, self.env(name))
+        if name == "api-server":
+            self._wait(lambda: _http_ok(f"{self.airflow_url}/api/v2/monitor/health"), name, 180)
+        elif name in WORKERS:
+            self._wait(lambda: b" ready." in (self.logs / f"{name}.log").read_bytes()[-200_000:], name, 180)
+
+    def _wait(self, ready, name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            if not self.alive(name):
+                break
+            time.sleep(0.5)
+        tail = (
+            (self.logs / f"{name}.log").read_text(errors="replace")[-1500:]
+            if (self.logs / f"{name}.log").exists()
+            else ""
+        )
+        state = "exited" if not self.alive(name) else f"did not answer within {timeout:.0f} s"
+        raise StackError(f"{name} {state}; its log is {self.logs / (name + '.log')}:\n{tail}")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _fernet_key() -> str:
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+
+
+def _write_text_private(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def _redis_ping(port: int, password: str) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+            time.sleep(0.1)
+            return b"+PONG" in s.recv(256)
+    except OSError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m encoderflow.stack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=("up", "down", "status", "env"))
+    parser.add_argument("role", nargs="?", default="worker-default", help="for env: whose environment")
+    args = parser.parse_args(argv)
+    stack = Stack()
+    try:
+        if args.action == "up":
+            stack.up()
+        elif args.action == "down":
+            stack.down()
+        elif args.action == "env":
+            for k, v in sorted(stack.env(args.role).items()):
+                if k.startswith(("AIRFLOW", "MLFLOW", "ENCODERFLOW")):
+                    print(f"export {k}={v!r}")
+            return 0
+    except StackError as exc:
+        print(f"stack: {exc}", file=sys.stderr)
+        return 1
+    for name, up in stack.status().items():
+        print(f"  {name:<15} {'running' if up else 'stopped'}  log: {stack.logs / (name + '.log')}")
+    if args.action in ("up", "status"):
+        print(f"Airflow  {stack.airflow_url}  (admin or viewer; passwords in {stack.root / 'secrets.json'})")
+        print(f"MLflow   {stack.mlflow_url}  (admin; workers write as encoderflow-worker)")
+        print(f"Runs     {stack.airflow_url}/encoderflow/")
+    return 0 if args.action == "down" or all(stack.status().values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

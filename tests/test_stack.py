@@ -1,0 +1,376 @@
+"""The production topology for real (``encoderflow.stack``), and the faults it must survive.
+
+PostgreSQL, Redis, the api-server, scheduler, dag-processor, triggerer, two Celery workers
+(``default``; ``gpu`` for the ``gpu`` pool) and an MLflow server with basic auth, all on
+loopback under one ENCODERFLOW_HOME. Each test triggers smoke runs of ``encoder_pretraining``
+through the REST API and breaks one thing on purpose: the gpu worker SIGKILLed mid-pretrain, the
+scheduler restarted mid-run, two runs at once, MLflow down while ``promote`` runs. Every test
+prints what it did and how long it took (``-s`` shows it; the closing note quotes it).
+
+Needs Debian's postgresql and redis-server (``make stack-deps``; ``.ci/run`` installs them and
+sets ENCODERFLOW_REQUIRE_STACK=1, which turns a missing package into a failure, not a skip).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from encoderflow import stack as stack_mod
+from encoderflow.layout import safe_run_id
+from tests import fixtures_pipeline as fixtures_data
+
+DAG_ID = "encoder_pretraining"
+MODEL = "encoderflow-sst2"
+pytestmark = pytest.mark.slow
+
+
+def _missing() -> str | None:
+    try:
+        stack_mod._pg_bin("initdb")
+    except stack_mod.StackError as exc:
+        return str(exc)
+    return None if shutil.which("redis-server") else "redis-server is not installed: run `make stack-deps`"
+
+
+class Client:
+    """The REST API v2 as ``admin`` or ``viewer``, with tokens from ``/auth/token``."""
+
+    def __init__(self, stack: stack_mod.Stack):
+        self.stack, self.tokens = stack, {}
+
+    def token(self, user: str) -> str:
+        if user not in self.tokens:
+            body = {"username": user, "password": self.stack.secrets[f"airflow_{user}"]}
+            _, out = self._call("POST", "/auth/token", body, None)
+            self.tokens[user] = out["access_token"]
+        return self.tokens[user]
+
+    def _call(self, method: str, path: str, body: Any, token: str | None) -> tuple[int, Any]:
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.stack.airflow_url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                raw = resp.read()
+                if "json" not in resp.headers.get("Content-Type", ""):
+                    return resp.status, raw.decode(errors="replace")
+                return resp.status, json.loads(raw) if raw else {}
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+
+    def __call__(self, method: str, path: str, body: Any = None, user: str = "admin") -> tuple[int, Any]:
+        for _ in range(30):  # the api-server is restarted by no test, but a busy machine can refuse briefly
+            try:
+                return self._call(method, path, body, self.token(user))
+            except (ConnectionError, urllib.error.URLError):
+                time.sleep(1)
+        raise AssertionError(f"api-server at {self.stack.airflow_url} does not answer")
+
+    def trigger(self, conf: dict[str, Any], note: str) -> str:
+        status, run = self("POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf, "note": note})
+        assert status == 200, (status, run)
+        return run["dag_run_id"]
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        status, body = self("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run_id, safe='')}")
+        assert status == 200, (status, body)
+        return body
+
+    def tasks(self, run_id: str) -> dict[str, dict[str, Any]]:
+        q = urllib.parse.quote(run_id, safe="")
+        status, body = self("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{q}/taskInstances?limit=100")
+        assert status == 200, (status, body)
+        return {
+            ti["task_id"] + ("" if ti["map_index"] < 0 else f"[{ti['map_index']}]"): ti for ti in body["task_instances"]
+        }
+
+    def log(self, run_id: str, task_id: str, try_number: int, user: str = "admin") -> tuple[int, list[str]]:
+        q = urllib.parse.quote(run_id, safe="")
+        status, body = self(
+            "GET",
+            f"/api/v2/dags/{DAG_ID}/dagRuns/{q}/taskInstances/{task_id}/logs/{try_number}?full_content=true",
+            user=user,
+        )
+        if status != 200:
+            return status, []
+        lines = []
+        for rec in body.get("content", []):
+            if isinstance(rec, dict):
+                lines.append(" ".join(str(rec.get(k, "")) for k in ("level", "event", "error_detail") if rec.get(k)))
+            else:
+                lines.append(str(rec))
+        return status, lines
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out := check():
+            return out
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def deployed():
+    missing = _missing()
+    if missing:
+        if os.environ.get("ENCODERFLOW_REQUIRE_STACK"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    # PostgreSQL runs as user `postgres` when we are root: its folders must be reachable by it,
+    # which pytest's private tmp root is not.
+    root = Path(tempfile.mkdtemp(prefix="encoderflow-stack-"))
+    root.chmod(0o755)
+    extra = {
+        # Notice a killed worker's task in seconds, not the default five minutes, and retry soon.
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "15",
+        "ENCODERFLOW_RETRY_DELAY_SECONDS": "5",
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+    }
+    st = stack_mod.Stack(root / "home", extra_env=extra)
+    t0 = time.monotonic()
+    try:
+        st.up()
+        print(f"\nstack up in {time.monotonic() - t0:.0f} s under {st.root}")
+        client = Client(st)
+        wait_for("the DAG to be parsed", lambda: client("GET", f"/api/v2/dags/{DAG_ID}")[0] == 200, 180)
+        tree = fixtures_data.write_tree(root / "data")
+        yield st, client, tree
+    finally:
+        st.down()
+        if any(st.status().values()):
+            print("stack: still running after down:", st.status())
+        if os.environ.get("ENCODERFLOW_KEEP_STACK"):  # to read its logs after a failure
+            print(f"stack kept under {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def smoke_conf(tree: Path, **extra: Any) -> dict[str, Any]:
+    return {"preset": "smoke", "data_dir": str(tree), "pretrain_split": "train", "finetune_steps_per_epoch": 40} | extra
+
+
+def finished(client: Client, run_id: str, timeout: float = 600) -> str:
+    return wait_for(
+        f"run {run_id} to finish",
+        lambda: (s := client.run(run_id)["state"]) in ("success", "failed") and s,
+        timeout,
+        every=2,
+    )
+
+
+def mlflow_client(st: stack_mod.Stack, user: str | None):
+    from mlflow import MlflowClient
+
+    os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+    os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+    if user:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = st.secrets[stack_mod.MLFLOW_USERS.get(user, "mlflow_admin")]
+    return MlflowClient(tracking_uri=st.mlflow_url, registry_uri=st.mlflow_url)
+
+
+def registry_state(st: stack_mod.Stack) -> tuple[str | None, list[dict[str, Any]], list[Any]]:
+    """(champion version, champion.history events, every version) as MLflow's admin sees them."""
+    c = mlflow_client(st, "admin")
+    try:
+        model = c.get_registered_model(MODEL)
+        versions = c.search_model_versions(f"name='{MODEL}'")
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+        os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+    return model.aliases.get("champion"), json.loads(model.tags.get("champion.history", "[]")), versions
+
+
+def assert_clean_logs(client: Client, run_id: str) -> None:
+    """A successful run: every task log readable through the API, none with an ERROR record."""
+    for name, ti in client.tasks(run_id).items():
+        task_id = ti["task_id"]
+        status, lines = client.log(run_id, task_id, ti["try_number"])
+        if ti["map_index"] >= 0:
+            continue  # mapped logs share the task's endpoint with ?map_index; the unmapped ones suffice
+        assert status == 200 and lines, f"{name}: log not readable ({status})"
+        bad = [ln for ln in lines if ln.lower().startswith(("error", "critical"))]
+        assert not bad, f"{name} try {ti['try_number']} logged errors on a successful run:\n" + "\n".join(bad[:5])
+
+
+def test_gpu_worker_sigkilled_mid_pretrain_resumes_from_its_backup(deployed):
+    st, client, tree = deployed
+    t0 = time.monotonic()
+    # Long enough to kill after the first epoch's backup and before the last epoch.
+    run_id = client.trigger(smoke_conf(tree, pretrain_epochs=4, pretrain_steps_per_epoch=1000), "SIGKILL gpu worker")
+    backups = st.home / "runs" / safe_run_id(run_id) / "pretrain" / "backup"
+    wait_for("pretrain's first backup", lambda: backups.is_dir() and any(backups.iterdir()), 400, every=0.5)
+    assert client.tasks(run_id)["pretrain"]["state"] == "running"
+    st.stop("worker-gpu", sig=signal.SIGKILL)  # the worker, its task supervisor and the task, at once
+    killed = time.monotonic()
+    print(
+        f"\nSIGKILL gpu worker {killed - t0:.0f} s into the run, backups: {sorted(p.name for p in backups.iterdir())}"
+    )
+    st.start("worker-gpu")
+    state = finished(client, run_id)
+    tis = client.tasks(run_id)
+    print(f"run {state} {time.monotonic() - killed:.0f} s after the kill; pretrain try {tis['pretrain']['try_number']}")
+    assert state == "success"
+    assert tis["pretrain"]["try_number"] == 2, tis["pretrain"]
+    _, lines = client.log(run_id, "pretrain", 2)
+    resumed = [ln for ln in lines if "pretrain: resuming epoch" in ln]
+    assert resumed, "the retry did not resume from the backup:\n" + "\n".join(lines[-20:])
+    epoch, step = map(int, re.search(r"resuming epoch (\d+) at step (\d+) of 1000", resumed[0]).groups())
+    assert (epoch - 1) * 1000 + step - 1 >= 1000, resumed[0]  # past the first epoch's backup, not from scratch
+    print(resumed[0])
+
+
+def test_scheduler_restarted_mid_run_finishes(deployed):
+    st, client, tree = deployed
+    t0 = time.monotonic()
+    run_id = client.trigger(smoke_conf(tree), "scheduler restart")
+    wait_for("shards to be built", lambda: client.tasks(run_id)["seal_shards"]["state"] == "success", 400, every=0.5)
+    st.stop("scheduler")
+    time.sleep(5)  # a gap with no scheduler at all, while tasks are queued and running
+    st.start("scheduler")
+    print(f"\nscheduler restarted {time.monotonic() - t0:.0f} s into the run")
+    state = finished(client, run_id)
+    print(f"run {state} in {time.monotonic() - t0:.0f} s")
+    assert state == "success"
+    assert_clean_logs(client, run_id)
+
+
+def test_two_runs_at_once_run_one_after_the_other(deployed):
+    st, client, tree = deployed
+    t0 = time.monotonic()
+    before, history_before, _ = registry_state(st)
+    first = client.trigger(smoke_conf(tree), "concurrent 1")
+    second = client.trigger(smoke_conf(tree, seed=7), "concurrent 2")
+    wait_for("the first run to start", lambda: client.run(first)["state"] == "running", 120)
+    # max_active_runs=1: the second waits while the first runs.
+    assert client.run(second)["state"] == "queued"
+    assert finished(client, first) == "success"
+    assert finished(client, second) == "success"
+    print(f"\ntwo runs triggered at once: both succeeded, one after the other, in {time.monotonic() - t0:.0f} s")
+    r1, r2 = client.run(first), client.run(second)
+    assert r2["start_date"] >= r1["end_date"], (r1, r2)
+
+    champion, history, versions = registry_state(st)
+    moves = history[len(history_before) :]
+    by_run = {v.version: v.tags.get("airflow.run_id") for v in versions}
+    blessed = [
+        rid
+        for rid in (first, second)
+        if json.loads((st.home / "runs" / safe_run_id(rid) / "summary.json").read_text())["gate"]["blessed"]
+    ]
+    moved_for = [by_run[m["to"]] for m in moves]
+    assert sorted(moved_for) == sorted(blessed), (moves, blessed)  # once per blessed run, never otherwise
+    assert all(m["from"] == (moves[i - 1]["to"] if i else before) for i, m in enumerate(moves)), moves
+    if moves:
+        assert champion == moves[-1]["to"]
+    else:
+        assert champion == before
+
+
+def test_mlflow_down_while_promote_runs_retries_and_leaves_no_half_champion(deployed):
+    st, client, tree = deployed
+    t0 = time.monotonic()
+    run_id = client.trigger(smoke_conf(tree, seed=11), "MLflow outage")
+    wait_for("the gate", lambda: client.tasks(run_id)["evaluate_and_gate"]["state"] == "success", 500, every=0.2)
+    st.stop("mlflow")
+    down = time.monotonic()
+    try:
+        promote = wait_for(
+            "promote to fail its first try",
+            lambda: (ti := client.tasks(run_id)["promote"])["state"] in ("up_for_retry", "failed") and ti,
+            300,
+        )
+        assert promote["try_number"] == 1 and promote["state"] == "up_for_retry", promote
+        status, lines = client.log(run_id, "promote", 1)
+        # The cause, in the log of the try that met the outage: MLflow could not be reached.
+        cause = [
+            ln for ln in lines if ln.startswith("error") and ("Connection refused" in ln or "MlflowException" in ln)
+        ]
+        assert cause, (status, lines[-30:])
+        print(f"\nMLflow stopped after the gate; promote try 1 {promote['state']}: {cause[0][:240]}")
+    finally:
+        st.start("mlflow")
+    print(f"MLflow back after {time.monotonic() - down:.0f} s")
+    state = finished(client, run_id)
+    tis = client.tasks(run_id)
+    print(f"run {state} in {time.monotonic() - t0:.0f} s; promote tries: {tis['promote']['try_number']}")
+    assert state == "success"
+    assert tis["promote"]["try_number"] >= 2
+
+    champion, _, versions = registry_state(st)
+    mine = [v for v in versions if v.tags.get("airflow.run_id") == run_id]
+    assert len(mine) == 1, [(v.version, v.tags) for v in mine]  # the retry did not register twice
+    summary = json.loads((st.home / "runs" / safe_run_id(run_id) / "summary.json").read_text())
+    if summary["gate"]["blessed"]:
+        assert champion == mine[0].version
+    champ = next(v for v in versions if v.version == champion)
+    # The champion is a complete version: registered, its decision recorded and blessed.
+    assert champ.status == "READY" and champ.tags.get("gate.blessed") == "true", (champ.version, champ.tags)
+
+
+def test_security_anonymous_mlflow_and_airflow_viewer(deployed):
+    st, client, tree = deployed
+    champion, _, _ = registry_state(st)
+    assert champion, "an earlier test should have promoted a champion"
+    from mlflow.exceptions import MlflowException
+
+    for user, code in ((None, "401"), ("encoderflow-reader", "403")):
+        c = mlflow_client(st, user)
+        try:
+            with pytest.raises(MlflowException) as refused:
+                c.set_registered_model_alias(MODEL, "champion", "1")
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+            os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+        assert (
+            code in str(refused.value)
+            or "PERMISSION_DENIED" in str(refused.value)
+            or "Unauthorized" in str(refused.value)
+        ), refused.value
+    assert registry_state(st)[0] == champion  # nothing moved
+
+    # A bare HTTP request with no credentials is refused before it reaches the registry.
+    req = urllib.request.Request(
+        st.mlflow_url + "/api/2.0/mlflow/registered-models/alias",
+        data=json.dumps({"name": MODEL, "alias": "champion", "version": "1"}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as anon:
+        urllib.request.urlopen(req, timeout=30)
+    assert anon.value.code == 401
+
+    status, runs = client("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=1&order_by=-start_date", user="viewer")
+    assert status == 200 and runs["dag_runs"], (status, runs)
+    run_id = runs["dag_runs"][0]["dag_run_id"]
+    status, lines = client.log(run_id, "report", 1, user="viewer")
+    assert status == 200 and lines, status
+    status, body = client(
+        "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": smoke_conf(tree)}, user="viewer"
+    )
+    assert status == 403, (status, body)
+    status, body = client(
+        "POST", f"/api/v2/dags/{DAG_ID}/clearTaskInstances", {"dry_run": True, "dag_run_id": run_id}, user="viewer"
+    )
+    assert status == 403, (status, body)
+    status, page = client("GET", "/encoderflow/", user="viewer")
+    assert status == 200 and "Encoderflow runs" in page and "signed in as viewer" in page, (status, page[:500])
