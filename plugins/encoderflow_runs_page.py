@@ -109,6 +109,7 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
             }
         if gate:
             entry["checks"] = gate.get("checks", [])
+            entry["intervals"] = gate_intervals(gate)
         entry["gate_chart"] = gate_figures(gate, summary)
         entry["curves"] = read_curves(folder)
         entry["data_docs"] = data_docs(folder)
@@ -152,11 +153,34 @@ def read_curves(run_dir: Path) -> dict[str, dict[str, list[float | None]]]:
     return out
 
 
+INTERVAL_NAMES = ("candidate", "baseline", "champion", "candidate_minus_champion")
+
+
+def gate_intervals(gate: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``gate.json``'s bootstrap intervals, checked: name -> {estimate, low, high} (finite floats), and the
+    confidence; None for a gate.json written before the gate had them, or one without a usable interval."""
+    raw = (gate or {}).get("intervals")
+    if not isinstance(raw, dict):
+        return None
+    out: dict[str, Any] = {}
+    for name in INTERVAL_NAMES:
+        item = raw.get(name)
+        if not isinstance(item, dict):
+            continue
+        values = {k: _finite(item.get(k)) for k in ("estimate", "low", "high")}
+        if None not in values.values():
+            out[name] = values
+    if not out:
+        return None
+    return {"confidence": _finite(raw.get("confidence")) or 0.95, **out}
+
+
 def gate_figures(gate: dict[str, Any] | None, summary: dict[str, Any] | None) -> dict[str, Any] | None:
     """What the gate compared, for its chart: accuracies, the champion's version and the thresholds used.
 
-    ``gate.json`` holds the numbers the decision was made on and each check's threshold; a run
-    whose gate.json is gone still has its summary's metrics (without thresholds).
+    ``gate.json`` holds the numbers the decision was made on, each check's threshold and the
+    bootstrap intervals (:func:`gate_intervals`); a run whose gate.json is gone still has its
+    summary's metrics (without thresholds or intervals).
     """
     if gate:
         thresholds = {c.get("name"): _finite(c.get("threshold")) for c in gate.get("checks") or []}
@@ -170,6 +194,7 @@ def gate_figures(gate: dict[str, Any] | None, summary: dict[str, Any] | None) ->
             "min_gain_over_baseline": thresholds.get("baseline"),
             # The champion check's threshold is the allowed change, -max_regression.
             "min_change_vs_champion": thresholds.get("champion"),
+            "intervals": gate_intervals(gate),
         }
     elif summary:
         metrics = summary.get("metrics") or {}
@@ -182,6 +207,7 @@ def gate_figures(gate: dict[str, Any] | None, summary: dict[str, Any] | None) ->
             "floor": None,
             "min_gain_over_baseline": None,
             "min_change_vs_champion": None,
+            "intervals": None,
         }
     else:
         return None
@@ -407,6 +433,9 @@ def gate_svg(figures: Mapping[str, Any]) -> str:
 
     Bars run from 0 to 1 so a small margin looks small; the numbers beside them are exact, and for
     the baseline and the champion they say what the candidate needed to reach, when the gate recorded it.
+    Where the gate recorded bootstrap intervals, each bar carries its accuracy's 95% interval as an
+    error bar, and a line under the axis gives the paired interval of candidate - champion (the
+    one that says whether a margin is more than the dev set's noise).
 
     Args:
         figures: :func:`gate_figures`' dict.
@@ -421,6 +450,9 @@ def gate_svg(figures: Mapping[str, Any]) -> str:
     floor = _finite(figures.get("floor"))
     gain, change = _finite(figures.get("min_gain_over_baseline")), _finite(figures.get("min_change_vs_champion"))
     version = figures.get("champion_version")
+    intervals = figures.get("intervals") or {}
+    diff = intervals.get("candidate_minus_champion")
+    pct = f"{intervals.get('confidence') or 0.95:.0%}"
 
     def needs(value: float | None, margin: float | None) -> float | None:
         # Where the candidate had to reach on this comparison; a level at or below 0 asks nothing
@@ -446,7 +478,7 @@ def gate_svg(figures: Mapping[str, Any]) -> str:
         ),
     ]
     left, plot_w, top, row_h, bar_h = 92, 170, 34, 26, 16
-    width, height = left + plot_w + 200, top + row_h * len(rows) + 34
+    width, height = left + plot_w + 200, top + row_h * len(rows) + 34 + (14 if diff else 0)
     verdict = "BLESSED" if blessed else ("NOT BLESSED" if blessed is not None else "no decision")
 
     def x_of(value: float) -> float:
@@ -484,12 +516,27 @@ def gate_svg(figures: Mapping[str, Any]) -> str:
             f"{_e(f' (the candidate needed at least {level:.4f})' if level is not None else '')}</title></rect>"
             f"<text x='{left + plot_w + 6}' y='{_n(y + bar_h / 2)}' dy='3.5'>{_e(text)}</text>"
         )
+        if (ci := intervals.get(name)) is not None:  # an error bar with short caps, across the bar's end
+            lo, hi, mid = _n(x_of(ci["low"])), _n(x_of(ci["high"])), y + bar_h / 2
+            caps = "".join(f"<line x1='{x}' y1='{_n(mid - 4)}' x2='{x}' y2='{_n(mid + 4)}'/>" for x in (lo, hi))
+            out.append(
+                f"<g class='ef-ci' data-name='{name}' data-low='{ci['low']:.4f}' data-high='{ci['high']:.4f}' "
+                f"stroke='#1a202c' stroke-width='1.2'><title>{_e(label)}: {pct} interval "
+                f"{ci['low']:.4f} to {ci['high']:.4f}</title>"
+                f"<line x1='{lo}' y1='{_n(mid)}' x2='{hi}' y2='{_n(mid)}'/>{caps}</g>"
+            )
         if level is not None:  # where the candidate's bar had to reach, on this comparison's row
             x = _n(x_of(level))
             out.append(
                 f"<line class='ef-needs' x1='{x}' y1='{_n(y - 2)}' x2='{x}' y2='{_n(y + bar_h + 2)}' "
                 "stroke='#1a202c' stroke-width='1.5'/>"
             )
+    if diff:
+        out.append(
+            f"<text class='ef-diff' x='4' y='{bottom + 42}' data-low='{diff['low']:+.4f}' "
+            f"data-high='{diff['high']:+.4f}'>candidate - champion: {diff['estimate']:+.4f}, {pct} interval "
+            f"[{diff['low']:+.4f}, {diff['high']:+.4f}] (paired bootstrap)</text>"
+        )
     if floor is not None:
         x = _n(x_of(floor))
         out.append(
@@ -629,6 +676,21 @@ def _mlflow_links(mlflow_url: str | None, model: str, version: Any, run_id: Any)
     return parts
 
 
+def _intervals_text(intervals: Mapping[str, Any] | None) -> str:
+    """The gate cell's line of bootstrap intervals: the candidate's accuracy and its difference to the champion."""
+    if not intervals:
+        return ""
+    parts = []
+    if ci := intervals.get("candidate"):
+        parts.append(f"candidate {ci['estimate']:.4f} [{ci['low']:.4f}, {ci['high']:.4f}]")
+    if ci := intervals.get("candidate_minus_champion"):
+        parts.append(f"candidate - champion {ci['estimate']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]")
+    if not parts:
+        return ""
+    pct = f"{intervals.get('confidence') or 0.95:.0%}"
+    return f"<div class='muted ef-ci-text'>{pct} intervals: {_e(' · '.join(parts))}</div>"
+
+
 def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
     """The run's table row, and under it a row with its charts (``figures``, :func:`charts_html`) if any."""
     run_id = run.get("run_id") or run.get("folder")
@@ -659,7 +721,7 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
         # Reasons say why not; for a blessing, each check's detail says by how much.
         details = reasons or [f"{c.get('name')}: {c.get('detail')}" for c in run.get("checks") or [] if c.get("passed")]
         items = "".join(f"<li>{_e(r)}</li>" for r in details) or "<li>all checks passed</li>"
-        cells.append(f"{verdict}<ul>{items}</ul>")
+        cells.append(f"{verdict}<ul>{items}</ul>{_intervals_text(run.get('intervals'))}")
 
     metrics = run.get("metrics") or {}
     cells.append(

@@ -130,4 +130,6 @@ def test_round_trip_scores_the_accuracy_recorded(tmp_path, inputs):
     scorer = bundle.Scorer(bundle.verify(path))
     np.testing.assert_allclose(scorer.probabilities(sentences, batch_size=16), probs, atol=1e-6)
     assert scorer.accuracy(sentences, labels) == bundle.metadata(path)["val_accuracy"] == recorded
+    # Per sentence, in the order given: what the gate pairs with the champion's.
+    np.testing.assert_array_equal(scorer.correct(sentences, labels), (probs >= 0.5) == labels)
     assert scorer.probabilities([]).shape == (0,)

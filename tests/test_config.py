@@ -209,3 +209,34 @@ def test_training_options_are_validated(key, value):
 def test_training_options_defaults_keep_the_guide():
     cfg = from_overrides("guide")
     assert (cfg.pretrain.precision, cfg.pretrain.lr_schedule) == ("auto", "constant")
+
+
+def test_gate_noise_knobs_round_trip_through_the_form_the_cli_and_records():
+    from encoderflow import airflow_adapter, config
+
+    # Off by default in both presets: the raw comparison stays the rule unless asked.
+    assert from_overrides("guide").gate.require_significant_gain is False
+    assert from_overrides("smoke").gate.require_significant_gain is False
+    assert from_overrides("guide").gate.bootstrap_resamples == 2000
+    # The trigger form: a boolean field in the gate's section, mapped back to its key.
+    param = airflow_adapter.params()["gate_require_significant_gain"]
+    assert param.schema["type"] == ["null", "boolean"] and param.schema["section"] == config.GATE
+    assert config.param_keys()["gate_require_significant_gain"] == "gate.require_significant_gain"
+    cfg = config.from_params({"preset": "smoke", "gate_require_significant_gain": True})
+    assert cfg.gate.require_significant_gain is True
+    assert (
+        config.from_params({"preset": "smoke", "gate_require_significant_gain": None}).gate
+        == from_overrides("smoke").gate
+    )
+    # The resamples are set through "Other overrides" / --set, within their bounds.
+    cfg = config.from_params({"preset": "guide", "overrides": ["gate.bootstrap_resamples=500"]})
+    assert cfg.gate.bootstrap_resamples == 500
+    assert from_overrides("guide", parse_set(["gate.require_significant_gain=true"])).gate.require_significant_gain
+    for bad in ("100", "200000"):
+        with pytest.raises(ConfigError, match="'gate.bootstrap_resamples': must be"):
+            from_overrides("guide", {"gate.bootstrap_resamples": bad})
+    with pytest.raises(ConfigError, match="'gate.require_significant_gain': expected bool"):
+        from_overrides("guide", {"gate.require_significant_gain": 1})
+    # A recorded config (MLflow params, bundle.json) rebuilds with both.
+    cfg = from_overrides("smoke", {"gate.require_significant_gain": True, "gate.bootstrap_resamples": 300})
+    assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

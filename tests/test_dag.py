@@ -82,7 +82,9 @@ def test_dagbag_parses_fast_without_heavy_imports(tmp_path):
         "finetune_learning_rate",
         "gate_min_accuracy",
         "gate_max_regression",
+        "gate_require_significant_gain",
     } <= set(result["params"])
+    assert result["schemas"]["gate_require_significant_gain"]["type"] == ["null", "boolean"]
 
 
 def test_every_param_maps_to_a_config_key(tmp_path):

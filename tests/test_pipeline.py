@@ -145,19 +145,63 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     assert v1.tags["gate.check.floor"].startswith("pass")
     assert v1.tags["shards.manifest_sha256"] == layout.sha256_file(manifest_path)
 
-    # A second, untrained candidate: registered, not blessed, champion unchanged.
-    second = _run(home, url, sources, "finetune.learning_rate=1e-9", "finetune.steps_per_epoch=1")
+    # The gate's bootstrap intervals: in gate.json, on the version and in the task log. No champion
+    # yet, so no difference; the baseline's come from its own per-sentence dev predictions.
+    gate1 = json.loads((layout.run_dir(run1) / "gate.json").read_text())
+    iv1 = gate1["intervals"]
+    assert (iv1["examples"], iv1["resamples"], iv1["seed"], iv1["confidence"]) == (64, 2000, 42, 0.95)
+    assert iv1["champion"] is None and iv1["candidate_minus_champion"] is None
+    for name, metric in (("candidate", "sst2_val_accuracy"), ("baseline", "baseline_val_accuracy")):
+        interval = iv1[name]
+        assert interval["low"] <= interval["estimate"] <= interval["high"] and interval["high"] - interval["low"] > 0
+        # Scored per sentence: the step's accuracy, within one sentence (fine-tuning evaluates in length buckets).
+        assert interval["estimate"] == pytest.approx(summary1["metrics"][metric], abs=1 / 64 + 1e-6), name
+    assert v1.tags["gate.candidate_accuracy_ci"] == f"[{iv1['candidate']['low']:.4f}, {iv1['candidate']['high']:.4f}]"
+    assert "gate.baseline_accuracy_ci" in v1.tags and "gate.candidate_minus_champion_ci" not in v1.tags
+    gate_log = (layout.run_dir(run1) / "logs" / "task_id=evaluate_and_gate" / "attempt=1.log").read_text()
+    assert (
+        "gate intervals (95% paired bootstrap over 64 dev sentences, 2000 resamples, seed 42): candidate " in gate_log
+    )
+
+    # A second, untrained candidate: registered, not blessed, champion unchanged; it must also show
+    # a significant gain, and its paired interval says it is significantly worse.
+    second = _run(
+        home,
+        url,
+        sources,
+        "finetune.learning_rate=1e-9",
+        "finetune.steps_per_epoch=1",
+        "gate.require_significant_gain=true",
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     run2, summary2 = _summary(second, home)
     assert run2 != run1
     assert summary2["gate"]["blessed"] is False
     assert any(r.startswith("champion:") for r in summary2["gate"]["reasons"]), summary2["gate"]
+    assert any(r.startswith("significance: vs champion v") for r in summary2["gate"]["reasons"]), summary2["gate"]
+    iv2 = json.loads((layout.run_dir(run2) / "gate.json").read_text())["intervals"]
+    diff = iv2["candidate_minus_champion"]
+    assert iv2["champion"]["estimate"] == pytest.approx(summary2["metrics"]["champion_val_accuracy"])
+    assert diff["estimate"] == pytest.approx(iv2["candidate"]["estimate"] - iv2["champion"]["estimate"])
+    assert diff["low"] <= diff["estimate"] <= diff["high"] < 0, diff
     # The champion was re-evaluated on this run's data, not copied from its stored number.
     assert summary2["metrics"]["champion_val_accuracy"] == pytest.approx(summary1["metrics"]["sst2_val_accuracy"])
     assert client.get_model_version_by_alias(MODEL, "champion").version == v1.version
     v2 = client.get_model_version(MODEL, summary2["registry"]["version"])
     assert v2.tags["gate.blessed"] == "false"
     assert "champion" in v2.tags["gate.reasons"]
+    assert v2.tags["gate.candidate_minus_champion_ci"] == f"[{diff['low']:+.4f}, {diff['high']:+.4f}]"
+    assert v2.tags["gate.check.significance"].startswith("FAIL: vs champion v")
+    # The runs page shows them from gate.json: error bars on the gate chart, the paired margin in the gate cell.
+    sys.path.insert(0, str(REPO / "plugins"))
+    import encoderflow_runs_page as page
+
+    runs = {r["run_id"]: r for r in page.collect_runs(home)}
+    html = page.render(list(runs.values()), {"champion": None, "history": []}, MODEL, None)
+    assert runs[run2]["gate_chart"]["intervals"]["candidate_minus_champion"] == diff
+    assert f"candidate - champion {diff['estimate']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}]" in html
+    assert f"data-low='{diff['low']:+.4f}' data-high='{diff['high']:+.4f}'" in html  # the chart's difference line
+    assert html.count("class='ef-ci'") == 5  # run 1: candidate and baseline; run 2: and the champion
     # Verified data was reused: the second run made no new request.
     assert len(requests) == 3
     assert "NOT BLESSED" in second.stdout

@@ -50,6 +50,7 @@ def write_runs(home: Path) -> None:
         {"name": "baseline", "passed": True, "detail": "gain -0.0490", "value": -0.049, "threshold": -0.1},
         {"name": "champion", "passed": False, "detail": "-0.1110", "value": -0.111, "threshold": -0.0},
     ]
+    # The blessed run's gate.json predates the bootstrap intervals; the rejected run's has them.
     for run_id, blessed, reasons, acc, version in (
         (BLESSED_RUN, True, [], 0.812, "1"),
         (
@@ -69,6 +70,7 @@ def write_runs(home: Path) -> None:
             "champion": None if blessed else 0.812,
             "champion_version": None if blessed else "1",
             "checks": blessed_checks if blessed else rejected_checks,
+            **({} if blessed else {"intervals": INTERVALS}),
         }
         layout.write_json(run_dir / "gate.json", gate)
         layout.write_json(
@@ -101,6 +103,19 @@ def write_runs(home: Path) -> None:
         {"history": {**HISTORIES["finetune"], "val_loss": [0.61, float("nan")]}},
     )
     docs(FAILED_RUN, "sst2")
+
+
+# gate.json's bootstrap intervals as the gate writes them (gate.Intervals), for the rejected run.
+INTERVALS = {
+    "examples": 872,
+    "resamples": 2000,
+    "seed": 42,
+    "confidence": 0.95,
+    "candidate": {"estimate": 0.701, "low": 0.67, "high": 0.731},
+    "champion": {"estimate": 0.812, "low": 0.786, "high": 0.838},
+    "baseline": None,
+    "candidate_minus_champion": {"estimate": -0.111, "low": -0.14, "high": -0.082},
+}
 
 
 # Per-epoch histories as the training steps write them (Keras metric names; pretraining via CSVLogger).
@@ -173,6 +188,8 @@ def test_runs_page_shows_decisions_metrics_history_and_links(encoderflow_home):
     assert failed["data_docs"] == {"sst2": "data_docs/sst2/index.html"}
     assert blessed["gate"]["blessed"] is True and blessed["registry"]["version"] == "1"
     assert rejected["state"] is None and rejected["gate"]["reasons"][0].startswith("champion:")
+    assert rejected["intervals"]["candidate_minus_champion"] == INTERVALS["candidate_minus_champion"]
+    assert blessed["intervals"] is None  # its gate.json predates the intervals
 
     html = page.render(runs, REGISTRY, "encoderflow-sst2", "http://mlflow.example:5000", user="alice")
     assert "BLESSED" in html and "NOT BLESSED" in html
@@ -181,6 +198,11 @@ def test_runs_page_shows_decisions_metrics_history_and_links(encoderflow_home):
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "SST-2 dev accuracy: <b>0.8120</b>" in html and "champion (re-evaluated): <b>0.8120</b>" in html
     assert "not gated" in html  # the run that failed validation
+    # The gate cell gives the intervals the gate recorded: the candidate's, and its paired margin to the champion.
+    assert html.count("class='muted ef-ci-text'") == 1
+    assert (
+        "95% intervals: candidate 0.7010 [0.6700, 0.7310] · candidate - champion -0.1110 [-0.1400, -0.0820]"
+    ) in html
     # Champion and its history, newest move first.
     assert html.index("v3 misbehaves") < html.index(f"gate blessed run {BLESSED_RUN}")
     assert "v3 → v1" in html and "alice" in html
@@ -353,6 +375,57 @@ def test_gate_chart_compares_candidate_baseline_and_champion_with_the_thresholds
     assert page.gate_svg({"blessed": None, "candidate": None, "baseline": float("nan")}) == ""
 
 
+def test_gate_chart_draws_each_interval_as_an_error_bar_and_the_paired_difference_below():
+    figures = {
+        "blessed": False,
+        "candidate": 0.701,
+        "baseline": 0.75,
+        "champion": 0.812,
+        "champion_version": "1",
+        "floor": 0.7,
+        "min_gain_over_baseline": 0.02,
+        "min_change_vs_champion": -0.01,
+        "intervals": page.gate_intervals(
+            {"intervals": {**INTERVALS, "baseline": {"estimate": 0.75, "low": 0.72, "high": 0.78}}}
+        ),
+    }
+    markup = page.gate_svg(figures)
+    root = parse_svg(markup)
+    bars = {r.get("data-name"): r for r in root.iter(f"{SVG}rect") if r.get("class") == "ef-bar"}
+    errors = {g.get("data-name"): g for g in root.iter(f"{SVG}g") if g.get("class") == "ef-ci"}
+    assert sorted(errors) == ["baseline", "candidate", "champion"]
+    left, plot_w = 92, 170  # the chart's axis: x = left + accuracy * plot_w
+    for name, group in errors.items():
+        expected = INTERVALS[name] if name != "baseline" else {"low": 0.72, "high": 0.78}
+        assert (group.get("data-low"), group.get("data-high")) == (f"{expected['low']:.4f}", f"{expected['high']:.4f}")
+        whisker, *caps = group.findall(f"{SVG}line")
+        assert float(whisker.get("x1")) == pytest.approx(left + expected["low"] * plot_w, abs=0.06)
+        assert float(whisker.get("x2")) == pytest.approx(left + expected["high"] * plot_w, abs=0.06)
+        # Centred on its own bar, with a cap at each end.
+        bar = bars[name]
+        assert float(whisker.get("y1")) == pytest.approx(float(bar.get("y")) + float(bar.get("height")) / 2, abs=0.06)
+        assert [c.get("x1") for c in caps] == [whisker.get("x1"), whisker.get("x2")]
+        assert "95% interval" in group.find(f"{SVG}title").text
+    # The candidate's bar ends inside its own interval.
+    candidate_end = float(bars["candidate"].get("x")) + float(bars["candidate"].get("width"))
+    assert float(errors["candidate"][1].get("x1")) < candidate_end < float(errors["candidate"][1].get("x2"))
+    (diff,) = [t for t in root.iter(f"{SVG}text") if t.get("class") == "ef-diff"]
+    assert diff.text == "candidate - champion: -0.1110, 95% interval [-0.1400, -0.0820] (paired bootstrap)"
+    assert (diff.get("data-low"), diff.get("data-high")) == ("-0.1400", "-0.0820")
+    assert float(diff.get("y")) < float(root.get("height"))  # the chart grew to hold the line
+
+    # A gate.json without intervals (or with unusable ones) draws exactly the chart it drew before.
+    plain = {**figures, "intervals": None}
+    assert "ef-ci" not in page.gate_svg(plain) and "ef-diff" not in page.gate_svg(plain)
+    assert float(parse_svg(page.gate_svg(plain)).get("height")) == float(root.get("height")) - 14
+    broken = {"intervals": {"candidate": {"estimate": 0.7, "low": float("nan"), "high": 0.8}, "champion": "x"}}
+    assert page.gate_intervals(broken) is None and page.gate_intervals({}) is None
+    # No champion: error bars on what there is, no difference line.
+    first = page.gate_intervals({"intervals": {**INTERVALS, "champion": None, "candidate_minus_champion": None}})
+    first_svg = page.gate_svg({"blessed": True, "candidate": 0.701, "baseline": 0.75, "intervals": first})
+    assert first_svg.count("class='ef-ci'") == 1 and "ef-diff" not in first_svg
+
+
 def test_each_run_shows_its_charts_from_its_folder(encoderflow_home):
     write_runs(encoderflow_home)
     runs = page.collect_runs(encoderflow_home)
@@ -370,7 +443,12 @@ def test_each_run_shows_its_charts_from_its_folder(encoderflow_home):
         "floor": 0.7,
         "min_gain_over_baseline": -0.1,
         "min_change_vs_champion": -0.0,
+        "intervals": {
+            "confidence": 0.95,
+            **{k: INTERVALS[k] for k in ("candidate", "champion", "candidate_minus_champion")},
+        },
     }
+    assert blessed["gate_chart"]["intervals"] is None
     json.dumps(runs, allow_nan=False)  # runs.json: Starlette refuses NaN, so none may be left
 
     html = page.render(runs, REGISTRY, "encoderflow-sst2", "http://mlflow.example:5000")

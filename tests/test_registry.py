@@ -187,3 +187,34 @@ def test_a_retry_of_the_same_airflow_run_registers_no_second_version(tmp_path):
     )
     assert again["version"] == first
     assert len(registry.client().search_model_versions(f"name='{NAME}'")) == 1
+
+
+def test_decision_tags_carry_the_gate_intervals():
+    import numpy as np
+
+    from encoderflow import gate
+    from encoderflow.config import GateConfig
+
+    n = 872
+    champion = np.arange(n) % 5 != 0  # right on 4 of 5 sentences
+    candidate = champion.copy()
+    candidate[np.flatnonzero(~champion)[:30]] = True  # and on 30 more
+    intervals = gate.bootstrap(candidate, champion, resamples=2000, seed=42)
+    decision = gate.decide(
+        float(candidate.mean()),
+        0.75,
+        float(champion.mean()),
+        GateConfig(require_significant_gain=True),
+        "4",
+        intervals,
+    )
+    tags = registry.decision_tags(json.loads(json.dumps(decision.to_dict())))
+    diff, cand = intervals.candidate_minus_champion, intervals.candidate
+    assert tags["gate.candidate_minus_champion_ci"] == f"[{diff.low:+.4f}, {diff.high:+.4f}]"
+    assert tags["gate.candidate_accuracy_ci"] == f"[{cand.low:.4f}, {cand.high:.4f}]"
+    assert tags["gate.champion_accuracy_ci"].startswith("[0.7")
+    assert "gate.baseline_accuracy_ci" not in tags  # no per-sentence baseline predictions given
+    assert tags["gate.intervals"] == "95% paired bootstrap over 872 dev sentences, 2000 resamples, seed 42"
+    assert tags["gate.check.significance"].startswith("pass: vs champion v4: candidate - champion +0.0344")
+    # A decision recorded before the gate had intervals gets no interval tags.
+    assert not any("_ci" in k for k in registry.decision_tags({"blessed": True, "reasons": [], "checks": []}))

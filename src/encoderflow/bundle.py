@@ -186,9 +186,13 @@ class Scorer:
             out.append(np.asarray(self.classifier.predict(ids, verbose=0)).reshape(-1))
         return np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)
 
-    def accuracy(self, sentences: Sequence[str], labels) -> float:
-        """Share of sentences whose thresholded (0.5) probability equals the 0/1 label."""
+    def correct(self, sentences: Sequence[str], labels) -> np.ndarray:
+        """Per sentence, whether the thresholded (0.5) probability equals its 0/1 label (bool array)."""
         import numpy as np
 
         probs = self.probabilities(sentences)
-        return float(np.mean((probs >= 0.5).astype(np.int32) == np.asarray(labels)))
+        return (probs >= 0.5).astype(np.int32) == np.asarray(labels)
+
+    def accuracy(self, sentences: Sequence[str], labels) -> float:
+        """Share of sentences classified correctly (:meth:`correct`)."""
+        return float(self.correct(sentences, labels).mean())

@@ -197,7 +197,7 @@ class DataConfig(_Section):
     )
     seed: int = knob(
         42,
-        "Root of every random choice in data generation and training.",
+        "Root of every random choice in data generation and training, and of the gate's bootstrap resamples.",
         minimum=0,
         maximum=2**31 - 1,
         title="Seed",
@@ -385,6 +385,21 @@ class GateConfig(_Section):
         maximum=1.0,
         title="Gate: maximum regression vs champion",
         form=GATE,
+    )
+    require_significant_gain: bool = knob(
+        False,
+        "Replace an existing champion only when the lower bound of the 95% paired bootstrap interval of "
+        "candidate - champion accuracy (both scored on this run's dev data) is strictly above "
+        "-gate.max_regression: with the default 0, a gain the dev set's sampling noise does not explain; "
+        "identical predictions never pass. Passes when there is no champion yet.",
+        title="Gate: require a significant gain vs champion",
+        form=GATE,
+    )
+    bootstrap_resamples: int = knob(
+        2000,
+        "Resamples of the dev set behind the gate's 95% bootstrap intervals (seeded by data.seed).",
+        minimum=200,
+        maximum=100_000,
     )
     registered_model: str = knob("encoderflow-sst2", "MLflow registered model name.")
 

@@ -206,6 +206,23 @@ def decision_tags(decision: dict[str, Any]) -> dict[str, str]:
     }
     for check in decision.get("checks", []):
         tags[f"gate.check.{check['name']}"] = ("pass: " if check["passed"] else "FAIL: ") + check["detail"]
+    tags.update(interval_tags(decision.get("intervals")))
+    return tags
+
+
+def interval_tags(intervals: dict[str, Any] | None) -> dict[str, str]:
+    """The gate's bootstrap intervals (``gate.json``'s ``intervals``) as ``[low, high]`` version tags."""
+    if not intervals:
+        return {}
+    tags = {
+        "gate.intervals": f"{intervals['confidence']:.0%} paired bootstrap over {intervals['examples']} dev "
+        f"sentences, {intervals['resamples']} resamples, seed {intervals['seed']}"
+    }
+    for name in ("candidate", "champion", "baseline"):
+        if interval := intervals.get(name):
+            tags[f"gate.{name}_accuracy_ci"] = f"[{interval['low']:.4f}, {interval['high']:.4f}]"
+    if diff := intervals.get("candidate_minus_champion"):
+        tags["gate.candidate_minus_champion_ci"] = f"[{diff['low']:+.4f}, {diff['high']:+.4f}]"
     return tags
 
 

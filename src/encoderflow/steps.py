@@ -23,6 +23,7 @@ from encoderflow.results import (
     Finetuned,
     Pretrained,
     Sealed,
+    file_info,
     file_path,
     only_file,
 )
@@ -162,34 +163,87 @@ def finetune(
 def evaluate_and_gate(
     finetuned: Finetuned, baseline: Baseline, sst2: Dataset, params: Mapping[str, Any], run_id: str
 ) -> dict[str, Any]:
-    """Re-evaluate the champion on this run's dev data, decide, write ``gate.json``."""
+    """Score candidate and champion on this run's dev data, bootstrap their intervals, decide, write ``gate.json``.
+
+    Both bundles are scored here, by the same :class:`~encoderflow.bundle.Scorer` on the same dev
+    file, so their per-sentence results pair up sentence for sentence (fine-tuning's own
+    evaluation batches by length and does not keep the order). The baseline's come from its
+    ``result.json``. The decision's numbers stay the metrics of record (``sst2_val_accuracy``,
+    ``baseline_val_accuracy``, the re-evaluated ``champion_val_accuracy``); the intervals are
+    computed around the per-sentence scores.
+    """
     from encoderflow import gate, registry
+    from encoderflow.bundle import Scorer
+    from encoderflow.data.sst2 import read_split
 
     setup_logging()
     cfg = from_params(params)
+    dev = file_path(sst2, SST2_DEV)
+    sentences, labels = read_split(dev)
+    candidate_correct = Scorer(finetuned["bundle"]).correct(sentences, labels)
+    log.info(
+        "gate: candidate %s scored on %s: accuracy %.4f (fine-tuning measured %.4f)",
+        finetuned["bundle"],
+        dev,
+        candidate_correct.mean(),
+        finetuned["sst2_val_accuracy"],
+    )
     current = registry.champion(cfg.gate.registered_model)
-    champion_acc = None
+    champion_acc = champion_correct = None
     if current is not None:
-        from encoderflow.bundle import Scorer
-        from encoderflow.data.sst2 import read_split
-
         dst = layout.run_dir(run_id) / "champion" / f"v{current['version']}"
         bundle = registry.download_version(cfg.gate.registered_model, current["version"], dst)
-        dev = file_path(sst2, SST2_DEV)
-        champion_acc = Scorer(bundle).accuracy(*read_split(dev))
+        champion_correct = Scorer(bundle).correct(sentences, labels)
+        champion_acc = float(champion_correct.mean())
         log.info("gate: champion v%s re-evaluated on %s: accuracy %.4f", current["version"], dev, champion_acc)
+    intervals = gate.bootstrap(
+        candidate_correct,
+        champion_correct,
+        _baseline_correct(baseline, sst2, len(labels)),
+        resamples=cfg.gate.bootstrap_resamples,
+        seed=cfg.data.seed,
+    )
     decision = gate.decide(
         finetuned["sst2_val_accuracy"],
         baseline["baseline_val_accuracy"],
         champion_acc,
         cfg.gate,
         champion_version=current["version"] if current else None,
+        intervals=intervals,
     )
     for line in decision.table().splitlines():
         log.info("%s", line)
     path = layout.write_json(layout.run_dir(run_id) / "gate.json", decision.to_dict())
     _output("evaluate_and_gate", "gate_json", str(path))
     return {**decision.to_dict(), "gate_json": str(path)}
+
+
+def _baseline_correct(baseline: Baseline, sst2: Dataset, sentences: int):
+    """The baseline's per-sentence dev correctness from its ``result.json``, or None (logged why)."""
+    from encoderflow import gate
+
+    path = baseline["result"]
+    result = layout.read_json(path)
+    if "dev_correct" not in result:
+        log.info(
+            "gate: %s records no per-sentence dev predictions (written before they were): no baseline interval", path
+        )
+        return None
+    dev = file_info(sst2, SST2_DEV)
+    correct = gate.correctness_from_text(result["dev_correct"])
+    if result.get("dev_sha256") != dev["sha256"] or correct.size != sentences:
+        log.warning(
+            "gate: %s was scored on another dev file (sha256 %s, %d sentences) than %s (sha256 %s, %d sentences): "
+            "no baseline interval; re-run train_baseline to pair them",
+            path,
+            result.get("dev_sha256"),
+            correct.size,
+            dev["path"],
+            dev["sha256"],
+            sentences,
+        )
+        return None
+    return correct
 
 
 def promote(

@@ -1,8 +1,11 @@
-"""The bag-of-words baseline: trains, records its dev accuracy, and is reused only for the same inputs."""
+"""The bag-of-words baseline: trains, records its dev accuracy and per-sentence results, and is reused only for the
+same inputs."""
 
 from __future__ import annotations
 
-from encoderflow import config, layout
+import pytest
+
+from encoderflow import config, gate, layout
 from encoderflow.data import sources
 from encoderflow.train.baseline import train_baseline
 
@@ -31,3 +34,14 @@ def test_the_reuse_key_covers_the_seed(tmp_path):
     reseeded = train_baseline(config.from_overrides("smoke", {"data.seed": 7}), sst2, out)
     assert reseeded["key"] != first["key"]
     assert layout.read_json(out / "result.json")["key"] == reseeded["key"]
+
+
+def test_per_sentence_dev_correctness_is_recorded_for_the_gate(tmp_path):
+    sst2 = _sst2(tmp_path)
+    result = train_baseline(config.from_overrides("smoke"), sst2, tmp_path / "baseline")
+    correct = gate.correctness_from_text(result["dev_correct"])
+    # One per dev sentence, in file order, thresholded as the accuracy metric: their mean is it.
+    assert correct.size == result["dev_rows"] == 20
+    assert correct.mean() == pytest.approx(result["val_accuracy"], abs=1e-6)
+    # Tied to the dev file it was scored on, so the gate pairs it only with predictions on that file.
+    assert result["dev_sha256"] == layout.sha256_file(tmp_path / "data" / DEV)

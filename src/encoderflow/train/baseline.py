@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from encoderflow import layout, runtime
+import numpy as np
+
+from encoderflow import gate, layout, runtime
 from encoderflow.config import Config
-from encoderflow.results import SST2_DEV, SST2_TRAIN, file_path
+from encoderflow.results import SST2_DEV, SST2_TRAIN, file_info, file_path
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,10 @@ def train_baseline(cfg: Config, sst2: dict[str, Any], out_dir: str | os.PathLike
         callbacks=[EpochLogger("baseline", b.batch_size)],
     )
     val_loss, val_accuracy = model.evaluate(dev_mh, verbose=0)
+    # Per dev sentence, in file order (dev_mh is not shuffled), for the gate's paired bootstrap;
+    # thresholded as Keras's accuracy metric does (> 0.5), so their mean is val_accuracy.
+    probs = np.asarray(model.predict(dev_mh, verbose=0)).reshape(-1)
+    dev_correct = (probs > 0.5).astype(np.int32) == np.asarray(dev_y)
     result = {
         "key": key,
         "val_accuracy": float(val_accuracy),
@@ -66,6 +72,8 @@ def train_baseline(cfg: Config, sst2: dict[str, Any], out_dir: str | os.PathLike
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "train_rows": len(train_x),
         "dev_rows": len(dev_x),
+        "dev_correct": gate.correctness_text(dev_correct),
+        "dev_sha256": file_info(sst2, SST2_DEV)["sha256"],
         "seconds": round(time.monotonic() - t0, 1),
     }
     layout.write_json(out_dir / "result.json", result)
