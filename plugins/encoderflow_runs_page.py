@@ -110,6 +110,9 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         if gate:
             entry["checks"] = gate.get("checks", [])
             entry["intervals"] = gate_intervals(gate)
+        # First failure wins and is never erased: a run cleared and finished since shows none.
+        failure = _read_json(folder / "failure.json")
+        entry["failure"] = failure if failure and entry.get("state") in ("failed", None) and not summary else None
         entry["gate_chart"] = gate_figures(gate, summary)
         entry["curves"] = read_curves(folder)
         entry["data_docs"] = data_docs(folder)
@@ -713,7 +716,14 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
         cells[0] += "<div class='muted'>" + " · ".join(meta) + "</div>"
 
     gate = run.get("gate")
-    if gate is None:
+    failure = run.get("failure")
+    if gate is None and failure:
+        where = f"{failure.get('task_id') or 'a task'}, try {failure.get('try_number', '?')}"
+        cells.append(
+            f"<span class='no'>FAILED</span> at {_e(where)}<ul><li>{_e(failure.get('error'))}: "
+            f"{_e(failure.get('message'))}</li><li>fix: {_e(failure.get('fix'))}</li></ul>"
+        )
+    elif gate is None:
         cells.append("<span class='muted'>not gated</span>")
     else:
         verdict = "<span class='ok'>BLESSED</span>" if gate.get("blessed") else "<span class='no'>NOT BLESSED</span>"

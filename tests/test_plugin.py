@@ -6,6 +6,7 @@ api-server on loopback with the plugin and asks it as nobody, with a forged toke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -571,3 +572,24 @@ def test_page_refuses_anonymous_and_shows_runs_to_a_signed_in_user(tmp_path, enc
         _, plugins = stack.request("GET", "/api/v2/plugins")
         views = [v for p in plugins["plugins"] if p["name"] == "encoderflow" for v in p["external_views"]]
         assert views and views[0]["destination"] == "nav" and views[0]["href"] == "encoderflow/"
+
+
+def test_a_failed_run_shows_its_first_failure_and_the_fix_until_it_succeeds(tmp_path):
+    from encoderflow import errors
+
+    home = tmp_path / "home"
+    folder = home / "runs" / "manual__fail"
+    folder.mkdir(parents=True)
+    cause = errors.Cause("NonFiniteLoss", "pretrain: loss became nan at step 10", "lower the <learning rate>", True)
+    (folder / "failure.json").write_text(
+        json.dumps({"task_id": "pretrain", "try_number": 1, **dataclasses.asdict(cause)})
+    )
+    failed = page.collect_runs(home, [{"run_id": "manual__fail", "state": "failed", "conf": {}}])
+    html = page.render(failed, {}, "encoderflow-sst2", None)
+    assert "FAILED</span> at pretrain, try 1" in html
+    assert "NonFiniteLoss: pretrain: loss became nan at step 10" in html
+    assert "fix: lower the &lt;learning rate&gt;" in html  # escaped like every other value
+    # Cleared and finished since: the old record stays on disk but is not shown.
+    cleared = page.collect_runs(home, [{"run_id": "manual__fail", "state": "success", "conf": {}}])
+    assert cleared[0]["failure"] is None
+    assert "FAILED</span>" not in page.render(cleared, {}, "encoderflow-sst2", None)
