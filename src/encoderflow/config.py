@@ -284,7 +284,15 @@ class PretrainConfig(_Section):
     learning_rate: float = knob(
         5e-4, "AdamW.", minimum=0.0, exclusive_minimum=True, maximum=1.0, title="Pretraining learning rate", form=TRAIN
     )
-    epochs: int = knob(8, "Passes over the shards.", minimum=1, maximum=1000, title="Pretraining epochs", form=TRAIN)
+    epochs: int = knob(
+        8,
+        "Passes over the shards; 0 = no pretraining (the encoder keeps its random initialisation: the "
+        "ablation's reference for what pretraining adds).",
+        minimum=0,
+        maximum=1000,
+        title="Pretraining epochs",
+        form=TRAIN,
+    )
     steps_per_epoch: int = knob(
         0,
         "Cap on steps per epoch; 0 = every shard record.",

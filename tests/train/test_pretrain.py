@@ -589,3 +589,30 @@ def test_mixed_bfloat16_trains_to_within_5_percent_of_float32(duped, tmp_path):
         losses[precision] = result["loss"]
     assert np.isfinite(losses["mixed_bfloat16"])
     assert losses["mixed_bfloat16"] == pytest.approx(losses["float32"], rel=0.05), losses
+
+
+def test_zero_pretraining_epochs_keeps_the_seeded_initialisation(duped, tmp_path):
+    """pretrain.epochs=0: the no-pretraining reference. The encoder is saved untrained (the same weights
+    for the same seed), with one validation pass as its MLM accuracy, and nothing is fitted."""
+    from encoderflow import model as models
+
+    cfg = _run_cfg(duped, epochs=0, validation_steps=1)
+    result = pretrain.pretrain(cfg, duped["manifest"], tmp_path / "a")
+    again = pretrain.pretrain(cfg, duped["manifest"], tmp_path / "b")
+    assert result["history"] == {} and result["loss"] is None
+    assert 0.0 <= result["mlm_val_accuracy"] <= 1.0 and np.isfinite(result["val_loss"])
+    assert not (tmp_path / "a" / "history.csv").exists()
+    for x, y in zip(
+        models.load(result["encoder"]).get_weights(), models.load(again["encoder"]).get_weights(), strict=True
+    ):
+        np.testing.assert_array_equal(x, y)
+    trained = pretrain.pretrain(
+        _run_cfg(duped, epochs=1, steps_per_epoch=2, validation_steps=1), duped["manifest"], tmp_path / "c"
+    )
+    moved = [
+        not np.array_equal(x, y)
+        for x, y in zip(
+            models.load(result["encoder"]).get_weights(), models.load(trained["encoder"]).get_weights(), strict=True
+        )
+    ]
+    assert any(moved)  # two steps of training change the weights the untrained run kept

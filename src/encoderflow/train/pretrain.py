@@ -266,16 +266,29 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
                     epoch_logger,
                 ],
             )
-    hist = read_history(history_csv) or (
-        {k: [float(v) for v in vs] for k, vs in history.history.items()} if history else {}
-    )
-    if not hist.get("loss"):
-        from encoderflow.errors import EncoderflowError
+    if p.epochs == 0:
+        # No pretraining, the ablation's reference: the encoder keeps its seeded random
+        # initialisation, and one validation pass says what the untrained head predicts.
+        hist, final_loss = {}, None
+        ev = mlm.evaluate(val_ds, verbose=0, return_dict=True)
+        val_accuracy, val_loss = float(ev["sparse_categorical_accuracy"]), float(ev["loss"])
+        log.info(
+            "pretrain: pretrain.epochs=0, encoder left at its random initialisation; val MLM accuracy %.4f",
+            val_accuracy,
+        )
+    else:
+        hist = read_history(history_csv) or (
+            {k: [float(v) for v in vs] for k, vs in history.history.items()} if history else {}
+        )
+        if not hist.get("loss"):
+            from encoderflow.errors import EncoderflowError
 
-        raise EncoderflowError(f"pretrain: no epoch was recorded in {out_dir}; delete {backup.directory} and retry")
-    final_loss = hist["loss"][-1]
-    if not math.isfinite(final_loss):
-        raise NonFiniteLoss(f"pretrain: final loss {final_loss}; the encoder is not saved")
+            raise EncoderflowError(f"pretrain: no epoch was recorded in {out_dir}; delete {backup.directory} and retry")
+        final_loss = hist["loss"][-1]
+        if not math.isfinite(final_loss):
+            raise NonFiniteLoss(f"pretrain: final loss {final_loss}; the encoder is not saved")
+        val_accuracy = hist.get("val_sparse_categorical_accuracy", [float("nan")])[-1]
+        val_loss = hist.get("val_loss", [float("nan")])[-1]
 
     encoder_path = out_dir / "encoder.keras"
     with layout.atomic_path(encoder_path, suffix=".keras") as tmp:
@@ -286,8 +299,8 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
         "encoder_sha256": layout.sha256_file(encoder_path),
         "manifest": str(manifest_path),
         "parameters": int(encoder.count_params()),
-        "mlm_val_accuracy": hist.get("val_sparse_categorical_accuracy", [float("nan")])[-1],
-        "val_loss": hist.get("val_loss", [float("nan")])[-1],
+        "mlm_val_accuracy": val_accuracy,
+        "val_loss": val_loss,
         "loss": final_loss,
         "first_step_loss": epoch_logger.first_loss,
         "devices": devices,
