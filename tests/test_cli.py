@@ -72,7 +72,7 @@ def test_dag_params_become_config_values():
     assert cfg.pretrain.epochs == 3 and cfg.gate.min_accuracy == 0.6 and cfg.model.num_heads == 4
     assert cfg.finetune.learning_rate == 1e-3  # None keeps the preset's value
     with pytest.raises(ConfigError, match="pretrain.epochs"):
-        from_params({"preset": "smoke", "pretrain_epochs": 0})
+        from_params({"preset": "smoke", "pretrain_epochs": -1})  # 0 is allowed: no pretraining
 
 
 def test_validate_passes_offline_without_a_train_split_and_fails_on_bad_data(tmp_path, capsys):
