@@ -12,6 +12,16 @@ on ``valid``, then fine-tune on SST-2 train and report SST-2 dev accuracy:
 * guide: ``seed_guide.py --stage all`` (baseline, on-the-fly preprocessing, pretrain, fine-tune).
 
 Runs one after the other (never side by side: they would share the CPU). Prints a table.
+
+Ablation (``--ablation``): the encoderflow side once more per factor, each turned back to the
+guide's way one at a time, plus a no-pretraining row, in one table:
+
+    .venv/bin/python benchmarks/quality.py --data-dir ../shared/data --ablation all \\
+        --results benchmarks/results/oqb.jsonl
+
+Each finished row is appended to ``--results`` (JSON lines: row, overrides, commit, figures) and a
+row already there for the same overrides and commit is not run again, so an interrupted ablation
+resumes; ``--table FILE`` prints the table of a results file without running anything.
 """
 
 from __future__ import annotations
@@ -27,6 +37,44 @@ from pathlib import Path
 
 from peer import run_guide
 
+# One row per factor, each turned back to the guide's way alone. The padding mask and all-token
+# pooling make outputs depend on padding, so length buckets go off with them (the config refuses
+# buckets there): compare those two rows with the buckets-off row, not with the first.
+ABLATIONS: dict[str, tuple[str, list[str]]] = {
+    "full": ("encoderflow (guide preset)", []),
+    "buckets": ("- length buckets (pad to 128)", ["finetune.length_buckets=off"]),
+    "padding_mask": (
+        "- padding mask (buckets off)",
+        ["model.padding_mask=false", "finetune.pooling=real_tokens", "finetune.length_buckets=off"],
+    ),
+    "pooling": ("- real-token pooling (buckets off)", ["finetune.pooling=all_tokens", "finetune.length_buckets=off"]),
+    "copies": ("- per-epoch mask copies (1 copy)", ["data.dupe_factor=1"]),
+    "pretraining": ("no pretraining (random encoder)", ["pretrain.epochs=0"]),
+}
+
+
+def commit() -> str:
+    proc = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+    )
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=Path(__file__).parent).returncode
+    return proc.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def load_results(path: Path | None) -> list[dict]:
+    if path is None or not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'':<38} {'SST-2 dev':>9} {'MLM val':>8} {'BoW':>7} {'pretrain':>9} {'finetune':>9} {'wall':>7}  overrides")
+    for r in rows:
+        print(
+            f"{r['row']:<38} {r['sst2']:>9.4f} {r['mlm']:>8.4f} {r['baseline']:>7.4f} {r['pretrain_s'] / 60:>8.1f}m "
+            f"{r['finetune_s'] / 60:>8.1f}m {r['wall_s'] / 60:>6.1f}m  {' '.join(r.get('extra', [])) or '-'}"
+        )
+
 
 def run(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[float, str]:
     t0 = time.monotonic()
@@ -40,7 +88,8 @@ def run(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[float, str
     return seconds, proc.stdout
 
 
-def ours(args, work: Path) -> dict:
+def ours(args, work: Path, extra: list[str] = ()) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
     home = work / "home"
     sets = [
         "data.pretrain_split=test",
@@ -52,7 +101,7 @@ def ours(args, work: Path) -> dict:
         sets.append(f"pretrain.steps_per_epoch={args.pretrain_steps}")
     if args.finetune_steps:
         sets.append(f"finetune.steps_per_epoch={args.finetune_steps}")
-    sets += args.set
+    sets += args.set + list(extra)
     cmd = [
         str(Path(sys.executable).with_name("encoderflow")),
         "run",
@@ -111,9 +160,26 @@ def main() -> int:
     ap.add_argument("--finetune-steps", type=int, default=0, help="cap steps per fine-tuning epoch (0 = full)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra encoderflow override")
     ap.add_argument("--only", choices=["encoderflow", "guide"], help="run one side only")
+    ap.add_argument(
+        "--ablation",
+        metavar="ROWS",
+        help=f"encoderflow only, one run per row: 'all' or a comma list of {', '.join(ABLATIONS)}",
+    )
+    ap.add_argument("--results", type=Path, help="append finished ablation rows here (JSON lines); reuse them")
+    ap.add_argument("--table", type=Path, metavar="FILE", help="print the ablation table of a results file and exit")
     args = ap.parse_args()
+    if args.table:
+        print_table(load_results(args.table))
+        return 0
+    names = []
+    if args.ablation:
+        names = list(ABLATIONS) if args.ablation == "all" else args.ablation.split(",")
+        if unknown := [n for n in names if n not in ABLATIONS]:
+            ap.error(f"unknown ablation row(s) {unknown}: choose from {', '.join(ABLATIONS)} or all")
     work = Path(tempfile.mkdtemp(prefix="encoderflow-quality-"))
     print(f"logs in {work}", flush=True)
+    if names:
+        return ablation(args, names, work)
 
     results = {}
     if args.only in (None, "encoderflow"):
@@ -144,6 +210,33 @@ def main() -> int:
             f"the guide's; target >= +3.0 points in less wall time: "
             f"{'met' if a['sst2'] - b['sst2'] >= 0.03 and a['wall_s'] < b['wall_s'] else 'NOT met'}"
         )
+    return 0
+
+
+def ablation(args, names: list[str], work: Path) -> int:
+    head = commit()
+    done = load_results(args.results)
+    rows = []
+    for name in names:
+        label, extra = ABLATIONS[name]
+        extra = [*extra, *args.set]
+        same = [r for r in done if r["extra"] == extra and r["commit"] == head and r["epochs"] == args.pretrain_epochs]
+        if same:
+            print(f"{label}: reusing the result in {args.results} (commit {head})", flush=True)
+            rows.append(same[-1])
+            continue
+        r = ours(argparse.Namespace(**{**vars(args), "set": []}), work / name, extra)
+        row = {"row": label, "name": name, "extra": extra, "commit": head, "epochs": args.pretrain_epochs, **r}
+        rows.append(row)
+        print(name, json.dumps(row), flush=True)
+        if args.results:
+            with open(args.results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(
+        f"\nablation: guide preset, pretrain {args.pretrain_epochs} epochs on wiki.test.raw, fine-tune "
+        f"{args.finetune_epochs} epoch(s) on SST-2 train, commit {head}; {os.cpu_count()} cpus"
+    )
+    print_table(rows)
     return 0
 
 

@@ -126,16 +126,16 @@ def main() -> int:
 
     vocab_path = only_file(vocab)["path"]
     x, y = read_split(file_path(sst2, SST2_TRAIN))
-    if cfg.model.padding_mask:  # what finetune.py does: length buckets
+    if cfg.length_buckets():  # what finetune.py does
         ft = bucketed_token_dataset(
             x, y, make_tokenizer(vocab_path, None), f.batch_size, cfg.data.seq_length, shuffle_seed=0
         ).repeat()
     else:
         ft = token_dataset(x, y, make_tokenizer(vocab_path, cfg.data.seq_length), f.batch_size, shuffle_seed=0).repeat()
-    clf = models.build_classifier(encoder, masked_pooling=cfg.model.padding_mask)
+    clf = models.build_classifier(encoder, masked_pooling=cfg.pooling() == "real_tokens")
     compile_classifier(clf, f)
     # Length buckets compile once per width: warm up long enough to meet them all.
-    ft_warm, ft_s = time_fit(clf, ft, 30 if cfg.model.padding_mask else 1, args.finetune_steps)
+    ft_warm, ft_s = time_fit(clf, ft, 30 if cfg.length_buckets() else 1, args.finetune_steps)
     ft_epoch_steps = int(np.ceil(len(x) / f.batch_size))
 
     ours = {"pretrain_step_s": pre_s / args.steps, "finetune_step_s": ft_s / args.finetune_steps}
@@ -153,7 +153,7 @@ def main() -> int:
     print(
         f"encoderflow: shards built in {build_s:.1f}s ({manifest['totals']['train']['records'] / build_s:,.0f} "
         f"seq/s); compile: pretrain {pre_warm:.1f}s (1 step), fine-tune {ft_warm:.1f}s "
-        f"({30 if cfg.model.padding_mask else 1} steps, every bucket width)"
+        f"({30 if cfg.length_buckets() else 1} steps, every bucket width)"
     )
     print(
         f"timed: encoderflow {args.steps} pretraining / {args.finetune_steps} fine-tuning steps"

@@ -23,6 +23,8 @@ SPLITS = ("train", "valid", "test")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 LR_SCHEDULES = ("constant", "warmup_cosine")
 SEQUENCE_MODES = ("line", "packed")
+POOLINGS = ("auto", "real_tokens", "all_tokens")
+AUTO_ON_OFF = ("auto", "on", "off")
 
 
 class ConfigError(EncoderflowError, ValueError):
@@ -363,6 +365,20 @@ class FinetuneConfig(_Section):
         title="Fine-tuning steps per epoch",
         form=TUNE,
     )
+    pooling: str = knob(
+        "auto",
+        "How the classifier averages the encoder outputs: real_tokens ([PAD] excluded), all_tokens (the "
+        "guide's GlobalAveragePooling1D, [PAD] included); auto = real_tokens with model.padding_mask, else "
+        "all_tokens.",
+        choices=POOLINGS,
+    )
+    length_buckets: str = knob(
+        "auto",
+        "Batch sentences of similar length padded to 16/32/64/.../data.seq_length instead of always to "
+        "data.seq_length (the guide). Only valid when outputs do not depend on padding (model.padding_mask "
+        "and real-token pooling); auto = on exactly then.",
+        choices=AUTO_ON_OFF,
+    )
 
 
 @dataclass(frozen=True)
@@ -445,6 +461,27 @@ class Config:
         _check(self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for name in SECTIONS:
             getattr(self, name).validate()
+        _check(
+            self.finetune.length_buckets != "on" or self.padding_free(),
+            "finetune.length_buckets",
+            "on needs outputs that do not depend on padding: model.padding_mask=true and finetune.pooling "
+            f"real_tokens or auto (got model.padding_mask={self.model.padding_mask}, "
+            f"finetune.pooling={self.finetune.pooling}); set finetune.length_buckets=auto or off",
+        )
+
+    def pooling(self) -> str:
+        """``finetune.pooling`` resolved: ``real_tokens`` or ``all_tokens``."""
+        if self.finetune.pooling != "auto":
+            return self.finetune.pooling
+        return "real_tokens" if self.model.padding_mask else "all_tokens"
+
+    def padding_free(self) -> bool:
+        """Whether the classifier's outputs are independent of how much [PAD] follows a sentence."""
+        return self.model.padding_mask and self.pooling() == "real_tokens"
+
+    def length_buckets(self) -> bool:
+        """``finetune.length_buckets`` resolved."""
+        return {"on": True, "off": False}.get(self.finetune.length_buckets, self.padding_free())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -93,11 +93,17 @@ def finetune(
     seq = cfg.data.seq_length
     encoder = models.load(encoder_path)
     # Real-token attention and pooling make outputs independent of padding: fit lengths to the data.
-    if cfg.model.padding_mask:
+    log.info(
+        "finetune: pooling %s, length buckets %s (model.padding_mask=%s)",
+        cfg.pooling(),
+        "on" if cfg.length_buckets() else "off",
+        cfg.model.padding_mask,
+    )
+    if cfg.length_buckets():
         tokenizer = make_tokenizer(vocab_path, None, cfg.data.lowercase, cfg.data.strip_accents)
         train_ds = bucketed_token_dataset(train_x, train_y, tokenizer, f.batch_size, seq, shuffle_seed=cfg.data.seed)
         dev_ds = bucketed_token_dataset(dev_x, dev_y, tokenizer, f.batch_size, seq, count_batches=True)
-    else:  # the guide's model depends on how much [PAD] it sees: always pad to seq_length
+    else:  # the guide's way; its model depends on how much [PAD] it sees: always pad to seq_length
         tokenizer = make_tokenizer(vocab_path, seq, cfg.data.lowercase, cfg.data.strip_accents)
         train_ds = token_dataset(train_x, train_y, tokenizer, f.batch_size, shuffle_seed=cfg.data.seed)
         dev_ds = token_dataset(dev_x, dev_y, tokenizer, f.batch_size)
@@ -105,7 +111,7 @@ def finetune(
     if steps is not None:
         train_ds = train_ds.repeat()
 
-    classifier = models.build_classifier(encoder, vocab.pad_id, masked_pooling=cfg.model.padding_mask)
+    classifier = models.build_classifier(encoder, vocab.pad_id, masked_pooling=cfg.pooling() == "real_tokens")
     compile_classifier(classifier, f)
     t0 = time.monotonic()
     history = classifier.fit(
