@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,8 @@ import time
 from pathlib import Path
 
 from peer import run_guide
+
+from encoderflow.config import PRESETS, from_overrides
 
 # One row per factor, each turned back to the guide's way alone. The padding mask and all-token
 # pooling make outputs depend on padding, so length buckets go off with them (the config refuses
@@ -51,6 +54,13 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "copies": ("- per-epoch mask copies (1 copy)", ["data.dupe_factor=1"]),
     "pretraining": ("no pretraining (random encoder)", ["pretrain.epochs=0"]),
 }
+
+
+def epochs(args, preset: str = "guide") -> int:
+    """Pretraining epochs of a side: --pretrain-epochs, else 8 (the guide), else the preset's."""
+    if args.pretrain_epochs is not None:
+        return args.pretrain_epochs
+    return 8 if preset == "guide" else from_overrides(preset).pretrain.epochs
 
 
 def commit() -> str:
@@ -94,9 +104,11 @@ def ours(args, work: Path, extra: list[str] = ()) -> dict:
     sets = [
         "data.pretrain_split=test",
         "data.validation_split=valid",
-        f"pretrain.epochs={args.pretrain_epochs}",
         f"finetune.epochs={args.finetune_epochs}",
     ]
+    # The guide's 8 epochs; another preset keeps its own unless --pretrain-epochs says otherwise.
+    if args.pretrain_epochs is not None or args.preset == "guide":
+        sets.append(f"pretrain.epochs={epochs(args)}")
     if args.pretrain_steps:
         sets.append(f"pretrain.steps_per_epoch={args.pretrain_steps}")
     if args.finetune_steps:
@@ -106,7 +118,7 @@ def ours(args, work: Path, extra: list[str] = ()) -> dict:
         str(Path(sys.executable).with_name("encoderflow")),
         "run",
         "--preset",
-        "guide",
+        args.preset,
         "--data-dir",
         str(args.data_dir),
         *[a for s in sets for a in ("--set", s)],
@@ -132,7 +144,7 @@ def guide(args, work: Path) -> dict:
         args.data_dir,
         "all",
         "--pretrain-epochs",
-        str(args.pretrain_epochs),
+        str(epochs(args)),
         "--finetune-epochs",
         str(args.finetune_epochs),
         "--pretrain-steps",
@@ -154,7 +166,10 @@ def guide(args, work: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", required=True, type=lambda p: Path(p).resolve())
-    ap.add_argument("--pretrain-epochs", type=int, default=8)
+    ap.add_argument(
+        "--preset", default="guide", choices=sorted(PRESETS), help="encoderflow's preset (the guide side is the guide)"
+    )
+    ap.add_argument("--pretrain-epochs", type=int, help="default: 8 for the guide side and the guide preset")
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--pretrain-steps", type=int, default=0, help="cap steps per pretraining epoch (0 = full)")
     ap.add_argument("--finetune-steps", type=int, default=0, help="cap steps per fine-tuning epoch (0 = full)")
@@ -165,6 +180,7 @@ def main() -> int:
         metavar="ROWS",
         help=f"encoderflow only, one run per row: 'all' or a comma list of {', '.join(ABLATIONS)}",
     )
+    ap.add_argument("--seeds", type=int, default=1, help="ablation rows over data.seed 42, 43, ... (mean ± std)")
     ap.add_argument("--results", type=Path, help="append finished ablation rows here (JSON lines); reuse them")
     ap.add_argument("--table", type=Path, metavar="FILE", help="print the ablation table of a results file and exit")
     args = ap.parse_args()
@@ -193,7 +209,7 @@ def main() -> int:
         f", fine-tune steps/epoch {args.finetune_steps}" if args.finetune_steps else ""
     )
     print(
-        f"\nquality benchmark: guide preset, pretrain {args.pretrain_epochs} epochs on wiki.test.raw "
+        f"\nquality benchmark: {args.preset} preset, pretrain {epochs(args, args.preset)} epochs on wiki.test.raw "
         f"(validation wiki.valid.raw), fine-tune {args.finetune_epochs} epoch(s) on SST-2 train{caps}; "
         f"{os.cpu_count()} cpus"
     )
@@ -217,26 +233,43 @@ def ablation(args, names: list[str], work: Path) -> int:
     head = commit()
     done = load_results(args.results)
     rows = []
+    # Seed 42 is the config's default: its rows carry no data.seed override and are shared.
+    seeds = [None] + [f"data.seed={42 + i}" for i in range(1, args.seeds)]
     for name in names:
-        label, extra = ABLATIONS[name]
-        extra = [*extra, *args.set]
-        same = [r for r in done if r["extra"] == extra and r["commit"] == head and r["epochs"] == args.pretrain_epochs]
-        if same:
-            print(f"{label}: reusing the result in {args.results} (commit {head})", flush=True)
-            rows.append(same[-1])
-            continue
-        r = ours(argparse.Namespace(**{**vars(args), "set": []}), work / name, extra)
-        row = {"row": label, "name": name, "extra": extra, "commit": head, "epochs": args.pretrain_epochs, **r}
-        rows.append(row)
-        print(name, json.dumps(row), flush=True)
-        if args.results:
-            with open(args.results, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        for seed in seeds:
+            label, extra = ABLATIONS[name]
+            extra = [*extra, *args.set, *([seed] if seed else [])]
+            same = [
+                r
+                for r in done
+                if r["extra"] == extra and r["commit"] == head and r.get("preset", "guide") == args.preset
+            ]
+            if same:
+                print(f"{label} {seed or ''}: reusing the result in {args.results} (commit {head})", flush=True)
+                rows.append(same[-1])
+                continue
+            r = ours(argparse.Namespace(**{**vars(args), "set": []}), work / f"{name}-{len(rows)}", extra)
+            row = {"row": label, "name": name, "extra": extra, "commit": head, "preset": args.preset, **r}
+            rows.append(row)
+            print(name, json.dumps(row), flush=True)
+            if args.results:
+                with open(args.results, "a") as f:
+                    f.write(json.dumps(row) + "\n")
     print(
-        f"\nablation: guide preset, pretrain {args.pretrain_epochs} epochs on wiki.test.raw, fine-tune "
+        f"\nablation: {args.preset} preset, pretrain {epochs(args, args.preset)} epochs on wiki.test.raw, fine-tune "
         f"{args.finetune_epochs} epoch(s) on SST-2 train, commit {head}; {os.cpu_count()} cpus"
     )
     print_table(rows)
+    if args.seeds > 1:
+        print(f"\nover {args.seeds} seeds (data.seed 42..{41 + args.seeds}):")
+        for name in names:
+            acc = [r["sst2"] for r in rows if r["name"] == name]
+            bow = statistics.mean(r["baseline"] for r in rows if r["name"] == name)
+            mean = statistics.mean(acc)
+            print(
+                f"{ABLATIONS[name][0]:<38} SST-2 dev {mean:.4f} ± {statistics.stdev(acc):.4f}   "
+                f"BoW {bow:.4f}   gain {100 * (mean - bow):+.1f} points"
+            )
     return 0
 
 

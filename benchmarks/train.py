@@ -133,7 +133,7 @@ def main() -> int:
     else:
         ft = token_dataset(x, y, make_tokenizer(vocab_path, cfg.data.seq_length), f.batch_size, shuffle_seed=0).repeat()
     clf = models.build_classifier(encoder, masked_pooling=cfg.pooling() == "real_tokens")
-    compile_classifier(clf, f)
+    compile_classifier(clf, f, total_steps=30 + args.finetune_steps)
     # Length buckets compile once per width: warm up long enough to meet them all.
     ft_warm, ft_s = time_fit(clf, ft, 30 if cfg.length_buckets() else 1, args.finetune_steps)
     ft_epoch_steps = int(np.ceil(len(x) / f.batch_size))

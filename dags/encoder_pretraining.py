@@ -75,10 +75,11 @@ def encoder_pretraining():
 
     @task(execution_timeout=timedelta(minutes=15))
     @af.expected_failures
-    def plan_shards(wikitext: dict, vocab: dict, params=None) -> list:
+    def plan_shards(wikitext: dict, vocab: dict, sst2: dict, params=None) -> list:
         """Split the pretraining text into `num_shards` pieces under `shards/<hash>/`, the hash of the
-        data config, vocabulary and texts; one spec per shard for `build_shard`."""
-        return steps.plan_shards(wikitext, vocab, params)
+        data config, vocabulary and texts; one spec per shard for `build_shard`. With
+        `data.task_adaptive` the SST-2 train sentences (no labels) get shards of their own."""
+        return steps.plan_shards(wikitext, vocab, params, sst2)
 
     @task(execution_timeout=timedelta(hours=2))
     @af.expected_failures
@@ -143,7 +144,7 @@ def encoder_pretraining():
         validate.override(task_id=f"validate_{name}")(download.override(task_id=f"download_{name}")(name))
         for name in ("wikitext", "sst2", "vocab")
     )
-    plan = plan_shards(wikitext, vocab)
+    plan = plan_shards(wikitext, vocab, sst2)
     sealed = seal_shards(plan, build_shard.expand(shard=plan))
     baseline = train_baseline(sst2)
     pretrained = pretrain(sealed)

@@ -14,35 +14,35 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
-class PretrainWithWeightDecay(config.PretrainConfig):
-    weight_decay: float = config.knob(
-        0.004, "AdamW weight decay.", minimum=0.0, maximum=0.5, title="Pretraining weight decay", form=config.TRAIN
+class PretrainWithClipNorm(config.PretrainConfig):
+    clip_norm: float = config.knob(
+        0.004, "Gradient clipping norm.", minimum=0.0, maximum=0.5, title="Pretraining clip norm", form=config.TRAIN
     )
 
 
 @pytest.fixture
 def extended(monkeypatch):
-    monkeypatch.setitem(config.SECTIONS, "pretrain", PretrainWithWeightDecay)
+    monkeypatch.setitem(config.SECTIONS, "pretrain", PretrainWithClipNorm)
 
 
 def test_a_new_field_reaches_every_generated_place(extended):
     # Trigger form, with its bounds, title, section and the presets' values.
-    param = airflow_adapter.params()["pretrain_weight_decay"]
+    param = airflow_adapter.params()["pretrain_clip_norm"]
     assert param.schema["minimum"] == 0.0 and param.schema["maximum"] == 0.5
-    assert param.schema["title"] == "Pretraining weight decay" and param.schema["section"] == config.TRAIN
+    assert param.schema["title"] == "Pretraining clip norm" and param.schema["section"] == config.TRAIN
     assert param.schema["type"] == ["null", "number"]
     assert "guide 0.004 / smoke 0.004" in param.description
     # The DAG-param -> key map, and the config built from a triggered run's params.
-    assert config.param_keys()["pretrain_weight_decay"] == "pretrain.weight_decay"
-    assert config.from_params({"preset": "smoke", "pretrain_weight_decay": 0.01}).pretrain.weight_decay == 0.01
+    assert config.param_keys()["pretrain_clip_norm"] == "pretrain.clip_norm"
+    assert config.from_params({"preset": "smoke", "pretrain_clip_norm": 0.01}).pretrain.clip_norm == 0.01
     # Validation from the same bounds.
-    with pytest.raises(config.ConfigError, match="'pretrain.weight_decay': must be <= 0.5"):
-        config.from_params({"preset": "smoke", "pretrain_weight_decay": 0.9})
+    with pytest.raises(config.ConfigError, match="'pretrain.clip_norm': must be <= 0.5"):
+        config.from_params({"preset": "smoke", "pretrain_clip_norm": 0.9})
     # The CLI's --set and the docs table.
-    assert config.from_overrides("guide", config.parse_set(["pretrain.weight_decay=0.1"])).pretrain.weight_decay == 0.1
-    assert "pretrain.weight_decay" in config.keys()
-    row = next(line for line in config.parameters_markdown().splitlines() if "`pretrain.weight_decay`" in line)
-    assert "`pretrain_weight_decay` (Pretraining)" in row and "[0, 0.5]" in row and "AdamW weight decay." in row
+    assert config.from_overrides("guide", config.parse_set(["pretrain.clip_norm=0.1"])).pretrain.clip_norm == 0.1
+    assert "pretrain.clip_norm" in config.keys()
+    row = next(line for line in config.parameters_markdown().splitlines() if "`pretrain.clip_norm`" in line)
+    assert "`pretrain_clip_norm` (Pretraining)" in row and "[0, 0.5]" in row and "Gradient clipping norm." in row
 
 
 def test_the_docs_table_is_generated_and_current():

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from encoderflow import cli, doctor
+from encoderflow.config import PRESETS
 from encoderflow.data import sources
 
 from .data.fixtures_http import STALL
@@ -74,7 +75,7 @@ def test_a_missing_file_fails_naming_it_and_the_layout(tmp_path, capsys):
     assert cli.main(["doctor", "--data-dir", str(folder)]) == 1
     out = capsys.readouterr().out
     fails = [line for line in lines(out, "FAIL") if "data (" in line]
-    assert len(fails) == 2, out  # both presets read SST-2/dev.tsv
+    assert len(fails) == len(PRESETS), out  # every preset reads SST-2/dev.tsv
     for line in fails:
         assert str(folder / "SST-2" / "dev.tsv") in line and "fix:" in line
     assert f"expected layout under {folder}" in out

@@ -96,3 +96,30 @@ def test_masked_mean_pooling_ignores_padding(models):
     mask = np.array([[True, True, False]])
     out = np.asarray(models.MaskedMeanPooling()(seq, mask))
     np.testing.assert_allclose(out, [[2.0, 3.0]])
+
+
+def test_pre_norm_encoder_adds_a_final_norm_and_round_trips(models, tmp_path):
+    cfg = ModelConfig(num_layers=2, model_dim=16, intermediate_dim=32, num_heads=2, normalize_first=True)
+    encoder = models.build_encoder(cfg, vocab_size=30, seq_length=8)
+    post = models.build_encoder(ModelConfig(num_layers=2, model_dim=16, intermediate_dim=32, num_heads=2), 30, 8)
+    assert encoder.get_layer("transformer_layer_0").normalize_first is True
+    assert encoder.layers[-1].name == "final_layer_norm"
+    # One LayerNorm more: 2 x 16 parameters.
+    assert encoder.count_params() == post.count_params() + 32
+    ids = np.array([[3, 4, 5, 0, 0, 0, 0, 0]], "int32")
+    encoder.save(tmp_path / "e.keras")
+    loaded = models.load(tmp_path / "e.keras")
+    assert loaded.get_layer("transformer_layer_1").normalize_first is True
+    np.testing.assert_allclose(loaded.predict(ids, verbose=0), encoder.predict(ids, verbose=0), atol=1e-6)
+
+
+def test_with_dropout_keeps_the_weights_and_changes_only_the_rate(models):
+    pre = ModelConfig(num_layers=1, model_dim=16, intermediate_dim=32, num_heads=2, dropout=0.0)
+    encoder = models.build_encoder(pre, vocab_size=30, seq_length=8)
+    assert models.with_dropout(encoder, pre) is encoder
+    tuned = models.with_dropout(encoder, ModelConfig(**{**pre.__dict__, "dropout": 0.1}))
+    assert tuned is not encoder and tuned.get_layer("embeddings_dropout").rate == 0.1
+    assert tuned.get_layer("transformer_layer_0").dropout == 0.1
+    ids = np.array([[3, 4, 5, 0, 0, 0, 0, 0]], "int32")
+    # Inference ignores dropout: the same weights give the same outputs.
+    np.testing.assert_allclose(tuned.predict(ids, verbose=0), encoder.predict(ids, verbose=0), atol=1e-6)

@@ -164,7 +164,9 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     )
 
     # A second, untrained candidate: registered, not blessed, champion unchanged; it must also show
-    # a significant gain, and its paired interval says it is significantly worse.
+    # a significant gain, and its paired interval says it is significantly worse. It pretrains with
+    # the recipe preset's switches (task-adaptive shards, pre-norm, no dropout, schedules, decay),
+    # so they run through Airflow too.
     second = _run(
         home,
         url,
@@ -172,10 +174,21 @@ def test_two_runs_through_airflow(served, encoderflow_home):
         "finetune.learning_rate=1e-9",
         "finetune.steps_per_epoch=1",
         "gate.require_significant_gain=true",
+        "data.task_adaptive=true",
+        "data.sequence_mode=packed",
+        "model.normalize_first=true",
+        "pretrain.dropout_off=true",
+        "pretrain.lr_schedule=warmup_cosine",
+        "pretrain.weight_decay=0.01",
+        "finetune.lr_schedule=warmup_cosine",
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     run2, summary2 = _summary(second, home)
     assert run2 != run1
+    manifest2 = json.loads(Path(summary2["artifacts"]["shards_manifest"]).read_text())
+    tapt = [e for e in manifest2["shards"] if e.get("source") == "sst2"]
+    assert tapt and all(e["split"] == "train" and e["records"] > 0 for e in tapt)
+    assert any(entry[1].endswith("SST-2/train.tsv") for entry in manifest2["inputs"])
     assert summary2["gate"]["blessed"] is False
     assert any(r.startswith("champion:") for r in summary2["gate"]["reasons"]), summary2["gate"]
     assert any(r.startswith("significance: vs champion v") for r in summary2["gate"]["reasons"]), summary2["gate"]

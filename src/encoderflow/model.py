@@ -61,7 +61,8 @@ def build_encoder(cfg: ModelConfig, vocab_size: int, seq_length: int, pad_id: in
     """Token + position embedding, LayerNorm, dropout, then ``num_layers`` Transformer encoders.
 
     With ``cfg.padding_mask`` the encoder attends to real tokens only; without it, it is the
-    guide's model exactly (padding attended to).
+    guide's model exactly (padding attended to). ``cfg.normalize_first`` makes the blocks pre-norm
+    and adds a final LayerNorm.
 
     Returns:
         A functional model ``token_ids [batch, length] -> [batch, length, model_dim]`` for any
@@ -85,9 +86,22 @@ def build_encoder(cfg: ModelConfig, vocab_size: int, seq_length: int, pad_id: in
             num_heads=cfg.num_heads,
             dropout=cfg.dropout,
             layer_norm_epsilon=cfg.norm_epsilon,
+            normalize_first=cfg.normalize_first,
             name=f"transformer_layer_{i}",
         )(x, padding_mask=padding_mask)
+    if cfg.normalize_first:  # pre-norm blocks leave the residual stream un-normalised
+        x = keras.layers.LayerNormalization(epsilon=cfg.norm_epsilon, name="final_layer_norm")(x)
     return keras.Model(token_ids, x, name="encoder")
+
+
+def with_dropout(encoder: keras.Model, cfg: ModelConfig, pad_id: int = 0) -> keras.Model:
+    """``encoder`` itself when its dropout is ``cfg.dropout``, else the same weights in an encoder
+    built with ``cfg.dropout`` (pretraining may run at another rate than fine-tuning)."""
+    if float(encoder.get_layer("embeddings_dropout").rate) == float(cfg.dropout):
+        return encoder
+    rebuilt = build_encoder(cfg, int(token_embedding(encoder).input_dim), max_length(encoder), pad_id)
+    rebuilt.set_weights(encoder.get_weights())
+    return rebuilt
 
 
 def token_embedding(encoder: keras.Model):

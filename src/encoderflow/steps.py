@@ -90,12 +90,16 @@ def validate(info: Dataset, params: Mapping[str, Any], run_id: str) -> Dataset:
 SHARED_PLAN_KEYS = ("shards_dir", "shards_hash", "vocab_path", "vocab_sha256")
 
 
-def plan_shards(wikitext: Dataset, vocab: Dataset, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One self-contained spec per shard: the list a mapped ``build_shard`` expands over."""
+def plan_shards(
+    wikitext: Dataset, vocab: Dataset, params: Mapping[str, Any], sst2: Dataset | None = None
+) -> list[dict[str, Any]]:
+    """One self-contained spec per shard: the list a mapped ``build_shard`` expands over.
+
+    ``sst2`` is read only with ``data.task_adaptive`` (its train sentences join the corpus)."""
     from encoderflow.data import shards
 
     setup_logging()
-    plan = shards.plan(from_params(params), wikitext, vocab)
+    plan = shards.plan(from_params(params), wikitext, vocab, sst2)
     return [{**shard, **{k: plan[k] for k in SHARED_PLAN_KEYS}} for shard in plan["shards"]]
 
 

@@ -800,3 +800,47 @@ def test_another_process_writes_the_same_bytes(reference, tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert f"SHA {reference['infos'][0]['sha256']}" in out
+
+
+def test_task_adaptive_text_gets_shards_of_its_own_and_leaves_wikitext_bytes_alone(corpus, encoderflow_home):
+    import tensorflow as tf
+
+    from encoderflow.data.tokenizer import make_tokenizer
+
+    rng = random.Random(1)
+    train = encoderflow_home / "sst2" / "SST-2" / "train.tsv"
+    train.parent.mkdir(parents=True)
+    rows = [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))), i % 2) for i in range(40)]
+    train.write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows), encoding="utf-8")
+    sst2 = {"dataset": "sst2", "files": {"SST-2/train.tsv": {"path": str(train), "sha256": layout.sha256_file(train)}}}
+
+    cfg = _cfg(task_adaptive=True, dupe_factor=2)
+    with pytest.raises(ShardError, match="data.task_adaptive=true needs the SST-2 dataset"):
+        shards.plan(cfg, *corpus)
+    plain_cfg = _cfg(dupe_factor=2)
+    plain, plain_infos, _ = _build_all(plain_cfg, corpus, encoderflow_home / "plain")
+    p = shards.plan(cfg, *corpus, sst2)
+    assert p["shards_hash"] != plain["shards_hash"]
+    tapt = [s for s in p["shards"] if s.get("source") == "sst2"]
+    assert {(s["split"], s["copy"]) for s in tapt} == {("train", 0), ("train", 1)}
+    assert all(Path(s["file"]).name.startswith("train-sst2-") for s in tapt)
+    infos = [shards.build_shard(s, cfg, p["vocab_path"], p["vocab_sha256"]) for s in p["shards"]]
+    sealed = shards.seal(p, cfg)
+
+    # The WikiText shards are the same bytes with or without the extra text.
+    wiki = {Path(i["file"]).name: i["sha256"] for i in infos if "source" not in i}
+    assert wiki == {Path(i["file"]).name: i["sha256"] for i in plain_infos}
+    # Every sentence's tokens are kept, packed in order within its shard; labels never reach the shards.
+    ragged = make_tokenizer(p["vocab_path"], None)
+    ids = [list(ragged(tf.constant([s]))[0]) for s, _ in rows]
+    first = [s for s in tapt if s["copy"] == 0]
+    assert first[0]["sentence_start"] == 0 and first[-1]["sentence_end"] == len(rows)
+    expected = np.concatenate([shards.pack(ids[s["sentence_start"] : s["sentence_end"]], SEQ, PAD) for s in first])
+    got = np.concatenate([_unmask(_read(s["file"])) for s in first])
+    np.testing.assert_array_equal(got, expected)
+    # The copies hold the same text under different masks, and training reads them with the rest.
+    c0, c1 = (_read(s["file"])["token_ids"] for s in tapt[:: len(tapt) // 2])
+    assert not np.array_equal(c0, c1)
+    manifest = shards.load_manifest(sealed["manifest"], cfg)
+    assert shards.copy_records(manifest) == plain_infos[0]["records"] + plain_infos[1]["records"] + len(expected)
+    assert any(entry[1] == str(train) for entry in manifest["inputs"])

@@ -321,9 +321,10 @@ def test_step_backup_never_saves_a_step_that_raised(tmp_path):
 
 def test_learning_rate_schedules():
     from encoderflow.config import PretrainConfig
+    from encoderflow.train.optim import learning_rate
 
-    assert pretrain.learning_rate(PretrainConfig(), total_steps=100) == 5e-4  # the guide's constant rate
-    sched = pretrain.learning_rate(PretrainConfig(lr_schedule="warmup_cosine", warmup_ratio=0.1), total_steps=100)
+    assert learning_rate(PretrainConfig(), total_steps=100) == 5e-4  # the guide's constant rate
+    sched = learning_rate(PretrainConfig(lr_schedule="warmup_cosine", warmup_ratio=0.1), total_steps=100)
     at = {step: float(sched(step)) for step in (0, 5, 10, 55, 100)}
     assert at[0] == pytest.approx(0.0)
     assert at[5] == pytest.approx(2.5e-4)  # halfway up the linear warm-up

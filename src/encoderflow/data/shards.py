@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SPLIT_CODES = {"train": 0, "valid": 1}
+SOURCE_CODES = {"sst2": 1}
 MASK_TOKEN_RATE = 0.8
 RANDOM_TOKEN_RATE = 0.1
 MANIFEST = "manifest.json"
@@ -147,6 +148,8 @@ def shards_hash(cfg: DataConfig, vocab_sha256: str, text_sha256: dict[str, str])
     # Line mode is what every set built before the field existed holds: keep their addresses.
     if data.get("sequence_mode") == "line":
         del data["sequence_mode"]
+    if data.get("task_adaptive") is False:  # likewise for sets built before task-adaptive text existed
+        del data["task_adaptive"]
     return layout.sha256_json(
         {
             "format": FORMAT_VERSION,
@@ -157,15 +160,36 @@ def shards_hash(cfg: DataConfig, vocab_sha256: str, text_sha256: dict[str, str])
     )
 
 
-def plan(cfg: Config, wikitext: dict[str, Any], vocab: dict[str, Any]) -> dict[str, Any]:
-    """Split the corpus into shards. Returns the plan; ``shards`` is the mapped-task input."""
+def sentences(path: str | os.PathLike) -> list[str]:
+    """The sentences of an SST-2 split, labels dropped (task-adaptive pretraining text)."""
+    from encoderflow.data.sst2 import read_split
+
+    return read_split(path)[0]
+
+
+def plan(
+    cfg: Config, wikitext: dict[str, Any], vocab: dict[str, Any], sst2: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Split the corpus into shards. Returns the plan; ``shards`` is the mapped-task input.
+
+    With ``data.task_adaptive`` the SST-2 train sentences (``sst2``'s train file, never dev or
+    test) become train shards of their own, ``train-sst2-...``, packed into windows.
+    """
     from encoderflow.data.sources import wikitext_member
+    from encoderflow.results import SST2_TRAIN
 
     d = cfg.data
     vocab_file = only_file(vocab)
     roles = {"train": d.pretrain_split, "valid": d.validation_split}
     texts = {role: file_info(wikitext, wikitext_member(split)) for role, split in roles.items()}
-    h = shards_hash(d, vocab_file["sha256"], {role: t["sha256"] for role, t in texts.items()})
+    hashed = {role: t["sha256"] for role, t in texts.items()}
+    tapt = None
+    if d.task_adaptive:
+        if sst2 is None:
+            raise ShardError("data.task_adaptive=true needs the SST-2 dataset: pass validate_sst2's result to plan")
+        tapt = file_info(sst2, SST2_TRAIN)
+        hashed["task_adaptive"] = tapt["sha256"]
+    h = shards_hash(d, vocab_file["sha256"], hashed)
     out_dir = layout.shards_dir(h)
     shards: list[dict[str, Any]] = []
     packed = d.sequence_mode == "packed"
@@ -200,6 +224,28 @@ def plan(cfg: Config, wikitext: dict[str, Any], vocab: dict[str, Any]) -> dict[s
                         start_key: int(bounds[i]),
                         end_key: int(bounds[i + 1]),
                         "file": str(out_dir / f"{role}-c{copy:02d}-{i:05d}-of-{num:05d}.tfrecord"),
+                    }
+                )
+    if tapt is not None:
+        n_units = len(sentences(tapt["path"]))
+        if n_units == 0:
+            raise ShardError(f"{tapt['path']}: no sentences for task-adaptive pretraining")
+        num = min(d.num_shards, n_units)
+        bounds = np.linspace(0, n_units, num + 1).astype(int)
+        for copy in range(d.dupe_factor):
+            for i in range(num):
+                shards.append(
+                    {
+                        "split": "train",
+                        "source": "sst2",
+                        "copy": copy,
+                        "index": i,
+                        "num": num,
+                        "text_path": tapt["path"],
+                        "text_sha256": tapt["sha256"],
+                        "sentence_start": int(bounds[i]),
+                        "sentence_end": int(bounds[i + 1]),
+                        "file": str(out_dir / f"train-sst2-c{copy:02d}-{i:05d}-of-{num:05d}.tfrecord"),
                     }
                 )
     sealed = (out_dir / MANIFEST).exists()
@@ -307,7 +353,14 @@ def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha25
     special = vocab.special_ids()
     vocab_sha = layout.sha256_file(vocab_path)
     # Masked 1024 sequences at a time: the generator's draws, hence the bytes, depend on it.
-    if "article_start" in shard:
+    if "sentence_start" in shard:  # task-adaptive text: short sentences, packed in order
+        text = sentences(shard["text_path"])[shard["sentence_start"] : shard["sentence_end"]]
+        untruncated = graph_tokenizer(str(vocab_path), vocab_sha, None, d.lowercase, d.strip_accents)
+        sequences = np.zeros((0, d.seq_length), np.int64)
+        if text:
+            sequences = pack(untruncated(text), d.seq_length, special["[PAD]"])
+        chunks = (sequences[i : i + 1024] for i in range(0, len(sequences), 1024))
+    elif "article_start" in shard:
         docs = articles(shard["text_path"])[shard["article_start"] : shard["article_end"]]
         untruncated = graph_tokenizer(str(vocab_path), vocab_sha, None, d.lowercase, d.strip_accents)
         windows = [pack(untruncated(doc), d.seq_length, special["[PAD]"]) for doc in docs]
@@ -317,7 +370,9 @@ def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha25
         tokenize = graph_tokenizer(str(vocab_path), vocab_sha, d.seq_length, d.lowercase, d.strip_accents)
         lines = eligible_lines(shard["text_path"], d.min_line_chars)[shard["line_start"] : shard["line_end"]]
         chunks = _tokenized_chunks(tokenize, lines, 1024)
-    rng = np.random.default_rng([d.seed, SPLIT_CODES[shard["split"]], shard["copy"], shard["index"]])
+    stream = [d.seed, SPLIT_CODES[shard["split"]], shard["copy"], shard["index"]]
+    # Task-adaptive shards draw from a stream of their own; WikiText shards keep theirs (and their bytes).
+    rng = np.random.default_rng(stream + [SOURCE_CODES[shard["source"]]] if "source" in shard else stream)
 
     records = tokens = 0
     with layout.atomic_path(path) as tmp:
@@ -340,6 +395,7 @@ def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha25
                 tokens += int((ids != special["[PAD]"]).sum())
     info = {
         "file": path.name,
+        **({"source": shard["source"]} if "source" in shard else {}),
         "split": shard["split"],
         "copy": shard["copy"],
         "index": shard["index"],

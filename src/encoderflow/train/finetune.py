@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -17,17 +18,19 @@ from encoderflow.results import SST2_DEV, SST2_TRAIN, file_path
 log = logging.getLogger(__name__)
 
 
-def compile_classifier(classifier, f) -> None:
+def compile_classifier(classifier, f, total_steps: int) -> None:
     """The guide's fine-tuning compile: AdamW, binary cross-entropy, accuracy.
 
     Args:
         classifier: the model from :func:`encoderflow.model.build_classifier`.
         f: the ``finetune`` config section.
+        total_steps: optimizer steps of the whole fine-tuning (a ``warmup_cosine`` schedule spans them).
     """
-    keras = runtime.keras()
+    from encoderflow.train.optim import adamw
+
     classifier.compile(
         loss="binary_crossentropy",
-        optimizer=keras.optimizers.AdamW(f.learning_rate),
+        optimizer=adamw(f, total_steps),
         metrics=["accuracy"],
         jit_compile=True,
     )
@@ -73,7 +76,7 @@ def finetune(
         log.info("finetune: reusing %s", done["bundle"])
         return done
 
-    from encoderflow.data.sst2 import bucketed_token_dataset, read_split, token_dataset
+    from encoderflow.data.sst2 import bucket_widths, bucketed_token_dataset, read_split, token_dataset
     from encoderflow.data.tokenizer import Vocab, make_tokenizer
 
     keras = runtime.keras()
@@ -91,7 +94,7 @@ def finetune(
     train_x, train_y = read_split(file_path(sst2, SST2_TRAIN))
     dev_x, dev_y = read_split(file_path(sst2, SST2_DEV))
     seq = cfg.data.seq_length
-    encoder = models.load(encoder_path)
+    encoder = models.with_dropout(models.load(encoder_path), cfg.model, vocab.pad_id)
     # Real-token attention and pooling make outputs independent of padding: fit lengths to the data.
     log.info(
         "finetune: pooling %s, length buckets %s (model.padding_mask=%s)",
@@ -112,7 +115,10 @@ def finetune(
         train_ds = train_ds.repeat()
 
     classifier = models.build_classifier(encoder, vocab.pad_id, masked_pooling=cfg.pooling() == "real_tokens")
-    compile_classifier(classifier, f)
+    # Bucketed batches are not all full: an epoch has at most one partial batch per bucket width more.
+    partial = len(bucket_widths(seq)) if cfg.length_buckets() else 0
+    per_epoch = steps or math.ceil(len(train_x) / f.batch_size) + partial
+    compile_classifier(classifier, f, total_steps=per_epoch * f.epochs)
     t0 = time.monotonic()
     history = classifier.fit(
         train_ds,

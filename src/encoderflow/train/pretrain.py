@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -87,21 +88,6 @@ def data_parallel(batch_size: int) -> int:
     return len(devices)
 
 
-def learning_rate(p, total_steps: int):
-    """The guide's constant rate, or linear warm-up then cosine decay over ``total_steps``."""
-    if p.lr_schedule == "constant":
-        return p.learning_rate
-    keras = runtime.keras()
-    warmup = max(1, int(round(p.warmup_ratio * total_steps)))
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0,
-        decay_steps=max(1, total_steps - warmup),
-        alpha=0.0,
-        warmup_target=p.learning_rate,
-        warmup_steps=warmup,
-    )
-
-
 def compile_mlm(mlm, p, total_steps: int, steps_per_execution: int = 1) -> None:
     """The guide's compile: AdamW, cross-entropy and accuracy weighted over the masked positions.
 
@@ -114,11 +100,13 @@ def compile_mlm(mlm, p, total_steps: int, steps_per_execution: int = 1) -> None:
         total_steps: steps of the whole run (the ``warmup_cosine`` schedule spans them).
         steps_per_execution: steps per call into the compiled step (see :func:`steps_per_execution`).
     """
+    from encoderflow.train.optim import adamw
+
     keras = runtime.keras()
     mlm.compile(
         steps_per_execution=steps_per_execution,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        optimizer=keras.optimizers.AdamW(learning_rate(p, total_steps=total_steps)),
+        optimizer=adamw(p, total_steps=total_steps),
         weighted_metrics=["sparse_categorical_accuracy"],
         jit_compile=True,
     )
@@ -190,7 +178,9 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
     # A backup saved after the last step (killed before the result was written) leaves nothing to train.
     initial_epoch, skip = divmod(min(backup.steps_done, steps * p.epochs), steps)
     pad_id = manifest["special_ids"]["[PAD]"]
-    encoder = models.build_encoder(cfg.model, manifest["vocab_size"], manifest["seq_length"], pad_id)
+    # pretrain.dropout_off: no dropout while pretraining; fine-tuning rebuilds the encoder with model.dropout.
+    model_cfg = dataclasses.replace(cfg.model, dropout=0.0) if p.dropout_off else cfg.model
+    encoder = models.build_encoder(model_cfg, manifest["vocab_size"], manifest["seq_length"], pad_id)
     mlm = models.build_pretraining_model(encoder, manifest["predictions_per_seq"])
     spe = steps_per_execution(p.steps_per_execution, steps, p.backup_every_steps)
     if skip % spe:  # a backup taken with another steps_per_execution: calls must end on its step
