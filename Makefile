@@ -26,13 +26,16 @@ DATA_DIR ?=
 MIRROR   ?=
 # Extra overrides, e.g. SET="pretrain.epochs=2 finetune.epochs=1"
 SET      ?=
+# FORCE=1 trains even when data, config and code equal the champion's (otherwise the run is skipped).
+FORCE    ?=
 
 export ENCODERFLOW_HOME ?= $(CURDIR)/.encoderflow
 
 RUN_ARGS := --preset $(PRESET) \
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 	$(if $(MIRROR),--mirror $(MIRROR)) \
-	$(foreach s,$(SET),--set $(s))
+	$(foreach s,$(SET),--set $(s)) \
+	$(if $(FORCE),--force)
 
 .PHONY: run test test-fast lint format docs airflow venv venv-dry-run doctor clean stack stack-down stack-status stack-deps
 

@@ -1,4 +1,4 @@
-"""encoder_pretraining: download → validate → shards → pretrain → fine-tune → gate → promote.
+"""encoder_pretraining: download → lineage check → validate → shards → pretrain → fine-tune → gate → promote.
 
 Every task body is a call into ``encoderflow.steps``, which imports the ML stack inside each
 step: parsing this file imports no TensorFlow, Keras, JAX or Great Expectations and touches no
@@ -40,6 +40,11 @@ split, so set **WikiText split to pretrain on** to `test` (the smoke preset alre
 `{af.REGISTERED_MODEL}@champion` only when the champion actually moves, so a DAG scheduled on it
 runs once per new champion.
 
+**No wasted reruns.** `check_lineage` compares the data's content hashes, the config hash and the
+code's hash with the champion's; when all are equal the run skips everything after it (training
+would rebuild the same model) and its summary says "nothing changed since champion vN". Tick
+**Train even if nothing changed** (`force`) to train anyway.
+
 **Resources.** `pretrain` and `finetune` run on queue `gpu` in pool `gpu` (one slot): one
 training job on the accelerator at a time. Schedule: `ENCODERFLOW_SCHEDULE` (cron or preset;
 unset = manual only); no catch-up. The **Encoderflow runs** page lists every run with its gate
@@ -72,6 +77,14 @@ def encoder_pretraining():
         """Run the dataset's Great Expectations suite on every file it uses (genuine row counts for the
         pinned archives); any failure fails the run, one line each. Data Docs: `runs/<run id>/data_docs/`."""
         return steps.validate(info, params, run_id)
+
+    @task.short_circuit(**af.NETWORK, execution_timeout=timedelta(minutes=10))
+    @af.expected_failures
+    def check_lineage(wikitext: dict, sst2: dict, vocab: dict, params=None, run_id=None) -> bool:
+        """Compare this run's data content hashes, config hash and code hash with the champion's. Equal:
+        nothing would change, so every later task is skipped and `summary.json` says "nothing changed
+        since champion vN". The `force` param trains anyway."""
+        return steps.check_lineage({"wikitext": wikitext, "sst2": sst2, "vocab": vocab}, params, run_id)
 
     @task(execution_timeout=timedelta(minutes=15))
     @af.expected_failures
@@ -140,10 +153,10 @@ def encoder_pretraining():
         """Collect metrics, gate decision, registry version and artifact paths into `summary.json`."""
         return steps.report(run_id, params, {**run, "promoted": promoted})
 
-    wikitext, sst2, vocab = (
-        validate.override(task_id=f"validate_{name}")(download.override(task_id=f"download_{name}")(name))
-        for name in ("wikitext", "sst2", "vocab")
-    )
+    downloaded = {name: download.override(task_id=f"download_{name}")(name) for name in ("wikitext", "sst2", "vocab")}
+    checked = check_lineage(**downloaded)
+    wikitext, sst2, vocab = (validate.override(task_id=f"validate_{n}")(info) for n, info in downloaded.items())
+    checked >> [wikitext, sst2, vocab]
     plan = plan_shards(wikitext, vocab, sst2)
     sealed = seal_shards(plan, build_shard.expand(shard=plan))
     baseline = train_baseline(sst2)

@@ -95,7 +95,12 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         if summary and not entry.get("run_id"):
             entry["run_id"] = summary.get("run_id")
         entry["run_id"] = entry.get("run_id") or folder.name
-        if summary:
+        if summary and "unchanged" in summary:  # check_lineage short-circuited: nothing trained or gated
+            entry["unchanged"] = summary["unchanged"]
+            entry["metrics"] = summary.get("metrics", {})
+            entry["registry"] = {}
+            entry["preset"] = summary.get("preset")
+        elif summary:
             entry["gate"] = {"blessed": summary["gate"].get("blessed"), "reasons": summary["gate"].get("reasons", [])}
             entry["metrics"] = summary.get("metrics", {})
             entry["registry"] = summary.get("registry", {})
@@ -199,7 +204,7 @@ def gate_figures(gate: dict[str, Any] | None, summary: dict[str, Any] | None) ->
             "min_change_vs_champion": thresholds.get("champion"),
             "intervals": gate_intervals(gate),
         }
-    elif summary:
+    elif summary and "unchanged" not in summary:
         metrics = summary.get("metrics") or {}
         figures = {
             "blessed": (summary.get("gate") or {}).get("blessed"),
@@ -722,6 +727,11 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
         cells.append(
             f"<span class='no'>FAILED</span> at {_e(where)}<ul><li>{_e(failure.get('error'))}: "
             f"{_e(failure.get('message'))}</li><li>fix: {_e(failure.get('fix'))}</li></ul>"
+        )
+    elif gate is None and run.get("unchanged"):
+        cells.append(
+            f"<span class='muted'>SKIPPED</span><ul><li>{_e(run['unchanged'].get('message'))}: data, config and "
+            "code hashes equal the champion's; training skipped (set force to train anyway)</li></ul>"
         )
     elif gate is None:
         cells.append("<span class='muted'>not gated</span>")

@@ -61,6 +61,7 @@ def test_dagbag_parses_fast_without_heavy_imports(tmp_path):
         "download_wikitext",
         "download_sst2",
         "download_vocab",
+        "check_lineage",
         "validate_wikitext",
         "validate_sst2",
         "validate_vocab",
@@ -83,8 +84,10 @@ def test_dagbag_parses_fast_without_heavy_imports(tmp_path):
         "gate_min_accuracy",
         "gate_max_regression",
         "gate_require_significant_gain",
+        "force",
     } <= set(result["params"])
     assert result["schemas"]["gate_require_significant_gain"]["type"] == ["null", "boolean"]
+    assert result["schemas"]["force"]["type"] == "boolean"
 
 
 def test_every_param_maps_to_a_config_key(tmp_path):
@@ -94,7 +97,9 @@ def test_every_param_maps_to_a_config_key(tmp_path):
     """
     from encoderflow import config
 
-    form_only = {"preset", "overrides"} | {f.name for f in dataclasses.fields(config.Sources)}
+    form_only = {"preset", "overrides"} | {
+        f.name for cls in (config.Sources, config.RunOptions) for f in dataclasses.fields(cls)
+    }
     keyed = set(_probe(tmp_path)["params"]) - form_only
     assert keyed, "the DAG has no config params at all"
     for name in keyed:

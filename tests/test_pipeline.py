@@ -13,6 +13,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,9 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     url, requests, sources = served
     home = encoderflow_home
 
+    t0 = time.monotonic()
     first = _run(home, url, sources)
+    first_s = time.monotonic() - t0
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
     run1, summary1 = _summary(first, home)
 
@@ -246,3 +249,23 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     assert not (layout.run_dir(run3) / "pretrain" / "encoder.keras").exists()
     assert {v.version for v in client.search_model_versions(f"name='{MODEL}'")} == versions
     assert client.get_model_version_by_alias(MODEL, "champion").version == v1.version
+
+    # The first run's data, config and code again: nothing would change, so check_lineage
+    # short-circuits: every later task is skipped (not failed), nothing is registered, and the
+    # summary, the runs page and the exit code say so. Its wall time is printed for the README.
+    t0 = time.monotonic()
+    again = _run(home, url, sources)
+    again_s = time.monotonic() - t0
+    print(f"\nunchanged re-run: {again_s:.1f} s (first run {first_s:.1f} s, {again_s / first_s:.0%})")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    run4, summary4 = _summary(again, home)
+    states4 = {(t, m): state for t, m, state in _task_states(home)[run4]}
+    assert states4[("check_lineage", -1)] == "success", states4
+    trained = [k for k in states4 if k[0].startswith(("download_", "check_lineage")) is False]
+    assert trained and all(states4[k] == "skipped" for k in trained), states4
+    assert summary4["unchanged"]["message"] == f"nothing changed since champion v{v1.version}"
+    assert "nothing changed since champion v" in again.stdout and "--force" in again.stdout
+    assert {v.version for v in client.search_model_versions(f"name='{MODEL}'")} == versions
+    assert client.get_model_version_by_alias(MODEL, "champion").version == v1.version
+    html = page.render(page.collect_runs(home), {"champion": None, "history": []}, MODEL, None)
+    assert f"nothing changed since champion v{v1.version}" in html

@@ -258,7 +258,7 @@ def test_two_runs_at_once_run_one_after_the_other(deployed):
     st, client, tree = deployed
     t0 = time.monotonic()
     before, history_before, _ = registry_state(st)
-    first = client.trigger(smoke_conf(tree), "concurrent 1")
+    first = client.trigger(smoke_conf(tree, seed=5), "concurrent 1")  # each run its own lineage: all train
     second = client.trigger(smoke_conf(tree, seed=7), "concurrent 2")
     wait_for("the first run to start", lambda: client.run(first)["state"] == "running", 120)
     # max_active_runs=1: the second waits while the first runs.

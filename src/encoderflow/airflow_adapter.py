@@ -101,13 +101,16 @@ def params() -> dict[str, Param]:
             title="Preset",
             values_display={
                 "guide": "guide: the Keras guide's numbers (GPU)",
+                "recipe": "recipe: the guide's model, a better training recipe (GPU)",
                 "smoke": "smoke: tiny model, minutes on a CPU",
             },
             description="Hyperparameters every empty field below falls back to. guide: 3 layers, dim "
-            "256, 8 pretraining epochs (needs a GPU). smoke: 1 layer, dim 32, a plumbing "
-            "check in minutes on a CPU.",
+            "256, 8 pretraining epochs (needs a GPU). recipe: the same model with packed and task-adaptive "
+            "text, pre-norm, schedules and weight decay (README, Model quality). smoke: 1 layer, dim 32, a "
+            "plumbing check in minutes on a CPU.",
         ),
         **{f.name: Param(None, type=["null", "string"], **f.metadata) for f in fields(config.Sources)},
+        **{f.name: Param(f.default, type="boolean", **f.metadata) for f in fields(config.RunOptions)},
         **{config.param_name(k): form_param(k) for k in form},
         "overrides": Param(
             None,

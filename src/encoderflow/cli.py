@@ -1,6 +1,6 @@
 """The ``encoderflow`` command: the whole DAG in-process through Airflow, and one command per step.
 
-encoderflow run      [--preset guide|smoke] [--data-dir DIR] [--mirror URL] [--set key=value ...]
+encoderflow run      [--preset guide|recipe|smoke] [--data-dir DIR] [--mirror URL] [--set key=value ...] [--force]
 encoderflow download [--data-dir DIR | --mirror URL]
 encoderflow validate [--data-dir DIR]        exit 0 only when every dataset passes
 encoderflow predict  "a sentence" ... | --file FILE      with models:/NAME@champion
@@ -91,6 +91,8 @@ def run_conf(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name, None)
         if value:
             conf[name] = str(Path(value).resolve()) if name != "mirror" else value
+    if getattr(args, "force", False):
+        conf["force"] = True
     return conf
 
 
@@ -239,8 +241,13 @@ def print_summary(
         print(f"  {_label(task_id, map_index):<32} {ti_state}")
     summary_file = layout.run_dir(run_id) / "summary.json"
     gate_file = layout.run_dir(run_id) / "gate.json"
-    if summary_file.exists():
-        s = layout.read_json(summary_file)
+    s = layout.read_json(summary_file) if summary_file.exists() else None
+    if s is not None and "unchanged" in s:
+        print("-" * 72)
+        print(f"  {s['unchanged']['message']}: training skipped (data, config and code hashes equal the champion's)")
+        print("  to train anyway: --force (trigger form: 'Train even if nothing changed')")
+        print(f"  summary                          {summary_file}")
+    elif s is not None:
         print("-" * 72)
         for k, v in s["metrics"].items():
             print(f"  {k:<32} {'-' if v is None else f'{v:.4f}'}")
@@ -521,6 +528,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     )
 
 
+def fields_help(name: str) -> str:
+    """A run option's help text: its declaration's description (``config.RunOptions``)."""
+    from dataclasses import fields
+
+    from encoderflow.config import RunOptions
+
+    return next(f.metadata["description"] for f in fields(RunOptions) if f.name == name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="encoderflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -546,7 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "--sources-file", dest="sources_file", default=None, help="JSON replacing dataset specs (URLs, hashes)"
             )
 
-    common(sub.add_parser("run", help="run the whole DAG once through Airflow"))
+    run = sub.add_parser("run", help="run the whole DAG once through Airflow")
+    common(run)
+    run.add_argument("--force", action="store_true", help=fields_help("force"))
     common(sub.add_parser("download", help="download (or locate offline) every dataset"))
     common(sub.add_parser("validate", help="validate every dataset; exit 0 only if all pass"))
     pp = sub.add_parser("predict", help="score sentences with the champion")

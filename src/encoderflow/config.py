@@ -736,6 +736,27 @@ class Sources:
         return cls(**{f.name: (str(v) if (v := params.get(f.name)) not in (None, "") else None) for f in fields(cls)})
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run treats what it finds, not what it trains: outside the config hash and the lineage.
+
+    Each field is a trigger-form field of the same name (and a CLI flag); its metadata is the declaration.
+    """
+
+    force: bool = field(
+        default=False,
+        metadata={
+            "title": "Train even if nothing changed",
+            "description": "A run whose data, config and code equal the champion's skips training (it would "
+            "rebuild the same model): check_lineage short-circuits everything after it. On: train anyway.",
+        },
+    )
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> RunOptions:
+        return cls(**{f.name: bool(params.get(f.name) or False) for f in fields(cls)})
+
+
 def _preset_value(k: Knob, preset: str) -> Any:
     return PRESETS[preset].get(k.section, {}).get(k.name, k.default)
 

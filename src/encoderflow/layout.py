@@ -97,3 +97,13 @@ def reusable(result_path: str | os.PathLike, key: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return result if result.get("key") == key else None
+
+
+def code_hash() -> str:
+    """sha256 over the encoderflow package's Python sources (path and bytes): the code a model was trained by."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()

@@ -268,11 +268,10 @@ def promote(
     run_id = lineage.get("airflow.run_id", "manual")
     tags = {
         **lineage,
-        "config.hash": cfg.config_hash(),
+        **lineage_tags(cfg, inputs),
         "config.preset": cfg.preset,
         "shards.manifest_sha256": sealed["manifest_sha256"],
         "shards.hash": sealed["shards_hash"],
-        **{f"data.{name}.content_hash": info["content_hash"] for name, info in inputs.items()},
         **{f"data.{name}.source": info["source"] for name, info in inputs.items()},
     }
     histories = {
@@ -327,6 +326,62 @@ def promote(
         "champion_version": current["version"] if current else None,
         "registered_model": cfg.gate.registered_model,
     }
+
+
+def lineage_tags(cfg, inputs: Mapping[str, Dataset]) -> dict[str, str]:
+    """What a model is a function of: each dataset's content hash, the config hash and the code's hash.
+
+    Recorded on every model version; a run whose lineage equals the champion's would train the same
+    model again (same seed, same shards), so :func:`check_lineage` skips it."""
+    return {
+        **{f"data.{name}.content_hash": info["content_hash"] for name, info in sorted(inputs.items())},
+        "config.hash": cfg.config_hash(),
+        "code.hash": layout.code_hash(),
+    }
+
+
+def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_id: str) -> bool:
+    """True when this run must train: force, no champion yet, or a lineage value that differs from the
+    champion's. False (nothing changed) writes the run's ``summary.json`` saying so; the DAG's
+    short-circuit then skips every task after this one."""
+    from encoderflow import registry
+    from encoderflow.config import RunOptions
+
+    setup_logging()
+    cfg = from_params(params)
+    mine = lineage_tags(cfg, inputs)
+    if RunOptions.from_params(params).force:
+        log.info("check_lineage: force=true: training whatever the champion's lineage")
+        return True
+    champ = registry.champion(cfg.gate.registered_model)
+    if champ is None:
+        log.info("check_lineage: no champion of %s yet: training", cfg.gate.registered_model)
+        return True
+    changed = [k for k, v in mine.items() if champ["tags"].get(k) != v]
+    if changed:
+        log.info("check_lineage: changed since champion v%s: %s; training", champ["version"], ", ".join(changed))
+        return True
+    message = f"nothing changed since champion v{champ['version']}"
+    try:
+        accuracy = float(champ["tags"].get("gate.candidate_accuracy"))
+    except (TypeError, ValueError):
+        accuracy = None
+    summary = {
+        "run_id": run_id,
+        "preset": cfg.preset,
+        "config_hash": cfg.config_hash(),
+        "unchanged": {"champion_version": champ["version"], "message": message, "lineage": mine},
+        "metrics": {"champion_val_accuracy": accuracy},
+        "registry": {"registered_model": cfg.gate.registered_model, "champion_version": champ["version"]},
+    }
+    path = layout.write_json(layout.run_dir(run_id) / "summary.json", summary)
+    log.info(
+        "check_lineage: %s (data, config and code hashes equal); training skipped, set force to train anyway; "
+        "summary %s",
+        message,
+        path,
+    )
+    return False
 
 
 def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> dict[str, Any]:

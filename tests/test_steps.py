@@ -1,0 +1,49 @@
+"""steps.check_lineage: train unless data, config and code all equal the champion's; force overrides."""
+
+from __future__ import annotations
+
+from encoderflow import layout, registry, steps
+from encoderflow.config import from_params
+from tests.test_bundle import fake_bundle
+
+PARAMS = {"preset": "smoke"}
+INPUTS = {name: {"content_hash": f"{name}-hash", "source": "offline"} for name in ("sst2", "vocab", "wikitext")}
+
+
+def _champion(tmp_path, tags: dict[str, str]) -> str:
+    decision = {"blessed": True, "reasons": [], "candidate": 0.9, "baseline": 0.8, "champion": None, "checks": []}
+    name = from_params(PARAMS).gate.registered_model
+    out = registry.log_candidate(name, fake_bundle(tmp_path / "b", "1"), {}, {}, {}, tags, decision)
+    registry.move_champion(name, out["version"], expected=None, reason="test", who="test")
+    return out["version"]
+
+
+def test_no_champion_trains_and_an_equal_lineage_is_skipped_with_a_summary(tmp_path, caplog):
+    assert steps.check_lineage(INPUTS, PARAMS, "run-a") is True
+    assert "no champion" in caplog.text
+    version = _champion(tmp_path, steps.lineage_tags(from_params(PARAMS), INPUTS))
+    assert steps.check_lineage(INPUTS, PARAMS, "run-b") is False
+    summary = layout.read_json(layout.run_dir("run-b") / "summary.json")
+    assert summary["unchanged"]["message"] == f"nothing changed since champion v{version}"
+    assert summary["metrics"]["champion_val_accuracy"] == 0.9
+    assert steps.check_lineage(INPUTS, {**PARAMS, "force": True}, "run-c") is True
+    assert not (layout.run_dir("run-c") / "summary.json").exists()
+
+
+def test_any_changed_value_trains_and_names_it(tmp_path, caplog):
+    _champion(tmp_path, steps.lineage_tags(from_params(PARAMS), INPUTS))
+    touched = {**INPUTS, "wikitext": {**INPUTS["wikitext"], "content_hash": "new-text"}}
+    assert steps.check_lineage(touched, PARAMS, "run-d") is True
+    assert "data.wikitext.content_hash" in caplog.text
+    other_config = {**PARAMS, "overrides": ["pretrain.learning_rate=0.002"]}
+    assert steps.check_lineage(INPUTS, other_config, "run-e") is True
+    assert "config.hash" in caplog.text
+    tags = steps.lineage_tags(from_params(PARAMS), INPUTS)
+    assert set(tags) == {
+        "data.sst2.content_hash",
+        "data.vocab.content_hash",
+        "data.wikitext.content_hash",
+        "config.hash",
+        "code.hash",
+    }
+    assert tags["code.hash"] == layout.code_hash() and len(tags["code.hash"]) == 64
