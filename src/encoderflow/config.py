@@ -288,7 +288,29 @@ class BaselineConfig(_Section):
 
 
 @dataclass(frozen=True)
-class PretrainConfig(_Section):
+class _Optimizer(_Section):
+    """The AdamW settings both training stages declare (``train.optim`` reads them)."""
+
+    lr_schedule: str = knob(
+        "constant",
+        "constant (the guide) or warmup_cosine: linear warm-up over this section's warmup_ratio of all "
+        "steps, then cosine decay to 0.",
+        choices=LR_SCHEDULES,
+    )
+    warmup_ratio: float = knob(
+        0.1, "Share of all steps spent warming up (warmup_cosine only).", minimum=0.0, maximum=0.9
+    )
+    weight_decay: float = knob(
+        0.004,
+        "AdamW weight decay; 0.004 is Keras's default (the guide's). Any other value also exempts biases and "
+        "LayerNorm parameters, as BERT does.",
+        minimum=0.0,
+        maximum=1.0,
+    )
+
+
+@dataclass(frozen=True)
+class PretrainConfig(_Optimizer):
     """Masked-LM pretraining."""
 
     batch_size: int = knob(
@@ -323,22 +345,6 @@ class PretrainConfig(_Section):
         "(where bfloat16 matmuls are slower, not faster).",
         choices=PRECISIONS,
     )
-    lr_schedule: str = knob(
-        "constant",
-        "constant (the guide) or warmup_cosine: linear warm-up over "
-        "pretrain.warmup_ratio of all steps, then cosine decay to 0.",
-        choices=LR_SCHEDULES,
-    )
-    warmup_ratio: float = knob(
-        0.1, "Share of all steps spent warming up (warmup_cosine only).", minimum=0.0, maximum=0.9
-    )
-    weight_decay: float = knob(
-        0.004,
-        "AdamW weight decay; 0.004 is Keras's default (the guide's). Any other value also exempts biases and "
-        "LayerNorm parameters, as BERT does.",
-        minimum=0.0,
-        maximum=1.0,
-    )
     dropout_off: bool = knob(
         False,
         "Pretrain without dropout (the Cramming recipe); fine-tuning rebuilds the encoder with model.dropout. "
@@ -370,7 +376,7 @@ class PretrainConfig(_Section):
 
 
 @dataclass(frozen=True)
-class FinetuneConfig(_Section):
+class FinetuneConfig(_Optimizer):
     """SST-2 fine-tuning of the pretrained encoder."""
 
     batch_size: int = knob(
@@ -387,22 +393,6 @@ class FinetuneConfig(_Section):
         maximum=10_000_000,
         title="Fine-tuning steps per epoch",
         form=TUNE,
-    )
-    lr_schedule: str = knob(
-        "constant",
-        "constant (the guide) or warmup_cosine: linear warm-up over finetune.warmup_ratio of all steps, then "
-        "cosine decay to 0.",
-        choices=LR_SCHEDULES,
-    )
-    warmup_ratio: float = knob(
-        0.1, "Share of all steps spent warming up (warmup_cosine only).", minimum=0.0, maximum=0.9
-    )
-    weight_decay: float = knob(
-        0.004,
-        "AdamW weight decay; 0.004 is Keras's default (the guide's). Any other value also exempts biases and "
-        "LayerNorm parameters.",
-        minimum=0.0,
-        maximum=1.0,
     )
     pooling: str = knob(
         "auto",
