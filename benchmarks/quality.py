@@ -44,7 +44,7 @@ from encoderflow.config import PRESETS, from_overrides
 # pooling make outputs depend on padding, so length buckets go off with them (the config refuses
 # buckets there): compare those two rows with the buckets-off row, not with the first.
 ABLATIONS: dict[str, tuple[str, list[str]]] = {
-    "full": ("encoderflow (guide preset)", []),
+    "full": ("encoderflow ({preset} preset)", []),
     "buckets": ("- length buckets (pad to 128)", ["finetune.length_buckets=off"]),
     "padding_mask": (
         "- padding mask (buckets off)",
@@ -165,7 +165,7 @@ def guide(args, work: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", required=True, type=lambda p: Path(p).resolve())
+    ap.add_argument("--data-dir", type=lambda p: Path(p).resolve(), help="the offline folder (not for --table)")
     ap.add_argument(
         "--preset", default="guide", choices=sorted(PRESETS), help="encoderflow's preset (the guide side is the guide)"
     )
@@ -187,6 +187,8 @@ def main() -> int:
     if args.table:
         print_table(load_results(args.table))
         return 0
+    if args.data_dir is None:
+        ap.error("--data-dir is required (except with --table)")
     names = []
     if args.ablation:
         names = list(ABLATIONS) if args.ablation == "all" else args.ablation.split(",")
@@ -238,6 +240,7 @@ def ablation(args, names: list[str], work: Path) -> int:
     for name in names:
         for seed in seeds:
             label, extra = ABLATIONS[name]
+            label = label.format(preset=args.preset)
             extra = [*extra, *args.set, *([seed] if seed else [])]
             same = [
                 r
@@ -265,9 +268,9 @@ def ablation(args, names: list[str], work: Path) -> int:
         for name in names:
             acc = [r["sst2"] for r in rows if r["name"] == name]
             bow = statistics.mean(r["baseline"] for r in rows if r["name"] == name)
-            mean = statistics.mean(acc)
+            mean, label = statistics.mean(acc), ABLATIONS[name][0].format(preset=args.preset)
             print(
-                f"{ABLATIONS[name][0]:<38} SST-2 dev {mean:.4f} ± {statistics.stdev(acc):.4f}   "
+                f"{label:<38} SST-2 dev {mean:.4f} ± {statistics.stdev(acc):.4f}   "
                 f"BoW {bow:.4f}   gain {100 * (mean - bow):+.1f} points"
             )
     return 0

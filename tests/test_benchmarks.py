@@ -128,3 +128,35 @@ def test_synthetic_batches_match_the_shards(preset):
 
 def test_gpu_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")], check=True)
+
+
+def test_quality_ablation_rows_and_table(tmp_path):
+    """benchmarks/quality.py: every ablation row is a valid override set, unknown rows are refused
+    before anything runs, and --table prints a results file (no training here)."""
+    import quality
+
+    for name, (label, extra) in quality.ABLATIONS.items():
+        cfg = from_overrides("guide", dict(item.split("=", 1) for item in extra))
+        assert label and cfg is not None, name
+    assert from_overrides("guide", {"finetune.length_buckets": "off"}).length_buckets() is False
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "quality.py"), "--data-dir", str(tmp_path), "--ablation", "full,nope"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert proc.returncode == 2 and "unknown ablation row(s) ['nope']" in proc.stderr
+    assert not list(tmp_path.glob("encoderflow-quality-*"))  # refused before its work folder exists
+    rows = [
+        {"row": "encoderflow (guide preset)", "name": "full", "extra": [], "sst2": 0.8085, "mlm": 0.0857,
+         "baseline": 0.8005, "pretrain_s": 840.0, "finetune_s": 162.0, "wall_s": 1068.0},
+        {"row": "- length buckets (pad to 128)", "name": "buckets", "extra": ["finetune.length_buckets=off"],
+         "sst2": 0.8050, "mlm": 0.0857, "baseline": 0.8005, "pretrain_s": 840.0, "finetune_s": 900.0, "wall_s": 1800.0},
+    ]  # fmt: skip
+    results = tmp_path / "oqb.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "quality.py"), "--table", str(results)], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out[1].startswith("encoderflow (guide preset)") and "0.8085" in out[1] and out[1].endswith("-")
+    assert "0.8050" in out[2] and out[2].endswith("finetune.length_buckets=off") and "15.0m" in out[2]
