@@ -168,8 +168,8 @@ def test_two_runs_through_airflow(served, encoderflow_home):
 
     # A second, untrained candidate: registered, not blessed, champion unchanged; it must also show
     # a significant gain, and its paired interval says it is significantly worse. It pretrains with
-    # the recipe preset's switches (task-adaptive shards, pre-norm, no dropout, schedules, decay),
-    # so they run through Airflow too.
+    # the recipe preset's switches (task-adaptive shards, no dropout, schedules, decay), so they run
+    # through Airflow too, and starts from the champion's encoder (a warm start).
     second = _run(
         home,
         url,
@@ -179,7 +179,7 @@ def test_two_runs_through_airflow(served, encoderflow_home):
         "gate.require_significant_gain=true",
         "data.task_adaptive=true",
         "data.sequence_mode=packed",
-        "model.normalize_first=true",
+        "pretrain.init_from=champion",
         "pretrain.dropout_off=true",
         "pretrain.lr_schedule=warmup_cosine",
         "pretrain.weight_decay=0.01",
@@ -204,6 +204,9 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     assert summary2["metrics"]["champion_val_accuracy"] == pytest.approx(summary1["metrics"]["sst2_val_accuracy"])
     assert client.get_model_version_by_alias(MODEL, "champion").version == v1.version
     v2 = client.get_model_version(MODEL, summary2["registry"]["version"])
+    assert v2.tags["lineage.parent"] == str(v1.version) and "lineage.parent" not in v1.tags
+    pretrain_log = (layout.run_dir(run2) / "logs" / "task_id=pretrain" / "attempt=1.log").read_text()
+    assert f"warm start from pretrain.init_from=champion v{v1.version}" in pretrain_log
     assert v2.tags["gate.blessed"] == "false"
     assert "champion" in v2.tags["gate.reasons"]
     assert v2.tags["gate.candidate_minus_champion_ci"] == f"[{diff['low']:+.4f}, {diff['high']:+.4f}]"

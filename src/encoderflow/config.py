@@ -345,6 +345,14 @@ class PretrainConfig(_Optimizer):
         "(where bfloat16 matmuls are slower, not faster).",
         choices=PRECISIONS,
     )
+    init_from: str = knob(
+        "none",
+        "Where pretraining starts: none (random, the guide), champion (the current champion's encoder: "
+        "continual pretraining on new text), or the absolute path of an encoder.keras. Its vocabulary size, "
+        "sequence length and layer shapes must match this config's; the model version records the parent.",
+        title="Pretraining starts from",
+        form=TRAIN,
+    )
     dropout_off: bool = knob(
         False,
         "Pretrain without dropout (the Cramming recipe); fine-tuning rebuilds the encoder with model.dropout. "
@@ -373,6 +381,14 @@ class PretrainConfig(_Optimizer):
         minimum=0,
         maximum=10_000_000,
     )
+
+    def rules(self) -> None:
+        _check(
+            self.init_from in ("none", "champion")
+            or (self.init_from.startswith("/") and self.init_from.endswith(".keras")),
+            "pretrain.init_from",
+            f"must be none, champion or an absolute path to an encoder .keras file, got {self.init_from!r}",
+        )
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ class Pretrained(TypedDict):
     encoder_sha256: str
     mlm_val_accuracy: float
     result: str
+    parent: str | None  # the champion version or encoder path a warm start began from
 
 
 class Finetuned(TypedDict):

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from encoderflow import layout
@@ -139,14 +140,47 @@ def pretrain(sealed: Sealed, params: Mapping[str, Any], run_id: str) -> Pretrain
 
     setup_logging()
     out = layout.run_dir(run_id) / "pretrain"
-    _inputs("pretrain", manifest=sealed["manifest"])
-    result = fit(from_params(params), sealed["manifest"], out)
+    cfg = from_params(params)
+    init = _init_encoder(cfg, out)
+    _inputs("pretrain", manifest=sealed["manifest"], **({"init_from": init["path"]} if init else {}))
+    result = fit(cfg, sealed["manifest"], out, init)
     _output("pretrain", "encoder", result["encoder"], result["encoder_sha256"])
     return {
         "encoder": result["encoder"],
         "encoder_sha256": result["encoder_sha256"],
         "mlm_val_accuracy": result["mlm_val_accuracy"],
         "result": str(out / "result.json"),
+        "parent": (init.get("version") or init["path"]) if init else None,
+    }
+
+
+def _init_encoder(cfg, out: Path) -> dict[str, Any] | None:
+    """``pretrain.init_from`` resolved: None (random), the champion's bundle encoder, or a given path."""
+    source = cfg.pretrain.init_from
+    if source == "none":
+        return None
+    if source != "champion":
+        if not Path(source).is_file():
+            from encoderflow.errors import EncoderflowError
+
+            raise EncoderflowError(f"pretrain.init_from={source}: no such file; give an encoder.keras that exists")
+        return {"label": "path", "path": source}
+    from encoderflow import bundle, registry
+
+    name = cfg.gate.registered_model
+    champ = registry.champion(name)
+    if champ is None:
+        log.info(
+            "pretrain: pretrain.init_from=champion, but %s has no champion yet: starting from random weights", name
+        )
+        return None
+    folder = registry.download_version(name, champ["version"], out / "init")
+    meta = bundle.metadata(folder)
+    return {
+        "label": f"champion v{champ['version']}",
+        "path": str(folder / bundle.ENCODER),
+        "version": champ["version"],
+        "vocab_sha256": meta["files"][bundle.VOCAB],
     }
 
 
@@ -273,6 +307,7 @@ def promote(
         "shards.manifest_sha256": sealed["manifest_sha256"],
         "shards.hash": sealed["shards_hash"],
         **{f"data.{name}.source": info["source"] for name, info in inputs.items()},
+        **({"lineage.parent": str(pretrained["parent"])} if pretrained.get("parent") else {}),
     }
     histories = {
         stage: layout.read_json(res["result"]).get("history", {})

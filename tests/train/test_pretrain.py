@@ -617,3 +617,28 @@ def test_zero_pretraining_epochs_keeps_the_seeded_initialisation(duped, tmp_path
         )
     ]
     assert any(moved)  # two steps of training change the weights the untrained run kept
+
+
+def test_warm_start_begins_lower_and_refuses_a_mismatch_naming_both_sides(duped, tmp_path):
+    """pretrain.init_from=<encoder.keras>: continual pretraining starts where the parent left off."""
+    from encoderflow.errors import EncoderflowError
+
+    parent_cfg = _run_cfg(duped, epochs=2, steps_per_epoch=40, validation_steps=1, steps_per_execution=8)
+    parent = pretrain.pretrain(parent_cfg, duped["manifest"], tmp_path / "parent")
+    cfg = _run_cfg(duped, epochs=1, steps_per_epoch=12, validation_steps=1, steps_per_execution=4)
+    cold = pretrain.pretrain(cfg, duped["manifest"], tmp_path / "cold")
+    init = {"label": "path", "path": parent["encoder"]}
+    warm = pretrain.pretrain(cfg, duped["manifest"], tmp_path / "warm", init)
+    # The MLM head is not part of an encoder.keras: it starts fresh on the pretrained encoder and
+    # catches up within steps, so the first epoch's loss, not its first step's, shows the head start.
+    assert warm["history"]["loss"][0] < cold["history"]["loss"][0], (warm["history"], cold["history"])
+    assert warm["init_from"] == {"label": "path", "path": parent["encoder"], "version": None}
+    assert warm["key"] != cold["key"]  # a warm start never reuses a cold start's result
+
+    with pytest.raises(EncoderflowError, match=r"vocabulary sha256 abc differs from this run's [0-9a-f]{64}"):
+        pretrain.pretrain(cfg, duped["manifest"], tmp_path / "v", {**init, "vocab_sha256": "abc"})
+    from dataclasses import replace
+
+    wider = replace(cfg, model=replace(cfg.model, intermediate_dim=96))
+    with pytest.raises(EncoderflowError, match=r"layers do not match this config's model section \(.*here, .*there\)"):
+        pretrain.pretrain(wider, duped["manifest"], tmp_path / "w", init)

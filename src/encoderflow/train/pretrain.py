@@ -126,8 +126,59 @@ def read_history(path: Path) -> dict[str, list[float]]:
     return {k: [float(rows[e][k]) for e in sorted(rows) if rows[e].get(k) not in (None, "")] for k in keys}
 
 
-def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
+def warm_start(encoder, init: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """Copy the weights of ``init["path"]`` (an ``encoder.keras``) into ``encoder``.
+
+    Raises:
+        EncoderflowError: the vocabulary (by sha256 when ``init`` knows it, else by size), the
+            sequence length or any weight's shape differs; the message names both sides.
+    """
+    from encoderflow import model as models
+    from encoderflow.errors import EncoderflowError
+
+    parent = models.load(init["path"])
+    where = f"pretrain.init_from={init['label']} ({init['path']})"
+    theirs = {
+        "vocabulary size": int(models.token_embedding(parent).input_dim),
+        "sequence length": models.max_length(parent),
+    }
+    ours = {"vocabulary size": manifest["vocab_size"], "sequence length": manifest["seq_length"]}
+    for what, value in theirs.items():
+        if value != ours[what]:
+            raise EncoderflowError(
+                f"{where}: its {what} is {value}, this run's shards have {ours[what]}; "
+                "use pretrain.init_from=none or an encoder built for this vocabulary and data.seq_length"
+            )
+    if init.get("vocab_sha256") and init["vocab_sha256"] != manifest["vocab_sha256"]:
+        raise EncoderflowError(
+            f"{where}: its vocabulary sha256 {init['vocab_sha256']} differs from this run's "
+            f"{manifest['vocab_sha256']} (same size, other tokens); use pretrain.init_from=none or the same vocabulary"
+        )
+    mine = {w.path: tuple(w.shape) for w in encoder.weights}
+    given = {w.path: tuple(w.shape) for w in parent.weights}
+    if list(mine.values()) != list(given.values()):
+        diff = next(
+            (f"{a}: {sa} here, {sb} there" for (a, sa), (_, sb) in zip(mine.items(), given.items()) if sa != sb),
+            f"{len(mine)} weights here, {len(given)} there",
+        )
+        raise EncoderflowError(
+            f"{where}: its layers do not match this config's model section ({diff}); "
+            "use the model settings it was trained with, or pretrain.init_from=none"
+        )
+    encoder.set_weights(parent.get_weights())
+    log.info("pretrain: warm start from %s: %d weights copied", where, len(mine))
+
+
+def pretrain(
+    cfg: Config,
+    manifest_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    init: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train the guide's encoder + tied MLM head; write ``encoder.keras`` atomically.
+
+    ``init`` (``path``, ``label``, optional ``vocab_sha256``, ``version``) starts from another
+    encoder's weights instead of a random initialisation (:func:`warm_start`): continual pretraining.
 
     A finished run with the same inputs and config is reused as is. An interrupted one resumes
     from its newest backup in ``backup/`` (:class:`~encoderflow.train.callbacks.StepBackup`:
@@ -156,6 +207,7 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
             "pretrain": trained,
             "manifest": layout.sha256_file(manifest_path),
             "seed": cfg.data.seed,
+            "init": layout.sha256_file(init["path"]) if init else None,
         }
     )
     if (done := layout.reusable(out_dir / "result.json", key)) is not None and Path(done["encoder"]).exists():
@@ -181,6 +233,8 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
     # pretrain.dropout_off: no dropout while pretraining; fine-tuning rebuilds the encoder with model.dropout.
     model_cfg = dataclasses.replace(cfg.model, dropout=0.0) if p.dropout_off else cfg.model
     encoder = models.build_encoder(model_cfg, manifest["vocab_size"], manifest["seq_length"], pad_id)
+    if init:
+        warm_start(encoder, init, manifest)
     mlm = models.build_pretraining_model(encoder, manifest["predictions_per_seq"])
     spe = steps_per_execution(p.steps_per_execution, steps, p.backup_every_steps)
     if skip % spe:  # a backup taken with another steps_per_execution: calls must end on its step
@@ -300,6 +354,7 @@ def pretrain(cfg: Config, manifest_path: str | os.PathLike, out_dir: str | os.Pa
         "step_seconds": epoch_logger.step_seconds,
         "history": hist,
         "seconds": round(time.monotonic() - t0, 1),
+        "init_from": {k: init.get(k) for k in ("label", "path", "version")} if init else None,
     }
     layout.write_json(out_dir / "result.json", result)
     # Only now: until the result is written, a retry must find the trained weights.
