@@ -160,3 +160,22 @@ def test_quality_ablation_rows_and_table(tmp_path):
     ).stdout.splitlines()
     assert out[1].startswith("encoderflow (guide preset)") and "0.8085" in out[1] and out[1].endswith("-")
     assert "0.8050" in out[2] and out[2].endswith("finetune.length_buckets=off") and "15.0m" in out[2]
+
+
+def test_finetune_benchmark_scores_a_saved_encoder(tmp_path):
+    """benchmarks/finetune.py on the fixture tree: the seeded random encoder, two steps, one JSON line."""
+    from tests.fixtures_pipeline import write_tree
+
+    tree = write_tree(tmp_path / "data")
+    env = {**os.environ, "PRESET": "smoke", "DATA_DIR": str(tree), "ENCODERFLOW_HOME": str(tmp_path / "home")}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "finetune.py"), "random", str(tmp_path / "out"), "finetune.steps_per_epoch=2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["preset"] == "smoke" and row["sets"] == ["finetune.steps_per_epoch=2"] and 0.0 <= row["sst2"] <= 1.0
+    assert (tmp_path / "out" / "bundle" / "bundle.json").exists()

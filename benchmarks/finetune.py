@@ -1,0 +1,54 @@
+"""Fine-tune one saved encoder on SST-2 with config overrides; print the dev accuracy.
+
+    .venv/bin/python benchmarks/finetune.py ENCODER.keras OUT_DIR [key=value ...]
+    PRESET=recipe .venv/bin/python benchmarks/finetune.py ENCODER.keras OUT_DIR finetune.learning_rate=2e-4
+
+The quality benchmark's fine-tuning stage alone (``finetune.epochs=1`` on the offline folder's SST-2
+train, dev accuracy), for factors that change fine-tuning only: pretraining is deterministic, so
+fine-tuning the encoder an OQB run wrote gives that run's row with the factor changed (fine-tuning
+it unchanged reproduces the run's accuracy exactly). ``ENCODER`` ``random`` builds the preset's
+encoder at its seeded initialisation. ``DATA_DIR`` (default ``../shared/data``) is the offline folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from encoderflow.config import from_overrides, parse_set
+from encoderflow.data.sources import get_dataset
+from encoderflow.results import only_file
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print(__doc__)
+        return 2
+    encoder, out, sets = argv[0], Path(argv[1]), argv[2:]
+    data_dir = os.environ.get("DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    cfg = from_overrides(os.environ.get("PRESET", "guide"), parse_set(["finetune.epochs=1", *sets]))
+    sst2 = get_dataset("sst2", data_dir=data_dir)
+    vocab_path = only_file(get_dataset("vocab", data_dir=data_dir))["path"]
+    if encoder == "random":
+        from encoderflow import model as models
+        from encoderflow import runtime
+
+        runtime.keras().utils.set_random_seed(cfg.data.seed)
+        built = models.build_encoder(cfg.model, sum(1 for _ in open(vocab_path)), cfg.data.seq_length)
+        out.mkdir(parents=True, exist_ok=True)
+        built.save(out / "random.keras")
+        encoder = str(out / "random.keras")
+    from encoderflow.train.finetune import finetune
+
+    t0 = time.monotonic()
+    result = finetune(cfg, encoder, sst2, vocab_path, out)
+    row = {"encoder": argv[0], "preset": cfg.preset, "sets": sets, "sst2": result["val_accuracy"]}
+    print(json.dumps({**row, "seconds": round(time.monotonic() - t0)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
