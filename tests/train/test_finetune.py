@@ -29,9 +29,7 @@ def inputs(tmp_path_factory):
     "overrides, pooling, buckets",
     [
         ({}, "pooled_tokens:MaskedMeanPooling", "on"),
-        ({"finetune.length_buckets": "off"}, "pooled_tokens:MaskedMeanPooling", "off"),
         ({"finetune.pooling": "all_tokens"}, "pooled_tokens:GlobalAveragePooling1D", "off"),
-        ({"model.padding_mask": False}, "pooled_tokens:GlobalAveragePooling1D", "off"),
         ({"model.padding_mask": False, "finetune.pooling": "real_tokens"}, "pooled_tokens:MaskedMeanPooling", "off"),
     ],
 )
@@ -58,3 +56,5 @@ def test_buckets_on_are_refused_where_outputs_depend_on_padding():
     assert cfg.length_buckets() and cfg.pooling() == "real_tokens" and cfg.padding_free()
     guide_way = from_overrides("guide", {"model.padding_mask": False})
     assert (guide_way.pooling(), guide_way.length_buckets()) == ("all_tokens", False)
+    off = from_overrides("guide", {"finetune.length_buckets": "off"})
+    assert (off.pooling(), off.length_buckets()) == ("real_tokens", False)
