@@ -79,10 +79,16 @@ def load_results(path: Path | None) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'':<38} {'SST-2 dev':>9} {'MLM val':>8} {'BoW':>7} {'pretrain':>9} {'finetune':>9} {'wall':>7}  overrides")
+
+    def minutes(seconds, width):
+        return f"{seconds / 60:>{width}.1f}m" if seconds is not None else f"{'-':>{width + 1}}"
+
     for r in rows:
+        # A fine-tuning-only row (benchmarks/finetune.py on an OQB run's encoder) has no wall time of its own.
+        via = f"  (fine-tuned {r['encoder_of']}'s encoder)" if r.get("encoder_of") else ""
         print(
-            f"{r['row']:<38} {r['sst2']:>9.4f} {r['mlm']:>8.4f} {r['baseline']:>7.4f} {r['pretrain_s'] / 60:>8.1f}m "
-            f"{r['finetune_s'] / 60:>8.1f}m {r['wall_s'] / 60:>6.1f}m  {' '.join(r.get('extra', [])) or '-'}"
+            f"{r['row']:<38} {r['sst2']:>9.4f} {r['mlm']:>8.4f} {r['baseline']:>7.4f} {minutes(r['pretrain_s'], 8)} "
+            f"{minutes(r['finetune_s'], 8)} {minutes(r.get('wall_s'), 6)}  {' '.join(r.get('extra', [])) or '-'}{via}"
         )
 
 
