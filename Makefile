@@ -28,12 +28,15 @@ MIRROR   ?=
 SET      ?=
 # FORCE=1 trains even when data, config and code equal the champion's (otherwise the run is skipped).
 FORCE    ?=
+# Your own corpus and labeled data, declared in a YAML file (README, "Your own data").
+DATA_FILE ?=
 
 export ENCODERFLOW_HOME ?= $(CURDIR)/.encoderflow
 
 RUN_ARGS := --preset $(PRESET) \
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 	$(if $(MIRROR),--mirror $(MIRROR)) \
+	$(if $(DATA_FILE),--data-file $(DATA_FILE)) \
 	$(foreach s,$(SET),--set $(s)) \
 	$(if $(FORCE),--force)
 

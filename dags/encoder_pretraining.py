@@ -1,4 +1,4 @@
-"""encoder_pretraining: download → lineage check → validate → shards → pretrain → fine-tune → gate → promote.
+"""encoder_pretraining: download → lineage check → validate → vocab → shards → pretrain → fine-tune → gate → promote.
 
 Every task body is a call into ``encoderflow.steps``, which imports the ML stack inside each
 step: parsing this file imports no TensorFlow, Keras, JAX or Great Expectations and touches no
@@ -31,6 +31,12 @@ description as *guide / smoke*; every key is listed in `docs/parameters.md`. Off
 split, so set **WikiText split to pretrain on** to `test` (the smoke preset already does). A
 **Mirror URL** is tried before the official addresses; files must still match the pinned sha256.
 
+**Your own data.** Under **Your own data**, give a **Pretraining corpus** folder (UTF-8 text files)
+and/or **Labeled data** (a folder with `train.<ext>` and `dev.<ext>`, ext `tsv`, `csv` or `jsonl`, any
+number of classes) with its **Text column** and **Label column**, and a **Vocabulary** (`trained` learns
+one on the corpus); or keep them in a YAML **Data file** (`ENCODERFLOW_DATA_FILE` for scheduled runs).
+Each source is validated by a suite generated from the declaration (README, *Your own data*).
+
 **What it writes** (all under `$ENCODERFLOW_HOME`, the volume every worker shares):
 `data/<dataset>/<hash>/` (verified downloads), `shards/<hash>/` (TFRecord shards, `manifest.json`),
 `runs/<run id>/` (`data_docs/`, `baseline/`, `pretrain/`, `finetune/bundle/`, `gate.json`,
@@ -47,7 +53,8 @@ would rebuild the same model) and its summary says "nothing changed since champi
 
 **Resources.** `pretrain` and `finetune` run on queue `gpu` in pool `gpu` (one slot): one
 training job on the accelerator at a time. Schedule: `ENCODERFLOW_SCHEDULE` (cron or preset;
-unset = manual only); no catch-up. The **Encoderflow runs** page lists every run with its gate
+`assets`: whenever `encoderflow_sources` sees your corpus or labeled data change; `assets|<cron>`:
+both; unset = manual only); no catch-up. The **Encoderflow runs** page lists every run with its gate
 decision, metrics, champion history and links.
 """
 
@@ -66,33 +73,42 @@ decision, metrics, champion history and links.
 def encoder_pretraining():
     @task(**af.NETWORK, execution_timeout=timedelta(hours=2))
     @af.expected_failures
-    def download(dataset: str, params=None) -> dict:
-        """Fetch one dataset (mirror first, then the official URLs; resumable, pinned sha256), or locate it
-        in the offline folder; extract it safely into `data/<dataset>/<hash>/`. A hash mismatch fails."""
-        return steps.download(dataset, params)
+    def download(role: str, params=None) -> dict:
+        """Get one role's data: the guide's dataset (mirror first, then the official URLs; resumable, pinned
+        sha256; or the offline folder), or your own folder (copied, or downloaded from its manifest.json),
+        into the content-addressed `data/<dataset>/<hash>/`."""
+        return steps.download(role, params)
 
     @task(retries=0, execution_timeout=timedelta(minutes=30))
     @af.expected_failures
     def validate(info: dict, params=None, run_id=None) -> dict:
-        """Run the dataset's Great Expectations suite on every file it uses (genuine row counts for the
-        pinned archives); any failure fails the run, one line each. Data Docs: `runs/<run id>/data_docs/`."""
+        """Run the role's Great Expectations suite on every file it uses (genuine row counts for the pinned
+        archives; generated from the declaration for your own data); any failure fails the run, one line
+        each. Data Docs: `runs/<run id>/data_docs/`."""
         return steps.validate(info, params, run_id)
 
     @task.short_circuit(**af.NETWORK, execution_timeout=timedelta(minutes=10))
     @af.expected_failures
-    def check_lineage(wikitext: dict, sst2: dict, vocab: dict, params=None, run_id=None) -> bool:
+    def check_lineage(corpus: dict, labeled: dict, vocab: dict, params=None, run_id=None) -> bool:
         """Compare this run's data content hashes, config hash and code hash with the champion's. Equal:
         nothing would change, so every later task is skipped and `summary.json` says "nothing changed
         since champion vN". The `force` param trains anyway."""
-        return steps.check_lineage({"wikitext": wikitext, "sst2": sst2, "vocab": vocab}, params, run_id)
+        return steps.check_lineage({"corpus": corpus, "labeled": labeled, "vocab": vocab}, params, run_id)
+
+    @task(execution_timeout=timedelta(hours=2))
+    @af.expected_failures
+    def prepare_vocab(corpus: dict, vocab: dict, params=None, run_id=None) -> dict:
+        """The BERT vocabulary, or with `inputs.vocab=trained` one computed on the corpus's pretraining
+        documents (keras-hub WordPiece trainer), validated by the vocabulary suite; reused when there."""
+        return steps.prepare_vocab(corpus, vocab, params, run_id)
 
     @task(execution_timeout=timedelta(minutes=15))
     @af.expected_failures
-    def plan_shards(wikitext: dict, vocab: dict, sst2: dict, params=None) -> list:
+    def plan_shards(corpus: dict, vocab: dict, labeled: dict, params=None) -> list:
         """Split the pretraining text into `num_shards` pieces under `shards/<hash>/`, the hash of the
         data config, vocabulary and texts; one spec per shard for `build_shard`. With
-        `data.task_adaptive` the SST-2 train sentences (no labels) get shards of their own."""
-        return steps.plan_shards(wikitext, vocab, params, sst2)
+        `data.task_adaptive` the labeled train texts (no labels) get shards of their own."""
+        return steps.plan_shards(corpus, vocab, params, labeled)
 
     @task(execution_timeout=timedelta(hours=2))
     @af.expected_failures
@@ -112,9 +128,9 @@ def encoder_pretraining():
 
     @task(execution_timeout=timedelta(minutes=30))
     @af.expected_failures
-    def train_baseline(sst2: dict, params=None, run_id=None) -> dict:
-        """The guide's bag-of-words baseline on SST-2, the bar a pretrained encoder must clear."""
-        return steps.train_baseline(sst2, params, run_id)
+    def train_baseline(labeled: dict, params=None, run_id=None) -> dict:
+        """The guide's bag-of-words baseline on the labeled data, the bar a pretrained encoder must clear."""
+        return steps.train_baseline(labeled, params, run_id)
 
     @task(**af.GPU, execution_timeout=timedelta(hours=24))
     @af.expected_failures
@@ -125,17 +141,18 @@ def encoder_pretraining():
 
     @task(**af.GPU, execution_timeout=timedelta(hours=12))
     @af.expected_failures
-    def finetune(pretrained: dict, sst2: dict, vocab: dict, params=None, run_id=None) -> dict:
-        """Fine-tune the encoder with a pooled classifier on SST-2; writes the model bundle
-        `runs/<run id>/finetune/bundle/` (classifier, encoder, vocabulary, `bundle.json` with sha256s)."""
-        return steps.finetune(pretrained, sst2, vocab, params, run_id)
+    def finetune(pretrained: dict, labeled: dict, vocab: dict, params=None, run_id=None) -> dict:
+        """Fine-tune the encoder with a pooled classifier (sigmoid for two classes, softmax for more) on the
+        labeled data; writes the model bundle `runs/<run id>/finetune/bundle/` (classifier, encoder,
+        vocabulary, `bundle.json` with labels and sha256s)."""
+        return steps.finetune(pretrained, labeled, vocab, params, run_id)
 
     @task(**af.NETWORK, execution_timeout=timedelta(hours=1))
     @af.expected_failures
-    def evaluate_and_gate(finetuned: dict, baseline: dict, sst2: dict, params=None, run_id=None) -> dict:
+    def evaluate_and_gate(finetuned: dict, baseline: dict, labeled: dict, params=None, run_id=None) -> dict:
         """Re-evaluate the champion on this run's dev data, then check the floor, the gain over the
         baseline and the regression against the champion. A rejection is a result, not a failure."""
-        return steps.evaluate_and_gate(finetuned, baseline, sst2, params, run_id)
+        return steps.evaluate_and_gate(finetuned, baseline, labeled, params, run_id)
 
     @task(**af.NETWORK, outlets=[af.CHAMPION_MOVES], execution_timeout=timedelta(minutes=30))
     @af.expected_failures
@@ -153,18 +170,19 @@ def encoder_pretraining():
         """Collect metrics, gate decision, registry version and artifact paths into `summary.json`."""
         return steps.report(run_id, params, {**run, "promoted": promoted})
 
-    downloaded = {name: download.override(task_id=f"download_{name}")(name) for name in ("wikitext", "sst2", "vocab")}
+    downloaded = {role: download.override(task_id=f"download_{role}")(role) for role in af.ROLES}
     checked = check_lineage(**downloaded)
-    wikitext, sst2, vocab = (validate.override(task_id=f"validate_{n}")(info) for n, info in downloaded.items())
-    checked >> [wikitext, sst2, vocab]
-    plan = plan_shards(wikitext, vocab, sst2)
+    corpus, labeled, bert = (validate.override(task_id=f"validate_{r}")(info) for r, info in downloaded.items())
+    checked >> [corpus, labeled, bert]
+    vocab = prepare_vocab(corpus, bert)
+    plan = plan_shards(corpus, vocab, labeled)
     sealed = seal_shards(plan, build_shard.expand(shard=plan))
-    baseline = train_baseline(sst2)
+    baseline = train_baseline(labeled)
     pretrained = pretrain(sealed)
-    finetuned = finetune(pretrained, sst2, vocab)
-    decision = evaluate_and_gate(finetuned, baseline, sst2)
+    finetuned = finetune(pretrained, labeled, vocab)
+    decision = evaluate_and_gate(finetuned, baseline, labeled)
     run = {"decision": decision, "finetuned": finetuned, "pretrained": pretrained, "baseline": baseline}
-    run |= {"sealed": sealed, "inputs": {"wikitext": wikitext, "sst2": sst2, "vocab": vocab}}
+    run |= {"sealed": sealed, "inputs": {"corpus": corpus, "labeled": labeled, "vocab": vocab}}
     report(run, promote(run))
 
 

@@ -358,7 +358,7 @@ def test_rest_api_run_to_success_with_epoch_logs(stack, smoke_run):
     assert status == 200, snap
     mine = next(r for r in snap["runs"] if r["run_id"] == run_id)
     assert mine["state"] == "success" and mine["gate"]["blessed"] is True, mine
-    assert set(mine["data_docs"]) == {"sst2", "vocab", "wikitext"}
+    assert set(mine["data_docs"]) == {"corpus", "labeled", "vocab"}
     # ... and what its charts are drawn from: every stage's per-epoch history, the gate's figures.
     assert set(mine["curves"]) == {"pretrain", "finetune", "baseline"}, mine["curves"]
     assert mine["gate_chart"]["blessed"] is True and mine["gate_chart"]["champion"] is None, mine["gate_chart"]

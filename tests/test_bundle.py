@@ -109,21 +109,27 @@ def test_a_failed_write_leaves_the_old_bundle_whole(tmp_path, inputs):
     assert sorted(p.name for p in out.iterdir()) == ["bundle"]
 
 
-def test_round_trip_scores_the_accuracy_recorded(tmp_path, inputs):
+def _classifier(tmp_path, vocab, sentences, num_classes: int = 2):
+    """A fresh smoke classifier (its encoder saved as ``in/encoder.keras``) and its outputs on ``sentences``."""
     from encoderflow import model as models
     from encoderflow.data.tokenizer import make_tokenizer, tokenize
 
-    _, vocab = inputs
     cfg = from_overrides("smoke")
     encoder = models.build_encoder(cfg.model, len(fixtures_pipeline.vocab_tokens()), cfg.data.seq_length)
     encoder_path = tmp_path / "in" / "encoder.keras"
     encoder.save(encoder_path)
-    classifier = models.build_classifier(encoder)
-    rows = fixtures_pipeline.sst2_rows(40, random.Random(0))
-    sentences, labels = [s for s, _ in rows], np.array([y for _, y in rows])
+    classifier = models.build_classifier(encoder, num_classes=num_classes)
     # What fine-tuning measures: the in-memory classifier on the bundle's tokenization.
     ids = tokenize(make_tokenizer(vocab, cfg.data.seq_length, cfg.data.lowercase, cfg.data.strip_accents), sentences)
-    probs = classifier.predict(ids, verbose=0).reshape(-1)
+    return cfg, classifier, encoder_path, np.asarray(classifier.predict(ids, verbose=0))
+
+
+def test_round_trip_scores_the_accuracy_recorded(tmp_path, inputs):
+    _, vocab = inputs
+    rows = fixtures_pipeline.sst2_rows(40, random.Random(0))
+    sentences, labels = [s for s, _ in rows], np.array([y for _, y in rows])
+    cfg, classifier, encoder_path, probs = _classifier(tmp_path, vocab, sentences)
+    probs = probs.reshape(-1)
     recorded = float(np.mean((probs >= 0.5) == labels))
 
     path = bundle.write(tmp_path / "bundle", classifier, encoder_path, vocab, cfg, recorded)
@@ -133,3 +139,19 @@ def test_round_trip_scores_the_accuracy_recorded(tmp_path, inputs):
     # Per sentence, in the order given: what the gate pairs with the champion's.
     np.testing.assert_array_equal(scorer.correct(sentences, labels), (probs >= 0.5) == labels)
     assert scorer.probabilities([]).shape == (0,)
+
+
+def test_a_three_class_bundle_predicts_by_argmax_and_keeps_its_labels(tmp_path, inputs):
+    _, vocab = inputs
+    sentences, labels = [s for s, _ in fixtures_pipeline.sst2_rows(30, random.Random(0))], np.arange(30) % 3
+    cfg, classifier, encoder_path, probs = _classifier(tmp_path, vocab, sentences, num_classes=3)
+    assert classifier.output_shape == (None, 3) and classifier.get_layer("classes").activation.__name__ == "softmax"
+    path = bundle.write(tmp_path / "bundle", classifier, encoder_path, vocab, cfg, 0.5, ["bug", "billing", "praise"])
+    scorer = bundle.Scorer(bundle.verify(path))
+    assert scorer.labels == ["bug", "billing", "praise"] == bundle.metadata(path)["labels"]
+    np.testing.assert_allclose(scorer.probabilities(sentences), probs, atol=1e-6)
+    predicted, confidence = scorer.predict(sentences)
+    np.testing.assert_array_equal(predicted, probs.argmax(axis=-1))
+    np.testing.assert_allclose(confidence, probs.max(axis=-1), atol=1e-6)
+    np.testing.assert_array_equal(scorer.correct(sentences, labels), probs.argmax(axis=-1) == labels)
+    assert scorer.probabilities([]).shape == (0, 3)

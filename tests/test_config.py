@@ -240,3 +240,46 @@ def test_gate_noise_knobs_round_trip_through_the_form_the_cli_and_records():
     # A recorded config (MLflow params, bundle.json) rebuilds with both.
     cfg = from_overrides("smoke", {"gate.require_significant_gain": True, "gate.bootstrap_resamples": 300})
     assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_a_data_file_declares_sources_and_inputs_and_the_form_wins(tmp_path):
+    from encoderflow.config import ConfigError, Sources, from_params, read_data_file
+
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    path = folder / "data.yaml"
+    path.write_text(
+        "corpus: corpus/\nlabeled: https://data.example/tickets\n"
+        "inputs:\n  text_column: body\n  label_column: category\n  vocab: trained\ndata: {seq_length: 64}\n"
+    )
+    sources, overrides = read_data_file(str(path))
+    assert sources == {"corpus": str(folder / "corpus"), "labeled": "https://data.example/tickets"}
+    assert overrides == {
+        "inputs.text_column": "body",
+        "inputs.label_column": "category",
+        "inputs.vocab": "trained",
+        "data.seq_length": 64,
+    }
+    params = {"preset": "smoke", "data_file": str(path), "inputs_label_column": "topic"}
+    cfg = from_params(params)
+    assert (cfg.inputs.text_column, cfg.inputs.label_column, cfg.inputs.vocab) == ("body", "topic", "trained")
+    assert cfg.data.seq_length == 64
+    src = Sources.from_params({**params, "labeled": "/elsewhere"})
+    assert src.custom() == {"corpus": str(folder / "corpus"), "labeled": "/elsewhere"}
+    path.write_text("corpra: corpus/\n")
+    with pytest.raises(ConfigError, match=r"data file .*data\.yaml: unknown top-level key 'corpra'"):
+        read_data_file(str(path))
+    path.write_text("inputs: {text_colum: body}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'inputs.text_colum'"):
+        from_params({"data_file": str(path)})
+    with pytest.raises(ConfigError, match=r"data file .*missing\.yaml: cannot read it"):
+        read_data_file(str(tmp_path / "missing.yaml"))
+
+
+def test_inputs_rules_name_the_key():
+    from encoderflow.config import ConfigError, from_overrides
+
+    with pytest.raises(ConfigError, match="inputs.label_column"):
+        from_overrides("smoke", {"inputs.text_column": "x", "inputs.label_column": "x"})
+    with pytest.raises(ConfigError, match="inputs.max_class_share"):
+        from_overrides("smoke", {"inputs.min_class_share": 0.5, "inputs.max_class_share": 0.4})

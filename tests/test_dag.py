@@ -21,7 +21,15 @@ t0 = time.perf_counter()
 bag = DagBag(dag_folder=sys.argv[1])
 seconds = time.perf_counter() - t0
 dag = bag.dags.get("encoder_pretraining")
+watcher = bag.dags.get("encoderflow_sources")
 print(json.dumps({
+    "dag_ids": sorted(bag.dags),
+    "watcher_tasks": sorted(watcher.task_ids) if watcher else [],
+    "watcher_schedule": str(watcher.schedule) if watcher else None,
+    "schedule": type(dag.timetable).__name__ if dag else None,
+    "schedule_assets": sorted(a.name for a in getattr(dag.timetable.asset_condition, "objects", ()))
+        if dag and getattr(dag.timetable, "asset_condition", None) is not None else [],
+    "data_file_default": dag.params.get_param("data_file").value if dag else None,
     "errors": {k: str(v)[-500:] for k, v in bag.import_errors.items()},
     "seconds": seconds,
     "heavy": sorted(m for m in heavy if m in sys.modules and m not in before),
@@ -30,14 +38,15 @@ print(json.dumps({
     "schemas": {k: dag.params.get_param(k).schema for k in dag.params} if dag else {},
     "max_active_runs": dag.max_active_runs if dag else None,
     "catchup": dag.catchup if dag else None,
-    "download_retries": dag.get_task("download_sst2").retries if dag else None,
+    "download_retries": dag.get_task("download_labeled").retries if dag else None,
 }))
 """
 
 
-def _probe(tmp_path) -> dict:
+def _probe(tmp_path, **extra_env: str) -> dict:
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("ENCODERFLOW_")},
+        **extra_env,
         "AIRFLOW_HOME": str(tmp_path / "airflow"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow.db'}",
@@ -58,13 +67,14 @@ def test_dagbag_parses_fast_without_heavy_imports(tmp_path):
     assert result["catchup"] is False
     assert result["download_retries"] >= 2
     assert {
-        "download_wikitext",
-        "download_sst2",
+        "download_corpus",
+        "download_labeled",
         "download_vocab",
         "check_lineage",
-        "validate_wikitext",
-        "validate_sst2",
+        "validate_corpus",
+        "validate_labeled",
         "validate_vocab",
+        "prepare_vocab",
         "plan_shards",
         "build_shard",
         "seal_shards",
@@ -85,9 +95,33 @@ def test_dagbag_parses_fast_without_heavy_imports(tmp_path):
         "gate_max_regression",
         "gate_require_significant_gain",
         "force",
+        "corpus",
+        "labeled",
+        "data_file",
+        "inputs_text_column",
+        "inputs_label_column",
+        "inputs_vocab",
     } <= set(result["params"])
+    # Manual only by default, for the training DAG and its source watcher alike.
+    assert result["dag_ids"] == ["encoder_pretraining", "encoderflow_sources"]
+    assert result["schedule"] == "NullTimetable" and result["watcher_tasks"] == ["check_corpus", "check_labeled"]
+    assert result["watcher_schedule"] == "None" and result["data_file_default"] is None
     assert result["schemas"]["gate_require_significant_gain"]["type"] == ["null", "boolean"]
     assert result["schemas"]["force"]["type"] == "boolean"
+
+
+def test_assets_schedule_runs_on_source_changes(tmp_path):
+    """ENCODERFLOW_SCHEDULE=assets: the DAG runs on the source watcher's events, which run hourly; a
+    scheduled run has no form, so its data declaration is ENCODERFLOW_DATA_FILE's."""
+    assets = ["encoderflow_source_corpus", "encoderflow_source_labeled"]
+    data_file = str(tmp_path / "data.yaml")
+    result = _probe(tmp_path, ENCODERFLOW_SCHEDULE="assets", ENCODERFLOW_DATA_FILE=data_file)
+    assert result["errors"] == {}
+    assert result["schedule"] == "AssetTriggeredTimetable" and result["schedule_assets"] == assets
+    assert result["watcher_schedule"] == "@hourly" and result["data_file_default"] == data_file
+    both = _probe(tmp_path, ENCODERFLOW_SCHEDULE="assets|0 3 * * *", ENCODERFLOW_SOURCE_CHECK_SCHEDULE="*/10 * * * *")
+    assert both["schedule"] == "AssetOrTimeSchedule" and both["schedule_assets"] == assets
+    assert both["watcher_schedule"] == "*/10 * * * *"
 
 
 def test_every_param_maps_to_a_config_key(tmp_path):

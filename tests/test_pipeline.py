@@ -102,8 +102,9 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     assert states and all(state == "success" for _, _, state in states), states
     task_ids = {t for t, _, _ in states}
     assert {
-        "download_wikitext",
-        "validate_sst2",
+        "download_corpus",
+        "validate_labeled",
+        "prepare_vocab",
         "plan_shards",
         "build_shard",
         "seal_shards",
@@ -272,3 +273,77 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     assert client.get_model_version_by_alias(MODEL, "champion").version == v1.version
     html = page.render(page.collect_runs(home), {"champion": None, "history": []}, MODEL, None)
     assert f"nothing changed since champion v{v1.version}" in html
+
+
+def test_your_own_corpus_and_labels_through_airflow(tmp_path, encoderflow_home, caplog):
+    """A corpus folder (local) and a 3-class JSONL under other column names (over HTTP, from its
+    manifest), declared in a YAML data file with a vocabulary trained on the corpus: end to end.
+    Then data lands: the watcher sees a touched file, but only new content makes the lineage differ."""
+    from tests.data import fixtures_own as own
+
+    home = encoderflow_home
+    corpus = own.write_corpus(tmp_path / "corpus", n_files=24)
+    www = tmp_path / "www"
+    tickets = own.write_labeled(www / "tickets")
+    (tickets / "manifest.json").write_text(json.dumps({"files": ["train.jsonl", "dev.jsonl"]}))
+    with fixtures_data.serve(www) as (url, requests):
+        data_file = own.write_data_file(
+            tmp_path / "repo" / "data.yaml",
+            corpus,
+            f"{url}/tickets",
+            vocab="trained",
+            vocab_size=300,
+            documents="blank_line",
+        )
+        sets = ["data.sequence_mode=packed", "gate.registered_model=tickets", "finetune.steps_per_epoch=60"]
+        env = {**os.environ, "ENCODERFLOW_HOME": str(home), "ENCODERFLOW_DATA_FILE": str(data_file)}
+        cmd = [sys.executable, "-m", "encoderflow.cli", "run", "--preset", "smoke"]
+        proc = subprocess.run(
+            cmd + [a for s in sets for a in ("--set", s)],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        assert sorted(set(requests)) == ["/tickets/dev.jsonl", "/tickets/manifest.json", "/tickets/train.jsonl"]
+        run_id, summary = _summary(proc, home)
+        states = _task_states(home)[run_id]
+        assert states and all(state == "success" for _, _, state in states), states
+        assert {"download_corpus", "validate_labeled", "prepare_vocab", "pretrain", "promote"} <= {
+            t for t, _, _ in states
+        }
+
+        # Three classes learned on a trained vocabulary, well above chance (a third).
+        from encoderflow import layout
+
+        assert summary["metrics"]["sst2_val_accuracy"] > 0.6, summary
+        bundle = json.loads((Path(summary["artifacts"]["bundle"]) / "bundle.json").read_text())
+        assert bundle["labels"] == ["billing", "bug", "praise"]
+        manifest = json.loads(Path(summary["artifacts"]["shards_manifest"]).read_text())
+        [trained] = list((home / "data" / "vocab-trained").glob("*/vocab.txt"))
+        assert manifest["vocab_sha256"] == bundle["files"]["vocab.txt"] == layout.sha256_file(trained)
+        assert manifest["vocab_size"] == bundle["vocab_size"] < 300
+        validate_log = (layout.run_dir(run_id) / "logs" / "task_id=validate_labeled" / "attempt=1.log").read_text()
+        assert "3 classes ['billing', 'bug', 'praise'] (from train)" in validate_log
+        from mlflow import MlflowClient
+
+        from encoderflow import steps
+
+        uri = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+        v1 = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("tickets", "champion")
+        assert v1.tags["data.corpus.content_hash"] and "data.wikitext.content_hash" not in v1.tags
+        params = {"preset": "smoke", "data_file": str(data_file), "overrides": sets}
+        assert steps.check_source("corpus", params)["changed"] is True  # the watcher's first sight
+        doc = corpus / "doc-001.txt"
+        os.utime(doc, ns=(doc.stat().st_atime_ns, doc.stat().st_mtime_ns + 10**9))
+        assert steps.check_source("corpus", params)["changed"] is True  # touched: an event, so a run...
+        caplog.set_level("INFO")
+        same = {role: steps.download(role, params) for role in ("corpus", "labeled", "vocab")}
+        assert steps.check_lineage(same, params, "touched") is False  # ...that finds the same bytes: skipped
+        doc.write_text(doc.read_text() + "\nnew text landed in the corpus today .\n")
+        assert steps.check_source("corpus", params)["changed"] is True
+        landed = {**same, "corpus": steps.download("corpus", params)}
+        assert steps.check_lineage(landed, params, "landed") is True  # new content: the next run trains
+        assert f"changed since champion v{v1.version}: data.corpus.content_hash; training" in caplog.text

@@ -1,4 +1,5 @@
-"""steps.check_lineage: train unless data, config and code all equal the champion's; force overrides."""
+"""steps.check_lineage: train unless data, config and code all equal the champion's; force overrides.
+steps.check_source: a watched source of your own changed or not since the last check."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from encoderflow.config import from_params
 from tests.test_bundle import fake_bundle
 
 PARAMS = {"preset": "smoke"}
-INPUTS = {name: {"content_hash": f"{name}-hash", "source": "offline"} for name in ("sst2", "vocab", "wikitext")}
+INPUTS = {name: {"content_hash": f"{name}-hash", "source": "offline"} for name in ("corpus", "labeled", "vocab")}
 
 
 def _champion(tmp_path, tags: dict[str, str]) -> str:
@@ -32,18 +33,45 @@ def test_no_champion_trains_and_an_equal_lineage_is_skipped_with_a_summary(tmp_p
 
 def test_any_changed_value_trains_and_names_it(tmp_path, caplog):
     _champion(tmp_path, steps.lineage_tags(from_params(PARAMS), INPUTS))
-    touched = {**INPUTS, "wikitext": {**INPUTS["wikitext"], "content_hash": "new-text"}}
+    touched = {**INPUTS, "corpus": {**INPUTS["corpus"], "content_hash": "new-text"}}
     assert steps.check_lineage(touched, PARAMS, "run-d") is True
-    assert "data.wikitext.content_hash" in caplog.text
+    assert "data.corpus.content_hash" in caplog.text
     other_config = {**PARAMS, "overrides": ["pretrain.learning_rate=0.002"]}
     assert steps.check_lineage(INPUTS, other_config, "run-e") is True
     assert "config.hash" in caplog.text
     tags = steps.lineage_tags(from_params(PARAMS), INPUTS)
     assert set(tags) == {
-        "data.sst2.content_hash",
+        "data.corpus.content_hash",
+        "data.labeled.content_hash",
         "data.vocab.content_hash",
-        "data.wikitext.content_hash",
         "config.hash",
         "code.hash",
     }
     assert tags["code.hash"] == layout.code_hash() and len(tags["code.hash"]) == 64
+
+
+def test_check_source_reports_a_change_once(tmp_path, caplog):
+    from tests.data.fixtures_own import write_corpus
+
+    caplog.set_level("INFO")
+    assert steps.check_source("corpus", PARAMS) == {
+        "role": "corpus",
+        "location": None,
+        "changed": False,
+        "fingerprint_sha256": None,
+    }
+    assert "nothing to watch" in caplog.text
+    corpus = write_corpus(tmp_path / "corpus", n_files=3)
+    params = {**PARAMS, "corpus": str(corpus)}
+    first = steps.check_source("corpus", params)
+    assert first["changed"] is True and first["location"] == str(corpus) and "seen for the first time" in caplog.text
+    assert steps.check_source("corpus", params)["changed"] is False
+    assert "unchanged since the last check: no event" in caplog.text
+    (corpus / "doc-001.txt").write_text("new text landed in one file\n")
+    changed = steps.check_source("corpus", params)
+    assert changed["changed"] is True and changed["fingerprint_sha256"] != first["fingerprint_sha256"]
+    assert (
+        layout.read_json(layout.home() / "sources" / "corpus.json")["fingerprint_sha256"]
+        == changed["fingerprint_sha256"]
+    )
+    assert steps.check_source("corpus", params)["changed"] is False

@@ -51,6 +51,18 @@ SHARDS = Asset(name="encoderflow_shards", uri="x-encoderflow://shards/sealed", g
 CHAMPION_MOVES = AssetAlias(name="encoderflow_champion_moves", group="encoderflow")
 
 
+# The roles a run reads (download_<role>, validate_<role>); the first two can be your own folders.
+ROLES = ("corpus", "labeled", "vocab")
+WATCHED = ("corpus", "labeled")
+# One asset per watched role; `encoderflow_sources` adds an event, through the alias, only on a change.
+SOURCE_ASSETS = {
+    role: Asset(name=f"encoderflow_source_{role}", uri=f"x-encoderflow://sources/{role}", group="encoderflow")
+    for role in WATCHED
+}
+SOURCE_CHANGES = AssetAlias(name="encoderflow_source_changes", group="encoderflow")
+SOURCES_DAG_ID = "encoderflow_sources"
+
+
 def champion_asset(model: str = REGISTERED_MODEL) -> Asset:
     """The ``champion`` alias of a registered model, as an Airflow asset (one event per move)."""
     return Asset(name=f"{model}@champion", uri=f"x-encoderflow://registry/{model}/champion", group="encoderflow")
@@ -59,10 +71,57 @@ def champion_asset(model: str = REGISTERED_MODEL) -> Asset:
 CHAMPION = champion_asset()
 
 
-def schedule_from_env() -> str | None:
-    """``ENCODERFLOW_SCHEDULE``: a cron expression or preset (``@daily``); empty/``off`` = manual only."""
+def schedule_from_env() -> Any:
+    """``ENCODERFLOW_SCHEDULE``: a cron expression or preset (``@daily``); ``assets``: on every change
+    the source checker records to your corpus or labeled data; ``assets|<cron>``: either;
+    empty/``off`` = manual only."""
     value = os.environ.get("ENCODERFLOW_SCHEDULE", "").strip()
-    return None if value.lower() in ("", "none", "off", "manual") else value
+    if value.lower() in ("", "none", "off", "manual"):
+        return None
+    kind, _, cron = value.partition("|")
+    if kind.strip().lower() != "assets":
+        return value
+    assets = SOURCE_ASSETS["corpus"] | SOURCE_ASSETS["labeled"]
+    if not cron.strip():
+        return assets
+    from airflow.timetables.assets import AssetOrTimeSchedule
+    from airflow.timetables.trigger import CronTriggerTimetable
+
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron.strip(), timezone="UTC"), assets=assets)
+
+
+def source_check_schedule() -> str | None:
+    """``ENCODERFLOW_SOURCE_CHECK_SCHEDULE`` (a cron or preset); default ``@hourly`` when the training
+    DAG is scheduled on assets, else manual only."""
+    value = os.environ.get("ENCODERFLOW_SOURCE_CHECK_SCHEDULE", "").strip()
+    if value.lower() in ("none", "off", "manual"):
+        return None
+    if value:
+        return value
+    return "@hourly" if os.environ.get("ENCODERFLOW_SCHEDULE", "").strip().lower().startswith("assets") else None
+
+
+def source_params() -> dict[str, Param]:
+    """The source checker's form: where the watched data is (the training form's fields of the same name)."""
+    return {
+        f.name: Param(_source_default(f.name), type=["null", "string"], **f.metadata)
+        for f in fields(config.Sources)
+        if f.name in (*WATCHED, "data_file")
+    }
+
+
+def record_source(outlet_events, checked: dict[str, Any]) -> None:
+    """One ``encoderflow_source_<role>`` event when, and only when, the source changed."""
+    if checked.get("changed"):
+        outlet_events[SOURCE_CHANGES].add(
+            SOURCE_ASSETS[checked["role"]],
+            extra={"location": checked["location"], "fingerprint_sha256": checked["fingerprint_sha256"]},
+        )
+
+
+def _source_default(name: str) -> str | None:
+    """A scheduled run has no form: its data declaration is ``ENCODERFLOW_DATA_FILE`` (read at parse time)."""
+    return (os.environ.get("ENCODERFLOW_DATA_FILE") or None) if name == "data_file" else None
 
 
 _JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}
@@ -109,7 +168,10 @@ def params() -> dict[str, Param]:
             "text, pre-norm, schedules and weight decay (README, Model quality). smoke: 1 layer, dim 32, a "
             "plumbing check in minutes on a CPU.",
         ),
-        **{f.name: Param(None, type=["null", "string"], **f.metadata) for f in fields(config.Sources)},
+        **{
+            f.name: Param(_source_default(f.name), type=["null", "string"], **f.metadata)
+            for f in fields(config.Sources)
+        },
         **{f.name: Param(f.default, type="boolean", **f.metadata) for f in fields(config.RunOptions)},
         **{config.param_name(k): form_param(k) for k in form},
         "overrides": Param(

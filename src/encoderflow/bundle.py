@@ -55,6 +55,7 @@ def write(
     vocab_path: str | os.PathLike,
     cfg: Config,
     val_accuracy: float,
+    labels: Sequence[str] = ("0", "1"),
 ) -> Path:
     """Save a bundle at ``path``, replacing any bundle there, atomically.
 
@@ -67,7 +68,8 @@ def write(
         encoder_path: the pretrained ``encoder.keras`` it started from (copied in).
         vocab_path: the vocabulary it was tokenized with (copied in).
         cfg: the run's config; its data settings are the tokenizer settings serving uses.
-        val_accuracy: SST-2 dev accuracy, recorded in ``bundle.json``.
+        val_accuracy: dev accuracy, recorded in ``bundle.json``.
+        labels: the label set in class-index order (SST-2: ``0``, ``1``), recorded for serving.
 
     Returns:
         ``path``.
@@ -95,6 +97,7 @@ def write(
                 "vocab_size": vocab.size,
                 "pad_id": vocab.pad_id,
                 "val_accuracy": float(val_accuracy),
+                "labels": list(labels),
             },
         )
         # A folder cannot be renamed onto a non-empty one, and deleting the old bundle in place
@@ -174,8 +177,13 @@ class Scorer:
 
         self.classifier = models.load(self.bundle_dir / CLASSIFIER)
 
+    @property
+    def labels(self) -> list[str]:
+        """The label set in class-index order; bundles written before it was recorded are SST-2's."""
+        return list(self.meta.get("labels") or ("0", "1"))
+
     def probabilities(self, sentences: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """P(positive) for each sentence, as a float array of ``len(sentences)``."""
+        """Two classes: P(class 1) per sentence, shape ``[n]``; more: one row of class probabilities each."""
         import numpy as np
 
         from encoderflow.data.tokenizer import tokenize
@@ -183,15 +191,27 @@ class Scorer:
         out = []
         for i in range(0, len(sentences), batch_size):
             ids = tokenize(self.tokenizer, list(sentences[i : i + batch_size]))
-            out.append(np.asarray(self.classifier.predict(ids, verbose=0)).reshape(-1))
-        return np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)
+            probs = np.asarray(self.classifier.predict(ids, verbose=0))
+            out.append(probs.reshape(-1) if len(self.labels) <= 2 else probs)
+        if not out:
+            return np.zeros((0,) if len(self.labels) <= 2 else (0, len(self.labels)), dtype=np.float32)
+        return np.concatenate(out)
 
-    def correct(self, sentences: Sequence[str], labels) -> np.ndarray:
-        """Per sentence, whether the thresholded (0.5) probability equals its 0/1 label (bool array)."""
+    def predict(self, sentences: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Per sentence, the predicted class index and its probability."""
         import numpy as np
 
         probs = self.probabilities(sentences)
-        return (probs >= 0.5).astype(np.int32) == np.asarray(labels)
+        if len(self.labels) <= 2:
+            predicted = (probs >= 0.5).astype(np.int32)
+            return predicted, np.where(predicted == 1, probs, 1 - probs)
+        return probs.argmax(axis=-1), probs.max(axis=-1)
+
+    def correct(self, sentences: Sequence[str], labels) -> np.ndarray:
+        """Per sentence, whether the predicted class (0.5 threshold for two) equals its label index (bool array)."""
+        import numpy as np
+
+        return self.predict(sentences)[0] == np.asarray(labels)
 
     def accuracy(self, sentences: Sequence[str], labels) -> float:
         """Share of sentences classified correctly (:meth:`correct`)."""

@@ -29,7 +29,7 @@ from encoderflow.config import PRESETS, ConfigError, from_overrides, from_params
 from encoderflow.errors import Cause, EncoderflowError, cause_of, read_failure
 
 DAG_ID = "encoder_pretraining"
-DATASETS = ("wikitext", "sst2", "vocab")
+ROLES = ("corpus", "labeled", "vocab")
 # The marker of Airflow's listener hooks (what airflow.listeners.hookimpl is), without importing
 # Airflow for every command.
 _hookimpl = pluggy.HookimplMarker("airflow")
@@ -87,10 +87,10 @@ def load_dag():
 
 def run_conf(args: argparse.Namespace) -> dict[str, Any]:
     conf: dict[str, Any] = {"preset": args.preset, "overrides": list(args.set or [])}
-    for name in ("data_dir", "mirror", "sources_file"):
+    for name in ("data_dir", "mirror", "sources_file", "corpus", "labeled", "data_file"):
         value = getattr(args, name, None)
         if value:
-            conf[name] = str(Path(value).resolve()) if name != "mirror" else value
+            conf[name] = value if name == "mirror" or "://" in value else str(Path(value).resolve())
     if getattr(args, "force", False):
         conf["force"] = True
     return conf
@@ -332,38 +332,41 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     _setup_logging()
     params = run_conf(args)
-    for dataset in DATASETS:
-        info = steps.download(dataset, params)
-        print(f"{dataset}: {info['source']} {info['root']} content_hash={info['content_hash']}")
+    for role in ROLES:
+        info = steps.download(role, params)
+        print(f"{role}: {info['dataset']} {info['source']} {info['root']} content_hash={info['content_hash']}")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Validate every dataset. Offline, WikiText splits absent from the folder are skipped
+    """Validate every role's data. Offline, WikiText splits absent from the folder are skipped
     (said so), since a folder may lack the train split; a run still demands the splits it uses."""
     from encoderflow import steps
+    from encoderflow.config import Sources
     from encoderflow.data import sources, validation
 
     _setup_logging()
     params = run_conf(args)
-    from_params(params)  # a bad --set fails here, before any download
+    cfg = from_params(params)  # a bad --set fails here, before any download
+    custom = Sources.from_params(params).custom()
     docs_root = layout.home() / "validation" / time.strftime("%Y%m%dT%H%M%S")
     specs = sources.load_specs(params.get("sources_file"))
     ok = True
     t0 = time.monotonic()
-    for dataset in DATASETS:
-        if args.data_dir:
-            members = sources.present_members(specs[dataset], args.data_dir)
-            for missing in sorted(set(specs[dataset].members) - set(members)):
-                print(f"{dataset}: {missing} not in {args.data_dir}, skipped")
-            info = sources.locate(specs[dataset], members, args.data_dir, specs)
+    for role in ROLES:
+        if args.data_dir and role not in custom and not (role == "vocab" and cfg.inputs.vocab == "trained"):
+            spec = specs[{"corpus": "wikitext", "labeled": "sst2", "vocab": "vocab"}[role]]
+            members = sources.present_members(spec, args.data_dir)
+            for missing in sorted(set(spec.members) - set(members)):
+                print(f"{role}: {missing} not in {args.data_dir}, skipped")
+            info = {**sources.locate(spec, members, args.data_dir, specs), "role": role}
         else:
-            info = steps.download(dataset, params)
+            info = steps.download(role, params)
         # Strict row counts for the pinned official archives only (``info["pinned"]``), as in the DAG.
-        report = validation.validate_dataset(info, docs_root / dataset)
+        report = validation.validate_dataset(info, docs_root / role, inputs_cfg=cfg.inputs)
         ok &= report["success"]
-        rows = ", ".join(f"{m}: {f['rows']:,} rows" for m, f in report["files"].items())
-        print(f"{dataset}: {'PASSED' if report['success'] else 'FAILED'} ({rows})")
+        rows = ", ".join(f"{m}: {f['rows']:,} rows" for m, f in report["files"].items()) or "no files yet"
+        print(f"{role}: {'PASSED' if report['success'] else 'FAILED'} ({rows})")
         for line in report["failures"]:
             print(f"  {line}")
         print(f"  Data Docs: {report['docs']}")
@@ -391,11 +394,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 2
     bundle = registry.download_version(name, "@champion", layout.home() / "serving" / f"v{current['version']}")
     scorer = Scorer(bundle)
-    probs = scorer.probabilities(sentences)
+    predicted, probs = scorer.predict(sentences)
+    # SST-2's 0/1 read as sentiment; your own labels are printed as they are in the data.
+    names = ["negative", "positive"] if scorer.labels == ["0", "1"] else scorer.labels
     print(f"model: models:/{name}@champion (v{current['version']})")
-    for sentence, p in zip(sentences, probs):
-        label = "positive" if p >= 0.5 else "negative"
-        print(f"{label}\t{p if p >= 0.5 else 1 - p:.4f}\t{sentence}")
+    for sentence, i, p in zip(sentences, predicted, probs, strict=True):
+        print(f"{names[int(i)]}\t{p:.4f}\t{sentence}")
     return 0
 
 
@@ -528,6 +532,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     )
 
 
+def source_help(name: str) -> str:
+    """A run source's help text: its declaration's description (``config.Sources``)."""
+    from dataclasses import fields
+
+    from encoderflow.config import Sources
+
+    return next(f.metadata["description"] for f in fields(Sources) if f.name == name).replace("%", "%%")
+
+
 def fields_help(name: str) -> str:
     """A run option's help text: its declaration's description (``config.RunOptions``)."""
     from dataclasses import fields
@@ -560,6 +573,14 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sp.add_argument(
                 "--sources-file", dest="sources_file", default=None, help="JSON replacing dataset specs (URLs, hashes)"
+            )
+            sp.add_argument("--corpus", default=None, help=source_help("corpus"))
+            sp.add_argument("--labeled", default=None, help=source_help("labeled"))
+            sp.add_argument(
+                "--data-file",
+                dest="data_file",
+                default=os.environ.get("ENCODERFLOW_DATA_FILE") or None,
+                help=source_help("data_file"),
             )
 
     run = sub.add_parser("run", help="run the whole DAG once through Airflow")

@@ -25,6 +25,8 @@ LR_SCHEDULES = ("constant", "warmup_cosine")
 SEQUENCE_MODES = ("line", "packed")
 POOLINGS = ("auto", "real_tokens", "all_tokens")
 AUTO_ON_OFF = ("auto", "on", "off")
+DOCUMENT_MODES = ("file", "blank_line")
+VOCABS = ("bert", "trained")
 
 
 class ConfigError(EncoderflowError, ValueError):
@@ -32,8 +34,15 @@ class ConfigError(EncoderflowError, ValueError):
 
 
 # Trigger-form sections: MAIN stays at the top of the form, the others are collapsed groups below.
-MAIN, DATA, TRAIN, TUNE, GATE = "", "Data generation", "Pretraining", "Fine-tuning", "Promotion gate"
-FORM_SECTIONS = (MAIN, DATA, TRAIN, TUNE, GATE)
+MAIN, OWN, DATA, TRAIN, TUNE, GATE = (
+    "",
+    "Your own data",
+    "Data generation",
+    "Pretraining",
+    "Fine-tuning",
+    "Promotion gate",
+)
+FORM_SECTIONS = (MAIN, OWN, DATA, TRAIN, TUNE, GATE)
 
 
 def knob(
@@ -246,6 +255,72 @@ class DataConfig(_Section):
 
 
 @dataclass(frozen=True)
+class InputsConfig(_Section):
+    """How your own corpus and labeled data are read and checked (the guide's datasets ignore it but
+    ``inputs.vocab``). Where they are is a run source (``corpus``, ``labeled``), not config: their
+    content hashes are the lineage."""
+
+    documents: str = knob(
+        "file",
+        "How a custom corpus folder splits into documents: file (each file is one document) or blank_line "
+        "(blocks of lines between blank lines). Packed mode never lets a window straddle two documents.",
+        choices=DOCUMENT_MODES,
+        title="Corpus documents",
+        form=OWN,
+    )
+    holdout: float = knob(
+        0.05,
+        "Share of a custom corpus's documents held out for MLM validation, chosen by each document's sha256 "
+        "(stable when documents are added); at least one document.",
+        minimum=0.0,
+        exclusive_minimum=True,
+        maximum=0.5,
+    )
+    text_column: str = knob(
+        "sentence",
+        "Column (TSV/CSV header) or key (JSONL) of the labeled data's text.",
+        title="Text column",
+        form=OWN,
+    )
+    label_column: str = knob(
+        "label",
+        "Column or key of the labeled data's label; the label set is read from train, checked on dev, and "
+        "sets the classifier's output size.",
+        title="Label column",
+        form=OWN,
+    )
+    vocab: str = knob(
+        "bert",
+        "bert: the BERT uncased WordPiece vocabulary (the guide); trained: one computed on the pretraining "
+        "corpus's training documents (keras-hub compute_word_piece_vocabulary), recorded with its sha256 in "
+        "the shards' manifest and the bundle.",
+        choices=VOCABS,
+        title="Vocabulary",
+        form=OWN,
+    )
+    vocab_size: int = knob(8000, "Size of a trained vocabulary (inputs.vocab=trained).", minimum=64, maximum=200_000)
+    min_rows: int = knob(10, "Fewest rows each labeled split may have.", minimum=1, maximum=2**31 - 1)
+    max_rows: int = knob(50_000_000, "Most rows each labeled split may have.", minimum=1, maximum=2**31 - 1)
+    min_class_share: float = knob(
+        0.01, "Smallest share any class may have in the labeled train split.", minimum=0.0, maximum=1.0
+    )
+    max_class_share: float = knob(
+        0.99, "Largest share any class may have in the labeled train split.", minimum=0.0, maximum=1.0
+    )
+
+    def rules(self) -> None:
+        for key in ("text_column", "label_column"):
+            _check(bool(getattr(self, key).strip()), f"inputs.{key}", "must be a non-empty column name")
+        _check(self.text_column != self.label_column, "inputs.label_column", "must differ from inputs.text_column")
+        _check(self.min_rows <= self.max_rows, "inputs.max_rows", f"must be >= inputs.min_rows={self.min_rows}")
+        _check(
+            self.min_class_share <= self.max_class_share,
+            "inputs.max_class_share",
+            f"must be >= inputs.min_class_share={self.min_class_share}",
+        )
+
+
+@dataclass(frozen=True)
 class ModelConfig(_Section):
     """The encoder (the guide: 3 layers, dim 256, FFN 512, 4 heads, dropout 0.1)."""
 
@@ -417,6 +492,16 @@ class FinetuneConfig(_Optimizer):
         "all_tokens.",
         choices=POOLINGS,
     )
+    init_from: str = knob(
+        "none",
+        "Where fine-tuning starts: none (a new classification head on this run's pretrained encoder, the "
+        "guide) or champion (the current champion's whole classifier, fine-tuned encoder and head, continues "
+        "on this run's labeled data; its label set, vocabulary and sequence length must equal this run's, and "
+        "this run's pretrained encoder is then not used). The model version records the parent.",
+        choices=("none", "champion"),
+        title="Fine-tuning starts from",
+        form=TUNE,
+    )
     length_buckets: str = knob(
         "auto",
         "Batch sentences of similar length padded to 16/32/64/.../data.seq_length instead of always to "
@@ -482,6 +567,7 @@ class GateConfig(_Section):
 
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
+    "inputs": InputsConfig,
     "model": ModelConfig,
     "baseline": BaselineConfig,
     "pretrain": PretrainConfig,
@@ -496,6 +582,7 @@ class Config:
 
     preset: str = "guide"
     data: DataConfig = field(default_factory=DataConfig)
+    inputs: InputsConfig = field(default_factory=InputsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -683,7 +770,10 @@ def from_overrides(preset: str = "guide", overrides: Mapping[str, Any] | None = 
 def from_dict(payload: Mapping[str, Any]) -> Config:
     """Rebuild a Config recorded in an artifact (the inverse of :meth:`Config.to_dict`)."""
     try:
-        sections = {name: cls(**payload[name]) for name, cls in SECTIONS.items()}
+        # A section added later (inputs) is absent from older records: they were made with its defaults.
+        sections = {
+            name: cls(**payload.get(name, {}) if name == "inputs" else payload[name]) for name, cls in SECTIONS.items()
+        }
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"recorded config is incomplete or has unknown keys: {exc}") from None
     return Config(preset=payload.get("preset", "guide"), **sections)
@@ -695,10 +785,57 @@ def keys() -> list[str]:
 
 
 def from_params(params: Mapping[str, Any]) -> Config:
-    """The run's Config from DAG params: preset, then the form fields, then free-form ``overrides``."""
-    overrides: dict[str, Any] = {key: params.get(name) for name, key in param_keys().items()}
+    """The run's Config from DAG params: preset, then the ``data_file``'s sections, then the form fields,
+    then free-form ``overrides``."""
+    overrides: dict[str, Any] = dict(read_data_file(params.get("data_file"))[1])
+    overrides.update({key: v for name, key in param_keys().items() if (v := params.get(name)) is not None})
     overrides.update(parse_set(list(params.get("overrides") or [])))
     return from_overrides(params.get("preset") or "guide", overrides)
+
+
+def read_data_file(path: str | None) -> tuple[dict[str, str], dict[str, Any]]:
+    """A data declaration kept in git (YAML or JSON): ``(sources, overrides)``.
+
+    Top-level keys are run sources (``corpus``, ``labeled``, ...; a relative path is taken from the
+    file's folder) or config sections holding their keys (``inputs: {text_column: body}``)::
+
+        corpus: corpus/            # a folder of UTF-8 text files
+        labeled: tickets/          # train.jsonl and dev.jsonl
+        inputs: {text_column: body, label_column: category, vocab: trained}
+
+    Raises:
+        ConfigError: unreadable file, unknown key or a section that is not a mapping; names the file.
+    """
+    if not path:
+        return {}, {}
+    from pathlib import Path
+
+    import yaml
+
+    file = Path(path)
+    try:
+        payload = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"data file {file}: cannot read it as YAML or JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise ConfigError(f"data file {file}: expected a mapping of sources and config sections at the top")
+    source_names = {f.name for f in fields(Sources)} - {"data_file"}
+    sources: dict[str, str] = {}
+    overrides: dict[str, Any] = {}
+    for key, value in payload.items():
+        if key in source_names:
+            text = str(value)
+            if key in ("corpus", "labeled", "data_dir") and "://" not in text and not text.startswith("/"):
+                text = str((file.parent / text).resolve())
+            sources[key] = text
+        elif key in SECTIONS and isinstance(value, dict):
+            overrides.update({f"{key}.{name}": v for name, v in value.items()})
+        else:
+            raise ConfigError(
+                f"data file {file}: unknown top-level key {key!r}; use sources {sorted(source_names)} "
+                f"or a config section {sorted(SECTIONS)} holding its keys"
+            )
+    return sources, overrides
 
 
 @dataclass(frozen=True)
@@ -736,10 +873,50 @@ class Sources:
             "Empty: the pinned official archives.",
         },
     )
+    corpus: str | None = field(
+        default=None,
+        metadata={
+            "title": "Pretraining corpus",
+            "section": OWN,
+            "pattern": r"^(/|file://|https?://)",
+            "description": "Your own pretraining text instead of WikiText-103: an absolute path or file:// URL of a "
+            "folder of UTF-8 text files, or an http(s):// folder holding a manifest.json that lists them. "
+            "Documents: inputs.documents. Empty: WikiText-103.",
+        },
+    )
+    labeled: str | None = field(
+        default=None,
+        metadata={
+            "title": "Labeled data",
+            "section": OWN,
+            "pattern": r"^(/|file://|https?://)",
+            "description": "Your own labeled data instead of SST-2: a folder (path, file:// or http(s):// with a "
+            "manifest.json) holding train.<ext> and dev.<ext>, ext tsv, csv or jsonl; any number of classes. "
+            "Columns: inputs.text_column, inputs.label_column. Empty: GLUE SST-2.",
+        },
+    )
+    data_file: str | None = field(
+        default=None,
+        metadata={
+            "title": "Data file",
+            "section": OWN,
+            "pattern": r"^/",
+            "description": "Absolute path of a YAML or JSON file declaring the sources and input settings "
+            "(README, Your own data); fields set here win over it. Default: $ENCODERFLOW_DATA_FILE when the DAG "
+            "was parsed.",
+        },
+    )
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> Sources:
-        return cls(**{f.name: (str(v) if (v := params.get(f.name)) not in (None, "") else None) for f in fields(cls)})
+        """Each field from its param, else from the ``data_file``'s sources."""
+        given = {f.name: (str(v) if (v := params.get(f.name)) not in (None, "") else None) for f in fields(cls)}
+        declared = read_data_file(given["data_file"])[0]
+        return cls(**{name: value or declared.get(name) for name, value in given.items()})
+
+    def custom(self) -> dict[str, str]:
+        """The roles given your own data: ``{"corpus": location, ...}``."""
+        return {role: v for role in ("corpus", "labeled") if (v := getattr(self, role))}
 
 
 @dataclass(frozen=True)

@@ -134,8 +134,10 @@ def build_pretraining_model(encoder: keras.Model, predictions_per_seq: int) -> k
     return keras.Model(inputs, outputs, name="pretraining_model")
 
 
-def build_classifier(encoder: keras.Model, pad_id: int = 0, masked_pooling: bool = True) -> keras.Model:
-    """Encoder, mean pooling, one sigmoid unit.
+def build_classifier(
+    encoder: keras.Model, pad_id: int = 0, masked_pooling: bool = True, num_classes: int = 2
+) -> keras.Model:
+    """Encoder, mean pooling, and one sigmoid unit (two classes, the guide) or a softmax over ``num_classes``.
 
     The guide pooled ``encoded_tokens[0]``, which on Keras 3.15 indexes the batch axis of a
     single-output model; pooling the encoder output itself is what it meant.
@@ -143,6 +145,7 @@ def build_classifier(encoder: keras.Model, pad_id: int = 0, masked_pooling: bool
     Args:
         masked_pooling: average over real tokens only; ``False`` is the guide's plain average,
             ``[PAD]`` positions included.
+        num_classes: size of the label set; 2 keeps the guide's single sigmoid unit.
     """
     # Any length up to the encoder's: fine-tuning feeds length buckets, serving pads to the max.
     token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
@@ -152,8 +155,11 @@ def build_classifier(encoder: keras.Model, pad_id: int = 0, masked_pooling: bool
         pooled = MaskedMeanPooling(name="pooled_tokens")(encoded, mask)
     else:
         pooled = keras.layers.GlobalAveragePooling1D(name="pooled_tokens")(encoded)
-    outputs = keras.layers.Dense(1, activation="sigmoid", name="sentiment")(pooled)
-    return keras.Model(token_ids, outputs, name="sst2_classifier")
+    if num_classes <= 2:
+        outputs = keras.layers.Dense(1, activation="sigmoid", name="sentiment")(pooled)
+        return keras.Model(token_ids, outputs, name="sst2_classifier")
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="classes")(pooled)
+    return keras.Model(token_ids, outputs, name="classifier")
 
 
 def load(path: str | os.PathLike) -> keras.Model:

@@ -24,14 +24,27 @@ class Validation(TypedDict):
 
 
 class Dataset(TypedDict):
-    """A downloaded or located dataset (``download``), plus its validation report (``validate``)."""
+    """One role's data (``download_<role>``), plus its validation report (``validate_<role>``).
+
+    ``role`` is corpus, labeled or vocab; ``kind`` the guide's dataset (wikitext, sst2, vocab) or
+    your own (corpus_folder, labeled_folder, trained_vocab). ``splits`` maps a split (train, valid;
+    train, dev) to its member of ``files``; labeled data adds ``format``, ``columns`` (text, label)
+    and, once validated, ``labels`` (the label set read from train, in class-index order).
+    """
 
     dataset: str
+    role: str
+    kind: str
     source: str
     pinned: bool
     root: str
     files: dict[str, FileInfo]
     content_hash: str
+    splits: NotRequired[dict[str, str]]
+    format: NotRequired[str]
+    columns: NotRequired[dict[str, str]]
+    labels: NotRequired[list[str]]
+    location: NotRequired[str]
     url: NotRequired[str]
     validation: NotRequired[Validation]
 
@@ -61,6 +74,7 @@ class Finetuned(TypedDict):
     bundle: str
     sst2_val_accuracy: float
     result: str
+    parent: NotRequired[str | None]  # the champion version whose classifier fine-tuning continued
 
 
 # The SST-2 members the pipeline reads (test.tsv has no labels: validated, never scored).
@@ -78,6 +92,24 @@ def file_info(info: Dataset, member: str) -> FileInfo:
 def file_path(info: Dataset, member: str) -> str:
     """The local path of one member."""
     return file_info(info, member)["path"]
+
+
+# A record without ``splits`` (made before roles had them) is SST-2's layout.
+SST2_SPLITS = {"train": SST2_TRAIN, "dev": SST2_DEV}
+
+
+def split_info(info: Dataset, split: str) -> FileInfo:
+    """Path, size and sha256 of one split (``train``, ``dev``) of a role's data."""
+    try:
+        return file_info(info, (info.get("splits") or SST2_SPLITS)[split])
+    except KeyError:
+        raise KeyError(
+            f"{info['role']} data {info['dataset']} has no {split!r} split; it has {info.get('splits')}"
+        ) from None
+
+
+def split_path(info: Dataset, split: str) -> str:
+    return split_info(info, split)["path"]
 
 
 def only_file(info: Dataset) -> FileInfo:

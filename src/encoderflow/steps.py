@@ -17,16 +17,14 @@ from typing import Any
 from encoderflow import layout
 from encoderflow.config import Sources, from_params
 from encoderflow.results import (
-    SST2_DEV,
-    SST2_TRAIN,
     Baseline,
     Dataset,
     Finetuned,
     Pretrained,
     Sealed,
-    file_info,
-    file_path,
     only_file,
+    split_info,
+    split_path,
 )
 
 log = logging.getLogger("encoderflow")
@@ -50,35 +48,32 @@ def _output(step: str, label: str, path: str, sha256: str | None = None) -> None
     log.info("%s output %s: %s%s", step, label, path, f" (sha256 {sha256})" if sha256 else "")
 
 
-def download(dataset: str, params: Mapping[str, Any]) -> Dataset:
-    from encoderflow.data import sources
+def download(role: str, params: Mapping[str, Any]) -> Dataset:
+    """One role's data: the guide's dataset (pinned download or offline folder) or your own folder."""
+    from encoderflow.data import inputs
 
     setup_logging()
-    cfg, src = from_params(params), Sources.from_params(params)
-    return sources.get_dataset(
-        dataset,
-        cfg.data.pretrain_split,
-        cfg.data.validation_split,
-        data_dir=src.data_dir,
-        mirror=src.mirror,
-        sources_file=src.sources_file,
-    )
+    return inputs.get(role, from_params(params), Sources.from_params(params))
 
 
 def validate(info: Dataset, params: Mapping[str, Any], run_id: str) -> Dataset:
     """Raises ``ValidationFailed`` (one line per failed expectation) on bad data.
 
     Exact genuine row counts apply to the pinned official archives only (``info["pinned"]``):
-    a mirror re-pack or an offline folder is checked with loose size bounds.
+    a mirror re-pack, an offline folder or your own data is checked with its declared or loose
+    bounds. Labeled data leaves with its label set (``labels``), read from train.
     """
     from encoderflow.data import validation
 
     setup_logging()
-    docs = layout.run_dir(run_id) / "data_docs" / info["dataset"]
+    docs = layout.run_dir(run_id) / "data_docs" / info["role"]
     # validation logs each file it read (rows, result) and the Data Docs it wrote: not repeated here.
-    report = validation.check(info, docs)
+    report = validation.check(info, docs, inputs_cfg=from_params(params).inputs)
+    if report["labels"] is not None:
+        log.info("validate %s: %d classes %s (from train)", info["role"], len(report["labels"]), report["labels"])
     return {
         **info,
+        **({"labels": report["labels"]} if report["labels"] is not None else {}),
         "validation": {
             "success": report["success"],
             "strict": report["strict"],
@@ -88,19 +83,44 @@ def validate(info: Dataset, params: Mapping[str, Any], run_id: str) -> Dataset:
     }
 
 
+def prepare_vocab(corpus: Dataset, vocab: Dataset, params: Mapping[str, Any], run_id: str) -> Dataset:
+    """The vocabulary this run tokenizes with: the validated BERT one, or one trained on the corpus
+    (``inputs.vocab=trained``), validated by the same suite and recorded with its sha256."""
+    from encoderflow.data import inputs, tokenizer
+
+    setup_logging()
+    cfg = from_params(params)
+    if cfg.inputs.vocab != "trained":
+        log.info("prepare_vocab: the BERT vocabulary %s", only_file(vocab)["path"])
+        return vocab
+    train = inputs.corpus_texts(corpus, cfg)["train"]
+    path = tokenizer.train_vocabulary(
+        train["path"], train["sha256"], cfg.inputs, cfg.data.lowercase, cfg.data.strip_accents
+    )
+    info = {
+        **vocab,
+        "root": str(path.parent),
+        "files": {"vocab.txt": {"path": str(path), "bytes": path.stat().st_size, "sha256": layout.sha256_file(path)}},
+    }
+    # content_hash stays download_vocab's: the lineage of a trained vocabulary is the corpus's hash and the
+    # config's, which check_lineage compares before it exists; the file's own sha256 is in ``files``.
+    _output("prepare_vocab", "vocab", str(path), info["files"]["vocab.txt"]["sha256"])
+    return validate(info, params, run_id)
+
+
 SHARED_PLAN_KEYS = ("shards_dir", "shards_hash", "vocab_path", "vocab_sha256")
 
 
 def plan_shards(
-    wikitext: Dataset, vocab: Dataset, params: Mapping[str, Any], sst2: Dataset | None = None
+    corpus: Dataset, vocab: Dataset, params: Mapping[str, Any], labeled: Dataset | None = None
 ) -> list[dict[str, Any]]:
     """One self-contained spec per shard: the list a mapped ``build_shard`` expands over.
 
-    ``sst2`` is read only with ``data.task_adaptive`` (its train sentences join the corpus)."""
+    ``labeled`` is read only with ``data.task_adaptive`` (its train texts join the corpus)."""
     from encoderflow.data import shards
 
     setup_logging()
-    plan = shards.plan(from_params(params), wikitext, vocab, sst2)
+    plan = shards.plan(from_params(params), corpus, vocab, labeled)
     return [{**shard, **{k: plan[k] for k in SHARED_PLAN_KEYS}} for shard in plan["shards"]]
 
 
@@ -124,13 +144,13 @@ def seal_shards(planned: list[dict[str, Any]], params: Mapping[str, Any]) -> Sea
     return sealed
 
 
-def train_baseline(sst2: Dataset, params: Mapping[str, Any], run_id: str) -> Baseline:
+def train_baseline(labeled: Dataset, params: Mapping[str, Any], run_id: str) -> Baseline:
     from encoderflow.train.baseline import train_baseline as fit
 
     setup_logging()
     out = layout.run_dir(run_id) / "baseline"
-    _inputs("train_baseline", train=file_path(sst2, SST2_TRAIN), dev=file_path(sst2, SST2_DEV))
-    result = fit(from_params(params), sst2, out)
+    _inputs("train_baseline", train=split_path(labeled, "train"), dev=split_path(labeled, "dev"))
+    result = fit(from_params(params), labeled, out)
     _output("train_baseline", "result", str(out / "result.json"))
     return {"baseline_val_accuracy": result["val_accuracy"], "result": str(out / "result.json")}
 
@@ -185,21 +205,70 @@ def _init_encoder(cfg, out: Path) -> dict[str, Any] | None:
 
 
 def finetune(
-    pretrained: Pretrained, sst2: Dataset, vocab: Dataset, params: Mapping[str, Any], run_id: str
+    pretrained: Pretrained, labeled: Dataset, vocab: Dataset, params: Mapping[str, Any], run_id: str
 ) -> Finetuned:
     from encoderflow.train.finetune import finetune as fit
 
     setup_logging()
+    cfg = from_params(params)
     out = layout.run_dir(run_id) / "finetune"
     vocab_path = only_file(vocab)["path"]
-    _inputs("finetune", encoder=pretrained["encoder"], train=file_path(sst2, SST2_TRAIN), vocab=vocab_path)
-    result = fit(from_params(params), pretrained["encoder"], sst2, vocab_path, out)
+    init = _init_classifier(cfg, labeled, only_file(vocab)["sha256"], out)
+    encoder = init["encoder"] if init else pretrained["encoder"]
+    _inputs("finetune", encoder=encoder, train=split_path(labeled, "train"), vocab=vocab_path)
+    result = fit(cfg, encoder, labeled, vocab_path, out, init_classifier=init["classifier"] if init else None)
     _output("finetune", "bundle", result["bundle"])
-    return {"bundle": result["bundle"], "sst2_val_accuracy": result["val_accuracy"], "result": str(out / "result.json")}
+    return {
+        "bundle": result["bundle"],
+        "sst2_val_accuracy": result["val_accuracy"],
+        "result": str(out / "result.json"),
+        "parent": init["version"] if init else None,
+    }
+
+
+def _init_classifier(cfg, labeled: Dataset, vocab_sha256: str, out: Path) -> dict[str, Any] | None:
+    """``finetune.init_from=champion`` resolved: the champion bundle's classifier and the encoder it came from,
+    after checking that its labels, vocabulary and sequence length are this run's; None for ``none``."""
+    if cfg.finetune.init_from == "none":
+        return None
+    from encoderflow import bundle, registry
+    from encoderflow.data.inputs import labels_of
+    from encoderflow.errors import EncoderflowError
+
+    name = cfg.gate.registered_model
+    champ = registry.champion(name)
+    if champ is None:
+        log.info("finetune: finetune.init_from=champion, but %s has no champion yet: a new classifier", name)
+        return None
+    folder = registry.download_version(name, champ["version"], out / "init")
+    meta = bundle.metadata(folder)
+    mine = {"labels": labels_of(labeled), "vocabulary sha256": vocab_sha256, "sequence length": cfg.data.seq_length}
+    theirs = {
+        "labels": list(meta.get("labels") or ("0", "1")),
+        "vocabulary sha256": meta["files"][bundle.VOCAB],
+        "sequence length": meta["seq_length"],
+    }
+    for what in mine:
+        if mine[what] != theirs[what]:
+            raise EncoderflowError(
+                f"finetune.init_from=champion: champion v{champ['version']} of {name} has {what} {theirs[what]}, "
+                f"this run has {mine[what]}",
+                fix="set finetune.init_from=none to fine-tune a new classifier on this run's encoder",
+            )
+    log.info(
+        "finetune: warm start from finetune.init_from=champion v%s (its classifier, fine-tuned encoder and head); "
+        "this run's pretrained encoder is not used",
+        champ["version"],
+    )
+    return {
+        "version": champ["version"],
+        "classifier": str(folder / bundle.CLASSIFIER),
+        "encoder": str(folder / bundle.ENCODER),
+    }
 
 
 def evaluate_and_gate(
-    finetuned: Finetuned, baseline: Baseline, sst2: Dataset, params: Mapping[str, Any], run_id: str
+    finetuned: Finetuned, baseline: Baseline, labeled: Dataset, params: Mapping[str, Any], run_id: str
 ) -> dict[str, Any]:
     """Score candidate and champion on this run's dev data, bootstrap their intervals, decide, write ``gate.json``.
 
@@ -212,12 +281,12 @@ def evaluate_and_gate(
     """
     from encoderflow import gate, registry
     from encoderflow.bundle import Scorer
-    from encoderflow.data.sst2 import read_split
+    from encoderflow.data.inputs import labels_of, read_labeled
 
     setup_logging()
     cfg = from_params(params)
-    dev = file_path(sst2, SST2_DEV)
-    sentences, labels = read_split(dev)
+    dev = split_path(labeled, "dev")
+    sentences, labels = read_labeled(labeled, "dev")
     candidate_correct = Scorer(finetuned["bundle"]).correct(sentences, labels)
     log.info(
         "gate: candidate %s scored on %s: accuracy %.4f (fine-tuning measured %.4f)",
@@ -231,13 +300,23 @@ def evaluate_and_gate(
     if current is not None:
         dst = layout.run_dir(run_id) / "champion" / f"v{current['version']}"
         bundle = registry.download_version(cfg.gate.registered_model, current["version"], dst)
-        champion_correct = Scorer(bundle).correct(sentences, labels)
+        champion = Scorer(bundle)
+        if champion.labels != labels_of(labeled):
+            from encoderflow.errors import EncoderflowError
+
+            raise EncoderflowError(
+                f"gate: champion v{current['version']} of {cfg.gate.registered_model} classifies labels "
+                f"{champion.labels}, this run's labeled data {split_path(labeled, 'train')} has {labels_of(labeled)}: "
+                "they are different tasks",
+                fix="give this task a registered model of its own with gate.registered_model=<name>",
+            )
+        champion_correct = champion.correct(sentences, labels)
         champion_acc = float(champion_correct.mean())
         log.info("gate: champion v%s re-evaluated on %s: accuracy %.4f", current["version"], dev, champion_acc)
     intervals = gate.bootstrap(
         candidate_correct,
         champion_correct,
-        _baseline_correct(baseline, sst2, len(labels)),
+        _baseline_correct(baseline, labeled, len(labels)),
         resamples=cfg.gate.bootstrap_resamples,
         seed=cfg.data.seed,
     )
@@ -256,7 +335,7 @@ def evaluate_and_gate(
     return {**decision.to_dict(), "gate_json": str(path)}
 
 
-def _baseline_correct(baseline: Baseline, sst2: Dataset, sentences: int):
+def _baseline_correct(baseline: Baseline, labeled: Dataset, sentences: int):
     """The baseline's per-sentence dev correctness from its ``result.json``, or None (logged why)."""
     from encoderflow import gate
 
@@ -267,7 +346,7 @@ def _baseline_correct(baseline: Baseline, sst2: Dataset, sentences: int):
             "gate: %s records no per-sentence dev predictions (written before they were): no baseline interval", path
         )
         return None
-    dev = file_info(sst2, SST2_DEV)
+    dev = split_info(labeled, "dev")
     correct = gate.correctness_from_text(result["dev_correct"])
     if result.get("dev_sha256") != dev["sha256"] or correct.size != sentences:
         log.warning(
@@ -308,6 +387,7 @@ def promote(
         "shards.hash": sealed["shards_hash"],
         **{f"data.{name}.source": info["source"] for name, info in inputs.items()},
         **({"lineage.parent": str(pretrained["parent"])} if pretrained.get("parent") else {}),
+        **({"lineage.finetune_parent": str(finetuned["parent"])} if finetuned.get("parent") else {}),
     }
     histories = {
         stage: layout.read_json(res["result"]).get("history", {})
@@ -462,3 +542,44 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
     path = layout.write_json(layout.run_dir(run_id) / "summary.json", summary)
     _output("report", "summary", str(path))
     return {"summary": str(path), **summary["metrics"], "blessed": summary["gate"]["blessed"]}
+
+
+def check_source(role: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Fingerprint the role's declared source (``corpus``, ``labeled``) and say whether it changed since the
+    last check, which is kept in ``ENCODERFLOW_HOME/sources/<role>.json``. The guide's datasets are pinned:
+    nothing to watch."""
+    from datetime import UTC, datetime
+
+    from encoderflow.data import folders
+
+    setup_logging()
+    location = Sources.from_params(params).custom().get(role)
+    if location is None:
+        log.info("check_source: no %s source of your own declared (the guide's pinned dataset): nothing to watch", role)
+        return {"role": role, "location": None, "changed": False, "fingerprint_sha256": None}
+    fingerprint = folders.fingerprint(location)
+    digest = layout.sha256_json(fingerprint)
+    state = layout.home() / "sources" / f"{role}.json"
+    previous = layout.read_json(state) if state.exists() else {}
+    changed = previous.get("fingerprint_sha256") != digest or previous.get("location") != location
+    if changed:
+        layout.write_json(
+            state,
+            {
+                "location": location,
+                "fingerprint_sha256": digest,
+                "fingerprint": fingerprint,
+                "checked_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        )
+    files = len(fingerprint.get("files", {})) or "manifest"
+    log.info(
+        "check_source: %s %s (%s files) %s",
+        role,
+        location,
+        files,
+        ("changed since the last check" if previous else "seen for the first time") + ": asset event recorded"
+        if changed
+        else "unchanged since the last check: no event",
+    )
+    return {"role": role, "location": location, "changed": changed, "fingerprint_sha256": digest}

@@ -815,7 +815,7 @@ def test_task_adaptive_text_gets_shards_of_its_own_and_leaves_wikitext_bytes_alo
     sst2 = {"dataset": "sst2", "files": {"SST-2/train.tsv": {"path": str(train), "sha256": layout.sha256_file(train)}}}
 
     cfg = _cfg(task_adaptive=True, dupe_factor=2)
-    with pytest.raises(ShardError, match="data.task_adaptive=true needs the SST-2 dataset"):
+    with pytest.raises(ShardError, match="data.task_adaptive=true needs the labeled data"):
         shards.plan(cfg, *corpus)
     plain_cfg = _cfg(dupe_factor=2)
     plain, plain_infos, _ = _build_all(plain_cfg, corpus, encoderflow_home / "plain")
@@ -844,3 +844,44 @@ def test_task_adaptive_text_gets_shards_of_its_own_and_leaves_wikitext_bytes_alo
     manifest = shards.load_manifest(sealed["manifest"], cfg)
     assert shards.copy_records(manifest) == plain_infos[0]["records"] + plain_infos[1]["records"] + len(expected)
     assert any(entry[1] == str(train) for entry in manifest["inputs"])
+
+
+def test_a_vocabulary_trained_on_your_corpus_gives_identical_shards_for_the_same_seed(tmp_path, monkeypatch):
+    """Trained twice from scratch in two homes: the same vocabulary file, the same shard bytes."""
+    from encoderflow.config import Sources
+    from encoderflow.data import inputs
+    from encoderflow.data.tokenizer import SPECIAL_TOKENS, Vocab, train_vocabulary
+
+    from .fixtures_own import write_corpus
+
+    folder = write_corpus(tmp_path / "corpus", n_files=12)
+    cfg = from_overrides(
+        "smoke",
+        {
+            **SMOKE,
+            "inputs.vocab": "trained",
+            "inputs.vocab_size": 300,
+            "inputs.documents": "blank_line",
+            "data.sequence_mode": "packed",
+        },
+    )
+    built = []
+    for home in ("one", "two"):
+        monkeypatch.setenv("ENCODERFLOW_HOME", str(tmp_path / home))
+        corpus = inputs.get("corpus", cfg, Sources(corpus=str(folder)))
+        train = inputs.corpus_texts(corpus, cfg)["train"]
+        path = train_vocabulary(train["path"], train["sha256"], cfg.inputs, cfg.data.lowercase, cfg.data.strip_accents)
+        vocab = Vocab.load(path)
+        assert vocab.tokens[: len(SPECIAL_TOKENS)] == SPECIAL_TOKENS and vocab.pad_id == 0
+        assert 50 < vocab.size <= 300 and "invoice" in vocab.tokens  # the corpus's words, not BERT's
+        vocab_info = {
+            "dataset": "vocab",
+            "files": {"vocab.txt": {"path": str(path), "sha256": layout.sha256_file(path)}},
+        }
+        p = shards.plan(cfg, corpus, vocab_info)
+        infos = [shards.build_shard(s, cfg, p["vocab_path"], p["vocab_sha256"]) for s in p["shards"]]
+        sealed = shards.seal(p, cfg)
+        manifest = layout.read_json(sealed["manifest"])
+        assert manifest["vocab_sha256"] == layout.sha256_file(path) and manifest["vocab_size"] == vocab.size
+        built.append((layout.sha256_file(path), p["shards_hash"], [(i["file"], i["sha256"]) for i in infos]))
+    assert built[0] == built[1] and len(built[0][2]) >= 3  # train copies and validation

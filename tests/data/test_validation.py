@@ -279,3 +279,95 @@ def test_the_real_data_passes_the_strict_suite(tmp_path):
         rows.update({m: f["rows"] for m, f in report["files"].items()})
     # Published counts (GLUE SST-2; WikiText-103 raw valid/test lines; BERT uncased vocab).
     assert rows == {TRAIN: 67_349, DEV: 872, TEST: 1_821, WIKI_TEST: 4_358, WIKI_VALID: 3_760, VOCAB: 30_522}
+
+
+# Your own data: suites generated from the declaration; each bad source is named as the user knows it.
+OWN = {"inputs.text_column": "body", "inputs.label_column": "category"}
+
+
+def _own(tmp_path, role: str, mutate: Callable[[Path, Path], None], **overrides):
+    from encoderflow import config
+    from encoderflow.data import inputs
+
+    from .fixtures_own import write_corpus, write_labeled
+
+    corpus, labeled = write_corpus(tmp_path / "corpus", n_files=6), write_labeled(tmp_path / "tickets")
+    mutate(corpus, labeled)
+    cfg = config.from_overrides("smoke", {**OWN, **overrides})
+    info = inputs.get(role, cfg, config.Sources(corpus=str(corpus), labeled=str(labeled)))
+    return validation.validate_dataset(info, tmp_path / "docs", inputs_cfg=cfg.inputs), corpus, labeled
+
+
+def _rows(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_your_own_clean_data_passes_and_yields_its_label_set(tmp_path):
+    report, _, _ = _own(tmp_path, "labeled", lambda c, lab: None)
+    assert report["success"], report["failures"]
+    assert report["labels"] == ["billing", "bug", "praise"]
+    assert {f["expectations"] for f in report["files"].values()} == {13, 9}  # train adds 2 + balance per class
+    report, _, _ = _own(tmp_path / "c", "corpus", lambda c, lab: None)
+    assert report["success"] and len(report["files"]) == 6, report["failures"]
+
+
+OWN_CASES = {
+    "missing column": (
+        "labeled",
+        lambda c, lab: _rows(lab / "dev.jsonl", [{"body": "refund please", "cat": "billing"}] * 12),
+        "dev.jsonl",
+        "expect_column_to_exist(column='category') failed, observed columns ['body', 'cat']",
+    ),
+    "label outside the train set on dev": (
+        "labeled",
+        lambda c, lab: (lab / "dev.jsonl").write_text(
+            (lab / "dev.jsonl").read_text() + '{"body": "x", "category": "spam"}\n'
+        ),
+        "dev.jsonl",
+        "expect_column_values_to_be_in_set(column='category', value_set=['billing', 'bug', 'praise']) failed, "
+        "observed 1 unexpected of 49, e.g. ['spam'] at rows [49]",
+    ),
+    "empty file": (
+        "corpus",
+        lambda c, lab: (c / "empty.txt").write_text(""),
+        "empty.txt",
+        "expect_table_row_count_to_be_between(min_value=1) failed, observed 0",
+    ),
+    "undecodable bytes": (
+        "corpus",
+        lambda c, lab: (c / "latin1.txt").write_bytes("caf\xe9 ol\xe9\n".encode("latin-1")),
+        "latin1.txt",
+        "expect_column_values_to_be_in_set(column='_utf8', value_set=[True]) failed, observed 1 unexpected of 1",
+    ),
+    "empty text": (
+        "labeled",
+        lambda c, lab: (lab / "train.jsonl").write_text(
+            (lab / "train.jsonl").read_text() + '{"body": "  ", "category": "bug"}\n'
+        ),
+        "train.jsonl",
+        "expect_column_values_to_match_regex(column='body', regex='\\\\S') failed, observed 1 unexpected of 241",
+    ),
+    "one class only": (
+        "labeled",
+        lambda c, lab: _rows(lab / "train.jsonl", [{"body": "crash again", "category": "bug"}] * 20),
+        "train.jsonl",
+        "expect_column_unique_value_count_to_be_between",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", OWN_CASES, ids=list(OWN_CASES))
+def test_each_bad_source_of_your_own_is_named(tmp_path, case):
+    role, mutate, name, expected = OWN_CASES[case]
+    report, corpus, labeled = _own(tmp_path, role, mutate)
+    assert not report["success"]
+    origin = (corpus if role == "corpus" else labeled) / name
+    lines = [f for f in report["failures"] if f.startswith(f"{role}: {origin}: ")]
+    assert lines and any(expected in f for f in lines), report["failures"]
+
+
+def test_class_balance_bounds_come_from_the_declaration(tmp_path):
+    report, _, _ = _own(tmp_path, "labeled", lambda c, lab: None, **{"inputs.max_class_share": 0.3})
+    assert [f.split(" failed")[0].split(": ")[-1] for f in report["failures"]] == [
+        f"expect_column_mean_to_be_between(column='_class_{i}', min_value=0.01, max_value=0.3)" for i in range(3)
+    ]

@@ -58,3 +58,42 @@ def test_buckets_on_are_refused_where_outputs_depend_on_padding():
     assert (guide_way.pooling(), guide_way.length_buckets()) == ("all_tokens", False)
     off = from_overrides("guide", {"finetune.length_buckets": "off"})
     assert (off.pooling(), off.length_buckets()) == ("real_tokens", False)
+
+
+def test_fine_tuning_continues_from_the_champions_classifier_and_refuses_another_label_set(inputs, tmp_path, caplog):
+    """finetune.init_from=champion: the champion's classifier is where training starts (at a vanishing rate
+    it ends where the champion was); another label set or vocabulary is refused naming both sides."""
+    from encoderflow import registry, steps
+    from encoderflow.errors import EncoderflowError
+    from encoderflow.train.finetune import finetune
+
+    encoder, sst2, vocab = inputs
+    cfg = from_overrides("smoke", {"finetune.steps_per_epoch": 40})
+    first = finetune(cfg, encoder, sst2, vocab, tmp_path / "first")
+    name = cfg.gate.registered_model
+    decision = {"blessed": True, "reasons": [], "candidate": first["val_accuracy"], "checks": []}
+    version = registry.log_candidate(name, first["bundle"], cfg.to_dict(), {}, {}, {}, decision)["version"]
+    registry.move_champion(name, version, expected=None, reason="test", who="test")
+
+    params = {
+        "preset": "smoke",
+        "overrides": ["finetune.init_from=champion", "finetune.learning_rate=1e-9", "finetune.steps_per_epoch=1"],
+    }
+    vocab_info = {
+        "dataset": "vocab",
+        "files": {"v": {"path": str(vocab), "sha256": __import__("encoderflow").layout.sha256_file(vocab)}},
+    }
+    pretrained = {"encoder": str(encoder)}
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        warm = steps.finetune(pretrained, sst2, vocab_info, params, "warm")
+    assert warm["parent"] == version
+    assert f"warm start from finetune.init_from=champion v{version}" in caplog.text
+    assert warm["sst2_val_accuracy"] == pytest.approx(first["val_accuracy"], abs=1e-6)  # started where it was
+
+    relabeled = {**sst2, "labels": ["neg", "pos"]}
+    with pytest.raises(
+        EncoderflowError,
+        match=r"champion v\d+ of encoderflow-sst2 has labels \['0', '1'\], "
+        r"this run has \['neg', 'pos'\].*fix: set finetune.init_from=none",
+    ):
+        steps.finetune(pretrained, relabeled, vocab_info, params, "relabeled")

@@ -27,7 +27,7 @@ import numpy as np
 from encoderflow import layout, runtime
 from encoderflow.config import Config, DataConfig
 from encoderflow.errors import EncoderflowError
-from encoderflow.results import file_info, only_file
+from encoderflow.results import only_file, split_info
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +61,30 @@ def _eligible_lines(path: str, size: int, mtime_ns: int, min_chars: int) -> tupl
 _ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")
 
 
-def articles(path: str | os.PathLike) -> list[list[str]]:
-    """Each article's non-blank lines, heading included; blank lines hold no tokens."""
+def articles(path: str | os.PathLike, split: str = "heading") -> list[list[str]]:
+    """Each document's non-blank lines; blank lines hold no tokens.
+
+    Args:
+        split: ``heading``: a WikiText article starts at its top-level heading (kept); ``blank_line``:
+            a blank line ends a document (your own corpus, as ``data.inputs.corpus_texts`` writes it).
+    """
     out: list[list[str]] = []
     with open(path, "rb") as f:
         for raw in f:
             line = raw.rstrip(b"\n").decode("utf-8")
-            if _ARTICLE_HEADING.match(line) or not out:
+            starts = _ARTICLE_HEADING.match(line) if split == "heading" else not line.strip()
+            if starts or not out:
                 out.append([])
             if line.strip():
                 out[-1].append(line)
     return [a for a in out if a]
+
+
+def sentences(labeled: dict[str, Any]) -> list[str]:
+    """The texts of the labeled train split, labels dropped (task-adaptive pretraining text)."""
+    from encoderflow.data.inputs import read_labeled
+
+    return read_labeled(labeled, "train")[0]
 
 
 def pack(token_lists: list[list[int]], seq_length: int, pad_id: int) -> np.ndarray:
@@ -160,34 +173,27 @@ def shards_hash(cfg: DataConfig, vocab_sha256: str, text_sha256: dict[str, str])
     )
 
 
-def sentences(path: str | os.PathLike) -> list[str]:
-    """The sentences of an SST-2 split, labels dropped (task-adaptive pretraining text)."""
-    from encoderflow.data.sst2 import read_split
-
-    return read_split(path)[0]
-
-
 def plan(
-    cfg: Config, wikitext: dict[str, Any], vocab: dict[str, Any], sst2: dict[str, Any] | None = None
+    cfg: Config, corpus: dict[str, Any], vocab: dict[str, Any], labeled: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Split the corpus into shards. Returns the plan; ``shards`` is the mapped-task input.
 
-    With ``data.task_adaptive`` the SST-2 train sentences (``sst2``'s train file, never dev or
-    test) become train shards of their own, ``train-sst2-...``, packed into windows.
+    With ``data.task_adaptive`` the labeled data's train texts (never dev or test) become train
+    shards of their own, ``train-sst2-...``, packed into windows.
     """
-    from encoderflow.data.sources import wikitext_member
-    from encoderflow.results import SST2_TRAIN
+    from encoderflow.data.inputs import corpus_texts
 
     d = cfg.data
     vocab_file = only_file(vocab)
-    roles = {"train": d.pretrain_split, "valid": d.validation_split}
-    texts = {role: file_info(wikitext, wikitext_member(split)) for role, split in roles.items()}
+    texts = corpus_texts(corpus, cfg)
     hashed = {role: t["sha256"] for role, t in texts.items()}
+    # Your own corpus is written one document per blank-line-separated block; WikiText has headings.
+    doc_split = "blank_line" if corpus.get("kind") == "corpus_folder" else "heading"
     tapt = None
     if d.task_adaptive:
-        if sst2 is None:
-            raise ShardError("data.task_adaptive=true needs the SST-2 dataset: pass validate_sst2's result to plan")
-        tapt = file_info(sst2, SST2_TRAIN)
+        if labeled is None:
+            raise ShardError("data.task_adaptive=true needs the labeled data: pass validate_labeled's result to plan")
+        tapt = {**split_info(labeled, "train"), "record": labeled}
         hashed["task_adaptive"] = tapt["sha256"]
     h = shards_hash(d, vocab_file["sha256"], hashed)
     out_dir = layout.shards_dir(h)
@@ -198,14 +204,15 @@ def plan(
     for role, text in texts.items():
         # Units a shard boundary may fall between: articles (packed) or eligible lines.
         if packed:
-            n_units = len(articles(text["path"]))
+            n_units = len(articles(text["path"], doc_split))
             if n_units == 0:
                 raise ShardError(f"{text['path']}: no text; nothing to pretrain on")
         else:
             n_units = len(eligible_lines(text["path"], d.min_line_chars))
             if n_units == 0:
                 raise ShardError(
-                    f"{text['path']}: no line longer than {d.min_line_chars} bytes; nothing to pretrain on"
+                    f"{text['path']}: no line longer than {d.min_line_chars} bytes; nothing to pretrain on",
+                    fix="lower data.min_line_chars, or pretrain on whole documents with data.sequence_mode=packed",
                 )
         num = d.num_shards if role == "train" else max(1, math.ceil(d.num_shards / 8))
         num = min(num, n_units)
@@ -221,13 +228,14 @@ def plan(
                         "num": num,
                         "text_path": text["path"],
                         "text_sha256": text["sha256"],
+                        **({"doc_split": doc_split} if packed and doc_split != "heading" else {}),
                         start_key: int(bounds[i]),
                         end_key: int(bounds[i + 1]),
                         "file": str(out_dir / f"{role}-c{copy:02d}-{i:05d}-of-{num:05d}.tfrecord"),
                     }
                 )
     if tapt is not None:
-        n_units = len(sentences(tapt["path"]))
+        n_units = len(sentences(tapt["record"]))
         if n_units == 0:
             raise ShardError(f"{tapt['path']}: no sentences for task-adaptive pretraining")
         num = min(d.num_shards, n_units)
@@ -243,6 +251,11 @@ def plan(
                         "num": num,
                         "text_path": tapt["path"],
                         "text_sha256": tapt["sha256"],
+                        "labeled": {
+                            k: v
+                            for k, v in tapt["record"].items()
+                            if k in ("splits", "format", "columns", "files", "labels")
+                        },
                         "sentence_start": int(bounds[i]),
                         "sentence_end": int(bounds[i + 1]),
                         "file": str(out_dir / f"train-sst2-c{copy:02d}-{i:05d}-of-{num:05d}.tfrecord"),
@@ -354,14 +367,16 @@ def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha25
     vocab_sha = layout.sha256_file(vocab_path)
     # Masked 1024 sequences at a time: the generator's draws, hence the bytes, depend on it.
     if "sentence_start" in shard:  # task-adaptive text: short sentences, packed in order
-        text = sentences(shard["text_path"])[shard["sentence_start"] : shard["sentence_end"]]
+        text = sentences(shard["labeled"])[shard["sentence_start"] : shard["sentence_end"]]
         untruncated = graph_tokenizer(str(vocab_path), vocab_sha, None, d.lowercase, d.strip_accents)
         sequences = np.zeros((0, d.seq_length), np.int64)
         if text:
             sequences = pack(untruncated(text), d.seq_length, special["[PAD]"])
         chunks = (sequences[i : i + 1024] for i in range(0, len(sequences), 1024))
     elif "article_start" in shard:
-        docs = articles(shard["text_path"])[shard["article_start"] : shard["article_end"]]
+        docs = articles(shard["text_path"], shard.get("doc_split", "heading"))[
+            shard["article_start"] : shard["article_end"]
+        ]
         untruncated = graph_tokenizer(str(vocab_path), vocab_sha, None, d.lowercase, d.strip_accents)
         windows = [pack(untruncated(doc), d.seq_length, special["[PAD]"]) for doc in docs]
         sequences = np.concatenate(windows) if windows else np.zeros((0, d.seq_length), np.int64)

@@ -67,3 +67,47 @@ def tokenize(tokenizer, lines: list[str]):
     tf = runtime.tensorflow()
     out = tokenizer(tf.constant(lines, dtype=tf.string))
     return out.numpy() if hasattr(out, "numpy") else np.asarray(out)
+
+
+def train_vocabulary(
+    text_path: str | os.PathLike, text_sha256: str, inputs, lowercase: bool, strip_accents: bool
+) -> Path:
+    """A WordPiece vocabulary computed on the corpus's pretraining text, written once per input and settings.
+
+    keras-hub's ``compute_word_piece_vocabulary`` reads the file line by line; the special tokens
+    come first, ``[PAD]`` at id 0 as the shards and the padding mask expect. The file lands in
+    ``ENCODERFLOW_HOME/data/vocab-trained/<key>/vocab.txt`` (temp file, rename) and is reused.
+
+    Args:
+        text_path: the pretraining documents (``data.inputs.corpus_texts``'s ``train``).
+        text_sha256: its sha256, part of the key.
+        inputs: the ``inputs`` config section (``vocab_size``).
+    """
+    from encoderflow import layout
+
+    key = layout.sha256_json(
+        {
+            "text": text_sha256,
+            "size": inputs.vocab_size,
+            "lowercase": lowercase,
+            "strip_accents": strip_accents,
+            "special": SPECIAL_TOKENS,
+        }
+    )
+    out = layout.home() / "data" / "vocab-trained" / key[:16] / "vocab.txt"
+    if out.exists():
+        return out
+    runtime.tensorflow()
+    import keras_hub
+
+    tokens = keras_hub.tokenizers.compute_word_piece_vocabulary(
+        [str(text_path)],
+        inputs.vocab_size,
+        lowercase=lowercase,
+        strip_accents=strip_accents,
+        reserved_tokens=list(SPECIAL_TOKENS),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with layout.atomic_path(out) as tmp:
+        tmp.write_text("".join(f"{t}\n" for t in tokens), encoding="utf-8")
+    return out

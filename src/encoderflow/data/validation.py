@@ -71,20 +71,9 @@ def _row_range(member: str, strict: bool) -> tuple[int, int]:
 
 
 def _decode_lines(path: Path) -> tuple[list[str], list[bool]]:
-    """Split on LF; undecodable lines keep their content (replacement chars) and a False flag."""
-    raw = path.read_bytes()
-    parts = raw.split(b"\n")
-    if parts and parts[-1] == b"":
-        parts.pop()
-    lines, ok = [], []
-    for part in parts:
-        try:
-            lines.append(part.decode("utf-8"))
-            ok.append(True)
-        except UnicodeDecodeError:
-            lines.append(part.decode("utf-8", errors="replace"))
-            ok.append(False)
-    return lines, ok
+    from encoderflow.data.inputs import decode_lines
+
+    return decode_lines(path.read_bytes())
 
 
 def frame_tsv(path: Path):
@@ -237,14 +226,119 @@ def _context(docs_dir: Path):
     return ctx
 
 
-def validate_dataset(info: dict[str, Any], docs_dir: str | os.PathLike, strict: bool | None = None) -> dict[str, Any]:
+def frame_text(path: Path):
+    """A corpus file: one row per line, with ``_utf8`` and ``_nonblank`` flags."""
+    import pandas as pd
+
+    from encoderflow.data.inputs import decode_lines
+
+    lines, ok = decode_lines(path.read_bytes())
+    df = pd.DataFrame({"line": pd.Series(lines, dtype=object), "_utf8": ok})
+    df["_nonblank"] = [int(bool(line.strip())) for line in lines]
+    return df
+
+
+def suite_corpus_file() -> list[Any]:
+    """A file of your own corpus: some text, all UTF-8, no line of absurd length."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
+        E.ExpectTableRowCountToBeBetween(min_value=1),
+        E.ExpectColumnValuesToBeInSet(column="_utf8", value_set=[True]),
+        E.ExpectColumnSumToBeBetween(column="_nonblank", min_value=1),
+        E.ExpectColumnValueLengthsToBeBetween(column="line", max_value=1_000_000),
+    ]
+
+
+def frame_labeled(path: Path, fmt: str, label_column: str, labels: list[str]):
+    """A labeled file under its own columns, plus ``_utf8``, ``_parsed`` and one ``_class_<i>`` per label."""
+    import pandas as pd
+
+    from encoderflow.data.inputs import read_table
+
+    table = read_table(path, fmt)
+    df = pd.DataFrame(table.rows, columns=table.columns, dtype=object)
+    df["_utf8"], df["_parsed"] = table.utf8, table.parsed
+    if label_column in df.columns:
+        for i, label in enumerate(labels):
+            df[f"_class_{i}"] = (df[label_column] == label).astype(int)
+    return df
+
+
+def suite_labeled(df, split: str, columns: dict[str, str], labels: list[str], bounds) -> list[Any]:
+    """Generated from the declaration: schema, parse and encoding, non-empty text, the label set (read
+    from train, checked on dev), row-count bounds and, on train, class balance bounds."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    text, label = columns["text"], columns["label"]
+    suite = [
+        E.ExpectTableRowCountToBeBetween(min_value=bounds.min_rows, max_value=bounds.max_rows),
+        E.ExpectColumnToExist(column=text),
+        E.ExpectColumnToExist(column=label),
+        E.ExpectColumnValuesToBeInSet(column="_utf8", value_set=[True]),
+        E.ExpectColumnValuesToBeInSet(column="_parsed", value_set=[True]),
+    ]
+    if text in df.columns:  # a missing column is one failure above, not one per check on it
+        suite += [
+            E.ExpectColumnValuesToNotBeNull(column=text),
+            E.ExpectColumnValuesToMatchRegex(column=text, regex=r"\S"),
+        ]
+    if label in df.columns:
+        suite.append(E.ExpectColumnValuesToNotBeNull(column=label))
+        if labels:  # none when train has none: that failure is reported on train, not echoed per dev row
+            suite.append(E.ExpectColumnValuesToBeInSet(column=label, value_set=labels))
+        if split == "train":
+            suite.append(E.ExpectColumnUniqueValueCountToBeBetween(column=label, min_value=2))
+            suite += [
+                E.ExpectColumnMeanToBeBetween(
+                    column=f"_class_{i}", min_value=bounds.min_class_share, max_value=bounds.max_class_share
+                )
+                for i in range(len(labels))
+            ]
+    return suite
+
+
+def _plans(
+    info: dict[str, Any], strict: bool, inputs_cfg
+) -> tuple[list[tuple[str, Path, Any, list[Any]]], list | None]:
+    """What to check per file: (member, path, frame, expectations), and the label set of labeled data."""
+    kind = info.get("kind")
+    members = sorted(info["files"].items())
+    if kind == "corpus_folder":
+        return [(m, Path(f["path"]), frame_text(Path(f["path"])), suite_corpus_file()) for m, f in members], None
+    if kind == "trained_vocab":
+        return [
+            (m, Path(f["path"]), frame_vocab(Path(f["path"])), suite_for("vocab.txt", False)) for m, f in members
+        ], None
+    labels = None
+    if info.get("splits") and "dev" in info["splits"]:
+        from encoderflow.data.inputs import label_set, read_table
+
+        train = info["files"][info["splits"]["train"]]["path"]
+        labels = label_set(row.get(info["columns"]["label"]) for row in read_table(train, info["format"]).rows)
+    if kind == "labeled_folder":
+        plans = []
+        for split, member in info["splits"].items():
+            path = Path(info["files"][member]["path"])
+            df = frame_labeled(path, info["format"], info["columns"]["label"], labels)
+            plans.append((member, path, df, suite_labeled(df, split, info["columns"], labels, inputs_cfg)))
+        return plans, labels
+    return [(m, Path(f["path"]), frame_for(m, Path(f["path"])), suite_for(m, strict)) for m, f in members], labels
+
+
+def validate_dataset(
+    info: dict[str, Any], docs_dir: str | os.PathLike, strict: bool | None = None, inputs_cfg=None
+) -> dict[str, Any]:
     """Validate every file a dataset provided. Never raises on bad data; returns the report.
 
     Args:
-        info: what :func:`encoderflow.data.sources.get_dataset` returned.
+        info: what :func:`encoderflow.data.inputs.get` returned.
         docs_dir: where the Data Docs site is written.
         strict: demand the genuine row counts; default: whether ``info`` is the pinned official
             archive (``info["pinned"]``). A mirror re-pack or an offline folder is not.
+        inputs_cfg: the ``inputs`` config section (bounds for your own labeled data); default its defaults.
     """
     import great_expectations as gx
 
@@ -257,12 +351,15 @@ def validate_dataset(info: dict[str, Any], docs_dir: str | os.PathLike, strict: 
     source = ctx.data_sources.add_pandas(dataset)
     failures: list[Failure] = []
     files: dict[str, Any] = {}
-    for member, f in sorted(info["files"].items()):
-        path = Path(f["path"])
-        df = frame_for(member, path)
+    if inputs_cfg is None:
+        from encoderflow.config import InputsConfig
+
+        inputs_cfg = InputsConfig()
+    plans, labels = _plans(info, strict, inputs_cfg)
+    for member, path, df, expectations in plans:
         name = re.sub(r"[^A-Za-z0-9_]+", "_", member)
         batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
-        suite = ctx.suites.add(gx.ExpectationSuite(name=f"{dataset}.{name}", expectations=suite_for(member, strict)))
+        suite = ctx.suites.add(gx.ExpectationSuite(name=f"{dataset}.{name}", expectations=expectations))
         vd = ctx.validation_definitions.add(
             gx.ValidationDefinition(name=f"{dataset}.{name}", data=batch_def, suite=suite)
         )
@@ -270,12 +367,15 @@ def validate_dataset(info: dict[str, Any], docs_dir: str | os.PathLike, strict: 
         checkpoint = ctx.checkpoints.add(gx.Checkpoint(name=f"{dataset}.{name}", validation_definitions=[vd]))
         result = checkpoint.run(batch_parameters={"dataframe": df})
         file_failures = []
+        # Your own file is named as you know it (its origin), not as the verified copy that was read.
+        named = info["files"].get(member, {}).get("origin") or str(path)
         for run_result in result.run_results.values():
             for r in run_result.results:
                 if not r.success:
-                    file_failures.append(
-                        Failure(dataset, str(path), _describe_expectation(r.expectation_config), _observed(r))
-                    )
+                    observed = _observed(r)
+                    if r.expectation_config.type == "expect_column_to_exist":
+                        observed = f"columns {[c for c in df.columns if not str(c).startswith('_')]}"
+                    file_failures.append(Failure(dataset, named, _describe_expectation(r.expectation_config), observed))
         failures += file_failures
         files[member] = {
             "path": str(path),
@@ -291,6 +391,7 @@ def validate_dataset(info: dict[str, Any], docs_dir: str | os.PathLike, strict: 
         "strict": strict,
         "files": files,
         "failures": [f.line() for f in failures],
+        "labels": labels,
         "docs": str(docs_index),
         "validated_at": datetime.now(UTC).isoformat(),
         "seconds": round(time.monotonic() - t0, 2),
@@ -317,9 +418,11 @@ def validate_dataset(info: dict[str, Any], docs_dir: str | os.PathLike, strict: 
     return report
 
 
-def check(info: dict[str, Any], docs_dir: str | os.PathLike, strict: bool | None = None) -> dict[str, Any]:
+def check(
+    info: dict[str, Any], docs_dir: str | os.PathLike, strict: bool | None = None, inputs_cfg=None
+) -> dict[str, Any]:
     """Validate and raise :class:`ValidationFailed` (one line per failure) on bad data."""
-    report = validate_dataset(info, docs_dir, strict)
+    report = validate_dataset(info, docs_dir, strict, inputs_cfg)
     if not report["success"]:
         raise ValidationFailed(report["failures"], report["docs"])
     return report

@@ -12,23 +12,32 @@ import numpy as np
 
 from encoderflow import gate, layout, runtime
 from encoderflow.config import Config
-from encoderflow.results import SST2_DEV, SST2_TRAIN, file_info, file_path
+from encoderflow.results import split_info
 
 log = logging.getLogger(__name__)
 
 
-def train_baseline(cfg: Config, sst2: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Fit on SST-2 train, report dev accuracy. Reuses a result made from the same inputs."""
+def train_baseline(cfg: Config, labeled: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Fit on the labeled train split, report dev accuracy. Reuses a result made from the same inputs.
+
+    Two classes: one sigmoid unit (the guide); more: a softmax over them."""
     out_dir = Path(out_dir)
     # The seed shuffles and initialises: part of what was trained, so part of the key.
     key = layout.sha256_json(
-        {"baseline": cfg.to_dict()["baseline"], "data": sst2["content_hash"], "seed": cfg.data.seed}
+        {
+            "baseline": cfg.to_dict()["baseline"],
+            "data": labeled["content_hash"],
+            "seed": cfg.data.seed,
+            "labels": labeled.get("labels"),
+            "columns": labeled.get("columns"),
+        }
     )
     if (done := layout.reusable(out_dir / "result.json", key)) is not None:
         log.info("baseline: reusing %s (val_accuracy %.4f)", out_dir / "result.json", done["val_accuracy"])
         return done
 
-    from encoderflow.data.sst2 import read_split, text_dataset
+    from encoderflow.data.inputs import labels_of, read_labeled
+    from encoderflow.data.sst2 import text_dataset
 
     runtime.tensorflow()  # GPUs hidden before Keras's TextVectorization brings TensorFlow in
     keras = runtime.keras()
@@ -37,8 +46,9 @@ def train_baseline(cfg: Config, sst2: dict[str, Any], out_dir: str | os.PathLike
 
     b = cfg.baseline
     keras.utils.set_random_seed(cfg.data.seed)
-    train_x, train_y = read_split(file_path(sst2, SST2_TRAIN))
-    dev_x, dev_y = read_split(file_path(sst2, SST2_DEV))
+    train_x, train_y = read_labeled(labeled, "train")
+    dev_x, dev_y = read_labeled(labeled, "dev")
+    classes = len(labels_of(labeled))
     train_ds = text_dataset(train_x, train_y, b.batch_size, shuffle_seed=cfg.data.seed)
     dev_ds = text_dataset(dev_x, dev_y, b.batch_size)
     multi_hot = keras.layers.TextVectorization(max_tokens=b.max_tokens, output_mode="multi_hot")
@@ -48,9 +58,14 @@ def train_baseline(cfg: Config, sst2: dict[str, Any], out_dir: str | os.PathLike
 
     # A corpus with fewer distinct words than max_tokens yields narrower multi-hot vectors.
     inputs = keras.Input(shape=(multi_hot.vocabulary_size(),), dtype="int32", name="multi_hot")
-    outputs = keras.layers.Dense(1, activation="sigmoid", name="sentiment")(inputs)
+    if classes <= 2:
+        outputs = keras.layers.Dense(1, activation="sigmoid", name="sentiment")(inputs)
+    else:
+        outputs = keras.layers.Dense(classes, activation="softmax", name="classes")(inputs)
     model = keras.Model(inputs, outputs, name="bow_baseline")
-    model.compile(loss="binary_crossentropy", metrics=["accuracy"])
+    model.compile(
+        loss="binary_crossentropy" if classes <= 2 else "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     t0 = time.monotonic()
     history = model.fit(
         train_mh,
@@ -63,8 +78,9 @@ def train_baseline(cfg: Config, sst2: dict[str, Any], out_dir: str | os.PathLike
     val_loss, val_accuracy = model.evaluate(dev_mh, verbose=0)
     # Per dev sentence, in file order (dev_mh is not shuffled), for the gate's paired bootstrap;
     # thresholded as Keras's accuracy metric does (> 0.5), so their mean is val_accuracy.
-    probs = np.asarray(model.predict(dev_mh, verbose=0)).reshape(-1)
-    dev_correct = (probs > 0.5).astype(np.int32) == np.asarray(dev_y)
+    probs = np.asarray(model.predict(dev_mh, verbose=0))
+    predicted = probs.argmax(axis=-1) if classes > 2 else (probs.reshape(-1) > 0.5).astype(np.int32)
+    dev_correct = predicted == np.asarray(dev_y)
     result = {
         "key": key,
         "val_accuracy": float(val_accuracy),
@@ -73,9 +89,9 @@ def train_baseline(cfg: Config, sst2: dict[str, Any], out_dir: str | os.PathLike
         "train_rows": len(train_x),
         "dev_rows": len(dev_x),
         "dev_correct": gate.correctness_text(dev_correct),
-        "dev_sha256": file_info(sst2, SST2_DEV)["sha256"],
+        "dev_sha256": split_info(labeled, "dev")["sha256"],
         "seconds": round(time.monotonic() - t0, 1),
     }
     layout.write_json(out_dir / "result.json", result)
-    log.info("baseline: SST-2 dev accuracy %.4f (%d train rows, %.1fs)", val_accuracy, len(train_x), result["seconds"])
+    log.info("baseline: dev accuracy %.4f (%d train rows, %.1fs)", val_accuracy, len(train_x), result["seconds"])
     return result

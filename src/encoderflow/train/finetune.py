@@ -1,4 +1,4 @@
-"""SST-2 fine-tuning of the pretrained encoder into a model bundle (``encoderflow.bundle``)."""
+"""Fine-tuning the pretrained encoder on labeled data (SST-2 or your own) into a model bundle."""
 
 from __future__ import annotations
 
@@ -13,23 +13,24 @@ import numpy as np
 
 from encoderflow import bundle, layout, runtime
 from encoderflow.config import Config
-from encoderflow.results import SST2_DEV, SST2_TRAIN, file_path
 
 log = logging.getLogger(__name__)
 
 
-def compile_classifier(classifier, f, total_steps: int) -> None:
-    """The guide's fine-tuning compile: AdamW, binary cross-entropy, accuracy.
+def compile_classifier(classifier, f, total_steps: int, num_classes: int = 2) -> None:
+    """The guide's fine-tuning compile: AdamW, binary cross-entropy (sparse categorical for more than
+    two classes), accuracy.
 
     Args:
         classifier: the model from :func:`encoderflow.model.build_classifier`.
         f: the ``finetune`` config section.
         total_steps: optimizer steps of the whole fine-tuning (a ``warmup_cosine`` schedule spans them).
+        num_classes: the label set's size.
     """
     from encoderflow.train.optim import adamw
 
     classifier.compile(
-        loss="binary_crossentropy",
+        loss="binary_crossentropy" if num_classes <= 2 else "sparse_categorical_crossentropy",
         optimizer=adamw(f, total_steps),
         metrics=["accuracy"],
         jit_compile=True,
@@ -39,21 +40,24 @@ def compile_classifier(classifier, f, total_steps: int) -> None:
 def finetune(
     cfg: Config,
     encoder_path: str | os.PathLike,
-    sst2: dict[str, Any],
+    labeled: dict[str, Any],
     vocab_path: str | os.PathLike,
     out_dir: str | os.PathLike,
+    init_classifier: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Encoder + pooled sigmoid classifier on SST-2 train; dev accuracy; a model bundle.
+    """Encoder + pooled classifier on the labeled train split; dev accuracy; a model bundle.
 
     Reuses the result of an earlier call with the same inputs and config.
 
     Args:
         cfg: the run's config (``model``, ``finetune``, ``data`` settings).
         encoder_path: the pretrained ``encoder.keras``.
-        sst2: the SST-2 dataset record: ``content_hash`` and ``files`` with ``SST-2/train.tsv``
-            and ``SST-2/dev.tsv``.
+        labeled: the validated labeled data's record (SST-2 or your own): ``content_hash``,
+            ``splits`` train and dev, ``labels``.
         vocab_path: the WordPiece vocabulary the encoder was pretrained with.
         out_dir: where ``bundle/`` and ``result.json`` go.
+        init_classifier: a saved classifier to continue from (``finetune.init_from=champion``) instead of a
+            new head on ``encoder_path``; its output must fit the label set.
 
     Returns:
         ``result.json``'s content: ``bundle`` (its folder), ``val_accuracy``, ``val_loss``, ``history``, ...
@@ -67,16 +71,20 @@ def finetune(
             "model": cfg.to_dict()["model"],
             "finetune": cfg.to_dict()["finetune"],
             "encoder": layout.sha256_file(encoder_path),
-            "sst2": sst2["content_hash"],
+            "sst2": labeled["content_hash"],
+            "labels": labeled.get("labels"),
+            "columns": labeled.get("columns"),
             "vocab": layout.sha256_file(vocab_path),
             "seq": cfg.data.seq_length,
+            "init": layout.sha256_file(init_classifier) if init_classifier else None,
         }
     )
     if (done := layout.reusable(out_dir / "result.json", key)) is not None and Path(done["bundle"]).exists():
         log.info("finetune: reusing %s", done["bundle"])
         return done
 
-    from encoderflow.data.sst2 import bucket_widths, bucketed_token_dataset, read_split, token_dataset
+    from encoderflow.data.inputs import labels_of, read_labeled
+    from encoderflow.data.sst2 import bucket_widths, bucketed_token_dataset, token_dataset
     from encoderflow.data.tokenizer import Vocab, make_tokenizer
 
     keras = runtime.keras()
@@ -91,8 +99,9 @@ def finetune(
     device = runtime.device_summary()
     log.info("finetune: device %s, dtype policy %s (precision=%s)", device, policy, cfg.pretrain.precision)
     vocab = Vocab.load(vocab_path)
-    train_x, train_y = read_split(file_path(sst2, SST2_TRAIN))
-    dev_x, dev_y = read_split(file_path(sst2, SST2_DEV))
+    train_x, train_y = read_labeled(labeled, "train")
+    dev_x, dev_y = read_labeled(labeled, "dev")
+    labels = labels_of(labeled)
     seq = cfg.data.seq_length
     encoder = models.with_dropout(models.load(encoder_path), cfg.model, vocab.pad_id)
     # Real-token attention and pooling make outputs independent of padding: fit lengths to the data.
@@ -114,11 +123,19 @@ def finetune(
     if steps is not None:
         train_ds = train_ds.repeat()
 
-    classifier = models.build_classifier(encoder, vocab.pad_id, masked_pooling=cfg.pooling() == "real_tokens")
+    if init_classifier:
+        classifier = models.load(init_classifier)
+        width = 1 if len(labels) <= 2 else len(labels)
+        if classifier.output_shape[-1] != width:
+            raise ValueError(f"{init_classifier}: {classifier.output_shape[-1]} outputs, the label set needs {width}")
+    else:
+        classifier = models.build_classifier(
+            encoder, vocab.pad_id, masked_pooling=cfg.pooling() == "real_tokens", num_classes=len(labels)
+        )
     # Bucketed batches are not all full: an epoch has at most one partial batch per bucket width more.
     partial = len(bucket_widths(seq)) if cfg.length_buckets() else 0
     per_epoch = steps or math.ceil(len(train_x) / f.batch_size) + partial
-    compile_classifier(classifier, f, total_steps=per_epoch * f.epochs)
+    compile_classifier(classifier, f, total_steps=per_epoch * f.epochs, num_classes=len(labels))
     t0 = time.monotonic()
     history = classifier.fit(
         train_ds,
@@ -133,7 +150,7 @@ def finetune(
     if not np.isfinite(val_loss):
         raise NonFiniteLoss(f"finetune: validation loss {val_loss}; the classifier is not saved")
 
-    path = bundle.write(out_dir / "bundle", classifier, encoder_path, vocab_path, cfg, val_accuracy)
+    path = bundle.write(out_dir / "bundle", classifier, encoder_path, vocab_path, cfg, val_accuracy, labels)
     result = {
         "key": key,
         "bundle": str(path),
@@ -145,5 +162,5 @@ def finetune(
         "dtype_policy": policy,
     }
     layout.write_json(out_dir / "result.json", result)
-    log.info("finetune: SST-2 dev accuracy %.4f; bundle %s", val_accuracy, path)
+    log.info("finetune: dev accuracy %.4f (%d classes); bundle %s", val_accuracy, len(labels), path)
     return result

@@ -1,0 +1,333 @@
+"""The three roles a run reads: pretraining ``corpus``, ``labeled`` data, ``vocab``ulary.
+
+By default they are the guide's datasets (WikiText-103, GLUE SST-2, the BERT uncased vocabulary:
+pinned downloads, :mod:`encoderflow.data.sources`). Your own corpus and labeled data are folders
+(:mod:`encoderflow.data.folders`); your own vocabulary is trained on the corpus
+(:func:`encoderflow.data.tokenizer.train_vocabulary`). Whatever the source, a role's record says
+where its splits are (``splits``), and for labeled data its format, columns and, once validated,
+its label set, so every consumer reads them the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from encoderflow import layout
+from encoderflow.data.sources import DataError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("corpus", "labeled", "vocab")
+BUILTIN = {"corpus": "wikitext", "labeled": "sst2", "vocab": "vocab"}
+LABELED_FORMATS = ("tsv", "csv", "jsonl")
+LABELED_SPLITS = ("train", "dev")
+# Bumped when the materialised corpus layout changes, so older folders are not reused.
+CORPUS_FORMAT = 1
+
+
+def get(role: str, cfg, src, downloader=None) -> dict[str, Any]:
+    """Download, copy or locate one role's data and describe it (the ``download_<role>`` task)."""
+    from encoderflow.data import folders, sources
+
+    custom = src.custom()
+    if role == "corpus" and "corpus" in custom:
+        return {**folders.fetch("corpus", custom["corpus"], downloader), "kind": "corpus_folder"}
+    if role == "labeled" and "labeled" in custom:
+        return _labeled_folder(folders.fetch("labeled", custom["labeled"], downloader), cfg)
+    if role == "vocab" and cfg.inputs.vocab == "trained":
+        log.info("vocab: inputs.vocab=trained: prepare_vocab trains one on the corpus; nothing to download")
+        return {
+            "dataset": "vocab",
+            "role": "vocab",
+            "kind": "trained_vocab",
+            "source": "trained",
+            "pinned": False,
+            "root": "",
+            "files": {},
+            # What it will be trained from is in the corpus's hash and the config hash.
+            "content_hash": layout.sha256_json({"trained": True}),
+        }
+    d = cfg.data
+    info = sources.get_dataset(
+        BUILTIN[role],
+        d.pretrain_split,
+        d.validation_split,
+        data_dir=src.data_dir,
+        mirror=src.mirror,
+        sources_file=src.sources_file,
+        downloader=downloader,
+    )
+    extra: dict[str, Any] = {"role": role, "kind": BUILTIN[role]}
+    if role == "corpus":
+        extra["splits"] = {
+            "train": sources.wikitext_member(d.pretrain_split),
+            "valid": sources.wikitext_member(d.validation_split),
+        }
+    elif role == "labeled":
+        from encoderflow.results import SST2_DEV, SST2_TRAIN
+
+        extra |= {
+            "splits": {"train": SST2_TRAIN, "dev": SST2_DEV},
+            "format": "tsv",
+            "columns": {"text": "sentence", "label": "label"},
+        }
+    return {**info, **extra}
+
+
+def _labeled_folder(info: dict[str, Any], cfg) -> dict[str, Any]:
+    """Keep ``train.<ext>`` and ``dev.<ext>`` of a labeled folder; their hash is the record's."""
+    names = set(info["files"])
+    found = [fmt for fmt in LABELED_FORMATS if {f"train.{fmt}", f"dev.{fmt}"} <= names]
+    if len(found) != 1:
+        have = ", ".join(sorted(names)[:10])
+        raise DataError(
+            f"labeled folder {info['location']}: "
+            + ("no train.<ext> and dev.<ext> pair" if not found else f"several formats ({', '.join(found)})")
+            + f" among its files ({have})",
+            fix="put exactly one train.<ext> and one dev.<ext> there, ext one of tsv, csv, jsonl",
+        )
+    fmt = found[0]
+    splits = {split: f"{split}.{fmt}" for split in LABELED_SPLITS}
+    files = {m: info["files"][m] for m in splits.values()}
+    return {
+        **info,
+        "kind": "labeled_folder",
+        "files": files,
+        "content_hash": layout.sha256_json({m: f["sha256"] for m, f in files.items()}),
+        "splits": splits,
+        "format": fmt,
+        "columns": {"text": cfg.inputs.text_column, "label": cfg.inputs.label_column},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Labeled tables
+
+
+@dataclass
+class Table:
+    """A labeled file as strings: ``columns`` in file order, one dict per row, and per-row flags."""
+
+    columns: list[str]
+    rows: list[dict[str, str | None]]
+    utf8: list[bool]
+    parsed: list[bool]
+
+
+def decode_lines(raw: bytes, strip_cr: bool = False) -> tuple[list[str], list[bool]]:
+    """Split on LF; undecodable lines keep their content (replacement chars) and a False flag.
+
+    Args:
+        strip_cr: drop a CR before each LF (CRLF tables); a vocabulary or corpus keeps it, to be caught.
+    """
+    parts = raw.split(b"\n")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    lines, ok = [], []
+    for part in parts:
+        part = part.removesuffix(b"\r") if strip_cr else part
+        try:
+            lines.append(part.decode("utf-8"))
+            ok.append(True)
+        except UnicodeDecodeError:
+            lines.append(part.decode("utf-8", errors="replace"))
+            ok.append(False)
+    return lines, ok
+
+
+def read_table(path: str | os.PathLike, fmt: str) -> Table:
+    """Read a TSV (GLUE style: split on tabs, no quoting), CSV (RFC 4180 quoting) or JSONL file."""
+    raw = Path(path).read_bytes()
+    if fmt == "jsonl":
+        lines, ok = decode_lines(raw, strip_cr=True)
+        columns: dict[str, None] = {}
+        rows, utf8, parsed = [], [], []
+        for line, good in zip(lines, ok, strict=True):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict):
+                columns.update(dict.fromkeys(obj))
+                rows.append({k: None if v is None else str(v) for k, v in obj.items()})
+            else:
+                rows.append({})
+            utf8.append(good)
+            parsed.append(isinstance(obj, dict))
+        return Table(list(columns), rows, utf8, parsed)
+    if fmt == "tsv":
+        lines, ok = decode_lines(raw, strip_cr=True)
+        records = [line.split("\t") for line in lines]
+    elif fmt == "csv":
+        try:
+            text, bad = raw.decode("utf-8"), False
+        except UnicodeDecodeError:
+            text, bad = raw.decode("utf-8", errors="replace"), True
+        records = list(csv.reader(io.StringIO(text, newline="")))
+        # A row holding a replacement character came from undecodable bytes when the file had any.
+        ok = [not (bad and any("\ufffd" in f for f in r)) for r in records]
+    else:
+        raise ValueError(f"unknown labeled format {fmt!r}; known: {LABELED_FORMATS}")
+    if not records:
+        return Table([], [], [], [])
+    header = records[0]
+    rows = [dict(zip(header, (r + [None] * len(header))[: len(header)], strict=True)) for r in records[1:]]
+    return Table(header, rows, ok[1:], [len(r) == len(header) for r in records[1:]])
+
+
+_INT = re.compile(r"^-?\d+$")
+
+
+def label_set(values) -> list[str]:
+    """The distinct labels in a stable order: numerically when all are integers, else as strings."""
+    distinct = {v for v in values if v is not None and v != ""}
+    if distinct and all(_INT.match(v) for v in distinct):
+        return sorted(distinct, key=int)
+    return sorted(distinct)
+
+
+SST2_COLUMNS = {"text": "sentence", "label": "label"}
+
+
+def labels_of(info: dict[str, Any]) -> list[str]:
+    """The record's label set (``validate`` sets it), or read from its train split when it has none."""
+    from encoderflow.results import split_path
+
+    if info.get("labels"):
+        return list(info["labels"])
+    fmt, columns = info.get("format", "tsv"), info.get("columns", SST2_COLUMNS)
+    return label_set(r.get(columns["label"]) for r in read_table(split_path(info, "train"), fmt).rows)
+
+
+def read_labeled(info: dict[str, Any], split: str) -> tuple[list[str], np.ndarray]:
+    """The texts of a labeled split and their labels as indices into the record's label set
+    (``labels``; read from train when the record has none yet).
+
+    Raises:
+        DataError: a row's label is not in the set (validation checks this first).
+    """
+    from encoderflow.results import split_path
+
+    fmt, columns = info.get("format", "tsv"), info.get("columns", SST2_COLUMNS)
+    path = split_path(info, split)
+    table = read_table(path, fmt)
+    labels = labels_of(info)
+    index = {label: i for i, label in enumerate(labels)}
+    texts, ids = [], []
+    for n, row in enumerate(table.rows, start=1):
+        label = row.get(columns["label"])
+        if label not in index:
+            raise DataError(f"{path}: row {n}: label {label!r} is not one of {labels} (from train)")
+        texts.append(row.get(columns["text"]) or "")
+        ids.append(index[label])
+    return texts, np.asarray(ids, dtype=np.int32)
+
+
+def _member(info: dict[str, Any], member: str) -> dict[str, Any]:
+    from encoderflow.results import file_info
+
+    return file_info(info, member)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining text
+
+
+def documents(info: dict[str, Any], mode: str) -> list[list[str]]:
+    """A custom corpus's documents, each its non-blank lines, files in name order.
+
+    Args:
+        mode: ``file`` (a file is one document) or ``blank_line`` (blank lines separate documents).
+    """
+    docs: list[list[str]] = []
+    for name in sorted(info["files"]):
+        lines = Path(info["files"][name]["path"]).read_text(encoding="utf-8").splitlines()
+        if mode == "file":
+            docs.append([line for line in lines if line.strip()])
+            continue
+        docs.append([])
+        for line in lines:
+            if line.strip():
+                docs[-1].append(line)
+            elif docs[-1]:
+                docs.append([])
+    return [d for d in docs if d]
+
+
+def corpus_texts(info: dict[str, Any], cfg) -> dict[str, dict[str, Any]]:
+    """The pretraining and validation text files: ``{"train": FileInfo, "valid": FileInfo}``.
+
+    A custom corpus is written once per (content, document mode, hold-out) as ``train.txt`` and
+    ``valid.txt``, one document per block of lines, blocks separated by a blank line; a document
+    is held out when its sha256, read as a fraction, is below ``inputs.holdout``.
+    """
+    if info.get("kind") != "corpus_folder":
+        from encoderflow.data.sources import wikitext_member
+
+        d = cfg.data
+        splits = info.get("splits") or {
+            "train": wikitext_member(d.pretrain_split),
+            "valid": wikitext_member(d.validation_split),
+        }
+        return {role: _member(info, member) for role, member in splits.items()}
+    i = cfg.inputs
+    key = layout.sha256_json(
+        {"format": CORPUS_FORMAT, "content": info["content_hash"], "documents": i.documents, "holdout": i.holdout}
+    )
+    folder = layout.home() / "data" / "corpus-docs" / key[:16]
+    names = {"train": "train.txt", "valid": "valid.txt"}
+    if not (folder / ".complete").exists():
+        docs = documents(info, i.documents)
+        if len(docs) < 2:
+            raise DataError(
+                f"corpus {info['location']}: {len(docs)} document(s) with text; pretraining and its "
+                "validation need at least 2",
+                fix="add documents, or with inputs.documents=blank_line separate them by blank lines",
+            )
+        fraction = [int(layout.sha256_json(d)[:8], 16) / 16**8 for d in docs]
+        held = [f < i.holdout for f in fraction]
+        if not any(held):  # at least one: the document with the smallest fraction
+            held[int(np.argmin(fraction))] = True
+        if all(held):
+            held[int(np.argmax(fraction))] = False
+        parts = {"train": [d for d, h in zip(docs, held) if not h], "valid": [d for d, h in zip(docs, held) if h]}
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".docs-", dir=folder.parent))
+        try:
+            for role, name in names.items():
+                (tmp / name).write_text("\n\n".join("\n".join(d) for d in parts[role]) + "\n", encoding="utf-8")
+            (tmp / ".complete").write_text(key + "\n")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info(
+            "corpus: %d documents from %s: %d for pretraining, %d held out for validation, in %s",
+            len(docs),
+            info["location"],
+            len(parts["train"]),
+            len(parts["valid"]),
+            folder,
+        )
+    return {
+        role: {
+            "path": str(folder / name),
+            "bytes": (folder / name).stat().st_size,
+            "sha256": layout.sha256_file(folder / name),
+        }
+        for role, name in names.items()
+    }

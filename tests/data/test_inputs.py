@@ -1,0 +1,76 @@
+"""The roles a run reads: labeled tables in three formats, label sets, a custom corpus's documents."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from encoderflow import config
+from encoderflow.data import inputs
+from encoderflow.data.sources import DataError
+
+from .fixtures_own import write_corpus, write_labeled
+
+
+def _src(**kw):
+    return config.Sources(**kw)
+
+
+def test_tables_read_the_same_rows_from_tsv_csv_and_jsonl(tmp_path):
+    rows = [('a film, "quoted"', "pos"), ("plain text", "neg")]
+    (tmp_path / "t.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    # CSV with RFC 4180 quoting and CRLF line ends, as spreadsheets write it.
+    (tmp_path / "t.csv").write_bytes(b'text,label\r\n"a film, ""quoted""",pos\r\nplain text,neg\r\n')
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows) + "\n")
+    for fmt in inputs.LABELED_FORMATS:
+        table = inputs.read_table(tmp_path / f"t.{fmt}", fmt)
+        assert table.columns == ["text", "label"], fmt
+        assert [(r["text"], r["label"]) for r in table.rows] == rows, fmt
+        assert all(table.utf8) and all(table.parsed), fmt
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok", "label": 1}\n[1, 2]\n{"text": "caf\xe9", "label": 2}\n')
+    bad = inputs.read_table(tmp_path / "bad.jsonl", "jsonl")
+    assert bad.parsed == [True, False, True] and bad.utf8 == [True, True, False]
+    assert bad.rows[0] == {"text": "ok", "label": "1"}  # JSON numbers become the strings a label set holds
+
+
+def test_label_sets_are_ordered_numerically_when_they_are_numbers():
+    assert inputs.label_set(["2", "10", "1", "2", None, ""]) == ["1", "2", "10"]
+    assert inputs.label_set(["praise", "bug", "billing"]) == ["billing", "bug", "praise"]
+
+
+def test_a_labeled_folder_gives_its_splits_and_columns(tmp_path, encoderflow_home):
+    folder = write_labeled(tmp_path / "tickets")
+    (folder / "test.jsonl").write_text("{}\n")  # other files are not part of the record or its hash
+    cfg = config.from_overrides("smoke", {"inputs.text_column": "body", "inputs.label_column": "category"})
+    info = inputs.get("labeled", cfg, _src(labeled=str(folder)))
+    assert info["kind"] == "labeled_folder" and info["format"] == "jsonl"
+    assert info["splits"] == {"train": "train.jsonl", "dev": "dev.jsonl"} and sorted(info["files"]) == sorted(
+        info["splits"].values()
+    )
+    assert info["columns"] == {"text": "body", "label": "category"}
+    texts, ids = inputs.read_labeled({**info, "labels": ["billing", "bug", "praise"]}, "dev")
+    assert len(texts) == 48 and sorted(set(ids.tolist())) == [0, 1, 2]
+    (folder / "dev.csv").write_text("body,category\nx,bug\n")
+    (folder / "train.csv").write_text("body,category\nx,bug\n")
+    with pytest.raises(DataError, match=r"several formats \(csv, jsonl\).*fix: put exactly one train"):
+        inputs.get("labeled", cfg, _src(labeled=str(folder)))
+
+
+def test_a_custom_corpus_splits_into_documents_and_holds_some_out(tmp_path, encoderflow_home):
+    folder = write_corpus(tmp_path / "corpus", n_files=40)
+    for mode, expected in (("file", 40), ("blank_line", 160)):  # each file holds 4 paragraphs
+        cfg = config.from_overrides("smoke", {"inputs.documents": mode, "inputs.holdout": 0.1})
+        info = inputs.get("corpus", cfg, _src(corpus=str(folder)))
+        assert len(inputs.documents(info, mode)) == expected
+        texts = inputs.corpus_texts(info, cfg)
+        blocks = {role: open(t["path"]).read().strip().split("\n\n") for role, t in texts.items()}
+        assert len(blocks["train"]) + len(blocks["valid"]) == expected, mode
+        assert 1 <= len(blocks["valid"]) < expected // 4, mode  # ~10%, chosen by content, never empty
+        assert inputs.corpus_texts(info, cfg) == texts  # written once, then reused as it is
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "only.txt").write_text("a single document\n")
+    cfg = config.from_overrides("smoke")
+    with pytest.raises(DataError, match=r"1 document\(s\) with text; .*at least 2"):
+        inputs.corpus_texts(inputs.get("corpus", cfg, _src(corpus=str(one))), cfg)
