@@ -298,14 +298,24 @@ def test_your_own_corpus_and_labels_through_airflow(tmp_path, encoderflow_home, 
         sets = ["data.sequence_mode=packed", "gate.registered_model=tickets", "finetune.steps_per_epoch=60"]
         env = {**os.environ, "ENCODERFLOW_HOME": str(home), "ENCODERFLOW_DATA_FILE": str(data_file)}
         cmd = [sys.executable, "-m", "encoderflow.cli", "run", "--preset", "smoke"]
-        proc = subprocess.run(
-            cmd + [a for s in sets for a in ("--set", s)],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        cmd += [a for s in sets for a in ("--set", s)]
+
+        # A dev label train never had: the run stops at validate_labeled, naming the file; nothing trains.
+        good_dev = (tickets / "dev.jsonl").read_bytes()
+        (tickets / "dev.jsonl").write_bytes(good_dev + b'{"body": "where is my parcel", "category": "shipping"}\n')
+        bad = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-5000:]
+        bad_states = {t: state for t, _, state in _task_states(home)[_run_id(bad)]}
+        assert bad_states["validate_labeled"] == "failed", bad_states
+        assert {bad_states[t] for t in ("plan_shards", "pretrain", "finetune", "promote")} == {"upstream_failed"}
+        assert (
+            f"labeled: {url}/tickets/dev.jsonl: expect_column_values_to_be_in_set(column='category', "
+            "value_set=['billing', 'bug', 'praise']) failed, observed 1 unexpected of 49, e.g. ['shipping']"
+        ) in bad.stdout + bad.stderr
+        (tickets / "dev.jsonl").write_bytes(good_dev)
+        requests.clear()
+
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         assert sorted(set(requests)) == ["/tickets/dev.jsonl", "/tickets/manifest.json", "/tickets/train.jsonl"]
         run_id, summary = _summary(proc, home)

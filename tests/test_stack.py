@@ -217,7 +217,7 @@ def test_gpu_worker_sigkilled_mid_pretrain_resumes_from_its_backup(deployed):
     st, client, tree = deployed
     t0 = time.monotonic()
     # Long enough to kill after the first epoch's backup and before the last epoch.
-    run_id = client.trigger(smoke_conf(tree, pretrain_epochs=3, pretrain_steps_per_epoch=1000), "SIGKILL gpu worker")
+    run_id = client.trigger(smoke_conf(tree, pretrain_epochs=2, pretrain_steps_per_epoch=800), "SIGKILL gpu worker")
     backups = st.home / "runs" / safe_run_id(run_id) / "pretrain" / "backup"
     wait_for("pretrain's first backup", lambda: backups.is_dir() and any(backups.iterdir()), 400, every=0.5)
     assert client.tasks(run_id)["pretrain"]["state"] == "running"
@@ -235,8 +235,8 @@ def test_gpu_worker_sigkilled_mid_pretrain_resumes_from_its_backup(deployed):
     _, lines = client.log(run_id, "pretrain", 2)
     resumed = [ln for ln in lines if "pretrain: resuming epoch" in ln]
     assert resumed, "the retry did not resume from the backup:\n" + "\n".join(lines[-20:])
-    epoch, step = map(int, re.search(r"resuming epoch (\d+) at step (\d+) of 1000", resumed[0]).groups())
-    assert (epoch - 1) * 1000 + step - 1 >= 1000, resumed[0]  # past the first epoch's backup, not from scratch
+    epoch, step = map(int, re.search(r"resuming epoch (\d+) at step (\d+) of 800", resumed[0]).groups())
+    assert (epoch - 1) * 800 + step - 1 >= 800, resumed[0]  # past the first epoch's backup, not from scratch
     print(resumed[0])
 
 
