@@ -365,7 +365,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         # Strict row counts for the pinned official archives only (``info["pinned"]``), as in the DAG.
         report = validation.validate_dataset(info, docs_root / role, inputs_cfg=cfg.inputs)
         ok &= report["success"]
-        rows = ", ".join(f"{m}: {f['rows']:,} rows" for m, f in report["files"].items()) or "no files yet"
+        files = report["files"]
+        rows = ", ".join(f"{m}: {f['rows']:,} rows" for m, f in files.items()) or "no files yet"
+        if len(files) > 5:  # a corpus folder of thousands of files: the count, not the list
+            rows = f"{len(files):,} files, {sum(f['rows'] for f in files.values()):,} rows"
         print(f"{role}: {'PASSED' if report['success'] else 'FAILED'} ({rows})")
         for line in report["failures"]:
             print(f"  {line}")
