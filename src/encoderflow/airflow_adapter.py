@@ -121,7 +121,9 @@ def record_source(outlet_events, checked: dict[str, Any]) -> None:
 
 def _source_default(name: str) -> str | None:
     """A scheduled run has no form: its data declaration is ``ENCODERFLOW_DATA_FILE`` (read at parse time)."""
-    return (os.environ.get("ENCODERFLOW_DATA_FILE") or None) if name == "data_file" else None
+    value = os.environ.get("ENCODERFLOW_DATA_FILE", "").strip() if name == "data_file" else ""
+    # The form's field takes absolute paths only: a relative one is taken from the dag-processor's folder.
+    return os.path.abspath(value) if value else None
 
 
 _JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}
