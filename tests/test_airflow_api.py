@@ -780,7 +780,11 @@ def test_a_changed_source_makes_the_scheduler_start_a_training_run(stack, smoke_
     corpus = write_corpus(tmp_path / "corpus", n_files=3)
 
     def runs(run_type: str) -> list[dict[str, Any]]:
-        _, listed = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100")
+        listed = stack.wait_for(
+            lambda: (r := stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100"))[0] == 200 and r[1],
+            30,
+            "the DAG's runs",
+        )
         return [r for r in listed["dag_runs"] if r["run_type"] == run_type]
 
     assert runs("asset_triggered") == []  # manual and asset-free so far
@@ -796,8 +800,13 @@ def test_a_changed_source_makes_the_scheduler_start_a_training_run(stack, smoke_
         return dr["state"] if dr["state"] in ("success", "failed") else None
 
     assert stack.wait_for(watched, 180, "the source watcher to finish", interval=1) == "success"
-    _, events = stack.request("GET", f"/api/v2/assets/events?source_dag_id={watcher}&limit=10")
-    [event] = [e for e in events["asset_events"] if e["source_run_id"] == run["dag_run_id"]]
+
+    def recorded():  # polled: SQLite under a busy scheduler can answer one request with an error
+        status, events = stack.request("GET", f"/api/v2/assets/events?source_dag_id={watcher}&limit=10")
+        mine = [e for e in events["asset_events"] if e["source_run_id"] == run["dag_run_id"]] if status == 200 else []
+        return mine or None
+
+    [event] = stack.wait_for(recorded, 60, "the watcher's asset event", interval=1)
     assert event["uri"] == "x-encoderflow://sources/corpus" and event["extra"]["location"] == str(corpus), event
     triggered = stack.wait_for(lambda: runs("asset_triggered"), 120, "an asset-triggered training run", interval=1)
     assert len(triggered) == 1, triggered
