@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from encoderflow import layout
-from encoderflow.data.sources import DataError
+from encoderflow.data.sources import DataError, wikitext_member
+from encoderflow.results import file_info, split_path
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,7 @@ def get(role: str, cfg, src, downloader=None) -> dict[str, Any]:
     )
     extra: dict[str, Any] = {"role": role, "kind": BUILTIN[role]}
     if role == "corpus":
-        extra["splits"] = {
-            "train": sources.wikitext_member(d.pretrain_split),
-            "valid": sources.wikitext_member(d.validation_split),
-        }
+        extra["splits"] = wikitext_splits(d)
     elif role == "labeled":
         from encoderflow.results import SST2_DEV, SST2_TRAIN
 
@@ -84,6 +82,11 @@ def get(role: str, cfg, src, downloader=None) -> dict[str, Any]:
             "columns": {"text": "sentence", "label": "label"},
         }
     return {**info, **extra}
+
+
+def wikitext_splits(d) -> dict[str, str]:
+    """The WikiText members a run pretrains and validates on (``data.pretrain_split``, ``data.validation_split``)."""
+    return {"train": wikitext_member(d.pretrain_split), "valid": wikitext_member(d.validation_split)}
 
 
 def _labeled_folder(info: dict[str, Any], cfg) -> dict[str, Any]:
@@ -205,8 +208,6 @@ SST2_COLUMNS = {"text": "sentence", "label": "label"}
 
 def labels_of(info: dict[str, Any]) -> list[str]:
     """The record's label set (``validate`` sets it), or read from its train split when it has none."""
-    from encoderflow.results import split_path
-
     if info.get("labels"):
         return list(info["labels"])
     fmt, columns = info.get("format", "tsv"), info.get("columns", SST2_COLUMNS)
@@ -220,8 +221,6 @@ def read_labeled(info: dict[str, Any], split: str) -> tuple[list[str], np.ndarra
     Raises:
         DataError: a row's label is not in the set (validation checks this first).
     """
-    from encoderflow.results import split_path
-
     fmt, columns = info.get("format", "tsv"), info.get("columns", SST2_COLUMNS)
     path = split_path(info, split)
     table = read_table(path, fmt)
@@ -235,16 +234,6 @@ def read_labeled(info: dict[str, Any], split: str) -> tuple[list[str], np.ndarra
         texts.append(row.get(columns["text"]) or "")
         ids.append(index[label])
     return texts, np.asarray(ids, dtype=np.int32)
-
-
-def _member(info: dict[str, Any], member: str) -> dict[str, Any]:
-    from encoderflow.results import file_info
-
-    return file_info(info, member)
-
-
-# ---------------------------------------------------------------------------------------------
-# Pretraining text
 
 
 def documents(info: dict[str, Any], mode: str) -> list[list[str]]:
@@ -276,14 +265,8 @@ def corpus_texts(info: dict[str, Any], cfg) -> dict[str, dict[str, Any]]:
     is held out when its sha256, read as a fraction, is below ``inputs.holdout``.
     """
     if info.get("kind") != "corpus_folder":
-        from encoderflow.data.sources import wikitext_member
-
-        d = cfg.data
-        splits = info.get("splits") or {
-            "train": wikitext_member(d.pretrain_split),
-            "valid": wikitext_member(d.validation_split),
-        }
-        return {role: _member(info, member) for role, member in splits.items()}
+        splits = info.get("splits") or wikitext_splits(cfg.data)
+        return {role: file_info(info, member) for role, member in splits.items()}
     i = cfg.inputs
     key = layout.sha256_json(
         {"format": CORPUS_FORMAT, "content": info["content_hash"], "documents": i.documents, "holdout": i.holdout}

@@ -314,10 +314,9 @@ def _plans(
         ], None
     labels = None
     if info.get("splits") and "dev" in info["splits"]:
-        from encoderflow.data.inputs import label_set, read_table
+        from encoderflow.data.inputs import labels_of
 
-        train = info["files"][info["splits"]["train"]]["path"]
-        labels = label_set(row.get(info["columns"]["label"]) for row in read_table(train, info["format"]).rows)
+        labels = labels_of(info)
     if kind == "labeled_folder":
         plans = []
         for split, member in info["splits"].items():
