@@ -63,6 +63,13 @@ def epochs(args, preset: str = "guide") -> int:
     return 8 if preset == "guide" else from_overrides(preset).pretrain.epochs
 
 
+def finetune_epochs(args, preset: str = "guide") -> int:
+    """Fine-tuning epochs of a side: --finetune-epochs, else 1 (the OQB's guide side), else the preset's."""
+    if args.finetune_epochs is not None:
+        return args.finetune_epochs
+    return 1 if preset == "guide" else from_overrides(preset).finetune.epochs
+
+
 def commit() -> str:
     proc = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
@@ -110,7 +117,7 @@ def ours(args, work: Path, extra: list[str] = ()) -> dict:
     sets = [
         "data.pretrain_split=test",
         "data.validation_split=valid",
-        f"finetune.epochs={args.finetune_epochs}",
+        f"finetune.epochs={finetune_epochs(args, args.preset)}",
     ]
     # The guide's 8 epochs; another preset keeps its own unless --pretrain-epochs says otherwise.
     if args.pretrain_epochs is not None or args.preset == "guide":
@@ -152,7 +159,7 @@ def guide(args, work: Path) -> dict:
         "--pretrain-epochs",
         str(epochs(args)),
         "--finetune-epochs",
-        str(args.finetune_epochs),
+        str(finetune_epochs(args)),
         "--pretrain-steps",
         str(args.pretrain_steps),
         "--finetune-steps",
@@ -176,7 +183,7 @@ def main() -> int:
         "--preset", default="guide", choices=sorted(PRESETS), help="encoderflow's preset (the guide side is the guide)"
     )
     ap.add_argument("--pretrain-epochs", type=int, help="default: 8 for the guide side and the guide preset")
-    ap.add_argument("--finetune-epochs", type=int, default=1)
+    ap.add_argument("--finetune-epochs", type=int, help="default: 1 for the guide side and the guide preset")
     ap.add_argument("--pretrain-steps", type=int, default=0, help="cap steps per pretraining epoch (0 = full)")
     ap.add_argument("--finetune-steps", type=int, default=0, help="cap steps per fine-tuning epoch (0 = full)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra encoderflow override")
@@ -218,7 +225,7 @@ def main() -> int:
     )
     print(
         f"\nquality benchmark: {args.preset} preset, pretrain {epochs(args, args.preset)} epochs on wiki.test.raw "
-        f"(validation wiki.valid.raw), fine-tune {args.finetune_epochs} epoch(s) on SST-2 train{caps}; "
+        f"(validation wiki.valid.raw), fine-tune {finetune_epochs(args, args.preset)} epoch(s) on SST-2 train{caps}; "
         f"{os.cpu_count()} cpus"
     )
     print(f"{'':<24} {'SST-2 dev':>9} {'MLM val':>8} {'BoW':>7} {'pretrain':>9} {'finetune':>9} {'wall':>9}")
@@ -251,14 +258,25 @@ def ablation(args, names: list[str], work: Path) -> int:
             same = [
                 r
                 for r in done
-                if r["extra"] == extra and r["commit"] == head and r.get("preset", "guide") == args.preset
+                if r["extra"] == extra
+                and r["commit"] == head
+                and r.get("preset", "guide") == args.preset
+                and r.get("finetune_epochs", 1) == finetune_epochs(args, args.preset)
             ]
             if same:
                 print(f"{label} {seed or ''}: reusing the result in {args.results} (commit {head})", flush=True)
                 rows.append(same[-1])
                 continue
             r = ours(argparse.Namespace(**{**vars(args), "set": []}), work / f"{name}-{len(rows)}", extra)
-            row = {"row": label, "name": name, "extra": extra, "commit": head, "preset": args.preset, **r}
+            row = {
+                "row": label,
+                "name": name,
+                "extra": extra,
+                "commit": head,
+                "preset": args.preset,
+                "finetune_epochs": finetune_epochs(args, args.preset),
+                **r,
+            }
             rows.append(row)
             print(name, json.dumps(row), flush=True)
             if args.results:
@@ -266,7 +284,7 @@ def ablation(args, names: list[str], work: Path) -> int:
                     f.write(json.dumps(row) + "\n")
     print(
         f"\nablation: {args.preset} preset, pretrain {epochs(args, args.preset)} epochs on wiki.test.raw, fine-tune "
-        f"{args.finetune_epochs} epoch(s) on SST-2 train, commit {head}; {os.cpu_count()} cpus"
+        f"{finetune_epochs(args, args.preset)} epoch(s) on SST-2 train, commit {head}; {os.cpu_count()} cpus"
     )
     print_table(rows)
     if args.seeds > 1:

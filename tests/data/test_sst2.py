@@ -57,3 +57,20 @@ def test_counted_dataset_declares_its_batches(tokenizers):
         int(sst2.bucketed_token_dataset(sentences, np.zeros(20, "int32"), unpadded, 8, 40).cardinality())
         == tf.data.UNKNOWN_CARDINALITY
     )
+
+
+def test_counting_a_shuffled_dataset_keeps_its_order_and_holds_every_epoch(tokenizers):
+    """Training data is counted too (no Keras "ran out of data" warning per epoch): the count is taken
+    on an unshuffled copy, so every epoch's order is the uncounted dataset's, and it matches each epoch."""
+    unpadded, _ = tokenizers
+    sentences = [" ".join(["good"] * (n % 37 + 1)) for n in range(100)]
+    labels = np.arange(100) % 2
+
+    def epochs(**kw):
+        ds = sst2.bucketed_token_dataset(sentences, labels, unpadded, 8, 40, shuffle_seed=3, **kw)
+        return ds, [[y.numpy().tolist() + [x.shape[1]] for x, y in ds] for _ in range(2)]
+
+    counted, seen = epochs(count_batches=True)
+    _, uncounted = epochs()
+    assert seen == uncounted and seen[0] != seen[1]  # reshuffled each epoch, the same way either way
+    assert int(counted.cardinality()) == len(seen[0]) == len(seen[1])

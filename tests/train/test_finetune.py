@@ -97,3 +97,15 @@ def test_fine_tuning_continues_from_the_champions_classifier_and_refuses_another
         r"this run has \['neg', 'pos'\].*fix: set finetune.init_from=none",
     ):
         steps.finetune(pretrained, relabeled, vocab_info, params, "relabeled")
+
+
+def test_full_epochs_over_length_buckets_raise_no_ran_out_of_data_warning(inputs, tmp_path, recwarn):
+    """Whole epochs (no step cap) over the bucketed train split: its batches are counted, so Keras
+    does not warn "Your input ran out of data" at the end of every epoch of a run's log."""
+    from encoderflow.train.finetune import finetune
+
+    encoder, sst2, vocab = inputs
+    cfg = from_overrides("smoke", {"finetune.steps_per_epoch": 0, "finetune.epochs": 2})
+    result = finetune(cfg, encoder, sst2, vocab, tmp_path)
+    assert len(result["history"]["loss"]) == 2
+    assert not [w for w in recwarn if "ran out of data" in str(w.message)], [str(w.message) for w in recwarn]

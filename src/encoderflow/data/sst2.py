@@ -67,22 +67,13 @@ def bucketed_token_dataset(
     Args:
         tokenizer: an unpadded tokenizer (``sequence_length=None``) returning one id vector per
             sentence; ids beyond ``seq_length`` are cut, as the guide's tokenizer does.
-        count_batches: count the batches once and declare them, for validation data: Keras
-            warns "input ran out of data" on every later epoch of an unknown-length dataset.
+        count_batches: count the batches once and declare them: Keras warns "input ran out of
+            data" at the end of every epoch over an unknown-length set. The count does not depend
+            on the order (each bucket ends in at most one partial batch), so it is taken on an
+            unshuffled copy and the shuffled order of the epochs stays what it was.
     """
     tf = runtime.tensorflow()
     widths = bucket_widths(seq_length)
-    ds = tf.data.Dataset.from_tensor_slices((sentences, labels))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(sentences), seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.map(lambda x, y: (tf.cast(tokenizer(x)[:seq_length], tf.int32), y), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.bucket_by_sequence_length(
-        element_length_func=lambda x, y: tf.shape(x)[0],
-        bucket_boundaries=[w + 1 for w in widths[:-1]],
-        bucket_batch_sizes=[batch_size] * len(widths),
-        padded_shapes=([None], []),
-        pad_to_bucket_boundary=False,
-    )
 
     # Pad each batch up to its bucket's width so only len(widths) shapes ever reach XLA.
     def to_width(x, y):
@@ -90,7 +81,22 @@ def bucketed_token_dataset(
         width = tf.reduce_min(tf.boolean_mask(tf.constant(widths), tf.constant(widths) >= length))
         return tf.pad(x, [[0, 0], [0, width - length]]), y
 
-    ds = ds.map(to_width, num_parallel_calls=tf.data.AUTOTUNE)
+    def batches(ds):
+        ds = ds.map(lambda x, y: (tf.cast(tokenizer(x)[:seq_length], tf.int32), y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.bucket_by_sequence_length(
+            element_length_func=lambda x, y: tf.shape(x)[0],
+            bucket_boundaries=[w + 1 for w in widths[:-1]],
+            bucket_batch_sizes=[batch_size] * len(widths),
+            padded_shapes=([None], []),
+            pad_to_bucket_boundary=False,
+        )
+        return ds.map(to_width, num_parallel_calls=tf.data.AUTOTUNE)
+
+    pairs = tf.data.Dataset.from_tensor_slices((sentences, labels))
+    if shuffle_seed is None:
+        ds = batches(pairs)
+    else:
+        ds = batches(pairs.shuffle(len(sentences), seed=shuffle_seed, reshuffle_each_iteration=True))
     if count_batches:
-        ds = ds.apply(tf.data.experimental.assert_cardinality(int(ds.reduce(0, lambda n, _: n + 1))))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(int(batches(pairs).reduce(0, lambda n, _: n + 1))))
     return ds.prefetch(tf.data.AUTOTUNE)

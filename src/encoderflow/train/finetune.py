@@ -111,15 +111,17 @@ def finetune(
         "on" if cfg.length_buckets() else "off",
         cfg.model.padding_mask,
     )
+    steps = f.steps_per_epoch or None
     if cfg.length_buckets():
         tokenizer = make_tokenizer(vocab_path, None, cfg.data.lowercase, cfg.data.strip_accents)
-        train_ds = bucketed_token_dataset(train_x, train_y, tokenizer, f.batch_size, seq, shuffle_seed=cfg.data.seed)
+        train_ds = bucketed_token_dataset(
+            train_x, train_y, tokenizer, f.batch_size, seq, shuffle_seed=cfg.data.seed, count_batches=steps is None
+        )
         dev_ds = bucketed_token_dataset(dev_x, dev_y, tokenizer, f.batch_size, seq, count_batches=True)
     else:  # the guide's way; its model depends on how much [PAD] it sees: always pad to seq_length
         tokenizer = make_tokenizer(vocab_path, seq, cfg.data.lowercase, cfg.data.strip_accents)
         train_ds = token_dataset(train_x, train_y, tokenizer, f.batch_size, shuffle_seed=cfg.data.seed)
         dev_ds = token_dataset(dev_x, dev_y, tokenizer, f.batch_size)
-    steps = f.steps_per_epoch or None
     if steps is not None:
         train_ds = train_ds.repeat()
 
