@@ -139,6 +139,13 @@ def test_quality_ablation_rows_and_table(tmp_path):
         cfg = from_overrides("guide", dict(item.split("=", 1) for item in extra))
         assert label and cfg is not None, name
     assert from_overrides("guide", {"finetune.length_buckets": "off"}).length_buckets() is False
+    # Fine-tuning epochs: the OQB's one for the guide, a preset's own otherwise, the flag over both.
+    import argparse
+
+    flag = {n: argparse.Namespace(finetune_epochs=n) for n in (None, 2)}
+    assert quality.finetune_epochs(flag[None], "guide") == 1 and from_overrides("guide").finetune.epochs == 3
+    assert quality.finetune_epochs(flag[None], "smoke") == from_overrides("smoke").finetune.epochs
+    assert quality.finetune_epochs(flag[2], "guide") == quality.finetune_epochs(flag[2], "recipe") == 2
     proc = subprocess.run(
         [sys.executable, str(BENCH / "quality.py"), "--data-dir", str(tmp_path), "--ablation", "full,nope"],
         capture_output=True,
