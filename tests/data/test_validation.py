@@ -311,6 +311,35 @@ def test_your_own_clean_data_passes_and_yields_its_label_set(tmp_path):
     assert report["success"] and len(report["files"]) == 6, report["failures"]
 
 
+def test_a_corpus_of_many_files_is_logged_in_one_line(tmp_path, caplog):
+    """Up to 20 files, a line per file; more, one line with the totals (a folder of thousands would flood the log)."""
+    import logging
+
+    from encoderflow import config
+    from encoderflow.data import inputs
+
+    from .fixtures_own import write_corpus
+
+    cfg = config.from_overrides("smoke", OWN)
+    for n in (20, 21):
+        corpus = write_corpus(tmp_path / f"corpus{n}", n_files=n)
+        info = inputs.get("corpus", cfg, config.Sources(corpus=str(corpus)))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="encoderflow.data.validation"):
+            report = validation.validate_dataset(info, tmp_path / f"docs{n}", inputs_cfg=cfg.inputs)
+        assert report["success"], report["failures"]
+        per_file = [m for m in caplog.messages if m.startswith("validate corpus: /") and " rows, " in m]
+        summary = [m for m in caplog.messages if m.startswith(f"validate corpus: {n} files under ")]
+        rows = sum(f["rows"] for f in report["files"].values())
+        if n == 20:
+            assert len(per_file) == 20 and not summary, caplog.messages
+        else:
+            assert not per_file and summary == [
+                f"validate corpus: 21 files under {info['root']}, {rows} rows, "
+                f"{sum(f['expectations'] for f in report['files'].values())} expectations, 0 failed"
+            ], caplog.messages
+
+
 OWN_CASES = {
     "missing column": (
         "labeled",

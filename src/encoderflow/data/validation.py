@@ -396,17 +396,17 @@ def validate_dataset(
         "seconds": round(time.monotonic() - t0, 2),
     }
     layout.write_json(docs_dir / "validation.json", report)
-    # A corpus of thousands of files gets one line; its failures are each listed below anyway.
-    for f in files.values() if len(files) <= 20 else ():
-        log.info(
-            "validate %s: %s: %d rows, %d expectations, %d failed",
-            dataset,
-            f["path"],
-            f["rows"],
-            f["expectations"],
-            f["failed"],
-        )
-    if len(files) > 20:
+    if len(files) <= 20:
+        for f in files.values():
+            log.info(
+                "validate %s: %s: %d rows, %d expectations, %d failed",
+                dataset,
+                f["path"],
+                f["rows"],
+                f["expectations"],
+                f["failed"],
+            )
+    else:  # a corpus of thousands of files gets one line; its failures are each listed below anyway
         log.info(
             "validate %s: %d files under %s, %d rows, %d expectations, %d failed",
             dataset,
