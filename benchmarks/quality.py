@@ -22,6 +22,11 @@ guide's way one at a time, plus a no-pretraining row, in one table:
 Each finished row is appended to ``--results`` (JSON lines: row, overrides, commit, figures) and a
 row already there for the same overrides and commit is not run again, so an interrupted ablation
 resumes; ``--table FILE`` prints the table of a results file without running anything.
+
+The guide's code several times (it seeds nothing, so each run is another draw), mean ± std:
+
+    .venv/bin/python benchmarks/quality.py --data-dir ../shared/data --only guide --seeds 3 \\
+        --results benchmarks/results/oqb.jsonl
 """
 
 from __future__ import annotations
@@ -193,7 +198,12 @@ def main() -> int:
         metavar="ROWS",
         help=f"encoderflow only, one run per row: 'all' or a comma list of {', '.join(ABLATIONS)}",
     )
-    ap.add_argument("--seeds", type=int, default=1, help="ablation rows over data.seed 42, 43, ... (mean ± std)")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="ablation rows over data.seed 42, 43, ...; with --only guide, that many runs of the guide's code",
+    )
     ap.add_argument("--results", type=Path, help="append finished ablation rows here (JSON lines); reuse them")
     ap.add_argument("--table", type=Path, metavar="FILE", help="print the ablation table of a results file and exit")
     args = ap.parse_args()
@@ -211,6 +221,8 @@ def main() -> int:
     print(f"logs in {work}", flush=True)
     if names:
         return ablation(args, names, work)
+    if args.only == "guide" and (args.seeds > 1 or args.results):
+        return guide_runs(args, work)
 
     results = {}
     if args.only in (None, "encoderflow"):
@@ -240,6 +252,49 @@ def main() -> int:
             f"\nSST-2 dev: {100 * (a['sst2'] - b['sst2']):+.1f} points; wall time {a['wall_s'] / b['wall_s']:.2f}x "
             f"the guide's; target >= +3.0 points in less wall time: "
             f"{'met' if a['sst2'] - b['sst2'] >= 0.03 and a['wall_s'] < b['wall_s'] else 'NOT met'}"
+        )
+    return 0
+
+
+def guide_runs(args, work: Path) -> int:
+    """The guide's code ``--seeds`` times, each run a row in ``--results``, then mean ± std.
+
+    ``seed_guide.py`` seeds nothing (the guide does not), so its runs differ by the random state
+    Keras and TensorFlow draw at start: N runs are N seeds, not the same seeds as encoderflow's.
+    Rows already in ``--results`` for the same epochs count towards N, so a stopped series resumes.
+    """
+    key = {
+        "pretrain_epochs": epochs(args),
+        "finetune_epochs": finetune_epochs(args),
+        "pretrain_steps": args.pretrain_steps,
+        "finetune_steps": args.finetune_steps,
+    }
+    rows = [
+        r for r in load_results(args.results) if r.get("name") == "guide" and all(r.get(k) == v for k, v in key.items())
+    ]
+    rows = rows[: args.seeds]
+    if rows:
+        print(f"guide: reusing {len(rows)} run(s) in {args.results}", flush=True)
+    while len(rows) < args.seeds:
+        (work / f"guide-{len(rows)}").mkdir(parents=True)
+        r = guide(args, work / f"guide-{len(rows)}")
+        row = {"row": f"guide (seed_guide.py), run {len(rows) + 1}", "name": "guide", "commit": commit(), **key, **r}
+        rows.append(row)
+        print("guide", json.dumps(row), flush=True)
+        if args.results:
+            with open(args.results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(
+        f"\nthe guide's code: pretrain {key['pretrain_epochs']} epochs on wiki.test.raw, fine-tune "
+        f"{key['finetune_epochs']} epoch(s) on SST-2 train; {os.cpu_count()} cpus"
+    )
+    print_table(rows)
+    if len(rows) > 1:
+        acc = [r["sst2"] for r in rows]
+        print(
+            f"\nover {len(rows)} runs: SST-2 dev {statistics.mean(acc):.4f} ± {statistics.stdev(acc):.4f}   "
+            f"BoW {statistics.mean(r['baseline'] for r in rows):.4f}   "
+            f"wall {statistics.mean(r['wall_s'] for r in rows) / 60:.1f} min"
         )
     return 0
 

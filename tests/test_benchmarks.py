@@ -169,6 +169,33 @@ def test_quality_ablation_rows_and_table(tmp_path):
     assert "0.8050" in out[2] and out[2].endswith("finetune.length_buckets=off") and "15.0m" in out[2]
 
 
+def test_quality_guide_series_reuses_finished_runs_and_reports_mean_and_std(tmp_path):
+    """--only guide --seeds N: runs already in --results for the same epochs and caps count towards N
+    (a stopped series resumes); a run with other epochs does not. The data folder is empty, so
+    starting the guide's code would fail: success means nothing ran."""
+    key = {"pretrain_epochs": 8, "finetune_epochs": 1, "pretrain_steps": 0, "finetune_steps": 0}
+    rows = [
+        {"row": f"guide (seed_guide.py), run {i + 1}", "name": "guide", **key, "sst2": acc, "mlm": 0.07,
+         "baseline": 0.80, "pretrain_s": 780.0, "finetune_s": 860.0, "wall_s": 1650.0}
+        for i, acc in enumerate([0.77, 0.79])
+    ] + [{"row": "guide (seed_guide.py), run 1", "name": "guide", **key, "pretrain_epochs": 1, "sst2": 0.5,
+          "mlm": 0.06, "baseline": 0.80, "pretrain_s": 80.0, "finetune_s": 12.0, "wall_s": 130.0}]  # fmt: skip
+    results = tmp_path / "oqb.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = [sys.executable, str(BENCH / "quality.py"), "--data-dir", str(tmp_path / "empty"), "--only", "guide"]
+    out = subprocess.run(
+        [*cmd, "--seeds", "2", "--results", str(results)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    ).stdout
+    assert "reusing 2 run(s)" in out
+    assert "over 2 runs: SST-2 dev 0.7800 ± 0.0141   BoW 0.8000   wall 27.5 min" in out
+    assert "0.5000" not in out  # the one-epoch run is another series
+    assert len(results.read_text().splitlines()) == 3  # nothing appended
+
+
 def test_finetune_benchmark_scores_a_saved_encoder(tmp_path):
     """benchmarks/finetune.py on the fixture tree: the seeded random encoder, two steps, one JSON line."""
     from tests.fixtures_pipeline import write_tree
