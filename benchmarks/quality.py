@@ -313,7 +313,7 @@ def ablation(args, names: list[str], work: Path) -> int:
             same = [
                 r
                 for r in done
-                if r["extra"] == extra
+                if r.get("extra") == extra
                 and r["commit"] == head
                 and r.get("preset", "guide") == args.preset
                 and r.get("finetune_epochs", 1) == finetune_epochs(args, args.preset)

@@ -194,6 +194,16 @@ def test_quality_guide_series_reuses_finished_runs_and_reports_mean_and_std(tmp_
     assert "over 2 runs: SST-2 dev 0.7800 ± 0.0141   BoW 0.8000   wall 27.5 min" in out
     assert "0.5000" not in out  # the one-epoch run is another series
     assert len(results.read_text().splitlines()) == 3  # nothing appended
+    # An ablation reuses its own rows from the same file; the guide's rows (no overrides) are not its.
+    import quality
+
+    full = {**rows[0], "row": "encoderflow (guide preset)", "name": "full", "extra": [], "commit": quality.commit(),
+            "preset": "guide", "sst2": 0.81}  # fmt: skip
+    with results.open("a") as f:
+        f.write(json.dumps(full) + "\n")
+    cmd[-2:] = ["--ablation", "full", "--results", str(results)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert "reusing the result" in out.stdout and "0.8100" in out.stdout and "0.7700" not in out.stdout
 
 
 def test_finetune_benchmark_scores_a_saved_encoder(tmp_path):
