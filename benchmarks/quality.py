@@ -256,6 +256,15 @@ def main() -> int:
     return 0
 
 
+def keep(args, rows: list[dict], row: dict) -> None:
+    """A finished row: into the table, onto stdout and appended to ``--results`` at once."""
+    rows.append(row)
+    print(row["name"], json.dumps(row), flush=True)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def guide_runs(args, work: Path) -> int:
     """The guide's code ``--seeds`` times, each run a row in ``--results``, then mean ± std.
 
@@ -279,11 +288,7 @@ def guide_runs(args, work: Path) -> int:
         (work / f"guide-{len(rows)}").mkdir(parents=True)
         r = guide(args, work / f"guide-{len(rows)}")
         row = {"row": f"guide (seed_guide.py), run {len(rows) + 1}", "name": "guide", "commit": commit(), **key, **r}
-        rows.append(row)
-        print("guide", json.dumps(row), flush=True)
-        if args.results:
-            with open(args.results, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        keep(args, rows, row)
     print(
         f"\nthe guide's code: pretrain {key['pretrain_epochs']} epochs on wiki.test.raw, fine-tune "
         f"{key['finetune_epochs']} epoch(s) on SST-2 train; {os.cpu_count()} cpus"
@@ -332,11 +337,7 @@ def ablation(args, names: list[str], work: Path) -> int:
                 "finetune_epochs": finetune_epochs(args, args.preset),
                 **r,
             }
-            rows.append(row)
-            print(name, json.dumps(row), flush=True)
-            if args.results:
-                with open(args.results, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            keep(args, rows, row)
     print(
         f"\nablation: {args.preset} preset, pretrain {epochs(args, args.preset)} epochs on wiki.test.raw, fine-tune "
         f"{finetune_epochs(args, args.preset)} epoch(s) on SST-2 train, commit {head}; {os.cpu_count()} cpus"
