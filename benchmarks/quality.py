@@ -270,7 +270,8 @@ def guide_runs(args, work: Path) -> int:
 
     ``seed_guide.py`` seeds nothing (the guide does not), so its runs differ by the random state
     Keras and TensorFlow draw at start: N runs are N seeds, not the same seeds as encoderflow's.
-    Rows already in ``--results`` for the same epochs count towards N, so a stopped series resumes.
+    Rows already in ``--results`` for the same epochs and step caps count towards N, so a stopped
+    series resumes; the commit is not part of that key, as the guide's code is not this checkout's.
     """
     key = {
         "pretrain_epochs": epochs(args),
@@ -285,8 +286,9 @@ def guide_runs(args, work: Path) -> int:
     if rows:
         print(f"guide: reusing {len(rows)} run(s) in {args.results}", flush=True)
     while len(rows) < args.seeds:
-        (work / f"guide-{len(rows)}").mkdir(parents=True)
-        r = guide(args, work / f"guide-{len(rows)}")
+        run_dir = work / f"guide-{len(rows)}"
+        run_dir.mkdir(parents=True)
+        r = guide(args, run_dir)
         row = {"row": f"guide (seed_guide.py), run {len(rows) + 1}", "name": "guide", "commit": commit(), **key, **r}
         keep(args, rows, row)
     print(
