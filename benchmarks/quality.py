@@ -43,7 +43,7 @@ from pathlib import Path
 
 from peer import run_guide
 
-from encoderflow.config import PRESETS, from_overrides
+from encoderflow.config import PRESETS, from_overrides, parse_set
 
 # One row per factor, each turned back to the guide's way alone. The padding mask and all-token
 # pooling make outputs depend on padding, so length buckets go off with them (the config refuses
@@ -73,6 +73,21 @@ def finetune_epochs(args, preset: str = "guide") -> int:
     if args.finetune_epochs is not None:
         return args.finetune_epochs
     return 1 if preset == "guide" else from_overrides(preset).finetune.epochs
+
+
+def ours_epochs(args) -> tuple[int, int]:
+    """The encoderflow side's pretraining and fine-tuning epochs as it runs them, ``--set`` included."""
+    cfg = from_overrides(
+        args.preset,
+        parse_set(
+            [
+                f"pretrain.epochs={epochs(args, args.preset)}",
+                f"finetune.epochs={finetune_epochs(args, args.preset)}",
+                *args.set,
+            ]
+        ),
+    )
+    return cfg.pretrain.epochs, cfg.finetune.epochs
 
 
 def commit() -> str:
@@ -217,6 +232,8 @@ def main() -> int:
         names = list(ABLATIONS) if args.ablation == "all" else args.ablation.split(",")
         if unknown := [n for n in names if n not in ABLATIONS]:
             ap.error(f"unknown ablation row(s) {unknown}: choose from {', '.join(ABLATIONS)} or all")
+    if args.seeds < 1 or (args.seeds > 1 and not names and args.only != "guide"):
+        ap.error("--seeds N (N >= 1) repeats --ablation rows or, with --only guide, the guide's code: add one of them")
     work = Path(tempfile.mkdtemp(prefix="encoderflow-quality-"))
     print(f"logs in {work}", flush=True)
     if names:
@@ -236,8 +253,8 @@ def main() -> int:
         f", fine-tune steps/epoch {args.finetune_steps}" if args.finetune_steps else ""
     )
     print(
-        f"\nquality benchmark: {args.preset} preset, pretrain {epochs(args, args.preset)} epochs on wiki.test.raw "
-        f"(validation wiki.valid.raw), fine-tune {finetune_epochs(args, args.preset)} epoch(s) on SST-2 train{caps}; "
+        f"\nquality benchmark: {args.preset} preset, pretrain {ours_epochs(args)[0]} epochs on wiki.test.raw "
+        f"(validation wiki.valid.raw), fine-tune {ours_epochs(args)[1]} epoch(s) on SST-2 train{caps}; "
         f"{os.cpu_count()} cpus"
     )
     print(f"{'':<24} {'SST-2 dev':>9} {'MLM val':>8} {'BoW':>7} {'pretrain':>9} {'finetune':>9} {'wall':>9}")
@@ -341,8 +358,8 @@ def ablation(args, names: list[str], work: Path) -> int:
             }
             keep(args, rows, row)
     print(
-        f"\nablation: {args.preset} preset, pretrain {epochs(args, args.preset)} epochs on wiki.test.raw, fine-tune "
-        f"{finetune_epochs(args, args.preset)} epoch(s) on SST-2 train, commit {head}; {os.cpu_count()} cpus"
+        f"\nablation: {args.preset} preset, pretrain {ours_epochs(args)[0]} epochs on wiki.test.raw, fine-tune "
+        f"{ours_epochs(args)[1]} epoch(s) on SST-2 train, commit {head}; {os.cpu_count()} cpus"
     )
     print_table(rows)
     if args.seeds > 1:

@@ -146,6 +146,11 @@ def test_quality_ablation_rows_and_table(tmp_path):
     assert quality.finetune_epochs(flag[None], "guide") == 1 and from_overrides("guide").finetune.epochs == 3
     assert quality.finetune_epochs(flag[None], "smoke") == from_overrides("smoke").finetune.epochs
     assert quality.finetune_epochs(flag[2], "guide") == quality.finetune_epochs(flag[2], "recipe") == 2
+    # The header says what the encoderflow side ran: a --set epochs wins over preset and flag.
+    run = argparse.Namespace(preset="recipe", pretrain_epochs=None, finetune_epochs=None, set=["pretrain.epochs=4"])
+    assert quality.ours_epochs(run) == (4, 1)
+    run = argparse.Namespace(preset="guide", pretrain_epochs=None, finetune_epochs=2, set=[])
+    assert quality.ours_epochs(run) == (8, 2)
     proc = subprocess.run(
         [sys.executable, str(BENCH / "quality.py"), "--data-dir", str(tmp_path), "--ablation", "full,nope"],
         capture_output=True,
@@ -204,6 +209,10 @@ def test_quality_guide_series_reuses_finished_runs_and_reports_mean_and_std(tmp_
     cmd[-2:] = ["--ablation", "full", "--results", str(results)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert "reusing the result" in out.stdout and "0.8100" in out.stdout and "0.7700" not in out.stdout
+    # --seeds alone would be one run called a series: refused, naming what it needs
+    cmd[-4:] = ["--seeds", "3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 2 and "add one of them" in out.stderr and "logs in" not in out.stdout
 
 
 def test_finetune_benchmark_scores_a_saved_encoder(tmp_path):

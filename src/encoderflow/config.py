@@ -509,6 +509,14 @@ class FinetuneConfig(_Optimizer):
         "and real-token pooling); auto = on exactly then.",
         choices=AUTO_ON_OFF,
     )
+    ema_momentum: float = knob(
+        0.0,
+        "0 = off (the guide). Otherwise the classifier keeps an exponential moving average of its weights "
+        "during fine-tuning (Keras use_ema), with this momentum, and ends on the average: it is what is "
+        "evaluated, gated and saved.",
+        minimum=0.0,
+        maximum=0.9999,
+    )
 
 
 @dataclass(frozen=True)

@@ -109,3 +109,23 @@ def test_full_epochs_over_length_buckets_raise_no_ran_out_of_data_warning(inputs
     result = finetune(cfg, encoder, sst2, vocab, tmp_path)
     assert len(result["history"]["loss"]) == 1
     assert not [w for w in recwarn if "ran out of data" in str(w.message)], [str(w.message) for w in recwarn]
+
+
+def test_an_ema_fine_tuning_saves_the_averaged_classifier_it_evaluated(inputs, tmp_path, caplog):
+    from encoderflow import bundle
+    from encoderflow.data.inputs import read_labeled
+    from encoderflow.train.finetune import finetune
+
+    encoder, sst2, vocab = inputs
+    scorers = {}
+    for momentum in (0.0, 0.9):
+        cfg = from_overrides("smoke", {"finetune.steps_per_epoch": 6, "finetune.ema_momentum": momentum})
+        with caplog.at_level(logging.INFO, logger="encoderflow"):
+            result = finetune(cfg, encoder, sst2, vocab, tmp_path / str(momentum))
+        scorers[momentum] = bundle.Scorer(result["bundle"])
+        # the saved classifier scores the dev split as it was evaluated and gated
+        assert scorers[momentum].accuracy(*read_labeled(sst2, "dev")) == pytest.approx(result["val_accuracy"], abs=1e-6)
+    assert "moving average of the weights (ema_momentum 0.9)" in caplog.text
+    # same seed, same batches, same iterates: only the averaging differs
+    last, average = (scorers[m].classifier.get_layer("sentiment").get_weights()[0] for m in (0.0, 0.9))
+    assert abs(last - average).max() > 1e-4

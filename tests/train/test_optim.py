@@ -43,3 +43,32 @@ def test_finetuning_schedules_like_pretraining():
     sched = learning_rate(FinetuneConfig(lr_schedule="warmup_cosine", warmup_ratio=0.2, learning_rate=1e-4), 100)
     assert float(sched(0)) == pytest.approx(0.0) and float(sched(20)) == pytest.approx(1e-4)
     assert float(sched(100)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_with_ema_momentum_fit_ends_on_the_moving_average_of_the_weights():
+    from encoderflow import runtime
+    from encoderflow.train.optim import adamw
+
+    keras = runtime.keras()
+
+    def fit(momentum):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="sigmoid")])
+        model.compile(loss="binary_crossentropy", optimizer=adamw(FinetuneConfig(learning_rate=0.1), 6, momentum))
+        seen = []
+        record = keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda *_: seen.append(np.asarray(model.layers[0].kernel.value).copy())
+        )
+        x = np.random.default_rng(0).normal(size=(6, 3)).astype("float32")
+        y = (x[:, :1] > 0).astype("float32")
+        model.fit(x, y, batch_size=6, epochs=6, verbose=0, shuffle=False, callbacks=[record])
+        return seen, np.asarray(model.layers[0].kernel.value)
+
+    steps, final = fit(0.0)
+    np.testing.assert_array_equal(final, steps[-1])  # off: the last iterate, as the guide
+    steps, final = fit(0.5)
+    average = steps[0]  # Keras: the first step starts the average, then average <- m * average + (1 - m) * w
+    for w in steps[1:]:
+        average = 0.5 * average + 0.5 * w
+    np.testing.assert_allclose(final, average, rtol=1e-5)
+    assert np.abs(final - steps[-1]).max() > 1e-3

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ def compile_classifier(classifier, f, total_steps: int, num_classes: int = 2) ->
 
     classifier.compile(
         loss="binary_crossentropy" if num_classes <= 2 else "sparse_categorical_crossentropy",
-        optimizer=adamw(f, total_steps),
+        optimizer=adamw(f, total_steps, ema_momentum=f.ema_momentum),
         metrics=["accuracy"],
         jit_compile=True,
     )
@@ -148,6 +149,12 @@ def finetune(
         shuffle=False,
         callbacks=[EpochLogger("finetune", f.batch_size)],
     )
+    if f.ema_momentum > 0:
+        # fit has written the averages into the weights. Keras (3.15, JAX) leaves each average sharing
+        # its buffer with that weight, and evaluate donates the buffer, so saving the EMA optimizer then
+        # fails: compile afresh (same loss and metrics, a plain optimizer) to evaluate and save.
+        log.info("finetune: ending on the moving average of the weights (ema_momentum %s)", f.ema_momentum)
+        compile_classifier(classifier, replace(f, ema_momentum=0.0), total_steps=1, num_classes=len(labels))
     val_loss, val_accuracy = classifier.evaluate(dev_ds, verbose=0)
     if not np.isfinite(val_loss):
         raise NonFiniteLoss(f"finetune: validation loss {val_loss}; the classifier is not saved")

@@ -29,14 +29,21 @@ def learning_rate(section, total_steps: int):
     )
 
 
-def adamw(section, total_steps: int):
+def adamw(section, total_steps: int, ema_momentum: float = 0.0):
     """AdamW as the guide compiles it (Keras defaults) unless the section says otherwise.
 
     ``weight_decay`` 0.004 is Keras's own default, so the guide's numbers are unchanged; any other
     value also exempts biases and LayerNorm scales and offsets, as BERT does.
+
+    Args:
+        section: a config section with the ``_Optimizer`` settings.
+        total_steps: optimizer steps of the whole run.
+        ema_momentum: above 0, Keras keeps a moving average of the weights and ``fit`` ends by
+            writing it into the model (``finalize_variable_values``).
     """
     keras = runtime.keras()
-    opt = keras.optimizers.AdamW(learning_rate(section, total_steps), weight_decay=section.weight_decay)
+    ema = {"use_ema": True, "ema_momentum": ema_momentum} if ema_momentum > 0 else {}
+    opt = keras.optimizers.AdamW(learning_rate(section, total_steps), weight_decay=section.weight_decay, **ema)
     if section.weight_decay != KERAS_DEFAULT_DECAY:
         opt.exclude_from_weight_decay(var_names=list(NO_DECAY))
     return opt
