@@ -76,17 +76,8 @@ def finetune_epochs(args, preset: str = "guide") -> int:
 
 
 def ours_epochs(args) -> tuple[int, int]:
-    """The encoderflow side's pretraining and fine-tuning epochs as it runs them, ``--set`` included."""
-    cfg = from_overrides(
-        args.preset,
-        parse_set(
-            [
-                f"pretrain.epochs={epochs(args, args.preset)}",
-                f"finetune.epochs={finetune_epochs(args, args.preset)}",
-                *args.set,
-            ]
-        ),
-    )
+    """The encoderflow side's pretraining and fine-tuning epochs as :func:`ours` runs them, ``--set`` included."""
+    cfg = from_overrides(args.preset, parse_set(ours_sets(args)))
     return cfg.pretrain.epochs, cfg.finetune.epochs
 
 
@@ -131,9 +122,8 @@ def run(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[float, str
     return seconds, proc.stdout
 
 
-def ours(args, work: Path, extra: list[str] = ()) -> dict:
-    work.mkdir(parents=True, exist_ok=True)
-    home = work / "home"
+def ours_sets(args, extra: list[str] = ()) -> list[str]:
+    """The ``--set`` overrides of the encoderflow side's run: the OQB's splits and epochs, then the user's."""
     sets = [
         "data.pretrain_split=test",
         "data.validation_split=valid",
@@ -146,7 +136,13 @@ def ours(args, work: Path, extra: list[str] = ()) -> dict:
         sets.append(f"pretrain.steps_per_epoch={args.pretrain_steps}")
     if args.finetune_steps:
         sets.append(f"finetune.steps_per_epoch={args.finetune_steps}")
-    sets += args.set + list(extra)
+    return sets + args.set + list(extra)
+
+
+def ours(args, work: Path, extra: list[str] = ()) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    home = work / "home"
+    sets = ours_sets(args, extra)
     cmd = [
         str(Path(sys.executable).with_name("encoderflow")),
         "run",
@@ -252,9 +248,10 @@ def main() -> int:
     caps = (f", pretrain steps/epoch {args.pretrain_steps}" if args.pretrain_steps else "") + (
         f", fine-tune steps/epoch {args.finetune_steps}" if args.finetune_steps else ""
     )
+    pre, ft = ours_epochs(args)
     print(
-        f"\nquality benchmark: {args.preset} preset, pretrain {ours_epochs(args)[0]} epochs on wiki.test.raw "
-        f"(validation wiki.valid.raw), fine-tune {ours_epochs(args)[1]} epoch(s) on SST-2 train{caps}; "
+        f"\nquality benchmark: {args.preset} preset, pretrain {pre} epochs on wiki.test.raw "
+        f"(validation wiki.valid.raw), fine-tune {ft} epoch(s) on SST-2 train{caps}; "
         f"{os.cpu_count()} cpus"
     )
     print(f"{'':<24} {'SST-2 dev':>9} {'MLM val':>8} {'BoW':>7} {'pretrain':>9} {'finetune':>9} {'wall':>9}")
@@ -357,9 +354,10 @@ def ablation(args, names: list[str], work: Path) -> int:
                 **r,
             }
             keep(args, rows, row)
+    pre, ft = ours_epochs(args)
     print(
-        f"\nablation: {args.preset} preset, pretrain {ours_epochs(args)[0]} epochs on wiki.test.raw, fine-tune "
-        f"{ours_epochs(args)[1]} epoch(s) on SST-2 train, commit {head}; {os.cpu_count()} cpus"
+        f"\nablation: {args.preset} preset, pretrain {pre} epochs on wiki.test.raw, fine-tune "
+        f"{ft} epoch(s) on SST-2 train, commit {head}; {os.cpu_count()} cpus"
     )
     print_table(rows)
     if args.seeds > 1:

@@ -147,9 +147,10 @@ def test_quality_ablation_rows_and_table(tmp_path):
     assert quality.finetune_epochs(flag[None], "smoke") == from_overrides("smoke").finetune.epochs
     assert quality.finetune_epochs(flag[2], "guide") == quality.finetune_epochs(flag[2], "recipe") == 2
     # The header says what the encoderflow side ran: a --set epochs wins over preset and flag.
-    run = argparse.Namespace(preset="recipe", pretrain_epochs=None, finetune_epochs=None, set=["pretrain.epochs=4"])
+    caps = {"pretrain_steps": 0, "finetune_steps": 0, "pretrain_epochs": None}
+    run = argparse.Namespace(preset="recipe", finetune_epochs=None, set=["pretrain.epochs=4"], **caps)
     assert quality.ours_epochs(run) == (4, 1)
-    run = argparse.Namespace(preset="guide", pretrain_epochs=None, finetune_epochs=2, set=[])
+    run = argparse.Namespace(preset="guide", finetune_epochs=2, set=[], **caps)
     assert quality.ours_epochs(run) == (8, 2)
     proc = subprocess.run(
         [sys.executable, str(BENCH / "quality.py"), "--data-dir", str(tmp_path), "--ablation", "full,nope"],
