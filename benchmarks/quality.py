@@ -58,6 +58,15 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "pooling": ("- real-token pooling (buckets off)", ["finetune.pooling=all_tokens", "finetune.length_buckets=off"]),
     "copies": ("- per-epoch mask copies (1 copy)", ["data.dupe_factor=1"]),
     "pretraining": ("no pretraining (random encoder)", ["pretrain.epochs=0"]),
+    # The recipe's own changes, each back to the guide's value (on the guide preset they change nothing).
+    "pre_norm": ("- pre-norm blocks (post-norm)", ["model.normalize_first=false"]),
+    "dropout_off": ("- no pretraining dropout (0.1)", ["pretrain.dropout_off=false"]),
+    "schedule": (
+        "- warm-up + cosine 1e-3 (constant 5e-4)",
+        ["pretrain.lr_schedule=constant", "pretrain.learning_rate=5e-4"],
+    ),
+    "packing": ("- packed windows (lines)", ["data.sequence_mode=line"]),
+    "weight_decay": ("- weight decay 0.01 (0.004)", ["pretrain.weight_decay=0.004"]),
 }
 
 

@@ -139,6 +139,14 @@ def test_quality_ablation_rows_and_table(tmp_path):
         cfg = from_overrides("guide", dict(item.split("=", 1) for item in extra))
         assert label and cfg is not None, name
     assert from_overrides("guide", {"finetune.length_buckets": "off"}).length_buckets() is False
+    # The recipe's rows each turn one of its own changes back to the guide's value.
+    for name in ("pre_norm", "dropout_off", "schedule", "packing", "weight_decay"):
+        back = dict(item.split("=", 1) for item in quality.ABLATIONS[name][1])
+        recipe, reverted, guide = from_overrides("recipe"), from_overrides("recipe", back), from_overrides("guide")
+        for key in back:
+            section, field = key.split(".")
+            value = [getattr(getattr(c, section), field) for c in (recipe, reverted, guide)]
+            assert value[1] == value[2] != value[0], (name, key, value)
     # Fine-tuning epochs: the OQB's one for the guide, a preset's own otherwise, the flag over both.
     import argparse
 
