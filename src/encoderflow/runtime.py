@@ -55,8 +55,14 @@ def _native_record(line: str) -> tuple[int, str, str] | None:
     m = _GLOG.match(line)
     if m is None:
         return None
+    source = m.group(2) or "absl"
     # The glog header's letter is the severity, now the record's level: not repeated in the message.
-    return _SEVERITY[m.group(1)], m.group(2) or "absl", m.group(3) if m.group(2) else line
+    level = _SEVERITY[m.group(1)]
+    if source.startswith("cuda_"):
+        # TensorFlow's CUDA probe ("failed call to cuInit" on every machine without a driver) is about
+        # a device it is told never to use (``tensorflow()`` hides them): nothing a reader can act on.
+        level = logging.DEBUG
+    return level, source, m.group(3) if m.group(2) else line
 
 
 @contextlib.contextmanager
