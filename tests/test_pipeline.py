@@ -96,6 +96,12 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     first_s = time.monotonic() - t0
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
     run1, summary1 = _summary(first, home)
+    # The champion asset is evaluate_and_gate's inlet, so Airflow knows it before promote adds its
+    # first event: no "AssetModel ... not found" or "inactive AssetModel" warning, nor any other.
+    warned = [ln for ln in (first.stdout + first.stderr).splitlines() if "[warning" in ln.lower()]
+    assert not warned, "\n".join(warned)
+    events = "select count(*) from asset_event e join asset a on a.id = e.asset_id where a.name = ?"
+    assert summary1["gate"]["blessed"] and _query(home, events, f"{MODEL}@champion") == [(1,)]
 
     # Every task instance of the run succeeded, mapped shards included.
     states = _task_states(home)[run1]
