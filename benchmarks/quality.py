@@ -340,10 +340,13 @@ def ablation(args, names: list[str], work: Path) -> int:
             label, extra = ABLATIONS[name]
             label = label.format(preset=args.preset)
             extra = [*extra, *args.set, *([seed] if seed else [])]
+            # A fine-tuning-only row (benchmarks/finetune.py, ``encoder_of``) may carry the same overrides
+            # (data.seed=43 on one encoder) and is not an end-to-end run.
             same = [
                 r
                 for r in done
-                if r.get("extra") == extra
+                if not r.get("encoder_of")
+                and r.get("extra") == extra
                 and r["commit"] == head
                 and r.get("preset", "guide") == args.preset
                 and r.get("finetune_epochs", 1) == finetune_epochs(args, args.preset)
