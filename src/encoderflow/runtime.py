@@ -57,11 +57,9 @@ def _native_record(line: str) -> tuple[int, str, str] | None:
         return None
     source = m.group(2) or "absl"
     # The glog header's letter is the severity, now the record's level: not repeated in the message.
-    level = _SEVERITY[m.group(1)]
-    if source.startswith("cuda_"):
-        # TensorFlow's CUDA probe ("failed call to cuInit" on every machine without a driver) is about
-        # a device it is told never to use (``tensorflow()`` hides them): nothing a reader can act on.
-        level = logging.DEBUG
+    # Except TensorFlow's CUDA probe ("failed call to cuInit" on every machine without a driver): it is
+    # about devices TensorFlow is told never to use (``tensorflow()`` hides them), nothing to act on.
+    level = logging.DEBUG if source.startswith("cuda_") else _SEVERITY[m.group(1)]
     return level, source, m.group(3) if m.group(2) else line
 
 
