@@ -40,7 +40,7 @@ RUN_ARGS := --preset $(PRESET) \
 	$(foreach s,$(SET),--set $(s)) \
 	$(if $(FORCE),--force)
 
-.PHONY: run test test-fast lint format docs airflow venv venv-dry-run doctor clean stack stack-down stack-status stack-deps
+.PHONY: run test test-fast lint format docs airflow venv venv-dry-run doctor clean stack stack-down stack-status stack-deps gpu-wheels
 
 venv: $(STAMP)
 
@@ -115,6 +115,17 @@ stack-deps:
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
+
+# The wheels benchmarks/gpu.sh needs on a CUDA machine that has jax but no registry (Python 3.12,
+# Linux x86-64): keras and keras-hub at the pinned versions, plus the two small packages keras needs
+# that such an image lacks. Install there with the line at the top of benchmarks/gpu.sh.
+GPU_WHEELS = keras keras-hub namex optree
+gpu-wheels:
+	mkdir -p .whl
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(foreach p,$(GPU_WHEELS),$$(grep -i '^$(p)==' constraints.txt))
+	ls .whl
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
