@@ -55,44 +55,34 @@ EOF
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv || true
 } 2>&1 | tee "$log"
 
-set +e
-"$py" "$here/train.py" --synthetic \
-    --preset "${GPU_CHECK_PRESET:-guide}" \
-    --precision "${GPU_CHECK_PRECISIONS:-float32,mixed_bfloat16}" \
-    --batch-size "$batches" \
-    --steps "${GPU_CHECK_STEPS:-64}" \
-    --warmup "${GPU_CHECK_WARMUP:-5}" \
-    --repeats "${GPU_CHECK_REPEATS:-3}" \
-    --loss-run "${GPU_CHECK_LOSS_STEPS:-300}" \
-    --out "$out" 2>&1 | tee -a "$log"
-rc=${PIPESTATUS[0]}
-pad=${GPU_CHECK_PAD_VOCAB-30592}
-if [[ -n "$pad" ]]; then
+# The settings every timed cell shares; each call adds what it is about.
+synthetic() {
     "$py" "$here/train.py" --synthetic \
         --preset "${GPU_CHECK_PRESET:-guide}" \
-        --precision mixed_bfloat16 \
-        --batch-size "${batches%%,*}" \
-        --vocab-size "$pad" \
         --steps "${GPU_CHECK_STEPS:-64}" \
         --warmup "${GPU_CHECK_WARMUP:-5}" \
         --repeats "${GPU_CHECK_REPEATS:-3}" \
-        --out "$out/vocab-pad" 2>&1 | tee -a "$log"
-    [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
-fi
-set -e
+        "$@" 2>&1 | tee -a "$log"
+    return "${PIPESTATUS[0]}"
+}
 
-echo
-echo "================ gpu check tables ($out/synthetic.md) ================"
-if [[ -f "$out/synthetic.md" ]]; then
-    cat "$out/synthetic.md"
-else
-    echo "no table was written (see $log)"
-    [[ $rc -ne 0 ]] || rc=1
-fi
-if [[ -n "$pad" ]]; then
+# Prints one table; a missing table fails the check.
+show() {
     echo
-    echo "================ the vocabulary padded to $pad ($out/vocab-pad/synthetic.md) ================"
-    cat "$out/vocab-pad/synthetic.md" 2>/dev/null || { echo "no table was written (see $log)"; rc=1; }
+    echo "================ $1 ($2) ================"
+    cat "$2" 2>/dev/null || { echo "no table was written (see $log)"; rc=1; }
+}
+
+pad=${GPU_CHECK_PAD_VOCAB-30592}
+rc=0
+synthetic --precision "${GPU_CHECK_PRECISIONS:-float32,mixed_bfloat16}" --batch-size "$batches" \
+    --loss-run "${GPU_CHECK_LOSS_STEPS:-300}" --out "$out" || rc=1
+if [[ -n "$pad" ]]; then
+    synthetic --precision mixed_bfloat16 --batch-size "${batches%%,*}" --vocab-size "$pad" \
+        --out "$out/vocab-pad" || rc=1
 fi
+
+show "gpu check tables" "$out/synthetic.md"
+[[ -z "$pad" ]] || show "the vocabulary padded to $pad" "$out/vocab-pad/synthetic.md"
 echo "gpu check: exit $rc"
 exit "$rc"
