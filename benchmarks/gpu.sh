@@ -6,11 +6,14 @@
 # 1. synthetic throughput table, guide preset: float32 and mixed_bfloat16 at batch 128 and 1024,
 #    fit next to the bare jitted step (benchmarks/synthetic.py; one process per cell);
 # 2. a 300-step mixed_bfloat16 run whose loss must fall and stay finite;
-# 3. the next lever, measured beside the real cell: mixed_bfloat16, batch 128, the vocabulary
-#    padded from 30,522 to 30,592 rows (a multiple of 128; the 4,096 x V logits matmul is ~40% of
-#    the H100 step, and 30,522 = 2 x 15,261 tiles badly; ids are drawn over the padded range,
-#    which changes nothing a timing sees).
-# Writes OUTDIR/synthetic.md, OUTDIR/synthetic.json, OUTDIR/vocab-pad/synthetic.md and
+# 3. the next levers, each timed beside the real cell (mixed_bfloat16, batch 128); the 4,096 x V
+#    logits and their loss are ~40% of the H100 step:
+#    vocab-pad: the vocabulary padded from 30,522 to 30,592 rows (a multiple of 128; 30,522 =
+#      2 x 15,261 tiles badly; ids are drawn over the padded range, which no timing sees);
+#    loss-logsumexp: the same loss as logsumexp(logits) - logits[label], no log-softmax or one-hot
+#      tensor of the logits' size (synthetic.py --mlm-loss; same value and gradient, tested);
+#    vocab-pad-and-loss-logsumexp: both.
+# Writes OUTDIR/synthetic.md, OUTDIR/synthetic.json, OUTDIR/<lever>/synthetic.md and
 # OUTDIR/log.txt; prints the tables last.
 # Exit status: non-zero when a cell failed or the loss run did not pass.
 #
@@ -22,7 +25,7 @@
 # Knobs (defaults are the real check; a CPU rehearsal shrinks them):
 #   GPU_CHECK_PRESET=guide GPU_CHECK_BATCHES=128,1024 GPU_CHECK_PRECISIONS=float32,mixed_bfloat16
 #   GPU_CHECK_STEPS=64 GPU_CHECK_WARMUP=5 GPU_CHECK_REPEATS=3 GPU_CHECK_LOSS_STEPS=300
-#   GPU_CHECK_PAD_VOCAB=30592 (empty: skip step 3)
+#   GPU_CHECK_PAD_VOCAB=30592 GPU_CHECK_MLM_LOSS=logsumexp (empty: skip the levers using it)
 #   PYTHON=python3
 set -euo pipefail
 
@@ -74,15 +77,32 @@ show() {
 }
 
 pad=${GPU_CHECK_PAD_VOCAB-30592}
+loss=${GPU_CHECK_MLM_LOSS-logsumexp}
 rc=0
+levers=()
+# One lever: the real bfloat16 batch-128 cell with the named change, its table in OUTDIR/NAME.
+lever() {
+    local name=$1
+    shift
+    levers+=("$name")
+    synthetic --precision mixed_bfloat16 --batch-size "${batches%%,*}" --out "$out/$name" "$@" || rc=1
+}
+
 synthetic --precision "${GPU_CHECK_PRECISIONS:-float32,mixed_bfloat16}" --batch-size "$batches" \
     --loss-run "${GPU_CHECK_LOSS_STEPS:-300}" --out "$out" || rc=1
 if [[ -n "$pad" ]]; then
-    synthetic --precision mixed_bfloat16 --batch-size "${batches%%,*}" --vocab-size "$pad" \
-        --out "$out/vocab-pad" || rc=1
+    lever vocab-pad --vocab-size "$pad"
+fi
+if [[ -n "$loss" ]]; then
+    lever "loss-$loss" --mlm-loss "$loss"
+fi
+if [[ -n "$pad" && -n "$loss" ]]; then
+    lever "vocab-pad-and-loss-$loss" --vocab-size "$pad" --mlm-loss "$loss"
 fi
 
 show "gpu check tables" "$out/synthetic.md"
-[[ -z "$pad" ]] || show "the vocabulary padded to $pad" "$out/vocab-pad/synthetic.md"
+for name in "${levers[@]}"; do
+    show "lever $name" "$out/$name/synthetic.md"
+done
 echo "gpu check: exit $rc"
 exit "$rc"

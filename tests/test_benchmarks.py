@@ -82,6 +82,47 @@ def test_synthetic_benchmark_and_loss_run_without_tensorflow(tmp_path):
     assert loss["last"] < loss["first"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_logsumexp_loss_has_the_keras_loss_value_and_gradient(dtype):
+    """--mlm-loss logsumexp (the lever gpu.sh times) is the pipeline's loss, written another way:
+    same weighted value and same gradient, padded positions (weight 0) included."""
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(4 * rng.normal(size=(3, 5, 97)), dtype=dtype)
+    labels = jnp.asarray(rng.integers(0, 97, size=(3, 5)), dtype="int32")
+    weights = jnp.asarray([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype="float32")
+    ours = synthetic.mlm_loss("logsumexp")
+    theirs = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    value = {}
+    grad = {}
+    for name, loss in (("ours", ours), ("theirs", theirs)):
+        value[name], grad[name] = jax.value_and_grad(lambda z, f=loss: f(labels, z, sample_weight=weights))(logits)
+    tol = 1e-6 if dtype == "float32" else 1e-3
+    assert float(value["ours"]) == pytest.approx(float(value["theirs"]), rel=tol)
+    diff = jnp.abs(grad["ours"].astype("float32") - grad["theirs"].astype("float32"))
+    assert float(jnp.max(diff)) <= tol * float(jnp.max(jnp.abs(grad["theirs"].astype("float32"))))
+    assert float(jnp.max(jnp.abs(grad["ours"][weights == 0].astype("float32")))) == 0.0
+    assert synthetic.mlm_loss("keras") is None
+    with pytest.raises(ValueError, match="--mlm-loss 'fused'"):
+        synthetic.mlm_loss("fused")
+
+
+def test_logsumexp_loss_compiles_into_the_real_model():
+    """Both losses through compile_mlm on the smoke model, same seed: the same loss on one batch."""
+    cfg = from_overrides("smoke")
+    (batch,) = synthetic.make_batches(cfg, 30522, 4, 1, seed=0)
+    losses = []
+    for name in synthetic.MLM_LOSSES:
+        mlm, _ = synthetic.build(cfg, 30522, "float32", total_steps=10, loss=name)
+        assert (name == "keras") == (type(mlm.loss).__name__ == "SparseCategoricalCrossentropy")
+        losses.append(float(mlm.test_on_batch(*batch, return_dict=True)["loss"]))
+    assert losses[0] > 1.0  # an untrained model over 30,522 words
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
 def test_flops_formula_for_the_guide_model():
     cfg = from_overrides("guide")
     d, f, s, layers, p, v = 256, 512, 128, 3, 32, 30522

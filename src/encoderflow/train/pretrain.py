@@ -88,7 +88,7 @@ def data_parallel(batch_size: int) -> int:
     return len(devices)
 
 
-def compile_mlm(mlm, p, total_steps: int, steps_per_execution: int = 1) -> None:
+def compile_mlm(mlm, p, total_steps: int, steps_per_execution: int = 1, loss=None) -> None:
     """The guide's compile: AdamW, cross-entropy and accuracy weighted over the masked positions.
 
     The head returns logits and the loss applies the softmax itself (``from_logits=True``): one
@@ -99,13 +99,15 @@ def compile_mlm(mlm, p, total_steps: int, steps_per_execution: int = 1) -> None:
         p: the ``pretrain`` config section.
         total_steps: steps of the whole run (the ``warmup_cosine`` schedule spans them).
         steps_per_execution: steps per call into the compiled step (see :func:`steps_per_execution`).
+        loss: another Keras loss with the same meaning, for ``benchmarks/synthetic.py --mlm-loss``
+            to time a lever; the pipeline keeps the default.
     """
     from encoderflow.train.optim import adamw
 
     keras = runtime.keras()
     mlm.compile(
         steps_per_execution=steps_per_execution,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         optimizer=adamw(p, total_steps=total_steps),
         weighted_metrics=["sparse_categorical_accuracy"],
         jit_compile=True,
