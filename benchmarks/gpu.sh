@@ -7,15 +7,20 @@
 #    fit next to the bare jitted step (benchmarks/synthetic.py; one process per cell);
 # 2. a 300-step mixed_bfloat16 run whose loss must fall and stay finite;
 # 3. the next levers, each timed beside the real cell (mixed_bfloat16, batch 128); the 4,096 x V
-#    logits and their loss are ~40% of the H100 step:
+#    logits and their loss are ~40% of the H100 step. The first three take the head's features,
+#    not logits (head_loss.py; fit there has no accuracy metric, the bare step is the same work),
+#    and their table also says how far their loss and gradients land from the whole logits there:
+#    loss-fused: three Pallas (Triton) kernels, logits only ever in registers;
+#    loss-chunked: the logits made 256 rows at a time in XLA, remade for the gradient;
+#    loss-logsumexp: the usual head, the loss as logsumexp(logits) - logits[label], no
+#      log-softmax or one-hot tensor of the logits' size (same value and gradient, tested);
 #    vocab-pad: the vocabulary padded from 30,522 to 30,592 rows (a multiple of 128; 30,522 =
-#      2 x 15,261 tiles badly; ids are drawn over the padded range, which no timing sees);
-#    loss-logsumexp: the same loss as logsumexp(logits) - logits[label], no log-softmax or one-hot
-#      tensor of the logits' size (synthetic.py --mlm-loss; same value and gradient, tested);
-#    vocab-pad-and-loss-logsumexp: both.
+#      2 x 15,261 tiles badly; ids are drawn over the padded range, which no timing sees).
+#    Most telling first: a run cut short by its time limit loses the last.
 # Writes OUTDIR/synthetic.md, OUTDIR/synthetic.json, OUTDIR/<lever>/synthetic.md and
 # OUTDIR/log.txt; prints the tables last.
-# Exit status: non-zero when a cell failed or the loss run did not pass.
+# Exit status: non-zero when a cell failed (a head loss off the whole logits included) or the loss
+# run did not pass.
 #
 # Needs python3 with jax, keras 3 and keras-hub importable and src/ on PYTHONPATH; on a bare
 # device machine install the wheels carried in .whl/ first (`make gpu-wheels` fetches them):
@@ -25,7 +30,8 @@
 # Knobs (defaults are the real check; a CPU rehearsal shrinks them):
 #   GPU_CHECK_PRESET=guide GPU_CHECK_BATCHES=128,1024 GPU_CHECK_PRECISIONS=float32,mixed_bfloat16
 #   GPU_CHECK_STEPS=64 GPU_CHECK_WARMUP=5 GPU_CHECK_REPEATS=3 GPU_CHECK_LOSS_STEPS=300
-#   GPU_CHECK_PAD_VOCAB=30592 GPU_CHECK_MLM_LOSS=logsumexp (empty: skip the levers using it)
+#   GPU_CHECK_MLM_LOSSES="fused chunked logsumexp" GPU_CHECK_PAD_VOCAB=30592 (empty: no such lever)
+#   A shorter check once the full table exists: GPU_CHECK_BATCHES=128 GPU_CHECK_PRECISIONS=mixed_bfloat16
 #   PYTHON=python3
 set -euo pipefail
 
@@ -77,7 +83,7 @@ show() {
 }
 
 pad=${GPU_CHECK_PAD_VOCAB-30592}
-loss=${GPU_CHECK_MLM_LOSS-logsumexp}
+read -ra losses <<<"${GPU_CHECK_MLM_LOSSES-fused chunked logsumexp}"
 rc=0
 levers=()
 # One lever: the real bfloat16 batch-128 cell with the named change, its table in OUTDIR/NAME.
@@ -90,14 +96,11 @@ lever() {
 
 synthetic --precision "${GPU_CHECK_PRECISIONS:-float32,mixed_bfloat16}" --batch-size "$batches" \
     --loss-run "${GPU_CHECK_LOSS_STEPS:-300}" --out "$out" || rc=1
+for loss in "${losses[@]}"; do
+    lever "loss-$loss" --mlm-loss "$loss"
+done
 if [[ -n "$pad" ]]; then
     lever vocab-pad --vocab-size "$pad"
-fi
-if [[ -n "$loss" ]]; then
-    lever "loss-$loss" --mlm-loss "$loss"
-fi
-if [[ -n "$pad" && -n "$loss" ]]; then
-    lever "vocab-pad-and-loss-$loss" --vocab-size "$pad" --mlm-loss "$loss"
 fi
 
 show "gpu check tables" "$out/synthetic.md"

@@ -24,6 +24,11 @@ the device's ``peak_bytes_in_use`` (a process-lifetime maximum) belongs to that 
 records the loss every 10 steps (fit's running mean over those 10 steps); it passes when every
 recorded loss is finite and the last is below the first by at least ``--min-drop``. A failed
 loss run makes the exit status 1.
+
+``--mlm-loss`` swaps in a lever's loss (``mlm_loss``). For the ones that take the head's features
+(``chunked``, ``fused``: ``benchmarks/head_loss.py``) each cell also measures, on its device, how
+far their loss and gradients land from the whole logits through Keras's loss; beyond
+``AGREEMENT_TOLERANCE`` the cell fails and so does the exit status.
 """
 
 from __future__ import annotations
@@ -181,10 +186,12 @@ def cycle(batches):
         yield from batches
 
 
-MLM_LOSSES = ("keras", "logsumexp")
+MLM_LOSSES = ("keras", "logsumexp", "chunked", "fused")
+# Losses that take the head's features, not logits (benchmarks/head_loss.py).
+HEAD_LOSSES = ("chunked", "fused")
 
 
-def mlm_loss(name: str):
+def mlm_loss(name: str, mlm=None):
     """The loss a cell compiles with (``--mlm-loss``); ``None`` is the pipeline's own.
 
     ``keras`` (the pipeline's): ``SparseCategoricalCrossentropy(from_logits=True)``, which on JAX
@@ -192,8 +199,10 @@ def mlm_loss(name: str):
     ``logsumexp``: the same value and gradient as optax's integer-label cross-entropy,
     ``logsumexp(logits) - logits[label]``, with no log-probability or one-hot tensor the size of the
     logits (4,096 x 30,522 per guide step, ~40% of the H100 step with them); issue 12's next GPU run
-    times it. Both are ``keras.losses.Loss``, so the float32 cast, the mask weights and the
-    ``sum_over_batch_size`` reduction are Keras's own.
+    times it. ``chunked`` and ``fused``: ``head_loss.LinearCrossEntropy`` on the features of
+    ``head_loss.build_pretraining_model`` (``mlm``), the logits never whole. All are
+    ``keras.losses.Loss``, so the float32 cast, the mask weights and the ``sum_over_batch_size``
+    reduction are Keras's own.
     """
     if name not in MLM_LOSSES:
         raise ValueError(f"--mlm-loss {name!r}: expected one of {', '.join(MLM_LOSSES)}")
@@ -203,6 +212,12 @@ def mlm_loss(name: str):
 
     keras = runtime.keras()
     ops = keras.ops
+    if name in HEAD_LOSSES:
+        if mlm is None:
+            raise ValueError(f"--mlm-loss {name} needs the model of head_loss.build_pretraining_model")
+        import head_loss
+
+        return head_loss.LinearCrossEntropy.for_model(mlm, name)
 
     class LogSumExpCrossEntropy(keras.losses.Loss):
         """Sparse cross-entropy from logits, per position: ``logsumexp(logits) - logits[label]``."""
@@ -217,7 +232,9 @@ def mlm_loss(name: str):
 
 def build(cfg, vocab_size: int, precision: str, total_steps: int, loss: str = "keras"):
     """Dtype policy, model and compile exactly as ``encoderflow.train.pretrain.pretrain`` does
-    (the loss swapped for ``--mlm-loss``'s when that is not ``keras``)."""
+    (the loss swapped for ``--mlm-loss``'s when that is not ``keras``; ``chunked`` and ``fused``
+    also swap the head, see ``head_loss.build_pretraining_model``, and drop the accuracy metric,
+    which needs the logits)."""
     from encoderflow import model as models
     from encoderflow import runtime
     from encoderflow.train.pretrain import compile_mlm
@@ -227,7 +244,12 @@ def build(cfg, vocab_size: int, precision: str, total_steps: int, loss: str = "k
     policy = runtime.set_dtype_policy(precision)
     pad_id = special_ids(vocab_size)["[PAD]"]
     encoder = models.build_encoder(cfg.model, vocab_size, cfg.data.seq_length, pad_id)
-    mlm = models.build_pretraining_model(encoder, cfg.data.predictions_per_seq)
+    if loss in HEAD_LOSSES:
+        import head_loss
+
+        mlm = head_loss.build_pretraining_model(encoder, cfg.data.predictions_per_seq)
+    else:
+        mlm = models.build_pretraining_model(encoder, cfg.data.predictions_per_seq)
     # The pipeline's compile, with the configured steps per call (pretrain lowers it to divide its
     # epoch; a synthetic stream has no epoch to divide).
     compile_mlm(
@@ -235,7 +257,8 @@ def build(cfg, vocab_size: int, precision: str, total_steps: int, loss: str = "k
         cfg.pretrain,
         total_steps=total_steps,
         steps_per_execution=cfg.pretrain.steps_per_execution,
-        loss=mlm_loss(loss),
+        loss=mlm_loss(loss, mlm),
+        weighted_metrics=() if loss in HEAD_LOSSES else None,
     )
     return mlm, policy
 
@@ -403,7 +426,23 @@ def run_cell(spec: dict) -> dict:
         "steps_per_execution": t["steps_per_execution"],
         "bare_last_loss": t["bare_last_loss"],
         "parameters": int(mlm.count_params()),
+        "agreement": head_agreement(mlm, spec["mlm_loss"], batches[0]),
     }
+
+
+# A head loss farther than this from the whole logits (relative, loss or any gradient) fails its
+# cell: bfloat16 rounding accounts for ~1e-2 (tests/test_benchmarks.py), a wrong kernel for ~1.
+AGREEMENT_TOLERANCE = 5e-2
+
+
+def head_agreement(mlm, loss: str, batch) -> dict | None:
+    """For a head loss, how far it lands from the whole logits on this device (a GPU kernel that
+    is fast but wrong must say so beside its timing, and fail); ``None`` for the others."""
+    if loss not in HEAD_LOSSES:
+        return None
+    import head_loss
+
+    return head_loss.model_agreement(mlm, loss, batch)
 
 
 def run_loss(spec: dict) -> dict:
@@ -496,6 +535,11 @@ def cell_row(r: dict) -> list[str]:
     ]
 
 
+def agrees(cell: dict) -> bool:
+    """A cell without a head loss agrees; one with it, when it is within AGREEMENT_TOLERANCE."""
+    return not cell.get("agreement") or max(cell["agreement"].values()) <= AGREEMENT_TOLERANCE
+
+
 def markdown(header: str, cells: list[dict], loss: dict | None) -> str:
     lines = [header, ""]
     if cells:
@@ -509,6 +553,16 @@ def markdown(header: str, cells: list[dict], loss: dict | None) -> str:
             "TF32 for float32 (JAX's default f32 matmul precision on GPU); peak mem: "
             "peak_bytes_in_use of device 0 during fit.",
         ]
+        for r in cells:
+            if r.get("agreement"):
+                a = r["agreement"]
+                lines.append(
+                    f"{r['precision']} batch {r['batch']}: this loss against the whole logits through Keras's "
+                    f"loss, same weights and batch, relative difference: loss {a['loss']:.1e}; gradients: "
+                    f"features {a['features']:.1e}, embedding {a['embedding']:.1e}, bias {a['bias']:.1e} -> "
+                    + ("PASS" if agrees(r) else "FAIL")
+                    + f" (all <= {AGREEMENT_TOLERANCE:g})."
+                )
     if loss is not None:
         lines.append("")
         if "error" in loss:
@@ -550,7 +604,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--pool", type=int, default=8, help="distinct random batches, cycled")
     ap.add_argument("--vocab-size", type=int, default=30522, help="default: BERT uncased")
     ap.add_argument(
-        "--mlm-loss", default="keras", choices=MLM_LOSSES, help="keras: the pipeline's loss; logsumexp: the lever"
+        "--mlm-loss",
+        default="keras",
+        choices=MLM_LOSSES,
+        help="keras: the pipeline's loss; the others: levers (see mlm_loss)",
     )
     ap.add_argument("--out", help="write synthetic.md and synthetic.json into this folder")
     ap.add_argument("--loss-run", type=int, default=0, metavar="N", help="also train N steps at mixed_bfloat16")
@@ -632,6 +689,12 @@ def main(argv: list[str] | None = None) -> int:
         + f"; model {m.num_layers} layers, dim {m.model_dim}, ffn {m.intermediate_dim}, {m.num_heads} heads; "
         f"seq {d.seq_length}, {d.predictions_per_seq} predictions/seq, vocab {args.vocab_size}; "
         + ("" if args.mlm_loss == "keras" else f"loss {args.mlm_loss} (not the pipeline's); ")
+        + ("fit without the accuracy metric (no logits); " if args.mlm_loss in HEAD_LOSSES else "")
+        + (
+            "Pallas's interpreter runs the fused kernels here (no GPU): their timing means nothing; "
+            if args.mlm_loss == "fused" and jax.default_backend() != "gpu"
+            else ""
+        )
         + f"{args.warmup} warm-up + {args.repeats} x {args.steps} timed steps; python {platform.python_version()}, "
         f"jax {jax.__version__}, keras {keras.__version__}, keras-hub {keras_hub.__version__}"
         + ("" if "tensorflow" not in sys.modules or sys.modules["tensorflow"] is None else "; TensorFlow WAS imported")
@@ -645,7 +708,11 @@ def main(argv: list[str] | None = None) -> int:
         (out / "synthetic.json").write_text(json.dumps(payload, indent=2) + "\n")
     print()
     print(text, end="")
-    failed = any("error" in r for r in results) or (loss is not None and not loss.get("passed"))
+    failed = (
+        any("error" in r for r in results)
+        or not all(agrees(r) for r in cells)
+        or (loss is not None and not loss.get("passed"))
+    )
     return 1 if failed else 0
 
 

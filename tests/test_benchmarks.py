@@ -106,21 +106,135 @@ def test_logsumexp_loss_has_the_keras_loss_value_and_gradient(dtype):
     assert float(jnp.max(diff)) <= tol * float(jnp.max(jnp.abs(grad["theirs"].astype("float32"))))
     assert float(jnp.max(jnp.abs(grad["ours"][weights == 0].astype("float32")))) == 0.0
     assert synthetic.mlm_loss("keras") is None
-    with pytest.raises(ValueError, match="--mlm-loss 'fused'"):
-        synthetic.mlm_loss("fused")
+    with pytest.raises(ValueError, match="--mlm-loss 'optax'"):
+        synthetic.mlm_loss("optax")
 
 
-def test_logsumexp_loss_compiles_into_the_real_model():
-    """Both losses through compile_mlm on the smoke model, same seed: the same loss on one batch."""
+def test_every_lever_loss_compiles_into_the_real_model():
+    """Each --mlm-loss through compile_mlm on the smoke model, same seed: the same loss on one batch
+    (chunked and fused build their own head; its weights are drawn in the pipeline's order)."""
     cfg = from_overrides("smoke")
     (batch,) = synthetic.make_batches(cfg, 30522, 4, 1, seed=0)
-    losses = []
+    losses = {}
     for name in synthetic.MLM_LOSSES:
         mlm, _ = synthetic.build(cfg, 30522, "float32", total_steps=10, loss=name)
         assert (name == "keras") == (type(mlm.loss).__name__ == "SparseCategoricalCrossentropy")
-        losses.append(float(mlm.test_on_batch(*batch, return_dict=True)["loss"]))
-    assert losses[0] > 1.0  # an untrained model over 30,522 words
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+        losses[name] = float(mlm.test_on_batch(*batch, return_dict=True)["loss"])
+    assert losses["keras"] > 1.0  # an untrained model over 30,522 words
+    for name in synthetic.MLM_LOSSES[1:]:
+        assert losses[name] == pytest.approx(losses["keras"], rel=1e-5), name
+    with pytest.raises(ValueError, match="needs the model"):
+        synthetic.mlm_loss("fused")
+
+
+@pytest.mark.parametrize("kernel", ["chunked", "fused"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_head_loss_has_the_value_and_gradients_of_the_full_logits(kernel, dtype, monkeypatch):
+    """The chunked (uneven chunks) and fused (padded rows and words; Pallas's interpreter here)
+    losses: the weighted loss and the gradients for the features, the embedding and the bias equal
+    those of the whole logits through Keras's loss."""
+    import head_loss
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(1)
+    n, dim, vocab = 37, 16, 97
+    h = jnp.asarray(rng.normal(size=(n, dim)), dtype=dtype)
+    w = jnp.asarray(0.5 * rng.normal(size=(vocab, dim)), dtype=dtype)
+    b = jnp.asarray(0.1 * rng.normal(size=(vocab,)), dtype="float32")
+    y = jnp.asarray(rng.integers(0, vocab, size=n), dtype="int32")
+    weights = jnp.asarray(rng.integers(0, 2, size=n), dtype="float32")
+    assert 0 < float(weights.sum()) < n
+    if kernel == "chunked":
+        monkeypatch.setattr(head_loss, "CHUNK_ROWS", 8)
+
+    diffs = head_loss.agreement(kernel, h, w, b, y, weights)
+    tol = 1e-5 if dtype == "float32" else 2e-2  # fused keeps the logits float32, the pipeline rounds them
+    assert set(diffs) == {"loss", "features", "embedding", "bias"}
+    assert max(diffs.values()) <= tol, diffs
+    zero_rows = jax.grad(lambda h: jnp.sum(weights * head_loss.KERNELS[kernel](h, w, b, y)))(h)[weights == 0]
+    assert float(jnp.max(jnp.abs(zero_rows.astype("float32")))) == 0.0
+    # The measure itself: a loss a hair off shows up in it.
+    off = dict(head_loss.KERNELS)
+    monkeypatch.setitem(head_loss.KERNELS, kernel, lambda *a: 1.001 * off[kernel](*a))
+    assert head_loss.agreement(kernel, h, w, b, y, weights)["loss"] == pytest.approx(1e-3, rel=0.05)
+
+
+def test_a_head_loss_off_the_whole_logits_fails_its_cell():
+    """The agreement line under a lever's table: PASS within AGREEMENT_TOLERANCE, else FAIL."""
+    cell = {"precision": "mixed_bfloat16", "batch": 128}
+    near = {"loss": 1e-5, "features": 5e-3, "embedding": 1e-2, "bias": 1e-3}
+    far = {**near, "embedding": 0.9}
+    assert synthetic.agrees(cell) and synthetic.agrees({**cell, "agreement": near})
+    assert not synthetic.agrees({**cell, "agreement": far})
+    cells = [{**cell, "agreement": a, "error": "-", "batch_size": 128} for a in (near, far)]
+    lines = [line for line in synthetic.markdown("h", cells, None).splitlines() if "whole logits" in line]
+    assert len(lines) == 2 and lines[0].endswith("-> PASS (all <= 0.05).")
+    assert "embedding 9.0e-01" in lines[1] and lines[1].endswith("-> FAIL (all <= 0.05).")
+
+
+def test_fused_kernels_lower_to_triton_for_a_gpu(monkeypatch):
+    """The guide's shapes (4,096 rows, dim 256, 30,522 words), lowered here for CUDA as the H100
+    would get them: forward and both gradient kernels become Triton calls (Pallas's Triton
+    lowering has run; only the GPU's own compile is left), and a dim Triton cannot tile is refused."""
+    import re
+
+    import head_loss
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setattr(head_loss, "_interpret", lambda: False)
+    n, dim, vocab = 4096, 256, 30522
+    args = [
+        jax.ShapeDtypeStruct((n, dim), jnp.bfloat16),
+        jax.ShapeDtypeStruct((vocab, dim), jnp.bfloat16),
+        jax.ShapeDtypeStruct((vocab,), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    ]
+
+    def step(h, w, b, y):
+        return jax.value_and_grad(lambda *a: jnp.sum(head_loss.fused_cross_entropy(*a, y)), argnums=(0, 1, 2))(h, w, b)
+
+    triton = "__gpu$xla.gpu.triton"
+    exported = jax.export.export(
+        jax.jit(step), platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)]
+    )(*args)
+    text = exported.mlir_module()
+    assert text.count(f"@{triton}(") == 3
+    assert re.findall(r'name = "(mlm_cross_entropy_\w+)"', text) == [
+        "mlm_cross_entropy_forward",
+        "mlm_cross_entropy_features_grad",
+        "mlm_cross_entropy_embedding_grad",
+    ]
+    with pytest.raises(ValueError, match="power of two"):
+        head_loss.fused_cross_entropy(jnp.zeros((4, 24)), jnp.zeros((9, 24)), jnp.zeros(9), jnp.zeros(4, "int32"))
+
+
+@pytest.mark.parametrize("kernel", ["chunked", "fused"])
+def test_head_loss_trains_the_real_model_as_the_pipeline_does(kernel, monkeypatch):
+    """Two fit steps of the smoke model (24 masked positions; chunked in chunks of 5): the same
+    losses and the same weights after them (the tied embedding and the output bias included) as
+    the pipeline's head and loss; the head's config round-trips."""
+    import head_loss
+
+    monkeypatch.setattr(head_loss, "CHUNK_ROWS", 5)
+    cfg = from_overrides("smoke")
+    (batch,) = synthetic.make_batches(cfg, 30522, 4, 1, seed=0)
+    pipeline, _ = synthetic.build(cfg, 30522, "float32", total_steps=10)
+    mine, _ = synthetic.build(cfg, 30522, "float32", total_steps=10, loss=kernel)
+    assert mine.loss.kernel == kernel
+    mine.set_weights(pipeline.get_weights())
+    before = mine.get_weights()
+    for _ in range(2):
+        want = pipeline.train_on_batch(*batch, return_dict=True)["loss"]
+        got = mine.train_on_batch(*batch, return_dict=True)["loss"]
+        assert float(got) == pytest.approx(float(want), rel=1e-5)
+    names = [w.path for w in mine.weights]
+    for name, old, new, ref in zip(names, before, mine.get_weights(), pipeline.get_weights()):
+        assert np.abs(new - old).max() > 0, f"{name} did not train"
+        assert np.abs(new - ref).max() <= 1e-5 + 1e-3 * np.abs(ref - old).max(), name
+    head = mine.get_layer("mlm_head")
+    assert type(head).from_config(head.get_config()).get_config() == head.get_config()
 
 
 def test_flops_formula_for_the_guide_model():

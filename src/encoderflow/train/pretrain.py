@@ -88,7 +88,7 @@ def data_parallel(batch_size: int) -> int:
     return len(devices)
 
 
-def compile_mlm(mlm, p, total_steps: int, steps_per_execution: int = 1, loss=None) -> None:
+def compile_mlm(mlm, p, total_steps: int, steps_per_execution: int = 1, loss=None, weighted_metrics=None) -> None:
     """The guide's compile: AdamW, cross-entropy and accuracy weighted over the masked positions.
 
     The head returns logits and the loss applies the softmax itself (``from_logits=True``): one
@@ -101,6 +101,8 @@ def compile_mlm(mlm, p, total_steps: int, steps_per_execution: int = 1, loss=Non
         steps_per_execution: steps per call into the compiled step (see :func:`steps_per_execution`).
         loss: another Keras loss with the same meaning, for ``benchmarks/synthetic.py --mlm-loss``
             to time a lever; the pipeline keeps the default.
+        weighted_metrics: other metrics than the accuracy (``()``: none), for a lever whose
+            model returns no logits; the pipeline keeps the default.
     """
     from encoderflow.train.optim import adamw
 
@@ -109,7 +111,7 @@ def compile_mlm(mlm, p, total_steps: int, steps_per_execution: int = 1, loss=Non
         steps_per_execution=steps_per_execution,
         loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         optimizer=adamw(p, total_steps=total_steps),
-        weighted_metrics=["sparse_categorical_accuracy"],
+        weighted_metrics=["sparse_categorical_accuracy"] if weighted_metrics is None else list(weighted_metrics),
         jit_compile=True,
     )
 
