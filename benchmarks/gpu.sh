@@ -10,7 +10,8 @@
 #    logits and their loss are ~40% of the H100 step. The first three take the head's features,
 #    not logits (head_loss.py; fit there has no accuracy metric, the bare step is the same work),
 #    and their table also says how far their loss and gradients land from the whole logits there:
-#    loss-fused: three Pallas (Triton) kernels, logits only ever in registers;
+#    loss-fused: three Pallas (Triton) kernels, logits only ever in registers (their blocks:
+#      ENCODERFLOW_FUSED_BLOCKS="vocab=64 stages=1 ...", see head_loss.FusedBlocks);
 #    loss-chunked: the logits made 256 rows at a time in XLA, remade for the gradient;
 #    loss-logsumexp: the usual head, the loss as logsumexp(logits) - logits[label], no
 #      log-softmax or one-hot tensor of the logits' size (same value and gradient, tested);

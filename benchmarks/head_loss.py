@@ -22,7 +22,9 @@ the logits), hence this file. Both give the pipeline's value and gradients
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -102,30 +104,68 @@ _chunked = jax.custom_vjp(lambda rows, h, w, b, y: _forward(rows, h, w, b, y)[0]
 _chunked.defvjp(_forward, _backward)
 
 
-# Fused kernels' blocks (powers of two, as Triton wants). The forward and features-gradient
-# kernels run a grid of (row blocks of FUSED_ROWS) x (FUSED_SPLIT slices of the vocabulary), each
-# program stepping through its slice FUSED_VOCAB words at a time: 4,096 rows make 64 x 4 = 256
-# programs for the H100's 132 SMs, and the slices' partial results are combined in XLA (a few
-# [4, 4,096] arrays; [4, 4,096, 256] float32 for the features' gradient). The embedding-gradient
-# kernel runs one program per FUSED_VOCAB_GRAD words, stepping through all rows. Accumulators stay
-# under ~64 registers a thread at 8 warps. Untuned: the first GPU run says what they are worth.
-FUSED_ROWS = 64
-FUSED_VOCAB = 128
-FUSED_SPLIT = 4
-FUSED_VOCAB_GRAD = 64
-FUSED_WARPS = 8
+@dataclasses.dataclass(frozen=True)
+class FusedBlocks:
+    """Block sizes of the fused kernels (powers of two, as Triton wants). Untuned: the first GPU run
+    says what they are worth; ``ENCODERFLOW_FUSED_BLOCKS="vocab=64 stages=1"`` (any of the fields)
+    overrides them for another try without an edit.
+
+    The forward and features-gradient kernels run a grid of (row blocks of ``rows``) x (``split``
+    slices of the vocabulary), each program stepping through its slice ``vocab`` words at a time
+    (``grad_vocab`` in the gradient, whose accumulator and twice-read embedding block need more
+    room): 4,096 rows make 64 x 4 = 256 programs for the H100's 132 SMs, and the slices' partial
+    results are summed in XLA. The embedding-gradient kernel runs one program per ``grad_vocab``
+    words, stepping through all rows. By our arithmetic, not yet a GPU's, at 8 warps the
+    accumulators stay under ~64 registers a thread and the double-buffered embedding blocks
+    (``stages=2``) under the H100's 227 KB of shared memory.
+    """
+
+    rows: int = 64
+    vocab: int = 128
+    grad_vocab: int = 64
+    split: int = 4
+    warps: int = 8
+    stages: int = 2
+
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if name != "stages" and (value < 1 or value & (value - 1)):
+                raise ValueError(f"fused blocks: {name}={value} is not a power of two")
+        if self.stages < 1:
+            raise ValueError(f"fused blocks: stages={self.stages} must be >= 1")
+
+    @classmethod
+    def from_env(cls, text: str | None = None) -> FusedBlocks:
+        """Defaults, with ``ENCODERFLOW_FUSED_BLOCKS`` (``key=value``, space-separated) over them."""
+        text = os.environ.get("ENCODERFLOW_FUSED_BLOCKS", "") if text is None else text
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        for item in text.split():
+            key, sep, value = item.partition("=")
+            if not sep or key not in fields or not value.isdigit():
+                raise ValueError(
+                    f"ENCODERFLOW_FUSED_BLOCKS: {item!r} is not key=integer with key one of {', '.join(sorted(fields))}"
+                )
+            values[key] = int(value)
+        return cls(**values)
+
+    def words_multiple(self) -> int:
+        """The padded vocabulary's multiple: whole slices of whole steps, whole gradient blocks."""
+        return self.split * max(self.vocab, self.grad_vocab)
+
+
+FUSED = FusedBlocks.from_env()
 # The padded vocabulary rows' bias: their logits vanish from every exp, finitely (Pallas's
 # attention masks with the same value).
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def fused_cross_entropy(features, embeddings, bias, labels):
-    """:func:`chunked_cross_entropy`'s result from fused Pallas kernels.
+    """:func:`chunked_cross_entropy`'s result from fused Pallas kernels (blocks: ``FUSED``).
 
-    Rows are padded to whole ``FUSED_ROWS`` blocks and the vocabulary to whole
-    ``FUSED_SPLIT x FUSED_VOCAB`` slices (padded words get a bias no logit survives); the dim stays
-    as it is and must suit Triton (a power of two, at least 16). Off a GPU the kernels run in
-    Pallas's interpreter, which is how the tests check them.
+    Rows are padded to whole row blocks and the vocabulary to whole slices (padded words get a
+    bias no logit survives); the dim stays as it is and must suit Triton (a power of two, at least
+    16). Off a GPU the kernels run in Pallas's interpreter, which is how the tests check them.
 
     Args:
         features: ``(n, dim)``, the head's output before its projection.
@@ -139,18 +179,18 @@ def fused_cross_entropy(features, embeddings, bias, labels):
     dim = features.shape[-1]
     if dim < 16 or dim & (dim - 1):
         raise ValueError(f"--mlm-loss fused needs model.model_dim a power of two >= 16, got {dim}")
-    return _fused(features, embeddings, bias, labels)
+    return _fused(FUSED, features, embeddings, bias, labels)
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _fused_inputs(h, w, b, y):
+def _fused_inputs(blocks: FusedBlocks, h, w, b, y):
     """Padded to whole blocks; bias float32."""
     n, vocab = h.shape[0], w.shape[0]
-    rows = _round_up(n, FUSED_ROWS) - n
-    words = _round_up(vocab, FUSED_SPLIT * FUSED_VOCAB) - vocab
+    rows = _round_up(n, blocks.rows) - n
+    words = _round_up(vocab, blocks.words_multiple()) - vocab
     b = b.astype(jnp.float32)
     if words:
         w = jnp.pad(w, ((0, words), (0, 0)))
@@ -168,25 +208,25 @@ def _fused_logits(h, w, b):
     return plgpu.dot(h, w.T) + b[None, :]
 
 
-def _fused_forward_kernel(h_ref, w_ref, b_ref, y_ref, m_ref, total_ref, picked_ref):
+def _fused_forward_kernel(h_ref, w_ref, b_ref, y_ref, m_ref, total_ref, picked_ref, *, step):
     """One row block against one vocabulary slice: the slice's max logit, sum of exp(logit - max)
-    and label logit (0 where the label lies in another slice), online over FUSED_VOCAB words."""
+    and label logit (0 where the label lies in another slice), online over ``step`` words."""
     h, y = h_ref[...], y_ref[...]
     rows = h.shape[0]
     first = pl.program_id(1) * w_ref.shape[0]
 
     def body(k, carry):
         m, total, picked = carry
-        words = pl.ds(k * FUSED_VOCAB, FUSED_VOCAB)
+        words = pl.ds(k * step, step)
         z = _fused_logits(h, w_ref[words, :], b_ref[words])
         m_next = jnp.maximum(m, jnp.max(z, axis=1))
         total = total * jnp.exp(m - m_next) + jnp.sum(jnp.exp(z - m_next[:, None]), axis=1)
-        ids = first + k * FUSED_VOCAB + jax.lax.broadcasted_iota(jnp.int32, z.shape, 1)
+        ids = first + k * step + jax.lax.broadcasted_iota(jnp.int32, z.shape, 1)
         picked = picked + jnp.sum(jnp.where(ids == y[:, None], z, 0.0), axis=1)
         return m_next, total, picked
 
     init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32))
-    m, total, picked = jax.lax.fori_loop(0, w_ref.shape[0] // FUSED_VOCAB, body, init)
+    m, total, picked = jax.lax.fori_loop(0, w_ref.shape[0] // step, body, init)
     m_ref[...], total_ref[...], picked_ref[...] = m, total, picked
 
 
@@ -197,34 +237,34 @@ def _fused_logits_grad(h, w, b, y, lse, g, first_word):
     return (jnp.exp(z - lse[:, None]) - (ids == y[:, None]).astype(jnp.float32)) * g[:, None]
 
 
-def _fused_features_grad_kernel(h_ref, w_ref, b_ref, y_ref, lse_ref, g_ref, dh_ref):
+def _fused_features_grad_kernel(h_ref, w_ref, b_ref, y_ref, lse_ref, g_ref, dh_ref, *, step):
     """One row block's features gradient from one vocabulary slice (float32, summed in XLA)."""
     h, y, lse, g = h_ref[...], y_ref[...], lse_ref[...], g_ref[...]
     first = pl.program_id(1) * w_ref.shape[0]
 
     def body(k, dh):
-        words = pl.ds(k * FUSED_VOCAB, FUSED_VOCAB)
+        words = pl.ds(k * step, step)
         w = w_ref[words, :]
-        dz = _fused_logits_grad(h, w, b_ref[words], y, lse, g, first + k * FUSED_VOCAB)
+        dz = _fused_logits_grad(h, w, b_ref[words], y, lse, g, first + k * step)
         return dh + plgpu.dot(dz.astype(w.dtype), w)
 
-    dh_ref[...] = jax.lax.fori_loop(0, w_ref.shape[0] // FUSED_VOCAB, body, jnp.zeros(h.shape, jnp.float32))
+    dh_ref[...] = jax.lax.fori_loop(0, w_ref.shape[0] // step, body, jnp.zeros(h.shape, jnp.float32))
 
 
-def _fused_embedding_grad_kernel(h_ref, w_ref, b_ref, y_ref, lse_ref, g_ref, dw_ref, db_ref):
-    """One vocabulary block's embedding and bias gradients, over all rows."""
+def _fused_embedding_grad_kernel(h_ref, w_ref, b_ref, y_ref, lse_ref, g_ref, dw_ref, db_ref, *, rows):
+    """One vocabulary block's embedding and bias gradients, over all rows ``rows`` at a time."""
     w, b = w_ref[...], b_ref[...]
-    first_word = pl.program_id(0) * FUSED_VOCAB_GRAD
+    first_word = pl.program_id(0) * w.shape[0]
 
     def body(i, carry):
         dw, db = carry
-        rows = pl.ds(i * FUSED_ROWS, FUSED_ROWS)
-        h = h_ref[rows, :]
-        dz = _fused_logits_grad(h, w, b, y_ref[rows], lse_ref[rows], g_ref[rows], first_word)
+        block = pl.ds(i * rows, rows)
+        h = h_ref[block, :]
+        dz = _fused_logits_grad(h, w, b, y_ref[block], lse_ref[block], g_ref[block], first_word)
         return dw + plgpu.dot(dz.astype(h.dtype).T, h), db + jnp.sum(dz, axis=0)
 
     init = (jnp.zeros(w.shape, jnp.float32), jnp.zeros(b.shape, jnp.float32))
-    dw, db = jax.lax.fori_loop(0, h_ref.shape[0] // FUSED_ROWS, body, init)
+    dw, db = jax.lax.fori_loop(0, h_ref.shape[0] // rows, body, init)
     dw_ref[...] = dw.astype(dw_ref.dtype)
     db_ref[...] = db
 
@@ -233,43 +273,41 @@ def _spec(shape, index_map):
     return pl.BlockSpec(shape, index_map)
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, name):
+def _call(blocks: FusedBlocks, kernel, grid, in_specs, out_specs, out_shape, name):
     return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=FUSED_WARPS, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.warps, num_stages=blocks.stages),
         interpret=_interpret(),
         name=name,
     )
 
 
-def _split_specs(hp, wp, bp):
-    """In-specs of a (row block, vocabulary slice) grid: rows, that slice's words and biases."""
-    dim, per_slice = hp.shape[1], wp.shape[0] // FUSED_SPLIT
+def _split_specs(blocks: FusedBlocks, hp, wp):
+    """In-specs of a (row block, vocabulary slice) grid: rows, that slice's words and biases, and
+    (for labels, log-sum-exps, cotangents) the rows' entries."""
+    dim, per_slice = hp.shape[1], wp.shape[0] // blocks.split
     return [
-        _spec((FUSED_ROWS, dim), lambda i, j: (i, 0)),
+        _spec((blocks.rows, dim), lambda i, j: (i, 0)),
         _spec((per_slice, dim), lambda i, j: (j, 0)),
         _spec((per_slice,), lambda i, j: (j,)),
-    ]
+    ], _spec((blocks.rows,), lambda i, j: (i,))
 
 
-def _rows_spec():
-    return _spec((FUSED_ROWS,), lambda i, j: (i,))
-
-
-def _fused_forward(h, w, b, y):
+def _fused_forward(blocks: FusedBlocks, h, w, b, y):
     n = h.shape[0]
-    hp, wp, bp, yp = _fused_inputs(h, w, b, y)
-    grid = (hp.shape[0] // FUSED_ROWS, FUSED_SPLIT)
-    partial = jax.ShapeDtypeStruct((FUSED_SPLIT, hp.shape[0]), jnp.float32)
-    out_spec = _spec((None, FUSED_ROWS), lambda i, j: (j, i))
+    hp, wp, bp, yp = _fused_inputs(blocks, h, w, b, y)
+    (rows, words, biases), by_row = _split_specs(blocks, hp, wp)
+    partial = jax.ShapeDtypeStruct((blocks.split, hp.shape[0]), jnp.float32)
+    out_spec = _spec((None, blocks.rows), lambda i, j: (j, i))
     m, total, picked = _call(
-        _fused_forward_kernel,
-        grid,
-        _split_specs(hp, wp, bp) + [_rows_spec()],
+        blocks,
+        functools.partial(_fused_forward_kernel, step=blocks.vocab),
+        (hp.shape[0] // blocks.rows, blocks.split),
+        [rows, words, biases, by_row],
         [out_spec] * 3,
         [partial] * 3,
         "mlm_cross_entropy_forward",
@@ -280,34 +318,38 @@ def _fused_forward(h, w, b, y):
     return loss[:n], (h, w, b, y, lse)
 
 
-def _fused_backward(saved, g):
+def _fused_backward(blocks: FusedBlocks, saved, g):
     h, w, b, y, lse = saved
     n, vocab = h.shape[0], w.shape[0]
-    hp, wp, bp, yp = _fused_inputs(h, w, b, y)
+    hp, wp, bp, yp = _fused_inputs(blocks, h, w, b, y)
     gp = jnp.pad(g.astype(jnp.float32), (0, hp.shape[0] - n))  # padded rows: no gradient
     args = (hp, wp, bp, yp, lse, gp)
+    (rows, words, biases), by_row = _split_specs(blocks, hp, wp)
     dh = _call(
-        _fused_features_grad_kernel,
-        (hp.shape[0] // FUSED_ROWS, FUSED_SPLIT),
-        _split_specs(hp, wp, bp) + [_rows_spec()] * 3,
-        _spec((None, FUSED_ROWS, hp.shape[1]), lambda i, j: (j, i, 0)),
-        jax.ShapeDtypeStruct((FUSED_SPLIT,) + hp.shape, jnp.float32),
+        blocks,
+        functools.partial(_fused_features_grad_kernel, step=blocks.grad_vocab),
+        (hp.shape[0] // blocks.rows, blocks.split),
+        [rows, words, biases] + [by_row] * 3,
+        _spec((None, blocks.rows, hp.shape[1]), lambda i, j: (j, i, 0)),
+        jax.ShapeDtypeStruct((blocks.split,) + hp.shape, jnp.float32),
         "mlm_cross_entropy_features_grad",
     )(*args)
-    words = _spec((FUSED_VOCAB_GRAD, wp.shape[1]), lambda k: (k, 0))
+    word_block = _spec((blocks.grad_vocab, wp.shape[1]), lambda k: (k, 0))
+    bias_block = _spec((blocks.grad_vocab,), lambda k: (k,))
     dw, db = _call(
-        _fused_embedding_grad_kernel,
-        (wp.shape[0] // FUSED_VOCAB_GRAD,),
-        [_spec(hp.shape, lambda k: (0, 0)), words, _spec((FUSED_VOCAB_GRAD,), lambda k: (k,))]
+        blocks,
+        functools.partial(_fused_embedding_grad_kernel, rows=blocks.rows),
+        (wp.shape[0] // blocks.grad_vocab,),
+        [_spec(hp.shape, lambda k: (0, 0)), word_block, bias_block]
         + [_spec(x.shape, lambda k: (0,)) for x in (yp, lse, gp)],
-        [words, _spec((FUSED_VOCAB_GRAD,), lambda k: (k,))],
+        [word_block, bias_block],
         [jax.ShapeDtypeStruct(wp.shape, w.dtype), jax.ShapeDtypeStruct(bp.shape, jnp.float32)],
         "mlm_cross_entropy_embedding_grad",
     )(*args)
     return jnp.sum(dh, axis=0)[:n].astype(h.dtype), dw[:vocab], db[:vocab].astype(b.dtype), None
 
 
-_fused = jax.custom_vjp(lambda h, w, b, y: _fused_forward(h, w, b, y)[0])
+_fused = jax.custom_vjp(lambda blocks, h, w, b, y: _fused_forward(blocks, h, w, b, y)[0], nondiff_argnums=(0,))
 _fused.defvjp(_fused_forward, _fused_backward)
 
 KERNELS = {"chunked": chunked_cross_entropy, "fused": fused_cross_entropy}

@@ -34,6 +34,7 @@ far their loss and gradients land from the whole logits through Keras's loss; be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -579,6 +580,18 @@ def markdown(header: str, cells: list[dict], loss: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fused_note() -> str:
+    """The fused kernels' blocks, and whether they ran as kernels at all, for the table's header."""
+    import head_loss
+    import jax
+
+    blocks = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(head_loss.FUSED).items())
+    note = f"fused blocks {blocks}; "
+    if jax.default_backend() != "gpu":
+        note += "Pallas's interpreter runs the fused kernels here (no GPU): their timing means nothing; "
+    return note
+
+
 def _list(values: list[str], cast) -> list:
     return [cast(v) for item in values for v in str(item).split(",") if v.strip()]
 
@@ -690,11 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         f"seq {d.seq_length}, {d.predictions_per_seq} predictions/seq, vocab {args.vocab_size}; "
         + ("" if args.mlm_loss == "keras" else f"loss {args.mlm_loss} (not the pipeline's); ")
         + ("fit without the accuracy metric (no logits); " if args.mlm_loss in HEAD_LOSSES else "")
-        + (
-            "Pallas's interpreter runs the fused kernels here (no GPU): their timing means nothing; "
-            if args.mlm_loss == "fused" and jax.default_backend() != "gpu"
-            else ""
-        )
+        + (fused_note() if args.mlm_loss == "fused" else "")
         + f"{args.warmup} warm-up + {args.repeats} x {args.steps} timed steps; python {platform.python_version()}, "
         f"jax {jax.__version__}, keras {keras.__version__}, keras-hub {keras_hub.__version__}"
         + ("" if "tensorflow" not in sys.modules or sys.modules["tensorflow"] is None else "; TensorFlow WAS imported")

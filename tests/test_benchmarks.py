@@ -160,6 +160,29 @@ def test_head_loss_has_the_value_and_gradients_of_the_full_logits(kernel, dtype,
     assert head_loss.agreement(kernel, h, w, b, y, weights)["loss"] == pytest.approx(1e-3, rel=0.05)
 
 
+def test_fused_blocks_from_the_environment_and_other_blocks_agree(monkeypatch):
+    """ENCODERFLOW_FUSED_BLOCKS overrides the fused kernels' blocks for another try on a GPU; bad
+    text is refused naming the knob; other blocks (more slices, smaller steps) give the same loss."""
+    import head_loss
+    import jax.numpy as jnp
+
+    assert head_loss.FusedBlocks.from_env("") == head_loss.FusedBlocks()
+    small = head_loss.FusedBlocks.from_env("rows=16 vocab=32 grad_vocab=16 split=2 stages=1")
+    assert (small.rows, small.vocab, small.grad_vocab, small.split, small.warps, small.stages) == (16, 32, 16, 2, 8, 1)
+    for bad in ("rows=48", "lanes=2", "rows", "vocab=x"):
+        with pytest.raises(ValueError, match="power of two|ENCODERFLOW_FUSED_BLOCKS"):
+            head_loss.FusedBlocks.from_env(bad)
+    rng = np.random.default_rng(2)
+    n, dim, vocab = 40, 16, 150
+    h = jnp.asarray(rng.normal(size=(n, dim)), dtype="float32")
+    w = jnp.asarray(0.5 * rng.normal(size=(vocab, dim)), dtype="float32")
+    b = jnp.asarray(0.1 * rng.normal(size=(vocab,)), dtype="float32")
+    y = jnp.asarray(rng.integers(0, vocab, size=n), dtype="int32")
+    weights = jnp.ones((n,), "float32")
+    monkeypatch.setattr(head_loss, "FUSED", small)
+    assert max(head_loss.agreement("fused", h, w, b, y, weights).values()) <= 1e-5
+
+
 def test_a_head_loss_off_the_whole_logits_fails_its_cell():
     """The agreement line under a lever's table: PASS within AGREEMENT_TOLERANCE, else FAIL."""
     cell = {"precision": "mixed_bfloat16", "batch": 128}
