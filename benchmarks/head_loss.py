@@ -302,7 +302,7 @@ def _fused_forward(blocks: FusedBlocks, h, w, b, y):
     hp, wp, bp, yp = _fused_inputs(blocks, h, w, b, y)
     (rows, words, biases), by_row = _split_specs(blocks, hp, wp)
     partial = jax.ShapeDtypeStruct((blocks.split, hp.shape[0]), jnp.float32)
-    out_spec = _spec((None, blocks.rows), lambda i, j: (j, i))
+    out_spec = _spec((pl.squeezed, blocks.rows), lambda i, j: (j, i))
     m, total, picked = _call(
         blocks,
         functools.partial(_fused_forward_kernel, step=blocks.vocab),
@@ -330,7 +330,7 @@ def _fused_backward(blocks: FusedBlocks, saved, g):
         functools.partial(_fused_features_grad_kernel, step=blocks.grad_vocab),
         (hp.shape[0] // blocks.rows, blocks.split),
         [rows, words, biases] + [by_row] * 3,
-        _spec((None, blocks.rows, hp.shape[1]), lambda i, j: (j, i, 0)),
+        _spec((pl.squeezed, blocks.rows, hp.shape[1]), lambda i, j: (j, i, 0)),
         jax.ShapeDtypeStruct((blocks.split,) + hp.shape, jnp.float32),
         "mlm_cross_entropy_features_grad",
     )(*args)
