@@ -315,13 +315,14 @@ def _fused_forward(blocks: FusedBlocks, h, w, b, y):
     top = jnp.max(m, axis=0)
     lse = top + jnp.log(jnp.sum(total * jnp.exp(m - top), axis=0))
     loss = lse - jnp.sum(picked, axis=0)
-    return loss[:n], (h, w, b, y, lse)
+    # The padded inputs are kept for the backward pass, not padded again there; the original bias
+    # gives the vocabulary's size and its gradient's dtype.
+    return loss[:n], (hp, wp, bp, yp, lse, b)
 
 
 def _fused_backward(blocks: FusedBlocks, saved, g):
-    h, w, b, y, lse = saved
-    n, vocab = h.shape[0], w.shape[0]
-    hp, wp, bp, yp = _fused_inputs(blocks, h, w, b, y)
+    hp, wp, bp, yp, lse, b = saved
+    n, vocab = g.shape[0], b.shape[0]
     gp = jnp.pad(g.astype(jnp.float32), (0, hp.shape[0] - n))  # padded rows: no gradient
     args = (hp, wp, bp, yp, lse, gp)
     (rows, words, biases), by_row = _split_specs(blocks, hp, wp)
@@ -343,10 +344,10 @@ def _fused_backward(blocks: FusedBlocks, saved, g):
         [_spec(hp.shape, lambda k: (0, 0)), word_block, bias_block]
         + [_spec(x.shape, lambda k: (0,)) for x in (yp, lse, gp)],
         [word_block, bias_block],
-        [jax.ShapeDtypeStruct(wp.shape, w.dtype), jax.ShapeDtypeStruct(bp.shape, jnp.float32)],
+        [jax.ShapeDtypeStruct(wp.shape, wp.dtype), jax.ShapeDtypeStruct(bp.shape, jnp.float32)],
         "mlm_cross_entropy_embedding_grad",
     )(*args)
-    return jnp.sum(dh, axis=0)[:n].astype(h.dtype), dw[:vocab], db[:vocab].astype(b.dtype), None
+    return jnp.sum(dh, axis=0)[:n].astype(hp.dtype), dw[:vocab], db[:vocab].astype(b.dtype), None
 
 
 _fused = jax.custom_vjp(lambda blocks, h, w, b, y: _fused_forward(blocks, h, w, b, y)[0], nondiff_argnums=(0,))

@@ -113,6 +113,9 @@ def test_logsumexp_loss_has_the_keras_loss_value_and_gradient(dtype):
 def test_every_lever_loss_compiles_into_the_real_model():
     """Each --mlm-loss through compile_mlm on the smoke model, same seed: the same loss on one batch
     (chunked and fused build their own head; its weights are drawn in the pipeline's order)."""
+    import head_loss
+
+    assert set(synthetic.HEAD_LOSSES) == set(head_loss.KERNELS)  # synthetic.py names them without importing JAX
     cfg = from_overrides("smoke")
     (batch,) = synthetic.make_batches(cfg, 30522, 4, 1, seed=0)
     losses = {}
