@@ -66,12 +66,17 @@ venv-dry-run:
 run: $(STAMP)
 	$(BIN)/encoderflow run $(RUN_ARGS)
 
+# pytest-xdist workers: the Airflow end-to-end files run one after another on one of them, every other
+# file on the rest (tests/conftest.py). At most 4: each worker holds its own TensorFlow and JAX.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; [ $$n -lt 2 ] && n=2; echo $$n)
+PYTEST    := $(BIN)/python -m pytest -ra -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
+
 test: lint
-	$(BIN)/python -m pytest -ra
+	$(PYTEST)
 
 # Everything but the end-to-end Airflow runs.
 test-fast: lint
-	$(BIN)/python -m pytest -ra -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # ruff's settings are in pyproject.toml; `make format` rewrites, `make lint` only checks.
 lint: $(STAMP)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from encoderflow import runtime
 
 
@@ -15,6 +17,8 @@ def test_precision_auto_is_bfloat16_on_accelerators_and_float32_on_cpu():
 
 NATIVE_PROBE = r"""
 import logging, os, sys
+import os
+
 from encoderflow import runtime
 
 records = []
@@ -49,3 +53,50 @@ def test_native_start_up_lines_are_logged_at_their_own_level_not_as_errors():
     # Nothing native reaches stderr any more; Python's own stderr lines pass through untouched.
     assert "a python line on stderr" in proc.stderr
     assert "cuInit" not in proc.stderr and "oneDNN" not in proc.stderr
+
+
+CACHE_PROBE = r"""
+import collections, json, os
+import os
+
+from encoderflow import runtime
+
+folder = runtime.use_compilation_cache()
+import jax, jax.numpy as jnp
+
+events = collections.Counter()
+jax.monitoring.register_event_listener(lambda event, **_: events.update([event.rsplit("/", 1)[-1]]))
+jax.jit(lambda x: jnp.tanh(x) @ x.T + 1.0)(jnp.ones((8, 8)))
+print(json.dumps({"folder": folder, "hits": events["cache_hits"], "misses": events["cache_misses"]}))
+"""
+
+
+def test_compiled_programs_are_kept_under_encoderflow_home_for_the_next_process(tmp_path):
+    """A task's second process (a retry, the next run) reads what the first compiled; JAX's own
+    settings still choose another folder or switch the cache off."""
+    import json
+    import subprocess
+    import sys
+
+    def probe(**env: str) -> dict:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+        run = subprocess.run(
+            [sys.executable, "-c", CACHE_PROBE],
+            env=base | {"ENCODERFLOW_HOME": str(tmp_path / "home")} | env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    first, second = probe(), probe()
+    assert first["folder"] == str(tmp_path / "home" / "cache" / "jax"), first
+    assert first["misses"] >= 1 and first["hits"] == 0, first
+    assert second["hits"] >= 1 and second["misses"] == 0, second
+    assert any(p.name.endswith("-cache") for p in (tmp_path / "home" / "cache" / "jax").iterdir())
+
+    elsewhere = probe(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "elsewhere"))
+    assert elsewhere["folder"] == str(tmp_path / "elsewhere") and elsewhere["misses"] >= 1, elsewhere
+    off = probe(JAX_ENABLE_COMPILATION_CACHE="false")
+    assert off["folder"] is None and off["hits"] == 0, off
