@@ -17,8 +17,6 @@ def test_precision_auto_is_bfloat16_on_accelerators_and_float32_on_cpu():
 
 NATIVE_PROBE = r"""
 import logging, os, sys
-import os
-
 from encoderflow import runtime
 
 records = []
@@ -56,9 +54,7 @@ def test_native_start_up_lines_are_logged_at_their_own_level_not_as_errors():
 
 
 CACHE_PROBE = r"""
-import collections, json, os
-import os
-
+import collections, json
 from encoderflow import runtime
 
 folder = runtime.use_compilation_cache()

@@ -8,6 +8,7 @@ TensorFlow goes through here instead of importing them at its top.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ def use_jax() -> None:
     use_compilation_cache()
 
 
+@functools.cache  # once per process: use_jax() runs on every keras() call
 def use_compilation_cache() -> str | None:
     """Keep XLA's compiled programs under ``ENCODERFLOW_HOME/cache/jax`` across processes.
 
