@@ -40,7 +40,7 @@ RUN_ARGS := --preset $(PRESET) \
 	$(foreach s,$(SET),--set $(s)) \
 	$(if $(FORCE),--force)
 
-.PHONY: run test test-fast lint format docs airflow venv venv-dry-run doctor clean stack stack-down stack-status stack-deps gpu-wheels
+.PHONY: run test test-fast lint format docs airflow venv venv-dry-run doctor clean stack stack-down stack-status stack-deps gpu-wheels gpu-aot
 
 venv: $(STAMP)
 
@@ -134,3 +134,24 @@ gpu-wheels:
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
+
+# benchmarks/gpu_aot.py: compiles the GPU check's training steps for an H100 here, with no GPU (XLA's
+# deviceless compile), in a venv of its own with the lent device's stack (Python 3.12, jax 0.11.2 and
+# its CUDA 13 plugin, keras and keras-hub at our pins; ~4.4 GB of CUDA wheels, no TensorFlow).
+# AOT_OUT: where its tables go; AOT_ARGS: more flags (e.g. --top 10, --cell, --fused-blocks).
+AOT_PYTHON ?= python3.12
+AOT_VENV   := .venv-aot
+AOT_OUT    ?= out/gpu-aot
+AOT_ARGS   ?=
+
+gpu-aot: $(AOT_VENV)/.installed
+	PYTHONPATH=src $(AOT_VENV)/bin/python benchmarks/gpu_aot.py --out $(AOT_OUT) $(AOT_ARGS)
+
+# --no-deps: every package is pinned in the file, and keras-hub's tensorflow-text stays out, as on the device.
+$(AOT_VENV)/.installed: benchmarks/gpu-aot-requirements.txt
+	@$(AOT_PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || { \
+		echo "make gpu-aot needs Python 3.12 (jax 0.11.2 does; '$(AOT_PYTHON)' is not it): AOT_PYTHON=/path/to/python3.12"; exit 1; }
+	rm -rf $(AOT_VENV)
+	$(AOT_PYTHON) -m venv $(AOT_VENV)
+	$(AOT_VENV)/bin/python -m pip install --quiet --no-deps -r benchmarks/gpu-aot-requirements.txt
+	touch $@

@@ -7,7 +7,7 @@
 #    fit next to the bare jitted step (benchmarks/synthetic.py; one process per cell);
 # 2. a 300-step mixed_bfloat16 run whose loss must fall and stay finite;
 # 3. the next levers, each timed beside the real cell (mixed_bfloat16, batch 128); the 4,096 x V
-#    logits and their loss are ~40% of the H100 step. The first three take the head's features,
+#    logits and their loss are ~40% of the H100 step. The head-loss ones take the head's features,
 #    not logits (head_loss.py; fit there has no accuracy metric, the bare step is the same work),
 #    and their table also says how far their loss and gradients land from the whole logits there:
 #    loss-fused: three Pallas (Triton) kernels, logits only ever in registers (their blocks:
@@ -17,7 +17,9 @@
 #      log-softmax or one-hot tensor of the logits' size (same value and gradient, tested);
 #    vocab-pad: the vocabulary padded from 30,522 to 30,592 rows (a multiple of 128; 30,522 =
 #      2 x 15,261 tiles badly; ids are drawn over the padded range, which no timing sees).
-#    Most telling first: a run cut short by its time limit loses the last.
+#    In the order of their bytes per step as compiled for an H100 here (benchmarks/gpu_aot.py,
+#    2026-12-05): fused and vocab-pad move fewer than the pipeline's step, chunked and logsumexp
+#    more; a run cut short by its time limit loses the last.
 # Writes OUTDIR/synthetic.md, OUTDIR/synthetic.json, OUTDIR/<lever>/synthetic.md and
 # OUTDIR/log.txt; prints the tables last.
 # Exit status: non-zero when a cell failed (a head loss off the whole logits included) or the loss
@@ -31,7 +33,7 @@
 # Knobs (defaults are the real check; a CPU rehearsal shrinks them):
 #   GPU_CHECK_PRESET=guide GPU_CHECK_BATCHES=128,1024 GPU_CHECK_PRECISIONS=float32,mixed_bfloat16
 #   GPU_CHECK_STEPS=64 GPU_CHECK_WARMUP=5 GPU_CHECK_REPEATS=3 GPU_CHECK_LOSS_STEPS=300
-#   GPU_CHECK_MLM_LOSSES="fused chunked logsumexp" GPU_CHECK_PAD_VOCAB=30592 (empty: no such lever)
+#   GPU_CHECK_LEVERS="loss-fused vocab-pad loss-chunked loss-logsumexp" (empty: none) GPU_CHECK_PAD_VOCAB=30592
 #   A shorter check once the full table exists: GPU_CHECK_BATCHES=128 GPU_CHECK_PRECISIONS=mixed_bfloat16
 #   PYTHON=python3
 set -euo pipefail
@@ -83,26 +85,26 @@ show() {
     cat "$2" 2>/dev/null || { echo "no table was written (see $log)"; rc=1; }
 }
 
-pad=${GPU_CHECK_PAD_VOCAB-30592}
-read -ra losses <<<"${GPU_CHECK_MLM_LOSSES-fused chunked logsumexp}"
+read -ra wanted <<<"${GPU_CHECK_LEVERS-loss-fused vocab-pad loss-chunked loss-logsumexp}"
 rc=0
 levers=()
 # One lever: the real bfloat16 batch-128 cell with the named change, its table in OUTDIR/NAME.
 lever() {
-    local name=$1
-    shift
+    local name=$1 change
+    case $name in
+        loss-*) change=(--mlm-loss "${name#loss-}") ;;
+        vocab-pad) change=(--vocab-size "${GPU_CHECK_PAD_VOCAB:-30592}") ;;
+        *) echo "gpu check: unknown lever '$name' (loss-fused, loss-chunked, loss-logsumexp, vocab-pad)" | tee -a "$log"; rc=1; return ;;
+    esac
     levers+=("$name")
-    synthetic --precision mixed_bfloat16 --batch-size "${batches%%,*}" --out "$out/$name" "$@" || rc=1
+    synthetic --precision mixed_bfloat16 --batch-size "${batches%%,*}" --out "$out/$name" "${change[@]}" || rc=1
 }
 
 synthetic --precision "${GPU_CHECK_PRECISIONS:-float32,mixed_bfloat16}" --batch-size "$batches" \
     --loss-run "${GPU_CHECK_LOSS_STEPS:-300}" --out "$out" || rc=1
-for loss in "${losses[@]}"; do
-    lever "loss-$loss" --mlm-loss "$loss"
+for name in "${wanted[@]}"; do
+    lever "$name"
 done
-if [[ -n "$pad" ]]; then
-    lever vocab-pad --vocab-size "$pad"
-fi
 
 show "gpu check tables" "$out/synthetic.md"
 for name in "${levers[@]}"; do

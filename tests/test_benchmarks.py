@@ -200,9 +200,10 @@ def test_a_head_loss_off_the_whole_logits_fails_its_cell():
 
 
 def test_fused_kernels_lower_to_triton_for_a_gpu(monkeypatch):
-    """The guide's shapes (4,096 rows, dim 256, 30,522 words), lowered here for CUDA as the H100
-    would get them: forward and both gradient kernels become Triton calls (Pallas's Triton
-    lowering has run; only the GPU's own compile is left), and a dim Triton cannot tile is refused."""
+    """The guide's shapes (4,096 rows, dim 256, 30,522 words), lowered here for CUDA as an H100
+    would get them (jax 0.10 here, 0.11 on the lent device): forward and both gradient kernels
+    become Triton calls (Pallas's Triton lowering has run; make gpu-aot compiles them for an H100),
+    and a dim Triton cannot tile is refused."""
     import re
 
     import head_loss
@@ -222,9 +223,13 @@ def test_fused_kernels_lower_to_triton_for_a_gpu(monkeypatch):
         return jax.value_and_grad(lambda *a: jnp.sum(head_loss.fused_cross_entropy(*a, y)), argnums=(0, 1, 2))(h, w, b)
 
     triton = "__gpu$xla.gpu.triton"
-    exported = jax.export.export(
-        jax.jit(step), platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)]
-    )(*args)
+    # From jax 0.11 (the lent H100's) Pallas asks the device for its compute capability while
+    # lowering; an abstract H100 answers here as the real one will there (9.0).
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+        exported = jax.export.export(
+            jax.jit(step), platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)]
+        )(*args)
     text = exported.mlir_module()
     assert text.count(f"@{triton}(") == 3
     assert re.findall(r'name = "(mlm_cross_entropy_\w+)"', text) == [
@@ -425,3 +430,105 @@ def test_finetune_benchmark_scores_a_saved_encoder(tmp_path):
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["preset"] == "smoke" and row["sets"] == ["finetune.steps_per_epoch=2"] and 0.0 <= row["sst2"] <= 1.0
     assert (tmp_path / "out" / "bundle" / "bundle.json").exists()
+
+
+def test_gpu_aot_counts_each_launch_and_its_bytes_in_compiled_hlo():
+    """benchmarks/gpu_aot.py reads an executable's HLO: a while body's kernels count once per trip
+    and move their operands and output each time; bookkeeping (tuples, parameters) launches nothing."""
+    import gpu_aot
+    import jax
+    import jax.numpy as jnp
+
+    def f(a, b):
+        return jax.lax.fori_loop(0, 5, lambda i, x: jnp.tanh(x @ b) + i, a).sum()
+
+    text = jax.jit(f).lower(jnp.zeros((64, 32)), jnp.zeros((32, 32))).compile().as_text()
+    launched = gpu_aot.kernels(text)
+    (dot,) = [k for k in launched if k["op_name"].endswith("dot_general")]
+    assert dot["times"] == 5
+    assert dot["bytes"] == 5 * 4 * (64 * 32 + 32 * 32 + 64 * 32)  # x and b in, x @ b out, per trip
+    assert {k["opcode"] for k in launched}.isdisjoint(gpu_aot.NOT_KERNELS)
+    assert not any(k["triton"] for k in launched)
+
+
+def test_gpu_aot_reads_gpu_hlo_triton_calls_and_parts_of_the_step():
+    """The GPU form: a Triton custom call with a tuple output and ``/*index=5*/`` operand
+    comments, and XLA's op names sorting kernels into the step's parts."""
+    import gpu_aot
+
+    triton_call = (
+        "  %pallas_call.8 = (f32[4,4096]{1,0}, f32[4,4096]{1,0}) custom-call(%bitcast.1, %w.1, /*index=2*/%y.1), "
+        'custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(step)/jvp(compile_loss)/pallas_call"}'
+    )
+    text = "\n".join(
+        [
+            "HloModule jit_step, entry_computation_layout={(bf16[4096,256]{1,0})->f32[4096]{0}}",
+            "",
+            "%fused_convert (param_0: bf16[4096,256]) -> f32[4096,256] {",
+            "  %param_0 = bf16[4096,256]{1,0} parameter(0)",
+            "  ROOT %c = f32[4096,256]{1,0} convert(%param_0)",
+            "}",
+            "",
+            "ENTRY %main.1 (h.1: bf16[4096,256], w.1: bf16[30720,256], y.1: s32[4096]) -> f32[4096] {",
+            "  %h.1 = bf16[4096,256]{1,0} parameter(0)",
+            "  %w.1 = bf16[30720,256]{1,0} parameter(1)",
+            "  %y.1 = s32[4096]{0} parameter(2)",
+            "  %bitcast.1 = bf16[4096,256]{1,0} bitcast(%h.1)",
+            triton_call,
+            "  %g = f32[4,4096]{1,0} get-tuple-element(%pallas_call.8), index=0",
+            "  %loop_convert_fusion = f32[4096,256]{1,0} fusion(%h.1), kind=kLoop, calls=%fused_convert, "
+            'metadata={op_name="jit(step)/jvp(encoder)/transformer_layer_0/convert_element_type"}',
+            "  ROOT %r = f32[4096]{0} fusion(%g), kind=kInput, calls=%fused_convert",
+            "}",
+        ]
+    )
+    launched = {k["name"]: k for k in gpu_aot.kernels(text)}
+    assert set(launched) == {"pallas_call.8", "loop_convert_fusion", "r"}
+    triton = launched["pallas_call.8"]
+    assert triton["triton"] and not launched["loop_convert_fusion"]["triton"]
+    assert triton["bytes"] == 2 * 4 * 4 * 4096 + 2 * 4096 * 256 + 2 * 30720 * 256 + 4 * 4096
+    assert launched["r"]["bytes"] == 4 * 4096 + 4 * 4 * 4096  # a tuple element as its operand
+    assert [gpu_aot.part_of(launched[n]["op_name"]) for n in ("pallas_call.8", "loop_convert_fusion", "r")] == [
+        "head+loss",
+        "encoder",
+        "other",
+    ]
+    assert gpu_aot.part_of("jit(step)/adam_w_4/sub") == "optimizer"
+
+
+def test_gpu_aot_cells_and_table():
+    import gpu_aot
+
+    assert gpu_aot.parse_cell("mixed_bfloat16,128") == {
+        "precision": "mixed_bfloat16",
+        "batch_size": 128,
+        "mlm_loss": "keras",
+        "vocab_size": 30522,
+    }
+    assert gpu_aot.parse_cell("float32, 64, fused, 30592")["vocab_size"] == 30592
+    with pytest.raises(Exception, match="precision,batch"):
+        gpu_aot.parse_cell("float32")
+    assert [gpu_aot.parse_cell(c)["mlm_loss"] for c in gpu_aot.DEFAULT_CELLS].count("keras") == 5
+    ok = {**gpu_aot.parse_cell("mixed_bfloat16,128"), "blocks": None, "compile_s": 15.0, "kernels": 394}
+    ok.update(argument_bytes=109 * 2**20, temp_bytes=1166 * 2**20, triton_kernels=0, kernel_bytes=8.41e9)
+    ok["bytes_by_part"] = dict(zip(gpu_aot.PARTS, (2.48e9, 4.2e9, 0.32e9, 1.41e9)))
+    bad = {**gpu_aot.parse_cell("mixed_bfloat16,128,fused"), "blocks": "vocab=256", "error": "E: a | b"}
+    rows = [r for r in gpu_aot.markdown("h", [ok, bad], 3.35232e12).splitlines() if r.startswith("| mixed")]
+    assert rows[0].endswith("| 394 | 0 | 8.41 | 2.48 / 4.20 / 0.32 / 1.41 | 2.51 |")
+    assert "| 1.25 |" in rows[0]  # (109 + 1,166) MiB in GiB
+    assert "| vocab=256 | NO: E: a / b |" in rows[1] and rows[1].count("|") == rows[0].count("|")
+
+
+def test_gpu_aot_without_a_cuda_plugin_says_how_to_get_one():
+    """This venv's jax has no CUDA plugin: the script stops before building anything and names the fix."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_aot.py"), "--preset", "smoke", "--cell", "float32,16"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "cannot compile for CUDA without a GPU" in proc.stderr and "make gpu-aot" in proc.stderr
+    assert "h100_sxm.txtpb" in proc.stderr and "gpu_aot:" not in proc.stdout
