@@ -133,7 +133,7 @@ gpu-wheels:
 	ls .whl
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(AOT_VENV) build src/*.egg-info
 
 # benchmarks/gpu_aot.py: compiles the GPU check's training steps for an H100 here, with no GPU (XLA's
 # deviceless compile), in a venv of its own with the lent device's stack (Python 3.12, jax 0.11.2 and
