@@ -8,8 +8,9 @@
 An H100 is lent to this project rarely and for minutes (issue 12), so whatever can fail before
 the first timed step should fail here instead. JAX's CUDA plugin can describe a GPU it does not
 have (a PJRT topology built from XLA's target config, ``benchmarks/gpu_targets/h100_sxm.txtpb``)
-and XLA's GPU compiler then compiles for it: the whole pipeline, Triton kernels and ``ptxas``
-included, up to the executable. Each cell builds the real pretraining model exactly as
+and XLA's GPU compiler then compiles for it: the whole pipeline, Triton kernels and the PTX's
+compilation to machine code included, up to the executable (serialized, it holds ELF objects and
+no PTX). Each cell builds the real pretraining model exactly as
 ``synthetic.py`` does and compiles ``synthetic.bare_step`` (loss, gradients, optimizer update;
 what the table's "bare ms/step" times) for the target, as the lent device would compile it.
 
@@ -339,7 +340,7 @@ def markdown(header: str, cells: list[dict], bandwidth: float | None) -> str:
         )
     lines += [
         "",
-        "compiles: XLA's GPU compiler for the target, Triton and ptxas included, no GPU; memory: "
+        "compiles: XLA's GPU compiler for the target, Triton and machine code included, no GPU; memory: "
         "arguments + temporaries of the executable; kernels/step: launches of one bare step; GB "
         "through kernels: each launch's operands (whole) and output, split by the part of the step "
         "XLA's op names place them in (other: XLA's own pads and copies); floor: those bytes at the "
