@@ -44,6 +44,9 @@ import sys
 import time
 from pathlib import Path
 
+import synthetic  # imports no ML library until a cell is built
+
+from encoderflow import runtime
 from encoderflow.config import PRESETS  # plain dataclasses: imports no ML library
 
 HERE = Path(__file__).resolve().parent
@@ -83,11 +86,12 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 
 
 def setup_environment() -> None:
-    """Before jax is imported: no driver check, no persistent cache, Keras on JAX, no TensorFlow."""
+    """Before jax is imported: no driver check, no persistent cache; then, as synthetic.py does,
+    no TensorFlow and Keras on JAX."""
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
-    os.environ["KERAS_BACKEND"] = "jax"
-    sys.modules.setdefault("tensorflow", None)
+    synthetic.block_tensorflow()
+    runtime.use_jax()
 
 
 def type_bytes(text: str) -> float:
@@ -126,19 +130,19 @@ def _operands(call: str) -> list[str]:
     return re.findall(r"%([\w.\-]+)", call[call.find("(") + 1 : end])
 
 
-def parse_hlo(text: str) -> dict[str, list[dict]]:
-    """Computations of an HLO module's text: name -> instructions (name, opcode, bytes, operands,
-    attributes); ``__entry__`` names the entry computation."""
+def parse_hlo(text: str) -> tuple[str, dict[str, list[dict]]]:
+    """An HLO module's text: the entry computation's name, and every computation's instructions
+    (name, opcode, bytes, operands, attributes) by name."""
     computations: dict[str, list[dict]] = {}
-    current = None
+    entry = current = None
     for line in text.splitlines():
         if current is None:
             m = _COMPUTATION.match(line)
-            if m and not line.startswith(" "):
+            if m:
                 current = m.group(1)
                 computations[current] = []
                 if line.startswith("ENTRY"):
-                    computations["__entry__"] = [{"name": current}]
+                    entry = current
             continue
         if line.startswith("}"):
             current = None
@@ -155,20 +159,19 @@ def parse_hlo(text: str) -> dict[str, list[dict]]:
                 "bytes": type_bytes(typ),
                 "operands": _operands(call),
                 "attrs": call,
-                "text": line.strip(),
             }
         )
-    if "__entry__" not in computations:
+    if entry is None:
         raise ValueError("no ENTRY computation in this HLO text")
-    return computations
+    return entry, computations
 
 
 def kernels(text: str) -> list[dict]:
     """What one execution of the module launches, each with the bytes through its inputs and
     output. A while body counts once per known trip (XLA's ``known_trip_count``, else once), its
     condition once more."""
-    comps = parse_hlo(text)
-    sizes = {i["name"]: i["bytes"] for body in comps.values() for i in body if "bytes" in i}
+    entry, comps = parse_hlo(text)
+    sizes = {i["name"]: i["bytes"] for body in comps.values() for i in body}
     out: list[dict] = []
 
     def walk(name: str, times: int) -> None:
@@ -198,7 +201,7 @@ def kernels(text: str) -> list[dict]:
                     }
                 )
 
-    walk(comps["__entry__"][0]["name"], 1)
+    walk(entry, 1)
     return out
 
 
@@ -258,7 +261,6 @@ def parse_cell(text: str) -> dict:
 def compile_cell(cfg, cell: dict, device, blocks: str | None = None, top: int = 0) -> dict:
     """Build the cell's model as ``synthetic.build`` does and compile its bare step for ``device``."""
     import jax
-    import synthetic
 
     result = {**cell, "blocks": blocks}
     if cell["mlm_loss"] == "fused":
@@ -268,19 +270,13 @@ def compile_cell(cfg, cell: dict, device, blocks: str | None = None, top: int = 
         head_loss.FUSED = head_loss.FusedBlocks.from_env(blocks)
         result["blocks"] = " ".join(f"{k}={v}" for k, v in vars(head_loss.FUSED).items())
     mlm, _ = synthetic.build(cfg, cell["vocab_size"], cell["precision"], total_steps=1000, loss=cell["mlm_loss"])
-    if not mlm.optimizer.built:
-        mlm.optimizer.build(mlm.trainable_variables)
     (batch,) = synthetic.make_batches(cfg, cell["vocab_size"], cell["batch_size"], 1, seed=0)
     sharding = jax.sharding.SingleDeviceSharding(device)
 
     def spec(x):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
-    state = tuple(
-        [spec(v.value) for v in vs]
-        for vs in (mlm.trainable_variables, mlm.non_trainable_variables, mlm.optimizer.variables)
-    )
-    metrics = [spec(v.value) for v in mlm.metrics_variables]
+    state, metrics = synthetic.step_state(mlm, spec)
     data = jax.tree.map(spec, batch)
     # Pallas asks the "current" GPU for its compute capability while lowering (jax >= 0.11).
     abstract = jax.sharding.AbstractDevice(device_kind=device.device_kind, num_cores=None, platform="cuda")
@@ -384,9 +380,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_environment()
-    sys.path.insert(0, str(HERE))
     import jax
-    import synthetic
 
     config_text, facts = read_target(args.target)
     device = target_device(config_text, args.target)

@@ -312,6 +312,18 @@ def bare_step(mlm):
     return jax.jit(step, donate_argnums=0)
 
 
+def step_state(mlm, leaf):
+    """:func:`bare_step`'s ``state`` and ``metrics_vars`` arguments: ``leaf`` of each variable's
+    value (a copy to train, a shape to compile for), the optimizer built first."""
+    if not mlm.optimizer.built:
+        mlm.optimizer.build(mlm.trainable_variables)
+    state = tuple(
+        [leaf(v.value) for v in vs]
+        for vs in (mlm.trainable_variables, mlm.non_trainable_variables, mlm.optimizer.variables)
+    )
+    return state, [leaf(v.value) for v in mlm.metrics_variables]
+
+
 def bare_runner(mlm, batches):
     """``run(n)``: seconds for ``n`` calls of :func:`bare_step`, device work finished.
 
@@ -321,12 +333,8 @@ def bare_runner(mlm, batches):
     import jax
     import jax.numpy as jnp
 
-    if not mlm.optimizer.built:
-        mlm.optimizer.build(mlm.trainable_variables)
+    state, metrics_vars = step_state(mlm, jnp.copy)
     step = bare_step(mlm)
-    copy = lambda vs: [jnp.copy(v.value) for v in vs]  # noqa: E731
-    state = (copy(mlm.trainable_variables), copy(mlm.non_trainable_variables), copy(mlm.optimizer.variables))
-    metrics_vars = copy(mlm.metrics_variables)
     i = 0
     last = {}
 
