@@ -23,9 +23,10 @@ WikiText-103 → masked-LM TFRecord shards → encoder pretraining → SST-2 fin
 against a floor, this run's bag-of-words baseline and the current champion (re-evaluated on this
 run's data) → MLflow registry, where only a blessed candidate becomes `champion`.
 
-**How to trigger.** Pick **Preset** `smoke` (tiny model, a few minutes on a CPU) or `guide` (the
-guide's exact numbers; needs a GPU). Every field left empty keeps the preset's value, shown in its
-description as *guide / smoke*; every key is listed in `docs/parameters.md`. Offline: set
+**How to trigger.** Pick **Preset** `smoke` (tiny model, a few minutes on a CPU), `guide` (the
+guide's exact numbers; needs a GPU) or `recipe` (the guide's model with the best recipe measured
+so far). Every field left empty keeps the preset's value, shown in its description as
+*guide / smoke / recipe*; every key is listed in `docs/parameters.md`. Offline: set
 **Offline data folder** to a folder laid out as the archives extract (`SST-2/`,
 `wikitext-103-raw/`, `bert_vocab_uncased.txt`); offline copies usually lack the WikiText train
 split, so set **WikiText split to pretrain on** to `test` (the smoke preset already does). A

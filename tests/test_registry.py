@@ -94,6 +94,66 @@ def test_candidates_aliases_history_and_rollback(tmp_path, capsys):
     assert (served / "classifier.keras").read_text() == "clf-3"
 
 
+def test_the_history_tag_keeps_the_newest_moves_that_fit_the_stores_column():
+    # MLflow's SQL stores hold a registered model's tag in a VARCHAR(5000) (PostgreSQL enforces it).
+    moves = [
+        registry._event(
+            "promote",
+            "airflow",
+            f"gate blessed run scheduled__2026-12-{i % 28 + 1:02d}T03:00:00+00:00",
+            str(i),
+            str(i + 1),
+        )
+        for i in range(60)
+    ]
+    kept = json.loads(tag := registry.history_tag(moves))
+    assert len(tag) <= registry.TAG_VALUE_MAX < len(json.dumps(moves[-registry.HISTORY_LIMIT :]))
+    assert kept == moves[-len(kept) :] and 20 < len(kept) < registry.HISTORY_LIMIT  # the newest, in order
+    assert len(json.loads(registry.history_tag(moves[:3]))) == 3  # short histories are kept whole
+
+    # One move whose --reason alone is too long (escaped characters included) is kept, its reason cut.
+    [long] = json.loads(
+        tag := registry.history_tag(moves + [registry._event("rollback", "bob", "é€" * 4000, "60", "59")])
+    )
+    assert len(tag) <= registry.TAG_VALUE_MAX and long["to"] == "59" and long["reason"].endswith(" [cut]")
+
+
+def test_a_retry_records_the_move_its_first_try_made_but_did_not_record(tmp_path):
+    v1, v2 = (_register(tmp_path, t) for t in "12")
+    registry.move_champion(NAME, v1, expected=None, reason="first", who="gate")
+    # The first try moved the aliases, then died before writing the history (as registry does, in order).
+    registry.client().set_registered_model_alias(NAME, "previous", v1)
+    registry.client().set_registered_model_alias(NAME, "champion", v2)
+
+    again = registry.move_champion(NAME, v2, expected=v1, reason="better", who="gate")
+
+    assert again["already"] is True
+    assert [(e["from"], e["to"], e["reason"]) for e in registry.history(NAME)] == [
+        (None, "1", "first"),
+        ("1", "2", "better"),
+    ]
+    assert json.loads(registry.client().get_model_version(NAME, v2).tags["champion.promote"])["reason"] == "better"
+    registry.move_champion(NAME, v2, expected=v1, reason="better", who="gate")  # and only once
+    assert len(registry.history(NAME)) == 2
+
+
+def test_an_unreachable_registry_is_an_error_not_an_empty_one(monkeypatch):
+    # Read as "no champion", an outage would warm-start from random weights, gate against nothing
+    # and rewrite champion.history with one move: it must fail (and the task retry) instead.
+    import socket
+
+    from mlflow.exceptions import MlflowException
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    for call in (registry.champion, registry.history):
+        with pytest.raises(MlflowException, match=str(port)):
+            call(NAME)
+
+
 def test_unknown_version_and_empty_history_are_clear_errors(tmp_path, capsys):
     _register(tmp_path, "1")
     assert cli.main(["promote", "--version", "9", "--reason", "typo"]) == 2

@@ -14,6 +14,7 @@ sets ENCODERFLOW_REQUIRE_STACK=1, which turns a missing package into a failure, 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -363,3 +364,41 @@ def test_security_anonymous_mlflow_and_airflow_viewer(deployed):
     assert status == 403, (status, body)
     status, page = client("GET", "/encoderflow/", user="viewer")
     assert status == 200 and "Encoderflow runs" in page and "signed in as viewer" in page, (status, page[:500])
+
+
+def test_a_month_of_champion_moves_fits_the_postgresql_registry(deployed, monkeypatch):
+    """MLflow's PostgreSQL store keeps a registered model's tag in a VARCHAR(5000): the champion's
+    history must stay under it, or about the 29th promotion fails after its alias has moved."""
+    from encoderflow import registry
+
+    st, _, _ = deployed
+    worker = "encoderflow-worker"  # the identity the pipeline's promote task uses
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", st.mlflow_url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", worker)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", st.secrets[stack_mod.MLFLOW_USERS[worker]])
+    c = registry.client()
+    name = "encoderflow-history-probe"  # its own model: the pipeline's champion is left alone
+    c.create_registered_model(name)
+    run = c.create_run(registry._experiment_id(c))  # the experiment the worker logs candidates in
+    for i in range(2):
+        c.create_model_version(name, source=f"runs:/{run.info.run_id}/m{i}", run_id=run.info.run_id)
+
+    def night(n: int) -> str:
+        return f"gate blessed run scheduled__{datetime.date(2026, 10, 31) + datetime.timedelta(days=n)}T03:00:00+00:00"
+
+    # A month of nightly promotions already on record, as much as the column holds (each move through
+    # basic auth costs seconds here, so the month is written at once); then three more nights.
+    month = [registry._event("promote", "gate", night(n), "12"[n % 2], "12"[(n + 1) % 2]) for n in range(1, 31)]
+    c.set_registered_model_tag(name, "champion.history", seeded := registry.history_tag(month))
+    c.set_registered_model_alias(name, "champion", month[-1]["to"])
+    assert len(seeded) > registry.TAG_VALUE_MAX - 300  # no room for two more moves as they were written
+    expected = month[-1]["to"]
+    for n in range(31, 34):
+        version = "12"[(n + 1) % 2]
+        registry.move_champion(name, version, expected, night(n), "gate")
+        expected = version
+
+    tag = c.get_registered_model(name).tags["champion.history"]
+    moves = registry.history(name)
+    assert len(tag) <= registry.TAG_VALUE_MAX and c.get_model_version_by_alias(name, "champion").version == expected
+    assert [m["reason"] for m in moves[-4:]] == [night(n) for n in range(30, 34)]

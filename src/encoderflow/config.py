@@ -954,7 +954,7 @@ def _preset_value(k: Knob, preset: str) -> Any:
 
 
 def preset_hint(k: Knob) -> str:
-    """``guide X / smoke Y``: what an empty form field means under each preset."""
+    """``guide X / smoke Y / recipe Z``: what an empty form field means under each preset."""
     return " / ".join(f"{p} {_fmt(_preset_value(k, p))}" for p in PRESETS)
 
 
@@ -974,5 +974,7 @@ def parameters_markdown() -> str:
     for k in knobs():
         form = f"`{param_name(k)}` ({k.form or 'main'})" if k.form is not None else ""
         values = " | ".join(f"`{_preset_value(k, p)}`" for p in PRESETS)
-        lines.append(f"| `{k.key}` | {form} | {k.type.__name__} | {k.bounds()} | {values} | {k.description} |")
+        # A bare "|" between choices would start a new table cell.
+        allowed = k.bounds().replace("|", "\\|")
+        lines.append(f"| `{k.key}` | {form} | {k.type.__name__} | {allowed} | {values} | {k.description} |")
     return "\n".join(lines) + "\n"

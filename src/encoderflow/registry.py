@@ -33,6 +33,18 @@ class StaleChampion(EncoderflowError):
     """The champion moved between evaluation and promotion; the comparison is stale."""
 
 
+# What MLflow answers for a model, version or alias that is not there (an alias: INVALID_PARAMETER_VALUE,
+# in the SQL store and over REST alike). Anything else (INTERNAL_ERROR for an unreachable server,
+# PERMISSION_DENIED, ...) is raised: an outage must not read as "no champion yet".
+ABSENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def _absent(exc) -> bool:
+    if exc.error_code in ABSENT:
+        return True
+    raise exc
+
+
 def embedded_uri() -> str:
     return f"sqlite:///{layout.mlflow_dir() / 'mlflow.db'}"
 
@@ -84,10 +96,14 @@ def _experiment_id(c) -> str:
     location = None
     if tracking_uri() == embedded_uri():
         location = (layout.mlflow_dir() / "artifacts").resolve().as_uri()
+    from mlflow.exceptions import MlflowException
+
     try:
         return c.create_experiment(EXPERIMENT, artifact_location=location)
-    except Exception:  # created concurrently by another task
-        return c.get_experiment_by_name(EXPERIMENT).experiment_id
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return c.get_experiment_by_name(EXPERIMENT).experiment_id  # created concurrently by another task
 
 
 def champion(name: str) -> dict[str, Any] | None:
@@ -97,7 +113,8 @@ def champion(name: str) -> dict[str, Any] | None:
     c = client()
     try:
         mv = c.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+    except MlflowException as exc:
+        _absent(exc)
         return None
     return {"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags)}
 
@@ -165,8 +182,9 @@ def log_candidate(
         run_id = run.info.run_id
     try:
         c.create_registered_model(name, description="encoderflow SST-2 classifier and its pretrained encoder")
-    except MlflowException:
-        pass  # exists
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
     version_tags = {**tags, **decision_tags(decision)}
     mv = c.create_model_version(name, source=source, run_id=run_id, tags=version_tags)
     log.info("registry: %s version %s registered from run %s (%s)", name, mv.version, run_id, tracking_uri())
@@ -175,16 +193,11 @@ def log_candidate(
 
 def _registered_for(c, name: str, tags: dict[str, str]) -> dict[str, Any] | None:
     """The version a previous attempt of the same Airflow run registered, so a retry adds none."""
-    from mlflow.exceptions import MlflowException
 
     run = tags.get("airflow.run_id")
     if not run:
         return None
-    try:
-        versions = c.search_model_versions(f"name='{name}'")
-    except MlflowException:
-        return None
-    for mv in versions:
+    for mv in c.search_model_versions(f"name='{name}'"):
         if mv.tags.get("airflow.run_id") == run and mv.tags.get("airflow.dag_id") == tags.get("airflow.dag_id"):
             return {
                 "run_id": mv.run_id,
@@ -258,13 +271,17 @@ def move_champion(
     who = who or os.environ.get("ENCODERFLOW_USER") or getpass.getuser()
     try:
         c.get_model_version(name, version)
-    except MlflowException:
+    except MlflowException as exc:
+        _absent(exc)
         raise EncoderflowError(f"{name}: no version {version} in {tracking_uri()}") from None
     with promotion_lock():
         current = champion(name)
         current_version = current["version"] if current else None
         if current_version == version and action == "promote":  # a retry after the move went through
             log.info("registry: %s v%s is champion already", name, version)
+            moves = history(name)
+            if not moves or moves[-1]["to"] != version:  # the try that moved it died before recording it
+                _record_move(c, name, version, _event(action, who, reason, expected, version))
             return {"action": action, "who": who, "reason": reason, "from": expected, "to": version, "already": True}
         if current_version != expected:
             raise StaleChampion(
@@ -274,31 +291,53 @@ def move_champion(
         if current_version is not None:
             c.set_registered_model_alias(name, PREVIOUS, current_version)
         c.set_registered_model_alias(name, CHAMPION, version)
-        event = {
-            "at": datetime.now(UTC).isoformat(),
-            "action": action,
-            "who": who,
-            "reason": reason,
-            "from": current_version,
-            "to": version,
-        }
-        c.set_model_version_tag(name, version, f"champion.{action}", json.dumps(event))
-        events = history(name)[-(HISTORY_LIMIT - 1) :] + [event]
-        c.set_registered_model_tag(name, "champion.history", json.dumps(events))
+        event = _event(action, who, reason, current_version, version)
+        _record_move(c, name, version, event)
     log.info("registry: %s champion v%s -> v%s (%s: %s, by %s)", name, current_version, version, action, reason, who)
     return event
 
 
 HISTORY_LIMIT = 50
+# MLflow's SQL stores keep a registered model's tag in a VARCHAR(5000): PostgreSQL (make stack, the
+# compose file) refuses a longer value, which 50 moves of ~190 characters exceed by the 27th.
+TAG_VALUE_MAX = 5000
+
+
+def _event(action: str, who: str, reason: str, from_version: str | None, to_version: str) -> dict[str, Any]:
+    at = datetime.now(UTC).isoformat()
+    return {"at": at, "action": action, "who": who, "reason": reason, "from": from_version, "to": to_version}
+
+
+def _record_move(c, name: str, version: str, event: dict[str, Any]) -> None:
+    """The move on the version (its whole record) and in the model's recent ``champion.history``."""
+    c.set_model_version_tag(name, version, f"champion.{event['action']}", json.dumps(event))
+    c.set_registered_model_tag(name, "champion.history", history_tag(history(name) + [event]))
+
+
+def history_tag(events: list[dict[str, Any]]) -> str:
+    """The newest moves that fit ``HISTORY_LIMIT`` and the store's ``TAG_VALUE_MAX``, as JSON.
+
+    Older moves stay on their versions' ``champion.<action>`` tags. A single move too long to fit
+    (a very long ``--reason``) is kept with its reason cut short.
+    """
+    events = events[-HISTORY_LIMIT:]
+    while len(events) > 1 and len(json.dumps(events)) > TAG_VALUE_MAX:
+        events = events[1:]
+    text, reason = json.dumps(events), events[-1]["reason"]
+    while len(text) > TAG_VALUE_MAX and reason:  # escapes make a character cost up to 6: cut until it fits
+        reason = reason[: max(0, len(reason) - (len(text) - TAG_VALUE_MAX) - len(" [cut]"))]
+        text = json.dumps([{**events[-1], "reason": reason + " [cut]"}])
+    return text
 
 
 def history(name: str) -> list[dict[str, Any]]:
-    """Champion moves, oldest first (the last ``HISTORY_LIMIT``)."""
+    """Recent champion moves, oldest first (as many as ``history_tag`` keeps)."""
     from mlflow.exceptions import MlflowException
 
     try:
         tags = client().get_registered_model(name).tags
-    except MlflowException:
+    except MlflowException as exc:  # an outage read as "no history" would overwrite it with one move
+        _absent(exc)
         return []
     return json.loads(tags.get("champion.history", "[]"))
 
@@ -318,7 +357,8 @@ def rollback(name: str, reason: str, who: str | None = None) -> dict[str, Any]:
     c = client()
     try:
         prev = c.get_model_version_by_alias(name, PREVIOUS)
-    except MlflowException:
+    except MlflowException as exc:
+        _absent(exc)
         raise EncoderflowError(f"{name}: no 'previous' version to roll back to") from None
     current = champion(name)
     return move_champion(

@@ -34,7 +34,8 @@ def setup_logging() -> None:
     """Quiet the chattiest libraries so task logs show our lines."""
     # MLflow sets its own level and stderr handler when imported (after this): tell it by environment.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    for name in ("great_expectations", "absl", "mlflow", "alembic", "urllib3", "pooch", "h5py", "jax._src"):
+    # pooch's logger is not in this tree: data.sources.quiet_pooch quiets it where it is imported.
+    for name in ("great_expectations", "absl", "mlflow", "alembic", "urllib3", "h5py", "jax._src"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("encoderflow").setLevel(logging.INFO)
 

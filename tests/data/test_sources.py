@@ -9,6 +9,8 @@ import logging
 import random
 import re
 import stat
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -506,7 +508,7 @@ def test_a_working_mirror_is_used_and_the_official_host_is_not_contacted(http_se
 
 
 @pytest.mark.parametrize("failure", ["404", "wrong-bytes", "redirect-loop"])
-def test_a_failing_mirror_falls_back_to_the_official_url(http_server, encoderflow_home, failure):
+def test_a_failing_mirror_falls_back_to_the_official_url(http_server, encoderflow_home, failure, caplog):
     data = payload(5000)
     spec = serve_spec(http_server, data)
     if failure == "wrong-bytes":
@@ -523,6 +525,8 @@ def test_a_failing_mirror_falls_back_to_the_official_url(http_server, encoderflo
         assert len(paths) == 2  # a 404 or a bad hash is final for that URL: no retry
     assert info["url"] == spec.urls[0]
     assert (expected_root(encoderflow_home, spec) / "blob.bin").read_bytes() == data
+    # The run succeeded: the mirror's failure is a warning, not an ERROR line in a green task's log.
+    assert [r.levelname for r in caplog.records if "mirror/blob.bin" in r.getMessage()] == ["WARNING"]
 
 
 def test_when_every_source_fails_the_error_lists_each(http_server, encoderflow_home):
@@ -688,3 +692,23 @@ def test_progress_is_logged_as_plain_lines(http_server, encoderflow_home, caplog
     assert not [line for line in lines if "\r" in line or "\n" in line]
     out, err = capfd.readouterr()
     assert "\r" not in out and "\r" not in err  # nor from pooch's own stream handler or a tqdm bar
+
+
+def test_a_download_writes_nothing_to_stderr(http_server, encoderflow_home):
+    # Airflow's task supervisor records a task's stderr at ERROR. pooch's logger is outside
+    # logging's tree and has its own stderr handler: its "Downloading data from" line would be an
+    # ERROR line in a green task's log. A child process, as in a task, since pooch binds sys.stderr
+    # at import and pytest's capture cannot see through that.
+    data = payload(5000)
+    spec = serve_spec(http_server, data)
+    script = (
+        "from encoderflow.data.sources import DatasetSpec, fetch\n"
+        f"spec = DatasetSpec(name='vocab', filename='blob.bin', urls=({spec.urls[0]!r},),"
+        f" known_hash={spec.known_hash!r}, members=('blob.bin',))\n"
+        "fetch(spec, spec.members)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, done.stderr
+    assert (expected_root(encoderflow_home, spec) / "blob.bin").read_bytes() == data
+    assert done.stderr == ""

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from encoderflow import layout
-from encoderflow.data.sources import DataError, ResumingDownloader
+from encoderflow.data.sources import DataError, ResumingDownloader, quiet_pooch
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,7 @@ def fetch(role: str, location: str, downloader: ResumingDownloader | None = None
 
 
 def _download(url: str, sha256: str | None, tmp: Path, fname: str, downloader, dest: Path) -> None:
-    import pooch
-
+    pooch = quiet_pooch()
     try:
         path = pooch.retrieve(
             url,

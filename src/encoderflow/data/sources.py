@@ -396,6 +396,19 @@ def _layout_hint(specs: dict[str, DatasetSpec]) -> str:
     return "\n".join(f"  {m}" for s in specs.values() for m in s.members)
 
 
+def quiet_pooch() -> Any:
+    """Import pooch with its INFO lines ("Downloading data from ...") silenced.
+
+    pooch's logger sits outside ``logging``'s tree (``steps.setup_logging`` cannot reach it by name)
+    and writes to stderr, which Airflow's task supervisor records at ERROR: a clean download would
+    leave ERROR lines in its task log. Our own progress lines say the same thing.
+    """
+    import pooch
+
+    pooch.get_logger().setLevel(logging.WARNING)
+    return pooch
+
+
 def fetch(
     spec: DatasetSpec, members: Iterable[str], mirror: str | None = None, downloader: ResumingDownloader | None = None
 ) -> dict[str, Any]:
@@ -405,8 +418,7 @@ def fetch(
         A small dict for XCom: dataset, source, root, files (path, bytes, sha256 per member)
         and a content hash over the files.
     """
-    import pooch
-
+    pooch = quiet_pooch()
     root = _dataset_root(spec)
     root.mkdir(parents=True, exist_ok=True)
     members = tuple(members)
@@ -429,11 +441,12 @@ def fetch(
         except ValueError as exc:  # pooch's hash mismatch; it already deleted the temp file
             errors.append(f"{url}: hash mismatch: {exc}")
             fixes["try another --mirror, or give a re-packed copy its own hash with --sources-file"] = None
-            log.error("download %s: %s", url, exc)
+            log.warning("download %s: %s", url, exc)
         except DataError as exc:  # pooch deletes its temp file: nothing partial stays visible
             errors.append(exc.message)
             fixes[exc.fix or "pass a reachable --mirror or an offline --data-dir"] = None
-            log.error("%s", exc)
+            # A warning: the next source may still deliver; when none does, the DataError below says it all.
+            log.warning("%s", exc)
     else:
         raise DataError(
             f"dataset {spec.name}: no source gave a verified {spec.filename} "
