@@ -130,15 +130,24 @@ def test_round_trip_scores_the_accuracy_recorded(tmp_path, inputs):
     sentences, labels = [s for s, _ in rows], np.array([y for _, y in rows])
     cfg, classifier, encoder_path, probs = _classifier(tmp_path, vocab, sentences)
     probs = probs.reshape(-1)
-    recorded = float(np.mean((probs >= 0.5) == labels))
+    recorded = float(np.mean((probs > 0.5) == labels))
 
     path = bundle.write(tmp_path / "bundle", classifier, encoder_path, vocab, cfg, recorded)
     scorer = bundle.Scorer(bundle.verify(path))
     np.testing.assert_allclose(scorer.probabilities(sentences, batch_size=16), probs, atol=1e-6)
     assert scorer.accuracy(sentences, labels) == bundle.metadata(path)["val_accuracy"] == recorded
     # Per sentence, in the order given: what the gate pairs with the champion's.
-    np.testing.assert_array_equal(scorer.correct(sentences, labels), (probs >= 0.5) == labels)
+    np.testing.assert_array_equal(scorer.correct(sentences, labels), (probs > 0.5) == labels)
     assert scorer.probabilities([]).shape == (0,)
+
+    # At the threshold itself the gate's count (Scorer) and fine-tuning's (Keras) must agree.
+    import keras
+
+    at = np.array([0.5, np.nextafter(np.float32(0.5), np.float32(1)), 0.2], dtype=np.float32)
+    scorer.probabilities = lambda s, batch_size=64: at
+    keras_metric = keras.metrics.BinaryAccuracy()
+    keras_metric.update_state(np.array([0, 1, 0]), at)
+    assert scorer.accuracy(["a", "b", "c"], [0, 1, 0]) == float(keras_metric.result()) == 1.0
 
 
 def test_a_three_class_bundle_predicts_by_argmax_and_keeps_its_labels(tmp_path, inputs):

@@ -83,6 +83,21 @@ def test_classifier_roundtrips_in_safe_mode(models, tmp_path):
     assert loaded.get_config()["name"] == "sst2_classifier"
 
 
+def test_classifier_heads_output_float32_under_mixed_precision(models):
+    import keras
+
+    cfg = ModelConfig(num_layers=1, model_dim=16, intermediate_dim=32, num_heads=2)
+    ids = np.array([[3, 4, 5, 0, 0, 0, 0, 0]], "int32")
+    keras.config.set_dtype_policy("mixed_bfloat16")  # what pretrain.precision=auto picks on a GPU
+    try:
+        encoder = models.build_encoder(cfg, vocab_size=30, seq_length=8)
+        for classes in (2, 3):
+            clf = models.build_classifier(encoder, num_classes=classes)
+            assert clf.predict(ids, verbose=0).dtype == np.float32, classes
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
 def test_custom_layers_get_config_roundtrip(models):
     mask = models.PaddingMask(pad_id=3, name="m")
     again = models.PaddingMask.from_config(mask.get_config())

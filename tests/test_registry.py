@@ -154,6 +154,24 @@ def test_an_unreachable_registry_is_an_error_not_an_empty_one(monkeypatch):
             call(NAME)
 
 
+def test_a_download_that_fails_verification_leaves_the_folder_as_it_was(tmp_path):
+    from urllib.parse import urlparse
+
+    from encoderflow.errors import EncoderflowError
+
+    v1, v2 = _register(tmp_path, "1"), _register(tmp_path, "2")
+    dst = tmp_path / "serving" / "current"
+    assert (registry.download_version(NAME, v1, dst) / "classifier.keras").read_text() == "clf-1"
+    stored = Path(urlparse(registry.client().get_model_version(NAME, v2).source).path)
+    (stored / "classifier.keras").write_text("clf-2, altered in the store")
+
+    with pytest.raises(EncoderflowError, match="classifier.keras"):
+        registry.download_version(NAME, v2, dst)
+
+    assert (dst / "classifier.keras").read_text() == "clf-1"  # the old bundle, whole
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["current"]  # and no partial download beside it
+
+
 def test_unknown_version_and_empty_history_are_clear_errors(tmp_path, capsys):
     _register(tmp_path, "1")
     assert cli.main(["promote", "--version", "9", "--reason", "typo"]) == 2

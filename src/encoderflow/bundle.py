@@ -203,7 +203,8 @@ class Scorer:
 
         probs = self.probabilities(sentences)
         if len(self.labels) <= 2:
-            predicted = (probs >= 0.5).astype(np.int32)
+            # Keras's binary accuracy (what fine-tuning reports) counts 0.5 as class 0: so do we.
+            predicted = (probs > 0.5).astype(np.int32)
             return predicted, np.where(predicted == 1, probs, 1 - probs)
         return probs.argmax(axis=-1), probs.max(axis=-1)
 

@@ -395,7 +395,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    bundle = registry.download_version(name, "@champion", layout.home() / "serving" / f"v{current['version']}")
+    # By number: the alias may move while this runs, and the folder is named for this version.
+    bundle = registry.download_version(name, current["version"], layout.home() / "serving" / f"v{current['version']}")
     scorer = Scorer(bundle)
     predicted, probs = scorer.predict(sentences)
     # SST-2's 0/1 read as sentiment; your own labels are printed as they are in the data.
@@ -474,8 +475,8 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     ]
     if any(u not in passwords for u in users):
         passwords.update({u: secrets.token_urlsafe(12) for u in users if u not in passwords})
-        pw_file.write_text(json.dumps(passwords) + "\n")
-        pw_file.chmod(0o600)
+        with layout.atomic_path(pw_file) as tmp:  # mkstemp's file is 0600 from the start: never readable by others
+            tmp.write_text(json.dumps(passwords) + "\n")
     mlflow_url, _ = start_mlflow_ui()
     print("=" * 72)
     print(f"Airflow standalone: http://localhost:{port}  (AIRFLOW_HOME={home})")

@@ -155,8 +155,10 @@ def build_classifier(
         pooled = MaskedMeanPooling(name="pooled_tokens")(encoded, mask)
     else:
         pooled = keras.layers.GlobalAveragePooling1D(name="pooled_tokens")(encoded)
+    # Both heads in float32 (Keras's mixed-precision rule for the last layer): a bfloat16 sigmoid
+    # rounds every probability within ~0.002 of 0.5 to 0.5 itself, where thresholds disagree.
     if num_classes <= 2:
-        outputs = keras.layers.Dense(1, activation="sigmoid", name="sentiment")(pooled)
+        outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="sentiment")(pooled)
         return keras.Model(token_ids, outputs, name="sst2_classifier")
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="classes")(pooled)
     return keras.Model(token_ids, outputs, name="classifier")

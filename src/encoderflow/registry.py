@@ -13,7 +13,9 @@ import getpass
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -122,15 +124,27 @@ def champion(name: str) -> dict[str, Any] | None:
 def download_version(name: str, version: str, dst: str | os.PathLike) -> Path:
     """Fetch a version (a number or ``@alias``) into ``dst``; verify it; return its folder.
 
+    The files land in a temporary folder beside ``dst`` and replace it only once verified: a
+    reader of ``dst`` sees the old bundle, none, or the whole new one, never a partial download.
+
     Raises:
         EncoderflowError: a file of the downloaded bundle is missing or altered (``bundle.verify``).
     """
     import mlflow
 
     client()
-    Path(dst).mkdir(parents=True, exist_ok=True)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
     uri = f"models:/{name}{version}" if version.startswith("@") else f"models:/{name}/{version}"
-    return bundle.verify(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        got = bundle.verify(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+        inside = Path(got).resolve().relative_to(tmp.resolve())  # "." for a bundle source: its files
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst / inside
 
 
 def _flatten(prefix: str, payload: Any, out: dict[str, Any]) -> dict[str, Any]:
