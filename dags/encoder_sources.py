@@ -31,9 +31,9 @@ from encoderflow import steps
 def encoderflow_sources():
     @task(**af.NETWORK, outlets=[af.SOURCE_CHANGES], execution_timeout=timedelta(minutes=10))
     @af.expected_failures
-    def check_source(role: str, params=None, outlet_events=None) -> dict:
+    def check_source(role: str, params=None, run_id=None, outlet_events=None) -> dict:
         """Fingerprint the role's declared source; on a change, record it and update its asset."""
-        checked = steps.check_source(role, params)
+        checked = steps.check_source(role, params, run_id)
         af.record_source(outlet_events, checked)
         return checked
 

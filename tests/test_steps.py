@@ -75,3 +75,10 @@ def test_check_source_reports_a_change_once(tmp_path, caplog):
         == changed["fingerprint_sha256"]
     )
     assert steps.check_source("corpus", params)["changed"] is False
+
+    # The fingerprint is saved before Airflow emits the event (on success): a retry in the run that
+    # saved it reports the change again (a duplicate event at worst); a later run does not.
+    (corpus / "doc-002.txt").write_text("more text\n")
+    assert steps.check_source("corpus", params, "watch-1")["changed"] is True
+    assert steps.check_source("corpus", params, "watch-1")["changed"] is True  # try 2 of watch-1
+    assert steps.check_source("corpus", params, "watch-2")["changed"] is False

@@ -545,10 +545,14 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
     return {"summary": str(path), **summary["metrics"], "blessed": summary["gate"]["blessed"]}
 
 
-def check_source(role: str, params: Mapping[str, Any]) -> dict[str, Any]:
+def check_source(role: str, params: Mapping[str, Any], run_id: str | None = None) -> dict[str, Any]:
     """Fingerprint the role's declared source (``corpus``, ``labeled``) and say whether it changed since the
     last check, which is kept in ``ENCODERFLOW_HOME/sources/<role>.json``. The guide's datasets are pinned:
-    nothing to watch."""
+    nothing to watch.
+
+    Airflow emits the asset event only when the task succeeds, after this has saved the fingerprint:
+    a retry within the run that saved it (``run_id``) reports the change again, so a try that died
+    in between costs a duplicate event (which ``check_lineage`` absorbs), never a lost one."""
     from datetime import UTC, datetime
 
     from encoderflow.data import folders
@@ -563,6 +567,7 @@ def check_source(role: str, params: Mapping[str, Any]) -> dict[str, Any]:
     state = layout.home() / "sources" / f"{role}.json"
     previous = layout.read_json(state) if state.exists() else {}
     changed = previous.get("fingerprint_sha256") != digest or previous.get("location") != location
+    retried = not changed and run_id is not None and previous.get("run_id") == run_id
     if changed:
         layout.write_json(
             state,
@@ -571,8 +576,12 @@ def check_source(role: str, params: Mapping[str, Any]) -> dict[str, Any]:
                 "fingerprint_sha256": digest,
                 "fingerprint": fingerprint,
                 "checked_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "run_id": run_id,
             },
         )
+    elif retried:
+        log.info("check_source: %s: this run's earlier try saved this fingerprint; its event may be lost", role)
+        changed = True
     files = len(fingerprint.get("files", {})) or "manifest"
     log.info(
         "check_source: %s %s (%s files) %s",
