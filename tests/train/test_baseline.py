@@ -34,6 +34,9 @@ def test_the_reuse_key_covers_the_seed(tmp_path):
     reseeded = train_baseline(config.from_overrides("smoke", {"data.seed": 7}), sst2, out)
     assert reseeded["key"] != first["key"]
     assert layout.read_json(out / "result.json")["key"] == reseeded["key"]
+    # Each result carries what it was trained from, which its key is the hash of.
+    for result, seed in ((first, cfg.data.seed), (reseeded, 7)):
+        assert layout.sha256_json(result["config"]) == result["key"] and result["config"]["seed"] == seed
 
 
 def test_per_sentence_dev_correctness_is_recorded_for_the_gate(tmp_path):

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from encoderflow import layout
 from encoderflow.config import ConfigError, from_overrides
 from encoderflow.data.sources import get_dataset
 from tests.fixtures_pipeline import write_tree
@@ -46,6 +47,9 @@ def test_pooling_and_buckets_follow_the_config(inputs, tmp_path, caplog, overrid
     layer = clf.get_layer("pooled_tokens")
     assert f"{layer.name}:{type(layer).__name__}" == pooling
     assert 0.0 <= result["val_accuracy"] <= 1.0
+    assert layout.sha256_json(result["config"]) == result["key"] and result["config"]["finetune"]["pooling"] == (
+        cfg.finetune.pooling
+    )
 
 
 def test_buckets_on_are_refused_where_outputs_depend_on_padding():

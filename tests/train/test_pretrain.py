@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from encoderflow import layout
 from encoderflow.data import shards
 from encoderflow.train import pretrain
 from tests.data.test_shards import _build_all, _cfg, _read, _unmask, _write_corpus
@@ -529,6 +530,8 @@ def test_mixed_bfloat16_trains_to_within_5_percent_of_float32(duped, tmp_path):
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.0))
         result = pretrain.pretrain(cfg, duped["manifest"], tmp_path / precision)
         assert result["dtype_policy"] == precision
+        assert layout.sha256_json(result["config"]) == result["key"]  # what it was trained from, recorded
+        assert result["config"]["pretrain"]["precision"] == precision
         losses[precision] = result["loss"]
     assert np.isfinite(losses["mixed_bfloat16"])
     assert losses["mixed_bfloat16"] == pytest.approx(losses["float32"], rel=0.05), losses

@@ -22,16 +22,16 @@ def train_baseline(cfg: Config, labeled: dict[str, Any], out_dir: str | os.PathL
 
     Two classes: one sigmoid unit (the guide); more: a softmax over them."""
     out_dir = Path(out_dir)
-    # The seed shuffles and initialises: part of what was trained, so part of the key.
-    key = layout.sha256_json(
-        {
-            "baseline": cfg.to_dict()["baseline"],
-            "data": labeled["content_hash"],
-            "seed": cfg.data.seed,
-            "labels": labeled.get("labels"),
-            "columns": labeled.get("columns"),
-        }
-    )
+    # What was trained from what (the seed shuffles and initialises: part of it): the key hashes
+    # it and result.json carries it whole.
+    keyed = {
+        "baseline": cfg.to_dict()["baseline"],
+        "data": labeled["content_hash"],
+        "seed": cfg.data.seed,
+        "labels": labeled.get("labels"),
+        "columns": labeled.get("columns"),
+    }
+    key = layout.sha256_json(keyed)
     if (done := layout.reusable(out_dir / "result.json", key)) is not None:
         log.info("baseline: reusing %s (val_accuracy %.4f)", out_dir / "result.json", done["val_accuracy"])
         return done
@@ -83,6 +83,7 @@ def train_baseline(cfg: Config, labeled: dict[str, Any], out_dir: str | os.PathL
     dev_correct = predicted == np.asarray(dev_y)
     result = {
         "key": key,
+        "config": keyed,
         "val_accuracy": float(val_accuracy),
         "val_loss": float(val_loss),
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},

@@ -67,19 +67,19 @@ def finetune(
         NonFiniteLoss: the validation loss is NaN or infinite; no bundle is written.
     """
     out_dir = Path(out_dir)
-    key = layout.sha256_json(
-        {
-            "model": cfg.to_dict()["model"],
-            "finetune": cfg.to_dict()["finetune"],
-            "encoder": layout.sha256_file(encoder_path),
-            "sst2": labeled["content_hash"],
-            "labels": labeled.get("labels"),
-            "columns": labeled.get("columns"),
-            "vocab": layout.sha256_file(vocab_path),
-            "seq": cfg.data.seq_length,
-            "init": layout.sha256_file(init_classifier) if init_classifier else None,
-        }
-    )
+    # What was trained from what: the key hashes it and result.json carries it whole.
+    keyed = {
+        "model": cfg.to_dict()["model"],
+        "finetune": cfg.to_dict()["finetune"],
+        "encoder": layout.sha256_file(encoder_path),
+        "sst2": labeled["content_hash"],
+        "labels": labeled.get("labels"),
+        "columns": labeled.get("columns"),
+        "vocab": layout.sha256_file(vocab_path),
+        "seq": cfg.data.seq_length,
+        "init": layout.sha256_file(init_classifier) if init_classifier else None,
+    }
+    key = layout.sha256_json(keyed)
     if (done := layout.reusable(out_dir / "result.json", key)) is not None and Path(done["bundle"]).exists():
         log.info("finetune: reusing %s", done["bundle"])
         return done
@@ -162,6 +162,7 @@ def finetune(
     path = bundle.write(out_dir / "bundle", classifier, encoder_path, vocab_path, cfg, val_accuracy, labels)
     result = {
         "key": key,
+        "config": keyed,
         "bundle": str(path),
         "val_accuracy": float(val_accuracy),
         "val_loss": float(val_loss),

@@ -205,15 +205,15 @@ def pretrain(
     manifest_path = Path(manifest_path)
     # How often to back up, log or return to the host does not change what is trained: not part of the key.
     trained = {k: v for k, v in cfg.to_dict()["pretrain"].items() if k not in HOUSEKEEPING}
-    key = layout.sha256_json(
-        {
-            "model": cfg.to_dict()["model"],
-            "pretrain": trained,
-            "manifest": layout.sha256_file(manifest_path),
-            "seed": cfg.data.seed,
-            "init": layout.sha256_file(init["path"]) if init else None,
-        }
-    )
+    # What was trained from what: the key hashes it and result.json carries it whole.
+    keyed = {
+        "model": cfg.to_dict()["model"],
+        "pretrain": trained,
+        "manifest": layout.sha256_file(manifest_path),
+        "seed": cfg.data.seed,
+        "init": layout.sha256_file(init["path"]) if init else None,
+    }
+    key = layout.sha256_json(keyed)
     if (done := layout.reusable(out_dir / "result.json", key)) is not None and Path(done["encoder"]).exists():
         log.info("pretrain: reusing %s", done["encoder"])
         return done
@@ -343,6 +343,7 @@ def pretrain(
         encoder.save(tmp)
     result = {
         "key": key,
+        "config": keyed,
         "encoder": str(encoder_path),
         "encoder_sha256": layout.sha256_file(encoder_path),
         "manifest": str(manifest_path),
