@@ -267,6 +267,45 @@ def test_a_retry_of_the_same_airflow_run_registers_no_second_version(tmp_path):
     assert len(registry.client().search_model_versions(f"name='{NAME}'")) == 1
 
 
+KILL_MID_UPLOAD = r"""
+import os, signal, sys
+import mlflow
+from encoderflow import registry
+from tests.test_bundle import fake_bundle
+from pathlib import Path
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)  # the worker dies while the bundle uploads
+mlflow.log_artifacts = die
+decision = {"blessed": True, "reasons": [], "checks": []}
+tags = {"airflow.run_id": "run-9"}
+registry.log_candidate(sys.argv[1], fake_bundle(Path(sys.argv[2]), "1"), {}, {}, {}, tags, decision)
+"""
+
+
+def test_a_try_killed_mid_upload_leaves_a_killed_run_and_the_retry_one_version(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_MID_UPLOAD, NAME, str(tmp_path / "killed")],
+        env=os.environ.copy(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    c = registry.client()
+    [ghost] = c.search_runs([registry._experiment_id(c)])
+    assert ghost.info.status == "RUNNING"  # what the kill left
+
+    decision = {"blessed": True, "reasons": [], "checks": []}
+    again = registry.log_candidate(
+        NAME, _bundle(tmp_path / "retry", "1"), {}, {}, {}, {"airflow.run_id": "run-9"}, decision
+    )
+
+    runs = {r.info.run_id: r.info.status for r in c.search_runs([registry._experiment_id(c)])}
+    assert runs == {ghost.info.run_id: "KILLED", again["run_id"]: "FINISHED"}
+    assert [str(v.version) for v in c.search_model_versions(f"name='{NAME}'")] == [again["version"]]
+
+
 def test_decision_tags_carry_the_gate_intervals():
     import numpy as np
 

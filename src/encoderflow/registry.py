@@ -180,6 +180,7 @@ def log_candidate(
         )
         return done
     exp_id = _experiment_id(c)
+    _close_orphans(c, exp_id, tags)
     run_name = tags.get("airflow.run_id", "manual")
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
         mlflow.log_params({k: v for k, v in _flatten("", config, {}).items()})
@@ -203,6 +204,24 @@ def log_candidate(
     mv = c.create_model_version(name, source=source, run_id=run_id, tags=version_tags)
     log.info("registry: %s version %s registered from run %s (%s)", name, mv.version, run_id, tracking_uri())
     return {"run_id": run_id, "version": str(mv.version), "source": source, "tracking_uri": tracking_uri()}
+
+
+def _close_orphans(c, exp_id: str, tags: dict[str, str]) -> None:
+    """An earlier try of this Airflow run killed inside its MLflow run left it RUNNING with no
+    version: mark it KILLED, so the experiment shows one live candidate per run, not a ghost."""
+    run = tags.get("airflow.run_id")
+    if not run:
+        return
+    # ``_registered_for`` found no version for this run, so none of its MLflow runs reached the registry.
+    query = f"tags.`airflow.run_id` = '{run}' and attributes.status = 'RUNNING'"
+    for orphan in c.search_runs([exp_id], filter_string=query):
+        if orphan.data.tags.get("airflow.dag_id") == tags.get("airflow.dag_id"):
+            c.set_terminated(orphan.info.run_id, status="KILLED")
+            log.info(
+                "registry: MLflow run %s, an earlier try of %s killed before registering, marked KILLED",
+                orphan.info.run_id,
+                run,
+            )
 
 
 def _registered_for(c, name: str, tags: dict[str, str]) -> dict[str, Any] | None:
