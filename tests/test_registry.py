@@ -189,6 +189,18 @@ def test_version_tags_carry_the_gate_decision(tmp_path):
     assert tags["airflow.run_id"] == "run-1"
 
 
+def _child(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``script`` in a process of its own (one that may die), on this test's registry."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=os.environ.copy(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 KILL_BETWEEN_STEPS = r"""
 import os, signal, sys
 from mlflow import MlflowClient
@@ -206,14 +218,7 @@ registry.move_champion(sys.argv[1], sys.argv[2], expected=sys.argv[3], reason="k
 def test_promote_killed_between_steps_leaves_champion_on_a_complete_version(tmp_path):
     v1, v2 = _register(tmp_path, "1"), _register(tmp_path, "2")
     registry.move_champion(NAME, v1, expected=None, reason="first", who="gate")
-    proc = subprocess.run(
-        [sys.executable, "-c", KILL_BETWEEN_STEPS, NAME, v2, v1],
-        env=os.environ.copy(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _child(KILL_BETWEEN_STEPS, NAME, v2, v1)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert _aliases()["champion"] == "1"
     served = registry.download_version(NAME, "@champion", tmp_path / "serve")
@@ -283,14 +288,7 @@ registry.log_candidate(sys.argv[1], fake_bundle(Path(sys.argv[2]), "1"), {}, {},
 
 
 def test_a_try_killed_mid_upload_leaves_a_killed_run_and_the_retry_one_version(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-c", KILL_MID_UPLOAD, NAME, str(tmp_path / "killed")],
-        env=os.environ.copy(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _child(KILL_MID_UPLOAD, NAME, str(tmp_path / "killed"))
     assert proc.returncode == -9, proc.stderr[-2000:]
     c = registry.client()
     [ghost] = c.search_runs([registry._experiment_id(c)])
