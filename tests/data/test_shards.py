@@ -455,7 +455,16 @@ def test_dupe_factor_copies_share_text_but_not_masks(corpus, encoderflow_home):
         assert not np.array_equal(c0["token_ids"], c1["token_ids"])
 
 
-@pytest.mark.parametrize("key, value", [("seq_length", 64), ("predictions_per_seq", 8), ("mask_rate", 0.15)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("seq_length", 64),
+        ("predictions_per_seq", 8),
+        ("mask_rate", 0.15),
+        ("lowercase", False),
+        ("strip_accents", False),
+    ],
+)
 def test_manifest_config_mismatch_names_the_key(reference, key, value):
     cfg = _cfg(**{key: value})
     with pytest.raises(ShardError, match=rf"manifest {key}=.* expects {value!r}"):
