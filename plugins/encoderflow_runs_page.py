@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from encoderflow import DAG_ID
 from encoderflow.layout import safe_run_id
 
-DAG_ID = "encoder_pretraining"
 DEFAULT_MODEL = "encoderflow-sst2"
 METRICS = (
     ("sst2_val_accuracy", "SST-2 dev accuracy"),

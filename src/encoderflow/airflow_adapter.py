@@ -16,10 +16,11 @@ from typing import Any
 
 from airflow.sdk import Asset, AssetAlias, Param
 
+from encoderflow import DAG_ID as DAG_ID  # re-exported: the DAG files read their names here
 from encoderflow import config, errors
+from encoderflow.config import ROLES as ROLES
 from encoderflow.errors import EncoderflowError
 
-DAG_ID = "encoder_pretraining"
 REGISTERED_MODEL = config.GateConfig().registered_model
 log = logging.getLogger("encoderflow.dag")
 
@@ -52,7 +53,6 @@ CHAMPION_MOVES = AssetAlias(name="encoderflow_champion_moves", group="encoderflo
 
 
 # The roles a run reads (download_<role>, validate_<role>); the first two can be your own folders.
-ROLES = ("corpus", "labeled", "vocab")
 WATCHED = ("corpus", "labeled")
 # One asset per watched role; `encoderflow_sources` adds an event, through the alias, only on a change.
 SOURCE_ASSETS = {

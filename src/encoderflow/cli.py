@@ -24,12 +24,10 @@ from typing import Any, NamedTuple
 
 import pluggy
 
-from encoderflow import layout, runtime
-from encoderflow.config import PRESETS, ConfigError, from_overrides, from_params, parse_set
+from encoderflow import DAG_ID, layout, runtime
+from encoderflow.config import PRESETS, ROLES, ConfigError, from_overrides, from_params, parse_set
 from encoderflow.errors import Cause, EncoderflowError, cause_of, read_failure
 
-DAG_ID = "encoder_pretraining"
-ROLES = ("corpus", "labeled", "vocab")
 # The marker of Airflow's listener hooks (what airflow.listeners.hookimpl is), without importing
 # Airflow for every command.
 _hookimpl = pluggy.HookimplMarker("airflow")

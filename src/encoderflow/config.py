@@ -254,6 +254,10 @@ class DataConfig(_Section):
         )
 
 
+# What a run reads: a corpus to pretrain on, labeled data to fine-tune on, a vocabulary.
+ROLES = ("corpus", "labeled", "vocab")
+
+
 @dataclass(frozen=True)
 class InputsConfig(_Section):
     """How your own corpus and labeled data are read and checked (the guide's datasets ignore it but

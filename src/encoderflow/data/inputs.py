@@ -30,7 +30,6 @@ from encoderflow.results import file_info, split_path
 
 log = logging.getLogger(__name__)
 
-ROLES = ("corpus", "labeled", "vocab")
 BUILTIN = {"corpus": "wikitext", "labeled": "sst2", "vocab": "vocab"}
 LABELED_FORMATS = ("tsv", "csv", "jsonl")
 LABELED_SPLITS = ("train", "dev")
