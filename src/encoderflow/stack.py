@@ -462,21 +462,13 @@ class Stack:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid``, read from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+    """Every live descendant of ``pid`` (none when ``pid`` itself is gone)."""
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _fernet_key() -> str:
@@ -500,12 +492,12 @@ def _http_ok(url: str) -> bool:
 
 
 def _redis_ping(port: int, password: str) -> bool:
+    import redis
+
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-            s.sendall(f"AUTH {password}\r\nPING\r\n".encode())
-            time.sleep(0.1)
-            return b"+PONG" in s.recv(256)
-    except OSError:
+        with redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=2) as client:
+            return bool(client.ping())
+    except redis.RedisError:
         return False
 
 
