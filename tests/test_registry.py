@@ -172,6 +172,39 @@ def test_a_download_that_fails_verification_leaves_the_folder_as_it_was(tmp_path
     assert sorted(p.name for p in dst.parent.iterdir()) == ["current"]  # and no partial download beside it
 
 
+class _BasicAuthStore:
+    """What ``make stack``'s MLflow (basic auth) answered, as the pipeline's worker: 403 to any lookup
+    under a registered model that does not exist, RESOURCE_DOES_NOT_EXIST for the model itself."""
+
+    def __init__(self, models: set[str]):
+        self.models = models
+
+    @staticmethod
+    def _error(message: str, code: str):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import ErrorCode
+
+        return MlflowException(message, error_code=ErrorCode.Value(code))
+
+    def get_model_version_by_alias(self, name, alias):
+        raise self._error("Permission denied", "PERMISSION_DENIED")
+
+    def get_registered_model(self, name):
+        if name not in self.models:
+            raise self._error(f"Registered Model with name={name} not found", "RESOURCE_DOES_NOT_EXIST")
+        return self
+
+
+def test_a_403_under_a_model_that_does_not_exist_is_absence_and_otherwise_an_error(monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setattr(registry, "client", lambda: _BasicAuthStore(models=set()))
+    assert registry.champion(NAME) is None  # a first run: nothing registered yet
+    monkeypatch.setattr(registry, "client", lambda: _BasicAuthStore(models={NAME}))
+    with pytest.raises(MlflowException, match="Permission denied"):  # the model is there: a real refusal
+        registry.champion(NAME)
+
+
 def test_unknown_version_and_empty_history_are_clear_errors(tmp_path, capsys):
     _register(tmp_path, "1")
     assert cli.main(["promote", "--version", "9", "--reason", "typo"]) == 2

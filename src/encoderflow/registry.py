@@ -41,9 +41,20 @@ class StaleChampion(EncoderflowError):
 ABSENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
-def _absent(exc) -> bool:
+def _absent(exc, c, name: str) -> bool:
+    """True when ``exc`` says a version or alias of model ``name`` is not there; otherwise raise it."""
+    from mlflow.exceptions import MlflowException
+
     if exc.error_code in ABSENT:
         return True
+    if exc.error_code == "PERMISSION_DENIED":
+        # MLflow's basic-auth app answers 403 to a lookup under a registered model that does not
+        # exist (it finds no permission to check); the model itself then says it is not there.
+        try:
+            c.get_registered_model(name)
+        except MlflowException as missing:
+            if missing.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return True
     raise exc
 
 
@@ -116,7 +127,7 @@ def champion(name: str) -> dict[str, Any] | None:
     try:
         mv = c.get_model_version_by_alias(name, CHAMPION)
     except MlflowException as exc:
-        _absent(exc)
+        _absent(exc, c, name)
         return None
     return {"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags)}
 
@@ -305,7 +316,7 @@ def move_champion(
     try:
         c.get_model_version(name, version)
     except MlflowException as exc:
-        _absent(exc)
+        _absent(exc, c, name)
         raise EncoderflowError(f"{name}: no version {version} in {tracking_uri()}") from None
     with promotion_lock():
         current = champion(name)
@@ -367,10 +378,11 @@ def history(name: str) -> list[dict[str, Any]]:
     """Recent champion moves, oldest first (as many as ``history_tag`` keeps)."""
     from mlflow.exceptions import MlflowException
 
+    c = client()
     try:
-        tags = client().get_registered_model(name).tags
+        tags = c.get_registered_model(name).tags
     except MlflowException as exc:  # an outage read as "no history" would overwrite it with one move
-        _absent(exc)
+        _absent(exc, c, name)
         return []
     return json.loads(tags.get("champion.history", "[]"))
 
@@ -391,7 +403,7 @@ def rollback(name: str, reason: str, who: str | None = None) -> dict[str, Any]:
     try:
         prev = c.get_model_version_by_alias(name, PREVIOUS)
     except MlflowException as exc:
-        _absent(exc)
+        _absent(exc, c, name)
         raise EncoderflowError(f"{name}: no 'previous' version to roll back to") from None
     current = champion(name)
     return move_champion(
