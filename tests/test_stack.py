@@ -33,6 +33,7 @@ import pytest
 
 from encoderflow import stack as stack_mod
 from encoderflow.layout import safe_run_id
+from encoderflow.train.callbacks import BACKUP_GLOB
 from tests import fixtures_pipeline as fixtures_data
 
 DAG_ID = "encoder_pretraining"
@@ -252,7 +253,8 @@ def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an
     assert client.run(second)["state"] == "queued"
 
     backups = st.home / "runs" / safe_run_id(first) / "pretrain" / "backup"
-    wait_for("pretrain's first backup", lambda: backups.is_dir() and any(backups.iterdir()), 400, every=0.5)
+    # A complete backup: the one being written is a hidden temp file until it is renamed into place.
+    wait_for("pretrain's first backup", lambda: backups.is_dir() and any(backups.glob(BACKUP_GLOB)), 400, every=0.5)
     assert client.tasks(first)["pretrain"]["state"] == "running"
     st.stop("worker-gpu", sig=signal.SIGKILL)  # the worker, its task supervisor and the task, at once
     killed = time.monotonic()
