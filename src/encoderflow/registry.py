@@ -13,9 +13,7 @@ import getpass
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -144,18 +142,11 @@ def download_version(name: str, version: str, dst: str | os.PathLike) -> Path:
     import mlflow
 
     client()
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     uri = f"models:/{name}{version}" if version.startswith("@") else f"models:/{name}/{version}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with layout.atomic_dir(dst) as tmp:
         got = bundle.verify(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
         inside = Path(got).resolve().relative_to(tmp.resolve())  # "." for a bundle source: its files
-        shutil.rmtree(dst, ignore_errors=True)
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dst / inside
+    return Path(dst) / inside
 
 
 def _flatten(prefix: str, payload: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -237,7 +228,6 @@ def _close_orphans(c, exp_id: str, tags: dict[str, str]) -> None:
 
 def _registered_for(c, name: str, tags: dict[str, str]) -> dict[str, Any] | None:
     """The version a previous attempt of the same Airflow run registered, so a retry adds none."""
-
     run = tags.get("airflow.run_id")
     if not run:
         return None
@@ -325,7 +315,7 @@ def move_champion(
             log.info("registry: %s v%s is champion already", name, version)
             moves = history(name)
             if not moves or moves[-1]["to"] != version:  # the try that moved it died before recording it
-                _record_move(c, name, version, _event(action, who, reason, expected, version))
+                _record_move(c, name, version, _event(action, who, reason, expected, version), moves)
             return {"action": action, "who": who, "reason": reason, "from": expected, "to": version, "already": True}
         if current_version != expected:
             raise StaleChampion(
@@ -336,7 +326,7 @@ def move_champion(
             c.set_registered_model_alias(name, PREVIOUS, current_version)
         c.set_registered_model_alias(name, CHAMPION, version)
         event = _event(action, who, reason, current_version, version)
-        _record_move(c, name, version, event)
+        _record_move(c, name, version, event, history(name))
     log.info("registry: %s champion v%s -> v%s (%s: %s, by %s)", name, current_version, version, action, reason, who)
     return event
 
@@ -352,10 +342,10 @@ def _event(action: str, who: str, reason: str, from_version: str | None, to_vers
     return {"at": at, "action": action, "who": who, "reason": reason, "from": from_version, "to": to_version}
 
 
-def _record_move(c, name: str, version: str, event: dict[str, Any]) -> None:
-    """The move on the version (its whole record) and in the model's recent ``champion.history``."""
+def _record_move(c, name: str, version: str, event: dict[str, Any], earlier: list[dict[str, Any]]) -> None:
+    """The move on the version (its whole record) and after the ``earlier`` moves in ``champion.history``."""
     c.set_model_version_tag(name, version, f"champion.{event['action']}", json.dumps(event))
-    c.set_registered_model_tag(name, "champion.history", history_tag(history(name) + [event]))
+    c.set_registered_model_tag(name, "champion.history", history_tag(earlier + [event]))
 
 
 def history_tag(events: list[dict[str, Any]]) -> str:

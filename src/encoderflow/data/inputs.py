@@ -16,8 +16,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,16 +285,10 @@ def corpus_texts(info: dict[str, Any], cfg) -> dict[str, dict[str, Any]]:
         if all(held):
             held[int(np.argmax(fraction))] = False
         parts = {"train": [d for d, h in zip(docs, held) if not h], "valid": [d for d, h in zip(docs, held) if h]}
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".docs-", dir=folder.parent))
-        try:
+        with layout.atomic_dir(folder, prefix=".docs-") as tmp:
             for role, name in names.items():
                 (tmp / name).write_text("\n\n".join("\n".join(d) for d in parts[role]) + "\n", encoding="utf-8")
             (tmp / ".complete").write_text(key + "\n")
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         log.info(
             "corpus: %d documents from %s: %d for pretraining, %d held out for validation, in %s",
             len(docs),

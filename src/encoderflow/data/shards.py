@@ -535,11 +535,13 @@ def check_manifest(manifest: dict[str, Any], cfg: Config, vocab_size: int | None
     }
     if vocab_size is not None:
         expected["vocab_size"] = vocab_size
-    # How the text became token ids: fine-tuning and serving tokenize with the training config's.
-    built = {k: manifest.get("config", {}).get("data", {}).get(k) for k in ("lowercase", "strip_accents")}
+    # How the text became token ids (fine-tuning and serving tokenize with the training config's),
+    # recorded in the data config the shards were built with.
     expected |= {"lowercase": cfg.data.lowercase, "strip_accents": cfg.data.strip_accents}
+    data = manifest.get("config", {}).get("data", {})
+    recorded = {**manifest, "lowercase": data.get("lowercase"), "strip_accents": data.get("strip_accents")}
     for key, want in expected.items():
-        got = built[key] if key in built else manifest.get(key)
+        got = recorded.get(key)
         if got != want:
             raise ShardError(
                 f"shard manifest {key}={got!r} but the training config expects {want!r}; "

@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import stat
-import tempfile
 import time
 import zipfile
 from collections import deque
@@ -353,8 +351,7 @@ def _dataset_root(spec: DatasetSpec) -> Path:
 
 def _safe_extract_zip(archive: Path, target: Path) -> None:
     """Extract into a temp folder beside ``target``, refusing unsafe entries, then rename."""
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
-    try:
+    with layout.atomic_dir(target, prefix=".extract-") as tmp:
         try:
             zf = zipfile.ZipFile(archive)
         except zipfile.BadZipFile as exc:
@@ -374,12 +371,6 @@ def _safe_extract_zip(archive: Path, target: Path) -> None:
             if bad is not None:
                 raise DataError(f"{archive}: member {bad!r} fails its CRC check; the archive is corrupt")
             zf.extractall(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _describe_files(root: Path, members: Iterable[str], where: str, layout_hint: str) -> dict[str, dict[str, Any]]:
