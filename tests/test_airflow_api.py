@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 
+from encoderflow import errors
 from encoderflow.stack import descendants
 from tests import fixtures_pipeline as fixtures_data
 
@@ -753,20 +754,53 @@ def probe(tmp_path_factory) -> dict:
 
 
 def test_expected_failure_is_a_message_and_failure_callback_one_line(probe):
-    message = "EncoderflowError: sst2: SST-2/dev.tsv: expect_column_values_to_be_in_set label failed (3 rows)"
+    # The exception Airflow logs is the diagnosis and its fix (the error's default one where its
+    # message spells none), with no chained traceback behind it.
+    message = (
+        "EncoderflowError: sst2: SST-2/dev.tsv: expect_column_values_to_be_in_set label failed (3 rows); "
+        f"fix: {errors.GENERIC_FIX}"
+    )
     assert probe["failed"] == {"type": "AirflowFailException", "cause": "None", "suppressed": True, "message": message}
-    # The wrapper logs the diagnosis itself, first, as one ERROR line.
-    assert message in probe["records"]
-    failure_lines = [r for r in probe["records"] if r.startswith("encoderflow FAILED")]
-    assert failure_lines == [
-        "encoderflow FAILED encoder_pretraining.build_shard[3] run=r1 try=2/2: ValueError: disk full while "
-        "writing shard 3",
-        f"encoderflow FAILED encoder_pretraining.build_shard[3] run=r1 try=2, no retry: {message}",
+    # The callback's line names the task, run, try and error type, and never repeats the cause.
+    assert probe["records"] == [
+        "encoderflow FAILED encoder_pretraining.build_shard[3] run=r1 try=2/2: ValueError",
+        "encoderflow FAILED encoder_pretraining.build_shard[3] run=r1 try=2, no retry: EncoderflowError",
     ]
 
 
 def test_schedule_comes_from_the_environment(probe):
     assert probe["schedules"] == {"": None, "@daily": "@daily", "0 3 * * 1": "0 3 * * 1", "off": None, "None": None}
+
+
+@pytest.mark.slow
+def test_a_failed_task_says_its_cause_and_fix_once_in_its_log(stack, smoke_run):
+    """Bad labeled data through the scheduler and a worker: ``validate_labeled`` fails at once, and its
+    log says what is wrong and what to do once (Airflow's own exception record), not three times."""
+    tree = fixtures_data.write_tree(stack.root / "bad-data")
+    dev = tree / "SST-2" / "dev.tsv"
+    dev.write_text(dev.read_text().replace("\t1\n", "\t2\n", 1))
+    status, run = stack.request(
+        "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": smoke_conf(tree), "note": "bad data"}
+    )
+    assert status == 200, (status, run)
+    quoted = urllib.parse.quote(run["dag_run_id"], safe="")
+
+    def finished():
+        _, dr = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}")
+        return dr["state"] if dr["state"] in ("success", "failed") else None
+
+    assert stack.wait_for(finished, 300, "the bad-data run to finish", interval=2) == "failed"
+    _, ti = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/validate_labeled")
+    assert (ti["state"], ti["try_number"]) == ("failed", 1), ti  # an expected failure is not retried
+    _, log = stack.request(
+        "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/validate_labeled/logs/1?full_content=true"
+    )
+    text = "\n".join(log_lines(log["content"]))
+    cause = f"{dev}: expect_column_values_to_be_in_set(column='label'"
+    fix = errors.DEFAULT_FIXES["ValidationFailed"]
+    assert text.count(cause) == 1 and text.count(fix) == 1, text[-4000:]
+    [summary] = [line for line in text.splitlines() if "encoderflow FAILED" in line]
+    assert f"encoderflow FAILED {DAG_ID}.validate_labeled run={run['dag_run_id']} try=1, no retry" in summary
 
 
 @pytest.mark.slow

@@ -260,7 +260,7 @@ def test_the_first_failure_of_a_run_is_kept_and_written_whole():
         (
             ValidationFailed(["sst2: dev.tsv: expect_column_values_to_be_in_set", "sst2: train.tsv: rows"], "/d/x"),
             "ValidationFailed",
-            "sst2: dev.tsv: expect_column_values_to_be_in_set sst2: train.tsv: rows Data Docs: /d/x",
+            "sst2: dev.tsv: expect_column_values_to_be_in_set sst2: train.tsv: rows",
             errors.DEFAULT_FIXES["ValidationFailed"] + ": /d/x",
         ),
         # A bug or an outage: its own type, and no fix to guess.
@@ -292,6 +292,24 @@ def test_the_dag_wrapper_is_seen_through_to_the_encoderflow_error():
     except AirflowFailException as wrapped:
         cause = errors.cause_of(wrapped)
     assert cause == errors.Cause("DataError", "download http://h/f.zip: too slow", "use a mirror", True)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        DataError("download http://h/f.zip: gave up after 5 attempts", fix="check the network"),
+        ShardError("shard /s/a.tfrecord is missing. Clear the failed build_shard"),
+        NonFiniteLoss("finetune: validation loss nan"),
+        ValidationFailed(["sst2: dev.tsv: expect_column_values_to_be_in_set", "sst2: train.tsv: rows"], "/d/x"),
+    ],
+)
+def test_what_a_failed_task_says_is_its_cause_and_fix_once_and_reads_back_the_same(exc):
+    """The text the DAG wrapper gives Airflow holds the fix even where the message spells none, and
+    read back as text alone it is the same cause the exception itself gives."""
+    text = errors.told(exc)
+    cause = errors.cause_of(exc)
+    assert text.startswith(f"{type(exc).__name__}: ") and text.count(cause.fix) == 1, text
+    assert errors.cause_of(text) == cause
 
 
 def test_make_airflow_starts_an_mlflow_ui_and_points_the_runs_page_at_it(tmp_path, monkeypatch):

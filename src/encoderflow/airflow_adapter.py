@@ -189,14 +189,10 @@ def params() -> dict[str, Param]:
     }
 
 
-def _one_line(exc: BaseException | None) -> str:
-    if exc is None:
-        return "no exception recorded"
-    return errors.one_line(str(exc)) or repr(exc)
-
-
 def log_failure(context) -> None:
-    """on_failure_callback: one line that says which task of which run failed, on which try, and why.
+    """on_failure_callback: one line that says which task of which run failed, on which try, and the
+    error's type: a line to grep for. The cause and its fix are the exception's own record, just
+    above it in the task log; saying them again here would say them twice.
 
     The cause (error, one-line message, fix) is also kept in ``runs/<run id>/failure.json``, the
     run's first failure only, for the run summary and anyone reading the run folder.
@@ -208,14 +204,11 @@ def log_failure(context) -> None:
     map_index = -1 if map_index is None else map_index
     label = ti.task_id if map_index == -1 else f"{ti.task_id}[{map_index}]"
     max_tries = (getattr(ti, "max_tries", 0) or 0) + 1
-    if isinstance(exc, AirflowFailException):
-        # Raised by expected_failures: the message already starts with the encoderflow error type.
-        attempt, why = f"try={ti.try_number}, no retry", _one_line(exc)
-    else:
-        attempt = f"try={ti.try_number}/{max_tries}"
-        why = f"{type(exc).__name__ if exc is not None else 'Failure'}: {_one_line(exc)}"
-    log.error("encoderflow FAILED %s.%s run=%s %s: %s", ti.dag_id, label, ti.run_id, attempt, why)
-    _record_failure(ti, map_index, max_tries, exc, no_retry=isinstance(exc, AirflowFailException))
+    no_retry = isinstance(exc, AirflowFailException)
+    attempt = f"try={ti.try_number}, no retry" if no_retry else f"try={ti.try_number}/{max_tries}"
+    error = errors.cause_of(exc).error
+    log.error("encoderflow FAILED %s.%s run=%s %s: %s", ti.dag_id, label, ti.run_id, attempt, error)
+    _record_failure(ti, map_index, max_tries, exc, no_retry=no_retry)
 
 
 def _record_failure(ti, map_index: int, max_tries: int, exc: BaseException | None, no_retry: bool) -> None:
@@ -248,7 +241,8 @@ DEFAULT_ARGS = {
 
 
 def expected_failures(fn):
-    """Bad data, bad config or diverged training fails the task once, with the message alone."""
+    """Bad data, bad config or diverged training fails the task once, without retry, saying what is
+    wrong and the fix (:func:`errors.told`) in the exception Airflow logs."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -258,8 +252,7 @@ def expected_failures(fn):
             return fn(*args, **kwargs)
         except EncoderflowError as exc:
             # The message is the diagnosis; the stack below it (TF, GX, MLflow) only hides it.
-            log.error("%s: %s", type(exc).__name__, exc)
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from None
+            raise AirflowFailException(errors.told(exc)) from None
 
     return wrapper
 

@@ -103,7 +103,8 @@ class TaskLogs:
     in between (encoderflow's lines, the libraries', the failure callback's) to
     ``runs/<run id>/logs/task_id=<task>/[map_index=<i>/]attempt=<try>.log``. Airflow's own
     structured lines (task runner, execution API) bypass the logging module and stay on the
-    terminal; so the traceback of an unexpected exception is written to the file when its task fails.
+    terminal; so the failure Airflow logs (an expected failure's text, or the traceback of an
+    unexpected one) is written to the file when its task fails.
 
     Attributes:
         paths: the log file of each task instance that ran, by (task_id, map_index, try_number).
@@ -184,8 +185,10 @@ class TaskLogs:
             self._open(task_instance)
         cause = cause_of(error)
         self.failed.append((self.key(task_instance), cause))
-        if isinstance(error, BaseException) and not cause.expected:
-            self.write("".join(traceback.format_exception(error)))
+        # What a worker's log holds in Airflow's exception record: an expected failure's text (cause
+        # and fix), an unexpected one's traceback.
+        if isinstance(error, BaseException):
+            self.write(str(error) if cause.expected else "".join(traceback.format_exception(error)))
         self._close()
 
 

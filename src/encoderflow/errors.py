@@ -143,6 +143,15 @@ def cause_of(exc: BaseException | str | None) -> Cause:
     return Cause(name, one_line(text) or repr(exc), BUG_FIX, expected=False)
 
 
+def told(exc: EncoderflowError) -> str:
+    """What a failed task says, once: ``"<Type>: <message>"`` with its fix, the default fix added
+    where the message spells none (e.g. ``ValidationFailed`` lists the failed expectations only)."""
+    text = str(exc)
+    if "fix" not in exc.__dict__ and split_fix(text)[1] is None:
+        text = _with_fix(text, cause_of(exc).fix)
+    return f"{type(exc).__name__}: {text}"
+
+
 def _expected_names() -> set[str]:
     """Names of the expected failures: the ones with a default fix, and every subclass imported so far."""
     names, todo = {EncoderflowError.__name__, *DEFAULT_FIXES}, [EncoderflowError]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from encoderflow import errors
 from encoderflow.data import sources, validation
 from encoderflow.data.validation import ValidationFailed
 
@@ -251,7 +252,8 @@ def test_check_raises_listing_every_failure_across_files(folder, tmp_path):
     lines = err.value.lines
     assert [line.split(": ")[1] for line in lines] == [str(folder / DEV), str(folder / TRAIN)]
     assert "column='label'" in lines[0] and "column='_fields'" in lines[1]
-    assert str(err.value) == "\n".join(lines) + f"\nData Docs: {docs / 'index.html'}"
+    assert str(err.value) == "\n".join(lines)
+    assert errors.cause_of(err.value).fix.endswith(f"the Data Docs show each failed expectation: {docs / 'index.html'}")
     # The report is on disk too, for the DAG's summary and for people reading a failed run.
     saved = json.loads((docs / "validation.json").read_text())
     assert saved["success"] is False and saved["failures"] == lines

@@ -42,14 +42,12 @@ HEADER_RE = re.compile(r"^ = [^=].* = $")
 
 
 class ValidationFailed(EncoderflowError):
-    """Data failed its suite. ``str()`` is one line per failed expectation."""
+    """Data failed its suite. ``str()`` is one line per failed expectation; the Data Docs page is in
+    the fix (:func:`errors.cause_of`), so a task log names it once."""
 
     def __init__(self, lines: list[str], docs: str | None):
         self.lines, self.docs = lines, docs
-        text = "\n".join(lines)
-        if docs:
-            text += f"\nData Docs: {docs}"
-        super().__init__(text)
+        super().__init__("\n".join(lines))
 
 
 @dataclass(frozen=True)
@@ -406,7 +404,7 @@ def validate_dataset(
                 f["expectations"],
                 f["failed"],
             )
-    else:  # a corpus of thousands of files gets one line; its failures are each listed below anyway
+    else:  # a corpus of thousands of files gets one line; its failures are each listed in the report
         log.info(
             "validate %s: %d files under %s, %d rows, %d expectations, %d failed",
             dataset,
@@ -416,8 +414,8 @@ def validate_dataset(
             sum(f["expectations"] for f in files.values()),
             sum(f["failed"] for f in files.values()),
         )
-    for line in report["failures"]:
-        log.error("%s", line)
+    # The failures themselves are not logged here: check() raises them, and the task's exception
+    # record lists each once (the CLI prints them).
     log.info(
         "validate %s: %s in %.1fs; Data Docs: %s",
         dataset,
