@@ -168,7 +168,7 @@ def ours(args, work: Path, extra: list[str] = ()) -> dict:
     fin = json.loads((run_dir / "finetune" / "result.json").read_text())
     return {
         "wall_s": seconds,
-        "sst2": summary["metrics"]["sst2_val_accuracy"],
+        "sst2": summary["metrics"]["val_accuracy"],
         "mlm": summary["metrics"]["mlm_val_accuracy"],
         "baseline": summary["metrics"]["baseline_val_accuracy"],
         "pretrain_s": pre["seconds"],

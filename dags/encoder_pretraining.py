@@ -162,7 +162,7 @@ def encoder_pretraining():
         to it only if blessed, and only then update the `<model>@champion` asset."""
         lineage = {"airflow.dag_id": af.DAG_ID, "airflow.run_id": run_id, "airflow.try_number": str(ti.try_number)}
         promoted = steps.promote(**run, params=params, lineage=lineage)
-        af.record_champion(outlet_events, promoted, run["finetuned"]["sst2_val_accuracy"])
+        af.record_champion(outlet_events, promoted, run["finetuned"]["val_accuracy"])
         return promoted
 
     @task(execution_timeout=timedelta(minutes=10))

@@ -24,10 +24,11 @@ from urllib.parse import quote
 
 from encoderflow import DAG_ID
 from encoderflow.layout import safe_run_id
+from encoderflow.results import current_names
 
 DEFAULT_MODEL = "encoderflow-sst2"
 METRICS = (
-    ("sst2_val_accuracy", "SST-2 dev accuracy"),
+    ("val_accuracy", "dev accuracy"),
     ("baseline_val_accuracy", "BoW baseline"),
     ("champion_val_accuracy", "champion (re-evaluated)"),
     ("mlm_val_accuracy", "MLM accuracy"),
@@ -35,7 +36,7 @@ METRICS = (
 # The run-folder stages that keep a per-epoch ``history`` in ``<stage>/result.json``, in page order.
 STAGES = (
     ("pretrain", "Pretraining (MLM)"),
-    ("finetune", "Fine-tuning (SST-2)"),
+    ("finetune", "Fine-tuning"),
     ("baseline", "BoW baseline"),
 )
 # Charts are drawn for the newest runs only: 200 runs of four SVGs each (~15 kB a run) would make a page of megabytes.
@@ -90,6 +91,8 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         )
         entry["folder"] = folder.name
         summary = _read_json(folder / "summary.json")
+        if summary and "metrics" in summary:  # a summary written before a metric's rename reads as today's
+            summary["metrics"] = current_names(summary["metrics"])
         gate = _read_json(folder / "gate.json")
         entry["summary"] = summary
         if summary and not entry.get("run_id"):
@@ -108,7 +111,7 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         elif gate:
             entry["gate"] = {"blessed": gate.get("blessed"), "reasons": gate.get("reasons", [])}
             entry["metrics"] = {
-                "sst2_val_accuracy": gate.get("candidate"),
+                "val_accuracy": gate.get("candidate"),
                 "baseline_val_accuracy": gate.get("baseline"),
                 "champion_val_accuracy": gate.get("champion"),
             }
@@ -208,7 +211,7 @@ def gate_figures(gate: dict[str, Any] | None, summary: dict[str, Any] | None) ->
         metrics = summary.get("metrics") or {}
         figures = {
             "blessed": (summary.get("gate") or {}).get("blessed"),
-            "candidate": _finite(metrics.get("sst2_val_accuracy")),
+            "candidate": _finite(metrics.get("val_accuracy")),
             "baseline": _finite(metrics.get("baseline_val_accuracy")),
             "champion": _finite(metrics.get("champion_val_accuracy")),
             "champion_version": None,
@@ -496,7 +499,7 @@ def gate_svg(figures: Mapping[str, Any]) -> str:
         f"{_SVG_OPEN} class='ef-chart ef-gate' data-blessed='{str(bool(blessed)).lower()}' "
         f"width='{width}' height='{height}' viewBox='0 0 {width} {height}' "
         f"aria-label='gate: candidate, baseline and champion accuracy'>",
-        "<title>gate: candidate vs baseline vs champion (SST-2 dev accuracy)</title>",
+        "<title>gate: candidate vs baseline vs champion (dev accuracy)</title>",
         f"<text x='4' y='13' font-size='12' font-weight='600'>Gate: {_e(verdict)}</text>",
     ]
     bottom = top + row_h * len(rows)
@@ -508,7 +511,7 @@ def gate_svg(figures: Mapping[str, Any]) -> str:
         )
     out.append(
         f"<line x1='{left}' y1='{bottom}' x2='{left + plot_w}' y2='{bottom}' stroke='#718096'/>"
-        f"<text x='{left + plot_w / 2}' y='{bottom + 26}' text-anchor='middle'>SST-2 dev accuracy</text>"
+        f"<text x='{left + plot_w / 2}' y='{bottom + 26}' text-anchor='middle'>dev accuracy</text>"
     )
     for index, (name, label, value, colour, level) in enumerate(rows):
         y = top + index * row_h + (row_h - bar_h) / 2
@@ -617,11 +620,11 @@ def render(
         )
         tags = champ.get("tags") or {}
         try:
-            accuracy = _acc(float(tags["gate.candidate_accuracy"]))
+            accuracy = _acc(float(tags["gate.val_accuracy"]))
         except (KeyError, TypeError, ValueError):
             accuracy = "–"
         out.append(
-            f"<p><b>v{_e(champ['version'])}</b> · SST-2 dev accuracy {accuracy}"
+            f"<p><b>v{_e(champ['version'])}</b> · dev accuracy {accuracy}"
             f" · from Airflow run <code>{_e(tags.get('airflow.run_id', '–'))}</code>{link}</p>"
         )
     else:

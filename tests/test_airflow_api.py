@@ -368,6 +368,9 @@ def test_rest_api_run_to_success_with_epoch_logs(stack, smoke_run):
     assert set(mine["curves"]) == {"pretrain", "finetune", "baseline"}, mine["curves"]
     assert mine["gate_chart"]["blessed"] is True and mine["gate_chart"]["champion"] is None, mine["gate_chart"]
     assert snap["registry"]["champion"]["version"] == "1"
+    # The champion's asset event carries the metric under its one name, the summary's value.
+    [moved] = [e for e in events["asset_events"] if e["source_run_id"] == run_id and e["uri"].endswith("/champion")]
+    assert moved["extra"]["val_accuracy"] == mine["metrics"]["val_accuracy"] > 0, moved
 
 
 # Open the trigger form the way a person does: the DAG page's Trigger button.

@@ -140,7 +140,7 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     assert manifest["seq_length"] == 32 and manifest["predictions_per_seq"] == 6
 
     # The first candidate learned the fixture and became champion, with the decision on the version.
-    assert summary1["metrics"]["sst2_val_accuracy"] > 0.8, summary1
+    assert summary1["metrics"]["val_accuracy"] > 0.8, summary1
     assert summary1["gate"]["blessed"] is True
     from mlflow import MlflowClient
 
@@ -161,13 +161,13 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     iv1 = gate1["intervals"]
     assert (iv1["examples"], iv1["resamples"], iv1["seed"], iv1["confidence"]) == (64, 2000, 42, 0.95)
     assert iv1["champion"] is None and iv1["candidate_minus_champion"] is None
-    for name, metric in (("candidate", "sst2_val_accuracy"), ("baseline", "baseline_val_accuracy")):
+    for name, metric in (("candidate", "val_accuracy"), ("baseline", "baseline_val_accuracy")):
         interval = iv1[name]
         assert interval["low"] <= interval["estimate"] <= interval["high"] and interval["high"] - interval["low"] > 0
         # Scored per sentence: the step's accuracy, within one sentence (fine-tuning evaluates in length buckets).
         assert interval["estimate"] == pytest.approx(summary1["metrics"][metric], abs=1 / 64 + 1e-6), name
-    assert v1.tags["gate.candidate_accuracy_ci"] == f"[{iv1['candidate']['low']:.4f}, {iv1['candidate']['high']:.4f}]"
-    assert "gate.baseline_accuracy_ci" in v1.tags and "gate.candidate_minus_champion_ci" not in v1.tags
+    assert v1.tags["gate.val_accuracy_ci"] == f"[{iv1['candidate']['low']:.4f}, {iv1['candidate']['high']:.4f}]"
+    assert "gate.baseline_val_accuracy_ci" in v1.tags and "gate.candidate_minus_champion_ci" not in v1.tags
     gate_log = (layout.run_dir(run1) / "logs" / "task_id=evaluate_and_gate" / "attempt=1.log").read_text()
     assert (
         "gate intervals (95% paired bootstrap over 64 dev sentences, 2000 resamples, seed 42): candidate " in gate_log
@@ -208,7 +208,7 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     assert diff["estimate"] == pytest.approx(iv2["candidate"]["estimate"] - iv2["champion"]["estimate"])
     assert diff["low"] <= diff["estimate"] <= diff["high"] < 0, diff
     # The champion was re-evaluated on this run's data, not copied from its stored number.
-    assert summary2["metrics"]["champion_val_accuracy"] == pytest.approx(summary1["metrics"]["sst2_val_accuracy"])
+    assert summary2["metrics"]["champion_val_accuracy"] == pytest.approx(summary1["metrics"]["val_accuracy"])
     assert client.get_model_version_by_alias(MODEL, "champion").version == v1.version
     v2 = client.get_model_version(MODEL, summary2["registry"]["version"])
     assert v2.tags["lineage.parent"] == str(v1.version) and "lineage.parent" not in v1.tags
@@ -334,7 +334,7 @@ def test_your_own_corpus_and_labels_through_airflow(tmp_path, encoderflow_home, 
         # Three classes learned on a trained vocabulary, well above chance (a third).
         from encoderflow import layout
 
-        assert summary["metrics"]["sst2_val_accuracy"] > 0.6, summary
+        assert summary["metrics"]["val_accuracy"] > 0.6, summary
         bundle = json.loads((Path(summary["artifacts"]["bundle"]) / "bundle.json").read_text())
         assert bundle["labels"] == ["billing", "bug", "praise"]
         manifest = json.loads(Path(summary["artifacts"]["shards_manifest"]).read_text())

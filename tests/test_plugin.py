@@ -51,7 +51,8 @@ def write_runs(home: Path) -> None:
         {"name": "baseline", "passed": True, "detail": "gain -0.0490", "value": -0.049, "threshold": -0.1},
         {"name": "champion", "passed": False, "detail": "-0.1110", "value": -0.111, "threshold": -0.0},
     ]
-    # The blessed run's gate.json predates the bootstrap intervals; the rejected run's has them.
+    # The blessed run's gate.json predates the bootstrap intervals, and its summary the metric's rename
+    # (sst2_val_accuracy, read as val_accuracy); the rejected run's has both.
     for run_id, blessed, reasons, acc, version in (
         (BLESSED_RUN, True, [], 0.812, "1"),
         (
@@ -82,7 +83,7 @@ def write_runs(home: Path) -> None:
                 "metrics": {
                     "baseline_val_accuracy": 0.75,
                     "mlm_val_accuracy": 0.31,
-                    "sst2_val_accuracy": acc,
+                    ("sst2_val_accuracy" if blessed else "val_accuracy"): acc,
                     "champion_val_accuracy": gate["champion"],
                 },
                 "gate": {"blessed": blessed, "reasons": reasons, "gate_json": str(run_dir / "gate.json")},
@@ -139,7 +140,7 @@ HISTORIES = {
 
 
 REGISTRY = {
-    "champion": {"version": "1", "tags": {"gate.candidate_accuracy": "0.812", "airflow.run_id": BLESSED_RUN}},
+    "champion": {"version": "1", "tags": {"gate.val_accuracy": "0.812", "airflow.run_id": BLESSED_RUN}},
     "history": [
         {
             "at": "2026-11-25T10:20:00+00:00",
@@ -197,7 +198,11 @@ def test_runs_page_shows_decisions_metrics_history_and_links(encoderflow_home):
     assert "champion: 0.7010 is 0.1110 below champion v1" in html
     assert "floor: 0.8120 &gt;= floor 0.8000" in html  # a blessing says by how much it passed
     assert "<script>" not in html and "&lt;script&gt;" in html
-    assert "SST-2 dev accuracy: <b>0.8120</b>" in html and "champion (re-evaluated): <b>0.8120</b>" in html
+    assert (
+        "dev accuracy: <b>0.8120</b>" in html
+        and "dev accuracy: <b>0.7010</b>" in html
+        and "champion (re-evaluated): <b>0.8120</b>" in html
+    )
     assert "not gated" in html  # the run that failed validation
     # The gate cell gives the intervals the gate recorded: the candidate's, and its paired margin to the champion.
     assert html.count("class='muted ef-ci-text'") == 1

@@ -35,7 +35,7 @@ def _register(tmp_path: Path, tag: str, blessed: bool = True) -> str:
         NAME,
         _bundle(tmp_path / f"b{tag}", tag),
         {"model": {"num_layers": 1}},
-        {"sst2_val_accuracy": 0.9},
+        {"val_accuracy": 0.9},
         {"finetune": {"loss": [0.5, 0.4]}},
         {"airflow.run_id": f"run-{tag}"},
         decision,
@@ -220,6 +220,25 @@ def test_version_tags_carry_the_gate_decision(tmp_path):
     assert tags["gate.reasons"] == "floor: 0.4 < 0.5"
     assert tags["gate.check.floor"] == "FAIL: x"
     assert tags["airflow.run_id"] == "run-1"
+    # The figures under the metrics' one name each, as in summary.json and the run's MLflow metrics.
+    assert (tags["gate.val_accuracy"], tags["gate.baseline_val_accuracy"]) == ("0.9", "0.8")
+    run = registry.client().get_run(registry.client().get_model_version(NAME, version).run_id)
+    assert run.data.metrics["val_accuracy"] == 0.9
+
+
+def test_a_champion_tagged_before_the_metrics_rename_reads_under_todays_names(tmp_path):
+    version = _register(tmp_path, "1")
+    c = registry.client()
+    for old, new in (
+        ("gate.candidate_accuracy", "gate.val_accuracy"),
+        ("gate.champion_accuracy", "gate.champion_val_accuracy"),
+    ):
+        c.set_model_version_tag(NAME, version, old, c.get_model_version(NAME, version).tags[new])
+        c.delete_model_version_tag(NAME, version, new)
+    registry.move_champion(NAME, version, expected=None, reason="test", who="test")
+    tags = registry.champion(NAME)["tags"]
+    assert tags["gate.val_accuracy"] == "0.9" and "gate.candidate_accuracy" not in tags
+    assert tags["gate.champion_val_accuracy"] == "None"
 
 
 def _child(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -359,9 +378,9 @@ def test_decision_tags_carry_the_gate_intervals():
     tags = registry.decision_tags(json.loads(json.dumps(decision.to_dict())))
     diff, cand = intervals.candidate_minus_champion, intervals.candidate
     assert tags["gate.candidate_minus_champion_ci"] == f"[{diff.low:+.4f}, {diff.high:+.4f}]"
-    assert tags["gate.candidate_accuracy_ci"] == f"[{cand.low:.4f}, {cand.high:.4f}]"
-    assert tags["gate.champion_accuracy_ci"].startswith("[0.7")
-    assert "gate.baseline_accuracy_ci" not in tags  # no per-sentence baseline predictions given
+    assert tags["gate.val_accuracy_ci"] == f"[{cand.low:.4f}, {cand.high:.4f}]"
+    assert tags["gate.champion_val_accuracy_ci"].startswith("[0.7")
+    assert "gate.baseline_val_accuracy_ci" not in tags  # no per-sentence baseline predictions given
     assert tags["gate.intervals"] == "95% paired bootstrap over 872 dev sentences, 2000 resamples, seed 42"
     assert tags["gate.check.significance"].startswith("pass: vs champion v4: candidate - champion +0.0344")
     # A decision recorded before the gate had intervals gets no interval tags.

@@ -262,10 +262,10 @@ def record_shards(outlet_events, sealed: dict[str, Any]) -> None:
     outlet_events[SHARDS].extra = {"manifest": sealed["manifest"], "manifest_sha256": sealed["manifest_sha256"]}
 
 
-def record_champion(outlet_events, promoted: dict[str, Any], accuracy: float | None) -> None:
+def record_champion(outlet_events, promoted: dict[str, Any], val_accuracy: float | None) -> None:
     """One ``<model>@champion`` asset event when, and only when, the champion moved."""
     if promoted.get("promoted"):
         outlet_events[CHAMPION_MOVES].add(
             champion_asset(promoted["registered_model"]),
-            extra={"version": promoted["version"], "run_id": promoted.get("run_id"), "accuracy": accuracy},
+            extra={"version": promoted["version"], "run_id": promoted.get("run_id"), "val_accuracy": val_accuracy},
         )

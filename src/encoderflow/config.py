@@ -529,7 +529,7 @@ class GateConfig(_Section):
 
     min_accuracy: float = knob(
         0.80,
-        "SST-2 dev accuracy the candidate must reach.",
+        "Dev accuracy (val_accuracy: the labeled data's dev split) the candidate must reach.",
         minimum=0.0,
         maximum=1.0,
         title="Gate: accuracy floor",

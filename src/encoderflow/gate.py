@@ -281,7 +281,7 @@ def decide(
     """Bless or not, with every check and its numbers.
 
     Args:
-        candidate: this run's classifier, SST-2 validation accuracy.
+        candidate: this run's classifier's ``val_accuracy`` (the labeled data's dev split).
         baseline: this run's bag-of-words baseline on the same data.
         champion: the current champion re-evaluated on the same data; None if there is none.
         gate: the thresholds; ``require_significant_gain`` adds the ``significance`` check.

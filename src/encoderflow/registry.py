@@ -22,6 +22,7 @@ from typing import Any
 
 from encoderflow import bundle, layout
 from encoderflow.errors import EncoderflowError
+from encoderflow.results import current_names
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def champion(name: str) -> dict[str, Any] | None:
     except MlflowException as exc:
         _absent(exc, c, name)
         return None
-    return {"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags)}
+    return {"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": current_names(mv.tags)}
 
 
 def download_version(name: str, version: str, dst: str | os.PathLike) -> Path:
@@ -246,9 +247,9 @@ def decision_tags(decision: dict[str, Any]) -> dict[str, str]:
     tags = {
         "gate.blessed": str(bool(decision["blessed"])).lower(),
         "gate.reasons": "; ".join(decision.get("reasons") or []) or "all checks passed",
-        "gate.candidate_accuracy": str(decision.get("candidate")),
-        "gate.baseline_accuracy": str(decision.get("baseline")),
-        "gate.champion_accuracy": str(decision.get("champion")),
+        "gate.val_accuracy": str(decision.get("candidate")),
+        "gate.baseline_val_accuracy": str(decision.get("baseline")),
+        "gate.champion_val_accuracy": str(decision.get("champion")),
         "gate.champion_version": str(decision.get("champion_version")),
     }
     for check in decision.get("checks", []):
@@ -265,9 +266,13 @@ def interval_tags(intervals: dict[str, Any] | None) -> dict[str, str]:
         "gate.intervals": f"{intervals['confidence']:.0%} paired bootstrap over {intervals['examples']} dev "
         f"sentences, {intervals['resamples']} resamples, seed {intervals['seed']}"
     }
-    for name in ("candidate", "champion", "baseline"):
+    for name, metric in (
+        ("candidate", "val_accuracy"),
+        ("champion", "champion_val_accuracy"),
+        ("baseline", "baseline_val_accuracy"),
+    ):
         if interval := intervals.get(name):
-            tags[f"gate.{name}_accuracy_ci"] = f"[{interval['low']:.4f}, {interval['high']:.4f}]"
+            tags[f"gate.{metric}_ci"] = f"[{interval['low']:.4f}, {interval['high']:.4f}]"
     if diff := intervals.get("candidate_minus_champion"):
         tags["gate.candidate_minus_champion_ci"] = f"[{diff['low']:+.4f}, {diff['high']:+.4f}]"
     return tags

@@ -1,13 +1,36 @@
 """What the steps hand each other through XCom: small typed dicts of paths, hashes and metrics.
 
 TypedDicts, not classes: XCom stores them as plain JSON and the Airflow UI shows them as they
-are. Metrics carry one name everywhere (step result, ``summary.json``, MLflow, the runs page):
-``baseline_val_accuracy``, ``mlm_val_accuracy``, ``sst2_val_accuracy``, ``champion_val_accuracy``.
+are. Metrics carry one name everywhere (step result and ``result.json``, ``summary.json``, MLflow
+metrics, the version's ``gate.*`` tags, the champion asset event, the runs page): ``val_accuracy``
+(the fine-tuned classifier on the labeled data's dev split, whatever that data is),
+``baseline_val_accuracy``, ``champion_val_accuracy`` (the champion re-evaluated on the same split)
+and ``mlm_val_accuracy``. Per-epoch curves keep the names Keras gives them, under their stage.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NotRequired, TypedDict
+
+# The names of before the metrics had one name each (``sst2_val_accuracy`` was the classifier's on any
+# labeled data): summaries and version tags written then are read under today's names.
+RENAMED = {
+    "sst2_val_accuracy": "val_accuracy",
+    "gate.candidate_accuracy": "gate.val_accuracy",
+    "gate.baseline_accuracy": "gate.baseline_val_accuracy",
+    "gate.champion_accuracy": "gate.champion_val_accuracy",
+}
+
+
+def current_names(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A metrics dict or a model version's tags, with any name of before :data:`RENAMED` read as today's."""
+    out = dict(record)
+    for old, new in RENAMED.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
 
 
 class FileInfo(TypedDict):
@@ -72,7 +95,7 @@ class Pretrained(TypedDict):
 
 class Finetuned(TypedDict):
     bundle: str
-    sst2_val_accuracy: float
+    val_accuracy: float
     result: str
     parent: NotRequired[str | None]  # the champion version whose classifier fine-tuning continued
 

@@ -153,7 +153,7 @@ def train_baseline(labeled: Dataset, params: Mapping[str, Any], run_id: str) -> 
     _inputs("train_baseline", train=split_path(labeled, "train"), dev=split_path(labeled, "dev"))
     result = fit(from_params(params), labeled, out)
     _output("train_baseline", "result", str(out / "result.json"))
-    return {"baseline_val_accuracy": result["val_accuracy"], "result": str(out / "result.json")}
+    return {"baseline_val_accuracy": result["baseline_val_accuracy"], "result": str(out / "result.json")}
 
 
 def pretrain(sealed: Sealed, params: Mapping[str, Any], run_id: str) -> Pretrained:
@@ -221,7 +221,7 @@ def finetune(
     _output("finetune", "bundle", result["bundle"])
     return {
         "bundle": result["bundle"],
-        "sst2_val_accuracy": result["val_accuracy"],
+        "val_accuracy": result["val_accuracy"],
         "result": str(out / "result.json"),
         "parent": init["version"] if init else None,
     }
@@ -276,7 +276,7 @@ def evaluate_and_gate(
     Both bundles are scored here, by the same :class:`~encoderflow.bundle.Scorer` on the same dev
     file, so their per-sentence results pair up sentence for sentence (fine-tuning's own
     evaluation batches by length and does not keep the order). The baseline's come from its
-    ``result.json``. The decision's numbers stay the metrics of record (``sst2_val_accuracy``,
+    ``result.json``. The decision's numbers stay the metrics of record (``val_accuracy``,
     ``baseline_val_accuracy``, the re-evaluated ``champion_val_accuracy``); the intervals are
     computed around the per-sentence scores.
     """
@@ -294,7 +294,7 @@ def evaluate_and_gate(
         finetuned["bundle"],
         dev,
         candidate_correct.mean(),
-        finetuned["sst2_val_accuracy"],
+        finetuned["val_accuracy"],
     )
     current = registry.champion(cfg.gate.registered_model)
     champion_acc = champion_correct = None
@@ -322,7 +322,7 @@ def evaluate_and_gate(
         seed=cfg.data.seed,
     )
     decision = gate.decide(
-        finetuned["sst2_val_accuracy"],
+        finetuned["val_accuracy"],
         baseline["baseline_val_accuracy"],
         champion_acc,
         cfg.gate,
@@ -396,7 +396,7 @@ def promote(
     }
     curves_png = curves.plot(histories, layout.run_dir(run_id) / "curves.png", title=f"{cfg.preset} · {run_id}")
     metrics = {
-        "sst2_val_accuracy": finetuned["sst2_val_accuracy"],
+        "val_accuracy": finetuned["val_accuracy"],
         "baseline_val_accuracy": baseline["baseline_val_accuracy"],
         "mlm_val_accuracy": pretrained["mlm_val_accuracy"],
     }
@@ -479,7 +479,7 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
         return True
     message = f"nothing changed since champion v{champ['version']}"
     try:
-        accuracy = float(champ["tags"].get("gate.candidate_accuracy"))
+        accuracy = float(champ["tags"].get("gate.val_accuracy"))
     except (TypeError, ValueError):
         accuracy = None
     summary = {
@@ -511,7 +511,7 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
         "metrics": {
             "baseline_val_accuracy": results["baseline"]["baseline_val_accuracy"],
             "mlm_val_accuracy": results["pretrained"]["mlm_val_accuracy"],
-            "sst2_val_accuracy": results["finetuned"]["sst2_val_accuracy"],
+            "val_accuracy": results["finetuned"]["val_accuracy"],
             "champion_val_accuracy": results["decision"].get("champion"),
         },
         "runtime": {

@@ -27,7 +27,7 @@ def test_the_reuse_key_covers_the_seed(tmp_path):
     out = tmp_path / "baseline"
 
     first = train_baseline(cfg, sst2, out)
-    assert 0.0 <= first["val_accuracy"] <= 1.0 and len(first["history"]["loss"]) == cfg.baseline.epochs
+    assert 0.0 <= first["baseline_val_accuracy"] <= 1.0 and len(first["history"]["loss"]) == cfg.baseline.epochs
     # Same inputs and config: the recorded result comes back as is.
     assert train_baseline(cfg, sst2, out) == first
     # Another seed shuffles and initialises differently: it must train again, under a new key.
@@ -45,6 +45,6 @@ def test_per_sentence_dev_correctness_is_recorded_for_the_gate(tmp_path):
     correct = gate.correctness_from_text(result["dev_correct"])
     # One per dev sentence, in file order, thresholded as the accuracy metric: their mean is it.
     assert correct.size == result["dev_rows"] == 20
-    assert correct.mean() == pytest.approx(result["val_accuracy"], abs=1e-6)
+    assert correct.mean() == pytest.approx(result["baseline_val_accuracy"], abs=1e-6)
     # Tied to the dev file it was scored on, so the gate pairs it only with predictions on that file.
     assert result["dev_sha256"] == layout.sha256_file(tmp_path / "data" / DEV)

@@ -92,7 +92,7 @@ def test_fine_tuning_continues_from_the_champions_classifier_and_refuses_another
         warm = steps.finetune(pretrained, sst2, vocab_info, params, "warm")
     assert warm["parent"] == version
     assert f"warm start from finetune.init_from=champion v{version}" in caplog.text
-    assert warm["sst2_val_accuracy"] == pytest.approx(first["val_accuracy"], abs=1e-6)  # started where it was
+    assert warm["val_accuracy"] == pytest.approx(first["val_accuracy"], abs=1e-6)  # started where it was
 
     relabeled = {**sst2, "labels": ["neg", "pos"]}
     with pytest.raises(
