@@ -82,3 +82,43 @@ def test_check_source_reports_a_change_once(tmp_path, caplog):
     assert steps.check_source("corpus", params, "watch-1")["changed"] is True
     assert steps.check_source("corpus", params, "watch-1")["changed"] is True  # try 2 of watch-1
     assert steps.check_source("corpus", params, "watch-2")["changed"] is False
+
+
+def test_a_corpus_of_many_files_crosses_xcom_as_a_verified_index(tmp_path, monkeypatch):
+    """XCom carries paths and small results: past results.INLINE_FILES_MAX files the record names a
+    content-addressed index instead of listing every file, and every step reads the files through it."""
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    from encoderflow import results
+    from encoderflow.data import inputs
+    from encoderflow.data.sources import DataError
+    from tests.data.fixtures_own import write_corpus
+    from tests.fixtures_pipeline import write_tree
+
+    n = results.INLINE_FILES_MAX + 16
+    corpus = write_corpus(tmp_path / "corpus", n_files=n)
+    params = {**PARAMS, "data_dir": str(write_tree(tmp_path / "data")), "corpus": str(corpus)}
+    info = steps.download("corpus", params)
+    assert "files" not in info and info["file_count"] == n and len(json.dumps(info)) < 1500, info
+    assert layout.sha256_file(info["files_index"]) == info["files_index_sha256"]
+    files = results.files_of(info)
+    assert len(files) == n and all(Path(f["path"]).is_file() for f in files.values())
+    assert steps.download("corpus", params) == info  # the same inputs give the same record and index
+
+    validated = steps.validate(info, params, "run-1")
+    assert validated["validation"]["rows"] == {} and validated["validation"]["total_rows"] >= 4 * n
+    vocab = steps.validate(steps.download("vocab", params), params, "run-1")
+    assert "files" in vocab  # one file: listed inline, as the UI shows it
+    plan = steps.plan_shards(validated, vocab, params)
+    texts = inputs.corpus_texts(validated, from_params(params))
+    docs = sum(len(open(t["path"]).read().strip().split("\n\n")) for t in texts.values())
+    assert plan and docs == n  # one document a file (inputs.documents=file), every file read via the index
+
+    # A changed index is refused with what to do, in a process that has not read it yet.
+    Path(info["files_index"]).write_text(json.dumps({"files": {}}))
+    monkeypatch.setattr(results, "_INDEXES", {})
+    with pytest.raises(DataError, match=r"file index .* does not match sha256.*re-run download_corpus"):
+        results.files_of(info)

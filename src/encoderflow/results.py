@@ -10,7 +10,10 @@ and ``mlm_val_accuracy``. Per-epoch curves keep the names Keras gives them, unde
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
 # The names of before the metrics had one name each (``sst2_val_accuracy`` was the classifier's on any
@@ -40,10 +43,14 @@ class FileInfo(TypedDict):
 
 
 class Validation(TypedDict):
+    """``rows`` per file while the record lists its files inline; ``total_rows`` always (the per-file
+    counts of a large corpus are in the Data Docs' ``validation.json``)."""
+
     success: bool
     strict: bool
     docs: str
     rows: dict[str, int]
+    total_rows: int
 
 
 class Dataset(TypedDict):
@@ -53,6 +60,10 @@ class Dataset(TypedDict):
     your own (corpus_folder, labeled_folder, trained_vocab). ``splits`` maps a split (train, valid;
     train, dev) to its member of ``files``; labeled data adds ``format``, ``columns`` (text, label)
     and, once validated, ``labels`` (the label set read from train, in class-index order).
+
+    ``files`` travels in XCom up to :data:`INLINE_FILES_MAX` files; a larger dataset (a corpus
+    folder) carries ``files_index``, ``files_index_sha256`` and ``file_count`` instead (see
+    :func:`compact`). Read the files with :func:`files_of`, never ``info["files"]``.
     """
 
     dataset: str
@@ -63,6 +74,9 @@ class Dataset(TypedDict):
     root: str
     files: dict[str, FileInfo]
     content_hash: str
+    files_index: NotRequired[str]
+    files_index_sha256: NotRequired[str]
+    file_count: NotRequired[int]
     splits: NotRequired[dict[str, str]]
     format: NotRequired[str]
     columns: NotRequired[dict[str, str]]
@@ -104,12 +118,63 @@ class Finetuned(TypedDict):
 SST2_TRAIN, SST2_DEV = "SST-2/train.tsv", "SST-2/dev.tsv"
 
 
+# XCom carries paths and small results: at ~230 bytes a file, a corpus folder of 100,000 files would
+# make a 23 MB record that every task after download_corpus reads and writes again.
+INLINE_FILES_MAX = 64
+_INDEXES: dict[str, dict[str, FileInfo]] = {}  # by sha256: an index is immutable, read once per process
+
+
+def compact(info: Dataset) -> Dataset:
+    """The record as it goes into XCom: over :data:`INLINE_FILES_MAX` files, the list moves to a
+    content-addressed index file (``data/index/<sha256>.json``, written once, atomically) and the
+    record keeps its path, sha256 and the file count."""
+    from encoderflow import layout
+
+    files = info.get("files")
+    if files is None or len(files) <= INLINE_FILES_MAX:
+        return info
+    text = json.dumps({"dataset": info["dataset"], "role": info["role"], "files": files}, sort_keys=True)
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    path = layout.home() / "data" / "index" / f"{sha}.json"
+    if not path.exists() or layout.sha256_file(path) != sha:
+        with layout.atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    _INDEXES[sha] = files
+    rest = {k: v for k, v in info.items() if k != "files"}
+    return {**rest, "files_index": str(path), "files_index_sha256": sha, "file_count": len(files)}
+
+
+def files_of(info: Dataset) -> dict[str, FileInfo]:
+    """Every member of the dataset (name -> path, bytes, sha256), inline or from its verified index."""
+    if "files" in info:
+        return info["files"]
+    sha, path = info["files_index_sha256"], Path(info["files_index"])
+    if sha not in _INDEXES:
+        from encoderflow.data.sources import DataError
+
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise DataError(
+                f"{info['role']} data {info['dataset']}: its file index {path} is unreadable ({exc})",
+                fix=f"re-run download_{info['role']} and the tasks after it",
+            ) from None
+        if hashlib.sha256(raw).hexdigest() != sha:
+            raise DataError(
+                f"{info['role']} data {info['dataset']}: its file index {path} does not match sha256 {sha}",
+                fix=f"re-run download_{info['role']} and the tasks after it",
+            )
+        _INDEXES[sha] = json.loads(raw)["files"]
+    return _INDEXES[sha]
+
+
 def file_info(info: Dataset, member: str) -> FileInfo:
     """Path, size and sha256 of one member (``SST-2/dev.tsv``); a missing member names what there is."""
+    files = files_of(info)
     try:
-        return info["files"][member]
+        return files[member]
     except KeyError:
-        raise KeyError(f"dataset {info['dataset']} has no {member!r}; it has {sorted(info['files'])}") from None
+        raise KeyError(f"dataset {info['dataset']} has no {member!r}; it has {sorted(files)[:20]}") from None
 
 
 def file_path(info: Dataset, member: str) -> str:
@@ -137,6 +202,7 @@ def split_path(info: Dataset, split: str) -> str:
 
 def only_file(info: Dataset) -> FileInfo:
     """The single file of a one-file dataset (the vocabulary)."""
-    if len(info["files"]) != 1:
-        raise ValueError(f"dataset {info['dataset']} has {len(info['files'])} files, expected one")
-    return next(iter(info["files"].values()))
+    files = files_of(info)
+    if len(files) != 1:
+        raise ValueError(f"dataset {info['dataset']} has {len(files)} files, expected one")
+    return next(iter(files.values()))

@@ -22,6 +22,7 @@ from encoderflow.results import (
     Finetuned,
     Pretrained,
     Sealed,
+    compact,
     only_file,
     split_info,
     split_path,
@@ -54,7 +55,7 @@ def download(role: str, params: Mapping[str, Any]) -> Dataset:
     from encoderflow.data import inputs
 
     setup_logging()
-    return inputs.get(role, from_params(params), Sources.from_params(params))
+    return compact(inputs.get(role, from_params(params), Sources.from_params(params)))
 
 
 def validate(info: Dataset, params: Mapping[str, Any], run_id: str) -> Dataset:
@@ -72,6 +73,7 @@ def validate(info: Dataset, params: Mapping[str, Any], run_id: str) -> Dataset:
     report = validation.check(info, docs, inputs_cfg=from_params(params).inputs)
     if report["labels"] is not None:
         log.info("validate %s: %d classes %s (from train)", info["role"], len(report["labels"]), report["labels"])
+    rows = {m: f["rows"] for m, f in report["files"].items()}
     return {
         **info,
         **({"labels": report["labels"]} if report["labels"] is not None else {}),
@@ -79,7 +81,8 @@ def validate(info: Dataset, params: Mapping[str, Any], run_id: str) -> Dataset:
             "success": report["success"],
             "strict": report["strict"],
             "docs": report["docs"],
-            "rows": {m: f["rows"] for m, f in report["files"].items()},
+            "rows": rows if "files" in info else {},  # a large corpus's are in validation.json beside docs
+            "total_rows": sum(rows.values()),
         },
     }
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from encoderflow import layout
 from encoderflow.data.sources import DataError, wikitext_member
-from encoderflow.results import file_info, split_path
+from encoderflow.results import file_info, files_of, split_path
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def wikitext_splits(d) -> dict[str, str]:
 
 def _labeled_folder(info: dict[str, Any], cfg) -> dict[str, Any]:
     """Keep ``train.<ext>`` and ``dev.<ext>`` of a labeled folder; their hash is the record's."""
-    names = set(info["files"])
+    names = set(files_of(info))
     found = [fmt for fmt in LABELED_FORMATS if {f"train.{fmt}", f"dev.{fmt}"} <= names]
     if len(found) != 1:
         have = ", ".join(sorted(names)[:10])
@@ -100,7 +100,7 @@ def _labeled_folder(info: dict[str, Any], cfg) -> dict[str, Any]:
         )
     fmt = found[0]
     splits = {split: f"{split}.{fmt}" for split in LABELED_SPLITS}
-    files = {m: info["files"][m] for m in splits.values()}
+    files = {m: files_of(info)[m] for m in splits.values()}
     return {
         **info,
         "kind": "labeled_folder",
@@ -240,8 +240,9 @@ def documents(info: dict[str, Any], mode: str) -> list[list[str]]:
         mode: ``file`` (a file is one document) or ``blank_line`` (blank lines separate documents).
     """
     docs: list[list[str]] = []
-    for name in sorted(info["files"]):
-        lines = Path(info["files"][name]["path"]).read_text(encoding="utf-8").splitlines()
+    files = files_of(info)
+    for name in sorted(files):
+        lines = Path(files[name]["path"]).read_text(encoding="utf-8").splitlines()
         if mode == "file":
             docs.append([line for line in lines if line.strip()])
             continue

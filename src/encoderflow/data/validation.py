@@ -18,6 +18,7 @@ from typing import Any
 
 from encoderflow import layout
 from encoderflow.errors import EncoderflowError
+from encoderflow.results import files_of
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +304,7 @@ def _plans(
 ) -> tuple[list[tuple[str, Path, Any, list[Any]]], list | None]:
     """What to check per file: (member, path, frame, expectations), and the label set of labeled data."""
     kind = info.get("kind")
-    members = sorted(info["files"].items())
+    members = sorted(files_of(info).items())
     if kind == "corpus_folder":
         return [(m, Path(f["path"]), frame_text(Path(f["path"])), suite_corpus_file()) for m, f in members], None
     if kind == "trained_vocab":
@@ -318,7 +319,7 @@ def _plans(
     if kind == "labeled_folder":
         plans = []
         for split, member in info["splits"].items():
-            path = Path(info["files"][member]["path"])
+            path = Path(files_of(info)[member]["path"])
             df = frame_labeled(path, info["format"], info["columns"]["label"], labels)
             plans.append((member, path, df, suite_labeled(df, split, info["columns"], labels, inputs_cfg)))
         return plans, labels
@@ -365,7 +366,7 @@ def validate_dataset(
         result = checkpoint.run(batch_parameters={"dataframe": df})
         file_failures = []
         # Your own file is named as you know it (its origin), not as the verified copy that was read.
-        named = info["files"].get(member, {}).get("origin") or str(path)
+        named = files_of(info).get(member, {}).get("origin") or str(path)
         for run_result in result.run_results.values():
             for r in run_result.results:
                 if not r.success:
