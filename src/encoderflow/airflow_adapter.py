@@ -1,8 +1,10 @@
-"""Airflow glue for the ``encoder_pretraining`` DAG; only the DAG file imports this module.
+"""Airflow glue, all of it: the DAG files import this module, and the CLI for its Airflow commands.
 
-Here: the trigger form built from the config declarations, failure handling (one line per
-failure, no retry for bad data, bad config or diverged training), retry and pool presets, the
-assets other DAGs schedule on. ``encoderflow.steps`` stays free of Airflow.
+For the DAG: the trigger form built from the config declarations, failure handling (the cause and
+fix once, no retry for bad data, bad config or diverged training), retry and pool presets, the
+assets other DAGs schedule on. For ``encoderflow run`` and ``make airflow``: the ``gpu`` pool, the
+DAG run in-process with ``dag.test`` and its per-task log files (the CLI sets the embedded Airflow's
+environment before it imports this module). ``encoderflow.steps`` stays free of Airflow.
 """
 
 from __future__ import annotations
@@ -10,14 +12,18 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import subprocess
+import sys
 from dataclasses import fields
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
+from airflow.listeners import hookimpl
 from airflow.sdk import Asset, AssetAlias, Param
 
 from encoderflow import DAG_ID as DAG_ID  # re-exported: the DAG files read their names here
-from encoderflow import config, errors
+from encoderflow import config, errors, layout
 from encoderflow.config import ROLES as ROLES
 from encoderflow.errors import EncoderflowError
 
@@ -269,3 +275,164 @@ def record_champion(outlet_events, promoted: dict[str, Any], val_accuracy: float
             champion_asset(promoted["registered_model"]),
             extra={"version": promoted["version"], "run_id": promoted.get("run_id"), "val_accuracy": val_accuracy},
         )
+
+
+# --- the embedded Airflow: ``encoderflow run`` (dag.test) and ``make airflow`` (standalone) ---------------------
+# Its environment (AIRFLOW_HOME, the SQLite DB, this repo's DAG and plugin folders) is set by the CLI
+# before it imports this module (cli.airflow_env, cli.init_airflow), since Airflow reads it on import.
+
+
+def load_dag(dag_folder: Path):
+    """The training DAG as parsed from ``dag_folder``; import errors end the command with their text."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(dag_folder))
+    if bag.import_errors:
+        raise SystemExit("DAG import errors:\n" + "\n".join(f"{k}: {v}" for k, v in bag.import_errors.items()))
+    dag = bag.get_dag(DAG_ID)
+    if dag is None:
+        raise SystemExit(f"no DAG {DAG_ID!r} in {dag_folder}")
+    return dag
+
+
+class TaskLogs:
+    """One log file per task instance while ``dag.test`` runs the DAG in this process.
+
+    A worker's supervisor writes each task's log file; ``dag.test`` runs tasks in-process and
+    writes none, so their lines would only scroll past on the terminal. An Airflow listener marks
+    where each task instance starts and ends, and a handler on the root logger copies the records
+    in between (encoderflow's lines, the libraries', the failure callback's) to
+    ``runs/<run id>/logs/task_id=<task>/[map_index=<i>/]attempt=<try>.log``. Airflow's own
+    structured lines (task runner, execution API) bypass the logging module and stay on the
+    terminal; so the failure Airflow logs (an expected failure's text, or the traceback of an
+    unexpected one) is written to the file when its task fails.
+
+    Attributes:
+        paths: the log file of each task instance that ran, by (task_id, map_index, try_number).
+        failed: each failed try's (task_id, map_index, try_number) and cause, in order: the
+            summary's fallback when the failure callback recorded none.
+    """
+
+    def __init__(self) -> None:
+        self.paths: dict[tuple[str, int, int], Path] = {}
+        self.failed: list[tuple[tuple[str, int, int], errors.Cause]] = []
+        self._file = None
+        self._handler = _TeeHandler(self)
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def __enter__(self) -> TaskLogs:
+        from airflow.sdk.listener import get_listener_manager
+
+        get_listener_manager().add_listener(self)
+        logging.getLogger().addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        from airflow.sdk.listener import get_listener_manager
+
+        logging.getLogger().removeHandler(self._handler)
+        manager = get_listener_manager()
+        if manager.pm.is_registered(self):
+            manager.pm.unregister(self)
+        self._close()
+
+    @staticmethod
+    def key(ti) -> tuple[str, int, int]:
+        return ti.task_id, -1 if ti.map_index is None else ti.map_index, ti.try_number
+
+    def _open(self, ti) -> None:
+        path = layout.task_log_path(ti.run_id, *self.key(ti))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._handler.lock:  # records may come from other threads (data loaders, TF)
+            self._close()
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open from start to end of a task
+        self.paths[self.key(ti)] = path
+
+    def _close(self) -> None:
+        with self._handler.lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def write(self, text: str) -> None:
+        with self._handler.lock:
+            if self._file is not None:
+                self._file.write(text if text.endswith("\n") else text + "\n")
+                self._file.flush()
+
+    # Airflow listener hooks, matched by name against Airflow's task-instance listener spec.
+    @hookimpl
+    def on_task_instance_running(self, previous_state, task_instance) -> None:
+        self._open(task_instance)
+
+    @hookimpl
+    def on_task_instance_success(self, previous_state, task_instance) -> None:
+        self._close()
+
+    @hookimpl
+    def on_task_instance_skipped(self, previous_state, task_instance) -> None:
+        self._close()
+
+    @hookimpl
+    def on_task_instance_failed(self, previous_state, task_instance, error) -> None:
+        import traceback
+
+        if self._file is None:  # failed before it ran (e.g. while rendering templates)
+            self._open(task_instance)
+        cause = errors.cause_of(error)
+        self.failed.append((self.key(task_instance), cause))
+        # What a worker's log holds in Airflow's exception record: an expected failure's text (cause
+        # and fix), an unexpected one's traceback.
+        if isinstance(error, BaseException):
+            self.write(str(error) if cause.expected else "".join(traceback.format_exception(error)))
+        self._close()
+
+
+class _TeeHandler(logging.Handler):
+    def __init__(self, logs: TaskLogs):
+        super().__init__()
+        self.logs = logs
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.logs.write(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+class RunOutcome(NamedTuple):
+    run_id: str
+    state: str
+    states: list[tuple[str, int, str]]
+    logs: TaskLogs
+
+
+def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
+    """Run the DAG once through Airflow (``dag.test``); return run id, state, task states and task logs.
+
+    The embedded Airflow's environment must be set (``cli.init_airflow``) before this module is
+    imported: Airflow reads its configuration, the metadata DB's address included, when first imported.
+    """
+    dag = load_dag(dag_folder)
+    with TaskLogs() as logs:
+        dr = dag.test(run_conf=conf)
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == dr.run_id).all()
+        states = sorted((ti.task_id, ti.map_index, str(ti.state)) for ti in tis)
+    return RunOutcome(dr.run_id, str(dr.state), states, logs)
+
+
+def create_gpu_pool() -> None:
+    """The ``gpu`` pool (one slot) pretrain and finetune run in; without it they would never be queued."""
+    pool = subprocess.run(
+        [sys.executable, "-m", "airflow", "pools", "set", "gpu", "1", "one training job on the accelerator at a time"],
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+    )
+    if pool.returncode != 0:
+        sys.stderr.write(pool.stdout[-2000:] + pool.stderr[-2000:])
+        raise SystemExit("airflow pools set gpu failed")

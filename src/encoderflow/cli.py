@@ -20,17 +20,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-import pluggy
-
-from encoderflow import DAG_ID, layout, runtime
+from encoderflow import layout, runtime
 from encoderflow.config import PRESETS, ROLES, ConfigError, from_overrides, from_params, parse_set
-from encoderflow.errors import Cause, EncoderflowError, cause_of, read_failure
+from encoderflow.errors import Cause, EncoderflowError, read_failure
 
-# The marker of Airflow's listener hooks (what airflow.listeners.hookimpl is), without importing
-# Airflow for every command.
-_hookimpl = pluggy.HookimplMarker("airflow")
+if TYPE_CHECKING:
+    from encoderflow.airflow_adapter import TaskLogs
 
 
 def repo_root() -> Path:
@@ -71,18 +68,6 @@ def init_airflow() -> None:
         raise SystemExit(f"airflow db migrate failed (exit {proc.returncode}) for {os.environ['AIRFLOW_HOME']}")
 
 
-def load_dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(dags_folder()))
-    if bag.import_errors:
-        raise SystemExit("DAG import errors:\n" + "\n".join(f"{k}: {v}" for k, v in bag.import_errors.items()))
-    dag = bag.get_dag(DAG_ID)
-    if dag is None:
-        raise SystemExit(f"no DAG {DAG_ID!r} in {dags_folder()}")
-    return dag
-
-
 def run_conf(args: argparse.Namespace) -> dict[str, Any]:
     conf: dict[str, Any] = {"preset": args.preset, "overrides": list(args.set or [])}
     for name in ("data_dir", "mirror", "sources_file", "corpus", "labeled", "data_file"):
@@ -92,138 +77,6 @@ def run_conf(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "force", False):
         conf["force"] = True
     return conf
-
-
-class TaskLogs:
-    """One log file per task instance while ``dag.test`` runs the DAG in this process.
-
-    A worker's supervisor writes each task's log file; ``dag.test`` runs tasks in-process and
-    writes none, so their lines would only scroll past on the terminal. An Airflow listener marks
-    where each task instance starts and ends, and a handler on the root logger copies the records
-    in between (encoderflow's lines, the libraries', the failure callback's) to
-    ``runs/<run id>/logs/task_id=<task>/[map_index=<i>/]attempt=<try>.log``. Airflow's own
-    structured lines (task runner, execution API) bypass the logging module and stay on the
-    terminal; so the failure Airflow logs (an expected failure's text, or the traceback of an
-    unexpected one) is written to the file when its task fails.
-
-    Attributes:
-        paths: the log file of each task instance that ran, by (task_id, map_index, try_number).
-        failed: each failed try's (task_id, map_index, try_number) and cause, in order: the
-            summary's fallback when the failure callback recorded none.
-    """
-
-    def __init__(self) -> None:
-        self.paths: dict[tuple[str, int, int], Path] = {}
-        self.failed: list[tuple[tuple[str, int, int], Cause]] = []
-        self._file = None
-        self._handler = _TeeHandler(self)
-        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-
-    @staticmethod
-    def path_for(run_id: str, task_id: str, map_index: int, try_number: int) -> Path:
-        mapped = f"map_index={map_index}/" if map_index >= 0 else ""
-        return layout.run_dir(run_id) / "logs" / f"task_id={task_id}" / f"{mapped}attempt={try_number}.log"
-
-    def __enter__(self) -> TaskLogs:
-        from airflow.sdk.listener import get_listener_manager
-
-        get_listener_manager().add_listener(self)
-        logging.getLogger().addHandler(self._handler)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        from airflow.sdk.listener import get_listener_manager
-
-        logging.getLogger().removeHandler(self._handler)
-        manager = get_listener_manager()
-        if manager.pm.is_registered(self):
-            manager.pm.unregister(self)
-        self._close()
-
-    @staticmethod
-    def key(ti) -> tuple[str, int, int]:
-        return ti.task_id, -1 if ti.map_index is None else ti.map_index, ti.try_number
-
-    def _open(self, ti) -> None:
-        path = self.path_for(ti.run_id, *self.key(ti))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._handler.lock:  # records may come from other threads (data loaders, TF)
-            self._close()
-            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open from start to end of a task
-        self.paths[self.key(ti)] = path
-
-    def _close(self) -> None:
-        with self._handler.lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-
-    def write(self, text: str) -> None:
-        with self._handler.lock:
-            if self._file is not None:
-                self._file.write(text if text.endswith("\n") else text + "\n")
-                self._file.flush()
-
-    # Airflow listener hooks, matched by name against Airflow's task-instance listener spec.
-    @_hookimpl
-    def on_task_instance_running(self, previous_state, task_instance) -> None:
-        self._open(task_instance)
-
-    @_hookimpl
-    def on_task_instance_success(self, previous_state, task_instance) -> None:
-        self._close()
-
-    @_hookimpl
-    def on_task_instance_skipped(self, previous_state, task_instance) -> None:
-        self._close()
-
-    @_hookimpl
-    def on_task_instance_failed(self, previous_state, task_instance, error) -> None:
-        import traceback
-
-        if self._file is None:  # failed before it ran (e.g. while rendering templates)
-            self._open(task_instance)
-        cause = cause_of(error)
-        self.failed.append((self.key(task_instance), cause))
-        # What a worker's log holds in Airflow's exception record: an expected failure's text (cause
-        # and fix), an unexpected one's traceback.
-        if isinstance(error, BaseException):
-            self.write(str(error) if cause.expected else "".join(traceback.format_exception(error)))
-        self._close()
-
-
-class _TeeHandler(logging.Handler):
-    def __init__(self, logs: TaskLogs):
-        super().__init__()
-        self.logs = logs
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.logs.write(self.format(record))
-        except Exception:
-            self.handleError(record)
-
-
-class RunOutcome(NamedTuple):
-    run_id: str
-    state: str
-    states: list[tuple[str, int, str]]
-    logs: TaskLogs
-
-
-def run_dag(conf: dict[str, Any]) -> RunOutcome:
-    """Run the DAG once through Airflow (``dag.test``); return run id, state, task states and task logs."""
-    init_airflow()
-    dag = load_dag()
-    with TaskLogs() as logs:
-        dr = dag.test(run_conf=conf)
-    from airflow.models.taskinstance import TaskInstance
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == dr.run_id).all()
-        states = sorted((ti.task_id, ti.map_index, str(ti.state)) for ti in tis)
-    return RunOutcome(dr.run_id, str(dr.state), states, logs)
 
 
 def print_summary(
@@ -301,7 +154,7 @@ def print_failure(run_id: str, states: list[tuple[str, int, str]], logs: TaskLog
     print(f"  first failure: {_label(task_id, map_index)}, try {try_number}{tries}")
     print(f"  cause: {cause.line()}")
     print(f"  fix:   {cause.fix}")
-    log_file = (logs.paths.get(key) if logs is not None else None) or TaskLogs.path_for(run_id, *key)
+    log_file = (logs.paths.get(key) if logs is not None else None) or layout.task_log_path(run_id, *key)
     if log_file.exists():
         print(f"  log:   {log_file}")
     else:
@@ -316,7 +169,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     conf = run_conf(args)
     from_overrides(conf["preset"], parse_set(conf["overrides"]))  # fail fast on a bad --set
     t0 = time.monotonic()
-    outcome = run_dag(conf)
+    init_airflow()  # before Airflow is first imported: it reads its configuration then
+    from encoderflow import airflow_adapter as af
+
+    outcome = af.run_dag(conf, dags_folder())
     print_summary(outcome.run_id, outcome.state, outcome.states, time.monotonic() - t0, outcome.logs)
     return 0 if outcome.state == "success" else 1
 
@@ -452,16 +308,9 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     # Manual triggers should run at once; a schedule only exists if ENCODERFLOW_SCHEDULE asks for one.
     os.environ.setdefault("AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "False")
     init_airflow()
-    # pretrain and finetune run in pool `gpu` (one slot); without the pool they would never be queued.
-    pool = subprocess.run(
-        [sys.executable, "-m", "airflow", "pools", "set", "gpu", "1", "one training job on the accelerator at a time"],
-        env=os.environ.copy(),
-        capture_output=True,
-        text=True,
-    )
-    if pool.returncode != 0:
-        sys.stderr.write(pool.stdout[-2000:] + pool.stderr[-2000:])
-        raise SystemExit("airflow pools set gpu failed")
+    from encoderflow import airflow_adapter as af  # after init_airflow: Airflow reads its configuration on import
+
+    af.create_gpu_pool()
 
     # Airflow prints a generated password only the first time; keep the file it reads and say
     # the login every time.

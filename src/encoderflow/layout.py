@@ -39,6 +39,12 @@ def run_dir(run_id: str) -> Path:
     return home() / "runs" / safe_run_id(run_id)
 
 
+def task_log_path(run_id: str, task_id: str, map_index: int, try_number: int) -> Path:
+    """Where ``encoderflow run`` keeps a task try's log (``dag.test`` writes none), laid out as Airflow's."""
+    mapped = f"map_index={map_index}/" if map_index >= 0 else ""
+    return run_dir(run_id) / "logs" / f"task_id={task_id}" / f"{mapped}attempt={try_number}.log"
+
+
 def mlflow_dir() -> Path:
     return home() / "mlflow"
 
