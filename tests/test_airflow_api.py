@@ -264,6 +264,20 @@ def stack(tmp_path_factory):
         yield s
 
 
+def trigger(stack, dag_id: str, conf: dict[str, Any], timeout: float, what: str, **fields) -> tuple[dict, str]:
+    """Trigger a run through the REST API and poll it to its end: (the run as created, its final state)."""
+    body = {"logical_date": None, "conf": conf, **fields}
+    status, run = stack.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", body)
+    assert status == 200, (status, run)
+    quoted = urllib.parse.quote(run["dag_run_id"], safe="")
+
+    def finished():
+        _, dr = stack.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}")
+        return dr["state"] if dr["state"] in ("success", "failed") else None
+
+    return run, stack.wait_for(finished, timeout, what, interval=2)
+
+
 @pytest.fixture(scope="module")
 def smoke_run(stack) -> dict[str, Any]:
     """One smoke run triggered through the REST API and polled to its end; the tests that need a finished run share it.
@@ -275,20 +289,9 @@ def smoke_run(stack) -> dict[str, Any]:
     tree = fixtures_data.write_tree(stack.root / "data")
     t0 = time.monotonic()
     stack.wait_for(lambda: stack.request("GET", f"/api/v2/dags/{DAG_ID}")[0] == 200, 120, "the DAG to be parsed")
-    status, run = stack.request(
-        "POST",
-        f"/api/v2/dags/{DAG_ID}/dagRuns",
-        {"logical_date": None, "conf": smoke_conf(tree), "note": "REST API test"},
-    )
-    assert status == 200, (status, run)
+    run, state = trigger(stack, DAG_ID, smoke_conf(tree), 480, "the smoke run to finish", note="REST API test")
     run_id = run["dag_run_id"]
     quoted = urllib.parse.quote(run_id, safe="")
-
-    def finished():
-        _, dr = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}")
-        return dr["state"] if dr["state"] in ("success", "failed") else None
-
-    state = stack.wait_for(finished, 480, f"run {run_id} to finish", interval=3)
     _, tis = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances")
     return {
         "run_id": run_id,
@@ -782,17 +785,9 @@ def test_a_failed_task_says_its_cause_and_fix_once_in_its_log(stack, smoke_run):
     tree = fixtures_data.write_tree(stack.root / "bad-data")
     dev = tree / "SST-2" / "dev.tsv"
     dev.write_text(dev.read_text().replace("\t1\n", "\t2\n", 1))
-    status, run = stack.request(
-        "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": smoke_conf(tree), "note": "bad data"}
-    )
-    assert status == 200, (status, run)
+    run, state = trigger(stack, DAG_ID, smoke_conf(tree), 300, "the bad-data run to finish", note="bad data")
+    assert state == "failed"
     quoted = urllib.parse.quote(run["dag_run_id"], safe="")
-
-    def finished():
-        _, dr = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}")
-        return dr["state"] if dr["state"] in ("success", "failed") else None
-
-    assert stack.wait_for(finished, 300, "the bad-data run to finish", interval=2) == "failed"
     _, ti = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/validate_labeled")
     assert (ti["state"], ti["try_number"]) == ("failed", 1), ti  # an expected failure is not retried
     _, log = stack.request(
@@ -826,17 +821,8 @@ def test_a_changed_source_makes_the_scheduler_start_a_training_run(stack, smoke_
 
     assert runs("asset_triggered") == []  # manual and asset-free so far
     stack.wait_for(lambda: stack.request("GET", f"/api/v2/dags/{watcher}")[0] == 200, 120, "the watcher to be parsed")
-    status, run = stack.request(
-        "POST", f"/api/v2/dags/{watcher}/dagRuns", {"logical_date": None, "conf": {"corpus": str(corpus)}}
-    )
-    assert status == 200, (status, run)
-    quoted = urllib.parse.quote(run["dag_run_id"], safe="")
-
-    def watched():
-        _, dr = stack.request("GET", f"/api/v2/dags/{watcher}/dagRuns/{quoted}")
-        return dr["state"] if dr["state"] in ("success", "failed") else None
-
-    assert stack.wait_for(watched, 180, "the source watcher to finish", interval=1) == "success"
+    run, state = trigger(stack, watcher, {"corpus": str(corpus)}, 180, "the source watcher to finish")
+    assert state == "success"
 
     def recorded():  # polled: SQLite under a busy scheduler can answer one request with an error
         status, events = stack.request("GET", f"/api/v2/assets/events?source_dag_id={watcher}&limit=10")
