@@ -212,18 +212,18 @@ def log_failure(context) -> None:
     max_tries = (getattr(ti, "max_tries", 0) or 0) + 1
     no_retry = isinstance(exc, AirflowFailException)
     attempt = f"try={ti.try_number}, no retry" if no_retry else f"try={ti.try_number}/{max_tries}"
-    error = errors.cause_of(exc).error
-    log.error("encoderflow FAILED %s.%s run=%s %s: %s", ti.dag_id, label, ti.run_id, attempt, error)
-    _record_failure(ti, map_index, max_tries, exc, no_retry=no_retry)
+    cause = errors.cause_of(exc)
+    log.error("encoderflow FAILED %s.%s run=%s %s: %s", ti.dag_id, label, ti.run_id, attempt, cause.error)
+    _record_failure(ti, map_index, max_tries, cause, no_retry=no_retry)
 
 
-def _record_failure(ti, map_index: int, max_tries: int, exc: BaseException | None, no_retry: bool) -> None:
+def _record_failure(ti, map_index: int, max_tries: int, cause: errors.Cause, no_retry: bool) -> None:
     from datetime import UTC, datetime
 
     try:
         errors.record_failure(
             ti.run_id,
-            errors.cause_of(exc),
+            cause,
             dag_id=ti.dag_id,
             run_id=ti.run_id,
             task_id=ti.task_id,

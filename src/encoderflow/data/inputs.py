@@ -88,7 +88,8 @@ def wikitext_splits(d) -> dict[str, str]:
 
 def _labeled_folder(info: dict[str, Any], cfg) -> dict[str, Any]:
     """Keep ``train.<ext>`` and ``dev.<ext>`` of a labeled folder; their hash is the record's."""
-    names = set(files_of(info))
+    listed = files_of(info)
+    names = set(listed)
     found = [fmt for fmt in LABELED_FORMATS if {f"train.{fmt}", f"dev.{fmt}"} <= names]
     if len(found) != 1:
         have = ", ".join(sorted(names)[:10])
@@ -100,7 +101,7 @@ def _labeled_folder(info: dict[str, Any], cfg) -> dict[str, Any]:
         )
     fmt = found[0]
     splits = {split: f"{split}.{fmt}" for split in LABELED_SPLITS}
-    files = {m: files_of(info)[m] for m in splits.values()}
+    files = {m: listed[m] for m in splits.values()}
     return {
         **info,
         "kind": "labeled_folder",
