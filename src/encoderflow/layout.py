@@ -6,13 +6,14 @@ so a re-run with the same inputs finds its finished work and a retry never mixes
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -73,15 +74,55 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or ".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    fd, tmp_path = _locked_temp(final, suffix or ".tmp")
     try:
         yield tmp_path
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+        os.close(fd)
+
+
+def _locked_temp(final: Path, suffix: str) -> tuple[int, Path]:
+    # The lock says "a live writer owns this file" to remove_dead_temps: the kernel drops it when
+    # the writer exits, killed or not. A sweeper can take the lock in the instant between mkstemp
+    # and flock and delete the file; the inode check sees that and starts over with a new name.
+    while True:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return fd, Path(tmp)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def remove_dead_temps(paths: Iterable[Path]) -> list[Path]:
+    """Delete the temp files among ``paths`` whose writer is gone; a live writer's file is kept.
+
+    Only files made by :func:`atomic_path` carry the writer's lock; its holder is alive as long as
+    the lock cannot be taken (``flock``: the kernel releases it when the process dies, and NFSv4
+    carries it across hosts).
+    """
+    removed = []
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
 
 
 @contextmanager

@@ -471,12 +471,11 @@ def seal(shard_plan: dict[str, Any], cfg: Config) -> dict[str, Any]:
                 "delete it and re-run build_shard"
             )
         entries.append(info)
-    # A writer killed mid-shard (OOM, SIGKILL) leaves its temp file behind; every build task has
-    # finished by now, so any left are dead and can hold a shard's worth of disk each.
+    # A writer killed mid-shard (OOM, SIGKILL) leaves its temp file behind, a shard's worth of disk.
+    # Another run may be building the same shards right now: only files no live writer holds go.
     # The pattern covers the shard's build record (``<shard>.json``) as well.
-    stale = [tmp for s in shard_plan["shards"] for tmp in out_dir.glob(f".{Path(s['file']).name}.*.tmp")]
-    for tmp in stale:
-        tmp.unlink(missing_ok=True)
+    temps = [tmp for s in shard_plan["shards"] for tmp in out_dir.glob(f".{Path(s['file']).name}.*.tmp")]
+    stale = layout.remove_dead_temps(temps)
     if stale:
         log.info("shards %s: removed %d temp files left by interrupted writers", out_dir, len(stale))
     vocab = Vocab.load(shard_plan["vocab_path"])

@@ -1,0 +1,79 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from encoderflow import layout
+
+# A writer inside atomic_path: half its bytes written, then it waits to be killed or released.
+WRITER = """
+import sys, time
+from pathlib import Path
+from encoderflow import layout
+
+final, marker, release = map(Path, sys.argv[1:])
+with layout.atomic_path(final) as tmp:
+    tmp.write_bytes(b"half")
+    marker.write_text(str(tmp))
+    while not release.exists():
+        time.sleep(0.05)
+    tmp.write_bytes(b"whole")
+"""
+
+
+def _start_writer(final: Path, tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
+    marker, release = tmp_path / "writing", tmp_path / "release"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(final), str(marker), str(release)])
+    deadline = time.monotonic() + 60
+    while not marker.exists() or not marker.read_text():
+        assert proc.poll() is None, "the writer exited before writing"
+        assert time.monotonic() < deadline, "the writer never started"
+        time.sleep(0.05)
+    return proc, Path(marker.read_text()), release
+
+
+def test_atomic_path_shows_nothing_when_the_block_fails(tmp_path):
+    final = tmp_path / "out" / "result.json"
+    with pytest.raises(RuntimeError), layout.atomic_path(final) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed halfway")
+    assert list(final.parent.iterdir()) == []
+
+
+def test_a_live_writers_temp_survives_a_sweep_and_then_lands(tmp_path):
+    final = tmp_path / "shard-0.tfrecord"
+    proc, temp, release = _start_writer(final, tmp_path)
+    try:
+        assert temp.parent == tmp_path and temp.name.startswith(".shard-0.tfrecord.")
+        # Another run sealing the same shards: the file it sees is being written, so it stays.
+        assert layout.remove_dead_temps([temp]) == []
+        assert temp.read_bytes() == b"half"
+        release.touch()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    assert final.read_bytes() == b"whole" and not temp.exists()
+
+
+def test_a_killed_writers_temp_is_swept(tmp_path):
+    final = tmp_path / "shard-0.tfrecord"
+    proc, temp, _ = _start_writer(final, tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert temp.exists() and not final.exists()
+    assert layout.remove_dead_temps([temp, tmp_path / ".gone.tmp"]) == [temp]
+    assert list(tmp_path.glob(".shard-0.tfrecord.*")) == []
+
+
+def test_a_finished_writer_leaves_no_temp_and_no_open_file(tmp_path):
+    final = tmp_path / "a.json"
+    before = len(os.listdir("/proc/self/fd"))
+    for text in ("one", "two"):
+        layout.write_json(final, {"v": text})
+    assert layout.read_json(final) == {"v": "two"}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    assert len(os.listdir("/proc/self/fd")) == before
