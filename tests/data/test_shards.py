@@ -855,6 +855,44 @@ def test_task_adaptive_text_gets_shards_of_its_own_and_leaves_wikitext_bytes_alo
     assert any(entry[1] == str(train) for entry in manifest["inputs"])
 
 
+def test_task_adaptive_text_read_through_another_column_is_another_shard_set(corpus, encoderflow_home):
+    from encoderflow.data import inputs
+
+    train = encoderflow_home / "own" / "train.jsonl"
+    train.parent.mkdir(parents=True)
+    rows = [
+        {"title": f"title {i}", "body": " ".join(WORDS[i % len(WORDS)] for _ in range(5)), "y": i % 2} for i in range(8)
+    ]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    files = {"train.jsonl": {"path": str(train), "sha256": layout.sha256_file(train)}}
+
+    def labeled(text_column):
+        return {
+            "dataset": "labeled",
+            "format": "jsonl",
+            "columns": {"text": text_column, "label": "y"},
+            "splits": {"train": "train.jsonl"},
+            "files": files,
+        }
+
+    cfg = _cfg(task_adaptive=True)
+    by_title, by_body = (shards.plan(cfg, *corpus, labeled(c)) for c in ("title", "body"))
+    # Same bytes, other sentences: a set built from titles must not serve a run reading bodies.
+    assert shards.sentences(by_title["shards"][-1]["labeled"]) != shards.sentences(by_body["shards"][-1]["labeled"])
+    assert by_title["shards_hash"] != by_body["shards_hash"]
+    assert shards.plan(cfg, *corpus, labeled("body"))["shards_hash"] == by_body["shards_hash"]
+
+    # SST-2's own TSV keeps the address its sets had before the column was hashed.
+    tsv = encoderflow_home / "sst2" / "SST-2" / "train.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("sentence\tlabel\nfine words\t1\nbad words\t0\n", encoding="utf-8")
+    sst2 = {"dataset": "sst2", "files": {"SST-2/train.tsv": {"path": str(tsv), "sha256": layout.sha256_file(tsv)}}}
+    hashed = {role: t["sha256"] for role, t in inputs.corpus_texts(corpus[0], cfg).items()}
+    hashed["task_adaptive"] = layout.sha256_file(tsv)
+    old_address = shards.shards_hash(cfg.data, shards.only_file(corpus[1])["sha256"], hashed)
+    assert shards.plan(cfg, *corpus, sst2)["shards_hash"] == old_address
+
+
 def test_a_vocabulary_trained_on_your_corpus_gives_identical_shards_for_the_same_seed(tmp_path, monkeypatch):
     """Trained twice from scratch in two homes: the same vocabulary file, the same shard bytes."""
     from encoderflow.config import Sources

@@ -181,7 +181,7 @@ def plan(
     With ``data.task_adaptive`` the labeled data's train texts (never dev or test) become train
     shards of their own, ``train-sst2-...``, packed into windows.
     """
-    from encoderflow.data.inputs import corpus_texts
+    from encoderflow.data.inputs import SST2_COLUMNS, corpus_texts
 
     d = cfg.data
     vocab_file = only_file(vocab)
@@ -195,6 +195,11 @@ def plan(
             raise ShardError("data.task_adaptive=true needs the labeled data: pass validate_labeled's result to plan")
         tapt = {**split_info(labeled, "train"), "record": labeled}
         hashed["task_adaptive"] = tapt["sha256"]
+        read_as = {"format": labeled.get("format", "tsv"), "text": labeled.get("columns", SST2_COLUMNS)["text"]}
+        # The same file read through another column is other text; the TSV's sentence column
+        # (SST-2's, the default) keeps the address of the sets built before this was hashed.
+        if read_as != {"format": "tsv", "text": SST2_COLUMNS["text"]}:
+            hashed["task_adaptive"] = layout.sha256_json({"sha256": tapt["sha256"], **read_as})
     h = shards_hash(d, vocab_file["sha256"], hashed)
     out_dir = layout.shards_dir(h)
     shards: list[dict[str, Any]] = []
