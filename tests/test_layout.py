@@ -50,7 +50,7 @@ def test_a_live_writers_temp_survives_a_sweep_and_then_lands(tmp_path):
     try:
         assert temp.parent == tmp_path and temp.name.startswith(".shard-0.tfrecord.")
         # Another run sealing the same shards: the file it sees is being written, so it stays.
-        assert layout.remove_dead_temps([temp]) == []
+        assert layout.remove_dead_temps(tmp_path, [temp]) == []
         assert temp.read_bytes() == b"half"
         release.touch()
         assert proc.wait(timeout=60) == 0
@@ -65,15 +65,27 @@ def test_a_killed_writers_temp_is_swept(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert temp.exists() and not final.exists()
-    assert layout.remove_dead_temps([temp, tmp_path / ".gone.tmp"]) == [temp]
+    assert layout.remove_dead_temps(tmp_path, [temp, tmp_path / ".gone.tmp"]) == [temp]
     assert list(tmp_path.glob(".shard-0.tfrecord.*")) == []
 
 
-def test_a_finished_writer_leaves_no_temp_and_no_open_file(tmp_path):
+def test_a_finished_writer_leaves_only_its_file_and_no_lock(tmp_path):
     final = tmp_path / "a.json"
-    before = len(os.listdir("/proc/self/fd"))
     for text in ("one", "two"):
         layout.write_json(final, {"v": text})
     assert layout.read_json(final) == {"v": "two"}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
-    assert len(os.listdir("/proc/self/fd")) == before
+    # Its folder lock went with it: a sweep now may delete.
+    dead = tmp_path / ".a.json.x.tmp"
+    dead.write_text("left by a killed writer")
+    assert layout.remove_dead_temps(tmp_path, [dead]) == [dead]
+
+
+def test_an_hdf5_file_is_written_through_atomic_path(tmp_path):
+    """HDF5 takes its own flock on the file it creates: a lock on the temp file would refuse it."""
+    h5py = pytest.importorskip("h5py")
+    final = tmp_path / "step-1.weights.h5"
+    with layout.atomic_path(final, suffix=".weights.h5") as tmp, h5py.File(tmp, "w") as f:
+        f["w"] = [1.0, 2.0]
+    with h5py.File(final, "r") as f:
+        assert list(f["w"][:]) == [1.0, 2.0]

@@ -71,58 +71,55 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temp path beside ``final``; rename it into place only if the block succeeds.
 
     Readers never see a half-written file: either the old one, none, or the complete new one.
+    While the block runs, the folder carries this writer's shared lock (see :func:`remove_dead_temps`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = _locked_temp(final, suffix or ".tmp")
-    try:
-        yield tmp_path
-        os.replace(tmp_path, final)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with _folder_lock(final.parent, fcntl.LOCK_SH):
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or ".tmp", dir=final.parent)
         os.close(fd)
-
-
-def _locked_temp(final: Path, suffix: str) -> tuple[int, Path]:
-    # The lock says "a live writer owns this file" to remove_dead_temps: the kernel drops it when
-    # the writer exits, killed or not. A sweeper can take the lock in the instant between mkstemp
-    # and flock and delete the file; the inode check sees that and starts over with a new name.
-    while True:
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        tmp_path = Path(tmp)
         try:
-            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
-                return fd, Path(tmp)
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-def remove_dead_temps(paths: Iterable[Path]) -> list[Path]:
-    """Delete the temp files among ``paths`` whose writer is gone; a live writer's file is kept.
-
-    Only files made by :func:`atomic_path` carry the writer's lock; its holder is alive as long as
-    the lock cannot be taken (``flock``: the kernel releases it when the process dies, and NFSv4
-    carries it across hosts).
-    """
-    removed = []
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            path.unlink(missing_ok=True)
-            removed.append(path)
+            yield tmp_path
+            os.replace(tmp_path, final)
         finally:
-            os.close(fd)
-    return removed
+            if tmp_path.exists():
+                tmp_path.unlink()
+
+
+@contextmanager
+def _folder_lock(folder: Path, mode: int) -> Iterator[bool]:
+    """``flock`` on the folder itself: no lock file to litter it, and the temp file cannot carry
+    the lock (HDF5 takes its own ``flock`` on the file it writes, and would be refused). Yields
+    whether the lock is held: False when another holder refuses a non-blocking request, or the
+    file system has no folder locks."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, mode)
+            held = True
+        except OSError:  # BlockingIOError (held elsewhere), or no flock on this file system
+            held = False
+        yield held
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_dead_temps(folder: str | os.PathLike, temps: Iterable[Path]) -> list[Path]:
+    """Delete ``temps`` (in ``folder``) when no writer is inside :func:`atomic_path` there.
+
+    Every writer holds a shared lock on its folder until its file is renamed into place, and the
+    kernel drops it when the writer dies, killed or not. The exclusive lock is granted only when
+    none is left, so every temp file then is a dead writer's. With a live writer in the folder,
+    nothing is deleted (the files are left for a later sweep). Returns the files deleted.
+    """
+    with _folder_lock(Path(folder), fcntl.LOCK_EX | fcntl.LOCK_NB) as held:
+        if not held:
+            return []
+        removed = [path for path in temps if path.exists()]
+        for path in removed:
+            path.unlink(missing_ok=True)
+        return removed
 
 
 @contextmanager

@@ -278,8 +278,33 @@ from encoderflow.config import from_overrides
 from encoderflow.train import pretrain
 cfg = from_overrides("smoke", json.loads(sys.argv[2]))
 result = pretrain.pretrain(cfg, sys.argv[1], sys.argv[3])
-print("RESULT " + json.dumps({"devices": result["devices"], "first_step_loss": result["first_step_loss"]}))
+import keras
+print("RESULT " + json.dumps({
+    "devices": result["devices"],
+    "first_step_loss": result["first_step_loss"],
+    "losses": result["history"]["loss"],
+    "distribution_after": repr(keras.distribution.distribution()),
+}))
 """
+
+
+def _on_devices(n, manifest, over, out):
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+    proc = subprocess.run(
+        [sys.executable, "-c", TWO_DEVICES, str(manifest), json.dumps(over), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
 
 
 @pytest.mark.slow
@@ -289,10 +314,6 @@ def test_two_device_data_parallel_matches_one_device(duped, tmp_path):
     Each run is a fresh process, so this also pins that the data order does not vary between
     processes (it once did: tf.data's per-iteration reshuffle).
     """
-    import json
-    import subprocess
-    import sys
-
     from tests.data.test_shards import SMOKE
 
     over = {
@@ -304,24 +325,30 @@ def test_two_device_data_parallel_matches_one_device(duped, tmp_path):
         "pretrain.validation_steps": 1,
         "model.dropout": 0.0,
     }
-    results = {}
-    for n in (1, 2):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-        proc = subprocess.run(
-            [sys.executable, "-c", TWO_DEVICES, str(duped["manifest"]), json.dumps(over), str(tmp_path / f"dev{n}")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-        results[n] = json.loads(line[len("RESULT ") :])
+    results = {n: _on_devices(n, duped["manifest"], over, tmp_path / f"dev{n}") for n in (1, 2)}
     assert results[1]["devices"] == 1 and results[2]["devices"] == 2
     one, two = results[1]["first_step_loss"], results[2]["first_step_loss"]
     assert np.isfinite(one) and one > 1.0
     assert abs(one - two) < 1e-4, (one, two)
+
+
+@pytest.mark.slow
+def test_two_devices_train_whole_epochs_and_leave_no_distribution_behind(duped, tmp_path):
+    """30 records a copy, batch 8: the short last batch cannot split over 2 devices, so it is left out."""
+    from tests.data.test_shards import SMOKE
+
+    over = {
+        **SMOKE,
+        "data.dupe_factor": 2,
+        "pretrain.batch_size": BATCH,
+        "pretrain.epochs": 2,
+        "pretrain.steps_per_epoch": 0,
+        "pretrain.validation_steps": 0,
+    }
+    got = _on_devices(2, duped["manifest"], over, tmp_path / "out")
+    assert got["devices"] == 2 and len(got["losses"]) == 2 and all(np.isfinite(got["losses"]))
+    # Fine-tuning in the same process (make run) must not inherit the data-parallel layout.
+    assert got["distribution_after"] == "None"
 
 
 KILLED_AFTER_FIRST_EPOCH = r"""
@@ -377,6 +404,48 @@ def test_pretraining_sigkilled_after_epoch_one_resumes_at_epoch_two(duped, tmp_p
     assert epochs_run == ["pretrain epoch 2/3", "pretrain epoch 3/3"]  # resumed at the second epoch
     assert len(result["history"]["loss"]) == 3  # the killed attempt's epoch is in the record too
     assert (out / "encoder.keras").exists() and not (out / "backup").exists()
+
+
+@pytest.mark.slow
+def test_a_retry_under_another_key_does_not_resume_the_old_backup(duped, tmp_path, caplog):
+    """Between tries the champion it warm-starts from may move, or the config change: the backup
+    was taken by other training, and resuming it would give weights the result does not describe."""
+    import json
+    import logging
+    import subprocess
+    import sys
+
+    from encoderflow.config import from_overrides
+    from tests.data.test_shards import SMOKE
+
+    over = {
+        **SMOKE,
+        "data.dupe_factor": 2,
+        "pretrain.batch_size": BATCH,
+        "pretrain.epochs": 2,
+        "pretrain.steps_per_epoch": 2,
+        "pretrain.validation_steps": 1,
+    }
+    out = tmp_path / "pretrain"
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_FIRST_EPOCH, str(duped["manifest"]), json.dumps(over), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert _resume_point(out / "backup", 2) == (1, 0)
+
+    changed = {**over, "pretrain.learning_rate": 1e-4}
+    with caplog.at_level(logging.INFO, logger="encoderflow.train"):
+        result = pretrain.pretrain(from_overrides("smoke", changed), duped["manifest"], out)
+    assert "were taken by other training" in caplog.text
+    assert "2 epochs from epoch 0" in caplog.text
+    epochs_run = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "encoderflow.train"]
+    assert epochs_run == ["pretrain epoch 1/2", "pretrain epoch 2/2"]
+    assert len(result["history"]["loss"]) == 2 and not (out / "backup").exists()
 
 
 KILLED_MID_EPOCH = r"""

@@ -477,10 +477,12 @@ def seal(shard_plan: dict[str, Any], cfg: Config) -> dict[str, Any]:
             )
         entries.append(info)
     # A writer killed mid-shard (OOM, SIGKILL) leaves its temp file behind, a shard's worth of disk.
-    # Another run may be building the same shards right now: only files no live writer holds go.
+    # Another run may be building the same shards right now: the files go only when no writer is left.
     # The pattern covers the shard's build record (``<shard>.json``) as well.
     temps = [tmp for s in shard_plan["shards"] for tmp in out_dir.glob(f".{Path(s['file']).name}.*.tmp")]
-    stale = layout.remove_dead_temps(temps)
+    stale = layout.remove_dead_temps(out_dir, temps)
+    if len(stale) < len(temps):
+        log.info("shards %s: kept %d temp files: another run is writing here", out_dir, len(temps) - len(stale))
     if stale:
         log.info("shards %s: removed %d temp files left by interrupted writers", out_dir, len(stale))
     vocab = Vocab.load(shard_plan["vocab_path"])
@@ -586,6 +588,7 @@ def make_dataset(
     repeat: bool = False,
     seed: int | None = None,
     epoch: int | None = None,
+    drop_remainder: bool = False,
 ):
     """``(features, labels, weights)`` batches exactly as the guide's ``preprocess`` yields them.
 
@@ -593,6 +596,7 @@ def make_dataset(
         epoch: serve only copy ``epoch % dupe_factor``, shuffled with a seed derived from
             ``(seed, epoch)``, so epoch ``e`` sees the same masks and order however training got
             there (fresh or resumed). ``None`` serves every copy at once.
+        drop_remainder: leave out the last batch when it is short (data-parallel training).
     """
     tf = runtime.tensorflow()
     manifest = load_manifest(manifest_path, cfg)
@@ -642,4 +646,5 @@ def make_dataset(
         ds = ds.shuffle(10 * batch_size, seed=seed, reshuffle_each_iteration=False)
     if repeat:
         ds = ds.repeat()
-    return ds.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -9,6 +10,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ log = logging.getLogger(__name__)
 HOUSEKEEPING = ("backup_every_steps", "steps_per_execution", "log_every_seconds")
 # Steps timed after the first (compiling) one for the time estimate.
 ESTIMATE_STEPS = 10
+# In the backup folder: the key of the training its backups belong to.
+BACKUP_KEY = "KEY"
 
 
 def steps_per_execution(wanted: int, steps_per_epoch: int, backup_every_steps: int = 0) -> int:
@@ -36,7 +40,24 @@ def steps_per_execution(wanted: int, steps_per_epoch: int, backup_every_steps: i
     return max(d for d in range(1, max(1, min(wanted, period)) + 1) if period % d == 0)
 
 
-def train_batches(manifest_path: str | os.PathLike, cfg: Config, initial_epoch: int = 0, skip: int = 0):
+def epoch_steps(manifest: dict[str, Any], p, whole_batches: bool = False) -> int:
+    """Steps per epoch: ``pretrain.steps_per_epoch``, or one pass over a copy of the train records.
+
+    Args:
+        whole_batches: drop a copy's last, short batch (data-parallel training splits every batch
+            evenly over the devices, so a short one cannot run).
+    """
+    from encoderflow.data.shards import copy_records
+
+    if p.steps_per_epoch:
+        return p.steps_per_epoch
+    records = copy_records(manifest)
+    return records // p.batch_size if whole_batches else math.ceil(records / p.batch_size)
+
+
+def train_batches(
+    manifest_path: str | os.PathLike, cfg: Config, initial_epoch: int = 0, skip: int = 0, whole_batches: bool = False
+):
     """One dataset for the whole run: epoch ``e`` is copy ``e % dupe_factor``, from ``initial_epoch`` on.
 
     Returns ``(dataset, steps_per_epoch)``. Each epoch contributes exactly ``steps_per_epoch``
@@ -47,21 +68,29 @@ def train_batches(manifest_path: str | os.PathLike, cfg: Config, initial_epoch: 
     Args:
         initial_epoch: the first epoch served.
         skip: batches of ``initial_epoch`` already trained (a mid-epoch resume); they are left out.
+        whole_batches: every batch holds ``pretrain.batch_size`` records (see :func:`epoch_steps`).
     """
-    from encoderflow.data.shards import copy_records, load_manifest, make_dataset
+    from encoderflow.data.shards import load_manifest, make_dataset
 
     tf = runtime.tensorflow()
     p = cfg.pretrain
     manifest = load_manifest(manifest_path, cfg)
     if not 0 <= initial_epoch < p.epochs:
         raise ValueError(f"initial_epoch must be in [0, {p.epochs}), got {initial_epoch}")
-    steps = p.steps_per_epoch or math.ceil(copy_records(manifest) / p.batch_size)
+    steps = epoch_steps(manifest, p, whole_batches)
     if not 0 <= skip < steps:
         raise ValueError(f"skip must be in [0, {steps}), got {skip}")
     ds = None
     for epoch in range(initial_epoch, p.epochs):
         one = make_dataset(
-            manifest_path, cfg, "train", p.batch_size, shuffle=True, repeat=bool(p.steps_per_epoch), epoch=epoch
+            manifest_path,
+            cfg,
+            "train",
+            p.batch_size,
+            shuffle=True,
+            repeat=bool(p.steps_per_epoch),
+            epoch=epoch,
+            drop_remainder=whole_batches,
         ).take(steps)
         ds = one if ds is None else ds.concatenate(one)
     # A copy short of records would shift every later epoch onto the wrong copy; fail instead.
@@ -69,23 +98,31 @@ def train_batches(manifest_path: str | os.PathLike, cfg: Config, initial_epoch: 
     return ds, steps
 
 
-def data_parallel(batch_size: int) -> int:
-    """Shard each batch over every local device (``keras.distribution.DataParallel``) when there is
-    more than one; the same code runs unchanged on one. Returns the device count."""
+@contextlib.contextmanager
+def data_parallel(batch_size: int) -> Iterator[int]:
+    """Shard each batch over every local device (``keras.distribution.DataParallel``) while the
+    block runs, when there is more than one; the same code runs unchanged on one. Yields the
+    device count.
+
+    The distribution is Keras's global state: scoped, it ends with pretraining and never reaches
+    fine-tuning or scoring in the same process (``make run`` runs every task in one).
+    """
     keras = runtime.keras()
     import jax
 
     devices = jax.devices()
-    if len(devices) > 1:
-        if batch_size % len(devices):
-            from encoderflow.errors import EncoderflowError
+    if len(devices) == 1:
+        yield 1
+        return
+    if batch_size % len(devices):
+        from encoderflow.errors import EncoderflowError
 
-            raise EncoderflowError(
-                f"pretrain.batch_size={batch_size} must be a multiple of the {len(devices)} "
-                "local devices for data-parallel training"
-            )
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
-    return len(devices)
+        raise EncoderflowError(
+            f"pretrain.batch_size={batch_size} must be a multiple of the {len(devices)} "
+            "local devices for data-parallel training"
+        )
+    with keras.distribution.DataParallel(devices=devices).scope():
+        yield len(devices)
 
 
 def compile_mlm(mlm, p, total_steps: int, steps_per_execution: int = 1, loss=None, weighted_metrics=None) -> None:
@@ -173,6 +210,24 @@ def warm_start(encoder, init: dict[str, Any], manifest: dict[str, Any]) -> None:
     log.info("pretrain: warm start from %s: %d weights copied", where, len(mine))
 
 
+def _backup_dir(directory: Path, key: str) -> Path:
+    """``directory``, emptied unless its backups were taken by training under ``key``.
+
+    A retry resumes only the training it continues: between tries the champion may have moved
+    (``init_from=champion``), or the code or config changed, and resuming would give weights that
+    its result's lineage does not describe.
+    """
+    stamp = directory / BACKUP_KEY
+    if directory.exists() and (not stamp.exists() or stamp.read_text().strip() != key):
+        log.info("pretrain: backups in %s were taken by other training (another key); starting afresh", directory)
+        shutil.rmtree(directory)
+    if not stamp.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        with layout.atomic_path(stamp) as tmp:
+            tmp.write_text(key + "\n")
+    return directory
+
+
 def pretrain(
     cfg: Config,
     manifest_path: str | os.PathLike,
@@ -217,9 +272,23 @@ def pretrain(
     if (done := layout.reusable(out_dir / "result.json", key)) is not None and Path(done["encoder"]).exists():
         log.info("pretrain: reusing %s", done["encoder"])
         return done
+    with data_parallel(cfg.pretrain.batch_size) as devices:
+        return _train(cfg, manifest_path, out_dir, init, key, keyed, devices)
 
+
+def _train(
+    cfg: Config,
+    manifest_path: Path,
+    out_dir: Path,
+    init: dict[str, Any] | None,
+    key: str,
+    keyed: dict[str, Any],
+    devices: int,
+) -> dict[str, Any]:
+    """:func:`pretrain`'s training on ``devices`` local devices, once no finished result was found."""
     from encoderflow import model as models
-    from encoderflow.data.shards import copy_records, load_manifest, make_dataset
+    from encoderflow.data.shards import load_manifest, make_dataset
+    from encoderflow.errors import EncoderflowError
     from encoderflow.train.callbacks import EpochLogger, NonFiniteLoss, StepBackup
 
     keras = runtime.keras()
@@ -228,9 +297,15 @@ def pretrain(
     p = cfg.pretrain
     keras.utils.set_random_seed(cfg.data.seed)
     policy = runtime.set_dtype_policy(p.precision)
-    devices = data_parallel(p.batch_size)
-    steps = p.steps_per_epoch or math.ceil(copy_records(manifest) / p.batch_size)
-    backup = StepBackup(out_dir / "backup", steps, p.backup_every_steps)
+    whole_batches = devices > 1
+    steps = epoch_steps(manifest, p, whole_batches)
+    if steps == 0:
+        raise EncoderflowError(
+            f"{manifest_path}: {manifest['totals']['train']['records']} train records do not fill one batch of "
+            f"pretrain.batch_size={p.batch_size} on {devices} devices",
+            fix="lower pretrain.batch_size (a multiple of the device count) or pretrain on more text",
+        )
+    backup = StepBackup(_backup_dir(out_dir / "backup", key), steps, p.backup_every_steps)
     # A backup saved after the last step (killed before the result was written) leaves nothing to train.
     initial_epoch, skip = divmod(min(backup.steps_done, steps * p.epochs), steps)
     pad_id = manifest["special_ids"]["[PAD]"]
@@ -255,10 +330,19 @@ def pretrain(
         spe,
     )
     # Declared length: Keras warns "input ran out of data" each epoch on an unknown-length set.
-    val_batches = math.ceil(manifest["totals"]["valid"]["records"] / p.batch_size)
+    val_records = manifest["totals"]["valid"]["records"]
+    val_batches = val_records // p.batch_size if whole_batches else math.ceil(val_records / p.batch_size)
     if p.validation_steps:
         val_batches = min(val_batches, p.validation_steps)
-    val_ds = make_dataset(manifest_path, cfg, "valid", p.batch_size, shuffle=False).take(val_batches)
+    if val_batches == 0:
+        raise EncoderflowError(
+            f"{manifest_path}: {val_records} validation records do not fill one batch of "
+            f"pretrain.batch_size={p.batch_size} on {devices} devices",
+            fix="lower pretrain.batch_size (a multiple of the device count) or hold out more text for validation",
+        )
+    val_ds = make_dataset(manifest_path, cfg, "valid", p.batch_size, shuffle=False, drop_remainder=whole_batches).take(
+        val_batches
+    )
     val_ds = val_ds.apply(tf.data.experimental.assert_cardinality(val_batches))
     log.info(
         "pretrain: %d parameters, %d train records (%s), batch %d, %d epochs from epoch %d, %d steps/epoch",
@@ -293,7 +377,7 @@ def pretrain(
                 steps,
                 backup.directory,
             )
-        train_ds, _ = train_batches(manifest_path, cfg, initial_epoch, skip)
+        train_ds, _ = train_batches(manifest_path, cfg, initial_epoch, skip, whole_batches)
         with warnings.catch_warnings():
             # After a mid-epoch resume the data ends mid-way through the last Keras epoch, as planned.
             warnings.filterwarnings("ignore", message="Your input ran out of data")
@@ -329,8 +413,6 @@ def pretrain(
             {k: [float(v) for v in vs] for k, vs in history.history.items()} if history else {}
         )
         if not hist.get("loss"):
-            from encoderflow.errors import EncoderflowError
-
             raise EncoderflowError(f"pretrain: no epoch was recorded in {out_dir}; delete {backup.directory} and retry")
         final_loss = hist["loss"][-1]
         if not math.isfinite(final_loss):
