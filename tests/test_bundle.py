@@ -139,6 +139,11 @@ def test_round_trip_scores_the_accuracy_recorded(tmp_path, inputs):
     # Per sentence, in the order given: what the gate pairs with the champion's.
     np.testing.assert_array_equal(scorer.correct(sentences, labels), (probs > 0.5) == labels)
     assert scorer.probabilities([]).shape == (0,)
+    # The confidence `encoderflow predict` prints is the predicted class's probability, either way.
+    predicted, confidence = scorer.predict(sentences)
+    np.testing.assert_array_equal(predicted, (probs > 0.5).astype(np.int32))
+    np.testing.assert_allclose(confidence, np.where(probs > 0.5, probs, 1 - probs), atol=1e-6)
+    assert (confidence >= 0.5).all()
 
     # At the threshold itself the gate's count (Scorer) and fine-tuning's (Keras) must agree.
     import keras

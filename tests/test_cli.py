@@ -59,6 +59,39 @@ def test_predict_without_champion_says_so(capsys):
     assert "no champion yet" in capsys.readouterr().err
 
 
+def test_predict_scores_sentences_with_the_champion(tmp_path, capsys):
+    """A real bundle registered and promoted: each line is label, confidence, sentence, as the Scorer says."""
+    import numpy as np
+
+    from encoderflow import bundle, registry
+    from tests import fixtures_pipeline
+    from tests.test_bundle import _classifier
+
+    (tmp_path / "in").mkdir()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(fixtures_pipeline.vocab_tokens()) + "\n")
+    sentences = ["a fine film", "a dull film", "the plot is thin"]
+    cfg, classifier, encoder_path, _ = _classifier(tmp_path, vocab, sentences)
+    path = bundle.write(tmp_path / "bundle", classifier, encoder_path, vocab, cfg, 0.5)
+    name = cfg.gate.registered_model
+    decision = {"blessed": True, "reasons": [], "candidate": 0.5, "checks": []}
+    version = registry.log_candidate(name, path, cfg.to_dict(), {"val_accuracy": 0.5}, {}, {}, decision)["version"]
+    registry.promote(name, version, reason="test")
+    capsys.readouterr()
+
+    (tmp_path / "more.txt").write_text("the cast shines\n\n")
+    assert cli.main(["predict", *sentences, "--file", str(tmp_path / "more.txt"), "--model", name]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"model: models:/{name}@champion (v{version})"
+    predicted, confidence = bundle.Scorer(path).predict([*sentences, "the cast shines"])
+    expected = [
+        f"{['negative', 'positive'][int(i)]}\t{p:.4f}\t{s}"
+        for s, i, p in zip([*sentences, "the cast shines"], predicted, confidence, strict=True)
+    ]
+    assert out[1:] == expected
+    assert all(float(line.split("\t")[1]) >= 0.5 for line in out[1:]) and np.isfinite(confidence).all()
+
+
 def test_dag_params_become_config_values():
     cfg = from_params(
         {

@@ -1,4 +1,4 @@
-"""The DAG parses cleanly, fast, and without importing the heavy ML stack (thin-DAG rule)."""
+"""The DAG parses cleanly and without importing the heavy ML stack (thin-DAG rule)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Runs in a fresh interpreter so nothing a previous test imported can hide a parse-time import.
 PROBE = r"""
-import json, sys, time
+import json, sys
 from airflow.dag_processing.dagbag import DagBag
 heavy = ("tensorflow", "keras", "keras_hub", "jax", "great_expectations", "mlflow", "pandas")
 before = {m for m in heavy if m in sys.modules}
-t0 = time.perf_counter()
 bag = DagBag(dag_folder=sys.argv[1])
-seconds = time.perf_counter() - t0
 dag = bag.dags.get("encoder_pretraining")
 watcher = bag.dags.get("encoderflow_sources")
 print(json.dumps({
@@ -31,7 +29,6 @@ print(json.dumps({
         if dag and getattr(dag.timetable, "asset_condition", None) is not None else [],
     "data_file_default": dag.params.get_param("data_file").value if dag else None,
     "errors": {k: str(v)[-500:] for k, v in bag.import_errors.items()},
-    "seconds": seconds,
     "heavy": sorted(m for m in heavy if m in sys.modules and m not in before),
     "task_ids": sorted(dag.task_ids) if dag else [],
     "params": sorted(dag.params.keys()) if dag else [],
@@ -39,6 +36,8 @@ print(json.dumps({
     "max_active_runs": dag.max_active_runs if dag else None,
     "catchup": dag.catchup if dag else None,
     "download_retries": dag.get_task("download_labeled").retries if dag else None,
+    "return_value_logged": sorted(t.task_id for t in dag.tasks if getattr(t, "show_return_value_in_logs", False))
+        if dag else None,
 }))
 """
 
@@ -58,11 +57,13 @@ def _probe(tmp_path, **extra_env: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_dagbag_parses_fast_without_heavy_imports(tmp_path):
+def test_dagbag_parses_without_heavy_imports(tmp_path):
     result = _probe(tmp_path)
     assert result["errors"] == {}
-    assert result["seconds"] < 2.0, result["seconds"]
+    # What keeps parsing fast on the scheduler: no ML library is imported at parse time.
     assert result["heavy"] == [], f"imported at parse time: {result['heavy']}"
+    # Steps log their outputs; Airflow's dump of each returned dict would repeat them on one long line.
+    assert result["return_value_logged"] == []
     assert result["max_active_runs"] == 1
     assert result["catchup"] is False
     assert result["download_retries"] >= 2

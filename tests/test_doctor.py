@@ -10,6 +10,7 @@ import dataclasses
 import json
 import socket
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -58,10 +59,8 @@ def loopback_specs(lb, served: bool = True) -> dict[str, sources.DatasetSpec]:
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"no shared offline data at {SHARED}")
 def test_doctor_passes_with_the_shared_data(capsys):
-    t0 = time.monotonic()
     assert cli.main(["doctor", "--data-dir", str(SHARED)]) == 0
     out = capsys.readouterr().out
-    assert time.monotonic() - t0 < 30
     for what in ("python", "jax", "devices", "precision=auto", "tensorflow", "disk (ENCODERFLOW_HOME)"):
         assert any(line[6:].startswith(what) for line in lines(out, "ok")), (what, out)
     assert not lines(out, "FAIL"), out
@@ -157,10 +156,26 @@ def test_doctor_command_probes_the_sources_file_urls(http_server, tmp_path, caps
     assert len([line for line in lines(out, "ok") if "source (" in line]) == 2
 
 
-def test_disk_check_reports_the_nearest_existing_folder(tmp_path):
+@pytest.mark.parametrize(
+    "free, status",
+    [
+        (doctor.DISK_FAIL_BYTES - 1, doctor.FAIL),
+        (doctor.DISK_WARN_BYTES - 1, doctor.WARN),
+        (doctor.DISK_WARN_BYTES, doctor.OK),
+    ],
+)
+def test_disk_check_reports_the_nearest_existing_folder(tmp_path, monkeypatch, free, status):
+    seen = []
+
+    def usage(path):
+        seen.append(Path(path))
+        return types.SimpleNamespace(total=100 * doctor.GIB, used=100 * doctor.GIB - free, free=free)
+
+    monkeypatch.setattr(doctor.shutil, "disk_usage", usage)
     check = doctor.check_disk(tmp_path / "not" / "yet")
-    assert check.status in (doctor.OK, doctor.WARN, doctor.FAIL)
+    assert seen == [tmp_path] and check.status == status
     assert "GiB free" in check.value and f"not created yet; {tmp_path}" in check.value
+    assert bool(check.fix) == (status != doctor.OK)
 
 
 def test_every_line_is_one_check_with_its_fix():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -90,6 +89,12 @@ def test_check_values_and_thresholds_are_recorded():
     assert (d.candidate, d.baseline, d.champion, d.champion_version) == (0.85, 0.80, 0.86, "7")
     row = next(line for line in d.table().splitlines() if line.startswith("baseline"))
     assert "0.0500" in row and "0.0200" in row
+
+
+def test_a_zero_margin_prints_as_zero_not_minus_zero():
+    d = decide(0.80, 0.75, 0.79, GateConfig(min_accuracy=0.5, max_regression=0.0), champion_version="3")
+    champion = next(line for line in d.table().splitlines() if line.startswith("champion"))
+    assert "needs >= +0.0000" in champion and "-0.0000" not in d.table()
 
 
 def test_first_run_champion_check_passes_with_no_value():
@@ -242,13 +247,6 @@ def test_bootstrap_matches_resampling_sentence_indices():
         low, high = np.quantile(samples, [0.025, 0.975])
         got = getattr(fast, name)
         assert got.low == pytest.approx(low, abs=0.003) and got.high == pytest.approx(high, abs=0.003), name
-
-
-def test_bootstrap_takes_milliseconds():
-    candidate, champion = paired(660, 60, 30)
-    start = time.perf_counter()
-    bootstrap(candidate, champion, champion, resamples=2000, seed=0)
-    assert time.perf_counter() - start < 0.5  # ~1 ms; generous for a loaded CI machine
 
 
 def test_bootstrap_refuses_unpaired_or_non_binary_input():

@@ -281,9 +281,8 @@ def test_promote_killed_between_steps_leaves_champion_on_a_complete_version(tmp_
 
 
 RACE = r"""
-import sys, time
+import sys
 from encoderflow import registry
-time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
 try:
     registry.move_champion("encoderflow-sst2", sys.argv[1], expected=sys.argv[2], reason="race", who=sys.argv[1])
 except registry.StaleChampion:
@@ -291,27 +290,39 @@ except registry.StaleChampion:
 """
 
 
+def _waits_on_a_flock(pid: int) -> bool:
+    """Whether ``pid`` is blocked on an flock: the kernel lists its request in /proc/locks with ``->``."""
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields and "FLOCK" in fields and str(pid) in fields:
+            return True
+    return False
+
+
 def test_two_runs_finishing_together_cannot_both_win(tmp_path):
+    """One run holds the promotion lock and moves the champion; the other, which decided against the
+    old champion, waits for the lock (seen in /proc/locks, not guessed from timing), then refuses."""
     import time
 
     v1, v2, v3 = (_register(tmp_path, t) for t in "123")
     registry.move_champion(NAME, v1, expected=None, reason="first", who="gate")
-    start = str(time.time() + 3.0)  # both processes wake at the same moment, after their imports
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", RACE, v, v1, start],
-            env=os.environ.copy(),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+    with registry.promotion_lock():
+        proc = subprocess.Popen(
+            [sys.executable, "-c", RACE, v2, v1], env=os.environ.copy(), cwd=REPO, stderr=subprocess.PIPE, text=True
         )
-        for v in (v2, v3)
-    ]
-    codes = sorted(p.wait(timeout=120) for p in procs)
-    assert codes == [0, 3], [p.stderr.read()[-1500:] for p in procs]
-    winner = _aliases()["champion"]
-    assert winner in (v2, v3) and _aliases()["previous"] == v1
+        try:
+            deadline = time.monotonic() + 120
+            while not _waits_on_a_flock(proc.pid):
+                assert proc.poll() is None, f"the second run did not wait for the lock: {proc.stderr.read()[-1500:]}"
+                assert time.monotonic() < deadline, "the second run never reached the lock"
+                time.sleep(0.05)
+            # The first run's move, made while it holds the lock.
+            registry.client().set_registered_model_alias(NAME, "champion", v3)
+        except BaseException:
+            proc.kill()
+            raise
+    assert proc.wait(timeout=120) == 3, proc.stderr.read()[-1500:]
+    assert _aliases()["champion"] == v3
 
 
 def test_a_retry_of_the_same_airflow_run_registers_no_second_version(tmp_path):

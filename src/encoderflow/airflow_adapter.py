@@ -243,6 +243,9 @@ DEFAULT_ARGS = {
     "retry_delay": retry_delay(),
     "execution_timeout": timedelta(hours=1),
     "on_failure_callback": log_failure,
+    # Each step logs its outputs itself, one line each; Airflow's dump of the whole returned dict
+    # (up to kilobytes on one line) repeated them. The value stays in XCom and the UI.
+    "show_return_value_in_logs": False,
 }
 
 

@@ -338,19 +338,20 @@ def decide(
             )
         )
 
+    allowed = 0.0 - gate.max_regression  # not -max_regression: -0.0 would print as -0.0000
     if champion is None:
-        checks.append(Check("champion", True, None, -gate.max_regression, "no champion yet"))
+        checks.append(Check("champion", True, None, allowed, "no champion yet"))
     elif ok and _finite(champion):
         delta = candidate - champion
-        passed = _at_least(delta, -gate.max_regression)
+        passed = _at_least(delta, allowed)
         checks.append(
             Check(
                 "champion",
                 passed,
                 delta,
-                -gate.max_regression,
+                allowed,
                 f"vs champion v{champion_version} at {champion:.4f} on this run's data: {delta:+.4f}, "
-                f"needs >= {-gate.max_regression:+.4f}",
+                f"needs >= {allowed:+.4f}",
             )
         )
     else:
@@ -359,7 +360,7 @@ def decide(
                 "champion",
                 False,
                 None,
-                -gate.max_regression,
+                allowed,
                 f"cannot compare: candidate {candidate!r}, champion {champion!r}",
             )
         )
