@@ -91,6 +91,19 @@ def test_check_values_and_thresholds_are_recorded():
     assert "0.0500" in row and "0.0200" in row
 
 
+def test_a_model_no_better_than_the_majority_label_is_never_blessed():
+    """The smoke floor is 0.5; a diverged classifier answering one label scored 444/872 on SST-2 dev."""
+    smoke_floor = GateConfig(min_accuracy=0.5, min_gain_over_baseline=-1.0)
+    constant = decide(444 / 872, 0.75, None, smoke_floor, majority=444 / 872)
+    by = {c.name: c for c in constant.checks}
+    assert by["floor"].passed and not by["majority"].passed and not constant.blessed
+    assert by["majority"].threshold == pytest.approx(0.5092, abs=1e-4)
+    assert any("most common label" in r for r in constant.reasons)
+    assert decide(445 / 872, 0.75, None, smoke_floor, majority=444 / 872).blessed  # one sentence better
+    # Without the dev split's label counts the check is absent, not passed on nothing.
+    assert "majority" not in {c.name for c in decide(0.85, 0.80, None, G).checks}
+
+
 def test_a_zero_margin_prints_as_zero_not_minus_zero():
     d = decide(0.80, 0.75, 0.79, GateConfig(min_accuracy=0.5, max_regression=0.0), champion_version="3")
     champion = next(line for line in d.table().splitlines() if line.startswith("champion"))

@@ -250,7 +250,7 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     tail = third.stdout.rstrip().splitlines()[-5:]
     assert tail[0] == "  first failure: pretrain, try 1 (no retry)", tail
     assert tail[1].startswith("  cause: NonFiniteLoss: pretrain: loss became nan"), tail
-    assert tail[2] == "  fix:   lower the learning rate or check the input data", tail
+    assert tail[2] == "  fix:   lower pretrain.learning_rate (now 1) or check the input data", tail
     assert tail[3].startswith("  log:   ") and tail[4] == "=" * 72, tail
     task_log = Path(tail[3].removeprefix("  log:   "))
     assert task_log.is_relative_to(layout.run_dir(run3)), task_log

@@ -3,6 +3,8 @@
 Checks, all of which must pass for a blessing:
     metric        the candidate's accuracy is a finite number
     floor         candidate >= min_accuracy
+    majority      candidate > the dev split's most common label's share (when given): a model no
+                  better than always answering that label is never blessed, whatever the floor
     baseline      candidate - baseline >= min_gain_over_baseline (same run's bag-of-words model)
     champion      candidate - champion >= -max_regression, where the champion was re-evaluated on
                   this run's validation data; passes when there is no champion yet
@@ -277,6 +279,7 @@ def decide(
     gate: GateConfig,
     champion_version: str | None = None,
     intervals: Intervals | None = None,
+    majority: float | None = None,
 ) -> Decision:
     """Bless or not, with every check and its numbers.
 
@@ -289,6 +292,8 @@ def decide(
         intervals: :func:`bootstrap` on the same dev data, recorded with the decision; the
             ``significance`` check reads its ``candidate_minus_champion`` (and fails without it
             when there is a champion).
+        majority: the dev split's share of its most common label, what always answering that
+            label scores; adds the ``majority`` check, which the candidate must beat (strictly).
     """
     checks: list[Check] = []
     ok = _finite(candidate)
@@ -362,6 +367,20 @@ def decide(
                 None,
                 allowed,
                 f"cannot compare: candidate {candidate!r}, champion {champion!r}",
+            )
+        )
+    if majority is not None:
+        beats = ok and candidate > majority + _EPS
+        checks.append(
+            Check(
+                "majority",
+                beats,
+                candidate if ok else None,
+                majority,
+                f"{candidate:.4f} {'>' if beats else '<='} {majority:.4f}, what always answering the dev "
+                "split's most common label scores"
+                if ok
+                else "no candidate accuracy",
             )
         )
     if gate.require_significant_gain:

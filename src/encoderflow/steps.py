@@ -283,6 +283,8 @@ def evaluate_and_gate(
     ``baseline_val_accuracy``, the re-evaluated ``champion_val_accuracy``); the intervals are
     computed around the per-sentence scores.
     """
+    import numpy as np
+
     from encoderflow import gate, registry
     from encoderflow.bundle import Scorer
     from encoderflow.data.inputs import labels_of, read_labeled
@@ -331,6 +333,7 @@ def evaluate_and_gate(
         cfg.gate,
         champion_version=current["version"] if current else None,
         intervals=intervals,
+        majority=float(np.bincount(labels).max() / len(labels)),
     )
     for line in decision.table().splitlines():
         log.info("%s", line)

@@ -313,6 +313,21 @@ def test_your_own_clean_data_passes_and_yields_its_label_set(tmp_path):
     assert report["success"] and len(report["files"]) == 6, report["failures"]
 
 
+def test_validation_logs_no_great_expectations_chatter(tmp_path, caplog):
+    """GX sets one of its loggers to INFO itself; its lines named a temp folder nobody writes to."""
+    import logging
+
+    from encoderflow import steps
+
+    steps.setup_logging()  # as every task does first
+    with caplog.at_level(logging.INFO):
+        report, _, _ = _own(tmp_path, "labeled", lambda c, lab: None)
+    assert report["success"], report["failures"]
+    chatter = [r.getMessage() for r in caplog.records if r.name.startswith("great_expectations")]
+    assert chatter == []
+    assert any(r.name == "encoderflow.data.validation" for r in caplog.records)
+
+
 def test_a_corpus_of_many_files_is_logged_in_one_line(tmp_path, caplog):
     """Up to 20 files, a line per file; more, one line with the totals (a folder of thousands would flood the log)."""
     import logging

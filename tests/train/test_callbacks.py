@@ -23,6 +23,25 @@ def test_nan_loss_raises_non_finite_loss(caplog):
     assert isinstance(info.value, EncoderflowError)  # the DAG maps this to a failed task, no retry
 
 
+def test_a_nan_error_says_where_the_loss_was_last_finite_and_the_fix_it_was_given():
+    import keras
+
+    from encoderflow.train.callbacks import EpochLogger, NonFiniteLoss
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(loss="mse", optimizer="sgd")
+    x = np.ones((16, 2), "float32")
+    y = np.zeros((16, 1), "float32")
+    y[8:] = np.nan  # batches 3 and 4 of 4: the loss is finite for two steps, then NaN
+    fix = "lower pretrain.learning_rate (now 0.5) or check the input data"
+    logger = EpochLogger("pretrain", 4, log_every_seconds=0, nan_fix=fix)
+    with pytest.raises(NonFiniteLoss) as info:
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False, callbacks=[logger])
+    message = str(info.value)
+    assert message.startswith("pretrain: loss became nan at step 3 of epoch 1 (last read finite: ")
+    assert "at step 2 of epoch 1)" in message and message.endswith("; " + fix)
+
+
 def test_epoch_lines_are_plain_and_complete(caplog):
     import keras
 

@@ -211,6 +211,9 @@ def _context(docs_dir: Path):
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    # That module sets its own logger to INFO on import, over the WARNING given to the package:
+    # each run's log then named a "temporary directory for ephemeral docs site" nobody writes to.
+    logging.getLogger(ProgressBarsConfig.__module__).setLevel(logging.WARNING)
     ctx = gx.get_context(mode="ephemeral")
     # tqdm bars write carriage returns into Airflow task logs.
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)

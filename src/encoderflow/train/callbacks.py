@@ -33,6 +33,10 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds:.1f}s"
 
 
+# What a NaN loss's error says to do when the caller names nothing more precise.
+NAN_FIX = "lower the learning rate or check the input data"
+
+
 class EpochLogger(keras.callbacks.Callback):
     """Plain log lines (no progress bars in task logs), a time estimate and a NaN guard.
 
@@ -50,6 +54,7 @@ class EpochLogger(keras.callbacks.Callback):
             estimated training time; 0 skips the estimate.
         slow_hint: logged as a warning with the estimate (e.g. "run it on a GPU worker ..."),
             when the caller knows this machine is the wrong one for the job.
+        nan_fix: the fix a NaN loss's error names (e.g. the learning-rate key and its value).
 
     Attributes:
         first_loss: the loss after the first call into the compiled step (``None`` before).
@@ -66,9 +71,13 @@ class EpochLogger(keras.callbacks.Callback):
         log_every_seconds: float = 60.0,
         estimate_steps: int = 0,
         slow_hint: str | None = None,
+        nan_fix: str = NAN_FIX,
     ):
         super().__init__()
-        self.label, self.examples_per_step = label, examples_per_step
+        self.label, self.examples_per_step, self.nan_fix = label, examples_per_step, nan_fix
+        self.epoch = 0
+        # The last finite loss read (epoch, step, value): where a NaN's error says training still held.
+        self.last_finite: tuple[int, int, float] | None = None
         self.log_every_seconds, self.estimate_steps, self.slow_hint = log_every_seconds, estimate_steps, slow_hint
         self.train_t0 = self.epoch_t0 = self.last_line_t = 0.0
         self.epoch_steps = self.steps_seen = 0
@@ -80,6 +89,7 @@ class EpochLogger(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_t0 = time.monotonic()
         self.epoch_steps = 0
+        self.epoch = epoch
 
     def read_loss(self, logs, step: int) -> float | None:
         """Read the loss (waits for the device) and stop on NaN."""
@@ -89,9 +99,14 @@ class EpochLogger(keras.callbacks.Callback):
         value = float(loss)
         if not math.isfinite(value):
             self.model.stop_training = True
+            held = ""
+            if self.last_finite:
+                epoch, at, last = self.last_finite
+                held = f" (last read finite: {last:.4f} at step {at} of epoch {epoch + 1})"
             raise NonFiniteLoss(
-                f"{self.label}: loss became {value} at step {step}; lower the learning rate or check the input data"
+                f"{self.label}: loss became {value} at step {step} of epoch {self.epoch + 1}{held}; {self.nan_fix}"
             )
+        self.last_finite = (self.epoch, step, value)
         return value
 
     def on_train_batch_end(self, batch, logs=None):
@@ -202,6 +217,7 @@ class StepBackup(keras.callbacks.Callback):
         steps_per_epoch: steps in one epoch of the training schedule.
         every_steps: steps between backups within an epoch; 0 = epoch ends only.
         label: names the training in a NaN error.
+        nan_fix: the fix that error names.
 
     Attributes:
         steps_done: steps trained over every attempt: the newest backup's when created, then
@@ -209,10 +225,15 @@ class StepBackup(keras.callbacks.Callback):
     """
 
     def __init__(
-        self, directory: str | os.PathLike, steps_per_epoch: int, every_steps: int = 0, label: str = "pretrain"
+        self,
+        directory: str | os.PathLike,
+        steps_per_epoch: int,
+        every_steps: int = 0,
+        label: str = "pretrain",
+        nan_fix: str = NAN_FIX,
     ):
         super().__init__()
-        self.label = label
+        self.label, self.nan_fix = label, nan_fix
         self.directory = Path(directory)
         self.steps_per_epoch, self.every_steps = steps_per_epoch, every_steps
         self.steps_done, self.restore_from = latest_backup(self.directory)
@@ -255,10 +276,7 @@ class StepBackup(keras.callbacks.Callback):
         # The loss is read here, at the backup cadence, not every step: a backup never holds NaN weights.
         loss = (self.last_logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            raise NonFiniteLoss(
-                f"{self.label}: loss became {float(loss)} by step {self.steps_done}; "
-                "lower the learning rate or check the input data"
-            )
+            raise NonFiniteLoss(f"{self.label}: loss became {float(loss)} by step {self.steps_done}; {self.nan_fix}")
         final = self.directory / f"step-{self.steps_done:012d}.weights.h5"
         with layout.atomic_path(final, suffix=".weights.h5") as tmp:
             self.model.save_weights(tmp)

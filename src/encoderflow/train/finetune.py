@@ -147,7 +147,13 @@ def finetune(
         steps_per_epoch=steps,
         verbose=0,
         shuffle=False,
-        callbacks=[EpochLogger("finetune", f.batch_size)],
+        callbacks=[
+            EpochLogger(
+                "finetune",
+                f.batch_size,
+                nan_fix=f"lower finetune.learning_rate (now {f.learning_rate:g}) or check the input data",
+            )
+        ],
     )
     if f.ema_momentum > 0:
         # fit has written the averages into the weights. Keras (3.15, JAX) leaves each average sharing

@@ -305,7 +305,8 @@ def _train(
             f"pretrain.batch_size={p.batch_size} on {devices} devices",
             fix="lower pretrain.batch_size (a multiple of the device count) or pretrain on more text",
         )
-    backup = StepBackup(_backup_dir(out_dir / "backup", key), steps, p.backup_every_steps)
+    nan_fix = f"lower pretrain.learning_rate (now {p.learning_rate:g}) or check the input data"
+    backup = StepBackup(_backup_dir(out_dir / "backup", key), steps, p.backup_every_steps, nan_fix=nan_fix)
     # A backup saved after the last step (killed before the result was written) leaves nothing to train.
     initial_epoch, skip = divmod(min(backup.steps_done, steps * p.epochs), steps)
     pad_id = manifest["special_ids"]["[PAD]"]
@@ -363,7 +364,12 @@ def _train(
             "PRESET=smoke (preset 'smoke' in the trigger form) in minutes on this CPU"
         )
     epoch_logger = EpochLogger(
-        "pretrain", p.batch_size, p.log_every_seconds, estimate_steps=ESTIMATE_STEPS, slow_hint=slow_hint
+        "pretrain",
+        p.batch_size,
+        p.log_every_seconds,
+        estimate_steps=ESTIMATE_STEPS,
+        slow_hint=slow_hint,
+        nan_fix=nan_fix,
     )
     history_csv = out_dir / "history.csv"
     t0 = time.monotonic()
