@@ -270,8 +270,11 @@ def test_a_data_file_declares_sources_and_inputs_and_the_form_wins(tmp_path):
     with pytest.raises(ConfigError, match=r"data file .*data\.yaml: unknown top-level key 'corpra'"):
         read_data_file(str(path))
     path.write_text("inputs: {text_colum: body}\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'inputs.text_colum'"):
+    with pytest.raises(ConfigError, match=r"data file .*data\.yaml: section 'inputs' has no keys \['text_colum'\]"):
         from_params({"data_file": str(path)})
+    path.write_text("corpus:\nlabeled: tickets/\n")  # the folder left out
+    with pytest.raises(ConfigError, match=r"data file .*data\.yaml: 'corpus' needs a folder, file or URL, got None"):
+        read_data_file(str(path))
     with pytest.raises(ConfigError, match=r"data file .*missing\.yaml: cannot read it"):
         read_data_file(str(tmp_path / "missing.yaml"))
 

@@ -837,11 +837,22 @@ def read_data_file(path: str | None) -> tuple[dict[str, str], dict[str, Any]]:
     overrides: dict[str, Any] = {}
     for key, value in payload.items():
         if key in source_names:
+            if value is None or isinstance(value, (dict, list)):  # ``corpus:`` with nothing after it
+                raise ConfigError(
+                    f"data file {file}: {key!r} needs a folder, file or URL, got {value!r}; write e.g. "
+                    f"'{key}: my_{key}/' (relative to the file's folder), or remove the line"
+                )
             text = str(value)
             if key in ("corpus", "labeled", "data_dir") and "://" not in text and not text.startswith("/"):
                 text = str((file.parent / text).resolve())
             sources[key] = text
         elif key in SECTIONS and isinstance(value, dict):
+            section = {f.name for f in fields(SECTIONS[key])}
+            unknown = sorted(set(value) - section)
+            if unknown:
+                raise ConfigError(
+                    f"data file {file}: section {key!r} has no keys {unknown}; its keys are {sorted(section)}"
+                )
             overrides.update({f"{key}.{name}": v for name, v in value.items()})
         else:
             raise ConfigError(

@@ -589,14 +589,23 @@ def test_the_pinned_archive_from_a_mirror_is_pinned_and_an_offline_copy_is_not(h
     [
         ("{not json", "cannot read it as JSON"),
         ('{"imagenet": {}}', "unknown dataset 'imagenet'"),
+        ('[{"sst2": {}}]', "holds a JSON list, not an object of datasets"),
+        ('{"sst2": ["https://m/SST-2.zip"]}', "'sst2' is a JSON list, not an object of fields"),
+        ('{"sst2": {"sha256": "abc"}}', "'sst2' has unknown fields ['sha256']"),
+        ('{"sst2": {"urls": "https://m/SST-2.zip"}}', "sst2.urls must be a list of strings"),
     ],
 )
 def test_a_bad_sources_file_names_itself(tmp_path, content, problem):
+    """Every mistake is a DataError (the task fails once, no retry) naming the file and the fix."""
     path = tmp_path / "sources.json"
     path.write_text(content)
     with pytest.raises(DataError) as err:
         sources.load_specs(str(path))
     assert str(err.value).startswith(f"sources file {path}: {problem}")
+    if problem.startswith("cannot read"):
+        assert "json.tool" in err.value.fix
+    elif "JSON" in problem or "fields" in problem or "strings" in problem:
+        assert "known_hash" in err.value.fix or "urls" in err.value.fix
 
 
 # 9. offline folder -----------------------------------------------------------------------------

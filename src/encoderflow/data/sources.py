@@ -24,7 +24,7 @@ import time
 import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -130,13 +130,38 @@ def load_specs(sources_file: str | None = None) -> dict[str, DatasetSpec]:
     try:
         payload = json.loads(Path(sources_file).read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"sources file {sources_file}: cannot read it as JSON ({exc})") from None
+        raise DataError(
+            f"sources file {sources_file}: cannot read it as JSON ({exc})",
+            fix=f"correct it (python -m json.tool {sources_file} shows where), or unset ENCODERFLOW_SOURCES",
+        ) from None
+    settable = sorted(f.name for f in fields(DatasetSpec) if f.name != "name")
+    example = '{"sst2": {"urls": ["https://mirror.example/SST-2.zip"], "known_hash": "sha256:..."}}'
+    if not isinstance(payload, dict):
+        raise DataError(
+            f"sources file {sources_file}: holds a JSON {type(payload).__name__}, not an object of datasets",
+            fix=f"write it as {example}",
+        )
     for name, fields_ in payload.items():
         if name not in specs:
             raise DataError(f"sources file {sources_file}: unknown dataset {name!r}; known: {list(specs)}")
+        if not isinstance(fields_, dict):
+            raise DataError(
+                f"sources file {sources_file}: {name!r} is a JSON {type(fields_).__name__}, not an object of fields",
+                fix=f"write it as {example}",
+            )
+        unknown = sorted(set(fields_) - set(settable))
+        if unknown:
+            raise DataError(
+                f"sources file {sources_file}: {name!r} has unknown fields {unknown}", fix=f"use only {settable}"
+            )
         merged = {**asdict(specs[name]), **fields_, "name": name}
-        merged["urls"] = tuple(merged["urls"])
-        merged["members"] = tuple(merged["members"])
+        for listed in ("urls", "members"):
+            if isinstance(merged[listed], str) or not all(isinstance(u, str) for u in merged[listed]):
+                raise DataError(
+                    f"sources file {sources_file}: {name}.{listed} must be a list of strings, got {merged[listed]!r}",
+                    fix=f"write it as {example}",
+                )
+            merged[listed] = tuple(merged[listed])
         specs[name] = DatasetSpec(**merged)
     return specs
 
