@@ -105,6 +105,7 @@ class Pretrained(TypedDict):
     mlm_val_accuracy: float
     result: str
     parent: str | None  # the champion version or encoder path a warm start began from
+    vocab_sha256: NotRequired[str]  # the vocabulary its token ids index (absent in results before it)
 
 
 class Finetuned(TypedDict):

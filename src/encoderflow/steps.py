@@ -175,6 +175,7 @@ def pretrain(sealed: Sealed, params: Mapping[str, Any], run_id: str) -> Pretrain
         "mlm_val_accuracy": result["mlm_val_accuracy"],
         "result": str(out / "result.json"),
         "parent": (init.get("version") or init["path"]) if init else None,
+        **({"vocab_sha256": result["vocab_sha256"]} if "vocab_sha256" in result else {}),
     }
 
 
@@ -219,6 +220,16 @@ def finetune(
     vocab_path = only_file(vocab)["path"]
     init = _init_classifier(cfg, labeled, only_file(vocab)["sha256"], out)
     encoder = init["encoder"] if init else pretrained["encoder"]
+    pretrained_on = pretrained.get("vocab_sha256")
+    if not init and pretrained_on and pretrained_on != only_file(vocab)["sha256"]:
+        from encoderflow.errors import EncoderflowError
+
+        # Same size, other tokens: the encoder's embeddings would be read under the wrong words, silently.
+        raise EncoderflowError(
+            f"finetune: the encoder {encoder} was pretrained on vocabulary sha256 {pretrained_on}, "
+            f"this run tokenizes with {vocab_path} (sha256 {only_file(vocab)['sha256']})",
+            fix="fine-tune with the vocabulary the encoder was pretrained with (the same prepare_vocab result)",
+        )
     _inputs("finetune", encoder=encoder, train=split_path(labeled, "train"), vocab=vocab_path)
     result = fit(cfg, encoder, labeled, vocab_path, out, init_classifier=init["classifier"] if init else None)
     _output("finetune", "bundle", result["bundle"])

@@ -36,6 +36,7 @@ def inputs(tmp_path_factory):
 )
 def test_pooling_and_buckets_follow_the_config(inputs, tmp_path, caplog, overrides, pooling, buckets):
     from encoderflow import bundle
+    from encoderflow.data.inputs import read_labeled
     from encoderflow.train.finetune import finetune
 
     encoder, sst2, vocab = inputs
@@ -43,10 +44,11 @@ def test_pooling_and_buckets_follow_the_config(inputs, tmp_path, caplog, overrid
     with caplog.at_level(logging.INFO, logger="encoderflow"):
         result = finetune(cfg, encoder, sst2, vocab, tmp_path)
     assert f"length buckets {buckets}" in caplog.text
-    clf = bundle.Scorer(result["bundle"]).classifier
-    layer = clf.get_layer("pooled_tokens")
+    scorer = bundle.Scorer(result["bundle"])
+    layer = scorer.classifier.get_layer("pooled_tokens")
     assert f"{layer.name}:{type(layer).__name__}" == pooling
-    assert 0.0 <= result["val_accuracy"] <= 1.0
+    # The accuracy recorded is what the bundle scores on the dev split, bucketed or padded.
+    assert scorer.accuracy(*read_labeled(sst2, "dev")) == pytest.approx(result["val_accuracy"], abs=1e-6)
     assert layout.sha256_json(result["config"]) == result["key"] and result["config"]["finetune"]["pooling"] == (
         cfg.finetune.pooling
     )
@@ -101,6 +103,19 @@ def test_fine_tuning_continues_from_the_champions_classifier_and_refuses_another
         r"this run has \['neg', 'pos'\].*fix: set finetune.init_from=none",
     ):
         steps.finetune(pretrained, relabeled, vocab_info, params, "relabeled")
+
+
+def test_an_encoder_pretrained_on_another_vocabulary_is_refused(inputs, tmp_path):
+    """Same size, other tokens: its embeddings would be read under the wrong words, with no error from Keras."""
+    from encoderflow import steps
+    from encoderflow.errors import EncoderflowError
+
+    encoder, sst2, vocab = inputs
+    vocab_info = {"dataset": "vocab", "files": {"v": {"path": str(vocab), "sha256": layout.sha256_file(vocab)}}}
+    pretrained = {"encoder": str(encoder), "vocab_sha256": "0" * 64}
+    with pytest.raises(EncoderflowError, match=r"pretrained on vocabulary sha256 0{64}, this run tokenizes with"):
+        steps.finetune(pretrained, sst2, vocab_info, {"preset": "smoke"}, "other-vocab")
+    assert not (layout.run_dir("other-vocab") / "finetune" / "bundle").exists()
 
 
 def test_full_epochs_over_length_buckets_raise_no_ran_out_of_data_warning(inputs, tmp_path, recwarn):

@@ -446,6 +446,8 @@ def test_a_retry_under_another_key_does_not_resume_the_old_backup(duped, tmp_pat
     epochs_run = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "encoderflow.train"]
     assert epochs_run == ["pretrain epoch 1/2", "pretrain epoch 2/2"]
     assert len(result["history"]["loss"]) == 2 and not (out / "backup").exists()
+    # What fine-tuning checks its tokenizer against.
+    assert result["vocab_sha256"] == layout.read_json(duped["manifest"])["vocab_sha256"]
 
 
 KILLED_MID_EPOCH = r"""

@@ -435,6 +435,8 @@ def _train(
         "encoder": str(encoder_path),
         "encoder_sha256": layout.sha256_file(encoder_path),
         "manifest": str(manifest_path),
+        # The vocabulary the encoder's ids mean: fine-tuning checks it tokenizes with the same one.
+        "vocab_sha256": manifest["vocab_sha256"],
         "parameters": int(encoder.count_params()),
         "mlm_val_accuracy": val_accuracy,
         "val_loss": val_loss,
