@@ -109,7 +109,8 @@ def encoder_pretraining():
         """Split the pretraining text into `num_shards` pieces under `shards/<hash>/`, the hash of the
         data config, vocabulary and texts; one spec per shard for `build_shard`. With
         `data.task_adaptive` the labeled train texts (no labels) get shards of their own."""
-        return steps.plan_shards(corpus, vocab, params, labeled)
+        specs = steps.plan_shards(corpus, vocab, params, labeled)
+        return af.mappable(specs, "shards", fix="lower data.num_shards or data.dupe_factor")
 
     @task(execution_timeout=timedelta(hours=2))
     @af.expected_failures

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs in a fresh interpreter so nothing a previous test imported can hide a parse-time import.
@@ -171,3 +173,18 @@ def test_retry_delay_comes_from_the_environment_and_refuses_nonsense(monkeypatch
         monkeypatch.setenv("ENCODERFLOW_RETRY_DELAY_SECONDS", bad)
         with pytest.raises(ValueError, match="ENCODERFLOW_RETRY_DELAY_SECONDS"):
             af.retry_delay()
+
+
+def test_more_shards_than_airflow_maps_fail_naming_the_setting_and_the_fix(monkeypatch):
+    """Airflow refuses a mapped list over [core] max_map_length only after the push, naming neither."""
+    from encoderflow import airflow_adapter as af
+    from encoderflow import errors
+    from encoderflow.config import ConfigError
+
+    monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "4")
+    assert af.mappable([1, 2, 3, 4], "shards", fix="lower data.num_shards") == [1, 2, 3, 4]
+    with pytest.raises(ConfigError) as err:
+        af.mappable([1, 2, 3, 4, 5], "shards", fix="lower data.num_shards")
+    cause = errors.cause_of(err.value)
+    assert cause.message == "5 shards to map, more than Airflow maps in one run ([core] max_map_length = 4)"
+    assert cause.fix == "lower data.num_shards, or raise AIRFLOW__CORE__MAX_MAP_LENGTH on every Airflow component"

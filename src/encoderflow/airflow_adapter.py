@@ -266,6 +266,26 @@ def expected_failures(fn):
     return wrapper
 
 
+def mappable(items: list, what: str, fix: str) -> list:
+    """``items``, for a mapped task to expand over, if Airflow will map that many.
+
+    Airflow refuses a list longer than ``[core] max_map_length`` (default 1024) only after the task
+    returns, as a failed XCom push that names neither the setting nor the count; this says both.
+
+    Raises:
+        config.ConfigError: more items than ``max_map_length``; the message carries ``fix``.
+    """
+    from airflow.sdk import conf
+
+    limit = conf.getint("core", "max_map_length", fallback=1024)
+    if len(items) > limit:
+        raise config.ConfigError(
+            f"{len(items)} {what} to map, more than Airflow maps in one run ([core] max_map_length = {limit})",
+            fix=f"{fix}, or raise AIRFLOW__CORE__MAX_MAP_LENGTH on every Airflow component",
+        )
+    return items
+
+
 def record_shards(outlet_events, sealed: dict[str, Any]) -> None:
     """The ``encoderflow_shards`` asset event carries the manifest and its sha256."""
     outlet_events[SHARDS].extra = {"manifest": sealed["manifest"], "manifest_sha256": sealed["manifest_sha256"]}
