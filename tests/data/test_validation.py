@@ -165,7 +165,7 @@ CORRUPTIONS = {
         lambda t: t.replace("\n", "\r\n"),
         [
             (
-                "expect_column_values_to_match_regex(column='token', regex='^\\\\S+$')",
+                "expect_column_values_to_match_regex(column='token', regex='^[^ \\\\t\\\\n\\\\r\\\\f\\\\v]+$')",
                 f"{len(VOCAB_TOKENS)} unexpected of {len(VOCAB_TOKENS)}, e.g. ['[PAD]\\r'",
             ),
             (

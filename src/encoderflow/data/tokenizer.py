@@ -20,8 +20,10 @@ class Vocab:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:
-        text = Path(path).read_text(encoding="utf-8")
-        return cls(path=str(path), tokens=tuple(text.splitlines()))
+        # Read exactly as keras-hub's WordPieceTokenizer reads it (lines on \n or \r, each right-stripped),
+        # so a token's id here is its id there; str.splitlines also breaks on U+2028 and kin.
+        with open(path, encoding="utf-8") as f:
+            return cls(path=str(path), tokens=tuple(line.rstrip() for line in f))
 
     @property
     def size(self) -> int:
@@ -107,7 +109,11 @@ def train_vocabulary(
         strip_accents=strip_accents,
         reserved_tokens=list(SPECIAL_TOKENS),
     )
+    # Pieces must read back as written: the trainer can end one with Unicode whitespace that is no
+    # line break ('\u2028', '##\u2028'), which the reader strips into '' or a duplicate '##'. Inside
+    # a piece it stays ('alpha\u2028beta'): the tokenizer does not split text on U+2028 either.
+    kept = [t for t in tokens if t and t == t.rstrip() and "\r" not in t and "\n" not in t]
     out.parent.mkdir(parents=True, exist_ok=True)
     with layout.atomic_path(out) as tmp:
-        tmp.write_text("".join(f"{t}\n" for t in tokens), encoding="utf-8")
+        tmp.write_text("".join(f"{t}\n" for t in kept), encoding="utf-8")
     return out

@@ -1,0 +1,49 @@
+"""The vocabulary as the pipeline reads it is the vocabulary keras-hub's tokenizer reads: same tokens, same ids."""
+
+from __future__ import annotations
+
+from encoderflow.config import from_overrides
+from encoderflow.data.tokenizer import SPECIAL_TOKENS, Vocab, make_tokenizer, train_vocabulary
+
+
+def test_vocab_load_reads_the_file_as_keras_hub_does(tmp_path):
+    import keras_hub
+
+    path = tmp_path / "vocab.txt"
+    # U+2028 and U+0085 break lines for str.splitlines, not for a file's lines; trailing blanks go.
+    tokens = [*SPECIAL_TOKENS, "alpha\u2028beta", "gamma\x85", "delta  ", "eps\r\n", "zeta"]
+    path.write_text("".join(t if t.endswith("\n") else t + "\n" for t in tokens), encoding="utf-8")
+    theirs = keras_hub.tokenizers.WordPieceTokenizer(vocabulary=str(path)).get_vocabulary()
+    ours = Vocab.load(path)
+    assert list(ours.tokens) == list(theirs)
+    assert ours.size == len(theirs) == len(tokens) and ours.tokens[-1] == "zeta" and ours.pad_id == 0
+
+
+def test_a_trained_vocabulary_reads_back_as_written_and_matches_what_it_learned(tmp_path):
+    """Trained on text holding U+2028: the piece 'alpha\u2028beta' is a word to the tokenizer too; pieces
+    ending in it would read back stripped ('' or a second '##'), so they are left out."""
+    corpus = tmp_path / "train.txt"
+    corpus.write_text(
+        "".join(f"alpha\u2028beta gamma{i % 7} delta\u2028 eps zeta words here\n" for i in range(60)), encoding="utf-8"
+    )
+    cfg = from_overrides("smoke", {"inputs.vocab": "trained", "inputs.vocab_size": 200})
+    path = train_vocabulary(corpus, "0" * 64, cfg.inputs, cfg.data.lowercase, cfg.data.strip_accents)
+    written = path.read_text(encoding="utf-8").split("\n")[:-1]
+    vocab = Vocab.load(path)
+    assert list(vocab.tokens) == written and len(set(written)) == len(written) and all(written)
+    assert vocab.tokens[: len(SPECIAL_TOKENS)] == SPECIAL_TOKENS and "alpha\u2028beta" in vocab.tokens
+    tokenizer = make_tokenizer(path, None, cfg.data.lowercase, cfg.data.strip_accents)
+    assert tokenizer.vocabulary_size() == vocab.size
+    ids = [int(i) for i in tokenizer("alpha\u2028beta")]
+    assert [vocab.tokens[i] for i in ids] == ["alpha\u2028beta"]
+    # And the vocabulary suite takes it as it is.
+    from encoderflow import layout
+    from encoderflow.data import validation
+
+    info = {
+        "dataset": "vocab",
+        "kind": "trained_vocab",
+        "files": {"vocab.txt": {"path": str(path), "sha256": layout.sha256_file(path)}},
+    }
+    report = validation.validate_dataset(info, tmp_path / "docs")
+    assert report["success"], report["failures"]
