@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from encoderflow import DAG_ID
+from encoderflow import DAG_ID, layout
+from encoderflow.config import GateConfig
 from encoderflow.layout import safe_run_id
 from encoderflow.results import current_names
 
-DEFAULT_MODEL = "encoderflow-sst2"
+# Declared once, with the gate's other settings: gate.registered_model's default.
+DEFAULT_MODEL = GateConfig().registered_model
 METRICS = (
     ("val_accuracy", "dev accuracy"),
     ("baseline_val_accuracy", "BoW baseline"),
@@ -44,7 +46,7 @@ CHART_RUNS = 30
 
 
 def encoderflow_home() -> Path:
-    return Path(os.environ.get("ENCODERFLOW_HOME", ".encoderflow")).resolve()
+    return layout.home()
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
