@@ -221,6 +221,12 @@ def test_a_failed_run_ends_with_the_cause_the_fix_and_the_task_log(tmp_path, enc
     assert record["error"] == cause.removeprefix("  cause: ").split(":")[0]
     assert record["fix"] == fix.removeprefix("  fix:   ")
 
+    # The terminal carries the tasks' own lines, not Airflow's INFO chatter around each call.
+    output = proc.stdout + proc.stderr
+    assert "fetch: a line of the first task" in output and "[DAG TEST] starting task_id=train" in output
+    for chatter in ("Pushing xcom", "Task instance state updated", "::group::", "::endgroup::"):
+        assert chatter not in output, chatter
+
 
 def _summary(capsys, run_id: str, state: str, states) -> list[str]:
     cli.print_summary(run_id, state, states, 12.0)
