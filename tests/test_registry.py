@@ -335,6 +335,36 @@ def test_a_retry_of_the_same_airflow_run_registers_no_second_version(tmp_path):
     assert len(registry.client().search_model_versions(f"name='{NAME}'")) == 1
 
 
+def test_a_retry_after_registering_failed_reuses_the_finished_mlflow_run(tmp_path, monkeypatch):
+    """The try logged its run in full, then the registry call failed (MLflow down a moment): the retry
+    registers that run, and the experiment holds one run for the Airflow run, not one per try."""
+    from mlflow import MlflowClient
+
+    real = MlflowClient.create_model_version
+    calls = []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("registry unreachable")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", flaky)
+    decision = {"blessed": True, "reasons": [], "checks": []}
+    tags = {"airflow.run_id": "run-7", "airflow.dag_id": "encoder_pretraining"}
+    with pytest.raises(ConnectionError):
+        registry.log_candidate(NAME, _bundle(tmp_path / "b", "7"), {}, {"val_accuracy": 0.9}, {}, tags, decision)
+    retry = registry.log_candidate(NAME, _bundle(tmp_path / "b2", "7"), {}, {"val_accuracy": 0.9}, {}, tags, decision)
+
+    c = registry.client()
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    runs = c.search_runs(experiments, filter_string="tags.`airflow.run_id` = 'run-7'")
+    assert [r.info.run_id for r in runs] == [retry["run_id"]] and runs[0].info.status == "FINISHED"
+    assert [str(v.version) for v in c.search_model_versions(f"name='{NAME}'")] == [retry["version"]]
+    served = registry.download_version(NAME, retry["version"], tmp_path / "serve")
+    assert (served / "classifier.keras").read_text() == "clf-7"
+
+
 KILL_MID_UPLOAD = r"""
 import os, signal, sys
 import mlflow

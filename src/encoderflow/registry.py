@@ -184,20 +184,29 @@ def log_candidate(
         return done
     exp_id = _experiment_id(c)
     _close_orphans(c, exp_id, tags)
-    run_name = tags.get("airflow.run_id", "manual")
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
-        mlflow.log_params({k: v for k, v in _flatten("", config, {}).items()})
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        for stage, hist in histories.items():
-            for metric, values in hist.items():
-                for step, value in enumerate(values):
-                    mlflow.log_metric(f"{stage}.{metric}", float(value), step=step)
-        mlflow.log_artifacts(str(bundle_dir), artifact_path="bundle")
-        mlflow.log_dict(decision, "gate.json")
-        for extra in extra_artifacts:
-            mlflow.log_artifact(str(extra))
-        source = f"{run.info.artifact_uri}/bundle"
-        run_id = run.info.run_id
+    if (finished := _finished_unregistered(c, exp_id, tags)) is not None:
+        # An earlier try logged everything (FINISHED: the block below completed) and died registering.
+        source, run_id = f"{finished.info.artifact_uri}/bundle", finished.info.run_id
+        log.info(
+            "registry: MLflow run %s, finished by an earlier try of %s before registering, reused",
+            run_id,
+            tags.get("airflow.run_id"),
+        )
+    else:
+        run_name = tags.get("airflow.run_id", "manual")
+        with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
+            mlflow.log_params({k: v for k, v in _flatten("", config, {}).items()})
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+            for stage, hist in histories.items():
+                for metric, values in hist.items():
+                    for step, value in enumerate(values):
+                        mlflow.log_metric(f"{stage}.{metric}", float(value), step=step)
+            mlflow.log_artifacts(str(bundle_dir), artifact_path="bundle")
+            mlflow.log_dict(decision, "gate.json")
+            for extra in extra_artifacts:
+                mlflow.log_artifact(str(extra))
+            source = f"{run.info.artifact_uri}/bundle"
+            run_id = run.info.run_id
     try:
         c.create_registered_model(name, description="encoderflow SST-2 classifier and its pretrained encoder")
     except MlflowException as exc:
@@ -225,6 +234,21 @@ def _close_orphans(c, exp_id: str, tags: dict[str, str]) -> None:
                 orphan.info.run_id,
                 run,
             )
+
+
+def _finished_unregistered(c, exp_id: str, tags: dict[str, str]):
+    """The MLflow run an earlier try of this Airflow run completed (FINISHED) without registering it, or None.
+
+    Only called once ``_registered_for`` found no version for the Airflow run, so no run of it has one.
+    """
+    run = tags.get("airflow.run_id")
+    if not run:
+        return None
+    query = f"tags.`airflow.run_id` = '{run}' and attributes.status = 'FINISHED'"
+    for candidate in c.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"]):
+        if candidate.data.tags.get("airflow.dag_id") == tags.get("airflow.dag_id"):
+            return candidate
+    return None
 
 
 def _registered_for(c, name: str, tags: dict[str, str]) -> dict[str, Any] | None:
