@@ -178,11 +178,12 @@ def on_cpu() -> bool:
 
 
 def device_summary() -> str:
-    """``1 x NVIDIA H100 80GB HBM3 (gpu)``: what JAX trains on here."""
+    """``1 x NVIDIA H100 80GB HBM3 (gpu)``, or ``1 x cpu``: what JAX trains on here."""
     import jax
 
     devices = jax.devices()
-    return f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
+    kind, platform = devices[0].device_kind, devices[0].platform
+    return f"{len(devices)} x {kind}" + ("" if kind.lower() == platform.lower() else f" ({platform})")
 
 
 def dtype_policy(precision: str, platform: str | None = None) -> str:

@@ -323,10 +323,11 @@ def _train(
     backup.restore(mlm)
     device = runtime.device_summary()
     log.info(
-        "pretrain: device %s, dtype policy %s (precision=%s), learning rate %s, %d steps per call",
+        "pretrain: device %s, dtype policy %s (precision=%s), learning rate %g (%s), %d steps per call",
         device,
         policy,
         p.precision,
+        p.learning_rate,
         p.lr_schedule,
         spe,
     )
@@ -346,9 +347,11 @@ def _train(
     )
     val_ds = val_ds.apply(tf.data.experimental.assert_cardinality(val_batches))
     log.info(
-        "pretrain: %d parameters, %d train records (%s), batch %d, %d epochs from epoch %d, %d steps/epoch",
-        mlm.count_params(),
-        manifest["totals"]["train"]["records"],
+        "pretrain: encoder %s parameters (%s with the MLM head), %s train records (%s), batch %d, %d epochs "
+        "from epoch %d, %d steps/epoch",
+        f"{encoder.count_params():,}",
+        f"{mlm.count_params():,}",
+        f"{manifest['totals']['train']['records']:,}",
         manifest_path,
         p.batch_size,
         p.epochs,
