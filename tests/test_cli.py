@@ -13,9 +13,6 @@ import pytest
 
 from encoderflow import cli, errors, layout
 from encoderflow.config import ConfigError, from_params
-from encoderflow.data.shards import ShardError
-from encoderflow.data.sources import DataError
-from encoderflow.data.validation import ValidationFailed
 from encoderflow.train.callbacks import NonFiniteLoss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,100 +252,6 @@ def test_a_failed_summary_without_a_log_file_says_where_the_lines_are(capsys):
 def test_a_failed_summary_without_any_record_names_the_failed_tasks(capsys):
     out = _summary(capsys, "manual__3", "failed", [("a", -1, "failed"), ("b", -1, "upstream_failed")])
     assert out[-2:] == ["  a failed, and no cause was recorded: see the lines above", "=" * 72]
-
-
-def test_the_first_failure_of_a_run_is_kept_and_written_whole():
-    first = errors.Cause("DataError", "first", "fix one", True)
-    assert errors.record_failure("r1", first, task_id="a") is True
-    assert errors.record_failure("r1", errors.Cause("ValueError", "second", "fix two", False), task_id="b") is False
-    assert errors.read_failure("r1") == {"task_id": "a", **first.__dict__}
-    assert sorted(p.name for p in errors.failure_path("r1").parent.iterdir()) == ["failure.json"]  # no temp left
-    assert errors.read_failure("never-ran") is None
-
-
-@pytest.mark.parametrize(
-    "exc, error, message, fix",
-    [
-        # The fix spelled inline by today's messages: the clause after "; " or ". " that starts with a verb.
-        (
-            NonFiniteLoss("pretrain: loss became nan at step 12; lower the learning rate or check the input data"),
-            "NonFiniteLoss",
-            "pretrain: loss became nan at step 12",
-            "lower the learning rate or check the input data",
-        ),
-        (
-            ShardError("shard /s/a.tfrecord is missing; its build task did not finish. Clear the failed build_shard"),
-            "ShardError",
-            "shard /s/a.tfrecord is missing; its build task did not finish",
-            "Clear the failed build_shard",
-        ),
-        # Given apart, it stays apart.
-        (
-            DataError("download http://h/f.zip: gave up after 5 attempts", fix="check the network"),
-            "DataError",
-            "download http://h/f.zip: gave up after 5 attempts",
-            "check the network",
-        ),
-        # None spelled: the type's default. A multi-line message becomes one line.
-        (
-            NonFiniteLoss("finetune: validation loss nan; the classifier is not saved"),
-            "NonFiniteLoss",
-            "finetune: validation loss nan; the classifier is not saved",
-            errors.DEFAULT_FIXES["NonFiniteLoss"],
-        ),
-        (
-            ValidationFailed(["sst2: dev.tsv: expect_column_values_to_be_in_set", "sst2: train.tsv: rows"], "/d/x"),
-            "ValidationFailed",
-            "sst2: dev.tsv: expect_column_values_to_be_in_set sst2: train.tsv: rows",
-            errors.DEFAULT_FIXES["ValidationFailed"] + ": /d/x",
-        ),
-        # A bug or an outage: its own type, and no fix to guess.
-        (OSError("disk full\n  while writing"), "OSError", "disk full while writing", errors.BUG_FIX),
-        # Only the DAG wrapper's text is left.
-        (
-            "ConfigError: config value 'data.mask_rate': must be <= 1.0, got 1.5",
-            "ConfigError",
-            "config value 'data.mask_rate': must be <= 1.0, got 1.5",
-            errors.DEFAULT_FIXES["ConfigError"],
-        ),
-    ],
-)
-def test_a_cause_is_the_error_a_one_line_message_and_a_fix(exc, error, message, fix):
-    cause = errors.cause_of(exc)
-    assert (cause.error, cause.message, cause.fix) == (error, message, fix)
-    assert cause.expected is (error != "OSError")
-
-
-def test_the_dag_wrapper_is_seen_through_to_the_encoderflow_error():
-    class AirflowFailException(Exception):  # what expected_failures raises, "from None"
-        pass
-
-    try:
-        try:
-            raise DataError("download http://h/f.zip: too slow", fix="use a mirror")
-        except DataError as inner:
-            raise AirflowFailException(f"{type(inner).__name__}: {inner}") from None
-    except AirflowFailException as wrapped:
-        cause = errors.cause_of(wrapped)
-    assert cause == errors.Cause("DataError", "download http://h/f.zip: too slow", "use a mirror", True)
-
-
-@pytest.mark.parametrize(
-    "exc",
-    [
-        DataError("download http://h/f.zip: gave up after 5 attempts", fix="check the network"),
-        ShardError("shard /s/a.tfrecord is missing. Clear the failed build_shard"),
-        NonFiniteLoss("finetune: validation loss nan"),
-        ValidationFailed(["sst2: dev.tsv: expect_column_values_to_be_in_set", "sst2: train.tsv: rows"], "/d/x"),
-    ],
-)
-def test_what_a_failed_task_says_is_its_cause_and_fix_once_and_reads_back_the_same(exc):
-    """The text the DAG wrapper gives Airflow holds the fix even where the message spells none, and
-    read back as text alone it is the same cause the exception itself gives."""
-    text = errors.told(exc)
-    cause = errors.cause_of(exc)
-    assert text.startswith(f"{type(exc).__name__}: ") and text.count(cause.fix) == 1, text
-    assert errors.cause_of(text) == cause
 
 
 def test_make_airflow_starts_an_mlflow_ui_and_points_the_runs_page_at_it(tmp_path, monkeypatch):
