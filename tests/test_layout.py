@@ -89,3 +89,42 @@ def test_an_hdf5_file_is_written_through_atomic_path(tmp_path):
         f["w"] = [1.0, 2.0]
     with h5py.File(final, "r") as f:
         assert list(f["w"][:]) == [1.0, 2.0]
+
+
+DIR_WRITER = """
+import sys, time
+from pathlib import Path
+from encoderflow import layout
+
+final, marker, release = map(Path, sys.argv[1:])
+with layout.atomic_dir(final, prefix=".extract-") as tmp:
+    (tmp / "part").write_bytes(b"half")
+    marker.write_text(str(tmp))
+    while not release.exists():
+        time.sleep(0.05)
+"""
+
+
+def test_temp_folders_of_dead_writers_are_swept_and_a_live_ones_kept(tmp_path):
+    root = tmp_path / "data"
+    dead = root / ".extract-dead"
+    (dead / "wikitext-103-raw").mkdir(parents=True)
+    (dead / "wikitext-103-raw" / "wiki.train.raw").write_bytes(b"x" * 1000)  # a killed extraction's output
+    marker, release = tmp_path / "writing", tmp_path / "release"
+    proc = subprocess.Popen([sys.executable, "-c", DIR_WRITER, str(root / "final"), str(marker), str(release)])
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() or not marker.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "the writer never started"
+            time.sleep(0.05)
+        live = Path(marker.read_text())
+        # While another extraction runs here, neither folder is touched: the dead one waits its turn.
+        assert layout.remove_dead_temps(root, root.glob(".extract-*")) == []
+        assert live.is_dir() and dead.is_dir()
+        release.touch()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    assert (root / "final" / "part").read_bytes() == b"half"
+    assert layout.remove_dead_temps(root, root.glob(".extract-*")) == [dead]
+    assert sorted(p.name for p in root.iterdir()) == ["final"]

@@ -75,7 +75,7 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(final.parent, fcntl.LOCK_SH):
+    with writing_in(final.parent):
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or ".tmp", dir=final.parent)
         os.close(fd)
         tmp_path = Path(tmp)
@@ -85,6 +85,14 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         finally:
             if tmp_path.exists():
                 tmp_path.unlink()
+
+
+@contextmanager
+def writing_in(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold ``folder``'s shared writer lock while temp files or folders are written in it: a sweep
+    (:func:`remove_dead_temps`) then leaves every temp file there alone."""
+    with _folder_lock(Path(folder), fcntl.LOCK_SH):
+        yield
 
 
 @contextmanager
@@ -106,19 +114,26 @@ def _folder_lock(folder: Path, mode: int) -> Iterator[bool]:
 
 
 def remove_dead_temps(folder: str | os.PathLike, temps: Iterable[Path]) -> list[Path]:
-    """Delete ``temps`` (in ``folder``) when no writer is inside :func:`atomic_path` there.
+    """Delete ``temps`` (files or folders in ``folder``) when no writer is at work there.
 
-    Every writer holds a shared lock on its folder until its file is renamed into place, and the
-    kernel drops it when the writer dies, killed or not. The exclusive lock is granted only when
-    none is left, so every temp file then is a dead writer's. With a live writer in the folder,
-    nothing is deleted (the files are left for a later sweep). Returns the files deleted.
+    Every writer (:func:`atomic_path`, :func:`atomic_dir`, :func:`writing_in`) holds a shared lock
+    on its folder until its output is renamed into place, and the kernel drops it when the writer
+    dies, killed or not. The exclusive lock is granted only when none is left, so every temp then
+    is a dead writer's. With a live writer in the folder, nothing is deleted (the temps are left
+    for a later sweep). Returns what was deleted.
     """
-    with _folder_lock(Path(folder), fcntl.LOCK_EX | fcntl.LOCK_NB) as held:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    with _folder_lock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB) as held:
         if not held:
             return []
-        removed = [path for path in temps if path.exists()]
+        removed = [path for path in temps if path.exists() or path.is_symlink()]
         for path in removed:
-            path.unlink(missing_ok=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         return removed
 
 
@@ -130,13 +145,14 @@ def atomic_dir(final: str | os.PathLike, prefix: str | None = None) -> Iterator[
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{final.name}.", dir=final.parent))
-    try:
-        yield tmp
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing_in(final.parent):
+        tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{final.name}.", dir=final.parent))
+        try:
+            yield tmp
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:

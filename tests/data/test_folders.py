@@ -25,7 +25,10 @@ def _tree(root):
 
 def test_a_local_folder_is_copied_content_addressed_and_reused(tmp_path, encoderflow_home, caplog):
     src = _tree(tmp_path / "corpus")
+    killed = encoderflow_home / "data" / "corpus" / ".fetch-killed"  # a copy killed midway, swept by the next
+    (killed / "files").mkdir(parents=True)
     first = folders.fetch("corpus", str(src))
+    assert not killed.exists()
     assert sorted(first["files"]) == ["a.txt", "sub/b.txt"]  # hidden files are not data
     copy = first["files"]["sub/b.txt"]
     assert copy["path"].startswith(str(encoderflow_home / "data" / "corpus"))

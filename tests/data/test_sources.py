@@ -411,6 +411,10 @@ def zip_spec(lb, archive: bytes, name: str = "sst2") -> DatasetSpec:
 
 def test_a_good_zip_is_extracted_and_every_member_described(http_server, encoderflow_home):
     spec = zip_spec(http_server, make_zip(list(SST2_MEMBERS.items())))
+    # What a worker killed mid-extraction left: the retry's extraction sweeps it.
+    killed = expected_root(encoderflow_home, spec) / ".extract-killed"
+    (killed / "SST-2").mkdir(parents=True)
+    (killed / "SST-2" / "train.tsv").write_text("half")
 
     info = fetch(spec, spec.members, downloader=fast())
 
