@@ -366,25 +366,22 @@ pretrain.pretrain(from_overrides("smoke", json.loads(sys.argv[2])), sys.argv[1],
 """
 
 
-@pytest.mark.slow
-def test_pretraining_sigkilled_after_epoch_one_resumes_at_epoch_two(duped, tmp_path, caplog):
+def _killed_after_epoch_one(duped, out, epochs: int) -> dict:
+    """A pretraining of ``epochs`` epochs (2 steps each) SIGKILLed after its first: its overrides."""
     import json
-    import logging
     import subprocess
     import sys
 
-    from encoderflow.config import from_overrides
     from tests.data.test_shards import SMOKE
 
     over = {
         **SMOKE,
         "data.dupe_factor": 2,
         "pretrain.batch_size": BATCH,
-        "pretrain.epochs": 3,
+        "pretrain.epochs": epochs,
         "pretrain.steps_per_epoch": 2,
         "pretrain.validation_steps": 1,
     }
-    out = tmp_path / "pretrain"
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run(
         [sys.executable, "-c", KILLED_AFTER_FIRST_EPOCH, str(duped["manifest"]), json.dumps(over), str(out)],
@@ -396,6 +393,17 @@ def test_pretraining_sigkilled_after_epoch_one_resumes_at_epoch_two(duped, tmp_p
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert not (out / "encoder.keras").exists()
     assert _resume_point(out / "backup", 2) == (1, 0)
+    return over
+
+
+@pytest.mark.slow
+def test_pretraining_sigkilled_after_epoch_one_resumes_at_epoch_two(duped, tmp_path, caplog):
+    import logging
+
+    from encoderflow.config import from_overrides
+
+    out = tmp_path / "pretrain"
+    over = _killed_after_epoch_one(duped, out, epochs=3)
 
     with caplog.at_level(logging.INFO, logger="encoderflow.train"):
         result = pretrain.pretrain(from_overrides("smoke", over), duped["manifest"], out)
@@ -410,34 +418,12 @@ def test_pretraining_sigkilled_after_epoch_one_resumes_at_epoch_two(duped, tmp_p
 def test_a_retry_under_another_key_does_not_resume_the_old_backup(duped, tmp_path, caplog):
     """Between tries the champion it warm-starts from may move, or the config change: the backup
     was taken by other training, and resuming it would give weights the result does not describe."""
-    import json
     import logging
-    import subprocess
-    import sys
 
     from encoderflow.config import from_overrides
-    from tests.data.test_shards import SMOKE
 
-    over = {
-        **SMOKE,
-        "data.dupe_factor": 2,
-        "pretrain.batch_size": BATCH,
-        "pretrain.epochs": 2,
-        "pretrain.steps_per_epoch": 2,
-        "pretrain.validation_steps": 1,
-    }
     out = tmp_path / "pretrain"
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run(
-        [sys.executable, "-c", KILLED_AFTER_FIRST_EPOCH, str(duped["manifest"]), json.dumps(over), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=repo,
-    )
-    assert proc.returncode == -9, proc.stderr[-3000:]
-    assert _resume_point(out / "backup", 2) == (1, 0)
-
+    over = _killed_after_epoch_one(duped, out, epochs=2)
     changed = {**over, "pretrain.learning_rate": 1e-4}
     with caplog.at_level(logging.INFO, logger="encoderflow.train"):
         result = pretrain.pretrain(from_overrides("smoke", changed), duped["manifest"], out)
