@@ -34,6 +34,15 @@ def test_tables_read_the_same_rows_from_tsv_csv_and_jsonl(tmp_path):
     assert bad.rows[0] == {"text": "ok", "label": "1"}  # JSON numbers become the strings a label set holds
 
 
+def test_each_row_knows_the_file_line_it_starts_on(tmp_path):
+    """What an error names: a header, blank JSONL lines and a quoted line break in CSV move it off the row index."""
+    (tmp_path / "t.tsv").write_text("text\tlabel\na\t0\nb\t1\n")
+    (tmp_path / "t.csv").write_text('text,label\n"two\nlines",0\nb,1\n')
+    (tmp_path / "t.jsonl").write_text('{"text": "a", "label": 0}\n\n\n{"text": "b", "label": 1}\n')
+    lines = {fmt: inputs.read_table(tmp_path / f"t.{fmt}", fmt).lines for fmt in inputs.LABELED_FORMATS}
+    assert lines == {"tsv": [2, 3], "csv": [2, 4], "jsonl": [1, 4]}
+
+
 def test_label_sets_are_ordered_numerically_when_they_are_numbers():
     assert inputs.label_set(["2", "10", "1", "2", None, ""]) == ["1", "2", "10"]
     assert inputs.label_set(["praise", "bug", "billing"]) == ["billing", "bug", "praise"]

@@ -91,7 +91,13 @@ CORRUPTIONS = {
     "sst2-label-2": (
         DEV,
         _tsv_field(2, 1, "2"),
-        [("expect_column_values_to_be_in_set(column='label', value_set=['0', '1'])", "1 unexpected of 20, e.g. ['2']")],
+        # lines[2] of the file, under the header: line 3, as an editor numbers it.
+        [
+            (
+                "expect_column_values_to_be_in_set(column='label', value_set=['0', '1'])",
+                "1 unexpected of 20, e.g. ['2'] at lines [3]",
+            )
+        ],
     ),
     "sst2-three-fields": (
         TRAIN,
@@ -371,7 +377,7 @@ OWN_CASES = {
         ),
         "dev.jsonl",
         "expect_column_values_to_be_in_set(column='category', value_set=['billing', 'bug', 'praise']) failed, "
-        "observed 1 unexpected of 49, e.g. ['spam'] at rows [49]",
+        "observed 1 unexpected of 49, e.g. ['spam'] at lines [49]",
     ),
     "empty file": (
         "corpus",

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +119,17 @@ def _labeled_folder(info: dict[str, Any], cfg) -> dict[str, Any]:
 
 @dataclass
 class Table:
-    """A labeled file as strings: ``columns`` in file order, one dict per row, and per-row flags."""
+    """A labeled file as strings: ``columns`` in file order, one dict per row, and per-row flags.
+
+    ``lines`` holds the file line each row starts on (1-based): what an error points a person to
+    (a header, blank JSONL lines and quoted line breaks in CSV make it differ from the row's index).
+    """
 
     columns: list[str]
     rows: list[dict[str, str | None]]
     utf8: list[bool]
     parsed: list[bool]
+    lines: list[int] = field(default_factory=list)
 
 
 def decode_lines(raw: bytes, strip_cr: bool = False) -> tuple[list[str], list[bool]]:
@@ -154,10 +159,11 @@ def read_table(path: str | os.PathLike, fmt: str) -> Table:
     if fmt == "jsonl":
         lines, ok = decode_lines(raw, strip_cr=True)
         columns: dict[str, None] = {}
-        rows, utf8, parsed = [], [], []
-        for line, good in zip(lines, ok, strict=True):
+        rows, utf8, parsed, numbers = [], [], [], []
+        for number, (line, good) in enumerate(zip(lines, ok, strict=True), start=1):
             if not line.strip():
                 continue
+            numbers.append(number)
             try:
                 obj = json.loads(line)
             except ValueError:
@@ -169,16 +175,22 @@ def read_table(path: str | os.PathLike, fmt: str) -> Table:
                 rows.append({})
             utf8.append(good)
             parsed.append(isinstance(obj, dict))
-        return Table(list(columns), rows, utf8, parsed)
+        return Table(list(columns), rows, utf8, parsed, numbers)
     if fmt == "tsv":
         lines, ok = decode_lines(raw, strip_cr=True)
         records = [line.split("\t") for line in lines]
+        starts = list(range(1, len(records) + 1))
     elif fmt == "csv":
         try:
             text, bad = raw.decode("utf-8"), False
         except UnicodeDecodeError:
             text, bad = raw.decode("utf-8", errors="replace"), True
-        records = list(csv.reader(io.StringIO(text, newline="")))
+        reader = csv.reader(io.StringIO(text, newline=""))
+        records, starts, read = [], [], 0
+        for record in reader:  # a quoted field may span lines: a record starts after the last one read
+            records.append(record)
+            starts.append(read + 1)
+            read = reader.line_num
         # A row holding a replacement character came from undecodable bytes when the file had any.
         ok = [not (bad and any("\ufffd" in f for f in r)) for r in records]
     else:
@@ -187,7 +199,7 @@ def read_table(path: str | os.PathLike, fmt: str) -> Table:
         return Table([], [], [], [])
     header = records[0]
     rows = [dict(zip(header, (r + [None] * len(header))[: len(header)], strict=True)) for r in records[1:]]
-    return Table(header, rows, ok[1:], [len(r) == len(header) for r in records[1:]])
+    return Table(header, rows, ok[1:], [len(r) == len(header) for r in records[1:]], starts[1:])
 
 
 _INT = re.compile(r"^-?\d+$")

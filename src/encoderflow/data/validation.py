@@ -89,6 +89,7 @@ def frame_tsv(path: Path):
     df["_utf8"] = ok[1:] if lines else []
     if "label" in df.columns:
         df["_label_value"] = pd.to_numeric(df["label"], errors="coerce")
+    df.attrs["first_line"] = 2  # under the header
     return df
 
 
@@ -186,7 +187,15 @@ def _describe_expectation(cfg: Any) -> str:
     return f"{cfg.type}({args})"
 
 
-def _observed(result: Any) -> str:
+def _line_numbers(df, rows: list[int]) -> list[int]:
+    """The file lines of frame rows (a frame's ``attrs`` say how its rows map to lines; default row i is line i + 1)."""
+    if df is not None and df.attrs.get("lines"):
+        return [df.attrs["lines"][i] for i in rows]
+    first = df.attrs.get("first_line", 1) if df is not None else 1
+    return [i + first for i in rows]
+
+
+def _observed(result: Any, df=None) -> str:
     if result.exception_info and result.exception_info.get("raised_exception"):
         msg = str(result.exception_info.get("exception_message", "error")).splitlines()[0]
         return f"error: {msg[:200]}"
@@ -198,7 +207,7 @@ def _observed(result: Any) -> str:
         return repr(value)[:200]
     if "unexpected_count" in r:
         rows = r.get("partial_unexpected_index_list") or []
-        where = f" at rows {[i + 1 for i in rows[:5]]}" if rows else ""
+        where = f" at lines {_line_numbers(df, rows[:5])}" if rows else ""
         return (
             f"{r['unexpected_count']} unexpected of {r.get('element_count')}, "
             f"e.g. {repr(r.get('partial_unexpected_list', [])[:3])[:160]}{where}"
@@ -264,6 +273,7 @@ def frame_labeled(path: Path, fmt: str, label_column: str, labels: list[str]):
     table = read_table(path, fmt)
     df = pd.DataFrame(table.rows, columns=table.columns, dtype=object)
     df["_utf8"], df["_parsed"] = table.utf8, table.parsed
+    df.attrs["lines"] = table.lines
     if label_column in df.columns:
         for i, label in enumerate(labels):
             df[f"_class_{i}"] = (df[label_column] == label).astype(int)
@@ -375,7 +385,7 @@ def validate_dataset(
         for run_result in result.run_results.values():
             for r in run_result.results:
                 if not r.success:
-                    observed = _observed(r)
+                    observed = _observed(r, df)
                     if r.expectation_config.type == "expect_column_to_exist":
                         observed = f"columns {[c for c in df.columns if not str(c).startswith('_')]}"
                     file_failures.append(Failure(dataset, named, _describe_expectation(r.expectation_config), observed))
