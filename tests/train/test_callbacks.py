@@ -60,3 +60,30 @@ def test_epoch_lines_are_plain_and_complete(caplog):
     for key in ("loss=", "val_loss=", "mae=", "steps=2", "seq/s=", "elapsed_s="):
         assert key in lines[1]
     assert not any("\r" in line for line in lines)
+
+
+def test_a_finite_loss_far_above_guessing_is_called_diverging(caplog):
+    """A learning rate of 1.0 in float32 ended epochs at loss 62 and 81 (a uniform guess over BERT's
+    vocabulary scores 10.3): finite, so no error, and the run would have read as a success."""
+    import keras
+
+    from encoderflow.train.callbacks import EpochLogger
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(loss="mse", optimizer="sgd")
+    x, y = np.ones((8, 2), "float32"), np.full((8, 1), 30.0, "float32")  # mse ~900 from the start
+    fix = "lower pretrain.learning_rate (now 1) or check the input data"
+    with caplog.at_level(logging.INFO, logger="encoderflow.train"):
+        model.fit(
+            x,
+            y,
+            batch_size=4,
+            epochs=1,
+            verbose=0,
+            callbacks=[EpochLogger("pretrain", 4, nan_fix=fix, loss_ceiling=20.6)],
+        )
+        model.fit(x, y * 0, batch_size=4, epochs=1, verbose=0, callbacks=[EpochLogger("pretrain", 4, nan_fix=fix)])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # the second fit has no ceiling
+    assert warnings[0].startswith("pretrain: epoch 1 loss ") and "is above 20.60" in warnings[0]
+    assert warnings[0].endswith("training is diverging; " + fix)

@@ -55,6 +55,8 @@ class EpochLogger(keras.callbacks.Callback):
         slow_hint: logged as a warning with the estimate (e.g. "run it on a GPU worker ..."),
             when the caller knows this machine is the wrong one for the job.
         nan_fix: the fix a NaN loss's error names (e.g. the learning-rate key and its value).
+        loss_ceiling: an epoch loss above this is diverging, though finite: a warning says so
+            with ``nan_fix`` (pretraining: twice a uniform guess's, 2 ln(vocabulary size)).
 
     Attributes:
         first_loss: the loss after the first call into the compiled step (``None`` before).
@@ -72,9 +74,11 @@ class EpochLogger(keras.callbacks.Callback):
         estimate_steps: int = 0,
         slow_hint: str | None = None,
         nan_fix: str = NAN_FIX,
+        loss_ceiling: float | None = None,
     ):
         super().__init__()
         self.label, self.examples_per_step, self.nan_fix = label, examples_per_step, nan_fix
+        self.loss_ceiling = loss_ceiling
         self.epoch = 0
         # The last finite loss read (epoch, step, value): where a NaN's error says training still held.
         self.last_finite: tuple[int, int, float] | None = None
@@ -168,7 +172,18 @@ class EpochLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        self.read_loss(logs, self.epoch_steps)
+        loss = self.read_loss(logs, self.epoch_steps)
+        if self.loss_ceiling is not None and loss is not None and loss > self.loss_ceiling:
+            # Finite but far worse than guessing: the model that comes out of this is no use, and
+            # without this line the run would end "success" with it.
+            log.warning(
+                "%s: epoch %d loss %.4f is above %.2f, twice what a uniform guess scores: training is diverging; %s",
+                self.label,
+                epoch + 1,
+                loss,
+                self.loss_ceiling,
+                self.nan_fix,
+            )
         seconds = time.monotonic() - self.epoch_t0
         rate = self.epoch_steps * self.examples_per_step / seconds if seconds > 0 else float("nan")
         metrics = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(logs.items()) if _is_number(v))

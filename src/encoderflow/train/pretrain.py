@@ -373,6 +373,7 @@ def _train(
         estimate_steps=ESTIMATE_STEPS,
         slow_hint=slow_hint,
         nan_fix=nan_fix,
+        loss_ceiling=2 * math.log(manifest["vocab_size"]),
     )
     history_csv = out_dir / "history.csv"
     t0 = time.monotonic()
