@@ -218,11 +218,13 @@ def test_a_failed_run_ends_with_the_cause_the_fix_and_the_task_log(tmp_path, enc
     assert record["error"] == cause.removeprefix("  cause: ").split(":")[0]
     assert record["fix"] == fix.removeprefix("  fix:   ")
 
-    # The terminal carries the tasks' own lines, not Airflow's INFO chatter around each call.
+    # The terminal carries the tasks' own lines, not Airflow's INFO chatter around each call, and says
+    # the cause once, in the summary (the task runner's record of it repeated it with Airflow's stack).
     output = proc.stdout + proc.stderr
     assert "fetch: a line of the first task" in output and "[DAG TEST] starting task_id=train" in output
-    for chatter in ("Pushing xcom", "Task instance state updated", "::group::", "::endgroup::"):
+    for chatter in ("Pushing xcom", "Task instance state updated", "::group::", "::endgroup::", "Task failed with"):
         assert chatter not in output, chatter
+    assert output.count(cause.removeprefix("  cause: ").split(": ", 1)[1]) == 1, output[-3000:]
 
 
 def _summary(capsys, run_id: str, state: str, states) -> list[str]:

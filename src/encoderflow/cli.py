@@ -171,7 +171,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     # The terminal follows the run: encoderflow's lines, dag.test's task starts, Airflow's warnings and
     # errors. Airflow's INFO per task call (xcom pushes, state updates, ::group:: markers) was 60% of it.
-    os.environ.setdefault("AIRFLOW__LOGGING__NAMESPACE_LEVELS", "airflow=WARNING task=WARNING")
+    # The task runner's "Task failed with exception" record repeated, with Airflow's own stack, the
+    # cause the summary ends with; the task's log file keeps the cause (and a bug's traceback).
+    os.environ.setdefault("AIRFLOW__LOGGING__NAMESPACE_LEVELS", "airflow=WARNING task=CRITICAL")
     init_airflow()  # before Airflow is first imported: it reads its configuration then
     from encoderflow import airflow_adapter as af
 
