@@ -165,17 +165,36 @@ class Scorer:
     """
 
     def __init__(self, bundle_dir: str | os.PathLike):
-        from encoderflow.data.tokenizer import make_tokenizer
-
-        self.bundle_dir = Path(bundle_dir)
-        self.meta = metadata(self.bundle_dir)
-        # Padded to the length it was trained on: the guide's model (no padding mask) depends on it.
-        self.tokenizer = make_tokenizer(
-            self.bundle_dir / VOCAB, self.meta["seq_length"], self.meta["lowercase"], self.meta["strip_accents"]
-        )
         from encoderflow import model as models  # imports Keras on JAX
 
-        self.classifier = models.load(self.bundle_dir / CLASSIFIER)
+        self.bundle_dir: Path | None = Path(bundle_dir)
+        meta = metadata(self.bundle_dir)
+        self._setup(models.load(self.bundle_dir / CLASSIFIER), self.bundle_dir / VOCAB, meta)
+
+    @classmethod
+    def for_classifier(cls, classifier, vocab_path: str | os.PathLike, cfg: Config, labels: Sequence[str]) -> Scorer:
+        """A Scorer of a classifier still in memory, scoring exactly as one of its bundle will.
+
+        Fine-tuning records this score as ``val_accuracy``, so the gate compares a candidate and the
+        champion (re-scored from its bundle) measured the same way.
+        """
+        scorer = cls.__new__(cls)
+        scorer.bundle_dir = None
+        meta = {
+            "seq_length": cfg.data.seq_length,
+            "lowercase": cfg.data.lowercase,
+            "strip_accents": cfg.data.strip_accents,
+            "labels": list(labels),
+        }
+        scorer._setup(classifier, vocab_path, meta)
+        return scorer
+
+    def _setup(self, classifier, vocab_path: str | os.PathLike, meta: dict[str, Any]) -> None:
+        from encoderflow.data.tokenizer import make_tokenizer
+
+        self.meta, self.classifier = meta, classifier
+        # Padded to the length it was trained on: the guide's model (no padding mask) depends on it.
+        self.tokenizer = make_tokenizer(vocab_path, meta["seq_length"], meta["lowercase"], meta["strip_accents"])
 
     @property
     def labels(self) -> list[str]:

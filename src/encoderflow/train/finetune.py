@@ -161,9 +161,19 @@ def finetune(
         # fails: compile afresh (same loss and metrics, a plain optimizer) to evaluate and save.
         log.info("finetune: ending on the moving average of the weights (ema_momentum %s)", f.ema_momentum)
         compile_classifier(classifier, replace(f, ema_momentum=0.0), total_steps=1, num_classes=len(labels))
-    val_loss, val_accuracy = classifier.evaluate(dev_ds, verbose=0)
+    val_loss, bucketed_accuracy = classifier.evaluate(dev_ds, verbose=0)
     if not np.isfinite(val_loss):
         raise NonFiniteLoss(f"finetune: validation loss {val_loss}; the classifier is not saved")
+    # The metric of record is the dev split scored as the gate scores every bundle, the champion's
+    # too (bundle.Scorer: padded to seq_length, in order); the bucketed evaluate can differ from it
+    # in the last bit of a bfloat16 sum, and at max_regression 0 that bit could decide a tie.
+    val_accuracy = bundle.Scorer.for_classifier(classifier, vocab_path, cfg, labels).accuracy(dev_x, dev_y)
+    if val_accuracy != float(bucketed_accuracy):
+        log.info(
+            "finetune: dev accuracy %.4f as bundles are scored (the bucketed evaluate measured %.4f)",
+            val_accuracy,
+            bucketed_accuracy,
+        )
 
     path = bundle.write(out_dir / "bundle", classifier, encoder_path, vocab_path, cfg, val_accuracy, labels)
     result = {
