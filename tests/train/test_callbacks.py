@@ -57,7 +57,7 @@ def test_epoch_lines_are_plain_and_complete(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "encoderflow.train"]
     assert len(lines) == 2
     assert lines[0].startswith("finetune epoch 1/2: ") and lines[1].startswith("finetune epoch 2/2: ")
-    for key in ("loss=", "val_loss=", "mae=", "steps=2", "seq/s=", "elapsed_s="):
+    for key in ("loss=", "val_loss=", "mae=", "steps=2", "seq/s=", "val_s=", "elapsed_s="):
         assert key in lines[1]
     assert not any("\r" in line for line in lines)
 
@@ -87,3 +87,24 @@ def test_a_finite_loss_far_above_guessing_is_called_diverging(caplog):
     assert len(warnings) == 1, warnings  # the second fit has no ceiling
     assert warnings[0].startswith("pretrain: epoch 1 loss ") and "is above 20.60" in warnings[0]
     assert warnings[0].endswith("training is diverging; " + fix)
+
+
+def test_the_epoch_rate_is_training_alone_after_the_compiling_call(monkeypatch, caplog):
+    """Driven by a clock: the first call (2 steps) takes 10 s (compiling), the next 2 steps 2 s, then
+    validation 3 s. seq/s is 2 steps x 4 / 2 s, not 4 steps x 4 / 15 s."""
+    from encoderflow.train import callbacks
+
+    clock = iter([0.0, 0.0, 10.0, 10.0, 12.0, 12.0, 15.0])
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
+    logger = callbacks.EpochLogger("pretrain", 4, log_every_seconds=1e9)
+    logger.params = {"epochs": 1, "steps": 4}
+    logs = {"loss": 5.0}
+    with caplog.at_level(logging.INFO, logger="encoderflow.train"):
+        logger.on_train_begin()
+        logger.on_epoch_begin(0)
+        logger.on_train_batch_end(1, logs)  # steps 1-2: one call
+        logger.on_train_batch_end(3, logs)  # steps 3-4
+        logger.on_test_begin()
+        logger.on_epoch_end(0, logs)
+    [line] = [r.getMessage() for r in caplog.records if "epoch 1/1" in r.getMessage()]
+    assert "steps=4 seq/s=4 val_s=3.0 epoch_s=15.0 elapsed_s=15.0" in line, line

@@ -40,6 +40,10 @@ NAN_FIX = "lower the learning rate or check the input data"
 class EpochLogger(keras.callbacks.Callback):
     """Plain log lines (no progress bars in task logs), a time estimate and a NaN guard.
 
+    An epoch's line gives its metrics, ``seq/s`` (training alone, after the epoch's first call into
+    the compiled step, which for the run's first epoch includes compiling it), ``val_s`` (its
+    validation), ``epoch_s`` (the whole epoch) and ``elapsed_s`` (since training began).
+
     The step path stays free of device-to-host copies: the loss is read (which waits for the
     device) only for the first step, for the time estimate, for a progress line at most every
     ``log_every_seconds``, and at epoch ends (where Keras has read it already). A NaN or infinite
@@ -84,6 +88,8 @@ class EpochLogger(keras.callbacks.Callback):
         self.last_finite: tuple[int, int, float] | None = None
         self.log_every_seconds, self.estimate_steps, self.slow_hint = log_every_seconds, estimate_steps, slow_hint
         self.train_t0 = self.epoch_t0 = self.last_line_t = 0.0
+        self.first_call: tuple[int, float] | None = None
+        self.val_t0: float | None = None
         self.epoch_steps = self.steps_seen = 0
         self.estimate_from: tuple[int, float] | None = None
 
@@ -94,6 +100,14 @@ class EpochLogger(keras.callbacks.Callback):
         self.epoch_t0 = time.monotonic()
         self.epoch_steps = 0
         self.epoch = epoch
+        # The epoch line's seq/s is training's steady state: timed from the end of the epoch's first
+        # call into the compiled step (the run's first also compiles it) to the start of validation.
+        self.first_call = None
+        self.val_t0 = None
+
+    def on_test_begin(self, logs=None):
+        if self.val_t0 is None:  # fit's validation at the epoch's end
+            self.val_t0 = time.monotonic()
 
     def read_loss(self, logs, step: int) -> float | None:
         """Read the loss (waits for the device) and stop on NaN."""
@@ -117,6 +131,8 @@ class EpochLogger(keras.callbacks.Callback):
         # ``batch`` is the last step of this call: with steps_per_execution > 1 a call runs several.
         self.steps_seen += batch + 1 - self.epoch_steps
         self.epoch_steps = batch + 1
+        if self.first_call is None:
+            self.first_call = (self.epoch_steps, time.monotonic())
         if self.first_loss is None:
             self.first_loss = self.read_loss(logs, self.epoch_steps)
             # Steps after the first, which also compiled the step function, are timed from here.
@@ -184,20 +200,26 @@ class EpochLogger(keras.callbacks.Callback):
                 self.loss_ceiling,
                 self.nan_fix,
             )
-        seconds = time.monotonic() - self.epoch_t0
-        rate = self.epoch_steps * self.examples_per_step / seconds if seconds > 0 else float("nan")
+        now = time.monotonic()
+        seconds = now - self.epoch_t0
+        trained_until = self.val_t0 or now
+        steps, since = self.epoch_steps, self.epoch_t0
+        if self.first_call and self.epoch_steps > self.first_call[0]:  # more than one call: leave the first out
+            steps, since = self.epoch_steps - self.first_call[0], self.first_call[1]
+        rate = steps * self.examples_per_step / (trained_until - since) if trained_until > since else float("nan")
         metrics = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(logs.items()) if _is_number(v))
         total = self.params.get("epochs") if self.params else "?"
         log.info(
-            "%s epoch %d/%s: %s steps=%d seq/s=%.0f epoch_s=%.1f elapsed_s=%.1f",
+            "%s epoch %d/%s: %s steps=%d seq/s=%.0f val_s=%.1f epoch_s=%.1f elapsed_s=%.1f",
             self.label,
             epoch + 1,
             total,
             metrics,
             self.epoch_steps,
             rate,
+            now - self.val_t0 if self.val_t0 else 0.0,
             seconds,
-            time.monotonic() - self.train_t0,
+            now - self.train_t0,
         )
 
 
