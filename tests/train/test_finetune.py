@@ -80,14 +80,7 @@ def test_fine_tuning_continues_from_the_champions_classifier_and_refuses_another
 
     encoder, sst2, vocab = inputs
     cfg = from_overrides("smoke", {"finetune.steps_per_epoch": 40})
-    with caplog.at_level(logging.INFO, logger="encoderflow"):
-        first = finetune(cfg, encoder, sst2, vocab, tmp_path / "first")
-    # Fine-tuning says how long it will take, as pretraining does.
-    assert any(
-        m.startswith("finetune: ") and "ms/step measured over 10 steps; estimated training time" in m
-        for m in caplog.messages
-    ), caplog.messages
-    caplog.clear()
+    first = finetune(cfg, encoder, sst2, vocab, tmp_path / "first")
     name = cfg.gate.registered_model
     decision = {"blessed": True, "reasons": [], "candidate": first["val_accuracy"], "checks": []}
     version = registry.log_candidate(name, first["bundle"], cfg.to_dict(), {}, {}, {}, decision)["version"]

@@ -92,7 +92,6 @@ def finetune(
 
     from encoderflow import model as models
     from encoderflow.train.callbacks import EpochLogger, NonFiniteLoss
-    from encoderflow.train.pretrain import ESTIMATE_STEPS
 
     f = cfg.finetune
     keras.utils.set_random_seed(cfg.data.seed)
@@ -152,7 +151,6 @@ def finetune(
             EpochLogger(
                 "finetune",
                 f.batch_size,
-                estimate_steps=ESTIMATE_STEPS,
                 nan_fix=f"lower finetune.learning_rate (now {f.learning_rate:g}) or check the input data",
             )
         ],
