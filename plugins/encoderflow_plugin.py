@@ -21,6 +21,8 @@ from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from encoderflow import layout
+
 log = logging.getLogger(__name__)
 URL_PREFIX = "/encoderflow"
 
@@ -93,7 +95,7 @@ def _dag_runs(limit: int = 200) -> list[dict[str, Any]]:
 
 
 def _snapshot(model: str) -> dict[str, Any]:
-    home = page.encoderflow_home()
+    home = layout.home()
     try:
         dag_runs = _dag_runs()
     except Exception as exc:  # noqa: BLE001 - the folders still tell most of the story
@@ -125,7 +127,7 @@ def runs_json(user=Depends(reader), model: str = page.DEFAULT_MODEL) -> JSONResp
 
 @app.get("/runs/{folder}/data_docs/{rel:path}")
 def data_docs(folder: str, rel: str, user=Depends(reader)) -> FileResponse:
-    path = page.data_docs_file(page.encoderflow_home(), folder, rel)
+    path = page.data_docs_file(layout.home(), folder, rel)
     if path is None:
         raise HTTPException(404, "no such Data Docs file")
     return FileResponse(path)

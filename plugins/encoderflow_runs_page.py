@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from encoderflow import DAG_ID, layout
+from encoderflow import DAG_ID
 from encoderflow.config import GateConfig
 from encoderflow.layout import safe_run_id
 from encoderflow.results import current_names
@@ -43,10 +43,6 @@ STAGES = (
 )
 # Charts are drawn for the newest runs only: 200 runs of four SVGs each (~15 kB a run) would make a page of megabytes.
 CHART_RUNS = 30
-
-
-def encoderflow_home() -> Path:
-    return layout.home()
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

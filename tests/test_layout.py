@@ -108,8 +108,6 @@ with layout.atomic_dir(final, prefix=".extract-") as tmp:
 def test_temp_folders_of_dead_writers_are_swept_and_a_live_ones_kept(tmp_path):
     root = tmp_path / "data"
     dead = root / ".extract-dead"
-    (dead / "wikitext-103-raw").mkdir(parents=True)
-    (dead / "wikitext-103-raw" / "wiki.train.raw").write_bytes(b"x" * 1000)  # a killed extraction's output
     marker, release = tmp_path / "writing", tmp_path / "release"
     proc = subprocess.Popen([sys.executable, "-c", DIR_WRITER, str(root / "final"), str(marker), str(release)])
     try:
@@ -118,6 +116,9 @@ def test_temp_folders_of_dead_writers_are_swept_and_a_live_ones_kept(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, "the writer never started"
             time.sleep(0.05)
         live = Path(marker.read_text())
+        # A killed extraction's output (made now: a writer sweeps its prefix's dead folders as it starts).
+        (dead / "wikitext-103-raw").mkdir(parents=True)
+        (dead / "wikitext-103-raw" / "wiki.train.raw").write_bytes(b"x" * 1000)
         # While another extraction runs here, neither folder is touched: the dead one waits its turn.
         assert layout.remove_dead_temps(root, root.glob(".extract-*")) == []
         assert live.is_dir() and dead.is_dir()
@@ -128,3 +129,14 @@ def test_temp_folders_of_dead_writers_are_swept_and_a_live_ones_kept(tmp_path):
     assert (root / "final" / "part").read_bytes() == b"half"
     assert layout.remove_dead_temps(root, root.glob(".extract-*")) == [dead]
     assert sorted(p.name for p in root.iterdir()) == ["final"]
+
+
+def test_a_temp_folder_sweeps_what_dead_writers_of_its_prefix_left(tmp_path):
+    dead = tmp_path / ".fetch-killed"
+    (dead / "files").mkdir(parents=True)
+    other = tmp_path / ".extract-killed"  # another prefix: not this writer's to sweep
+    other.mkdir()
+    with layout.temp_dir(tmp_path, ".fetch-") as tmp:
+        assert tmp.name.startswith(".fetch-") and tmp.is_dir()
+        assert not dead.exists() and other.is_dir()
+    assert not tmp.exists()

@@ -217,17 +217,18 @@ def finetune(
     setup_logging()
     cfg = from_params(params)
     out = layout.run_dir(run_id) / "finetune"
-    vocab_path = only_file(vocab)["path"]
-    init = _init_classifier(cfg, labeled, only_file(vocab)["sha256"], out)
+    vocab_file = only_file(vocab)
+    vocab_path = vocab_file["path"]
+    init = _init_classifier(cfg, labeled, vocab_file["sha256"], out)
     encoder = init["encoder"] if init else pretrained["encoder"]
     pretrained_on = pretrained.get("vocab_sha256")
-    if not init and pretrained_on and pretrained_on != only_file(vocab)["sha256"]:
+    if not init and pretrained_on and pretrained_on != vocab_file["sha256"]:
         from encoderflow.errors import EncoderflowError
 
         # Same size, other tokens: the encoder's embeddings would be read under the wrong words, silently.
         raise EncoderflowError(
             f"finetune: the encoder {encoder} was pretrained on vocabulary sha256 {pretrained_on}, "
-            f"this run tokenizes with {vocab_path} (sha256 {only_file(vocab)['sha256']})",
+            f"this run tokenizes with {vocab_path} (sha256 {vocab_file['sha256']})",
             fix="fine-tune with the vocabulary the encoder was pretrained with (the same prepare_vocab result)",
         )
     _inputs("finetune", encoder=encoder, train=split_path(labeled, "train"), vocab=vocab_path)

@@ -134,41 +134,34 @@ def fetch(role: str, location: str, downloader: ResumingDownloader | None = None
         )
         return _record(role, source, location, done, content_hash, known)
 
-    parent = layout.home() / "data" / role
-    parent.mkdir(parents=True, exist_ok=True)
-    # A copy killed midway left its folder behind; sweep those no live writer holds.
-    layout.remove_dead_temps(parent, parent.glob(".fetch-*"))
-    with layout.writing_in(parent):
-        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=parent))
-        try:
-            for i, (name, sha) in enumerate(sorted(known.items())):
-                dest = tmp / "files" / name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                if is_http(location):
-                    _download(f"{location.rstrip('/')}/{name}", sha, tmp / "dl", f"{i:06d}", downloader, dest)
-                else:
-                    shutil.copyfile(root / name, dest)
-            got = {name: layout.sha256_file(tmp / "files" / name) for name in known}
-            if source == "folder" and got != known:
-                changed = sorted(n for n in known if got[n] != known[n])
-                raise DataError(
-                    f"{role} folder {root}: {', '.join(changed[:5])} changed while being copied",
-                    fix="run again once the folder has stopped changing",
-                )
-            content_hash = layout.sha256_json(got)
-            shutil.rmtree(tmp / "dl", ignore_errors=True)
-            (tmp / "files" / COMPLETE).write_text(content_hash + "\n")
-            final = layout.data_dir(role, content_hash)
-            if (final / "files" / COMPLETE).exists():  # another run won the race: same bytes
-                done = final / "files"
+    # A copy killed midway leaves its .fetch-* folder; temp_dir sweeps those no live writer holds.
+    with layout.temp_dir(layout.home() / "data" / role, ".fetch-") as tmp:
+        for i, (name, sha) in enumerate(sorted(known.items())):
+            dest = tmp / "files" / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if is_http(location):
+                _download(f"{location.rstrip('/')}/{name}", sha, tmp / "dl", f"{i:06d}", downloader, dest)
             else:
-                final.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(final / "files", ignore_errors=True)
-                os.replace(tmp / "files", final / "files")
-                done = final / "files"
-            log.info("%s: %s copied into %s (%d files, content hash %s)", role, location, done, len(got), content_hash)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copyfile(root / name, dest)
+        got = {name: layout.sha256_file(tmp / "files" / name) for name in known}
+        if source == "folder" and got != known:
+            changed = sorted(n for n in known if got[n] != known[n])
+            raise DataError(
+                f"{role} folder {root}: {', '.join(changed[:5])} changed while being copied",
+                fix="run again once the folder has stopped changing",
+            )
+        content_hash = layout.sha256_json(got)
+        shutil.rmtree(tmp / "dl", ignore_errors=True)
+        (tmp / "files" / COMPLETE).write_text(content_hash + "\n")
+        final = layout.data_dir(role, content_hash)
+        if (final / "files" / COMPLETE).exists():  # another run won the race: same bytes
+            done = final / "files"
+        else:
+            final.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(final / "files", ignore_errors=True)
+            os.replace(tmp / "files", final / "files")
+            done = final / "files"
+        log.info("%s: %s copied into %s (%d files, content hash %s)", role, location, done, len(got), content_hash)
     return _record(role, source, location, done, content_hash, got)
 
 

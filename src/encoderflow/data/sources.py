@@ -376,8 +376,6 @@ def _dataset_root(spec: DatasetSpec) -> Path:
 
 def _safe_extract_zip(archive: Path, target: Path) -> None:
     """Extract into a temp folder beside ``target``, refusing unsafe entries, then rename."""
-    # A worker killed mid-extraction left its folder (WikiText-103: 540 MB); a retry makes a new one.
-    layout.remove_dead_temps(target.parent, target.parent.glob(".extract-*"))
     with layout.atomic_dir(target, prefix=".extract-") as tmp:
         try:
             zf = zipfile.ZipFile(archive)

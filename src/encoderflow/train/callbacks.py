@@ -202,7 +202,7 @@ class EpochLogger(keras.callbacks.Callback):
             )
         now = time.monotonic()
         seconds = now - self.epoch_t0
-        trained_until = self.val_t0 or now
+        trained_until = now if self.val_t0 is None else self.val_t0
         steps, since = self.epoch_steps, self.epoch_t0
         if self.first_call and self.epoch_steps > self.first_call[0]:  # more than one call: leave the first out
             steps, since = self.epoch_steps - self.first_call[0], self.first_call[1]
@@ -217,7 +217,7 @@ class EpochLogger(keras.callbacks.Callback):
             metrics,
             self.epoch_steps,
             rate,
-            now - self.val_t0 if self.val_t0 else 0.0,
+            0.0 if self.val_t0 is None else now - self.val_t0,
             seconds,
             now - self.train_t0,
         )

@@ -49,10 +49,12 @@ def epoch_steps(manifest: dict[str, Any], p, whole_batches: bool = False) -> int
     """
     from encoderflow.data.shards import copy_records
 
-    if p.steps_per_epoch:
-        return p.steps_per_epoch
-    records = copy_records(manifest)
-    return records // p.batch_size if whole_batches else math.ceil(records / p.batch_size)
+    return p.steps_per_epoch or batches(copy_records(manifest), p.batch_size, whole_batches)
+
+
+def batches(records: int, batch_size: int, whole_batches: bool = False) -> int:
+    """Batches of ``batch_size`` in ``records``: the last, short one counted unless ``whole_batches``."""
+    return records // batch_size if whole_batches else math.ceil(records / batch_size)
 
 
 def train_batches(
@@ -214,8 +216,8 @@ def _backup_dir(directory: Path, key: str) -> Path:
     """``directory``, emptied unless its backups were taken by training under ``key``.
 
     A retry resumes only the training it continues: between tries the champion may have moved
-    (``init_from=champion``), or the code or config changed, and resuming would give weights that
-    its result's lineage does not describe.
+    (``init_from=champion``), or the config changed, and resuming would give weights that its
+    result's lineage does not describe.
     """
     stamp = directory / BACKUP_KEY
     if directory.exists() and (not stamp.exists() or stamp.read_text().strip() != key):
@@ -298,13 +300,18 @@ def _train(
     keras.utils.set_random_seed(cfg.data.seed)
     policy = runtime.set_dtype_policy(p.precision)
     whole_batches = devices > 1
-    steps = epoch_steps(manifest, p, whole_batches)
-    if steps == 0:
-        raise EncoderflowError(
-            f"{manifest_path}: {manifest['totals']['train']['records']} train records do not fill one batch of "
-            f"pretrain.batch_size={p.batch_size} on {devices} devices",
-            fix="lower pretrain.batch_size (a multiple of the device count) or pretrain on more text",
-        )
+
+    def one_batch_at_least(count: int, split: str, records: int, more: str) -> int:
+        if count == 0:
+            raise EncoderflowError(
+                f"{manifest_path}: {records} {split} records do not fill one batch of "
+                f"pretrain.batch_size={p.batch_size} on {devices} devices",
+                fix=f"lower pretrain.batch_size (a multiple of the device count) or {more}",
+            )
+        return count
+
+    train_records = manifest["totals"]["train"]["records"]
+    steps = one_batch_at_least(epoch_steps(manifest, p, whole_batches), "train", train_records, "pretrain on more text")
     nan_fix = f"lower pretrain.learning_rate (now {p.learning_rate:g}) or check the input data"
     backup = StepBackup(_backup_dir(out_dir / "backup", key), steps, p.backup_every_steps, nan_fix=nan_fix)
     # A backup saved after the last step (killed before the result was written) leaves nothing to train.
@@ -333,15 +340,10 @@ def _train(
     )
     # Declared length: Keras warns "input ran out of data" each epoch on an unknown-length set.
     val_records = manifest["totals"]["valid"]["records"]
-    val_batches = val_records // p.batch_size if whole_batches else math.ceil(val_records / p.batch_size)
+    val_batches = batches(val_records, p.batch_size, whole_batches)
     if p.validation_steps:
         val_batches = min(val_batches, p.validation_steps)
-    if val_batches == 0:
-        raise EncoderflowError(
-            f"{manifest_path}: {val_records} validation records do not fill one batch of "
-            f"pretrain.batch_size={p.batch_size} on {devices} devices",
-            fix="lower pretrain.batch_size (a multiple of the device count) or hold out more text for validation",
-        )
+    one_batch_at_least(val_batches, "validation", val_records, "hold out more text for validation")
     val_ds = make_dataset(manifest_path, cfg, "valid", p.batch_size, shuffle=False, drop_remainder=whole_batches).take(
         val_batches
     )
@@ -351,7 +353,7 @@ def _train(
         "from epoch %d, %d steps/epoch",
         f"{encoder.count_params():,}",
         f"{mlm.count_params():,}",
-        f"{manifest['totals']['train']['records']:,}",
+        f"{train_records:,}",
         manifest_path,
         p.batch_size,
         p.epochs,
