@@ -108,3 +108,22 @@ def test_the_epoch_rate_is_training_alone_after_the_compiling_call(monkeypatch, 
         logger.on_epoch_end(0, logs)
     [line] = [r.getMessage() for r in caplog.records if "epoch 1/1" in r.getMessage()]
     assert "steps=4 seq/s=4 val_s=3.0 epoch_s=15.0 elapsed_s=15.0" in line, line
+
+
+def test_the_progress_line_rate_and_eta_leave_the_compiling_call_out(monkeypatch, caplog):
+    """Driven by a clock: the first call (2 steps) takes 10 s (compiling), the next 2 steps 2 s. The
+    progress line says 2 steps x 4 / 2 s = 4 seq/s, and the 4 steps left of 2 epochs x 4 take 4 s at
+    that rate (the run's average, compiling in it, said 1 seq/s and 12 s)."""
+    from encoderflow.train import callbacks
+
+    clock = iter([0.0, 0.0, 10.0, 10.0, 12.0])
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
+    logger = callbacks.EpochLogger("pretrain", 4, log_every_seconds=0)
+    logger.params = {"epochs": 2, "steps": 4}
+    with caplog.at_level(logging.INFO, logger="encoderflow.train"):
+        logger.on_train_begin()
+        logger.on_epoch_begin(0)
+        logger.on_train_batch_end(1, {"loss": 5.0})  # steps 1-2: the compiling call
+        logger.on_train_batch_end(3, {"loss": 4.0})  # steps 3-4
+    [line] = [r.getMessage() for r in caplog.records if "progress" in r.getMessage()]
+    assert line == "pretrain progress: epoch step 4/4 loss=4.0000 seq/s=4 eta=4.0s", line

@@ -42,7 +42,8 @@ class EpochLogger(keras.callbacks.Callback):
 
     An epoch's line gives its metrics, ``seq/s`` (training alone, after the epoch's first call into
     the compiled step, which for the run's first epoch includes compiling it), ``val_s`` (its
-    validation), ``epoch_s`` (the whole epoch) and ``elapsed_s`` (since training began).
+    validation), ``epoch_s`` (the whole epoch) and ``elapsed_s`` (since training began). A progress
+    line's ``seq/s`` is timed the same way, and its ETA is the run's steps left at that rate.
 
     The step path stays free of device-to-host copies: the loss is read (which waits for the
     device) only for the first step, for the time estimate, for a progress line at most every
@@ -149,6 +150,16 @@ class EpochLogger(keras.callbacks.Callback):
             self.last_line_t = now
             self.log_progress(logs, now)
 
+    def steady_rate(self, until: float) -> float:
+        """Sequences per second in this epoch up to ``until``, its first call (compiling) left out.
+
+        With a single call so far there is nothing else to time, and the whole epoch counts.
+        """
+        steps, since = self.epoch_steps, self.epoch_t0
+        if self.first_call and self.epoch_steps > self.first_call[0]:
+            steps, since = self.epoch_steps - self.first_call[0], self.first_call[1]
+        return steps * self.examples_per_step / (until - since) if until > since else float("nan")
+
     def total_steps(self) -> int | None:
         p = self.params or {}
         return p["epochs"] * p["steps"] if p.get("epochs") and p.get("steps") else None
@@ -171,11 +182,11 @@ class EpochLogger(keras.callbacks.Callback):
 
     def log_progress(self, logs, now: float) -> None:
         loss = self.read_loss(logs, self.epoch_steps)
-        p = self.params or {}
-        steps, elapsed = p.get("steps"), now - self.epoch_t0
-        rate = self.epoch_steps * self.examples_per_step / elapsed if elapsed > 0 else float("nan")
-        total, run_elapsed = self.total_steps(), now - self.train_t0
-        left = (total - self.steps_seen) * run_elapsed / self.steps_seen if total and self.steps_seen else float("nan")
+        steps = (self.params or {}).get("steps")
+        rate = self.steady_rate(now)
+        total = self.total_steps()
+        # The ETA runs at the rate measured now, not the run's average, which counts compiling.
+        left = (total - self.steps_seen) * self.examples_per_step / rate if total and rate > 0 else float("nan")
         log.info(
             "%s progress: epoch step %d/%s loss=%.4f seq/s=%.0f eta=%s",
             self.label,
@@ -202,11 +213,7 @@ class EpochLogger(keras.callbacks.Callback):
             )
         now = time.monotonic()
         seconds = now - self.epoch_t0
-        trained_until = now if self.val_t0 is None else self.val_t0
-        steps, since = self.epoch_steps, self.epoch_t0
-        if self.first_call and self.epoch_steps > self.first_call[0]:  # more than one call: leave the first out
-            steps, since = self.epoch_steps - self.first_call[0], self.first_call[1]
-        rate = steps * self.examples_per_step / (trained_until - since) if trained_until > since else float("nan")
+        rate = self.steady_rate(now if self.val_t0 is None else self.val_t0)
         metrics = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(logs.items()) if _is_number(v))
         total = self.params.get("epochs") if self.params else "?"
         log.info(
