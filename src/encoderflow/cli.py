@@ -1,6 +1,7 @@
 """The ``encoderflow`` command: the whole DAG in-process through Airflow, and one command per step.
 
 encoderflow run      [--preset guide|recipe|smoke] [--data-dir DIR] [--mirror URL] [--set key=value ...] [--force]
+                     [--data-file FILE] [--corpus DIR|URL] [--labeled DIR|URL] [--sources-file FILE]
 encoderflow download [--data-dir DIR | --mirror URL]
 encoderflow validate [--data-dir DIR]        exit 0 only when every dataset passes
 encoderflow predict  "a sentence" ... | --file FILE      with models:/NAME@champion
@@ -8,6 +9,7 @@ encoderflow promote  --version N --reason "..."           a person's promotion, 
 encoderflow rollback [--reason "..."]                     put the previous champion back
 encoderflow config   [--preset P] [--set key=value ...]   print the resolved config
 encoderflow doctor   [--data-dir DIR | --mirror URL]      what a run here would use; exit 0 if it can start
+encoderflow airflow                                       Airflow standalone with this DAG (make airflow)
 """
 
 from __future__ import annotations
@@ -467,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--mirror", default=os.environ.get("ENCODERFLOW_MIRROR") or None, help="base URL probed first")
     dr.add_argument("--sources-file", dest="sources_file", default=None, help="JSON replacing dataset specs")
     dr.add_argument(
-        "--preset", default=None, choices=sorted(PRESETS), help="check this config's files only (default: both)"
+        "--preset", default=None, choices=sorted(PRESETS), help="check this preset's files only (default: every preset)"
     )
     dr.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
     dr.add_argument("--timeout", type=float, default=5.0, help="seconds per URL probe")

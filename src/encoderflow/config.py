@@ -188,7 +188,8 @@ class DataConfig(_Section):
     min_line_chars: int = knob(100, "The guide keeps only WikiText lines longer than this.", minimum=0, maximum=100_000)
     num_shards: int = knob(
         8,
-        "TFRecord shards for the pretraining split (one mapped build_shard task each; validation gets fewer).",
+        "TFRecord shards per masked copy of the pretraining split (data.dupe_factor copies, one mapped "
+        "build_shard task per shard; validation gets fewer).",
         minimum=1,
         maximum=1024,
         title="Shards",
