@@ -636,6 +636,24 @@ def test_offline_missing_file_names_the_expected_path_and_layout(tmp_path):
         assert f"\n  {member}" in msg
 
 
+def test_offline_folder_without_the_configured_split_names_the_key_and_a_split_it_holds(tmp_path):
+    """Offline copies lack WikiText's train split, which the guide and recipe presets pretrain on."""
+    data_dir = tmp_path / "offline"
+    (data_dir / "wikitext-103-raw").mkdir(parents=True)
+    for split in ("valid", "test"):
+        (data_dir / sources.wikitext_member(split)).write_text(" = T = \n text\n")
+
+    with pytest.raises(DataError) as err:
+        get_dataset("wikitext", pretrain_split="train", data_dir=str(data_dir))
+
+    assert str(err.value).startswith(
+        f"offline data folder {data_dir}: missing {data_dir / 'wikitext-103-raw' / 'wiki.train.raw'}, "
+        "the train split data.pretrain_split names (this folder holds WikiText's valid, test)"
+    ), err.value
+    assert err.value.fix.startswith("put wiki.train.raw there, or use a split it holds: --set data.pretrain_split=test")
+    assert get_dataset("wikitext", pretrain_split="test", data_dir=str(data_dir))["files"]
+
+
 def test_offline_folder_that_does_not_exist_is_named(tmp_path):
     with pytest.raises(DataError) as err:
         get_dataset("vocab", data_dir=str(tmp_path / "nope"))

@@ -525,6 +525,25 @@ def _result(
     return out
 
 
+def _offline_splits_present(data_dir: str | os.PathLike, splits: dict[str, str]) -> None:
+    """A configured WikiText split an offline folder lacks, while it holds another: name the key to set.
+
+    Offline copies usually lack the 540 MB train split, and the guide and recipe presets pretrain on it.
+    """
+    root = Path(data_dir).expanduser().resolve()
+    present = [s for s in ("train", "valid", "test") if (root / wikitext_member(s)).is_file()]
+    for key, split in splits.items():
+        path = root / wikitext_member(split)
+        if present and not path.is_file():
+            other = next((s for s in present if s != "valid"), present[0]) if key == "pretrain_split" else present[0]
+            raise DataError(
+                f"offline data folder {root}: missing {path}, the {split} split data.{key} names "
+                f"(this folder holds WikiText's {', '.join(present)})",
+                fix=f"put wiki.{split}.raw there, or use a split it holds: --set data.{key}={other} "
+                f'(make run SET="data.{key}={other}")',
+            )
+
+
 def present_members(spec: DatasetSpec, data_dir: str | os.PathLike) -> tuple[str, ...]:
     """The layout's WikiText splits found in an offline folder (all members for other datasets).
 
@@ -562,6 +581,8 @@ def get_dataset(
     spec = specs[dataset]
     members = required_members(dataset, pretrain_split, validation_split, specs)
     if data_dir:
+        if dataset == "wikitext":
+            _offline_splits_present(data_dir, {"pretrain_split": pretrain_split, "validation_split": validation_split})
         # An offline folder is whatever someone put there: validated with loose bounds.
         return {**locate(spec, members, data_dir, specs), "pinned": False}
     mirror = mirror or os.environ.get("ENCODERFLOW_MIRROR") or None
