@@ -34,6 +34,18 @@ def test_tables_read_the_same_rows_from_tsv_csv_and_jsonl(tmp_path):
     assert bad.rows[0] == {"text": "ok", "label": "1"}  # JSON numbers become the strings a label set holds
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_column_or_row(tmp_path):
+    """Spreadsheets' "CSV UTF-8" export starts with one; so do some JSONL writers on Windows."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "t.tsv").write_bytes(bom + b"text\tlabel\r\nfine\tpos\r\n")
+    (tmp_path / "t.csv").write_bytes(bom + b"text,label\r\nfine,pos\r\n")
+    (tmp_path / "t.jsonl").write_bytes(bom + b'{"text": "fine", "label": "pos"}\r\n')
+    for fmt in inputs.LABELED_FORMATS:
+        table = inputs.read_table(tmp_path / f"t.{fmt}", fmt)
+        assert table.columns == ["text", "label"], (fmt, table.columns)
+        assert table.rows == [{"text": "fine", "label": "pos"}] and table.parsed == [True], fmt
+
+
 def test_each_row_knows_the_file_line_it_starts_on(tmp_path):
     """What an error names: a header, blank JSONL lines and a quoted line break in CSV move it off the row index."""
     (tmp_path / "t.tsv").write_text("text\tlabel\na\t0\nb\t1\n")

@@ -10,6 +10,7 @@ its label set, so every consumer reads them the same way.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -154,8 +155,12 @@ def decode_lines(raw: bytes, strip_cr: bool = False) -> tuple[list[str], list[bo
 
 
 def read_table(path: str | os.PathLike, fmt: str) -> Table:
-    """Read a TSV (GLUE style: split on tabs, no quoting), CSV (RFC 4180 quoting) or JSONL file."""
-    raw = Path(path).read_bytes()
+    """Read a TSV (GLUE style: split on tabs, no quoting), CSV (RFC 4180 quoting) or JSONL file.
+
+    A leading UTF-8 byte-order mark (spreadsheets' "CSV UTF-8" writes one) is not part of the first
+    column's name or the first JSON line.
+    """
+    raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
     if fmt == "jsonl":
         lines, ok = decode_lines(raw, strip_cr=True)
         columns: dict[str, None] = {}
