@@ -51,6 +51,14 @@ def test_validate_names_the_missing_offline_folder(tmp_path, capsys):
     assert str(missing) in err and "SST-2/train.tsv" in err
 
 
+@pytest.mark.parametrize("flag", ["--corpus", "--labeled", "--sources-file"])
+def test_run_refuses_a_path_that_does_not_exist_before_starting_airflow(tmp_path, flag, capsys):
+    missing = tmp_path / "nowhere"
+    assert cli.main(["run", "--preset", "smoke", flag, str(missing)]) == 2
+    kind = "file" if flag == "--sources-file" else "folder"
+    assert f"ConfigError: {flag} {missing}: does not exist; give {flag} an existing {kind}" in capsys.readouterr().err
+
+
 def test_predict_without_champion_says_so(capsys):
     assert cli.main(["predict", "a fine film"]) == 2
     assert "no champion yet" in capsys.readouterr().err

@@ -78,6 +78,19 @@ def run_conf(args: argparse.Namespace) -> dict[str, Any]:
             conf[name] = value if name == "mirror" or "://" in value else str(Path(value).resolve())
     if getattr(args, "force", False):
         conf["force"] = True
+    # A typo caught here costs a second; in the DAG, Airflow's start-up and a task's try first.
+    if conf.get("data_dir"):
+        from encoderflow.data.sources import offline_root
+
+        offline_root(conf["data_dir"])
+    for name, kind in (("corpus", "folder"), ("labeled", "folder"), ("sources_file", "file")):
+        path = conf.get(name)
+        if path and "://" not in path and not (Path(path).is_dir() if kind == "folder" else Path(path).is_file()):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"{flag} {path}: {'does not exist' if not Path(path).exists() else f'not a {kind}'}; "
+                f"give {flag} an existing {kind}"
+            )
     return conf
 
 

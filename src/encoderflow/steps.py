@@ -580,7 +580,7 @@ def check_source(role: str, params: Mapping[str, Any], run_id: str | None = None
     if location is None:
         log.info("check_source: no %s source of your own declared (the guide's pinned dataset): nothing to watch", role)
         return {"role": role, "location": None, "changed": False, "fingerprint_sha256": None}
-    fingerprint = folders.fingerprint(location)
+    fingerprint = folders.fingerprint(location, role)
     digest = layout.sha256_json(fingerprint)
     state = layout.home() / "sources" / f"{role}.json"
     previous = layout.read_json(state) if state.exists() else {}

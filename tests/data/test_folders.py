@@ -49,8 +49,11 @@ def test_a_local_folder_is_copied_content_addressed_and_reused(tmp_path, encoder
 
 
 def test_a_missing_or_empty_folder_is_refused_with_the_fix(tmp_path, encoderflow_home):
-    with pytest.raises(DataError, match=r"corpus folder .*nope: not a folder.*fix: give the corpus source"):
+    with pytest.raises(DataError, match=r"corpus folder .*nope: does not exist; fix: give the corpus source"):
         folders.fetch("corpus", str(tmp_path / "nope"))
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    with pytest.raises(DataError, match=r"labeled folder .*a.jsonl: not a folder \(a file\); fix: give the labeled"):
+        folders.fingerprint(str(tmp_path / "a.jsonl"), "labeled")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"no files in it"):
         folders.fetch("labeled", str(tmp_path / "empty"))
@@ -95,15 +98,15 @@ def test_a_manifest_may_not_point_outside_its_folder(http_server, encoderflow_ho
 
 def test_the_fingerprint_changes_when_a_file_does(tmp_path, http_server):
     src = _tree(tmp_path / "corpus")
-    fp = folders.fingerprint(str(src))
-    assert sorted(fp["files"]) == ["a.txt", "sub/b.txt"] and folders.fingerprint(str(src)) == fp
+    fp = folders.fingerprint(str(src), "corpus")
+    assert sorted(fp["files"]) == ["a.txt", "sub/b.txt"] and folders.fingerprint(str(src), "corpus") == fp
     (src / "a.txt").write_text("alpha text, with more words\n")
-    assert folders.fingerprint(str(src)) != fp
+    assert folders.fingerprint(str(src), "corpus") != fp
     st = os.stat(src / "sub" / "b.txt")
     os.utime(src / "sub" / "b.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same size
-    assert folders.fingerprint(str(src))["files"]["sub/b.txt"] != fp["files"]["sub/b.txt"]
+    assert folders.fingerprint(str(src), "corpus")["files"]["sub/b.txt"] != fp["files"]["sub/b.txt"]
 
     http_server.files["/c/manifest.json"] = b'{"files": ["a.txt"]}'
-    remote = folders.fingerprint(http_server.url("/c"))
+    remote = folders.fingerprint(http_server.url("/c"), "corpus")
     http_server.files["/c/manifest.json"] = b'{"files": ["a.txt", "b.txt"]}'
-    assert folders.fingerprint(http_server.url("/c")) != remote
+    assert folders.fingerprint(http_server.url("/c"), "corpus") != remote

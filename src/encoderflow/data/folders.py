@@ -50,7 +50,7 @@ def _safe_name(name: str, where: str) -> str:
 def _local_listing(root: Path, role: str) -> list[str]:
     if not root.is_dir():
         raise DataError(
-            f"{role} folder {root}: not a folder",
+            f"{role} folder {root}: {'not a folder (a file)' if root.exists() else 'does not exist'}",
             fix=f"give the {role} source as an existing folder (absolute path or file:// URL) readable by every worker",
         )
     names = sorted(
@@ -87,7 +87,7 @@ def _http_manifest(base: str, role: str, downloader: ResumingDownloader) -> list
     return files
 
 
-def fingerprint(location: str, timeout: float = 30.0) -> dict[str, Any]:
+def fingerprint(location: str, role: str, timeout: float = 30.0) -> dict[str, Any]:
     """What a source looks like now, cheaply: per file size and mtime (local) or the manifest's sha256s (HTTP).
 
     Equal fingerprints mean no new data; a changed one is worth a run, whose lineage check then
@@ -100,11 +100,11 @@ def fingerprint(location: str, timeout: float = 30.0) -> dict[str, Any]:
 
         r = requests.get(f"{location.rstrip('/')}/{MANIFEST}", headers=REQUEST_HEADERS, timeout=timeout)
         if r.status_code != 200:
-            raise DataError(f"source {location}: {MANIFEST} answered HTTP {r.status_code}")
+            raise DataError(f"{role} source {location}: {MANIFEST} answered HTTP {r.status_code}")
         return {"location": location, "manifest_sha256": layout.sha256_json(r.content.decode("utf-8", "replace"))}
     root = local_path(location)
     files = {}
-    for name in _local_listing(root, "source"):
+    for name in _local_listing(root, role):
         st = (root / name).stat()
         files[name] = [st.st_size, st.st_mtime_ns]
     return {"location": location, "files": files}

@@ -496,6 +496,17 @@ def fetch(
     return _result(spec.name, "download", files_root, files, url=url)
 
 
+def offline_root(data_dir: str | os.PathLike, specs: dict[str, DatasetSpec] | None = None) -> Path:
+    """The offline folder, resolved; a DataError with the layout it should have when it is not a folder."""
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(
+            f"offline data folder {root} {'is not a folder' if root.exists() else 'does not exist'}; pass --data-dir "
+            f"pointing at a folder laid out as the archives extract:\n{_layout_hint(specs or DEFAULT_SPECS)}"
+        )
+    return root
+
+
 def locate(
     spec: DatasetSpec, members: Iterable[str], data_dir: str | os.PathLike, specs: dict[str, DatasetSpec] | None = None
 ) -> dict[str, Any]:
@@ -503,12 +514,7 @@ def locate(
 
     No network is touched. Each file's sha256 is recorded for lineage.
     """
-    root = Path(data_dir).expanduser().resolve()
-    if not root.is_dir():
-        raise DataError(
-            f"offline data folder {root} does not exist; pass --data-dir pointing at a folder "
-            f"laid out as the archives extract:\n{_layout_hint(specs or DEFAULT_SPECS)}"
-        )
+    root = offline_root(data_dir, specs)
     files = _describe_files(root, members, f"offline data folder {root}", _layout_hint(specs or DEFAULT_SPECS))
     return _result(spec.name, "offline", root, files)
 
