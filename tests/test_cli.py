@@ -59,6 +59,13 @@ def test_run_refuses_a_path_that_does_not_exist_before_starting_airflow(tmp_path
     assert f"ConfigError: {flag} {missing}: does not exist; give {flag} an existing {kind}" in capsys.readouterr().err
 
 
+def test_run_refuses_labeled_data_of_your_own_without_a_model_name(tmp_path, capsys):
+    assert cli.main(["run", "--preset", "smoke", "--labeled", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"ConfigError: gate.registered_model: labeled data of your own ({tmp_path}) would be registered" in err
+    assert "fix: name this task's model: --set gate.registered_model=<name>" in err
+
+
 def test_predict_without_champion_says_so(capsys):
     assert cli.main(["predict", "a fine film"]) == 2
     assert "no champion yet" in capsys.readouterr().err

@@ -3,8 +3,11 @@ steps.check_source: a watched source of your own changed or not since the last c
 
 from __future__ import annotations
 
+import pytest
+
 from encoderflow import layout, registry, steps
-from encoderflow.config import from_params
+from encoderflow.config import ConfigError, check_model_name, from_params
+from encoderflow.errors import EncoderflowError
 from tests.test_bundle import fake_bundle
 
 PARAMS = {"preset": "smoke"}
@@ -48,6 +51,38 @@ def test_any_changed_value_trains_and_names_it(tmp_path, caplog):
         "code.hash",
     }
     assert tags["code.hash"] == layout.code_hash() and len(tags["code.hash"]) == 64
+
+
+def test_labeled_data_of_another_label_set_is_refused_before_training(tmp_path):
+    """The champion's labels are a tag; a ticket classifier's data under the SST-2 model fails here,
+    not after pretraining and fine-tuning, at the gate."""
+    train = {"path": "/d/SST-2/train.tsv", "bytes": 1, "sha256": "x"}
+    labeled = {**INPUTS["labeled"], "role": "labeled", "dataset": "sst2", "files": {"SST-2/train.tsv": train}}
+    sst2 = {**INPUTS, "labeled": {**labeled, "labels": ["0", "1"]}}
+    tags = {**steps.lineage_tags(from_params(PARAMS), sst2), **steps._labels_tag(sst2["labeled"])}
+    version = _champion(tmp_path, tags)
+    assert registry.champion(from_params(PARAMS).gate.registered_model)["tags"][steps.LABELS_TAG] == '["0", "1"]'
+    tickets = {**sst2, "labeled": {**sst2["labeled"], "labels": ["bug", "praise"], "content_hash": "t"}}
+    for params in (PARAMS, {**PARAMS, "force": True}):
+        with pytest.raises(EncoderflowError) as err:
+            steps.check_lineage(tickets, params, "run-f")
+        assert f"champion v{version} of encoderflow-sst2 classifies labels ['0', '1']" in str(err.value)
+        assert "data /d/SST-2/train.tsv has ['bug', 'praise']: they are different tasks" in str(err.value)
+        assert err.value.fix == "give this task a registered model of its own with gate.registered_model=<name>"
+    assert steps.check_lineage(sst2, PARAMS, "run-g") is False  # the same task, nothing changed
+
+
+def test_labeled_data_of_your_own_needs_a_model_name_of_its_own():
+    own = {**PARAMS, "labeled": "/data/tickets"}
+    with pytest.raises(ConfigError) as err:
+        steps.check_lineage(INPUTS, own, "run-h")
+    assert str(err.value).startswith(
+        "gate.registered_model: labeled data of your own (/data/tickets) would be registered as 'encoderflow-sst2'"
+    )
+    assert err.value.fix.startswith("name this task's model: --set gate.registered_model=<name>")
+    assert steps.check_lineage(INPUTS, {**own, "overrides": ["gate.registered_model=tickets"]}, "run-i") is True
+    # Named on purpose, the SST-2 model's name is a choice, not an oversight.
+    check_model_name({**own, "overrides": ["gate.registered_model=encoderflow-sst2"]})
 
 
 def test_check_source_reports_a_change_once(tmp_path, caplog):

@@ -801,10 +801,35 @@ def keys() -> list[str]:
 def from_params(params: Mapping[str, Any]) -> Config:
     """The run's Config from DAG params: preset, then the ``data_file``'s sections, then the form fields,
     then free-form ``overrides``."""
+    return from_overrides(params.get("preset") or "guide", _given(params))
+
+
+def _given(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys a run sets over its preset (data file, form fields, overrides), later ones winning."""
     overrides: dict[str, Any] = dict(read_data_file(params.get("data_file"))[1])
     overrides.update({key: v for name, key in param_keys().items() if (v := params.get(name)) is not None})
     overrides.update(parse_set(list(params.get("overrides") or [])))
-    return from_overrides(params.get("preset") or "guide", overrides)
+    return overrides
+
+
+def check_model_name(params: Mapping[str, Any]) -> None:
+    """Labeled data of your own needs a registered model of its own, named by the run.
+
+    Under the default name its first model would become the SST-2 model's champion (or, with one
+    already there, train in full only for the gate to refuse another label set). Naming
+    ``encoderflow-sst2`` explicitly is allowed: that is a choice, not an oversight.
+
+    Raises:
+        ConfigError: ``labeled`` is given and ``gate.registered_model`` is not.
+    """
+    labeled = Sources.from_params(params).labeled
+    if labeled and "gate.registered_model" not in _given(params):
+        raise ConfigError(
+            f"gate.registered_model: labeled data of your own ({labeled}) would be registered as "
+            f"{GateConfig().registered_model!r}, the guide's SST-2 classifier",
+            fix="name this task's model: --set gate.registered_model=<name> (data file: gate: {registered_model: "
+            "<name>}; trigger form: Other overrides)",
+        )
 
 
 def read_data_file(path: str | None) -> tuple[dict[str, str], dict[str, Any]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from encoderflow import layout
-from encoderflow.config import Sources, from_params
+from encoderflow.config import Sources, check_model_name, from_params
 from encoderflow.results import (
     Baseline,
     Dataset,
@@ -405,6 +405,7 @@ def promote(
         "shards.manifest_sha256": sealed["manifest_sha256"],
         "shards.hash": sealed["shards_hash"],
         **{f"data.{name}.source": info["source"] for name, info in inputs.items()},
+        **_labels_tag(inputs["labeled"]),
         **({"lineage.parent": str(pretrained["parent"])} if pretrained.get("parent") else {}),
         **({"lineage.finetune_parent": str(finetuned["parent"])} if finetuned.get("parent") else {}),
     }
@@ -474,6 +475,35 @@ def lineage_tags(cfg, inputs: Mapping[str, Dataset]) -> dict[str, str]:
     }
 
 
+# A model version's label set, as a tag: check_lineage refuses another task's data before training.
+LABELS_TAG = "data.labeled.labels"
+
+
+def _labels_tag(labeled: Dataset) -> dict[str, str]:
+    import json
+
+    from encoderflow.data.inputs import labels_of
+
+    value = json.dumps(labels_of(labeled))
+    return {LABELS_TAG: value} if len(value) <= 4000 else {}  # MLflow caps a tag's value; the gate checks anyway
+
+
+def _same_task(champion: dict[str, Any], labeled: Dataset, name: str) -> None:
+    """Refuse labeled data whose label set is not the champion's (versions from before the tag: the gate does)."""
+    import json
+
+    from encoderflow.data.inputs import labels_of
+    from encoderflow.errors import EncoderflowError
+
+    theirs = champion["tags"].get(LABELS_TAG)
+    if theirs is not None and json.loads(theirs) != (mine := labels_of(labeled)):
+        raise EncoderflowError(
+            f"check_lineage: champion v{champion['version']} of {name} classifies labels {json.loads(theirs)}, "
+            f"this run's labeled data {split_path(labeled, 'train')} has {mine}: they are different tasks",
+            fix="give this task a registered model of its own with gate.registered_model=<name>",
+        )
+
+
 def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_id: str) -> bool:
     """True when this run must train: force, no champion yet, or a lineage value that differs from the
     champion's. False (nothing changed) writes the run's ``summary.json`` saying so; the DAG's
@@ -482,12 +512,15 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
     from encoderflow.config import RunOptions
 
     setup_logging()
+    check_model_name(params)
     cfg = from_params(params)
     mine = lineage_tags(cfg, inputs)
+    champ = registry.champion(cfg.gate.registered_model)
+    if champ is not None:
+        _same_task(champ, inputs["labeled"], cfg.gate.registered_model)
     if RunOptions.from_params(params).force:
         log.info("check_lineage: force=true: training whatever the champion's lineage")
         return True
-    champ = registry.champion(cfg.gate.registered_model)
     if champ is None:
         log.info("check_lineage: no champion of %s yet: training", cfg.gate.registered_model)
         return True
