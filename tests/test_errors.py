@@ -53,7 +53,7 @@ def test_the_first_failure_of_a_run_is_kept_and_written_whole():
         (
             ValidationFailed(["sst2: dev.tsv: expect_column_values_to_be_in_set", "sst2: train.tsv: rows"], "/d/x"),
             "ValidationFailed",
-            "sst2: dev.tsv: expect_column_values_to_be_in_set sst2: train.tsv: rows",
+            "sst2: dev.tsv: expect_column_values_to_be_in_set; sst2: train.tsv: rows",
             errors.DEFAULT_FIXES["ValidationFailed"] + ": /d/x",
         ),
         # A bug or an outage: its own type, and no fix to guess.
@@ -71,6 +71,15 @@ def test_a_cause_is_the_error_a_one_line_message_and_a_fix(exc, error, message, 
     cause = errors.cause_of(exc)
     assert (cause.error, cause.message, cause.fix) == (error, message, fix)
     assert cause.expected is (error != "OSError")
+
+
+def test_a_long_message_keeps_whole_lines_and_says_how_many_are_left():
+    lines = [f"labeled: /data/train.jsonl: check {i} failed, observed {'x' * 40}" for i in range(12)]
+    line = errors.one_line("\n".join(lines), limit=300)
+    kept = line.split("; (+")[0].split("; ")
+    assert kept == lines[: len(kept)] and line.endswith(f"; (+{12 - len(kept)} more)") and len(line) <= 300
+    assert errors.one_line("x" * 400 + "\nsecond", limit=100) == "x" * 89 + "… (+1 more)"
+    assert len(errors.one_line("x" * 400 + "\nsecond", limit=100)) == 100
 
 
 def test_the_dag_wrapper_is_seen_through_to_the_encoderflow_error():

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 FAILURE_FILE = "failure.json"
-ONE_LINE_LIMIT = 300
+ONE_LINE_LIMIT = 500
 
 
 class EncoderflowError(RuntimeError):
@@ -93,8 +93,23 @@ class Cause:
 
 
 def one_line(text: str, limit: int = ONE_LINE_LIMIT) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """A message on one line: its lines (one per failure, for validation) joined by "; ", an indented
+    line continuing the one before; when too long, the whole lines that fit and how many are left."""
+    parts: list[str] = []
+    for line in text.splitlines():
+        if line.strip():
+            words = " ".join(line.split())
+            if parts and line[:1].isspace():
+                parts[-1] += " " + words
+            else:
+                parts.append(words)
+    for keep in range(len(parts), 0, -1):
+        more = f"; (+{len(parts) - keep} more)" if keep < len(parts) else ""
+        joined = "; ".join(parts[:keep]) + more
+        if len(joined) <= limit:
+            return joined
+    more = f" (+{len(parts) - 1} more)" if len(parts) > 1 else ""
+    return parts[0][: limit - 1 - len(more)] + "…" + more if parts else ""
 
 
 def split_fix(text: str) -> tuple[str, str | None]:

@@ -102,7 +102,12 @@ CORRUPTIONS = {
     "sst2-three-fields": (
         TRAIN,
         _replace_line(5, lambda s: s + "\textra"),
-        [("expect_column_values_to_be_in_set(column='_fields', value_set=[2])", "1 unexpected of 20, e.g. [3]")],
+        [
+            (
+                "expect_column_values_to_be_in_set(column='_fields', value_set=[2])",
+                "1 of 20 rows not 2 tab-separated fields (they have [3]) at lines [6]",
+            )
+        ],
     ),
     "sst2-whitespace-only-sentence": (
         DEV,
@@ -127,7 +132,7 @@ CORRUPTIONS = {
     "sst2-invalid-utf8": (
         TRAIN,
         lambda b: b.replace(b"dull", b"d\xffll", 1),
-        [("expect_column_values_to_be_in_set(column='_utf8', value_set=[True])", "1 unexpected of 20, e.g. [False]")],
+        [("expect_column_values_to_be_in_set(column='_utf8', value_set=[True])", "1 of 20 rows not UTF-8 at lines [")],
     ),
     "wikitext-tokenized": (
         WIKI_VALID,
@@ -142,7 +147,7 @@ CORRUPTIONS = {
     "wikitext-invalid-utf8": (
         WIKI_TEST,
         lambda b: b.replace(b"short", b"sh\x80rt"),
-        [("expect_column_values_to_be_in_set(column='_utf8', value_set=[True])", "1 unexpected of 13, e.g. [False]")],
+        [("expect_column_values_to_be_in_set(column='_utf8', value_set=[True])", "1 of 13 rows not UTF-8 at lines [")],
     ),
     "vocab-without-mask": (
         VOCAB,
@@ -184,7 +189,7 @@ CORRUPTIONS = {
     "vocab-invalid-utf8": (
         VOCAB,
         lambda b: b.replace(b"film", b"fi\xc3lm"),
-        [("expect_column_values_to_be_in_set(column='_utf8', value_set=[True])", "1 unexpected of 14, e.g. [False]")],
+        [("expect_column_values_to_be_in_set(column='_utf8', value_set=[True])", "1 of 14 rows not UTF-8 at lines [")],
     ),
 }
 
@@ -389,7 +394,8 @@ OWN_CASES = {
         "corpus",
         lambda c, lab: (c / "latin1.txt").write_bytes("caf\xe9 ol\xe9\n".encode("latin-1")),
         "latin1.txt",
-        "expect_column_values_to_be_in_set(column='_utf8', value_set=[True]) failed, observed 1 unexpected of 1",
+        "expect_column_values_to_be_in_set(column='_utf8', value_set=[True]) failed, "
+        "observed 1 of 1 rows not UTF-8 at lines [1]",
     ),
     "empty text": (
         "labeled",
@@ -406,6 +412,49 @@ OWN_CASES = {
         "expect_column_unique_value_count_to_be_between",
     ),
 }
+
+
+def test_a_row_that_does_not_parse_fails_once_in_plain_words(tmp_path):
+    """Not also as a missing text and a missing label: the checks on values skip rows that do not parse."""
+    report, _, labeled = _own(
+        tmp_path,
+        "labeled",
+        lambda c, lab: (lab / "dev.jsonl").write_text((lab / "dev.jsonl").read_text() + "body: oops\n"),
+    )
+    dev = labeled / "dev.jsonl"
+    rows = len(dev.read_text().splitlines())
+    assert report["failures"] == [
+        f"labeled: {dev}: expect_column_values_to_be_in_set(column='_parsed', value_set=[True]) failed, "
+        f"observed 1 of {rows} rows not a JSON object at lines [{rows}]"
+    ]
+
+
+def test_your_own_data_is_told_to_fix_its_file_or_name_its_column(tmp_path):
+    """Not "another --data-dir or --mirror": those are the guide's datasets' fixes."""
+    from encoderflow import config
+    from encoderflow.data import inputs
+
+    from .fixtures_own import write_labeled
+
+    labeled = write_labeled(tmp_path / "tickets")
+    rows = [json.loads(line) for line in (labeled / "dev.jsonl").read_text().splitlines()]
+    _rows(labeled / "dev.jsonl", [{"body": r["body"], "label": r["category"]} for r in rows])
+    cfg = config.from_overrides("smoke", OWN)
+    info = inputs.get("labeled", cfg, config.Sources(labeled=str(labeled)))
+    with pytest.raises(ValidationFailed) as err:
+        validation.check(info, tmp_path / "docs", inputs_cfg=cfg.inputs)
+    assert errors.cause_of(err.value).fix == (
+        "name the label column: --set inputs.label_column=<one of ['body', 'label']> (now 'category'); "
+        "correct the file(s) named above, or point the source at good ones; "
+        f"the Data Docs show each failed expectation: {tmp_path / 'docs' / 'index.html'}"
+    )
+
+
+def test_a_class_share_out_of_bounds_names_the_label(tmp_path):
+    report, _, labeled = _own(tmp_path, "labeled", lambda c, lab: None, **{"inputs.max_class_share": 0.3})
+    observed = [f.split(" failed, observed ")[1] for f in report["failures"]]
+    assert [o.split(", the share of label ")[1] for o in observed] == ["'billing'", "'bug'", "'praise'"]
+    assert all(0.3 < float(o.split(",")[0]) < 0.4 for o in observed), observed
 
 
 @pytest.mark.parametrize("case", OWN_CASES, ids=list(OWN_CASES))

@@ -46,9 +46,9 @@ class ValidationFailed(EncoderflowError):
     """Data failed its suite. ``str()`` is one line per failed expectation; the Data Docs page is in
     the fix (:func:`errors.cause_of`), so a task log names it once."""
 
-    def __init__(self, lines: list[str], docs: str | None):
+    def __init__(self, lines: list[str], docs: str | None, fix: str | None = None):
         self.lines, self.docs = lines, docs
-        super().__init__("\n".join(lines))
+        super().__init__("\n".join(lines), fix=fix)
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,8 @@ def _describe_expectation(cfg: Any) -> str:
         for k, v in cfg.kwargs.items()
         if k in ("column", "value_set", "regex", "min_value", "max_value", "column_list", "row_condition")
     }
+    if "_parsed" in str(kwargs.get("row_condition", "")):  # rows that parse: said by the check above
+        del kwargs["row_condition"]
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     return f"{cfg.type}({args})"
 
@@ -195,6 +197,18 @@ def _line_numbers(df, rows: list[int]) -> list[int]:
     return [i + first for i in rows]
 
 
+# The frames' own columns (per-row flags), said as what their failing rows are.
+_FLAGS: dict[str, str | dict[str, str]] = {
+    "_utf8": "not UTF-8",
+    "_parsed": {
+        "jsonl": "not a JSON object",
+        "csv": "not the header's number of fields",
+        "tsv": "not the header's number of fields",
+    },
+    "_fields": "not 2 tab-separated fields",
+}
+
+
 def _observed(result: Any, df=None) -> str:
     if result.exception_info and result.exception_info.get("raised_exception"):
         msg = str(result.exception_info.get("exception_message", "error")).splitlines()[0]
@@ -204,10 +218,20 @@ def _observed(result: Any, df=None) -> str:
         value = r["observed_value"]
         if getattr(value, "shape", None) == ():  # numpy 2 scalars repr as "np.int64(0)"
             value = value.item()
+        column = str((result.expectation_config.kwargs or {}).get("column", ""))
+        if column.startswith("_class_") and df is not None and df.attrs.get("labels"):
+            return f"{value:.4f}, the share of label {df.attrs['labels'][int(column.removeprefix('_class_'))]!r}"
         return repr(value)[:200]
     if "unexpected_count" in r:
         rows = r.get("partial_unexpected_index_list") or []
         where = f" at lines {_line_numbers(df, rows[:5])}" if rows else ""
+        flag = _FLAGS.get((result.expectation_config.kwargs or {}).get("column"))
+        if flag is not None:  # a column the frame adds: its True/False values say nothing to a reader
+            fmt = df.attrs.get("format", "tsv") if df is not None else "tsv"
+            what = flag[fmt] if isinstance(flag, dict) else flag
+            if what.endswith("fields"):
+                what += f" (they have {sorted(set(r.get('partial_unexpected_list', [])))[:5]})"
+            return f"{r['unexpected_count']} of {r.get('element_count')} rows {what}{where}"
         return (
             f"{r['unexpected_count']} unexpected of {r.get('element_count')}, "
             f"e.g. {repr(r.get('partial_unexpected_list', [])[:3])[:160]}{where}"
@@ -273,7 +297,7 @@ def frame_labeled(path: Path, fmt: str, label_column: str, labels: list[str]):
     table = read_table(path, fmt)
     df = pd.DataFrame(table.rows, columns=table.columns, dtype=object)
     df["_utf8"], df["_parsed"] = table.utf8, table.parsed
-    df.attrs["lines"] = table.lines
+    df.attrs["lines"], df.attrs["format"], df.attrs["labels"] = table.lines, fmt, list(labels or ())
     if label_column in df.columns:
         for i, label in enumerate(labels):
             df[f"_class_{i}"] = (df[label_column] == label).astype(int)
@@ -294,15 +318,17 @@ def suite_labeled(df, split: str, columns: dict[str, str], labels: list[str], bo
         E.ExpectColumnValuesToBeInSet(column="_utf8", value_set=[True]),
         E.ExpectColumnValuesToBeInSet(column="_parsed", value_set=[True]),
     ]
+    # A row that does not parse fails once, above, not again for each value it lacks.
+    parsed = {"row_condition": "_parsed==True", "condition_parser": "pandas"}
     if text in df.columns:  # a missing column is one failure above, not one per check on it
         suite += [
-            E.ExpectColumnValuesToNotBeNull(column=text),
-            E.ExpectColumnValuesToMatchRegex(column=text, regex=r"\S"),
+            E.ExpectColumnValuesToNotBeNull(column=text, **parsed),
+            E.ExpectColumnValuesToMatchRegex(column=text, regex=r"\S", **parsed),
         ]
     if label in df.columns:
-        suite.append(E.ExpectColumnValuesToNotBeNull(column=label))
+        suite.append(E.ExpectColumnValuesToNotBeNull(column=label, **parsed))
         if labels:  # none when train has none: that failure is reported on train, not echoed per dev row
-            suite.append(E.ExpectColumnValuesToBeInSet(column=label, value_set=labels))
+            suite.append(E.ExpectColumnValuesToBeInSet(column=label, value_set=labels, **parsed))
         if split == "train":
             suite.append(E.ExpectColumnUniqueValueCountToBeBetween(column=label, min_value=2))
             suite += [
@@ -448,5 +474,18 @@ def check(
     """Validate and raise :class:`ValidationFailed` (one line per failure) on bad data."""
     report = validate_dataset(info, docs_dir, strict, inputs_cfg)
     if not report["success"]:
-        raise ValidationFailed(report["failures"], report["docs"])
+        raise ValidationFailed(report["failures"], report["docs"], fix=_own_fix(info, report))
     return report
+
+
+def _own_fix(info: dict[str, Any], report: dict[str, Any]) -> str | None:
+    """Your own data's fix: the file or the column settings, not another download (None: the guide's data)."""
+    if info.get("kind") not in ("labeled_folder", "corpus_folder", "trained_vocab"):
+        return None
+    fixes = []
+    for role, column in (info.get("columns") or {}).items():
+        missing = f"expect_column_to_exist(column={column!r}) failed, observed columns "
+        if seen := next((f.split(missing, 1)[1] for f in report["failures"] if missing in f), None):
+            fixes.append(f"name the {role} column: --set inputs.{role}_column=<one of {seen}> (now {column!r})")
+    fixes.append("correct the file(s) named above, or point the source at good ones")
+    return "; ".join(fixes) + f"; the Data Docs show each failed expectation: {report['docs']}"
