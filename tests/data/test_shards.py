@@ -335,6 +335,21 @@ def test_plan_caps_shards_at_line_count_and_rejects_empty_text(corpus, tmp_path)
         shards.plan(_cfg(min_line_chars=100_000), *corpus)
 
 
+def test_your_own_corpus_with_nothing_to_pretrain_on_is_named_as_you_gave_it(tmp_path):
+    from encoderflow.config import Sources
+    from encoderflow.data import inputs
+
+    from .fixtures_own import write_corpus
+
+    folder = write_corpus(tmp_path / "corpus", n_files=6)
+    cfg = from_overrides("smoke", {**SMOKE, "data.min_line_chars": 100_000})
+    own = inputs.get("corpus", cfg, Sources(corpus=str(folder)))
+    vocab = {"dataset": "vocab", "files": {"v.txt": {"path": "/v.txt", "sha256": "0" * 64}}}
+    with pytest.raises(ShardError) as err:
+        shards.plan(cfg, own, vocab)
+    assert f"(the documents of {folder}): no line longer than 100000 bytes" in str(err.value)
+
+
 def test_plan_address_depends_on_data_config_not_training_config(corpus):
     base = shards.plan(_cfg(), *corpus)["shards_hash"]
     assert shards.plan(_cfg(), *corpus)["shards_hash"] == base

@@ -47,3 +47,19 @@ def test_a_trained_vocabulary_reads_back_as_written_and_matches_what_it_learned(
     }
     report = validation.validate_dataset(info, tmp_path / "docs")
     assert report["success"], report["failures"]
+
+
+def test_a_trained_vocabulary_says_whether_it_was_trained_or_reused(tmp_path, caplog):
+    import logging
+
+    corpus = tmp_path / "train.txt"
+    corpus.write_text("".join(f"some words here number{i % 9}\n" for i in range(40)), encoding="utf-8")
+    cfg = from_overrides("smoke", {"inputs.vocab": "trained", "inputs.vocab_size": 100})
+    with caplog.at_level(logging.INFO, logger="encoderflow.data.tokenizer"):
+        first = train_vocabulary(corpus, "1" * 64, cfg.inputs, cfg.data.lowercase, cfg.data.strip_accents)
+        again = train_vocabulary(corpus, "1" * 64, cfg.inputs, cfg.data.lowercase, cfg.data.strip_accents)
+    size = Vocab.load(first).size
+    assert again == first and len(caplog.messages) == 2, caplog.messages
+    assert caplog.messages[0].startswith(f"vocabulary: trained {size} WordPiece tokens (inputs.vocab_size=100) on ")
+    assert caplog.messages[1].startswith("vocabulary: trained already for this text and settings (key ")
+    assert caplog.messages[1].endswith(f"), reused: {first}")

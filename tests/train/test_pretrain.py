@@ -647,3 +647,24 @@ def test_warm_start_begins_lower_and_refuses_a_mismatch_naming_both_sides(duped,
     wider = replace(cfg, model=replace(cfg.model, intermediate_dim=96))
     with pytest.raises(EncoderflowError, match=r"layers do not match this config's model section \(.*here, .*there\)"):
         pretrain.pretrain(wider, duped["manifest"], tmp_path / "w", init)
+
+
+def test_a_copy_smaller_than_one_batch_is_refused_whatever_the_step_count(duped, tmp_path, caplog):
+    """4 records repeated to fill 50 steps trained nothing and was blessed; fewer records than one
+    batch now fail before the model is built. The records' repetition is logged when it happens."""
+    import logging
+
+    from encoderflow.errors import EncoderflowError
+
+    cfg = _run_cfg(duped, epochs=1, steps_per_epoch=50, batch_size=32)  # 30 records a copy
+    with pytest.raises(EncoderflowError) as err:
+        pretrain.pretrain(cfg, duped["manifest"], tmp_path / "small")
+    assert str(err.value).startswith(
+        f"{duped['manifest']}: 30 train records a copy do not fill one batch of pretrain.batch_size=32 on 1 device"
+    )
+    assert err.value.fix == "lower pretrain.batch_size (a multiple of the device count) or pretrain on more text"
+    assert not (tmp_path / "small").exists()
+    cfg = _run_cfg(duped, epochs=1, steps_per_epoch=6, validation_steps=1)  # 48 sequences of 30 records
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        pretrain.pretrain(cfg, duped["manifest"], tmp_path / "repeated")
+    assert any("6 steps/epoch (each record of its copy ~2 times)" in m for m in caplog.messages), caplog.messages

@@ -206,17 +206,19 @@ def plan(
     packed = d.sequence_mode == "packed"
     # Packed shards split the text between articles, so no window straddles two shards.
     start_key, end_key = ("article_start", "article_end") if packed else ("line_start", "line_end")
+    # Your own corpus's texts are files made from its documents: a message names the folder you gave too.
+    of = f" (the documents of {corpus['location']})" if corpus.get("kind") == "corpus_folder" else ""
     for role, text in texts.items():
         # Units a shard boundary may fall between: articles (packed) or eligible lines.
         if packed:
             n_units = len(articles(text["path"], doc_split))
             if n_units == 0:
-                raise ShardError(f"{text['path']}: no text; nothing to pretrain on")
+                raise ShardError(f"{text['path']}{of}: no text; nothing to pretrain on")
         else:
             n_units = len(eligible_lines(text["path"], d.min_line_chars))
             if n_units == 0:
                 raise ShardError(
-                    f"{text['path']}: no line longer than {d.min_line_chars} bytes; nothing to pretrain on",
+                    f"{text['path']}{of}: no line longer than {d.min_line_chars} bytes; nothing to pretrain on",
                     fix="lower data.min_line_chars, or pretrain on whole documents with data.sequence_mode=packed",
                 )
         num = d.num_shards if role == "train" else max(1, math.ceil(d.num_shards / 8))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from encoderflow import runtime
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -98,7 +102,9 @@ def train_vocabulary(
     )
     out = layout.home() / "data" / "vocab-trained" / key[:16] / "vocab.txt"
     if out.exists():
+        log.info("vocabulary: trained already for this text and settings (key %s), reused: %s", key[:16], out)
         return out
+    t0 = time.monotonic()
     runtime.tensorflow()
     import keras_hub
 
@@ -116,4 +122,12 @@ def train_vocabulary(
     out.parent.mkdir(parents=True, exist_ok=True)
     with layout.atomic_path(out) as tmp:
         tmp.write_text("".join(f"{t}\n" for t in kept), encoding="utf-8")
+    log.info(
+        "vocabulary: trained %d WordPiece tokens (inputs.vocab_size=%d) on %s in %.1fs: %s",
+        len(kept),
+        inputs.vocab_size,
+        text_path,
+        time.monotonic() - t0,
+        out,
+    )
     return out

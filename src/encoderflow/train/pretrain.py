@@ -289,7 +289,7 @@ def _train(
 ) -> dict[str, Any]:
     """:func:`pretrain`'s training on ``devices`` local devices, once no finished result was found."""
     from encoderflow import model as models
-    from encoderflow.data.shards import load_manifest, make_dataset
+    from encoderflow.data.shards import copy_records, load_manifest, make_dataset
     from encoderflow.errors import EncoderflowError
     from encoderflow.train.callbacks import EpochLogger, NonFiniteLoss, StepBackup
 
@@ -304,14 +304,16 @@ def _train(
     def one_batch_at_least(count: int, split: str, records: int, more: str) -> int:
         if count == 0:
             raise EncoderflowError(
-                f"{manifest_path}: {records} {split} records do not fill one batch of "
-                f"pretrain.batch_size={p.batch_size} on {devices} devices",
+                f"{manifest_path}: {records} {split} records{' a copy' if split == 'train' else ''} do not fill "
+                f"one batch of pretrain.batch_size={p.batch_size} on {devices} device{'s' * (devices > 1)}",
                 fix=f"lower pretrain.batch_size (a multiple of the device count) or {more}",
             )
         return count
 
-    train_records = manifest["totals"]["train"]["records"]
-    steps = one_batch_at_least(epoch_steps(manifest, p, whole_batches), "train", train_records, "pretrain on more text")
+    train_records, per_copy = manifest["totals"]["train"]["records"], copy_records(manifest)
+    # Per copy, whatever pretrain.steps_per_epoch says: repeating 4 records to fill 50 steps trains nothing.
+    one_batch_at_least(batches(per_copy, p.batch_size, True), "train", per_copy, "pretrain on more text")
+    steps = epoch_steps(manifest, p, whole_batches)
     nan_fix = f"lower pretrain.learning_rate (now {p.learning_rate:g}) or check the input data"
     backup = StepBackup(_backup_dir(out_dir / "backup", key), steps, p.backup_every_steps, nan_fix=nan_fix)
     # A backup saved after the last step (killed before the result was written) leaves nothing to train.
@@ -350,7 +352,7 @@ def _train(
     val_ds = val_ds.apply(tf.data.experimental.assert_cardinality(val_batches))
     log.info(
         "pretrain: encoder %s parameters (%s with the MLM head), %s train records (%s), batch %d, %d epochs "
-        "from epoch %d, %d steps/epoch",
+        "from epoch %d, %d steps/epoch%s",
         f"{encoder.count_params():,}",
         f"{mlm.count_params():,}",
         f"{train_records:,}",
@@ -359,6 +361,9 @@ def _train(
         p.epochs,
         initial_epoch,
         steps,
+        f" (each record of its copy ~{repeats:.0f} times)"
+        if (repeats := steps * p.batch_size / per_copy) >= 1.5
+        else "",
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
