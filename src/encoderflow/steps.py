@@ -7,6 +7,7 @@ read and what it wrote (path and sha256) once, so a task log says where its arti
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -299,7 +300,7 @@ def evaluate_and_gate(
 
     from encoderflow import gate, registry
     from encoderflow.bundle import Scorer
-    from encoderflow.data.inputs import labels_of, read_labeled
+    from encoderflow.data.inputs import read_labeled
 
     setup_logging()
     cfg = from_params(params)
@@ -319,15 +320,7 @@ def evaluate_and_gate(
         dst = layout.run_dir(run_id) / "champion" / f"v{current['version']}"
         bundle = registry.download_version(cfg.gate.registered_model, current["version"], dst)
         champion = Scorer(bundle)
-        if champion.labels != labels_of(labeled):
-            from encoderflow.errors import EncoderflowError
-
-            raise EncoderflowError(
-                f"gate: champion v{current['version']} of {cfg.gate.registered_model} classifies labels "
-                f"{champion.labels}, this run's labeled data {split_path(labeled, 'train')} has {labels_of(labeled)}: "
-                "they are different tasks",
-                fix="give this task a registered model of its own with gate.registered_model=<name>",
-            )
+        _same_task("gate", current["version"], cfg.gate.registered_model, champion.labels, labeled)
         champion_correct = champion.correct(sentences, labels)
         champion_acc = float(champion_correct.mean())
         log.info("gate: champion v%s re-evaluated on %s: accuracy %.4f", current["version"], dev, champion_acc)
@@ -480,26 +473,24 @@ LABELS_TAG = "data.labeled.labels"
 
 
 def _labels_tag(labeled: Dataset) -> dict[str, str]:
-    import json
-
     from encoderflow.data.inputs import labels_of
 
     value = json.dumps(labels_of(labeled))
     return {LABELS_TAG: value} if len(value) <= 4000 else {}  # MLflow caps a tag's value; the gate checks anyway
 
 
-def _same_task(champion: dict[str, Any], labeled: Dataset, name: str) -> None:
-    """Refuse labeled data whose label set is not the champion's (versions from before the tag: the gate does)."""
-    import json
+def _same_task(step: str, version: str, name: str, theirs: list[str], labeled: Dataset) -> None:
+    """Refuse labeled data whose label set is not the champion's: another task, not a better model.
 
+    No labels read (a missing label column) is validation's to report, with the file's columns.
+    """
     from encoderflow.data.inputs import labels_of
     from encoderflow.errors import EncoderflowError
 
-    theirs = champion["tags"].get(LABELS_TAG)
-    if theirs is not None and json.loads(theirs) != (mine := labels_of(labeled)):
+    if (mine := labels_of(labeled)) and list(theirs) != mine:
         raise EncoderflowError(
-            f"check_lineage: champion v{champion['version']} of {name} classifies labels {json.loads(theirs)}, "
-            f"this run's labeled data {split_path(labeled, 'train')} has {mine}: they are different tasks",
+            f"{step}: champion v{version} of {name} classifies labels {list(theirs)}, this run's labeled data "
+            f"{split_path(labeled, 'train')} has {mine}: they are different tasks",
             fix="give this task a registered model of its own with gate.registered_model=<name>",
         )
 
@@ -516,8 +507,8 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
     cfg = from_params(params)
     mine = lineage_tags(cfg, inputs)
     champ = registry.champion(cfg.gate.registered_model)
-    if champ is not None:
-        _same_task(champ, inputs["labeled"], cfg.gate.registered_model)
+    if champ is not None and (theirs := champ["tags"].get(LABELS_TAG)) is not None:  # older versions: the gate checks
+        _same_task("check_lineage", champ["version"], cfg.gate.registered_model, json.loads(theirs), inputs["labeled"])
     if RunOptions.from_params(params).force:
         log.info("check_lineage: force=true: training whatever the champion's lineage")
         return True
