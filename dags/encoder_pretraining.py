@@ -47,8 +47,8 @@ Each source is validated by a suite generated from the declaration (README, *You
 `{af.REGISTERED_MODEL}@champion` only when the champion actually moves, so a DAG scheduled on it
 runs once per new champion.
 
-**No wasted reruns.** `check_lineage` compares the data's content hashes, the config hash and the
-code's hash with the champion's; when all are equal the run skips everything after it (training
+**No wasted reruns.** `check_lineage` compares the data's content hashes, the config hash (gate
+settings aside) and the code's hash with the champion's; when all are equal the run skips everything after it (training
 would rebuild the same model) and its summary says "nothing changed since champion vN". Tick
 **Train even if nothing changed** (`force`) to train anyway.
 

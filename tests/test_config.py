@@ -170,6 +170,12 @@ def test_config_hash_is_stable_and_sensitive():
     # Section hashes isolate what a consumer depends on: the model does not move the data hash.
     assert a.section_hash("data") == from_overrides("guide", {"data.seed": 7}).section_hash("data")
     assert a.section_hash("model") != Config().section_hash("model")
+    # What a model is trained from leaves the gate out; every other section moves it.
+    gated = from_overrides("guide", {"data.seed": 7, "model.dropout": 0.2, "gate.min_accuracy": 0.81})
+    assert gated.training_hash() == a.training_hash() != Config().training_hash()
+    assert from_overrides("guide", {"data.seed": 7, "model.dropout": 0.2, "finetune.epochs": 9}).training_hash() != (
+        a.training_hash()
+    )
     assert a.section_hash() == h
 
 

@@ -41,13 +41,16 @@ def test_any_changed_value_trains_and_names_it(tmp_path, caplog):
     assert "data.corpus.content_hash" in caplog.text
     other_config = {**PARAMS, "overrides": ["pretrain.learning_rate=0.002"]}
     assert steps.check_lineage(INPUTS, other_config, "run-e") is True
-    assert "config.hash" in caplog.text
+    assert "config.training_hash" in caplog.text
+    caplog.clear()  # the gate's settings decide promotion, not the model: nothing to train
+    stricter = {**PARAMS, "overrides": ["gate.min_accuracy=0.9", "gate.bootstrap_resamples=500"]}
+    assert steps.check_lineage(INPUTS, stricter, "run-e2") is False and "nothing changed" in caplog.text
     tags = steps.lineage_tags(from_params(PARAMS), INPUTS)
     assert set(tags) == {
         "data.corpus.content_hash",
         "data.labeled.content_hash",
         "data.vocab.content_hash",
-        "config.hash",
+        "config.training_hash",
         "code.hash",
     }
     assert tags["code.hash"] == layout.code_hash() and len(tags["code.hash"]) == 64

@@ -640,6 +640,10 @@ class Config:
     def config_hash(self) -> str:
         return self.section_hash()
 
+    def training_hash(self) -> str:
+        """The sections a model is trained from: all but ``gate``, which decides its promotion."""
+        return self.section_hash(*(n for n in SECTIONS if n != "gate"))
+
 
 # The guide's exact hyperparameters are the dataclass defaults.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {

@@ -457,13 +457,14 @@ def promote(
 
 
 def lineage_tags(cfg, inputs: Mapping[str, Dataset]) -> dict[str, str]:
-    """What a model is a function of: each dataset's content hash, the config hash and the code's hash.
+    """What a model is a function of: each dataset's content hash, the config's training hash (the gate's
+    settings aside: they decide promotion, not the model) and the code's hash.
 
     Recorded on every model version; a run whose lineage equals the champion's would train the same
     model again (same seed, same shards), so :func:`check_lineage` skips it."""
     return {
         **{f"data.{name}.content_hash": info["content_hash"] for name, info in sorted(inputs.items())},
-        "config.hash": cfg.config_hash(),
+        "config.training_hash": cfg.training_hash(),
         "code.hash": layout.code_hash(),
     }
 
