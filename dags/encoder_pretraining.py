@@ -72,6 +72,13 @@ decision, metrics, champion history and links.
     default_args=af.DEFAULT_ARGS,
 )
 def encoder_pretraining():
+    @task(retries=0, execution_timeout=timedelta(minutes=5))
+    @af.expected_failures
+    def check_params(params=None, dag_run=None) -> dict:
+        """Resolve the config once, before anything downloads: a trigger key that is no param, an unknown
+        override, a value out of bounds or your own labeled data without its own model name fails here."""
+        return steps.check_params(params, dict(dag_run.conf or {}))
+
     @task(**af.NETWORK, execution_timeout=timedelta(hours=2))
     @af.expected_failures
     def download(role: str, params=None) -> dict:
@@ -173,6 +180,7 @@ def encoder_pretraining():
         return steps.report(run_id, params, {**run, "promoted": promoted})
 
     downloaded = {role: download.override(task_id=f"download_{role}")(role) for role in af.ROLES}
+    check_params() >> list(downloaded.values())
     checked = check_lineage(**downloaded)
     corpus, labeled, bert = (validate.override(task_id=f"validate_{r}")(info) for r, info in downloaded.items())
     checked >> [corpus, labeled, bert]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from encoderflow import config
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs in a fresh interpreter so nothing a previous test imported can hide a parse-time import.
@@ -70,6 +72,7 @@ def test_dagbag_parses_without_heavy_imports(tmp_path):
     assert result["catchup"] is False
     assert result["download_retries"] >= 2
     assert {
+        "check_params",
         "download_corpus",
         "download_labeled",
         "download_vocab",
@@ -105,6 +108,8 @@ def test_dagbag_parses_without_heavy_imports(tmp_path):
         "inputs_label_column",
         "inputs_vocab",
     } <= set(result["params"])
+    # What check_params accepts in a trigger's conf is what the trigger form holds.
+    assert sorted(result["params"]) == sorted(config.param_names())
     # Manual only by default, for the training DAG and its source watcher alike.
     assert result["dag_ids"] == ["encoder_pretraining", "encoderflow_sources"]
     assert result["schedule"] == "NullTimetable" and result["watcher_tasks"] == ["check_corpus", "check_labeled"]
@@ -132,7 +137,6 @@ def test_every_param_maps_to_a_config_key(tmp_path):
 
     Walks the params the parsed DAG really has, not the map it is built from.
     """
-    from encoderflow import config
 
     form_only = {"preset", "overrides"} | {
         f.name for cls in (config.Sources, config.RunOptions) for f in dataclasses.fields(cls)
@@ -145,7 +149,6 @@ def test_every_param_maps_to_a_config_key(tmp_path):
 
 def test_form_fields_carry_the_declared_bounds(tmp_path):
     """The trigger form's bounds are the config's: one declaration, no second copy to drift."""
-    from encoderflow import config
 
     schemas = _probe(tmp_path)["schemas"]
     assert schemas["seq_length"]["minimum"] == 8 and schemas["seq_length"]["maximum"] == 512

@@ -172,6 +172,13 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     assert (
         "gate intervals (95% paired bootstrap over 64 dev sentences, 2000 resamples, seed 42): candidate " in gate_log
     )
+    # The last task's log says the outcome, for whoever reads it in the Airflow UI.
+    report_log = (layout.run_dir(run1) / "logs" / "task_id=report" / "attempt=1.log").read_text()
+    m1 = summary1["metrics"]
+    assert (
+        f"report: BLESSED; val_accuracy {m1['val_accuracy']:.4f} (baseline_val_accuracy "
+        f"{m1['baseline_val_accuracy']:.4f}, champion_val_accuracy -, mlm_val_accuracy "
+    ) in report_log and f"{MODEL} v1 registered, champion v1" in report_log
 
     # A second, untrained candidate: registered, not blessed, champion unchanged; it must also show
     # a significant gain, and its paired interval says it is significantly worse. It pretrains with

@@ -78,14 +78,34 @@ def test_labeled_data_of_another_label_set_is_refused_before_training(tmp_path):
 def test_labeled_data_of_your_own_needs_a_model_name_of_its_own():
     own = {**PARAMS, "labeled": "/data/tickets"}
     with pytest.raises(ConfigError) as err:
-        steps.check_lineage(INPUTS, own, "run-h")
+        steps.check_params(own, own)
     assert str(err.value).startswith(
         "gate.registered_model: labeled data of your own (/data/tickets) would be registered as 'encoderflow-sst2'"
     )
     assert err.value.fix.startswith("name this task's model: --set gate.registered_model=<name>")
-    assert steps.check_lineage(INPUTS, {**own, "overrides": ["gate.registered_model=tickets"]}, "run-i") is True
+    named = {**own, "overrides": ["gate.registered_model=tickets"]}
+    assert steps.check_params(named, named)["preset"] == "smoke"
     # Named on purpose, the SST-2 model's name is a choice, not an oversight.
     check_model_name({**own, "overrides": ["gate.registered_model=encoderflow-sst2"]})
+
+
+def test_check_params_refuses_what_a_trigger_could_get_wrong_and_logs_what_it_resolved(caplog):
+    """A trigger key that is no param changed nothing and the run 'succeeded': now it fails, once."""
+    with pytest.raises(ConfigError) as err:
+        steps.check_params(PARAMS, {"preset": "smoke", "pretrain_epoch": 3, "zzz": 1})
+    assert str(err.value).startswith("unknown trigger params 'pretrain_epoch': did you mean 'pretrain_epochs'?; 'zzz'")
+    assert "overrides as section.key=value" in err.value.fix
+    for bad in (["model.num_layerz=2"], ["model.num_layers=100"]):
+        with pytest.raises(ConfigError, match="model.num_layer"):
+            steps.check_params({**PARAMS, "overrides": bad}, {"overrides": bad})
+    params = {**PARAMS, "pretrain_epochs": 3, "data_dir": "/d", "overrides": ["model.dropout=0.2"]}
+    result = steps.check_params(params, params)
+    assert result["config_hash"] == from_params(params).config_hash()
+    assert any(
+        m.startswith("check_params: preset smoke, config hash ")
+        and "; set: model.dropout=0.2, pretrain.epochs=3; data: data_dir=/d" in m
+        for m in caplog.messages
+    ), caplog.messages
 
 
 def test_check_source_reports_a_change_once(tmp_path, caplog):

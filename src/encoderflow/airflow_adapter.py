@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -185,7 +186,8 @@ def params() -> dict[str, Param]:
         "overrides": Param(
             None,
             type=["null", "array"],
-            items={"type": "string", "pattern": r"^[a-z_]+\.[a-z_]+=.*$"},
+            # Unknown keys are refused at trigger time (HTTP 400), values by check_params.
+            items={"type": "string", "pattern": "^(" + "|".join(re.escape(k) for k in config.keys()) + ")=.*$"},
             title="Other overrides",
             section="Advanced",
             description="One section.key=value per line for any other config value, e.g. "

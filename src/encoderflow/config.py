@@ -749,6 +749,40 @@ def param_keys() -> dict[str, str]:
     return {param_name(k): k.key for k in knobs() if k.form is not None}
 
 
+def param_names() -> list[str]:
+    """Every DAG param, i.e. every key a trigger's conf may hold: the preset, the sources, the run
+    options, the form fields and the free overrides."""
+    return [
+        "preset",
+        *(f.name for f in fields(Sources)),
+        *(f.name for f in fields(RunOptions)),
+        *param_keys(),
+        "overrides",
+    ]
+
+
+def check_conf_keys(conf: Mapping[str, Any]) -> None:
+    """A trigger's conf holds params only: Airflow keeps any other key, which then changes nothing.
+
+    Raises:
+        ConfigError: naming each unknown key and the param it most resembles.
+    """
+    import difflib
+
+    known = param_names()
+    unknown = sorted(set(conf) - set(known))
+    if unknown:
+        guesses = "; ".join(
+            f"{k!r}: did you mean {m[0]!r}?" if (m := difflib.get_close_matches(k, known, n=1)) else f"{k!r}"
+            for k in unknown
+        )
+        raise ConfigError(
+            f"unknown trigger params {guesses}",
+            fix="use the form's params (docs/parameters.md, second column), or put any config key in "
+            "overrides as section.key=value",
+        )
+
+
 def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     """Parse ``["section.key=value", ...]`` into a dict; malformed items raise ConfigError."""
     out: dict[str, str] = {}
@@ -805,10 +839,10 @@ def keys() -> list[str]:
 def from_params(params: Mapping[str, Any]) -> Config:
     """The run's Config from DAG params: preset, then the ``data_file``'s sections, then the form fields,
     then free-form ``overrides``."""
-    return from_overrides(params.get("preset") or "guide", _given(params))
+    return from_overrides(params.get("preset") or "guide", given_overrides(params))
 
 
-def _given(params: Mapping[str, Any]) -> dict[str, Any]:
+def given_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
     """The keys a run sets over its preset (data file, form fields, overrides), later ones winning."""
     overrides: dict[str, Any] = dict(read_data_file(params.get("data_file"))[1])
     overrides.update({key: v for name, key in param_keys().items() if (v := params.get(name)) is not None})
@@ -827,7 +861,7 @@ def check_model_name(params: Mapping[str, Any]) -> None:
         ConfigError: ``labeled`` is given and ``gate.registered_model`` is not.
     """
     labeled = Sources.from_params(params).labeled
-    if labeled and "gate.registered_model" not in _given(params):
+    if labeled and "gate.registered_model" not in given_overrides(params):
         raise ConfigError(
             f"gate.registered_model: labeled data of your own ({labeled}) would be registered as "
             f"{GateConfig().registered_model!r}, the guide's SST-2 classifier",

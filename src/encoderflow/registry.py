@@ -356,7 +356,8 @@ def move_champion(
         c.set_registered_model_alias(name, CHAMPION, version)
         event = _event(action, who, reason, current_version, version)
         _record_move(c, name, version, event, history(name))
-    log.info("registry: %s champion v%s -> v%s (%s: %s, by %s)", name, current_version, version, action, reason, who)
+    before = f"v{current_version}" if current_version is not None else "none"
+    log.info("registry: %s champion %s -> v%s (%s: %s, by %s)", name, before, version, action, reason, who)
     return event
 
 

@@ -152,6 +152,9 @@ class Stack:
             "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder()),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(repo_root() / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            # As `make airflow`: a trigger runs (paused, it sat in "queued" with no word why). Runs on a
+            # schedule only with ENCODERFLOW_SCHEDULE set. The compose file pauses: production's choice.
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__OPERATORS__DEFAULT_QUEUE": "default",
             "ENCODERFLOW_HOME": str(self.home),
             "ENCODERFLOW_MLFLOW_UI_URL": self.mlflow_url,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from encoderflow import layout
-from encoderflow.config import Sources, check_model_name, from_params
+from encoderflow.config import Sources, check_conf_keys, check_model_name, from_params, given_overrides
 from encoderflow.results import (
     Baseline,
     Dataset,
@@ -49,6 +49,28 @@ def _inputs(step: str, **paths: str) -> None:
 
 def _output(step: str, label: str, path: str, sha256: str | None = None) -> None:
     log.info("%s output %s: %s%s", step, label, path, f" (sha256 {sha256})" if sha256 else "")
+
+
+def check_params(params: Mapping[str, Any], conf: Mapping[str, Any]) -> dict[str, Any]:
+    """Resolve the run's config once, before anything downloads, and say what it resolved to.
+
+    Raises:
+        ConfigError: a trigger key that is no param (``conf``: the trigger's own keys), an unknown
+            override key, a value out of bounds, or labeled data of your own without a model name.
+    """
+    setup_logging()
+    check_conf_keys(conf)
+    cfg = from_params(params)
+    check_model_name(params)
+    sources = {k: v for k, v in Sources.from_params(params).__dict__.items() if v}
+    log.info(
+        "check_params: preset %s, config hash %s; set: %s; data: %s",
+        cfg.preset,
+        cfg.config_hash()[:16],
+        ", ".join(f"{k}={v}" for k, v in sorted(given_overrides(params).items())) or "nothing (the preset's values)",
+        ", ".join(f"{k}={v}" for k, v in sorted(sources.items())) or "the guide's datasets",
+    )
+    return {"preset": cfg.preset, "config_hash": cfg.config_hash(), "training_hash": cfg.training_hash()}
 
 
 def download(role: str, params: Mapping[str, Any]) -> Dataset:
@@ -504,7 +526,6 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
     from encoderflow.config import RunOptions
 
     setup_logging()
-    check_model_name(params)
     cfg = from_params(params)
     mine = lineage_tags(cfg, inputs)
     champ = registry.champion(cfg.gate.registered_model)
@@ -584,8 +605,24 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
         k: v if isinstance(v, (int, float)) and math.isfinite(v) else None for k, v in summary["metrics"].items()
     }
     path = layout.write_json(layout.run_dir(run_id) / "summary.json", summary)
+    m, r = summary["metrics"], summary["registry"]
+    # The run's outcome in the last task's log, where a reader of the Airflow UI looks for it.
+    log.info(
+        "report: %s; val_accuracy %s (baseline_val_accuracy %s, champion_val_accuracy %s, mlm_val_accuracy %s); "
+        "%s v%s registered, champion v%s",
+        "BLESSED" if summary["gate"]["blessed"] else "NOT BLESSED: " + "; ".join(summary["gate"]["reasons"]),
+        *(_fmt_metric(m[k]) for k in ("val_accuracy", "baseline_val_accuracy", "champion_val_accuracy")),
+        _fmt_metric(m["mlm_val_accuracy"]),
+        r["registered_model"],
+        r["version"],
+        r["champion_version"] or "none",
+    )
     _output("report", "summary", str(path))
     return {"summary": str(path), **summary["metrics"], "blessed": summary["gate"]["blessed"]}
+
+
+def _fmt_metric(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def check_source(role: str, params: Mapping[str, Any], run_id: str | None = None) -> dict[str, Any]:
