@@ -312,6 +312,10 @@ def test_rest_api_run_to_success_with_epoch_logs(stack, smoke_run):
         "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": {"preset": "tiny"}}
     )
     assert status == 400, (status, body)
+    # So is an override whose key is no config key (the items' pattern lists them).
+    typo = {"logical_date": None, "conf": {"preset": "smoke", "overrides": ["model.num_layerz=2"]}}
+    status, body = stack.request("POST", f"/api/v2/dags/{DAG_ID}/dagRuns", typo)
+    assert status == 400 and "model.num_layerz=2" in json.dumps(body), (status, body)
 
     run_id, quoted, state, states = (smoke_run[k] for k in ("run_id", "quoted", "state", "states"))
     assert state == "success", f"{states}\n" + "\n".join(stack.tail(n) for n in stack.procs)
@@ -799,6 +803,23 @@ def test_a_failed_task_says_its_cause_and_fix_once_in_its_log(stack, smoke_run):
     assert text.count(cause) == 1 and text.count(fix) == 1, text[-4000:]
     [summary] = [line for line in text.splitlines() if "encoderflow FAILED" in line]
     assert f"encoderflow FAILED {DAG_ID}.validate_labeled run={run['dag_run_id']} try=1, no retry" in summary
+
+
+def test_a_trigger_key_that_is_no_param_fails_the_first_task_once(stack, smoke_run):
+    """Airflow keeps any conf key; one that is no param changed nothing and the run went on as if
+    it had not been given. check_params fails it before anything downloads, saying what was meant."""
+    conf = {**smoke_conf(stack.root / "data"), "pretrain_epoch": 3}
+    run, state = trigger(stack, DAG_ID, conf, 300, "the mistyped run to finish", note="typo")
+    assert state == "failed"
+    quoted = urllib.parse.quote(run["dag_run_id"], safe="")
+    _, tis = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances")
+    states = {ti["task_id"]: (ti["state"], ti["try_number"]) for ti in tis["task_instances"]}
+    assert states["check_params"] == ("failed", 1) and states["download_corpus"][0] == "upstream_failed", states
+    _, log = stack.request(
+        "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/check_params/logs/1?full_content=true"
+    )
+    text = "\n".join(log_lines(log["content"]))
+    assert text.count("unknown trigger params 'pretrain_epoch': did you mean 'pretrain_epochs'?") == 1, text[-4000:]
 
 
 @pytest.mark.slow

@@ -278,7 +278,7 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     run4, summary4 = _summary(again, home)
     states4 = {(t, m): state for t, m, state in _task_states(home)[run4]}
     assert states4[("check_lineage", -1)] == "success", states4
-    trained = [k for k in states4 if k[0].startswith(("download_", "check_lineage")) is False]
+    trained = [k for k in states4 if k[0].startswith(("check_params", "download_", "check_lineage")) is False]
     assert trained and all(states4[k] == "skipped" for k in trained), states4
     assert summary4["unchanged"]["message"] == f"nothing changed since champion v{v1.version}"
     assert "nothing changed since champion v" in again.stdout and "--force" in again.stdout
