@@ -56,7 +56,19 @@ def test_run_refuses_a_path_that_does_not_exist_before_starting_airflow(tmp_path
     missing = tmp_path / "nowhere"
     assert cli.main(["run", "--preset", "smoke", flag, str(missing)]) == 2
     kind = "file" if flag == "--sources-file" else "folder"
-    assert f"ConfigError: {flag} {missing}: does not exist; give {flag} an existing {kind}" in capsys.readouterr().err
+    assert (
+        f"ConfigError: {flag} {missing}: does not exist; fix: give {flag} an existing {kind}" in capsys.readouterr().err
+    )
+
+
+def test_run_refuses_a_data_files_missing_folder_naming_the_file(tmp_path, capsys):
+    data_file = tmp_path / "data.yaml"
+    data_file.write_text("corpus: nowhere/\ngate:\n  registered_model: t\n")
+    assert cli.main(["run", "--preset", "smoke", "--data-file", str(data_file)]) == 2
+    assert (
+        f"ConfigError: corpus (declared in {data_file}) {tmp_path / 'nowhere'}: does not exist; "
+        f"fix: give --corpus an existing folder, or correct {data_file}"
+    ) in capsys.readouterr().err
 
 
 def test_run_refuses_labeled_data_of_your_own_without_a_model_name(tmp_path, capsys):

@@ -435,8 +435,12 @@ class RunOutcome(NamedTuple):
 def _no_unrunnable_warning(record: logging.LogRecord) -> bool:
     # After a failure, dag.test's loop sees the tasks downstream of it for a moment before it marks
     # them upstream_failed, and warns "No tasks to run. unrunnable tasks: {...}" naming one of them:
-    # a task that is not the failure, in a run whose summary names the failure.
-    return not record.getMessage().startswith("No tasks to run.")
+    # a task that is not the failure, in a run whose summary names the failure. A task waiting out
+    # a retry's delay (or deferred) is worth the line: the run is waiting, not stuck.
+    message = record.getMessage()
+    return not message.startswith("No tasks to run.") or any(
+        state in message.lower() for state in ("up_for_retry", "deferred")
+    )
 
 
 def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:

@@ -83,13 +83,21 @@ def run_conf(args: argparse.Namespace) -> dict[str, Any]:
         from encoderflow.data.sources import offline_root
 
         offline_root(conf["data_dir"])
+    from encoderflow.config import Sources
+    from encoderflow.data.folders import is_http, local_path
+
+    sources = Sources.from_params(conf)  # the flags, else the data file's declarations
     for name, kind in (("corpus", "folder"), ("labeled", "folder"), ("sources_file", "file")):
-        path = conf.get(name)
-        if path and "://" not in path and not (Path(path).is_dir() if kind == "folder" else Path(path).is_file()):
-            flag = "--" + name.replace("_", "-")
+        location = getattr(sources, name)
+        if not location or is_http(location):
+            continue
+        path = local_path(location)
+        if not (path.is_dir() if kind == "folder" else path.is_file()):
+            flag = f"--{name.replace('_', '-')}"
+            given = flag if conf.get(name) else f"{name} (declared in {sources.data_file})"
             raise ConfigError(
-                f"{flag} {path}: {'does not exist' if not Path(path).exists() else f'not a {kind}'}; "
-                f"give {flag} an existing {kind}"
+                f"{given} {location}: {'does not exist' if not path.exists() else f'not a {kind}'}",
+                fix=f"give {flag} an existing {kind}" + ("" if conf.get(name) else f", or correct {sources.data_file}"),
             )
     return conf
 

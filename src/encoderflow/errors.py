@@ -77,7 +77,8 @@ class Cause:
 
     Attributes:
         error: the exception type, e.g. ``NonFiniteLoss``.
-        message: what went wrong, on one line (whitespace collapsed, at most ~300 characters).
+        message: what went wrong, on one line (:func:`one_line`: its lines joined by "; ", at most 500
+            characters of whole lines, then "(+N more)").
         fix: what to do about it.
         expected: an :class:`EncoderflowError` (bad input, config or training: no retry) rather
             than a bug or an outage.

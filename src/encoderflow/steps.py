@@ -609,13 +609,13 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
     # The run's outcome in the last task's log, where a reader of the Airflow UI looks for it.
     log.info(
         "report: %s; val_accuracy %s (baseline_val_accuracy %s, champion_val_accuracy %s, mlm_val_accuracy %s); "
-        "%s v%s registered, champion v%s",
+        "%s v%s registered, champion %s",
         "BLESSED" if summary["gate"]["blessed"] else "NOT BLESSED: " + "; ".join(summary["gate"]["reasons"]),
         *(_fmt_metric(m[k]) for k in ("val_accuracy", "baseline_val_accuracy", "champion_val_accuracy")),
         _fmt_metric(m["mlm_val_accuracy"]),
         r["registered_model"],
         r["version"],
-        r["champion_version"] or "none",
+        f"v{r['champion_version']}" if r["champion_version"] else "none",
     )
     _output("report", "summary", str(path))
     return {"summary": str(path), **summary["metrics"], "blessed": summary["gate"]["blessed"]}

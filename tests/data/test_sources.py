@@ -652,6 +652,18 @@ def test_offline_folder_without_the_configured_split_names_the_key_and_a_split_i
     ), err.value
     assert err.value.fix.startswith("put wiki.train.raw there, or use a split it holds: --set data.pretrain_split=test")
     assert get_dataset("wikitext", pretrain_split="test", data_dir=str(data_dir))["files"]
+    # Never the split the other key reads: no validating on the pretraining text, nor the reverse.
+    (data_dir / sources.wikitext_member("valid")).unlink()
+    (data_dir / sources.wikitext_member("train")).write_text(" = T = \n text\n")
+    with pytest.raises(DataError) as err:
+        get_dataset("wikitext", pretrain_split="train", data_dir=str(data_dir))
+    assert "--set data.validation_split=test " in err.value.fix, err.value.fix
+    (data_dir / sources.wikitext_member("train")).unlink()
+    (data_dir / sources.wikitext_member("test")).unlink()
+    (data_dir / sources.wikitext_member("valid")).write_text(" = T = \n text\n")
+    with pytest.raises(DataError) as err:
+        get_dataset("wikitext", pretrain_split="train", data_dir=str(data_dir))
+    assert "which data.pretrain_split cannot share" in str(err.value) and err.value.fix == "put wiki.train.raw there"
 
 
 def test_offline_folder_that_does_not_exist_is_named(tmp_path):

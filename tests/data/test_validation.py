@@ -450,6 +450,29 @@ def test_your_own_data_is_told_to_fix_its_file_or_name_its_column(tmp_path):
     )
 
 
+def test_a_csv_row_with_another_number_of_fields_says_so_and_where(tmp_path):
+    from encoderflow import config
+    from encoderflow.data import inputs
+
+    from .fixtures_own import write_labeled
+
+    labeled = write_labeled(tmp_path / "tickets")
+    for split in ("train", "dev"):
+        rows = [json.loads(line) for line in (labeled / f"{split}.jsonl").read_text().splitlines()]
+        (labeled / f"{split}.jsonl").unlink()
+        body = "".join(f"{r['body'].replace(',', ' ')},{r['category']}\n" for r in rows)
+        extra = "a,b,c\n" if split == "dev" else ""
+        (labeled / f"{split}.csv").write_text("body,category\n" + body + extra)
+    cfg = config.from_overrides("smoke", OWN)
+    info = inputs.get("labeled", cfg, config.Sources(labeled=str(labeled)))
+    report = validation.validate_dataset(info, tmp_path / "docs", inputs_cfg=cfg.inputs)
+    rows = len((labeled / "dev.csv").read_text().splitlines())
+    assert report["failures"] == [
+        f"labeled: {labeled / 'dev.csv'}: expect_column_values_to_be_in_set(column='_parsed', value_set=[True]) "
+        f"failed, observed 1 of {rows - 1} rows not the header's number of fields at lines [{rows}]"
+    ]
+
+
 def test_a_class_share_out_of_bounds_names_the_label(tmp_path):
     report, _, labeled = _own(tmp_path, "labeled", lambda c, lab: None, **{"inputs.max_class_share": 0.3})
     observed = [f.split(" failed, observed ")[1] for f in report["failures"]]

@@ -541,7 +541,16 @@ def _offline_splits_present(data_dir: str | os.PathLike, splits: dict[str, str])
     for key, split in splits.items():
         path = root / wikitext_member(split)
         if present and not path.is_file():
-            other = next((s for s in present if s != "valid"), present[0]) if key == "pretrain_split" else present[0]
+            # Not the split the other key reads (pretraining on the validation text, or the reverse).
+            taken = {v for k, v in splits.items() if k != key}
+            order = ("test", "train", "valid") if key == "pretrain_split" else ("valid", "test", "train")
+            other = next((s for s in order if s in present and s not in taken), None)
+            if other is None:
+                raise DataError(
+                    f"offline data folder {root}: missing {path}, the {split} split data.{key} names "
+                    f"(this folder holds WikiText's {', '.join(present)}, which data.{key} cannot share)",
+                    fix=f"put wiki.{split}.raw there",
+                )
             raise DataError(
                 f"offline data folder {root}: missing {path}, the {split} split data.{key} names "
                 f"(this folder holds WikiText's {', '.join(present)})",

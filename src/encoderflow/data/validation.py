@@ -225,11 +225,12 @@ def _observed(result: Any, df=None) -> str:
     if "unexpected_count" in r:
         rows = r.get("partial_unexpected_index_list") or []
         where = f" at lines {_line_numbers(df, rows[:5])}" if rows else ""
-        flag = _FLAGS.get((result.expectation_config.kwargs or {}).get("column"))
+        column = (result.expectation_config.kwargs or {}).get("column")
+        flag = _FLAGS.get(column)
         if flag is not None:  # a column the frame adds: its True/False values say nothing to a reader
             fmt = df.attrs.get("format", "tsv") if df is not None else "tsv"
             what = flag[fmt] if isinstance(flag, dict) else flag
-            if what.endswith("fields"):
+            if column == "_fields":  # the one flag that holds counts, worth showing
                 what += f" (they have {sorted(set(r.get('partial_unexpected_list', [])))[:5]})"
             return f"{r['unexpected_count']} of {r.get('element_count')} rows {what}{where}"
         return (
