@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from encoderflow import layout, registry, steps
-from encoderflow.config import ConfigError, check_model_name, from_params
+from encoderflow.config import ConfigError, from_params, resolve
 from encoderflow.errors import EncoderflowError
 from tests.test_bundle import fake_bundle
 
@@ -86,7 +86,7 @@ def test_labeled_data_of_your_own_needs_a_model_name_of_its_own():
     named = {**own, "overrides": ["gate.registered_model=tickets"]}
     assert steps.check_params(named, named)["preset"] == "smoke"
     # Named on purpose, the SST-2 model's name is a choice, not an oversight.
-    check_model_name({**own, "overrides": ["gate.registered_model=encoderflow-sst2"]})
+    resolve({**own, "overrides": ["gate.registered_model=encoderflow-sst2"]})
 
 
 def test_check_params_refuses_what_a_trigger_could_get_wrong_and_logs_what_it_resolved(caplog):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from encoderflow import layout, runtime
-from encoderflow.config import PRESETS, ROLES, ConfigError, check_model_name, from_overrides, from_params, parse_set
+from encoderflow.config import PRESETS, ROLES, ConfigError, from_overrides, from_params, parse_set, resolve
 from encoderflow.errors import Cause, EncoderflowError, read_failure
 
 if TYPE_CHECKING:
@@ -190,8 +190,7 @@ def _label(task_id: str, map_index: int) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     conf = run_conf(args)
-    from_params(conf)  # fail fast on a bad --set or data file
-    check_model_name(conf)
+    resolve(conf)  # fail fast on a bad --set or data file, or own data without its own model name
     t0 = time.monotonic()
     # The terminal follows the run: encoderflow's lines, dag.test's task starts, Airflow's warnings and
     # errors. Airflow's INFO per task call (xcom pushes, state updates, ::group:: markers) was 60% of it.

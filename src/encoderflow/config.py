@@ -850,24 +850,29 @@ def given_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
     return overrides
 
 
-def check_model_name(params: Mapping[str, Any]) -> None:
-    """Labeled data of your own needs a registered model of its own, named by the run.
+def resolve(params: Mapping[str, Any]) -> tuple[Config, dict[str, Any], Sources]:
+    """What a run is, checked before it starts: its Config, the keys it sets over its preset, its sources.
 
-    Under the default name its first model would become the SST-2 model's champion (or, with one
-    already there, train in full only for the gate to refuse another label set). Naming
+    Labeled data of your own needs a registered model of its own, named by the run: under the
+    default name its first model would become the SST-2 model's champion (or, with one already
+    there, train in full only for the gate to refuse another label set). Naming
     ``encoderflow-sst2`` explicitly is allowed: that is a choice, not an oversight.
 
     Raises:
-        ConfigError: ``labeled`` is given and ``gate.registered_model`` is not.
+        ConfigError: what :func:`from_params` refuses, or ``labeled`` given and
+            ``gate.registered_model`` not.
     """
-    labeled = Sources.from_params(params).labeled
-    if labeled and "gate.registered_model" not in given_overrides(params):
+    given = given_overrides(params)
+    cfg = from_overrides(params.get("preset") or "guide", given)
+    sources = Sources.from_params(params)
+    if (labeled := sources.labeled) and "gate.registered_model" not in given:
         raise ConfigError(
             f"gate.registered_model: labeled data of your own ({labeled}) would be registered as "
             f"{GateConfig().registered_model!r}, the guide's SST-2 classifier",
             fix="name this task's model: --set gate.registered_model=<name> (data file: gate: {registered_model: "
             "<name>}; trigger form: Other overrides)",
         )
+    return cfg, given, sources
 
 
 def read_data_file(path: str | None) -> tuple[dict[str, str], dict[str, Any]]:

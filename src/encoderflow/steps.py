@@ -7,6 +7,7 @@ read and what it wrote (path and sha256) once, so a task log says where its arti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from encoderflow import layout
-from encoderflow.config import Sources, check_conf_keys, check_model_name, from_params, given_overrides
+from encoderflow.config import Sources, check_conf_keys, from_params, resolve
 from encoderflow.results import (
     Baseline,
     Dataset,
@@ -60,15 +61,14 @@ def check_params(params: Mapping[str, Any], conf: Mapping[str, Any]) -> dict[str
     """
     setup_logging()
     check_conf_keys(conf)
-    cfg = from_params(params)
-    check_model_name(params)
-    sources = {k: v for k, v in Sources.from_params(params).__dict__.items() if v}
+    cfg, given, sources = resolve(params)
+    declared = {k: v for k, v in dataclasses.asdict(sources).items() if v}
     log.info(
         "check_params: preset %s, config hash %s; set: %s; data: %s",
         cfg.preset,
         cfg.config_hash()[:16],
-        ", ".join(f"{k}={v}" for k, v in sorted(given_overrides(params).items())) or "nothing (the preset's values)",
-        ", ".join(f"{k}={v}" for k, v in sorted(sources.items())) or "the guide's datasets",
+        ", ".join(f"{k}={v}" for k, v in sorted(given.items())) or "nothing (the preset's values)",
+        ", ".join(f"{k}={v}" for k, v in sorted(declared.items())) or "the guide's datasets",
     )
     return {"preset": cfg.preset, "config_hash": cfg.config_hash(), "training_hash": cfg.training_hash()}
 
