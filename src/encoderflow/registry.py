@@ -218,37 +218,34 @@ def log_candidate(
     return {"run_id": run_id, "version": str(mv.version), "source": source, "tracking_uri": tracking_uri()}
 
 
-def _close_orphans(c, exp_id: str, tags: dict[str, str]) -> None:
-    """An earlier try of this Airflow run killed inside its MLflow run left it RUNNING with no
-    version: mark it KILLED, so the experiment shows one live candidate per run, not a ghost."""
-    run = tags.get("airflow.run_id")
-    if not run:
-        return
-    # ``_registered_for`` found no version for this run, so none of its MLflow runs reached the registry.
-    query = f"tags.`airflow.run_id` = '{run}' and attributes.status = 'RUNNING'"
-    for orphan in c.search_runs([exp_id], filter_string=query):
-        if orphan.data.tags.get("airflow.dag_id") == tags.get("airflow.dag_id"):
-            c.set_terminated(orphan.info.run_id, status="KILLED")
-            log.info(
-                "registry: MLflow run %s, an earlier try of %s killed before registering, marked KILLED",
-                orphan.info.run_id,
-                run,
-            )
+def _earlier_tries(c, exp_id: str, tags: dict[str, str], status: str) -> list:
+    """The MLflow runs earlier tries of this Airflow run (same dag and run id) left in ``status``, newest first.
 
-
-def _finished_unregistered(c, exp_id: str, tags: dict[str, str]):
-    """The MLflow run an earlier try of this Airflow run completed (FINISHED) without registering it, or None.
-
-    Only called once ``_registered_for`` found no version for the Airflow run, so no run of it has one.
+    Only called once ``_registered_for`` found no version for the Airflow run, so none of them has one.
     """
     run = tags.get("airflow.run_id")
     if not run:
-        return None
-    query = f"tags.`airflow.run_id` = '{run}' and attributes.status = 'FINISHED'"
-    for candidate in c.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"]):
-        if candidate.data.tags.get("airflow.dag_id") == tags.get("airflow.dag_id"):
-            return candidate
-    return None
+        return []
+    query = f"tags.`airflow.run_id` = '{run}' and attributes.status = '{status}'"
+    found = c.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"])
+    return [r for r in found if r.data.tags.get("airflow.dag_id") == tags.get("airflow.dag_id")]
+
+
+def _close_orphans(c, exp_id: str, tags: dict[str, str]) -> None:
+    """An earlier try of this Airflow run killed inside its MLflow run left it RUNNING with no
+    version: mark it KILLED, so the experiment shows one live candidate per run, not a ghost."""
+    for orphan in _earlier_tries(c, exp_id, tags, "RUNNING"):
+        c.set_terminated(orphan.info.run_id, status="KILLED")
+        log.info(
+            "registry: MLflow run %s, an earlier try of %s killed before registering, marked KILLED",
+            orphan.info.run_id,
+            tags["airflow.run_id"],
+        )
+
+
+def _finished_unregistered(c, exp_id: str, tags: dict[str, str]):
+    """The MLflow run an earlier try of this Airflow run completed (FINISHED) without registering it, or None."""
+    return next(iter(_earlier_tries(c, exp_id, tags, "FINISHED")), None)
 
 
 def _registered_for(c, name: str, tags: dict[str, str]) -> dict[str, Any] | None:

@@ -536,7 +536,7 @@ def _offline_splits_present(data_dir: str | os.PathLike, splits: dict[str, str])
 
     Offline copies usually lack the 540 MB train split, and the guide and recipe presets pretrain on it.
     """
-    root = Path(data_dir).expanduser().resolve()
+    root = offline_root(data_dir)
     present = [s for s in ("train", "valid", "test") if (root / wikitext_member(s)).is_file()]
     for key, split in splits.items():
         path = root / wikitext_member(split)

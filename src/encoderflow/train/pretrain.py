@@ -301,14 +301,13 @@ def _train(
     policy = runtime.set_dtype_policy(p.precision)
     whole_batches = devices > 1
 
-    def one_batch_at_least(count: int, split: str, records: int, more: str) -> int:
+    def one_batch_at_least(count: int, split: str, records: int, more: str) -> None:
         if count == 0:
             raise EncoderflowError(
                 f"{manifest_path}: {records} {split} records{' a copy' if split == 'train' else ''} do not fill "
                 f"one batch of pretrain.batch_size={p.batch_size} on {devices} device{'s' * (devices > 1)}",
                 fix=f"lower pretrain.batch_size (a multiple of the device count) or {more}",
             )
-        return count
 
     train_records, per_copy = manifest["totals"]["train"]["records"], copy_records(manifest)
     # Per copy, whatever pretrain.steps_per_epoch says: repeating 4 records to fill 50 steps trains nothing.
