@@ -24,6 +24,8 @@ from urllib.parse import quote
 
 from encoderflow import DAG_ID
 from encoderflow.config import GateConfig
+from encoderflow.gate import METRICS as GATE_METRICS
+from encoderflow.gate import metric_tag
 from encoderflow.layout import safe_run_id
 from encoderflow.results import current_names
 
@@ -108,11 +110,7 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
             entry["preset"] = summary.get("preset")
         elif gate:
             entry["gate"] = {"blessed": gate.get("blessed"), "reasons": gate.get("reasons", [])}
-            entry["metrics"] = {
-                "val_accuracy": gate.get("candidate"),
-                "baseline_val_accuracy": gate.get("baseline"),
-                "champion_val_accuracy": gate.get("champion"),
-            }
+            entry["metrics"] = {metric: gate.get(name) for name, metric in GATE_METRICS.items()}
         if gate:
             entry["checks"] = gate.get("checks", [])
             entry["intervals"] = gate_intervals(gate)
@@ -209,9 +207,7 @@ def gate_figures(gate: dict[str, Any] | None, summary: dict[str, Any] | None) ->
         metrics = summary.get("metrics") or {}
         figures = {
             "blessed": (summary.get("gate") or {}).get("blessed"),
-            "candidate": _finite(metrics.get("val_accuracy")),
-            "baseline": _finite(metrics.get("baseline_val_accuracy")),
-            "champion": _finite(metrics.get("champion_val_accuracy")),
+            **{name: _finite(metrics.get(metric)) for name, metric in GATE_METRICS.items()},
             "champion_version": None,
             "floor": None,
             "min_gain_over_baseline": None,
@@ -618,7 +614,7 @@ def render(
         )
         tags = champ.get("tags") or {}
         try:
-            accuracy = _acc(float(tags["gate.val_accuracy"]))
+            accuracy = _acc(float(tags[metric_tag(GATE_METRICS["candidate"])]))
         except (KeyError, TypeError, ValueError):
             accuracy = "–"
         out.append(

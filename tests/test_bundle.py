@@ -62,6 +62,24 @@ def test_a_tampered_or_missing_file_fails_verify_naming_it(tmp_path, fname):
         bundle.verify(path)
 
 
+def test_a_bundle_json_that_lists_fewer_files_fails_verify_naming_them(tmp_path):
+    """Only listed files were checked: {"files": {}} beside no model at all passed."""
+    path = fake_bundle(tmp_path / "b", "x")
+    layout.write_json(path / "bundle.json", {"files": {}})
+    for fname in bundle.FILES:
+        (path / fname).unlink()
+    with pytest.raises(EncoderflowError, match="lists no sha256 for classifier.keras, encoder.keras, vocab.txt"):
+        bundle.verify(path)
+    path = fake_bundle(tmp_path / "c", "y")
+    meta = layout.read_json(path / "bundle.json")
+    del meta["files"]["encoder.keras"]
+    layout.write_json(path / "bundle.json", meta)
+    with pytest.raises(
+        EncoderflowError, match=r"bundle.json: lists no sha256 for encoder.keras; the bundle is incomplete"
+    ):
+        bundle.verify(path)
+
+
 def test_a_folder_without_bundle_json_is_not_a_bundle(tmp_path):
     with pytest.raises(EncoderflowError, match="incomplete model bundle .no bundle.json."):
         bundle.verify(tmp_path)

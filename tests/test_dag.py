@@ -40,6 +40,7 @@ print(json.dumps({
     "max_active_runs": dag.max_active_runs if dag else None,
     "catchup": dag.catchup if dag else None,
     "download_retries": dag.get_task("download_labeled").retries if dag else None,
+    "queues": {t.task_id: [t.queue, t.pool] for t in dag.tasks} if dag else {},
     "return_value_logged": sorted(t.task_id for t in dag.tasks if getattr(t, "show_return_value_in_logs", False))
         if dag else None,
 }))
@@ -71,6 +72,10 @@ def test_dagbag_parses_without_heavy_imports(tmp_path):
     assert result["max_active_runs"] == 1
     assert result["catchup"] is False
     assert result["download_retries"] >= 2
+    # Both training stages run on the gpu queue, one at a time through the gpu pool; nothing else does.
+    on_gpu = sorted(t for t, (queue, pool) in result["queues"].items() if queue == "gpu" and pool == "gpu")
+    assert on_gpu == ["finetune", "pretrain"], result["queues"]
+    assert not any("gpu" in (queue, pool) for t, (queue, pool) in result["queues"].items() if t not in on_gpu)
     assert {
         "check_params",
         "download_corpus",

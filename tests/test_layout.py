@@ -140,3 +140,53 @@ def test_a_temp_folder_sweeps_what_dead_writers_of_its_prefix_left(tmp_path):
         assert tmp.name.startswith(".fetch-") and tmp.is_dir()
         assert not dead.exists() and other.is_dir()
     assert not tmp.exists()
+
+
+def _earlier_run(run: str, key: str, artifact: bytes, code: str | None = None, age: float = 0.0) -> Path:
+    """A finished stage result in run folder ``run``, as pretrain writes one, ``age`` seconds old."""
+    out = layout.run_dir(run) / "pretrain"
+    out.mkdir(parents=True)
+    (out / "encoder.keras").write_bytes(artifact)
+    result = {"key": key, "encoder": str(out / "encoder.keras"), "code_hash": code or layout.code_hash()}
+    path = layout.write_json(out / "result.json", result)
+    os.utime(path, (time.time() - age, time.time() - age))
+    return out
+
+
+def test_adopt_earlier_copies_the_newest_sound_result_of_the_same_key_and_code(caplog):
+    def altered(file: Path, result: dict) -> str | None:
+        return None if file.read_bytes().startswith(b"good") else "its sha256 differs"
+
+    mine = layout.run_dir("now") / "pretrain"
+    assert layout.adopt_earlier("pretrain", "k1", mine, "encoder", altered) is None  # no other run yet
+    _earlier_run("old", "k1", b"good old", age=60)
+    _earlier_run("other-key", "k2", b"good other key")
+    _earlier_run("other-code", "k1", b"good other code", code="0" * 64)
+    newest = _earlier_run("newest", "k1", b"bad bytes", age=1)
+    with caplog.at_level("WARNING", logger="encoderflow.layout"):
+        adopted = layout.adopt_earlier("pretrain", "k1", mine, "encoder", altered)
+    # The newest is altered: named once and passed over for the older sound one, which is copied.
+    assert [r.getMessage() for r in caplog.records] == [
+        f"pretrain: not reusing {newest / 'encoder.keras'} (run newest): its sha256 differs"
+    ]
+    assert adopted["encoder"] == str(mine / "encoder.keras") and adopted["key"] == "k1"
+    assert (mine / "encoder.keras").read_bytes() == b"good old"
+    assert adopted["reused_from"] == str(layout.run_dir("old") / "pretrain" / "result.json")
+    assert layout.read_json(mine / "result.json") == adopted
+    assert sorted(p.name for p in mine.iterdir()) == ["encoder.keras", "result.json"]  # no temp left behind
+    # Its own folder is never a source, and another key or another code's result is never adopted.
+    assert layout.adopt_earlier("pretrain", "k2", layout.run_dir("other-key") / "pretrain", "encoder", altered) is None
+    assert layout.adopt_earlier("pretrain", "k3", mine, "encoder", altered) is None
+
+
+def test_adopt_earlier_copies_a_folder_artifact_whole():
+    src = layout.run_dir("old") / "finetune"
+    (src / "bundle" / "sub").mkdir(parents=True)
+    (src / "bundle" / "bundle.json").write_text("{}")
+    (src / "bundle" / "sub" / "weights").write_bytes(b"w")
+    layout.write_json(src / "result.json", {"key": "k", "bundle": str(src / "bundle"), "code_hash": layout.code_hash()})
+    mine = layout.run_dir("now") / "finetune"
+    adopted = layout.adopt_earlier("finetune", "k", mine, "bundle", lambda folder, result: None)
+    assert adopted["bundle"] == str(mine / "bundle")
+    assert (mine / "bundle" / "sub" / "weights").read_bytes() == b"w"
+    assert sorted(p.name for p in mine.iterdir()) == ["bundle", "result.json"]

@@ -184,13 +184,9 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     # a significant gain, and its paired interval says it is significantly worse. It pretrains with
     # the recipe preset's switches (task-adaptive shards, no dropout, schedules, decay), so they run
     # through Airflow too, and starts from the champion's encoder (a warm start).
-    second = _run(
-        home,
-        url,
-        sources,
+    trains2 = (
         "finetune.learning_rate=1e-9",
         "finetune.steps_per_epoch=1",
-        "gate.require_significant_gain=true",
         "data.task_adaptive=true",
         "data.sequence_mode=packed",
         "pretrain.init_from=champion",
@@ -199,6 +195,7 @@ def test_two_runs_through_airflow(served, encoderflow_home):
         "pretrain.weight_decay=0.01",
         "finetune.lr_schedule=warmup_cosine",
     )
+    second = _run(home, url, sources, *trains2, "gate.require_significant_gain=true")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     run2, summary2 = _summary(second, home)
     assert run2 != run1
@@ -286,6 +283,27 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     assert client.get_model_version_by_alias(MODEL, "champion").version == v1.version
     html = page.render(page.collect_runs(home), {"champion": None, "history": []}, MODEL, None)
     assert f"nothing changed since champion v{v1.version}" in html
+
+    # Run 2's training with only a gate setting changed: its encoder and bundle are copied from run 2's
+    # folder (checked first), nothing is pretrained or fine-tuned, and the same candidate is gated again.
+    regate = _run(home, url, sources, *trains2)
+    assert regate.returncode == 0, regate.stdout[-3000:] + regate.stderr[-5000:]
+    run5, summary5 = _summary(regate, home)
+    folder2 = layout.safe_run_id(run2)
+    assert summary5["runtime"]["pretrain"]["reused_from"] == folder2 == summary5["runtime"]["finetune"]["reused_from"]
+    assert f"in run {folder2}, reused" in regate.stdout
+    assert summary5["metrics"]["val_accuracy"] == summary2["metrics"]["val_accuracy"]
+    assert summary5["gate"]["blessed"] is False
+    assert not any(r.startswith("significance") for r in summary5["gate"]["reasons"]), summary5["gate"]
+    logs5 = {
+        t: (layout.run_dir(run5) / "logs" / f"task_id={t}" / "attempt=1.log").read_text()
+        for t in ("pretrain", "finetune")
+    }
+    assert f"pretrain: reusing the encoder run {folder2} trained from" in logs5["pretrain"]
+    assert f"finetune: reusing the bundle run {folder2} trained from" in logs5["finetune"]
+    assert "steps/epoch" not in logs5["pretrain"] and "finetune: device" not in logs5["finetune"]
+    v5 = client.get_model_version(MODEL, summary5["registry"]["version"])
+    assert v5.tags["pretrain.reused_from"] == folder2 == v5.tags["finetune.reused_from"]
 
 
 def test_your_own_corpus_and_labels_through_airflow(tmp_path, encoderflow_home, caplog):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from encoderflow import runtime
 
@@ -99,3 +100,24 @@ def test_compiled_programs_are_kept_under_encoderflow_home_for_the_next_process(
     assert elsewhere["folder"] == str(tmp_path / "elsewhere") and elsewhere["misses"] >= 1, elsewhere
     off = probe(JAX_ENABLE_COMPILATION_CACHE="false")
     assert off["folder"] is None and off["hits"] == 0, off
+
+
+def test_tensorflow_that_initialised_its_gpus_first_is_named_not_passed_over(monkeypatch, caplog):
+    """A RuntimeError from set_visible_devices used to be ignored, leaving TensorFlow on the GPUs."""
+    import types
+
+    def initialised(devices, kind):
+        raise RuntimeError("Visible devices cannot be modified after being initialized")
+
+    for visible, warned in ((["/physical_device:GPU:0"], True), ([], False)):
+        fake = types.ModuleType("tensorflow")
+        fake.config = types.SimpleNamespace(
+            set_visible_devices=initialised, get_visible_devices=lambda kind, v=visible: v
+        )
+        monkeypatch.setitem(sys.modules, "tensorflow", fake)
+        monkeypatch.setitem(sys.modules, "tensorflow_text", types.ModuleType("tensorflow_text"))
+        monkeypatch.setattr(runtime, "_tf", None)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="encoderflow.runtime"):
+            assert runtime.tensorflow() is fake
+        assert ("TensorFlow initialised 1 GPU(s) before encoderflow could hide them" in caplog.text) is warned

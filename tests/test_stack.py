@@ -324,7 +324,7 @@ def test_security_anonymous_mlflow_and_airflow_viewer(deployed):
     assert champion, "an earlier test should have promoted a champion"
     from mlflow.exceptions import MlflowException
 
-    for user, code in ((None, "401"), ("encoderflow-reader", "403")):
+    for user, code in ((None, 401), ("encoderflow-reader", 403)):
         c = mlflow_client(st, user)
         try:
             with pytest.raises(MlflowException) as refused:
@@ -332,11 +332,8 @@ def test_security_anonymous_mlflow_and_airflow_viewer(deployed):
         finally:
             os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
             os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
-        assert (
-            code in str(refused.value)
-            or "PERMISSION_DENIED" in str(refused.value)
-            or "Unauthorized" in str(refused.value)
-        ), refused.value
+        # Anonymous: not authenticated; the reader: authenticated, not allowed. Either mixed up is a broken setup.
+        assert refused.value.get_http_status_code() == code, (user, refused.value)
     assert registry_state(st)[0] == champion  # nothing moved
 
     # A bare HTTP request with no credentials is refused before it reaches the registry.

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from encoderflow import layout
 from encoderflow.errors import EncoderflowError
+from encoderflow.results import SST2_LABELS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,7 +56,7 @@ def write(
     vocab_path: str | os.PathLike,
     cfg: Config,
     val_accuracy: float,
-    labels: Sequence[str] = ("0", "1"),
+    labels: Sequence[str] = SST2_LABELS,
 ) -> Path:
     """Save a bundle at ``path``, replacing any bundle there, atomically.
 
@@ -128,6 +129,11 @@ def metadata(path: str | os.PathLike) -> dict[str, Any]:
     return layout.read_json(meta_path)
 
 
+def labels_of(meta: dict[str, Any]) -> list[str]:
+    """A ``bundle.json``'s label set in class-index order; bundles written before it was recorded are SST-2's."""
+    return list(meta.get("labels") or SST2_LABELS)
+
+
 def verify(path: str | os.PathLike) -> Path:
     """Check every file of a bundle (a downloaded one, say) against the sha256s in its ``bundle.json``.
 
@@ -135,14 +141,19 @@ def verify(path: str | os.PathLike) -> Path:
         ``path``, for chaining.
 
     Raises:
-        EncoderflowError: no ``bundle.json``, or a file is missing or differs from its recorded
-            sha256; the message names the file.
+        EncoderflowError: no ``bundle.json``, one that does not list every file of :data:`FILES`, or a
+            file missing or differing from its recorded sha256; the message names the file.
     """
     path = Path(path)
     meta_path = path / META
     if not meta_path.exists():
         raise EncoderflowError(f"{path}: incomplete model bundle (no bundle.json)")
-    for fname, digest in layout.read_json(meta_path)["files"].items():
+    files = layout.read_json(meta_path).get("files", {})
+    if unlisted := [name for name in FILES if name not in files]:
+        raise EncoderflowError(
+            f"{meta_path}: lists no sha256 for {', '.join(unlisted)}; the bundle is incomplete (write it again)"
+        )
+    for fname, digest in files.items():
         file = path / fname
         if not file.exists() or layout.sha256_file(file) != digest:
             raise EncoderflowError(
@@ -199,7 +210,7 @@ class Scorer:
     @property
     def labels(self) -> list[str]:
         """The label set in class-index order; bundles written before it was recorded are SST-2's."""
-        return list(self.meta.get("labels") or ("0", "1"))
+        return labels_of(self.meta)
 
     def probabilities(self, sentences: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Two classes: P(class 1) per sentence, shape ``[n]``; more: one row of class probabilities each."""

@@ -129,7 +129,8 @@ def print_summary(
         for k, v in s["metrics"].items():
             print(f"  {k:<32} {'-' if v is None else f'{v:.4f}'}")
         for stage, rt in s.get("runtime", {}).items():
-            print(f"  {stage:<32} {rt['device']}, {rt['dtype_policy']}, {rt['seconds']}s")
+            there = f" in run {rt['reused_from']}, reused" if rt.get("reused_from") else ""
+            print(f"  {stage:<32} {rt['device']}, {rt['dtype_policy']}, {rt['seconds']}s{there}")
         print("-" * 72)
         print(f"  gate: {'BLESSED' if s['gate']['blessed'] else 'NOT BLESSED'}")
         for reason in s["gate"]["reasons"]:
@@ -229,6 +230,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from encoderflow import steps
     from encoderflow.config import Sources
     from encoderflow.data import sources, validation
+    from encoderflow.data.inputs import BUILTIN
 
     _setup_logging()
     params = run_conf(args)
@@ -240,7 +242,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     for role in ROLES:
         if args.data_dir and role not in custom and not (role == "vocab" and cfg.inputs.vocab == "trained"):
-            spec = specs[{"corpus": "wikitext", "labeled": "sst2", "vocab": "vocab"}[role]]
+            spec = specs[BUILTIN[role]]
             members = sources.present_members(spec, args.data_dir)
             for missing in sorted(set(spec.members) - set(members)):
                 print(f"{role}: {missing} not in {args.data_dir}, skipped")
@@ -283,9 +285,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # By number: the alias may move while this runs, and the folder is named for this version.
     bundle = registry.download_version(name, current["version"], layout.home() / "serving" / f"v{current['version']}")
     scorer = Scorer(bundle)
+    from encoderflow.results import SST2_LABELS
+
     predicted, probs = scorer.predict(sentences)
     # SST-2's 0/1 read as sentiment; your own labels are printed as they are in the data.
-    names = ["negative", "positive"] if scorer.labels == ["0", "1"] else scorer.labels
+    names = ["negative", "positive"] if scorer.labels == list(SST2_LABELS) else scorer.labels
     print(f"model: models:/{name}@champion (v{current['version']})")
     for sentence, i, p in zip(sentences, predicted, probs, strict=True):
         print(f"{names[int(i)]}\t{p:.4f}\t{sentence}")

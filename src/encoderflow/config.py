@@ -1024,7 +1024,8 @@ class RunOptions:
         metadata={
             "title": "Train even if nothing changed",
             "description": "A run whose data, config and code equal the champion's skips training (it would "
-            "rebuild the same model): check_lineage short-circuits everything after it. On: train anyway.",
+            "rebuild the same model): check_lineage short-circuits everything after it, and pretrain and finetune "
+            "copy what another run trained from the same inputs, config and code. On: train anyway.",
         },
     )
 

@@ -278,7 +278,7 @@ def probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
 
 
 def _check_dataset_urls(spec: sources.DatasetSpec, mirror: str | None, timeout: float) -> Check:
-    urls = ([f"{mirror.rstrip('/')}/{spec.filename}"] if mirror else []) + list(spec.urls)
+    urls = spec.candidate_urls(mirror)
     failures = []
     what = f"source ({spec.name})"
     for i, url in enumerate(urls):

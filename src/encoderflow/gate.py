@@ -39,6 +39,15 @@ from encoderflow.config import GateConfig
 
 CONFIDENCE = 0.95
 
+# The decision's name for each accuracy it compares, and that accuracy's one name everywhere else:
+# XCom, summary.json, MLflow metrics and, as gate.<name> (:func:`metric_tag`), version tags.
+METRICS = {"candidate": "val_accuracy", "baseline": "baseline_val_accuracy", "champion": "champion_val_accuracy"}
+
+
+def metric_tag(metric: str) -> str:
+    """The model-version tag holding a metric the gate measured: ``gate.val_accuracy``."""
+    return f"gate.{metric}"
+
 
 @dataclass(frozen=True)
 class Interval:

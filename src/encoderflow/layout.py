@@ -10,14 +10,17 @@ import fcntl
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def home() -> Path:
@@ -197,3 +200,53 @@ def code_hash() -> str:
         h.update(path.relative_to(root).as_posix().encode() + b"\0")
         h.update(path.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def adopt_earlier(
+    stage: str, key: str, out_dir: str | os.PathLike, field: str, problem: Callable[[Path, dict[str, Any]], str | None]
+) -> dict[str, Any] | None:
+    """Copy into ``out_dir`` what another run's ``stage`` trained from exactly ``key`` with this code.
+
+    Training is a function of its key (inputs, config, seed) and the code: another run folder's
+    ``<stage>/result.json`` with both equal holds the model this run would train again, hours on
+    the guide preset. The newest such result whose artifact (``result[field]``, a file or a folder)
+    ``problem`` finds nothing wrong with is copied (so this run's folder stands alone when older
+    runs are deleted), and its result written to ``out_dir/result.json`` with the copy's path and
+    ``reused_from``. Results written before they recorded ``code_hash`` are never adopted.
+
+    Args:
+        stage: the result's folder name in a run folder (``pretrain``, ``finetune``).
+        key: the hash of what the stage trains from (its result's ``key``).
+        out_dir: this run's ``stage`` folder.
+        field: the result's key holding the artifact's path.
+        problem: why an earlier artifact may not be used (altered bytes, say), or None.
+
+    Returns:
+        The adopted result, or None when no earlier run has one.
+    """
+    out_dir = Path(out_dir)
+    code = code_hash()
+    found = []
+    for path in (home() / "runs").glob(f"*/{stage}/result.json"):
+        if path.parent.resolve() == out_dir.resolve():
+            continue
+        result = reusable(path, key)
+        if result is not None and result.get("code_hash") == code:
+            found.append((path.stat().st_mtime, path, result))
+    for _, path, result in sorted(found, key=lambda t: t[0], reverse=True):
+        src = Path(result[field])
+        why = problem(src, result) if src.exists() else "missing"
+        if why:
+            log.warning("%s: not reusing %s (run %s): %s", stage, src, path.parents[1].name, why)
+            continue
+        dst = out_dir / src.name
+        if src.is_dir():
+            with atomic_dir(dst) as tmp:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
+        else:
+            with atomic_path(dst, suffix=src.suffix) as tmp:
+                shutil.copyfile(src, tmp)
+        adopted = {**result, field: str(dst), "reused_from": str(path)}
+        write_json(out_dir / "result.json", adopted)
+        return adopted
+    return None

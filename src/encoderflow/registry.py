@@ -22,6 +22,7 @@ from typing import Any
 
 from encoderflow import bundle, layout
 from encoderflow.errors import EncoderflowError
+from encoderflow.gate import METRICS, metric_tag
 from encoderflow.results import current_names
 
 log = logging.getLogger(__name__)
@@ -268,9 +269,7 @@ def decision_tags(decision: dict[str, Any]) -> dict[str, str]:
     tags = {
         "gate.blessed": str(bool(decision["blessed"])).lower(),
         "gate.reasons": "; ".join(decision.get("reasons") or []) or "all checks passed",
-        "gate.val_accuracy": str(decision.get("candidate")),
-        "gate.baseline_val_accuracy": str(decision.get("baseline")),
-        "gate.champion_val_accuracy": str(decision.get("champion")),
+        **{metric_tag(metric): str(decision.get(name)) for name, metric in METRICS.items()},
         "gate.champion_version": str(decision.get("champion_version")),
     }
     for check in decision.get("checks", []):
@@ -287,11 +286,7 @@ def interval_tags(intervals: dict[str, Any] | None) -> dict[str, str]:
         "gate.intervals": f"{intervals['confidence']:.0%} paired bootstrap over {intervals['examples']} dev "
         f"sentences, {intervals['resamples']} resamples, seed {intervals['seed']}"
     }
-    for name, metric in (
-        ("candidate", "val_accuracy"),
-        ("champion", "champion_val_accuracy"),
-        ("baseline", "baseline_val_accuracy"),
-    ):
+    for name, metric in METRICS.items():
         if interval := intervals.get(name):
             tags[f"gate.{metric}_ci"] = f"[{interval['low']:.4f}, {interval['high']:.4f}]"
     if diff := intervals.get("candidate_minus_champion"):

@@ -106,6 +106,7 @@ class Pretrained(TypedDict):
     result: str
     parent: str | None  # the champion version or encoder path a warm start began from
     vocab_sha256: NotRequired[str]  # the vocabulary its token ids index (absent in results before it)
+    reused_from: NotRequired[str]  # the run folder whose encoder this is, trained from the same key and code
 
 
 class Finetuned(TypedDict):
@@ -113,10 +114,13 @@ class Finetuned(TypedDict):
     val_accuracy: float
     result: str
     parent: NotRequired[str | None]  # the champion version whose classifier fine-tuning continued
+    reused_from: NotRequired[str]  # the run folder whose bundle this is, trained from the same key and code
 
 
 # The SST-2 members the pipeline reads (test.tsv has no labels: validated, never scored).
 SST2_TRAIN, SST2_DEV = "SST-2/train.tsv", "SST-2/dev.tsv"
+# SST-2's labels in class-index order (negative, positive); also what a bundle without ``labels`` has.
+SST2_LABELS = ("0", "1")
 
 
 # XCom carries paths and small results: at ~230 bytes a file, a corpus folder of 100,000 files would

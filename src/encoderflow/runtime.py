@@ -164,8 +164,13 @@ def tensorflow(optional: bool = False):
             import tensorflow_text  # noqa: F401  (keras-hub's tokenizers load it; its .so logs too)
         try:
             tf.config.set_visible_devices([], "GPU")  # probes CUDA: the "failed call to cuInit" line
-        except RuntimeError:  # already initialised in this process; visibility was set earlier
-            pass
+        except RuntimeError:  # another import initialised TensorFlow's devices before this call
+            if gpus := tf.config.get_visible_devices("GPU"):
+                logging.getLogger(__name__).warning(
+                    "TensorFlow initialised %d GPU(s) before encoderflow could hide them, and may hold memory "
+                    "JAX needs: call encoderflow.runtime.tensorflow() before anything else uses TensorFlow",
+                    len(gpus),
+                )
     _tf = tf
     return tf
 

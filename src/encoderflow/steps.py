@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from encoderflow import layout
-from encoderflow.config import Sources, check_conf_keys, from_params, resolve
+from encoderflow.config import RunOptions, Sources, check_conf_keys, from_params, resolve
+from encoderflow.gate import METRICS, metric_tag
 from encoderflow.results import (
     Baseline,
     Dataset,
@@ -190,9 +191,10 @@ def pretrain(sealed: Sealed, params: Mapping[str, Any], run_id: str) -> Pretrain
     cfg = from_params(params)
     init = _init_encoder(cfg, out)
     _inputs("pretrain", manifest=sealed["manifest"], **({"init_from": init["path"]} if init else {}))
-    result = fit(cfg, sealed["manifest"], out, init)
+    result = fit(cfg, sealed["manifest"], out, init, earlier_runs=not RunOptions.from_params(params).force)
     _output("pretrain", "encoder", result["encoder"], result["encoder_sha256"])
     return {
+        **_reused(result),
         "encoder": result["encoder"],
         "encoder_sha256": result["encoder_sha256"],
         "mlm_val_accuracy": result["mlm_val_accuracy"],
@@ -200,6 +202,11 @@ def pretrain(sealed: Sealed, params: Mapping[str, Any], run_id: str) -> Pretrain
         "parent": (init.get("version") or init["path"]) if init else None,
         **({"vocab_sha256": result["vocab_sha256"]} if "vocab_sha256" in result else {}),
     }
+
+
+def _reused(result: dict[str, Any]) -> dict[str, str]:
+    """The run folder a stage's result was copied from (``adopt_earlier``), when it was."""
+    return {"reused_from": Path(result["reused_from"]).parents[1].name} if result.get("reused_from") else {}
 
 
 def _init_encoder(cfg, out: Path) -> dict[str, Any] | None:
@@ -255,9 +262,18 @@ def finetune(
             fix="fine-tune with the vocabulary the encoder was pretrained with (the same prepare_vocab result)",
         )
     _inputs("finetune", encoder=encoder, train=split_path(labeled, "train"), vocab=vocab_path)
-    result = fit(cfg, encoder, labeled, vocab_path, out, init_classifier=init["classifier"] if init else None)
+    result = fit(
+        cfg,
+        encoder,
+        labeled,
+        vocab_path,
+        out,
+        init_classifier=init["classifier"] if init else None,
+        earlier_runs=not RunOptions.from_params(params).force,
+    )
     _output("finetune", "bundle", result["bundle"])
     return {
+        **_reused(result),
         "bundle": result["bundle"],
         "val_accuracy": result["val_accuracy"],
         "result": str(out / "result.json"),
@@ -283,7 +299,7 @@ def _init_classifier(cfg, labeled: Dataset, vocab_sha256: str, out: Path) -> dic
     meta = bundle.metadata(folder)
     mine = {"labels": labels_of(labeled), "vocabulary sha256": vocab_sha256, "sequence length": cfg.data.seq_length}
     theirs = {
-        "labels": list(meta.get("labels") or ("0", "1")),
+        "labels": bundle.labels_of(meta),
         "vocabulary sha256": meta["files"][bundle.VOCAB],
         "sequence length": meta["seq_length"],
     }
@@ -413,6 +429,7 @@ def promote(
     setup_logging()
     cfg = from_params(params)
     run_id = lineage.get("airflow.run_id", "manual")
+    stages = (("pretrain", pretrained), ("finetune", finetuned))
     tags = {
         **lineage,
         **lineage_tags(cfg, inputs),
@@ -423,6 +440,7 @@ def promote(
         **_labels_tag(inputs["labeled"]),
         **({"lineage.parent": str(pretrained["parent"])} if pretrained.get("parent") else {}),
         **({"lineage.finetune_parent": str(finetuned["parent"])} if finetuned.get("parent") else {}),
+        **{f"{stage}.reused_from": res["reused_from"] for stage, res in stages if res.get("reused_from")},
     }
     histories = {
         stage: layout.read_json(res["result"]).get("history", {})
@@ -523,7 +541,6 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
     champion's. False (nothing changed) writes the run's ``summary.json`` saying so; the DAG's
     short-circuit then skips every task after this one."""
     from encoderflow import registry
-    from encoderflow.config import RunOptions
 
     setup_logging()
     cfg = from_params(params)
@@ -543,7 +560,7 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
         return True
     message = f"nothing changed since champion v{champ['version']}"
     try:
-        accuracy = float(champ["tags"].get("gate.val_accuracy"))
+        accuracy = float(champ["tags"].get(metric_tag(METRICS["candidate"])))
     except (TypeError, ValueError):
         accuracy = None
     summary = {
@@ -579,7 +596,10 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
             "champion_val_accuracy": results["decision"].get("champion"),
         },
         "runtime": {
-            stage: {k: layout.read_json(res["result"]).get(k) for k in ("device", "dtype_policy", "seconds")}
+            stage: {
+                **{k: layout.read_json(res["result"]).get(k) for k in ("device", "dtype_policy", "seconds")},
+                "reused_from": res.get("reused_from"),
+            }
             for stage, res in (("pretrain", results["pretrained"]), ("finetune", results["finetuned"]))
         },
         "gate": {
@@ -600,7 +620,7 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
             "data_docs": {name: info["validation"]["docs"] for name, info in results["inputs"].items()},
         },
     }
-    # JSON has no NaN (a pretraining run without validation data has no MLM accuracy): null instead.
+    # JSON has no NaN: a metric that is none (no champion) or not a finite number is null.
     summary["metrics"] = {
         k: v if isinstance(v, (int, float)) and math.isfinite(v) else None for k, v in summary["metrics"].items()
     }

@@ -153,3 +153,30 @@ def test_an_ema_fine_tuning_saves_the_averaged_classifier_it_evaluated(inputs, t
     # same seed, same batches, same iterates: only the averaging differs
     last, average = (scorers[m].classifier.get_layer("sentiment").get_weights()[0] for m in (0.0, 0.9))
     assert abs(last - average).max() > 1e-4
+
+
+def test_another_runs_bundle_from_the_same_key_and_code_is_copied_and_checked_first(inputs, caplog):
+    from encoderflow import bundle
+    from encoderflow.train.finetune import finetune
+
+    encoder, sst2, vocab = inputs
+    cfg = from_overrides("smoke", {"finetune.steps_per_epoch": 2, "finetune.epochs": 1})
+    first = finetune(cfg, encoder, sst2, vocab, layout.run_dir("first") / "finetune")
+    out = layout.run_dir("second") / "finetune"
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        second = finetune(cfg, encoder, sst2, vocab, out)
+    assert second["reused_from"] == str(layout.run_dir("first") / "finetune" / "result.json")
+    assert second["bundle"] == str(out / "bundle") and second["val_accuracy"] == first["val_accuracy"]
+    assert bundle.verify(second["bundle"]) and bundle.metadata(second["bundle"]) == bundle.metadata(first["bundle"])
+    assert "finetune: reusing the bundle run first trained from the same encoder" in caplog.text
+    assert "finetune: device" not in caplog.text  # nothing was built
+    # A bundle file altered since bundle.json was written fails bundle.verify: the next run trains.
+    for run in ("first", "second"):
+        (layout.run_dir(run) / "finetune" / "bundle" / bundle.VOCAB).write_text("[PAD]\n")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        third = finetune(cfg, encoder, sst2, vocab, layout.run_dir("third") / "finetune")
+    assert "reused_from" not in third and "finetune: device" in caplog.text
+    assert caplog.text.count("missing or altered (sha256 differs from bundle.json)") == 2
+    forced = finetune(cfg, encoder, sst2, vocab, layout.run_dir("forced") / "finetune", earlier_runs=False)
+    assert "reused_from" not in forced

@@ -190,7 +190,11 @@ def test_pretrain_resumes_on_the_copy_of_the_interrupted_epoch(duped, tmp_path, 
             super().on_epoch_end(epoch, logs)
             raise Killed()
 
+    import dataclasses
+
     cfg = _run_cfg(duped, epochs=3, steps_per_epoch=2, validation_steps=1)
+    # No dropout: its random stream is not part of a backup, and the weights are compared below.
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.0))
     out = tmp_path / "pretrain"
     with monkeypatch.context() as mp:
         mp.setattr(callbacks, "EpochLogger", DiesAfterFirstEpoch)
@@ -204,6 +208,15 @@ def test_pretrain_resumes_on_the_copy_of_the_interrupted_epoch(duped, tmp_path, 
     # The recorded history spans both attempts: epoch 0 from the first, epochs 1-2 from the resume.
     assert len(result["history"]["loss"]) == 3 and np.isfinite(result["loss"])
     assert not (out / "backup").exists()
+    # Epochs 1 and 2 trained on copies 1 and 0, as an uninterrupted run's did: the same weights and losses.
+    from encoderflow import model as models
+
+    straight = pretrain.pretrain(cfg, duped["manifest"], tmp_path / "straight")
+    for x, y in zip(
+        models.load(result["encoder"]).get_weights(), models.load(straight["encoder"]).get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(result["history"]["loss"], straight["history"]["loss"], rtol=0, atol=1e-5)
 
 
 def test_step_backup_records_the_step_after_a_restore(tmp_path):
@@ -668,3 +681,59 @@ def test_a_copy_smaller_than_one_batch_is_refused_whatever_the_step_count(duped,
     with caplog.at_level(logging.INFO, logger="encoderflow"):
         pretrain.pretrain(cfg, duped["manifest"], tmp_path / "repeated")
     assert any("6 steps/epoch (each record of its copy ~2 times)" in m for m in caplog.messages), caplog.messages
+    # 9 validation records, one batch of 8 read: its accuracy's margin is said, and that it is noise.
+    assert (
+        "pretrain: validation on 8 of 9 records, ~46 masked tokens: MLM accuracy is known to +-0.144 (95%); "
+        "that is noise: hold out more text for validation for a figure to compare"
+    ) in caplog.messages
+
+
+def test_another_runs_encoder_from_the_same_key_and_code_is_copied_not_trained_again(duped, caplog):
+    """A finetune- or gate-only change used to pretrain again in every new run folder."""
+    import logging
+
+    cfg = _run_cfg(duped, epochs=1, steps_per_epoch=2, validation_steps=1)
+    first = pretrain.pretrain(cfg, duped["manifest"], layout.run_dir("first") / "pretrain")
+    assert first["code_hash"] == layout.code_hash() and "reused_from" not in first
+    out = layout.run_dir("second") / "pretrain"
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        second = pretrain.pretrain(cfg, duped["manifest"], out)
+    assert second["reused_from"] == str(layout.run_dir("first") / "pretrain" / "result.json")
+    assert second["encoder"] == str(out / "encoder.keras")
+    assert layout.sha256_file(second["encoder"]) == first["encoder_sha256"] == second["encoder_sha256"]
+    assert not any("steps/epoch" in m for m in caplog.messages)  # nothing was built or fitted
+    assert any(
+        m.startswith("pretrain: reusing the encoder run first trained from the same shards")
+        and "set force to train again" in m
+        for m in caplog.messages
+    )
+    # force (earlier_runs=False) trains; another config is another key.
+    forced = pretrain.pretrain(cfg, duped["manifest"], layout.run_dir("forced") / "pretrain", earlier_runs=False)
+    other = pretrain.pretrain(
+        _run_cfg(duped, epochs=1, steps_per_epoch=3, validation_steps=1),
+        duped["manifest"],
+        layout.run_dir("o") / "pretrain",
+    )
+    assert "reused_from" not in forced and "reused_from" not in other
+    # An encoder altered after its result was written is named and trained again, not copied.
+    for run in ("first", "second", "forced"):
+        path = layout.run_dir(run) / "pretrain" / "encoder.keras"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        fresh = pretrain.pretrain(cfg, duped["manifest"], layout.run_dir("third") / "pretrain")
+    assert "reused_from" not in fresh
+    altered = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(altered) == 3 and all("its result.json recorded" in r.getMessage() for r in altered)
+
+
+def test_the_validation_margin_follows_the_masked_tokens_it_is_measured_on():
+    manifest = {"predictions_per_seq": 20, "mask_rate": 0.25, "totals": {"valid": {"records": 100, "tokens": 6400}}}
+    masked, margin = pretrain.validation_margin(manifest, 100)
+    assert masked == 1600 and margin == pytest.approx(1.96 * 0.5 / 40)  # 64 tokens a record: 16 masked each
+    assert pretrain.validation_margin(manifest, 1) == (16, pytest.approx(0.245))
+    # predictions_per_seq caps what a long record contributes
+    long = {**manifest, "totals": {"valid": {"records": 10, "tokens": 10 * 512}}}
+    assert pretrain.validation_margin(long, 10)[0] == 200

@@ -533,7 +533,7 @@ def _summary(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_manifest(manifest: dict[str, Any], cfg: Config, vocab_size: int | None = None) -> None:
+def check_manifest(manifest: dict[str, Any], cfg: Config) -> None:
     """Refuse shards whose coupled values differ from what the training config expects."""
     expected = {
         "format_version": FORMAT_VERSION,
@@ -541,8 +541,6 @@ def check_manifest(manifest: dict[str, Any], cfg: Config, vocab_size: int | None
         "predictions_per_seq": cfg.data.predictions_per_seq,
         "mask_rate": cfg.data.mask_rate,
     }
-    if vocab_size is not None:
-        expected["vocab_size"] = vocab_size
     # How the text became token ids (fine-tuning and serving tokenize with the training config's),
     # recorded in the data config the shards were built with.
     expected |= {"lowercase": cfg.data.lowercase, "strip_accents": cfg.data.strip_accents}

@@ -73,6 +73,10 @@ class DatasetSpec:
     archive: str | None = None
     members: tuple[str, ...] = field(default_factory=tuple)
 
+    def candidate_urls(self, mirror: str | None = None) -> list[str]:
+        """Where a download tries, in order: the user's mirror (when given), then :attr:`urls`."""
+        return ([f"{mirror.rstrip('/')}/{self.filename}"] if mirror else []) + list(self.urls)
+
 
 DEFAULT_SPECS: dict[str, DatasetSpec] = {
     "wikitext": DatasetSpec(
@@ -438,7 +442,7 @@ def fetch(
     root = _dataset_root(spec)
     root.mkdir(parents=True, exist_ok=True)
     members = tuple(members)
-    urls = ([f"{mirror.rstrip('/')}/{spec.filename}"] if mirror else []) + list(spec.urls)
+    urls = spec.candidate_urls(mirror)
     downloader = downloader or ResumingDownloader.from_env()
     archive_path = root / spec.filename
     errors: list[str] = []

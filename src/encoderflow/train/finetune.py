@@ -38,6 +38,16 @@ def compile_classifier(classifier, f, total_steps: int, num_classes: int = 2) ->
     )
 
 
+def _unsound(folder: Path, result: dict[str, Any]) -> str | None:
+    from encoderflow.errors import EncoderflowError
+
+    try:
+        bundle.verify(folder)
+    except EncoderflowError as e:
+        return str(e)
+    return None
+
+
 def finetune(
     cfg: Config,
     encoder_path: str | os.PathLike,
@@ -45,10 +55,13 @@ def finetune(
     vocab_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     init_classifier: str | os.PathLike | None = None,
+    earlier_runs: bool = True,
 ) -> dict[str, Any]:
     """Encoder + pooled classifier on the labeled train split; dev accuracy; a model bundle.
 
-    Reuses the result of an earlier call with the same inputs and config.
+    Reuses the result of an earlier call with the same inputs and config; with ``earlier_runs``, also
+    another run folder's bundle trained from them by the same code (copied in,
+    :func:`~encoderflow.layout.adopt_earlier`).
 
     Args:
         cfg: the run's config (``model``, ``finetune``, ``data`` settings).
@@ -59,6 +72,7 @@ def finetune(
         out_dir: where ``bundle/`` and ``result.json`` go.
         init_classifier: a saved classifier to continue from (``finetune.init_from=champion``) instead of a
             new head on ``encoder_path``; its output must fit the label set.
+        earlier_runs: look for the bundle in other run folders too (off when a run is forced).
 
     Returns:
         ``result.json``'s content: ``bundle`` (its folder), ``val_accuracy``, ``val_loss``, ``history``, ...
@@ -82,6 +96,15 @@ def finetune(
     key = layout.sha256_json(keyed)
     if (done := layout.reusable(out_dir / "result.json", key)) is not None and Path(done["bundle"]).exists():
         log.info("finetune: reusing %s", done["bundle"])
+        return done
+    if earlier_runs and (done := layout.adopt_earlier("finetune", key, out_dir, "bundle", _unsound)) is not None:
+        log.info(
+            "finetune: reusing the bundle run %s trained from the same encoder, labeled data, vocabulary, config "
+            "and code (key %s): copied to %s; set force to train again",
+            Path(done["reused_from"]).parents[1].name,
+            key[:16],
+            done["bundle"],
+        )
         return done
 
     from encoderflow.data.inputs import labels_of, read_labeled
@@ -186,6 +209,7 @@ def finetune(
         "seconds": round(time.monotonic() - t0, 1),
         "device": device,
         "dtype_policy": policy,
+        "code_hash": layout.code_hash(),
     }
     layout.write_json(out_dir / "result.json", result)
     log.info("finetune: dev accuracy %.4f (%d classes); bundle %s", val_accuracy, len(labels), path)

@@ -19,6 +19,9 @@ from encoderflow.config import Config
 
 log = logging.getLogger(__name__)
 
+# The MLM head's metric as Keras names it: compile, evaluate and the history's val_ column.
+MLM_ACCURACY = "sparse_categorical_accuracy"
+
 # Pretraining settings that change when the host looks, not what is trained.
 HOUSEKEEPING = ("backup_every_steps", "steps_per_execution", "log_every_seconds")
 # Steps timed after the first (compiling) one for the time estimate.
@@ -150,7 +153,7 @@ def compile_mlm(mlm, p, total_steps: int, steps_per_execution: int = 1, loss=Non
         steps_per_execution=steps_per_execution,
         loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         optimizer=adamw(p, total_steps=total_steps),
-        weighted_metrics=["sparse_categorical_accuracy"] if weighted_metrics is None else list(weighted_metrics),
+        weighted_metrics=[MLM_ACCURACY] if weighted_metrics is None else list(weighted_metrics),
         jit_compile=True,
     )
 
@@ -230,18 +233,40 @@ def _backup_dir(directory: Path, key: str) -> Path:
     return directory
 
 
+# Above this 95% margin (fewer than ~100 masked tokens), the MLM accuracy says nothing.
+MARGIN_NOISE = 0.1
+
+
+def validation_margin(manifest: dict[str, Any], records: int) -> tuple[int, float]:
+    """About how many masked tokens ``records`` validation records hold, and the 95% margin of an
+    accuracy measured on them (normal approximation at the worst case, 50%)."""
+    valid = manifest["totals"]["valid"]
+    tokens = valid["tokens"] * records / max(valid["records"], 1)
+    masked = int(min(records * manifest["predictions_per_seq"], round(tokens * manifest["mask_rate"])))
+    return masked, 1.96 * 0.5 / math.sqrt(max(masked, 1))
+
+
+def _altered(encoder: Path, result: dict[str, Any]) -> str | None:
+    if layout.sha256_file(encoder) != result["encoder_sha256"]:
+        return f"its sha256 is not the {result['encoder_sha256']} its result.json recorded"
+    return None
+
+
 def pretrain(
     cfg: Config,
     manifest_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     init: dict[str, Any] | None = None,
+    earlier_runs: bool = True,
 ) -> dict[str, Any]:
     """Train the guide's encoder + tied MLM head; write ``encoder.keras`` atomically.
 
     ``init`` (``path``, ``label``, optional ``vocab_sha256``, ``version``) starts from another
     encoder's weights instead of a random initialisation (:func:`warm_start`): continual pretraining.
 
-    A finished run with the same inputs and config is reused as is. An interrupted one resumes
+    A finished run with the same inputs and config is reused as is; with ``earlier_runs``, so is
+    another run folder's encoder trained from them by the same code (copied in,
+    :func:`~encoderflow.layout.adopt_earlier`). An interrupted run resumes
     from its newest backup in ``backup/`` (:class:`~encoderflow.train.callbacks.StepBackup`:
     weights, optimizer state and step, every ``pretrain.backup_every_steps`` steps into an epoch
     and at each epoch end) at the next step, in one ``fit`` whose data starts there, and ends with
@@ -273,6 +298,15 @@ def pretrain(
     key = layout.sha256_json(keyed)
     if (done := layout.reusable(out_dir / "result.json", key)) is not None and Path(done["encoder"]).exists():
         log.info("pretrain: reusing %s", done["encoder"])
+        return done
+    if earlier_runs and (done := layout.adopt_earlier("pretrain", key, out_dir, "encoder", _altered)) is not None:
+        log.info(
+            "pretrain: reusing the encoder run %s trained from the same shards, model and pretrain config, seed, "
+            "initial weights and code (key %s): copied to %s; set force to train again",
+            Path(done["reused_from"]).parents[1].name,
+            key[:16],
+            done["encoder"],
+        )
         return done
     with data_parallel(cfg.pretrain.batch_size) as devices:
         return _train(cfg, manifest_path, out_dir, init, key, keyed, devices)
@@ -349,6 +383,16 @@ def _train(
         val_batches
     )
     val_ds = val_ds.apply(tf.data.experimental.assert_cardinality(val_batches))
+    val_masked, margin = validation_margin(manifest, min(val_records, val_batches * p.batch_size))
+    # The MLM accuracy is a progress figure, not gated on: its margin is said, not warned about.
+    log.info(
+        "pretrain: validation on %d of %d records, ~%s masked tokens: MLM accuracy is known to +-%.3f (95%%)%s",
+        min(val_records, val_batches * p.batch_size),
+        val_records,
+        f"{val_masked:,}",
+        margin,
+        "; that is noise: hold out more text for validation for a figure to compare" if margin > MARGIN_NOISE else "",
+    )
     log.info(
         "pretrain: encoder %s parameters (%s with the MLM head), %s train records (%s), batch %d, %d epochs "
         "from epoch %d, %d steps/epoch%s",
@@ -419,7 +463,7 @@ def _train(
         # initialisation, and one validation pass says what the untrained head predicts.
         hist, final_loss = {}, None
         ev = mlm.evaluate(val_ds, verbose=0, return_dict=True)
-        val_accuracy, val_loss = float(ev["sparse_categorical_accuracy"]), float(ev["loss"])
+        val_accuracy, val_loss = float(ev[MLM_ACCURACY]), float(ev["loss"])
         log.info(
             "pretrain: pretrain.epochs=0, encoder left at its random initialisation; val MLM accuracy %.4f",
             val_accuracy,
@@ -433,8 +477,12 @@ def _train(
         final_loss = hist["loss"][-1]
         if not math.isfinite(final_loss):
             raise NonFiniteLoss(f"pretrain: final loss {final_loss}; the encoder is not saved")
-        val_accuracy = hist.get("val_sparse_categorical_accuracy", [float("nan")])[-1]
-        val_loss = hist.get("val_loss", [float("nan")])[-1]
+        if missing := [k for k in (f"val_{MLM_ACCURACY}", "val_loss") if not hist.get(k)]:
+            # Validation always runs (one batch at least): a column missing is a renamed metric, not no data.
+            raise EncoderflowError(
+                f"pretrain: {history_csv} has no {' or '.join(missing)} column; the encoder is not saved"
+            )
+        val_accuracy, val_loss = hist[f"val_{MLM_ACCURACY}"][-1], hist["val_loss"][-1]
 
     encoder_path = out_dir / "encoder.keras"
     with layout.atomic_path(encoder_path, suffix=".keras") as tmp:
@@ -460,6 +508,7 @@ def _train(
         "history": hist,
         "seconds": round(time.monotonic() - t0, 1),
         "init_from": {k: init.get(k) for k in ("label", "path", "version")} if init else None,
+        "code_hash": layout.code_hash(),
     }
     layout.write_json(out_dir / "result.json", result)
     # Only now: until the result is written, a retry must find the trained weights.
