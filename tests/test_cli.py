@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -78,12 +79,12 @@ def test_run_refuses_labeled_data_of_your_own_without_a_model_name(tmp_path, cap
     assert "fix: name this task's model: --set gate.registered_model=<name>" in err
 
 
-def test_predict_without_champion_says_so(capsys):
+def test_predict_without_a_store_says_where_it_looked(capsys):
     assert cli.main(["predict", "a fine film"]) == 2
-    assert "no champion yet" in capsys.readouterr().err
+    assert "no MLflow store at " in capsys.readouterr().err
 
 
-def test_predict_scores_sentences_with_the_champion(tmp_path, capsys):
+def test_predict_scores_sentences_with_the_champion(tmp_path, capsys, monkeypatch):
     """A real bundle registered and promoted: each line is label, confidence, sentence, as the Scorer says."""
     import numpy as np
 
@@ -103,17 +104,53 @@ def test_predict_scores_sentences_with_the_champion(tmp_path, capsys):
     registry.promote(name, version, reason="test")
     capsys.readouterr()
 
-    (tmp_path / "more.txt").write_text("the cast shines\n\n")
+    # One row per input line, blank ones too (marked -), so row n answers line n; the header goes to stderr.
+    (tmp_path / "more.txt").write_text("the cast shines\n\n" + " ".join(["fine"] * 40) + "\n")
     assert cli.main(["predict", *sentences, "--file", str(tmp_path / "more.txt"), "--model", name]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"model: models:/{name}@champion (v{version})"
-    predicted, confidence = bundle.Scorer(path).predict([*sentences, "the cast shines"])
+    captured = capsys.readouterr()
+    out, err = captured.out.splitlines(), captured.err
+    serving = layout.home() / "serving" / name / f"v{version}"
+    assert f"model: models:/{name}@champion (v{version}), {serving}" in err
+    assert "predict: 1 empty text(s) not scored: their rows read -" in err
+    assert "predict: 1 of 5 text(s) longer than the model's 32 tokens: only their first tokens were scored" in err
+    texts = [*sentences, "the cast shines", " ".join(["fine"] * 40)]
+    predicted, confidence = bundle.Scorer(path).predict(texts)
     expected = [
         f"{['negative', 'positive'][int(i)]}\t{p:.4f}\t{s}"
-        for s, i, p in zip([*sentences, "the cast shines"], predicted, confidence, strict=True)
+        for s, i, p in zip(texts, predicted, confidence, strict=True)
     ]
-    assert out[1:] == expected
-    assert all(float(line.split("\t")[1]) >= 0.5 for line in out[1:]) and np.isfinite(confidence).all()
+    assert out == expected[:4] + ["-\t-\t"] + expected[4:]
+    assert all(float(line.split("\t")[1]) >= 0.5 for line in expected) and np.isfinite(confidence).all()
+
+    # The verified copy in serving/<model>/v<N> is served again, not downloaded again; stdin is "-".
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded again")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(registry, "download_version", no_download)
+        mp.setattr("sys.stdin", io.StringIO("a fine film\n"))
+        assert cli.main(["predict", "--file", "-", "--model", name]) == 0
+    assert capsys.readouterr().out == expected[0] + "\n"
+    # An altered copy is not served: it is downloaded again.
+    (serving / "vocab.txt").write_text("[PAD]\n")
+    assert cli.main(["predict", "a fine film", "--model", name]) == 0
+    assert capsys.readouterr().out == expected[0] + "\n" and bundle.verify(serving)
+
+
+def test_predict_names_a_file_it_cannot_read_and_the_fix(tmp_path, capsys):
+    assert cli.main(["predict", "--file", str(tmp_path / "nope.txt")]) == 2
+    assert f"predict --file {tmp_path / 'nope.txt'}: no such file; fix: give an existing file, or - for stdin" in (
+        capsys.readouterr().err
+    )
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    assert cli.main(["predict", "--file", str(tmp_path / "latin1.txt")]) == 2
+    err = capsys.readouterr().err
+    assert f"predict --file {tmp_path / 'latin1.txt'}: not UTF-8 (byte 3: b'\\xe9'); fix: convert it first" in err
+    assert cli.main(["predict"]) == 2
+    assert (
+        "predict: no text given; fix: give sentences as arguments, or --file FILE (- for stdin)"
+        in capsys.readouterr().err
+    )
 
 
 def test_dag_params_become_config_values():

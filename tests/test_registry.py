@@ -43,6 +43,12 @@ def _register(tmp_path: Path, tag: str, blessed: bool = True) -> str:
     return out["version"]
 
 
+def _who() -> str:
+    import getpass
+
+    return os.environ.get("ENCODERFLOW_USER") or getpass.getuser()
+
+
 def _aliases() -> dict[str, str | None]:
     from mlflow.exceptions import MlflowException
 
@@ -73,11 +79,17 @@ def test_candidates_aliases_history_and_rollback(tmp_path, capsys):
     assert _aliases() == {"champion": "2", "previous": "1"}
 
     assert cli.main(["rollback", "--reason", "v2 misbehaves in serving", "--who", "alice"]) == 0
-    assert "champion v2 -> v1 by alice" in capsys.readouterr().out
-    assert _aliases() == {"champion": "1", "previous": "2"}
+    out = capsys.readouterr().out
+    assert "champion v2 -> v1 by alice: v2 misbehaves in serving; no previous version left" in out
+    # The rejected v2 is not 'previous': a second rollback would serve it again. v1 replaced none.
+    assert _aliases() == {"champion": "1", "previous": None}
+    assert cli.main(["rollback", "--reason", "again"]) == 2
+    assert "no 'previous' version to roll back to; fix: make a version champion by number" in capsys.readouterr().err
 
     assert cli.main(["promote", "--version", "3", "--reason", "hand-checked", "--who", "bob"]) == 0
     assert _aliases() == {"champion": "3", "previous": "1"}
+    assert cli.main(["promote", "--version", "3", "--reason", "same again"]) == 0
+    assert capsys.readouterr().out.endswith(f"{NAME}: v3 is champion already; nothing moved\n")
 
     events = registry.history(NAME)
     assert [(e["action"], e["from"], e["to"], e["who"]) for e in events] == [
@@ -92,6 +104,27 @@ def test_candidates_aliases_history_and_rollback(tmp_path, capsys):
     # The registry serves what was registered, verified against bundle.json.
     served = registry.download_version(NAME, "@champion", tmp_path / "serve")
     assert (served / "classifier.keras").read_text() == "clf-3"
+
+
+def test_rollbacks_walk_back_through_the_versions_each_champion_replaced(tmp_path, capsys):
+    """Rollback used to swap champion and previous: rolling back twice served the rejected version again."""
+    versions = [_register(tmp_path, t) for t in "1234"]
+    expected = None
+    for v in versions:
+        registry.move_champion(NAME, v, expected=expected, reason="better", who="gate")
+        expected = v
+    assert _aliases() == {"champion": "4", "previous": "3"}
+    for champion, previous in (("3", "2"), ("2", "1"), ("1", None)):
+        assert cli.main(["rollback", "--reason", f"back to v{champion}"]) == 0
+        assert _aliases() == {"champion": champion, "previous": previous}
+        left = f"previous is v{previous}" if previous else "no previous version left"
+        assert capsys.readouterr().out.rstrip().endswith(f"-> v{champion} by {_who()}: back to v{champion}; {left}")
+    assert cli.main(["rollback", "--reason", "once more"]) == 2
+    # A promotion after rollbacks: what it replaced is previous again.
+    registry.promote(NAME, "4", reason="fixed", who="bob")
+    assert _aliases() == {"champion": "4", "previous": "1"}
+    registry.rollback(NAME, reason="not fixed", who="bob")
+    assert _aliases() == {"champion": "1", "previous": None}
 
 
 def test_the_history_tag_keeps_the_newest_moves_that_fit_the_stores_column():
@@ -426,3 +459,61 @@ def test_decision_tags_carry_the_gate_intervals():
     assert tags["gate.check.significance"].startswith("pass: vs champion v4: candidate - champion +0.0344")
     # A decision recorded before the gate had intervals gets no interval tags.
     assert not any("_ci" in k for k in registry.decision_tags({"blessed": True, "reasons": [], "checks": []}))
+
+
+def test_a_wrong_model_name_or_home_is_named_not_read_as_no_champion(tmp_path, capsys):
+    """A typo or another ENCODERFLOW_HOME said "no champion yet" and left an empty store behind."""
+    from encoderflow import layout
+
+    for argv in (["predict", "a fine film"], ["rollback"], ["promote", "--version", "1", "--reason", "r"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"no MLflow store at {layout.mlflow_dir() / 'mlflow.db'} (ENCODERFLOW_HOME={layout.home()})" in err
+        assert "fix: set ENCODERFLOW_HOME to the folder your runs used" in err
+    assert not layout.mlflow_dir().exists()  # nothing created by asking
+
+    _register(tmp_path, "1", blessed=False)
+    for argv in (["predict", "x"], ["rollback"], ["promote", "--version", "1", "--reason", "r"]):
+        assert cli.main([*argv, "--model", "encoderflow-sts2"]) == 2
+        err = capsys.readouterr().err
+        assert f"no registered model 'encoderflow-sts2' at {registry.tracking_uri()}; registered: ['{NAME}']" in err
+        assert "fix: --model <one of them>" in err
+    assert cli.main(["predict", "a fine film"]) == 2  # the right name, no champion yet
+    assert f"registered model '{NAME}' has no champion yet" in capsys.readouterr().err
+
+
+def test_a_store_moved_away_from_its_artifacts_says_so_when_serving(tmp_path, monkeypatch):
+    import shutil
+
+    from encoderflow import layout
+    from encoderflow.errors import EncoderflowError
+
+    registry.move_champion(NAME, _register(tmp_path, "1"), expected=None, reason="first", who="gate")
+    moved = tmp_path / "moved"
+    shutil.move(layout.home(), moved)
+    monkeypatch.setenv("ENCODERFLOW_HOME", str(moved))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the old home's, exported by MLflow in this process
+    with pytest.raises(EncoderflowError) as err:
+        registry.download_version(NAME, "@champion", tmp_path / "serve")
+    assert str(err.value).startswith(f"models:/{NAME}@champion: nothing was downloaded from its source file://")
+    assert "the store records its artifacts' absolute paths" in err.value.fix
+    assert not (tmp_path / "serve").exists()
+
+
+def test_a_registry_command_against_a_server_that_does_not_answer_fails_in_seconds_in_one_line(monkeypatch, capsys):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
+    t0 = time.monotonic()
+    assert cli.main(["predict", "a fine film"]) == 2
+    assert time.monotonic() - t0 < 30  # MLflow's defaults retry for minutes
+    err = capsys.readouterr().err
+    assert err.startswith(f"encoderflow predict: MLflow at http://127.0.0.1:{port} failed: API request to ")
+    assert "fix: check MLFLOW_TRACKING_URI and that the server is up" in err and "Traceback" not in err
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the CLI's setting ends with the command

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from encoderflow import layout
+from encoderflow import layout, runtime
 from encoderflow.errors import EncoderflowError
 from encoderflow.results import SST2_LABELS
 
@@ -203,7 +203,7 @@ class Scorer:
     def _setup(self, classifier, vocab_path: str | os.PathLike, meta: dict[str, Any]) -> None:
         from encoderflow.data.tokenizer import make_tokenizer
 
-        self.meta, self.classifier = meta, classifier
+        self.meta, self.classifier, self.vocab_path = meta, classifier, Path(vocab_path)
         # Padded to the length it was trained on: the guide's model (no padding mask) depends on it.
         self.tokenizer = make_tokenizer(vocab_path, meta["seq_length"], meta["lowercase"], meta["strip_accents"])
 
@@ -226,6 +226,17 @@ class Scorer:
         if not out:
             return np.zeros((0,) if len(self.labels) <= 2 else (0, len(self.labels)), dtype=np.float32)
         return np.concatenate(out)
+
+    def truncated(self, sentences: Sequence[str]) -> int:
+        """How many ``sentences`` hold more WordPiece tokens than ``seq_length``: only their first
+        ``seq_length`` tokens are scored (the model was trained on no more)."""
+        from encoderflow.data.tokenizer import make_tokenizer
+
+        if not sentences:
+            return 0
+        tf = runtime.tensorflow()
+        whole = make_tokenizer(self.vocab_path, None, self.meta["lowercase"], self.meta["strip_accents"])
+        return sum(len(ids) > self.meta["seq_length"] for ids in whole(tf.constant(list(sentences))))
 
     def predict(self, sentences: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Per sentence, the predicted class index and its probability."""

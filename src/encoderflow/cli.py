@@ -15,6 +15,7 @@ encoderflow airflow                                       Airflow standalone wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -264,42 +265,95 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from encoderflow import registry
-    from encoderflow.bundle import Scorer
+def _read_texts(file: str) -> list[str]:
+    """The lines of ``file`` (``-``: standard input), one text each, blank ones kept (one row per line)."""
+    if file == "-":
+        return sys.stdin.read().splitlines()
+    try:
+        return Path(file).read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise EncoderflowError(
+            f"predict --file {file}: no such file", fix="give an existing file, or - for stdin"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise EncoderflowError(
+            f"predict --file {file}: not UTF-8 (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r})",
+            fix=f"convert it first, e.g. iconv -f latin1 -t utf-8 {file}",
+        ) from None
 
-    sentences = list(args.sentences)
-    if args.file:
-        sentences += [line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not sentences:
-        raise SystemExit("predict: give sentences as arguments or --file FILE")
-    name = args.model
-    current = registry.champion(name)
-    if current is None:
-        print(
-            f"predict: registered model {name!r} has no champion yet at {registry.tracking_uri()}; "
-            "run the pipeline until a candidate is blessed (make run), or `encoderflow promote`.",
-            file=sys.stderr,
-        )
-        return 2
-    # By number: the alias may move while this runs, and the folder is named for this version.
-    bundle = registry.download_version(name, current["version"], layout.home() / "serving" / f"v{current['version']}")
-    scorer = Scorer(bundle)
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """One row per text, in input order: label, that label's probability, the text. What scored them and
+    what it could not see goes to stderr, so stdout holds only the rows."""
+    from encoderflow import bundle, registry
     from encoderflow.results import SST2_LABELS
 
-    predicted, probs = scorer.predict(sentences)
+    texts = list(args.sentences) + (_read_texts(args.file) if args.file else [])
+    if not texts:
+        raise EncoderflowError(
+            "predict: no text given", fix="give sentences as arguments, or --file FILE (- for stdin)"
+        )
+    name = args.model
+    registry.require_model(name)
+    current = registry.champion(name)
+    if current is None:
+        raise EncoderflowError(
+            f"registered model {name!r} has no champion yet at {registry.tracking_uri()}",
+            fix="run the pipeline until a candidate is blessed (make run), or encoderflow promote --version N",
+        )
+    # By model and number: the alias may move while this runs, and another model's v1 is another bundle.
+    # A copy that still verifies is served again instead of downloaded again.
+    folder = layout.home() / "serving" / layout.safe_run_id(name) / f"v{current['version']}"
+    try:
+        path = bundle.verify(folder)
+    except EncoderflowError:
+        path = registry.download_version(name, current["version"], folder)
+    scorer = bundle.Scorer(path)
+    scored = [i for i, t in enumerate(texts) if t.strip()]
+    predicted, probs = scorer.predict([texts[i] for i in scored])
+    print(f"model: models:/{name}@champion (v{current['version']}), {path}", file=sys.stderr)
+    if skipped := len(texts) - len(scored):
+        print(f"predict: {skipped} empty text(s) not scored: their rows read -", file=sys.stderr)
+    if cut := scorer.truncated([texts[i] for i in scored]):
+        print(
+            f"predict: {cut} of {len(scored)} text(s) longer than the model's {scorer.meta['seq_length']} tokens: "
+            "only their first tokens were scored",
+            file=sys.stderr,
+        )
     # SST-2's 0/1 read as sentiment; your own labels are printed as they are in the data.
     names = ["negative", "positive"] if scorer.labels == list(SST2_LABELS) else scorer.labels
-    print(f"model: models:/{name}@champion (v{current['version']})")
-    for sentence, i, p in zip(sentences, predicted, probs, strict=True):
-        print(f"{names[int(i)]}\t{p:.4f}\t{sentence}")
+    rows = {i: f"{names[int(c)]}\t{p:.4f}" for i, c, p in zip(scored, predicted, probs, strict=True)}
+    unscored = "-\t-"
+    for i, text in enumerate(texts):
+        print(f"{rows.get(i, unscored)}\t{text}")
     return 0
+
+
+# A person waits at the terminal: a server that does not answer fails in seconds, not after MLflow's
+# default seven retries of two minutes each (a task keeps those, to ride out an outage). Unless set.
+INTERACTIVE_MLFLOW = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def _interactive_mlflow():
+    """:data:`INTERACTIVE_MLFLOW` for the block, where the environment does not set them."""
+    added = {k: v for k, v in INTERACTIVE_MLFLOW.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from encoderflow import registry
 
+    registry.require_model(args.model)
     event = registry.promote(args.model, str(args.version), args.reason, who=args.who)
+    if event.get("already"):
+        print(f"{args.model}: v{event['to']} is champion already; nothing moved")
+        return 0
     print(f"{args.model}: champion v{event['from']} -> v{event['to']} by {event['who']}: {event['reason']}")
     return 0
 
@@ -307,9 +361,11 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from encoderflow import registry
 
+    registry.require_model(args.model)
     event = registry.rollback(args.model, args.reason, who=args.who)
     print(
-        f"{args.model}: rolled back, champion v{event['from']} -> v{event['to']} by {event['who']}: {event['reason']}"
+        f"{args.model}: rolled back, champion v{event['from']} -> v{event['to']} by {event['who']}: {event['reason']}; "
+        + (f"previous is v{event['previous']}" if event.get("previous") else "no previous version left")
     )
     return 0
 
@@ -514,12 +570,35 @@ COMMANDS = {
 }
 
 
+# The commands a person runs against the registry (an MLflow error there is printed, not raised).
+REGISTRY_COMMANDS = ("predict", "promote", "rollback")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with _interactive_mlflow() if args.command in REGISTRY_COMMANDS else contextlib.nullcontext():
+            return COMMANDS[args.command](args)
     except (ConfigError, EncoderflowError) as exc:
         print(f"encoderflow {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # A person's registry command against a server that refuses or does not answer: one line, not a traceback.
+        if args.command not in REGISTRY_COMMANDS:
+            raise
+        from mlflow.exceptions import MlflowException
+
+        from encoderflow import registry
+
+        if not isinstance(exc, MlflowException):
+            raise
+        first = str(exc).splitlines()[0][:300]
+        print(
+            f"encoderflow {args.command}: MLflow at {registry.tracking_uri()} failed: {first}; "
+            "fix: check MLFLOW_TRACKING_URI and that the server is up, and its credentials "
+            "(MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -100,6 +100,38 @@ def client():
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def require_model(name: str):
+    """The client, once the store exists and holds registered model ``name``: what a person's command
+    (predict, promote, rollback) checks first, so a typo or another ENCODERFLOW_HOME is named as
+    such, not read as "no champion yet", and creates no empty store.
+
+    Raises:
+        EncoderflowError: no embedded store under ``ENCODERFLOW_HOME``, or no model of that name
+            (the message lists the registered ones).
+    """
+    db = layout.mlflow_dir() / "mlflow.db"
+    # client() exports the embedded store's URI as MLFLOW_TRACKING_URI: that one is not a server of the user's.
+    if os.environ.get("MLFLOW_TRACKING_URI", embedded_uri()) == embedded_uri() and not db.exists():
+        raise EncoderflowError(
+            f"no MLflow store at {db} (ENCODERFLOW_HOME={layout.home()})",
+            fix="set ENCODERFLOW_HOME to the folder your runs used (or MLFLOW_TRACKING_URI to their server), "
+            "or run the pipeline first (make run)",
+        )
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    try:
+        c.get_registered_model(name)
+    except MlflowException as exc:
+        _absent(exc, c, name)
+        names = sorted(m.name for m in c.search_registered_models())
+        raise EncoderflowError(
+            f"no registered model {name!r} at {tracking_uri()}; registered: {names or 'none yet'}",
+            fix="--model <one of them>" if names else "run the pipeline until a candidate is registered (make run)",
+        ) from None
+    return c
+
+
 def _experiment_id(c) -> str:
     exp = c.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
@@ -143,11 +175,20 @@ def download_version(name: str, version: str, dst: str | os.PathLike) -> Path:
     """
     import mlflow
 
-    client()
+    c = client()
     uri = f"models:/{name}{version}" if version.startswith("@") else f"models:/{name}/{version}"
     with layout.atomic_dir(dst) as tmp:
-        got = bundle.verify(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
-        inside = Path(got).resolve().relative_to(tmp.resolve())  # "." for a bundle source: its files
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+        if not any(got.iterdir()):
+            # A local artifact path that is gone downloads as an empty folder, not as an error.
+            mv = c.get_model_version_by_alias(name, version[1:]) if version.startswith("@") else None
+            source = (mv or c.get_model_version(name, version)).source
+            raise EncoderflowError(
+                f"{uri}: nothing was downloaded from its source {source}",
+                fix="the store records its artifacts' absolute paths: use it where it was written (the "
+                "ENCODERFLOW_HOME of its runs), or restore the artifacts folder there",
+            )
+        inside = bundle.verify(got).resolve().relative_to(tmp.resolve())  # "." for a bundle source: its files
     return Path(dst) / inside
 
 
@@ -312,8 +353,11 @@ def move_champion(
 ) -> dict[str, Any]:
     """Point ``champion`` at ``version`` if the champion is still ``expected``.
 
-    ``previous`` moves first, so a crash between the two steps leaves ``champion`` on the old,
-    complete version. The move is recorded (who, why, from, to) on the version and in the
+    A promotion makes the version it replaces ``previous``, first, so a crash between the two steps
+    leaves ``champion`` on the old, complete version. A rollback never makes the version it rejects
+    ``previous`` (a second rollback would serve it again): ``previous`` becomes what ``version``
+    itself replaced when it was last promoted, or is removed when it replaced none, after
+    ``champion`` moved. The move is recorded (who, why, from, to) on the version and in the
     registered model's ``champion.history`` tag.
 
     Raises:
@@ -343,14 +387,28 @@ def move_champion(
                 f"{name}: champion is v{current_version}, but the decision was made against "
                 f"v{expected}; re-run the gate"
             )
-        if current_version is not None:
-            c.set_registered_model_alias(name, PREVIOUS, current_version)
-        c.set_registered_model_alias(name, CHAMPION, version)
+        if action == "rollback":
+            c.set_registered_model_alias(name, CHAMPION, version)
+            previous = _replaced_by(c, name, version)
+            if previous is not None and previous != current_version:
+                c.set_registered_model_alias(name, PREVIOUS, previous)
+            else:
+                c.delete_registered_model_alias(name, PREVIOUS)
+        else:
+            if current_version is not None:
+                c.set_registered_model_alias(name, PREVIOUS, current_version)
+            c.set_registered_model_alias(name, CHAMPION, version)
         event = _event(action, who, reason, current_version, version)
         _record_move(c, name, version, event, history(name))
     before = f"v{current_version}" if current_version is not None else "none"
     log.info("registry: %s champion %s -> v%s (%s: %s, by %s)", name, before, version, action, reason, who)
-    return event
+    return {**event, "previous": previous} if action == "rollback" else event
+
+
+def _replaced_by(c, name: str, version: str) -> str | None:
+    """The champion ``version`` replaced when it was last promoted (its ``champion.promote`` tag), or None."""
+    recorded = c.get_model_version(name, version).tags.get("champion.promote")
+    return json.loads(recorded).get("from") if recorded else None
 
 
 HISTORY_LIMIT = 50
@@ -408,7 +466,12 @@ def promote(name: str, version: str, reason: str, who: str | None = None) -> dic
 
 
 def rollback(name: str, reason: str, who: str | None = None) -> dict[str, Any]:
-    """Put ``previous`` back as champion; the demoted version becomes ``previous``."""
+    """Put ``previous`` back as champion. The rejected version does not become ``previous``: what the
+    restored one replaced does (:func:`move_champion`), so rollbacks walk back, never forth.
+
+    Raises:
+        EncoderflowError: no ``previous`` version (none, or the last rollback reached the first champion).
+    """
     from mlflow.exceptions import MlflowException
 
     c = client()
@@ -416,8 +479,17 @@ def rollback(name: str, reason: str, who: str | None = None) -> dict[str, Any]:
         prev = c.get_model_version_by_alias(name, PREVIOUS)
     except MlflowException as exc:
         _absent(exc, c, name)
-        raise EncoderflowError(f"{name}: no 'previous' version to roll back to") from None
+        raise EncoderflowError(
+            f"{name}: no 'previous' version to roll back to",
+            fix="make a version champion by number: encoderflow promote --version N --reason ...",
+        ) from None
     current = champion(name)
+    if current is not None and str(prev.version) == current["version"]:  # a rollback killed between its steps
+        c.delete_registered_model_alias(name, PREVIOUS)
+        raise EncoderflowError(
+            f"{name}: 'previous' was the champion v{prev.version} itself (an interrupted rollback): removed it",
+            fix="make a version champion by number: encoderflow promote --version N --reason ...",
+        )
     return move_champion(
         name, str(prev.version), current["version"] if current else None, reason or "rollback", who, action="rollback"
     )
