@@ -180,3 +180,31 @@ def test_a_three_class_bundle_predicts_by_argmax_and_keeps_its_labels(tmp_path, 
     np.testing.assert_allclose(confidence, probs.max(axis=-1), atol=1e-6)
     np.testing.assert_array_equal(scorer.correct(sentences, labels), probs.argmax(axis=-1) == labels)
     assert scorer.probabilities([]).shape == (0, 3)
+
+
+def test_a_bundle_keeps_the_weights_not_the_optimizer_state(tmp_path, inputs):
+    """A compiled classifier's .keras file carried AdamW's two moments per weight: 3x the bytes served."""
+    import zipfile
+
+    import h5py
+
+    from encoderflow.train.finetune import compile_classifier
+
+    _, vocab = inputs
+    rows = fixtures_pipeline.sst2_rows(16, random.Random(1))
+    sentences, labels = [s for s, _ in rows], np.array([y for _, y in rows])
+    cfg, classifier, encoder_path, _ = _classifier(tmp_path, vocab, sentences)
+    compile_classifier(classifier, cfg.finetune, total_steps=1)
+    scorer = bundle.Scorer.for_classifier(classifier, vocab, cfg, ["0", "1"])
+    ids = __import__("encoderflow.data.tokenizer", fromlist=["tokenize"]).tokenize(scorer.tokenizer, sentences)
+    classifier.fit(ids, labels, epochs=1, batch_size=16, verbose=0)  # the optimizer now holds state
+    path = bundle.write(tmp_path / "bundle", classifier, encoder_path, vocab, cfg, 0.5)
+    with zipfile.ZipFile(path / "classifier.keras") as z:
+        z.extract("model.weights.h5", tmp_path)
+    names = []
+    with h5py.File(tmp_path / "model.weights.h5") as f:
+        f.visit(names.append)
+    assert names and not [n for n in names if "optimizer" in n], names
+    np.testing.assert_allclose(
+        bundle.Scorer(path).probabilities(sentences), scorer.probabilities(sentences), rtol=0, atol=1e-6
+    )

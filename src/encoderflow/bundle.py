@@ -84,7 +84,7 @@ def write(
         shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        classifier.save(tmp / CLASSIFIER)
+        _without_training_state(classifier).save(tmp / CLASSIFIER)
         shutil.copyfile(encoder_path, tmp / ENCODER)
         shutil.copyfile(vocab_path, tmp / VOCAB)
         vocab = Vocab.load(vocab_path)
@@ -115,6 +115,17 @@ def write(
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _without_training_state(classifier):
+    """The classifier's graph and weights as a model never compiled: a ``.keras`` file saves a compiled
+    model's optimizer state (twice the weights again, under AdamW), Keras 3 has no switch to leave it
+    out, and ``clone_model`` compiles its clone too. Nothing reads it back: a warm start compiles a
+    new optimizer."""
+    if getattr(classifier, "optimizer", None) is None:
+        return classifier
+    keras = runtime.keras()
+    return keras.Model(classifier.inputs, classifier.outputs, name=classifier.name)
 
 
 def metadata(path: str | os.PathLike) -> dict[str, Any]:
