@@ -21,7 +21,8 @@ PIP_INSTALL := -r requirements.txt "$(JAX)" -c constraints.txt
 # `make venv-dry-run REPORT=r.json` also writes pip's JSON report of the resolved set.
 REPORT ?=
 
-PRESET   ?= guide
+# Empty: the CLI's default preset (config.DEFAULT_PRESET, the guide's).
+PRESET   ?=
 DATA_DIR ?=
 MIRROR   ?=
 # Extra overrides, e.g. SET="pretrain.epochs=2 finetune.epochs=1"
@@ -33,7 +34,7 @@ DATA_FILE ?=
 
 export ENCODERFLOW_HOME ?= $(CURDIR)/.encoderflow
 
-RUN_ARGS := --preset $(PRESET) \
+RUN_ARGS := $(if $(PRESET),--preset $(PRESET)) \
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 	$(if $(MIRROR),--mirror $(MIRROR)) \
 	$(if $(DATA_FILE),--data-file $(DATA_FILE)) \

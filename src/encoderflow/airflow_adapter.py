@@ -163,7 +163,7 @@ def params() -> dict[str, Param]:
     form.sort(key=lambda k: config.FORM_SECTIONS.index(k.form))
     return {
         "preset": Param(
-            "guide",
+            config.DEFAULT_PRESET,
             type="string",
             enum=sorted(config.PRESETS),
             title="Preset",

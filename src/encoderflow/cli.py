@@ -26,7 +26,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from encoderflow import layout, runtime
-from encoderflow.config import PRESETS, ROLES, ConfigError, from_overrides, from_params, parse_set, resolve
+from encoderflow.config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    ROLES,
+    ConfigError,
+    from_overrides,
+    from_params,
+    parse_set,
+    resolve,
+)
 from encoderflow.errors import Cause, EncoderflowError, read_failure
 
 if TYPE_CHECKING:
@@ -499,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, sources: bool = True):
-        sp.add_argument("--preset", default=os.environ.get("PRESET") or "guide", choices=sorted(PRESETS))
+        sp.add_argument("--preset", default=os.environ.get("PRESET") or DEFAULT_PRESET, choices=sorted(PRESETS))
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
         if sources:
             sp.add_argument(
@@ -533,9 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("predict", help="score sentences with the champion")
     pp.add_argument("sentences", nargs="*")
     pp.add_argument("--file")
-    pp.add_argument("--model", default=from_overrides("guide").gate.registered_model)
+    pp.add_argument("--model", default=from_overrides().gate.registered_model)
     common(sub.add_parser("config", help="print the resolved config"), sources=False)
-    default_model = from_overrides("guide").gate.registered_model
+    default_model = from_overrides().gate.registered_model
     pr = sub.add_parser("promote", help="make a registered version champion (recorded with who and why)")
     pr.add_argument("--version", required=True, type=int)
     pr.add_argument("--reason", required=True)

@@ -588,12 +588,15 @@ SECTIONS: dict[str, type] = {
     "gate": GateConfig,
 }
 
+# What a run without a preset gets: the guide's hyperparameters (CLI, trigger form, Makefile's PRESET).
+DEFAULT_PRESET = "guide"
+
 
 @dataclass(frozen=True)
 class Config:
     """The resolved configuration of one run. Build with :func:`from_overrides`."""
 
-    preset: str = "guide"
+    preset: str = DEFAULT_PRESET
     data: DataConfig = field(default_factory=DataConfig)
     inputs: InputsConfig = field(default_factory=InputsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -794,7 +797,7 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def from_overrides(preset: str = "guide", overrides: Mapping[str, Any] | None = None) -> Config:
+def from_overrides(preset: str = DEFAULT_PRESET, overrides: Mapping[str, Any] | None = None) -> Config:
     """Resolve a preset plus ``{"section.key": value}`` overrides into a validated Config.
 
     ``None`` values are skipped (an Airflow Param left empty means "the preset's value").
@@ -828,7 +831,7 @@ def from_dict(payload: Mapping[str, Any]) -> Config:
         }
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"recorded config is incomplete or has unknown keys: {exc}") from None
-    return Config(preset=payload.get("preset", "guide"), **sections)
+    return Config(preset=payload.get("preset", DEFAULT_PRESET), **sections)
 
 
 def keys() -> list[str]:
@@ -839,7 +842,7 @@ def keys() -> list[str]:
 def from_params(params: Mapping[str, Any]) -> Config:
     """The run's Config from DAG params: preset, then the ``data_file``'s sections, then the form fields,
     then free-form ``overrides``."""
-    return from_overrides(params.get("preset") or "guide", given_overrides(params))
+    return from_overrides(params.get("preset") or DEFAULT_PRESET, given_overrides(params))
 
 
 def given_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -863,7 +866,7 @@ def resolve(params: Mapping[str, Any]) -> tuple[Config, dict[str, Any], Sources]
             ``gate.registered_model`` not.
     """
     given = given_overrides(params)
-    cfg = from_overrides(params.get("preset") or "guide", given)
+    cfg = from_overrides(params.get("preset") or DEFAULT_PRESET, given)
     sources = Sources.from_params(params)
     if (labeled := sources.labeled) and "gate.registered_model" not in given:
         raise ConfigError(
