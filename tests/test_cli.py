@@ -211,6 +211,10 @@ def toy():
     @af.expected_failures
     def train(x):
         log.info("train: a line of the failing task, input %s", x)
+        if os.environ["TOY_FAILURE"] == "interrupt":  # a long step, until Ctrl-C
+            open(os.environ["TOY_MARKER"], "w").close()
+            import time
+            time.sleep(300)
         if os.environ["TOY_FAILURE"] == "bug":
             raise ValueError("disk full\\n  while writing shard 3")
         raise DataError("download http://127.0.0.1:9/SST-2.zip: too slow: 12 bytes in the last 60.2s",
@@ -300,6 +304,53 @@ def test_a_failed_run_ends_with_the_cause_the_fix_and_the_task_log(tmp_path, enc
     ):
         assert chatter not in output, chatter
     assert output.count(cause.removeprefix("  cause: ").split(": ", 1)[1]) == 1, output[-3000:]
+
+
+def test_ctrl_c_stops_the_run_there_and_marks_it_failed(tmp_path, encoderflow_home):
+    """Ctrl-C used to raise KeyboardInterrupt inside the task: a retry, or training went on and promoted."""
+    import signal
+    import sqlite3
+
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "toy.py").write_text(TOY_DAG)
+    marker = tmp_path / "training"
+    env = {
+        **os.environ,
+        "ENCODERFLOW_HOME": str(encoderflow_home),
+        "ENCODERFLOW_DAGS_FOLDER": str(dags),
+        "TOY_FAILURE": "interrupt",
+        "TOY_MARKER": str(marker),
+    }
+    cmd = [sys.executable, "-m", "encoderflow.cli", "run", "--preset", "smoke"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), proc.communicate(timeout=60)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out[-3000:] + err[-3000:]
+    assert "INTERRUPTED (Ctrl-C) during train: nothing after it runs, the run is marked failed; run it again: the downloads" in err
+    assert "[DAG TEST] starting task_id=relay" not in out + err and "KeyboardInterrupt" not in out + err
+    run_id = json.loads(next((encoderflow_home / "runs").glob("*/failure.json")).read_text())["run_id"]
+    log = (layout.run_dir(run_id) / "logs" / "task_id=train" / "attempt=1.log").read_text()
+    assert "train: a line of the failing task" in log and "encoderflow INTERRUPTED (Ctrl-C) during train" in log
+    record = json.loads((layout.run_dir(run_id) / "failure.json").read_text())
+    assert (record["task_id"], record["error"], record["message"]) == ("train", "Interrupted", "Ctrl-C during train")
+    # The detached marker sets the Airflow run's states once the interrupted process has gone.
+    db = encoderflow_home / "airflow" / "airflow.db"
+    states = {}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with sqlite3.connect(db) as con:
+            (run_state,) = con.execute("select state from dag_run where run_id=?", (run_id,)).fetchone()
+            states = dict(con.execute("select task_id, state from task_instance where run_id=?", (run_id,)).fetchall())
+        if run_state == "failed":
+            break
+        time.sleep(0.5)
+    assert run_state == "failed", (run_state, states)
+    assert states == {"fetch": "success", "train": "failed", "relay": "upstream_failed", "report": "upstream_failed"}
 
 
 def _summary(capsys, run_id: str, state: str, states) -> list[str]:

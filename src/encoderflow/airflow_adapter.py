@@ -9,12 +9,15 @@ environment before it imports this module). ``encoderflow.steps`` stays free of 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
@@ -341,6 +344,8 @@ class TaskLogs:
     def __init__(self) -> None:
         self.paths: dict[tuple[str, int, int], Path] = {}
         self.failed: list[tuple[tuple[str, int, int], errors.Cause]] = []
+        self.run_id: str | None = None  # the run's, once its first task started
+        self.running: tuple[str, int, int] | None = None  # the task instance running now
         self._file = None
         self._handler = _TeeHandler(self)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -372,12 +377,14 @@ class TaskLogs:
             self._close()
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open from start to end of a task
         self.paths[self.key(ti)] = path
+        self.run_id, self.running = ti.run_id, self.key(ti)
 
     def _close(self) -> None:
         with self._handler.lock:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+            self.running = None
 
     def write(self, text: str) -> None:
         with self._handler.lock:
@@ -453,7 +460,7 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
     test_loop = logging.getLogger(type(dag).test.__module__)
     test_loop.addFilter(_no_unrunnable_warning)
     try:
-        with TaskLogs() as logs:
+        with TaskLogs() as logs, _stopped_by_ctrl_c(logs):
             dr = dag.test(run_conf=conf)
     finally:
         test_loop.removeFilter(_no_unrunnable_warning)
@@ -464,6 +471,89 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
         tis = session.query(TaskInstance).filter(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == dr.run_id).all()
         states = sorted((ti.task_id, ti.map_index, str(ti.state)) for ti in tis)
     return RunOutcome(dr.run_id, str(dr.state), states, logs)
+
+
+INTERRUPTED_EXIT = 130  # a shell's code for a command ended by SIGINT
+
+
+@contextlib.contextmanager
+def _stopped_by_ctrl_c(logs: TaskLogs) -> Iterator[None]:
+    """Ctrl-C stops the run, there and then, and nothing after the running task runs.
+
+    Left to Python, SIGINT raises KeyboardInterrupt wherever the main thread is: a task fails with it
+    and is retried, or training swallows it and the run goes on to promote a model. This handler
+    writes the interruption into the task's log and the run's ``failure.json`` and ends the process
+    (what a retry or re-run finds is what a kill leaves: finished, renamed outputs). A detached
+    process then marks the Airflow run failed, once this one has exited and released the metadata DB.
+    """
+
+    def stop(signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+        task = f"{logs.running[0]}{f'[{logs.running[1]}]' if logs.running[1] >= 0 else ''}" if logs.running else None
+        where = f"during {task}" if task else "between tasks"
+        fix = "run it again: the downloads, shards and training stages that finished are reused"
+        if logs.run_id:
+            logs.write(f"encoderflow INTERRUPTED (Ctrl-C) {where}: the run stops here; {fix}")
+            cause = errors.Cause("Interrupted", f"Ctrl-C {where}", fix, expected=True)
+            where_ids = dict(zip(("task_id", "map_index", "try_number"), logs.running or (), strict=False))
+            errors.record_failure(logs.run_id, cause, dag_id=DAG_ID, run_id=logs.run_id, **where_ids)
+            subprocess.Popen(
+                [sys.executable, "-m", __name__, "fail-run", logs.run_id, str(os.getpid())],
+                env=os.environ.copy(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        logs._close()
+        sys.stderr.write(
+            f"\nencoderflow run {logs.run_id or ''}: INTERRUPTED (Ctrl-C) {where}: nothing after it runs, the run "
+            f"is marked failed; {fix}\n"
+        )
+        sys.stderr.flush()
+        os._exit(INTERRUPTED_EXIT)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def fail_run(run_id: str, wait_for_pid: int | None = None, wait_s: float = 60.0) -> list[tuple[str, int, str]]:
+    """Mark an interrupted run failed in the metadata DB: its unfinished task instances failed (those
+    running) or upstream_failed (those not started), the run failed. Waits for ``wait_for_pid`` (the
+    interrupted process) to exit first. Returns the task instances it changed."""
+    import time
+    from datetime import UTC, datetime
+
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    deadline = time.monotonic() + wait_s
+    while wait_for_pid and time.monotonic() < deadline:
+        try:
+            os.kill(wait_for_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    started = {TaskInstanceState.RUNNING, TaskInstanceState.QUEUED, TaskInstanceState.UP_FOR_RETRY}
+    changed = []
+    with create_session() as session:
+        for ti in session.query(TaskInstance).filter(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == run_id):
+            if ti.state in started:
+                ti.state, ti.end_date = TaskInstanceState.FAILED, datetime.now(UTC)
+            elif ti.state in (None, TaskInstanceState.SCHEDULED):
+                ti.state = TaskInstanceState.UPSTREAM_FAILED
+            else:
+                continue
+            changed.append((ti.task_id, ti.map_index, str(ti.state)))
+        dr = session.query(DagRun).filter(DagRun.dag_id == DAG_ID, DagRun.run_id == run_id).one_or_none()
+        if dr is not None and dr.state == DagRunState.RUNNING:
+            dr.set_state(DagRunState.FAILED)
+    return changed
 
 
 def create_gpu_pool() -> None:
@@ -477,3 +567,7 @@ def create_gpu_pool() -> None:
     if pool.returncode != 0:
         sys.stderr.write(pool.stdout[-2000:] + pool.stderr[-2000:])
         raise SystemExit("airflow pools set gpu failed")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["fail-run"]:  # the detached half of _stopped_by_ctrl_c
+    fail_run(sys.argv[2], int(sys.argv[3]))
