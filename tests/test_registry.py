@@ -313,6 +313,20 @@ def test_promote_killed_between_steps_leaves_champion_on_a_complete_version(tmp_
     assert _aliases() == {"champion": "2", "previous": "1"}
 
 
+def test_rollback_after_a_promotion_killed_between_its_steps_goes_back_not_nowhere(tmp_path, capsys):
+    """The kill leaves previous == champion: rollback printed "v2 -> v2" and recorded it."""
+    v1, v2, v3 = (_register(tmp_path, t) for t in "123")
+    registry.move_champion(NAME, v1, expected=None, reason="first", who="gate")
+    registry.move_champion(NAME, v2, expected=v1, reason="better", who="gate")
+    proc = _child(KILL_BETWEEN_STEPS, NAME, v3, v2)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert _aliases() == {"champion": "2", "previous": "2"}
+    assert cli.main(["rollback", "--reason", "v2 misbehaves"]) == 0
+    assert "champion v2 -> v1" in capsys.readouterr().out
+    assert _aliases() == {"champion": "1", "previous": None}
+    assert [(e["action"], e["from"], e["to"]) for e in registry.history(NAME)][-1] == ("rollback", "2", "1")
+
+
 RACE = r"""
 import sys
 from encoderflow import registry

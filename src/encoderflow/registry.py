@@ -484,12 +484,23 @@ def rollback(name: str, reason: str, who: str | None = None) -> dict[str, Any]:
             fix="make a version champion by number: encoderflow promote --version N --reason ...",
         ) from None
     current = champion(name)
-    if current is not None and str(prev.version) == current["version"]:  # a rollback killed between its steps
-        c.delete_registered_model_alias(name, PREVIOUS)
-        raise EncoderflowError(
-            f"{name}: 'previous' was the champion v{prev.version} itself (an interrupted rollback): removed it",
-            fix="make a version champion by number: encoderflow promote --version N --reason ...",
+    target = str(prev.version)
+    if current is not None and target == current["version"]:
+        # A move killed between its two alias writes: 'previous' already names the champion. What the
+        # champion replaced is on record (its champion.promote tag): that is the version to go back to.
+        target = _replaced_by(c, name, target)
+        if target is None:
+            c.delete_registered_model_alias(name, PREVIOUS)
+            raise EncoderflowError(
+                f"{name}: 'previous' is the champion v{prev.version} itself (a move was interrupted), and "
+                "it replaced no version: removed it",
+                fix="make a version champion by number: encoderflow promote --version N --reason ...",
+            )
+        log.info(
+            "registry: 'previous' is the champion v%s itself (a move was interrupted): v%s replaced it",
+            prev.version,
+            target,
         )
     return move_champion(
-        name, str(prev.version), current["version"] if current else None, reason or "rollback", who, action="rollback"
+        name, target, current["version"] if current else None, reason or "rollback", who, action="rollback"
     )
