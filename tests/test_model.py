@@ -138,3 +138,20 @@ def test_with_dropout_keeps_the_weights_and_changes_only_the_rate(models):
     ids = np.array([[3, 4, 5, 0, 0, 0, 0, 0]], "int32")
     # Inference ignores dropout: the same weights give the same outputs.
     np.testing.assert_allclose(tuned.predict(ids, verbose=0), encoder.predict(ids, verbose=0), atol=1e-6)
+
+
+def test_a_damaged_or_missing_keras_file_is_named_as_bad_input(models, tmp_path):
+    """A flipped byte gave BadZipFile, read as "a bug or an outage" and retried."""
+    from encoderflow.errors import EncoderflowError
+
+    encoder = models.build_encoder(from_overrides("smoke").model, 30, 12)
+    path = tmp_path / "encoder.keras"
+    encoder.save(path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
+    (tmp_path / "damaged.keras").write_bytes(bytes(data))
+    for bad in (tmp_path / "damaged.keras", tmp_path / "missing.keras"):
+        with pytest.raises(EncoderflowError, match=rf"^{bad}: not a readable Keras model \(") as err:
+            models.load(bad)
+        assert err.value.fix.startswith("give an intact .keras file")
+    assert models.load(path).count_params() == encoder.count_params()

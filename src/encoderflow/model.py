@@ -165,5 +165,21 @@ def build_classifier(
 
 
 def load(path: str | os.PathLike) -> keras.Model:
-    """Load a saved model in Keras safe mode (no lambdas, no arbitrary code)."""
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
+    """Load a saved model in Keras safe mode (no lambdas, no arbitrary code).
+
+    Raises:
+        EncoderflowError: the file is missing, damaged or not a Keras model; the message names it. A
+            damaged file is bad input, not an outage: retrying cannot help.
+    """
+    import zipfile
+
+    from encoderflow.errors import EncoderflowError
+
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except (zipfile.BadZipFile, OSError, KeyError, ValueError) as exc:
+        raise EncoderflowError(
+            f"{path}: not a readable Keras model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+            fix="give an intact .keras file: re-run the step that wrote it, or, for a registered version, "
+            "serve another (encoderflow rollback, or promote --version N)",
+        ) from None
