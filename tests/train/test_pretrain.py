@@ -151,7 +151,11 @@ def test_step_backup_restores_weights_optimizer_and_step(tmp_path):
             callbacks=[StepBackup(backup, 4, every_steps=3), StopAfter()],
         )
     assert _resume_point(backup, 4) == (2, 0)
-    assert [f.name for f in backup.iterdir()] == ["step-000000000008.weights.h5"]  # older ones deleted
+    # Older ones deleted; the sha256 a resume checks is beside it.
+    assert sorted(f.name for f in backup.iterdir()) == [
+        "step-000000000008.weights.h5",
+        "step-000000000008.weights.h5.sha256",
+    ]
     # A backup killed while being written keeps its temp name: never taken for a backup.
     (backup / ".step-000000000011.weights.h5.x1.weights.h5").write_bytes(b"half")
     assert latest_backup(backup)[0] == 8
@@ -175,6 +179,29 @@ def test_step_backup_restores_weights_optimizer_and_step(tmp_path):
     ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
     assert StepBackup(tmp_path / "none", 4).restore(_tiny_model()) == 0  # nothing to restore: a fresh start
+
+
+def test_an_altered_backup_is_deleted_and_not_resumed_from(tmp_path, caplog):
+    """4 KB overwritten in a backup's embedding resumed silently and trained on from those weights."""
+    import logging
+
+    from encoderflow.train.callbacks import StepBackup
+
+    x, y = _tiny_data()
+    backup = tmp_path / "backup"
+    _tiny_model().fit(x, y, batch_size=2, epochs=2, verbose=0, shuffle=False, callbacks=[StepBackup(backup, 4)])
+    [file] = backup.glob("step-*.weights.h5")
+    assert StepBackup(backup, 4).steps_done == 8  # sound: resumed from
+    data = bytearray(file.read_bytes())
+    data[-4096:-2048] = b"\x40" * 2048
+    file.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="encoderflow.train"):
+        restore = StepBackup(backup, 4, label="pretrain")
+    assert (restore.steps_done, restore.restore_from) == (0, None) and restore.restore(_tiny_model()) == 0
+    [message] = caplog.messages
+    assert message.startswith(f"pretrain: backup {file} differs from the sha256 written with it")
+    assert message.endswith(": deleted, not resumed from; training starts at step 0")
+    assert list(backup.iterdir()) == []
 
 
 def test_pretrain_resumes_on_the_copy_of_the_interrupted_epoch(duped, tmp_path, monkeypatch, caplog):

@@ -16,6 +16,8 @@ keras = runtime.keras()
 log = logging.getLogger("encoderflow.train")
 
 BACKUP_GLOB = "step-*.weights.h5"
+# Beside each backup, written before it: the sha256 a resume checks the backup against.
+CHECKSUM_SUFFIX = ".sha256"
 
 
 class NonFiniteLoss(EncoderflowError):
@@ -240,6 +242,20 @@ def latest_backup(directory: str | os.PathLike) -> tuple[int, Path | None]:
     return max(found, default=(0, None))
 
 
+def _checksum_file(backup: Path) -> Path:
+    return backup.with_name(backup.name + CHECKSUM_SUFFIX)
+
+
+def _altered(backup: Path) -> str | None:
+    """Why ``backup`` may not be resumed from (no checksum beside it, or other bytes), or None."""
+    recorded = _checksum_file(backup)
+    if not recorded.exists():
+        return f"has no {recorded.name} to check it against"
+    if (actual := layout.sha256_file(backup)) != recorded.read_text().strip():
+        return f"differs from the sha256 written with it ({actual[:12]}... now)"
+    return None
+
+
 class StepBackup(keras.callbacks.Callback):
     """Backs up weights, optimizer state and the global step, so a killed fit can resume at the next step.
 
@@ -251,6 +267,9 @@ class StepBackup(keras.callbacks.Callback):
     optimizer's variables too, its step count among them (which drives the learning-rate schedule).
     The step is in the file name and the file is renamed into place once complete, so a backup is
     either whole or absent and always agrees with its step; older backups are deleted after that.
+    Its sha256 is written beside it first; a backup whose bytes no longer match it (or that has
+    none) is logged, deleted and not resumed from: training starts again rather than continue from
+    altered weights.
 
     Keras's own ``BackupAndRestore`` resumes at epoch granularity only; this one leaves the resume
     to the caller: :meth:`restore` the weights, and start the data and ``fit`` at ``steps_done``
@@ -281,6 +300,16 @@ class StepBackup(keras.callbacks.Callback):
         self.directory = Path(directory)
         self.steps_per_epoch, self.every_steps = steps_per_epoch, every_steps
         self.steps_done, self.restore_from = latest_backup(self.directory)
+        if self.restore_from is not None and (why := _altered(self.restore_from)):
+            log.warning(
+                "%s: backup %s %s: deleted, not resumed from; training starts at step 0",
+                label,
+                self.restore_from,
+                why,
+            )
+            for path in (self.restore_from, _checksum_file(self.restore_from)):
+                path.unlink(missing_ok=True)
+            self.steps_done, self.restore_from = 0, None
         self.due = False
         self.batch_seen = 0
         self.last_logs = None
@@ -324,9 +353,12 @@ class StepBackup(keras.callbacks.Callback):
         final = self.directory / f"step-{self.steps_done:012d}.weights.h5"
         with layout.atomic_path(final, suffix=".weights.h5") as tmp:
             self.model.save_weights(tmp)
+            with layout.atomic_path(_checksum_file(final)) as sidecar:
+                sidecar.write_text(layout.sha256_file(tmp) + "\n")
         for old in self.directory.glob(BACKUP_GLOB):
             if old != final:
                 old.unlink(missing_ok=True)
+                _checksum_file(old).unlink(missing_ok=True)
         self.due = False
         return final
 
