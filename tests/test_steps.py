@@ -39,6 +39,7 @@ def test_any_changed_value_trains_and_names_it(tmp_path, caplog):
     touched = {**INPUTS, "corpus": {**INPUTS["corpus"], "content_hash": "new-text"}}
     assert steps.check_lineage(touched, PARAMS, "run-d") is True
     assert "data.corpus.content_hash" in caplog.text
+    assert (layout.run_dir("run-d") / "champion" / "v1" / "bundle.json").exists()  # fetched for the gate, verified
     other_config = {**PARAMS, "overrides": ["pretrain.learning_rate=0.002"]}
     assert steps.check_lineage(INPUTS, other_config, "run-e") is True
     assert "config.training_hash" in caplog.text
@@ -54,6 +55,25 @@ def test_any_changed_value_trains_and_names_it(tmp_path, caplog):
         "code.hash",
     }
     assert tags["code.hash"] == layout.code_hash() and len(tags["code.hash"]) == 64
+
+
+def test_a_damaged_champion_fails_the_run_before_training_naming_the_version(tmp_path, caplog):
+    """It was found by the gate, after all the training, naming a temp folder already deleted."""
+    version = _champion(tmp_path, steps.lineage_tags(from_params(PARAMS), INPUTS))
+    name = from_params(PARAMS).gate.registered_model
+    source = registry.client().get_model_version(name, version).source
+    stored = layout.mlflow_dir() / source.split("/mlflow/", 1)[1]
+    (stored / "classifier.keras").write_text("flipped")
+    touched = {**INPUTS, "corpus": {**INPUTS["corpus"], "content_hash": "new-text"}}
+    with pytest.raises(EncoderflowError) as err:
+        steps.check_lineage(touched, PARAMS, "run-f")
+    assert str(err.value).startswith(
+        f"models:/{name}/{version}: classifier.keras: missing or altered (sha256 differs from bundle.json)"
+    )
+    assert err.value.fix.startswith(f"serve another version of {name} (encoderflow rollback, or encoderflow promote")
+    assert not (layout.run_dir("run-f") / "champion").exists() or not any(
+        (layout.run_dir("run-f") / "champion").iterdir()
+    )
 
 
 def test_labeled_data_of_another_label_set_is_refused_before_training(tmp_path):

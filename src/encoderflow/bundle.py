@@ -156,21 +156,27 @@ def verify(path: str | os.PathLike) -> Path:
             file missing or differing from its recorded sha256; the message names the file.
     """
     path = Path(path)
-    meta_path = path / META
-    if not meta_path.exists():
-        raise EncoderflowError(f"{path}: incomplete model bundle (no bundle.json)")
-    files = layout.read_json(meta_path).get("files", {})
+    if why := damage(path):
+        raise EncoderflowError(f"{path}/{why}")
+    return path
+
+
+def damage(path: str | os.PathLike) -> str | None:
+    """What is wrong with the bundle at ``path``, naming the file inside it (``vocab.txt: missing or
+    altered ...``), or None when every file matches ``bundle.json``."""
+    path = Path(path)
+    if not (path / META).exists():
+        return f"{META}: missing: incomplete model bundle (no bundle.json)"
+    files = layout.read_json(path / META).get("files", {})
     if unlisted := [name for name in FILES if name not in files]:
-        raise EncoderflowError(
-            f"{meta_path}: lists no sha256 for {', '.join(unlisted)}; the bundle is incomplete (write it again)"
-        )
+        return f"{META}: lists no sha256 for {', '.join(unlisted)}; the bundle is incomplete (write it again)"
     for fname, digest in files.items():
         file = path / fname
         if not file.exists() or layout.sha256_file(file) != digest:
-            raise EncoderflowError(
-                f"{file}: missing or altered (sha256 differs from bundle.json); the registered version is incomplete"
+            return (
+                f"{fname}: missing or altered (sha256 differs from bundle.json); the registered version is incomplete"
             )
-    return path
+    return None
 
 
 class Scorer:

@@ -131,7 +131,10 @@ def print_summary(
     s = layout.read_json(summary_file) if summary_file.exists() else None
     if s is not None and "unchanged" in s:
         print("-" * 72)
-        print(f"  {s['unchanged']['message']}: training skipped (data, config and code hashes equal the champion's)")
+        print(
+            f"  {s['unchanged']['message']}: training skipped "
+            "(data, code and config hashes equal the champion's, gate.* aside)"
+        )
         print("  to train anyway: --force (trigger form: 'Train even if nothing changed')")
         print(f"  summary                          {summary_file}")
     elif s is not None:
@@ -313,10 +316,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # By model and number: the alias may move while this runs, and another model's v1 is another bundle.
     # A copy that still verifies is served again instead of downloaded again.
     folder = layout.home() / "serving" / layout.safe_run_id(name) / f"v{current['version']}"
-    try:
-        path = bundle.verify(folder)
-    except EncoderflowError:
-        path = registry.download_version(name, current["version"], folder)
+    path = registry.fetch_verified(name, current["version"], folder)
     scorer = bundle.Scorer(path)
     scored = [i for i, t in enumerate(texts) if t.strip()]
     predicted, probs = scorer.predict([texts[i] for i in scored])

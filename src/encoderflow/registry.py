@@ -188,8 +188,22 @@ def download_version(name: str, version: str, dst: str | os.PathLike) -> Path:
                 fix="the store records its artifacts' absolute paths: use it where it was written (the "
                 "ENCODERFLOW_HOME of its runs), or restore the artifacts folder there",
             )
-        inside = bundle.verify(got).resolve().relative_to(tmp.resolve())  # "." for a bundle source: its files
+        if why := bundle.damage(got):  # named by the version, not by the temp folder it was fetched into
+            raise EncoderflowError(
+                f"{uri}: {why}",
+                fix=f"serve another version of {name} (encoderflow rollback, or encoderflow promote --version N); "
+                "the damaged files are under the version's source in the MLflow store",
+            )
+        inside = got.resolve().relative_to(tmp.resolve())  # "." for a bundle source: its files
     return Path(dst) / inside
+
+
+def fetch_verified(name: str, version: str, dst: str | os.PathLike) -> Path:
+    """Version ``version`` of ``name`` at ``dst``: the copy already there when it still verifies
+    (``bundle.verify``), else downloaded (:func:`download_version`)."""
+    if bundle.damage(dst) is None:
+        return Path(dst)
+    return download_version(name, version, dst)
 
 
 def _flatten(prefix: str, payload: Any, out: dict[str, Any]) -> dict[str, Any]:

@@ -355,8 +355,7 @@ def evaluate_and_gate(
     current = registry.champion(cfg.gate.registered_model)
     champion_acc = champion_correct = None
     if current is not None:
-        dst = layout.run_dir(run_id) / "champion" / f"v{current['version']}"
-        bundle = registry.download_version(cfg.gate.registered_model, current["version"], dst)
+        bundle = registry.fetch_verified(cfg.gate.registered_model, current["version"], _champion_dir(run_id, current))
         champion = Scorer(bundle)
         _same_task("gate", current["version"], cfg.gate.registered_model, champion.labels, labeled)
         champion_correct = champion.correct(sentences, labels)
@@ -536,6 +535,11 @@ def _same_task(step: str, version: str, name: str, theirs: list[str], labeled: D
         )
 
 
+def _champion_dir(run_id: str, champ: Mapping[str, Any]) -> Path:
+    """Where a run keeps the champion's bundle: fetched and verified by check_lineage, scored by the gate."""
+    return layout.run_dir(run_id) / "champion" / f"v{champ['version']}"
+
+
 def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_id: str) -> bool:
     """True when this run must train: force, no champion yet, or a lineage value that differs from the
     champion's. False (nothing changed) writes the run's ``summary.json`` saying so; the DAG's
@@ -548,15 +552,17 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
     champ = registry.champion(cfg.gate.registered_model)
     if champ is not None and (theirs := champ["tags"].get(LABELS_TAG)) is not None:  # older versions: the gate checks
         _same_task("check_lineage", champ["version"], cfg.gate.registered_model, json.loads(theirs), inputs["labeled"])
-    if RunOptions.from_params(params).force:
-        log.info("check_lineage: force=true: training whatever the champion's lineage")
-        return True
     if champ is None:
         log.info("check_lineage: no champion of %s yet: training", cfg.gate.registered_model)
         return True
     changed = [k for k, v in mine.items() if champ["tags"].get(k) != v]
-    if changed:
-        log.info("check_lineage: changed since champion v%s: %s; training", champ["version"], ", ".join(changed))
+    if changed or RunOptions.from_params(params).force:
+        # The gate re-scores the champion after training (hours on a GPU): a damaged one fails now.
+        registry.fetch_verified(cfg.gate.registered_model, champ["version"], _champion_dir(run_id, champ))
+        if changed:
+            log.info("check_lineage: changed since champion v%s: %s; training", champ["version"], ", ".join(changed))
+        else:
+            log.info("check_lineage: force=true: training whatever the champion's lineage")
         return True
     message = f"nothing changed since champion v{champ['version']}"
     try:
@@ -573,7 +579,8 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
     }
     path = layout.write_json(layout.run_dir(run_id) / "summary.json", summary)
     log.info(
-        "check_lineage: %s (data, config and code hashes equal); training skipped, set force to train anyway; "
+        "check_lineage: %s (data, code and config hashes equal, gate.* aside: gate settings decide promotion, "
+        "not the model); training skipped, set force to train anyway; "
         "summary %s",
         message,
         path,

@@ -39,13 +39,7 @@ def compile_classifier(classifier, f, total_steps: int, num_classes: int = 2) ->
 
 
 def _unsound(folder: Path, result: dict[str, Any]) -> str | None:
-    from encoderflow.errors import EncoderflowError
-
-    try:
-        bundle.verify(folder)
-    except EncoderflowError as e:
-        return str(e)
-    return None
+    return bundle.damage(folder)
 
 
 def finetune(
