@@ -109,6 +109,16 @@ def test_write_records_settings_and_hashes_and_replaces_the_old_bundle(tmp_path,
     assert meta["files"] == {f: layout.sha256_file(second / f) for f in bundle.FILES}
 
 
+def test_a_killed_writers_temp_folder_is_swept_by_the_next_write(tmp_path, inputs):
+    """A kill -9 during fine-tuning's bundle write left .bundle-<pid> beside the bundle for good."""
+    encoder, vocab = inputs
+    out = tmp_path / "finetune"
+    (out / ".bundle-1727" / "sub").mkdir(parents=True)  # what a killed writer (no lock held now) left
+    (out / ".bundle-1727" / "sub" / "classifier.keras").write_text("half")
+    bundle.write(out / "bundle", FakeClassifier("one"), encoder, vocab, from_overrides("smoke"), 0.5)
+    assert sorted(p.name for p in out.iterdir()) == ["bundle"]
+
+
 def test_a_failed_write_leaves_the_old_bundle_whole(tmp_path, inputs):
     encoder, vocab = inputs
     cfg = from_overrides("smoke")

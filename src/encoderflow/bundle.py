@@ -78,12 +78,9 @@ def write(
     from encoderflow.data.tokenizer import Vocab
 
     path = Path(path)
-    tmp = path.parent / f".{path.name}-{os.getpid()}"
     old = path.parent / f".{path.name}-old-{os.getpid()}"
-    for leftover in (tmp, old):  # from an attempt of this pid that died before cleaning up
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # Under the folder's writer lock; what a killed writer left (.bundle-*) is swept as this one starts.
+    with layout.temp_dir(path.parent, f".{path.name}-") as tmp:
         _without_training_state(classifier).save(tmp / CLASSIFIER)
         shutil.copyfile(encoder_path, tmp / ENCODER)
         shutil.copyfile(vocab_path, tmp / VOCAB)
@@ -111,8 +108,6 @@ def write(
             if old.exists():
                 os.replace(old, path)
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
     return path
 
