@@ -333,7 +333,7 @@ def test_ctrl_c_stops_the_run_there_and_marks_it_failed(tmp_path, encoderflow_ho
     assert proc.returncode == 130, out[-3000:] + err[-3000:]
     assert (
         "INTERRUPTED (Ctrl-C) during train: nothing after it runs, the run is marked failed; run it again: "
-        "the downloads, shards and training stages that finished are reused" in err
+        "what finished is reused and pretraining resumes from its last backup" in err
     )
     assert "[DAG TEST] starting task_id=relay" not in out + err and "KeyboardInterrupt" not in out + err
     run_id = json.loads(next((encoderflow_home / "runs").glob("*/failure.json")).read_text())["run_id"]

@@ -491,7 +491,7 @@ def _stopped_by_ctrl_c(logs: TaskLogs) -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
         task = f"{logs.running[0]}{f'[{logs.running[1]}]' if logs.running[1] >= 0 else ''}" if logs.running else None
         where = f"during {task}" if task else "between tasks"
-        fix = "run it again: the downloads, shards and training stages that finished are reused"
+        fix = "run it again: what finished is reused and pretraining resumes from its last backup"
         if logs.run_id:
             logs.write(f"encoderflow INTERRUPTED (Ctrl-C) {where}: the run stops here; {fix}")
             cause = errors.Cause("Interrupted", f"Ctrl-C {where}", fix, expected=True)

@@ -204,7 +204,10 @@ def test_an_altered_backup_is_deleted_and_not_resumed_from(tmp_path, caplog):
     assert list(backup.iterdir()) == []
 
 
-def test_pretrain_resumes_on_the_copy_of_the_interrupted_epoch(duped, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("resumed_by", ["a retry", "the next run"])
+def test_pretrain_resumes_on_the_copy_of_the_interrupted_epoch(duped, tmp_path, monkeypatch, caplog, resumed_by):
+    """A retry resumes in its own run folder; the next run (after Ctrl-C or a kill) from the stopped run's
+    backup, copied into its new folder (it used to start again from step 0)."""
     import logging
 
     from encoderflow.train import callbacks
@@ -222,19 +225,31 @@ def test_pretrain_resumes_on_the_copy_of_the_interrupted_epoch(duped, tmp_path, 
     cfg = _run_cfg(duped, epochs=3, steps_per_epoch=2, validation_steps=1)
     # No dropout: its random stream is not part of a backup, and the weights are compared below.
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.0))
-    out = tmp_path / "pretrain"
+    stopped = layout.run_dir("first") / "pretrain"
     with monkeypatch.context() as mp:
         mp.setattr(callbacks, "EpochLogger", DiesAfterFirstEpoch)
         with pytest.raises(Killed):
-            pretrain.pretrain(cfg, duped["manifest"], out)
+            pretrain.pretrain(cfg, duped["manifest"], stopped)
     # The backup (before the logger in the list) saved epoch 0's end before the logger died.
-    assert _resume_point(out / "backup", 2) == (1, 0)
+    assert _resume_point(stopped / "backup", 2) == (1, 0)
+    out = stopped if resumed_by == "a retry" else layout.run_dir("next") / "pretrain"
     with caplog.at_level(logging.INFO, logger="encoderflow.train.pretrain"):
         result = pretrain.pretrain(cfg, duped["manifest"], out)
     assert "3 epochs from epoch 1" in caplog.text
     # The recorded history spans both attempts: epoch 0 from the first, epochs 1-2 from the resume.
     assert len(result["history"]["loss"]) == 3 and np.isfinite(result["loss"])
     assert not (out / "backup").exists()
+    if resumed_by == "the next run":
+        assert (
+            "pretrain: run first stopped this training (same key and code) at step 2: "
+            f"its backup copied to {out / 'backup'}" in caplog.messages
+        )
+        assert _resume_point(stopped / "backup", 2) == (1, 0)  # the stopped run's own backup is left as it was
+        # Forced (earlier_runs=False), a run trains from step 0.
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="encoderflow.train.pretrain"):
+            pretrain.pretrain(cfg, duped["manifest"], layout.run_dir("forced") / "pretrain", earlier_runs=False)
+        assert "3 epochs from epoch 0" in caplog.text
     # Epochs 1 and 2 trained on copies 1 and 0, as an uninterrupted run's did: the same weights and losses.
     from encoderflow import model as models
 

@@ -242,13 +242,13 @@ def latest_backup(directory: str | os.PathLike) -> tuple[int, Path | None]:
     return max(found, default=(0, None))
 
 
-def _checksum_file(backup: Path) -> Path:
+def checksum_file(backup: Path) -> Path:
     return backup.with_name(backup.name + CHECKSUM_SUFFIX)
 
 
-def _altered(backup: Path) -> str | None:
+def backup_problem(backup: Path) -> str | None:
     """Why ``backup`` may not be resumed from (no checksum beside it, or other bytes), or None."""
-    recorded = _checksum_file(backup)
+    recorded = checksum_file(backup)
     if not recorded.exists():
         return f"has no {recorded.name} to check it against"
     if (actual := layout.sha256_file(backup)) != recorded.read_text().strip():
@@ -300,14 +300,14 @@ class StepBackup(keras.callbacks.Callback):
         self.directory = Path(directory)
         self.steps_per_epoch, self.every_steps = steps_per_epoch, every_steps
         self.steps_done, self.restore_from = latest_backup(self.directory)
-        if self.restore_from is not None and (why := _altered(self.restore_from)):
+        if self.restore_from is not None and (why := backup_problem(self.restore_from)):
             log.warning(
                 "%s: backup %s %s: deleted, not resumed from; training starts at step 0",
                 label,
                 self.restore_from,
                 why,
             )
-            for path in (self.restore_from, _checksum_file(self.restore_from)):
+            for path in (self.restore_from, checksum_file(self.restore_from)):
                 path.unlink(missing_ok=True)
             self.steps_done, self.restore_from = 0, None
         self.due = False
@@ -353,12 +353,12 @@ class StepBackup(keras.callbacks.Callback):
         final = self.directory / f"step-{self.steps_done:012d}.weights.h5"
         with layout.atomic_path(final, suffix=".weights.h5") as tmp:
             self.model.save_weights(tmp)
-            with layout.atomic_path(_checksum_file(final)) as sidecar:
+            with layout.atomic_path(checksum_file(final)) as sidecar:
                 sidecar.write_text(layout.sha256_file(tmp) + "\n")
         for old in self.directory.glob(BACKUP_GLOB):
             if old != final:
                 old.unlink(missing_ok=True)
-                _checksum_file(old).unlink(missing_ok=True)
+                checksum_file(old).unlink(missing_ok=True)
         self.due = False
         return final
 

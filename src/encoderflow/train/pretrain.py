@@ -28,6 +28,8 @@ HOUSEKEEPING = ("backup_every_steps", "steps_per_execution", "log_every_seconds"
 ESTIMATE_STEPS = 10
 # In the backup folder: the key of the training its backups belong to.
 BACKUP_KEY = "KEY"
+# ... and the code hash it was taken by: another run folder resumes a backup only under the same code.
+BACKUP_CODE = "CODE"
 
 
 def steps_per_execution(wanted: int, steps_per_epoch: int, backup_every_steps: int = 0) -> int:
@@ -215,6 +217,53 @@ def warm_start(encoder, init: dict[str, Any], manifest: dict[str, Any]) -> None:
     log.info("pretrain: warm start from %s: %d weights copied", where, len(mine))
 
 
+def _adopt_backup(out_dir: Path, key: str) -> None:
+    """Resume another run folder's unfinished training of ``key`` by the same code: copy its newest
+    sound backup (and its epochs' history) into ``out_dir``, where :class:`StepBackup` finds it.
+
+    A run stopped by Ctrl-C or a kill leaves its backups in its own folder, and the next run gets a
+    new one: without this, hours of pretraining would start again from step 0. Nothing is copied
+    when ``out_dir`` has a backup of its own.
+    """
+    from encoderflow.train.callbacks import backup_problem, checksum_file, latest_backup
+
+    own = out_dir / "backup"
+    if latest_backup(own)[1] is not None:
+        return
+    code, found = layout.code_hash(), []
+    for stamp in (layout.home() / "runs").glob(f"*/pretrain/backup/{BACKUP_KEY}"):
+        folder = stamp.parent
+        if folder.resolve() == own.resolve() or (folder.parent / "result.json").exists():
+            continue
+        try:
+            same = stamp.read_text().strip() == key and (folder / BACKUP_CODE).read_text().strip() == code
+        except OSError:  # no CODE: taken before it was recorded
+            continue
+        steps, file = latest_backup(folder)
+        if same and file is not None and backup_problem(file) is None:
+            found.append((steps, file))
+    if not found:
+        return
+    steps, file = max(found)
+    try:
+        _backup_dir(own, key)
+        for src in (checksum_file(file), file):  # the checksum first, as StepBackup writes them
+            with layout.atomic_path(own / src.name, suffix=src.suffix) as tmp:
+                shutil.copyfile(src, tmp)
+        if (history := file.parents[1] / "history.csv").exists():
+            with layout.atomic_path(out_dir / history.name) as tmp:
+                shutil.copyfile(history, tmp)
+    except FileNotFoundError:  # that run is alive and replaced its backup meanwhile: train from the start
+        shutil.rmtree(own, ignore_errors=True)
+        return
+    log.info(
+        "pretrain: run %s stopped this training (same key and code) at step %d: its backup copied to %s",
+        file.parents[2].name,
+        steps,
+        own,
+    )
+
+
 def _backup_dir(directory: Path, key: str) -> Path:
     """``directory``, emptied unless its backups were taken by training under ``key``.
 
@@ -228,6 +277,8 @@ def _backup_dir(directory: Path, key: str) -> Path:
         shutil.rmtree(directory)
     if not stamp.exists():
         directory.mkdir(parents=True, exist_ok=True)
+        with layout.atomic_path(directory / BACKUP_CODE) as tmp:
+            tmp.write_text(layout.code_hash() + "\n")
         with layout.atomic_path(stamp) as tmp:
             tmp.write_text(key + "\n")
     return directory
@@ -308,6 +359,8 @@ def pretrain(
             done["encoder"],
         )
         return done
+    if earlier_runs:
+        _adopt_backup(out_dir, key)
     with data_parallel(cfg.pretrain.batch_size) as devices:
         return _train(cfg, manifest_path, out_dir, init, key, keyed, devices)
 
