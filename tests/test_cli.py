@@ -237,7 +237,7 @@ toy()
 
 def _run_toy(tmp_path: Path, home: Path, failure: str) -> subprocess.CompletedProcess:
     dags = tmp_path / "dags"
-    dags.mkdir()
+    dags.mkdir(parents=True)
     (dags / "toy.py").write_text(TOY_DAG)
     env = {**os.environ, "ENCODERFLOW_HOME": str(home), "ENCODERFLOW_DAGS_FOLDER": str(dags), "TOY_FAILURE": failure}
     cmd = [sys.executable, "-m", "encoderflow.cli", "run", "--preset", "smoke"]
@@ -306,18 +306,15 @@ def test_a_failed_run_ends_with_the_cause_the_fix_and_the_task_log(tmp_path, enc
     assert output.count(cause.removeprefix("  cause: ").split(": ", 1)[1]) == 1, output[-3000:]
 
 
-def test_ctrl_c_stops_the_run_there_and_marks_it_failed(tmp_path, encoderflow_home):
-    """Ctrl-C used to raise KeyboardInterrupt inside the task: a retry, or training went on and promoted."""
-    import signal
-    import sqlite3
-
+def _start_toy_until_training(tmp_path: Path, home: Path) -> tuple[subprocess.Popen, Path]:
+    """The toy DAG under ``encoderflow run``, returned once its train task is in its long step."""
     dags = tmp_path / "dags"
-    dags.mkdir()
+    dags.mkdir(exist_ok=True)
     (dags / "toy.py").write_text(TOY_DAG)
     marker = tmp_path / "training"
     env = {
         **os.environ,
-        "ENCODERFLOW_HOME": str(encoderflow_home),
+        "ENCODERFLOW_HOME": str(home),
         "ENCODERFLOW_DAGS_FOLDER": str(dags),
         "TOY_FAILURE": "interrupt",
         "TOY_MARKER": str(marker),
@@ -328,6 +325,46 @@ def test_ctrl_c_stops_the_run_there_and_marks_it_failed(tmp_path, encoderflow_ho
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert marker.exists(), proc.communicate(timeout=60)
+    return proc, marker
+
+
+def _airflow_states(home: Path, run_id: str) -> tuple[str, dict[str, str]]:
+    import sqlite3
+
+    with sqlite3.connect(home / "airflow" / "airflow.db") as con:
+        (run_state,) = con.execute("select state from dag_run where run_id=?", (run_id,)).fetchone()
+        states = dict(con.execute("select task_id, state from task_instance where run_id=?", (run_id,)).fetchall())
+    return run_state, states
+
+
+def test_a_killed_run_is_marked_failed_by_the_next_one(tmp_path, encoderflow_home):
+    """kill -9 left the run and its task 'running' in Airflow for good."""
+    import signal
+
+    proc, _ = _start_toy_until_training(tmp_path, encoderflow_home)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    [claim] = (encoderflow_home / "airflow" / "encoderflow-runs").iterdir()
+    run_id = claim.read_text()
+    assert _airflow_states(encoderflow_home, run_id)[0] == "running"
+    proc = _run_toy(tmp_path / "again", encoderflow_home, "expected")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (
+        f"encoderflow run: run {run_id} stopped without finishing (its process is gone): marked failed "
+        "(train failed, relay upstream_failed, report upstream_failed)"
+    ) in proc.stderr
+    assert _airflow_states(encoderflow_home, run_id) == (
+        "failed",
+        {"fetch": "success", "train": "failed", "relay": "upstream_failed", "report": "upstream_failed"},
+    )
+    assert list((encoderflow_home / "airflow" / "encoderflow-runs").iterdir()) == []
+
+
+def test_ctrl_c_stops_the_run_there_and_marks_it_failed(tmp_path, encoderflow_home):
+    """Ctrl-C used to raise KeyboardInterrupt inside the task: a retry, or training went on and promoted."""
+    import signal
+
+    proc, _ = _start_toy_until_training(tmp_path, encoderflow_home)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out[-3000:] + err[-3000:]
@@ -342,18 +379,16 @@ def test_ctrl_c_stops_the_run_there_and_marks_it_failed(tmp_path, encoderflow_ho
     record = json.loads((layout.run_dir(run_id) / "failure.json").read_text())
     assert (record["task_id"], record["error"], record["message"]) == ("train", "Interrupted", "Ctrl-C during train")
     # The detached marker sets the Airflow run's states once the interrupted process has gone.
-    db = encoderflow_home / "airflow" / "airflow.db"
-    states = {}
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        with sqlite3.connect(db) as con:
-            (run_state,) = con.execute("select state from dag_run where run_id=?", (run_id,)).fetchone()
-            states = dict(con.execute("select task_id, state from task_instance where run_id=?", (run_id,)).fetchall())
-        if run_state == "failed":
-            break
+    while (states := _airflow_states(encoderflow_home, run_id))[0] != "failed" and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert run_state == "failed", (run_state, states)
-    assert states == {"fetch": "success", "train": "failed", "relay": "upstream_failed", "report": "upstream_failed"}
+    assert states == (
+        "failed",
+        {"fetch": "success", "train": "failed", "relay": "upstream_failed", "report": "upstream_failed"},
+    )
+    while list((encoderflow_home / "airflow" / "encoderflow-runs").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the marker removes the interrupted process's claim once it is done
+    assert list((encoderflow_home / "airflow" / "encoderflow-runs").iterdir()) == []
 
 
 def _summary(capsys, run_id: str, state: str, states) -> list[str]:

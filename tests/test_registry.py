@@ -531,3 +531,17 @@ def test_a_registry_command_against_a_server_that_does_not_answer_fails_in_secon
     assert err.startswith(f"encoderflow predict: MLflow at http://127.0.0.1:{port} failed: API request to ")
     assert "fix: check MLFLOW_TRACKING_URI and that the server is up" in err and "Traceback" not in err
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the CLI's setting ends with the command
+
+
+def test_a_stopped_airflow_runs_mlflow_run_left_running_is_marked_killed(tmp_path):
+    from encoderflow import DAG_ID, layout
+
+    assert registry.close_stopped(DAG_ID, "manual__1") == [] and not layout.mlflow_dir().exists()  # no store made
+    _register(tmp_path, "1")
+    c = registry.client()
+    exp = c.get_experiment_by_name(registry.EXPERIMENT).experiment_id
+    stopped = c.create_run(exp, tags={"airflow.run_id": "manual__1", "airflow.dag_id": DAG_ID}).info.run_id
+    other = c.create_run(exp, tags={"airflow.run_id": "manual__2", "airflow.dag_id": DAG_ID}).info.run_id
+    assert registry.close_stopped(DAG_ID, "manual__1") == [stopped]
+    assert c.get_run(stopped).info.status == "KILLED" and c.get_run(other).info.status == "RUNNING"
+    assert registry.close_stopped(DAG_ID, "manual__1") == []  # once

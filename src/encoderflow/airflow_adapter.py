@@ -346,6 +346,7 @@ class TaskLogs:
         self.failed: list[tuple[tuple[str, int, int], errors.Cause]] = []
         self.run_id: str | None = None  # the run's, once its first task started
         self.running: tuple[str, int, int] | None = None  # the task instance running now
+        self.claim = None  # an open file: this process's claim on the run (see _claimed)
         self._file = None
         self._handler = _TeeHandler(self)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -377,6 +378,11 @@ class TaskLogs:
             self._close()
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open from start to end of a task
         self.paths[self.key(ti)] = path
+        if self.claim is not None and ti.run_id != self.run_id:
+            self.claim.seek(0)
+            self.claim.truncate()
+            self.claim.write(ti.run_id)
+            self.claim.flush()
         self.run_id, self.running = ti.run_id, self.key(ti)
 
     def _close(self) -> None:
@@ -457,10 +463,16 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
     imported: Airflow reads its configuration, the metadata DB's address included, when first imported.
     """
     dag = load_dag(dag_folder)
+    for run_id, changed in sweep_stopped_runs():
+        if changed:  # a run Ctrl-C stopped was marked already
+            sys.stderr.write(
+                f"encoderflow run: run {run_id} stopped without finishing (its process is gone): marked failed"
+                f"{' (' + ', '.join(f'{t} {s}' for t, _, s in changed) + ')' if changed else ''}\n"
+            )
     test_loop = logging.getLogger(type(dag).test.__module__)
     test_loop.addFilter(_no_unrunnable_warning)
     try:
-        with TaskLogs() as logs, _stopped_by_ctrl_c(logs):
+        with TaskLogs() as logs, _claimed(logs), _stopped_by_ctrl_c(logs):
             dr = dag.test(run_conf=conf)
     finally:
         test_loop.removeFilter(_no_unrunnable_warning)
@@ -520,10 +532,54 @@ def _stopped_by_ctrl_c(logs: TaskLogs) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _claims() -> Path:
+    return layout.airflow_home() / "encoderflow-runs"
+
+
+@contextlib.contextmanager
+def _claimed(logs: TaskLogs) -> Iterator[None]:
+    """While this process runs the DAG, ``airflow/encoderflow-runs/<pid>`` holds its run id under an
+    exclusive ``flock``; the kernel drops the lock when the process dies, however it dies. A later
+    ``encoderflow run`` that can take the lock knows the run was stopped (:func:`sweep_stopped_runs`)."""
+    import fcntl
+
+    _claims().mkdir(parents=True, exist_ok=True)
+    path = _claims() / str(os.getpid())
+    with open(path, "w", encoding="utf-8") as claim:
+        fcntl.flock(claim, fcntl.LOCK_EX)
+        logs.claim = claim
+        try:
+            yield
+        finally:
+            logs.claim = None
+            path.unlink(missing_ok=True)
+
+
+def sweep_stopped_runs() -> list[tuple[str, list[tuple[str, int, str]]]]:
+    """Runs whose ``encoderflow run`` died (a kill, a crash) stay ``running`` in Airflow, with their
+    running task, and their MLflow run RUNNING: mark each failed (:func:`fail_run`). Returns each
+    run id with the task instances changed."""
+    import fcntl
+
+    swept = []
+    for path in sorted(_claims().glob("*")) if _claims().is_dir() else []:
+        with open(path, encoding="utf-8") as claim:
+            try:
+                fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its process is alive, running its DAG
+            run_id = claim.read().strip()
+            if run_id:
+                swept.append((run_id, fail_run(run_id)))
+            path.unlink(missing_ok=True)
+    return swept
+
+
 def fail_run(run_id: str, wait_for_pid: int | None = None, wait_s: float = 60.0) -> list[tuple[str, int, str]]:
-    """Mark an interrupted run failed in the metadata DB: its unfinished task instances failed (those
-    running) or upstream_failed (those not started), the run failed. Waits for ``wait_for_pid`` (the
-    interrupted process) to exit first. Returns the task instances it changed."""
+    """Mark a stopped run failed: in the metadata DB its unfinished task instances failed (those
+    running) or upstream_failed (those not started) and the run failed, and in MLflow a run it left
+    RUNNING killed (``registry.close_stopped``). Waits for ``wait_for_pid`` (the interrupted
+    process) to exit first. Returns the task instances it changed."""
     import time
     from datetime import UTC, datetime
 
@@ -553,6 +609,9 @@ def fail_run(run_id: str, wait_for_pid: int | None = None, wait_s: float = 60.0)
         dr = session.query(DagRun).filter(DagRun.dag_id == DAG_ID, DagRun.run_id == run_id).one_or_none()
         if dr is not None and dr.state == DagRunState.RUNNING:
             dr.set_state(DagRunState.FAILED)
+    from encoderflow import registry
+
+    registry.close_stopped(DAG_ID, run_id)
     return changed
 
 
@@ -571,3 +630,4 @@ def create_gpu_pool() -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["fail-run"]:  # the detached half of _stopped_by_ctrl_c
     fail_run(sys.argv[2], int(sys.argv[3]))
+    (_claims() / sys.argv[3]).unlink(missing_ok=True)

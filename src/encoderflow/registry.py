@@ -299,6 +299,25 @@ def _close_orphans(c, exp_id: str, tags: dict[str, str]) -> None:
         )
 
 
+def close_stopped(dag_id: str, run_id: str) -> list[str]:
+    """An Airflow run stopped for good (Ctrl-C, a kill) may have left its MLflow run RUNNING: mark it
+    KILLED, as a retry of that run would. Returns the MLflow run ids closed."""
+    if (
+        os.environ.get("MLFLOW_TRACKING_URI", embedded_uri()) == embedded_uri()
+        and not (layout.mlflow_dir() / "mlflow.db").exists()
+    ):
+        return []  # no store: nothing registered yet, and none is made by asking
+    c = client()
+    exp = c.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return []
+    tags = {"airflow.run_id": run_id, "airflow.dag_id": dag_id}
+    closed = [r.info.run_id for r in _earlier_tries(c, exp.experiment_id, tags, "RUNNING")]
+    for mlflow_run in closed:
+        c.set_terminated(mlflow_run, status="KILLED")
+    return closed
+
+
 def _finished_unregistered(c, exp_id: str, tags: dict[str, str]):
     """The MLflow run an earlier try of this Airflow run completed (FINISHED) without registering it, or None."""
     return next(iter(_earlier_tries(c, exp_id, tags, "FINISHED")), None)
