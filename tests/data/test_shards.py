@@ -532,7 +532,7 @@ def test_seal_refuses_a_shard_that_differs_from_its_build_record(reference, corp
     assert not (Path(p["shards_dir"]) / shards.MANIFEST).exists()
 
 
-def test_build_shard_reuses_a_complete_shard_and_rebuilds_a_damaged_one(reference, corpus, monkeypatch):
+def test_build_shard_reuses_a_complete_shard_and_rebuilds_a_damaged_one(reference, corpus, monkeypatch, caplog):
     p = _copy_reference(reference, corpus)
     shard, ref = p["shards"][0], reference["infos"][0]
     path = Path(shard["file"])
@@ -542,14 +542,18 @@ def test_build_shard_reuses_a_complete_shard_and_rebuilds_a_damaged_one(referenc
     def no_tokenizer(*a, **k):
         raise AssertionError("a complete shard was rebuilt")
 
-    monkeypatch.setattr(tokenizer_mod, "make_tokenizer", no_tokenizer)
-    assert shards.build_shard(shard, reference["cfg"], p["vocab_path"], p["vocab_sha256"]) == ref
+    with monkeypatch.context() as mp:  # not monkeypatch.undo(): it would undo ENCODERFLOW_HOME too
+        mp.setattr(tokenizer_mod, "make_tokenizer", no_tokenizer)
+        assert shards.build_shard(shard, reference["cfg"], p["vocab_path"], p["vocab_sha256"]) == ref
     assert path.stat().st_mtime_ns == before
-    monkeypatch.undo()
 
     path.write_bytes(path.read_bytes()[:100])  # torn by something outside the writer
-    info = shards.build_shard(shard, reference["cfg"], p["vocab_path"], p["vocab_sha256"])
+    with caplog.at_level("WARNING", logger="encoderflow"):
+        info = shards.build_shard(shard, reference["cfg"], p["vocab_path"], p["vocab_sha256"])
     assert info["sha256"] == ref["sha256"] == layout.sha256_file(path)
+    assert caplog.messages == [
+        f"shard {path}: differs from the sha256 recorded when it was written: altered, rebuilding it"
+    ]
 
 
 def test_build_shard_refuses_inputs_changed_since_the_plan(reference, corpus, tmp_path):
@@ -579,12 +583,12 @@ def test_writer_failing_halfway_leaves_no_shard_and_a_rerun_completes(reference,
             raise OSError("disk full")
         return real_example(tf, ex, row)
 
-    monkeypatch.setattr(shards, "_example", failing)
-    with pytest.raises(OSError, match="disk full"):
-        shards.build_shard(shard, reference["cfg"], p["vocab_path"], p["vocab_sha256"])
+    with monkeypatch.context() as mp:  # not monkeypatch.undo(): it would undo ENCODERFLOW_HOME too
+        mp.setattr(shards, "_example", failing)
+        with pytest.raises(OSError, match="disk full"):
+            shards.build_shard(shard, reference["cfg"], p["vocab_path"], p["vocab_sha256"])
     assert _visible(p["shards_dir"]) == []
     assert list(Path(p["shards_dir"]).iterdir()) == []  # the temp file is cleaned up too
-    monkeypatch.undo()
     info = shards.build_shard(shard, reference["cfg"], p["vocab_path"], p["vocab_sha256"])
     assert info["sha256"] == reference["infos"][0]["sha256"]
 

@@ -362,6 +362,8 @@ def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha25
                 "shard %s: complete already (%d records, sha256 %s), reused", path.name, info["records"], info["sha256"]
             )
             return info
+        # Written whole and renamed, then altered (truncated, bytes flipped): rebuilt, and said so.
+        log.warning("shard %s: differs from the sha256 recorded when it was written: altered, rebuilding it", path)
     if layout.sha256_file(shard["text_path"]) != shard["text_sha256"]:
         raise ShardError(f"{shard['text_path']}: changed since the shard plan (sha256 differs); re-run the DAG")
     if vocab_sha256 and layout.sha256_file(vocab_path) != vocab_sha256:
