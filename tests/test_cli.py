@@ -391,6 +391,26 @@ def test_ctrl_c_stops_the_run_there_and_marks_it_failed(tmp_path, encoderflow_ho
     assert list((encoderflow_home / "airflow" / "encoderflow-runs").iterdir()) == []
 
 
+def test_a_retry_wait_is_said_once_not_every_second():
+    """Waiting out a retry printed dag.test's "No tasks to run" warning once a second, 30 lines a wait."""
+    import logging
+
+    from encoderflow.airflow_adapter import UnrunnableFilter
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("airflow", logging.WARNING, __file__, 1, message, None, None)
+
+    waiting = "No tasks to run. unrunnable tasks: {<TaskInstance: pretrain [up_for_retry]>}"
+    downstream = "No tasks to run. unrunnable tasks: {<TaskInstance: report [None]>}"
+    f = UnrunnableFilter()
+    kept = [
+        m
+        for m in [waiting] * 30 + [downstream, "pretrain: epoch 1/2", waiting.replace("pretrain", "finetune")]
+        if f.filter(record(m))
+    ]
+    assert kept == [waiting, "pretrain: epoch 1/2", waiting.replace("pretrain", "finetune")]
+
+
 def _summary(capsys, run_id: str, state: str, states) -> list[str]:
     cli.print_summary(run_id, state, states, 12.0)
     return capsys.readouterr().out.rstrip().splitlines()

@@ -445,15 +445,27 @@ class RunOutcome(NamedTuple):
     logs: TaskLogs
 
 
-def _no_unrunnable_warning(record: logging.LogRecord) -> bool:
-    # After a failure, dag.test's loop sees the tasks downstream of it for a moment before it marks
-    # them upstream_failed, and warns "No tasks to run. unrunnable tasks: {...}" naming one of them:
-    # a task that is not the failure, in a run whose summary names the failure. A task waiting out
-    # a retry's delay (or deferred) is worth the line: the run is waiting, not stuck.
-    message = record.getMessage()
-    return not message.startswith("No tasks to run.") or any(
-        state in message.lower() for state in ("up_for_retry", "deferred")
-    )
+class UnrunnableFilter(logging.Filter):
+    """dag.test's "No tasks to run. unrunnable tasks: {...}" warnings, as a reader needs them.
+
+    After a failure, dag.test's loop sees the tasks downstream of it for a moment before it marks
+    them upstream_failed, and warns naming one of them: a task that is not the failure, in a run
+    whose summary names the failure: dropped. A task waiting out a retry's delay (or deferred) is
+    worth the line, the run is waiting, not stuck: once, not every second of the wait.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("No tasks to run."):
+            return True
+        if not any(state in message.lower() for state in ("up_for_retry", "deferred")) or message == self.last:
+            return False
+        self.last = message
+        return True
 
 
 def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
@@ -470,12 +482,13 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
                 f"{' (' + ', '.join(f'{t} {s}' for t, _, s in changed) + ')' if changed else ''}\n"
             )
     test_loop = logging.getLogger(type(dag).test.__module__)
-    test_loop.addFilter(_no_unrunnable_warning)
+    unrunnable = UnrunnableFilter()
+    test_loop.addFilter(unrunnable)
     try:
         with TaskLogs() as logs, _claimed(logs), _stopped_by_ctrl_c(logs):
             dr = dag.test(run_conf=conf)
     finally:
-        test_loop.removeFilter(_no_unrunnable_warning)
+        test_loop.removeFilter(unrunnable)
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
 
