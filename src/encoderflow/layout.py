@@ -250,3 +250,37 @@ def adopt_earlier(
         write_json(out_dir / "result.json", adopted)
         return adopted
     return None
+
+
+def finished(
+    stage: str,
+    key: str,
+    out_dir: str | os.PathLike,
+    field: str,
+    problem: Callable[[Path, dict[str, Any]], str | None],
+    earlier_runs: bool,
+    trained_from: str,
+) -> dict[str, Any] | None:
+    """A training stage's finished result for ``key``, logged: this run folder's own (a retry), else,
+    with ``earlier_runs``, one another run folder trained (:func:`adopt_earlier`). None: train.
+
+    Args:
+        trained_from: what the key covers, for the log line (the code is always added).
+    """
+    out_dir = Path(out_dir)
+    if (done := reusable(out_dir / "result.json", key)) is not None and Path(done[field]).exists():
+        log.info("%s: reusing %s", stage, done[field])
+        return done
+    if earlier_runs and (done := adopt_earlier(stage, key, out_dir, field, problem)) is not None:
+        log.info(
+            "%s: reusing the %s run %s trained from the same %s and code (key %s): copied to %s; "
+            "set force to train again",
+            stage,
+            field,
+            Path(done["reused_from"]).parents[1].name,
+            trained_from,
+            key[:16],
+            done[field],
+        )
+        return done
+    return None

@@ -163,6 +163,7 @@ def test_another_runs_bundle_from_the_same_key_and_code_is_copied_and_checked_fi
     cfg = from_overrides("smoke", {"finetune.steps_per_epoch": 2, "finetune.epochs": 1})
     first = finetune(cfg, encoder, sst2, vocab, layout.run_dir("first") / "finetune")
     out = layout.run_dir("second") / "finetune"
+    caplog.clear()  # the first fine-tuning's lines, when an earlier test left the loggers at INFO
     with caplog.at_level(logging.INFO, logger="encoderflow"):
         second = finetune(cfg, encoder, sst2, vocab, out)
     assert second["reused_from"] == str(layout.run_dir("first") / "finetune" / "result.json")

@@ -738,6 +738,7 @@ def test_another_runs_encoder_from_the_same_key_and_code_is_copied_not_trained_a
     first = pretrain.pretrain(cfg, duped["manifest"], layout.run_dir("first") / "pretrain")
     assert first["code_hash"] == layout.code_hash() and "reused_from" not in first
     out = layout.run_dir("second") / "pretrain"
+    caplog.clear()  # the first training's lines, when an earlier test left the loggers at INFO
     with caplog.at_level(logging.INFO, logger="encoderflow"):
         second = pretrain.pretrain(cfg, duped["manifest"], out)
     assert second["reused_from"] == str(layout.run_dir("first") / "pretrain" / "result.json")

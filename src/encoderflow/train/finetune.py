@@ -88,17 +88,8 @@ def finetune(
         "init": layout.sha256_file(init_classifier) if init_classifier else None,
     }
     key = layout.sha256_json(keyed)
-    if (done := layout.reusable(out_dir / "result.json", key)) is not None and Path(done["bundle"]).exists():
-        log.info("finetune: reusing %s", done["bundle"])
-        return done
-    if earlier_runs and (done := layout.adopt_earlier("finetune", key, out_dir, "bundle", _unsound)) is not None:
-        log.info(
-            "finetune: reusing the bundle run %s trained from the same encoder, labeled data, vocabulary, config "
-            "and code (key %s): copied to %s; set force to train again",
-            Path(done["reused_from"]).parents[1].name,
-            key[:16],
-            done["bundle"],
-        )
+    what = "encoder, labeled data, vocabulary, config"
+    if (done := layout.finished("finetune", key, out_dir, "bundle", _unsound, earlier_runs, what)) is not None:
         return done
 
     from encoderflow.data.inputs import labels_of, read_labeled

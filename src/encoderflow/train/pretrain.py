@@ -347,17 +347,8 @@ def pretrain(
         "init": layout.sha256_file(init["path"]) if init else None,
     }
     key = layout.sha256_json(keyed)
-    if (done := layout.reusable(out_dir / "result.json", key)) is not None and Path(done["encoder"]).exists():
-        log.info("pretrain: reusing %s", done["encoder"])
-        return done
-    if earlier_runs and (done := layout.adopt_earlier("pretrain", key, out_dir, "encoder", _altered)) is not None:
-        log.info(
-            "pretrain: reusing the encoder run %s trained from the same shards, model and pretrain config, seed, "
-            "initial weights and code (key %s): copied to %s; set force to train again",
-            Path(done["reused_from"]).parents[1].name,
-            key[:16],
-            done["encoder"],
-        )
+    what = "shards, model and pretrain config, seed, initial weights"
+    if (done := layout.finished("pretrain", key, out_dir, "encoder", _altered, earlier_runs, what)) is not None:
         return done
     if earlier_runs:
         _adopt_backup(out_dir, key)
