@@ -174,6 +174,9 @@ def test_adopt_earlier_copies_the_newest_sound_result_of_the_same_key_and_code(c
     assert adopted["reused_from"] == str(layout.run_dir("old") / "pretrain" / "result.json")
     assert layout.read_json(mine / "result.json") == adopted
     assert sorted(p.name for p in mine.iterdir()) == ["encoder.keras", "result.json"]  # no temp left behind
+    # A copy of a copy names the run that trained it.
+    later = layout.adopt_earlier("pretrain", "k1", layout.run_dir("later") / "pretrain", "encoder", altered)
+    assert later["reused_from"] == adopted["reused_from"]
     # Its own folder is never a source, and another key or another code's result is never adopted.
     assert layout.adopt_earlier("pretrain", "k2", layout.run_dir("other-key") / "pretrain", "encoder", altered) is None
     assert layout.adopt_earlier("pretrain", "k3", mine, "encoder", altered) is None

@@ -212,7 +212,8 @@ def adopt_earlier(
     the guide preset. The newest such result whose artifact (``result[field]``, a file or a folder)
     ``problem`` finds nothing wrong with is copied (so this run's folder stands alone when older
     runs are deleted), and its result written to ``out_dir/result.json`` with the copy's path and
-    ``reused_from``. Results written before they recorded ``code_hash`` are never adopted.
+    ``reused_from``: the result of the run that trained it (a copy's own source when copying a
+    copy). Results written before they recorded ``code_hash`` are never adopted.
 
     Args:
         stage: the result's folder name in a run folder (``pretrain``, ``finetune``).
@@ -246,7 +247,8 @@ def adopt_earlier(
         else:
             with atomic_path(dst, suffix=src.suffix) as tmp:
                 shutil.copyfile(src, tmp)
-        adopted = {**result, field: str(dst), "reused_from": str(path)}
+        # The run that trained it, not a run that copied it in turn: its timings are that run's.
+        adopted = {**result, field: str(dst), "reused_from": result.get("reused_from") or str(path)}
         write_json(out_dir / "result.json", adopted)
         return adopted
     return None
