@@ -478,8 +478,8 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
     for run_id, changed in sweep_stopped_runs():
         if changed:  # a run Ctrl-C stopped was marked already
             sys.stderr.write(
-                f"encoderflow run: run {run_id} stopped without finishing (its process is gone): marked failed"
-                f"{' (' + ', '.join(f'{t} {s}' for t, _, s in changed) + ')' if changed else ''}\n"
+                f"encoderflow run: run {run_id} stopped without finishing (its process is gone): marked failed "
+                f"({', '.join(f'{t} {s}' for t, _, s in changed)})\n"
             )
     test_loop = logging.getLogger(type(dag).test.__module__)
     unrunnable = UnrunnableFilter()

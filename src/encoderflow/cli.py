@@ -319,11 +319,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     path = registry.fetch_verified(name, current["version"], folder)
     scorer = bundle.Scorer(path)
     scored = [i for i, t in enumerate(texts) if t.strip()]
-    predicted, probs = scorer.predict([texts[i] for i in scored])
+    scored_texts = [texts[i] for i in scored]
+    predicted, probs = scorer.predict(scored_texts)
     print(f"model: models:/{name}@champion (v{current['version']}), {path}", file=sys.stderr)
     if skipped := len(texts) - len(scored):
         print(f"predict: {skipped} empty text(s) not scored: their rows read -", file=sys.stderr)
-    if cut := scorer.truncated([texts[i] for i in scored]):
+    if cut := scorer.truncated(scored_texts):
         print(
             f"predict: {cut} of {len(scored)} text(s) longer than the model's {scorer.meta['seq_length']} tokens: "
             "only their first tokens were scored",

@@ -100,6 +100,14 @@ def client():
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def _no_store() -> bool:
+    """Whether the embedded store is the one in use and has not been created: nothing registered, and
+    asking (``client()``) would create it empty."""
+    # client() exports the embedded store's URI as MLFLOW_TRACKING_URI: that one is not a server of the user's.
+    in_use = os.environ.get("MLFLOW_TRACKING_URI", embedded_uri()) == embedded_uri()
+    return in_use and not (layout.mlflow_dir() / "mlflow.db").exists()
+
+
 def require_model(name: str):
     """The client, once the store exists and holds registered model ``name``: what a person's command
     (predict, promote, rollback) checks first, so a typo or another ENCODERFLOW_HOME is named as
@@ -109,11 +117,9 @@ def require_model(name: str):
         EncoderflowError: no embedded store under ``ENCODERFLOW_HOME``, or no model of that name
             (the message lists the registered ones).
     """
-    db = layout.mlflow_dir() / "mlflow.db"
-    # client() exports the embedded store's URI as MLFLOW_TRACKING_URI: that one is not a server of the user's.
-    if os.environ.get("MLFLOW_TRACKING_URI", embedded_uri()) == embedded_uri() and not db.exists():
+    if _no_store():
         raise EncoderflowError(
-            f"no MLflow store at {db} (ENCODERFLOW_HOME={layout.home()})",
+            f"no MLflow store at {layout.mlflow_dir() / 'mlflow.db'} (ENCODERFLOW_HOME={layout.home()})",
             fix="set ENCODERFLOW_HOME to the folder your runs used (or MLFLOW_TRACKING_URI to their server), "
             "or run the pipeline first (make run)",
         )
@@ -302,11 +308,8 @@ def _close_orphans(c, exp_id: str, tags: dict[str, str]) -> None:
 def close_stopped(dag_id: str, run_id: str) -> list[str]:
     """An Airflow run stopped for good (Ctrl-C, a kill) may have left its MLflow run RUNNING: mark it
     KILLED, as a retry of that run would. Returns the MLflow run ids closed."""
-    if (
-        os.environ.get("MLFLOW_TRACKING_URI", embedded_uri()) == embedded_uri()
-        and not (layout.mlflow_dir() / "mlflow.db").exists()
-    ):
-        return []  # no store: nothing registered yet, and none is made by asking
+    if _no_store():
+        return []
     c = client()
     exp = c.get_experiment_by_name(EXPERIMENT)
     if exp is None:

@@ -427,11 +427,12 @@ def _train(
         val_batches
     )
     val_ds = val_ds.apply(tf.data.experimental.assert_cardinality(val_batches))
-    val_masked, margin = validation_margin(manifest, min(val_records, val_batches * p.batch_size))
+    val_used = min(val_records, val_batches * p.batch_size)
+    val_masked, margin = validation_margin(manifest, val_used)
     # The MLM accuracy is a progress figure, not gated on: its margin is said, not warned about.
     log.info(
         "pretrain: validation on %d of %d records, ~%s masked tokens: MLM accuracy is known to +-%.3f (95%%)%s",
-        min(val_records, val_batches * p.batch_size),
+        val_used,
         val_records,
         f"{val_masked:,}",
         margin,
