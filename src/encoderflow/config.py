@@ -177,7 +177,8 @@ class DataConfig(_Section):
     )
     mask_rate: float = knob(
         0.25,
-        "Probability that a selectable token is chosen for prediction.",
+        "Share of each sequence's selectable tokens chosen for prediction, rounded up and capped at "
+        "data.predictions_per_seq (as the guide's tf.data masking).",
         minimum=0.0,
         exclusive_minimum=True,
         maximum=1.0,
@@ -219,7 +220,7 @@ class DataConfig(_Section):
     pretrain_split: str = knob(
         "train",
         "WikiText split to pretrain on (offline copies usually lack train: use "
-        "test). Validation always uses WikiText valid.",
+        "test). MLM validation reads data.validation_split (valid by default).",
         choices=SPLITS,
         title="WikiText split to pretrain on",
         form=MAIN,
@@ -648,7 +649,9 @@ class Config:
         return self.section_hash(*(n for n in SECTIONS if n != "gate"))
 
 
-# The guide's exact hyperparameters are the dataclass defaults.
+# The guide's hyperparameters are the dataclass defaults. What the guide preset does differently
+# (padding mask, masks fixed per epoch copy, shuffled training data, bfloat16 on a GPU) is listed,
+# with the switch back, in the README's "Model quality".
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "guide": {},
     # Tiny model and sequences: the whole DAG on CPU in a few minutes, for tests and smoke runs.
