@@ -114,9 +114,12 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         if gate:
             entry["checks"] = gate.get("checks", [])
             entry["intervals"] = gate_intervals(gate)
-        # First failure wins and is never erased: a run cleared and finished since shows none.
+        # A run cleared and finished since its failure shows none; one that failed after it finished
+        # (a cleared task) shows that failure beside the summary it had.
         failure = _read_json(folder / "failure.json")
-        entry["failure"] = failure if failure and entry.get("state") in ("failed", None) and not summary else None
+        if failure and summary:
+            failure = failure if _mtime(folder / "failure.json") >= _mtime(folder / "summary.json") else None
+        entry["failure"] = failure if failure and entry.get("state") in ("failed", None) else None
         entry["gate_chart"] = gate_figures(gate, summary)
         entry["curves"] = read_curves(folder)
         entry["data_docs"] = data_docs(folder)
@@ -125,6 +128,13 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
     for entry in out:
         entry.setdefault("preset", (entry.get("conf") or {}).get("preset"))
     return out
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # deleted since it was read
+        return 0.0
 
 
 def _finite(value: Any) -> float | None:
@@ -719,12 +729,15 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
 
     gate = run.get("gate")
     failure = run.get("failure")
-    if gate is None and failure:
+    failed = ""
+    if failure:
         where = f"{failure.get('task_id') or 'a task'}, try {failure.get('try_number', '?')}"
-        cells.append(
+        failed = (
             f"<span class='no'>FAILED</span> at {_e(where)}<ul><li>{_e(failure.get('error'))}: "
             f"{_e(failure.get('message'))}</li><li>fix: {_e(failure.get('fix'))}</li></ul>"
         )
+    if gate is None and failure:
+        cells.append(failed)
     elif gate is None and run.get("unchanged"):
         cells.append(
             f"<span class='muted'>SKIPPED</span><ul><li>{_e(run['unchanged'].get('message'))}: data, config and "
@@ -738,7 +751,9 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
         # Reasons say why not; for a blessing, each check's detail says by how much.
         details = reasons or [f"{c.get('name')}: {c.get('detail')}" for c in run.get("checks") or [] if c.get("passed")]
         items = "".join(f"<li>{_e(r)}</li>" for r in details) or "<li>all checks passed</li>"
-        cells.append(f"{verdict}<ul>{items}</ul>{_intervals_text(run.get('intervals'))}")
+        # A task that failed after the run finished (cleared) comes first: the verdict is history.
+        earlier = "<div class='muted'>before that, the run's gate said:</div>" if failure else ""
+        cells.append(f"{failed}{earlier}{verdict}<ul>{items}</ul>{_intervals_text(run.get('intervals'))}")
 
     metrics = run.get("metrics") or {}
     cells.append(

@@ -193,3 +193,23 @@ def test_adopt_earlier_copies_a_folder_artifact_whole():
     assert adopted["bundle"] == str(mine / "bundle")
     assert (mine / "bundle" / "sub" / "weights").read_bytes() == b"w"
     assert sorted(p.name for p in mine.iterdir()) == ["bundle", "result.json"]
+
+
+def test_finished_reuses_its_own_result_only_while_its_artifact_is_sound(caplog):
+    # A cleared task re-runs in the same folder: an altered own artifact is trained again, not
+    # handed on (with the sha256 its result recorded) to a step that then fails reading it.
+    def altered(file: Path, result: dict) -> str | None:
+        return None if file.read_bytes().startswith(b"good") else "its sha256 differs"
+
+    mine = _earlier_run("now", "k1", b"good")
+    args = ("pretrain", "k1", mine, "encoder", altered, False, "the same shards")
+    assert layout.finished(*args)["encoder"] == str(mine / "encoder.keras")
+    (mine / "encoder.keras").write_bytes(b"bad")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="encoderflow.layout"):
+        assert layout.finished(*args) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"pretrain: not reusing this run's {mine / 'encoder.keras'}: its sha256 differs; training it again"
+    ]
+    (mine / "encoder.keras").unlink()
+    assert layout.finished(*args) is None

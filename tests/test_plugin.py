@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.parse
 import xml.etree.ElementTree as ET
 from html import escape as html_escape
@@ -598,3 +599,28 @@ def test_a_failed_run_shows_its_first_failure_and_the_fix_until_it_succeeds(tmp_
     cleared = page.collect_runs(home, [{"run_id": "manual__fail", "state": "success", "conf": {}}])
     assert cleared[0]["failure"] is None
     assert "FAILED</span>" not in page.render(cleared, {}, "encoderflow-sst2", None)
+
+
+def test_a_task_failing_after_its_run_finished_shows_that_failure_not_the_earlier_summary_alone(tmp_path):
+    # Finished and blessed, then a task cleared and failed: the page must not read "BLESSED" alone,
+    # and the failure kept is the new one, not one from before the run finished.
+    from encoderflow import errors, layout
+
+    home = tmp_path / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENCODERFLOW_HOME", str(home))
+        folder = layout.run_dir("manual__again")
+        folder.mkdir(parents=True)
+        old = errors.Cause("DownloadError", "download_corpus: timed out", "retry", False)
+        assert errors.record_failure("manual__again", old, task_id="download_corpus", try_number=1)
+        summary = {"run_id": "manual__again", "metrics": {"val_accuracy": 0.8}, "gate": {"blessed": True}}
+        layout.write_json(folder / "summary.json", summary)
+        os.utime(folder / "failure.json", (time.time() - 60, time.time() - 60))
+        new = errors.Cause("EncoderflowError", "finetune: encoder.keras altered", "clear pretrain", False)
+        assert errors.record_failure("manual__again", new, task_id="finetune", try_number=4)
+        assert not errors.record_failure("manual__again", old, task_id="promote", try_number=1)  # first still wins
+    failed = page.collect_runs(home, [{"run_id": "manual__again", "state": "failed", "conf": {}}])
+    assert failed[0]["failure"]["task_id"] == "finetune" and failed[0]["gate"]["blessed"] is True
+    assert "FAILED</span> at finetune, try 4" in page.render(failed, {}, "encoderflow-sst2", None)
+    succeeded = page.collect_runs(home, [{"run_id": "manual__again", "state": "success", "conf": {}}])
+    assert succeeded[0]["failure"] is None

@@ -190,7 +190,8 @@ def failure_path(run_id: str) -> Path:
 
 
 def record_failure(run_id: str, cause: Cause, /, **where: Any) -> bool:
-    """Keep a run's first failure in ``runs/<run id>/failure.json``; later ones leave it alone.
+    """Keep a run's first failure in ``runs/<run id>/failure.json``; later ones leave it alone, until
+    the run finishes (``summary.json``): a failure after that, of a cleared task, is kept in its place.
 
     Written to a temp name and hard-linked into place, which fails if the file exists: two tasks
     failing at once cannot both win, and a reader never sees half a file.
@@ -205,6 +206,10 @@ def record_failure(run_id: str, cause: Cause, /, **where: Any) -> bool:
     """
     path = failure_path(run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
+    summary = path.parent / "summary.json"
+    if path.exists() and summary.exists() and summary.stat().st_mtime > path.stat().st_mtime:
+        # The run finished after that failure (cleared, then succeeded): this is a new attempt's first.
+        path.unlink(missing_ok=True)
     payload = {**where, **asdict(cause)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -265,14 +265,19 @@ def finished(
 ) -> dict[str, Any] | None:
     """A training stage's finished result for ``key``, logged: this run folder's own (a retry), else,
     with ``earlier_runs``, one another run folder trained (:func:`adopt_earlier`). None: train.
+    Either is used only when ``problem`` finds nothing wrong with its artifact.
 
     Args:
         trained_from: what the key covers, for the log line (the code is always added).
     """
     out_dir = Path(out_dir)
-    if (done := reusable(out_dir / "result.json", key)) is not None and Path(done[field]).exists():
-        log.info("%s: reusing %s", stage, done[field])
-        return done
+    if (done := reusable(out_dir / "result.json", key)) is not None:
+        # A retry (a cleared task) hands this on: it gets the same check as another run's result.
+        own = Path(done[field])
+        if not (why := problem(own, done) if own.exists() else "missing"):
+            log.info("%s: reusing %s", stage, own)
+            return done
+        log.warning("%s: not reusing this run's %s: %s; training it again", stage, own, why)
     if earlier_runs and (done := adopt_earlier(stage, key, out_dir, field, problem)) is not None:
         log.info(
             "%s: reusing the %s run %s trained from the same %s and code (key %s): copied to %s; "

@@ -252,9 +252,15 @@ def finetune(
     init = _init_classifier(cfg, labeled, vocab_file["sha256"], out)
     encoder = init["encoder"] if init else pretrained["encoder"]
     pretrained_on = pretrained.get("vocab_sha256")
-    if not init and pretrained_on and pretrained_on != vocab_file["sha256"]:
-        from encoderflow.errors import EncoderflowError
+    from encoderflow.errors import EncoderflowError
 
+    if not init and layout.sha256_file(encoder) != pretrained["encoder_sha256"]:
+        raise EncoderflowError(
+            f"finetune: {encoder} is not the encoder pretrain wrote (sha256 {pretrained['encoder_sha256']}): "
+            "altered since",
+            fix="clear pretrain with its downstream tasks: it trains an altered encoder again",
+        )
+    if not init and pretrained_on and pretrained_on != vocab_file["sha256"]:
         # Same size, other tokens: the encoder's embeddings would be read under the wrong words, silently.
         raise EncoderflowError(
             f"finetune: the encoder {encoder} was pretrained on vocabulary sha256 {pretrained_on}, "

@@ -94,7 +94,7 @@ def test_fine_tuning_continues_from_the_champions_classifier_and_refuses_another
         "dataset": "vocab",
         "files": {"v": {"path": str(vocab), "sha256": __import__("encoderflow").layout.sha256_file(vocab)}},
     }
-    pretrained = {"encoder": str(encoder)}
+    pretrained = {"encoder": str(encoder), "encoder_sha256": layout.sha256_file(encoder)}
     with caplog.at_level(logging.INFO, logger="encoderflow"):
         warm = steps.finetune(pretrained, sst2, vocab_info, params, "warm")
     assert warm["parent"] == version
@@ -117,10 +117,27 @@ def test_an_encoder_pretrained_on_another_vocabulary_is_refused(inputs, tmp_path
 
     encoder, sst2, vocab = inputs
     vocab_info = {"dataset": "vocab", "files": {"v": {"path": str(vocab), "sha256": layout.sha256_file(vocab)}}}
-    pretrained = {"encoder": str(encoder), "vocab_sha256": "0" * 64}
+    pretrained = {"encoder": str(encoder), "encoder_sha256": layout.sha256_file(encoder), "vocab_sha256": "0" * 64}
     with pytest.raises(EncoderflowError, match=r"pretrained on vocabulary sha256 0{64}, this run tokenizes with"):
         steps.finetune(pretrained, sst2, vocab_info, {"preset": "smoke"}, "other-vocab")
     assert not (layout.run_dir("other-vocab") / "finetune" / "bundle").exists()
+
+
+def test_an_encoder_altered_since_pretrain_wrote_it_is_refused_naming_the_way_out(inputs):
+    """The checksum pretrain handed on is checked: a damaged file fails here with the fix, not as a
+    Keras load error (that pointed at re-running pretrain, which reused the damaged file)."""
+    from encoderflow import steps
+    from encoderflow.errors import EncoderflowError
+
+    encoder, sst2, vocab = inputs
+    vocab_info = {"dataset": "vocab", "files": {"v": {"path": str(vocab), "sha256": layout.sha256_file(vocab)}}}
+    pretrained = {"encoder": str(encoder), "encoder_sha256": "f" * 64}
+    with pytest.raises(
+        EncoderflowError,
+        match=r"is not the encoder pretrain wrote \(sha256 f{64}\).*fix: clear pretrain with its downstream",
+    ):
+        steps.finetune(pretrained, sst2, vocab_info, {"preset": "smoke"}, "altered")
+    assert not (layout.run_dir("altered") / "finetune").exists()
 
 
 def test_full_epochs_over_length_buckets_raise_no_ran_out_of_data_warning(inputs, tmp_path, recwarn):
