@@ -200,3 +200,25 @@ def test_a_corpus_of_many_files_crosses_xcom_as_a_verified_index(tmp_path, monke
     monkeypatch.setattr(results, "_INDEXES", {})
     with pytest.raises(DataError, match=r"file index .* does not match sha256.*re-run download_corpus"):
         results.files_of(info)
+
+
+def test_a_cleared_gate_keeps_the_decision_its_registered_candidate_was_registered_under(tmp_path, caplog):
+    """Once this run registered its candidate (and made it champion, say), gating it again would
+    compare it with itself and rewrite gate.json under the version's tags: the decision stands."""
+    from encoderflow import DAG_ID
+
+    run, name = "manual__gated", "encoderflow-sst2"
+    candidate = fake_bundle(tmp_path / "bundle", "1")  # no Keras inside: scoring it would fail
+    sha = layout.sha256_file(candidate / "bundle.json")
+    decision = {"blessed": True, "reasons": [], "checks": [], "candidate": 0.9, "champion": None}
+    gate_json = layout.write_json(layout.run_dir(run) / "gate.json", {**decision, "candidate_bundle_sha256": sha})
+    assert steps._decided(gate_json, sha, name, run) is None  # not registered yet: gate it
+    registry.log_candidate(name, candidate, {}, {}, {}, {"airflow.run_id": run, "airflow.dag_id": DAG_ID}, decision)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="encoderflow.steps"):
+        kept = steps.evaluate_and_gate({"bundle": str(candidate)}, {}, {}, {"preset": "smoke"}, run)
+    assert kept == {**decision, "gate_json": str(gate_json)}
+    assert f"this candidate is registered already, as {name} v1, under the decision in {gate_json}" in caplog.text
+    # Another candidate (pretrain and finetune cleared and trained again) or another run is gated afresh.
+    assert steps._decided(gate_json, "0" * 64, name, run) is None
+    assert steps._decided(gate_json, sha, name, "manual__other") is None

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from encoderflow import bundle, layout
+from encoderflow import DAG_ID, bundle, layout
 from encoderflow.errors import EncoderflowError
 from encoderflow.gate import METRICS, metric_tag
 from encoderflow.results import current_names
@@ -324,6 +324,13 @@ def close_stopped(dag_id: str, run_id: str) -> list[str]:
 def _finished_unregistered(c, exp_id: str, tags: dict[str, str]):
     """The MLflow run an earlier try of this Airflow run completed (FINISHED) without registering it, or None."""
     return next(iter(_earlier_tries(c, exp_id, tags, "FINISHED")), None)
+
+
+def registered_for_run(name: str, run_id: str, dag_id: str = DAG_ID) -> dict[str, Any] | None:
+    """The version an Airflow run registered (its ``promote`` ran), or None."""
+    if _no_store():
+        return None
+    return _registered_for(client(), name, {"airflow.run_id": run_id, "airflow.dag_id": dag_id})
 
 
 def _registered_for(c, name: str, tags: dict[str, str]) -> dict[str, Any] | None:

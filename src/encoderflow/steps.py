@@ -343,11 +343,16 @@ def evaluate_and_gate(
     import numpy as np
 
     from encoderflow import gate, registry
+    from encoderflow.bundle import META as bundle_meta
     from encoderflow.bundle import Scorer
     from encoderflow.data.inputs import read_labeled
 
     setup_logging()
     cfg = from_params(params)
+    gate_json = layout.run_dir(run_id) / "gate.json"
+    candidate = layout.sha256_file(Path(finetuned["bundle"]) / bundle_meta)
+    if (kept := _decided(gate_json, candidate, cfg.gate.registered_model, run_id)) is not None:
+        return kept
     dev = split_path(labeled, "dev")
     sentences, labels = read_labeled(labeled, "dev")
     candidate_correct = Scorer(finetuned["bundle"]).correct(sentences, labels)
@@ -385,9 +390,33 @@ def evaluate_and_gate(
     )
     for line in decision.table().splitlines():
         log.info("%s", line)
-    path = layout.write_json(layout.run_dir(run_id) / "gate.json", decision.to_dict())
+    path = layout.write_json(gate_json, {**decision.to_dict(), "candidate_bundle_sha256": candidate})
     _output("evaluate_and_gate", "gate_json", str(path))
     return {**decision.to_dict(), "gate_json": str(path)}
+
+
+def _decided(gate_json: Path, candidate: str, name: str, run_id: str) -> dict[str, Any] | None:
+    """The decision this run made on this same candidate and registered, when a cleared gate runs
+    again: once registered (and maybe champion), gating it again would compare it with itself and
+    rewrite a ``gate.json`` its model version's tags no longer match."""
+    from encoderflow import registry
+
+    if not gate_json.exists():
+        return None
+    decision = layout.read_json(gate_json)
+    if decision.get("candidate_bundle_sha256") != candidate:
+        return None
+    if (version := registry.registered_for_run(name, run_id)) is None:
+        return None
+    log.info(
+        "gate: this candidate is registered already, as %s v%s, under the decision in %s: kept (set force "
+        "and trigger a new run to gate again)",
+        name,
+        version["version"],
+        gate_json,
+    )
+    decision.pop("candidate_bundle_sha256")
+    return {**decision, "gate_json": str(gate_json)}
 
 
 def _baseline_correct(baseline: Baseline, labeled: Dataset, sentences: int):
