@@ -74,8 +74,12 @@ def test_candidates_aliases_history_and_rollback(tmp_path, capsys):
     assert _aliases() == {"champion": "2", "previous": "1"} and len(registry.history(NAME)) == 2
 
     # The gate compared against v1, but v2 is champion now: refused, nothing moves.
-    with pytest.raises(registry.StaleChampion, match="champion is v2"):
+    with pytest.raises(registry.StaleChampion, match="champion is v2, but the gate decided against v1"):
         registry.move_champion(NAME, v3, expected=v1, reason="stale", who="gate")
+    # A decision made when there was no champion yet says so, not "vNone", and names the way out.
+    with pytest.raises(registry.StaleChampion, match="decided against no champion") as stale:
+        registry.move_champion(NAME, v3, expected=None, reason="stale", who="gate")
+    assert "clear evaluate_and_gate" in stale.value.fix
     assert _aliases() == {"champion": "2", "previous": "1"}
 
     assert cli.main(["rollback", "--reason", "v2 misbehaves in serving", "--who", "alice"]) == 0

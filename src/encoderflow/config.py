@@ -9,6 +9,7 @@ the coupled values (sequence length, predictions per sequence, vocabulary) it de
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
@@ -773,7 +774,6 @@ def check_conf_keys(conf: Mapping[str, Any]) -> None:
     Raises:
         ConfigError: naming each unknown key and the param it most resembles.
     """
-    import difflib
 
     known = param_names()
     unknown = sorted(set(conf) - set(known))
@@ -819,7 +819,9 @@ def from_overrides(preset: str = DEFAULT_PRESET, overrides: Mapping[str, Any] | 
             raise ConfigError(f"unknown config key {key!r}: sections are {sorted(SECTIONS)}")
         types = _field_types(SECTIONS[section])
         if name not in types:
-            raise ConfigError(f"unknown config key {key!r}: {section} has {sorted(types)}")
+            near = difflib.get_close_matches(name, types, n=1)
+            hint = f"did you mean '{section}.{near[0]}'? " if near else ""
+            raise ConfigError(f"unknown config key {key!r}: {hint}{section} has {sorted(types)}")
         values.setdefault(section, {})[name] = _coerce(key, types[name], value)
     sections = {name: cls(**values.get(name, {})) for name, cls in SECTIONS.items()}
     return Config(preset=preset, **sections)

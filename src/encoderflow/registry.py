@@ -426,9 +426,14 @@ def move_champion(
                 _record_move(c, name, version, _event(action, who, reason, expected, version), moves)
             return {"action": action, "who": who, "reason": reason, "from": expected, "to": version, "already": True}
         if current_version != expected:
+
+            def said(version: str | None) -> str:
+                return f"v{version}" if version else "no champion"
+
             raise StaleChampion(
-                f"{name}: champion is v{current_version}, but the decision was made against "
-                f"v{expected}; re-run the gate"
+                f"{name}: champion is {said(current_version)}, but the gate decided against "
+                f"{said(expected)}: another run promoted since",
+                fix="clear evaluate_and_gate with its downstream tasks (or run again) to gate against today's champion",
             )
         if action == "rollback":
             c.set_registered_model_alias(name, CHAMPION, version)
