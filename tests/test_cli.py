@@ -470,3 +470,25 @@ def test_make_airflow_starts_an_mlflow_ui_and_points_the_runs_page_at_it(tmp_pat
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_validate_ends_your_own_datas_failures_with_the_fix_a_run_would_give(tmp_path, capsys):
+    from tests.data.fixtures_own import write_labeled
+    from tests.fixtures_pipeline import write_tree
+
+    tree, labeled = write_tree(tmp_path / "data"), write_labeled(tmp_path / "tickets")
+    own = ["--labeled", str(labeled), "--set", "inputs.text_column=body", "--set", "gate.registered_model=tickets"]
+    args = ["validate", "--preset", "smoke", "--data-dir", str(tree), *own, "--set", "inputs.label_column=categry"]
+    assert cli.main(args) == 1
+    out = capsys.readouterr().out
+    assert (
+        "  fix: name the label column: --set inputs.label_column=<one of ['id', 'body', 'category']> (now 'categry')"
+        in out
+    )
+
+
+def test_run_names_a_data_file_that_does_not_exist_as_such(tmp_path, capsys):
+    missing = tmp_path / "data.yaml"
+    assert cli.main(["run", "--preset", "smoke", "--data-file", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"ConfigError: data file {missing}: no such file; fix: give --data-file (or DATA_FILE) the path" in err

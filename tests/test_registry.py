@@ -245,7 +245,8 @@ def test_a_403_under_a_model_that_does_not_exist_is_absence_and_otherwise_an_err
 def test_unknown_version_and_empty_history_are_clear_errors(tmp_path, capsys):
     _register(tmp_path, "1")
     assert cli.main(["promote", "--version", "9", "--reason", "typo"]) == 2
-    assert "no version 9" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no version 9 in " in err and "; its versions: [1]; fix: give --version one of them" in err
     assert cli.main(["rollback"]) == 2
     assert "no 'previous' version" in capsys.readouterr().err
 

@@ -135,7 +135,7 @@ def print_summary(
             f"  {s['unchanged']['message']}: training skipped "
             "(data, code and config hashes equal the champion's, gate.* aside)"
         )
-        print("  to train anyway: --force (trigger form: 'Train even if nothing changed')")
+        print("  to train anyway: --force (make run: FORCE=1; trigger form: 'Train even if nothing changed')")
         print(f"  summary                          {summary_file}")
     elif s is not None:
         print("-" * 72)
@@ -272,7 +272,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{role}: {'PASSED' if report['success'] else 'FAILED'} ({rows})")
         for line in report["failures"]:
             print(f"  {line}")
-        print(f"  Data Docs: {report['docs']}")
+        if not report["success"] and (fix := validation.own_fix(info, report)):
+            print(f"  fix: {fix}")  # the fix a run would end with
+        else:
+            print(f"  Data Docs: {report['docs']}")  # the fix names them too
     print(f"validate: {'all datasets passed' if ok else 'FAILED'} in {time.monotonic() - t0:.1f}s")
     return 0 if ok else 1
 
@@ -490,7 +493,10 @@ def source_help(name: str) -> str:
 
     from encoderflow.config import Sources
 
-    return next(f.metadata["description"] for f in fields(Sources) if f.name == name).replace("%", "%%")
+    text = next(f.metadata["description"] for f in fields(Sources) if f.name == name)
+    # The form needs absolute paths (it runs elsewhere); here a relative one is resolved first.
+    text = text.replace("Absolute path of", "Path of").replace("an absolute path or", "a path or")
+    return text.replace("%", "%%")
 
 
 def fields_help(name: str) -> str:
@@ -541,11 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(sub.add_parser("download", help="download (or locate offline) every dataset"))
     common(sub.add_parser("validate", help="validate every dataset; exit 0 only if all pass"))
     pp = sub.add_parser("predict", help="score sentences with the champion")
-    pp.add_argument("sentences", nargs="*")
-    pp.add_argument("--file")
-    pp.add_argument("--model", default=from_overrides().gate.registered_model)
-    common(sub.add_parser("config", help="print the resolved config"), sources=False)
+    pp.add_argument("sentences", nargs="*", help="texts to score, one row each")
+    pp.add_argument("--file", help="score each line of this UTF-8 file instead (- reads standard input)")
     default_model = from_overrides().gate.registered_model
+    pp.add_argument(
+        "--model", default=default_model, help=f"registered model whose champion scores (default: {default_model})"
+    )
+    common(sub.add_parser("config", help="print the resolved config"), sources=False)
     pr = sub.add_parser("promote", help="make a registered version champion (recorded with who and why)")
     pr.add_argument("--version", required=True, type=int)
     pr.add_argument("--reason", required=True)

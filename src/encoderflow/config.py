@@ -903,6 +903,11 @@ def read_data_file(path: str | None) -> tuple[dict[str, str], dict[str, Any]]:
     import yaml
 
     file = Path(path)
+    if not file.is_file():
+        raise ConfigError(
+            f"data file {file}: {'a folder' if file.is_dir() else 'no such file'}",
+            fix="give --data-file (or DATA_FILE) the path of your data.yaml",
+        )
     try:
         payload = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:

@@ -415,7 +415,11 @@ def move_champion(
         c.get_model_version(name, version)
     except MlflowException as exc:
         _absent(exc, c, name)
-        raise EncoderflowError(f"{name}: no version {version} in {tracking_uri()}") from None
+        versions = sorted((int(v.version) for v in c.search_model_versions(f"name='{name}'")), reverse=True)
+        raise EncoderflowError(
+            f"{name}: no version {version} in {tracking_uri()}; its versions: {versions[:20]}",
+            fix="give --version one of them (the runs page and the MLflow UI show each version's gate decision)",
+        ) from None
     with promotion_lock():
         current = champion(name)
         current_version = current["version"] if current else None

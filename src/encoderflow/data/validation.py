@@ -476,11 +476,11 @@ def check(
     """Validate and raise :class:`ValidationFailed` (one line per failure) on bad data."""
     report = validate_dataset(info, docs_dir, strict, inputs_cfg)
     if not report["success"]:
-        raise ValidationFailed(report["failures"], report["docs"], fix=_own_fix(info, report))
+        raise ValidationFailed(report["failures"], report["docs"], fix=own_fix(info, report))
     return report
 
 
-def _own_fix(info: dict[str, Any], report: dict[str, Any]) -> str | None:
+def own_fix(info: dict[str, Any], report: dict[str, Any]) -> str | None:
     """Your own data's fix: the file or the column settings, not another download (None: the guide's data)."""
     if info.get("kind") not in ("labeled_folder", "corpus_folder", "trained_vocab"):
         return None
