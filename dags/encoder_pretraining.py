@@ -157,7 +157,7 @@ def encoder_pretraining():
         vocabulary, `bundle.json` with labels and sha256s)."""
         return steps.finetune(pretrained, labeled, vocab, params, run_id)
 
-    @task(**af.NETWORK, inlets=[af.CHAMPION], execution_timeout=timedelta(hours=1))
+    @task(**af.NETWORK, inlets=af.champion_inlets(), execution_timeout=timedelta(hours=1))
     @af.expected_failures
     def evaluate_and_gate(finetuned: dict, baseline: dict, labeled: dict, params=None, run_id=None) -> dict:
         """Re-evaluate the champion on this run's dev data, then check the floor, the gain over the

@@ -196,3 +196,24 @@ def test_more_shards_than_airflow_maps_fail_naming_the_setting_and_the_fix(monke
     cause = errors.cause_of(err.value)
     assert cause.message == "5 shards to map, more than Airflow maps in one run ([core] max_map_length = 4)"
     assert cause.fix == "lower data.num_shards, or raise AIRFLOW__CORE__MAX_MAP_LENGTH on every Airflow component"
+
+
+def test_the_champion_asset_of_the_model_a_run_or_deployment_names_is_declared(monkeypatch, tmp_path):
+    """An asset first met through the alias is created by Airflow with two warnings in a successful
+    run's log: evaluate_and_gate declares the default model's and the named model's."""
+    from encoderflow import airflow_adapter as af
+
+    monkeypatch.delenv("ENCODERFLOW_REGISTERED_MODEL", raising=False)
+    monkeypatch.delenv("ENCODERFLOW_DATA_FILE", raising=False)
+    assert [a.name for a in af.champion_inlets()] == ["encoderflow-sst2@champion"]
+    monkeypatch.setenv("ENCODERFLOW_REGISTERED_MODEL", "tickets")
+    data_file = tmp_path / "data.yaml"
+    data_file.write_text("gate:\n  registered_model: reviews\n")
+    monkeypatch.setenv("ENCODERFLOW_DATA_FILE", str(data_file))
+    assert [a.name for a in af.champion_inlets()] == [
+        "encoderflow-sst2@champion",
+        "tickets@champion",
+        "reviews@champion",
+    ]
+    monkeypatch.setenv("ENCODERFLOW_DATA_FILE", str(tmp_path / "missing.yaml"))  # the run names it, not the parse
+    assert [a.name for a in af.champion_inlets()] == ["encoderflow-sst2@champion", "tickets@champion"]

@@ -349,6 +349,11 @@ def test_your_own_corpus_and_labels_through_airflow(tmp_path, encoderflow_home, 
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         assert sorted(set(requests)) == ["/tickets/dev.jsonl", "/tickets/manifest.json", "/tickets/train.jsonl"]
+        # tickets@champion is declared for this run too: its first event raises no Airflow warning.
+        warned = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "[warning" in ln.lower()]
+        assert not warned, "\n".join(warned)
+        events = "select count(*) from asset_event e join asset a on a.id = e.asset_id where a.name = ?"
+        assert _query(home, events, "tickets@champion") == [(1,)]
         run_id, summary = _summary(proc, home)
         states = _task_states(home)[run_id]
         assert states and all(state == "success" for _, _, state in states), states

@@ -80,6 +80,23 @@ def champion_asset(model: str = REGISTERED_MODEL) -> Asset:
 CHAMPION = champion_asset()
 
 
+def champion_inlets() -> list[Asset]:
+    """``evaluate_and_gate``'s inlets: the champion assets of the default model and of the model this
+    process runs for, so Airflow knows each before ``promote``'s first event through the alias (an
+    undeclared asset is created then, with two Airflow warnings in a successful run's log).
+
+    That model is ``ENCODERFLOW_REGISTERED_MODEL`` (``encoderflow run`` sets it from the run's config)
+    or the ``gate.registered_model`` of ``ENCODERFLOW_DATA_FILE`` (a deployment's scheduled runs).
+    """
+    names = [REGISTERED_MODEL, os.environ.get("ENCODERFLOW_REGISTERED_MODEL", "").strip()]
+    if data_file := os.environ.get("ENCODERFLOW_DATA_FILE", "").strip():
+        try:
+            names.append(str(config.read_data_file(data_file)[1].get("gate.registered_model") or ""))
+        except config.ConfigError:
+            pass  # check_params names the file and its fix when a run reads it; a parse must not fail on it
+    return [champion_asset(name) for name in dict.fromkeys(names) if name]
+
+
 def schedule_from_env() -> Any:
     """``ENCODERFLOW_SCHEDULE``: a cron expression or preset (``@daily``); ``assets``: on every change
     the source checker records to your corpus or labeled data; ``assets|<cron>``: either;

@@ -204,7 +204,8 @@ def _label(task_id: str, map_index: int) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     conf = run_conf(args)
-    resolve(conf)  # fail fast on a bad --set or data file, or own data without its own model name
+    cfg = resolve(conf)[0]  # fail fast on a bad --set or data file, or own data without its own model name
+    os.environ["ENCODERFLOW_REGISTERED_MODEL"] = cfg.gate.registered_model  # its champion asset: af.champion_inlets
     t0 = time.monotonic()
     # The terminal follows the run: encoderflow's lines, dag.test's task starts, Airflow's warnings and
     # errors. Airflow's INFO per task call (xcom pushes, state updates, ::group:: markers) was 60% of it.
