@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from encoderflow import layout, runtime
-from encoderflow.config import PRESETS, from_overrides, parse_set
+from encoderflow.config import DEFAULT_PRESET, PRESETS, from_overrides, parse_set
 from encoderflow.data import sources
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -387,7 +388,14 @@ def report(checks: Sequence[Check], notes: Sequence[str], out: TextIO) -> int:
     if fails:
         print(f"doctor: {len(fails)} FAIL, {len(warns)} warn: a run would not start; fix the FAIL lines", file=out)
         return 1
-    print(f"doctor: a run can start ({len(warns)} warn)", file=out)
+    # A preset whose files are missing is a warn while another preset's are complete: say which.
+    blocked = [c.what[len("data (") : -len(" preset)")] for c in warns if re.fullmatch(r"data \(\w+ preset\)", c.what)]
+    if blocked:
+        named = ", ".join(f"{p} (the default)" if p == DEFAULT_PRESET else p for p in blocked)
+        which = f"presets {named}: see their warn lines" if len(blocked) > 1 else f"preset {named}: see its warn line"
+        print(f"doctor: a run can start, but not with {which} ({len(warns)} warn)", file=out)
+    else:
+        print(f"doctor: a run can start ({len(warns)} warn)", file=out)
     return 0
 
 
