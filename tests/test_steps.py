@@ -87,13 +87,26 @@ def test_labeled_data_of_another_label_set_is_refused_before_training(tmp_path):
     tags = {**steps.lineage_tags(from_params(PARAMS), sst2), **steps._labels_tag(sst2["labeled"])}
     version = _champion(tmp_path, tags)
     assert registry.champion(from_params(PARAMS).gate.registered_model)["tags"][steps.LABELS_TAG] == '["0", "1"]'
-    tickets = {**sst2, "labeled": {**sst2["labeled"], "labels": ["bug", "praise"], "content_hash": "t"}}
+    # Your own file is named as you gave it (its origin), not as the verified copy that was read.
+    own_train = {**train, "origin": "/my/tickets/train.jsonl"}
+    tickets = {
+        **sst2,
+        "labeled": {
+            **sst2["labeled"],
+            "labels": ["bug", "praise"],
+            "content_hash": "t",
+            "files": {"SST-2/train.tsv": own_train},
+        },
+    }
     for params in (PARAMS, {**PARAMS, "force": True}):
         with pytest.raises(EncoderflowError) as err:
             steps.check_lineage(tickets, params, "run-f")
         assert f"champion v{version} of encoderflow-sst2 classifies labels ['0', '1']" in str(err.value)
-        assert "data /d/SST-2/train.tsv has ['bug', 'praise']: they are different tasks" in str(err.value)
-        assert err.value.fix == "give this task a registered model of its own with gate.registered_model=<name>"
+        assert "data /my/tickets/train.jsonl has ['bug', 'praise']: they are different tasks" in str(err.value)
+        assert err.value.fix == (
+            "if they are the same labels written another way, correct the file; if the task is another, "
+            "give it a registered model of its own with gate.registered_model=<name>"
+        )
     assert steps.check_lineage(sst2, PARAMS, "run-g") is False  # the same task, nothing changed
 
 

@@ -314,6 +314,19 @@ class InputsConfig(_Section):
     max_class_share: float = knob(
         0.99, "Largest share any class may have in the labeled train split.", minimum=0.0, maximum=1.0
     )
+    min_unique_text_share: float = knob(
+        0.5,
+        "Smallest share of distinct texts in each labeled split: below it, most rows are copies of others.",
+        minimum=0.0,
+        maximum=1.0,
+    )
+    max_dev_in_train_share: float = knob(
+        0.01,
+        "Largest share of labeled dev rows whose text is also in train: leaked rows inflate val_accuracy, "
+        "the metric the gate promotes on.",
+        minimum=0.0,
+        maximum=1.0,
+    )
 
     def rules(self) -> None:
         for key in ("text_column", "label_column"):

@@ -563,10 +563,12 @@ def _same_task(step: str, version: str, name: str, theirs: list[str], labeled: D
     from encoderflow.errors import EncoderflowError
 
     if (mine := labels_of(labeled)) and list(theirs) != mine:
+        train = split_info(labeled, "train")
         raise EncoderflowError(
             f"{step}: champion v{version} of {name} classifies labels {list(theirs)}, this run's labeled data "
-            f"{split_path(labeled, 'train')} has {mine}: they are different tasks",
-            fix="give this task a registered model of its own with gate.registered_model=<name>",
+            f"{train.get('origin') or train['path']} has {mine}: they are different tasks",
+            fix="if they are the same labels written another way, correct the file; if the task is another, "
+            "give it a registered model of its own with gate.registered_model=<name>",
         )
 
 

@@ -319,7 +319,8 @@ def test_your_own_clean_data_passes_and_yields_its_label_set(tmp_path):
     report, _, _ = _own(tmp_path, "labeled", lambda c, lab: None)
     assert report["success"], report["failures"]
     assert report["labels"] == ["billing", "bug", "praise"]
-    assert {f["expectations"] for f in report["files"].values()} == {13, 9}  # train adds 2 + balance per class
+    # dev: schema, parse, text, distinct texts, rows in train, labels; train adds 2 + balance per class
+    assert {f["expectations"] for f in report["files"].values()} == {15, 12}
     report, _, _ = _own(tmp_path / "c", "corpus", lambda c, lab: None)
     assert report["success"] and len(report["files"]) == 6, report["failures"]
 
@@ -397,6 +398,12 @@ OWN_CASES = {
         "expect_column_values_to_be_in_set(column='_utf8', value_set=[True]) failed, "
         "observed 1 of 1 rows not UTF-8 at lines [1]",
     ),
+    "a compressed file": (
+        "corpus",
+        lambda c, lab: (c / "notes.txt.gz").write_bytes(__import__("gzip").compress(b"some text\n" * 50)),
+        "notes.txt.gz",
+        "not UTF-8: the file is gzip-compressed: gunzip it first",
+    ),
     "empty text": (
         "labeled",
         lambda c, lab: (lab / "train.jsonl").write_text(
@@ -410,6 +417,36 @@ OWN_CASES = {
         lambda c, lab: _rows(lab / "train.jsonl", [{"body": "crash again", "category": "bug"}] * 20),
         "train.jsonl",
         "expect_column_unique_value_count_to_be_between",
+    ),
+    # Spreadsheet and pandas exports: trailing spaces, capitals; each spelling became a class of its own.
+    "one label spelled two ways": (
+        "labeled",
+        lambda c, lab: (lab / "train.jsonl").write_text(
+            (lab / "train.jsonl").read_text()
+            + '{"body": "app froze on login", "category": "bug "}\n{"body": "thanks team", "category": "Praise"}\n'
+        ),
+        "train.jsonl",
+        "expect_column_values_to_be_in_set(column='_label_clash', value_set=[False]) failed, observed 2 of 242 "
+        "rows with a label also spelled another way: one label, two classes ('Praise' = 'praise' / 'bug' = 'bug ')",
+    ),
+    "mostly copies of a few rows": (
+        "labeled",
+        lambda c, lab: _rows(
+            lab / "train.jsonl",
+            [{"body": f"ticket {i % 5} {label}", "category": label} for i in range(60) for label in ("bug", "praise")],
+        ),
+        "train.jsonl",
+        "expect_column_proportion_of_unique_values_to_be_between(column='body', min_value=0.5) failed, "
+        "observed 0.0833, the share of distinct texts (the rest are copies of other rows)",
+    ),
+    "dev rows leaked from train": (
+        "labeled",
+        lambda c, lab: (lab / "dev.jsonl").write_text(
+            "".join((lab / "train.jsonl").read_text().splitlines(keepends=True)[:5]) + (lab / "dev.jsonl").read_text()
+        ),
+        "dev.jsonl",
+        "expect_column_mean_to_be_between(column='_in_train', max_value=0.01) failed, observed 0.0943, "
+        "the share of dev rows whose text is also a train row's (leaked into training)",
     ),
 }
 
@@ -471,6 +508,27 @@ def test_a_csv_row_with_another_number_of_fields_says_so_and_where(tmp_path):
         f"labeled: {labeled / 'dev.csv'}: expect_column_values_to_be_in_set(column='_parsed', value_set=[True]) "
         f"failed, observed 1 of {rows - 1} rows not the header's number of fields at lines [{rows}]"
     ]
+
+
+def test_a_csv_without_a_header_is_told_to_add_one_not_to_rename_a_column_after_a_sentence(tmp_path):
+    from encoderflow import config
+    from encoderflow.data import inputs
+
+    from .fixtures_own import write_labeled
+
+    labeled = write_labeled(tmp_path / "tickets")
+    for split in ("train", "dev"):
+        rows = [json.loads(line) for line in (labeled / f"{split}.jsonl").read_text().splitlines()]
+        (labeled / f"{split}.jsonl").unlink()
+        (labeled / f"{split}.csv").write_text("".join(f"{r['body']} and more words,{r['category']}\n" for r in rows))
+    cfg = config.from_overrides("smoke", OWN)
+    info = inputs.get("labeled", cfg, config.Sources(labeled=str(labeled)))
+    with pytest.raises(ValidationFailed) as err:
+        validation.check(info, tmp_path / "docs", inputs_cfg=cfg.inputs)
+    assert errors.cause_of(err.value).fix.startswith(
+        "the first line looks like data, not a header: add one naming the columns (body,category in their order); "
+        "correct the file(s) named above"
+    )
 
 
 def test_a_class_share_out_of_bounds_names_the_label(tmp_path):

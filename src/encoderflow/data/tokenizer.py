@@ -130,4 +130,13 @@ def train_vocabulary(
         time.monotonic() - t0,
         out,
     )
+    if len(kept) < inputs.vocab_size / 2:
+        # Not an error: a small corpus is a legitimate trial. But a model on a vocabulary of mostly
+        # characters is not what inputs.vocab_size promised, and nothing else would say so.
+        log.warning(
+            "vocabulary: the corpus yields %d tokens, under half the inputs.vocab_size=%d asked: its words "
+            "will be cut into pieces and characters; give more text, or lower inputs.vocab_size",
+            len(kept),
+            inputs.vocab_size,
+        )
     return out

@@ -8,9 +8,11 @@ row shape included, is a real GX expectation with an observed value in the Data 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -207,6 +209,7 @@ _FLAGS: dict[str, str | dict[str, str]] = {
         "tsv": "not the header's number of fields",
     },
     "_fields": "not 2 tab-separated fields",
+    "_label_clash": "with a label also spelled another way: one label, two classes",
 }
 
 
@@ -222,6 +225,10 @@ def _observed(result: Any, df=None) -> str:
         column = str((result.expectation_config.kwargs or {}).get("column", ""))
         if column.startswith("_class_") and df is not None and df.attrs.get("labels"):
             return f"{value:.4f}, the share of label {df.attrs['labels'][int(column.removeprefix('_class_'))]!r}"
+        if column == "_in_train":
+            return f"{value:.4f}, the share of dev rows whose text is also a train row's (leaked into training)"
+        if result.expectation_config.type == "expect_column_proportion_of_unique_values_to_be_between":
+            return f"{value:.4f}, the share of distinct texts (the rest are copies of other rows)"
         return repr(value)[:200]
     if "unexpected_count" in r:
         rows = r.get("partial_unexpected_index_list") or []
@@ -233,6 +240,10 @@ def _observed(result: Any, df=None) -> str:
             what = flag[fmt] if isinstance(flag, dict) else flag
             if column == "_fields":  # the one flag that holds counts, worth showing
                 what += f" (they have {sorted(set(r.get('partial_unexpected_list', [])))[:5]})"
+            if column == "_utf8" and df is not None and df.attrs.get("compressed"):
+                what += f": the file is {df.attrs['compressed']} first"
+            if column == "_label_clash" and df is not None:
+                what += f" ({df.attrs.get('clashes')})"
             return f"{r['unexpected_count']} of {r.get('element_count')} rows {what}{where}"
         return (
             f"{r['unexpected_count']} unexpected of {r.get('element_count')}, "
@@ -265,15 +276,27 @@ def _context(docs_dir: Path):
     return ctx
 
 
+# An archive's first bytes: a corpus file that starts so is not text (and is named as what it is).
+COMPRESSED = {
+    b"\x1f\x8b": "gzip-compressed: gunzip it",
+    b"PK\x03\x04": "a zip archive: unzip it",
+    b"BZh": "bzip2-compressed: bunzip2 it",
+    b"\xfd7zXZ\x00": "xz-compressed: unxz it",
+    b"(\xb5/\xfd": "zstd-compressed: unzstd it",
+}
+
+
 def frame_text(path: Path):
     """A corpus file: one row per line, with ``_utf8`` and ``_nonblank`` flags."""
     import pandas as pd
 
     from encoderflow.data.inputs import decode_lines
 
-    lines, ok = decode_lines(path.read_bytes())
+    raw = path.read_bytes()
+    lines, ok = decode_lines(raw)
     df = pd.DataFrame({"line": pd.Series(lines, dtype=object), "_utf8": ok})
     df["_nonblank"] = [int(bool(line.strip())) for line in lines]
+    df.attrs["compressed"] = next((kind for magic, kind in COMPRESSED.items() if raw.startswith(magic)), None)
     return df
 
 
@@ -290,8 +313,34 @@ def suite_corpus_file() -> list[Any]:
     ]
 
 
-def frame_labeled(path: Path, fmt: str, label_column: str, labels: list[str]):
-    """A labeled file under its own columns, plus ``_utf8``, ``_parsed`` and one ``_class_<i>`` per label."""
+def _label_key(label: str) -> str:
+    """What two spellings of one label share: case, surrounding space and number format aside
+    (``1``, ``1.0`` and JSON ``true`` are one label; so are ``positive`` and ``Positive ``)."""
+    text = label.strip().casefold()
+    if text in ("true", "false"):
+        return repr(float(text == "true"))
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return repr(number) if math.isfinite(number) else text
+
+
+def label_clashes(labels) -> list[list[str]]:
+    """Groups of distinct labels that are one label spelled two ways (:func:`_label_key`)."""
+    groups: dict[str, set[str]] = {}
+    for label in labels:
+        if label:
+            groups.setdefault(_label_key(label), set()).add(label)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+
+def frame_labeled(
+    path: Path, fmt: str, columns: dict[str, str], labels: list[str], train_texts: set[str] | None = None
+):
+    """A labeled file under its own columns, plus ``_utf8``, ``_parsed``, one ``_class_<i>`` per label,
+    ``_label_clash`` (a label also spelled another way, here or in train's label set) and, for dev
+    (``train_texts`` given), ``_in_train`` (its text is a train row's)."""
     import pandas as pd
 
     from encoderflow.data.inputs import read_table
@@ -300,10 +349,26 @@ def frame_labeled(path: Path, fmt: str, label_column: str, labels: list[str]):
     df = pd.DataFrame(table.rows, columns=table.columns, dtype=object)
     df["_utf8"], df["_parsed"] = table.utf8, table.parsed
     df.attrs["lines"], df.attrs["format"], df.attrs["labels"] = table.lines, fmt, list(labels or ())
+    text, label_column = columns["text"], columns["label"]
     if label_column in df.columns:
         for i, label in enumerate(labels):
             df[f"_class_{i}"] = (df[label_column] == label).astype(int)
+        clashes = label_clashes(set(labels or ()) | {v for v in df[label_column] if isinstance(v, str)})
+        df.attrs["clashes"] = " / ".join(repr(g)[1:-1].replace("', '", "' = '") for g in clashes)
+        # The rows to correct: those not under their group's most common spelling in this file.
+        counts = Counter(df[label_column])
+        odd = {label for group in clashes for label in sorted(group, key=lambda v: -counts[v])[1:]}
+        df["_label_clash"] = [v in odd for v in df[label_column]]
+    if train_texts is not None and text in df.columns:
+        df["_in_train"] = [int(isinstance(v, str) and v.strip() in train_texts) for v in df[text]]
     return df
+
+
+def texts_of(df, text_column: str) -> set[str]:
+    """A labeled frame's distinct texts (stripped), for dev's ``_in_train``."""
+    if text_column not in df.columns:
+        return set()
+    return {v.strip() for v in df[text_column] if isinstance(v, str)}
 
 
 def suite_labeled(df, split: str, columns: dict[str, str], labels: list[str], bounds) -> list[Any]:
@@ -326,9 +391,13 @@ def suite_labeled(df, split: str, columns: dict[str, str], labels: list[str], bo
         suite += [
             E.ExpectColumnValuesToNotBeNull(column=text, **parsed),
             E.ExpectColumnValuesToMatchRegex(column=text, regex=r"\S", **parsed),
+            E.ExpectColumnProportionOfUniqueValuesToBeBetween(column=text, min_value=bounds.min_unique_text_share),
         ]
+        if "_in_train" in df.columns:
+            suite.append(E.ExpectColumnMeanToBeBetween(column="_in_train", max_value=bounds.max_dev_in_train_share))
     if label in df.columns:
         suite.append(E.ExpectColumnValuesToNotBeNull(column=label, **parsed))
+        suite.append(E.ExpectColumnValuesToBeInSet(column="_label_clash", value_set=[False]))
         if labels:  # none when train has none: that failure is reported on train, not echoed per dev row
             suite.append(E.ExpectColumnValuesToBeInSet(column=label, value_set=labels, **parsed))
         if split == "train":
@@ -360,10 +429,13 @@ def _plans(
 
         labels = labels_of(info)
     if kind == "labeled_folder":
-        plans = []
-        for split, member in info["splits"].items():
+        plans, train_texts = [], None
+        # Train first: dev's rows are checked against its texts.
+        for split, member in sorted(info["splits"].items(), key=lambda kv: kv[0] != "train"):
             path = Path(files_of(info)[member]["path"])
-            df = frame_labeled(path, info["format"], info["columns"]["label"], labels)
+            df = frame_labeled(path, info["format"], info["columns"], labels, train_texts if split == "dev" else None)
+            if split == "train":
+                train_texts = texts_of(df, info["columns"]["text"])
             plans.append((member, path, df, suite_labeled(df, split, info["columns"], labels, inputs_cfg)))
         return plans, labels
     return [(m, Path(f["path"]), frame_for(m, Path(f["path"])), suite_for(m, strict)) for m, f in members], labels
@@ -485,9 +557,28 @@ def own_fix(info: dict[str, Any], report: dict[str, Any]) -> str | None:
     if info.get("kind") not in ("labeled_folder", "corpus_folder", "trained_vocab"):
         return None
     fixes = []
-    for role, column in (info.get("columns") or {}).items():
+    columns = info.get("columns") or {}
+    for role, column in columns.items():
         missing = f"expect_column_to_exist(column={column!r}) failed, observed columns "
         if seen := next((f.split(missing, 1)[1] for f in report["failures"] if missing in f), None):
+            if _looks_like_data(seen) and info.get("format") in ("csv", "tsv"):
+                sep = "," if info["format"] == "csv" else "<tab>"
+                fixes.append(
+                    f"the first line looks like data, not a header: add one naming the columns "
+                    f"({columns['text']}{sep}{columns['label']} in their order)"
+                )
+                break
             fixes.append(f"name the {role} column: --set inputs.{role}_column=<one of {seen}> (now {column!r})")
     fixes.append("correct the file(s) named above, or point the source at good ones")
     return "; ".join(fixes) + f"; the Data Docs show each failed expectation: {report['docs']}"
+
+
+def _looks_like_data(columns: str) -> bool:
+    """Whether a header (as the failure prints it) is a row of text: a name of four words or 40 characters."""
+    import ast
+
+    try:
+        names = ast.literal_eval(columns)
+    except (ValueError, SyntaxError):
+        return False
+    return any(isinstance(n, str) and (len(n.split()) >= 4 or len(n) > 40) for n in names)
