@@ -217,3 +217,17 @@ def test_the_champion_asset_of_the_model_a_run_or_deployment_names_is_declared(m
     ]
     monkeypatch.setenv("ENCODERFLOW_DATA_FILE", str(tmp_path / "missing.yaml"))  # the run names it, not the parse
     assert [a.name for a in af.champion_inlets()] == ["encoderflow-sst2@champion", "tickets@champion"]
+
+
+def test_a_fix_naming_cli_flags_names_the_trigger_forms_fields_outside_encoderflow_run(monkeypatch):
+    from encoderflow import airflow_adapter as af
+
+    told = "DataError: dev.tsv missing; fix: pass a reachable --mirror or an offline --data-dir, or --set data.x=1"
+    monkeypatch.delenv("ENCODERFLOW_CLI_RUN", raising=False)
+    assert af.in_form_words(told) == (
+        f"{told} (trigger form: --data-dir is 'Offline data folder'; --mirror is 'Mirror URL'; "
+        "--set is 'Other overrides (section.key=value)')"
+    )
+    assert af.in_form_words("ConfigError: x; fix: lower it") == "ConfigError: x; fix: lower it"
+    monkeypatch.setenv("ENCODERFLOW_CLI_RUN", "1")
+    assert af.in_form_words(told) == told

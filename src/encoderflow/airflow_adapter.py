@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -284,9 +285,22 @@ def expected_failures(fn):
             return fn(*args, **kwargs)
         except EncoderflowError as exc:
             # The message is the diagnosis; the stack below it (TF, GX, MLflow) only hides it.
-            raise AirflowFailException(errors.told(exc)) from None
+            raise AirflowFailException(in_form_words(errors.told(exc))) from None
 
     return wrapper
+
+
+def in_form_words(told: str) -> str:
+    """A fix that names CLI flags (``--data-dir``, ``--set``), as read by someone who triggered from the
+    form: the fields they are there, added once at the end. ``encoderflow run`` (``ENCODERFLOW_CLI_RUN``)
+    keeps the flags alone."""
+    if os.environ.get("ENCODERFLOW_CLI_RUN"):
+        return told
+    titles = {f"--{f.name.replace('_', '-')}": f.metadata["title"] for f in fields(config.Sources)}
+    titles |= {f"--{f.name}": f.metadata["title"] for f in fields(config.RunOptions)}
+    titles["--set"] = "Other overrides (section.key=value)"
+    named = [f"{flag} is '{t}'" for flag, t in titles.items() if re.search(rf"{re.escape(flag)}(?![\w-])", told)]
+    return f"{told} (trigger form: {'; '.join(named)})" if named else told
 
 
 def mappable(items: list, what: str, fix: str) -> list:

@@ -206,6 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     conf = run_conf(args)
     cfg = resolve(conf)[0]  # fail fast on a bad --set or data file, or own data without its own model name
     os.environ["ENCODERFLOW_REGISTERED_MODEL"] = cfg.gate.registered_model  # its champion asset: af.champion_inlets
+    os.environ["ENCODERFLOW_CLI_RUN"] = "1"  # fixes name CLI flags, not form fields: af.in_form_words
     t0 = time.monotonic()
     # The terminal follows the run: encoderflow's lines, dag.test's task starts, Airflow's warnings and
     # errors. Airflow's INFO per task call (xcom pushes, state updates, ::group:: markers) was 60% of it.
