@@ -372,8 +372,10 @@ def texts_of(df, text_column: str) -> set[str]:
 
 
 def suite_labeled(df, split: str, columns: dict[str, str], labels: list[str], bounds) -> list[Any]:
-    """Generated from the declaration: schema, parse and encoding, non-empty text, the label set (read
-    from train, checked on dev), row-count bounds and, on train, class balance bounds."""
+    """Generated from the declaration: schema, parse and encoding, non-empty text, the share of
+    distinct texts, on dev the share of rows leaked from train, the label set (read from train,
+    checked on dev) with no label spelled two ways, row-count bounds and, on train, class balance
+    bounds."""
     import great_expectations as gx
 
     E = gx.expectations
