@@ -281,7 +281,7 @@ def test_a_data_file_declares_sources_and_inputs_and_the_form_wins(tmp_path):
     path.write_text("corpus:\nlabeled: tickets/\n")  # the folder left out
     with pytest.raises(ConfigError, match=r"data file .*data\.yaml: 'corpus' needs a folder, file or URL, got None"):
         read_data_file(str(path))
-    with pytest.raises(ConfigError, match=r"data file .*missing\.yaml: cannot read it"):
+    with pytest.raises(ConfigError, match=r"data file .*missing\.yaml: no such file; fix: give --data-file"):
         read_data_file(str(tmp_path / "missing.yaml"))
 
 
