@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 from encoderflow import DAG_ID
 from encoderflow.config import GateConfig
+from encoderflow.errors import failure_outlived
 from encoderflow.gate import METRICS as GATE_METRICS
 from encoderflow.gate import metric_tag
 from encoderflow.layout import safe_run_id
@@ -117,8 +118,8 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         # A run cleared and finished since its failure shows none; one that failed after it finished
         # (a cleared task) shows that failure beside the summary it had.
         failure = _read_json(folder / "failure.json")
-        if failure and summary:
-            failure = failure if _mtime(folder / "failure.json") >= _mtime(folder / "summary.json") else None
+        if failure and summary and failure_outlived(folder):
+            failure = None
         entry["failure"] = failure if failure and entry.get("state") in ("failed", None) else None
         entry["gate_chart"] = gate_figures(gate, summary)
         entry["curves"] = read_curves(folder)
@@ -128,13 +129,6 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
     for entry in out:
         entry.setdefault("preset", (entry.get("conf") or {}).get("preset"))
     return out
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:  # deleted since it was read
-        return 0.0
 
 
 def _finite(value: Any) -> float | None:

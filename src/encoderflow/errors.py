@@ -189,6 +189,15 @@ def failure_path(run_id: str) -> Path:
     return layout.run_dir(run_id) / FAILURE_FILE
 
 
+def failure_outlived(folder: Path) -> bool:
+    """Whether the run in ``folder`` finished (wrote ``summary.json``) after the failure it recorded:
+    that failure's task was cleared and the run went on. False when either file is missing."""
+    try:
+        return (folder / "summary.json").stat().st_mtime > (folder / FAILURE_FILE).stat().st_mtime
+    except OSError:
+        return False
+
+
 def record_failure(run_id: str, cause: Cause, /, **where: Any) -> bool:
     """Keep a run's first failure in ``runs/<run id>/failure.json``; later ones leave it alone, until
     the run finishes (``summary.json``): a failure after that, of a cleared task, is kept in its place.
@@ -206,9 +215,7 @@ def record_failure(run_id: str, cause: Cause, /, **where: Any) -> bool:
     """
     path = failure_path(run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    summary = path.parent / "summary.json"
-    if path.exists() and summary.exists() and summary.stat().st_mtime > path.stat().st_mtime:
-        # The run finished after that failure (cleared, then succeeded): this is a new attempt's first.
+    if failure_outlived(path.parent):  # this is the first failure of an attempt after that
         path.unlink(missing_ok=True)
     payload = {**where, **asdict(cause)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
