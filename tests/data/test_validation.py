@@ -487,19 +487,28 @@ def test_your_own_data_is_told_to_fix_its_file_or_name_its_column(tmp_path):
     )
 
 
+def _as_csv(labeled: Path, line: Callable[[dict], str], header: str = "", dev_extra: str = "") -> Path:
+    """The fixture's JSONL splits rewritten as ``train.csv``/``dev.csv``, one ``line(row)`` each."""
+    for split in ("train", "dev"):
+        rows = [json.loads(text) for text in (labeled / f"{split}.jsonl").read_text().splitlines()]
+        (labeled / f"{split}.jsonl").unlink()
+        extra = dev_extra if split == "dev" else ""
+        (labeled / f"{split}.csv").write_text(header + "".join(line(r) for r in rows) + extra)
+    return labeled
+
+
 def test_a_csv_row_with_another_number_of_fields_says_so_and_where(tmp_path):
     from encoderflow import config
     from encoderflow.data import inputs
 
     from .fixtures_own import write_labeled
 
-    labeled = write_labeled(tmp_path / "tickets")
-    for split in ("train", "dev"):
-        rows = [json.loads(line) for line in (labeled / f"{split}.jsonl").read_text().splitlines()]
-        (labeled / f"{split}.jsonl").unlink()
-        body = "".join(f"{r['body'].replace(',', ' ')},{r['category']}\n" for r in rows)
-        extra = "a,b,c\n" if split == "dev" else ""
-        (labeled / f"{split}.csv").write_text("body,category\n" + body + extra)
+    labeled = _as_csv(
+        write_labeled(tmp_path / "tickets"),
+        lambda r: f"{r['body'].replace(',', ' ')},{r['category']}\n",
+        header="body,category\n",
+        dev_extra="a,b,c\n",
+    )
     cfg = config.from_overrides("smoke", OWN)
     info = inputs.get("labeled", cfg, config.Sources(labeled=str(labeled)))
     report = validation.validate_dataset(info, tmp_path / "docs", inputs_cfg=cfg.inputs)
@@ -516,11 +525,7 @@ def test_a_csv_without_a_header_is_told_to_add_one_not_to_rename_a_column_after_
 
     from .fixtures_own import write_labeled
 
-    labeled = write_labeled(tmp_path / "tickets")
-    for split in ("train", "dev"):
-        rows = [json.loads(line) for line in (labeled / f"{split}.jsonl").read_text().splitlines()]
-        (labeled / f"{split}.jsonl").unlink()
-        (labeled / f"{split}.csv").write_text("".join(f"{r['body']} and more words,{r['category']}\n" for r in rows))
+    labeled = _as_csv(write_labeled(tmp_path / "tickets"), lambda r: f"{r['body']} and more words,{r['category']}\n")
     cfg = config.from_overrides("smoke", OWN)
     info = inputs.get("labeled", cfg, config.Sources(labeled=str(labeled)))
     with pytest.raises(ValidationFailed) as err:
