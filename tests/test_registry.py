@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from encoderflow import cli, registry
+from encoderflow import bundle, cli, registry
 from tests.test_bundle import fake_bundle as _bundle
 
 NAME = "encoderflow-sst2"
@@ -381,10 +381,39 @@ def test_a_retry_of_the_same_airflow_run_registers_no_second_version(tmp_path):
     first = _register(tmp_path, "1")
     decision = {"blessed": True, "reasons": [], "checks": []}
     again = registry.log_candidate(
-        NAME, _bundle(tmp_path / "retry", "1b"), {}, {}, {}, {"airflow.run_id": "run-1"}, decision
+        NAME, _bundle(tmp_path / "retry", "1"), {}, {}, {}, {"airflow.run_id": "run-1"}, decision
     )
     assert again["version"] == first
     assert len(registry.client().search_model_versions(f"name='{NAME}'")) == 1
+
+
+def test_a_candidate_retrained_within_the_same_airflow_run_gets_a_version_of_its_own(tmp_path, caplog):
+    """A cleared ``finetune`` trains another model in the same Airflow run: reusing the run's first
+    version would let the gate's decision on the new model promote the old one."""
+    first = _register(tmp_path, "1")
+    decision = {"blessed": True, "reasons": [], "checks": []}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="encoderflow.registry"):
+        retrained = registry.log_candidate(
+            NAME, _bundle(tmp_path / "retrained", "1b"), {}, {}, {}, {"airflow.run_id": "run-1"}, decision
+        )
+    assert retrained["version"] != first
+    c = registry.client()
+    tags = {str(v.version): v.tags["bundle.sha256"] for v in c.search_model_versions(f"name='{NAME}'")}
+    assert tags == {
+        first: bundle.identity(tmp_path / "b1"),
+        retrained["version"]: bundle.identity(tmp_path / "retrained"),
+    }
+    assert tags[first] != tags[retrained["version"]]
+    assert f"v{first}, registered earlier in run-1, holds another candidate" in caplog.text
+    served = registry.download_version(NAME, retrained["version"], tmp_path / "serve")
+    assert (served / "classifier.keras").read_text() == "clf-1b"
+    # and a retry of that second promote reuses the second version, not the first
+    again = registry.log_candidate(
+        NAME, _bundle(tmp_path / "retry", "1b"), {}, {}, {}, {"airflow.run_id": "run-1"}, decision
+    )
+    assert again["version"] == retrained["version"]
+    assert registry.registered_for_run(NAME, "run-1", dag_id=None, bundle_sha256=tags[first])["version"] == first
 
 
 def test_a_retry_after_registering_failed_reuses_the_finished_mlflow_run(tmp_path, monkeypatch):

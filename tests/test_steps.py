@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from encoderflow import layout, registry, steps
+from encoderflow import bundle, layout, registry, steps
 from encoderflow.config import ConfigError, from_params, resolve
 from encoderflow.errors import EncoderflowError
 from tests.test_bundle import fake_bundle
@@ -240,3 +240,8 @@ def test_a_cleared_gate_keeps_the_decision_its_registered_candidate_was_register
     # Another candidate (pretrain and finetune cleared and trained again) or another run is gated afresh.
     assert steps._decided(gate_json, "0" * 64, name, run) is None
     assert steps._decided(gate_json, sha, name, "manual__other") is None
+    # The retrained candidate, gated (gate.json is its decision) but not yet registered: v1 holds the
+    # first candidate, so its gate must not stand for this one.
+    retrained = bundle.identity(fake_bundle(tmp_path / "retrained", "2"))
+    layout.write_json(gate_json, {**decision, "candidate_bundle_sha256": retrained})
+    assert steps._decided(gate_json, retrained, name, run) is None

@@ -135,6 +135,15 @@ def metadata(path: str | os.PathLike) -> dict[str, Any]:
     return layout.read_json(meta_path)
 
 
+def identity(path: str | os.PathLike) -> str:
+    """The bundle's identity: the sha256 of its ``bundle.json``, which lists every file's sha256.
+
+    The gate records it in ``gate.json`` and the registry on the model version (``bundle.sha256``), so
+    a decision and a version are matched to the very model they were made for.
+    """
+    return layout.sha256_file(Path(path) / META)
+
+
 def labels_of(meta: dict[str, Any]) -> list[str]:
     """A ``bundle.json``'s label set in class-index order; bundles written before it was recorded are SST-2's."""
     return list(meta.get("labels") or SST2_LABELS)

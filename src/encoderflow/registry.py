@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT = "encoderflow"
 CHAMPION, PREVIOUS = "champion", "previous"
+# On a candidate's MLflow run and model version: the bundle they hold (bundle.identity), so a retry
+# reuses a version only for the model it was registered for.
+BUNDLE_TAG = "bundle.sha256"
 
 
 class StaleChampion(EncoderflowError):
@@ -236,6 +239,7 @@ def log_candidate(
     from mlflow.exceptions import MlflowException
 
     c = client()
+    tags = {**tags, BUNDLE_TAG: bundle.identity(bundle_dir)}
     if (done := _registered_for(c, name, tags)) is not None:
         log.info(
             "registry: %s version %s already registered for %s (a retry); reused",
@@ -244,6 +248,16 @@ def log_candidate(
             tags.get("airflow.run_id"),
         )
         return done
+    for earlier in _versions_of_run(c, name, tags):
+        log.info(
+            "registry: %s v%s, registered earlier in %s, holds another candidate (bundle sha256 %s, this one %s: "
+            "retrained since); this candidate gets a version of its own",
+            name,
+            earlier.version,
+            tags["airflow.run_id"],
+            earlier.tags.get(BUNDLE_TAG, "?")[:12],
+            tags[BUNDLE_TAG][:12],
+        )
     exp_id = _experiment_id(c)
     _close_orphans(c, exp_id, tags)
     if (finished := _finished_unregistered(c, exp_id, tags)) is not None:
@@ -283,7 +297,8 @@ def log_candidate(
 def _earlier_tries(c, exp_id: str, tags: dict[str, str], status: str) -> list:
     """The MLflow runs earlier tries of this Airflow run (same dag and run id) left in ``status``, newest first.
 
-    Only called once ``_registered_for`` found no version for the Airflow run, so none of them has one.
+    Only called once ``_registered_for`` found no version of this bundle for the Airflow run, so none
+    of them for this bundle has one (a FINISHED one for an earlier candidate may).
     """
     run = tags.get("airflow.run_id")
     if not run:
@@ -322,24 +337,46 @@ def close_stopped(dag_id: str, run_id: str) -> list[str]:
 
 
 def _finished_unregistered(c, exp_id: str, tags: dict[str, str]):
-    """The MLflow run an earlier try of this Airflow run completed (FINISHED) without registering it, or None."""
-    return next(iter(_earlier_tries(c, exp_id, tags, "FINISHED")), None)
+    """The MLflow run an earlier try of this Airflow run completed (FINISHED) for this same bundle
+    without registering it, or None."""
+    same = (r for r in _earlier_tries(c, exp_id, tags, "FINISHED") if _same_bundle(r.data.tags, tags))
+    return next(same, None)
 
 
-def registered_for_run(name: str, run_id: str, dag_id: str = DAG_ID) -> dict[str, Any] | None:
-    """The version an Airflow run registered (its ``promote`` ran), or None."""
+def registered_for_run(
+    name: str, run_id: str, dag_id: str = DAG_ID, bundle_sha256: str | None = None
+) -> dict[str, Any] | None:
+    """The version an Airflow run registered (its ``promote`` ran), or None; with ``bundle_sha256``
+    (:func:`encoderflow.bundle.identity`), only a version of that very bundle."""
     if _no_store():
         return None
-    return _registered_for(client(), name, {"airflow.run_id": run_id, "airflow.dag_id": dag_id})
+    tags = {"airflow.run_id": run_id, "airflow.dag_id": dag_id}
+    return _registered_for(client(), name, {**tags, **({BUNDLE_TAG: bundle_sha256} if bundle_sha256 else {})})
+
+
+def _versions_of_run(c, name: str, tags: dict[str, str]) -> list:
+    """The versions of ``name`` registered by the Airflow run ``tags`` name (dag and run id)."""
+    run = tags.get("airflow.run_id")
+    if not run:
+        return []
+    return [
+        mv
+        for mv in c.search_model_versions(f"name='{name}'")
+        if mv.tags.get("airflow.run_id") == run and mv.tags.get("airflow.dag_id") == tags.get("airflow.dag_id")
+    ]
+
+
+def _same_bundle(theirs: dict[str, str], tags: dict[str, str]) -> bool:
+    """Whether tags recorded earlier name the bundle ``tags`` name; either side without the tag (a
+    version registered before it was recorded) matches, as it did then."""
+    return theirs.get(BUNDLE_TAG, tags.get(BUNDLE_TAG)) == tags.get(BUNDLE_TAG, theirs.get(BUNDLE_TAG))
 
 
 def _registered_for(c, name: str, tags: dict[str, str]) -> dict[str, Any] | None:
-    """The version a previous attempt of the same Airflow run registered, so a retry adds none."""
-    run = tags.get("airflow.run_id")
-    if not run:
-        return None
-    for mv in c.search_model_versions(f"name='{name}'"):
-        if mv.tags.get("airflow.run_id") == run and mv.tags.get("airflow.dag_id") == tags.get("airflow.dag_id"):
+    """The version an earlier try of the same Airflow run registered for the same bundle, so a retry
+    adds none. A candidate trained again since (a cleared ``finetune``) is another model: no match."""
+    for mv in _versions_of_run(c, name, tags):
+        if _same_bundle(mv.tags, tags):
             return {
                 "run_id": mv.run_id,
                 "version": str(mv.version),

@@ -343,14 +343,13 @@ def evaluate_and_gate(
     import numpy as np
 
     from encoderflow import gate, registry
-    from encoderflow.bundle import META as bundle_meta
-    from encoderflow.bundle import Scorer
+    from encoderflow.bundle import Scorer, identity
     from encoderflow.data.inputs import read_labeled
 
     setup_logging()
     cfg = from_params(params)
     gate_json = layout.run_dir(run_id) / "gate.json"
-    candidate = layout.sha256_file(Path(finetuned["bundle"]) / bundle_meta)
+    candidate = identity(finetuned["bundle"])
     if (kept := _decided(gate_json, candidate, cfg.gate.registered_model, run_id)) is not None:
         return kept
     dev = split_path(labeled, "dev")
@@ -406,7 +405,7 @@ def _decided(gate_json: Path, candidate: str, name: str, run_id: str) -> dict[st
     decision = layout.read_json(gate_json)
     if decision.get("candidate_bundle_sha256") != candidate:
         return None
-    if (version := registry.registered_for_run(name, run_id)) is None:
+    if (version := registry.registered_for_run(name, run_id, bundle_sha256=candidate)) is None:
         return None
     log.info(
         "gate: this candidate is registered already, as %s v%s, under the decision in %s: kept (set force "
