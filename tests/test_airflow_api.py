@@ -739,12 +739,28 @@ try:
     validate({})
 except Exception as exc:
     d.log_failure({"ti": TI(), "exception": exc})
+class Other(TI):
+    run_id = "r2"
+@d.expected_failures
+def download(info):
+    raise EncoderflowError("sst2: no SST-2 under the data folder", fix="pass --data-dir with SST-2/ in it")
+try:
+    download({})
+except Exception as exc:
+    told = str(exc)
+    d.log_failure({"ti": Other(), "exception": exc})
+from encoderflow import errors
+kept_fix = errors.read_failure("r2")["fix"]
+errors.failure_path("r2").unlink()
+d.log_failure({"ti": Other(), "exception": told})  # the wrapper's text alone, its context lost
+kept_fix_from_text = errors.read_failure("r2")["fix"]
 schedules = {}
 import os
 for value in ("", "@daily", "0 3 * * 1", "off", "None"):
     os.environ["ENCODERFLOW_SCHEDULE"] = value
     schedules[value] = d.schedule_from_env()
-print(json.dumps({"failed": failed, "records": records, "schedules": schedules}))
+print(json.dumps({"failed": failed, "records": records, "schedules": schedules, "kept_fix": kept_fix,
+                  "kept_fix_from_text": kept_fix_from_text}))
 """
 
 
@@ -752,7 +768,7 @@ print(json.dumps({"failed": failed, "records": records, "schedules": schedules})
 def probe(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("dag-probe")
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "ENCODERFLOW_CLI_RUN"},  # a task outside `encoderflow run`
         "AIRFLOW_HOME": str(tmp / "airflow"),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp / 'airflow.db'}",
         # The probe calls the failure hook, which records the failure under ENCODERFLOW_HOME.
@@ -777,7 +793,12 @@ def test_expected_failure_is_a_message_and_failure_callback_one_line(probe):
     assert probe["records"] == [
         "encoderflow FAILED encoder_pretraining.build_shard[3] run=r1 try=2/2: ValueError",
         "encoderflow FAILED encoder_pretraining.build_shard[3] run=r1 try=2, no retry: EncoderflowError",
+        "encoderflow FAILED encoder_pretraining.build_shard[3] run=r2 try=2, no retry: EncoderflowError",
+        "encoderflow FAILED encoder_pretraining.build_shard[3] run=r2 try=2/2: EncoderflowError",
     ]
+    # The failure kept for the runs page names the trigger form's field as the task log does.
+    kept = "pass --data-dir with SST-2/ in it (trigger form: --data-dir is 'Offline data folder')"
+    assert probe["kept_fix"] == probe["kept_fix_from_text"] == kept
 
 
 def test_schedule_comes_from_the_environment(probe):

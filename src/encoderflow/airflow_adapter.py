@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -236,7 +236,9 @@ def log_failure(context) -> None:
     max_tries = (getattr(ti, "max_tries", 0) or 0) + 1
     no_retry = isinstance(exc, AirflowFailException)
     attempt = f"try={ti.try_number}, no retry" if no_retry else f"try={ti.try_number}/{max_tries}"
+    # failure.json is what the runs page shows: its fix names the form's fields as the task log's does.
     cause = errors.cause_of(exc)
+    cause = replace(cause, fix=in_form_words(cause.fix))
     log.error("encoderflow FAILED %s.%s run=%s %s: %s", ti.dag_id, label, ti.run_id, attempt, cause.error)
     _record_failure(ti, map_index, max_tries, cause, no_retry=no_retry)
 
@@ -294,8 +296,8 @@ def in_form_words(told: str) -> str:
     """A fix that names CLI flags (``--data-dir``, ``--set``), as read by someone who triggered from the
     form: the fields they are there, added once at the end. ``encoderflow run`` (``ENCODERFLOW_CLI_RUN``)
     keeps the flags alone."""
-    if os.environ.get("ENCODERFLOW_CLI_RUN"):
-        return told
+    if os.environ.get("ENCODERFLOW_CLI_RUN") or "(trigger form: " in told:  # not twice: the failure callback's
+        return told  # cause may be this text again
     titles = {f"--{f.name.replace('_', '-')}": f.metadata["title"] for f in fields(config.Sources)}
     titles |= {f"--{f.name}": f.metadata["title"] for f in fields(config.RunOptions)}
     titles["--set"] = "Other overrides (section.key=value)"
