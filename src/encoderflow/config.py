@@ -58,6 +58,7 @@ def knob(
     form: str | None = None,
     param: str | None = None,
     display: Mapping[str, str] | None = None,
+    trains: bool = True,
 ) -> Any:
     """A config field and everything said about it, in one place.
 
@@ -74,6 +75,9 @@ def knob(
         form: the trigger-form section (``MAIN`` or a group name); ``None`` keeps it off the form.
         param: the DAG param's name; default ``<section>_<name>``.
         display: labels for ``choices`` in the form.
+        trains: False for a setting that changes when the host looks or which data is accepted, not
+            the model trained from accepted data: it stays out of :meth:`Config.training_hash`, so a
+            run differing from the champion only there trains nothing.
     """
     meta = {
         "description": description,
@@ -85,6 +89,7 @@ def knob(
         "form": form,
         "param": param,
         "display": dict(display) if display else None,
+        "trains": trains,
     }
     return field(default=default, metadata=meta)
 
@@ -105,6 +110,7 @@ class Knob:
     form: str | None
     param: str | None
     display: dict[str, str] | None
+    trains: bool
 
     @property
     def section(self) -> str:
@@ -306,19 +312,22 @@ class InputsConfig(_Section):
         form=OWN,
     )
     vocab_size: int = knob(8000, "Size of a trained vocabulary (inputs.vocab=trained).", minimum=64, maximum=200_000)
-    min_rows: int = knob(10, "Fewest rows each labeled split may have.", minimum=1, maximum=2**31 - 1)
-    max_rows: int = knob(50_000_000, "Most rows each labeled split may have.", minimum=1, maximum=2**31 - 1)
+    min_rows: int = knob(10, "Fewest rows each labeled split may have.", minimum=1, maximum=2**31 - 1, trains=False)
+    max_rows: int = knob(
+        50_000_000, "Most rows each labeled split may have.", minimum=1, maximum=2**31 - 1, trains=False
+    )
     min_class_share: float = knob(
-        0.01, "Smallest share any class may have in the labeled train split.", minimum=0.0, maximum=1.0
+        0.01, "Smallest share any class may have in the labeled train split.", minimum=0.0, maximum=1.0, trains=False
     )
     max_class_share: float = knob(
-        0.99, "Largest share any class may have in the labeled train split.", minimum=0.0, maximum=1.0
+        0.99, "Largest share any class may have in the labeled train split.", minimum=0.0, maximum=1.0, trains=False
     )
     min_unique_text_share: float = knob(
         0.5,
         "Smallest share of distinct texts in each labeled split: below it, most rows are copies of others.",
         minimum=0.0,
         maximum=1.0,
+        trains=False,
     )
     max_dev_in_train_share: float = knob(
         0.01,
@@ -326,6 +335,7 @@ class InputsConfig(_Section):
         "the metric the gate promotes on.",
         minimum=0.0,
         maximum=1.0,
+        trains=False,
     )
 
     def rules(self) -> None:
@@ -460,6 +470,7 @@ class PretrainConfig(_Optimizer):
         "steps per epoch and of pretrain.backup_every_steps.",
         minimum=1,
         maximum=1024,
+        trains=False,
     )
     log_every_seconds: float = knob(
         60.0,
@@ -467,6 +478,7 @@ class PretrainConfig(_Optimizer):
         "loss is read, and checked for NaN, only then. 0 = after every call into the compiled step.",
         minimum=0.0,
         maximum=86400.0,
+        trains=False,
     )
     backup_every_steps: int = knob(
         5000,
@@ -475,6 +487,7 @@ class PretrainConfig(_Optimizer):
         "backup writes ~230 MB.",
         minimum=0,
         maximum=10_000_000,
+        trains=False,
     )
 
     def rules(self) -> None:
@@ -659,8 +672,20 @@ class Config:
         return self.section_hash()
 
     def training_hash(self) -> str:
-        """The sections a model is trained from: all but ``gate``, which decides its promotion."""
-        return self.section_hash(*(n for n in SECTIONS if n != "gate"))
+        """What a model is trained from: every section but ``gate`` and ``baseline`` (what decides its
+        promotion, and what it must beat), less the settings declared ``trains=False`` (when the host
+        looks, which data validation accepts)."""
+        kept = {k.key for k in knobs() if k.trains and k.section not in PROMOTION_SECTIONS}
+        payload = {
+            n: {f: v for f, v in dataclasses.asdict(getattr(self, n)).items() if f"{n}.{f}" in kept}
+            for n in SECTIONS
+            if n not in PROMOTION_SECTIONS
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# Sections that decide a model's promotion, not the model: out of Config.training_hash.
+PROMOTION_SECTIONS = ("gate", "baseline")
 
 
 # The guide's hyperparameters are the dataclass defaults. What the guide preset does differently
@@ -1087,5 +1112,10 @@ def parameters_markdown() -> str:
         values = " | ".join(f"`{_preset_value(k, p)}`" for p in PRESETS)
         # A bare "|" between choices would start a new table cell.
         allowed = k.bounds().replace("|", "\\|")
-        lines.append(f"| `{k.key}` | {form} | {k.type.__name__} | {allowed} | {values} | {k.description} |")
+        lineage = (
+            ""
+            if k.trains and k.section not in PROMOTION_SECTIONS
+            else " (Not in the model's lineage: changed alone, a run trains nothing.)"
+        )
+        lines.append(f"| `{k.key}` | {form} | {k.type.__name__} | {allowed} | {values} | {k.description}{lineage} |")
     return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from encoderflow import layout, runtime
+from encoderflow import config, layout, runtime
 from encoderflow.config import Config
 
 log = logging.getLogger(__name__)
@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 # The MLM head's metric as Keras names it: compile, evaluate and the history's val_ column.
 MLM_ACCURACY = "sparse_categorical_accuracy"
 
-# Pretraining settings that change when the host looks, not what is trained.
-HOUSEKEEPING = ("backup_every_steps", "steps_per_execution", "log_every_seconds")
+# Pretraining settings that change when the host looks, not what is trained (declared trains=False).
+HOUSEKEEPING = tuple(k.name for k in config.section_knobs(config.PretrainConfig) if not k.trains)
 # Steps timed after the first (compiling) one for the time estimate.
 ESTIMATE_STEPS = 10
 # In the backup folder: the key of the training its backups belong to.
