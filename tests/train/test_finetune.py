@@ -198,3 +198,8 @@ def test_another_runs_bundle_from_the_same_key_and_code_is_copied_and_checked_fi
     assert caplog.text.count("missing or altered (sha256 differs from bundle.json)") == 2
     forced = finetune(cfg, encoder, sst2, vocab, layout.run_dir("forced") / "finetune", earlier_runs=False)
     assert "reused_from" not in forced
+    # The same encoder under another seed (finetune.init_from=champion: the encoder is the champion's)
+    # shuffles and initialises differently: its bundle is another run's to train, not this one's.
+    seeded = from_overrides("smoke", {"finetune.steps_per_epoch": 2, "finetune.epochs": 1, "data.seed": 7})
+    other = finetune(seeded, encoder, sst2, vocab, layout.run_dir("seeded") / "finetune")
+    assert "reused_from" not in other and bundle.metadata(other["bundle"])["config"]["data"]["seed"] == 7

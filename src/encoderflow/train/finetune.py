@@ -84,7 +84,10 @@ def finetune(
         "labels": labeled.get("labels"),
         "columns": labeled.get("columns"),
         "vocab": layout.sha256_file(vocab_path),
-        "seq": cfg.data.seq_length,
+        # Fine-tuning's own use of them: from the champion's encoder (finetune.init_from), nothing
+        # else in the key would tell a bundle trained under another seed or tokenizer apart.
+        "data": {k: getattr(cfg.data, k) for k in ("seq_length", "seed", "lowercase", "strip_accents")},
+        "precision": cfg.pretrain.precision,
         "init": layout.sha256_file(init_classifier) if init_classifier else None,
     }
     key = layout.sha256_json(keyed)
