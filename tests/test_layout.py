@@ -153,7 +153,7 @@ def _earlier_run(run: str, key: str, artifact: bytes, code: str | None = None, a
     return out
 
 
-def test_adopt_earlier_copies_the_newest_sound_result_of_the_same_key_and_code(caplog):
+def test_adopt_earlier_links_the_newest_sound_result_of_the_same_key_and_code(caplog):
     def altered(file: Path, result: dict) -> str | None:
         return None if file.read_bytes().startswith(b"good") else "its sha256 differs"
 
@@ -182,7 +182,7 @@ def test_adopt_earlier_copies_the_newest_sound_result_of_the_same_key_and_code(c
     assert layout.adopt_earlier("pretrain", "k3", mine, "encoder", altered) is None
 
 
-def test_adopt_earlier_copies_a_folder_artifact_whole():
+def test_adopt_earlier_links_a_folder_artifact_whole():
     src = layout.run_dir("old") / "finetune"
     (src / "bundle" / "sub").mkdir(parents=True)
     (src / "bundle" / "bundle.json").write_text("{}")
@@ -193,6 +193,31 @@ def test_adopt_earlier_copies_a_folder_artifact_whole():
     assert adopted["bundle"] == str(mine / "bundle")
     assert (mine / "bundle" / "sub" / "weights").read_bytes() == b"w"
     assert sorted(p.name for p in mine.iterdir()) == ["bundle", "result.json"]
+    # Linked, not copied: no second copy on disk, and the adopting run stands alone once the old one goes.
+    assert os.path.samefile(mine / "bundle" / "sub" / "weights", src / "bundle" / "sub" / "weights")
+    import shutil
+
+    shutil.rmtree(layout.run_dir("old"))
+    assert (mine / "bundle" / "sub" / "weights").read_bytes() == b"w"
+
+
+def test_share_identical_keeps_one_copy_of_what_every_run_writes_alike(tmp_path):
+    runs = []
+    for run, extra in (("a", b"only in a"), ("b", b"only in b")):
+        static = tmp_path / run / "static"
+        (static / "js").mkdir(parents=True)
+        (static / "js" / "lib.js").write_bytes(b"x" * 5000)
+        (static / "own.css").write_bytes(extra)
+        runs.append(static)
+    assert layout.share_identical(runs[0]) == 0  # the first of each content is the one stored
+    assert layout.share_identical(runs[1]) == 5000
+    assert os.path.samefile(runs[0] / "js" / "lib.js", runs[1] / "js" / "lib.js")
+    assert not os.path.samefile(runs[0] / "own.css", runs[1] / "own.css")
+    assert (runs[1] / "own.css").read_bytes() == b"only in b" and (
+        runs[1] / "js" / "lib.js"
+    ).read_bytes() == b"x" * 5000
+    assert layout.share_identical(runs[1]) == 0  # again: nothing left to share
+    assert sorted(p.name for p in runs[1].iterdir()) == ["js", "own.css"]  # no temp left behind
 
 
 def test_finished_reuses_its_own_result_only_while_its_artifact_is_sound(caplog):

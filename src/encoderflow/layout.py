@@ -202,6 +202,50 @@ def code_hash() -> str:
     return h.hexdigest()
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """``dst`` as a hard link to ``src``, or a copy where the filesystem cannot link (another device).
+
+    For artifacts, which are only ever replaced whole (written to a temp name, then renamed), never
+    rewritten in place: a link is then as independent as a copy (deleting one run folder leaves the
+    other's file) at no disk cost. A file altered in place anyway is caught by the sha256 checks
+    every consumer makes.
+    """
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def share_identical(folder: str | os.PathLike) -> int:
+    """Make each file under ``folder`` a hard link to one content-addressed copy under
+    ``ENCODERFLOW_HOME/cache/files``: files every run writes alike (the Data Docs' 4 MB of scripts,
+    styles and fonts per dataset) then take their space once, not once per run. Where the
+    filesystem cannot link, a file stays as it is. Returns the bytes no longer stored twice.
+    """
+    store = home() / "cache" / "files"
+    store.mkdir(parents=True, exist_ok=True)
+    saved = 0
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink()):
+        shared = store / sha256_file(path)
+        try:
+            os.link(path, shared)  # the first of its content: the store keeps this one
+            continue
+        except FileExistsError:
+            pass
+        except OSError:
+            continue
+        if os.path.samefile(path, shared):
+            continue
+        try:
+            with atomic_path(path) as tmp:
+                tmp.unlink()
+                os.link(shared, tmp)
+        except OSError:  # e.g. the filesystem's limit of links to one file: this one keeps its own copy
+            continue
+        saved += path.stat().st_size
+    return saved
+
+
 def adopt_earlier(
     stage: str, key: str, out_dir: str | os.PathLike, field: str, problem: Callable[[Path, dict[str, Any]], str | None]
 ) -> dict[str, Any] | None:
@@ -210,10 +254,11 @@ def adopt_earlier(
     Training is a function of its key (inputs, config, seed) and the code: another run folder's
     ``<stage>/result.json`` with both equal holds the model this run would train again, hours on
     the guide preset. The newest such result whose artifact (``result[field]``, a file or a folder)
-    ``problem`` finds nothing wrong with is copied (so this run's folder stands alone when older
-    runs are deleted), and its result written to ``out_dir/result.json`` with the copy's path and
-    ``reused_from``: the result of the run that trained it (a copy's own source when copying a
-    copy). Results written before they recorded ``code_hash`` are never adopted.
+    ``problem`` finds nothing wrong with is linked in (:func:`link_or_copy`: this run's folder stands
+    alone when older runs are deleted, at no disk cost), and its result written to
+    ``out_dir/result.json`` with the copy's path and ``reused_from``: the result of the run that
+    trained it (a copy's own source when copying a copy). Results written before they recorded
+    ``code_hash`` are never adopted.
 
     Args:
         stage: the result's folder name in a run folder (``pretrain``, ``finetune``).
@@ -243,10 +288,11 @@ def adopt_earlier(
         dst = out_dir / src.name
         if src.is_dir():
             with atomic_dir(dst) as tmp:
-                shutil.copytree(src, tmp, dirs_exist_ok=True)
+                shutil.copytree(src, tmp, copy_function=link_or_copy, dirs_exist_ok=True)
         else:
             with atomic_path(dst, suffix=src.suffix) as tmp:
-                shutil.copyfile(src, tmp)
+                tmp.unlink(missing_ok=True)
+                link_or_copy(src, tmp)
         # The run that trained it, not a run that copied it in turn: its timings are that run's.
         adopted = {**result, field: str(dst), "reused_from": result.get("reused_from") or str(path)}
         write_json(out_dir / "result.json", adopted)
@@ -280,7 +326,7 @@ def finished(
         log.warning("%s: not reusing this run's %s: %s; training it again", stage, own, why)
     if earlier_runs and (done := adopt_earlier(stage, key, out_dir, field, problem)) is not None:
         log.info(
-            "%s: reusing the %s run %s trained from the same %s and code (key %s): copied to %s; "
+            "%s: reusing the %s run %s trained from the same %s and code (key %s): linked to %s; "
             "set force to train again",
             stage,
             field,

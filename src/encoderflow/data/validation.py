@@ -499,6 +499,7 @@ def validate_dataset(
             "failed": len(file_failures),
         }
     ctx.build_data_docs(site_names=["encoderflow"])
+    layout.share_identical(docs_dir / "static")
     docs_index = docs_dir / "index.html"
     report = {
         "dataset": dataset,
