@@ -759,6 +759,8 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
     if reg.get("version") or reg.get("run_id"):
         model = reg.get("registered_model") or DEFAULT_MODEL
         head = f"{_e(model)} v{_e(reg['version'])}" if reg.get("version") else "<span class='muted'>no version</span>"
+        if reg.get("version") and reg.get("registered_by"):  # a candidate that version held already
+            head += f" <span class='muted'>(this model, registered by {_e(reg['registered_by'])})</span>"
         cells.append("<br>".join([head, *_mlflow_links(mlflow_url, model, reg.get("version"), reg.get("run_id"))]))
     else:
         cells.append("<span class='muted'>not registered</span>")

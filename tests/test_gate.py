@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from encoderflow.config import GateConfig
-from encoderflow.gate import Interval, Intervals, bootstrap, correctness_from_text, correctness_text, decide
+from encoderflow.gate import (
+    Interval,
+    Intervals,
+    bootstrap,
+    correctness_from_text,
+    correctness_text,
+    decide,
+    model_check,
+)
 
 NAN = float("nan")
 G = GateConfig(min_accuracy=0.80, min_gain_over_baseline=0.02, max_regression=0.01)
@@ -292,3 +300,23 @@ def test_correctness_text_round_trips():
     np.testing.assert_array_equal(correctness_from_text(text), correct)
     with pytest.raises(ValueError, match="string of 0 and 1"):
         correctness_from_text("01x")
+
+
+def test_the_model_check_refuses_the_champions_own_model_and_a_demoted_one():
+    rollback = {"at": "2026-12-06T16:00:00+00:00", "action": "rollback", "who": "alice", "reason": "bad", "to": "1"}
+    new = model_check([], "3")
+    assert new.passed and new.detail == "a model not registered before"
+    own = model_check([{"version": "3", "demoted": None}], "3")
+    assert not own.passed and own.detail == "the champion v3's own model: nothing new to promote"
+    demoted = model_check([{"version": "2", "demoted": rollback}], "1")
+    assert not demoted.passed
+    assert demoted.detail == (
+        "the model of v2, which alice moved the champion off (rollback to v1, 2026-12-06: 'bad'); "
+        "only a person brings it back: encoderflow promote --version 2"
+    )
+    again = model_check([{"version": "2", "demoted": None}, {"version": "4", "demoted": None}], "5")
+    assert again.passed and again.detail == "the model of v2, v4, which no one demoted"
+    # Added to the decision as given: one failing check is enough to refuse a blessing.
+    decision = decide(0.9, 0.8, 0.85, GateConfig(), champion_version="1", model=demoted)
+    assert not decision.blessed and decision.reasons == [f"model: {demoted.detail}"]
+    assert decide(0.9, 0.8, 0.85, GateConfig(), champion_version="1", model=new).blessed

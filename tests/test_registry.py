@@ -110,6 +110,38 @@ def test_candidates_aliases_history_and_rollback(tmp_path, capsys):
     assert (served / "classifier.keras").read_text() == "clf-3"
 
 
+def test_a_person_moving_the_champion_off_a_model_demotes_it_until_a_person_brings_it_back(tmp_path):
+    """The gate (gate.model_check) must not make a rolled-back model champion again on the next
+    scheduled run: the version keeps who moved the champion off it, and why."""
+    from encoderflow import gate
+
+    v1, v2 = _register(tmp_path, "1"), _register(tmp_path, "2")
+    registry.move_champion(NAME, v1, expected=None, reason="first", who="airflow")
+    registry.move_champion(NAME, v2, expected=v1, reason="gate blessed run-2", who="airflow")
+    models = {v: bundle.identity(tmp_path / f"b{v}") for v in (v1, v2)}
+    assert registry.versions_of_model(NAME, models[v2]) == [{"version": v2, "demoted": None}]
+    assert gate.model_check(registry.versions_of_model(NAME, models[v2]), v2).passed is False  # the champion's own
+
+    registry.rollback(NAME, "v2 misbehaves", who="alice")
+    [held] = registry.versions_of_model(NAME, models[v2])
+    assert (held["demoted"]["who"], held["demoted"]["action"], held["demoted"]["to"]) == ("alice", "rollback", v1)
+    check = gate.model_check([held], v1)
+    assert not check.passed
+    assert check.detail.startswith(f"the model of v{v2}, which alice moved the champion off (rollback to v{v1}, ")
+    assert check.detail.endswith(f"'v2 misbehaves'); only a person brings it back: encoderflow promote --version {v2}")
+    assert registry.versions_of_model(NAME, models[v1]) == [{"version": v1, "demoted": None}]
+
+    # A person brings v2 back: it is no longer demoted, and the v1 they moved off is.
+    registry.promote(NAME, v2, "fixed in serving", who="bob")
+    assert registry.versions_of_model(NAME, models[v2]) == [{"version": v2, "demoted": None}]
+    [old] = registry.versions_of_model(NAME, models[v1])
+    assert (old["demoted"]["who"], old["demoted"]["action"], old["demoted"]["from"]) == ("bob", "promote", v1)
+    # The gate's own blessings demote nothing: a model it replaced may win again on new data.
+    v3 = _register(tmp_path, "3")
+    registry.move_champion(NAME, v3, expected=v2, reason="gate blessed run-3", who="airflow")
+    assert gate.model_check(registry.versions_of_model(NAME, models[v2]), v3).passed
+
+
 def test_rollbacks_walk_back_through_the_versions_each_champion_replaced(tmp_path, capsys):
     """Rollback used to swap champion and previous: rolling back twice served the rejected version again."""
     versions = [_register(tmp_path, t) for t in "1234"]
@@ -414,6 +446,55 @@ def test_a_candidate_retrained_within_the_same_airflow_run_gets_a_version_of_its
     )
     assert again["version"] == retrained["version"]
     assert registry.registered_for_run(NAME, "run-1", dag_id=None, bundle_sha256=tags[first])["version"] == first
+
+
+def test_a_candidate_that_is_a_registered_model_already_gets_no_second_version(tmp_path, caplog):
+    """A scheduled run that reuses an earlier run's rejected candidate would register a byte-identical
+    version (and upload its bundle) on every run: the version holding the model is its version."""
+    first = _register(tmp_path, "1")
+    decision = {"blessed": False, "reasons": ["floor: 0.4 < 0.5"], "checks": []}
+    tags = {"airflow.run_id": "run-again", "airflow.dag_id": "encoder_pretraining"}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="encoderflow.registry"):
+        again = registry.log_candidate(
+            NAME, _bundle(tmp_path / "again", "1"), {}, {"val_accuracy": 0.4}, {}, tags, decision
+        )
+    assert again["version"] == first
+    c = registry.client()
+    assert [str(v.version) for v in c.search_model_versions(f"name='{NAME}'")] == [first]
+    assert f"this candidate is {NAME} v{first}'s model" in caplog.text and "run-1" in caplog.text
+    # Its MLflow run holds this run's record, not a second copy of the bundle.
+    run = c.get_run(again["run_id"])
+    assert run.data.tags["registry.version"] == first and run.data.metrics["val_accuracy"] == 0.4
+    assert sorted(a.path for a in c.list_artifacts(again["run_id"])) == ["gate.json"]
+    # A retry of that promote, and a cleared gate's lookup, find it, and still add nothing.
+    assert registry.log_candidate(NAME, _bundle(tmp_path / "retry", "1"), {}, {}, {}, tags, decision) == again
+    identity = bundle.identity(tmp_path / "again")
+    assert registry.registered_for_run(NAME, "run-again", bundle_sha256=identity)["version"] == first
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    assert len(c.search_runs(experiments, filter_string="tags.`airflow.run_id` = 'run-again'")) == 1
+    assert len(c.search_model_versions(f"name='{NAME}'")) == 1
+    # Held by two versions (registered before the tag was read, say): the champion's is the one.
+    held = c.get_model_version(NAME, first)
+    second = c.create_model_version(NAME, source=held.source, run_id=held.run_id, tags={"bundle.sha256": identity})
+    registry.move_champion(NAME, first, expected=None, reason="first", who="airflow")
+    later = {"airflow.run_id": "run-later", "airflow.dag_id": "encoder_pretraining"}
+    assert (
+        registry.log_candidate(NAME, _bundle(tmp_path / "later", "1"), {}, {}, {}, later, decision)["version"] == first
+    )
+    registry.move_champion(NAME, str(second.version), expected=first, reason="x", who="airflow")
+    latest = {"airflow.run_id": "run-latest", "airflow.dag_id": "encoder_pretraining"}
+    got = registry.log_candidate(NAME, _bundle(tmp_path / "latest", "1"), {}, {}, {}, latest, decision)
+    assert got["version"] == str(second.version)
+
+
+def test_runs_fetching_the_champion_store_its_files_once(tmp_path):
+    version = _register(tmp_path, "1")
+    a = registry.fetch_verified(NAME, version, tmp_path / "run-a" / "champion")
+    b = registry.fetch_verified(NAME, version, tmp_path / "run-b" / "champion")
+    for name in ("classifier.keras", "encoder.keras", "vocab.txt", "bundle.json"):
+        assert os.path.samefile(a / name, b / name)
+    assert (b / "classifier.keras").read_text() == "clf-1" and bundle.damage(b) is None
 
 
 def test_a_retry_after_registering_failed_reuses_the_finished_mlflow_run(tmp_path, monkeypatch):

@@ -227,7 +227,7 @@ def test_a_cleared_gate_keeps_the_decision_its_registered_candidate_was_register
 
     run, name = "manual__gated", "encoderflow-sst2"
     candidate = fake_bundle(tmp_path / "bundle", "1")  # no Keras inside: scoring it would fail
-    sha = layout.sha256_file(candidate / "bundle.json")
+    sha = bundle.identity(candidate)
     decision = {"blessed": True, "reasons": [], "checks": [], "candidate": 0.9, "champion": None}
     gate_json = layout.write_json(layout.run_dir(run) / "gate.json", {**decision, "candidate_bundle_sha256": sha})
     assert steps._decided(gate_json, sha, name, run) is None  # not registered yet: gate it

@@ -82,8 +82,8 @@ def write(
     # Under the folder's writer lock; what a killed writer left (.bundle-*) is swept as this one starts.
     with layout.temp_dir(path.parent, f".{path.name}-") as tmp:
         _without_training_state(classifier).save(tmp / CLASSIFIER)
-        shutil.copyfile(encoder_path, tmp / ENCODER)
-        shutil.copyfile(vocab_path, tmp / VOCAB)
+        layout.link_or_copy(encoder_path, tmp / ENCODER)  # one encoder on disk per run, not two
+        layout.link_or_copy(vocab_path, tmp / VOCAB)
         vocab = Vocab.load(vocab_path)
         seal(
             tmp,
@@ -135,13 +135,21 @@ def metadata(path: str | os.PathLike) -> dict[str, Any]:
     return layout.read_json(meta_path)
 
 
+# bundle.json fields that record how a model was made, not what it is: a bundle reused under another
+# config, or the same weights trained again, is the same model.
+_HISTORY_FIELDS = ("config", "val_accuracy")
+
+
 def identity(path: str | os.PathLike) -> str:
-    """The bundle's identity: the sha256 of its ``bundle.json``, which lists every file's sha256.
+    """The model's identity: a sha256 over ``bundle.json`` less its config and accuracy, i.e. each
+    file's sha256, the tokenizer settings and the labels.
 
     The gate records it in ``gate.json`` and the registry on the model version (``bundle.sha256``), so
-    a decision and a version are matched to the very model they were made for.
+    a decision and a version are matched to the very model they were made for, and a candidate that
+    is a registered model again is known as such.
     """
-    return layout.sha256_file(Path(path) / META)
+    meta = metadata(path)
+    return layout.sha256_json({k: v for k, v in meta.items() if k not in _HISTORY_FIELDS})
 
 
 def labels_of(meta: dict[str, Any]) -> list[str]:

@@ -121,6 +121,8 @@ def print_summary(
 ) -> None:
     """The run's task states, metrics, gate and artifacts; a failed run's ends with the first failure's
     cause, its fix and its task's log."""
+    from encoderflow.steps import registered_text
+
     print("\n" + "=" * 72)
     print(f"encoderflow run {run_id}: {state.upper()} in {seconds:.0f}s")
     print("-" * 72)
@@ -149,7 +151,7 @@ def print_summary(
         for reason in s["gate"]["reasons"]:
             print(f"    - {reason}")
         r = s["registry"]
-        print(f"  registry: {r['registered_model']} v{r['version']} registered; champion is v{r['champion_version']}")
+        print(f"  registry: {registered_text(r)}; champion is v{r['champion_version']}")
         print(f"  tracking: {r['tracking_uri']}")
         print("-" * 72)
         for k, v in s["artifacts"].items():

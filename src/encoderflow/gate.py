@@ -11,6 +11,9 @@ Checks, all of which must pass for a blessing:
     significance  only with ``gate.require_significant_gain``: the lower bound of the 95% paired
                   bootstrap interval of candidate - champion is strictly above -max_regression;
                   passes when there is no champion yet
+    model         (when the registry was asked) the candidate is neither the champion's own model
+                  (nothing to promote) nor the model of a version a person moved the champion off
+                  (a rollback, a promote by hand): only a person brings that one back
 
 A missing or NaN value on either side of a comparison fails that check: it is never blessed.
 Comparisons allow 1e-6 for float rounding, so a value exactly on its threshold passes, except in
@@ -289,6 +292,7 @@ def decide(
     champion_version: str | None = None,
     intervals: Intervals | None = None,
     majority: float | None = None,
+    model: Check | None = None,
 ) -> Decision:
     """Bless or not, with every check and its numbers.
 
@@ -303,6 +307,7 @@ def decide(
             when there is a champion).
         majority: the dev split's share of its most common label, what always answering that
             label scores; adds the ``majority`` check, which the candidate must beat (strictly).
+        model: :func:`model_check` of the candidate against the registry, added as it is.
     """
     checks: list[Check] = []
     ok = _finite(candidate)
@@ -394,9 +399,41 @@ def decide(
         )
     if gate.require_significant_gain:
         checks.append(_significance(champion, champion_version, intervals, gate))
+    if model is not None:
+        checks.append(model)
     return Decision(
         all(c.passed for c in checks), tuple(checks), candidate, baseline, champion, champion_version, intervals
     )
+
+
+def model_check(versions: Sequence[dict[str, Any]], champion_version: str | None) -> Check:
+    """The ``model`` check: may the gate make this model champion, given the registered versions
+    that hold it already (``registry.versions_of_model``: each ``version`` and the person's
+    ``demoted`` move off it, or None)?
+
+    A candidate reused from an earlier run (its inputs changed only in what it does not depend on),
+    or trained again to the same files, is that earlier model: blessing it again would make the
+    champion a copy of itself, or undo a person's rollback on the next scheduled run.
+    """
+    same = [str(v["version"]) for v in versions]
+    if champion_version is not None and str(champion_version) in same:
+        return Check(
+            "model", False, None, None, f"the champion v{champion_version}'s own model: nothing new to promote"
+        )
+    for v in reversed(versions):
+        if (move := v.get("demoted")) is not None:
+            return Check(
+                "model",
+                False,
+                None,
+                None,
+                f"the model of v{v['version']}, which {move['who']} moved the champion off "
+                f"({move['action']} to v{move['to']}, {str(move['at'])[:10]}: {move['reason']!r}); "
+                f"only a person brings it back: encoderflow promote --version {v['version']}",
+            )
+    if same:
+        return Check("model", True, None, None, f"the model of v{', v'.join(same)}, which no one demoted")
+    return Check("model", True, None, None, "a model not registered before")
 
 
 def _significance(

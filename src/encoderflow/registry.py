@@ -32,6 +32,12 @@ CHAMPION, PREVIOUS = "champion", "previous"
 # On a candidate's MLflow run and model version: the bundle they hold (bundle.identity), so a retry
 # reuses a version only for the model it was registered for.
 BUNDLE_TAG = "bundle.sha256"
+# On a version a person moved the champion off (rollback, promote by hand): that move, so the gate
+# never makes the same model champion again by itself (gate.model_check). Cleared when a person
+# makes the version champion again.
+DEMOTED = "champion.demoted"
+# On the MLflow run of a candidate that was a registered model already: the version holding it.
+REGISTERED_AS = "registry.version"
 
 
 class StaleChampion(EncoderflowError):
@@ -209,10 +215,13 @@ def download_version(name: str, version: str, dst: str | os.PathLike) -> Path:
 
 def fetch_verified(name: str, version: str, dst: str | os.PathLike) -> Path:
     """Version ``version`` of ``name`` at ``dst``: the copy already there when it still verifies
-    (``bundle.verify``), else downloaded (:func:`download_version`)."""
+    (``bundle.verify``), else downloaded (:func:`download_version`), its files then stored once for
+    every run that fetches them (:func:`encoderflow.layout.share_identical`)."""
     if bundle.damage(dst) is None:
         return Path(dst)
-    return download_version(name, version, dst)
+    fetched = download_version(name, version, dst)
+    layout.share_identical(fetched)
+    return fetched
 
 
 def _flatten(prefix: str, payload: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -234,7 +243,13 @@ def log_candidate(
     decision: dict[str, Any],
     extra_artifacts: list[str | os.PathLike] = (),
 ) -> dict[str, Any]:
-    """One MLflow run with params, metrics, curves and the bundle; a model version with tags."""
+    """One MLflow run with params, metrics, curves and the bundle; a model version with tags.
+
+    A candidate that is a registered model already (:func:`encoderflow.bundle.identity` equal: a
+    result reused from an earlier run, or the same files trained again) gets no second version: its
+    MLflow run records this run's metrics and decision, tagged with the version that holds the model
+    (``registry.version``), without uploading the bundle again, and that version is returned.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -258,6 +273,9 @@ def log_candidate(
             earlier.tags.get(BUNDLE_TAG, "?")[:12],
             tags[BUNDLE_TAG][:12],
         )
+    holder = _holding(c, name, tags[BUNDLE_TAG])
+    if holder is not None:
+        tags = {**tags, REGISTERED_AS: str(holder.version)}
     exp_id = _experiment_id(c)
     _close_orphans(c, exp_id, tags)
     if (finished := _finished_unregistered(c, exp_id, tags)) is not None:
@@ -277,12 +295,24 @@ def log_candidate(
                 for metric, values in hist.items():
                     for step, value in enumerate(values):
                         mlflow.log_metric(f"{stage}.{metric}", float(value), step=step)
-            mlflow.log_artifacts(str(bundle_dir), artifact_path="bundle")
+            if holder is None:
+                mlflow.log_artifacts(str(bundle_dir), artifact_path="bundle")
             mlflow.log_dict(decision, "gate.json")
             for extra in extra_artifacts:
                 mlflow.log_artifact(str(extra))
             source = f"{run.info.artifact_uri}/bundle"
             run_id = run.info.run_id
+    if holder is not None:
+        log.info(
+            "registry: this candidate is %s v%s's model (same files and tokenizer, bundle sha256 %s), registered "
+            "by %s: no second version; MLflow run %s records this run's metrics and decision",
+            name,
+            holder.version,
+            tags[BUNDLE_TAG][:12],
+            holder.tags.get("airflow.run_id") or "an earlier run",
+            run_id,
+        )
+        return _described(holder, run_id, earlier=True)
     try:
         c.create_registered_model(name, description="encoderflow SST-2 classifier and its pretrained encoder")
     except MlflowException as exc:
@@ -291,15 +321,11 @@ def log_candidate(
     version_tags = {**tags, **decision_tags(decision)}
     mv = c.create_model_version(name, source=source, run_id=run_id, tags=version_tags)
     log.info("registry: %s version %s registered from run %s (%s)", name, mv.version, run_id, tracking_uri())
-    return {"run_id": run_id, "version": str(mv.version), "source": source, "tracking_uri": tracking_uri()}
+    return _described(mv, run_id)
 
 
 def _earlier_tries(c, exp_id: str, tags: dict[str, str], status: str) -> list:
-    """The MLflow runs earlier tries of this Airflow run (same dag and run id) left in ``status``, newest first.
-
-    Only called once ``_registered_for`` found no version of this bundle for the Airflow run, so none
-    of them for this bundle has one (a FINISHED one for an earlier candidate may).
-    """
+    """The MLflow runs earlier tries of this Airflow run (same dag and run id) left in ``status``, newest first."""
     run = tags.get("airflow.run_id")
     if not run:
         return []
@@ -373,17 +399,35 @@ def _same_bundle(theirs: dict[str, str], tags: dict[str, str]) -> bool:
 
 
 def _registered_for(c, name: str, tags: dict[str, str]) -> dict[str, Any] | None:
-    """The version an earlier try of the same Airflow run registered for the same bundle, so a retry
-    adds none. A candidate trained again since (a cleared ``finetune``) is another model: no match."""
+    """The version an earlier try of the same Airflow run registered for the same bundle, or found
+    holding it (``registry.version`` on its MLflow run), so a retry adds none. A candidate trained
+    again since (a cleared ``finetune``) is another model: no match."""
     for mv in _versions_of_run(c, name, tags):
         if _same_bundle(mv.tags, tags):
-            return {
-                "run_id": mv.run_id,
-                "version": str(mv.version),
-                "source": mv.source,
-                "tracking_uri": tracking_uri(),
-            }
+            return _described(mv, mv.run_id)
+    exp = c.get_experiment_by_name(EXPERIMENT) if tags.get("airflow.run_id") else None
+    for run in _earlier_tries(c, exp.experiment_id, tags, "FINISHED") if exp is not None else ():
+        if REGISTERED_AS in run.data.tags and _same_bundle(run.data.tags, tags):
+            holder = c.get_model_version(name, run.data.tags[REGISTERED_AS])
+            return _described(holder, run.info.run_id, earlier=True)
     return None
+
+
+def _holding(c, name: str, identity: str):
+    """The registered version holding the model ``identity`` names: the champion if it does, else the
+    newest; None when none does (or the model is not registered yet)."""
+    holders = [mv for mv in c.search_model_versions(f"name='{name}'") if mv.tags.get(BUNDLE_TAG) == identity]
+    if not holders:
+        return None
+    current = champion(name)  # a search's versions carry no aliases
+    return max(holders, key=lambda mv: (current is not None and str(mv.version) == current["version"], int(mv.version)))
+
+
+def _described(mv, run_id: str, earlier: bool = False) -> dict[str, Any]:
+    """What :func:`log_candidate` returns for version ``mv``, this Airflow run's MLflow run being
+    ``run_id``; ``earlier``: ``mv`` was registered by another run (``registered_by`` names it)."""
+    out = {"run_id": run_id, "version": str(mv.version), "source": mv.source, "tracking_uri": tracking_uri()}
+    return {**out, "registered_by": mv.tags.get("airflow.run_id") or "an earlier run"} if earlier else out
 
 
 def decision_tags(decision: dict[str, Any]) -> dict[str, str]:
@@ -546,12 +590,42 @@ def history(name: str) -> list[dict[str, Any]]:
     return json.loads(tags.get("champion.history", "[]"))
 
 
+def versions_of_model(name: str, identity: str) -> list[dict[str, Any]]:
+    """The versions of ``name`` that hold the model ``identity`` names (:func:`encoderflow.bundle.identity`,
+    their ``bundle.sha256`` tag), oldest first: each ``version``, and ``demoted``, the move a person
+    made off it (``champion.demoted``), or None. Versions registered before the tag was are not known."""
+    if _no_store():
+        return []
+    found = client().search_model_versions(f"name='{name}'")
+    return [
+        {"version": str(mv.version), "demoted": json.loads(mv.tags[DEMOTED]) if DEMOTED in mv.tags else None}
+        for mv in sorted(found, key=lambda mv: int(mv.version))
+        if mv.tags.get(BUNDLE_TAG) == identity
+    ]
+
+
+def _by_a_person(name: str, move: dict[str, Any]) -> None:
+    """A person moved the champion: the version they moved it off is demoted (the gate will not bring
+    its model back), and the one they chose is not."""
+    c = client()
+    if move.get("from") and move["from"] != move["to"]:
+        c.set_model_version_tag(name, move["from"], DEMOTED, json.dumps({k: move.get(k) for k in _MOVE_FIELDS}))
+    if DEMOTED in c.get_model_version(name, move["to"]).tags:
+        c.delete_model_version_tag(name, move["to"], DEMOTED)
+
+
+_MOVE_FIELDS = ("at", "action", "who", "reason", "from", "to")
+
+
 def promote(name: str, version: str, reason: str, who: str | None = None) -> dict[str, Any]:
-    """A person's explicit promotion of ``version`` (no gate), recorded with who and why."""
+    """A person's explicit promotion of ``version`` (no gate), recorded with who and why; the version
+    it replaces is demoted (:data:`DEMOTED`)."""
     if not reason.strip():
         raise EncoderflowError("promote: give a --reason; it is recorded with the move")
     current = champion(name)
-    return move_champion(name, str(version), current["version"] if current else None, reason, who, action="promote")
+    move = move_champion(name, str(version), current["version"] if current else None, reason, who, action="promote")
+    _by_a_person(name, move)
+    return move
 
 
 def rollback(name: str, reason: str, who: str | None = None) -> dict[str, Any]:
@@ -590,6 +664,8 @@ def rollback(name: str, reason: str, who: str | None = None) -> dict[str, Any]:
             prev.version,
             target,
         )
-    return move_champion(
+    move = move_champion(
         name, target, current["version"] if current else None, reason or "rollback", who, action="rollback"
     )
+    _by_a_person(name, move)
+    return move

@@ -386,6 +386,9 @@ def evaluate_and_gate(
         champion_version=current["version"] if current else None,
         intervals=intervals,
         majority=float(np.bincount(labels).max() / len(labels)),
+        model=gate.model_check(
+            registry.versions_of_model(cfg.gate.registered_model, candidate), current["version"] if current else None
+        ),
     )
     for line in decision.table().splitlines():
         log.info("%s", line)
@@ -530,8 +533,8 @@ def promote(
 
 
 def lineage_tags(cfg, inputs: Mapping[str, Dataset]) -> dict[str, str]:
-    """What a model is a function of: each dataset's content hash, the config's training hash (the gate's
-    settings aside: they decide promotion, not the model) and the code's hash.
+    """What a model is a function of: each dataset's content hash, the config's training hash
+    (:meth:`~encoderflow.config.Config.training_hash`) and the code's hash.
 
     Recorded on every model version; a run whose lineage equals the champion's would train the same
     model again (same seed, same shards), so :func:`check_lineage` skips it."""
@@ -615,8 +618,9 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
     }
     path = layout.write_json(layout.run_dir(run_id) / "summary.json", summary)
     log.info(
-        "check_lineage: %s (data, code and config hashes equal, gate.* aside: gate settings decide promotion, "
-        "not the model); training skipped, set force to train anyway; "
+        "check_lineage: %s (data, code and config hashes equal, gate.*, baseline.* and the settings outside "
+        "the model's lineage aside: they decide promotion or housekeeping, not the model); training skipped, set "
+        "force to train anyway; "
         "summary %s",
         message,
         path,
@@ -652,7 +656,7 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
         },
         "registry": {
             k: results["promoted"].get(k)
-            for k in ("registered_model", "version", "champion_version", "run_id", "tracking_uri")
+            for k in ("registered_model", "version", "champion_version", "run_id", "tracking_uri", "registered_by")
         },
         "artifacts": {
             "run_dir": str(layout.run_dir(run_id)),
@@ -672,16 +676,23 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
     # The run's outcome in the last task's log, where a reader of the Airflow UI looks for it.
     log.info(
         "report: %s; val_accuracy %s (baseline_val_accuracy %s, champion_val_accuracy %s, mlm_val_accuracy %s); "
-        "%s v%s registered, champion %s",
+        "%s, champion %s",
         "BLESSED" if summary["gate"]["blessed"] else "NOT BLESSED: " + "; ".join(summary["gate"]["reasons"]),
         *(_fmt_metric(m[k]) for k in ("val_accuracy", "baseline_val_accuracy", "champion_val_accuracy")),
         _fmt_metric(m["mlm_val_accuracy"]),
-        r["registered_model"],
-        r["version"],
+        registered_text(r),
         f"v{r['champion_version']}" if r["champion_version"] else "none",
     )
     _output("report", "summary", str(path))
     return {"summary": str(path), **summary["metrics"], "blessed": summary["gate"]["blessed"]}
+
+
+def registered_text(registry: Mapping[str, Any]) -> str:
+    """``encoderflow-sst2 v3 registered``, or, for a candidate a version held already, which run registered it."""
+    name, version = registry["registered_model"], registry["version"]
+    if by := registry.get("registered_by"):
+        return f"{name} v{version} (this model, registered by {by})"
+    return f"{name} v{version} registered"
 
 
 def _fmt_metric(value: float | None) -> str:
