@@ -98,8 +98,8 @@ def encoder_pretraining():
     @task.short_circuit(**af.NETWORK, execution_timeout=timedelta(minutes=10))
     @af.expected_failures
     def check_lineage(corpus: dict, labeled: dict, vocab: dict, params=None, run_id=None) -> bool:
-        """Compare this run's data content hashes, config hash (gate settings aside) and code hash with the
-        champion's. Equal: nothing would change, so every later task is skipped and `summary.json` says
+        """Compare this run's data content hashes, config hash (gate, baseline, housekeeping aside) and code
+        hash with the champion's. Equal: nothing would change, so every later task is skipped and `summary.json` says
         "nothing changed since champion vN". The `force` param trains anyway. Labeled data of another
         label set than the champion's fails here: another task, another registered model."""
         return steps.check_lineage({"corpus": corpus, "labeled": labeled, "vocab": vocab}, params, run_id)

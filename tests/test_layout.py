@@ -218,6 +218,15 @@ def test_share_identical_keeps_one_copy_of_what_every_run_writes_alike(tmp_path)
     ).read_bytes() == b"x" * 5000
     assert layout.share_identical(runs[1]) == 0  # again: nothing left to share
     assert sorted(p.name for p in runs[1].iterdir()) == ["js", "own.css"]  # no temp left behind
+    # A stored copy altered in place after all is not linked to: the next sound file replaces it.
+    stored = layout.home() / "cache" / "files" / layout.sha256_file(runs[0] / "own.css")
+    (tmp_path / "c" / "static").mkdir(parents=True)
+    (tmp_path / "c" / "static" / "own.css").write_bytes(b"only in a")
+    with open(runs[0] / "own.css", "wb") as f:  # as a writer that opens an existing file "wb" does
+        f.write(b"half")
+    assert stored.read_bytes() == b"half"
+    assert layout.share_identical(tmp_path / "c" / "static") == 0
+    assert stored.read_bytes() == b"only in a" == (tmp_path / "c" / "static" / "own.css").read_bytes()
 
 
 def test_finished_reuses_its_own_result_only_while_its_artifact_is_sound(caplog):

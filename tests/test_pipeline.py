@@ -302,8 +302,14 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     assert f"pretrain: reusing the encoder run {folder2} trained from" in logs5["pretrain"]
     assert f"finetune: reusing the bundle run {folder2} trained from" in logs5["finetune"]
     assert "steps/epoch" not in logs5["pretrain"] and "finetune: device" not in logs5["finetune"]
-    v5 = client.get_model_version(MODEL, summary5["registry"]["version"])
-    assert v5.tags["pretrain.reused_from"] == folder2 == v5.tags["finetune.reused_from"]
+    # Run 2's model again: no second version. Run 5's MLflow run records its reuse and decision.
+    assert summary5["registry"]["version"] == summary2["registry"]["version"]
+    assert summary5["registry"]["registered_by"] == run2
+    assert f"v{summary2['registry']['version']} (this model, registered by {run2})" in regate.stdout
+    assert {v.version for v in client.search_model_versions(f"name='{MODEL}'")} == versions
+    tags5 = client.get_run(summary5["registry"]["run_id"]).data.tags
+    assert tags5["pretrain.reused_from"] == folder2 == tags5["finetune.reused_from"]
+    assert tags5["registry.version"] == summary2["registry"]["version"]
 
 
 def test_your_own_corpus_and_labels_through_airflow(tmp_path, encoderflow_home, caplog):

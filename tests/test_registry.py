@@ -142,6 +142,28 @@ def test_a_person_moving_the_champion_off_a_model_demotes_it_until_a_person_brin
     assert gate.model_check(registry.versions_of_model(NAME, models[v2]), v3).passed
 
 
+def test_a_rollback_that_dies_before_the_alias_moves_has_demoted_already_and_its_retry_finishes(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    v1, v2 = _register(tmp_path, "1"), _register(tmp_path, "2")
+    registry.move_champion(NAME, v1, expected=None, reason="first", who="airflow")
+    registry.move_champion(NAME, v2, expected=v1, reason="gate blessed", who="airflow")
+    real = MlflowClient.set_registered_model_alias
+
+    def down(self, name, alias, version):
+        raise ConnectionError("registry unreachable")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", down)
+    with pytest.raises(ConnectionError):
+        registry.rollback(NAME, "v2 misbehaves", who="alice")
+    assert _aliases()["champion"] == v2  # nothing moved, but the person's verdict on v2 is kept
+    assert registry.versions_of_model(NAME, bundle.identity(tmp_path / f"b{v2}"))[0]["demoted"]["who"] == "alice"
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
+    registry.rollback(NAME, "v2 misbehaves", who="alice")
+    assert _aliases()["champion"] == v1
+    assert registry.versions_of_model(NAME, bundle.identity(tmp_path / f"b{v2}"))[0]["demoted"]["to"] == v1
+
+
 def test_rollbacks_walk_back_through_the_versions_each_champion_replaced(tmp_path, capsys):
     """Rollback used to swap champion and previous: rolling back twice served the rejected version again."""
     versions = [_register(tmp_path, t) for t in "1234"]
@@ -486,6 +508,33 @@ def test_a_candidate_that_is_a_registered_model_already_gets_no_second_version(t
     latest = {"airflow.run_id": "run-latest", "airflow.dag_id": "encoder_pretraining"}
     got = registry.log_candidate(NAME, _bundle(tmp_path / "latest", "1"), {}, {}, {}, latest, decision)
     assert got["version"] == str(second.version)
+
+
+def test_two_runs_registering_the_same_model_at_once_make_one_version(tmp_path, monkeypatch):
+    """Both gates saw no version holding the model; the other run's promote registers it while this
+    one uploads: this one finds it under the promotion lock and registers none."""
+    import mlflow
+
+    c = registry.client()
+    candidate = _bundle(tmp_path / "b", "1")
+    real = mlflow.log_artifacts
+    other = {}
+
+    def upload_while_another_registers(*args, **kwargs):
+        real(*args, **kwargs)
+        active = mlflow.active_run().info
+        c.create_registered_model(NAME)
+        tags = {"bundle.sha256": bundle.identity(candidate), "airflow.run_id": "run-other"}
+        other["version"] = str(
+            c.create_model_version(NAME, f"{active.artifact_uri}/bundle", active.run_id, tags=tags).version
+        )
+
+    monkeypatch.setattr(mlflow, "log_artifacts", upload_while_another_registers)
+    decision = {"blessed": True, "reasons": [], "checks": []}
+    got = registry.log_candidate(NAME, candidate, {}, {}, {}, {"airflow.run_id": "run-this"}, decision)
+    assert got["version"] == other["version"] and got["registered_by"] == "run-other"
+    assert [str(v.version) for v in c.search_model_versions(f"name='{NAME}'")] == [other["version"]]
+    assert c.get_run(got["run_id"]).data.tags["registry.version"] == other["version"]
 
 
 def test_runs_fetching_the_champion_store_its_files_once(tmp_path):

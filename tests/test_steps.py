@@ -242,6 +242,24 @@ def test_a_cleared_gate_keeps_the_decision_its_registered_candidate_was_register
     assert steps._decided(gate_json, sha, name, "manual__other") is None
     # The retrained candidate, gated (gate.json is its decision) but not yet registered: v1 holds the
     # first candidate, so its gate must not stand for this one.
-    retrained = bundle.identity(fake_bundle(tmp_path / "retrained", "2"))
+    retrained_bundle = fake_bundle(tmp_path / "retrained", "2")
+    retrained = bundle.identity(retrained_bundle)
     layout.write_json(gate_json, {**decision, "candidate_bundle_sha256": retrained})
     assert steps._decided(gate_json, retrained, name, run) is None
+    # ... and promote, cleared alone after finetune trained again, refuses the first one's decision.
+    with pytest.raises(EncoderflowError, match="the gate decided about another candidate") as refused:
+        steps._decided_for({**decision, "gate_json": str(gate_json)}, str(candidate))
+    assert "clear evaluate_and_gate with its downstream tasks" in refused.value.fix
+    steps._decided_for({**decision, "gate_json": str(gate_json)}, str(retrained_bundle))  # its own: fine
+    # promote failed StaleChampion (another run's v2 became champion after this gate): the fix, clearing
+    # the gate, decides again instead of keeping the stale decision.
+    layout.write_json(gate_json, {**decision, "candidate_bundle_sha256": sha})
+    assert steps._decided(gate_json, sha, name, run) is not None
+    other = registry.log_candidate(
+        name, fake_bundle(tmp_path / "other", "3"), {}, {}, {}, {"airflow.run_id": "manual__other"}, decision
+    )
+    registry.move_champion(name, other["version"], expected=None, reason="other run", who="airflow")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="encoderflow.steps"):
+        assert steps._decided(gate_json, sha, name, run) is None
+    assert f"the champion moved since this decision (vNone, now v{other['version']}): gating again" in caplog.text

@@ -66,8 +66,9 @@ def write(
     Args:
         path: the bundle folder to create.
         classifier: the fine-tuned ``keras.Model``.
-        encoder_path: the pretrained ``encoder.keras`` it started from (copied in).
-        vocab_path: the vocabulary it was tokenized with (copied in).
+        encoder_path: the pretrained ``encoder.keras`` it started from (linked or copied in:
+            :func:`~encoderflow.layout.link_or_copy`).
+        vocab_path: the vocabulary it was tokenized with (likewise).
         cfg: the run's config; its data settings are the tokenizer settings serving uses.
         val_accuracy: dev accuracy, recorded in ``bundle.json``.
         labels: the label set in class-index order (SST-2: ``0``, ``1``), recorded for serving.
@@ -135,8 +136,8 @@ def metadata(path: str | os.PathLike) -> dict[str, Any]:
     return layout.read_json(meta_path)
 
 
-# bundle.json fields that record how a model was made, not what it is: a bundle reused under another
-# config, or the same weights trained again, is the same model.
+# bundle.json fields that record how a model was made, not what it is: a bundle reused by a run of
+# another config is the same model. (Files trained again differ anyway: Keras stamps each with its time.)
 _HISTORY_FIELDS = ("config", "val_accuracy")
 
 

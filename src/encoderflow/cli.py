@@ -135,7 +135,7 @@ def print_summary(
         print("-" * 72)
         print(
             f"  {s['unchanged']['message']}: training skipped "
-            "(data, code and config hashes equal the champion's, gate.* aside)"
+            "(data, code and config hashes equal the champion's; gate.*, baseline.* and housekeeping settings aside)"
         )
         print("  to train anyway: --force (make run: FORCE=1; trigger form: 'Train even if nothing changed')")
         print(f"  summary                          {summary_file}")

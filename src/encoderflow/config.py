@@ -75,9 +75,10 @@ def knob(
         form: the trigger-form section (``MAIN`` or a group name); ``None`` keeps it off the form.
         param: the DAG param's name; default ``<section>_<name>``.
         display: labels for ``choices`` in the form.
-        trains: False for a setting that changes when the host looks or which data is accepted, not
-            the model trained from accepted data: it stays out of :meth:`Config.training_hash`, so a
-            run differing from the champion only there trains nothing.
+        trains: False for a setting that changes only when the host looks (logs, backs up, returns
+            from the device), not what is trained: it stays out of :meth:`Config.training_hash`, so
+            a run differing from the champion only there trains nothing. (Validation thresholds stay
+            in: a run that tightens one validates the data again.)
     """
     meta = {
         "description": description,
@@ -312,22 +313,19 @@ class InputsConfig(_Section):
         form=OWN,
     )
     vocab_size: int = knob(8000, "Size of a trained vocabulary (inputs.vocab=trained).", minimum=64, maximum=200_000)
-    min_rows: int = knob(10, "Fewest rows each labeled split may have.", minimum=1, maximum=2**31 - 1, trains=False)
-    max_rows: int = knob(
-        50_000_000, "Most rows each labeled split may have.", minimum=1, maximum=2**31 - 1, trains=False
-    )
+    min_rows: int = knob(10, "Fewest rows each labeled split may have.", minimum=1, maximum=2**31 - 1)
+    max_rows: int = knob(50_000_000, "Most rows each labeled split may have.", minimum=1, maximum=2**31 - 1)
     min_class_share: float = knob(
-        0.01, "Smallest share any class may have in the labeled train split.", minimum=0.0, maximum=1.0, trains=False
+        0.01, "Smallest share any class may have in the labeled train split.", minimum=0.0, maximum=1.0
     )
     max_class_share: float = knob(
-        0.99, "Largest share any class may have in the labeled train split.", minimum=0.0, maximum=1.0, trains=False
+        0.99, "Largest share any class may have in the labeled train split.", minimum=0.0, maximum=1.0
     )
     min_unique_text_share: float = knob(
         0.5,
         "Smallest share of distinct texts in each labeled split: below it, most rows are copies of others.",
         minimum=0.0,
         maximum=1.0,
-        trains=False,
     )
     max_dev_in_train_share: float = knob(
         0.01,
@@ -335,7 +333,6 @@ class InputsConfig(_Section):
         "the metric the gate promotes on.",
         minimum=0.0,
         maximum=1.0,
-        trains=False,
     )
 
     def rules(self) -> None:
@@ -674,7 +671,7 @@ class Config:
     def training_hash(self) -> str:
         """What a model is trained from: every section but ``gate`` and ``baseline`` (what decides its
         promotion, and what it must beat), less the settings declared ``trains=False`` (when the host
-        looks, which data validation accepts)."""
+        looks)."""
         kept = {k.key for k in knobs() if k.trains and k.section not in PROMOTION_SECTIONS}
         payload = {
             n: {f: v for f, v in dataclasses.asdict(getattr(self, n)).items() if f"{n}.{f}" in kept}

@@ -411,9 +411,9 @@ def model_check(versions: Sequence[dict[str, Any]], champion_version: str | None
     that hold it already (``registry.versions_of_model``: each ``version`` and the person's
     ``demoted`` move off it, or None)?
 
-    A candidate reused from an earlier run (its inputs changed only in what it does not depend on),
-    or trained again to the same files, is that earlier model: blessing it again would make the
-    champion a copy of itself, or undo a person's rollback on the next scheduled run.
+    A candidate reused from an earlier run (its inputs changed only in what it does not depend on) is
+    that earlier model: blessing it again would make the champion a copy of itself, or undo a
+    person's rollback on the next scheduled run.
     """
     same = [str(v["version"]) for v in versions]
     if champion_version is not None and str(champion_version) in same:

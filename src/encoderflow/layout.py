@@ -203,15 +203,22 @@ def code_hash() -> str:
 
 
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """``dst`` as a hard link to ``src``, or a copy where the filesystem cannot link (another device).
+    """``dst`` as a hard link to ``src`` when ``src`` is an artifact under ``ENCODERFLOW_HOME``, else
+    (a file of the user's, or a filesystem that cannot link) a copy.
 
-    For artifacts, which are only ever replaced whole (written to a temp name, then renamed), never
-    rewritten in place: a link is then as independent as a copy (deleting one run folder leaves the
-    other's file) at no disk cost. A file altered in place anyway is caught by the sha256 checks
-    every consumer makes.
+    Artifacts are only ever replaced whole (written to a temp name, then renamed), never rewritten
+    in place: a link is then as independent as a copy (deleting one run folder leaves the other's
+    file) at no disk cost. A file altered in place anyway is caught by the sha256 checks every
+    consumer makes. A user's own file (a vocabulary, an offline data folder) may be edited in place,
+    so it is copied.
     """
+    if not Path(src).resolve().is_relative_to(home()):
+        shutil.copyfile(src, dst)
+        return
     try:
         os.link(src, dst)
+    except FileExistsError:
+        raise  # never copy into an existing file: that would write it in place
     except OSError:
         shutil.copyfile(src, dst)
 
@@ -219,31 +226,45 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 def share_identical(folder: str | os.PathLike) -> int:
     """Make each file under ``folder`` a hard link to one content-addressed copy under
     ``ENCODERFLOW_HOME/cache/files``: files every run writes alike (the Data Docs' 4 MB of scripts,
-    styles and fonts per dataset) then take their space once, not once per run. Where the
-    filesystem cannot link, a file stays as it is. Returns the bytes no longer stored twice.
+    styles and fonts per dataset) then take their space once, not once per run. Returns the bytes
+    no longer stored twice.
+
+    Only for files nothing rewrites in place (writers replace them whole). A stored copy is linked
+    to only after its content is checked against its name; one that is not what its name says
+    (altered in place after all) is replaced by this file. Where the filesystem cannot link, or a
+    file vanishes meanwhile, the file stays as it is.
     """
     store = home() / "cache" / "files"
     store.mkdir(parents=True, exist_ok=True)
     saved = 0
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink()):
-        shared = store / sha256_file(path)
         try:
-            os.link(path, shared)  # the first of its content: the store keeps this one
+            saved += _share(path, store)
+        except OSError:  # gone meanwhile, or the filesystem's limit of links to one file: keep it as it is
             continue
-        except FileExistsError:
-            pass
-        except OSError:
-            continue
-        if os.path.samefile(path, shared):
-            continue
-        try:
-            with atomic_path(path) as tmp:
-                tmp.unlink()
-                os.link(shared, tmp)
-        except OSError:  # e.g. the filesystem's limit of links to one file: this one keeps its own copy
-            continue
-        saved += path.stat().st_size
     return saved
+
+
+def _share(path: Path, store: Path) -> int:
+    """:func:`share_identical` for one file: the bytes it no longer stores twice."""
+    digest = sha256_file(path)
+    shared = store / digest
+    try:
+        os.link(path, shared)  # the first of its content: the store keeps this one
+        return 0
+    except FileExistsError:
+        pass
+    if os.path.samefile(path, shared):
+        return 0
+    if sha256_file(shared) != digest:
+        with atomic_path(shared) as tmp:  # not what its name says: this file, checked just now, takes its place
+            tmp.unlink()
+            os.link(path, tmp)
+        return 0
+    with atomic_path(path) as tmp:
+        tmp.unlink()
+        os.link(shared, tmp)
+    return path.stat().st_size
 
 
 def adopt_earlier(

@@ -245,13 +245,12 @@ def log_candidate(
 ) -> dict[str, Any]:
     """One MLflow run with params, metrics, curves and the bundle; a model version with tags.
 
-    A candidate that is a registered model already (:func:`encoderflow.bundle.identity` equal: a
-    result reused from an earlier run, or the same files trained again) gets no second version: its
+    A candidate that is a registered model already (:func:`encoderflow.bundle.identity` equal: in
+    practice a result reused from an earlier run) gets no second version: its
     MLflow run records this run's metrics and decision, tagged with the version that holds the model
     (``registry.version``), without uploading the bundle again, and that version is returned.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     c = client()
     tags = {**tags, BUNDLE_TAG: bundle.identity(bundle_dir)}
@@ -262,6 +261,9 @@ def log_candidate(
             done["version"],
             tags.get("airflow.run_id"),
         )
+        if "registered_by" not in done:  # this run's version: its tags follow the decision (a cleared gate's)
+            for key, value in decision_tags(decision).items():
+                c.set_model_version_tag(name, done["version"], key, value)
         return done
     for earlier in _versions_of_run(c, name, tags):
         log.info(
@@ -302,24 +304,33 @@ def log_candidate(
                 mlflow.log_artifact(str(extra))
             source = f"{run.info.artifact_uri}/bundle"
             run_id = run.info.run_id
-    if holder is not None:
-        log.info(
-            "registry: this candidate is %s v%s's model (same files and tokenizer, bundle sha256 %s), registered "
-            "by %s: no second version; MLflow run %s records this run's metrics and decision",
-            name,
-            holder.version,
-            tags[BUNDLE_TAG][:12],
-            holder.tags.get("airflow.run_id") or "an earlier run",
-            run_id,
-        )
-        return _described(holder, run_id, earlier=True)
+    with promotion_lock():  # another run's promote may have registered this very model meanwhile
+        holder = holder or _holding(c, name, tags[BUNDLE_TAG])
+        if holder is None:
+            return _register(c, name, source, run_id, {**tags, **decision_tags(decision)})
+        c.set_tag(run_id, REGISTERED_AS, str(holder.version))  # how a retry finds it (_registered_for)
+    log.info(
+        "registry: this candidate is %s v%s's model (same files and tokenizer, bundle sha256 %s), registered "
+        "by %s: no second version; MLflow run %s records this run's metrics and decision",
+        name,
+        holder.version,
+        tags[BUNDLE_TAG][:12],
+        holder.tags.get("airflow.run_id") or "an earlier run",
+        run_id,
+    )
+    return _described(holder, run_id, earlier=True)
+
+
+def _register(c, name: str, source: str, run_id: str, tags: dict[str, str]) -> dict[str, Any]:
+    """A new version of ``name`` from the MLflow run ``run_id``'s bundle at ``source``."""
+    from mlflow.exceptions import MlflowException
+
     try:
         c.create_registered_model(name, description="encoderflow SST-2 classifier and its pretrained encoder")
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version_tags = {**tags, **decision_tags(decision)}
-    mv = c.create_model_version(name, source=source, run_id=run_id, tags=version_tags)
+    mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags)
     log.info("registry: %s version %s registered from run %s (%s)", name, mv.version, run_id, tracking_uri())
     return _described(mv, run_id)
 
@@ -365,7 +376,8 @@ def close_stopped(dag_id: str, run_id: str) -> list[str]:
 def _finished_unregistered(c, exp_id: str, tags: dict[str, str]):
     """The MLflow run an earlier try of this Airflow run completed (FINISHED) for this same bundle
     without registering it, or None."""
-    same = (r for r in _earlier_tries(c, exp_id, tags, "FINISHED") if _same_bundle(r.data.tags, tags))
+    # Exactly this bundle: a run logged before the tag was could hold a candidate trained again since.
+    same = (r for r in _earlier_tries(c, exp_id, tags, "FINISHED") if r.data.tags.get(BUNDLE_TAG) == tags[BUNDLE_TAG])
     return next(same, None)
 
 
@@ -473,9 +485,19 @@ def promotion_lock() -> Iterator[None]:
 
 
 def move_champion(
-    name: str, version: str, expected: str | None, reason: str, who: str | None = None, action: str = "promote"
+    name: str,
+    version: str,
+    expected: str | None,
+    reason: str,
+    who: str | None = None,
+    action: str = "promote",
+    demote: bool = False,
 ) -> dict[str, Any]:
     """Point ``champion`` at ``version`` if the champion is still ``expected``.
+
+    With ``demote`` (a person's move: :func:`promote`, :func:`rollback`), the version it moves off is
+    tagged :data:`DEMOTED` first, under the lock, so no crash can move the champion and lose the
+    demotion; ``version`` loses that tag once it is champion.
 
     A promotion makes the version it replaces ``previous``, first, so a crash between the two steps
     leaves ``champion`` on the old, complete version. A rollback never makes the version it rejects
@@ -509,6 +531,8 @@ def move_champion(
             moves = history(name)
             if not moves or moves[-1]["to"] != version:  # the try that moved it died before recording it
                 _record_move(c, name, version, _event(action, who, reason, expected, version), moves)
+            if demote:
+                _undemote(c, name, version)
             return {"action": action, "who": who, "reason": reason, "from": expected, "to": version, "already": True}
         if current_version != expected:
 
@@ -520,6 +544,9 @@ def move_champion(
                 f"{said(expected)}: another run promoted since",
                 fix="clear evaluate_and_gate with its downstream tasks (or run again) to gate against today's champion",
             )
+        event = _event(action, who, reason, current_version, version)
+        if demote and current_version is not None:
+            _demote(c, name, current_version, event)
         if action == "rollback":
             c.set_registered_model_alias(name, CHAMPION, version)
             previous = _replaced_by(c, name, version)
@@ -531,7 +558,8 @@ def move_champion(
             if current_version is not None:
                 c.set_registered_model_alias(name, PREVIOUS, current_version)
             c.set_registered_model_alias(name, CHAMPION, version)
-        event = _event(action, who, reason, current_version, version)
+        if demote:
+            _undemote(c, name, version)
         _record_move(c, name, version, event, history(name))
     before = f"v{current_version}" if current_version is not None else "none"
     log.info("registry: %s champion %s -> v%s (%s: %s, by %s)", name, before, version, action, reason, who)
@@ -604,14 +632,15 @@ def versions_of_model(name: str, identity: str) -> list[dict[str, Any]]:
     ]
 
 
-def _by_a_person(name: str, move: dict[str, Any]) -> None:
-    """A person moved the champion: the version they moved it off is demoted (the gate will not bring
-    its model back), and the one they chose is not."""
-    c = client()
-    if move.get("from") and move["from"] != move["to"]:
-        c.set_model_version_tag(name, move["from"], DEMOTED, json.dumps({k: move.get(k) for k in _MOVE_FIELDS}))
-    if DEMOTED in c.get_model_version(name, move["to"]).tags:
-        c.delete_model_version_tag(name, move["to"], DEMOTED)
+def _demote(c, name: str, version: str, move: dict[str, Any]) -> None:
+    """A person moved the champion off ``version``: the gate will not bring its model back."""
+    c.set_model_version_tag(name, version, DEMOTED, json.dumps({k: move.get(k) for k in _MOVE_FIELDS}))
+
+
+def _undemote(c, name: str, version: str) -> None:
+    """A person made ``version`` champion: its model is no longer demoted."""
+    if DEMOTED in c.get_model_version(name, version).tags:
+        c.delete_model_version_tag(name, version, DEMOTED)
 
 
 _MOVE_FIELDS = ("at", "action", "who", "reason", "from", "to")
@@ -623,9 +652,8 @@ def promote(name: str, version: str, reason: str, who: str | None = None) -> dic
     if not reason.strip():
         raise EncoderflowError("promote: give a --reason; it is recorded with the move")
     current = champion(name)
-    move = move_champion(name, str(version), current["version"] if current else None, reason, who, action="promote")
-    _by_a_person(name, move)
-    return move
+    expected = current["version"] if current else None
+    return move_champion(name, str(version), expected, reason, who, action="promote", demote=True)
 
 
 def rollback(name: str, reason: str, who: str | None = None) -> dict[str, Any]:
@@ -664,8 +692,5 @@ def rollback(name: str, reason: str, who: str | None = None) -> dict[str, Any]:
             prev.version,
             target,
         )
-    move = move_champion(
-        name, target, current["version"] if current else None, reason or "rollback", who, action="rollback"
-    )
-    _by_a_person(name, move)
-    return move
+    expected = current["version"] if current else None
+    return move_champion(name, target, expected, reason or "rollback", who, action="rollback", demote=True)

@@ -410,6 +410,16 @@ def _decided(gate_json: Path, candidate: str, name: str, run_id: str) -> dict[st
         return None
     if (version := registry.registered_for_run(name, run_id, bundle_sha256=candidate)) is None:
         return None
+    current = registry.champion(name)
+    now = current["version"] if current else None
+    if now not in (decision.get("champion_version"), version["version"]):
+        # promote failed StaleChampion: its fix is this clear, and the decision must be made again
+        log.info(
+            "gate: the champion moved since this decision (v%s, now v%s): gating again",
+            decision.get("champion_version"),
+            now,
+        )
+        return None
     log.info(
         "gate: this candidate is registered already, as %s v%s, under the decision in %s: kept (set force "
         "and trigger a new run to gate again)",
@@ -491,6 +501,7 @@ def promote(
     if decision.get("champion") is not None:
         metrics["champion_val_accuracy"] = decision["champion"]
     _inputs("promote", bundle=finetuned["bundle"])
+    _decided_for(decision, finetuned["bundle"])
     registered = registry.log_candidate(
         cfg.gate.registered_model,
         finetuned["bundle"],
@@ -530,6 +541,28 @@ def promote(
         "champion_version": current["version"] if current else None,
         "registered_model": cfg.gate.registered_model,
     }
+
+
+def _decided_for(decision: dict[str, Any], candidate: str) -> None:
+    """Refuse to register a candidate under a decision the gate made about another one: ``finetune``
+    cleared and trained again after the gate, and ``promote`` cleared alone.
+
+    Raises:
+        EncoderflowError: ``gate.json`` names another bundle than ``candidate``'s.
+    """
+    from encoderflow.bundle import identity
+    from encoderflow.errors import EncoderflowError
+
+    gate_json = decision.get("gate_json")
+    if gate_json is None or not Path(gate_json).exists():
+        return
+    decided = layout.read_json(gate_json).get("candidate_bundle_sha256")
+    if decided is not None and decided != (mine := identity(candidate)):
+        raise EncoderflowError(
+            f"promote: the gate decided about another candidate (bundle sha256 {decided[:12]}, {gate_json}) than "
+            f"{candidate} ({mine[:12]}): fine-tuning ran again after the gate",
+            fix="clear evaluate_and_gate with its downstream tasks, so the gate decides about this candidate",
+        )
 
 
 def lineage_tags(cfg, inputs: Mapping[str, Dataset]) -> dict[str, str]:
@@ -618,8 +651,8 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
     }
     path = layout.write_json(layout.run_dir(run_id) / "summary.json", summary)
     log.info(
-        "check_lineage: %s (data, code and config hashes equal, gate.*, baseline.* and the settings outside "
-        "the model's lineage aside: they decide promotion or housekeeping, not the model); training skipped, set "
+        "check_lineage: %s (data, code and config hashes equal; gate.*, baseline.* and the housekeeping settings "
+        "aside: they decide promotion or when the host looks, not the model); training skipped, set "
         "force to train anyway; "
         "summary %s",
         message,

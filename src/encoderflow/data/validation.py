@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -498,6 +499,9 @@ def validate_dataset(
             "expectations": len(suite.expectations),
             "failed": len(file_failures),
         }
+    # GX writes each static file in place ("wb"): a re-validation in this folder must not rewrite the
+    # copy every run shares (layout.share_identical), so it writes new files.
+    shutil.rmtree(docs_dir / "static", ignore_errors=True)
     ctx.build_data_docs(site_names=["encoderflow"])
     layout.share_identical(docs_dir / "static")
     docs_index = docs_dir / "index.html"

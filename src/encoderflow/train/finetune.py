@@ -54,7 +54,7 @@ def finetune(
     """Encoder + pooled classifier on the labeled train split; dev accuracy; a model bundle.
 
     Reuses the result of an earlier call with the same inputs and config; with ``earlier_runs``, also
-    another run folder's bundle trained from them by the same code (copied in,
+    another run folder's bundle trained from them by the same code (linked in,
     :func:`~encoderflow.layout.adopt_earlier`).
 
     Args:

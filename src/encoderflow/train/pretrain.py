@@ -316,7 +316,7 @@ def pretrain(
     encoder's weights instead of a random initialisation (:func:`warm_start`): continual pretraining.
 
     A finished run with the same inputs and config is reused as is; with ``earlier_runs``, so is
-    another run folder's encoder trained from them by the same code (copied in,
+    another run folder's encoder trained from them by the same code (linked in,
     :func:`~encoderflow.layout.adopt_earlier`). An interrupted run resumes
     from its newest backup in ``backup/`` (:class:`~encoderflow.train.callbacks.StepBackup`:
     weights, optimizer state and step, every ``pretrain.backup_every_steps`` steps into an epoch
