@@ -510,6 +510,12 @@ def test_each_run_links_its_mlflow_run_and_model_version(encoderflow_home):
     row = page.render([partial], registry, "encoderflow-sst2", url)
     assert f"{url}/#/runs/abc%2Fdef'>MLflow run</a>" in row and "#/models/encoderflow-sst2/versions/None" not in row
     assert "no version" in row
+    # A run whose candidate a version held already names it, and the run that registered it.
+    again = {"run_id": "r2", "state": "success", "folder": None, "registry": {"version": "3", "run_id": "xyz"}}
+    again["registry"]["registered_by"] = "manual__<first>"
+    row = page.render([again], registry, "encoderflow-sst2", url)
+    assert "encoderflow-sst2 v3 <span class='muted'>(this model, registered by manual__&lt;first&gt;)</span>" in row
+    assert f"{url}/#/runs/xyz'>MLflow run</a>" in row
 
 
 def test_plugin_module_is_import_light(tmp_path):
