@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from encoderflow.errors import EncoderflowError
+from encoderflow.layout import sha256_json
 
 SPLITS = ("train", "valid", "test")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -120,6 +119,12 @@ class Knob:
     @property
     def name(self) -> str:
         return self.key.split(".")[1]
+
+    @property
+    def in_lineage(self) -> bool:
+        """Whether a model is trained from it (:meth:`Config.training_hash`): neither in a section that
+        decides promotion (:data:`PROMOTION_SECTIONS`) nor declared ``trains=False``."""
+        return self.trains and self.section not in PROMOTION_SECTIONS
 
     def check(self, value: Any) -> None:
         """Raise ``ConfigError`` naming the key if ``value`` breaks the declared bounds or choices."""
@@ -662,8 +667,7 @@ class Config:
     def section_hash(self, *names: str) -> str:
         """Stable sha256 over the named sections (all of them when none are named)."""
         names = names or tuple(SECTIONS)
-        payload = {n: dataclasses.asdict(getattr(self, n)) for n in names}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        return sha256_json({n: dataclasses.asdict(getattr(self, n)) for n in names})
 
     def config_hash(self) -> str:
         return self.section_hash()
@@ -672,13 +676,11 @@ class Config:
         """What a model is trained from: every section but ``gate`` and ``baseline`` (what decides its
         promotion, and what it must beat), less the settings declared ``trains=False`` (when the host
         looks)."""
-        kept = {k.key for k in knobs() if k.trains and k.section not in PROMOTION_SECTIONS}
-        payload = {
-            n: {f: v for f, v in dataclasses.asdict(getattr(self, n)).items() if f"{n}.{f}" in kept}
-            for n in SECTIONS
-            if n not in PROMOTION_SECTIONS
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        payload: dict[str, dict[str, Any]] = {}
+        for k in knobs():
+            if k.in_lineage:
+                payload.setdefault(k.section, {})[k.name] = getattr(getattr(self, k.section), k.name)
+        return sha256_json(payload)
 
 
 # Sections that decide a model's promotion, not the model: out of Config.training_hash.
@@ -1109,10 +1111,6 @@ def parameters_markdown() -> str:
         values = " | ".join(f"`{_preset_value(k, p)}`" for p in PRESETS)
         # A bare "|" between choices would start a new table cell.
         allowed = k.bounds().replace("|", "\\|")
-        lineage = (
-            ""
-            if k.trains and k.section not in PROMOTION_SECTIONS
-            else " (Not in the model's lineage: changed alone, a run trains nothing.)"
-        )
+        lineage = "" if k.in_lineage else " (Not in the model's lineage: changed alone, a run trains nothing.)"
         lines.append(f"| `{k.key}` | {form} | {k.type.__name__} | {allowed} | {values} | {k.description}{lineage} |")
     return "\n".join(lines) + "\n"
