@@ -296,8 +296,9 @@ def in_form_words(told: str) -> str:
     """A fix that names CLI flags (``--data-dir``, ``--set``), as read by someone who triggered from the
     form: the fields they are there, added once at the end. ``encoderflow run`` (``ENCODERFLOW_CLI_RUN``)
     keeps the flags alone."""
-    if os.environ.get("ENCODERFLOW_CLI_RUN") or "(trigger form: " in told:  # not twice: the failure callback's
-        return told  # cause may be this text again
+    # Once only: the failure callback may be handed this very text again (the exception's context lost).
+    if os.environ.get("ENCODERFLOW_CLI_RUN") or "(trigger form: " in told:
+        return told
     titles = {f"--{f.name.replace('_', '-')}": f.metadata["title"] for f in fields(config.Sources)}
     titles |= {f"--{f.name}": f.metadata["title"] for f in fields(config.RunOptions)}
     titles["--set"] = "Other overrides (section.key=value)"

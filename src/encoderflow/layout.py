@@ -256,15 +256,18 @@ def _share(path: Path, store: Path) -> int:
         pass
     if os.path.samefile(path, shared):
         return 0
-    if sha256_file(shared) != digest:
-        with atomic_path(shared) as tmp:  # not what its name says: this file, checked just now, takes its place
-            tmp.unlink()
-            os.link(path, tmp)
+    if sha256_file(shared) != digest:  # not what its name says: this file, checked just now, takes its place
+        _link_in_place(path, shared)
         return 0
-    with atomic_path(path) as tmp:
-        tmp.unlink()
-        os.link(shared, tmp)
+    _link_in_place(shared, path)
     return path.stat().st_size
+
+
+def _link_in_place(src: Path, dst: Path) -> None:
+    """Replace ``dst`` by a hard link to ``src`` in one rename: a reader sees one file or the other."""
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        os.link(src, tmp)
 
 
 def adopt_earlier(

@@ -425,11 +425,17 @@ def _registered_for(c, name: str, tags: dict[str, str]) -> dict[str, Any] | None
     return None
 
 
+def _holders(c, name: str, identity: str) -> list:
+    """The versions of ``name`` whose ``bundle.sha256`` tag is ``identity`` (:func:`encoderflow.bundle.identity`),
+    oldest first. Versions registered before the tag was are not among them."""
+    found = c.search_model_versions(f"name='{name}'")
+    return sorted((mv for mv in found if mv.tags.get(BUNDLE_TAG) == identity), key=lambda mv: int(mv.version))
+
+
 def _holding(c, name: str, identity: str):
     """The registered version holding the model ``identity`` names: the champion if it does, else the
     newest; None when none does (or the model is not registered yet)."""
-    holders = [mv for mv in c.search_model_versions(f"name='{name}'") if mv.tags.get(BUNDLE_TAG) == identity]
-    if not holders:
+    if not (holders := _holders(c, name, identity)):
         return None
     current = champion(name)  # a search's versions carry no aliases
     return max(holders, key=lambda mv: (current is not None and str(mv.version) == current["version"], int(mv.version)))
@@ -619,16 +625,13 @@ def history(name: str) -> list[dict[str, Any]]:
 
 
 def versions_of_model(name: str, identity: str) -> list[dict[str, Any]]:
-    """The versions of ``name`` that hold the model ``identity`` names (:func:`encoderflow.bundle.identity`,
-    their ``bundle.sha256`` tag), oldest first: each ``version``, and ``demoted``, the move a person
-    made off it (``champion.demoted``), or None. Versions registered before the tag was are not known."""
+    """The versions of ``name`` that hold the model ``identity`` names (:func:`_holders`), oldest
+    first: each ``version``, and ``demoted``, the move a person made off it (``champion.demoted``), or None."""
     if _no_store():
         return []
-    found = client().search_model_versions(f"name='{name}'")
     return [
         {"version": str(mv.version), "demoted": json.loads(mv.tags[DEMOTED]) if DEMOTED in mv.tags else None}
-        for mv in sorted(found, key=lambda mv: int(mv.version))
-        if mv.tags.get(BUNDLE_TAG) == identity
+        for mv in _holders(client(), name, identity)
     ]
 
 

@@ -378,17 +378,16 @@ def evaluate_and_gate(
         resamples=cfg.gate.bootstrap_resamples,
         seed=cfg.data.seed,
     )
+    champion_version = current["version"] if current else None
     decision = gate.decide(
         finetuned["val_accuracy"],
         baseline["baseline_val_accuracy"],
         champion_acc,
         cfg.gate,
-        champion_version=current["version"] if current else None,
+        champion_version=champion_version,
         intervals=intervals,
         majority=float(np.bincount(labels).max() / len(labels)),
-        model=gate.model_check(
-            registry.versions_of_model(cfg.gate.registered_model, candidate), current["version"] if current else None
-        ),
+        model=gate.model_check(registry.versions_of_model(cfg.gate.registered_model, candidate), champion_version),
     )
     for line in decision.table().splitlines():
         log.info("%s", line)
