@@ -87,7 +87,7 @@ def served(tmp_path_factory):
         yield url, requests, sources
 
 
-def test_two_runs_through_airflow(served, encoderflow_home):
+def test_two_runs_through_airflow(served, encoderflow_home, capsys):
     url, requests, sources = served
     home = encoderflow_home
 
@@ -310,6 +310,21 @@ def test_two_runs_through_airflow(served, encoderflow_home):
     tags5 = client.get_run(summary5["registry"]["run_id"]).data.tags
     assert tags5["pretrain.reused_from"] == folder2 == tags5["finetune.reused_from"]
     assert tags5["registry.version"] == summary2["registry"]["version"]
+
+    # `encoderflow prune` asks this Airflow and MLflow: it keeps the champion's run and the newest, and
+    # the newest run, whose results are links to run 2's files, still holds a sound bundle.
+    from encoderflow import bundle, cli
+
+    assert cli.main(["prune", "--keep", "1", "--older-than", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "runs; none in flight" in out and f"{MODEL} v{v1.version} (champion)" in out, out
+    assert f"runs/{layout.safe_run_id(run1)}: registered {MODEL} v{v1.version} (champion)" in out, out
+    assert sorted(p.name for p in (home / "runs").iterdir()) == sorted(map(layout.safe_run_id, (run1, run5)))
+    for run in (run2, run3, run4):
+        assert f"removed       run     runs/{layout.safe_run_id(run)}: Airflow: " in out, out
+    bundle.verify(summary5["artifacts"]["bundle"])
+    assert Path(summary5["artifacts"]["shards_manifest"]).exists()
+    assert {v.version for v in client.search_model_versions(f"name='{MODEL}'")} == versions
 
 
 def test_your_own_corpus_and_labels_through_airflow(tmp_path, encoderflow_home, caplog):

@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -316,6 +318,21 @@ def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an
     champ = next(v for v in versions if v.version == champion)
     # The champion is a complete version: registered, its decision recorded and blessed.
     assert champ.status == "READY" and champ.tags.get("gate.blessed") == "true", (champ.version, champ.tags)
+
+    # `encoderflow prune`, with only ENCODERFLOW_HOME set, asks this stack's Airflow (PostgreSQL) and
+    # MLflow (with the workers' login): both runs are finished, and the champion's run stays.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "encoderflow.cli", "prune", "--dry-run", "--keep", "1", "--older-than", "0"],
+        env={**env, "ENCODERFLOW_HOME": str(st.home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "make stack (PostgreSQL): " in proc.stdout and "none in flight" in proc.stdout, proc.stdout
+    assert f"{st.mlflow_url}: {MODEL} v{champion} (champion)" in proc.stdout, proc.stdout
+    assert f"keep          run     runs/{safe_run_id(by_run[champion])}: " in proc.stdout, proc.stdout
 
 
 def test_security_anonymous_mlflow_and_airflow_viewer(deployed):

@@ -10,6 +10,7 @@ encoderflow rollback [--reason "..."]                     put the previous champ
 encoderflow config   [--preset P] [--set key=value ...]   print the resolved config
 encoderflow doctor   [--data-dir DIR | --mirror URL]      what a run here would use; exit 0 if it can start
 encoderflow airflow                                       Airflow standalone with this DAG (make airflow)
+encoderflow prune    [--keep N] [--older-than DAYS] [--dry-run]   old run folders and unused caches
 """
 
 from __future__ import annotations
@@ -387,6 +388,25 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from encoderflow import prune
+
+    home = layout.home()
+    if not (home / "runs").is_dir():
+        raise EncoderflowError(
+            f"no runs under ENCODERFLOW_HOME={home}", fix="set ENCODERFLOW_HOME to the folder your runs used"
+        )
+    airflow = prune.ask_airflow(home)
+    with _interactive_mlflow():
+        aliased, mlflow_said = prune.aliased_versions(home)
+    plan = prune.plan(home, args.keep, args.older_than, airflow, aliased)
+    if not args.dry_run:
+        plan = prune.apply(home, plan)
+    for line in prune.report_lines(home, plan, args.dry_run, [mlflow_said]):
+        print(line)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = from_overrides(args.preset, parse_set(args.set or []))
     print(json.dumps({"config_hash": cfg.config_hash(), **cfg.to_dict()}, indent=2))
@@ -515,6 +535,22 @@ def fields_help(name: str) -> str:
     return next(f.metadata["description"] for f in fields(RunOptions) if f.name == name)
 
 
+def _at_least(low: float):
+    """An argparse type: a number (int when ``low`` is) no smaller than ``low``."""
+    kind = type(low)
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="encoderflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -570,6 +606,21 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default=default_model)
         sp.add_argument("--who", default=None, help="recorded as the actor (default: $ENCODERFLOW_USER or login)")
     sub.add_parser("airflow", help="Airflow standalone UI with this DAG on localhost:8080")
+    pn = sub.add_parser(
+        "prune", help="remove old finished run folders and the caches no kept run uses (never MLflow or Airflow's DB)"
+    )
+    pn.add_argument(
+        "--keep", type=_at_least(1), default=10, help="run folders kept whatever their age, newest first (default 10)"
+    )
+    pn.add_argument(
+        "--older-than",
+        dest="older_than",
+        type=_at_least(0.0),
+        default=7.0,
+        metavar="DAYS",
+        help="keep what changed within this many days (default 7)",
+    )
+    pn.add_argument("--dry-run", dest="dry_run", action="store_true", help="say what would go, remove nothing")
     dr = sub.add_parser("doctor", help="what a run here would use; exit 0 only if a run can start")
     dr.add_argument("--data-dir", dest="data_dir", default=os.environ.get("DATA_DIR") or None, help="offline folder")
     dr.add_argument("--mirror", default=os.environ.get("ENCODERFLOW_MIRROR") or None, help="base URL probed first")
@@ -592,6 +643,7 @@ COMMANDS = {
     "promote": cmd_promote,
     "rollback": cmd_rollback,
     "doctor": cmd_doctor,
+    "prune": cmd_prune,
 }
 
 

@@ -109,7 +109,7 @@ def client():
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _no_store() -> bool:
+def no_store() -> bool:
     """Whether the embedded store is the one in use and has not been created: nothing registered, and
     asking (``client()``) would create it empty."""
     # client() exports the embedded store's URI as MLFLOW_TRACKING_URI: that one is not a server of the user's.
@@ -126,7 +126,7 @@ def require_model(name: str):
         EncoderflowError: no embedded store under ``ENCODERFLOW_HOME``, or no model of that name
             (the message lists the registered ones).
     """
-    if _no_store():
+    if no_store():
         raise EncoderflowError(
             f"no MLflow store at {layout.mlflow_dir() / 'mlflow.db'} (ENCODERFLOW_HOME={layout.home()})",
             fix="set ENCODERFLOW_HOME to the folder your runs used (or MLFLOW_TRACKING_URI to their server), "
@@ -360,7 +360,7 @@ def _close_orphans(c, exp_id: str, tags: dict[str, str]) -> None:
 def close_stopped(dag_id: str, run_id: str) -> list[str]:
     """An Airflow run stopped for good (Ctrl-C, a kill) may have left its MLflow run RUNNING: mark it
     KILLED, as a retry of that run would. Returns the MLflow run ids closed."""
-    if _no_store():
+    if no_store():
         return []
     c = client()
     exp = c.get_experiment_by_name(EXPERIMENT)
@@ -386,7 +386,7 @@ def registered_for_run(
 ) -> dict[str, Any] | None:
     """The version an Airflow run registered (its ``promote`` ran), or None; with ``bundle_sha256``
     (:func:`encoderflow.bundle.identity`), only a version of that very bundle."""
-    if _no_store():
+    if no_store():
         return None
     tags = {"airflow.run_id": run_id, "airflow.dag_id": dag_id}
     return _registered_for(client(), name, {**tags, **({BUNDLE_TAG: bundle_sha256} if bundle_sha256 else {})})
@@ -627,7 +627,7 @@ def history(name: str) -> list[dict[str, Any]]:
 def versions_of_model(name: str, identity: str) -> list[dict[str, Any]]:
     """The versions of ``name`` that hold the model ``identity`` names (:func:`_holders`), oldest
     first: each ``version``, and ``demoted``, the move a person made off it (``champion.demoted``), or None."""
-    if _no_store():
+    if no_store():
         return []
     return [
         {"version": str(mv.version), "demoted": json.loads(mv.tags[DEMOTED]) if DEMOTED in mv.tags else None}

@@ -1,0 +1,277 @@
+"""``encoderflow prune``: which run folders and cached files go, which stay and why, and removal that
+never leaves a half-deleted folder or takes a file a run still holds.
+
+The plan is tested on run folders laid out as a pipeline writes them, with Airflow's and MLflow's
+answers given; the answers themselves come from a real Airflow CLI here and from the real pipeline
+in ``test_pipeline.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from encoderflow import cli, layout, prune
+
+NOW = time.time()
+DAY = 86400
+
+
+def _aged(path: Path, days: float) -> Path:
+    """Set the modification time of ``path`` and everything under it to ``days`` ago."""
+    when = NOW - days * DAY
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.utime(p, (when, when), follow_symlinks=False)
+    return path
+
+
+def _run(home: Path, name: str, days: float, done: str | None = "summary", **summary) -> Path:
+    folder = home / "runs" / name
+    (folder / "pretrain").mkdir(parents=True)
+    (folder / "pretrain" / "encoder.keras").write_bytes(name.encode() * 100)
+    if done == "summary":
+        (folder / "summary.json").write_text(json.dumps({"run_id": name, **summary}))
+    elif done == "failure":
+        (folder / "failure.json").write_text(json.dumps({"task_id": "pretrain"}))
+    return _aged(folder, days)
+
+
+def _shards(home: Path, name: str, days: float, inputs: list[str] = ()) -> Path:
+    folder = home / "shards" / name
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"inputs": [["train", p, "x"] for p in inputs]}))
+    (folder / "train-00000.tfrecord").write_bytes(b"r" * 1000)
+    return _aged(folder, days)
+
+
+def _data(home: Path, dataset: str, name: str, days: float) -> Path:
+    folder = home / "data" / dataset / name / "files"
+    folder.mkdir(parents=True)
+    (folder / "wiki.train.raw").write_text(name)
+    return _aged(folder.parent, days)
+
+
+def _airflow(**states: str) -> prune.AirflowRuns:
+    return prune.AirflowRuns(states, True, "Airflow test")
+
+
+def _judged(p: prune.Plan, kind: str) -> tuple[dict[str, str], dict[str, str]]:
+    removed = {i.path.name: i.why for i in p.remove if i.kind == kind}
+    kept = {i.path.name: i.why for i in p.keep if i.kind == kind}
+    return removed, kept
+
+
+def test_run_folders_go_only_when_finished_old_and_not_an_aliased_versions(encoderflow_home):
+    home = encoderflow_home
+    _run(home, "new", 1)
+    _run(home, "running", 40, done="summary")  # a finished run cleared and running again
+    _run(home, "stopped", 31, done=None)  # no summary, no failure, and no Airflow knows it
+    _run(home, "champion", 60, registry={"version": "1"})
+    _run(home, "recent", 3)
+    _run(home, "failed", 20, done="failure")
+    _run(home, "old", 32)
+    _run(home, "orphan", 33, done="failure")  # finished by its files; no Airflow knows it
+    airflow = _airflow(
+        new="success", running="running", champion="success", recent="success", failed="failed", old="success"
+    )
+    aliased = [prune.Aliased("encoderflow-sst2", "1", "champion", "champion")]
+
+    p = prune.plan(home, keep=1, older_than_days=7, airflow=airflow, aliased=aliased, now=NOW)
+    removed, kept = _judged(p, "run")
+    assert removed == {
+        "failed": "Airflow: failed",
+        "old": "Airflow: success",
+        "orphan": "finished (no Airflow knows it)",
+    }
+    assert kept == {
+        "new": "one of the newest 1",
+        "running": "Airflow: running",
+        "stopped": "Airflow: unknown, and no summary.json or failure.json",
+        "champion": "registered encoderflow-sst2 v1 (champion)",
+        "recent": "changed within the age limit",
+    }
+    assert "in flight: running" in p.notes[0]
+
+    # MLflow not asked: a run that registered any version stays, as it might hold an alias.
+    p = prune.plan(home, keep=1, older_than_days=7, airflow=airflow, aliased=None, now=NOW)
+    assert _judged(p, "run")[1]["champion"].startswith("registered a version (MLflow could not be asked")
+    # A larger keep keeps the newest by their last change, whatever Airflow says.
+    p = prune.plan(home, keep=4, older_than_days=0, airflow=airflow, aliased=aliased, now=NOW)
+    removed, kept = _judged(p, "run")
+    assert set(removed) == {"old", "orphan"}
+    assert sorted(n for n, why in kept.items() if why == "one of the newest 4") == [
+        "failed",
+        "new",
+        "recent",
+        "stopped",
+    ]
+    assert kept["running"] == "Airflow: running" and kept["champion"].startswith("registered")
+
+
+def test_downloads_and_shards_go_only_when_no_kept_run_used_them_and_nothing_is_in_flight(encoderflow_home):
+    home = encoderflow_home
+    new_data = _data(home, "corpus", "bbbb", 10)
+    used_data = _data(home, "corpus", "aaaa", 30)
+    stale_data = _data(home, "corpus", "cccc", 40)
+    only_labeled = _data(home, "labeled", "dddd", 50)
+    kept_shards = _shards(home, "s-kept", 30, [str(used_data / "files" / "wiki.train.raw")])
+    by_hash = _shards(home, "s-hash", 30)
+    stale_shards = _shards(home, "s-stale", 30, [str(stale_data / "files" / "wiki.train.raw")])
+    _run(home, "kept", 1, artifacts={"shards_manifest": str(kept_shards / "manifest.json")})
+    _run(home, "gone", 30, artifacts={"shards_manifest": str(stale_shards / "manifest.json")})
+    # A run that failed after pretraining records its shards only by the manifest's sha256.
+    failed = _run(home, "failed", 2, done="failure")
+    (failed / "pretrain" / "result.json").write_text(
+        json.dumps({"config": {"manifest": layout.sha256_file(by_hash / "manifest.json")}})
+    )
+    airflow = _airflow(kept="success", gone="success", failed="failed")
+
+    p = prune.plan(home, keep=1, older_than_days=7, airflow=airflow, aliased=[], now=NOW)
+    assert _judged(p, "run")[0] == {"gone": "Airflow: success"}
+    removed, kept = _judged(p, "shards")
+    assert removed == {"s-stale": "no kept run used them"}
+    assert kept == {"s-kept": "used by a kept run", "s-hash": "used by a kept run"}
+    removed, kept = _judged(p, "data")
+    assert removed == {"cccc": "an older download no kept shards were built from"}
+    assert kept == {
+        "bbbb": "the newest download of it",
+        "aaaa": "kept shards were built from it",
+        "dddd": "the newest download of it",
+    }
+    assert new_data.exists() and only_labeled.exists()
+
+    # A run in flight may read any download or shard: none goes, and the report says why.
+    p = prune.plan(
+        home, keep=1, older_than_days=7, airflow=_airflow(kept="running", gone="success"), aliased=[], now=NOW
+    )
+    assert not _judged(p, "shards")[0] and not _judged(p, "data")[0]
+    assert "downloads (data/) and shards (shards/) are kept: a run is in flight" in p.notes
+    # Airflow not asked: the same, and run folders are judged by their files.
+    unasked = prune.AirflowRuns({}, False, "Airflow x: could not list the runs of encoder_pretraining (boom)")
+    p = prune.plan(home, keep=1, older_than_days=7, airflow=unasked, aliased=[], now=NOW)
+    assert not _judged(p, "shards")[0] and "(boom): run folders are judged by their files" in p.notes[0]
+    assert _judged(p, "run")[0] == {"gone": "finished (no Airflow knows it)"}
+
+
+def test_shared_files_go_with_their_last_run_and_the_freed_bytes_count_each_file_once(encoderflow_home):
+    home = encoderflow_home
+    gone = _run(home, "gone", 30)
+    kept = _run(home, "kept", 1)
+    store = home / "cache" / "files"
+    store.mkdir(parents=True)
+    for name, holders in {"only-gone": [gone], "both": [gone, kept], "nobody": []}.items():
+        (store / name).write_bytes(b"x" * 1000)
+        for folder in holders:
+            os.link(store / name, folder / f"static-{name}")
+    # The kept run's encoder is a link to the one that goes (a reused result): it frees nothing.
+    os.unlink(kept / "pretrain" / "encoder.keras")
+    os.link(gone / "pretrain" / "encoder.keras", kept / "pretrain" / "encoder.keras")
+    _aged(gone, 30)  # again: the links above were changes
+
+    p = prune.plan(
+        home, keep=1, older_than_days=7, airflow=_airflow(gone="success", kept="success"), aliased=[], now=NOW
+    )
+    assert {i.path.name for i in p.remove if i.kind == "shared file"} == {"only-gone", "nobody"}
+    # only-gone, nobody and the summary; the encoder and "both" live on in the kept run.
+    freed = 2000 + (gone / "summary.json").stat().st_size
+    assert p.freed == freed
+
+    done = prune.apply(home, p)
+    assert not gone.exists() and kept.exists()
+    assert sorted(os.listdir(store)) == ["both"]
+    assert done.freed == freed and {i.path.name for i in done.remove} == {"gone", "only-gone", "nobody"}
+    assert (kept / "pretrain" / "encoder.keras").read_bytes() == b"gone" * 100
+    assert not list(home.glob(".prune-*"))  # the trash folder went with what was in it
+
+
+def test_apply_leaves_a_folder_being_written_and_a_shared_file_linked_since_the_plan(encoderflow_home):
+    home = encoderflow_home
+    busy = _run(home, "busy", 30)
+    _run(home, "new", 1)
+    store = home / "cache" / "files"
+    store.mkdir(parents=True)
+    (store / "lonely").write_bytes(b"y" * 10)
+    p = prune.plan(
+        home, keep=1, older_than_days=7, airflow=_airflow(busy="success", new="success"), aliased=[], now=NOW
+    )
+    assert {i.path.name for i in p.remove} == {"busy", "lonely"}
+    os.link(store / "lonely", home / "runs" / "new" / "lonely")  # a run shared a file after the plan
+    with layout.writing_in(busy):
+        done = prune.apply(home, p)
+    assert busy.exists() and (store / "lonely").exists()
+    assert done.remove == [] and done.freed == 0
+    assert f"{busy} is being written: left for the next prune" in done.notes
+    # The next prune, with the writer gone, removes it; a killed prune's trash is swept.
+    (home / ".prune-killed").mkdir()
+    assert [i.path.name for i in prune.apply(home, p).remove] == ["busy"]
+    assert not busy.exists() and not list(home.glob(".prune-*"))
+
+
+def test_serving_copies_and_validation_sites_beyond_what_is_kept_go(encoderflow_home):
+    home = encoderflow_home
+    _run(home, "r", 1)
+    for version, days in (("v1", 30), ("v2", 30), ("v3", 1)):
+        _aged(_mk(home / "serving" / "encoderflow-sst2" / version / "bundle.json"), days)
+    for stamp in ("20261101T000000", "20261102T000000", "20261103T000000"):
+        _mk(home / "validation" / stamp / "corpus" / "index.html")
+        _aged(home / "validation" / stamp, 30)
+    aliased = [prune.Aliased("encoderflow-sst2", "1", "champion", None)]
+    p = prune.plan(home, keep=2, older_than_days=7, airflow=_airflow(r="success"), aliased=aliased, now=NOW)
+    assert _judged(p, "serving") == (
+        {"v2": "no alias points to this version"},
+        {"v1": "an aliased version", "v3": "changed within the age limit"},
+    )
+    assert set(_judged(p, "validation")[0]) == {"20261101T000000"}
+    assert "serving/ is kept" in " ".join(
+        prune.plan(home, keep=2, older_than_days=7, airflow=_airflow(r="success"), aliased=None, now=NOW).notes
+    )
+
+
+def _mk(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{}")
+    return path.parents[0]
+
+
+def test_an_airflow_that_cannot_list_its_runs_is_said_and_asked_false(encoderflow_home, monkeypatch, tmp_path):
+    # A metadata DB with no tables: Airflow's own CLI fails, and the report carries its last line.
+    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{tmp_path / 'empty.db'}")
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
+    answer = prune.ask_airflow(encoderflow_home)
+    assert answer.asked is False and answer.states == {}
+    said = f"Airflow sqlite:///{tmp_path / 'empty.db'}: could not list the runs of encoder_pretraining ("
+    assert answer.said.startswith(said) and "airflow db migrate" in answer.said, answer.said
+    # No Airflow metadata DB at all: nothing can be in flight, and none is asked.
+    monkeypatch.delenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
+    answer = prune.ask_airflow(encoderflow_home)
+    assert answer.asked and not answer.states and "no metadata DB here" in answer.said
+
+
+def test_the_cli_refuses_bad_numbers_and_a_home_without_runs(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["prune", "--keep", "0"])
+    assert "--keep: 0 is below 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["prune", "--older-than", "soon"])
+    assert "'soon' is not a number" in capsys.readouterr().err
+    assert cli.main(["prune"]) == 2
+    err = capsys.readouterr().err
+    assert "no runs under ENCODERFLOW_HOME=" in err and "set ENCODERFLOW_HOME" in err
+
+
+def test_dry_run_removes_nothing_and_says_what_would_go(encoderflow_home, capsys):
+    home = encoderflow_home
+    old = _run(home, "old", 30)
+    _run(home, "new", 1)
+    assert cli.main(["prune", "--keep", "1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert old.exists()
+    assert "would remove  run     runs/old: finished (no Airflow knows it)" in out
+    assert "no metadata DB here" in out and "MLflow: no registry here yet" in out
+    assert out.splitlines()[-1].startswith("would free ")
+    assert cli.main(["prune", "--keep", "1"]) == 0
+    assert not old.exists() and "removed       run     runs/old" in capsys.readouterr().out
