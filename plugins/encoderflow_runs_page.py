@@ -66,6 +66,9 @@ def data_docs(run_dir: Path) -> dict[str, str]:
 def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One entry per run: the Airflow run (if known) merged with its folder (if any), newest first.
 
+    A run whose folder ``encoderflow prune`` removed shows what it decided and measured from the
+    record prune kept (``pruned/<folder>.json``), with ``pruned_at``; its charts and Data Docs are gone.
+
     Args:
         home: ENCODERFLOW_HOME.
         dag_runs: Airflow runs of the DAG, newest first, as dicts with ``run_id``, ``state``,
@@ -79,56 +82,79 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
     for folder in folders:
         if not folder.is_dir():
             continue
-        entry = runs.setdefault(
-            folder.name,
-            {
-                "run_id": None,
-                "state": None,
-                "start_date": None,
-                "end_date": None,
-                "conf": {},
-                "mtime": folder.stat().st_mtime,
-            },
-        )
+        entry = runs.setdefault(folder.name, _unknown(folder.stat().st_mtime))
         entry["folder"] = folder.name
-        summary = _read_json(folder / "summary.json")
-        if summary and "metrics" in summary:  # a summary written before a metric's rename reads as today's
-            summary["metrics"] = current_names(summary["metrics"])
-        gate = _read_json(folder / "gate.json")
-        entry["summary"] = summary
-        if summary and not entry.get("run_id"):
-            entry["run_id"] = summary.get("run_id")
-        entry["run_id"] = entry.get("run_id") or folder.name
-        if summary and "unchanged" in summary:  # check_lineage short-circuited: nothing trained or gated
-            entry["unchanged"] = summary["unchanged"]
-            entry["metrics"] = summary.get("metrics", {})
-            entry["registry"] = {}
-            entry["preset"] = summary.get("preset")
-        elif summary:
-            entry["gate"] = {"blessed": summary["gate"].get("blessed"), "reasons": summary["gate"].get("reasons", [])}
-            entry["metrics"] = summary.get("metrics", {})
-            entry["registry"] = summary.get("registry", {})
-            entry["preset"] = summary.get("preset")
-        elif gate:
-            entry["gate"] = {"blessed": gate.get("blessed"), "reasons": gate.get("reasons", [])}
-            entry["metrics"] = {metric: gate.get(name) for name, metric in GATE_METRICS.items()}
-        if gate:
-            entry["checks"] = gate.get("checks", [])
-            entry["intervals"] = gate_intervals(gate)
         # A run cleared and finished since its failure shows none; one that failed after it finished
         # (a cleared task) shows that failure beside the summary it had.
         failure = _read_json(folder / "failure.json")
+        summary = _read_json(folder / "summary.json")
         if failure and summary and failure_outlived(folder):
             failure = None
-        entry["failure"] = failure if failure and entry.get("state") in ("failed", None) else None
-        entry["gate_chart"] = gate_figures(gate, summary)
+        _fill(entry, summary, _read_json(folder / "gate.json"), failure, folder.name)
         entry["curves"] = read_curves(folder)
         entry["data_docs"] = data_docs(folder)
+    pruned_root = home / "pruned"
+    records = sorted(pruned_root.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in records if pruned_root.is_dir() else []:
+        record = _read_json(path)
+        if not record or runs.get(path.stem, {}).get("folder"):
+            continue  # unreadable, or a run of that name wrote a folder again since
+        entry = runs.setdefault(path.stem, _unknown(path.stat().st_mtime))
+        _fill(entry, record.get("summary"), record.get("gate"), record.get("failure"), path.stem)
+        entry["pruned_at"] = record.get("pruned_at")
     # Airflow's runs first, newest first as given; then folders no Airflow run claims, newest first.
     out = list(runs.values())
     for entry in out:
         entry.setdefault("preset", (entry.get("conf") or {}).get("preset"))
     return out
+
+
+def _unknown(mtime: float) -> dict[str, Any]:
+    """The entry of a run folder (or pruned record) no Airflow run claims."""
+    return {
+        "run_id": None,
+        "state": None,
+        "start_date": None,
+        "end_date": None,
+        "conf": {},
+        "mtime": mtime,
+        "folder": None,
+    }
+
+
+def _fill(
+    entry: dict[str, Any],
+    summary: dict[str, Any] | None,
+    gate: dict[str, Any] | None,
+    failure: dict[str, Any] | None,
+    folder_name: str,
+) -> None:
+    """``entry``'s decision, metrics and registry from a run's ``summary.json``, ``gate.json`` and
+    ``failure.json`` (each None when absent), whether read from its folder or a pruned record."""
+    if summary and "metrics" in summary:  # a summary written before a metric's rename reads as today's
+        summary["metrics"] = current_names(summary["metrics"])
+    entry["summary"] = summary
+    if summary and not entry.get("run_id"):
+        entry["run_id"] = summary.get("run_id")
+    entry["run_id"] = entry.get("run_id") or folder_name
+    if summary and "unchanged" in summary:  # check_lineage short-circuited: nothing trained or gated
+        entry["unchanged"] = summary["unchanged"]
+        entry["metrics"] = summary.get("metrics", {})
+        entry["registry"] = {}
+        entry["preset"] = summary.get("preset")
+    elif summary:
+        entry["gate"] = {"blessed": summary["gate"].get("blessed"), "reasons": summary["gate"].get("reasons", [])}
+        entry["metrics"] = summary.get("metrics", {})
+        entry["registry"] = summary.get("registry", {})
+        entry["preset"] = summary.get("preset")
+    elif gate:
+        entry["gate"] = {"blessed": gate.get("blessed"), "reasons": gate.get("reasons", [])}
+        entry["metrics"] = {metric: gate.get(name) for name, metric in GATE_METRICS.items()}
+    if gate:
+        entry["checks"] = gate.get("checks", [])
+        entry["intervals"] = gate_intervals(gate)
+    entry["failure"] = failure if failure and entry.get("state") in ("failed", None) else None
+    entry["gate_chart"] = gate_figures(gate, summary)
 
 
 def _finite(value: Any) -> float | None:
@@ -766,7 +792,9 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
         cells.append("<span class='muted'>not registered</span>")
 
     docs = run.get("data_docs") or {}
-    if docs and run.get("folder"):
+    if run.get("pruned_at"):
+        cells.append(f"<span class='muted'>folder pruned {_e(str(run['pruned_at'])[:10])}</span>")
+    elif docs and run.get("folder"):
         cells.append(
             "<br>".join(
                 f"<a target='_blank' rel='noopener' href='runs/{quote(run['folder'])}/{_e(rel)}'>{_e(name)}</a>"

@@ -323,6 +323,9 @@ def test_two_runs_through_airflow(served, encoderflow_home, capsys):
     for run in (run2, run3, run4):
         assert f"removed       run     runs/{layout.safe_run_id(run)}: Airflow: " in out, out
     bundle.verify(summary5["artifacts"]["bundle"])
+    # The runs page still shows a pruned run's decision and metrics, from the record prune kept.
+    shown = {r["run_id"]: r for r in page.collect_runs(home)}[run2]
+    assert shown["pruned_at"] and shown["metrics"] == summary2["metrics"], shown
     assert Path(summary5["artifacts"]["shards_manifest"]).exists()
     assert {v.version for v in client.search_model_versions(f"name='{MODEL}'")} == versions
 

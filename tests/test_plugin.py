@@ -223,6 +223,38 @@ def test_runs_page_shows_decisions_metrics_history_and_links(encoderflow_home):
     assert f"{REJECTED_RUN}</code> <span class='muted'>(not in this Airflow)" in html
 
 
+def test_a_pruned_run_keeps_its_decision_and_metrics_on_the_page(encoderflow_home):
+    from encoderflow import prune
+
+    write_runs(encoderflow_home)
+    dag_runs = [{"run_id": BLESSED_RUN, "state": "success", "start_date": "2026-11-25T10:00:01", "end_date": None}]
+    before = {r["run_id"]: r for r in page.collect_runs(encoderflow_home, dag_runs)}
+    folders = {run: encoderflow_home / "runs" / page.safe_run_id(run) for run in (BLESSED_RUN, REJECTED_RUN)}
+    gone = [prune.Item("run", folder, "test") for folder in folders.values()]
+    assert len(prune.apply(encoderflow_home, prune.Plan(remove=gone)).remove) == 2
+    assert not any(folder.exists() for folder in folders.values())
+
+    runs = {r["run_id"]: r for r in page.collect_runs(encoderflow_home, dag_runs)}
+    assert list(runs) == list(before)  # the Airflow run, then the one no Airflow knows, as before
+    for run_id in (BLESSED_RUN, REJECTED_RUN):
+        was, now = before[run_id], runs[run_id]
+        assert now["pruned_at"] and now["folder"] is None and not now.get("data_docs")
+        for key in ("gate", "metrics", "registry", "intervals", "checks", "gate_chart"):
+            assert now[key] == was[key], key
+    html = page.render(list(runs.values()), REGISTRY, "encoderflow-sst2", None)
+    assert html.count("<span class='ok'>BLESSED</span>") == 1 and html.count("<span class='no'>NOT BLESSED</span>") == 1
+    assert "dev accuracy: <b>0.8120</b>" in html and "dev accuracy: <b>0.7010</b>" in html
+    assert html.count(f"folder pruned {runs[BLESSED_RUN]['pruned_at'][:10]}") == 2
+    for folder in folders.values():  # their Data Docs went with the folders: no dead links
+        assert f"runs/{folder.name}/data_docs" not in html
+    # A run of the same name that writes a folder again shows the folder, not the record.
+    (folders[REJECTED_RUN] / "summary.json").parent.mkdir(parents=True)
+    assert (
+        "pruned_at"
+        not in {r["run_id"]: r for r in page.collect_runs(encoderflow_home, dag_runs)}[page.safe_run_id(REJECTED_RUN)]
+    )
+
+
 def test_page_without_registry_or_mlflow_ui(encoderflow_home, monkeypatch):
     monkeypatch.delenv("ENCODERFLOW_MLFLOW_UI_URL", raising=False)
     write_runs(encoderflow_home)

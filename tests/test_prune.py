@@ -211,6 +211,29 @@ def test_apply_leaves_a_folder_being_written_and_a_shared_file_linked_since_the_
     assert not busy.exists() and not list(home.glob(".prune-*"))
 
 
+def test_a_pruned_run_leaves_a_record_of_its_decision_and_the_failure_it_ended_on(encoderflow_home):
+    home = encoderflow_home
+    reported = _run(home, "reported", 30, gate={"blessed": True}, metrics={"val_accuracy": 0.8})
+    (reported / "gate.json").write_text(json.dumps({"blessed": True, "checks": []}))
+    _run(home, "failed", 30, done="failure")
+    # A task of a finished run was cleared and failed, then the run finished again: no failure to show.
+    cleared = _run(home, "cleared", 30, done="failure")
+    (cleared / "summary.json").write_text(json.dumps({"run_id": "cleared"}))
+    _aged(reported, 30), _aged(cleared, 30), _aged(cleared / "failure.json", 31)
+    _run(home, "new", 1)
+    airflow = _airflow(reported="success", failed="failed", cleared="success", new="success")
+    p = prune.plan(home, keep=1, older_than_days=7, airflow=airflow, aliased=[], now=NOW)
+    assert sorted(i.path.name for i in prune.apply(home, p).remove) == ["cleared", "failed", "reported"]
+    records = {
+        name: json.loads((home / "pruned" / f"{name}.json").read_text()) for name in ("reported", "failed", "cleared")
+    }
+    assert records["reported"]["summary"]["metrics"] == {"val_accuracy": 0.8}
+    assert records["reported"]["gate"] == {"blessed": True, "checks": []} and records["reported"]["failure"] is None
+    assert records["failed"]["failure"] == {"task_id": "pretrain"} and records["failed"]["summary"] is None
+    assert records["cleared"]["failure"] is None and records["cleared"]["summary"] == {"run_id": "cleared"}
+    assert all(r["pruned_at"].startswith(time.strftime("%Y-", time.gmtime())) for r in records.values())
+
+
 def test_serving_copies_and_validation_sites_beyond_what_is_kept_go(encoderflow_home):
     home = encoderflow_home
     _run(home, "r", 1)

@@ -16,9 +16,11 @@ adds hundreds of MB. This module decides what goes, by rules a person can read b
 - A ``cache/files`` file goes once no run links to it any more; a ``serving/`` copy once its version
   is no alias's; ``validation/`` sites (``encoderflow validate``) beyond the newest ``keep``.
 
-The MLflow registry (versions and their bundles) and Airflow's metadata DB are the record and are
-never touched here (``airflow db clean`` trims the latter). Removal renames a folder out of sight
-first, so a reader sees the whole folder or none.
+A removed run folder leaves ``pruned/<folder>.json`` (its summary, gate decision and last failure,
+a few KB), so the runs page keeps showing what it decided. The MLflow registry (versions and their
+bundles) and Airflow's metadata DB are the record and are never touched here (``airflow db clean``
+trims the latter). Removal renames a folder out of sight first, so a reader sees the whole folder
+or none.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from encoderflow import DAG_ID, layout
+from encoderflow.errors import FAILURE_FILE, failure_outlived
 
 log = logging.getLogger(__name__)
 
@@ -457,6 +461,8 @@ def apply(home: Path, plan_: Plan) -> Plan:
                         done.notes.append(f"{path} is being written: left for the next prune")
                         continue
                     links.count(path)
+                    if item.kind == "run":
+                        keep_record(home, path)
                     os.replace(path, trash / f"{len(done.remove)}-{path.name}")
                 # Now, not with the trash folder: a shared file's links must be gone when it is judged.
                 shutil.rmtree(trash / f"{len(done.remove)}-{path.name}")
@@ -470,7 +476,23 @@ def apply(home: Path, plan_: Plan) -> Plan:
     return done
 
 
-def human(size: int) -> str:
+def keep_record(home: Path, folder: Path) -> Path:
+    """Keep what the runs page shows of a run whose folder goes, in ``pruned/<folder>.json``: its
+    ``summary.json``, ``gate.json`` and the failure it ended on (a few KB), with the time."""
+    summary, failure = _read(folder / "summary.json"), _read(folder / FAILURE_FILE)
+    if failure and summary and failure_outlived(folder):  # a cleared task failed, then the run finished
+        failure = None
+    record = {
+        "folder": folder.name,
+        "pruned_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "summary": summary,
+        "gate": _read(folder / "gate.json"),
+        "failure": failure,
+    }
+    return layout.write_json(home / "pruned" / f"{folder.name}.json", record)
+
+
+def human(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
