@@ -52,6 +52,7 @@ def _data(home: Path, dataset: str, name: str, days: float) -> Path:
     folder = home / "data" / dataset / name / "files"
     folder.mkdir(parents=True)
     (folder / "wiki.train.raw").write_text(name)
+    (folder / ".complete").write_text(name)  # as data.folders marks a finished copy
     return _aged(folder.parent, days)
 
 
@@ -68,56 +69,69 @@ def _judged(p: prune.Plan, kind: str) -> tuple[dict[str, str], dict[str, str]]:
 def test_run_folders_go_only_when_finished_old_and_not_an_aliased_versions(encoderflow_home):
     home = encoderflow_home
     _run(home, "new", 1)
-    _run(home, "running", 40, done="summary")  # a finished run cleared and running again
-    _run(home, "stopped", 31, done=None)  # no summary, no failure, and no Airflow knows it
+    _run(home, "stopped", 31, done=None)  # no summary, and no Airflow knows it
     _run(home, "champion", 60, registry={"version": "1"})
     _run(home, "recent", 3)
     _run(home, "failed", 20, done="failure")
     _run(home, "old", 32)
-    _run(home, "orphan", 33, done="failure")  # finished by its files; no Airflow knows it
-    airflow = _airflow(
-        new="success", running="running", champion="success", recent="success", failed="failed", old="success"
-    )
+    _run(home, "orphan", 33)  # no Airflow knows it; its summary says it finished
+    _run(home, "orphan-failed", 34, done="failure")  # no Airflow knows it; a failure: maybe retrying
+    for name, key, days in (("resumable", "k1", 35), ("superseded", "k2", 36), ("finished-k2", None, 37)):
+        folder = _run(home, name, 0, done="failure" if key else "summary")
+        if key:
+            (folder / "pretrain" / "backup").mkdir()
+            (folder / "pretrain" / "backup" / "KEY").write_text(key)
+        else:
+            (folder / "pretrain" / "result.json").write_text(json.dumps({"key": "k2"}))
+        _aged(folder, days)
+    states = dict(new="success", champion="success", recent="success", failed="failed", old="success")
+    states |= {"resumable": "failed", "superseded": "failed", "finished-k2": "success"}
     aliased = [prune.Aliased("encoderflow-sst2", "1", "champion", "champion")]
 
-    p = prune.plan(home, keep=1, older_than_days=7, airflow=airflow, aliased=aliased, now=NOW)
+    p = prune.plan(home, keep=1, older_than_days=7, airflow=_airflow(**states), aliased=aliased, now=NOW)
     removed, kept = _judged(p, "run")
     assert removed == {
         "failed": "Airflow: failed",
         "old": "Airflow: success",
-        "orphan": "finished (no Airflow knows it)",
+        "orphan": "no Airflow knows it; its summary.json says it finished",
+        "superseded": "Airflow: failed",
+        "finished-k2": "Airflow: success",
     }
     assert kept == {
         "new": "one of the newest 1",
-        "running": "Airflow: running",
-        "stopped": "Airflow: unknown, and no summary.json or failure.json",
+        "stopped": "no Airflow knows it, and it has no summary.json",
+        "orphan-failed": "no Airflow knows it, and it has no summary.json",
         "champion": "registered encoderflow-sst2 v1 (champion)",
         "recent": "changed within the age limit",
+        "resumable": "holds the backup of a pretraining no run has finished since (the next run resumes it)",
     }
-    assert "in flight: running" in p.notes[0]
+    assert p.notes == ["Airflow test; none in flight"]
 
     # MLflow not asked: a run that registered any version stays, as it might hold an alias.
-    p = prune.plan(home, keep=1, older_than_days=7, airflow=airflow, aliased=None, now=NOW)
+    p = prune.plan(home, keep=1, older_than_days=7, airflow=_airflow(**states), aliased=None, now=NOW)
     assert _judged(p, "run")[1]["champion"].startswith("registered a version (MLflow could not be asked")
     # A larger keep keeps the newest by their last change, whatever Airflow says.
-    p = prune.plan(home, keep=4, older_than_days=0, airflow=airflow, aliased=aliased, now=NOW)
-    removed, kept = _judged(p, "run")
-    assert set(removed) == {"old", "orphan"}
-    assert sorted(n for n, why in kept.items() if why == "one of the newest 4") == [
-        "failed",
-        "new",
-        "recent",
-        "stopped",
-    ]
-    assert kept["running"] == "Airflow: running" and kept["champion"].startswith("registered")
+    p = prune.plan(home, keep=4, older_than_days=0, airflow=_airflow(**states), aliased=aliased, now=NOW)
+    newest = sorted(n for n, why in _judged(p, "run")[1].items() if why == "one of the newest 4")
+    assert newest == ["failed", "new", "recent", "stopped"]
+
+    # A run in flight may reuse or resume any run folder's results; an Airflow not asked may have one.
+    for airflow in (
+        _airflow(**{**states, "old": "running"}),
+        prune.AirflowRuns({}, False, "Airflow not asked: make stack's PostgreSQL is not running"),
+    ):
+        p = prune.plan(home, keep=1, older_than_days=0, airflow=airflow, aliased=aliased, now=NOW)
+        assert not [i for i in p.remove if i.kind in prune.SHARED_BY_RUNS] and not _judged(p, "run")[1]
+        assert p.notes[0].endswith("so runs/, data/ and shards/ are kept"), p.notes
 
 
-def test_downloads_and_shards_go_only_when_no_kept_run_used_them_and_nothing_is_in_flight(encoderflow_home):
+def test_downloads_and_shards_go_only_when_no_kept_run_used_them(encoderflow_home):
     home = encoderflow_home
     new_data = _data(home, "corpus", "bbbb", 10)
     used_data = _data(home, "corpus", "aaaa", 30)
     stale_data = _data(home, "corpus", "cccc", 40)
     only_labeled = _data(home, "labeled", "dddd", 50)
+    trained = _aged(_mk(home / "data" / "vocab-trained" / "eeee" / "vocab.txt"), 50)  # no completion marker
     kept_shards = _shards(home, "s-kept", 30, [str(used_data / "files" / "wiki.train.raw")])
     by_hash = _shards(home, "s-hash", 30)
     stale_shards = _shards(home, "s-stale", 30, [str(stale_data / "files" / "wiki.train.raw")])
@@ -128,33 +142,32 @@ def test_downloads_and_shards_go_only_when_no_kept_run_used_them_and_nothing_is_
     (failed / "pretrain" / "result.json").write_text(
         json.dumps({"config": {"manifest": layout.sha256_file(by_hash / "manifest.json")}})
     )
+    _aged(failed, 2)
     airflow = _airflow(kept="success", gone="success", failed="failed")
 
-    p = prune.plan(home, keep=1, older_than_days=7, airflow=airflow, aliased=[], now=NOW)
+    p = prune.plan(home, keep=2, older_than_days=7, airflow=airflow, aliased=[], now=NOW)
     assert _judged(p, "run")[0] == {"gone": "Airflow: success"}
-    removed, kept = _judged(p, "shards")
-    assert removed == {"s-stale": "no kept run used them"}
-    assert kept == {"s-kept": "used by a kept run", "s-hash": "used by a kept run"}
-    removed, kept = _judged(p, "data")
-    assert removed == {"cccc": "an older download no kept shards were built from"}
-    assert kept == {
-        "bbbb": "the newest download of it",
-        "aaaa": "kept shards were built from it",
-        "dddd": "the newest download of it",
-    }
-    assert new_data.exists() and only_labeled.exists()
-
-    # A run in flight may read any download or shard: none goes, and the report says why.
-    p = prune.plan(
-        home, keep=1, older_than_days=7, airflow=_airflow(kept="running", gone="success"), aliased=[], now=NOW
+    assert _judged(p, "shards") == (
+        {"s-stale": "no kept run used them"},
+        {"s-kept": "used by a kept run", "s-hash": "used by a kept run"},
     )
-    assert not _judged(p, "shards")[0] and not _judged(p, "data")[0]
-    assert "downloads (data/) and shards (shards/) are kept: a run is in flight" in p.notes
-    # Airflow not asked: the same, and run folders are judged by their files.
-    unasked = prune.AirflowRuns({}, False, "Airflow x: could not list the runs of encoder_pretraining (boom)")
-    p = prune.plan(home, keep=1, older_than_days=7, airflow=unasked, aliased=[], now=NOW)
-    assert not _judged(p, "shards")[0] and "(boom): run folders are judged by their files" in p.notes[0]
-    assert _judged(p, "run")[0] == {"gone": "finished (no Airflow knows it)"}
+    assert _judged(p, "data") == (
+        {"cccc": "an older download no kept shards were built from"},
+        {
+            "bbbb": "the newest download of it",
+            "aaaa": "kept shards were built from it",
+            "dddd": "the newest download of it",
+        },
+    )
+    assert new_data.exists() and only_labeled.exists() and trained.name not in str(p.remove)
+
+    # A kept run stopped in pretraining before it recorded its shards: clearing it reads them, so all stay.
+    stopped = _run(home, "stopped", 1, done="failure")
+    p = prune.plan(
+        home, keep=3, older_than_days=7, airflow=_airflow(stopped="failed", **airflow.states), aliased=[], now=NOW
+    )
+    assert not _judged(p, "shards")[0]
+    assert _judged(p, "shards")[1]["s-stale"] == f"kept run {stopped.name} began pretraining and records no shards"
 
 
 def test_shared_files_go_with_their_last_run_and_the_freed_bytes_count_each_file_once(encoderflow_home):
@@ -188,27 +201,33 @@ def test_shared_files_go_with_their_last_run_and_the_freed_bytes_count_each_file
     assert not list(home.glob(".prune-*"))  # the trash folder went with what was in it
 
 
-def test_apply_leaves_a_folder_being_written_and_a_shared_file_linked_since_the_plan(encoderflow_home):
+def test_apply_puts_back_what_a_run_started_since_the_plan_may_read_and_keeps_a_file_linked_since(encoderflow_home):
     home = encoderflow_home
-    busy = _run(home, "busy", 30)
-    _run(home, "new", 1)
+    old = _run(home, "old", 30)
+    _run(home, "new", 1, artifacts={"shards_manifest": str(home / "shards" / "s-new" / "manifest.json")})
+    shards = _shards(home, "s-old", 30)
+    served = _aged(_mk(home / "serving" / "encoderflow-sst2" / "v9" / "bundle.json"), 30)
     store = home / "cache" / "files"
     store.mkdir(parents=True)
     (store / "lonely").write_bytes(b"y" * 10)
-    p = prune.plan(
-        home, keep=1, older_than_days=7, airflow=_airflow(busy="success", new="success"), aliased=[], now=NOW
-    )
-    assert {i.path.name for i in p.remove} == {"busy", "lonely"}
+    airflow = _airflow(old="success", new="success")
+    p = prune.plan(home, keep=1, older_than_days=7, airflow=airflow, aliased=[], now=NOW)
+    assert {i.path.name for i in p.remove} == {"old", "s-old", "v9", "lonely"}
     os.link(store / "lonely", home / "runs" / "new" / "lonely")  # a run shared a file after the plan
-    with layout.writing_in(busy):
-        done = prune.apply(home, p)
-    assert busy.exists() and (store / "lonely").exists()
-    assert done.remove == [] and done.freed == 0
-    assert f"{busy} is being written: left for the next prune" in done.notes
-    # The next prune, with the writer gone, removes it; a killed prune's trash is swept.
-    (home / ".prune-killed").mkdir()
-    assert [i.path.name for i in prune.apply(home, p).remove] == ["busy"]
-    assert not busy.exists() and not list(home.glob(".prune-*"))
+
+    started = _airflow(old="success", new="success", next="queued")
+    done = prune.apply(home, p, recheck=lambda: started)
+    assert old.exists() and shards.exists() and (store / "lonely").exists() and not served.exists()
+    assert [i.path.name for i in done.remove] == ["v9"]
+    assert "Airflow test: a run may have started, so runs/, data/ and shards/ were put back" in done.notes
+    assert not (home / "pruned" / "old.json").exists()  # its record went with the removal it belonged to
+    assert not list(home.rglob(f"{prune.TRASH}*"))
+
+    # The next prune, with no run in flight, removes them; a killed prune's hidden folder goes too.
+    (home / "runs" / f"{prune.TRASH}killed").mkdir()
+    p = prune.plan(home, keep=1, older_than_days=7, airflow=airflow, aliased=[], now=NOW)
+    assert sorted(i.path.name for i in prune.apply(home, p, recheck=lambda: airflow).remove) == ["old", "s-old"]
+    assert not old.exists() and not shards.exists() and not list(home.rglob(f"{prune.TRASH}*"))
 
 
 def test_a_pruned_run_leaves_a_record_of_its_decision_and_the_failure_it_ended_on(encoderflow_home):
@@ -260,18 +279,19 @@ def _mk(path: Path) -> Path:
     return path.parents[0]
 
 
-def test_an_airflow_that_cannot_list_its_runs_is_said_and_asked_false(encoderflow_home, monkeypatch, tmp_path):
-    # A metadata DB with no tables: Airflow's own CLI fails, and the report carries its last line.
+def test_an_airflow_that_cannot_list_its_runs_or_none_at_all_is_not_asked(encoderflow_home, monkeypatch, tmp_path):
+    # A metadata DB with no tables: Airflow's own CLI fails, and the report carries its error line.
     monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{tmp_path / 'empty.db'}")
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
     answer = prune.ask_airflow(encoderflow_home)
     assert answer.asked is False and answer.states == {}
-    said = f"Airflow sqlite:///{tmp_path / 'empty.db'}: could not list the runs of encoder_pretraining ("
+    said = "Airflow of this environment (AIRFLOW_HOME, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN): could not list the runs"
     assert answer.said.startswith(said) and "airflow db migrate" in answer.said, answer.said
-    # No Airflow metadata DB at all: nothing can be in flight, and none is asked.
+    # No Airflow found for this home: its runs' states are unknown, and the fix is named.
     monkeypatch.delenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
+    monkeypatch.delenv("AIRFLOW_HOME")
     answer = prune.ask_airflow(encoderflow_home)
-    assert answer.asked and not answer.states and "no metadata DB here" in answer.said
+    assert not answer.asked and "no Airflow metadata DB found for this home: set AIRFLOW_HOME" in answer.said
 
 
 def test_the_cli_refuses_bad_numbers_and_a_home_without_runs(capsys):
@@ -286,15 +306,22 @@ def test_the_cli_refuses_bad_numbers_and_a_home_without_runs(capsys):
     assert "no runs under ENCODERFLOW_HOME=" in err and "set ENCODERFLOW_HOME" in err
 
 
-def test_dry_run_removes_nothing_and_says_what_would_go(encoderflow_home, capsys):
+def test_the_cli_prunes_nothing_shared_by_runs_when_no_airflow_is_found_and_says_so(
+    encoderflow_home, capsys, monkeypatch
+):
+    monkeypatch.delenv("AIRFLOW_HOME", raising=False)
+    monkeypatch.delenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", raising=False)
     home = encoderflow_home
     old = _run(home, "old", 30)
     _run(home, "new", 1)
-    assert cli.main(["prune", "--keep", "1", "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert old.exists()
-    assert "would remove  run     runs/old: finished (no Airflow knows it)" in out
-    assert "no metadata DB here" in out and "MLflow: no registry here yet" in out
-    assert out.splitlines()[-1].startswith("would free ")
-    assert cli.main(["prune", "--keep", "1"]) == 0
-    assert not old.exists() and "removed       run     runs/old" in capsys.readouterr().out
+    site = home / "validation" / "20260101T000000"
+    for stamp in (site.name, "20260102T000000"):  # the newest --keep stay
+        _aged(_mk(home / "validation" / stamp / "corpus" / "index.html").parent, 30)
+    for flags in (["--dry-run"], []):
+        assert cli.main(["prune", "--keep", "1", *flags]) == 0
+        out = capsys.readouterr().out
+        assert old.exists() and "no Airflow metadata DB found for this home" in out, out
+        assert "so runs/, data/ and shards/ are kept" in out and "MLflow (no registry here yet)" in out
+        assert out.splitlines()[-1].startswith(("would free" if flags else "freed") + " ")
+        assert "2 run folder(s) " in out.splitlines()[-1]
+    assert "removed       validation validation/20260101T000000" in out and not site.exists()

@@ -396,12 +396,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise EncoderflowError(
             f"no runs under ENCODERFLOW_HOME={home}", fix="set ENCODERFLOW_HOME to the folder your runs used"
         )
-    airflow = prune.ask_airflow(home)
-    with _interactive_mlflow():
-        aliased, mlflow_said = prune.aliased_versions(home)
-    plan = prune.plan(home, args.keep, args.older_than, airflow, aliased)
-    if not args.dry_run:
-        plan = prune.apply(home, plan)
+    with prune.only_prune(home) as alone:
+        if not alone:
+            raise EncoderflowError(
+                f"another encoderflow prune is at work in {home}", fix="let it finish, then run again"
+            )
+        airflow = prune.ask_airflow(home)
+        with _interactive_mlflow():
+            aliased, mlflow_said = prune.aliased_versions(home)
+        plan = prune.plan(home, args.keep, args.older_than, airflow, aliased)
+        if not args.dry_run:
+            plan = prune.apply(home, plan, recheck=lambda: prune.ask_airflow(home))
     for line in prune.report_lines(home, plan, args.dry_run, [mlflow_said]):
         print(line)
     return 0

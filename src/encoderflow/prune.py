@@ -5,14 +5,17 @@ Every run keeps a folder (``runs/<run_id>``), and the content-addressed caches (
 the bundles ``predict`` served under ``serving/``) only ever grow. A daily run at the guide preset
 adds hundreds of MB. This module decides what goes, by rules a person can read back in its report:
 
+- Nothing under ``runs/``, ``data/`` or ``shards/`` goes while a run is in flight (it may reuse an
+  older run's results or resume its backup, and read any download or shard set), nor when no
+  Airflow could be asked; Airflow is asked again just before anything there is deleted.
 - A run folder goes when Airflow says its run finished (success or failed) or, for a folder no
-  Airflow knows, when it holds a ``summary.json`` or ``failure.json``; and it is not among the
-  newest ``keep``; and nothing in it changed for ``older_than``; and it did not register the version
-  an alias (``champion``, ``previous``) points to: the champion's training logs and Data Docs stay.
-- Downloads and shards are shared by every run, and a run in flight may read any of them, so they
-  are pruned only when Airflow was asked and no run is in flight: those no kept run used (by a
-  kept run's record of them), untouched for ``older_than``; the newest download of each dataset
-  stays.
+  Airflow knows, when its ``summary.json`` says it finished; and it is not among the newest
+  ``keep``; and nothing in it changed for ``older_than``; and it did not register the version an
+  alias (``champion``, ``previous``) points to (the champion's training logs and Data Docs stay);
+  and it holds no pretraining backup that no run has finished since.
+- Downloads and shard sets go when no kept run used them (by a kept run's record of them),
+  untouched for ``older_than``; the newest download of each dataset stays, and every shard set
+  stays while a kept run that may have pretrained records none.
 - A ``cache/files`` file goes once no run links to it any more; a ``serving/`` copy once its version
   is no alias's; ``validation/`` sites (``encoderflow validate``) beyond the newest ``keep``.
 
@@ -26,6 +29,7 @@ or none.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -33,14 +37,16 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from encoderflow import DAG_ID, layout
+from encoderflow.data.folders import COMPLETE
 from encoderflow.errors import FAILURE_FILE, failure_outlived
+from encoderflow.train.pretrain import BACKUP_KEY
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,6 @@ class Item:
     kind: str
     path: Path
     why: str
-    last_change: float = 0.0
 
 
 @dataclass
@@ -93,15 +98,17 @@ def last_change(path: Path) -> float:
     return newest
 
 
-def _airflow_envs(home: Path) -> list[tuple[str, dict[str, str]]]:
-    """The Airflows whose runs write into ``home``, each as (label, environment).
+def _airflow_envs(home: Path) -> tuple[list[tuple[str, dict[str, str]]], str | None]:
+    """The Airflows whose runs write into ``home``, each as (label, environment), and why one that
+    may hold runs cannot be asked (None: all can).
 
-    The environment's own Airflow when it names a metadata DB (a deployment's container); else the
-    embedded one of ``encoderflow run`` / ``make airflow`` (if its DB exists) and the native stack's
-    (``make stack``, if it is up).
+    The environment's own Airflow when it names one (``AIRFLOW_HOME`` or the metadata DB's
+    settings: a deployment's container, the scheduler's host); else the embedded one of
+    ``encoderflow run`` / ``make airflow`` (if its DB exists) and the native stack's (``make stack``).
     """
-    if os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"):
-        return [(os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].split("@")[-1], dict(os.environ))]
+    named = [k for k in os.environ if k == "AIRFLOW_HOME" or k.startswith("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")]
+    if named:
+        return [(f"of this environment ({', '.join(sorted(named))})", dict(os.environ))], None
     from encoderflow.cli import airflow_env
 
     envs = []
@@ -111,27 +118,34 @@ def _airflow_envs(home: Path) -> list[tuple[str, dict[str, str]]]:
         from encoderflow.stack import Stack
 
         stack = Stack(home)
-        if stack.alive("postgres"):
-            envs.append(("make stack (PostgreSQL)", stack.env("scheduler")))
-    return envs
+        if not stack.alive("postgres"):
+            return envs, "make stack's PostgreSQL is not running, and its runs' states are there (make stack)"
+        envs.append(("make stack (PostgreSQL)", stack.env("scheduler")))
+    if not envs:
+        return envs, (
+            "no Airflow metadata DB found for this home: set AIRFLOW_HOME or "
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN to the one its runs used"
+        )
+    return envs, None
 
 
 def ask_airflow(home: Path, dag_id: str = DAG_ID) -> AirflowRuns:
     """The state of every run of ``dag_id`` that the Airflows writing into ``home`` know
-    (``airflow dags list-runs``, Airflow's own CLI), by run folder name."""
-    envs = _airflow_envs(home)
-    if not envs:
-        return AirflowRuns(
-            {}, True, "Airflow: no metadata DB here (no run of encoderflow run, make airflow or make stack)"
-        )
+    (``airflow dags list-runs``, Airflow's own CLI), by run folder name. Not asked (``asked``
+    False) when one of them cannot be: then no run is known not to be in flight."""
+    envs, problem = _airflow_envs(home)
+    if problem:
+        return AirflowRuns({}, False, f"Airflow not asked: {problem}")
     states: dict[str, str] = {}
     said = []
     for label, env in envs:
         runs = _list_runs(env, dag_id)
         if isinstance(runs, str):
-            return AirflowRuns(states, False, f"Airflow {label}: could not list the runs of {dag_id} ({runs})")
+            return AirflowRuns({}, False, f"Airflow {label}: could not list the runs of {dag_id} ({runs})")
         for run in runs:
-            states[layout.safe_run_id(run["run_id"])] = run["state"]
+            name = layout.safe_run_id(run["run_id"])
+            if states.get(name) not in IN_FLIGHT:  # two run ids of one folder name: one in flight holds it
+                states[name] = run["state"]
         said.append(f"{label}: {len(runs)} runs")
     return AirflowRuns(states, True, "Airflow " + "; ".join(said))
 
@@ -141,7 +155,10 @@ def _list_runs(env: dict[str, str], dag_id: str) -> list[dict[str, Any]] | str:
     warnings to standard output too; the JSON is its one line that starts with ``[``."""
     cmd = [sys.executable, "-m", "airflow", "dags", "list-runs", dag_id, "-o", "json"]
     # Its warnings (graphviz missing, say) would be lines of standard output too.
-    proc = subprocess.run(cmd, env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
+    try:
+        proc = subprocess.run(cmd, env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "no answer in 300 s: is its metadata DB up?"
     lines = proc.stdout.splitlines()
     if proc.returncode == 0:
         for line in lines:
@@ -171,25 +188,44 @@ class Aliased:
 
 def aliased_versions(home: Path) -> tuple[list[Aliased] | None, str]:
     """Every version the ``champion`` or ``previous`` alias of any registered model points to, and a
-    line for the report; None when MLflow could not be asked (the caller then keeps more).
+    line for the report; None when an MLflow the runs registered in could not be asked (the caller
+    then keeps every run that registered a version).
 
-    The MLflow asked is the environment's (``MLFLOW_TRACKING_URI``), else the native stack's server
-    when ``home`` has one (with the workers' login), else the embedded store.
+    Asked: the environment's MLflow (``MLFLOW_TRACKING_URI``), else the embedded store (if it
+    exists) and the native stack's server (with the workers' login); and every other tracking URI a
+    run folder's ``summary.json`` records.
     """
     from encoderflow import registry
 
-    if not os.environ.get("MLFLOW_TRACKING_URI") and (home / "stack" / "secrets.json").exists():
-        from encoderflow.stack import Stack
+    stores: dict[str, dict[str, str]] = {}  # tracking URI -> the environment to ask it with
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        stores[uri] = {}
+    else:
+        if not registry.no_store():
+            stores[registry.embedded_uri()] = {}
+        if (home / "stack" / "secrets.json").exists():
+            from encoderflow.stack import Stack
 
-        stack = Stack(home)
-        if not stack.alive("mlflow"):
-            return None, "MLflow of make stack: not running, not asked (make stack starts it)"
-        env = stack.env("worker-default")
-        with _environ({k: env[k] for k in env if k.startswith("MLFLOW_")}):
-            return _aliased(registry)
-    if registry.no_store():
-        return [], "MLflow: no registry here yet"
-    return _aliased(registry)
+            stack = Stack(home)
+            if not stack.alive("mlflow"):
+                return None, "MLflow of make stack: not running, not asked (make stack starts it)"
+            env = stack.env("worker-default")
+            stores[stack.mlflow_url] = {k: env[k] for k in env if k.startswith("MLFLOW_")}
+    for summary in (home / "runs").glob("*/summary.json"):
+        recorded = ((_read(summary) or {}).get("registry") or {}).get("tracking_uri")
+        # A SQLite store that is gone holds no alias (and asking would create it empty).
+        gone = recorded and recorded.startswith("sqlite:///") and not Path(recorded[len("sqlite:///") :]).exists()
+        if recorded and recorded not in stores and not gone:
+            stores[recorded] = {}
+    found: list[Aliased] = []
+    for uri, env in stores.items():
+        with _environ({**env, "MLFLOW_TRACKING_URI": uri}):
+            aliased, said = _aliased(registry)
+        if aliased is None:
+            return None, said
+        found += aliased
+    said = ", ".join(f"{a.model} v{a.version} ({a.alias})" for a in found) or "no aliased version"
+    return found, f"MLflow ({', '.join(stores) or 'no registry here yet'}): {said}"
 
 
 @contextlib.contextmanager
@@ -216,9 +252,8 @@ def _aliased(registry) -> tuple[list[Aliased] | None, str]:
                     run = c.get_model_version(model.name, version).tags.get("airflow.run_id")
                     found.append(Aliased(model.name, str(version), alias, run and layout.safe_run_id(run)))
     except Exception as exc:  # any failure to ask: keep more, never less
-        return None, f"MLflow at {registry.tracking_uri()}: not asked ({str(exc).splitlines()[0][:200]})"
-    said = ", ".join(f"{a.model} v{a.version} ({a.alias})" for a in found) or "no aliased version"
-    return found, f"MLflow at {registry.tracking_uri()}: {said}"
+        return None, f"MLflow at {registry.tracking_uri()}: could not be asked ({str(exc).splitlines()[0][:200]})"
+    return found, ""
 
 
 def _registered(folder: Path) -> bool:
@@ -254,19 +289,15 @@ def plan(
     now = time.time() if now is None else now
     cutoff = now - older_than_days * DAY
     out = Plan()
-    if airflow.asked:
+    if not airflow.asked:
+        out.notes.append(f"{airflow.said}; so runs/, data/ and shards/ are kept")
+    elif airflow.in_flight:
         out.notes.append(
-            airflow.said + (f"; in flight: {', '.join(airflow.in_flight)}" if airflow.in_flight else "; none in flight")
+            f"{airflow.said}; in flight: {', '.join(airflow.in_flight)}; so runs/, data/ and shards/ are kept"
         )
     else:
-        out.notes.append(airflow.said + ": run folders are judged by their files; downloads and shards are kept")
-    kept_runs = _plan_runs(home, keep, cutoff, airflow, aliased, out)
-    idle = airflow.asked and not airflow.in_flight
-    if idle:
-        _plan_caches(home, kept_runs, cutoff, out)
-    else:
-        why = "a run is in flight" if airflow.asked else "Airflow could not be asked"
-        out.notes.append(f"downloads (data/) and shards (shards/) are kept: {why}")
+        out.notes.append(f"{airflow.said}; none in flight")
+        _plan_caches(home, _plan_runs(home, keep, cutoff, airflow, aliased, out), cutoff, out)
     _plan_serving(home, aliased, cutoff, out)
     _plan_validation(home, keep, cutoff, out)
     _plan_shared_files(home, out)
@@ -281,50 +312,71 @@ def _plan_runs(
     aliased: list[Aliased] | None,
     out: Plan,
 ) -> list[Path]:
+    """Judge each run folder (Airflow was asked and no run is in flight); returns the kept ones."""
     protected = {a.run: a.why for a in aliased or [] if a.run}
     root = home / "runs"
     folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
     changed = {p: last_change(p) for p in folders}
+    finished_keys = {result.get("key") for result in (_read(f / "pretrain" / "result.json") for f in folders) if result}
     kept: list[Path] = []
     for rank, folder in enumerate(sorted(folders, key=lambda p: changed[p], reverse=True)):
         state = airflow.states.get(folder.name)
-        if state is None and ((folder / "summary.json").exists() or (folder / "failure.json").exists()):
-            finished, said = True, "finished (no Airflow knows it)"
+        if state is None:  # no Airflow knows it: its summary, written last, says it finished
+            finished, said = _reported(folder), "no Airflow knows it; its summary.json says it finished"
         else:
-            finished, said = state in FINISHED, f"Airflow: {state or 'unknown, and no summary.json or failure.json'}"
+            finished, said = state in FINISHED, f"Airflow: {state}"
+        backup = _read_text(folder / "pretrain" / "backup" / BACKUP_KEY)
         if rank < keep:
             why = f"one of the newest {keep}"
         elif not finished:
-            why = said
+            why = said if state else "no Airflow knows it, and it has no summary.json"
         elif folder.name in protected:
             why = protected[folder.name]
         elif aliased is None and _registered(folder):
             why = "registered a version (MLflow could not be asked which ones are aliased)"
         elif changed[folder] > cutoff:
             why = "changed within the age limit"
+        elif backup and not (folder / "pretrain" / "result.json").exists() and backup not in finished_keys:
+            why = "holds the backup of a pretraining no run has finished since (the next run resumes it)"
         else:
-            out.remove.append(Item("run", folder, said, changed[folder]))
+            out.remove.append(Item("run", folder, said))
             continue
         kept.append(folder)
-        out.keep.append(Item("run", folder, why, changed[folder]))
+        out.keep.append(Item("run", folder, why))
     return kept
 
 
-def _used_by(kept_runs: Iterable[Path]) -> tuple[set[str], set[str]]:
-    """The shards manifests (by path, and by sha256) the kept runs record."""
-    paths, hashes = set(), set()
+def _reported(folder: Path) -> bool:
+    """Whether ``folder``'s run finished by its files: a summary, and no failure since it."""
+    return (folder / "summary.json").exists() and (not (folder / FAILURE_FILE).exists() or failure_outlived(folder))
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _used_by(kept_runs: Iterable[Path]) -> tuple[set[str], set[str], list[str]]:
+    """The shards manifests (by path, and by sha256) the kept runs record, and the kept runs that
+    began pretraining but record none (one stopped in ``pretrain``: clearing it reads its shards)."""
+    paths, hashes, unrecorded = set(), set(), []
     for folder in kept_runs:
         summary = _read(folder / "summary.json") or {}
-        if manifest := (summary.get("artifacts") or {}).get("shards_manifest"):
+        manifest = (summary.get("artifacts") or {}).get("shards_manifest")
+        if manifest:
             paths.add(str(Path(manifest).parent.resolve()))
-        pretrain = _read(folder / "pretrain" / "result.json") or {}
-        if digest := (pretrain.get("config") or {}).get("manifest"):
+        digest = ((_read(folder / "pretrain" / "result.json") or {}).get("config") or {}).get("manifest")
+        if digest:
             hashes.add(digest)
-    return paths, hashes
+        if not manifest and not digest and (folder / "pretrain").is_dir():
+            unrecorded.append(folder.name)
+    return paths, hashes, unrecorded
 
 
 def _plan_caches(home: Path, kept_runs: list[Path], cutoff: float, out: Plan) -> None:
-    paths, hashes = _used_by(kept_runs)
+    paths, hashes, unrecorded = _used_by(kept_runs)
     inputs: set[str] = set()
     shards_root = home / "shards"
     for folder in sorted(shards_root.iterdir()) if shards_root.is_dir() else []:
@@ -332,16 +384,26 @@ def _plan_caches(home: Path, kept_runs: list[Path], cutoff: float, out: Plan) ->
             continue
         manifest = folder / "manifest.json"
         used = str(folder.resolve()) in paths or (manifest.exists() and layout.sha256_file(manifest) in hashes)
+        if unrecorded and not used:
+            used, why = True, f"kept run {unrecorded[0]} began pretraining and records no shards"
+        else:
+            why = "used by a kept run"
         changed = last_change(folder)
         if used or changed > cutoff:
-            out.keep.append(Item("shards", folder, "used by a kept run" if used else "changed within the age limit"))
+            out.keep.append(Item("shards", folder, why if used else "changed within the age limit"))
             for _, path, _ in (_read(manifest) or {}).get("inputs", []):
                 inputs.add(str(Path(path).resolve()))
         else:
-            out.remove.append(Item("shards", folder, "no kept run used them", changed))
+            out.remove.append(Item("shards", folder, "no kept run used them"))
     data_root = home / "data"
     for dataset in sorted(data_root.iterdir()) if data_root.is_dir() else []:
-        versions = [p for p in dataset.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        # Only a finished extraction of a pinned archive or copy of your own data (their markers); a
+        # trained vocabulary, a bare file download (the 230 KB vocabulary) and one in progress stay.
+        versions = [
+            p
+            for p in dataset.iterdir()
+            if not p.name.startswith(".") and any((p / sub / COMPLETE).is_file() for sub in ("files", "extracted"))
+        ]
         changed = {p: last_change(p) for p in versions}
         for rank, folder in enumerate(sorted(versions, key=lambda p: changed[p], reverse=True)):
             used = any(path.startswith(str(folder.resolve()) + os.sep) for path in inputs)
@@ -355,9 +417,7 @@ def _plan_caches(home: Path, kept_runs: list[Path], cutoff: float, out: Plan) ->
                 )
                 out.keep.append(Item("data", folder, why))
             else:
-                out.remove.append(
-                    Item("data", folder, "an older download no kept shards were built from", changed[folder])
-                )
+                out.remove.append(Item("data", folder, "an older download no kept shards were built from"))
 
 
 def _plan_serving(home: Path, aliased: list[Aliased] | None, cutoff: float, out: Plan) -> None:
@@ -375,7 +435,7 @@ def _plan_serving(home: Path, aliased: list[Aliased] | None, cutoff: float, out:
                 why = "an aliased version" if (model.name, folder.name) in served else "changed within the age limit"
                 out.keep.append(Item("serving", folder, why))
             else:
-                out.remove.append(Item("serving", folder, "no alias points to this version", changed))
+                out.remove.append(Item("serving", folder, "no alias points to this version"))
 
 
 def _plan_validation(home: Path, keep: int, cutoff: float, out: Plan) -> None:
@@ -394,7 +454,7 @@ def _plan_validation(home: Path, keep: int, cutoff: float, out: Plan) -> None:
                 )
             )
         else:
-            out.remove.append(Item("validation", folder, "an older encoderflow validate site", changed))
+            out.remove.append(Item("validation", folder, "an older encoderflow validate site"))
 
 
 class _Links:
@@ -430,7 +490,7 @@ def _plan_shared_files(home: Path, out: Plan) -> None:
     store = home / "cache" / "files"
     for path in sorted(store.iterdir()) if store.is_dir() else []:
         if links.last_link(path):
-            out.remove.append(Item("shared file", path, "no run holds it any more", path.lstat().st_mtime))
+            out.remove.append(Item("shared file", path, "no run holds it any more"))
             links.count(path)
     out.freed = links.freed
 
@@ -441,39 +501,78 @@ def _files(path: Path) -> Iterator[Path]:
             yield Path(root) / name
 
 
-def apply(home: Path, plan_: Plan) -> Plan:
-    """Remove what ``plan_`` says goes; returns the plan as carried out (``remove`` and ``freed``:
-    what was removed). A folder is renamed out of its parent first (readers see all of it or none),
-    then deleted; one a writer holds (:func:`encoderflow.layout.writing_in`) is left for the next
-    prune. A ``cache/files`` entry is deleted only if it is still its file's last link then (a run
-    may have linked to it since the plan)."""
-    done = Plan(keep=plan_.keep, notes=plan_.notes)
+# What a run in flight may read: nothing here goes unless Airflow, asked again, says none is.
+SHARED_BY_RUNS = ("run", "shards", "data")
+TRASH = ".prune-"
+
+
+def apply(home: Path, plan_: Plan, recheck: Callable[[], AirflowRuns] | None = None) -> Plan:
+    """Remove what ``plan_`` says goes; returns the plan as carried out (``remove``, ``freed``, and
+    a note for each thing left).
+
+    Each folder is first renamed to a hidden name beside it (``.prune-<name>``: readers see all of it
+    or none, and a prune killed midway leaves only such names, which the next one deletes). Then
+    ``recheck`` asks Airflow again: if a run started since the plan, the run folders, downloads and
+    shards are renamed back. Only then is anything deleted. A ``cache/files`` entry is deleted only
+    if it is still its file's last link (a run may have linked to it since the plan). An item that
+    cannot be removed (permissions, say) is a note, and the rest go on.
+
+    Args:
+        home: ENCODERFLOW_HOME.
+        plan_: :func:`plan`'s answer.
+        recheck: asks Airflow again (:func:`ask_airflow`); None: no second asking.
+    """
+    done = Plan(keep=list(plan_.keep), notes=list(plan_.notes))
+    for root in {item.path.parent for item in plan_.remove} | {home / "runs", home / "shards"}:
+        for leftover in root.glob(f"{TRASH}*"):  # a killed prune's
+            shutil.rmtree(leftover, ignore_errors=True)
+    hidden: list[tuple[Item, Path]] = []
+    for item in (i for i in plan_.remove if i.path.is_dir() and not i.path.is_symlink()):
+        try:
+            if item.kind == "run":
+                keep_record(home, item.path)
+            away = item.path.with_name(f"{TRASH}{item.path.name}")
+            os.replace(item.path, away)
+            hidden.append((item, away))
+        except OSError as exc:
+            done.notes.append(f"{item.path}: not removed ({exc})")
+    if recheck is not None and any(item.kind in SHARED_BY_RUNS for item, _ in hidden):
+        now = recheck()
+        if not now.asked or now.in_flight:
+            done.notes.append(f"{now.said}: a run may have started, so runs/, data/ and shards/ were put back")
+            for item, away in [h for h in hidden if h[0].kind in SHARED_BY_RUNS]:
+                _put_back(item, away, done)
+            hidden = [h for h in hidden if h[0].kind not in SHARED_BY_RUNS]
     links = _Links()
-    # A prune killed midway leaves its trash folder: the next one sweeps it (layout.temp_dir).
-    with layout.temp_dir(home, ".prune-") as trash:
-        for item in plan_.remove:
-            path = item.path
-            if not (path.exists() or path.is_symlink()):
+    for item, away in hidden:
+        links.count(away)
+        shutil.rmtree(away, ignore_errors=True)
+        if away.exists():
+            done.notes.append(f"{item.path}: not wholly removed; what is left is in {away}")
+        done.remove.append(item)
+    for item in (i for i in plan_.remove if not i.path.is_dir() or i.path.is_symlink()):
+        try:
+            if item.kind == "shared file" and item.path.lstat().st_nlink > 1:
                 continue
-            if path.is_dir() and not path.is_symlink():
-                with layout.idle(path) as idle:
-                    if not idle:
-                        done.notes.append(f"{path} is being written: left for the next prune")
-                        continue
-                    links.count(path)
-                    if item.kind == "run":
-                        keep_record(home, path)
-                    os.replace(path, trash / f"{len(done.remove)}-{path.name}")
-                # Now, not with the trash folder: a shared file's links must be gone when it is judged.
-                shutil.rmtree(trash / f"{len(done.remove)}-{path.name}")
-            else:
-                if item.kind == "shared file" and path.lstat().st_nlink > 1:
-                    continue
-                links.count(path)
-                path.unlink()
+            links.count(item.path)
+            item.path.unlink()
             done.remove.append(item)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            done.notes.append(f"{item.path}: not removed ({exc})")
     done.freed = links.freed
     return done
+
+
+def _put_back(item: Item, away: Path, done: Plan) -> None:
+    try:
+        os.rename(away, item.path)  # not over a folder a run wrote there since: that one is newer
+    except OSError:
+        shutil.rmtree(away, ignore_errors=True)
+    if item.kind == "run":
+        (item.path.parents[1] / "pruned" / f"{item.path.name}.json").unlink(missing_ok=True)
+    done.keep.append(Item(item.kind, item.path, "put back: a run may have started"))
 
 
 def keep_record(home: Path, folder: Path) -> Path:
@@ -493,11 +592,30 @@ def keep_record(home: Path, folder: Path) -> Path:
 
 
 def human(size: float) -> str:
+    """``size`` bytes as B, KB, MB or GB (1024 each)."""
+    unit = "B"
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+            break
         size /= 1024
-    return f"{size:.1f} TB"
+    return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+
+
+@contextlib.contextmanager
+def only_prune(home: Path) -> Iterator[bool]:
+    """Hold ``home``'s prune lock for the block: yields False when another prune holds it (one prune
+    would delete what the other hid, or put back)."""
+    lock = home / ".prune.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def report_lines(home: Path, plan_: Plan, dry_run: bool, notes: Iterable[str] = ()) -> list[str]:
@@ -512,10 +630,13 @@ def report_lines(home: Path, plan_: Plan, dry_run: bool, notes: Iterable[str] = 
     shared = sum(1 for item in plan_.remove if item.kind == "shared file")
     if shared:
         lines.append(f"  {verb:<13} {shared} file(s) in cache/files no run holds any more")
-    gone = len(plan_.remove)
+    runs = home / "runs"
+    left = sum(1 for f in runs.iterdir() if f.is_dir() and not f.name.startswith(".")) if runs.is_dir() else 0
+    if dry_run:
+        left -= sum(1 for item in plan_.remove if item.kind == "run")
     lines.append(
-        f"{'would free' if dry_run else 'freed'} {human(plan_.freed)} ({gone} item(s)); kept "
-        f"{sum(1 for i in plan_.keep if i.kind == 'run')} run folder(s). Not touched: the MLflow registry "
+        f"{'would free' if dry_run else 'freed'} {human(plan_.freed)} ({len(plan_.remove)} item(s)); "
+        f"{left} run folder(s) {'would be ' if dry_run else ''}left. Not touched: the MLflow registry "
         "(versions and their bundles) and Airflow's metadata DB (airflow db clean trims it)."
     )
     return lines
