@@ -76,16 +76,21 @@ def test_run_folders_go_only_when_finished_old_and_not_an_aliased_versions(encod
     _run(home, "old", 32)
     _run(home, "orphan", 33)  # no Airflow knows it; its summary says it finished
     _run(home, "orphan-failed", 34, done="failure")  # no Airflow knows it; a failure: maybe retrying
+    stamped = _run(home, "stamped", 0, done="failure")  # its backup folder holds no backup: nothing to resume
+    (stamped / "pretrain" / "backup").mkdir()
+    (stamped / "pretrain" / "backup" / "KEY").write_text("k3")
+    _aged(stamped, 38)
     for name, key, days in (("resumable", "k1", 35), ("superseded", "k2", 36), ("finished-k2", None, 37)):
         folder = _run(home, name, 0, done="failure" if key else "summary")
         if key:
             (folder / "pretrain" / "backup").mkdir()
             (folder / "pretrain" / "backup" / "KEY").write_text(key)
+            (folder / "pretrain" / "backup" / "step-40.weights.h5").write_bytes(b"w")
         else:
             (folder / "pretrain" / "result.json").write_text(json.dumps({"key": "k2"}))
         _aged(folder, days)
     states = dict(new="success", champion="success", recent="success", failed="failed", old="success")
-    states |= {"resumable": "failed", "superseded": "failed", "finished-k2": "success"}
+    states |= {"resumable": "failed", "superseded": "failed", "finished-k2": "success", "stamped": "failed"}
     aliased = [prune.Aliased("encoderflow-sst2", "1", "champion", "champion")]
 
     p = prune.plan(home, keep=1, older_than_days=7, airflow=_airflow(**states), aliased=aliased, now=NOW)
@@ -96,6 +101,7 @@ def test_run_folders_go_only_when_finished_old_and_not_an_aliased_versions(encod
         "orphan": "no Airflow knows it; its summary.json says it finished",
         "superseded": "Airflow: failed",
         "finished-k2": "Airflow: success",
+        "stamped": "Airflow: failed",
     }
     assert kept == {
         "new": "one of the newest 1",
@@ -123,6 +129,23 @@ def test_run_folders_go_only_when_finished_old_and_not_an_aliased_versions(encod
         p = prune.plan(home, keep=1, older_than_days=0, airflow=airflow, aliased=aliased, now=NOW)
         assert not [i for i in p.remove if i.kind in prune.SHARED_BY_RUNS] and not _judged(p, "run")[1]
         assert p.notes[0].endswith("so runs/, data/ and shards/ are kept"), p.notes
+
+
+def test_a_run_whose_encoderflow_run_died_is_stopped_not_in_flight(encoderflow_home):
+    import fcntl
+
+    claims = layout.airflow_home() / "encoderflow-runs"
+    claims.mkdir(parents=True)
+    for pid, run_id in (("1", "run-alive"), ("2", "run-dead"), ("3", "")):
+        (claims / pid).write_text(run_id)
+    with open(claims / "1") as alive:
+        fcntl.flock(alive, fcntl.LOCK_EX)  # as airflow_adapter._claimed holds it while its run runs
+        assert prune._stopped_embedded_runs() == {"run-dead"}
+    _run(encoderflow_home, "new", 1)
+    _run(encoderflow_home, "run-dead", 30, done=None)
+    p = prune.plan(encoderflow_home, 1, 7, _airflow(new="success", **{"run-dead": "stopped"}), [], now=NOW)
+    assert p.notes == ["Airflow test; none in flight"]
+    assert _judged(p, "run")[0] == {"run-dead": "Airflow: running, but the encoderflow run that ran it is gone"}
 
 
 def test_downloads_and_shards_go_only_when_no_kept_run_used_them(encoderflow_home):

@@ -331,7 +331,7 @@ def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "make stack (PostgreSQL): " in proc.stdout and "none in flight" in proc.stdout, proc.stdout
-    assert f"{st.mlflow_url}: {MODEL} v{champion} (champion)" in proc.stdout, proc.stdout
+    assert f"MLflow ({st.mlflow_url}): " in proc.stdout and f"{MODEL} v{champion} (champion)" in proc.stdout
     assert f"keep          run     runs/{safe_run_id(by_run[champion])}: " in proc.stdout, proc.stdout
 
 

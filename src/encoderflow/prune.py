@@ -46,11 +46,13 @@ from typing import Any
 from encoderflow import DAG_ID, layout
 from encoderflow.data.folders import COMPLETE
 from encoderflow.errors import FAILURE_FILE, failure_outlived
+from encoderflow.train.callbacks import latest_backup
 from encoderflow.train.pretrain import BACKUP_KEY
 
 log = logging.getLogger(__name__)
 
-FINISHED = ("success", "failed")
+# "stopped": running in the embedded Airflow, but the ``encoderflow run`` that ran it is gone.
+FINISHED = ("success", "failed", "stopped")
 IN_FLIGHT = ("queued", "running")
 ALIASES = ("champion", "previous")
 DAY = 86400.0
@@ -138,16 +140,35 @@ def ask_airflow(home: Path, dag_id: str = DAG_ID) -> AirflowRuns:
         return AirflowRuns({}, False, f"Airflow not asked: {problem}")
     states: dict[str, str] = {}
     said = []
+    stopped = _stopped_embedded_runs()
     for label, env in envs:
         runs = _list_runs(env, dag_id)
         if isinstance(runs, str):
             return AirflowRuns({}, False, f"Airflow {label}: could not list the runs of {dag_id} ({runs})")
         for run in runs:
             name = layout.safe_run_id(run["run_id"])
+            state = "stopped" if label.startswith("embedded") and run["run_id"] in stopped else run["state"]
             if states.get(name) not in IN_FLIGHT:  # two run ids of one folder name: one in flight holds it
-                states[name] = run["state"]
+                states[name] = state
         said.append(f"{label}: {len(runs)} runs")
     return AirflowRuns(states, True, "Airflow " + "; ".join(said))
+
+
+def _stopped_embedded_runs() -> set[str]:
+    """The run ids whose ``encoderflow run`` died (killed, crashed): the embedded Airflow still says
+    ``running`` until the next ``encoderflow run`` marks them failed. Each live ``encoderflow run``
+    holds an exclusive lock on ``airflow/encoderflow-runs/<pid>``, which names its run; a claim
+    whose lock can be taken is a dead process's (``airflow_adapter.sweep_stopped_runs``)."""
+    stopped = set()
+    for path in sorted((layout.airflow_home() / "encoderflow-runs").glob("*")):
+        with contextlib.suppress(OSError), open(path, encoding="utf-8") as claim:
+            try:
+                fcntl.flock(claim, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # alive
+            if run_id := claim.read().strip():
+                stopped.add(run_id)
+    return stopped
 
 
 def _list_runs(env: dict[str, str], dag_id: str) -> list[dict[str, Any]] | str:
@@ -323,9 +344,12 @@ def _plan_runs(
         state = airflow.states.get(folder.name)
         if state is None:  # no Airflow knows it: its summary, written last, says it finished
             finished, said = _reported(folder), "no Airflow knows it; its summary.json says it finished"
+        elif state == "stopped":
+            finished, said = True, "Airflow: running, but the encoderflow run that ran it is gone"
         else:
             finished, said = state in FINISHED, f"Airflow: {state}"
-        backup = _read_text(folder / "pretrain" / "backup" / BACKUP_KEY)
+        backups = folder / "pretrain" / "backup"
+        backup = _read_text(backups / BACKUP_KEY) if latest_backup(backups)[1] is not None else None
         if rank < keep:
             why = f"one of the newest {keep}"
         elif not finished:
