@@ -238,11 +238,20 @@ def test_apply_puts_back_what_a_run_started_since_the_plan_may_read_and_keeps_a_
     assert {i.path.name for i in p.remove} == {"old", "s-old", "v9", "lonely"}
     os.link(store / "lonely", home / "runs" / "new" / "lonely")  # a run shared a file after the plan
 
-    started = _airflow(old="success", new="success", next="queued")
-    done = prune.apply(home, p, recheck=lambda: started)
+    def started():  # meanwhile a task of the old run was cleared, and wrote a file of its own there
+        (old / "finetune").mkdir(parents=True)
+        (old / "finetune" / "result.json").write_text("new")
+        return _airflow(old="running", new="success")
+
+    done = prune.apply(home, p, recheck=started)
+    assert (old / "finetune" / "result.json").read_text() == "new"  # the run's new file, and all it had
+    assert (old / "pretrain" / "encoder.keras").read_bytes() == b"old" * 100 and (old / "summary.json").exists()
     assert old.exists() and shards.exists() and (store / "lonely").exists() and not served.exists()
     assert [i.path.name for i in done.remove] == ["v9"]
     assert "Airflow test: a run may have started, so runs/, data/ and shards/ were put back" in done.notes
+    (old / "finetune" / "result.json").unlink()
+    (old / "finetune").rmdir()
+    _aged(old, 30)
     assert not (home / "pruned" / "old.json").exists()  # its record went with the removal it belonged to
     assert not list(home.rglob(f"{prune.TRASH}*"))
 

@@ -591,8 +591,14 @@ def apply(home: Path, plan_: Plan, recheck: Callable[[], AirflowRuns] | None = N
 
 def _put_back(item: Item, away: Path, done: Plan) -> None:
     try:
-        os.rename(away, item.path)  # not over a folder a run wrote there since: that one is newer
-    except OSError:
+        os.rename(away, item.path)
+    except OSError:  # a run wrote there since (a cleared task of that run): its files are newer, keep them
+        for root, _, files in os.walk(away):
+            for name in files:
+                dst = item.path / Path(root).relative_to(away) / name
+                if not dst.exists():
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(Path(root) / name, dst)
         shutil.rmtree(away, ignore_errors=True)
     if item.kind == "run":
         (item.path.parents[1] / "pruned" / f"{item.path.name}.json").unlink(missing_ok=True)
