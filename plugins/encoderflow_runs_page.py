@@ -78,11 +78,10 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
     for dr in dag_runs or []:
         runs[safe_run_id(dr["run_id"])] = {**dr, "folder": None}
     runs_root = home / "runs"
-    folders = sorted(runs_root.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True) if runs_root.is_dir() else []
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        entry = runs.setdefault(folder.name, _unknown(folder.stat().st_mtime))
+    # Dot names are not runs (encoderflow prune's .prune/); a folder may go while this reads.
+    found = [(_mtime(p), p) for p in runs_root.iterdir() if not p.name.startswith(".")] if runs_root.is_dir() else []
+    for mtime, folder in sorted((t, p) for t, p in found if t is not None and p.is_dir())[::-1]:
+        entry = runs.setdefault(folder.name, _unknown(mtime))
         entry["folder"] = folder.name
         # A run cleared and finished since its failure shows none; one that failed after it finished
         # (a cleared task) shows that failure beside the summary it had.
@@ -107,6 +106,13 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
     for entry in out:
         entry.setdefault("preset", (entry.get("conf") or {}).get("preset"))
     return out
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _unknown(mtime: float) -> dict[str, Any]:

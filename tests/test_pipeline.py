@@ -319,11 +319,11 @@ def test_two_runs_through_airflow(served, encoderflow_home, capsys):
     out = capsys.readouterr().out
     assert "runs; none in flight" in out and f"{MODEL} v{v1.version} (champion)" in out, out
     assert f"runs/{layout.safe_run_id(run1)}: registered {MODEL} v{v1.version} (champion)" in out, out
-    # Run 3 stays if its diverged pretraining left a backup (taken before the loss turned NaN): the next
-    # run of its key would resume it.
-    from encoderflow.train.callbacks import latest_backup
+    # Run 3 stays if its diverged pretraining left a sound backup (taken before the loss turned NaN): the
+    # next run of its key would resume it.
+    from encoderflow import prune
 
-    resumable = latest_backup(layout.run_dir(run3) / "pretrain" / "backup")[1] is not None
+    resumable = prune._resumable(layout.run_dir(run3), layout.code_hash()) is not None
     left = (run1, run5, run3) if resumable else (run1, run5)
     assert sorted(p.name for p in (home / "runs").iterdir()) == sorted(map(layout.safe_run_id, left))
     for run in (run2, run4) if resumable else (run2, run3, run4):

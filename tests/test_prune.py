@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -56,6 +57,19 @@ def _data(home: Path, dataset: str, name: str, days: float) -> Path:
     return _aged(folder.parent, days)
 
 
+def _backup(folder: Path, key: str, code: str, files: bool = True) -> None:
+    """A pretraining backup as StepBackup leaves it: its key, its code, a step file and its sha256."""
+    from encoderflow.train.pretrain import BACKUP_CODE, BACKUP_KEY
+
+    backups = folder / "pretrain" / "backup"
+    backups.mkdir()
+    (backups / BACKUP_KEY).write_text(key)
+    (backups / BACKUP_CODE).write_text(code)
+    if files:
+        (backups / "step-40.weights.h5").write_bytes(b"weights")
+        (backups / "step-40.weights.h5.sha256").write_text(layout.sha256_file(backups / "step-40.weights.h5"))
+
+
 def _airflow(**states: str) -> prune.AirflowRuns:
     return prune.AirflowRuns(states, True, "Airflow test")
 
@@ -77,20 +91,19 @@ def test_run_folders_go_only_when_finished_old_and_not_an_aliased_versions(encod
     _run(home, "orphan", 33)  # no Airflow knows it; its summary says it finished
     _run(home, "orphan-failed", 34, done="failure")  # no Airflow knows it; a failure: maybe retrying
     stamped = _run(home, "stamped", 0, done="failure")  # its backup folder holds no backup: nothing to resume
-    (stamped / "pretrain" / "backup").mkdir()
-    (stamped / "pretrain" / "backup" / "KEY").write_text("k3")
+    _backup(stamped, "k3", layout.code_hash(), files=False)
     _aged(stamped, 38)
-    for name, key, days in (("resumable", "k1", 35), ("superseded", "k2", 36), ("finished-k2", None, 37)):
+    backups = (("resumable", "k1", 35, "this"), ("superseded", "k2", 36, "this"), ("other-code", "k4", 39, "old"))
+    for name, key, days, code in (*backups, ("finished-k2", None, 37, None)):
         folder = _run(home, name, 0, done="failure" if key else "summary")
         if key:
-            (folder / "pretrain" / "backup").mkdir()
-            (folder / "pretrain" / "backup" / "KEY").write_text(key)
-            (folder / "pretrain" / "backup" / "step-40.weights.h5").write_bytes(b"w")
+            _backup(folder, key, layout.code_hash() if code == "this" else "0" * 64)
         else:
             (folder / "pretrain" / "result.json").write_text(json.dumps({"key": "k2"}))
         _aged(folder, days)
     states = dict(new="success", champion="success", recent="success", failed="failed", old="success")
     states |= {"resumable": "failed", "superseded": "failed", "finished-k2": "success", "stamped": "failed"}
+    states |= {"other-code": "failed"}
     aliased = [prune.Aliased("encoderflow-sst2", "1", "champion", "champion")]
 
     p = prune.plan(home, keep=1, older_than_days=7, airflow=_airflow(**states), aliased=aliased, now=NOW)
@@ -102,6 +115,7 @@ def test_run_folders_go_only_when_finished_old_and_not_an_aliased_versions(encod
         "superseded": "Airflow: failed",
         "finished-k2": "Airflow: success",
         "stamped": "Airflow: failed",
+        "other-code": "Airflow: failed",  # taken by other code: no run resumes it
     }
     assert kept == {
         "new": "one of the newest 1",
@@ -109,13 +123,14 @@ def test_run_folders_go_only_when_finished_old_and_not_an_aliased_versions(encod
         "orphan-failed": "no Airflow knows it, and it has no summary.json",
         "champion": "registered encoderflow-sst2 v1 (champion)",
         "recent": "changed within the age limit",
-        "resumable": "holds the backup of a pretraining no run has finished since (the next run resumes it)",
+        "resumable": "holds the backup of a pretraining no run has finished since (the next run of it resumes it)",
     }
     assert p.notes == ["Airflow test; none in flight"]
 
-    # MLflow not asked: a run that registered any version stays, as it might hold an alias.
+    # MLflow not asked: any finished run may have registered the champion (and failed before its summary).
     p = prune.plan(home, keep=1, older_than_days=7, airflow=_airflow(**states), aliased=None, now=NOW)
-    assert _judged(p, "run")[1]["champion"].startswith("registered a version (MLflow could not be asked")
+    assert not _judged(p, "run")[0]
+    assert _judged(p, "run")[1]["old"] == "MLflow could not be asked which run registered the champion"
     # A larger keep keeps the newest by their last change, whatever Airflow says.
     p = prune.plan(home, keep=4, older_than_days=0, airflow=_airflow(**states), aliased=aliased, now=NOW)
     newest = sorted(n for n, why in _judged(p, "run")[1].items() if why == "one of the newest 4")
@@ -129,23 +144,6 @@ def test_run_folders_go_only_when_finished_old_and_not_an_aliased_versions(encod
         p = prune.plan(home, keep=1, older_than_days=0, airflow=airflow, aliased=aliased, now=NOW)
         assert not [i for i in p.remove if i.kind in prune.SHARED_BY_RUNS] and not _judged(p, "run")[1]
         assert p.notes[0].endswith("so runs/, data/ and shards/ are kept"), p.notes
-
-
-def test_a_run_whose_encoderflow_run_died_is_stopped_not_in_flight(encoderflow_home):
-    import fcntl
-
-    claims = layout.airflow_home() / "encoderflow-runs"
-    claims.mkdir(parents=True)
-    for pid, run_id in (("1", "run-alive"), ("2", "run-dead"), ("3", "")):
-        (claims / pid).write_text(run_id)
-    with open(claims / "1") as alive:
-        fcntl.flock(alive, fcntl.LOCK_EX)  # as airflow_adapter._claimed holds it while its run runs
-        assert prune._stopped_embedded_runs() == {"run-dead"}
-    _run(encoderflow_home, "new", 1)
-    _run(encoderflow_home, "run-dead", 30, done=None)
-    p = prune.plan(encoderflow_home, 1, 7, _airflow(new="success", **{"run-dead": "stopped"}), [], now=NOW)
-    assert p.notes == ["Airflow test; none in flight"]
-    assert _judged(p, "run")[0] == {"run-dead": "Airflow: running, but the encoderflow run that ran it is gone"}
 
 
 def test_downloads_and_shards_go_only_when_no_kept_run_used_them(encoderflow_home):
@@ -184,7 +182,14 @@ def test_downloads_and_shards_go_only_when_no_kept_run_used_them(encoderflow_hom
     )
     assert new_data.exists() and only_labeled.exists() and trained.name not in str(p.remove)
 
-    # A kept run stopped in pretraining before it recorded its shards: clearing it reads them, so all stay.
+    # A kept run that failed in pretraining names its shard set in pretrain/shards.json: that set stays.
+    named = _run(home, "named", 1, done="failure")
+    (named / "pretrain" / "shards.json").write_text(json.dumps({"manifest": str(stale_shards / "manifest.json")}))
+    states = {"named": "failed", **airflow.states}
+    p = prune.plan(home, keep=3, older_than_days=7, airflow=_airflow(**states), aliased=[], now=NOW)
+    assert _judged(p, "shards")[1]["s-stale"] == "used by a kept run" and not _judged(p, "shards")[0]
+    shutil.rmtree(named)
+    # One from before that record: clearing its pretrain reads a shard set it does not name, so all stay.
     stopped = _run(home, "stopped", 1, done="failure")
     p = prune.plan(
         home, keep=3, older_than_days=7, airflow=_airflow(stopped="failed", **airflow.states), aliased=[], now=NOW
@@ -233,33 +238,46 @@ def test_apply_puts_back_what_a_run_started_since_the_plan_may_read_and_keeps_a_
     store = home / "cache" / "files"
     store.mkdir(parents=True)
     (store / "lonely").write_bytes(b"y" * 10)
-    airflow = _airflow(old="success", new="success")
+    airflow = _airflow(old="failed", new="success")
     p = prune.plan(home, keep=1, older_than_days=7, airflow=airflow, aliased=[], now=NOW)
     assert {i.path.name for i in p.remove} == {"old", "s-old", "v9", "lonely"}
     os.link(store / "lonely", home / "runs" / "new" / "lonely")  # a run shared a file after the plan
 
-    def started():  # meanwhile a task of the old run was cleared, and wrote a file of its own there
+    def cleared():  # meanwhile a task of the old run was cleared, ran, and wrote a file of its own there
         (old / "finetune").mkdir(parents=True)
         (old / "finetune" / "result.json").write_text("new")
-        return _airflow(old="running", new="success")
+        return _airflow(old="success", new="success")  # a changed state: nothing in flight, yet put back
 
-    done = prune.apply(home, p, recheck=started)
+    done = prune.apply(home, p, recheck=cleared)
     assert (old / "finetune" / "result.json").read_text() == "new"  # the run's new file, and all it had
     assert (old / "pretrain" / "encoder.keras").read_bytes() == b"old" * 100 and (old / "summary.json").exists()
-    assert old.exists() and shards.exists() and (store / "lonely").exists() and not served.exists()
+    assert shards.exists() and (store / "lonely").exists() and not served.exists()
     assert [i.path.name for i in done.remove] == ["v9"]
-    assert "Airflow test: a run may have started, so runs/, data/ and shards/ were put back" in done.notes
+    said = "Airflow test: runs started or changed since the plan, so runs/, data/ and shards/ were put back"
+    assert said in done.notes
+    assert not (home / "pruned" / "old.json").exists()  # the folder is back: the page reads it, not a record
+    assert not list(home.rglob(prune.HIDDEN))
+
+    # Interrupted while asking again (Ctrl-C): everything hidden is put back, and the interrupt goes on.
     (old / "finetune" / "result.json").unlink()
     (old / "finetune").rmdir()
     _aged(old, 30)
-    assert not (home / "pruned" / "old.json").exists()  # its record went with the removal it belonged to
-    assert not list(home.rglob(f"{prune.TRASH}*"))
-
-    # The next prune, with no run in flight, removes them; a killed prune's hidden folder goes too.
-    (home / "runs" / f"{prune.TRASH}killed").mkdir()
     p = prune.plan(home, keep=1, older_than_days=7, airflow=airflow, aliased=[], now=NOW)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prune.apply(home, p, recheck=interrupted)
+    assert old.exists() and shards.exists() and not list(home.rglob(prune.HIDDEN))
+    # A prune killed outright leaves .prune/ folders: the next one puts them back before it plans.
+    os.makedirs(home / "runs" / prune.HIDDEN)
+    os.replace(old, home / "runs" / prune.HIDDEN / "old")
+    assert prune.restore_hidden(home) == [old] and old.exists() and not list(home.rglob(prune.HIDDEN))
+
+    # With Airflow saying the same again, they go.
     assert sorted(i.path.name for i in prune.apply(home, p, recheck=lambda: airflow).remove) == ["old", "s-old"]
-    assert not old.exists() and not shards.exists() and not list(home.rglob(f"{prune.TRASH}*"))
+    assert not old.exists() and not shards.exists() and not list(home.rglob(prune.HIDDEN))
 
 
 def test_a_pruned_run_leaves_a_record_of_its_decision_and_the_failure_it_ended_on(encoderflow_home):

@@ -401,12 +401,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise EncoderflowError(
                 f"another encoderflow prune is at work in {home}", fix="let it finish, then run again"
             )
+        restored = prune.restore_hidden(home)
         airflow = prune.ask_airflow(home)
         with _interactive_mlflow():
             aliased, mlflow_said = prune.aliased_versions(home)
         plan = prune.plan(home, args.keep, args.older_than, airflow, aliased)
         if not args.dry_run:
             plan = prune.apply(home, plan, recheck=lambda: prune.ask_airflow(home))
+    if restored:
+        mlflow_said += f"; put back {len(restored)} folder(s) an interrupted prune had hidden"
     for line in prune.report_lines(home, plan, args.dry_run, [mlflow_said]):
         print(line)
     return 0

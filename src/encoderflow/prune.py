@@ -7,23 +7,25 @@ adds hundreds of MB. This module decides what goes, by rules a person can read b
 
 - Nothing under ``runs/``, ``data/`` or ``shards/`` goes while a run is in flight (it may reuse an
   older run's results or resume its backup, and read any download or shard set), nor when no
-  Airflow could be asked; Airflow is asked again just before anything there is deleted.
+  Airflow could be asked. What goes is hidden first, Airflow is asked again, and everything is put
+  back unless the answer is the same.
 - A run folder goes when Airflow says its run finished (success or failed) or, for a folder no
   Airflow knows, when its ``summary.json`` says it finished; and it is not among the newest
   ``keep``; and nothing in it changed for ``older_than``; and it did not register the version an
-  alias (``champion``, ``previous``) points to (the champion's training logs and Data Docs stay);
-  and it holds no pretraining backup that no run has finished since.
+  alias (``champion``, ``previous``) points to (the champion's training logs and Data Docs stay;
+  with an MLflow that cannot be asked, every folder stays); and it holds no pretraining backup the
+  next run of that training would resume.
 - Downloads and shard sets go when no kept run used them (by a kept run's record of them),
   untouched for ``older_than``; the newest download of each dataset stays, and every shard set
-  stays while a kept run that may have pretrained records none.
+  stays while a kept run that began pretraining before runs recorded their shard set names none.
 - A ``cache/files`` file goes once no run links to it any more; a ``serving/`` copy once its version
   is no alias's; ``validation/`` sites (``encoderflow validate``) beyond the newest ``keep``.
 
 A removed run folder leaves ``pruned/<folder>.json`` (its summary, gate decision and last failure,
 a few KB), so the runs page keeps showing what it decided. The MLflow registry (versions and their
 bundles) and Airflow's metadata DB are the record and are never touched here (``airflow db clean``
-trims the latter). Removal renames a folder out of sight first, so a reader sees the whole folder
-or none.
+trims the latter). Removal moves a folder into ``.prune/`` beside it first, so a reader sees the
+whole folder or none.
 """
 
 from __future__ import annotations
@@ -46,13 +48,12 @@ from typing import Any
 from encoderflow import DAG_ID, layout
 from encoderflow.data.folders import COMPLETE
 from encoderflow.errors import FAILURE_FILE, failure_outlived
-from encoderflow.train.callbacks import latest_backup
-from encoderflow.train.pretrain import BACKUP_KEY
+from encoderflow.steps import SHARDS_RECORD
+from encoderflow.train.pretrain import BACKUP_CODE, BACKUP_KEY
 
 log = logging.getLogger(__name__)
 
-# "stopped": running in the embedded Airflow, but the ``encoderflow run`` that ran it is gone.
-FINISHED = ("success", "failed", "stopped")
+FINISHED = ("success", "failed")
 IN_FLIGHT = ("queued", "running")
 ALIASES = ("champion", "previous")
 DAY = 86400.0
@@ -73,6 +74,8 @@ class Plan:
     keep: list[Item] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     freed: int = 0
+    # Airflow's answer the plan was made on: a second answer that differs stops the removal.
+    airflow_states: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -105,17 +108,19 @@ def _airflow_envs(home: Path) -> tuple[list[tuple[str, dict[str, str]]], str | N
     may hold runs cannot be asked (None: all can).
 
     The environment's own Airflow when it names one (``AIRFLOW_HOME`` or the metadata DB's
-    settings: a deployment's container, the scheduler's host); else the embedded one of
-    ``encoderflow run`` / ``make airflow`` (if its DB exists) and the native stack's (``make stack``).
+    settings: a deployment's container, the scheduler's host); and the embedded one of
+    ``encoderflow run`` / ``make airflow`` (if its DB exists) and the native stack's (``make stack``),
+    which use their own whatever the environment says.
     """
-    named = [k for k in os.environ if k == "AIRFLOW_HOME" or k.startswith("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")]
-    if named:
-        return [(f"of this environment ({', '.join(sorted(named))})", dict(os.environ))], None
     from encoderflow.cli import airflow_env
 
     envs = []
-    if (layout.airflow_home() / "airflow.db").exists():
-        envs.append((f"embedded ({layout.airflow_home() / 'airflow.db'})", {**os.environ, **airflow_env()}))
+    named = [k for k in os.environ if k == "AIRFLOW_HOME" or k.startswith("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")]
+    if named:
+        envs.append((f"of this environment ({', '.join(sorted(named))})", dict(os.environ)))
+    embedded = layout.airflow_home() / "airflow.db"
+    if embedded.exists() and os.environ.get("AIRFLOW_HOME") != str(layout.airflow_home()):
+        envs.append((f"embedded ({embedded})", {**os.environ, **airflow_env()}))
     if (home / "stack" / "secrets.json").exists():
         from encoderflow.stack import Stack
 
@@ -140,35 +145,16 @@ def ask_airflow(home: Path, dag_id: str = DAG_ID) -> AirflowRuns:
         return AirflowRuns({}, False, f"Airflow not asked: {problem}")
     states: dict[str, str] = {}
     said = []
-    stopped = _stopped_embedded_runs()
     for label, env in envs:
         runs = _list_runs(env, dag_id)
         if isinstance(runs, str):
             return AirflowRuns({}, False, f"Airflow {label}: could not list the runs of {dag_id} ({runs})")
         for run in runs:
             name = layout.safe_run_id(run["run_id"])
-            state = "stopped" if label.startswith("embedded") and run["run_id"] in stopped else run["state"]
             if states.get(name) not in IN_FLIGHT:  # two run ids of one folder name: one in flight holds it
-                states[name] = state
+                states[name] = run["state"]
         said.append(f"{label}: {len(runs)} runs")
     return AirflowRuns(states, True, "Airflow " + "; ".join(said))
-
-
-def _stopped_embedded_runs() -> set[str]:
-    """The run ids whose ``encoderflow run`` died (killed, crashed): the embedded Airflow still says
-    ``running`` until the next ``encoderflow run`` marks them failed. Each live ``encoderflow run``
-    holds an exclusive lock on ``airflow/encoderflow-runs/<pid>``, which names its run; a claim
-    whose lock can be taken is a dead process's (``airflow_adapter.sweep_stopped_runs``)."""
-    stopped = set()
-    for path in sorted((layout.airflow_home() / "encoderflow-runs").glob("*")):
-        with contextlib.suppress(OSError), open(path, encoding="utf-8") as claim:
-            try:
-                fcntl.flock(claim, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # alive
-            if run_id := claim.read().strip():
-                stopped.add(run_id)
-    return stopped
 
 
 def _list_runs(env: dict[str, str], dag_id: str) -> list[dict[str, Any]] | str:
@@ -277,11 +263,6 @@ def _aliased(registry) -> tuple[list[Aliased] | None, str]:
     return found, ""
 
 
-def _registered(folder: Path) -> bool:
-    summary = _read(folder / "summary.json") or {}
-    return bool((summary.get("registry") or {}).get("version"))
-
-
 def _read(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -309,7 +290,7 @@ def plan(
     """
     now = time.time() if now is None else now
     cutoff = now - older_than_days * DAY
-    out = Plan()
+    out = Plan(airflow_states=dict(airflow.states))
     if not airflow.asked:
         out.notes.append(f"{airflow.said}; so runs/, data/ and shards/ are kept")
     elif airflow.in_flight:
@@ -339,35 +320,46 @@ def _plan_runs(
     folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
     changed = {p: last_change(p) for p in folders}
     finished_keys = {result.get("key") for result in (_read(f / "pretrain" / "result.json") for f in folders) if result}
+    code = layout.code_hash()
     kept: list[Path] = []
     for rank, folder in enumerate(sorted(folders, key=lambda p: changed[p], reverse=True)):
         state = airflow.states.get(folder.name)
         if state is None:  # no Airflow knows it: its summary, written last, says it finished
             finished, said = _reported(folder), "no Airflow knows it; its summary.json says it finished"
-        elif state == "stopped":
-            finished, said = True, "Airflow: running, but the encoderflow run that ran it is gone"
         else:
             finished, said = state in FINISHED, f"Airflow: {state}"
-        backups = folder / "pretrain" / "backup"
-        backup = _read_text(backups / BACKUP_KEY) if latest_backup(backups)[1] is not None else None
+        backup = _resumable(folder, code)
         if rank < keep:
             why = f"one of the newest {keep}"
         elif not finished:
             why = said if state else "no Airflow knows it, and it has no summary.json"
         elif folder.name in protected:
             why = protected[folder.name]
-        elif aliased is None and _registered(folder):
-            why = "registered a version (MLflow could not be asked which ones are aliased)"
+        elif aliased is None:  # a run may have registered the champion and failed before its summary
+            why = "MLflow could not be asked which run registered the champion"
         elif changed[folder] > cutoff:
             why = "changed within the age limit"
-        elif backup and not (folder / "pretrain" / "result.json").exists() and backup not in finished_keys:
-            why = "holds the backup of a pretraining no run has finished since (the next run resumes it)"
+        elif backup and backup not in finished_keys:
+            why = "holds the backup of a pretraining no run has finished since (the next run of it resumes it)"
         else:
             out.remove.append(Item("run", folder, said))
             continue
         kept.append(folder)
         out.keep.append(Item("run", folder, why))
     return kept
+
+
+def _resumable(folder: Path, code: str) -> str | None:
+    """The key of the pretraining whose backup in ``folder`` the next run of that key would resume
+    (``pretrain._adopt_backup``'s test: no result, this code, a sound backup), or None."""
+    backups = folder / "pretrain" / "backup"
+    if (folder / "pretrain" / "result.json").exists() or _read_text(backups / BACKUP_CODE) != code:
+        return None
+    # Here only: the backup checks live beside the Keras callback that writes backups (Keras loads).
+    from encoderflow.train.callbacks import backup_problem, latest_backup
+
+    _, newest = latest_backup(backups)
+    return _read_text(backups / BACKUP_KEY) if newest is not None and backup_problem(newest) is None else None
 
 
 def _reported(folder: Path) -> bool:
@@ -384,7 +376,8 @@ def _read_text(path: Path) -> str | None:
 
 def _used_by(kept_runs: Iterable[Path]) -> tuple[set[str], set[str], list[str]]:
     """The shards manifests (by path, and by sha256) the kept runs record, and the kept runs that
-    began pretraining but record none (one stopped in ``pretrain``: clearing it reads its shards)."""
+    began pretraining but record none (folders from before ``pretrain/shards.json``: clearing their
+    ``pretrain`` reads a shard set they do not name)."""
     paths, hashes, unrecorded = set(), set(), []
     for folder in kept_runs:
         summary = _read(folder / "summary.json") or {}
@@ -394,6 +387,9 @@ def _used_by(kept_runs: Iterable[Path]) -> tuple[set[str], set[str], list[str]]:
         digest = ((_read(folder / "pretrain" / "result.json") or {}).get("config") or {}).get("manifest")
         if digest:
             hashes.add(digest)
+        if recorded := (_read(folder / "pretrain" / SHARDS_RECORD) or {}).get("manifest"):
+            paths.add(str(Path(recorded).parent.resolve()))
+            manifest = manifest or recorded
         if not manifest and not digest and (folder / "pretrain").is_dir():
             unrecorded.append(folder.name)
     return paths, hashes, unrecorded
@@ -500,6 +496,10 @@ class _Links:
         size, nlink, counted = self.inodes.get((st.st_dev, st.st_ino), [st.st_size, st.st_nlink, 0])
         return counted + 1 >= nlink
 
+    def merge(self, other: _Links) -> None:
+        for inode, (size, nlink, counted) in other.inodes.items():
+            self.inodes.setdefault(inode, [size, nlink, 0])[2] += counted
+
     @property
     def freed(self) -> int:
         return sum(size for size, nlink, counted in self.inodes.values() if counted >= nlink)
@@ -525,55 +525,68 @@ def _files(path: Path) -> Iterator[Path]:
             yield Path(root) / name
 
 
-# What a run in flight may read: nothing here goes unless Airflow, asked again, says none is.
+# What a run in flight may read: nothing here goes unless Airflow, asked again, says the same.
 SHARED_BY_RUNS = ("run", "shards", "data")
-TRASH = ".prune-"
+# Beside each removed folder, one level down: no ``runs/*/...`` glob of a run (or of the runs page)
+# sees what is in it.
+HIDDEN = ".prune"
 
 
 def apply(home: Path, plan_: Plan, recheck: Callable[[], AirflowRuns] | None = None) -> Plan:
     """Remove what ``plan_`` says goes; returns the plan as carried out (``remove``, ``freed``, and
     a note for each thing left).
 
-    Each folder is first renamed to a hidden name beside it (``.prune-<name>``: readers see all of it
-    or none, and a prune killed midway leaves only such names, which the next one deletes). Then
-    ``recheck`` asks Airflow again: if a run started since the plan, the run folders, downloads and
-    shards are renamed back. Only then is anything deleted. A ``cache/files`` entry is deleted only
-    if it is still its file's last link (a run may have linked to it since the plan). An item that
-    cannot be removed (permissions, say) is a note, and the rest go on.
+    Each folder is first moved into ``.prune/`` beside it (readers see all of it or none). Then
+    ``recheck`` asks Airflow again: unless its answer equals the plan's (no run started, ended or
+    changed state since), the run folders, downloads and shards are put back, and so is everything
+    hidden when the block is interrupted (Ctrl-C, an error). Only then is anything deleted. A
+    ``cache/files`` entry is deleted only if it is still its file's last link (a run may have linked
+    to it since the plan). An item that cannot be removed (permissions, say) is a note.
 
     Args:
         home: ENCODERFLOW_HOME.
         plan_: :func:`plan`'s answer.
         recheck: asks Airflow again (:func:`ask_airflow`); None: no second asking.
     """
-    done = Plan(keep=list(plan_.keep), notes=list(plan_.notes))
-    for root in {item.path.parent for item in plan_.remove} | {home / "runs", home / "shards"}:
-        for leftover in root.glob(f"{TRASH}*"):  # a killed prune's
-            shutil.rmtree(leftover, ignore_errors=True)
+    done = Plan(keep=list(plan_.keep), notes=list(plan_.notes), airflow_states=plan_.airflow_states)
     hidden: list[tuple[Item, Path]] = []
-    for item in (i for i in plan_.remove if i.path.is_dir() and not i.path.is_symlink()):
-        try:
-            if item.kind == "run":
-                keep_record(home, item.path)
-            away = item.path.with_name(f"{TRASH}{item.path.name}")
-            os.replace(item.path, away)
-            hidden.append((item, away))
-        except OSError as exc:
-            done.notes.append(f"{item.path}: not removed ({exc})")
-    if recheck is not None and any(item.kind in SHARED_BY_RUNS for item, _ in hidden):
-        now = recheck()
-        if not now.asked or now.in_flight:
-            done.notes.append(f"{now.said}: a run may have started, so runs/, data/ and shards/ were put back")
-            for item, away in [h for h in hidden if h[0].kind in SHARED_BY_RUNS]:
-                _put_back(item, away, done)
-            hidden = [h for h in hidden if h[0].kind not in SHARED_BY_RUNS]
+    try:
+        for item in (i for i in plan_.remove if i.path.is_dir() and not i.path.is_symlink()):
+            try:
+                away = item.path.parent / HIDDEN / item.path.name
+                away.parent.mkdir(exist_ok=True)
+                if item.kind == "run":
+                    keep_record(home, item.path)
+                os.replace(item.path, away)
+                hidden.append((item, away))
+            except OSError as exc:
+                done.notes.append(f"{item.path}: not removed ({exc})")
+        if recheck is not None and any(item.kind in SHARED_BY_RUNS for item, _ in hidden):
+            now = recheck()
+            if not now.asked or now.states != plan_.airflow_states:
+                done.notes.append(
+                    f"{now.said}: runs started or changed since the plan, so runs/, data/ and shards/ were put back"
+                )
+                for item, away in [h for h in hidden if h[0].kind in SHARED_BY_RUNS]:
+                    _put_back(item.path, away)
+                    done.keep.append(Item(item.kind, item.path, "put back: runs started or changed since the plan"))
+                hidden = [h for h in hidden if h[0].kind not in SHARED_BY_RUNS]
+    except BaseException:
+        for item, away in hidden:
+            _put_back(item.path, away)
+        raise
     links = _Links()
     for item, away in hidden:
-        links.count(away)
+        mine = _Links()
+        mine.count(away)
         shutil.rmtree(away, ignore_errors=True)
         if away.exists():
             done.notes.append(f"{item.path}: not wholly removed; what is left is in {away}")
+            continue
+        links.merge(mine)
         done.remove.append(item)
+        with contextlib.suppress(OSError):
+            away.parent.rmdir()  # the hidden folder, once empty
     for item in (i for i in plan_.remove if not i.path.is_dir() or i.path.is_symlink()):
         try:
             if item.kind == "shared file" and item.path.lstat().st_nlink > 1:
@@ -589,36 +602,55 @@ def apply(home: Path, plan_: Plan, recheck: Callable[[], AirflowRuns] | None = N
     return done
 
 
-def _put_back(item: Item, away: Path, done: Plan) -> None:
+def _put_back(path: Path, away: Path) -> None:
+    """Move ``away`` back to ``path``. Where a run wrote ``path`` anew meanwhile (a cleared task of
+    that run), its files are newer and stay; every other file of ``away`` goes back beside them."""
     try:
-        os.rename(away, item.path)
-    except OSError:  # a run wrote there since (a cleared task of that run): its files are newer, keep them
+        os.rename(away, path)
+    except OSError:
         for root, _, files in os.walk(away):
             for name in files:
-                dst = item.path / Path(root).relative_to(away) / name
+                dst = path / Path(root).relative_to(away) / name
                 if not dst.exists():
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(Path(root) / name, dst)
         shutil.rmtree(away, ignore_errors=True)
-    if item.kind == "run":
-        (item.path.parents[1] / "pruned" / f"{item.path.name}.json").unlink(missing_ok=True)
-    done.keep.append(Item(item.kind, item.path, "put back: a run may have started"))
+    if path.parent.name == "runs":  # back in place: the runs page reads it, not the record
+        (path.parents[1] / "pruned" / f"{path.name}.json").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        away.parent.rmdir()
+
+
+def restore_hidden(home: Path) -> list[Path]:
+    """Put back what a prune killed between hiding and deleting left in ``.prune/`` folders (its
+    second asking of Airflow never came): the next plan judges it again. Returns what was put back."""
+    parents = [home / "runs", home / "shards", home / "validation"]
+    parents += [d for root in ("data", "serving") if (home / root).is_dir() for d in (home / root).iterdir()]
+    restored = []
+    for parent in parents:
+        for away in sorted((parent / HIDDEN).glob("*")) if (parent / HIDDEN).is_dir() else []:
+            _put_back(parent / away.name, away)
+            restored.append(parent / away.name)
+    return restored
 
 
 def keep_record(home: Path, folder: Path) -> Path:
     """Keep what the runs page shows of a run whose folder goes, in ``pruned/<folder>.json``: its
-    ``summary.json``, ``gate.json`` and the failure it ended on (a few KB), with the time."""
+    ``summary.json``, ``gate.json`` and the failure it ended on (a few KB), with the time. A run
+    pruned again (a task of it was cleared since) keeps what its earlier record had and it lacks."""
     summary, failure = _read(folder / "summary.json"), _read(folder / FAILURE_FILE)
     if failure and summary and failure_outlived(folder):  # a cleared task failed, then the run finished
         failure = None
+    path = home / "pruned" / f"{folder.name}.json"
+    earlier = _read(path) or {}
     record = {
         "folder": folder.name,
         "pruned_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "summary": summary,
-        "gate": _read(folder / "gate.json"),
+        "summary": summary or earlier.get("summary"),
+        "gate": _read(folder / "gate.json") or earlier.get("gate"),
         "failure": failure,
     }
-    return layout.write_json(home / "pruned" / f"{folder.name}.json", record)
+    return layout.write_json(path, record)
 
 
 def human(size: float) -> str:

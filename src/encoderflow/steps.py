@@ -183,6 +183,10 @@ def train_baseline(labeled: Dataset, params: Mapping[str, Any], run_id: str) -> 
     return {"baseline_val_accuracy": result["baseline_val_accuracy"], "result": str(out / "result.json")}
 
 
+# In a run's pretrain folder: the shard set it pretrains on.
+SHARDS_RECORD = "shards.json"
+
+
 def pretrain(sealed: Sealed, params: Mapping[str, Any], run_id: str) -> Pretrained:
     from encoderflow.train.pretrain import pretrain as fit
 
@@ -191,6 +195,10 @@ def pretrain(sealed: Sealed, params: Mapping[str, Any], run_id: str) -> Pretrain
     cfg = from_params(params)
     init = _init_encoder(cfg, out)
     _inputs("pretrain", manifest=sealed["manifest"], **({"init_from": init["path"]} if init else {}))
+    # Which shard set this run reads, before it reads it: `encoderflow prune` keeps it while the run is kept.
+    layout.write_json(
+        out / SHARDS_RECORD, {"manifest": sealed["manifest"], "manifest_sha256": sealed["manifest_sha256"]}
+    )
     result = fit(cfg, sealed["manifest"], out, init, earlier_runs=not RunOptions.from_params(params).force)
     _output("pretrain", "encoder", result["encoder"], result["encoder_sha256"])
     return {
