@@ -14,7 +14,6 @@ network, and a chart is as escaped as any other text on it.
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,7 @@ from encoderflow.config import GateConfig
 from encoderflow.errors import failure_outlived
 from encoderflow.gate import METRICS as GATE_METRICS
 from encoderflow.gate import metric_tag
-from encoderflow.layout import safe_run_id
+from encoderflow.layout import read_json_or_none, safe_run_id
 from encoderflow.results import current_names
 
 # Declared once, with the gate's other settings: gate.registered_model's default.
@@ -46,13 +45,6 @@ STAGES = (
 )
 # Charts are drawn for the newest runs only: 200 runs of four SVGs each (~15 kB a run) would make a page of megabytes.
 CHART_RUNS = 30
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def data_docs(run_dir: Path) -> dict[str, str]:
@@ -85,17 +77,17 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         entry["folder"] = folder.name
         # A run cleared and finished since its failure shows none; one that failed after it finished
         # (a cleared task) shows that failure beside the summary it had.
-        failure = _read_json(folder / "failure.json")
-        summary = _read_json(folder / "summary.json")
+        failure = read_json_or_none(folder / "failure.json")
+        summary = read_json_or_none(folder / "summary.json")
         if failure and summary and failure_outlived(folder):
             failure = None
-        _fill(entry, summary, _read_json(folder / "gate.json"), failure, folder.name)
+        _fill(entry, summary, read_json_or_none(folder / "gate.json"), failure, folder.name)
         entry["curves"] = read_curves(folder)
         entry["data_docs"] = data_docs(folder)
     pruned_root = home / "pruned"
     records = sorted(pruned_root.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in records if pruned_root.is_dir() else []:
-        record = _read_json(path)
+        record = read_json_or_none(path)
         if not record or runs.get(path.stem, {}).get("folder"):
             continue  # unreadable, or a run of that name wrote a folder again since
         entry = runs.setdefault(path.stem, _unknown(path.stat().st_mtime))
@@ -183,7 +175,7 @@ def read_curves(run_dir: Path) -> dict[str, dict[str, list[float | None]]]:
     """
     out: dict[str, dict[str, list[float | None]]] = {}
     for stage, _ in STAGES:
-        history = (_read_json(run_dir / stage / "result.json") or {}).get("history")
+        history = (read_json_or_none(run_dir / stage / "result.json") or {}).get("history")
         if not isinstance(history, dict):
             continue
         clean = {

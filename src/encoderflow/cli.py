@@ -408,9 +408,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         plan = prune.plan(home, args.keep, args.older_than, airflow, aliased)
         if not args.dry_run:
             plan = prune.apply(home, plan, recheck=lambda: prune.ask_airflow(home))
-    if restored:
-        mlflow_said += f"; put back {len(restored)} folder(s) an interrupted prune had hidden"
-    for line in prune.report_lines(home, plan, args.dry_run, [mlflow_said]):
+    notes = [mlflow_said] + (
+        [f"put back {len(restored)} folder(s) an interrupted prune had hidden"] if restored else []
+    )
+    for line in prune.report_lines(home, plan, args.dry_run, notes):
         print(line)
     return 0
 

@@ -117,14 +117,6 @@ def _folder_lock(folder: Path, mode: int) -> Iterator[bool]:
         os.close(fd)  # releases the lock
 
 
-@contextmanager
-def idle(folder: str | os.PathLike) -> Iterator[bool]:
-    """Hold ``folder``'s writer lock exclusively for the block if no writer holds it now (yields
-    True), so none starts meanwhile; yields False, holding nothing, while one is at work there."""
-    with _folder_lock(Path(folder), fcntl.LOCK_EX | fcntl.LOCK_NB) as held:
-        yield held
-
-
 def remove_dead_temps(folder: str | os.PathLike, temps: Iterable[Path]) -> list[Path]:
     """Delete ``temps`` (files or folders in ``folder``) when no writer is at work there.
 
@@ -137,7 +129,7 @@ def remove_dead_temps(folder: str | os.PathLike, temps: Iterable[Path]) -> list[
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    with idle(folder) as held:
+    with _folder_lock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB) as held:
         if not held:
             return []
         removed = [path for path in temps if path.exists() or path.is_symlink()]
@@ -186,6 +178,14 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_json_or_none(path: str | os.PathLike) -> Any:
+    """``path``'s JSON, or None when it is missing or unreadable (a run that has not written it yet)."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
 
 
 def reusable(result_path: str | os.PathLike, key: str) -> dict[str, Any] | None:

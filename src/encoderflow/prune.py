@@ -219,7 +219,7 @@ def aliased_versions(home: Path) -> tuple[list[Aliased] | None, str]:
             env = stack.env("worker-default")
             stores[stack.mlflow_url] = {k: env[k] for k in env if k.startswith("MLFLOW_")}
     for summary in (home / "runs").glob("*/summary.json"):
-        recorded = ((_read(summary) or {}).get("registry") or {}).get("tracking_uri")
+        recorded = ((layout.read_json_or_none(summary) or {}).get("registry") or {}).get("tracking_uri")
         # A SQLite store that is gone holds no alias (and asking would create it empty).
         gone = recorded and recorded.startswith("sqlite:///") and not Path(recorded[len("sqlite:///") :]).exists()
         if recorded and recorded not in stores and not gone:
@@ -261,13 +261,6 @@ def _aliased(registry) -> tuple[list[Aliased] | None, str]:
     except Exception as exc:  # any failure to ask: keep more, never less
         return None, f"MLflow at {registry.tracking_uri()}: could not be asked ({str(exc).splitlines()[0][:200]})"
     return found, ""
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def plan(
@@ -319,7 +312,11 @@ def _plan_runs(
     root = home / "runs"
     folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
     changed = {p: last_change(p) for p in folders}
-    finished_keys = {result.get("key") for result in (_read(f / "pretrain" / "result.json") for f in folders) if result}
+    finished_keys = {
+        result.get("key")
+        for result in (layout.read_json_or_none(f / "pretrain" / "result.json") for f in folders)
+        if result
+    }
     code = layout.code_hash()
     kept: list[Path] = []
     for rank, folder in enumerate(sorted(folders, key=lambda p: changed[p], reverse=True)):
@@ -328,7 +325,6 @@ def _plan_runs(
             finished, said = _reported(folder), "no Airflow knows it; its summary.json says it finished"
         else:
             finished, said = state in FINISHED, f"Airflow: {state}"
-        backup = _resumable(folder, code)
         if rank < keep:
             why = f"one of the newest {keep}"
         elif not finished:
@@ -339,7 +335,7 @@ def _plan_runs(
             why = "MLflow could not be asked which run registered the champion"
         elif changed[folder] > cutoff:
             why = "changed within the age limit"
-        elif backup and backup not in finished_keys:
+        elif (backup := _resumable(folder, code)) and backup not in finished_keys:
             why = "holds the backup of a pretraining no run has finished since (the next run of it resumes it)"
         else:
             out.remove.append(Item("run", folder, said))
@@ -380,14 +376,16 @@ def _used_by(kept_runs: Iterable[Path]) -> tuple[set[str], set[str], list[str]]:
     ``pretrain`` reads a shard set they do not name)."""
     paths, hashes, unrecorded = set(), set(), []
     for folder in kept_runs:
-        summary = _read(folder / "summary.json") or {}
+        summary = layout.read_json_or_none(folder / "summary.json") or {}
         manifest = (summary.get("artifacts") or {}).get("shards_manifest")
         if manifest:
             paths.add(str(Path(manifest).parent.resolve()))
-        digest = ((_read(folder / "pretrain" / "result.json") or {}).get("config") or {}).get("manifest")
+        digest = ((layout.read_json_or_none(folder / "pretrain" / "result.json") or {}).get("config") or {}).get(
+            "manifest"
+        )
         if digest:
             hashes.add(digest)
-        if recorded := (_read(folder / "pretrain" / SHARDS_RECORD) or {}).get("manifest"):
+        if recorded := (layout.read_json_or_none(folder / "pretrain" / SHARDS_RECORD) or {}).get("manifest"):
             paths.add(str(Path(recorded).parent.resolve()))
             manifest = manifest or recorded
         if not manifest and not digest and (folder / "pretrain").is_dir():
@@ -411,7 +409,7 @@ def _plan_caches(home: Path, kept_runs: list[Path], cutoff: float, out: Plan) ->
         changed = last_change(folder)
         if used or changed > cutoff:
             out.keep.append(Item("shards", folder, why if used else "changed within the age limit"))
-            for _, path, _ in (_read(manifest) or {}).get("inputs", []):
+            for _, path, _ in (layout.read_json_or_none(manifest) or {}).get("inputs", []):
                 inputs.add(str(Path(path).resolve()))
         else:
             out.remove.append(Item("shards", folder, "no kept run used them"))
@@ -638,16 +636,19 @@ def keep_record(home: Path, folder: Path) -> Path:
     """Keep what the runs page shows of a run whose folder goes, in ``pruned/<folder>.json``: its
     ``summary.json``, ``gate.json`` and the failure it ended on (a few KB), with the time. A run
     pruned again (a task of it was cleared since) keeps what its earlier record had and it lacks."""
-    summary, failure = _read(folder / "summary.json"), _read(folder / FAILURE_FILE)
+    summary, failure = (
+        layout.read_json_or_none(folder / "summary.json"),
+        layout.read_json_or_none(folder / FAILURE_FILE),
+    )
     if failure and summary and failure_outlived(folder):  # a cleared task failed, then the run finished
         failure = None
     path = home / "pruned" / f"{folder.name}.json"
-    earlier = _read(path) or {}
+    earlier = layout.read_json_or_none(path) or {}
     record = {
         "folder": folder.name,
         "pruned_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "summary": summary or earlier.get("summary"),
-        "gate": _read(folder / "gate.json") or earlier.get("gate"),
+        "gate": layout.read_json_or_none(folder / "gate.json") or earlier.get("gate"),
         "failure": failure,
     }
     return layout.write_json(path, record)
