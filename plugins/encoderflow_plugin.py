@@ -21,7 +21,7 @@ from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from encoderflow import layout
+from encoderflow import layout, runs
 
 log = logging.getLogger(__name__)
 URL_PREFIX = "/encoderflow"
@@ -103,7 +103,7 @@ def _snapshot(model: str) -> dict[str, Any]:
         dag_runs = []
     return {
         "model": model,
-        "runs": page.collect_runs(home, dag_runs),
+        "runs": runs.collect_runs(home, dag_runs),
         "registry": page.registry_state(home, model),
         "mlflow_ui": page.mlflow_ui_url(),
     }

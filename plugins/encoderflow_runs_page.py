@@ -1,10 +1,10 @@
 """The Encoderflow runs page: what every run of ``encoder_pretraining`` decided, measured and wrote.
 
-Plain Python (standard library and ``encoderflow.layout``; MLflow only when the registry is
-asked), so it renders the same in the api-server and in a test. The sources are the run folders
-under ``ENCODERFLOW_HOME`` (``summary.json`` once a run reports, ``gate.json`` once it is gated,
-``data_docs/`` once it is validated), the Airflow DAG runs (state, times), and the MLflow registry
-(champion and its history).
+Plain Python (standard library and ``encoderflow``'s light modules; MLflow only when the registry
+is asked), so it renders the same in the api-server and in a test. What it shows is
+:func:`encoderflow.runs.collect_runs`' record (the run folders under ``ENCODERFLOW_HOME`` merged
+with the Airflow DAG runs, as ``encoderflow runs`` prints it too), and the MLflow registry
+(champion and its history). This module only draws it.
 
 Each run shows its training curves (``<stage>/result.json``'s per-epoch history) and its gate
 decision as charts: inline SVG written here, so the page needs no script, no chart library and no
@@ -22,231 +22,18 @@ from typing import Any
 from urllib.parse import quote
 
 from encoderflow import DAG_ID
-from encoderflow.config import GateConfig
-from encoderflow.errors import failure_outlived
 from encoderflow.gate import METRICS as GATE_METRICS
 from encoderflow.gate import metric_tag
-from encoderflow.layout import read_json_or_none, safe_run_id
-from encoderflow.results import current_names
+from encoderflow.runs import DEFAULT_MODEL, STAGES, accuracy_text, finite, intervals_text
 
-# Declared once, with the gate's other settings: gate.registered_model's default.
-DEFAULT_MODEL = GateConfig().registered_model
 METRICS = (
     ("val_accuracy", "dev accuracy"),
     ("baseline_val_accuracy", "BoW baseline"),
     ("champion_val_accuracy", "champion (re-evaluated)"),
     ("mlm_val_accuracy", "MLM accuracy"),
 )
-# The run-folder stages that keep a per-epoch ``history`` in ``<stage>/result.json``, in page order.
-STAGES = (
-    ("pretrain", "Pretraining (MLM)"),
-    ("finetune", "Fine-tuning"),
-    ("baseline", "BoW baseline"),
-)
 # Charts are drawn for the newest runs only: 200 runs of four SVGs each (~15 kB a run) would make a page of megabytes.
 CHART_RUNS = 30
-
-
-def data_docs(run_dir: Path) -> dict[str, str]:
-    """dataset -> index.html path relative to the run folder, for every Data Docs site it holds."""
-    root = run_dir / "data_docs"
-    if not root.is_dir():
-        return {}
-    return {d.name: f"data_docs/{d.name}/index.html" for d in sorted(root.iterdir()) if (d / "index.html").is_file()}
-
-
-def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """One entry per run: the Airflow run (if known) merged with its folder (if any), newest first.
-
-    A run whose folder ``encoderflow prune`` removed shows what it decided and measured from the
-    record prune kept (``pruned/<folder>.json``), with ``pruned_at``; its charts and Data Docs are gone.
-
-    Args:
-        home: ENCODERFLOW_HOME.
-        dag_runs: Airflow runs of the DAG, newest first, as dicts with ``run_id``, ``state``,
-            ``start_date``, ``end_date`` (strings), ``conf``.
-    """
-    runs: dict[str, dict[str, Any]] = {}
-    for dr in dag_runs or []:
-        runs[safe_run_id(dr["run_id"])] = {**dr, "folder": None}
-    runs_root = home / "runs"
-    # Dot names are not runs (encoderflow prune's .prune/); a folder may go while this reads.
-    found = [(_mtime(p), p) for p in runs_root.iterdir() if not p.name.startswith(".")] if runs_root.is_dir() else []
-    for mtime, folder in sorted((t, p) for t, p in found if t is not None and p.is_dir())[::-1]:
-        entry = runs.setdefault(folder.name, _unknown(mtime))
-        entry["folder"] = folder.name
-        # A run cleared and finished since its failure shows none; one that failed after it finished
-        # (a cleared task) shows that failure beside the summary it had.
-        failure = read_json_or_none(folder / "failure.json")
-        summary = read_json_or_none(folder / "summary.json")
-        if failure and summary and failure_outlived(folder):
-            failure = None
-        _fill(entry, summary, read_json_or_none(folder / "gate.json"), failure, folder.name)
-        entry["curves"] = read_curves(folder)
-        entry["data_docs"] = data_docs(folder)
-    pruned_root = home / "pruned"
-    records = sorted(pruned_root.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in records if pruned_root.is_dir() else []:
-        record = read_json_or_none(path)
-        if not record or runs.get(path.stem, {}).get("folder"):
-            continue  # unreadable, or a run of that name wrote a folder again since
-        entry = runs.setdefault(path.stem, _unknown(path.stat().st_mtime))
-        _fill(entry, record.get("summary"), record.get("gate"), record.get("failure"), path.stem)
-        entry["pruned_at"] = record.get("pruned_at")
-    # Airflow's runs first, newest first as given; then folders no Airflow run claims, newest first.
-    out = list(runs.values())
-    for entry in out:
-        entry.setdefault("preset", (entry.get("conf") or {}).get("preset"))
-    return out
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
-
-
-def _unknown(mtime: float) -> dict[str, Any]:
-    """The entry of a run folder (or pruned record) no Airflow run claims."""
-    return {
-        "run_id": None,
-        "state": None,
-        "start_date": None,
-        "end_date": None,
-        "conf": {},
-        "mtime": mtime,
-        "folder": None,
-    }
-
-
-def _fill(
-    entry: dict[str, Any],
-    summary: dict[str, Any] | None,
-    gate: dict[str, Any] | None,
-    failure: dict[str, Any] | None,
-    folder_name: str,
-) -> None:
-    """``entry``'s decision, metrics and registry from a run's ``summary.json``, ``gate.json`` and
-    ``failure.json`` (each None when absent), whether read from its folder or a pruned record."""
-    if summary and "metrics" in summary:  # a summary written before a metric's rename reads as today's
-        summary["metrics"] = current_names(summary["metrics"])
-    entry["summary"] = summary
-    if summary and not entry.get("run_id"):
-        entry["run_id"] = summary.get("run_id")
-    entry["run_id"] = entry.get("run_id") or folder_name
-    if summary and "unchanged" in summary:  # check_lineage short-circuited: nothing trained or gated
-        entry["unchanged"] = summary["unchanged"]
-        entry["metrics"] = summary.get("metrics", {})
-        entry["registry"] = {}
-        entry["preset"] = summary.get("preset")
-    elif summary:
-        entry["gate"] = {"blessed": summary["gate"].get("blessed"), "reasons": summary["gate"].get("reasons", [])}
-        entry["metrics"] = summary.get("metrics", {})
-        entry["registry"] = summary.get("registry", {})
-        entry["preset"] = summary.get("preset")
-    elif gate:
-        entry["gate"] = {"blessed": gate.get("blessed"), "reasons": gate.get("reasons", [])}
-        entry["metrics"] = {metric: gate.get(name) for name, metric in GATE_METRICS.items()}
-    if gate:
-        entry["checks"] = gate.get("checks", [])
-        entry["intervals"] = gate_intervals(gate)
-    entry["failure"] = failure if failure and entry.get("state") in ("failed", None) else None
-    entry["gate_chart"] = gate_figures(gate, summary)
-
-
-def _finite(value: Any) -> float | None:
-    """A finite float, or None (missing, NaN, inf, not a number): JSON and the charts accept only these."""
-    if isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def read_curves(run_dir: Path) -> dict[str, dict[str, list[float | None]]]:
-    """Per-epoch history of each stage that finished: stage -> metric -> one value per epoch.
-
-    The histories are the ``history`` of ``<stage>/result.json`` (Keras's ``History``, or for
-    pretraining its ``history.csv``, which survives a resumed attempt). A value that is not a
-    finite number becomes None: a gap in the chart, and still valid JSON for ``runs.json``.
-    """
-    out: dict[str, dict[str, list[float | None]]] = {}
-    for stage, _ in STAGES:
-        history = (read_json_or_none(run_dir / stage / "result.json") or {}).get("history")
-        if not isinstance(history, dict):
-            continue
-        clean = {
-            str(key): [_finite(v) for v in values]
-            for key, values in history.items()
-            if isinstance(values, list) and values
-        }
-        if clean:
-            out[stage] = clean
-    return out
-
-
-INTERVAL_NAMES = ("candidate", "baseline", "champion", "candidate_minus_champion")
-
-
-def gate_intervals(gate: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``gate.json``'s bootstrap intervals, checked: name -> {estimate, low, high} (finite floats), and the
-    confidence; None for a gate.json written before the gate had them, or one without a usable interval."""
-    raw = (gate or {}).get("intervals")
-    if not isinstance(raw, dict):
-        return None
-    out: dict[str, Any] = {}
-    for name in INTERVAL_NAMES:
-        item = raw.get(name)
-        if not isinstance(item, dict):
-            continue
-        values = {k: _finite(item.get(k)) for k in ("estimate", "low", "high")}
-        if None not in values.values():
-            out[name] = values
-    if not out:
-        return None
-    return {"confidence": _finite(raw.get("confidence")) or 0.95, **out}
-
-
-def gate_figures(gate: dict[str, Any] | None, summary: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What the gate compared, for its chart: accuracies, the champion's version and the thresholds used.
-
-    ``gate.json`` holds the numbers the decision was made on, each check's threshold and the
-    bootstrap intervals (:func:`gate_intervals`); a run whose gate.json is gone still has its
-    summary's metrics (without thresholds or intervals).
-    """
-    if gate:
-        thresholds = {c.get("name"): _finite(c.get("threshold")) for c in gate.get("checks") or []}
-        figures = {
-            "blessed": gate.get("blessed"),
-            "candidate": _finite(gate.get("candidate")),
-            "baseline": _finite(gate.get("baseline")),
-            "champion": _finite(gate.get("champion")),
-            "champion_version": gate.get("champion_version"),
-            "floor": thresholds.get("floor"),
-            "min_gain_over_baseline": thresholds.get("baseline"),
-            # The champion check's threshold is the allowed change, -max_regression.
-            "min_change_vs_champion": thresholds.get("champion"),
-            "intervals": gate_intervals(gate),
-        }
-    elif summary and "unchanged" not in summary:
-        metrics = summary.get("metrics") or {}
-        figures = {
-            "blessed": (summary.get("gate") or {}).get("blessed"),
-            **{name: _finite(metrics.get(metric)) for name, metric in GATE_METRICS.items()},
-            "champion_version": None,
-            "floor": None,
-            "min_gain_over_baseline": None,
-            "min_change_vs_champion": None,
-            "intervals": None,
-        }
-    else:
-        return None
-    if all(figures[k] is None for k in ("candidate", "baseline", "champion")):
-        return None
-    return figures
 
 
 def data_docs_file(home: Path, folder: str, rel: str) -> Path | None:
@@ -291,10 +78,6 @@ def registry_state(home: Path, model: str) -> dict[str, Any]:
 
 def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value))
-
-
-def _acc(value: Any) -> str:
-    return "–" if value is None else f"{float(value):.4f}"
 
 
 def airflow_run_href(run_id: str) -> str:
@@ -476,12 +259,12 @@ def gate_svg(figures: Mapping[str, Any]) -> str:
     Returns:
         An ``<svg>`` element, or "" when there is no accuracy to draw.
     """
-    candidate, baseline, champion = (_finite(figures.get(k)) for k in ("candidate", "baseline", "champion"))
+    candidate, baseline, champion = (finite(figures.get(k)) for k in ("candidate", "baseline", "champion"))
     if candidate is None and baseline is None and champion is None:
         return ""
     blessed = figures.get("blessed")
-    floor = _finite(figures.get("floor"))
-    gain, change = _finite(figures.get("min_gain_over_baseline")), _finite(figures.get("min_change_vs_champion"))
+    floor = finite(figures.get("floor"))
+    gain, change = finite(figures.get("min_gain_over_baseline")), finite(figures.get("min_change_vs_champion"))
     version = figures.get("champion_version")
     intervals = figures.get("intervals") or {}
     diff = intervals.get("candidate_minus_champion")
@@ -615,7 +398,7 @@ def render(
     """The whole page as HTML (no script: it renders in the Airflow UI's frame and on its own).
 
     Args:
-        runs: :func:`collect_runs`' entries, newest first.
+        runs: :func:`encoderflow.runs.collect_runs`' entries, newest first.
         registry: :func:`registry_state`'s dict.
         model: the registered model's name.
         mlflow_url: where a browser reaches the MLflow UI (links), or None.
@@ -642,7 +425,7 @@ def render(
         )
         tags = champ.get("tags") or {}
         try:
-            accuracy = _acc(float(tags[metric_tag(GATE_METRICS["candidate"])]))
+            accuracy = accuracy_text(float(tags[metric_tag(GATE_METRICS["candidate"])]))
         except (KeyError, TypeError, ValueError):
             accuracy = "–"
         out.append(
@@ -711,17 +494,8 @@ def _mlflow_links(mlflow_url: str | None, model: str, version: Any, run_id: Any)
 
 def _intervals_text(intervals: Mapping[str, Any] | None) -> str:
     """The gate cell's line of bootstrap intervals: the candidate's accuracy and its difference to the champion."""
-    if not intervals:
-        return ""
-    parts = []
-    if ci := intervals.get("candidate"):
-        parts.append(f"candidate {ci['estimate']:.4f} [{ci['low']:.4f}, {ci['high']:.4f}]")
-    if ci := intervals.get("candidate_minus_champion"):
-        parts.append(f"candidate - champion {ci['estimate']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]")
-    if not parts:
-        return ""
-    pct = f"{intervals.get('confidence') or 0.95:.0%}"
-    return f"<div class='muted ef-ci-text'>{pct} intervals: {_e(' · '.join(parts))}</div>"
+    said = intervals_text(dict(intervals) if intervals else None)
+    return f"<div class='muted ef-ci-text'>{_e(said)}</div>" if said else ""
 
 
 def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
@@ -775,7 +549,7 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
 
     metrics = run.get("metrics") or {}
     cells.append(
-        "<br>".join(f"{label}: <b>{_acc(metrics.get(key))}</b>" for key, label in METRICS if key in metrics)
+        "<br>".join(f"{label}: <b>{accuracy_text(metrics.get(key))}</b>" for key, label in METRICS if key in metrics)
         or "<span class='muted'>–</span>"
     )
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from encoderflow import errors
+from encoderflow import errors, layout
 from encoderflow.stack import descendants
 from tests import fixtures_pipeline as fixtures_data
 
@@ -661,7 +661,7 @@ def test_runs_page_in_a_real_browser_shows_the_runs_charts(stack, smoke_run):
     dom = seen["page"]
 
     # One chart per training stage, each with a point for every epoch of every series the run recorded.
-    folder = stack.root / "efhome" / "runs" / page.safe_run_id(run_id)
+    folder = stack.root / "efhome" / "runs" / layout.safe_run_id(run_id)
     assert [c["stage"] for c in dom["curves"]] == ["pretrain", "finetune", "baseline"], dom["curves"]
     for chart in dom["curves"]:
         history = json.loads((folder / chart["stage"] / "result.json").read_text())["history"]

@@ -226,7 +226,9 @@ def test_two_runs_through_airflow(served, encoderflow_home, capsys):
     sys.path.insert(0, str(REPO / "plugins"))
     import encoderflow_runs_page as page
 
-    runs = {r["run_id"]: r for r in page.collect_runs(home)}
+    from encoderflow.runs import collect_runs
+
+    runs = {r["run_id"]: r for r in collect_runs(home)}
     html = page.render(list(runs.values()), {"champion": None, "history": []}, MODEL, None)
     assert runs[run2]["gate_chart"]["intervals"]["candidate_minus_champion"] == diff
     assert f"candidate - champion {diff['estimate']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}]" in html
@@ -281,7 +283,7 @@ def test_two_runs_through_airflow(served, encoderflow_home, capsys):
     assert "nothing changed since champion v" in again.stdout and "--force" in again.stdout
     assert {v.version for v in client.search_model_versions(f"name='{MODEL}'")} == versions
     assert client.get_model_version_by_alias(MODEL, "champion").version == v1.version
-    html = page.render(page.collect_runs(home), {"champion": None, "history": []}, MODEL, None)
+    html = page.render(collect_runs(home), {"champion": None, "history": []}, MODEL, None)
     assert f"nothing changed since champion v{v1.version}" in html
 
     # Run 2's training with only a gate setting changed: its encoder and bundle are copied from run 2's
@@ -330,10 +332,26 @@ def test_two_runs_through_airflow(served, encoderflow_home, capsys):
         assert f"removed       run     runs/{layout.safe_run_id(run)}: Airflow: " in out, out
     bundle.verify(summary5["artifacts"]["bundle"])
     # The runs page still shows a pruned run's decision and metrics, from the record prune kept.
-    shown = {r["run_id"]: r for r in page.collect_runs(home)}[run2]
+    shown = {r["run_id"]: r for r in collect_runs(home)}[run2]
     assert shown["pruned_at"] and shown["metrics"] == summary2["metrics"], shown
     assert Path(summary5["artifacts"]["shards_manifest"]).exists()
     assert {v.version for v in client.search_model_versions(f"name='{MODEL}'")} == versions
+
+    # `encoderflow runs` tells it in a terminal: this Airflow's states, the champion, a failure's fix, a pruned run.
+    assert cli.main(["runs"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("manual__", "scheduled__"))}
+    assert set(rows) == {run1, run2, run3, run4, run5}, out
+    assert rows[run1].split()[1] == "success" and rows[run1].endswith(f"v{v1.version} champion"), out
+    assert " BLESSED " in rows[run1] and "NOT BLESSED" in rows[run2] and " SKIPPED " in rows[run4], out
+    assert rows[run3].split()[1] == "failed" and " FAILED " in rows[run3], out
+    assert cli.main(["runs", run3]) == 0
+    detail = capsys.readouterr().out
+    assert "failed     at pretrain, try 1: NonFiniteLoss: pretrain: loss became nan" in detail, detail
+    assert "           fix: lower pretrain.learning_rate (now 1) or check the input data\n" in detail, detail
+    assert cli.main(["runs", run2]) == 0
+    detail = capsys.readouterr().out
+    assert "folder     pruned " in detail and f"val_accuracy {summary2['metrics']['val_accuracy']:.4f}" in detail
 
 
 def test_your_own_corpus_and_labels_through_airflow(tmp_path, encoderflow_home, caplog):

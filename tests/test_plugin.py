@@ -24,121 +24,9 @@ sys.path.insert(0, str(REPO / "plugins"))
 
 import encoderflow_runs_page as page  # noqa: E402
 
-BLESSED_RUN = "manual__2026-11-25T10:00:00+00:00"
-REJECTED_RUN = "scheduled__2026-11-26T03:00:00+00:00"
-FAILED_RUN = "manual__2026-11-27T09:00:00+00:00"
-
-
-def write_runs(home: Path) -> None:
-    """Three runs as the DAG leaves them: reported and blessed, reported and rejected, failed validation."""
-    from encoderflow import layout
-
-    def docs(run_id: str, *datasets: str) -> dict[str, str]:
-        out = {}
-        for name in datasets:
-            index = layout.run_dir(run_id) / "data_docs" / name / "index.html"
-            index.parent.mkdir(parents=True, exist_ok=True)
-            index.write_text(f"<html><body>Data Docs of {name}</body></html>")
-            out[name] = str(index)
-        return out
-
-    blessed_checks = [
-        {"name": "floor", "passed": True, "detail": "0.8120 >= floor 0.8000", "value": 0.812, "threshold": 0.8}
-    ]
-    # The thresholds gate.json records: floor 0.70, gain over baseline >= -0.10, no regression vs the champion.
-    rejected_checks = [
-        {"name": "metric", "passed": True, "detail": "candidate accuracy present", "value": 0.701, "threshold": None},
-        {"name": "floor", "passed": True, "detail": "0.7010 >= floor 0.7000", "value": 0.701, "threshold": 0.7},
-        {"name": "baseline", "passed": True, "detail": "gain -0.0490", "value": -0.049, "threshold": -0.1},
-        {"name": "champion", "passed": False, "detail": "-0.1110", "value": -0.111, "threshold": -0.0},
-    ]
-    # The blessed run's gate.json predates the bootstrap intervals, and its summary the metric's rename
-    # (sst2_val_accuracy, read as val_accuracy); the rejected run's has both.
-    for run_id, blessed, reasons, acc, version in (
-        (BLESSED_RUN, True, [], 0.812, "1"),
-        (
-            REJECTED_RUN,
-            False,
-            ["champion: 0.7010 is 0.1110 below champion v1 (0.8120), allowed 0.0000", "<script>alert(1)</script>"],
-            0.701,
-            "2",
-        ),
-    ):
-        run_dir = layout.run_dir(run_id)
-        gate = {
-            "blessed": blessed,
-            "reasons": reasons,
-            "candidate": acc,
-            "baseline": 0.75,
-            "champion": None if blessed else 0.812,
-            "champion_version": None if blessed else "1",
-            "checks": blessed_checks if blessed else rejected_checks,
-            **({} if blessed else {"intervals": INTERVALS}),
-        }
-        layout.write_json(run_dir / "gate.json", gate)
-        layout.write_json(
-            run_dir / "summary.json",
-            {
-                "run_id": run_id,
-                "preset": "guide",
-                "metrics": {
-                    "baseline_val_accuracy": 0.75,
-                    "mlm_val_accuracy": 0.31,
-                    ("sst2_val_accuracy" if blessed else "val_accuracy"): acc,
-                    "champion_val_accuracy": gate["champion"],
-                },
-                "gate": {"blessed": blessed, "reasons": reasons, "gate_json": str(run_dir / "gate.json")},
-                "registry": {
-                    "registered_model": "encoderflow-sst2",
-                    "version": version,
-                    "champion_version": "1",
-                    "run_id": f"mlflowrun{version}",
-                    "tracking_uri": "http://mlflow:5000",
-                },
-                "artifacts": {"data_docs": docs(run_id, "sst2", "vocab", "wikitext")},
-            },
-        )
-        for stage, history in HISTORIES.items():
-            layout.write_json(run_dir / stage / "result.json", {"key": "k", "history": history})
-    # A NaN epoch (as Keras writes it into result.json) in the rejected run's fine-tuning.
-    layout.write_json(
-        layout.run_dir(REJECTED_RUN) / "finetune" / "result.json",
-        {"history": {**HISTORIES["finetune"], "val_loss": [0.61, float("nan")]}},
-    )
-    docs(FAILED_RUN, "sst2")
-
-
-# gate.json's bootstrap intervals as the gate writes them (gate.Intervals), for the rejected run.
-INTERVALS = {
-    "examples": 872,
-    "resamples": 2000,
-    "seed": 42,
-    "confidence": 0.95,
-    "candidate": {"estimate": 0.701, "low": 0.67, "high": 0.731},
-    "champion": {"estimate": 0.812, "low": 0.786, "high": 0.838},
-    "baseline": None,
-    "candidate_minus_champion": {"estimate": -0.111, "low": -0.14, "high": -0.082},
-}
-
-
-# Per-epoch histories as the training steps write them (Keras metric names; pretraining via CSVLogger).
-HISTORIES = {
-    "pretrain": {
-        "loss": [3.94, 3.47, 3.1],
-        "val_loss": [3.76, 3.64, 3.5],
-        "sparse_categorical_accuracy": [0.05, 0.07, 0.09],
-        "val_sparse_categorical_accuracy": [0.057, 0.035, 0.08],
-        "learning_rate": [0.001, 0.001, 0.001],
-    },
-    "finetune": {"loss": [0.62, 0.4], "val_loss": [0.4, 0.38], "accuracy": [0.68, 0.8], "val_accuracy": [0.94, 0.95]},
-    "baseline": {
-        "loss": [0.69, 0.68],
-        "val_loss": [0.68, 0.67],
-        "accuracy": [0.52, 0.55],
-        "val_accuracy": [0.55, 0.55],
-    },
-}
-
+from encoderflow.layout import safe_run_id  # noqa: E402
+from encoderflow.runs import collect_runs, gate_intervals  # noqa: E402
+from tests.fixtures_runs import BLESSED_RUN, FAILED_RUN, HISTORIES, INTERVALS, REJECTED_RUN, write_runs  # noqa: E402
 
 REGISTRY = {
     "champion": {"version": "1", "tags": {"gate.val_accuracy": "0.812", "airflow.run_id": BLESSED_RUN}},
@@ -183,7 +71,7 @@ def test_runs_page_shows_decisions_metrics_history_and_links(encoderflow_home):
             "conf": {"preset": "guide"},
         },
     ]
-    runs = page.collect_runs(encoderflow_home, dag_runs)
+    runs = collect_runs(encoderflow_home, dag_runs)
     # Airflow's runs first (as Airflow orders them), then folders this Airflow does not know.
     assert [r["run_id"] for r in runs] == [FAILED_RUN, BLESSED_RUN, REJECTED_RUN]
     failed, blessed, rejected = runs
@@ -218,7 +106,7 @@ def test_runs_page_shows_decisions_metrics_history_and_links(encoderflow_home):
     assert "target='_top'" in html
     assert "http://mlflow.example:5000/#/runs/mlflowrun2" in html
     assert "http://mlflow.example:5000/#/models/encoderflow-sst2/versions/2" in html
-    folder = page.safe_run_id(BLESSED_RUN)
+    folder = safe_run_id(BLESSED_RUN)
     assert f"runs/{folder}/data_docs/wikitext/index.html" in html
     assert f"{REJECTED_RUN}</code> <span class='muted'>(not in this Airflow)" in html
 
@@ -228,13 +116,13 @@ def test_a_pruned_run_keeps_its_decision_and_metrics_on_the_page(encoderflow_hom
 
     write_runs(encoderflow_home)
     dag_runs = [{"run_id": BLESSED_RUN, "state": "success", "start_date": "2026-11-25T10:00:01", "end_date": None}]
-    before = {r["run_id"]: r for r in page.collect_runs(encoderflow_home, dag_runs)}
-    folders = {run: encoderflow_home / "runs" / page.safe_run_id(run) for run in (BLESSED_RUN, REJECTED_RUN)}
+    before = {r["run_id"]: r for r in collect_runs(encoderflow_home, dag_runs)}
+    folders = {run: encoderflow_home / "runs" / safe_run_id(run) for run in (BLESSED_RUN, REJECTED_RUN)}
     gone = [prune.Item("run", folder, "test") for folder in folders.values()]
     assert len(prune.apply(encoderflow_home, prune.Plan(remove=gone)).remove) == 2
     assert not any(folder.exists() for folder in folders.values())
 
-    runs = {r["run_id"]: r for r in page.collect_runs(encoderflow_home, dag_runs)}
+    runs = {r["run_id"]: r for r in collect_runs(encoderflow_home, dag_runs)}
     assert list(runs) == list(before)  # the Airflow run, then the one no Airflow knows, as before
     for run_id in (BLESSED_RUN, REJECTED_RUN):
         was, now = before[run_id], runs[run_id]
@@ -250,8 +138,7 @@ def test_a_pruned_run_keeps_its_decision_and_metrics_on_the_page(encoderflow_hom
     # A run of the same name that writes a folder again shows the folder, not the record.
     (folders[REJECTED_RUN] / "summary.json").parent.mkdir(parents=True)
     assert (
-        "pruned_at"
-        not in {r["run_id"]: r for r in page.collect_runs(encoderflow_home, dag_runs)}[page.safe_run_id(REJECTED_RUN)]
+        "pruned_at" not in {r["run_id"]: r for r in collect_runs(encoderflow_home, dag_runs)}[safe_run_id(REJECTED_RUN)]
     )
 
 
@@ -261,7 +148,7 @@ def test_page_without_registry_or_mlflow_ui(encoderflow_home, monkeypatch):
     registry = page.registry_state(encoderflow_home, "encoderflow-sst2")
     assert registry == {"champion": None, "history": [], "error": None, "store": "no registry yet"}
     assert page.mlflow_ui_url() is None
-    html = page.render(page.collect_runs(encoderflow_home), registry, "encoderflow-sst2", None)
+    html = page.render(collect_runs(encoderflow_home), registry, "encoderflow-sst2", None)
     assert "no champion yet" in html and "MLflow run <code>mlflowrun1</code>" in html
     assert "#/runs/" not in html
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000/")
@@ -272,7 +159,7 @@ def test_page_without_registry_or_mlflow_ui(encoderflow_home, monkeypatch):
 
 def test_data_docs_stay_inside_the_run_folder(encoderflow_home):
     write_runs(encoderflow_home)
-    folder = page.safe_run_id(BLESSED_RUN)
+    folder = safe_run_id(BLESSED_RUN)
     assert page.data_docs_file(encoderflow_home, folder, "sst2/index.html").name == "index.html"
     (encoderflow_home / "secret.txt").write_text("no")
     for rel in ("../gate.json", "../../../secret.txt", "/etc/passwd", "sst2/../../summary.json", "sst2/missing.html"):
@@ -424,7 +311,7 @@ def test_gate_chart_draws_each_interval_as_an_error_bar_and_the_paired_differenc
         "floor": 0.7,
         "min_gain_over_baseline": 0.02,
         "min_change_vs_champion": -0.01,
-        "intervals": page.gate_intervals(
+        "intervals": gate_intervals(
             {"intervals": {**INTERVALS, "baseline": {"estimate": 0.75, "low": 0.72, "high": 0.78}}}
         ),
     }
@@ -458,18 +345,18 @@ def test_gate_chart_draws_each_interval_as_an_error_bar_and_the_paired_differenc
     assert "ef-ci" not in page.gate_svg(plain) and "ef-diff" not in page.gate_svg(plain)
     assert float(parse_svg(page.gate_svg(plain)).get("height")) == float(root.get("height")) - 14
     broken = {"intervals": {"candidate": {"estimate": 0.7, "low": float("nan"), "high": 0.8}, "champion": "x"}}
-    assert page.gate_intervals(broken) is None and page.gate_intervals({}) is None
+    assert gate_intervals(broken) is None and gate_intervals({}) is None
     # No champion: error bars on what there is, no difference line.
-    first = page.gate_intervals({"intervals": {**INTERVALS, "champion": None, "candidate_minus_champion": None}})
+    first = gate_intervals({"intervals": {**INTERVALS, "champion": None, "candidate_minus_champion": None}})
     first_svg = page.gate_svg({"blessed": True, "candidate": 0.701, "baseline": 0.75, "intervals": first})
     assert first_svg.count("class='ef-ci'") == 1 and "ef-diff" not in first_svg
 
 
 def test_each_run_shows_its_charts_from_its_folder(encoderflow_home):
     write_runs(encoderflow_home)
-    runs = page.collect_runs(encoderflow_home)
+    runs = collect_runs(encoderflow_home)
     by_id = {r["run_id"]: r for r in runs}
-    blessed, rejected, failed = by_id[BLESSED_RUN], by_id[REJECTED_RUN], by_id[page.safe_run_id(FAILED_RUN)]
+    blessed, rejected, failed = by_id[BLESSED_RUN], by_id[REJECTED_RUN], by_id[safe_run_id(FAILED_RUN)]
     assert blessed["curves"] == HISTORIES
     assert rejected["curves"]["finetune"]["val_loss"] == [0.61, None]  # NaN read as a gap
     assert failed["curves"] == {} and failed["gate_chart"] is None
@@ -509,7 +396,7 @@ def test_each_run_shows_its_charts_from_its_folder(encoderflow_home):
     assert "val_loss, epoch 1: 0.6100" in finetune_chart(rows[REJECTED_RUN])
     assert "val_loss, epoch 2" not in finetune_chart(rows[REJECTED_RUN])
     # The run that failed validation has a folder but nothing to draw: no chart row.
-    assert f"<tr class='ef-charts' data-run='{page.safe_run_id(FAILED_RUN)}'>" not in html
+    assert f"<tr class='ef-charts' data-run='{safe_run_id(FAILED_RUN)}'>" not in html
     assert "<script" not in html
 
     # Charts only for the newest runs: the page stays small with 200 runs.
@@ -522,7 +409,7 @@ def test_each_run_shows_its_charts_from_its_folder(encoderflow_home):
 
 def test_each_run_links_its_mlflow_run_and_model_version(encoderflow_home):
     write_runs(encoderflow_home)
-    runs = page.collect_runs(encoderflow_home)
+    runs = collect_runs(encoderflow_home)
     url = "http://mlflow.example:5000"
     registry = {**REGISTRY, "champion": {**REGISTRY["champion"], "run_id": "champrun"}}
     html = page.render(runs, registry, "encoderflow-sst2", url)
@@ -582,7 +469,7 @@ def test_page_refuses_anonymous_and_shows_runs_to_a_signed_in_user(tmp_path, enc
     home = encoderflow_home
     write_runs(home)
     with airflow_stack(tmp_path, home, components=("api-server",)) as stack:
-        folder = page.safe_run_id(BLESSED_RUN)
+        folder = safe_run_id(BLESSED_RUN)
         docs = f"/encoderflow/runs/{folder}/data_docs/sst2/index.html"
         # Nobody: refused, and nothing about the runs leaks.
         for path in ("/encoderflow/", "/encoderflow/runs.json", docs):
@@ -607,7 +494,7 @@ def test_page_refuses_anonymous_and_shows_runs_to_a_signed_in_user(tmp_path, enc
         status, snap = stack.request("GET", "/encoderflow/runs.json")
         # The run that failed before reporting is known by its folder only (this Airflow has no record of it).
         assert status == 200
-        assert {r["run_id"] for r in snap["runs"]} == {BLESSED_RUN, REJECTED_RUN, page.safe_run_id(FAILED_RUN)}
+        assert {r["run_id"] for r in snap["runs"]} == {BLESSED_RUN, REJECTED_RUN, safe_run_id(FAILED_RUN)}
         status, body = stack.request("GET", docs, headers={"Accept": "text/html"})
         assert status == 200 and "Data Docs of sst2" in body
         assert stack.request("GET", f"/encoderflow/runs/{folder}/data_docs/..%2Fgate.json")[0] == 404
@@ -628,13 +515,13 @@ def test_a_failed_run_shows_its_first_failure_and_the_fix_until_it_succeeds(tmp_
     (folder / "failure.json").write_text(
         json.dumps({"task_id": "pretrain", "try_number": 1, **dataclasses.asdict(cause)})
     )
-    failed = page.collect_runs(home, [{"run_id": "manual__fail", "state": "failed", "conf": {}}])
+    failed = collect_runs(home, [{"run_id": "manual__fail", "state": "failed", "conf": {}}])
     html = page.render(failed, {}, "encoderflow-sst2", None)
     assert "FAILED</span> at pretrain, try 1" in html
     assert "NonFiniteLoss: pretrain: loss became nan at step 10" in html
     assert "fix: lower the &lt;learning rate&gt;" in html  # escaped like every other value
     # Cleared and finished since: the old record stays on disk but is not shown.
-    cleared = page.collect_runs(home, [{"run_id": "manual__fail", "state": "success", "conf": {}}])
+    cleared = collect_runs(home, [{"run_id": "manual__fail", "state": "success", "conf": {}}])
     assert cleared[0]["failure"] is None
     assert "FAILED</span>" not in page.render(cleared, {}, "encoderflow-sst2", None)
 
@@ -657,8 +544,8 @@ def test_a_task_failing_after_its_run_finished_shows_that_failure_not_the_earlie
         new = errors.Cause("EncoderflowError", "finetune: encoder.keras altered", "clear pretrain", False)
         assert errors.record_failure("manual__again", new, task_id="finetune", try_number=4)
         assert not errors.record_failure("manual__again", old, task_id="promote", try_number=1)  # first still wins
-    failed = page.collect_runs(home, [{"run_id": "manual__again", "state": "failed", "conf": {}}])
+    failed = collect_runs(home, [{"run_id": "manual__again", "state": "failed", "conf": {}}])
     assert failed[0]["failure"]["task_id"] == "finetune" and failed[0]["gate"]["blessed"] is True
     assert "FAILED</span> at finetune, try 4" in page.render(failed, {}, "encoderflow-sst2", None)
-    succeeded = page.collect_runs(home, [{"run_id": "manual__again", "state": "success", "conf": {}}])
+    succeeded = collect_runs(home, [{"run_id": "manual__again", "state": "success", "conf": {}}])
     assert succeeded[0]["failure"] is None

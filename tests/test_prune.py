@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from encoderflow import cli, layout, prune
+from encoderflow import cli, layout, prune, runs
 
 NOW = time.time()
 DAY = 86400
@@ -333,14 +333,14 @@ def test_an_airflow_that_cannot_list_its_runs_or_none_at_all_is_not_asked(encode
     # A metadata DB with no tables: Airflow's own CLI fails, and the report carries its error line.
     monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{tmp_path / 'empty.db'}")
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
-    answer = prune.ask_airflow(encoderflow_home)
+    answer = runs.ask_airflow(encoderflow_home)
     assert answer.asked is False and answer.states == {}
     said = "Airflow of this environment (AIRFLOW_HOME, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN): could not list the runs"
     assert answer.said.startswith(said) and "airflow db migrate" in answer.said, answer.said
     # No Airflow found for this home: its runs' states are unknown, and the fix is named.
     monkeypatch.delenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
     monkeypatch.delenv("AIRFLOW_HOME")
-    answer = prune.ask_airflow(encoderflow_home)
+    answer = runs.ask_airflow(encoderflow_home)
     assert not answer.asked and "no Airflow metadata DB found for this home: set AIRFLOW_HOME" in answer.said
 
 

@@ -11,6 +11,7 @@ encoderflow config   [--preset P] [--set key=value ...]   print the resolved con
 encoderflow doctor   [--data-dir DIR | --mirror URL]      what a run here would use; exit 0 if it can start
 encoderflow airflow                                       Airflow standalone with this DAG (make airflow)
 encoderflow prune    [--keep N] [--older-than DAYS] [--dry-run]   old run folders and unused caches
+encoderflow runs     [RUN] [--limit N] [--json]           what each run decided and measured, or one run in full
 """
 
 from __future__ import annotations
@@ -389,7 +390,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from encoderflow import prune
+    from encoderflow import prune, runs
 
     home = layout.home()
     if not (home / "runs").is_dir():
@@ -402,17 +403,48 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 f"another encoderflow prune is at work in {home}", fix="let it finish, then run again"
             )
         restored = prune.restore_hidden(home)
-        airflow = prune.ask_airflow(home)
+        airflow = runs.ask_airflow(home)
         with _interactive_mlflow():
-            aliased, mlflow_said = prune.aliased_versions(home)
+            aliased, mlflow_said = runs.aliased_versions(home)
         plan = prune.plan(home, args.keep, args.older_than, airflow, aliased)
         if not args.dry_run:
-            plan = prune.apply(home, plan, recheck=lambda: prune.ask_airflow(home))
+            plan = prune.apply(home, plan, recheck=lambda: runs.ask_airflow(home))
     notes = [mlflow_said] + (
         [f"put back {len(restored)} folder(s) an interrupted prune had hidden"] if restored else []
     )
     for line in prune.report_lines(home, plan, args.dry_run, notes):
         print(line)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from encoderflow import runs
+
+    home = layout.home()
+    airflow = runs.dag_runs(home)
+    with _interactive_mlflow():
+        aliased, mlflow_said = runs.aliased_versions(home)
+    entries = runs.collect_runs(home, airflow.runs)
+    runs.mark_aliases(entries, aliased)
+    if args.run:
+        entry = runs.find(entries, args.run)
+        print(json.dumps(runs.jsonable(entry), indent=2) if args.json else "\n".join(runs.detail_lines(entry, home)))
+        return 0
+    shown = entries[: args.limit] if args.limit else entries
+    if args.json:
+        said = {"home": str(home), "airflow": airflow.said, "mlflow": mlflow_said, "runs": shown}
+        print(json.dumps(runs.jsonable(said), indent=2))
+        return 0
+    print(f"ENCODERFLOW_HOME={home}\n{airflow.said}\n{mlflow_said}")
+    if not entries:
+        print("no runs yet: trigger encoder_pretraining (or set ENCODERFLOW_HOME to the folder your runs used)")
+        return 0
+    print("\n".join(["", *runs.table_lines(shown)]))
+    if any(runs.state_of(e).endswith("*") for e in shown):
+        print("* no Airflow asked knows this run: the state is what its folder says")
+    if len(shown) < len(entries):
+        print(f"{len(entries) - len(shown)} older run(s) not shown (--limit 0 shows all)")
+    print("encoderflow runs RUN shows one run in full")
     return 0
 
 
@@ -630,6 +662,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep what changed within this many days (default 7)",
     )
     pn.add_argument("--dry-run", dest="dry_run", action="store_true", help="say what would go, remove nothing")
+    rn = sub.add_parser("runs", help="what each run decided and measured, or one run in full")
+    rn.add_argument("run", nargs="?", help="one run: its run id, its folder name, or the start of either")
+    rn.add_argument("--limit", type=_at_least(0), default=20, help="newest runs listed (default 20; 0 lists every run)")
+    rn.add_argument("--json", action="store_true", help="print the record as JSON (as the runs page's runs.json)")
     dr = sub.add_parser("doctor", help="what a run here would use; exit 0 only if a run can start")
     dr.add_argument("--data-dir", dest="data_dir", default=os.environ.get("DATA_DIR") or None, help="offline folder")
     dr.add_argument("--mirror", default=os.environ.get("ENCODERFLOW_MIRROR") or None, help="base URL probed first")
@@ -653,6 +689,7 @@ COMMANDS = {
     "rollback": cmd_rollback,
     "doctor": cmd_doctor,
     "prune": cmd_prune,
+    "runs": cmd_runs,
 }
 
 

@@ -32,30 +32,24 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from encoderflow import DAG_ID, layout
+from encoderflow import layout
 from encoderflow.data.folders import COMPLETE
 from encoderflow.errors import FAILURE_FILE, failure_outlived
+from encoderflow.runs import FINISHED, AirflowRuns, Aliased
 from encoderflow.steps import SHARDS_RECORD
 from encoderflow.train.pretrain import BACKUP_CODE, BACKUP_KEY
 
 log = logging.getLogger(__name__)
 
-FINISHED = ("success", "failed")
-IN_FLIGHT = ("queued", "running")
-ALIASES = ("champion", "previous")
 DAY = 86400.0
 
 
@@ -78,20 +72,6 @@ class Plan:
     airflow_states: dict[str, str] | None = None
 
 
-@dataclass(frozen=True)
-class AirflowRuns:
-    """What the Airflows writing into this home say about the DAG's runs: ``states`` by run folder
-    name; ``asked`` False when none could be asked (then nothing is known to be idle)."""
-
-    states: dict[str, str]
-    asked: bool
-    said: str
-
-    @property
-    def in_flight(self) -> list[str]:
-        return sorted(name for name, state in self.states.items() if state in IN_FLIGHT)
-
-
 def last_change(path: Path) -> float:
     """The newest modification time of ``path`` or anything under it."""
     newest = path.lstat().st_mtime
@@ -101,166 +81,6 @@ def last_change(path: Path) -> float:
                 with contextlib.suppress(OSError):
                     newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
     return newest
-
-
-def _airflow_envs(home: Path) -> tuple[list[tuple[str, dict[str, str]]], str | None]:
-    """The Airflows whose runs write into ``home``, each as (label, environment), and why one that
-    may hold runs cannot be asked (None: all can).
-
-    The environment's own Airflow when it names one (``AIRFLOW_HOME`` or the metadata DB's
-    settings: a deployment's container, the scheduler's host); and the embedded one of
-    ``encoderflow run`` / ``make airflow`` (if its DB exists) and the native stack's (``make stack``),
-    which use their own whatever the environment says.
-    """
-    from encoderflow.cli import airflow_env
-
-    envs = []
-    named = [k for k in os.environ if k == "AIRFLOW_HOME" or k.startswith("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")]
-    if named:
-        envs.append((f"of this environment ({', '.join(sorted(named))})", dict(os.environ)))
-    embedded = layout.airflow_home() / "airflow.db"
-    if embedded.exists() and os.environ.get("AIRFLOW_HOME") != str(layout.airflow_home()):
-        envs.append((f"embedded ({embedded})", {**os.environ, **airflow_env()}))
-    if (home / "stack" / "secrets.json").exists():
-        from encoderflow.stack import Stack
-
-        stack = Stack(home)
-        if not stack.alive("postgres"):
-            return envs, "make stack's PostgreSQL is not running, and its runs' states are there (make stack)"
-        envs.append(("make stack (PostgreSQL)", stack.env("scheduler")))
-    if not envs:
-        return envs, (
-            "no Airflow metadata DB found for this home: set AIRFLOW_HOME or "
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN to the one its runs used"
-        )
-    return envs, None
-
-
-def ask_airflow(home: Path, dag_id: str = DAG_ID) -> AirflowRuns:
-    """The state of every run of ``dag_id`` that the Airflows writing into ``home`` know
-    (``airflow dags list-runs``, Airflow's own CLI), by run folder name. Not asked (``asked``
-    False) when one of them cannot be: then no run is known not to be in flight."""
-    envs, problem = _airflow_envs(home)
-    if problem:
-        return AirflowRuns({}, False, f"Airflow not asked: {problem}")
-    states: dict[str, str] = {}
-    said = []
-    for label, env in envs:
-        runs = _list_runs(env, dag_id)
-        if isinstance(runs, str):
-            return AirflowRuns({}, False, f"Airflow {label}: could not list the runs of {dag_id} ({runs})")
-        for run in runs:
-            name = layout.safe_run_id(run["run_id"])
-            if states.get(name) not in IN_FLIGHT:  # two run ids of one folder name: one in flight holds it
-                states[name] = run["state"]
-        said.append(f"{label}: {len(runs)} runs")
-    return AirflowRuns(states, True, "Airflow " + "; ".join(said))
-
-
-def _list_runs(env: dict[str, str], dag_id: str) -> list[dict[str, Any]] | str:
-    """``airflow dags list-runs`` as JSON, or why it could not be had. Airflow writes its own
-    warnings to standard output too; the JSON is its one line that starts with ``[``."""
-    cmd = [sys.executable, "-m", "airflow", "dags", "list-runs", dag_id, "-o", "json"]
-    # Its warnings (graphviz missing, say) would be lines of standard output too.
-    try:
-        proc = subprocess.run(cmd, env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        return "no answer in 300 s: is its metadata DB up?"
-    lines = proc.stdout.splitlines()
-    if proc.returncode == 0:
-        for line in lines:
-            if line.startswith("["):
-                with contextlib.suppress(ValueError):
-                    return json.loads(line)
-        if any("No data found" in line for line in lines):
-            return []
-    said = [line.strip() for line in (proc.stdout + "\n" + proc.stderr).splitlines() if line.strip()]
-    errors = [line for line in said if "error" in line.lower()]
-    return ((errors or said)[-1] if said else f"exit {proc.returncode}, no output")[:300]
-
-
-@dataclass(frozen=True)
-class Aliased:
-    """A version some alias points to, and the Airflow run (folder name) that registered it."""
-
-    model: str
-    version: str
-    alias: str
-    run: str | None
-
-    @property
-    def why(self) -> str:
-        return f"registered {self.model} v{self.version} ({self.alias})"
-
-
-def aliased_versions(home: Path) -> tuple[list[Aliased] | None, str]:
-    """Every version the ``champion`` or ``previous`` alias of any registered model points to, and a
-    line for the report; None when an MLflow the runs registered in could not be asked (the caller
-    then keeps every run that registered a version).
-
-    Asked: the environment's MLflow (``MLFLOW_TRACKING_URI``), else the embedded store (if it
-    exists) and the native stack's server (with the workers' login); and every other tracking URI a
-    run folder's ``summary.json`` records.
-    """
-    from encoderflow import registry
-
-    stores: dict[str, dict[str, str]] = {}  # tracking URI -> the environment to ask it with
-    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
-        stores[uri] = {}
-    else:
-        if not registry.no_store():
-            stores[registry.embedded_uri()] = {}
-        if (home / "stack" / "secrets.json").exists():
-            from encoderflow.stack import Stack
-
-            stack = Stack(home)
-            if not stack.alive("mlflow"):
-                return None, "MLflow of make stack: not running, not asked (make stack starts it)"
-            env = stack.env("worker-default")
-            stores[stack.mlflow_url] = {k: env[k] for k in env if k.startswith("MLFLOW_")}
-    for summary in (home / "runs").glob("*/summary.json"):
-        recorded = ((layout.read_json_or_none(summary) or {}).get("registry") or {}).get("tracking_uri")
-        # A SQLite store that is gone holds no alias (and asking would create it empty).
-        gone = recorded and recorded.startswith("sqlite:///") and not Path(recorded[len("sqlite:///") :]).exists()
-        if recorded and recorded not in stores and not gone:
-            stores[recorded] = {}
-    found: list[Aliased] = []
-    for uri, env in stores.items():
-        with _environ({**env, "MLFLOW_TRACKING_URI": uri}):
-            aliased, said = _aliased(registry)
-        if aliased is None:
-            return None, said
-        found += aliased
-    said = ", ".join(f"{a.model} v{a.version} ({a.alias})" for a in found) or "no aliased version"
-    return found, f"MLflow ({', '.join(stores) or 'no registry here yet'}): {said}"
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _aliased(registry) -> tuple[list[Aliased] | None, str]:
-    try:
-        c = registry.client()
-        found = []
-        for model in c.search_registered_models():
-            for alias, version in sorted(model.aliases.items()):
-                if alias in ALIASES:
-                    run = c.get_model_version(model.name, version).tags.get("airflow.run_id")
-                    found.append(Aliased(model.name, str(version), alias, run and layout.safe_run_id(run)))
-    except Exception as exc:  # any failure to ask: keep more, never less
-        return None, f"MLflow at {registry.tracking_uri()}: could not be asked ({str(exc).splitlines()[0][:200]})"
-    return found, ""
 
 
 def plan(

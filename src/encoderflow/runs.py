@@ -1,0 +1,680 @@
+"""What every run of ``encoder_pretraining`` did: its folder, Airflow's word on it, and the registry's.
+
+One place reads the record of runs for everyone who shows it: the runs page (``plugins/``),
+``encoderflow runs`` (a terminal's view of the same), and ``encoderflow prune`` (which must know
+what is in flight and what a registry alias points to before it removes anything).
+
+- **Folders**: ``runs/<folder>`` holds ``summary.json`` once a run reports, ``gate.json`` once it is
+  gated, ``failure.json`` if a task failed, ``data_docs/`` once it is validated; a folder prune
+  removed leaves ``pruned/<folder>.json`` with the first three.
+- **Airflow**: every Airflow that writes into the home (the environment's, the embedded one of
+  ``encoderflow run``, the native stack's), asked with Airflow's own CLI.
+- **MLflow**: the versions the ``champion`` and ``previous`` aliases point to, in every store the
+  runs registered in.
+
+Plain Python at import (standard library and ``encoderflow``'s light modules); MLflow and Airflow
+are asked only when a caller asks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from encoderflow import DAG_ID, layout
+from encoderflow.config import GateConfig
+from encoderflow.errors import failure_outlived
+from encoderflow.gate import METRICS as GATE_METRICS
+from encoderflow.layout import read_json_or_none, safe_run_id
+from encoderflow.results import current_names
+
+FINISHED = ("success", "failed")
+IN_FLIGHT = ("queued", "running")
+ALIASES = ("champion", "previous")
+# Declared once, with the gate's other settings: gate.registered_model's default.
+DEFAULT_MODEL = GateConfig().registered_model
+
+# The run-folder stages that keep a per-epoch ``history`` in ``<stage>/result.json``, in page order.
+STAGES = (
+    ("pretrain", "Pretraining (MLM)"),
+    ("finetune", "Fine-tuning"),
+    ("baseline", "BoW baseline"),
+)
+
+
+@dataclass(frozen=True)
+class AirflowRuns:
+    """What the Airflows writing into this home say about the DAG's runs: ``states`` by run folder
+    name; ``asked`` False when none could be asked (then nothing is known to be idle)."""
+
+    states: dict[str, str]
+    asked: bool
+    said: str
+
+    @property
+    def in_flight(self) -> list[str]:
+        return sorted(name for name, state in self.states.items() if state in IN_FLIGHT)
+
+
+def _airflow_envs(home: Path) -> tuple[list[tuple[str, dict[str, str]]], str | None]:
+    """The Airflows whose runs write into ``home``, each as (label, environment), and why one that
+    may hold runs cannot be asked (None: all can).
+
+    The environment's own Airflow when it names one (``AIRFLOW_HOME`` or the metadata DB's
+    settings: a deployment's container, the scheduler's host); and the embedded one of
+    ``encoderflow run`` / ``make airflow`` (if its DB exists) and the native stack's (``make stack``),
+    which use their own whatever the environment says.
+    """
+    from encoderflow.cli import airflow_env
+
+    envs = []
+    named = [k for k in os.environ if k == "AIRFLOW_HOME" or k.startswith("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")]
+    if named:
+        envs.append((f"of this environment ({', '.join(sorted(named))})", dict(os.environ)))
+    embedded = layout.airflow_home() / "airflow.db"
+    if embedded.exists() and os.environ.get("AIRFLOW_HOME") != str(layout.airflow_home()):
+        envs.append((f"embedded ({embedded})", {**os.environ, **airflow_env()}))
+    if (home / "stack" / "secrets.json").exists():
+        from encoderflow.stack import Stack
+
+        stack = Stack(home)
+        if not stack.alive("postgres"):
+            return envs, "make stack's PostgreSQL is not running, and its runs' states are there (make stack)"
+        envs.append(("make stack (PostgreSQL)", stack.env("scheduler")))
+    if not envs:
+        return envs, (
+            "no Airflow metadata DB found for this home: set AIRFLOW_HOME or "
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN to the one its runs used"
+        )
+    return envs, None
+
+
+@dataclass(frozen=True)
+class DagRuns:
+    """Every run of the DAG the Airflows writing into a home know, newest first, each as
+    ``airflow dags list-runs`` gives it (``run_id``, ``state``, ``start_date``, ``end_date``, ...);
+    ``asked`` False when one of them could not be asked (then ``runs`` is empty), and ``said``
+    the line a report shows."""
+
+    runs: list[dict[str, Any]]
+    asked: bool
+    said: str
+
+
+def dag_runs(home: Path, dag_id: str = DAG_ID) -> DagRuns:
+    """The runs of ``dag_id`` that the Airflows writing into ``home`` know (``airflow dags
+    list-runs``, Airflow's own CLI, in a subprocess: it works against any metadata DB Airflow
+    supports, and a CLI reader needs no Airflow process of its own)."""
+    envs, problem = _airflow_envs(home)
+    if problem:
+        return DagRuns([], False, f"Airflow not asked: {problem}")
+    found: list[dict[str, Any]] = []
+    said = []
+    for label, env in envs:
+        runs = _list_runs(env, dag_id)
+        if isinstance(runs, str):
+            return DagRuns([], False, f"Airflow {label}: could not list the runs of {dag_id} ({runs})")
+        found += runs
+        said.append(f"{label}: {len(runs)} runs")
+    found.sort(key=lambda r: str(r.get("run_after") or r.get("start_date") or ""), reverse=True)
+    return DagRuns(found, True, "Airflow " + "; ".join(said))
+
+
+def ask_airflow(home: Path, dag_id: str = DAG_ID) -> AirflowRuns:
+    """The state of every run of ``dag_id`` that the Airflows writing into ``home`` know, by run
+    folder name (:func:`dag_runs`). Not asked (``asked`` False) when one of them cannot be: then
+    no run is known not to be in flight."""
+    answer = dag_runs(home, dag_id)
+    states: dict[str, str] = {}
+    for run in answer.runs:
+        name = layout.safe_run_id(run["run_id"])
+        if states.get(name) not in IN_FLIGHT:  # two run ids of one folder name: one in flight holds it
+            states[name] = run["state"]
+    return AirflowRuns(states, answer.asked, answer.said)
+
+
+def _list_runs(env: dict[str, str], dag_id: str) -> list[dict[str, Any]] | str:
+    """``airflow dags list-runs`` as JSON, or why it could not be had. Airflow writes its own
+    warnings to standard output too; the JSON is its one line that starts with ``[``."""
+    cmd = [sys.executable, "-m", "airflow", "dags", "list-runs", dag_id, "-o", "json"]
+    # Its warnings (graphviz missing, say) would be lines of standard output too.
+    try:
+        proc = subprocess.run(cmd, env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "no answer in 300 s: is its metadata DB up?"
+    lines = proc.stdout.splitlines()
+    if proc.returncode == 0:
+        for line in lines:
+            if line.startswith("["):
+                with contextlib.suppress(ValueError):
+                    return json.loads(line)
+        if any("No data found" in line for line in lines):
+            return []
+    said = [line.strip() for line in (proc.stdout + "\n" + proc.stderr).splitlines() if line.strip()]
+    errors = [line for line in said if "error" in line.lower()]
+    return ((errors or said)[-1] if said else f"exit {proc.returncode}, no output")[:300]
+
+
+@dataclass(frozen=True)
+class Aliased:
+    """A version some alias points to, and the Airflow run (folder name) that registered it."""
+
+    model: str
+    version: str
+    alias: str
+    run: str | None
+
+    @property
+    def why(self) -> str:
+        return f"registered {self.model} v{self.version} ({self.alias})"
+
+
+def aliased_versions(home: Path) -> tuple[list[Aliased] | None, str]:
+    """Every version the ``champion`` or ``previous`` alias of any registered model points to, and a
+    line for the report; None when an MLflow the runs registered in could not be asked (the caller
+    then keeps every run that registered a version).
+
+    Asked: the environment's MLflow (``MLFLOW_TRACKING_URI``), else the embedded store (if it
+    exists) and the native stack's server (with the workers' login); and every other tracking URI a
+    run folder's ``summary.json`` records.
+    """
+    from encoderflow import registry
+
+    stores: dict[str, dict[str, str]] = {}  # tracking URI -> the environment to ask it with
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        stores[uri] = {}
+    else:
+        if not registry.no_store():
+            stores[registry.embedded_uri()] = {}
+        if (home / "stack" / "secrets.json").exists():
+            from encoderflow.stack import Stack
+
+            stack = Stack(home)
+            if not stack.alive("mlflow"):
+                return None, "MLflow of make stack: not running, not asked (make stack starts it)"
+            env = stack.env("worker-default")
+            stores[stack.mlflow_url] = {k: env[k] for k in env if k.startswith("MLFLOW_")}
+    for summary in (home / "runs").glob("*/summary.json"):
+        recorded = ((layout.read_json_or_none(summary) or {}).get("registry") or {}).get("tracking_uri")
+        # A SQLite store that is gone holds no alias (and asking would create it empty).
+        gone = recorded and recorded.startswith("sqlite:///") and not Path(recorded[len("sqlite:///") :]).exists()
+        if recorded and recorded not in stores and not gone:
+            stores[recorded] = {}
+    found: list[Aliased] = []
+    for uri, env in stores.items():
+        with _environ({**env, "MLFLOW_TRACKING_URI": uri}):
+            aliased, said = _aliased(registry)
+        if aliased is None:
+            return None, said
+        found += aliased
+    said = ", ".join(f"{a.model} v{a.version} ({a.alias})" for a in found) or "no aliased version"
+    return found, f"MLflow ({', '.join(stores) or 'no registry here yet'}): {said}"
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _aliased(registry) -> tuple[list[Aliased] | None, str]:
+    try:
+        c = registry.client()
+        found = []
+        for model in c.search_registered_models():
+            for alias, version in sorted(model.aliases.items()):
+                if alias in ALIASES:
+                    run = c.get_model_version(model.name, version).tags.get("airflow.run_id")
+                    found.append(Aliased(model.name, str(version), alias, run and layout.safe_run_id(run)))
+    except Exception as exc:  # any failure to ask: keep more, never less
+        return None, f"MLflow at {registry.tracking_uri()}: could not be asked ({str(exc).splitlines()[0][:200]})"
+    return found, ""
+
+
+def data_docs(run_dir: Path) -> dict[str, str]:
+    """dataset -> index.html path relative to the run folder, for every Data Docs site it holds."""
+    root = run_dir / "data_docs"
+    if not root.is_dir():
+        return {}
+    return {d.name: f"data_docs/{d.name}/index.html" for d in sorted(root.iterdir()) if (d / "index.html").is_file()}
+
+
+def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One entry per run: the Airflow run (if known) merged with its folder (if any), newest first.
+
+    A run whose folder ``encoderflow prune`` removed shows what it decided and measured from the
+    record prune kept (``pruned/<folder>.json``), with ``pruned_at``; its charts and Data Docs are gone.
+
+    Args:
+        home: ENCODERFLOW_HOME.
+        dag_runs: Airflow runs of the DAG, newest first, as dicts with ``run_id``, ``state``,
+            ``start_date``, ``end_date`` (strings), ``conf``.
+    """
+    runs: dict[str, dict[str, Any]] = {}
+    for dr in dag_runs or []:
+        runs[safe_run_id(dr["run_id"])] = {**dr, "folder": None}
+    runs_root = home / "runs"
+    # Dot names are not runs (encoderflow prune's .prune/); a folder may go while this reads.
+    found = [(_mtime(p), p) for p in runs_root.iterdir() if not p.name.startswith(".")] if runs_root.is_dir() else []
+    for mtime, folder in sorted((t, p) for t, p in found if t is not None and p.is_dir())[::-1]:
+        entry = runs.setdefault(folder.name, _unknown(mtime))
+        entry["folder"] = folder.name
+        # A run cleared and finished since its failure shows none; one that failed after it finished
+        # (a cleared task) shows that failure beside the summary it had.
+        failure = read_json_or_none(folder / "failure.json")
+        summary = read_json_or_none(folder / "summary.json")
+        if failure and summary and failure_outlived(folder):
+            failure = None
+        _fill(entry, summary, read_json_or_none(folder / "gate.json"), failure, folder.name)
+        entry["curves"] = read_curves(folder)
+        entry["data_docs"] = data_docs(folder)
+    pruned_root = home / "pruned"
+    records = sorted(pruned_root.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in records if pruned_root.is_dir() else []:
+        record = read_json_or_none(path)
+        if not record or runs.get(path.stem, {}).get("folder"):
+            continue  # unreadable, or a run of that name wrote a folder again since
+        entry = runs.setdefault(path.stem, _unknown(path.stat().st_mtime))
+        _fill(entry, record.get("summary"), record.get("gate"), record.get("failure"), path.stem)
+        entry["pruned_at"] = record.get("pruned_at")
+    # Airflow's runs first, newest first as given; then folders no Airflow run claims, newest first.
+    out = list(runs.values())
+    for entry in out:
+        entry.setdefault("preset", (entry.get("conf") or {}).get("preset"))
+    return out
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _unknown(mtime: float) -> dict[str, Any]:
+    """The entry of a run folder (or pruned record) no Airflow run claims."""
+    return {
+        "run_id": None,
+        "state": None,
+        "start_date": None,
+        "end_date": None,
+        "conf": {},
+        "mtime": mtime,
+        "folder": None,
+    }
+
+
+def _fill(
+    entry: dict[str, Any],
+    summary: dict[str, Any] | None,
+    gate: dict[str, Any] | None,
+    failure: dict[str, Any] | None,
+    folder_name: str,
+) -> None:
+    """``entry``'s decision, metrics and registry from a run's ``summary.json``, ``gate.json`` and
+    ``failure.json`` (each None when absent), whether read from its folder or a pruned record."""
+    if summary and "metrics" in summary:  # a summary written before a metric's rename reads as today's
+        summary["metrics"] = current_names(summary["metrics"])
+    entry["summary"] = summary
+    if not entry.get("run_id"):  # a folder no Airflow asked knows: its files name their run
+        entry["run_id"] = (summary or {}).get("run_id") or (failure or {}).get("run_id")
+    entry["run_id"] = entry.get("run_id") or folder_name
+    if summary and "unchanged" in summary:  # check_lineage short-circuited: nothing trained or gated
+        entry["unchanged"] = summary["unchanged"]
+        entry["metrics"] = summary.get("metrics", {})
+        entry["registry"] = {}
+        entry["preset"] = summary.get("preset")
+    elif summary:
+        entry["gate"] = {"blessed": summary["gate"].get("blessed"), "reasons": summary["gate"].get("reasons", [])}
+        entry["metrics"] = summary.get("metrics", {})
+        entry["registry"] = summary.get("registry", {})
+        entry["preset"] = summary.get("preset")
+    elif gate:
+        entry["gate"] = {"blessed": gate.get("blessed"), "reasons": gate.get("reasons", [])}
+        entry["metrics"] = {metric: gate.get(name) for name, metric in GATE_METRICS.items()}
+    if gate:
+        entry["checks"] = gate.get("checks", [])
+        entry["intervals"] = gate_intervals(gate)
+    entry["failure"] = failure if failure and entry.get("state") in ("failed", None) else None
+    entry["gate_chart"] = gate_figures(gate, summary)
+
+
+def finite(value: Any) -> float | None:
+    """A finite float, or None (missing, NaN, inf, not a number): JSON and the charts accept only these."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def read_curves(run_dir: Path) -> dict[str, dict[str, list[float | None]]]:
+    """Per-epoch history of each stage that finished: stage -> metric -> one value per epoch.
+
+    The histories are the ``history`` of ``<stage>/result.json`` (Keras's ``History``, or for
+    pretraining its ``history.csv``, which survives a resumed attempt). A value that is not a
+    finite number becomes None: a gap in the chart, and still valid JSON for ``runs.json``.
+    """
+    out: dict[str, dict[str, list[float | None]]] = {}
+    for stage, _ in STAGES:
+        history = (read_json_or_none(run_dir / stage / "result.json") or {}).get("history")
+        if not isinstance(history, dict):
+            continue
+        clean = {
+            str(key): [finite(v) for v in values]
+            for key, values in history.items()
+            if isinstance(values, list) and values
+        }
+        if clean:
+            out[stage] = clean
+    return out
+
+
+INTERVAL_NAMES = ("candidate", "baseline", "champion", "candidate_minus_champion")
+
+
+def gate_intervals(gate: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``gate.json``'s bootstrap intervals, checked: name -> {estimate, low, high} (finite floats), and the
+    confidence; None for a gate.json written before the gate had them, or one without a usable interval."""
+    raw = (gate or {}).get("intervals")
+    if not isinstance(raw, dict):
+        return None
+    out: dict[str, Any] = {}
+    for name in INTERVAL_NAMES:
+        item = raw.get(name)
+        if not isinstance(item, dict):
+            continue
+        values = {k: finite(item.get(k)) for k in ("estimate", "low", "high")}
+        if None not in values.values():
+            out[name] = values
+    if not out:
+        return None
+    return {"confidence": finite(raw.get("confidence")) or 0.95, **out}
+
+
+def gate_figures(gate: dict[str, Any] | None, summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the gate compared, for its chart: accuracies, the champion's version and the thresholds used.
+
+    ``gate.json`` holds the numbers the decision was made on, each check's threshold and the
+    bootstrap intervals (:func:`gate_intervals`); a run whose gate.json is gone still has its
+    summary's metrics (without thresholds or intervals).
+    """
+    if gate:
+        thresholds = {c.get("name"): finite(c.get("threshold")) for c in gate.get("checks") or []}
+        figures = {
+            "blessed": gate.get("blessed"),
+            "candidate": finite(gate.get("candidate")),
+            "baseline": finite(gate.get("baseline")),
+            "champion": finite(gate.get("champion")),
+            "champion_version": gate.get("champion_version"),
+            "floor": thresholds.get("floor"),
+            "min_gain_over_baseline": thresholds.get("baseline"),
+            # The champion check's threshold is the allowed change, -max_regression.
+            "min_change_vs_champion": thresholds.get("champion"),
+            "intervals": gate_intervals(gate),
+        }
+    elif summary and "unchanged" not in summary:
+        metrics = summary.get("metrics") or {}
+        figures = {
+            "blessed": (summary.get("gate") or {}).get("blessed"),
+            **{name: finite(metrics.get(metric)) for name, metric in GATE_METRICS.items()},
+            "champion_version": None,
+            "floor": None,
+            "min_gain_over_baseline": None,
+            "min_change_vs_champion": None,
+            "intervals": None,
+        }
+    else:
+        return None
+    if all(figures[k] is None for k in ("candidate", "baseline", "champion")):
+        return None
+    return figures
+
+
+# What ``encoderflow runs`` prints: one name per metric everywhere, so its columns are the metrics' names.
+TABLE_METRICS = ("val_accuracy", "baseline_val_accuracy", "mlm_val_accuracy")
+DETAIL_METRICS = ("val_accuracy", "baseline_val_accuracy", "champion_val_accuracy", "mlm_val_accuracy")
+
+
+def mark_aliases(entries: list[dict[str, Any]], aliased: list[Aliased] | None) -> None:
+    """Give each entry ``aliases``: the aliases (``champion``, ``previous``) that now point to the
+    version its run registered or found; None for every entry when MLflow could not be asked."""
+    by_version: dict[tuple[str, str], list[str]] = {}
+    for a in aliased or []:  # two stores may name the same version (a copied home records the old one too)
+        by_version.setdefault((a.model, a.version), [])
+        if a.alias not in by_version[(a.model, a.version)]:
+            by_version[(a.model, a.version)].append(a.alias)
+    for entry in entries:
+        reg = entry.get("registry") or {}
+        key = (reg.get("registered_model") or DEFAULT_MODEL, str(reg.get("version")))
+        entry["aliases"] = None if aliased is None else sorted(by_version.get(key, []))
+
+
+def state_of(entry: dict[str, Any]) -> str:
+    """Airflow's state of the run; for a run no Airflow asked knows, what its folder says, starred."""
+    if entry.get("state"):
+        return str(entry["state"])
+    if entry.get("failure"):
+        return "failed*"
+    return "finished*" if entry.get("summary") else "unknown*"
+
+
+def verdict_of(entry: dict[str, Any]) -> str:
+    gate = entry.get("gate")
+    if gate is not None:
+        said = "BLESSED" if gate.get("blessed") else "NOT BLESSED"
+        return f"FAILED after {said}" if entry.get("failure") else said
+    if entry.get("failure"):
+        return "FAILED"
+    if entry.get("unchanged"):
+        return "SKIPPED"
+    return "in flight" if entry.get("state") in IN_FLIGHT else "not gated"
+
+
+def _version_of(entry: dict[str, Any]) -> str:
+    reg = entry.get("registry") or {}
+    if not reg.get("version"):
+        return "–"
+    return " ".join([f"v{reg['version']}", *(entry.get("aliases") or [])])
+
+
+def _when(value: Any) -> str:
+    return str(value)[:19].replace("T", " ") if value else "–"
+
+
+def accuracy_text(value: Any) -> str:
+    """An accuracy as shown everywhere: four decimals, or a dash when there is none."""
+    number = finite(value)
+    return "–" if number is None else f"{number:.4f}"
+
+
+def table_lines(entries: list[dict[str, Any]]) -> list[str]:
+    """``entries`` (:func:`collect_runs`' with :func:`mark_aliases`') as an aligned table, one run a line."""
+    head = ["run", "state", "preset", "started (UTC)", "gate", *TABLE_METRICS, "version"]
+    rows = [
+        [
+            str(e.get("run_id") or e.get("folder")),
+            state_of(e),
+            str(e.get("preset") or "–"),
+            _when(e.get("start_date")),
+            verdict_of(e),
+            *(accuracy_text((e.get("metrics") or {}).get(m)) for m in TABLE_METRICS),
+            _version_of(e),
+        ]
+        for e in entries
+    ]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    numeric = {head.index(m) for m in TABLE_METRICS}
+    return [
+        "  ".join(
+            c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in [head, *rows]
+    ]
+
+
+def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
+    """Everything the record holds about one run, a labelled line (or a few) per subject."""
+    out = [f"run        {entry.get('run_id') or entry.get('folder')}"]
+    state = state_of(entry)
+    times = [f"started {_when(entry.get('start_date'))}"] if entry.get("start_date") else []
+    if entry.get("end_date"):
+        times.append(f"ended {_when(entry['end_date'])}")
+    out.append(f"state      {' · '.join([state, *times])}")
+    summary = entry.get("summary") or {}
+    out.append(
+        f"preset     {entry.get('preset') or '–'}"
+        + (f" · config_hash {summary['config_hash'][:16]}" if summary.get("config_hash") else "")
+    )
+    folder = entry.get("folder")
+    if entry.get("pruned_at"):
+        out.append(f"folder     pruned {str(entry['pruned_at'])[:10]}; record {home / 'pruned' / (folder or '?')}.json")
+    elif folder:
+        out.append(f"folder     {home / 'runs' / folder}")
+    else:
+        out.append("folder     none (the run has not written one)")
+    failure = entry.get("failure")
+    if failure:
+        where = failure.get("task_id") or "a task"
+        if failure.get("map_index") not in (None, -1):
+            where += f"[{failure['map_index']}]"
+        said = f"{failure.get('error')}: {failure.get('message')}"
+        out.append(f"failed     at {where}, try {failure.get('try_number', '?')}: {said}")
+        out.append(f"           fix: {failure.get('fix')}")
+        if log := _log_file(home, folder, failure):
+            out.append(f"           log: {log}")
+    out += _gate_lines(entry)
+    metrics = entry.get("metrics") or {}
+    shown = [f"{m} {accuracy_text(metrics[m])}" for m in DETAIL_METRICS if m in metrics]
+    out.append(f"metrics    {' · '.join(shown) or '–'}")
+    reg = entry.get("registry") or {}
+    if reg.get("version") or reg.get("run_id"):
+        parts = [f"{reg.get('registered_model') or DEFAULT_MODEL} {_version_of(entry)}"]
+        if reg.get("registered_by"):
+            parts.append(f"registered by {reg['registered_by']}")
+        if reg.get("run_id"):
+            parts.append(f"MLflow run {reg['run_id']}")
+        if reg.get("tracking_uri"):
+            parts.append(str(reg["tracking_uri"]))
+        out.append(f"registry   {' · '.join(parts)}")
+    else:
+        out.append("registry   not registered")
+    for stage, took in (summary.get("runtime") or {}).items():
+        bits = [f"{took['seconds']:.1f} s" if finite(took.get("seconds")) is not None else None]
+        bits += [took.get("device"), took.get("dtype_policy")]
+        if took.get("reused_from"):
+            bits.append(f"results reused from {took['reused_from']}")
+        out.append(f"{stage:<10} {', '.join(str(b) for b in bits if b)}")
+    if not entry.get("pruned_at"):
+        files = {k: _in_folder(summary, k, home / "runs" / str(folder)) for k in ("bundle", "curves")}
+        docs = (entry.get("data_docs") or {}) if folder else {}
+        files |= {f"data docs {name}": str(home / "runs" / str(folder) / rel) for name, rel in docs.items()}
+        out += [
+            f"{'files' if i == 0 else '':<10} {k}: {v}"
+            for i, (k, v) in enumerate((k, v) for k, v in files.items() if v and Path(v).exists())
+        ]
+    return out
+
+
+def _in_folder(summary: dict[str, Any], name: str, folder: Path) -> str | None:
+    """The path of the artifact ``name`` the summary records, inside ``folder`` as it is now (the home
+    may have moved since the run wrote its absolute paths)."""
+    artifacts = summary.get("artifacts") or {}
+    path, run_dir = artifacts.get(name), artifacts.get("run_dir")
+    if not isinstance(path, str) or not isinstance(run_dir, str):
+        return None
+    with contextlib.suppress(ValueError):
+        return str(folder / Path(path).relative_to(run_dir))
+    return path
+
+
+def _gate_lines(entry: dict[str, Any]) -> list[str]:
+    gate = entry.get("gate")
+    if gate is None:
+        return [f"gate       {verdict_of(entry)}"]
+    out = [f"gate       {'BLESSED' if gate.get('blessed') else 'NOT BLESSED'}"]
+    checks = entry.get("checks") or []
+    out += [f"           {'PASS' if c.get('passed') else 'FAIL'} {c.get('name')}: {c.get('detail')}" for c in checks]
+    if not checks:  # a record from before the checks were kept: the reasons are what is known
+        out += [f"           {reason}" for reason in gate.get("reasons") or []]
+    if said := intervals_text(entry.get("intervals")):
+        out.append(f"           {said}")
+    return out
+
+
+def intervals_text(intervals: dict[str, Any] | None) -> str:
+    """The line of a gate's bootstrap intervals (:func:`gate_intervals`): the candidate's accuracy and
+    its difference to the champion; "" when it has neither."""
+    parts = []
+    if ci := (intervals or {}).get("candidate"):
+        parts.append(f"candidate {ci['estimate']:.4f} [{ci['low']:.4f}, {ci['high']:.4f}]")
+    if ci := (intervals or {}).get("candidate_minus_champion"):
+        parts.append(f"candidate - champion {ci['estimate']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]")
+    if not parts:
+        return ""
+    return f"{(intervals or {}).get('confidence') or 0.95:.0%} intervals: {' · '.join(parts)}"
+
+
+def _log_file(home: Path, folder: str | None, failure: dict[str, Any]) -> Path | None:
+    """The failed try's task log, where Airflow wrote it into the run folder (``make airflow`` and
+    ``encoderflow run`` do; a deployment's remote logging does not)."""
+    if not folder or not failure.get("task_id"):
+        return None
+    path = home / "runs" / folder / "logs" / f"task_id={failure['task_id']}"
+    if failure.get("map_index") not in (None, -1):
+        path = path / f"map_index={failure['map_index']}"
+    path = path / f"attempt={failure.get('try_number')}.log"
+    return path if path.is_file() else None
+
+
+def find(entries: list[dict[str, Any]], wanted: str) -> dict[str, Any]:
+    """The entry whose run id or folder name is ``wanted``, or the one whose run id starts with it.
+
+    Raises:
+        EncoderflowError: no run, or several, match.
+    """
+    from encoderflow.errors import EncoderflowError
+
+    exact = [e for e in entries if wanted in (e.get("run_id"), e.get("folder"))]
+    matches = exact or [e for e in entries if str(e.get("run_id") or e.get("folder")).startswith(wanted)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise EncoderflowError(
+            f"no run {wanted!r} under ENCODERFLOW_HOME={layout.home()} or in its Airflow",
+            fix="encoderflow runs lists them; give a run id, its folder name, or the start of either",
+        )
+    names = ", ".join(str(e.get("run_id") or e.get("folder")) for e in matches[:5])
+    raise EncoderflowError(
+        f"{len(matches)} runs start with {wanted!r}: {names}{', ...' if len(matches) > 5 else ''}",
+        fix="give more of the run id",
+    )
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with every float that is not finite made None: strict JSON, as ``runs.json`` serves."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value

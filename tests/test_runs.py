@@ -1,0 +1,190 @@
+"""``encoderflow.runs``: the record of runs read back (folders, pruned records, Airflow's and MLflow's
+word), and ``encoderflow runs``, a terminal's view of it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from encoderflow import cli, layout, runs
+from tests.fixtures_runs import BLESSED_RUN, FAILED_RUN, REJECTED_RUN, write_runs
+
+QUEUED_RUN = "manual__2026-11-28T12:00:00+00:00"
+MODEL = "encoderflow-sst2"
+
+
+def _fail(home: Path, run_id: str) -> Path:
+    """FAILED_RUN's failure.json and its task log, as the DAG's failure callback and Airflow write them."""
+    folder = layout.run_dir(run_id)
+    layout.write_json(
+        folder / "failure.json",
+        {
+            "run_id": run_id,
+            "task_id": "validate_labeled",
+            "map_index": -1,
+            "try_number": 2,
+            "error": "ValidationFailed",
+            "message": "labeled: 3 of 12 expectations failed",
+            "fix": "fix the file named above, or point --labeled at a good copy",
+        },
+    )
+    log = folder / "logs" / "task_id=validate_labeled" / "attempt=2.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("ValidationFailed: labeled: 3 of 12 expectations failed\n")
+    return log
+
+
+@pytest.fixture
+def recorded(encoderflow_home):
+    write_runs(encoderflow_home)
+    log = _fail(encoderflow_home, FAILED_RUN)
+    # A run's pretraining time as Keras may leave it: not a number.
+    summary = layout.run_dir(REJECTED_RUN) / "summary.json"
+    data = json.loads(summary.read_text())
+    data["runtime"] = {"pretrain": {"seconds": float("nan"), "device": "1 x gpu", "dtype_policy": "mixed_bfloat16"}}
+    summary.write_text(json.dumps(data))
+    return encoderflow_home, log
+
+
+def _entries(home: Path, aliased: list[runs.Aliased] | None) -> dict[str, dict]:
+    dag_runs = [
+        {"run_id": QUEUED_RUN, "state": "queued", "start_date": None, "end_date": None},
+        {"run_id": FAILED_RUN, "state": "failed", "start_date": "2026-11-27T09:00:01+00:00", "end_date": None},
+        {"run_id": BLESSED_RUN, "state": "success", "start_date": "2026-11-25T10:00:01+00:00", "end_date": None},
+    ]
+    entries = runs.collect_runs(home, dag_runs)
+    runs.mark_aliases(entries, aliased)
+    return {e["run_id"]: e for e in entries}
+
+
+def test_the_table_gives_each_run_its_state_verdict_metrics_and_version_in_aligned_columns(recorded):
+    home, _ = recorded
+    champion = [runs.Aliased(MODEL, "1", "champion", layout.safe_run_id(BLESSED_RUN))]
+    entries = _entries(home, champion)
+    lines = runs.table_lines(list(entries.values()))
+    head, rows = lines[0], {line.split()[0]: line for line in lines[1:]}
+    assert head.split() == [
+        "run",
+        "state",
+        "preset",
+        "started",
+        "(UTC)",
+        "gate",
+        "val_accuracy",
+        "baseline_val_accuracy",
+        "mlm_val_accuracy",
+        "version",
+    ]
+    assert list(rows) == [QUEUED_RUN, FAILED_RUN, BLESSED_RUN, REJECTED_RUN]  # Airflow's order, then folders
+    blessed = rows[BLESSED_RUN]
+    assert blessed.split()[1:3] == ["success", "guide"] and "2026-11-25 10:00:01" in blessed
+    # The summary predates the metric's rename (sst2_val_accuracy): it reads as val_accuracy.
+    assert blessed.endswith("0.8120                 0.7500            0.3100  v1 champion"), blessed
+    assert "NOT BLESSED" not in blessed and "  BLESSED  " in blessed
+    # No Airflow asked knows the rejected run: its state is its folder's, starred.
+    assert rows[REJECTED_RUN].split()[1] == "finished*" and "NOT BLESSED" in rows[REJECTED_RUN]
+    assert rows[REJECTED_RUN].endswith("0.7010                 0.7500            0.3100  v2"), rows[REJECTED_RUN]
+    assert rows[FAILED_RUN].split()[1:3] == ["failed", "–"] and " FAILED " in rows[FAILED_RUN]
+    assert rows[QUEUED_RUN].split()[1] == "queued" and "in flight" in rows[QUEUED_RUN]
+    # Every column starts where its header does.
+    for name in ("state", "gate", "version"):
+        at = head.index(name)
+        assert all(line[at - 2 : at] == "  " and line[at] != " " for line in lines[1:] if len(line) > at), name
+    # MLflow not asked: versions are shown, aliases are not claimed.
+    entries = _entries(home, None)
+    assert entries[BLESSED_RUN]["aliases"] is None
+    assert runs.table_lines([entries[BLESSED_RUN]])[1].endswith("0.3100  v1")
+
+
+def test_one_run_in_full_gives_its_checks_intervals_failure_fix_and_log(recorded):
+    home, log = recorded
+    entries = _entries(home, [runs.Aliased(MODEL, "2", "previous", None)])
+    rejected = "\n".join(runs.detail_lines(entries[REJECTED_RUN], home))
+    assert f"run        {REJECTED_RUN}\nstate      finished*\npreset     guide\n" in rejected
+    assert f"folder     {home / 'runs' / layout.safe_run_id(REJECTED_RUN)}\n" in rejected
+    assert "gate       NOT BLESSED\n           PASS metric: candidate accuracy present\n" in rejected
+    assert "           FAIL champion: -0.1110\n" in rejected
+    assert (
+        "           95% intervals: candidate 0.7010 [0.6700, 0.7310] · candidate - champion -0.1110 [-0.1400, -0.0820]"
+        in rejected
+    )
+    assert (
+        "metrics    val_accuracy 0.7010 · baseline_val_accuracy 0.7500 · champion_val_accuracy 0.8120 · "
+        "mlm_val_accuracy 0.3100\n" in rejected
+    )
+    assert f"registry   {MODEL} v2 previous · MLflow run mlflowrun2 · http://mlflow:5000\n" in rejected
+    assert "pretrain   1 x gpu, mixed_bfloat16\n" in rejected  # the NaN time is left out, not printed as nan
+    docs = home / "runs" / layout.safe_run_id(REJECTED_RUN) / "data_docs"
+    assert f"data docs sst2: {docs / 'sst2' / 'index.html'}" in rejected
+
+    failed = "\n".join(runs.detail_lines(entries[FAILED_RUN], home))
+    assert "state      failed · started 2026-11-27 09:00:01\n" in failed
+    assert (
+        "failed     at validate_labeled, try 2: ValidationFailed: labeled: 3 of 12 expectations failed\n"
+        "           fix: fix the file named above, or point --labeled at a good copy\n"
+        f"           log: {log}\n"
+        "gate       FAILED\n"
+    ) in failed
+    assert "registry   not registered" in failed
+
+    queued = "\n".join(runs.detail_lines(entries[QUEUED_RUN], home))
+    assert "folder     none (the run has not written one)\n" in queued and "gate       in flight" in queued
+
+
+def test_the_cli_lists_finds_and_prints_json_without_an_airflow_or_a_registry(recorded, monkeypatch, capsys):
+    home, _ = recorded
+    monkeypatch.delenv("AIRFLOW_HOME", raising=False)
+    monkeypatch.delenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", raising=False)
+    assert cli.main(["runs"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"ENCODERFLOW_HOME={home}"
+    assert out[1].startswith("Airflow not asked: no Airflow metadata DB found for this home: set AIRFLOW_HOME")
+    # The runs registered in a server that does not answer here: said so, and no alias is claimed.
+    assert out[2].startswith("MLflow at http://mlflow:5000: could not be asked ("), out[2]
+    rows = [line.split()[:2] for line in out[5:8]]
+    assert sorted(rows) == sorted([[FAILED_RUN, "failed*"], [REJECTED_RUN, "finished*"], [BLESSED_RUN, "finished*"]])
+    assert out[8].startswith("* no Airflow asked knows this run") and out[-1].startswith("encoderflow runs RUN")
+
+    assert cli.main(["runs", "--limit", "1"]) == 0
+    assert "2 older run(s) not shown (--limit 0 shows all)" in capsys.readouterr().out
+
+    # A run by the start of its id; the start of several is refused, naming them.
+    assert cli.main(["runs", "scheduled"]) == 0
+    assert capsys.readouterr().out.startswith(f"run        {REJECTED_RUN}\n")
+    assert cli.main(["runs", "manual__2026-11-2"]) == 2
+    err = capsys.readouterr().err
+    assert "2 runs start with 'manual__2026-11-2'" in err and BLESSED_RUN in err and "give more of the run id" in err
+    assert cli.main(["runs", "nope"]) == 2
+    assert "no run 'nope' under ENCODERFLOW_HOME=" in capsys.readouterr().err
+    # By its folder name, too.
+    assert cli.main(["runs", layout.safe_run_id(FAILED_RUN)]) == 0
+    assert "failed     at validate_labeled" in capsys.readouterr().out
+
+    # Strict JSON: the NaN a summary holds becomes null (a NaN would make the whole answer unreadable to jq).
+    def refuse(name: str):
+        raise AssertionError(f"{name} in the JSON")
+
+    assert cli.main(["runs", "--json"]) == 0
+    said = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert said["home"] == str(home) and said["airflow"].startswith("Airflow not asked")
+    by_id = {r["run_id"]: r for r in said["runs"]}
+    assert by_id[REJECTED_RUN]["summary"]["runtime"]["pretrain"]["seconds"] is None
+    assert by_id[BLESSED_RUN]["metrics"]["val_accuracy"] == 0.812 and by_id[BLESSED_RUN]["aliases"] is None
+    assert cli.main(["runs", "--json", REJECTED_RUN]) == 0
+    assert json.loads(capsys.readouterr().out, parse_constant=refuse)["gate"]["blessed"] is False
+
+
+def test_a_home_with_no_runs_says_so_and_where_it_looked(encoderflow_home, monkeypatch, capsys):
+    monkeypatch.delenv("AIRFLOW_HOME", raising=False)
+    monkeypatch.delenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", raising=False)
+    assert cli.main(["runs"]) == 0
+    out = capsys.readouterr().out
+    assert f"ENCODERFLOW_HOME={encoderflow_home}\n" in out
+    assert out.rstrip().endswith(
+        "no runs yet: trigger encoder_pretraining (or set ENCODERFLOW_HOME to the folder your runs used)"
+    )
+    with pytest.raises(SystemExit):
+        cli.main(["runs", "--limit", "-1"])
+    assert "--limit: -1 is below 0" in capsys.readouterr().err
