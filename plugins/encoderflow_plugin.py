@@ -122,7 +122,8 @@ def runs_page(request: Request, user=Depends(reader), model: str = page.DEFAULT_
 
 @app.get("/runs.json")
 def runs_json(user=Depends(reader), model: str = page.DEFAULT_MODEL) -> JSONResponse:
-    return JSONResponse(_snapshot(model), headers={"Cache-Control": "no-store"})
+    # Strict JSON (JSONResponse refuses NaN): a NaN a run recorded is null here, not a 500.
+    return JSONResponse(runs.jsonable(_snapshot(model)), headers={"Cache-Control": "no-store"})
 
 
 @app.get("/runs/{folder}/data_docs/{rel:path}")

@@ -13,6 +13,7 @@ from tests.fixtures_runs import BLESSED_RUN, FAILED_RUN, REJECTED_RUN, write_run
 
 QUEUED_RUN = "manual__2026-11-28T12:00:00+00:00"
 MODEL = "encoderflow-sst2"
+STORE = "http://mlflow:5000"  # where the fixture's runs registered
 
 
 def _fail(home: Path, run_id: str) -> Path:
@@ -50,7 +51,7 @@ def recorded(encoderflow_home):
 
 def _entries(home: Path, aliased: list[runs.Aliased] | None) -> dict[str, dict]:
     dag_runs = [
-        {"run_id": QUEUED_RUN, "state": "queued", "start_date": None, "end_date": None},
+        {"run_id": QUEUED_RUN, "state": "queued", "run_after": "2026-11-28T12:00:00+00:00", "start_date": None},
         {"run_id": FAILED_RUN, "state": "failed", "start_date": "2026-11-27T09:00:01+00:00", "end_date": None},
         {"run_id": BLESSED_RUN, "state": "success", "start_date": "2026-11-25T10:00:01+00:00", "end_date": None},
     ]
@@ -61,7 +62,7 @@ def _entries(home: Path, aliased: list[runs.Aliased] | None) -> dict[str, dict]:
 
 def test_the_table_gives_each_run_its_state_verdict_metrics_and_version_in_aligned_columns(recorded):
     home, _ = recorded
-    champion = [runs.Aliased(MODEL, "1", "champion", layout.safe_run_id(BLESSED_RUN))]
+    champion = [runs.Aliased(MODEL, "1", "champion", layout.safe_run_id(BLESSED_RUN), STORE)]
     entries = _entries(home, champion)
     lines = runs.table_lines(list(entries.values()))
     head, rows = lines[0], {line.split()[0]: line for line in lines[1:]}
@@ -100,7 +101,7 @@ def test_the_table_gives_each_run_its_state_verdict_metrics_and_version_in_align
 
 def test_one_run_in_full_gives_its_checks_intervals_failure_fix_and_log(recorded):
     home, log = recorded
-    entries = _entries(home, [runs.Aliased(MODEL, "2", "previous", None)])
+    entries = _entries(home, [runs.Aliased(MODEL, "2", "previous", None, STORE)])
     rejected = "\n".join(runs.detail_lines(entries[REJECTED_RUN], home))
     assert f"run        {REJECTED_RUN}\nstate      finished*\npreset     guide\n" in rejected
     assert f"folder     {home / 'runs' / layout.safe_run_id(REJECTED_RUN)}\n" in rejected
@@ -188,3 +189,118 @@ def test_a_home_with_no_runs_says_so_and_where_it_looked(encoderflow_home, monke
     with pytest.raises(SystemExit):
         cli.main(["runs", "--limit", "-1"])
     assert "--limit: -1 is below 0" in capsys.readouterr().err
+
+
+def test_runs_are_found_by_any_of_their_names_and_a_pruned_one_by_its_record(recorded):
+    from encoderflow import prune
+
+    home, _ = recorded
+    folder = layout.run_dir(REJECTED_RUN)
+    assert len(prune.apply(home, prune.Plan(remove=[prune.Item("run", folder, "test")])).remove) == 1
+    entries = list(_entries(home, []).values())
+    # The start of a folder name, as `ls runs/` shows it (":" and "+" are "_" there).
+    assert runs.find(entries, "manual__2026-11-27T09_00")["run_id"] == FAILED_RUN
+    pruned = runs.find(entries, folder.name)
+    assert pruned["run_id"] == REJECTED_RUN and runs.find(entries, "scheduled__2026-11-26T03_00") is pruned
+    shown = "\n".join(runs.detail_lines(pruned, home))
+    record = home / "pruned" / f"{folder.name}.json"
+    assert record.is_file() and f"its record: {record}" in shown, shown
+    assert "NOT BLESSED" in shown and "data docs" not in shown  # its Data Docs went with the folder
+
+
+def test_the_newest_run_comes_first_even_when_no_airflow_asked_knows_it(recorded, monkeypatch, capsys):
+    home, _ = recorded
+    ordered = [e["run_id"] for e in runs.newest_first(list(_entries(home, []).values()))]
+    # The rejected run's folder was written now; Airflow's runs began in November (the queued one's
+    # run_after is its date, as `airflow dags list-runs` gives it).
+    assert ordered == [REJECTED_RUN, QUEUED_RUN, FAILED_RUN, BLESSED_RUN]
+    # So a --limit shows it, and what it leaves out is older.
+    dag = runs.DagRuns(
+        [{"run_id": BLESSED_RUN, "state": "success", "start_date": "2026-11-25T10:00:01+00:00"}],
+        True,
+        "Airflow x: 1 runs",
+    )
+    monkeypatch.setattr(runs, "dag_runs", lambda home: dag)
+    assert cli.main(["runs", "--limit", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert (
+        out[5].split()[0] in (REJECTED_RUN, FAILED_RUN) and out[-2] == "2 older run(s) not shown (--limit 0 shows all)"
+    )
+
+
+def test_an_alias_marks_only_the_version_of_the_runs_own_store(recorded):
+    home, _ = recorded
+    # The blessed run registered v1 in http://mlflow:5000; another store's v1 is another model.
+    elsewhere = [runs.Aliased(MODEL, "1", "champion", None, "sqlite:////elsewhere/mlflow.db")]
+    assert _entries(home, elsewhere)[BLESSED_RUN]["aliases"] == []
+    here = [runs.Aliased(MODEL, "1", "champion", None, "http://mlflow:5000/")]
+    assert _entries(home, here)[BLESSED_RUN]["aliases"] == ["champion"]
+    # A summary from before runs recorded their store matches the version in any store.
+    summary = layout.run_dir(BLESSED_RUN) / "summary.json"
+    data = json.loads(summary.read_text())
+    del data["registry"]["tracking_uri"]
+    summary.write_text(json.dumps(data))
+    assert _entries(home, elsewhere)[BLESSED_RUN]["aliases"] == ["champion"]
+
+
+def test_odd_files_in_a_run_folder_do_not_take_the_record_down(recorded, monkeypatch):
+    home, _ = recorded
+    failed, blessed = layout.run_dir(FAILED_RUN), layout.run_dir(BLESSED_RUN)
+    (failed / "failure.json").write_text('["not", "an", "object"]')
+    data = json.loads((blessed / "summary.json").read_text())
+    data.update(gate=None, metrics=None, config_hash=12345)
+    data["runtime"] = {"pretrain": {"seconds": "12.5", "device": "1 x cpu"}, "finetune": 3.0}
+    (blessed / "summary.json").write_text(json.dumps(data))
+    (blessed / "gate.json").write_text('"a string"')
+    entries = _entries(home, [])
+    # Airflow says the failed run failed; its unreadable failure.json is left out.
+    assert entries[FAILED_RUN]["failure"] is None and runs.verdict_of(entries[FAILED_RUN]) == "FAILED"
+    shown = "\n".join(runs.detail_lines(entries[BLESSED_RUN], home))
+    assert "preset     guide · config_hash 12345\n" in shown and "pretrain   12.5 s, 1 x cpu" in shown
+    assert "finetune" not in shown and "gate       not gated" not in shown, shown
+    assert runs.table_lines(list(entries.values()))  # and the table too
+
+
+def test_an_unchanged_run_says_why_nothing_trained(encoderflow_home):
+    folder = layout.run_dir("manual__2026-12-01T00:00:00+00:00")
+    message = "nothing changed since champion v4"
+    layout.write_json(
+        folder / "summary.json",
+        {"run_id": "manual__2026-12-01T00:00:00+00:00", "preset": "guide", "unchanged": {"message": message}},
+    )
+    [entry] = runs.collect_runs(encoderflow_home)
+    assert runs.verdict_of(entry) == "SKIPPED"
+    assert (
+        f"gate       SKIPPED: {message} (data, config and code hashes equal; set force to train anyway)"
+        in runs.detail_lines(entry, encoderflow_home)
+    )
+
+
+def test_airflows_empty_dates_read_as_none_and_its_runs_merge_newest_first(encoderflow_home, monkeypatch):
+    answers = {
+        "a": [
+            {
+                "run_id": "r1",
+                "state": "success",
+                "run_after": "2026-12-01T00:00:00+00:00",
+                "start_date": "2026-12-01T00:00:01+00:00",
+                "end_date": "",
+            }
+        ],
+        "b": [
+            {
+                "run_id": "r2",
+                "state": "queued",
+                "run_after": "2026-12-02T00:00:00+00:00",
+                "start_date": "",
+                "end_date": "",
+            }
+        ],
+    }
+    monkeypatch.setattr(runs, "_airflow_envs", lambda home: ([("a", {"n": "a"}), ("b", {"n": "b"})], None))
+    monkeypatch.setattr(runs, "_list_runs", lambda env, dag_id: answers[env["n"]])
+    said = runs.dag_runs(encoderflow_home)
+    assert said.asked and said.said == "Airflow a: 1 runs; b: 1 runs"
+    assert [r["run_id"] for r in said.runs] == ["r2", "r1"]
+    assert said.runs[0]["start_date"] is None and said.runs[1]["end_date"] is None
+    assert runs.ask_airflow(encoderflow_home).in_flight == ["r2"]

@@ -424,7 +424,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     airflow = runs.dag_runs(home)
     with _interactive_mlflow():
         aliased, mlflow_said = runs.aliased_versions(home)
-    entries = runs.collect_runs(home, airflow.runs)
+    entries = runs.newest_first(runs.collect_runs(home, airflow.runs))
     runs.mark_aliases(entries, aliased)
     if args.run:
         entry = runs.find(entries, args.run)

@@ -26,6 +26,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,8 @@ def dag_runs(home: Path, dag_id: str = DAG_ID) -> DagRuns:
         runs = _list_runs(env, dag_id)
         if isinstance(runs, str):
             return DagRuns([], False, f"Airflow {label}: could not list the runs of {dag_id} ({runs})")
-        found += runs
+        # Airflow's CLI writes "" for a date it does not have (a queued run's start); the page's ORM None.
+        found += [{k: (None if v == "" and k.endswith("_date") else v) for k, v in run.items()} for run in runs]
         said.append(f"{label}: {len(runs)} runs")
     found.sort(key=lambda r: str(r.get("run_after") or r.get("start_date") or ""), reverse=True)
     return DagRuns(found, True, "Airflow " + "; ".join(said))
@@ -165,12 +167,14 @@ def _list_runs(env: dict[str, str], dag_id: str) -> list[dict[str, Any]] | str:
 
 @dataclass(frozen=True)
 class Aliased:
-    """A version some alias points to, and the Airflow run (folder name) that registered it."""
+    """A version some alias points to, the Airflow run (folder name) that registered it, and the
+    tracking URI of the store it is in (each store numbers its versions from 1)."""
 
     model: str
     version: str
     alias: str
     run: str | None
+    store: str = ""
 
     @property
     def why(self) -> str:
@@ -211,7 +215,7 @@ def aliased_versions(home: Path) -> tuple[list[Aliased] | None, str]:
     found: list[Aliased] = []
     for uri, env in stores.items():
         with _environ({**env, "MLFLOW_TRACKING_URI": uri}):
-            aliased, said = _aliased(registry)
+            aliased, said = _aliased(registry, uri)
         if aliased is None:
             return None, said
         found += aliased
@@ -233,7 +237,7 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _aliased(registry) -> tuple[list[Aliased] | None, str]:
+def _aliased(registry, store: str) -> tuple[list[Aliased] | None, str]:
     try:
         c = registry.client()
         found = []
@@ -241,7 +245,7 @@ def _aliased(registry) -> tuple[list[Aliased] | None, str]:
             for alias, version in sorted(model.aliases.items()):
                 if alias in ALIASES:
                     run = c.get_model_version(model.name, version).tags.get("airflow.run_id")
-                    found.append(Aliased(model.name, str(version), alias, run and layout.safe_run_id(run)))
+                    found.append(Aliased(model.name, str(version), alias, run and layout.safe_run_id(run), store))
     except Exception as exc:  # any failure to ask: keep more, never less
         return None, f"MLflow at {registry.tracking_uri()}: could not be asked ({str(exc).splitlines()[0][:200]})"
     return found, ""
@@ -277,27 +281,35 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         entry["folder"] = folder.name
         # A run cleared and finished since its failure shows none; one that failed after it finished
         # (a cleared task) shows that failure beside the summary it had.
-        failure = read_json_or_none(folder / "failure.json")
-        summary = read_json_or_none(folder / "summary.json")
+        failure = _object(read_json_or_none(folder / "failure.json"))
+        summary = _object(read_json_or_none(folder / "summary.json"))
         if failure and summary and failure_outlived(folder):
             failure = None
-        _fill(entry, summary, read_json_or_none(folder / "gate.json"), failure, folder.name)
+        _fill(entry, summary, _object(read_json_or_none(folder / "gate.json")), failure, folder.name)
         entry["curves"] = read_curves(folder)
         entry["data_docs"] = data_docs(folder)
     pruned_root = home / "pruned"
     records = sorted(pruned_root.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in records if pruned_root.is_dir() else []:
-        record = read_json_or_none(path)
+        record = _object(read_json_or_none(path))
         if not record or runs.get(path.stem, {}).get("folder"):
             continue  # unreadable, or a run of that name wrote a folder again since
         entry = runs.setdefault(path.stem, _unknown(path.stat().st_mtime))
-        _fill(entry, record.get("summary"), record.get("gate"), record.get("failure"), path.stem)
+        parts = (_object(record.get(k)) for k in ("summary", "gate", "failure"))
+        _fill(entry, *parts, path.stem)
         entry["pruned_at"] = record.get("pruned_at")
+        entry["pruned_folder"] = path.stem
     # Airflow's runs first, newest first as given; then folders no Airflow run claims, newest first.
     out = list(runs.values())
     for entry in out:
         entry.setdefault("preset", (entry.get("conf") or {}).get("preset"))
     return out
+
+
+def _object(value: Any) -> dict[str, Any] | None:
+    """A JSON object as read, or None for anything else (a list or string where an object belongs:
+    a hand-edited or foreign file must not take the whole record down)."""
+    return value if isinstance(value, dict) else None
 
 
 def _mtime(path: Path) -> float | None:
@@ -329,30 +341,35 @@ def _fill(
 ) -> None:
     """``entry``'s decision, metrics and registry from a run's ``summary.json``, ``gate.json`` and
     ``failure.json`` (each None when absent), whether read from its folder or a pruned record."""
-    if summary and "metrics" in summary:  # a summary written before a metric's rename reads as today's
-        summary["metrics"] = current_names(summary["metrics"])
+    if summary:  # a summary written before a metric's rename reads as today's
+        summary["metrics"] = current_names(_object(summary.get("metrics")) or {})
     entry["summary"] = summary
     if not entry.get("run_id"):  # a folder no Airflow asked knows: its files name their run
         entry["run_id"] = (summary or {}).get("run_id") or (failure or {}).get("run_id")
     entry["run_id"] = entry.get("run_id") or folder_name
     if summary and "unchanged" in summary:  # check_lineage short-circuited: nothing trained or gated
-        entry["unchanged"] = summary["unchanged"]
-        entry["metrics"] = summary.get("metrics", {})
+        entry["unchanged"] = _object(summary["unchanged"]) or {}
+        entry["metrics"] = summary["metrics"]
         entry["registry"] = {}
         entry["preset"] = summary.get("preset")
     elif summary:
-        entry["gate"] = {"blessed": summary["gate"].get("blessed"), "reasons": summary["gate"].get("reasons", [])}
-        entry["metrics"] = summary.get("metrics", {})
-        entry["registry"] = summary.get("registry", {})
+        said = _object(summary.get("gate")) or {}
+        entry["gate"] = {"blessed": said.get("blessed"), "reasons": _list(said.get("reasons"))}
+        entry["metrics"] = summary["metrics"]
+        entry["registry"] = _object(summary.get("registry")) or {}
         entry["preset"] = summary.get("preset")
     elif gate:
-        entry["gate"] = {"blessed": gate.get("blessed"), "reasons": gate.get("reasons", [])}
+        entry["gate"] = {"blessed": gate.get("blessed"), "reasons": _list(gate.get("reasons"))}
         entry["metrics"] = {metric: gate.get(name) for name, metric in GATE_METRICS.items()}
     if gate:
-        entry["checks"] = gate.get("checks", [])
+        entry["checks"] = [c for c in _list(gate.get("checks")) if isinstance(c, dict)]
         entry["intervals"] = gate_intervals(gate)
     entry["failure"] = failure if failure and entry.get("state") in ("failed", None) else None
     entry["gate_chart"] = gate_figures(gate, summary)
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def finite(value: Any) -> float | None:
@@ -418,7 +435,8 @@ def gate_figures(gate: dict[str, Any] | None, summary: dict[str, Any] | None) ->
     summary's metrics (without thresholds or intervals).
     """
     if gate:
-        thresholds = {c.get("name"): finite(c.get("threshold")) for c in gate.get("checks") or []}
+        checks = [c for c in _list(gate.get("checks")) if isinstance(c, dict)]
+        thresholds = {c.get("name"): finite(c.get("threshold")) for c in checks}
         figures = {
             "blessed": gate.get("blessed"),
             "candidate": finite(gate.get("candidate")),
@@ -432,9 +450,9 @@ def gate_figures(gate: dict[str, Any] | None, summary: dict[str, Any] | None) ->
             "intervals": gate_intervals(gate),
         }
     elif summary and "unchanged" not in summary:
-        metrics = summary.get("metrics") or {}
+        metrics = _object(summary.get("metrics")) or {}
         figures = {
-            "blessed": (summary.get("gate") or {}).get("blessed"),
+            "blessed": (_object(summary.get("gate")) or {}).get("blessed"),
             **{name: finite(metrics.get(metric)) for name, metric in GATE_METRICS.items()},
             "champion_version": None,
             "floor": None,
@@ -457,15 +475,17 @@ DETAIL_METRICS = ("val_accuracy", "baseline_val_accuracy", "champion_val_accurac
 def mark_aliases(entries: list[dict[str, Any]], aliased: list[Aliased] | None) -> None:
     """Give each entry ``aliases``: the aliases (``champion``, ``previous``) that now point to the
     version its run registered or found; None for every entry when MLflow could not be asked."""
-    by_version: dict[tuple[str, str], list[str]] = {}
-    for a in aliased or []:  # two stores may name the same version (a copied home records the old one too)
-        by_version.setdefault((a.model, a.version), [])
-        if a.alias not in by_version[(a.model, a.version)]:
-            by_version[(a.model, a.version)].append(a.alias)
+    by_version: dict[tuple[str, str, str], set[str]] = {}
+    for a in aliased or []:
+        by_version.setdefault((a.store.rstrip("/"), a.model, a.version), set()).add(a.alias)
     for entry in entries:
         reg = entry.get("registry") or {}
-        key = (reg.get("registered_model") or DEFAULT_MODEL, str(reg.get("version")))
-        entry["aliases"] = None if aliased is None else sorted(by_version.get(key, []))
+        model, version = reg.get("registered_model") or DEFAULT_MODEL, str(reg.get("version"))
+        if reg.get("tracking_uri"):  # each store numbers its versions from 1: only the run's own store counts
+            said = by_version.get((str(reg["tracking_uri"]).rstrip("/"), model, version), set())
+        else:  # a summary from before runs recorded their store
+            said = set().union(*(v for (_, m, n), v in by_version.items() if (m, n) == (model, version)))
+        entry["aliases"] = None if aliased is None else sorted(said)
 
 
 def state_of(entry: dict[str, Any]) -> str:
@@ -482,7 +502,7 @@ def verdict_of(entry: dict[str, Any]) -> str:
     if gate is not None:
         said = "BLESSED" if gate.get("blessed") else "NOT BLESSED"
         return f"FAILED after {said}" if entry.get("failure") else said
-    if entry.get("failure"):
+    if entry.get("failure") or entry.get("state") == "failed":  # a killed task may leave no failure.json
         return "FAILED"
     if entry.get("unchanged"):
         return "SKIPPED"
@@ -542,11 +562,12 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
     summary = entry.get("summary") or {}
     out.append(
         f"preset     {entry.get('preset') or '–'}"
-        + (f" · config_hash {summary['config_hash'][:16]}" if summary.get("config_hash") else "")
+        + (f" · config_hash {str(summary['config_hash'])[:16]}" if summary.get("config_hash") else "")
     )
     folder = entry.get("folder")
     if entry.get("pruned_at"):
-        out.append(f"folder     pruned {str(entry['pruned_at'])[:10]}; record {home / 'pruned' / (folder or '?')}.json")
+        record = home / "pruned" / f"{entry.get('pruned_folder')}.json"
+        out.append(f"folder     pruned {str(entry['pruned_at'])[:10]}; its record: {record}")
     elif folder:
         out.append(f"folder     {home / 'runs' / folder}")
     else:
@@ -577,8 +598,11 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
         out.append(f"registry   {' · '.join(parts)}")
     else:
         out.append("registry   not registered")
-    for stage, took in (summary.get("runtime") or {}).items():
-        bits = [f"{took['seconds']:.1f} s" if finite(took.get("seconds")) is not None else None]
+    for stage, took in (_object(summary.get("runtime")) or {}).items():
+        if not isinstance(took, dict):
+            continue
+        seconds = finite(took.get("seconds"))
+        bits = [None if seconds is None else f"{seconds:.1f} s"]
         bits += [took.get("device"), took.get("dtype_policy")]
         if took.get("reused_from"):
             bits.append(f"results reused from {took['reused_from']}")
@@ -608,6 +632,9 @@ def _in_folder(summary: dict[str, Any], name: str, folder: Path) -> str | None:
 
 def _gate_lines(entry: dict[str, Any]) -> list[str]:
     gate = entry.get("gate")
+    if gate is None and entry.get("unchanged"):
+        said = entry["unchanged"].get("message") or "nothing changed since the champion"
+        return [f"gate       SKIPPED: {said} (data, config and code hashes equal; set force to train anyway)"]
     if gate is None:
         return [f"gate       {verdict_of(entry)}"]
     out = [f"gate       {'BLESSED' if gate.get('blessed') else 'NOT BLESSED'}"]
@@ -653,8 +680,11 @@ def find(entries: list[dict[str, Any]], wanted: str) -> dict[str, Any]:
     """
     from encoderflow.errors import EncoderflowError
 
-    exact = [e for e in entries if wanted in (e.get("run_id"), e.get("folder"))]
-    matches = exact or [e for e in entries if str(e.get("run_id") or e.get("folder")).startswith(wanted)]
+    def names(e: dict[str, Any]) -> list[str]:
+        return [str(n) for n in (e.get("run_id"), e.get("folder"), e.get("pruned_folder")) if n]
+
+    exact = [e for e in entries if wanted in names(e)]
+    matches = exact or [e for e in entries if any(n.startswith(wanted) for n in names(e))]
     if len(matches) == 1:
         return matches[0]
     if not matches:
@@ -667,6 +697,21 @@ def find(entries: list[dict[str, Any]], wanted: str) -> dict[str, Any]:
         f"{len(matches)} runs start with {wanted!r}: {names}{', ...' if len(matches) > 5 else ''}",
         fix="give more of the run id",
     )
+
+
+def newest_first(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``entries`` by when each run began, newest first: Airflow's date for a run it knows, else the
+    time its folder (or pruned record) last changed. :func:`collect_runs` lists the runs the
+    Airflows asked know first; a folder none of them knows (a reset DB, an Airflow not asked) may be
+    the newest, and a ``--limit`` must not hide it as older."""
+
+    def began(entry: dict[str, Any]) -> float:
+        for key in ("run_after", "start_date", "logical_date"):
+            with contextlib.suppress(TypeError, ValueError):
+                return datetime.fromisoformat(str(entry.get(key))).timestamp()
+        return finite(entry.get("mtime")) or 0.0
+
+    return sorted(entries, key=began, reverse=True)
 
 
 def jsonable(value: Any) -> Any:
