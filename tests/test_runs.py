@@ -49,14 +49,14 @@ def recorded(encoderflow_home):
     return encoderflow_home, log
 
 
-def _entries(home: Path, aliased: list[runs.Aliased] | None) -> dict[str, dict]:
+def _entries(home: Path, aliased: list[runs.Aliased] | None, stores: tuple[str, ...] = (STORE,)) -> dict[str, dict]:
     dag_runs = [
         {"run_id": QUEUED_RUN, "state": "queued", "run_after": "2026-11-28T12:00:00+00:00", "start_date": None},
         {"run_id": FAILED_RUN, "state": "failed", "start_date": "2026-11-27T09:00:01+00:00", "end_date": None},
         {"run_id": BLESSED_RUN, "state": "success", "start_date": "2026-11-25T10:00:01+00:00", "end_date": None},
     ]
     entries = runs.collect_runs(home, dag_runs)
-    runs.mark_aliases(entries, aliased)
+    runs.mark_aliases(entries, aliased, set(stores))
     return {e["run_id"]: e for e in entries}
 
 
@@ -209,38 +209,46 @@ def test_runs_are_found_by_any_of_their_names_and_a_pruned_one_by_its_record(rec
 
 
 def test_the_newest_run_comes_first_even_when_no_airflow_asked_knows_it(recorded, monkeypatch, capsys):
+    from encoderflow import prune
+
     home, _ = recorded
+    # A run the Airflow asked has forgotten (a reset DB), newer than every run it knows.
+    newest = "manual__2026-12-05T00:00:00+00:00"
+    layout.write_json(layout.run_dir(newest) / "summary.json", {"run_id": newest, "gate": {"blessed": False}})
+    # A pruned run: its record was written now, but the run is from November.
+    folder = layout.run_dir(REJECTED_RUN)
+    assert len(prune.apply(home, prune.Plan(remove=[prune.Item("run", folder, "test")])).remove) == 1
     ordered = [e["run_id"] for e in runs.newest_first(list(_entries(home, []).values()))]
-    # The rejected run's folder was written now; Airflow's runs began in November (the queued one's
-    # run_after is its date, as `airflow dags list-runs` gives it).
-    assert ordered == [REJECTED_RUN, QUEUED_RUN, FAILED_RUN, BLESSED_RUN]
-    # So a --limit shows it, and what it leaves out is older.
-    dag = runs.DagRuns(
-        [{"run_id": BLESSED_RUN, "state": "success", "start_date": "2026-11-25T10:00:01+00:00"}],
-        True,
-        "Airflow x: 1 runs",
-    )
-    monkeypatch.setattr(runs, "dag_runs", lambda home: dag)
-    assert cli.main(["runs", "--limit", "1"]) == 0
+    assert ordered == [newest, QUEUED_RUN, FAILED_RUN, REJECTED_RUN, BLESSED_RUN]
+    # A run id with no date in it sorts by when its folder last changed: now, the newest.
+    layout.write_json(layout.run_dir("nightly-rebuild") / "summary.json", {"run_id": "nightly-rebuild"})
+    assert runs.newest_first(list(_entries(home, []).values()))[0]["run_id"] == "nightly-rebuild"
+    # So a --limit shows the newest, and what it leaves out is older.
+    known = [{"run_id": BLESSED_RUN, "state": "success", "start_date": "2026-11-25T10:00:01+00:00"}]
+    monkeypatch.setattr(runs, "dag_runs", lambda home: runs.DagRuns(known, True, "Airflow x: 1 runs"))
+    assert cli.main(["runs", "--limit", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert (
-        out[5].split()[0] in (REJECTED_RUN, FAILED_RUN) and out[-2] == "2 older run(s) not shown (--limit 0 shows all)"
-    )
+    assert [line.split()[0] for line in out[5:7]] == ["nightly-rebuild", newest], out
+    assert out[-2] == "3 older run(s) not shown (--limit 0 shows all)", out
 
 
 def test_an_alias_marks_only_the_version_of_the_runs_own_store(recorded):
     home, _ = recorded
     # The blessed run registered v1 in http://mlflow:5000; another store's v1 is another model.
-    elsewhere = [runs.Aliased(MODEL, "1", "champion", None, "sqlite:////elsewhere/mlflow.db")]
-    assert _entries(home, elsewhere)[BLESSED_RUN]["aliases"] == []
+    other = "sqlite:////elsewhere/mlflow.db"
+    elsewhere = [runs.Aliased(MODEL, "1", "champion", None, other)]
+    assert _entries(home, elsewhere, (STORE, other))[BLESSED_RUN]["aliases"] == []
     here = [runs.Aliased(MODEL, "1", "champion", None, "http://mlflow:5000/")]
-    assert _entries(home, here)[BLESSED_RUN]["aliases"] == ["champion"]
+    assert _entries(home, here, ("http://mlflow:5000/",))[BLESSED_RUN]["aliases"] == ["champion"]
+    # A store the run recorded that was not asked (a home moved since: its old path is gone) is
+    # looked for in every store asked.
+    assert _entries(home, elsewhere, (other,))[BLESSED_RUN]["aliases"] == ["champion"]
     # A summary from before runs recorded their store matches the version in any store.
     summary = layout.run_dir(BLESSED_RUN) / "summary.json"
     data = json.loads(summary.read_text())
     del data["registry"]["tracking_uri"]
     summary.write_text(json.dumps(data))
-    assert _entries(home, elsewhere)[BLESSED_RUN]["aliases"] == ["champion"]
+    assert _entries(home, elsewhere, (STORE, other))[BLESSED_RUN]["aliases"] == ["champion"]
 
 
 def test_odd_files_in_a_run_folder_do_not_take_the_record_down(recorded, monkeypatch):
@@ -248,17 +256,30 @@ def test_odd_files_in_a_run_folder_do_not_take_the_record_down(recorded, monkeyp
     failed, blessed = layout.run_dir(FAILED_RUN), layout.run_dir(BLESSED_RUN)
     (failed / "failure.json").write_text('["not", "an", "object"]')
     data = json.loads((blessed / "summary.json").read_text())
-    data.update(gate=None, metrics=None, config_hash=12345)
+    data.update(gate=None, metrics=None, config_hash=12345, artifacts=1)
+    data["registry"]["registered_model"] = ["not", "a", "name"]
     data["runtime"] = {"pretrain": {"seconds": "12.5", "device": "1 x cpu"}, "finetune": 3.0}
     (blessed / "summary.json").write_text(json.dumps(data))
     (blessed / "gate.json").write_text('"a string"')
-    entries = _entries(home, [])
+    gate = json.loads((layout.run_dir(REJECTED_RUN) / "gate.json").read_text())
+    gate["checks"][0]["name"] = ["a", "list"]
+    (layout.run_dir(REJECTED_RUN) / "gate.json").write_text(json.dumps(gate))
+    entries = _entries(home, [runs.Aliased(MODEL, "1", "champion", None, STORE)])
     # Airflow says the failed run failed; its unreadable failure.json is left out.
     assert entries[FAILED_RUN]["failure"] is None and runs.verdict_of(entries[FAILED_RUN]) == "FAILED"
     shown = "\n".join(runs.detail_lines(entries[BLESSED_RUN], home))
     assert "preset     guide · config_hash 12345\n" in shown and "pretrain   12.5 s, 1 x cpu" in shown
     assert "finetune" not in shown and "gate       not gated" not in shown, shown
     assert runs.table_lines(list(entries.values()))  # and the table too
+    assert "gate       NOT BLESSED" in runs.detail_lines(entries[REJECTED_RUN], home)
+    # MLflow's stores are read from the same summaries: a list, a string registry, a number for a URI.
+    for name, value in cli.INTERACTIVE_MLFLOW.items():  # the unreachable server: one retry, not minutes
+        monkeypatch.setenv(name, value)
+    for odd in (["not", "an", "object"], {"registry": "v1"}, {"registry": {"tracking_uri": 5}}):
+        (blessed / "summary.json").write_text(json.dumps(odd))
+        aliased, said, stores = runs.aliased_versions(home)
+        assert aliased is None and said.startswith("MLflow at http://mlflow:5000: could not be asked"), said
+        assert stores == {STORE}
 
 
 def test_an_unchanged_run_says_why_nothing_trained(encoderflow_home):

@@ -405,7 +405,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         restored = prune.restore_hidden(home)
         airflow = runs.ask_airflow(home)
         with _interactive_mlflow():
-            aliased, mlflow_said = runs.aliased_versions(home)
+            aliased, mlflow_said, _ = runs.aliased_versions(home)
         plan = prune.plan(home, args.keep, args.older_than, airflow, aliased)
         if not args.dry_run:
             plan = prune.apply(home, plan, recheck=lambda: runs.ask_airflow(home))
@@ -423,9 +423,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     home = layout.home()
     airflow = runs.dag_runs(home)
     with _interactive_mlflow():
-        aliased, mlflow_said = runs.aliased_versions(home)
+        aliased, mlflow_said, stores = runs.aliased_versions(home)
     entries = runs.newest_first(runs.collect_runs(home, airflow.runs))
-    runs.mark_aliases(entries, aliased)
+    runs.mark_aliases(entries, aliased, stores)
     if args.run:
         entry = runs.find(entries, args.run)
         print(json.dumps(runs.jsonable(entry), indent=2) if args.json else "\n".join(runs.detail_lines(entry, home)))

@@ -467,6 +467,8 @@ def keep_record(home: Path, folder: Path) -> Path:
     record = {
         "folder": folder.name,
         "pruned_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        # Where the run sorts among the others (encoderflow runs: newest first); the record's own time is prune's.
+        "folder_mtime": folder.stat().st_mtime,
         "summary": summary or earlier.get("summary"),
         "gate": layout.read_json_or_none(folder / "gate.json") or earlier.get("gate"),
         "failure": failure,

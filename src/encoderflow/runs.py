@@ -181,10 +181,10 @@ class Aliased:
         return f"registered {self.model} v{self.version} ({self.alias})"
 
 
-def aliased_versions(home: Path) -> tuple[list[Aliased] | None, str]:
+def aliased_versions(home: Path) -> tuple[list[Aliased] | None, str, set[str]]:
     """Every version the ``champion`` or ``previous`` alias of any registered model points to, and a
-    line for the report; None when an MLflow the runs registered in could not be asked (the caller
-    then keeps every run that registered a version).
+    line for the report, and the tracking URIs asked; None when an MLflow the runs registered in could
+    not be asked (the caller then keeps every run that registered a version).
 
     Asked: the environment's MLflow (``MLFLOW_TRACKING_URI``), else the embedded store (if it
     exists) and the native stack's server (with the workers' login); and every other tracking URI a
@@ -203,13 +203,17 @@ def aliased_versions(home: Path) -> tuple[list[Aliased] | None, str]:
 
             stack = Stack(home)
             if not stack.alive("mlflow"):
-                return None, "MLflow of make stack: not running, not asked (make stack starts it)"
+                return None, "MLflow of make stack: not running, not asked (make stack starts it)", set()
             env = stack.env("worker-default")
             stores[stack.mlflow_url] = {k: env[k] for k in env if k.startswith("MLFLOW_")}
     for summary in (home / "runs").glob("*/summary.json"):
-        recorded = ((layout.read_json_or_none(summary) or {}).get("registry") or {}).get("tracking_uri")
+        recorded = (_object((_object(layout.read_json_or_none(summary)) or {}).get("registry")) or {}).get(
+            "tracking_uri"
+        )
+        if not isinstance(recorded, str):
+            continue
         # A SQLite store that is gone holds no alias (and asking would create it empty).
-        gone = recorded and recorded.startswith("sqlite:///") and not Path(recorded[len("sqlite:///") :]).exists()
+        gone = recorded.startswith("sqlite:///") and not Path(recorded[len("sqlite:///") :]).exists()
         if recorded and recorded not in stores and not gone:
             stores[recorded] = {}
     found: list[Aliased] = []
@@ -217,10 +221,10 @@ def aliased_versions(home: Path) -> tuple[list[Aliased] | None, str]:
         with _environ({**env, "MLFLOW_TRACKING_URI": uri}):
             aliased, said = _aliased(registry, uri)
         if aliased is None:
-            return None, said
+            return None, said, set(stores)
         found += aliased
     said = ", ".join(f"{a.model} v{a.version} ({a.alias})" for a in found) or "no aliased version"
-    return found, f"MLflow ({', '.join(stores) or 'no registry here yet'}): {said}"
+    return found, f"MLflow ({', '.join(stores) or 'no registry here yet'}): {said}", set(stores)
 
 
 @contextlib.contextmanager
@@ -294,7 +298,7 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         record = _object(read_json_or_none(path))
         if not record or runs.get(path.stem, {}).get("folder"):
             continue  # unreadable, or a run of that name wrote a folder again since
-        entry = runs.setdefault(path.stem, _unknown(path.stat().st_mtime))
+        entry = runs.setdefault(path.stem, _unknown(finite(record.get("folder_mtime")) or path.stat().st_mtime))
         parts = (_object(record.get(k)) for k in ("summary", "gate", "failure"))
         _fill(entry, *parts, path.stem)
         entry["pruned_at"] = record.get("pruned_at")
@@ -436,7 +440,7 @@ def gate_figures(gate: dict[str, Any] | None, summary: dict[str, Any] | None) ->
     """
     if gate:
         checks = [c for c in _list(gate.get("checks")) if isinstance(c, dict)]
-        thresholds = {c.get("name"): finite(c.get("threshold")) for c in checks}
+        thresholds = {str(c.get("name")): finite(c.get("threshold")) for c in checks}
         figures = {
             "blessed": gate.get("blessed"),
             "candidate": finite(gate.get("candidate")),
@@ -472,18 +476,24 @@ TABLE_METRICS = ("val_accuracy", "baseline_val_accuracy", "mlm_val_accuracy")
 DETAIL_METRICS = ("val_accuracy", "baseline_val_accuracy", "champion_val_accuracy", "mlm_val_accuracy")
 
 
-def mark_aliases(entries: list[dict[str, Any]], aliased: list[Aliased] | None) -> None:
+def mark_aliases(entries: list[dict[str, Any]], aliased: list[Aliased] | None, stores: set[str] | None = None) -> None:
     """Give each entry ``aliases``: the aliases (``champion``, ``previous``) that now point to the
-    version its run registered or found; None for every entry when MLflow could not be asked."""
+    version its run registered or found; None for every entry when MLflow could not be asked.
+
+    A run's version is looked up in the store it recorded when that store was asked (``stores``,
+    :func:`aliased_versions`' third answer; each store numbers its versions from 1), else in every
+    store asked: a summary from before runs recorded their store, or a home moved since (its
+    embedded store's recorded path is gone)."""
     by_version: dict[tuple[str, str, str], set[str]] = {}
     for a in aliased or []:
         by_version.setdefault((a.store.rstrip("/"), a.model, a.version), set()).add(a.alias)
     for entry in entries:
         reg = entry.get("registry") or {}
-        model, version = reg.get("registered_model") or DEFAULT_MODEL, str(reg.get("version"))
-        if reg.get("tracking_uri"):  # each store numbers its versions from 1: only the run's own store counts
-            said = by_version.get((str(reg["tracking_uri"]).rstrip("/"), model, version), set())
-        else:  # a summary from before runs recorded their store
+        model, version = str(reg.get("registered_model") or DEFAULT_MODEL), str(reg.get("version"))
+        own = str(reg.get("tracking_uri") or "").rstrip("/")
+        if own and own in {u.rstrip("/") for u in stores or ()}:
+            said = by_version.get((own, model, version), set())
+        else:
             said = set().union(*(v for (_, m, n), v in by_version.items() if (m, n) == (model, version)))
         entry["aliases"] = None if aliased is None else sorted(said)
 
@@ -621,7 +631,7 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
 def _in_folder(summary: dict[str, Any], name: str, folder: Path) -> str | None:
     """The path of the artifact ``name`` the summary records, inside ``folder`` as it is now (the home
     may have moved since the run wrote its absolute paths)."""
-    artifacts = summary.get("artifacts") or {}
+    artifacts = _object(summary.get("artifacts")) or {}
     path, run_dir = artifacts.get(name), artifacts.get("run_dir")
     if not isinstance(path, str) or not isinstance(run_dir, str):
         return None
@@ -706,9 +716,12 @@ def newest_first(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     the newest, and a ``--limit`` must not hide it as older."""
 
     def began(entry: dict[str, Any]) -> float:
-        for key in ("run_after", "start_date", "logical_date"):
+        # Airflow's run ids end in their date (manual__<iso>, scheduled__<iso>): a run Airflow has
+        # forgotten (airflow db clean) keeps it, where a pruned record's own time is prune's.
+        named = str(entry.get("run_id") or "").partition("__")[2]
+        for value in (*(entry.get(k) for k in ("run_after", "start_date", "logical_date")), named):
             with contextlib.suppress(TypeError, ValueError):
-                return datetime.fromisoformat(str(entry.get(key))).timestamp()
+                return datetime.fromisoformat(str(value)).timestamp()
         return finite(entry.get("mtime")) or 0.0
 
     return sorted(entries, key=began, reverse=True)
