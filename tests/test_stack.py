@@ -333,6 +333,19 @@ def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an
     assert "make stack (PostgreSQL): " in proc.stdout and "none in flight" in proc.stdout, proc.stdout
     assert f"MLflow ({st.mlflow_url}): " in proc.stdout and f"{MODEL} v{champion} (champion)" in proc.stdout
     assert f"keep          run     runs/{safe_run_id(by_run[champion])}: " in proc.stdout, proc.stdout
+    # `encoderflow runs` asks the same two: both runs succeeded, and the version the champion alias
+    # points to is marked on the run that registered it (its summary names this MLflow as its store).
+    proc = subprocess.run(
+        [sys.executable, "-m", "encoderflow.cli", "runs", "--json", "--limit", "0"],
+        env={**env, "ENCODERFLOW_HOME": str(st.home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    listed = {r["run_id"]: r for r in json.loads(proc.stdout)["runs"]}
+    assert listed[first]["state"] == listed[second]["state"] == "success", proc.stdout[:3000]
+    assert "champion" in listed[by_run[champion]]["aliases"], listed[by_run[champion]]
 
 
 def test_security_anonymous_mlflow_and_airflow_viewer(deployed):
