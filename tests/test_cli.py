@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -389,6 +390,41 @@ def test_ctrl_c_stops_the_run_there_and_marks_it_failed(tmp_path, encoderflow_ho
     while list((encoderflow_home / "airflow" / "encoderflow-runs").iterdir()) and time.monotonic() < deadline:
         time.sleep(0.2)  # the marker removes the interrupted process's claim once it is done
     assert list((encoderflow_home / "airflow" / "encoderflow-runs").iterdir()) == []
+
+
+def test_ctrl_c_ends_any_other_command_with_one_line_not_a_traceback(tmp_path, encoderflow_home):
+    """`encoderflow doctor` waiting on a mirror that never answers: Ctrl-C there used to print
+    Python's traceback of wherever it was (30 lines of requests and urllib3)."""
+    import signal
+    import socket
+    import threading
+
+    held: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(120)
+
+        def hold() -> None:  # accept, then say nothing: the probe waits for its answer
+            with contextlib.suppress(OSError):
+                held.append(server.accept()[0])
+
+        threading.Thread(target=hold, daemon=True).start()
+        mirror = f"http://127.0.0.1:{server.getsockname()[1]}/"
+        cmd = [sys.executable, "-m", "encoderflow.cli", "doctor", "--mirror", mirror, "--timeout", "120"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not held and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.1)
+            assert held, "doctor never asked the mirror"
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            for conn in held:
+                conn.close()
+    assert proc.returncode == errors.INTERRUPTED_EXIT, out[-2000:] + err[-2000:]
+    assert err.strip().splitlines()[-1] == "encoderflow doctor: interrupted (Ctrl-C)", err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
 
 
 def test_a_retry_wait_is_said_once_not_every_second():

@@ -533,9 +533,6 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
     return RunOutcome(dr.run_id, str(dr.state), states, logs)
 
 
-INTERRUPTED_EXIT = 130  # a shell's code for a command ended by SIGINT
-
-
 @contextlib.contextmanager
 def _stopped_by_ctrl_c(logs: TaskLogs) -> Iterator[None]:
     """Ctrl-C stops the run, there and then, and nothing after the running task runs.
@@ -571,7 +568,7 @@ def _stopped_by_ctrl_c(logs: TaskLogs) -> Iterator[None]:
             f"is marked failed; {fix}\n"
         )
         sys.stderr.flush()
-        os._exit(INTERRUPTED_EXIT)
+        os._exit(errors.INTERRUPTED_EXIT)
 
     previous = signal.signal(signal.SIGINT, stop)
     try:

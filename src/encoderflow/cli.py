@@ -38,7 +38,7 @@ from encoderflow.config import (
     parse_set,
     resolve,
 )
-from encoderflow.errors import Cause, EncoderflowError, read_failure
+from encoderflow.errors import INTERRUPTED_EXIT, Cause, EncoderflowError, read_failure
 
 if TYPE_CHECKING:
     from encoderflow.airflow_adapter import TaskLogs
@@ -705,6 +705,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, EncoderflowError) as exc:
         print(f"encoderflow {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # A person's Ctrl-C is an answer, not a bug: one line and the shell's code, not a traceback.
+        # (`encoderflow run` handles its own SIGINT: it ends the run and says how it left it.)
+        print(f"encoderflow {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return INTERRUPTED_EXIT
     except Exception as exc:
         # A person's registry command against a server that refuses or does not answer: one line, not a traceback.
         if args.command not in REGISTRY_COMMANDS:

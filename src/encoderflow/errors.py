@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 FAILURE_FILE = "failure.json"
+INTERRUPTED_EXIT = 130  # a shell's code for a command ended by SIGINT
 ONE_LINE_LIMIT = 500
 
 
