@@ -394,7 +394,7 @@ def test_ctrl_c_stops_the_run_there_and_marks_it_failed(tmp_path, encoderflow_ho
 
 def test_ctrl_c_ends_any_other_command_with_one_line_not_a_traceback(tmp_path, encoderflow_home):
     """`encoderflow doctor` waiting on a mirror that never answers: Ctrl-C there used to print
-    Python's traceback of wherever it was (30 lines of requests and urllib3)."""
+    Python's traceback of wherever it was (26 lines, ending in threading's lock.acquire)."""
     import signal
     import socket
     import threading
