@@ -103,7 +103,9 @@ def _snapshot(model: str) -> dict[str, Any]:
         dag_runs = []
     return {
         "model": model,
-        "runs": runs.collect_runs(home, dag_runs),
+        # Newest first by date, as `encoderflow runs` lists them: a folder no Airflow knows (a reset DB,
+        # a run pruned from Airflow by `airflow db clean`) sorts by its run id's date, not last.
+        "runs": runs.newest_first(runs.collect_runs(home, dag_runs)),
         "registry": page.registry_state(home, model),
         "mlflow_ui": page.mlflow_ui_url(),
     }
