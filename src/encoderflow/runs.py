@@ -487,11 +487,12 @@ def mark_aliases(entries: list[dict[str, Any]], aliased: list[Aliased] | None, s
     by_version: dict[tuple[str, str, str], set[str]] = {}
     for a in aliased or []:
         by_version.setdefault((a.store.rstrip("/"), a.model, a.version), set()).add(a.alias)
+    asked = {u.rstrip("/") for u in stores or ()}
     for entry in entries:
         reg = entry.get("registry") or {}
         model, version = str(reg.get("registered_model") or DEFAULT_MODEL), str(reg.get("version"))
         own = str(reg.get("tracking_uri") or "").rstrip("/")
-        if own and own in {u.rstrip("/") for u in stores or ()}:
+        if own and own in asked:
             said = by_version.get((own, model, version), set())
         else:
             said = set().union(*(v for (_, m, n), v in by_version.items() if (m, n) == (model, version)))
@@ -590,7 +591,7 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
         said = f"{failure.get('error')}: {failure.get('message')}"
         out.append(f"failed     at {where}, try {failure.get('try_number', '?')}: {said}")
         out.append(f"           fix: {failure.get('fix')}")
-        if log := _log_file(home, folder, failure):
+        if log := _log_file(folder, failure):
             out.append(f"           log: {log}")
     out += _gate_lines(entry)
     metrics = entry.get("metrics") or {}
@@ -670,20 +671,21 @@ def intervals_text(intervals: dict[str, Any] | None) -> str:
     return f"{(intervals or {}).get('confidence') or 0.95:.0%} intervals: {' · '.join(parts)}"
 
 
-def _log_file(home: Path, folder: str | None, failure: dict[str, Any]) -> Path | None:
+def _log_file(folder: str | None, failure: dict[str, Any]) -> Path | None:
     """The failed try's task log, where Airflow wrote it into the run folder (``make airflow`` and
     ``encoderflow run`` do; a deployment's remote logging does not)."""
-    if not folder or not failure.get("task_id"):
+    if not folder or not failure.get("task_id") or not isinstance(failure.get("try_number"), int):
         return None
-    path = home / "runs" / folder / "logs" / f"task_id={failure['task_id']}"
-    if failure.get("map_index") not in (None, -1):
-        path = path / f"map_index={failure['map_index']}"
-    path = path / f"attempt={failure.get('try_number')}.log"
+    map_index = failure.get("map_index")
+    path = layout.task_log_path(
+        folder, failure["task_id"], map_index if isinstance(map_index, int) else -1, failure["try_number"]
+    )
     return path if path.is_file() else None
 
 
 def find(entries: list[dict[str, Any]], wanted: str) -> dict[str, Any]:
-    """The entry whose run id or folder name is ``wanted``, or the one whose run id starts with it.
+    """The entry whose run id, folder name or pruned record's name is ``wanted``, else the one whose
+    name of those starts with it.
 
     Raises:
         EncoderflowError: no run, or several, match.
@@ -711,7 +713,8 @@ def find(entries: list[dict[str, Any]], wanted: str) -> dict[str, Any]:
 
 def newest_first(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``entries`` by when each run began, newest first: Airflow's date for a run it knows, else the
-    time its folder (or pruned record) last changed. :func:`collect_runs` lists the runs the
+    date its run id carries, else the time its folder last changed (a pruned record keeps the
+    folder's). :func:`collect_runs` lists the runs the
     Airflows asked know first; a folder none of them knows (a reset DB, an Airflow not asked) may be
     the newest, and a ``--limit`` must not hide it as older."""
 
