@@ -734,7 +734,11 @@ except Exception as exc:
 
 class TI:
     dag_id, task_id, run_id, try_number, max_tries, map_index = "encoder_pretraining", "build_shard", "r1", 2, 1, 3
-d.log_failure({"ti": TI(), "exception": ValueError("disk full\n  while writing shard 3")})
+    log_url = "http://localhost:8080/dags/encoder_pretraining/runs/r1/tasks/build_shard/mapped/3?try_number=2"
+failed_write = ValueError("disk full\n  while writing shard 3")
+d.log_failure({"ti": TI(), "exception": failed_write, "params": {"preset": "smoke"}})
+from encoderflow import errors
+first = errors.read_failure("r1")
 try:
     validate({})
 except Exception as exc:
@@ -760,7 +764,7 @@ for value in ("", "@daily", "0 3 * * 1", "off", "None"):
     os.environ["ENCODERFLOW_SCHEDULE"] = value
     schedules[value] = d.schedule_from_env()
 print(json.dumps({"failed": failed, "records": records, "schedules": schedules, "kept_fix": kept_fix,
-                  "kept_fix_from_text": kept_fix_from_text}))
+                  "kept_fix_from_text": kept_fix_from_text, "first": first}))
 """
 
 
@@ -796,6 +800,16 @@ def test_expected_failure_is_a_message_and_failure_callback_one_line(probe):
         "encoderflow FAILED encoder_pretraining.build_shard[3] run=r2 try=2, no retry: EncoderflowError",
         "encoderflow FAILED encoder_pretraining.build_shard[3] run=r2 try=2/2: EncoderflowError",
     ]
+    # A run that fails before it reports keeps its preset, and where the try's log is, with its cause.
+    first = probe["first"]
+    assert (first["task_id"], first["map_index"], first["try_number"], first["error"]) == (
+        "build_shard",
+        3,
+        2,
+        "ValueError",
+    )
+    assert first["preset"] == "smoke" and first["log_url"].endswith("/runs/r1/tasks/build_shard/mapped/3?try_number=2")
+    assert first["log_folder"].endswith("/airflow/logs"), first  # the probe's AIRFLOW_HOME, Airflow's default
     # The failure kept for the runs page names the trigger form's field as the task log does.
     kept = "pass --data-dir with SST-2/ in it (trigger form: --data-dir is 'Offline data folder')"
     assert probe["kept_fix"] == probe["kept_fix_from_text"] == kept

@@ -63,6 +63,17 @@ def test_run_refuses_a_path_that_does_not_exist_before_starting_airflow(tmp_path
     )
 
 
+def test_run_refuses_an_offline_folder_lacking_a_file_before_starting_airflow(tmp_path, capsys):
+    from tests.fixtures_pipeline import write_tree
+
+    tree = write_tree(tmp_path / "data")
+    (tree / "SST-2" / "dev.tsv").unlink()
+    assert cli.main(["run", "--preset", "smoke", "--data-dir", str(tree)]) == 2
+    err = capsys.readouterr().err
+    assert f"DataError: offline data folder {tree}: missing SST-2/dev.tsv; fix: put SST-2/dev.tsv under {tree}" in err
+    assert not (layout.airflow_home() / "airflow.db").exists()  # refused before Airflow's DB was made
+
+
 def test_run_refuses_a_data_files_missing_folder_naming_the_file(tmp_path, capsys):
     data_file = tmp_path / "data.yaml"
     data_file.write_text("corpus: nowhere/\ngate:\n  registered_model: t\n")

@@ -229,5 +229,16 @@ def test_a_fix_naming_cli_flags_names_the_trigger_forms_fields_outside_encoderfl
         "--set is 'Other overrides (section.key=value)')"
     )
     assert af.in_form_words("ConfigError: x; fix: lower it") == "ConfigError: x; fix: lower it"
+    # A key with a field of its own is named by that field, not by the free overrides.
+    split = "DataError: missing wiki.train.raw; fix: use a split it holds: --set data.pretrain_split=test (make run)"
+    assert (
+        af.in_form_words(split)
+        == f"{split} (trigger form: --set data.pretrain_split is 'WikiText split to pretrain on')"
+    )
+    both = "ConfigError: x; fix: --set data.pretrain_split=test or --set model.num_layers=2"
+    assert af.in_form_words(both) == (
+        f"{both} (trigger form: --set data.pretrain_split is 'WikiText split to pretrain on'; "
+        "--set is 'Other overrides (section.key=value)')"
+    )
     monkeypatch.setenv("ENCODERFLOW_CLI_RUN", "1")
     assert af.in_form_words(told) == told

@@ -225,7 +225,7 @@ def test_the_newest_run_comes_first_even_when_no_airflow_asked_knows_it(recorded
     assert runs.newest_first(list(_entries(home, []).values()))[0]["run_id"] == "nightly-rebuild"
     # So a --limit shows the newest, and what it leaves out is older.
     known = [{"run_id": BLESSED_RUN, "state": "success", "start_date": "2026-11-25T10:00:01+00:00"}]
-    monkeypatch.setattr(runs, "dag_runs", lambda home: runs.DagRuns(known, True, "Airflow x: 1 runs"))
+    monkeypatch.setattr(runs, "asking_airflow", lambda home: lambda: runs.DagRuns(known, True, "Airflow x: 1 runs"))
     assert cli.main(["runs", "--limit", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out[5:7]] == ["nightly-rebuild", newest], out
@@ -325,3 +325,52 @@ def test_airflows_empty_dates_read_as_none_and_its_runs_merge_newest_first(encod
     assert [r["run_id"] for r in said.runs] == ["r2", "r1"]
     assert said.runs[0]["start_date"] is None and said.runs[1]["end_date"] is None
     assert runs.ask_airflow(encoderflow_home).in_flight == ["r2"]
+
+
+def test_airflow_is_asked_while_mlflow_is_and_every_airflow_at_once(recorded, monkeypatch, capsys):
+    # Each Airflow CLI takes seconds to start: asked one after the other, a reader would wait for their sum.
+    import threading
+
+    mlflow_asked = threading.Event()
+    both_in_flight = threading.Barrier(2, timeout=10)
+
+    def list_runs(env, dag_id):
+        both_in_flight.wait()  # a BrokenBarrierError unless the other Airflow is being asked too
+        if not mlflow_asked.wait(timeout=10):
+            return "MLflow was not asked while Airflow was"
+        return [{"run_id": BLESSED_RUN, "state": "success", "start_date": "2026-11-25T10:00:01+00:00"}]
+
+    def aliased_versions(home):
+        mlflow_asked.set()
+        return [], "MLflow (x): no aliased version", set()
+
+    monkeypatch.setattr(runs, "_airflow_envs", lambda home: ([("a", {}), ("b", {})], None))
+    monkeypatch.setattr(runs, "_list_runs", list_runs)
+    monkeypatch.setattr(runs, "aliased_versions", aliased_versions)
+    assert cli.main(["runs"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "Airflow a: 1 runs; b: 1 runs", out
+
+
+def test_a_run_triggered_in_the_ui_shows_its_preset_and_log_before_it_reports(recorded, tmp_path):
+    # make airflow / make stack: Airflow writes the log under its base_log_folder, not the run folder,
+    # and a run that failed before report has no summary: its failure record says both.
+    home, log = recorded
+    log.unlink()
+    folder = layout.run_dir(FAILED_RUN)
+    failure = json.loads((folder / "failure.json").read_text())
+    url = f"http://localhost:8080/dags/encoder_pretraining/runs/{FAILED_RUN}/tasks/validate_labeled?try_number=2"
+    logs = tmp_path / "airflow" / "logs"
+    failure |= {"preset": "smoke", "log_url": url, "log_folder": str(logs), "dag_id": "encoder_pretraining"}
+    (folder / "failure.json").write_text(json.dumps(failure))
+    entry = _entries(home, [])[FAILED_RUN]
+    assert entry["preset"] == "smoke"
+    assert [line.split()[2] for line in runs.table_lines([entry])[1:]] == ["smoke"]
+    detail = "\n".join(runs.detail_lines(entry, home))
+    assert f"           log: {url} (Airflow UI)\n" in detail
+    airflow_log = (
+        logs / "dag_id=encoder_pretraining" / f"run_id={FAILED_RUN}" / "task_id=validate_labeled" / "attempt=2.log"
+    )
+    airflow_log.parent.mkdir(parents=True)
+    airflow_log.write_text("ValidationFailed: ...\n")
+    assert f"           log: {airflow_log}\n" in "\n".join(runs.detail_lines(_entries(home, [])[FAILED_RUN], home))

@@ -9,7 +9,7 @@ import pytest
 
 from encoderflow import bundle, layout, registry, steps
 from encoderflow.config import ConfigError, from_params, resolve
-from encoderflow.errors import EncoderflowError
+from encoderflow.errors import EncoderflowError, cause_of
 from tests.test_bundle import fake_bundle
 
 PARAMS = {"preset": "smoke"}
@@ -124,26 +124,93 @@ def test_labeled_data_of_your_own_needs_a_model_name_of_its_own():
     resolve({**own, "overrides": ["gate.registered_model=encoderflow-sst2"]})
 
 
-def test_check_params_refuses_what_a_trigger_could_get_wrong_and_logs_what_it_resolved(caplog):
+def test_check_params_refuses_what_a_trigger_could_get_wrong_and_logs_what_it_resolved(caplog, tmp_path):
     """A trigger key that is no param changed nothing and the run 'succeeded': now it fails, once."""
+    from tests.fixtures_pipeline import write_tree
+
     with pytest.raises(ConfigError) as err:
         steps.check_params(PARAMS, {"preset": "smoke", "pretrain_epoch": 3, "zzz": 1})
     assert str(err.value).startswith("unknown trigger params 'pretrain_epoch': did you mean 'pretrain_epochs'?; 'zzz'")
     assert "overrides as section.key=value" in err.value.fix
     for bad, says in (
         (["model.num_layerz=2"], "unknown config key 'model.num_layerz': did you mean 'model.num_layers'?"),
+        (["modle.num_layers=2"], "unknown config key 'modle.num_layers': sections are"),
         (["model.num_layers=100"], "model.num_layers"),
     ):
-        with pytest.raises(ConfigError, match=re.escape(says)):
+        with pytest.raises(ConfigError, match=re.escape(says)) as err:
             steps.check_params({**PARAMS, "overrides": bad}, {"overrides": bad})
-    params = {**PARAMS, "pretrain_epochs": 3, "data_dir": "/d", "overrides": ["model.dropout=0.2"]}
+        # A misspelt key is told to use a key that exists, not to correct its value.
+        told = cause_of(err.value).fix
+        assert told.startswith("use a key `encoderflow config` prints" if "unknown" in says else "correct the value")
+    data = write_tree(tmp_path / "data")
+    # A REST client's 32.0 (json.dumps of a float) for an integer field is the whole number it says.
+    params = {**PARAMS, "pretrain_epochs": 3.0, "data_dir": str(data), "overrides": ["model.dropout=0.2"]}
     result = steps.check_params(params, params)
-    assert result["config_hash"] == from_params(params).config_hash()
+    assert result["config_hash"] == from_params({**params, "pretrain_epochs": 3}).config_hash()
+    assert from_params(params).pretrain.epochs == 3 and type(from_params(params).pretrain.epochs) is int
+    with pytest.raises(ConfigError, match=re.escape("expected int, got float 3.5")):
+        from_params({**params, "pretrain_epochs": 3.5})
     assert any(
         m.startswith("check_params: preset smoke, config hash ")
-        and "; set: model.dropout=0.2, pretrain.epochs=3; data: data_dir=/d" in m
+        and f"; set: model.dropout=0.2, pretrain.epochs=3.0; data: data_dir={data}" in m
         for m in caplog.messages
     ), caplog.messages
+
+
+def test_check_params_fails_once_on_a_file_the_run_names_that_is_not_there(tmp_path):
+    """Before this check each download task failed on its own (three failures for one typo), and a
+    missing init_from encoder only at pretrain, after the downloads, validation and shards."""
+    from tests.fixtures_pipeline import write_tree
+
+    nowhere = tmp_path / "nodata"
+    with pytest.raises(EncoderflowError) as err:
+        steps.check_params({**PARAMS, "data_dir": str(nowhere)}, {})
+    message, fix = err.value.message, err.value.fix
+    assert message.startswith(f"offline data folder {nowhere} does not exist; a run here reads:\n"), message
+    # The smoke preset pretrains on the test split and validates on valid: never the train split.
+    assert message.splitlines()[1:] == [
+        "  wikitext-103-raw/wiki.test.raw",
+        "  wikitext-103-raw/wiki.valid.raw",
+        "  SST-2/train.tsv",
+        "  SST-2/dev.tsv",
+        "  SST-2/test.tsv",
+        "  bert_vocab_uncased.txt",
+    ]
+    assert fix.startswith("point --data-dir at a folder laid out as the archives extract"), fix
+
+    data = write_tree(tmp_path / "data")
+    (data / "SST-2" / "dev.tsv").unlink()
+    (data / "bert_vocab_uncased.txt").unlink()
+    with pytest.raises(EncoderflowError) as err:
+        steps.check_params({**PARAMS, "data_dir": str(data)}, {})
+    assert err.value.message == f"offline data folder {data}: missing SST-2/dev.tsv, bert_vocab_uncased.txt"
+    assert err.value.fix == (
+        f"put SST-2/dev.tsv, bert_vocab_uncased.txt under {data} (as the archives extract), or point --data-dir "
+        "at a folder that has them"
+    )
+    # A vocabulary trained on the corpus reads nothing from the folder.
+    trained = {**PARAMS, "data_dir": str(data), "overrides": ["inputs.vocab=trained"]}
+    with pytest.raises(EncoderflowError) as err:
+        steps.check_params(trained, {})
+    assert err.value.message == f"offline data folder {data}: missing SST-2/dev.tsv"
+    # A split the folder lacks, where another would do, names the key to set.
+    (data / "wikitext-103-raw" / "wiki.test.raw").unlink()
+    with pytest.raises(EncoderflowError) as err:
+        steps.check_params({**PARAMS, "data_dir": str(data)}, {})
+    assert "the test split data.pretrain_split names" in err.value.message
+    assert "--set data.pretrain_split=train" in err.value.fix
+
+    encoder = tmp_path / "encoder.keras"
+    for params in (
+        {**PARAMS, "pretrain_init_from": str(encoder)},
+        {**PARAMS, "overrides": [f"pretrain.init_from={encoder}"]},
+    ):
+        with pytest.raises(EncoderflowError) as err:
+            steps.check_params(params, {})
+        assert err.value.message == f"pretrain.init_from={encoder}: no such file"
+        assert err.value.fix.startswith("give the path of an encoder.keras that exists")
+    encoder.write_bytes(b"PK")
+    assert steps.check_params({**PARAMS, "pretrain_init_from": str(encoder)}, {})["preset"] == "smoke"
 
 
 def test_check_source_reports_a_change_once(tmp_path, caplog):

@@ -240,11 +240,16 @@ def log_failure(context) -> None:
     cause = errors.cause_of(exc)
     cause = replace(cause, fix=in_form_words(cause.fix))
     log.error("encoderflow FAILED %s.%s run=%s %s: %s", ti.dag_id, label, ti.run_id, attempt, cause.error)
-    _record_failure(ti, map_index, max_tries, cause, no_retry=no_retry)
+    preset = (context.get("params") or {}).get("preset")
+    _record_failure(ti, map_index, max_tries, cause, no_retry=no_retry, preset=preset)
 
 
-def _record_failure(ti, map_index: int, max_tries: int, cause: errors.Cause, no_retry: bool) -> None:
+def _record_failure(
+    ti, map_index: int, max_tries: int, cause: errors.Cause, no_retry: bool, preset: str | None
+) -> None:
     from datetime import UTC, datetime
+
+    from airflow.sdk import conf
 
     try:
         errors.record_failure(
@@ -258,6 +263,11 @@ def _record_failure(ti, map_index: int, max_tries: int, cause: errors.Cause, no_
             max_tries=max_tries,
             no_retry=no_retry,
             failed_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            # A run that fails before it reports has no summary: where a reader finds the preset,
+            # the try's log in the UI, and the folder Airflow's file logs are under.
+            preset=preset,
+            log_url=getattr(ti, "log_url", None),
+            log_folder=conf.get("logging", "base_log_folder", fallback=None),
         )
     except OSError as e:
         # The failure line above is the record that matters; a read-only run folder must not hide it.
@@ -301,8 +311,13 @@ def in_form_words(told: str) -> str:
         return told
     titles = {f"--{f.name.replace('_', '-')}": f.metadata["title"] for f in fields(config.Sources)}
     titles |= {f"--{f.name}": f.metadata["title"] for f in fields(config.RunOptions)}
-    titles["--set"] = "Other overrides (section.key=value)"
     named = [f"{flag} is '{t}'" for flag, t in titles.items() if re.search(rf"{re.escape(flag)}(?![\w-])", told)]
+    # A key with a field of its own is set there; any other through the free overrides.
+    fields_of = {k.key: k.title for k in config.knobs() if k.form is not None}
+    keys = list(dict.fromkeys(re.findall(r"--set ([a-z_]+\.[a-z0-9_]+)=", told)))
+    named += [f"--set {key} is '{fields_of[key]}'" for key in keys if key in fields_of]
+    if re.search(r"--set(?![\w-])", told) and not (keys and all(key in fields_of for key in keys)):
+        named.append("--set is 'Other overrides (section.key=value)'")
     return f"{told} (trigger form: {'; '.join(named)})" if named else told
 
 

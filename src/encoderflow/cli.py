@@ -208,7 +208,11 @@ def _label(task_id: str, map_index: int) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     conf = run_conf(args)
-    cfg = resolve(conf)[0]  # fail fast on a bad --set or data file, or own data without its own model name
+    # Fail fast on a bad --set or data file, own data without its own model name, or a missing file.
+    cfg, _, sources = resolve(conf)
+    from encoderflow.steps import check_files
+
+    check_files(cfg, sources)
     os.environ["ENCODERFLOW_REGISTERED_MODEL"] = cfg.gate.registered_model  # its champion asset: af.champion_inlets
     os.environ["ENCODERFLOW_CLI_RUN"] = "1"  # fixes name CLI flags, not form fields: af.in_form_words
     t0 = time.monotonic()
@@ -265,7 +269,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             members = sources.present_members(spec, args.data_dir)
             for missing in sorted(set(spec.members) - set(members)):
                 print(f"{role}: {missing} not in {args.data_dir}, skipped")
-            info = {**sources.locate(spec, members, args.data_dir, specs), "role": role}
+            info = {**sources.locate(spec, members, args.data_dir), "role": role}
         else:
             info = steps.download(role, params)
         # Strict row counts for the pinned official archives only (``info["pinned"]``), as in the DAG.
@@ -403,10 +407,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 f"another encoderflow prune is at work in {home}", fix="let it finish, then run again"
             )
         restored = prune.restore_hidden(home)
-        airflow = runs.ask_airflow(home)
+        asked = runs.asking_airflow(home)
         with _interactive_mlflow():
             aliased, mlflow_said, _ = runs.aliased_versions(home)
-        plan = prune.plan(home, args.keep, args.older_than, airflow, aliased)
+        plan = prune.plan(home, args.keep, args.older_than, runs.airflow_states(asked()), aliased)
         if not args.dry_run:
             plan = prune.apply(home, plan, recheck=lambda: runs.ask_airflow(home))
     notes = [mlflow_said] + (
@@ -421,9 +425,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from encoderflow import runs
 
     home = layout.home()
-    airflow = runs.dag_runs(home)
+    asked = runs.asking_airflow(home)  # Airflow's CLI answers in seconds; MLflow is asked meanwhile
     with _interactive_mlflow():
         aliased, mlflow_said, stores = runs.aliased_versions(home)
+    airflow = asked()
     entries = runs.newest_first(runs.collect_runs(home, airflow.runs))
     runs.mark_aliases(entries, aliased, stores)
     if args.run:

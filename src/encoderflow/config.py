@@ -756,6 +756,10 @@ def _coerce(key: str, typ: type, value: Any) -> Any:
             raise ConfigError(f"config value {key!r}: expected {typ.__name__}, got {value!r}") from None
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    # JSON has one number type: a REST client (Python's json.dumps of 32.0) may send a whole number as 32.0,
+    # and the form's "integer" schema accepts it.
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
     if typ is bool and isinstance(value, bool):
         return value
     if type(value) is not typ:
@@ -837,6 +841,10 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+# An unknown key is a misspelt one: its value may be right.
+KEY_FIX = "use a key `encoderflow config` prints (docs/parameters.md lists each, with its type and bounds)"
+
+
 def from_overrides(preset: str = DEFAULT_PRESET, overrides: Mapping[str, Any] | None = None) -> Config:
     """Resolve a preset plus ``{"section.key": value}`` overrides into a validated Config.
 
@@ -853,12 +861,12 @@ def from_overrides(preset: str = DEFAULT_PRESET, overrides: Mapping[str, Any] | 
             continue
         section, dot, name = key.partition(".")
         if not dot or section not in SECTIONS:
-            raise ConfigError(f"unknown config key {key!r}: sections are {sorted(SECTIONS)}")
+            raise ConfigError(f"unknown config key {key!r}: sections are {sorted(SECTIONS)}", fix=KEY_FIX)
         types = _field_types(SECTIONS[section])
         if name not in types:
             near = difflib.get_close_matches(name, types, n=1)
             hint = f"did you mean '{section}.{near[0]}'? " if near else ""
-            raise ConfigError(f"unknown config key {key!r}: {hint}{section} has {sorted(types)}")
+            raise ConfigError(f"unknown config key {key!r}: {hint}{section} has {sorted(types)}", fix=KEY_FIX)
         values.setdefault(section, {})[name] = _coerce(key, types[name], value)
     sections = {name: cls(**values.get(name, {})) for name, cls in SECTIONS.items()}
     return Config(preset=preset, **sections)

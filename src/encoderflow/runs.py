@@ -24,7 +24,8 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -114,27 +115,47 @@ def dag_runs(home: Path, dag_id: str = DAG_ID) -> DagRuns:
     """The runs of ``dag_id`` that the Airflows writing into ``home`` know (``airflow dags
     list-runs``, Airflow's own CLI, in a subprocess: it works against any metadata DB Airflow
     supports, and a CLI reader needs no Airflow process of its own)."""
+    return asking_airflow(home, dag_id)()
+
+
+def asking_airflow(home: Path, dag_id: str = DAG_ID) -> Callable[[], DagRuns]:
+    """Start asking the Airflows writing into ``home`` (:func:`dag_runs`) and return the call that
+    waits for their answer. Each Airflow CLI takes seconds to start, so a reader asks MLflow
+    meanwhile, and several Airflows are asked at once. The environments are read now: a caller
+    may change ``os.environ`` (MLflow's settings) while Airflow is asked."""
     envs, problem = _airflow_envs(home)
     if problem:
-        return DagRuns([], False, f"Airflow not asked: {problem}")
-    found: list[dict[str, Any]] = []
-    said = []
-    for label, env in envs:
-        runs = _list_runs(env, dag_id)
-        if isinstance(runs, str):
-            return DagRuns([], False, f"Airflow {label}: could not list the runs of {dag_id} ({runs})")
-        # Airflow's CLI writes "" for a date it does not have (a queued run's start); the page's ORM None.
-        found += [{k: (None if v == "" and k.endswith("_date") else v) for k, v in run.items()} for run in runs]
-        said.append(f"{label}: {len(runs)} runs")
-    found.sort(key=lambda r: str(r.get("run_after") or r.get("start_date") or ""), reverse=True)
-    return DagRuns(found, True, "Airflow " + "; ".join(said))
+        unasked = DagRuns([], False, f"Airflow not asked: {problem}")
+        return lambda: unasked
+    pool = ThreadPoolExecutor(max_workers=len(envs), thread_name_prefix="airflow-list-runs")
+    asked = [(label, pool.submit(_list_runs, env, dag_id)) for label, env in envs]
+    pool.shutdown(wait=False)
+
+    def answer() -> DagRuns:
+        found: list[dict[str, Any]] = []
+        said = []
+        for label, future in asked:
+            runs = future.result()
+            if isinstance(runs, str):
+                return DagRuns([], False, f"Airflow {label}: could not list the runs of {dag_id} ({runs})")
+            # Airflow's CLI writes "" for a date it does not have (a queued run's start); the page's ORM None.
+            found += [{k: (None if v == "" and k.endswith("_date") else v) for k, v in run.items()} for run in runs]
+            said.append(f"{label}: {len(runs)} runs")
+        found.sort(key=lambda r: str(r.get("run_after") or r.get("start_date") or ""), reverse=True)
+        return DagRuns(found, True, "Airflow " + "; ".join(said))
+
+    return answer
 
 
 def ask_airflow(home: Path, dag_id: str = DAG_ID) -> AirflowRuns:
     """The state of every run of ``dag_id`` that the Airflows writing into ``home`` know, by run
     folder name (:func:`dag_runs`). Not asked (``asked`` False) when one of them cannot be: then
     no run is known not to be in flight."""
-    answer = dag_runs(home, dag_id)
+    return airflow_states(dag_runs(home, dag_id))
+
+
+def airflow_states(answer: DagRuns) -> AirflowRuns:
+    """:func:`dag_runs`'s answer as the state of each run folder."""
     states: dict[str, str] = {}
     for run in answer.runs:
         name = layout.safe_run_id(run["run_id"])
@@ -305,8 +326,9 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         entry["pruned_folder"] = path.stem
     # Airflow's runs first, newest first as given; then folders no Airflow run claims, newest first.
     out = list(runs.values())
-    for entry in out:
-        entry.setdefault("preset", (entry.get("conf") or {}).get("preset"))
+    for entry in out:  # a run that failed before it reported: its trigger's, or its failure record's
+        said = (entry.get("conf") or {}).get("preset") or (entry.get("failure") or {}).get("preset")
+        entry["preset"] = entry.get("preset") or said
     return out
 
 
@@ -593,6 +615,8 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
         out.append(f"           fix: {failure.get('fix')}")
         if log := _log_file(folder, failure):
             out.append(f"           log: {log}")
+        elif failure.get("log_url"):
+            out.append(f"           log: {failure['log_url']} (Airflow UI)")
     out += _gate_lines(entry)
     metrics = entry.get("metrics") or {}
     shown = [f"{m} {accuracy_text(metrics[m])}" for m in DETAIL_METRICS if m in metrics]
@@ -672,15 +696,18 @@ def intervals_text(intervals: dict[str, Any] | None) -> str:
 
 
 def _log_file(folder: str | None, failure: dict[str, Any]) -> Path | None:
-    """The failed try's task log, where Airflow wrote it into the run folder (``make airflow`` and
-    ``encoderflow run`` do; a deployment's remote logging does not)."""
-    if not folder or not failure.get("task_id") or not isinstance(failure.get("try_number"), int):
+    """The failed try's task log file: in the run folder (``encoderflow run``), else where Airflow's
+    file task handler wrote it (``make airflow``, ``make stack``); None when neither is here (a
+    deployment's remote logging: its ``log_url`` says where)."""
+    task, attempt, map_index = failure.get("task_id"), failure.get("try_number"), failure.get("map_index")
+    if not isinstance(task, str) or not isinstance(attempt, int):
         return None
-    map_index = failure.get("map_index")
-    path = layout.task_log_path(
-        folder, failure["task_id"], map_index if isinstance(map_index, int) else -1, failure["try_number"]
-    )
-    return path if path.is_file() else None
+    map_index = map_index if isinstance(map_index, int) else -1
+    paths = [layout.task_log_path(folder, task, map_index, attempt)] if folder else []
+    where = [failure.get(k) for k in ("log_folder", "dag_id", "run_id")]
+    if all(isinstance(w, str) and w for w in where):
+        paths.append(layout.airflow_log_path(*where, task, map_index, attempt))
+    return next((p for p in paths if p.is_file()), None)
 
 
 def find(entries: list[dict[str, Any]], wanted: str) -> dict[str, Any]:

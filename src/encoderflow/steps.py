@@ -63,6 +63,7 @@ def check_params(params: Mapping[str, Any], conf: Mapping[str, Any]) -> dict[str
     setup_logging()
     check_conf_keys(conf)
     cfg, given, sources = resolve(params)
+    check_files(cfg, sources)
     declared = {k: v for k, v in dataclasses.asdict(sources).items() if v}
     log.info(
         "check_params: preset %s, config hash %s; set: %s; data: %s",
@@ -72,6 +73,35 @@ def check_params(params: Mapping[str, Any], conf: Mapping[str, Any]) -> dict[str
         ", ".join(f"{k}={v}" for k, v in sorted(declared.items())) or "the guide's datasets",
     )
     return {"preset": cfg.preset, "config_hash": cfg.config_hash(), "training_hash": cfg.training_hash()}
+
+
+def check_files(cfg, sources: Sources) -> None:
+    """The files a run names that must already exist, before anything downloads or trains: the
+    offline folder's (one failure naming each missing file) and ``pretrain.init_from``'s encoder.
+
+    Raises:
+        DataError: the offline folder is not there or lacks a file the run reads.
+        EncoderflowError: ``pretrain.init_from`` names a file that is not there.
+    """
+    from encoderflow.data import inputs
+
+    inputs.check_offline(cfg, sources)
+    _given_encoder(cfg)
+
+
+def _given_encoder(cfg) -> str | None:
+    """``pretrain.init_from``'s path when it names a file (not ``none`` or ``champion``)."""
+    source = cfg.pretrain.init_from
+    if source in ("none", "champion"):
+        return None
+    if not Path(source).is_file():
+        from encoderflow.errors import EncoderflowError
+
+        raise EncoderflowError(
+            f"pretrain.init_from={source}: no such file",
+            fix="give the path of an encoder.keras that exists (every worker must read it), or none",
+        )
+    return source
 
 
 def download(role: str, params: Mapping[str, Any]) -> Dataset:
@@ -222,12 +252,8 @@ def _init_encoder(cfg, out: Path) -> dict[str, Any] | None:
     source = cfg.pretrain.init_from
     if source == "none":
         return None
-    if source != "champion":
-        if not Path(source).is_file():
-            from encoderflow.errors import EncoderflowError
-
-            raise EncoderflowError(f"pretrain.init_from={source}: no such file; give an encoder.keras that exists")
-        return {"label": "path", "path": source}
+    if path := _given_encoder(cfg):
+        return {"label": "path", "path": path}
     from encoderflow import bundle, registry
 
     name = cfg.gate.registered_model

@@ -82,6 +82,27 @@ def get(role: str, cfg, src, downloader=None) -> dict[str, Any]:
     return {**info, **extra}
 
 
+def check_offline(cfg, src) -> None:
+    """With an offline folder (``src.data_dir``), every file the run's roles read from it is there:
+    checked by ``check_params`` (and ``encoderflow run`` before Airflow starts), so a wrong folder fails
+    the run once, naming each missing file, before any download task, not once per download task.
+    A role with your own data, or a vocabulary trained on the corpus, reads nothing from the folder."""
+    from encoderflow.data import sources
+
+    if not src.data_dir:
+        return
+    specs = sources.load_specs(src.sources_file)
+    custom = src.custom()
+    d = cfg.data
+    needs = {
+        BUILTIN[role]: sources.required_members(BUILTIN[role], d.pretrain_split, d.validation_split, specs)
+        for role in BUILTIN
+        if role not in custom and not (role == "vocab" and cfg.inputs.vocab == "trained")
+    }
+    splits = {"pretrain_split": d.pretrain_split, "validation_split": d.validation_split}
+    sources.check_offline(src.data_dir, needs, splits if "wikitext" in needs else None)
+
+
 def wikitext_splits(d) -> dict[str, str]:
     """The WikiText members a run pretrains and validates on (``data.pretrain_split``, ``data.validation_split``)."""
     return {"train": wikitext_member(d.pretrain_split), "valid": wikitext_member(d.validation_split)}

@@ -402,18 +402,24 @@ def _safe_extract_zip(archive: Path, target: Path) -> None:
             zf.extractall(tmp)
 
 
-def _describe_files(root: Path, members: Iterable[str], where: str, layout_hint: str) -> dict[str, dict[str, Any]]:
+def _describe_files(root: Path, members: Iterable[str], where: str, fix: str) -> dict[str, dict[str, Any]]:
+    missing = [m for m in members if not (root / m).is_file()]
+    if missing:
+        raise DataError(f"{where}: missing {', '.join(str(root / m) for m in missing)}", fix=fix)
     files: dict[str, dict[str, Any]] = {}
     for member in members:
         path = root / member
-        if not path.is_file():
-            raise DataError(f"{where}: missing {path}. Expected layout under {root}:\n{layout_hint}")
         files[member] = {"path": str(path), "bytes": path.stat().st_size, "sha256": layout.sha256_file(path)}
     return files
 
 
-def _layout_hint(specs: dict[str, DatasetSpec]) -> str:
-    return "\n".join(f"  {m}" for s in specs.values() for m in s.members)
+def _layout_hint(members: Iterable[str]) -> str:
+    return "\n".join(f"  {m}" for m in members)
+
+
+def _offline_fix(root: Path, missing: Iterable[str]) -> str:
+    names = ", ".join(missing)
+    return f"put {names} under {root} (as the archives extract), or point --data-dir at a folder that has them"
 
 
 def quiet_pooch() -> Any:
@@ -496,31 +502,66 @@ def fetch(
         files_root = root
     else:
         raise DataError(f"dataset {spec.name}: unsupported archive kind {spec.archive!r}")
-    files = _describe_files(files_root, members, f"archive {archive_path}", _layout_hint({spec.name: spec}))
+    files = _describe_files(
+        files_root,
+        members,
+        f"dataset {spec.name}, extracted from {archive_path}",
+        fix=f"delete {files_root} and run again to extract it afresh; for a --sources-file dataset, check "
+        "the members it declares",
+    )
     return _result(spec.name, "download", files_root, files, url=url)
 
 
-def offline_root(data_dir: str | os.PathLike, specs: dict[str, DatasetSpec] | None = None) -> Path:
-    """The offline folder, resolved; a DataError with the layout it should have when it is not a folder."""
+def offline_root(data_dir: str | os.PathLike, members: Iterable[str] | None = None) -> Path:
+    """The offline folder, resolved; a DataError listing ``members`` (default: every file of the
+    guide's datasets) when it is not a folder."""
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
+        listed = members if members is not None else [m for s in DEFAULT_SPECS.values() for m in s.members]
         raise DataError(
-            f"offline data folder {root} {'is not a folder' if root.exists() else 'does not exist'}; pass --data-dir "
-            f"pointing at a folder laid out as the archives extract:\n{_layout_hint(specs or DEFAULT_SPECS)}"
+            f"offline data folder {root} {'is not a folder' if root.exists() else 'does not exist'}; "
+            f"a run here reads:\n{_layout_hint(listed)}",
+            fix="point --data-dir at a folder laid out as the archives extract (the files above), or leave it "
+            "empty to download",
         )
     return root
 
 
-def locate(
-    spec: DatasetSpec, members: Iterable[str], data_dir: str | os.PathLike, specs: dict[str, DatasetSpec] | None = None
-) -> dict[str, Any]:
+def locate(spec: DatasetSpec, members: Iterable[str], data_dir: str | os.PathLike) -> dict[str, Any]:
     """Offline mode: find the needed files in a folder laid out as the archives extract.
 
     No network is touched. Each file's sha256 is recorded for lineage.
     """
-    root = offline_root(data_dir, specs)
-    files = _describe_files(root, members, f"offline data folder {root}", _layout_hint(specs or DEFAULT_SPECS))
+    members = tuple(members)
+    root = offline_root(data_dir, members)
+    missing = [m for m in members if not (root / m).is_file()]
+    files = _describe_files(root, members, f"offline data folder {root}", fix=_offline_fix(root, missing))
     return _result(spec.name, "offline", root, files)
+
+
+def check_offline(
+    data_dir: str | os.PathLike, needs: dict[str, tuple[str, ...]], splits: dict[str, str] | None = None
+) -> Path:
+    """Every file a run reads from an offline folder, checked at once before any download task starts:
+    one failure naming each missing file, not one per download task.
+
+    Args:
+        data_dir: the offline folder.
+        needs: dataset -> the members the run reads (:func:`required_members`).
+        splits: the WikiText split keys (``pretrain_split``, ``validation_split``) when WikiText is
+            read: a missing split the folder could replace by another gets the key to set.
+
+    Raises:
+        DataError: the folder is not there, or lacks a file.
+    """
+    members = tuple(dict.fromkeys(m for ms in needs.values() for m in ms))
+    root = offline_root(data_dir, members)
+    if splits:
+        _offline_splits_present(root, splits)
+    missing = [m for m in members if not (root / m).is_file()]
+    if missing:
+        raise DataError(f"offline data folder {root}: missing {', '.join(missing)}", fix=_offline_fix(root, missing))
+    return root
 
 
 def _result(
@@ -603,7 +644,7 @@ def get_dataset(
         if dataset == "wikitext":
             _offline_splits_present(data_dir, {"pretrain_split": pretrain_split, "validation_split": validation_split})
         # An offline folder is whatever someone put there: validated with loose bounds.
-        return {**locate(spec, members, data_dir, specs), "pinned": False}
+        return {**locate(spec, members, data_dir), "pinned": False}
     mirror = mirror or os.environ.get("ENCODERFLOW_MIRROR") or None
     # The built-in spec's sha256 pins the official archive's bytes, from any mirror.
     return {**fetch(spec, members, mirror=mirror, downloader=downloader), "pinned": spec == DEFAULT_SPECS[dataset]}
