@@ -147,6 +147,11 @@ def test_predict_scores_sentences_with_the_champion(tmp_path, capsys, monkeypatc
     (serving / "vocab.txt").write_text("[PAD]\n")
     assert cli.main(["predict", "a fine film", "--model", name]) == 0
     assert capsys.readouterr().out == expected[0] + "\n" and bundle.verify(serving)
+    # Another model whose labels are 0 and 1 too (is it a review?) prints them as they are, not as sentiment.
+    version = registry.log_candidate("is-review", path, cfg.to_dict(), {"val_accuracy": 0.5}, {}, {}, decision)
+    registry.promote("is-review", version["version"], reason="test")
+    assert cli.main(["predict", "a fine film", "--model", "is-review"]) == 0
+    assert capsys.readouterr().out == f"{int(predicted[0])}\t{confidence[0]:.4f}\ta fine film\n"
 
 
 def test_predict_names_a_file_it_cannot_read_and_the_fix(tmp_path, capsys):

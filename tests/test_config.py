@@ -300,6 +300,18 @@ def test_a_data_file_declares_sources_and_inputs_and_the_form_wins(tmp_path):
         read_data_file(str(path))
     with pytest.raises(ConfigError, match=r"data file .*missing\.yaml: no such file; fix: give --data-file"):
         read_data_file(str(tmp_path / "missing.yaml"))
+    # Empty or comments only, it used to run the guide's datasets as if no data file were given.
+    for nothing in ("", "# corpus: corpus/\n", "{}\n"):
+        path.write_text(nothing)
+        with pytest.raises(ConfigError, match=r"data file .*data\.yaml: declares nothing; fix: declare your corpus"):
+            read_data_file(str(path))
+    # Every path it names is taken from its folder, the sources file's too.
+    path.write_text("sources_file: sources.json\ndata_dir: offline/\nmirror: https://mirror.example/\n")
+    assert read_data_file(str(path))[0] == {
+        "sources_file": str(folder / "sources.json"),
+        "data_dir": str(folder / "offline"),
+        "mirror": "https://mirror.example/",
+    }
 
 
 def test_inputs_rules_name_the_key():

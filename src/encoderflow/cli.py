@@ -33,6 +33,7 @@ from encoderflow.config import (
     PRESETS,
     ROLES,
     ConfigError,
+    GateConfig,
     from_overrides,
     from_params,
     parse_set,
@@ -343,8 +344,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "only their first tokens were scored",
             file=sys.stderr,
         )
-    # SST-2's 0/1 read as sentiment; your own labels are printed as they are in the data.
-    names = ["negative", "positive"] if scorer.labels == list(SST2_LABELS) else scorer.labels
+    # The SST-2 model's 0/1 read as sentiment; any other model's labels as they are in its data, 0/1 too.
+    sst2 = name == GateConfig().registered_model and scorer.labels == list(SST2_LABELS)
+    names = ["negative", "positive"] if sst2 else scorer.labels
     rows = {i: f"{names[int(c)]}\t{p:.4f}" for i, c, p in zip(scored, predicted, probs, strict=True)}
     unscored = "-\t-"
     for i, text in enumerate(texts):

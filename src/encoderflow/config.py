@@ -959,6 +959,12 @@ def read_data_file(path: str | None) -> tuple[dict[str, str], dict[str, Any]]:
         raise ConfigError(f"data file {file}: cannot read it as YAML or JSON ({exc})") from None
     if not isinstance(payload, dict):
         raise ConfigError(f"data file {file}: expected a mapping of sources and config sections at the top")
+    if not payload:  # empty, or comments only: the run would quietly train on the guide's datasets
+        raise ConfigError(
+            f"data file {file}: declares nothing",
+            fix="declare your corpus and/or labeled data in it (README, Your own data), or leave the data file "
+            "out to train on the guide's datasets",
+        )
     source_names = {f.name for f in fields(Sources)} - {"data_file"}
     sources: dict[str, str] = {}
     overrides: dict[str, Any] = {}
@@ -970,7 +976,11 @@ def read_data_file(path: str | None) -> tuple[dict[str, str], dict[str, Any]]:
                     f"'{key}: my_{key}/' (relative to the file's folder), or remove the line"
                 )
             text = str(value)
-            if key in ("corpus", "labeled", "data_dir") and "://" not in text and not text.startswith("/"):
+            if (
+                key in ("corpus", "labeled", "data_dir", "sources_file")
+                and "://" not in text
+                and not text.startswith("/")
+            ):
                 text = str((file.parent / text).resolve())
             sources[key] = text
         elif key in SECTIONS and isinstance(value, dict):

@@ -319,8 +319,9 @@ def test_your_own_clean_data_passes_and_yields_its_label_set(tmp_path):
     report, _, _ = _own(tmp_path, "labeled", lambda c, lab: None)
     assert report["success"], report["failures"]
     assert report["labels"] == ["billing", "bug", "praise"]
-    # dev: schema, parse, text, distinct texts, rows in train, labels; train adds 2 + balance per class
-    assert {f["expectations"] for f in report["files"].values()} == {15, 12}
+    # dev: schema, encoding (UTF-8, no NUL), parse, JSON strings or numbers, text, distinct texts, rows in
+    # train, labels; train adds 2 + balance per class
+    assert {f["expectations"] for f in report["files"].values()} == {17, 14}
     report, _, _ = _own(tmp_path / "c", "corpus", lambda c, lab: None)
     assert report["success"] and len(report["files"]) == 6, report["failures"]
 
@@ -397,6 +398,23 @@ OWN_CASES = {
         "latin1.txt",
         "expect_column_values_to_be_in_set(column='_utf8', value_set=[True]) failed, "
         "observed 1 of 1 rows not UTF-8 at lines [1]",
+    ),
+    "UTF-16 text without a byte-order mark (it decodes as UTF-8, a NUL beside each letter)": (
+        "corpus",
+        lambda c, lab: (c / "utf16.txt").write_bytes("some words of text\nmore words\n".encode("utf-16-le")),
+        "utf16.txt",
+        "expect_column_values_to_be_in_set(column='_no_nul', value_set=[True]) failed, "
+        "observed 3 of 3 rows with NUL bytes (UTF-16 text, or not text: save it as UTF-8) at lines [1, 2, 3]",
+    ),
+    "a list where the text belongs": (
+        "labeled",
+        lambda c, lab: (lab / "train.jsonl").write_text(
+            (lab / "train.jsonl").read_text()
+            + '{"body": ["a", "list"], "category": "bug"}\n{"body": "fine", "category": {"x": 1}, "tags": [1]}\n'
+        ),
+        "train.jsonl",
+        "expect_column_values_to_be_in_set(column='_scalar', value_set=[True]) failed, observed 2 of 242 rows with "
+        "a list or object where the text or label belongs (a string; a label may be a number) at lines [241, 242]",
     ),
     "a compressed file": (
         "corpus",
@@ -534,6 +552,34 @@ def test_a_csv_without_a_header_is_told_to_add_one_not_to_rename_a_column_after_
         "the first line looks like data, not a header: add one naming the columns (body,category in their order); "
         "correct the file(s) named above"
     )
+
+
+@pytest.mark.parametrize(
+    "raw, says",
+    [
+        (b"", "the file is empty or has no first line: give it a header line (body,category) and rows under it"),
+        (b"body;category\nrefund please;billing\n", "its fields are separated by ';', not commas"),
+        ("body,category\nrefund please,billing\n".encode("utf-16-le"), "the file is not UTF-8 (UTF-16, as some"),
+    ],
+    ids=["empty", "semicolons", "utf-16"],
+)
+def test_a_header_that_cannot_be_read_is_named_as_such_not_as_a_column_to_rename(tmp_path, raw, says):
+    """Renaming a column to one of [] or ['body;category'] was the fix these got."""
+    from encoderflow import config
+    from encoderflow.data import inputs
+
+    from .fixtures_own import write_labeled
+
+    labeled = _as_csv(
+        write_labeled(tmp_path / "tickets"), lambda r: f"{r['body']},{r['category']}\n", "body,category\n"
+    )
+    (labeled / "train.csv").write_bytes(raw)
+    cfg = config.from_overrides("smoke", OWN)
+    info = inputs.get("labeled", cfg, config.Sources(labeled=str(labeled)))
+    with pytest.raises(ValidationFailed) as err:
+        validation.check(info, tmp_path / "docs", inputs_cfg=cfg.inputs)
+    fix = errors.cause_of(err.value).fix
+    assert fix.startswith(says) and "--set inputs." not in fix, fix
 
 
 def test_a_class_share_out_of_bounds_names_the_label(tmp_path):

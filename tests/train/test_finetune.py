@@ -203,3 +203,43 @@ def test_another_runs_bundle_from_the_same_key_and_code_is_copied_and_checked_fi
     seeded = from_overrides("smoke", {"finetune.steps_per_epoch": 2, "finetune.epochs": 1, "data.seed": 7})
     other = finetune(seeded, encoder, sst2, vocab, layout.run_dir("seeded") / "finetune")
     assert "reused_from" not in other and bundle.metadata(other["bundle"])["config"]["data"]["seed"] == 7
+
+
+def test_a_change_to_the_dev_split_alone_rescores_the_same_model_and_trains_nothing(inputs, tmp_path, caplog):
+    """The dev split is only scored: a dev-only change used to train an identical classifier again, which
+    the gate blessed as a new model and moved champion to. Now the run reuses the bundle (so the gate
+    sees the champion's own model) and its val_accuracy is that bundle's on the new dev file."""
+    import shutil
+
+    from encoderflow import bundle
+    from encoderflow.data.inputs import read_labeled
+    from encoderflow.train.finetune import finetune
+
+    encoder, sst2, vocab = inputs
+    cfg = from_overrides("smoke", {"finetune.steps_per_epoch": 2, "finetune.epochs": 1})
+    first = finetune(cfg, encoder, sst2, vocab, layout.run_dir("dev-first") / "finetune")
+    tree = tmp_path / "data"
+    shutil.copytree(sst2["root"], tree)
+    dev = tree / "SST-2" / "dev.tsv"
+    rows = dev.read_text().splitlines(keepends=True)
+    flipped = [r.replace("\t1\n", "\t0\n") if r.endswith("\t1\n") else r.replace("\t0\n", "\t1\n") for r in rows[1:9]]
+    dev.write_text("".join([rows[0], *flipped, *rows[9:]]))
+    (tree / "SST-2" / "test.tsv").write_text("index\tsentence\n0\tanother unlabeled sentence\n")
+    changed = get_dataset("sst2", data_dir=str(tree))
+    assert changed["content_hash"] != sst2["content_hash"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        second = finetune(cfg, encoder, changed, vocab, layout.run_dir("dev-second") / "finetune")
+    assert "finetune: device" not in caplog.text  # nothing was trained
+    assert second["reused_from"] == str(layout.run_dir("dev-first") / "finetune" / "result.json")
+    assert bundle.identity(second["bundle"]) == bundle.identity(first["bundle"])  # the gate's model check sees v1's
+    rescored = bundle.Scorer(second["bundle"]).accuracy(*read_labeled(changed, "dev"))
+    assert second["val_accuracy"] == rescored != first["val_accuracy"]
+    assert second["dev_sha256"] == layout.sha256_file(dev)
+    assert "finetune: dev file changed since this bundle was trained" in caplog.text
+    # Its result says so for a retry, which reuses it as it is.
+    assert layout.read_json(layout.run_dir("dev-second") / "finetune" / "result.json")["val_accuracy"] == rescored
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        again = finetune(cfg, encoder, changed, vocab, layout.run_dir("dev-second") / "finetune")
+    assert again["val_accuracy"] == rescored and "dev file changed" not in caplog.text

@@ -152,6 +152,8 @@ class Table:
     utf8: list[bool]
     parsed: list[bool]
     lines: list[int] = field(default_factory=list)
+    # JSONL: the keys of each row whose value is a list or an object (kept as JSON text in ``rows``).
+    nested: list[set[str]] = field(default_factory=list)
 
 
 def decode_lines(raw: bytes, strip_cr: bool = False) -> tuple[list[str], list[bool]]:
@@ -185,7 +187,7 @@ def read_table(path: str | os.PathLike, fmt: str) -> Table:
     if fmt == "jsonl":
         lines, ok = decode_lines(raw, strip_cr=True)
         columns: dict[str, None] = {}
-        rows, utf8, parsed, numbers = [], [], [], []
+        rows, utf8, parsed, numbers, nested = [], [], [], [], []
         for number, (line, good) in enumerate(zip(lines, ok, strict=True), start=1):
             if not line.strip():
                 continue
@@ -196,16 +198,21 @@ def read_table(path: str | os.PathLike, fmt: str) -> Table:
                 obj = None
             if isinstance(obj, dict):
                 columns.update(dict.fromkeys(obj))
-                rows.append({k: None if v is None else str(v) for k, v in obj.items()})
+                rows.append({k: _cell(v) for k, v in obj.items()})
+                nested.append({k for k, v in obj.items() if isinstance(v, (list, dict))})
             else:
                 rows.append({})
+                nested.append(set())
             utf8.append(good)
             parsed.append(isinstance(obj, dict))
-        return Table(list(columns), rows, utf8, parsed, numbers)
+        return Table(list(columns), rows, utf8, parsed, numbers, nested)
+    # Blank lines (a trailing one an editor adds, say) hold no row in any format, as in JSONL above.
     if fmt == "tsv":
-        lines, ok = decode_lines(raw, strip_cr=True)
-        records = [line.split("\t") for line in lines]
-        starts = list(range(1, len(records) + 1))
+        decoded, decoded_ok = decode_lines(raw, strip_cr=True)
+        kept = [n for n, line in enumerate(decoded) if line.strip() or "\t" in line]
+        records = [decoded[n].split("\t") for n in kept]
+        ok = [decoded_ok[n] for n in kept]
+        starts = [n + 1 for n in kept]
     elif fmt == "csv":
         try:
             text, bad = raw.decode("utf-8"), False
@@ -214,8 +221,9 @@ def read_table(path: str | os.PathLike, fmt: str) -> Table:
         reader = csv.reader(io.StringIO(text, newline=""))
         records, starts, read = [], [], 0
         for record in reader:  # a quoted field may span lines: a record starts after the last one read
-            records.append(record)
-            starts.append(read + 1)
+            if record:
+                records.append(record)
+                starts.append(read + 1)
             read = reader.line_num
         # A row holding a replacement character came from undecodable bytes when the file had any.
         ok = [not (bad and any("\ufffd" in f for f in r)) for r in records]
@@ -226,6 +234,17 @@ def read_table(path: str | os.PathLike, fmt: str) -> Table:
     header = records[0]
     rows = [dict(zip(header, (r + [None] * len(header))[: len(header)], strict=True)) for r in records[1:]]
     return Table(header, rows, ok[1:], [len(r) == len(header) for r in records[1:]], starts[1:])
+
+
+def _cell(value: Any) -> str | None:
+    """A JSON value as the string a table holds: numbers and booleans as Python writes them (a label
+    set's ``1``), a list or object as its JSON text, which validation refuses where a text or label
+    belongs (:attr:`Table.nested`) rather than training on ``"['a', 'list']"``."""
+    if value is None:
+        return None
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
 
 
 _INT = re.compile(r"^-?\d+$")
@@ -247,7 +266,12 @@ def labels_of(info: dict[str, Any]) -> list[str]:
     if info.get("labels"):
         return list(info["labels"])
     fmt, columns = info.get("format", "tsv"), info.get("columns", SST2_COLUMNS)
-    return label_set(r.get(columns["label"]) for r in read_table(split_path(info, "train"), fmt).rows)
+    table = read_table(split_path(info, "train"), fmt)
+    # A list or object is no label (validation names its rows), nor a class the classifier would learn.
+    nested = table.nested or [set()] * len(table.rows)
+    return label_set(
+        r.get(columns["label"]) for r, keys in zip(table.rows, nested, strict=True) if columns["label"] not in keys
+    )
 
 
 def read_labeled(info: dict[str, Any], split: str) -> tuple[list[str], np.ndarray]:

@@ -204,12 +204,15 @@ def _line_numbers(df, rows: list[int]) -> list[int]:
 # The frames' own columns (per-row flags), said as what their failing rows are.
 _FLAGS: dict[str, str | dict[str, str]] = {
     "_utf8": "not UTF-8",
+    # ASCII saved as UTF-16 decodes as UTF-8, a NUL beside each letter: the tokenizer splits every word.
+    "_no_nul": "with NUL bytes (UTF-16 text, or not text: save it as UTF-8)",
     "_parsed": {
         "jsonl": "not a JSON object",
         "csv": "not the header's number of fields",
         "tsv": "not the header's number of fields",
     },
     "_fields": "not 2 tab-separated fields",
+    "_scalar": "with a list or object where the text or label belongs (a string; a label may be a number)",
     "_label_clash": "with a label also spelled another way: one label, two classes",
 }
 
@@ -297,6 +300,7 @@ def frame_text(path: Path):
     lines, ok = decode_lines(raw)
     df = pd.DataFrame({"line": pd.Series(lines, dtype=object), "_utf8": ok})
     df["_nonblank"] = [int(bool(line.strip())) for line in lines]
+    df["_no_nul"] = ["\x00" not in line for line in lines]
     df.attrs["compressed"] = next((kind for magic, kind in COMPRESSED.items() if raw.startswith(magic)), None)
     return df
 
@@ -309,6 +313,7 @@ def suite_corpus_file() -> list[Any]:
     return [
         E.ExpectTableRowCountToBeBetween(min_value=1),
         E.ExpectColumnValuesToBeInSet(column="_utf8", value_set=[True]),
+        E.ExpectColumnValuesToBeInSet(column="_no_nul", value_set=[True]),
         E.ExpectColumnSumToBeBetween(column="_nonblank", min_value=1),
         E.ExpectColumnValueLengthsToBeBetween(column="line", max_value=1_000_000),
     ]
@@ -349,8 +354,11 @@ def frame_labeled(
     table = read_table(path, fmt)
     df = pd.DataFrame(table.rows, columns=table.columns, dtype=object)
     df["_utf8"], df["_parsed"] = table.utf8, table.parsed
+    df["_no_nul"] = [not any(isinstance(v, str) and "\x00" in v for v in row.values()) for row in table.rows]
     df.attrs["lines"], df.attrs["format"], df.attrs["labels"] = table.lines, fmt, list(labels or ())
     text, label_column = columns["text"], columns["label"]
+    if fmt == "jsonl":
+        df["_scalar"] = [not ({text, label_column} & keys) for keys in table.nested]
     if label_column in df.columns:
         for i, label in enumerate(labels):
             df[f"_class_{i}"] = (df[label_column] == label).astype(int)
@@ -386,10 +394,15 @@ def suite_labeled(df, split: str, columns: dict[str, str], labels: list[str], bo
         E.ExpectColumnToExist(column=text),
         E.ExpectColumnToExist(column=label),
         E.ExpectColumnValuesToBeInSet(column="_utf8", value_set=[True]),
+        E.ExpectColumnValuesToBeInSet(column="_no_nul", value_set=[True]),
         E.ExpectColumnValuesToBeInSet(column="_parsed", value_set=[True]),
     ]
-    # A row that does not parse fails once, above, not again for each value it lacks.
+    # A row that does not parse (or holds a list where its text or label belongs) fails once, above,
+    # not again for each value it lacks.
     parsed = {"row_condition": "_parsed==True", "condition_parser": "pandas"}
+    if "_scalar" in df.columns:
+        suite.append(E.ExpectColumnValuesToBeInSet(column="_scalar", value_set=[True]))
+        parsed["row_condition"] = "_parsed==True and _scalar==True"
     if text in df.columns:  # a missing column is one failure above, not one per check on it
         suite += [
             E.ExpectColumnValuesToNotBeNull(column=text, **parsed),
@@ -565,27 +578,40 @@ def own_fix(info: dict[str, Any], report: dict[str, Any]) -> str | None:
         return None
     fixes = []
     columns = info.get("columns") or {}
+    sep = "<tab>" if info.get("format") == "tsv" else ","
+    header = f"{columns.get('text')}{sep}{columns.get('label')}"
     for role, column in columns.items():
         missing = f"expect_column_to_exist(column={column!r}) failed, observed columns "
         if seen := next((f.split(missing, 1)[1] for f in report["failures"] if missing in f), None):
-            if _looks_like_data(seen) and info.get("format") in ("csv", "tsv"):
-                sep = "," if info["format"] == "csv" else "<tab>"
-                fixes.append(
-                    f"the first line looks like data, not a header: add one naming the columns "
-                    f"({columns['text']}{sep}{columns['label']} in their order)"
-                )
+            if why := _unreadable_header(_names(seen), info.get("format"), header):
+                fixes.append(why)  # renaming a column would not help: the file is not read as written
                 break
             fixes.append(f"name the {role} column: --set inputs.{role}_column=<one of {seen}> (now {column!r})")
     fixes.append("correct the file(s) named above, or point the source at good ones")
     return "; ".join(fixes) + f"; the Data Docs show each failed expectation: {report['docs']}"
 
 
-def _looks_like_data(columns: str) -> bool:
-    """Whether a header (as the failure prints it) is a row of text: a name of four words or 40 characters."""
+def _names(columns: str) -> list[str] | None:
+    """The column names a failure prints (``['id', 'body']``), or None when they cannot be read back."""
     import ast
 
     try:
         names = ast.literal_eval(columns)
     except (ValueError, SyntaxError):
-        return False
-    return any(isinstance(n, str) and (len(n.split()) >= 4 or len(n) > 40) for n in names)
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def _unreadable_header(names: list[str] | None, fmt: str | None, header: str) -> str | None:
+    """Why a labeled file's header cannot name its columns, when it cannot (None: a column is misnamed)."""
+    if names is None or fmt not in ("csv", "tsv", "jsonl"):
+        return None
+    if not names:
+        return f"the file is empty or has no first line: give it a header line ({header}) and rows under it"
+    if any("\x00" in n or "\ufffd" in n for n in names):
+        return "the file is not UTF-8 (UTF-16, as some editors save 'Unicode text'?): save it as UTF-8"
+    if fmt == "csv" and len(names) == 1 and (other := next((d for d in (";", "\t", "|") if d in names[0]), None)):
+        return f"its fields are separated by {other!r}, not commas: save it comma-separated (or as .tsv for tabs)"
+    if fmt in ("csv", "tsv") and any(len(n.split()) >= 4 or len(n) > 40 for n in names):
+        return f"the first line looks like data, not a header: add one naming the columns ({header} in their order)"
+    return None

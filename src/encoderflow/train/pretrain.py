@@ -558,11 +558,10 @@ def _train(
     layout.write_json(out_dir / "result.json", result)
     # Only now: until the result is written, a retry must find the trained weights.
     shutil.rmtree(backup.directory, ignore_errors=True)
+    # Its path and sha256 are the step's output line (steps._output), as every step's are.
     log.info(
-        "pretrain: wrote %s (%s bytes, sha256 %s); val MLM accuracy %.4f",
-        encoder_path,
-        f"{encoder_path.stat().st_size:,}",
-        result["encoder_sha256"],
+        "pretrain: val MLM accuracy %.4f; encoder %s bytes",
         result["mlm_val_accuracy"],
+        f"{encoder_path.stat().st_size:,}",
     )
     return result
