@@ -20,10 +20,16 @@ from encoderflow.train.callbacks import NonFiniteLoss
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_config_prints_resolved_values(capsys):
+def test_config_prints_resolved_values(capsys, tmp_path):
     assert cli.main(["config", "--preset", "smoke", "--set", "model.num_layers=2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["preset"] == "smoke" and out["model"]["num_layers"] == 2 and len(out["config_hash"]) == 64
+    # A data file's sections are config too; --set still wins over them.
+    data_file = tmp_path / "data.yaml"
+    data_file.write_text("labeled: tickets/\ninputs: {text_column: body}\nmodel: {num_layers: 3, num_heads: 2}\n")
+    assert cli.main(["config", "--preset", "smoke", "--data-file", str(data_file), "--set", "model.num_layers=2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["inputs"]["text_column"], out["model"]["num_layers"], out["model"]["num_heads"]) == ("body", 2, 2)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ encoderflow validate [--data-dir DIR]        exit 0 only when every dataset pass
 encoderflow predict  "a sentence" ... | --file FILE      with models:/NAME@champion
 encoderflow promote  --version N --reason "..."           a person's promotion, recorded
 encoderflow rollback [--reason "..."]                     put the previous champion back
-encoderflow config   [--preset P] [--set key=value ...]   print the resolved config
+encoderflow config   [--preset P] [--set key=value ...] [--data-file FILE]   print the resolved config
 encoderflow doctor   [--data-dir DIR | --mirror URL]      what a run here would use; exit 0 if it can start
 encoderflow airflow                                       Airflow standalone with this DAG (make airflow)
 encoderflow prune    [--keep N] [--older-than DAYS] [--dry-run]   old run folders and unused caches
@@ -36,7 +36,6 @@ from encoderflow.config import (
     GateConfig,
     from_overrides,
     from_params,
-    parse_set,
     resolve,
 )
 from encoderflow.errors import INTERRUPTED_EXIT, Cause, EncoderflowError, read_failure
@@ -456,7 +455,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg = from_overrides(args.preset, parse_set(args.set or []))
+    cfg = from_params({"preset": args.preset, "overrides": list(args.set or []), "data_file": args.data_file})
     print(json.dumps({"config_hash": cfg.config_hash(), **cfg.to_dict()}, indent=2))
     return 0
 
@@ -605,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp, sources: bool = True):
+    def common(sp, sources: bool = True, data_file: bool = False):
         sp.add_argument("--preset", default=os.environ.get("PRESET") or DEFAULT_PRESET, choices=sorted(PRESETS))
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
         if sources:
@@ -625,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sp.add_argument("--corpus", default=None, help=source_help("corpus"))
             sp.add_argument("--labeled", default=None, help=source_help("labeled"))
+        if sources or data_file:
             sp.add_argument(
                 "--data-file",
                 dest="data_file",
@@ -644,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument(
         "--model", default=default_model, help=f"registered model whose champion scores (default: {default_model})"
     )
-    common(sub.add_parser("config", help="print the resolved config"), sources=False)
+    # Its data file's sections are config too: what a run with it resolves to.
+    common(sub.add_parser("config", help="print the resolved config"), sources=False, data_file=True)
     pr = sub.add_parser("promote", help="make a registered version champion (recorded with who and why)")
     pr.add_argument("--version", required=True, type=int)
     pr.add_argument("--reason", required=True)

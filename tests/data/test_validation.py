@@ -416,6 +416,13 @@ OWN_CASES = {
         "expect_column_values_to_be_in_set(column='_scalar', value_set=[True]) failed, observed 2 of 242 rows with "
         "a list or object where the text or label belongs (a string; a label may be a number) at lines [241, 242]",
     ),
+    "a line over the length limit (a file with no line breaks)": (
+        "corpus",
+        lambda c, lab: (c / "one-line.txt").write_text("word " * 200_001 + "\nshort\n"),
+        "one-line.txt",
+        "expect_column_value_lengths_to_be_between(column='line', max_value=1000000) failed, observed 1 of 2 lines "
+        "over 1,000,000 characters (1,000,005 characters) at lines [1]",
+    ),
     "a compressed file": (
         "corpus",
         lambda c, lab: (c / "notes.txt.gz").write_bytes(__import__("gzip").compress(b"some text\n" * 50)),
@@ -604,3 +611,12 @@ def test_class_balance_bounds_come_from_the_declaration(tmp_path):
     assert [f.split(" failed")[0].split(": ")[-1] for f in report["failures"]] == [
         f"expect_column_mean_to_be_between(column='_class_{i}', min_value=0.01, max_value=0.3)" for i in range(3)
     ]
+
+
+def test_a_label_spelled_two_ways_is_one_failure_not_a_rare_class_besides(tmp_path):
+    role, mutate, name, expected = OWN_CASES["one label spelled two ways"]
+    report, _, labeled = _own(tmp_path, role, mutate)
+    # Each odd spelling was also a class of 1 row in 242, under the 1% class share: three lines for one mistake.
+    assert [f.split(" failed, observed ")[0].rsplit(": ", 1)[1] for f in report["failures"]] == [
+        "expect_column_values_to_be_in_set(column='_label_clash', value_set=[False])"
+    ], report["failures"]
