@@ -218,3 +218,22 @@ def test_a_bundle_keeps_the_weights_not_the_optimizer_state(tmp_path, inputs):
     np.testing.assert_allclose(
         bundle.Scorer(path).probabilities(sentences), scorer.probabilities(sentences), rtol=0, atol=1e-6
     )
+
+
+def test_the_same_weights_saved_again_are_the_same_model_by_content_not_by_bytes(tmp_path, inputs):
+    """Keras writes the save time into each .keras file: a model trained again to the same weights (a forced
+    run, a code change that leaves the numbers alone) had another identity, and the gate blessed it as new."""
+    import time
+
+    _, vocab = inputs
+    cfg, classifier, encoder_path, _ = _classifier(tmp_path, vocab, ["a fine film"])
+    first = bundle.write(tmp_path / "first", classifier, encoder_path, vocab, cfg, 0.5)
+    time.sleep(1.1)  # Keras's date_saved has whole seconds
+    again = bundle.write(tmp_path / "again", classifier, encoder_path, vocab, cfg, 0.75)
+    assert bundle.metadata(first)["files"]["classifier.keras"] != bundle.metadata(again)["files"]["classifier.keras"]
+    assert bundle.identity(first) != bundle.identity(again)
+    assert bundle.content_identity(first) == bundle.content_identity(again)  # its accuracy is history, not identity
+    # Other weights are another model.
+    classifier.layers[-1].set_weights([w + 1 for w in classifier.layers[-1].get_weights()])
+    other = bundle.write(tmp_path / "other", classifier, encoder_path, vocab, cfg, 0.5)
+    assert bundle.content_identity(other) != bundle.content_identity(first)

@@ -709,3 +709,45 @@ def test_a_stopped_airflow_runs_mlflow_run_left_running_is_marked_killed(tmp_pat
     assert registry.close_stopped(DAG_ID, "manual__1") == [stopped]
     assert c.get_run(stopped).info.status == "KILLED" and c.get_run(other).info.status == "RUNNING"
     assert registry.close_stopped(DAG_ID, "manual__1") == []  # once
+
+
+def _saved_at(root: Path, weights: str, when: str) -> Path:
+    """A bundle whose .keras files are zip archives as Keras writes them, saved at ``when``."""
+    import zipfile
+
+    root.mkdir(parents=True)
+    for name in ("classifier.keras", "encoder.keras"):
+        with zipfile.ZipFile(root / name, "w") as z:
+            z.writestr("metadata.json", json.dumps({"keras_version": "3.15.1", "date_saved": when}))
+            z.writestr("config.json", json.dumps({"name": name}))
+            z.writestr("model.weights.h5", f"{name}-{weights}")
+    (root / "vocab.txt").write_text("[PAD]\n")
+    bundle.seal(root)
+    return root
+
+
+def test_a_model_trained_again_to_the_same_weights_is_the_registered_one(tmp_path, caplog):
+    """Other bytes (Keras's save time), the same weights: no second version, and the gate sees the
+    champion's own model instead of a new one to bless on a tie."""
+    decision = {"blessed": True, "reasons": [], "checks": []}
+    first_dir = _saved_at(tmp_path / "first", "w1", "2026-12-01@10:00:00")
+    first = registry.log_candidate(NAME, first_dir, {}, {}, {}, {"airflow.run_id": "run-1"}, decision)["version"]
+    registry.move_champion(NAME, first, expected=None, reason="first", who="airflow")
+    again_dir = _saved_at(tmp_path / "again", "w1", "2026-12-07@10:00:00")
+    assert bundle.identity(again_dir) != bundle.identity(first_dir)
+    content = bundle.content_identity(again_dir)
+    held = registry.versions_of_model(NAME, bundle.identity(again_dir), content)
+    assert held == [{"version": first, "demoted": None}]
+    from encoderflow import gate
+
+    check = gate.model_check(held, first)
+    assert not check.passed and "own model: nothing new to promote" in check.detail
+    caplog.clear()
+    with caplog.at_level("INFO", logger="encoderflow.registry"):
+        again = registry.log_candidate(NAME, again_dir, {}, {}, {}, {"airflow.run_id": "run-2"}, decision)
+    assert again["version"] == first and again["registered_by"] == "run-1"
+    assert len(registry.client().search_model_versions(f"name='{NAME}'")) == 1
+    # Retrained to other weights within run-2 (a cleared finetune): a version of its own.
+    other = _saved_at(tmp_path / "other", "w2", "2026-12-07@11:00:00")
+    assert registry.versions_of_model(NAME, bundle.identity(other), bundle.content_identity(other)) == []
+    assert registry.log_candidate(NAME, other, {}, {}, {}, {"airflow.run_id": "run-2"}, decision)["version"] != first

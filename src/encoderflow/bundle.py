@@ -153,6 +153,45 @@ def identity(path: str | os.PathLike) -> str:
     return layout.sha256_json({k: v for k, v in meta.items() if k not in _HISTORY_FIELDS})
 
 
+def content_identity(path: str | os.PathLike) -> str:
+    """The model's identity by what its files hold: :func:`identity` with each ``.keras`` file hashed
+    member by member, less the save time Keras writes into it (``metadata.json``'s ``date_saved``).
+
+    A model trained again to the same weights (a forced run, a code change that leaves the numbers
+    alone: training is seeded and deterministic on one device) has files of other bytes, so another
+    :func:`identity`, but this one: the registry and the gate know it as the model it is.
+    """
+    path = Path(path)
+    meta = metadata(path)
+    files = meta.get("files") or {}
+    held = {name: _content_sha256(path / name) if name.endswith(".keras") else sha for name, sha in files.items()}
+    kept = {k: v for k, v in meta.items() if k not in (*_HISTORY_FIELDS, "files")}
+    return layout.sha256_json({**kept, "contents": held})
+
+
+def _content_sha256(file: Path) -> str:
+    """A ``.keras`` file's members (architecture, weights) without its save time; a file that is not
+    a zip archive (a test's stand-in) by its bytes."""
+    import hashlib
+    import json
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(file)
+    except zipfile.BadZipFile:
+        return layout.sha256_file(file)
+    members = {}
+    with archive:
+        for name in sorted(archive.namelist()):
+            data = archive.read(name)
+            if name == "metadata.json":
+                meta = json.loads(data)
+                meta.pop("date_saved", None)
+                data = json.dumps(meta, sort_keys=True).encode()
+            members[name] = hashlib.sha256(data).hexdigest()
+    return layout.sha256_json(members)
+
+
 def labels_of(meta: dict[str, Any]) -> list[str]:
     """A ``bundle.json``'s label set in class-index order; bundles written before it was recorded are SST-2's."""
     return list(meta.get("labels") or SST2_LABELS)

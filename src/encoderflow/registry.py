@@ -32,6 +32,8 @@ CHAMPION, PREVIOUS = "champion", "previous"
 # On a candidate's MLflow run and model version: the bundle they hold (bundle.identity), so a retry
 # reuses a version only for the model it was registered for.
 BUNDLE_TAG = "bundle.sha256"
+# The model by what its files hold (bundle.content_identity): a retrain to the same weights is that model.
+CONTENT_TAG = "bundle.content_sha256"
 # On a version a person moved the champion off (rollback, promote by hand): that move, so the gate
 # never makes the same model champion again by itself (gate.model_check). Cleared when a person
 # makes the version champion again.
@@ -253,7 +255,7 @@ def log_candidate(
     import mlflow
 
     c = client()
-    tags = {**tags, BUNDLE_TAG: bundle.identity(bundle_dir)}
+    tags = {**tags, BUNDLE_TAG: bundle.identity(bundle_dir), CONTENT_TAG: bundle.content_identity(bundle_dir)}
     if (done := _registered_for(c, name, tags)) is not None:
         log.info(
             "registry: %s version %s already registered for %s (a retry); reused",
@@ -266,6 +268,8 @@ def log_candidate(
                 c.set_model_version_tag(name, done["version"], key, value)
         return done
     for earlier in _versions_of_run(c, name, tags):
+        if earlier.tags.get(CONTENT_TAG) == tags[CONTENT_TAG]:
+            continue  # trained again to the same weights: that version holds it (_holding, below)
         log.info(
             "registry: %s v%s, registered earlier in %s, holds another candidate (bundle sha256 %s, this one %s: "
             "retrained since); this candidate gets a version of its own",
@@ -275,7 +279,7 @@ def log_candidate(
             earlier.tags.get(BUNDLE_TAG, "?")[:12],
             tags[BUNDLE_TAG][:12],
         )
-    holder = _holding(c, name, tags[BUNDLE_TAG])
+    holder = _holding(c, name, tags[BUNDLE_TAG], tags[CONTENT_TAG])
     if holder is not None:
         tags = {**tags, REGISTERED_AS: str(holder.version)}
     exp_id = _experiment_id(c)
@@ -305,7 +309,7 @@ def log_candidate(
             source = f"{run.info.artifact_uri}/bundle"
             run_id = run.info.run_id
     with promotion_lock():  # another run's promote may have registered this very model meanwhile
-        holder = holder or _holding(c, name, tags[BUNDLE_TAG])
+        holder = holder or _holding(c, name, tags[BUNDLE_TAG], tags[CONTENT_TAG])
         if holder is None:
             return _register(c, name, source, run_id, {**tags, **decision_tags(decision)})
         c.set_tag(run_id, REGISTERED_AS, str(holder.version))  # how a retry finds it (_registered_for)
@@ -425,17 +429,24 @@ def _registered_for(c, name: str, tags: dict[str, str]) -> dict[str, Any] | None
     return None
 
 
-def _holders(c, name: str, identity: str) -> list:
-    """The versions of ``name`` whose ``bundle.sha256`` tag is ``identity`` (:func:`encoderflow.bundle.identity`),
-    oldest first. Versions registered before the tag was are not among them."""
+def _holders(c, name: str, identity: str, content: str | None = None) -> list:
+    """The versions of ``name`` that hold the model: their ``bundle.sha256`` tag is ``identity``
+    (:func:`encoderflow.bundle.identity`) or their ``bundle.content_sha256`` is ``content``
+    (:func:`encoderflow.bundle.content_identity`: the same weights saved again), oldest first.
+    Versions registered before the first tag was are not among them."""
     found = c.search_model_versions(f"name='{name}'")
-    return sorted((mv for mv in found if mv.tags.get(BUNDLE_TAG) == identity), key=lambda mv: int(mv.version))
+    held = [
+        mv
+        for mv in found
+        if mv.tags.get(BUNDLE_TAG) == identity or (content is not None and mv.tags.get(CONTENT_TAG) == content)
+    ]
+    return sorted(held, key=lambda mv: int(mv.version))
 
 
-def _holding(c, name: str, identity: str):
-    """The registered version holding the model ``identity`` names: the champion if it does, else the
-    newest; None when none does (or the model is not registered yet)."""
-    if not (holders := _holders(c, name, identity)):
+def _holding(c, name: str, identity: str, content: str | None = None):
+    """The registered version holding the model ``identity`` (or ``content``) names: the champion if it
+    does, else the newest; None when none does (or the model is not registered yet)."""
+    if not (holders := _holders(c, name, identity, content)):
         return None
     current = champion(name)  # a search's versions carry no aliases
     return max(holders, key=lambda mv: (current is not None and str(mv.version) == current["version"], int(mv.version)))
@@ -624,14 +635,15 @@ def history(name: str) -> list[dict[str, Any]]:
     return json.loads(tags.get("champion.history", "[]"))
 
 
-def versions_of_model(name: str, identity: str) -> list[dict[str, Any]]:
-    """The versions of ``name`` that hold the model ``identity`` names (:func:`_holders`), oldest
-    first: each ``version``, and ``demoted``, the move a person made off it (``champion.demoted``), or None."""
+def versions_of_model(name: str, identity: str, content: str | None = None) -> list[dict[str, Any]]:
+    """The versions of ``name`` that hold the model ``identity`` or ``content`` names (:func:`_holders`),
+    oldest first: each ``version``, and ``demoted``, the move a person made off it (``champion.demoted``),
+    or None."""
     if no_store():
         return []
     return [
         {"version": str(mv.version), "demoted": json.loads(mv.tags[DEMOTED]) if DEMOTED in mv.tags else None}
-        for mv in _holders(client(), name, identity)
+        for mv in _holders(client(), name, identity, content)
     ]
 
 

@@ -377,7 +377,7 @@ def evaluate_and_gate(
     import numpy as np
 
     from encoderflow import gate, registry
-    from encoderflow.bundle import Scorer, identity
+    from encoderflow.bundle import Scorer, content_identity, identity
     from encoderflow.data.inputs import read_labeled
 
     setup_logging()
@@ -421,7 +421,10 @@ def evaluate_and_gate(
         champion_version=champion_version,
         intervals=intervals,
         majority=float(np.bincount(labels).max() / len(labels)),
-        model=gate.model_check(registry.versions_of_model(cfg.gate.registered_model, candidate), champion_version),
+        model=gate.model_check(
+            registry.versions_of_model(cfg.gate.registered_model, candidate, content_identity(finetuned["bundle"])),
+            champion_version,
+        ),
     )
     for line in decision.table().splitlines():
         log.info("%s", line)
