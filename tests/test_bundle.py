@@ -233,6 +233,25 @@ def test_the_same_weights_saved_again_are_the_same_model_by_content_not_by_bytes
     assert bundle.metadata(first)["files"]["classifier.keras"] != bundle.metadata(again)["files"]["classifier.keras"]
     assert bundle.identity(first) != bundle.identity(again)
     assert bundle.content_identity(first) == bundle.content_identity(again)  # its accuracy is history, not identity
+    # Saved by another process: Keras writes each shared object's id() into config.json, another address.
+    import re
+    import shutil
+    import zipfile
+
+    moved = tmp_path / "moved"
+    shutil.copytree(again, moved)
+    config = zipfile.ZipFile(again / "encoder.keras").read("config.json").decode()
+    ids = sorted(set(re.findall(r'"shared_object_id": (\d+)', config)))
+    assert ids, "the encoder's layers share objects, which Keras records by id()"
+    with zipfile.ZipFile(again / "encoder.keras") as src, zipfile.ZipFile(moved / "encoder.keras", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "config.json":
+                data = config.replace(ids[0], str(int(ids[0]) + 4096)).encode()
+            dst.writestr(item, data)
+    bundle.seal(moved, {k: v for k, v in bundle.metadata(again).items() if k != "files"})
+    assert bundle.identity(moved) != bundle.identity(again)
+    assert bundle.content_identity(moved) == bundle.content_identity(again)
     # Other weights are another model.
     classifier.layers[-1].set_weights([w + 1 for w in classifier.layers[-1].get_weights()])
     other = bundle.write(tmp_path / "other", classifier, encoder_path, vocab, cfg, 0.5)

@@ -711,15 +711,17 @@ def test_a_stopped_airflow_runs_mlflow_run_left_running_is_marked_killed(tmp_pat
     assert registry.close_stopped(DAG_ID, "manual__1") == []  # once
 
 
-def _saved_at(root: Path, weights: str, when: str) -> Path:
-    """A bundle whose .keras files are zip archives as Keras writes them, saved at ``when``."""
+def _saved_at(root: Path, weights: str, when: str, address: int = 140704134309648) -> Path:
+    """A bundle whose .keras files are zip archives as Keras writes them, saved at ``when`` by a process
+    whose shared embedding sits at ``address`` (Keras writes the ``id()`` as ``shared_object_id``)."""
     import zipfile
 
     root.mkdir(parents=True)
+    shared = {"class_name": "ReversibleEmbedding", "shared_object_id": address}
     for name in ("classifier.keras", "encoder.keras"):
         with zipfile.ZipFile(root / name, "w") as z:
             z.writestr("metadata.json", json.dumps({"keras_version": "3.15.1", "date_saved": when}))
-            z.writestr("config.json", json.dumps({"name": name}))
+            z.writestr("config.json", json.dumps({"name": name, "layers": [shared, {"inbound": [shared]}]}))
             z.writestr("model.weights.h5", f"{name}-{weights}")
     (root / "vocab.txt").write_text("[PAD]\n")
     bundle.seal(root)
@@ -733,7 +735,7 @@ def test_a_model_trained_again_to_the_same_weights_is_the_registered_one(tmp_pat
     first_dir = _saved_at(tmp_path / "first", "w1", "2026-12-01@10:00:00")
     first = registry.log_candidate(NAME, first_dir, {}, {}, {}, {"airflow.run_id": "run-1"}, decision)["version"]
     registry.move_champion(NAME, first, expected=None, reason="first", who="airflow")
-    again_dir = _saved_at(tmp_path / "again", "w1", "2026-12-07@10:00:00")
+    again_dir = _saved_at(tmp_path / "again", "w1", "2026-12-07@10:00:00", address=140488161218384)
     assert bundle.identity(again_dir) != bundle.identity(first_dir)
     content = bundle.content_identity(again_dir)
     held = registry.versions_of_model(NAME, bundle.identity(again_dir), content)

@@ -155,7 +155,9 @@ def identity(path: str | os.PathLike) -> str:
 
 def content_identity(path: str | os.PathLike) -> str:
     """The model's identity by what its files hold: :func:`identity` with each ``.keras`` file hashed
-    member by member, less the save time Keras writes into it (``metadata.json``'s ``date_saved``).
+    member by member, less what differs between two saves of the same model: the save time
+    (``metadata.json``'s ``date_saved``) and the memory addresses in ``config.json``
+    (``shared_object_id``).
 
     A model trained again to the same weights (a forced run, a code change that leaves the numbers
     alone: training is seeded and deterministic on one device) has files of other bytes, so another
@@ -188,8 +190,26 @@ def _content_sha256(file: Path) -> str:
                 meta = json.loads(data)
                 meta.pop("date_saved", None)
                 data = json.dumps(meta, sort_keys=True).encode()
+            elif name == "config.json":
+                data = json.dumps(_renumbered(json.loads(data), {}), sort_keys=True).encode()
             members[name] = hashlib.sha256(data).hexdigest()
     return layout.sha256_json(members)
+
+
+def _renumbered(node: Any, seen: dict[Any, int]) -> Any:
+    """A Keras config with each ``shared_object_id`` (the Python ``id()`` of an object that layers
+    share, a memory address that differs in every process) numbered by first appearance instead."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "shared_object_id" and not isinstance(value, (dict, list)):
+                out[key] = seen.setdefault(value, len(seen))
+            else:
+                out[key] = _renumbered(value, seen)
+        return out
+    if isinstance(node, list):
+        return [_renumbered(v, seen) for v in node]
+    return node
 
 
 def labels_of(meta: dict[str, Any]) -> list[str]:
