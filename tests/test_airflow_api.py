@@ -739,6 +739,14 @@ failed_write = ValueError("disk full\n  while writing shard 3")
 d.log_failure({"ti": TI(), "exception": failed_write, "params": {"preset": "smoke"}})
 from encoderflow import errors
 first = errors.read_failure("r1")
+import os
+os.environ["ENCODERFLOW_CLI_RUN"] = "1"  # encoderflow run: no UI to link the log to
+class CliTI(TI):
+    run_id = "r-cli"
+d.log_failure({"ti": CliTI(), "exception": failed_write, "params": {"preset": "smoke"}})
+cli_log_url = errors.read_failure("r-cli")["log_url"]
+del os.environ["ENCODERFLOW_CLI_RUN"]
+records.pop()  # that call's failure line; the test reads the ones before it
 try:
     validate({})
 except Exception as exc:
@@ -764,7 +772,7 @@ for value in ("", "@daily", "0 3 * * 1", "off", "None"):
     os.environ["ENCODERFLOW_SCHEDULE"] = value
     schedules[value] = d.schedule_from_env()
 print(json.dumps({"failed": failed, "records": records, "schedules": schedules, "kept_fix": kept_fix,
-                  "kept_fix_from_text": kept_fix_from_text, "first": first}))
+                  "kept_fix_from_text": kept_fix_from_text, "first": first, "cli_log_url": cli_log_url}))
 """
 
 
@@ -810,6 +818,7 @@ def test_expected_failure_is_a_message_and_failure_callback_one_line(probe):
     )
     assert first["preset"] == "smoke" and first["log_url"].endswith("/runs/r1/tasks/build_shard/mapped/3?try_number=2")
     assert first["log_folder"].endswith("/airflow/logs"), first  # the probe's AIRFLOW_HOME, Airflow's default
+    assert probe["cli_log_url"] is None
     # The failure kept for the runs page names the trigger form's field as the task log does.
     kept = "pass --data-dir with SST-2/ in it (trigger form: --data-dir is 'Offline data folder')"
     assert probe["kept_fix"] == probe["kept_fix_from_text"] == kept

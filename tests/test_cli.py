@@ -76,7 +76,14 @@ def test_run_refuses_an_offline_folder_lacking_a_file_before_starting_airflow(tm
     (tree / "SST-2" / "dev.tsv").unlink()
     assert cli.main(["run", "--preset", "smoke", "--data-dir", str(tree)]) == 2
     err = capsys.readouterr().err
-    assert f"DataError: offline data folder {tree}: missing SST-2/dev.tsv; fix: put SST-2/dev.tsv under {tree}" in err
+    assert (
+        f"DataError: offline data folder {tree}: missing SST-2/dev.tsv; fix: put the missing file(s) under {tree}"
+        in err
+    )
+    # A folder that is not there lists what this run reads: smoke never reads WikiText's train split.
+    assert cli.main(["run", "--preset", "smoke", "--data-dir", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist; a run here reads:" in err and "wiki.test.raw" in err and "wiki.train.raw" not in err
     assert not (layout.airflow_home() / "airflow.db").exists()  # refused before Airflow's DB was made
 
 

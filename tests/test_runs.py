@@ -319,7 +319,7 @@ def test_airflows_empty_dates_read_as_none_and_its_runs_merge_newest_first(encod
         ],
     }
     monkeypatch.setattr(runs, "_airflow_envs", lambda home: ([("a", {"n": "a"}), ("b", {"n": "b"})], None))
-    monkeypatch.setattr(runs, "_list_runs", lambda env, dag_id: answers[env["n"]])
+    monkeypatch.setattr(runs, "_start_list_runs", lambda env, dag_id: lambda: answers[env["n"]])
     said = runs.dag_runs(encoderflow_home)
     assert said.asked and said.said == "Airflow a: 1 runs; b: 1 runs"
     assert [r["run_id"] for r in said.runs] == ["r2", "r1"]
@@ -329,27 +329,67 @@ def test_airflows_empty_dates_read_as_none_and_its_runs_merge_newest_first(encod
 
 def test_airflow_is_asked_while_mlflow_is_and_every_airflow_at_once(recorded, monkeypatch, capsys):
     # Each Airflow CLI takes seconds to start: asked one after the other, a reader would wait for their sum.
-    import threading
+    started, mlflow_asked = [], []
 
-    mlflow_asked = threading.Event()
-    both_in_flight = threading.Barrier(2, timeout=10)
+    def start(env, dag_id):
+        started.append(env["n"])
 
-    def list_runs(env, dag_id):
-        both_in_flight.wait()  # a BrokenBarrierError unless the other Airflow is being asked too
-        if not mlflow_asked.wait(timeout=10):
-            return "MLflow was not asked while Airflow was"
-        return [{"run_id": BLESSED_RUN, "state": "success", "start_date": "2026-11-25T10:00:01+00:00"}]
+        def answered():
+            if len(started) < 2 or not mlflow_asked:
+                return f"awaited with {started} started and MLflow {'asked' if mlflow_asked else 'not asked'}"
+            return [{"run_id": BLESSED_RUN, "state": "success", "start_date": "2026-11-25T10:00:01+00:00"}]
+
+        return answered
 
     def aliased_versions(home):
-        mlflow_asked.set()
+        mlflow_asked.append(True)
         return [], "MLflow (x): no aliased version", set()
 
-    monkeypatch.setattr(runs, "_airflow_envs", lambda home: ([("a", {}), ("b", {})], None))
-    monkeypatch.setattr(runs, "_list_runs", list_runs)
+    monkeypatch.setattr(runs, "_airflow_envs", lambda home: ([("a", {"n": "a"}), ("b", {"n": "b"})], None))
+    monkeypatch.setattr(runs, "_start_list_runs", start)
     monkeypatch.setattr(runs, "aliased_versions", aliased_versions)
     assert cli.main(["runs"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "Airflow a: 1 runs; b: 1 runs", out
+
+
+INTERRUPTED = r"""
+import os, sys
+from encoderflow import runs
+sys.executable = sys.argv[1]  # the Airflow CLI it starts: a script that sleeps
+answered = runs._start_list_runs(dict(os.environ), "encoder_pretraining")
+print("waiting", flush=True)
+answered()
+"""
+
+
+def test_an_interrupted_reader_ends_at_once_and_takes_airflows_cli_with_it(tmp_path):
+    """A SIGINT to the reader alone (kill -INT, a supervisor): it used to wait out Airflow's CLI, up to 300 s."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "cli.pid"
+    sleeper = tmp_path / "airflow-cli"
+    sleeper.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n")
+    sleeper.chmod(0o755)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED, str(sleeper)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert reader.stdout.readline() == "waiting\n"
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cli_pid = int(pid_file.read_text())
+    t0 = time.monotonic()
+    reader.send_signal(signal.SIGINT)
+    reader.wait(timeout=30)
+    assert time.monotonic() - t0 < 10 and "KeyboardInterrupt" in reader.stderr.read()
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(cli_pid, 0)  # killed and reaped by the reader, not left running
 
 
 def test_a_run_triggered_in_the_ui_shows_its_preset_and_log_before_it_reports(recorded, tmp_path):

@@ -152,7 +152,7 @@ def test_check_params_refuses_what_a_trigger_could_get_wrong_and_logs_what_it_re
         from_params({**params, "pretrain_epochs": 3.5})
     assert any(
         m.startswith("check_params: preset smoke, config hash ")
-        and f"; set: model.dropout=0.2, pretrain.epochs=3.0; data: data_dir={data}" in m
+        and f"; set: model.dropout=0.2, pretrain.epochs=3; data: data_dir={data}" in m
         for m in caplog.messages
     ), caplog.messages
 
@@ -185,20 +185,40 @@ def test_check_params_fails_once_on_a_file_the_run_names_that_is_not_there(tmp_p
         steps.check_params({**PARAMS, "data_dir": str(data)}, {})
     assert err.value.message == f"offline data folder {data}: missing SST-2/dev.tsv, bert_vocab_uncased.txt"
     assert err.value.fix == (
-        f"put SST-2/dev.tsv, bert_vocab_uncased.txt under {data} (as the archives extract), or point --data-dir "
-        "at a folder that has them"
+        f"put the missing file(s) under {data} as the archives extract, or point --data-dir at a folder that has them"
     )
     # A vocabulary trained on the corpus reads nothing from the folder.
     trained = {**PARAMS, "data_dir": str(data), "overrides": ["inputs.vocab=trained"]}
     with pytest.raises(EncoderflowError) as err:
         steps.check_params(trained, {})
     assert err.value.message == f"offline data folder {data}: missing SST-2/dev.tsv"
-    # A split the folder lacks, where another would do, names the key to set.
+    # A split the folder lacks is named with every other missing file, in one failure, with both ways out.
     (data / "wikitext-103-raw" / "wiki.test.raw").unlink()
     with pytest.raises(EncoderflowError) as err:
         steps.check_params({**PARAMS, "data_dir": str(data)}, {})
+    assert err.value.message == (
+        f"offline data folder {data}: missing wikitext-103-raw/wiki.test.raw, SST-2/dev.tsv, bert_vocab_uncased.txt"
+    )
+    assert err.value.fix.endswith(
+        "; for wikitext-103-raw/wiki.test.raw: put wiki.test.raw there, or use a split it holds: "
+        '--set data.pretrain_split=train (make run SET="data.pretrain_split=train")'
+    ), err.value.fix
+    # The split alone: the key to set, as the download would say it.
+    (data / "SST-2" / "dev.tsv").write_text((data / "SST-2" / "train.tsv").read_text())
+    (data / "bert_vocab_uncased.txt").write_text("[PAD]\n")
+    with pytest.raises(EncoderflowError) as err:
+        steps.check_params({**PARAMS, "data_dir": str(data)}, {})
     assert "the test split data.pretrain_split names" in err.value.message
-    assert "--set data.pretrain_split=train" in err.value.fix
+    assert err.value.fix.startswith("put wiki.test.raw there, or use a split it holds: --set data.pretrain_split=train")
+    # Every role with data of its own: the folder is not read, so not checked.
+    own = {
+        **PARAMS,
+        "data_dir": str(tmp_path / "unused"),
+        "corpus": str(data / "wikitext-103-raw"),
+        "labeled": str(data / "SST-2"),
+        "overrides": ["inputs.vocab=trained", "gate.registered_model=mine"],
+    }
+    assert steps.check_params(own, {})["preset"] == "smoke"
 
     encoder = tmp_path / "encoder.keras"
     for params in (

@@ -266,7 +266,8 @@ def _record_failure(
             # A run that fails before it reports has no summary: where a reader finds the preset,
             # the try's log in the UI, and the folder Airflow's file logs are under.
             preset=preset,
-            log_url=getattr(ti, "log_url", None),
+            # encoderflow run (dag.test) keeps its logs in the run folder and serves no UI to link to.
+            log_url=None if os.environ.get("ENCODERFLOW_CLI_RUN") else getattr(ti, "log_url", None),
             log_folder=conf.get("logging", "base_log_folder", fallback=None),
         )
     except OSError as e:

@@ -90,11 +90,12 @@ def run_conf(args: argparse.Namespace) -> dict[str, Any]:
             conf[name] = value if name == "mirror" or "://" in value else str(Path(value).resolve())
     if getattr(args, "force", False):
         conf["force"] = True
-    # A typo caught here costs a second; in the DAG, Airflow's start-up and a task's try first.
-    if conf.get("data_dir"):
+    # A typo caught here costs a second; in the DAG, Airflow's start-up and a task's try first. (A run
+    # checks its offline folder for the files it reads: steps.check_files.)
+    if conf.get("data_dir") and args.command in ("download", "validate"):
         from encoderflow.data.sources import offline_root
 
-        offline_root(conf["data_dir"])
+        offline_root(conf["data_dir"])  # they read every dataset: the layout of all is the hint
     from encoderflow.config import Sources
     from encoderflow.data.folders import is_http, local_path
 

@@ -314,7 +314,7 @@ def log_candidate(
             return _register(c, name, source, run_id, {**tags, **decision_tags(decision)})
         c.set_tag(run_id, REGISTERED_AS, str(holder.version))  # how a retry finds it (_registered_for)
     log.info(
-        "registry: this candidate is %s v%s's model (same files and tokenizer, bundle sha256 %s), registered "
+        "registry: this candidate is %s v%s's model (same weights, tokenizer and labels, bundle sha256 %s), registered "
         "by %s: no second version; MLflow run %s records this run's metrics and decision",
         name,
         holder.version,

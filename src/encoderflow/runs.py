@@ -24,8 +24,8 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -122,20 +122,21 @@ def asking_airflow(home: Path, dag_id: str = DAG_ID) -> Callable[[], DagRuns]:
     """Start asking the Airflows writing into ``home`` (:func:`dag_runs`) and return the call that
     waits for their answer. Each Airflow CLI takes seconds to start, so a reader asks MLflow
     meanwhile, and several Airflows are asked at once. The environments are read now: a caller
-    may change ``os.environ`` (MLflow's settings) while Airflow is asked."""
+    may change ``os.environ`` (MLflow's settings) while Airflow is asked. A reader that never
+    calls it leaves the CLIs to finish on their own."""
     envs, problem = _airflow_envs(home)
     if problem:
         unasked = DagRuns([], False, f"Airflow not asked: {problem}")
         return lambda: unasked
-    pool = ThreadPoolExecutor(max_workers=len(envs), thread_name_prefix="airflow-list-runs")
-    asked = [(label, pool.submit(_list_runs, env, dag_id)) for label, env in envs]
-    pool.shutdown(wait=False)
+    # Each CLI in a process of its own, started now; nothing joins them at exit, so Ctrl-C ends the reader
+    # at once (a thread waiting on one held the interpreter's exit for as long as Airflow took).
+    asked = [(label, _start_list_runs(env, dag_id)) for label, env in envs]
 
     def answer() -> DagRuns:
         found: list[dict[str, Any]] = []
         said = []
-        for label, future in asked:
-            runs = future.result()
+        for label, answered in asked:
+            runs = answered()
             if isinstance(runs, str):
                 return DagRuns([], False, f"Airflow {label}: could not list the runs of {dag_id} ({runs})")
             # Airflow's CLI writes "" for a date it does not have (a queued run's start); the page's ORM None.
@@ -165,25 +166,46 @@ def airflow_states(answer: DagRuns) -> AirflowRuns:
 
 
 def _list_runs(env: dict[str, str], dag_id: str) -> list[dict[str, Any]] | str:
-    """``airflow dags list-runs`` as JSON, or why it could not be had. Airflow writes its own
-    warnings to standard output too; the JSON is its one line that starts with ``[``."""
+    """``airflow dags list-runs`` as JSON, or why it could not be had (:func:`_start_list_runs`)."""
+    return _start_list_runs(env, dag_id)()
+
+
+def _start_list_runs(env: dict[str, str], dag_id: str) -> Callable[[], list[dict[str, Any]] | str]:
+    """Start ``airflow dags list-runs`` and return the call that waits for its JSON, or for why it
+    could not be had. Airflow writes its own warnings to standard output too; the JSON is its one
+    line that starts with ``[``. Its output goes to temporary files: a pipe would stall a long list
+    until it was read."""
     cmd = [sys.executable, "-m", "airflow", "dags", "list-runs", dag_id, "-o", "json"]
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     # Its warnings (graphviz missing, say) would be lines of standard output too.
-    try:
-        proc = subprocess.run(cmd, env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        return "no answer in 300 s: is its metadata DB up?"
-    lines = proc.stdout.splitlines()
-    if proc.returncode == 0:
-        for line in lines:
-            if line.startswith("["):
-                with contextlib.suppress(ValueError):
-                    return json.loads(line)
-        if any("No data found" in line for line in lines):
-            return []
-    said = [line.strip() for line in (proc.stdout + "\n" + proc.stderr).splitlines() if line.strip()]
-    errors = [line for line in said if "error" in line.lower()]
-    return ((errors or said)[-1] if said else f"exit {proc.returncode}, no output")[:300]
+    proc = subprocess.Popen(cmd, env={**env, "PYTHONWARNINGS": "ignore"}, stdout=out, stderr=err, text=True)
+
+    def answered() -> list[dict[str, Any]] | str:
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            return "no answer in 300 s: is its metadata DB up?"
+        finally:
+            if proc.poll() is None:  # timed out, or the reader was interrupted
+                proc.kill()
+                proc.wait()
+        with out, err:
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+        lines = stdout.splitlines()
+        if proc.returncode == 0:
+            for line in lines:
+                if line.startswith("["):
+                    with contextlib.suppress(ValueError):
+                        return json.loads(line)
+            if any("No data found" in line for line in lines):
+                return []
+        said = [line.strip() for line in (stdout + "\n" + stderr).splitlines() if line.strip()]
+        errors = [line for line in said if "error" in line.lower()]
+        return ((errors or said)[-1] if said else f"exit {proc.returncode}, no output")[:300]
+
+    return answered
 
 
 @dataclass(frozen=True)

@@ -69,10 +69,16 @@ def check_params(params: Mapping[str, Any], conf: Mapping[str, Any]) -> dict[str
         "check_params: preset %s, config hash %s; set: %s; data: %s",
         cfg.preset,
         cfg.config_hash()[:16],
-        ", ".join(f"{k}={v}" for k, v in sorted(given.items())) or "nothing (the preset's values)",
+        # As resolved (a REST client's 3.0 for an integer reads 3), not as given.
+        ", ".join(f"{k}={_resolved(cfg, k)}" for k in sorted(given)) or "nothing (the preset's values)",
         ", ".join(f"{k}={v}" for k, v in sorted(declared.items())) or "the guide's datasets",
     )
     return {"preset": cfg.preset, "config_hash": cfg.config_hash(), "training_hash": cfg.training_hash()}
+
+
+def _resolved(cfg, key: str) -> Any:
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name)
 
 
 def check_files(cfg, sources: Sources) -> None:

@@ -55,7 +55,7 @@ def test_each_row_knows_the_file_line_it_starts_on(tmp_path):
     assert lines == {"tsv": [2, 3], "csv": [2, 4], "jsonl": [1, 4]}
     # A blank line holds no row in any format (it failed a whole run as a row of the wrong width).
     (tmp_path / "t.tsv").write_text("text\tlabel\na\t0\n\n  \nb\t1\n\n")
-    (tmp_path / "t.csv").write_bytes(b'text,label\r\n"two\r\nlines",0\r\n\r\nb,1\r\n\n')
+    (tmp_path / "t.csv").write_bytes(b'text,label\r\n"two\r\nlines",0\r\n  \r\nb,1\r\n\n')
     for fmt, starts in (("tsv", [2, 5]), ("csv", [2, 5])):
         table = inputs.read_table(tmp_path / f"t.{fmt}", fmt)
         assert (table.lines, table.parsed, [r["label"] for r in table.rows]) == (starts, [True, True], ["0", "1"]), fmt

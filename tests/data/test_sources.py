@@ -628,8 +628,8 @@ def test_offline_missing_file_names_the_expected_path_and_layout(tmp_path):
         f"offline data folder {data_dir}: missing {data_dir / 'SST-2' / 'dev.tsv'}, {data_dir / 'SST-2' / 'test.tsv'}"
     )
     assert err.value.fix == (
-        f"put SST-2/dev.tsv, SST-2/test.tsv under {data_dir} (as the archives extract), or point --data-dir at a "
-        "folder that has them"
+        f"put the missing file(s) under {data_dir} as the archives extract, or point --data-dir at a folder that "
+        "has them"
     )
 
 

@@ -572,15 +572,33 @@ def test_a_csv_without_a_header_is_told_to_add_one_not_to_rename_a_column_after_
 )
 def test_a_header_that_cannot_be_read_is_named_as_such_not_as_a_column_to_rename(tmp_path, raw, says):
     """Renaming a column to one of [] or ['body;category'] was the fix these got."""
-    from encoderflow import config
-    from encoderflow.data import inputs
-
     from .fixtures_own import write_labeled
 
     labeled = _as_csv(
         write_labeled(tmp_path / "tickets"), lambda r: f"{r['body']},{r['category']}\n", "body,category\n"
     )
     (labeled / "train.csv").write_bytes(raw)
+    _told(labeled, tmp_path, says)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"body\tcategory\nrefund please\tbilling\n", '{"body": "x", "category": "bug"}\n'.encode("utf-16-le")],
+    ids=["empty", "tab-separated", "utf-16"],
+)
+def test_a_jsonl_file_with_no_object_is_not_told_to_add_a_header(tmp_path, raw):
+    from .fixtures_own import write_labeled
+
+    labeled = write_labeled(tmp_path / "tickets")
+    (labeled / "train.jsonl").write_bytes(raw)
+    _told(labeled, tmp_path, "no line of the file is a JSON object (empty, not UTF-8, or not JSON lines): write one")
+
+
+def _told(labeled: Path, tmp_path: Path, says: str) -> None:
+    """The fix validation gives own labeled data in ``labeled``: it starts with ``says``, renames no column."""
+    from encoderflow import config
+    from encoderflow.data import inputs
+
     cfg = config.from_overrides("smoke", OWN)
     info = inputs.get("labeled", cfg, config.Sources(labeled=str(labeled)))
     with pytest.raises(ValidationFailed) as err:

@@ -222,8 +222,9 @@ def test_a_change_to_the_dev_split_alone_rescores_the_same_model_and_trains_noth
     shutil.copytree(sst2["root"], tree)
     dev = tree / "SST-2" / "dev.tsv"
     rows = dev.read_text().splitlines(keepends=True)
-    flipped = [r.replace("\t1\n", "\t0\n") if r.endswith("\t1\n") else r.replace("\t0\n", "\t1\n") for r in rows[1:9]]
-    dev.write_text("".join([rows[0], *flipped, *rows[9:]]))
+    # An odd number of labels flipped one way: the accuracy moves, whatever the model predicts on them.
+    ones = [i for i, r in enumerate(rows) if r.endswith("\t1\n")][:7]
+    dev.write_text("".join(r.replace("\t1\n", "\t0\n") if i in ones else r for i, r in enumerate(rows)))
     (tree / "SST-2" / "test.tsv").write_text("index\tsentence\n0\tanother unlabeled sentence\n")
     changed = get_dataset("sst2", data_dir=str(tree))
     assert changed["content_hash"] != sst2["content_hash"]

@@ -99,6 +99,8 @@ def check_offline(cfg, src) -> None:
         for role in BUILTIN
         if role not in custom and not (role == "vocab" and cfg.inputs.vocab == "trained")
     }
+    if not needs:  # every role has data of its own: the folder is not read
+        return
     splits = {"pretrain_split": d.pretrain_split, "validation_split": d.validation_split}
     sources.check_offline(src.data_dir, needs, splits if "wikitext" in needs else None)
 
@@ -221,7 +223,7 @@ def read_table(path: str | os.PathLike, fmt: str) -> Table:
         reader = csv.reader(io.StringIO(text, newline=""))
         records, starts, read = [], [], 0
         for record in reader:  # a quoted field may span lines: a record starts after the last one read
-            if record:
+            if len(record) > 1 or (record and record[0].strip()):  # not a blank or whitespace-only line
                 records.append(record)
                 starts.append(read + 1)
             read = reader.line_num

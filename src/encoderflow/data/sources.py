@@ -417,9 +417,10 @@ def _layout_hint(members: Iterable[str]) -> str:
     return "\n".join(f"  {m}" for m in members)
 
 
-def _offline_fix(root: Path, missing: Iterable[str]) -> str:
-    names = ", ".join(missing)
-    return f"put {names} under {root} (as the archives extract), or point --data-dir at a folder that has them"
+def _offline_fix(root: Path) -> str:
+    return (
+        f"put the missing file(s) under {root} as the archives extract, or point --data-dir at a folder that has them"
+    )
 
 
 def quiet_pooch() -> Any:
@@ -534,8 +535,7 @@ def locate(spec: DatasetSpec, members: Iterable[str], data_dir: str | os.PathLik
     """
     members = tuple(members)
     root = offline_root(data_dir, members)
-    missing = [m for m in members if not (root / m).is_file()]
-    files = _describe_files(root, members, f"offline data folder {root}", fix=_offline_fix(root, missing))
+    files = _describe_files(root, members, f"offline data folder {root}", fix=_offline_fix(root))
     return _result(spec.name, "offline", root, files)
 
 
@@ -556,11 +556,15 @@ def check_offline(
     """
     members = tuple(dict.fromkeys(m for ms in needs.values() for m in ms))
     root = offline_root(data_dir, members)
-    if splits:
-        _offline_splits_present(root, splits)
     missing = [m for m in members if not (root / m).is_file()]
+    split = _split_problem(root, splits) if splits else None
+    if split and missing == [split[0]]:  # only a split, which another the folder holds can replace
+        raise DataError(split[1], fix=split[2])
     if missing:
-        raise DataError(f"offline data folder {root}: missing {', '.join(missing)}", fix=_offline_fix(root, missing))
+        fix = _offline_fix(root)
+        if split:  # the split's way out too, in the same failure
+            fix += f"; for {split[0]}: {split[2]}"
+        raise DataError(f"offline data folder {root}: missing {', '.join(missing)}", fix=fix)
     return root
 
 
@@ -581,7 +585,14 @@ def _offline_splits_present(data_dir: str | os.PathLike, splits: dict[str, str])
 
     Offline copies usually lack the 540 MB train split, and the guide and recipe presets pretrain on it.
     """
-    root = offline_root(data_dir)
+    root = offline_root(data_dir, tuple(dict.fromkeys(wikitext_member(s) for s in splits.values())))
+    if problem := _split_problem(root, splits):
+        raise DataError(problem[1], fix=problem[2])
+
+
+def _split_problem(root: Path, splits: dict[str, str]) -> tuple[str, str, str] | None:
+    """(member, message, fix) for the first WikiText split a key names that the folder lacks while
+    it holds another; None when there is none."""
     present = [s for s in ("train", "valid", "test") if (root / wikitext_member(s)).is_file()]
     for key, split in splits.items():
         path = root / wikitext_member(split)
@@ -590,18 +601,20 @@ def _offline_splits_present(data_dir: str | os.PathLike, splits: dict[str, str])
             taken = {v for k, v in splits.items() if k != key}
             order = ("test", "train", "valid") if key == "pretrain_split" else ("valid", "test", "train")
             other = next((s for s in order if s in present and s not in taken), None)
+            said = f"offline data folder {root}: missing {path}, the {split} split data.{key} names"
             if other is None:
-                raise DataError(
-                    f"offline data folder {root}: missing {path}, the {split} split data.{key} names "
-                    f"(this folder holds WikiText's {', '.join(present)}, which data.{key} cannot share)",
-                    fix=f"put wiki.{split}.raw there",
+                return (
+                    wikitext_member(split),
+                    f"{said} (this folder holds WikiText's {', '.join(present)}, which data.{key} cannot share)",
+                    f"put wiki.{split}.raw there",
                 )
-            raise DataError(
-                f"offline data folder {root}: missing {path}, the {split} split data.{key} names "
-                f"(this folder holds WikiText's {', '.join(present)})",
-                fix=f"put wiki.{split}.raw there, or use a split it holds: --set data.{key}={other} "
+            return (
+                wikitext_member(split),
+                f"{said} (this folder holds WikiText's {', '.join(present)})",
+                f"put wiki.{split}.raw there, or use a split it holds: --set data.{key}={other} "
                 f'(make run SET="data.{key}={other}")',
             )
+    return None
 
 
 def present_members(spec: DatasetSpec, data_dir: str | os.PathLike) -> tuple[str, ...]:

@@ -616,6 +616,11 @@ def _unreadable_header(names: list[str] | None, fmt: str | None, header: str) ->
     """Why a labeled file's header cannot name its columns, when it cannot (None: a column is misnamed)."""
     if names is None or fmt not in ("csv", "tsv", "jsonl"):
         return None
+    if not names and fmt == "jsonl":  # no line read as a JSON object: nothing names a key
+        return (
+            "no line of the file is a JSON object (empty, not UTF-8, or not JSON lines): write one object per "
+            f"line with the keys {header.replace(',', ' and ')}"
+        )
     if not names:
         return f"the file is empty or has no first line: give it a header line ({header}) and rows under it"
     if any("\x00" in n or "\ufffd" in n for n in names):
