@@ -370,6 +370,11 @@ def test_a_corpus_of_many_files_is_logged_in_one_line(tmp_path, caplog):
             ], caplog.messages
 
 
+def _append(name: str, text: str) -> Callable[[Path, Path], None]:
+    """A mutation adding ``text`` at the end of the labeled file ``name``."""
+    return lambda c, lab: (lab / name).write_text((lab / name).read_text() + text)
+
+
 OWN_CASES = {
     "missing column": (
         "labeled",
@@ -379,9 +384,7 @@ OWN_CASES = {
     ),
     "label outside the train set on dev": (
         "labeled",
-        lambda c, lab: (lab / "dev.jsonl").write_text(
-            (lab / "dev.jsonl").read_text() + '{"body": "x", "category": "spam"}\n'
-        ),
+        _append("dev.jsonl", '{"body": "x", "category": "spam"}\n'),
         "dev.jsonl",
         "expect_column_values_to_be_in_set(column='category', value_set=['billing', 'bug', 'praise']) failed, "
         "observed 1 unexpected of 49, e.g. ['spam'] at lines [49]",
@@ -408,9 +411,9 @@ OWN_CASES = {
     ),
     "a list where the text belongs": (
         "labeled",
-        lambda c, lab: (lab / "train.jsonl").write_text(
-            (lab / "train.jsonl").read_text()
-            + '{"body": ["a", "list"], "category": "bug"}\n{"body": "fine", "category": {"x": 1}, "tags": [1]}\n'
+        _append(
+            "train.jsonl",
+            '{"body": ["a", "list"], "category": "bug"}\n{"body": "fine", "category": {"x": 1}, "tags": [1]}\n',
         ),
         "train.jsonl",
         "expect_column_values_to_be_in_set(column='_scalar', value_set=[True]) failed, observed 2 of 242 rows with "
@@ -431,9 +434,7 @@ OWN_CASES = {
     ),
     "empty text": (
         "labeled",
-        lambda c, lab: (lab / "train.jsonl").write_text(
-            (lab / "train.jsonl").read_text() + '{"body": "  ", "category": "bug"}\n'
-        ),
+        _append("train.jsonl", '{"body": "  ", "category": "bug"}\n'),
         "train.jsonl",
         "expect_column_values_to_match_regex(column='body', regex='\\\\S') failed, observed 1 unexpected of 241",
     ),
@@ -446,9 +447,9 @@ OWN_CASES = {
     # Spreadsheet and pandas exports: trailing spaces, capitals; each spelling became a class of its own.
     "one label spelled two ways": (
         "labeled",
-        lambda c, lab: (lab / "train.jsonl").write_text(
-            (lab / "train.jsonl").read_text()
-            + '{"body": "app froze on login", "category": "bug "}\n{"body": "thanks team", "category": "Praise"}\n'
+        _append(
+            "train.jsonl",
+            '{"body": "app froze on login", "category": "bug "}\n{"body": "thanks team", "category": "Praise"}\n',
         ),
         "train.jsonl",
         "expect_column_values_to_be_in_set(column='_label_clash', value_set=[False]) failed, observed 2 of 242 "
