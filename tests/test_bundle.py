@@ -256,3 +256,28 @@ def test_the_same_weights_saved_again_are_the_same_model_by_content_not_by_bytes
     classifier.layers[-1].set_weights([w + 1 for w in classifier.layers[-1].get_weights()])
     other = bundle.write(tmp_path / "other", classifier, encoder_path, vocab, cfg, 0.5)
     assert bundle.content_identity(other) != bundle.content_identity(first)
+
+
+def test_the_same_weights_loaded_where_other_layers_were_built_first_are_the_same_model(tmp_path, inputs):
+    """encoderflow run trains every task in one process: sub-layers Keras names itself (attention's dropout,
+    softmax) come out dropout_1, softmax_1 there, and the weights file's group names with them."""
+    import zipfile
+
+    import keras
+
+    from encoderflow import model as models
+
+    _, vocab = inputs
+    cfg, _, encoder_path, _ = _classifier(tmp_path, vocab, ["a fine film"])
+
+    def fine_tuned(name: str):  # as finetune does: the pretrained encoder loaded, a seeded head on it
+        keras.utils.set_random_seed(1)
+        classifier = models.build_classifier(models.load(encoder_path), num_classes=2)
+        return bundle.write(tmp_path / name, classifier, encoder_path, vocab, cfg, 0.5)
+
+    first = fine_tuned("first")
+    models.build_encoder(cfg.model, len(fixtures_pipeline.vocab_tokens()), cfg.data.seq_length)  # as pretrain does
+    again = fine_tuned("again")
+    weights = [zipfile.ZipFile(b / bundle.CLASSIFIER).read("model.weights.h5") for b in (first, again)]
+    assert weights[0] != weights[1]  # the same arrays under other group names
+    assert bundle.content_identity(again) == bundle.content_identity(first)

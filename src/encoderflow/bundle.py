@@ -15,6 +15,7 @@ ML library at load time: the registry imports it, and the Airflow plugin imports
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -156,8 +157,8 @@ def identity(path: str | os.PathLike) -> str:
 def content_identity(path: str | os.PathLike) -> str:
     """The model's identity by what its files hold: :func:`identity` with each ``.keras`` file hashed
     member by member, less what differs between two saves of the same model: the save time
-    (``metadata.json``'s ``date_saved``) and the memory addresses in ``config.json``
-    (``shared_object_id``).
+    (``metadata.json``'s ``date_saved``), the memory addresses in ``config.json``
+    (``shared_object_id``) and the numbering of the weights' group names (:func:`_weights_sha256`).
 
     A model trained again to the same weights (a forced run, a code change that leaves the numbers
     alone: training is seeded and deterministic on one device) has files of other bytes, so another
@@ -192,8 +193,49 @@ def _content_sha256(file: Path) -> str:
                 data = json.dumps(meta, sort_keys=True).encode()
             elif name == "config.json":
                 data = json.dumps(_renumbered(json.loads(data), {}), sort_keys=True).encode()
+            elif name.endswith(".h5"):
+                members[name] = _weights_sha256(data)
+                continue
             members[name] = hashlib.sha256(data).hexdigest()
     return layout.sha256_json(members)
+
+
+_NUMBERED = re.compile(r"^(.*?)(?:_(\d+))?$")
+
+
+def _weights_sha256(data: bytes) -> str:
+    """The weights of a Keras ``.weights.h5`` by their arrays, under group names less Keras's automatic
+    numbering: a sub-layer Keras names itself (``dropout``, ``softmax``) is ``dropout_1`` in a process
+    that built one before, with the same weights. Siblings keep their order (``dense`` before ``dense_1``
+    before ``dense_10``), so two layers of one name stay apart."""
+    import hashlib
+    import io
+
+    import h5py
+    import numpy as np
+
+    def order(name: str) -> tuple[str, int]:
+        base, number = _NUMBERED.match(name).groups()
+        return base, -1 if number is None else int(number)
+
+    arrays: list[list[Any]] = []
+
+    def walk(group, path: str) -> None:
+        for name in sorted(group.keys(), key=order):
+            item, here = group[name], f"{path}/{order(name)[0]}"
+            if isinstance(item, h5py.Dataset):
+                value = np.asarray(item[()])
+                arrays.append([here, str(value.dtype), list(value.shape), hashlib.sha256(value.tobytes()).hexdigest()])
+            else:
+                walk(item, here)
+
+    try:
+        f = h5py.File(io.BytesIO(data), "r")
+    except OSError:  # not HDF5 (a test's stand-in): its bytes
+        return hashlib.sha256(data).hexdigest()
+    with f:
+        walk(f, "")
+    return layout.sha256_json(arrays)
 
 
 def _renumbered(node: Any, seen: dict[Any, int]) -> Any:

@@ -92,11 +92,15 @@ def run_conf(args: argparse.Namespace) -> dict[str, Any]:
         conf["force"] = True
     # A typo caught here costs a second; in the DAG, Airflow's start-up and a task's try first. (A run
     # checks its offline folder for the files it reads: steps.check_files.)
+    from encoderflow.config import Sources
+
     if conf.get("data_dir") and args.command in ("download", "validate"):
+        from encoderflow.data.inputs import offline_needs
         from encoderflow.data.sources import offline_root
 
-        offline_root(conf["data_dir"])  # they read every dataset: the layout of all is the hint
-    from encoderflow.config import Sources
+        # A folder no role reads is not checked; one read lists the files the config names.
+        if needed := offline_needs(from_params(conf), Sources.from_params(conf)):
+            offline_root(conf["data_dir"], [m for members in needed.values() for m in members])
     from encoderflow.data.folders import is_http, local_path
 
     sources = Sources.from_params(conf)  # the flags, else the data file's declarations

@@ -135,8 +135,8 @@ def asking_airflow(home: Path, dag_id: str = DAG_ID) -> Callable[[], DagRuns]:
     def answer() -> DagRuns:
         found: list[dict[str, Any]] = []
         said = []
-        for label, answered in asked:
-            runs = answered()
+        answers = [(label, answered()) for label, answered in asked]  # every CLI waited for, and its files closed
+        for label, runs in answers:
             if isinstance(runs, str):
                 return DagRuns([], False, f"Airflow {label}: could not list the runs of {dag_id} ({runs})")
             # Airflow's CLI writes "" for a date it does not have (a queued run's start); the page's ORM None.
@@ -180,7 +180,19 @@ def _start_list_runs(env: dict[str, str], dag_id: str) -> Callable[[], list[dict
     # Its warnings (graphviz missing, say) would be lines of standard output too.
     proc = subprocess.Popen(cmd, env={**env, "PYTHONWARNINGS": "ignore"}, stdout=out, stderr=err, text=True)
 
+    said: list[list[dict[str, Any]] | str] = []  # the answer, once read: a second call gets it again
+
     def answered() -> list[dict[str, Any]] | str:
+        if not said:
+            said.append(_read_list_runs(proc, out, err))
+        return said[0]
+
+    return answered
+
+
+def _read_list_runs(proc: subprocess.Popen, out, err) -> list[dict[str, Any]] | str:
+    """Wait for :func:`_start_list_runs`'s CLI (killed on a timeout or an interrupt) and read its answer."""
+    with out, err:
         try:
             proc.wait(timeout=300)
         except subprocess.TimeoutExpired:
@@ -189,10 +201,9 @@ def _start_list_runs(env: dict[str, str], dag_id: str) -> Callable[[], list[dict
             if proc.poll() is None:  # timed out, or the reader was interrupted
                 proc.kill()
                 proc.wait()
-        with out, err:
-            out.seek(0)
-            err.seek(0)
-            stdout, stderr = out.read(), err.read()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
         lines = stdout.splitlines()
         if proc.returncode == 0:
             for line in lines:
@@ -201,11 +212,9 @@ def _start_list_runs(env: dict[str, str], dag_id: str) -> Callable[[], list[dict
                         return json.loads(line)
             if any("No data found" in line for line in lines):
                 return []
-        said = [line.strip() for line in (stdout + "\n" + stderr).splitlines() if line.strip()]
-        errors = [line for line in said if "error" in line.lower()]
-        return ((errors or said)[-1] if said else f"exit {proc.returncode}, no output")[:300]
-
-    return answered
+    said = [line.strip() for line in (stdout + "\n" + stderr).splitlines() if line.strip()]
+    errors = [line for line in said if "error" in line.lower()]
+    return ((errors or said)[-1] if said else f"exit {proc.returncode}, no output")[:300]
 
 
 @dataclass(frozen=True)

@@ -752,3 +752,20 @@ def test_a_download_writes_nothing_to_stderr(http_server, encoderflow_home):
     assert done.returncode == 0, done.stderr
     assert (expected_root(encoderflow_home, spec) / "blob.bin").read_bytes() == data
     assert done.stderr == ""
+
+
+def test_two_missing_splits_get_their_ways_out_together_never_the_same_split_twice(tmp_path):
+    """A folder holding only the test split, for a run reading train and valid: suggesting test for both
+    keys sent the second run into a failure the first could have said."""
+    data_dir = tmp_path / "offline"
+    (data_dir / "wikitext-103-raw").mkdir(parents=True)
+    (data_dir / sources.wikitext_member("test")).write_text(" = T = \n text\n")
+    needs = {"wikitext": sources.required_members("wikitext", "train", "valid")}
+    with pytest.raises(DataError) as err:
+        sources.check_offline(data_dir, needs, {"pretrain_split": "train", "validation_split": "valid"})
+    assert "the train split data.pretrain_split names" in err.value.message
+    assert "the valid split data.validation_split names" in err.value.message
+    assert err.value.fix == (
+        "put wiki.train.raw there, or use a split it holds: --set data.pretrain_split=test "
+        '(make run SET="data.pretrain_split=test"); put wiki.valid.raw there'
+    ), err.value.fix

@@ -82,25 +82,31 @@ def get(role: str, cfg, src, downloader=None) -> dict[str, Any]:
     return {**info, **extra}
 
 
-def check_offline(cfg, src) -> None:
-    """With an offline folder (``src.data_dir``), every file the run's roles read from it is there:
-    checked by ``check_params`` (and ``encoderflow run`` before Airflow starts), so a wrong folder fails
-    the run once, naming each missing file, before any download task, not once per download task.
-    A role with your own data, or a vocabulary trained on the corpus, reads nothing from the folder."""
+def offline_needs(cfg, src) -> dict[str, tuple[str, ...]]:
+    """dataset -> the files a run's roles read from an offline folder: none for a role with your own
+    data, or for a vocabulary trained on the corpus."""
     from encoderflow.data import sources
 
-    if not src.data_dir:
-        return
     specs = sources.load_specs(src.sources_file)
     custom = src.custom()
     d = cfg.data
-    needs = {
+    return {
         BUILTIN[role]: sources.required_members(BUILTIN[role], d.pretrain_split, d.validation_split, specs)
         for role in BUILTIN
         if role not in custom and not (role == "vocab" and cfg.inputs.vocab == "trained")
     }
-    if not needs:  # every role has data of its own: the folder is not read
+
+
+def check_offline(cfg, src) -> None:
+    """With an offline folder (``src.data_dir``), every file the run's roles read from it is there
+    (:func:`offline_needs`): checked by ``check_params`` (and ``encoderflow run`` before Airflow starts),
+    so a wrong folder fails the run once, naming each missing file, before any download task, not once
+    per download task. A folder no role reads is not checked."""
+    from encoderflow.data import sources
+
+    if not src.data_dir or not (needs := offline_needs(cfg, src)):
         return
+    d = cfg.data
     splits = {"pretrain_split": d.pretrain_split, "validation_split": d.validation_split}
     sources.check_offline(src.data_dir, needs, splits if "wikitext" in needs else None)
 

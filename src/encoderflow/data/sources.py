@@ -557,13 +557,11 @@ def check_offline(
     members = tuple(dict.fromkeys(m for ms in needs.values() for m in ms))
     root = offline_root(data_dir, members)
     missing = [m for m in members if not (root / m).is_file()]
-    split = _split_problem(root, splits) if splits else None
-    if split and missing == [split[0]]:  # only a split, which another the folder holds can replace
-        raise DataError(split[1], fix=split[2])
+    problems = _split_problems(root, splits) if splits else []
+    if problems and set(missing) == {p[0] for p in problems}:  # only splits: each key's way out
+        raise DataError("; ".join(p[1] for p in problems), fix="; ".join(p[2] for p in problems))
     if missing:
-        fix = _offline_fix(root)
-        if split:  # the split's way out too, in the same failure
-            fix += f"; for {split[0]}: {split[2]}"
+        fix = "; ".join([_offline_fix(root), *(f"for {p[0]}: {p[2]}" for p in problems)])
         raise DataError(f"offline data folder {root}: missing {', '.join(missing)}", fix=fix)
     return root
 
@@ -586,35 +584,45 @@ def _offline_splits_present(data_dir: str | os.PathLike, splits: dict[str, str])
     Offline copies usually lack the 540 MB train split, and the guide and recipe presets pretrain on it.
     """
     root = offline_root(data_dir, tuple(dict.fromkeys(wikitext_member(s) for s in splits.values())))
-    if problem := _split_problem(root, splits):
-        raise DataError(problem[1], fix=problem[2])
+    if problems := _split_problems(root, splits):
+        raise DataError("; ".join(p[1] for p in problems), fix="; ".join(p[2] for p in problems))
 
 
-def _split_problem(root: Path, splits: dict[str, str]) -> tuple[str, str, str] | None:
-    """(member, message, fix) for the first WikiText split a key names that the folder lacks while
-    it holds another; None when there is none."""
+def _split_problems(root: Path, splits: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(member, message, fix) for each WikiText split a key names that the folder lacks while it holds
+    another. The ways out are chosen together: no split suggested for two keys, nor for a key the
+    other reads (pretraining on the validation text, or the reverse)."""
     present = [s for s in ("train", "valid", "test") if (root / wikitext_member(s)).is_file()]
+    if not present:
+        return []
+    taken = {split for split in splits.values() if (root / wikitext_member(split)).is_file()}
+    problems = []
     for key, split in splits.items():
         path = root / wikitext_member(split)
-        if present and not path.is_file():
-            # Not the split the other key reads (pretraining on the validation text, or the reverse).
-            taken = {v for k, v in splits.items() if k != key}
-            order = ("test", "train", "valid") if key == "pretrain_split" else ("valid", "test", "train")
-            other = next((s for s in order if s in present and s not in taken), None)
-            said = f"offline data folder {root}: missing {path}, the {split} split data.{key} names"
-            if other is None:
-                return (
+        if path.is_file():
+            continue
+        order = ("test", "train", "valid") if key == "pretrain_split" else ("valid", "test", "train")
+        other = next((s for s in order if s in present and s not in taken), None)
+        said = f"offline data folder {root}: missing {path}, the {split} split data.{key} names"
+        if other is None:
+            problems.append(
+                (
                     wikitext_member(split),
                     f"{said} (this folder holds WikiText's {', '.join(present)}, which data.{key} cannot share)",
                     f"put wiki.{split}.raw there",
                 )
-            return (
+            )
+            continue
+        taken.add(other)
+        problems.append(
+            (
                 wikitext_member(split),
                 f"{said} (this folder holds WikiText's {', '.join(present)})",
                 f"put wiki.{split}.raw there, or use a split it holds: --set data.{key}={other} "
                 f'(make run SET="data.{key}={other}")',
             )
-    return None
+        )
+    return problems
 
 
 def present_members(spec: DatasetSpec, data_dir: str | os.PathLike) -> tuple[str, ...]:
