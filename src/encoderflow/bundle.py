@@ -14,9 +14,13 @@ ML library at load time: the registry imports it, and the Airflow plugin imports
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import re
 import shutil
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -175,10 +179,6 @@ def content_identity(path: str | os.PathLike) -> str:
 def _content_sha256(file: Path) -> str:
     """A ``.keras`` file's members (architecture, weights) without its save time; a file that is not
     a zip archive (a test's stand-in) by its bytes."""
-    import hashlib
-    import json
-    import zipfile
-
     try:
         archive = zipfile.ZipFile(file)
     except zipfile.BadZipFile:
@@ -208,9 +208,6 @@ def _weights_sha256(data: bytes) -> str:
     numbering: a sub-layer Keras names itself (``dropout``, ``softmax``) is ``dropout_1`` in a process
     that built one before, with the same weights. Siblings keep their order (``dense`` before ``dense_1``
     before ``dense_10``), so two layers of one name stay apart."""
-    import hashlib
-    import io
-
     import h5py
     import numpy as np
 

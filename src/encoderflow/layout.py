@@ -47,21 +47,19 @@ def run_dir(run_id: str) -> Path:
 def task_log_path(run_id: str, task_id: str, map_index: int, try_number: int) -> Path:
     """Where ``encoderflow run`` keeps a task try's log (``dag.test`` writes none), laid out as Airflow's
     (:func:`airflow_log_path`) below the run folder."""
-    mapped = f"map_index={map_index}/" if map_index >= 0 else ""
-    return run_dir(run_id) / "logs" / f"task_id={task_id}" / f"{mapped}attempt={try_number}.log"
+    return run_dir(run_id) / "logs" / _try_log(task_id, map_index, try_number)
 
 
 def airflow_log_path(log_folder: str, dag_id: str, run_id: str, task_id: str, map_index: int, try_number: int) -> Path:
     """Where Airflow's file task handler writes a try's log under ``[logging] base_log_folder``, by its
     default ``log_filename_template`` (``make airflow``, ``make stack``, a deployment's shared volume)."""
+    return Path(log_folder) / f"dag_id={dag_id}" / f"run_id={run_id}" / _try_log(task_id, map_index, try_number)
+
+
+def _try_log(task_id: str, map_index: int, try_number: int) -> str:
+    """The tail of Airflow's default ``log_filename_template``: ``task_id=<t>/[map_index=<i>/]attempt=<n>.log``."""
     mapped = f"map_index={map_index}/" if map_index >= 0 else ""
-    return (
-        Path(log_folder)
-        / f"dag_id={dag_id}"
-        / f"run_id={run_id}"
-        / f"task_id={task_id}"
-        / f"{mapped}attempt={try_number}.log"
-    )
+    return f"task_id={task_id}/{mapped}attempt={try_number}.log"
 
 
 def mlflow_dir() -> Path:

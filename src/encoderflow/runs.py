@@ -165,11 +165,6 @@ def airflow_states(answer: DagRuns) -> AirflowRuns:
     return AirflowRuns(states, answer.asked, answer.said)
 
 
-def _list_runs(env: dict[str, str], dag_id: str) -> list[dict[str, Any]] | str:
-    """``airflow dags list-runs`` as JSON, or why it could not be had (:func:`_start_list_runs`)."""
-    return _start_list_runs(env, dag_id)()
-
-
 def _start_list_runs(env: dict[str, str], dag_id: str) -> Callable[[], list[dict[str, Any]] | str]:
     """Start ``airflow dags list-runs`` and return the call that waits for its JSON, or for why it
     could not be had. Airflow writes its own warnings to standard output too; the JSON is its one
