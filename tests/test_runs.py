@@ -358,13 +358,18 @@ import os, sys
 from encoderflow import runs
 sys.executable = sys.argv[1]  # the Airflow CLI it starts: a script that sleeps
 answered = runs._start_list_runs(dict(os.environ), "encoder_pretraining")
+while not os.path.exists(sys.argv[3]):  # the CLI has started and said its pid
+    pass
 print("waiting", flush=True)
-answered()
+if sys.argv[2] == "reads":
+    answered()
 """
 
 
-def test_an_interrupted_reader_ends_at_once_and_takes_airflows_cli_with_it(tmp_path):
-    """A SIGINT to the reader alone (kill -INT, a supervisor): it used to wait out Airflow's CLI, up to 300 s."""
+@pytest.mark.parametrize("reader", ["reads", "exits without reading"])
+def test_an_interrupted_reader_ends_at_once_and_takes_airflows_cli_with_it(tmp_path, reader):
+    """A SIGINT to the reader alone (kill -INT, a supervisor): it used to wait out Airflow's CLI, up to 300 s.
+    Whether it was waiting for the answer or still asking MLflow, the CLI goes with it."""
     import os
     import signal
     import subprocess
@@ -373,20 +378,22 @@ def test_an_interrupted_reader_ends_at_once_and_takes_airflows_cli_with_it(tmp_p
 
     pid_file = tmp_path / "cli.pid"
     sleeper = tmp_path / "airflow-cli"
-    sleeper.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n")
+    sleeper.write_text(f"#!/bin/sh\necho $$ > {pid_file}.tmp\nmv {pid_file}.tmp {pid_file}\nexec sleep 60\n")
     sleeper.chmod(0o755)
-    reader = subprocess.Popen(
-        [sys.executable, "-c", INTERRUPTED, str(sleeper)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED, str(sleeper), reader.split()[0], str(pid_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert reader.stdout.readline() == "waiting\n"
-    deadline = time.monotonic() + 10
-    while not pid_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert proc.stdout.readline() == "waiting\n"
     cli_pid = int(pid_file.read_text())
     t0 = time.monotonic()
-    reader.send_signal(signal.SIGINT)
-    reader.wait(timeout=30)
-    assert time.monotonic() - t0 < 10 and "KeyboardInterrupt" in reader.stderr.read()
+    if reader == "reads":
+        proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert ("KeyboardInterrupt" in proc.stderr.read()) == (reader == "reads")
     time.sleep(0.2)
     with pytest.raises(ProcessLookupError):
         os.kill(cli_pid, 0)  # killed and reaped by the reader, not left running

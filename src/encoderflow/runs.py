@@ -18,7 +18,9 @@ are asked only when a caller asks.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import json
 import math
 import os
@@ -122,8 +124,8 @@ def asking_airflow(home: Path, dag_id: str = DAG_ID) -> Callable[[], DagRuns]:
     """Start asking the Airflows writing into ``home`` (:func:`dag_runs`) and return the call that
     waits for their answer. Each Airflow CLI takes seconds to start, so a reader asks MLflow
     meanwhile, and several Airflows are asked at once. The environments are read now: a caller
-    may change ``os.environ`` (MLflow's settings) while Airflow is asked. A reader that never
-    calls it leaves the CLIs to finish on their own."""
+    may change ``os.environ`` (MLflow's settings) while Airflow is asked. A reader that exits
+    without calling it kills the CLIs at exit."""
     envs, problem = _airflow_envs(home)
     if problem:
         unasked = DagRuns([], False, f"Airflow not asked: {problem}")
@@ -174,18 +176,27 @@ def _start_list_runs(env: dict[str, str], dag_id: str) -> Callable[[], list[dict
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     # Its warnings (graphviz missing, say) would be lines of standard output too.
     proc = subprocess.Popen(cmd, env={**env, "PYTHONWARNINGS": "ignore"}, stdout=out, stderr=err, text=True)
+    # A reader that exits before it reads the answer (interrupted while it asks MLflow) takes the CLI along.
+    stop = functools.partial(_stop, proc)
+    atexit.register(stop)
 
     said: list[list[dict[str, Any]] | str] = []  # the answer, once read: a second call gets it again
 
     def answered() -> list[dict[str, Any]] | str:
         if not said:
-            said.append(_read_list_runs(proc, out, err))
+            said.append(_read_list_runs(proc, out, err, stop))
         return said[0]
 
     return answered
 
 
-def _read_list_runs(proc: subprocess.Popen, out, err) -> list[dict[str, Any]] | str:
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _read_list_runs(proc: subprocess.Popen, out, err, stop: Callable[[], None]) -> list[dict[str, Any]] | str:
     """Wait for :func:`_start_list_runs`'s CLI (killed on a timeout or an interrupt) and read its answer."""
     with out, err:
         try:
@@ -193,9 +204,8 @@ def _read_list_runs(proc: subprocess.Popen, out, err) -> list[dict[str, Any]] | 
         except subprocess.TimeoutExpired:
             return "no answer in 300 s: is its metadata DB up?"
         finally:
-            if proc.poll() is None:  # timed out, or the reader was interrupted
-                proc.kill()
-                proc.wait()
+            stop()  # timed out, or the reader was interrupted: no CLI left running
+            atexit.unregister(stop)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
