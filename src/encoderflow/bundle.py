@@ -368,9 +368,11 @@ class Scorer:
 
     def predict(self, sentences: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Per sentence, the predicted class index and its probability."""
+        return self._classes(self.probabilities(sentences))
+
+    def _classes(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import numpy as np
 
-        probs = self.probabilities(sentences)
         if len(self.labels) <= 2:
             # Keras's binary accuracy (what fine-tuning reports) counts 0.5 as class 0: so do we.
             predicted = (probs > 0.5).astype(np.int32)
@@ -386,3 +388,16 @@ class Scorer:
     def accuracy(self, sentences: Sequence[str], labels) -> float:
         """Share of sentences classified correctly (:meth:`correct`)."""
         return float(self.correct(sentences, labels).mean())
+
+    def evaluate(self, sentences: Sequence[str], labels) -> tuple[float, float]:
+        """Accuracy (as :meth:`accuracy`) and fine-tuning's loss (binary cross-entropy for two classes,
+        sparse categorical for more) of labeled sentences, from one pass of the classifier."""
+        import numpy as np
+
+        keras = runtime.keras()
+        probs, labels = self.probabilities(sentences), np.asarray(labels)
+        if len(self.labels) <= 2:
+            loss = keras.losses.BinaryCrossentropy()(labels.astype(np.float32)[:, None], probs[:, None])
+        else:
+            loss = keras.losses.SparseCategoricalCrossentropy()(labels, probs)
+        return float((self._classes(probs)[0] == labels).mean()), float(loss)

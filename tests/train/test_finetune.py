@@ -236,6 +236,11 @@ def test_a_change_to_the_dev_split_alone_rescores_the_same_model_and_trains_noth
     assert bundle.identity(second["bundle"]) == bundle.identity(first["bundle"])  # the gate's model check sees v1's
     rescored = bundle.Scorer(second["bundle"]).accuracy(*read_labeled(changed, "dev"))
     assert second["val_accuracy"] == rescored != first["val_accuracy"]
+    # The loss too is this dev file's; scored the same way on the first dev file, it is fine-tuning's own.
+    assert second["val_loss"] != first["val_loss"]
+    again_first = bundle.Scorer(first["bundle"]).evaluate(*read_labeled(sst2, "dev"))
+    assert again_first[0] == first["val_accuracy"] and again_first[1] == pytest.approx(first["val_loss"], rel=1e-3)
+    assert second["history"] == first["history"] and second["history_dev_sha256"] == first["dev_sha256"]
     assert second["dev_sha256"] == layout.sha256_file(dev)
     assert "finetune: dev file changed since this bundle was trained" in caplog.text
     # Its result says so for a retry, which reuses it as it is.

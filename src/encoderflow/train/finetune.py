@@ -52,17 +52,21 @@ def _on_this_dev(done: dict[str, Any], labeled: dict[str, Any], dev_sha256: str,
         return done
     from encoderflow.data.inputs import read_labeled
 
-    sentences, labels = read_labeled(labeled, "dev")
-    accuracy = bundle.Scorer(done["bundle"]).accuracy(sentences, labels)
+    accuracy, loss = bundle.Scorer(done["bundle"]).evaluate(*read_labeled(labeled, "dev"))
     log.info(
-        "finetune: dev file changed since this bundle was trained (sha256 %s, was %s): it scores %.4f on it (%.4f "
-        "before); val_loss and the curves are the earlier dev file's",
+        "finetune: dev file changed since this bundle was trained (sha256 %s, was %s): it scores %.4f on it, "
+        "val_loss %.4f (%.4f and %.4f before); the per-epoch curves are the earlier dev file's",
         dev_sha256[:16],
         str(done.get("dev_sha256"))[:16],
         accuracy,
+        loss,
         done["val_accuracy"],
+        done["val_loss"],
     )
-    rescored = {**done, "val_accuracy": float(accuracy), "dev_sha256": dev_sha256}
+    # history_dev_sha256: the dev file the curves (history) were measured on, kept through rescorings.
+    trained_on = done.get("history_dev_sha256", done.get("dev_sha256"))
+    rescored = {**done, "val_accuracy": accuracy, "val_loss": loss, "dev_sha256": dev_sha256}
+    rescored["history_dev_sha256"] = trained_on
     layout.write_json(out_dir / "result.json", rescored)
     return rescored
 
