@@ -153,7 +153,7 @@ def test_predict_scores_sentences_with_the_champion(tmp_path, capsys, monkeypatc
 
     with monkeypatch.context() as mp:
         mp.setattr(registry, "download_version", no_download)
-        mp.setattr("sys.stdin", io.StringIO("a fine film\n"))
+        mp.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"a fine film\n")))
         assert cli.main(["predict", "--file", "-", "--model", name]) == 0
     assert capsys.readouterr().out == expected[0] + "\n"
     # An altered copy is not served: it is downloaded again.
@@ -167,7 +167,7 @@ def test_predict_scores_sentences_with_the_champion(tmp_path, capsys, monkeypatc
     assert capsys.readouterr().out == f"{int(predicted[0])}\t{confidence[0]:.4f}\ta fine film\n"
 
 
-def test_predict_names_a_file_it_cannot_read_and_the_fix(tmp_path, capsys):
+def test_predict_names_a_file_it_cannot_read_and_the_fix(tmp_path, capsys, monkeypatch):
     assert cli.main(["predict", "--file", str(tmp_path / "nope.txt")]) == 2
     assert f"predict --file {tmp_path / 'nope.txt'}: no such file; fix: give an existing file, or - for stdin" in (
         capsys.readouterr().err
@@ -181,6 +181,22 @@ def test_predict_names_a_file_it_cannot_read_and_the_fix(tmp_path, capsys):
         "predict: no text given; fix: give sentences as arguments, or --file FILE (- for stdin)"
         in capsys.readouterr().err
     )
+    # The same bytes from stdin, or as an argument (Python's lone surrogate for each), failed with a
+    # TensorFlow traceback once the model had loaded.
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("ok\ncafé\n".encode("latin-1"))))
+    assert cli.main(["predict", "--file", "-"]) == 2
+    assert "predict --file -: standard input is not UTF-8 (byte 6: b'\\xe9'); fix: convert it first" in (
+        capsys.readouterr().err
+    )
+    assert cli.main(["predict", "fine", "caf\udce9"]) == 2
+    assert "predict: sentence 2 is not UTF-8 (character 3: b'\\xe9'); fix: give UTF-8 text" in capsys.readouterr().err
+    assert cli.main(["predict", "--file", str(tmp_path)]) == 2
+    assert f"predict --file {tmp_path}: cannot read it (Is a directory); fix:" in capsys.readouterr().err
+    # A batch whose input happens to be empty scores nothing and says so; it is not a failure.
+    (tmp_path / "empty.txt").write_text("")
+    assert cli.main(["predict", "--file", str(tmp_path / "empty.txt")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"--file {tmp_path / 'empty.txt'} holds no lines: nothing scored" in captured.err
 
 
 def test_dag_params_become_config_values():

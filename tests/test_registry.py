@@ -183,30 +183,42 @@ def test_rollbacks_walk_back_through_the_versions_each_champion_replaced(tmp_pat
     assert _aliases() == {"champion": "4", "previous": "1"}
     registry.rollback(NAME, reason="not fixed", who="bob")
     assert _aliases() == {"champion": "1", "previous": None}
+    # Back to a version whose own promotion replaced the champion it leaves: previous is removed, and
+    # the command said "previous is v3" when there was none.
+    for v in ("3", "2", "3"):
+        registry.promote(NAME, v, reason="swap", who="bob")
+    capsys.readouterr()
+    assert cli.main(["rollback", "--reason", "back"]) == 0
+    assert _aliases() == {"champion": "2", "previous": None}
+    assert capsys.readouterr().out.rstrip().endswith("-> v2 by " + _who() + ": back; no previous version left")
 
 
-def test_the_history_tag_keeps_the_newest_moves_that_fit_the_stores_column():
-    # MLflow's SQL stores hold a registered model's tag in a VARCHAR(5000) (PostgreSQL enforces it).
-    moves = [
-        registry._event(
-            "promote",
-            "airflow",
-            f"gate blessed run scheduled__2026-12-{i % 28 + 1:02d}T03:00:00+00:00",
-            str(i),
-            str(i + 1),
-        )
-        for i in range(60)
-    ]
-    kept = json.loads(tag := registry.history_tag(moves))
-    assert len(tag) <= registry.TAG_VALUE_MAX < len(json.dumps(moves[-registry.HISTORY_LIMIT :]))
-    assert kept == moves[-len(kept) :] and 20 < len(kept) < registry.HISTORY_LIMIT  # the newest, in order
-    assert len(json.loads(registry.history_tag(moves[:3]))) == 3  # short histories are kept whole
-
-    # One move whose --reason alone is too long (escaped characters included) is kept, its reason cut.
-    [long] = json.loads(
-        tag := registry.history_tag(moves + [registry._event("rollback", "bob", "é€" * 4000, "60", "59")])
-    )
-    assert len(tag) <= registry.TAG_VALUE_MAX and long["to"] == "59" and long["reason"].endswith(" [cut]")
+def test_the_move_history_only_grows_each_move_a_tag_that_fits_the_stores_column(tmp_path, capsys):
+    """The history was one tag of the newest moves that fit 5,000 characters: one long --reason
+    dropped every older move, and the next move dropped the long one."""
+    v1, v2 = (_register(tmp_path, t) for t in "12")
+    c = registry.client()
+    # Moves recorded before each had its own tag (champion.history) come first, kept as they were.
+    legacy = [registry._event("promote", "gate", f"night {n}", None if n == 0 else "1", "1") for n in range(3)]
+    c.set_registered_model_tag(NAME, registry.LEGACY_HISTORY_TAG, json.dumps(legacy))
+    registry.move_champion(NAME, v1, expected=None, reason="first", who="gate")
+    long = "x" * (registry.REASON_MAX + 1)
+    assert cli.main(["promote", "--version", v2, "--reason", long, "--who", "longy"]) == 2
+    err = capsys.readouterr().err
+    assert f"--reason is {len(long):,} characters; the registry keeps at most 1,000" in err
+    assert "fix: give a shorter --reason" in err and _aliases()["champion"] == v1  # nothing moved
+    assert cli.main(["rollback", "--reason", long]) == 2
+    for n in range(30):
+        registry.move_champion(NAME, "21"[n % 2], expected="12"[n % 2], reason=f"move {n} " + "é" * 150, who="gate")
+    # A move made without the CLI's check, its reason too long for the column even escaped: cut, kept.
+    registry.move_champion(NAME, v2, expected=v1, reason="é€" * 4000, who="script")
+    events = registry.history(NAME)
+    assert events[:3] == legacy and events[3]["reason"] == "first"
+    assert [e["reason"] for e in events[4:-1]] == [f"move {n} " + "é" * 150 for n in range(30)]
+    assert events[-1]["who"] == "script" and events[-1]["reason"].endswith(" [cut]")
+    moves = {k: v for k, v in c.get_registered_model(NAME).tags.items() if k.startswith(registry.MOVE_TAG)}
+    assert len(moves) == 32 and max(len(v) for v in moves.values()) <= registry.TAG_VALUE_MAX
+    assert len(c.get_model_version(NAME, v2).tags["champion.promote"]) <= registry.TAG_VALUE_MAX
 
 
 def test_a_retry_records_the_move_its_first_try_made_but_did_not_record(tmp_path):
@@ -303,6 +315,69 @@ def test_unknown_version_and_empty_history_are_clear_errors(tmp_path, capsys):
     assert "no version 9 in " in err and "; its versions: [1]; fix: give --version one of them" in err
     assert cli.main(["rollback"]) == 2
     assert "no 'previous' version" in capsys.readouterr().err
+
+
+def test_a_person_cannot_make_a_damaged_version_champion(tmp_path, capsys):
+    """promote moved the alias onto a version whose files were altered in the store; a warm serving
+    copy hid it until another host served it."""
+    from urllib.parse import urlparse
+
+    v1, v2 = _register(tmp_path, "1"), _register(tmp_path, "2")
+    registry.move_champion(NAME, v1, expected=None, reason="first", who="gate")
+    assert cli.main(["promote", "--version", v2, "--reason", "checked", "--who", "erin"]) == 0
+    assert (registry.serving_folder(NAME, v2) / "classifier.keras").read_text() == "clf-2"  # fetched, verified
+    assert cli.main(["rollback", "--reason", "back"]) == 0
+    capsys.readouterr()
+    stored = Path(urlparse(registry.client().get_model_version(NAME, v2).source).path)
+    (stored / "classifier.keras").write_text("clf-2, altered in the store")
+    assert cli.main(["promote", "--version", v2, "--reason", "again", "--who", "erin"]) == 2
+    err = capsys.readouterr().err
+    assert f"models:/{NAME}/{v2}: classifier.keras" in err and "fix: serve another version" in err
+    assert _aliases() == {"champion": v1, "previous": None}
+    assert (registry.serving_folder(NAME, v2) / "classifier.keras").read_text() == "clf-2"  # left as it was
+
+
+def test_a_person_whose_move_loses_a_race_is_told_so_not_to_clear_a_gate(tmp_path, monkeypatch):
+    v1, v2, v3 = (_register(tmp_path, t) for t in "123")
+    registry.move_champion(NAME, v1, expected=None, reason="first", who="gate")
+    looked, calls = registry.champion, []
+
+    def before_someone_moved_it(name):  # this promote's first look saw v3; then v1 is champion again
+        calls.append(name)
+        return {**looked(name), "version": v3} if len(calls) == 1 else looked(name)
+
+    monkeypatch.setattr(registry, "champion", before_someone_moved_it)
+    with pytest.raises(registry.StaleChampion) as stale:
+        registry.promote(NAME, v2, reason="mine", who="bob")
+    said = f"{NAME}: the champion moved to v1 (from v3) while this promote ran; nothing moved"
+    assert str(stale.value).startswith(said)
+    assert "run the command again" in stale.value.fix and "evaluate_and_gate" not in stale.value.fix
+
+
+def test_a_version_blessed_by_a_later_run_carries_that_decision(tmp_path):
+    """A rejected candidate's model, blessed by a later run that reused it, served as champion while
+    its version said gate.blessed=false."""
+    first = _register(tmp_path, "1", blessed=False)
+    c = registry.client()
+    assert c.get_model_version(NAME, first).tags["gate.check.floor"] == "FAIL: x"
+    blessed = {
+        "blessed": True,
+        "reasons": [],
+        "candidate": 0.9,
+        "checks": [{"name": "champion", "passed": True, "detail": "y"}],
+    }
+    tags = {"airflow.run_id": "run-later", "airflow.dag_id": "encoder_pretraining"}
+    got = registry.log_candidate(NAME, _bundle(tmp_path / "later", "1"), {}, {}, {}, tags, blessed)
+    assert got["version"] == first
+    now = c.get_model_version(NAME, first).tags
+    assert now["gate.blessed"] == "true" and now["gate.decided_in"] == "run-later"
+    assert now["gate.check.champion"] == "pass: y" and "gate.check.floor" not in now  # the old decision's
+    assert now["airflow.run_id"] == "run-1"  # who registered it stays
+    # A later rejection of the same model ("nothing new to promote") leaves the blessing it serves under.
+    rejected = {"blessed": False, "reasons": ["model: own"], "checks": []}
+    again = {"airflow.run_id": "run-again", "airflow.dag_id": "encoder_pretraining"}
+    registry.log_candidate(NAME, _bundle(tmp_path / "again", "1"), {}, {}, {}, again, rejected)
+    assert c.get_model_version(NAME, first).tags["gate.decided_in"] == "run-later"
 
 
 def test_version_tags_carry_the_gate_decision(tmp_path):
@@ -753,3 +828,22 @@ def test_a_model_trained_again_to_the_same_weights_is_the_registered_one(tmp_pat
     other = _saved_at(tmp_path / "other", "w2", "2026-12-07@11:00:00")
     assert registry.versions_of_model(NAME, bundle.identity(other), bundle.content_identity(other)) == []
     assert registry.log_candidate(NAME, other, {}, {}, {}, {"airflow.run_id": "run-2"}, decision)["version"] != first
+
+
+def test_runs_says_who_made_the_champion_when_and_why_and_each_alias_once(tmp_path):
+    """`encoderflow runs` showed which version was champion but not who moved it there, or why; and a
+    second tracking URI for the same store listed every alias twice."""
+    from encoderflow import layout, runs
+
+    v1, v2 = (_register(tmp_path, t) for t in "12")
+    registry.move_champion(NAME, v1, expected=None, reason="gate blessed run-1", who="airflow")
+    registry.promote(NAME, v2, reason="hand-checked on the new slice", who="alice")
+    same_store = registry.embedded_uri().replace("/mlflow/", "//mlflow/")  # another spelling of one database
+    layout.write_json(layout.run_dir("run-2") / "summary.json", {"registry": {"tracking_uri": same_store}})
+    aliased, said, stores = runs.aliased_versions(layout.home())
+    assert len(stores) == 2 and len(aliased) == 4
+    first, moved = said.split("\n")
+    assert first.endswith(f": {NAME} v2 (champion), {NAME} v1 (previous)") and first.count("(champion)") == 1
+    day = registry.history(NAME)[-1]["at"][:10]
+    assert moved.startswith(f"  {NAME} v2 is champion since {day} ")
+    assert moved.endswith("UTC (promote from v1, by alice: 'hand-checked on the new slice')")

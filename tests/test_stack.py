@@ -193,7 +193,7 @@ def mlflow_client(st: stack_mod.Stack, user: str | None):
 
 
 def registry_state(st: stack_mod.Stack) -> tuple[str | None, list[dict[str, Any]], list[Any]]:
-    """(champion version, champion.history events, every version) as MLflow's admin sees them."""
+    """(champion version, champion moves, every version) as MLflow's admin sees them."""
     from mlflow.exceptions import RestException
 
     c = mlflow_client(st, "admin")
@@ -207,7 +207,9 @@ def registry_state(st: stack_mod.Stack) -> tuple[str | None, list[dict[str, Any]
     finally:
         os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
         os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
-    return model.aliases.get("champion"), json.loads(model.tags.get("champion.history", "[]")), versions
+    from encoderflow import registry
+
+    return model.aliases.get("champion"), registry.moves_in(model.tags), versions
 
 
 def assert_clean_logs(client: Client, run_id: str) -> None:
@@ -395,8 +397,9 @@ def test_security_anonymous_mlflow_and_airflow_viewer(deployed):
 
 
 def test_a_month_of_champion_moves_fits_the_postgresql_registry(deployed, monkeypatch):
-    """MLflow's PostgreSQL store keeps a registered model's tag in a VARCHAR(5000): the champion's
-    history must stay under it, or about the 29th promotion fails after its alias has moved."""
+    """MLflow's PostgreSQL store keeps a tag's value in a VARCHAR(5000): one tag of the whole history
+    failed about the 29th promotion after its alias had moved. Each move is a tag of its own now, and
+    the moves recorded in the one tag before stay first."""
     from encoderflow import registry
 
     st, _, _ = deployed
@@ -416,19 +419,23 @@ def test_a_month_of_champion_moves_fits_the_postgresql_registry(deployed, monkey
     def night(n: int) -> str:
         return f"gate blessed run scheduled__{datetime.date(2026, 10, 31) + datetime.timedelta(days=n)}T03:00:00+00:00"
 
-    # A month of nightly promotions already on record, as much as the column holds (each move through
-    # basic auth costs seconds here, so the month is written at once); then three more nights.
+    # A month of nightly promotions on record in the one tag, as much as the column held (each move
+    # through basic auth costs seconds here, so the month is written at once); then three more nights.
     month = [registry._event("promote", "gate", night(n), "12"[n % 2], "12"[(n + 1) % 2]) for n in range(1, 31)]
-    c.set_registered_model_tag(name, "champion.history", seeded := registry.history_tag(month))
+    c.set_registered_model_tag(name, registry.LEGACY_HISTORY_TAG, json.dumps(month))
     c.set_registered_model_alias(name, "champion", month[-1]["to"])
-    assert len(seeded) > registry.TAG_VALUE_MAX - 300  # no room for two more moves as they were written
     expected = month[-1]["to"]
     for n in range(31, 34):
         version = "12"[(n + 1) % 2]
         registry.move_champion(name, version, expected, night(n), "gate")
         expected = version
+    # And one with a reason only a script could give (the CLI refuses it): cut to fit, not refused.
+    version = "12"[expected == "1"]
+    registry.move_champion(name, version, expected, "é€" * 4000, "script")
 
-    tag = c.get_registered_model(name).tags["champion.history"]
     moves = registry.history(name)
-    assert len(tag) <= registry.TAG_VALUE_MAX and c.get_model_version_by_alias(name, "champion").version == expected
-    assert [m["reason"] for m in moves[-4:]] == [night(n) for n in range(30, 34)]
+    assert c.get_model_version_by_alias(name, "champion").version == version
+    assert [m["reason"] for m in moves[:-1]] == [night(n) for n in range(1, 34)]
+    assert moves[-1]["reason"].endswith(" [cut]")
+    tags = c.get_registered_model(name).tags
+    assert max(len(v) for k, v in tags.items() if k.startswith(registry.MOVE_TAG)) <= registry.TAG_VALUE_MAX

@@ -297,19 +297,38 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _read_texts(file: str) -> list[str]:
     """The lines of ``file`` (``-``: standard input), one text each, blank ones kept (one row per line)."""
-    if file == "-":
-        return sys.stdin.read().splitlines()
+    where = "standard input is " if file == "-" else ""
     try:
-        return Path(file).read_text(encoding="utf-8-sig").splitlines()
+        raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+        return raw.decode("utf-8-sig").splitlines()
     except FileNotFoundError:
         raise EncoderflowError(
             f"predict --file {file}: no such file", fix="give an existing file, or - for stdin"
         ) from None
     except UnicodeDecodeError as exc:
         raise EncoderflowError(
-            f"predict --file {file}: not UTF-8 (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r})",
-            fix=f"convert it first, e.g. iconv -f latin1 -t utf-8 {file}",
+            f"predict --file {file}: {where}not UTF-8 (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r})",
+            fix=f"convert it first, e.g. iconv -f latin1 -t utf-8 {'FILE' if file == '-' else file}",
         ) from None
+    except OSError as exc:  # a folder, no permission
+        raise EncoderflowError(
+            f"predict --file {file}: cannot read it ({exc.strerror or exc})", fix="give a readable text file"
+        ) from None
+
+
+def _utf8_arguments(sentences: list[str]) -> list[str]:
+    """Sentences given as arguments: bytes that are not UTF-8 reach Python as lone surrogates, which the
+    tokenizer would fail on with a TensorFlow traceback after the model loaded."""
+    for i, sentence in enumerate(sentences, 1):
+        try:
+            sentence.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = sentence[exc.start].encode("utf-8", "surrogateescape")
+            raise EncoderflowError(
+                f"predict: sentence {i} is not UTF-8 (character {exc.start}: {bad!r})",
+                fix="give UTF-8 text (a UTF-8 terminal, or iconv -t utf-8 and --file -)",
+            ) from None
+    return sentences
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -318,7 +337,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from encoderflow import bundle, registry
     from encoderflow.results import SST2_LABELS
 
-    texts = list(args.sentences) + (_read_texts(args.file) if args.file else [])
+    texts = _utf8_arguments(list(args.sentences)) + (_read_texts(args.file) if args.file else [])
+    if not texts and args.file:  # a batch whose input happens to be empty: zero rows, as for any filter
+        print(f"predict: --file {args.file} holds no lines: nothing scored", file=sys.stderr)
+        return 0
     if not texts:
         raise EncoderflowError(
             "predict: no text given", fix="give sentences as arguments, or --file FILE (- for stdin)"
@@ -331,10 +353,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"registered model {name!r} has no champion yet at {registry.tracking_uri()}",
             fix="run the pipeline until a candidate is blessed (make run), or encoderflow promote --version N",
         )
-    # By model and number: the alias may move while this runs, and another model's v1 is another bundle.
     # A copy that still verifies is served again instead of downloaded again.
-    folder = layout.home() / "serving" / layout.safe_run_id(name) / f"v{current['version']}"
-    path = registry.fetch_verified(name, current["version"], folder)
+    path = registry.fetch_verified(name, current["version"], registry.serving_folder(name, current["version"]))
     scorer = bundle.Scorer(path)
     scored = [i for i, t in enumerate(texts) if t.strip()]
     scored_texts = [texts[i] for i in scored]
@@ -733,7 +753,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(exc, MlflowException):
             raise
-        first = str(exc).splitlines()[0][:300]
+        first = str(exc).splitlines()[0]
+        if len(first) > 320:  # keep the end too: urllib3 puts the cause ("Connection refused") last
+            first = f"{first[:140]} ... {first[-170:]}"
         print(
             f"encoderflow {args.command}: MLflow at {registry.tracking_uri()} failed: {first}; "
             "fix: check MLFLOW_TRACKING_URI and that the server is up, and its credentials "

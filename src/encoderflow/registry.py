@@ -215,6 +215,12 @@ def download_version(name: str, version: str, dst: str | os.PathLike) -> Path:
     return Path(dst) / inside
 
 
+def serving_folder(name: str, version: str) -> Path:
+    """Where this home keeps a verified copy of version ``version`` of ``name`` to serve: by model and
+    number, as the alias may move while a caller serves it, and another model's v1 is another bundle."""
+    return layout.home() / "serving" / layout.safe_run_id(name) / f"v{version}"
+
+
 def fetch_verified(name: str, version: str, dst: str | os.PathLike) -> Path:
     """Version ``version`` of ``name`` at ``dst``: the copy already there when it still verifies
     (``bundle.verify``), else downloaded (:func:`download_version`), its files then stored once for
@@ -266,6 +272,8 @@ def log_candidate(
         if "registered_by" not in done:  # this run's version: its tags follow the decision (a cleared gate's)
             for key, value in decision_tags(decision).items():
                 c.set_model_version_tag(name, done["version"], key, value)
+        elif decision.get("blessed"):
+            _blessed_again(c, name, done["version"], decision, tags.get("airflow.run_id"))
         return done
     for earlier in _versions_of_run(c, name, tags):
         if earlier.tags.get(CONTENT_TAG) == tags[CONTENT_TAG]:
@@ -313,6 +321,8 @@ def log_candidate(
         if holder is None:
             return _register(c, name, source, run_id, {**tags, **decision_tags(decision)})
         c.set_tag(run_id, REGISTERED_AS, str(holder.version))  # how a retry finds it (_registered_for)
+        if decision.get("blessed"):
+            _blessed_again(c, name, str(holder.version), decision, tags.get("airflow.run_id"))
     log.info(
         "registry: this candidate is %s v%s's model (same weights, tokenizer and labels, bundle sha256 %s), registered "
         "by %s: no second version; MLflow run %s records this run's metrics and decision",
@@ -323,6 +333,18 @@ def log_candidate(
         run_id,
     )
     return _described(holder, run_id, earlier=True)
+
+
+def _blessed_again(c, name: str, version: str, decision: dict[str, Any], run: str | None) -> None:
+    """A gate blessed ``version``'s model in a run that did not register it (rejected when it was, say,
+    and blessed once the champion it lost to was rolled back): its ``gate.*`` tags become this decision,
+    which ``gate.decided_in`` names, so the MLflow UI does not show the model it serves as rejected."""
+    new = {**decision_tags(decision), "gate.decided_in": run or "manual"}
+    for key in c.get_model_version(name, version).tags:
+        if key.startswith("gate.") and key not in new:
+            c.delete_model_version_tag(name, version, key)
+    for key, value in new.items():
+        c.set_model_version_tag(name, version, key, value)
 
 
 def _register(c, name: str, source: str, run_id: str, tags: dict[str, str]) -> dict[str, Any]:
@@ -540,6 +562,10 @@ def move_champion(
             f"{name}: no version {version} in {tracking_uri()}; its versions: {versions[:20]}",
             fix="give --version one of them (the runs page and the MLflow UI show each version's gate decision)",
         ) from None
+    if demote:
+        # A person's move serves this version next: fetched from the store and verified now (into the
+        # serving copy predict uses), not found damaged by the next host that serves it.
+        layout.share_identical(download_version(name, version, serving_folder(name, version)))
     with promotion_lock():
         current = champion(name)
         current_version = current["version"] if current else None
@@ -556,6 +582,12 @@ def move_champion(
             def said(version: str | None) -> str:
                 return f"v{version}" if version else "no champion"
 
+            if demote:  # a person's promote or rollback, which looked a moment ago
+                raise StaleChampion(
+                    f"{name}: the champion moved to {said(current_version)} (from {said(expected)}) while this "
+                    f"{action} ran; nothing moved",
+                    fix="check the champion (encoderflow runs) and run the command again if it is still wanted",
+                )
             raise StaleChampion(
                 f"{name}: champion is {said(current_version)}, but the gate decided against "
                 f"{said(expected)}: another run promoted since",
@@ -567,7 +599,9 @@ def move_champion(
         if action == "rollback":
             c.set_registered_model_alias(name, CHAMPION, version)
             previous = _replaced_by(c, name, version)
-            if previous is not None and previous != current_version:
+            if previous == current_version:
+                previous = None
+            if previous is not None:
                 c.set_registered_model_alias(name, PREVIOUS, previous)
             else:
                 c.delete_registered_model_alias(name, PREVIOUS)
@@ -589,10 +623,13 @@ def _replaced_by(c, name: str, version: str) -> str | None:
     return json.loads(recorded).get("from") if recorded else None
 
 
-HISTORY_LIMIT = 50
-# MLflow's SQL stores keep a registered model's tag in a VARCHAR(5000): PostgreSQL (make stack, the
-# compose file) refuses a longer value, which 50 moves of ~190 characters exceed by the 27th.
+# MLflow's SQL stores keep a tag's value in a VARCHAR(5000) (PostgreSQL, under make stack and the
+# compose file, refuses a longer one): each move is a tag of its own, so the record only grows.
 TAG_VALUE_MAX = 5000
+MOVE_TAG = "champion.move."
+LEGACY_HISTORY_TAG = "champion.history"  # the newest moves in one tag, as written before 2026-12-07
+# A --reason is a sentence or a link, recorded with each move; longer is refused before anything moves.
+REASON_MAX = 1000
 
 
 def _event(action: str, who: str, reason: str, from_version: str | None, to_version: str) -> dict[str, Any]:
@@ -601,29 +638,42 @@ def _event(action: str, who: str, reason: str, from_version: str | None, to_vers
 
 
 def _record_move(c, name: str, version: str, event: dict[str, Any], earlier: list[dict[str, Any]]) -> None:
-    """The move on the version (its whole record) and after the ``earlier`` moves in ``champion.history``."""
-    c.set_model_version_tag(name, version, f"champion.{event['action']}", json.dumps(event))
-    c.set_registered_model_tag(name, "champion.history", history_tag(earlier + [event]))
+    """The move on the version (its latest move of that kind) and as the registered model's next
+    ``champion.move.NNNNNN`` tag, after the ``earlier`` moves."""
+    value = move_tag(event)
+    c.set_model_version_tag(name, version, f"champion.{event['action']}", value)
+    c.set_registered_model_tag(name, f"{MOVE_TAG}{len(earlier) + 1:06d}", value)
 
 
-def history_tag(events: list[dict[str, Any]]) -> str:
-    """The newest moves that fit ``HISTORY_LIMIT`` and the store's ``TAG_VALUE_MAX``, as JSON.
-
-    Older moves stay on their versions' ``champion.<action>`` tags. A single move too long to fit
-    (a very long ``--reason``) is kept with its reason cut short.
-    """
-    events = events[-HISTORY_LIMIT:]
-    while len(events) > 1 and len(json.dumps(events)) > TAG_VALUE_MAX:
-        events = events[1:]
-    text, reason = json.dumps(events), events[-1]["reason"]
+def move_tag(event: dict[str, Any]) -> str:
+    """One move as JSON within ``TAG_VALUE_MAX``: a reason too long for it (only a move made without
+    :func:`check_reason`) is cut and ends ``[cut]``."""
+    text, reason = json.dumps(event), event["reason"]
     while len(text) > TAG_VALUE_MAX and reason:  # escapes make a character cost up to 6: cut until it fits
         reason = reason[: max(0, len(reason) - (len(text) - TAG_VALUE_MAX) - len(" [cut]"))]
-        text = json.dumps([{**events[-1], "reason": reason + " [cut]"}])
+        text = json.dumps({**event, "reason": reason + " [cut]"})
     return text
 
 
+def check_reason(reason: str) -> None:
+    """A person's ``--reason``: given, and short enough to keep whole with the move."""
+    if not reason.strip():
+        raise EncoderflowError("give a --reason; it is recorded with the move")
+    if len(reason) > REASON_MAX:
+        raise EncoderflowError(
+            f"--reason is {len(reason):,} characters; the registry keeps at most {REASON_MAX:,} with each move",
+            fix="give a shorter --reason (a link to the incident notes, say)",
+        )
+
+
+def moves_in(tags: dict[str, str]) -> list[dict[str, Any]]:
+    """The champion moves a registered model's tags record, oldest first."""
+    own = [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(MOVE_TAG))]
+    return json.loads(tags.get(LEGACY_HISTORY_TAG, "[]")) + own
+
+
 def history(name: str) -> list[dict[str, Any]]:
-    """Recent champion moves, oldest first (as many as ``history_tag`` keeps)."""
+    """Every champion move on record, oldest first (:func:`moves_in`)."""
     from mlflow.exceptions import MlflowException
 
     c = client()
@@ -632,7 +682,7 @@ def history(name: str) -> list[dict[str, Any]]:
     except MlflowException as exc:  # an outage read as "no history" would overwrite it with one move
         _absent(exc, c, name)
         return []
-    return json.loads(tags.get("champion.history", "[]"))
+    return moves_in(tags)
 
 
 def versions_of_model(name: str, identity: str, content: str | None = None) -> list[dict[str, Any]]:
@@ -664,8 +714,7 @@ _MOVE_FIELDS = ("at", "action", "who", "reason", "from", "to")
 def promote(name: str, version: str, reason: str, who: str | None = None) -> dict[str, Any]:
     """A person's explicit promotion of ``version`` (no gate), recorded with who and why; the version
     it replaces is demoted (:data:`DEMOTED`)."""
-    if not reason.strip():
-        raise EncoderflowError("promote: give a --reason; it is recorded with the move")
+    check_reason(reason)
     current = champion(name)
     expected = current["version"] if current else None
     return move_champion(name, str(version), expected, reason, who, action="promote", demote=True)
@@ -678,6 +727,8 @@ def rollback(name: str, reason: str, who: str | None = None) -> dict[str, Any]:
     Raises:
         EncoderflowError: no ``previous`` version (none, or the last rollback reached the first champion).
     """
+    if len(reason or "") > REASON_MAX:
+        check_reason(reason)
     from mlflow.exceptions import MlflowException
 
     c = client()

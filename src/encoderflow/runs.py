@@ -232,6 +232,8 @@ class Aliased:
     alias: str
     run: str | None
     store: str = ""
+    # The champion's: the last move of the alias (registry.moves_in), when it was the move onto it.
+    moved: str = ""
 
     @property
     def why(self) -> str:
@@ -280,8 +282,19 @@ def aliased_versions(home: Path) -> tuple[list[Aliased] | None, str, set[str]]:
         if aliased is None:
             return None, said, set(stores)
         found += aliased
-    said = ", ".join(f"{a.model} v{a.version} ({a.alias})" for a in found) or "no aliased version"
-    return found, f"MLflow ({', '.join(stores) or 'no registry here yet'}): {said}", set(stores)
+    # dict.fromkeys: a server over the embedded store's database lists the same aliases again.
+    said = ", ".join(dict.fromkeys(f"{a.model} v{a.version} ({a.alias})" for a in found)) or "no aliased version"
+    moves = dict.fromkeys(f"\n  {a.model} v{a.version} is champion since {a.moved}" for a in found if a.moved)
+    return found, f"MLflow ({', '.join(stores) or 'no registry here yet'}): {said}{''.join(moves)}", set(stores)
+
+
+def _moved(move: dict[str, Any]) -> str:
+    """A champion move, as the runs header tells it: when, what, who, why."""
+    at = str(move.get("at") or "")[:16].replace("T", " ")
+    before = f"from v{move['from']}" if move.get("from") else "the first"
+    reason = str(move.get("reason") or "")
+    reason = reason if len(reason) <= 120 else reason[:117] + "..."
+    return f"{at} UTC ({move.get('action')} {before}, by {move.get('who')}: {reason!r})"
 
 
 @contextlib.contextmanager
@@ -303,10 +316,15 @@ def _aliased(registry, store: str) -> tuple[list[Aliased] | None, str]:
         c = registry.client()
         found = []
         for model in c.search_registered_models():
+            moves = registry.moves_in(model.tags)
             for alias, version in sorted(model.aliases.items()):
                 if alias in ALIASES:
                     run = c.get_model_version(model.name, version).tags.get("airflow.run_id")
-                    found.append(Aliased(model.name, str(version), alias, run and layout.safe_run_id(run), store))
+                    last = moves[-1] if moves and alias == "champion" else {}
+                    moved = _moved(last) if str(last.get("to")) == str(version) else ""
+                    found.append(
+                        Aliased(model.name, str(version), alias, run and layout.safe_run_id(run), store, moved)
+                    )
     except Exception as exc:  # any failure to ask: keep more, never less
         return None, f"MLflow at {registry.tracking_uri()}: could not be asked ({str(exc).splitlines()[0][:200]})"
     return found, ""
