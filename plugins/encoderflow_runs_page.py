@@ -87,6 +87,8 @@ def airflow_run_href(run_id: str) -> str:
 
 # --- charts: inline SVG --------------------------------------------------------------------------------------------
 
+# The newest champion moves on the page; the registry keeps them all (a nightly schedule: one a day).
+MOVES_SHOWN = 50
 TRAIN_COLOUR, VAL_COLOUR = "#2b6cb0", "#dd6b20"
 GATE_COLOURS = {"blessed": "#38a169", "rejected": "#e53e3e", "baseline": "#a0aec0", "champion": "#3182ce"}
 FLOOR_COLOUR = "#742a2a"
@@ -439,13 +441,18 @@ def render(
         out.append("<p class='muted'>no recorded champion moves</p>")
     if history:
         out.append("<table><tr><th>when (UTC)</th><th>action</th><th>move</th><th>by</th><th>reason</th></tr>")
-        for ev in history:
+        for ev in history[:MOVES_SHOWN]:
             out.append(
                 f"<tr><td>{_e(str(ev.get('at', ''))[:19].replace('T', ' '))}</td><td>{_e(ev.get('action'))}</td>"
                 f"<td>v{_e(ev.get('from') or '–')} → v{_e(ev.get('to'))}</td><td>{_e(ev.get('who'))}</td>"
                 f"<td>{_e(ev.get('reason'))}</td></tr>"
             )
         out.append("</table>")
+        if len(history) > MOVES_SHOWN:
+            out.append(
+                f"<p class='muted'>{len(history) - MOVES_SHOWN} older move(s) not shown: the registered model's "
+                "<code>champion.move.*</code> tags in MLflow hold every one</p>"
+            )
 
     out.append(f"<h2>Runs ({len(runs)})</h2>")
     if not runs:

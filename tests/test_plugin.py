@@ -549,3 +549,15 @@ def test_a_task_failing_after_its_run_finished_shows_that_failure_not_the_earlie
     assert "FAILED</span> at finetune, try 4" in page.render(failed, {}, "encoderflow-sst2", None)
     succeeded = collect_runs(home, [{"run_id": "manual__again", "state": "success", "conf": {}}])
     assert succeeded[0]["failure"] is None
+
+
+def test_the_page_shows_the_newest_champion_moves_and_says_where_the_rest_are(encoderflow_home):
+    """The registry keeps every move now (one a night on a schedule): the page shows the newest."""
+    moves = [
+        {"at": f"2026-{m:02d}-{d:02d}T03:00:00+00:00", "action": "promote", "who": "airflow", "from": "1",
+         "to": "2", "reason": f"night {m}-{d}"}
+        for m in (10, 11) for d in range(1, 31)
+    ]  # fmt: skip
+    html = page.render([], {**REGISTRY, "history": moves}, "encoderflow-sst2", None)
+    assert "night 11-30" in html and "night 10-11" in html and "night 10-10" not in html
+    assert "10 older move(s) not shown: the registered model's <code>champion.move.*</code> tags" in html
