@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +82,15 @@ def test_a_labeled_folder_gives_its_splits_and_columns(tmp_path, encoderflow_hom
     assert info["columns"] == {"text": "body", "label": "category"}
     texts, ids = inputs.read_labeled({**info, "labels": ["billing", "bug", "praise"]}, "dev")
     assert len(texts) == 48 and sorted(set(ids.tolist())) == [0, 1, 2]
+    # A split changed after this run recorded and validated it (every label rewritten mid-run) was
+    # trained on and its model kept under the recorded file's key, reused by later runs on the real file.
+    dev = Path(info["files"][info["splits"]["dev"]]["path"])  # where the record read it
+    recorded = dev.read_bytes()
+    dev.write_bytes(recorded.replace(b'"billing"', b'"bug"'))
+    with pytest.raises(DataError, match=rf"{dev}: changed since this run recorded and validated it") as changed:
+        inputs.read_labeled({**info, "labels": ["billing", "bug", "praise"]}, "dev")
+    assert "nothing was trained or scored on it" in str(changed.value) and "run again" in changed.value.fix
+    dev.write_bytes(recorded)
     (folder / "dev.csv").write_text("body,category\nx,bug\n")
     (folder / "train.csv").write_text("body,category\nx,bug\n")
     with pytest.raises(DataError, match=r"several formats \(csv, jsonl\).*fix: put exactly one train"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -25,7 +26,7 @@ import numpy as np
 
 from encoderflow import layout
 from encoderflow.data.sources import DataError, wikitext_member
-from encoderflow.results import file_info, files_of, split_path
+from encoderflow.results import file_info, files_of, split_info, split_path
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +186,25 @@ def decode_lines(raw: bytes, strip_cr: bool = False) -> tuple[list[str], list[bo
     return lines, ok
 
 
-def read_table(path: str | os.PathLike, fmt: str) -> Table:
+def read_table(path: str | os.PathLike, fmt: str, sha256: str | None = None) -> Table:
     """Read a TSV (GLUE style: split on tabs, no quoting), CSV (RFC 4180 quoting) or JSONL file.
 
     A leading UTF-8 byte-order mark (spreadsheets' "CSV UTF-8" writes one) is not part of the first
     column's name or the first JSON line.
+
+    Args:
+        sha256: the file's as recorded and validated: bytes that differ (the file was changed since)
+            raise :class:`DataError` instead of being read.
     """
-    raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
+    raw = Path(path).read_bytes()
+    if sha256 is not None and (now := hashlib.sha256(raw).hexdigest()) != sha256:
+        raise DataError(
+            f"{path}: changed since this run recorded and validated it (sha256 {now[:16]}, recorded "
+            f"{sha256[:16]}); nothing was trained or scored on it",
+            fix="run again, so that download and validation record the file as it is now (or put the recorded "
+            "file back and clear this task)",
+        )
+    raw = raw.removeprefix(codecs.BOM_UTF8)
     if fmt == "jsonl":
         lines, ok = decode_lines(raw, strip_cr=True)
         columns: dict[str, None] = {}
@@ -274,7 +287,7 @@ def labels_of(info: dict[str, Any]) -> list[str]:
     if info.get("labels"):
         return list(info["labels"])
     fmt, columns = info.get("format", "tsv"), info.get("columns", SST2_COLUMNS)
-    table = read_table(split_path(info, "train"), fmt)
+    table = read_table(split_path(info, "train"), fmt, split_info(info, "train").get("sha256"))
     # A list or object is no label (validation names its rows), nor a class the classifier would learn.
     nested = table.nested or [set()] * len(table.rows)
     return label_set(
@@ -291,7 +304,7 @@ def read_labeled(info: dict[str, Any], split: str) -> tuple[list[str], np.ndarra
     """
     fmt, columns = info.get("format", "tsv"), info.get("columns", SST2_COLUMNS)
     path = split_path(info, split)
-    table = read_table(path, fmt)
+    table = read_table(path, fmt, split_info(info, split).get("sha256"))
     labels = labels_of(info)
     index = {label: i for i, label in enumerate(labels)}
     texts, ids = [], []

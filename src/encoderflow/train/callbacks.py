@@ -18,6 +18,15 @@ log = logging.getLogger("encoderflow.train")
 BACKUP_GLOB = "step-*.weights.h5"
 # Beside each backup, written before it: the sha256 a resume checks the backup against.
 CHECKSUM_SUFFIX = ".sha256"
+# Dropout's random stream (each keras.random.SeedGenerator's state) is no weight: save_weights leaves
+# it out, and a resume drew other masks than the uninterrupted run (another model, another gate
+# decision). A backup keeps the states, in variable order, in this dataset of its .weights.h5 file.
+SEED_STATES = "encoderflow_seed_states"
+
+
+def seed_states(model) -> list:
+    """The model's random-stream variables (its layers' ``SeedGenerator`` states), in a fixed order."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
 class NonFiniteLoss(EncoderflowError):
@@ -322,6 +331,23 @@ class StepBackup(keras.callbacks.Callback):
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         model.load_weights(self.restore_from)
+        import h5py
+        import numpy as np
+
+        states = seed_states(model)
+        with h5py.File(self.restore_from, "r") as f:
+            saved = np.asarray(f[SEED_STATES]) if SEED_STATES in f else None
+        if saved is not None and len(saved) == len(states):
+            for variable, state in zip(states, saved, strict=True):
+                variable.assign(state)
+        elif states:
+            log.info(
+                "%s: backup %s holds no dropout random state (%d expected): the resumed steps draw other dropout "
+                "masks than an uninterrupted run would",
+                self.label,
+                self.restore_from,
+                len(states),
+            )
         return self.steps_done
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -352,7 +378,14 @@ class StepBackup(keras.callbacks.Callback):
             raise NonFiniteLoss(f"{self.label}: loss became {float(loss)} by step {self.steps_done}; {self.nan_fix}")
         final = self.directory / f"step-{self.steps_done:012d}.weights.h5"
         with layout.atomic_path(final, suffix=".weights.h5") as tmp:
-            self.model.save_weights(tmp)
+            model = self.model  # under JAX, reading Callback.model syncs the state fit holds into the variables
+            model.save_weights(tmp)
+            if states := seed_states(model):
+                import h5py
+                import numpy as np
+
+                with h5py.File(tmp, "a") as f:
+                    f.create_dataset(SEED_STATES, data=np.stack([np.asarray(v) for v in states]))
             with layout.atomic_path(checksum_file(final)) as sidecar:
                 sidecar.write_text(layout.sha256_file(tmp) + "\n")
         for old in self.directory.glob(BACKUP_GLOB):

@@ -186,6 +186,13 @@ def warm_start(encoder, init: dict[str, Any], manifest: dict[str, Any]) -> None:
 
     parent = models.load(init["path"])
     where = f"pretrain.init_from={init['label']} ({init['path']})"
+    if "token_and_position_embedding" not in {layer.name for layer in parent.layers}:
+        raise EncoderflowError(
+            f"{where}: not an encoder (a {type(parent).__name__} named {parent.name!r}, with no "
+            "token_and_position_embedding layer)",
+            fix="give an encoder.keras: a run's pretrain/encoder.keras, or the one in a bundle beside its "
+            "classifier.keras (or pretrain.init_from=none)",
+        )
     theirs = {
         "vocabulary size": int(models.token_embedding(parent).input_dim),
         "sequence length": models.max_length(parent),
@@ -230,7 +237,7 @@ def _adopt_backup(out_dir: Path, key: str) -> None:
     own = out_dir / "backup"
     if latest_backup(own)[1] is not None:
         return
-    code, found = layout.code_hash(), []
+    code, found, damaged = layout.code_hash(), [], []
     for stamp in (layout.home() / "runs").glob(f"*/pretrain/backup/{BACKUP_KEY}"):
         folder = stamp.parent
         if folder.resolve() == own.resolve() or (folder.parent / "result.json").exists():
@@ -240,8 +247,22 @@ def _adopt_backup(out_dir: Path, key: str) -> None:
         except OSError:  # no CODE: taken before it was recorded
             continue
         steps, file = latest_backup(folder)
-        if same and file is not None and backup_problem(file) is None:
-            found.append((steps, file))
+        if same and file is not None:
+            if (why := backup_problem(file)) is None:
+                found.append((steps, file))
+            else:
+                damaged.append((steps, file, why))
+    if damaged and (newest := max(damaged, key=lambda d: d[0]))[0] > max(found, default=(0, None))[0]:
+        # Said, not skipped in silence: a person learns why hours of training start again.
+        log.warning(
+            "pretrain: run %s stopped this training (same key and code) at step %d, but its backup %s %s: not "
+            "resumed from; %s",
+            newest[1].parents[2].name,
+            newest[0],
+            newest[1],
+            newest[2],
+            f"resuming the sound one at step {max(found)[0]}" if found else "training starts at step 0",
+        )
     if not found:
         return
     steps, file = max(found)
