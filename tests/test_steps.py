@@ -16,10 +16,10 @@ PARAMS = {"preset": "smoke"}
 INPUTS = {name: {"content_hash": f"{name}-hash", "source": "offline"} for name in ("corpus", "labeled", "vocab")}
 
 
-def _champion(tmp_path, tags: dict[str, str]) -> str:
+def _champion(tmp_path, tags: dict[str, str], config: dict | None = None) -> str:
     decision = {"blessed": True, "reasons": [], "candidate": 0.9, "baseline": 0.8, "champion": None, "checks": []}
     name = from_params(PARAMS).gate.registered_model
-    out = registry.log_candidate(name, fake_bundle(tmp_path / "b", "1"), {}, {}, {}, tags, decision)
+    out = registry.log_candidate(name, fake_bundle(tmp_path / "b", "1"), config or {}, {}, {}, tags, decision)
     registry.move_champion(name, out["version"], expected=None, reason="test", who="test")
     return out["version"]
 
@@ -57,6 +57,42 @@ def test_any_changed_value_trains_and_names_it(tmp_path, caplog):
         "code.hash",
     }
     assert tags["code.hash"] == layout.code_hash() and len(tags["code.hash"]) == 64
+
+
+def test_a_changed_setting_is_named_and_an_init_from_encoder_counts_by_its_bytes(tmp_path, caplog):
+    """Another encoder copied over pretrain.init_from's path was "nothing changed" (the lineage hashed the
+    path), the same encoder at another path a change on every run; and a change was named only as
+    config.training_hash."""
+    import logging
+
+    enc = tmp_path / "latest" / "encoder.keras"
+    enc.parent.mkdir()
+    enc.write_bytes(b"encoder one")
+    params = {**PARAMS, "overrides": [f"pretrain.init_from={enc}"]}
+    cfg = from_params(params)
+    _champion(tmp_path, steps.lineage_tags(cfg, INPUTS), config=cfg.to_dict())
+    assert steps.check_lineage(INPUTS, params, "run-a") is False
+    copy = tmp_path / "copy" / "encoder.keras"
+    copy.parent.mkdir()
+    copy.write_bytes(b"encoder one")
+    assert steps.check_lineage(INPUTS, {**PARAMS, "overrides": [f"pretrain.init_from={copy}"]}, "run-b") is False
+    enc.write_bytes(b"encoder two")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        assert steps.check_lineage(INPUTS, params, "run-c") is True
+    assert f"config.training_hash (the encoder at pretrain.init_from={enc}, by its sha256)" in caplog.text
+    enc.write_bytes(b"encoder one")
+    caplog.clear()
+    faster = {
+        **PARAMS,
+        "overrides": [f"pretrain.init_from={enc}", "pretrain.learning_rate=0.0123", "finetune.epochs=9"],
+    }
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        assert steps.check_lineage(INPUTS, faster, "run-d") is True
+    was = (cfg.pretrain.learning_rate, cfg.finetune.epochs)
+    assert (
+        f"config.training_hash (pretrain.learning_rate {was[0]} -> 0.0123; finetune.epochs {was[1]} -> 9)"
+    ) in caplog.text
 
 
 def test_a_damaged_champion_fails_the_run_before_training_naming_the_version(tmp_path, caplog):

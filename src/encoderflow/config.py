@@ -672,14 +672,21 @@ class Config:
     def config_hash(self) -> str:
         return self.section_hash()
 
-    def training_hash(self) -> str:
+    def training_hash(self, init_from_sha256: str | None = None) -> str:
         """What a model is trained from: every section but ``gate`` and ``baseline`` (what decides its
         promotion, and what it must beat), less the settings declared ``trains=False`` (when the host
-        looks)."""
+        looks).
+
+        Args:
+            init_from_sha256: the sha256 of the encoder a ``pretrain.init_from`` path names, hashed in
+                the path's place: the bytes are what training starts from, not where they lie.
+        """
         payload: dict[str, dict[str, Any]] = {}
         for k in knobs():
             if k.in_lineage:
                 payload.setdefault(k.section, {})[k.name] = getattr(getattr(self, k.section), k.name)
+        if init_from_sha256 is not None:
+            payload["pretrain"]["init_from"] = f"sha256:{init_from_sha256}"
         return sha256_json(payload)
 
 

@@ -612,10 +612,13 @@ def lineage_tags(cfg, inputs: Mapping[str, Dataset]) -> dict[str, str]:
     (:meth:`~encoderflow.config.Config.training_hash`) and the code's hash.
 
     Recorded on every model version; a run whose lineage equals the champion's would train the same
-    model again (same seed, same shards), so :func:`check_lineage` skips it."""
+    model again (same seed, same shards), so :func:`check_lineage` skips it. A ``pretrain.init_from``
+    path counts by its encoder's sha256: another encoder copied over it is a change (it was skipped as
+    "nothing changed"), and the same encoder at another path is none."""
+    given = _given_encoder(cfg)
     return {
         **{f"data.{name}.content_hash": info["content_hash"] for name, info in sorted(inputs.items())},
-        "config.training_hash": cfg.training_hash(),
+        "config.training_hash": cfg.training_hash(layout.sha256_file(given) if given else None),
         "code.hash": layout.code_hash(),
     }
 
@@ -654,6 +657,26 @@ def _champion_dir(run_id: str, champ: Mapping[str, Any]) -> Path:
     return layout.run_dir(run_id) / "champion" / f"v{champ['version']}"
 
 
+def _changed_settings(cfg, champ: Mapping[str, Any]) -> str:
+    """The training settings in which this run's config differs from the one the champion's MLflow run
+    logged (its params), by name: the hash alone told a person nothing."""
+    from encoderflow import registry
+    from encoderflow.config import knobs
+
+    try:
+        params = registry.client().get_run(champ["run_id"]).data.params
+    except Exception as exc:  # noqa: BLE001 - a detail of a log line: the run trains either way
+        return f"the champion's settings could not be read: {type(exc).__name__}"
+    diffs = []
+    for k in knobs():
+        mine = getattr(getattr(cfg, k.section), k.name)
+        if k.in_lineage and (theirs := params.get(k.key)) is not None and theirs != str(mine):
+            diffs.append(f"{k.key} {theirs} -> {mine}")
+    if not diffs and cfg.pretrain.init_from.startswith("/"):
+        return f"the encoder at pretrain.init_from={cfg.pretrain.init_from}, by its sha256"
+    return "; ".join(diffs) or "settings the champion's run did not log"
+
+
 def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_id: str) -> bool:
     """True when this run must train: force, no champion yet, or a lineage value that differs from the
     champion's. False (nothing changed) writes the run's ``summary.json`` saying so; the DAG's
@@ -674,7 +697,8 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
         # The gate re-scores the champion after training (hours on a GPU): a damaged one fails now.
         registry.fetch_verified(cfg.gate.registered_model, champ["version"], _champion_dir(run_id, champ))
         if changed:
-            log.info("check_lineage: changed since champion v%s: %s; training", champ["version"], ", ".join(changed))
+            said = [f"{k} ({_changed_settings(cfg, champ)})" if k == "config.training_hash" else k for k in changed]
+            log.info("check_lineage: changed since champion v%s: %s; training", champ["version"], ", ".join(said))
         else:
             log.info("check_lineage: force=true: training whatever the champion's lineage")
         return True
