@@ -259,10 +259,16 @@ def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an
     # A complete backup: the one being written is a hidden temp file until it is renamed into place.
     wait_for("pretrain's first backup", lambda: backups.is_dir() and any(backups.glob(BACKUP_GLOB)), 400, every=0.5)
     assert client.tasks(first)["pretrain"]["state"] == "running"
-    st.stop("worker-gpu", sig=signal.SIGKILL)  # the worker, its task supervisor and the task, at once
+    # The worker alone, as an operator's kill -9 or the OOM killer does: its task, in a session of its own,
+    # went on training, and the retry trained beside it in the same run folder until the run failed.
+    os.kill(st._pid("worker-gpu"), signal.SIGKILL)
     killed = time.monotonic()
     print(f"SIGKILL gpu worker {killed - t0:.0f} s into the run, backups: {sorted(p.name for p in backups.iterdir())}")
+    wait_for("the worker to be gone", lambda: not st.alive("worker-gpu"), 30, every=0.2)
+    orphans = st.strays("worker-gpu")
+    assert orphans, "the killed worker left no task running: this test no longer kills what an operator kills"
     st.start("worker-gpu")
+    assert not st.strays("worker-gpu") and not any(stack_mod._running(p) for p in orphans)
     assert finished(client, first) == "success"
     pretrain = client.tasks(first)["pretrain"]
     print(f"first run success {time.monotonic() - killed:.0f} s after the kill; pretrain try {pretrain['try_number']}")
@@ -348,6 +354,36 @@ def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an
     listed = {r["run_id"]: r for r in json.loads(proc.stdout)["runs"]}
     assert listed[first]["state"] == listed[second]["state"] == "success", proc.stdout[:3000]
     assert "champion" in listed[by_run[champion]]["aliases"], listed[by_run[champion]]
+    # And `encoderflow predict` serves the stack's champion (it looked for an embedded store a stack home lacks).
+    proc = subprocess.run(
+        [sys.executable, "-m", "encoderflow.cli", "predict", "a wonderful, moving film"],
+        env={**env, "ENCODERFLOW_HOME": str(st.home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"MLflow: make stack's server at {st.mlflow_url}" in proc.stderr, proc.stderr
+    assert f"models:/{MODEL}@champion (v{champion})" in proc.stderr and proc.stdout.count("\t") == 2, proc.stdout
+
+
+def test_the_stack_keeps_its_secrets_off_command_lines_and_its_database_to_its_owner(deployed):
+    """PostgreSQL let any local user in as superuser over its socket (initdb --auth-local=trust), and
+    MLflow's database password was on its command line, which ps shows every user."""
+    st, _, _ = deployed
+    mlflow_cmdline = Path(f"/proc/{st._pid('mlflow')}/cmdline").read_bytes()
+    assert st.secrets["postgres_mlflow"].encode() not in mlflow_cmdline and b"postgresql" not in mlflow_cmdline
+    hba = (st.root / "postgres" / "pg_hba.conf").read_text()
+    local = [ln.split() for ln in hba.splitlines() if ln.startswith("local")]
+    assert local and all(fields[-1] == "peer" for fields in local), local
+    assert (st.root / "postgres-run").stat().st_mode & 0o777 == 0o700
+    if os.geteuid() == 0:  # another OS user (nobody) asks for the superuser over the socket: refused
+        probe = subprocess.run(
+            ["runuser", "-u", "nobody", "--", stack_mod._pg_bin("psql"), "-h", str(st.root / "postgres-run"),
+             "-p", str(st.ports["postgres"]), "-U", "postgres", "-c", "select 1"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert probe.returncode != 0, probe.stdout
 
 
 def test_security_anonymous_mlflow_and_airflow_viewer(deployed):

@@ -383,10 +383,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
 INTERACTIVE_MLFLOW = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+def _stack_mlflow() -> dict[str, str]:
+    """For a registry command with no ``MLFLOW_TRACKING_URI``, in a home that runs ``make stack``: its
+    MLflow server, as the workers log in (``encoderflow runs`` asked it; ``predict`` looked for an
+    embedded store that a stack home does not have)."""
+    if os.environ.get("MLFLOW_TRACKING_URI") or not (layout.home() / "stack" / "secrets.json").exists():
+        return {}
+    from encoderflow import registry
+    from encoderflow.stack import Stack
+
+    stack = Stack(layout.home())
+    if not stack.alive("mlflow"):
+        if not registry.no_store():
+            return {}  # the embedded store of runs made before the stack
+        raise EncoderflowError(
+            f"the MLflow server of make stack in {stack.root} is not running",
+            fix="start the stack (make stack), or set MLFLOW_TRACKING_URI to the MLflow to ask",
+        )
+    print(f"MLflow: make stack's server at {stack.mlflow_url}", file=sys.stderr)
+    return {k: v for k, v in stack.env("worker-default").items() if k.startswith("MLFLOW_TRACKING_")}
+
+
 @contextlib.contextmanager
-def _interactive_mlflow():
-    """:data:`INTERACTIVE_MLFLOW` for the block, where the environment does not set them."""
-    added = {k: v for k, v in INTERACTIVE_MLFLOW.items() if k not in os.environ}
+def _interactive_mlflow(stack: bool = False):
+    """:data:`INTERACTIVE_MLFLOW` for the block, where the environment does not set them; with
+    ``stack``, the stack's MLflow where it is the one to ask (:func:`_stack_mlflow`)."""
+    wanted = {**INTERACTIVE_MLFLOW, **(_stack_mlflow() if stack else {})}
+    added = {k: v for k, v in wanted.items() if k not in os.environ}
     os.environ.update(added)
     try:
         yield
@@ -563,7 +586,8 @@ def start_mlflow_ui() -> tuple[str | None, subprocess.Popen | None]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            registry.server_command(uri, port),
+            registry.server_command(port),
+            env={**os.environ, "MLFLOW_BACKEND_STORE_URI": uri},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -733,7 +757,7 @@ REGISTRY_COMMANDS = ("predict", "promote", "rollback")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with _interactive_mlflow() if args.command in REGISTRY_COMMANDS else contextlib.nullcontext():
+        with _interactive_mlflow(stack=True) if args.command in REGISTRY_COMMANDS else contextlib.nullcontext():
             return COMMANDS[args.command](args)
     except (ConfigError, EncoderflowError) as exc:
         print(f"encoderflow {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -80,15 +80,15 @@ def tracking_uri() -> str:
     return embedded_uri()
 
 
-def server_command(store_uri: str, port: int, *extra: str) -> list[str]:
-    """``mlflow server`` on loopback with one worker over ``store_uri`` (``make airflow``, ``make stack``)."""
+def server_command(port: int, *extra: str) -> list[str]:
+    """``mlflow server`` on loopback with one worker (``make airflow``, ``make stack``); its store is
+    the ``MLFLOW_BACKEND_STORE_URI`` of its environment: a database password on the command line is
+    there for every local user to read (``ps``)."""
     return [
         sys.executable,
         "-m",
         "mlflow",
         "server",
-        "--backend-store-uri",
-        store_uri,
         "--host",
         "127.0.0.1",
         "--port",
@@ -100,8 +100,10 @@ def server_command(store_uri: str, port: int, *extra: str) -> list[str]:
 
 
 def client():
-    # Its tqdm bar writes carriage returns into task logs and terminals.
+    # Its tqdm bar writes carriage returns into task logs and terminals; against a server, each run's
+    # end printed "View run ... at ..." lines to stdout, outside the logging a task log shows.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow
     from mlflow import MlflowClient
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import getpass
 import glob
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -54,6 +56,11 @@ SECRETS = (
     "mlflow_flask",
 )
 MLFLOW_USERS = {"encoderflow-worker": "mlflow_worker", "encoderflow-reader": "mlflow_reader"}
+# Marks in the environment of every process the stack starts (inherited by the tasks a worker runs):
+# which stack, which component. A pid alone is not an identity: pid files outlive their processes.
+STACK_MARK, COMPONENT_MARK = "ENCODERFLOW_STACK", "ENCODERFLOW_STACK_COMPONENT"
+# For processes of a stack started before the marks: the word its command line holds.
+PROGRAMS = {"redis": "redis-server", "mlflow": "mlflow", "api": "api-server", "worker": "celery"}
 DEBIAN_PACKAGES = ("postgresql", "redis-server")
 
 
@@ -98,10 +105,12 @@ class Stack:
         self.logs, self.pids = self.root / "logs", self.root / "pids"
         self.extra_env = dict(extra_env or {})
         self.as_postgres = os.geteuid() == 0  # PostgreSQL refuses to run as root
+        # The cluster's superuser is the OS user it runs as: peer authentication on its socket.
+        self.pg_superuser = "postgres" if self.as_postgres else getpass.getuser()
         for d in (self.root, self.logs, self.pids):
             d.mkdir(parents=True, exist_ok=True)
         self.secrets = self._load_or_make(
-            "secrets.json", lambda: {k: secrets.token_urlsafe(18) for k in SECRETS} | {"fernet": _fernet_key()}
+            "secrets.json", lambda: {k: _new_secret(k) for k in SECRETS} | {"fernet": _fernet_key()}
         )
         self.ports = self._load_or_make(
             "ports.json", lambda: {k: _free_port() for k in ("postgres", "redis", "api", "mlflow")}
@@ -185,7 +194,52 @@ class Stack:
         stat = Path(f"/proc/{pid}/stat")
         if stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
             return None
+        # A pid file outlives its process, and the number comes back as another process: only one this
+        # stack started counts (status said "running" for it, and down killed it).
+        if name != "postgres" and not self._ours(pid, name):
+            return None
         return pid
+
+    def _ours(self, pid: int, name: str | None = None) -> bool:
+        """Whether ``pid`` was started by this stack (as component ``name``, when given), by the marks
+        :meth:`_spawn` puts in each component's environment, which its children inherit."""
+        try:
+            marks = _marks(pid)
+            if marks is None:  # started before the marks existed: by its program, as then
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                return name is not None and PROGRAMS.get(name.split("-")[0], name).encode() in cmdline
+        except OSError:  # gone, or another user's process: not one this stack started
+            return False
+        return marks[STACK_MARK] == str(self.root) and (name is None or marks.get(COMPONENT_MARK) == name)
+
+    def strays(self, name: str | None = None) -> list[int]:
+        """Processes this stack started (as ``name``, when given) that outlived their component: the
+        tasks of a killed Celery worker (each in a session of its own) go on training, and a retry
+        then trained beside them in the same run folder."""
+        leaders = {pid for c in COMPONENTS if (pid := self._pid(c)) is not None}
+        inside = leaders.union(*(descendants(leader) for leader in leaders), {os.getpid()})
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) not in inside:
+                with contextlib.suppress(OSError):
+                    if (marks := _marks(int(entry.name))) and marks[STACK_MARK] == str(self.root):
+                        if name is None or marks.get(COMPONENT_MARK) == name:
+                            found.append(int(entry.name))
+        return found
+
+    def stop_strays(self, name: str | None = None, timeout: float = 30) -> list[int]:
+        """SIGTERM the :meth:`strays`, SIGKILL those left after ``timeout`` seconds; returns their pids."""
+        pids = self.strays(name)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while any(_running(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
 
     def alive(self, name: str) -> bool:
         return self._pid(name) is not None
@@ -194,7 +248,7 @@ class Stack:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it from here
         proc = subprocess.Popen(
             cmd,
-            env=env,
+            env={**env, STACK_MARK: str(self.root), COMPONENT_MARK: name},
             cwd=self.root,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -219,6 +273,9 @@ class Stack:
         """Start one component unless it runs; waits until it answers."""
         if self.alive(name):
             return
+        if name in WORKERS and (left := self.stop_strays(name)):
+            # Airflow retries what they ran (resuming from its backups), once its heartbeat timeout passes.
+            print(f"stack: stopped {len(left)} process(es) the stopped {name} left running (its tasks): pids {left}")
         start = getattr(self, "_start_" + name.replace("-", "_"), None)
         if start:
             start()
@@ -259,12 +316,21 @@ class Stack:
 
     def up(self) -> None:
         """Start every component that is not running, in dependency order (idempotent)."""
+        if not any(self.status().values()):
+            # A stack made when the JWT key was 24 bytes (PyJWT warned on every token: below 64 for
+            # SHA-512): a longer one, only while nothing runs that holds the old one.
+            weak = {k: _new_secret(k) for k in SECRETS if len(self.secrets.get(k, "")) < len(_new_secret(k))}
+            if weak:
+                self.secrets |= weak
+                _write_private(self.root / "secrets.json", self.secrets)
         for name in COMPONENTS:
             self.start(name)
 
     def down(self) -> None:
         for name in reversed(COMPONENTS):
             self.stop(name)
+        if left := self.stop_strays():
+            print(f"stack: stopped {len(left)} process(es) left running by components that had died: pids {left}")
 
     def status(self) -> dict[str, bool]:
         return {name: self.alive(name) for name in COMPONENTS}
@@ -287,8 +353,10 @@ class Stack:
                         "-D",
                         str(data),
                         "-U",
-                        "postgres",
-                        "--auth-local=trust",
+                        self.pg_superuser,
+                        # Peer: only this OS user is the superuser over the socket (trust let every local
+                        # user in as superuser, past every password in secrets.json).
+                        "--auth-local=peer",
                         "--auth-host=scram-sha-256",
                         "-E",
                         "UTF8",
@@ -296,6 +364,9 @@ class Stack:
                 ),
                 "initdb",
             )
+        run.mkdir(exist_ok=True)
+        run.chmod(0o700)
+        _no_local_trust(data / "pg_hba.conf")
         log = self.logs / "postgres.log"
         log.touch()
         if self.as_postgres:
@@ -313,7 +384,7 @@ class Stack:
                 "-p",
                 str(self.ports["postgres"]),
                 "-U",
-                "postgres",
+                self.pg_superuser,
                 "-v",
                 "ON_ERROR_STOP=1",
                 "-q",
@@ -363,8 +434,9 @@ class Stack:
             "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["mlflow_flask"],  # signs the UI's CSRF tokens
         }
         port = self.ports["mlflow"]
+        # In its environment (private to its user), not on its command line (ps shows that to every user).
+        env["MLFLOW_BACKEND_STORE_URI"] = self._pg_url("mlflow", "mlflow", "postgresql+psycopg2")
         cmd = registry.server_command(
-            self._pg_url("mlflow", "mlflow", "postgresql+psycopg2"),
             port,
             "--app-name",
             "basic-auth",
@@ -441,11 +513,26 @@ class Stack:
             cmd = [*airflow, "triggerer", "--skip-serve-logs"]
         else:
             cmd = [*airflow, name]
+        log = self.logs / f"{name}.log"
+        before, since = log.stat().st_size if log.exists() else 0, time.time()
         self._spawn(name, cmd, self.env(name))
         if name == "api-server":
             self._wait(lambda: _http_ok(f"{self.airflow_url}/api/v2/monitor/health"), name, 180)
         elif name in WORKERS:
-            self._wait(lambda: b" ready." in (self.logs / f"{name}.log").read_bytes()[-200_000:], name, 180)
+            # This start's lines only: the log is appended to, and a line of the last start matched at once.
+            self._wait(lambda: b" ready." in _read_from(log, before), name, 180)
+        else:  # scheduler, dag-processor, triggerer: a heartbeat of this start in Airflow's health
+            key = name.replace("-", "_")
+            self._wait(lambda: _heartbeat_after(self.airflow_health(), key, since), name, 180)
+
+    def airflow_health(self) -> dict | None:
+        """The api-server's ``/api/v2/monitor/health`` (metadatabase, scheduler, triggerer, dag processor),
+        or None when it does not answer."""
+        try:
+            with urllib.request.urlopen(f"{self.airflow_url}/api/v2/monitor/health", timeout=10) as resp:
+                return json.loads(resp.read())
+        except (OSError, ValueError):
+            return None
 
     def _wait(self, ready, name: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -462,6 +549,62 @@ class Stack:
         )
         state = "exited" if not self.alive(name) else f"did not answer within {timeout:.0f} s"
         raise StackError(f"{name} {state}; its log is {self.logs / (name + '.log')}:\n{tail}")
+
+
+def _marks(pid: int) -> dict[str, str] | None:
+    """The stack's marks in ``pid``'s environment, or None when it has none (OSError: gone, or not ours)."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    marks = {
+        k.decode(): v.decode(errors="replace")
+        for k, _, v in (e.partition(b"=") for e in environ)
+        if k in (STACK_MARK.encode(), COMPONENT_MARK.encode())
+    }
+    return marks if STACK_MARK in marks else None
+
+
+def _new_secret(name: str) -> str:
+    # The JWT signing key is hashed with SHA-512, for which PyJWT wants at least 64 bytes.
+    return secrets.token_urlsafe(48 if name == "airflow_jwt" else 18)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+        f.seek(offset)
+        return f.read()
+    return b""
+
+
+def _heartbeat_after(health: dict | None, component: str, since: float) -> bool:
+    """Whether Airflow's health holds a heartbeat of ``component`` (``scheduler``, ``dag_processor``,
+    ``triggerer``) from after ``since`` (a Unix time): one from before a restart is the old process's."""
+    from datetime import datetime
+
+    beat = ((health or {}).get(component) or {}).get(f"latest_{component}_heartbeat")
+    return bool(beat) and datetime.fromisoformat(beat).timestamp() > since
+
+
+def _no_local_trust(hba: Path) -> None:
+    """A cluster made before peer authentication (``initdb --auth-local=trust``) let every local user
+    in as its superuser: its socket lines become ``peer`` before it starts."""
+    if not hba.exists():
+        return
+    text = hba.read_text()
+    hardened = re.sub(r"(?m)^(local\s.*\s)trust\s*$", r"\1peer", text)
+    if hardened != text:
+        stat = hba.stat()
+        hba.write_text(hardened)
+        os.chown(hba, stat.st_uid, stat.st_gid)
 
 
 def descendants(pid: int) -> list[int]:
@@ -516,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.action == "down":
             stack.down()
         elif args.action == "env":
+            if args.role not in (*AIRFLOW_COMPONENTS, *WORKERS):
+                raise StackError(f"env: no role {args.role!r}: one of {', '.join((*AIRFLOW_COMPONENTS, *WORKERS))}")
             for k, v in sorted(stack.env(args.role).items()):
                 if k.startswith(("AIRFLOW", "MLFLOW", "ENCODERFLOW")):
                     print(f"export {k}={v!r}")
@@ -523,13 +668,21 @@ def main(argv: list[str] | None = None) -> int:
     except StackError as exc:
         print(f"stack: {exc}", file=sys.stderr)
         return 1
-    for name, up in stack.status().items():
+    status = stack.status()
+    for name, up in status.items():
         print(f"  {name:<15} {'running' if up else 'stopped'}  log: {stack.logs / (name + '.log')}")
+    # A live process is not a working one: with PostgreSQL down every Airflow process still runs.
+    unhealthy = []
+    if args.action in ("up", "status") and status.get("api-server"):
+        health = stack.airflow_health() or {}
+        unhealthy = [k for k, v in health.items() if isinstance(v, dict) and v.get("status") not in ("healthy", None)]
+        if unhealthy:
+            print(f"  Airflow says unhealthy: {', '.join(unhealthy)} (its /api/v2/monitor/health; logs above)")
     if args.action in ("up", "status"):
         print(f"Airflow  {stack.airflow_url}  (admin or viewer; passwords in {stack.root / 'secrets.json'})")
         print(f"MLflow   {stack.mlflow_url}  (admin; workers write as encoderflow-worker)")
         print(f"Runs     {stack.airflow_url}/encoderflow/")
-    return 0 if args.action == "down" or all(stack.status().values()) else 1
+    return 0 if args.action == "down" or (all(stack.status().values()) and not unhealthy) else 1
 
 
 if __name__ == "__main__":

@@ -789,3 +789,36 @@ def test_the_validation_margin_follows_the_masked_tokens_it_is_measured_on():
     # predictions_per_seq caps what a long record contributes
     long = {**manifest, "totals": {"valid": {"records": 10, "tokens": 10 * 512}}}
     assert pretrain.validation_margin(long, 10)[0] == 200
+
+
+def test_a_second_try_in_the_same_run_folder_waits_for_the_first_and_history_survives_a_torn_row(tmp_path, caplog):
+    """A Celery worker killed alone left its pretrain training; the retry trained beside it in the same
+    folder, their history.csv rows interleaved, and reading it failed the run (int(''))."""
+    import fcntl
+    import logging
+    import threading
+    import time
+
+    out = tmp_path / "pretrain"
+    out.mkdir()
+    entered = threading.Event()
+    with open(out / ".training.lock", "a+") as first:  # the earlier try, alive
+        fcntl.flock(first, fcntl.LOCK_EX)
+        first.write("4242\n")
+        first.flush()
+
+        def retry():
+            with pretrain._alone_in(out, every=0.2):
+                entered.set()
+
+        with caplog.at_level(logging.WARNING, logger="encoderflow"):
+            waiter = threading.Thread(target=retry)
+            waiter.start()
+            time.sleep(1.0)
+            assert not entered.is_set()
+        fcntl.flock(first, fcntl.LOCK_UN)
+    waiter.join(10)
+    assert entered.is_set()
+    assert f"pretrain: an earlier try (pid 4242) still trains in {out}" in caplog.text
+    (out / "history.csv").write_text("epoch,loss\n0,7.5\n,4.0405\n1,7.1\n")
+    assert pretrain.read_history(out / "history.csv") == {"loss": [7.5, 7.1]}

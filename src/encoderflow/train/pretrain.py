@@ -169,7 +169,12 @@ def read_history(path: Path) -> dict[str, list[float]]:
     rows: dict[int, dict[str, str]] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            rows[int(row.pop("epoch"))] = row
+            try:
+                epoch = int(row.pop("epoch"))
+            except (TypeError, ValueError):  # a row two writers interleaved: not an epoch's
+                log.warning("pretrain: %s: a row with no epoch number skipped: %s", path, row)
+                continue
+            rows[epoch] = row
     keys = sorted({k for row in rows.values() for k in row})
     return {k: [float(rows[e][k]) for e in sorted(rows) if rows[e].get(k) not in (None, "")] for k in keys}
 
@@ -369,12 +374,52 @@ def pretrain(
     }
     key = layout.sha256_json(keyed)
     what = "shards, model and pretrain config, seed, initial weights"
-    if (done := layout.finished("pretrain", key, out_dir, "encoder", _altered, earlier_runs, what)) is not None:
-        return done
-    if earlier_runs:
-        _adopt_backup(out_dir, key)
-    with data_parallel(cfg.pretrain.batch_size) as devices:
-        return _train(cfg, manifest_path, out_dir, init, key, keyed, devices)
+    with _alone_in(out_dir):
+        if (done := layout.finished("pretrain", key, out_dir, "encoder", _altered, earlier_runs, what)) is not None:
+            return done
+        if earlier_runs:
+            _adopt_backup(out_dir, key)
+        with data_parallel(cfg.pretrain.batch_size) as devices:
+            return _train(cfg, manifest_path, out_dir, init, key, keyed, devices)
+
+
+@contextlib.contextmanager
+def _alone_in(out_dir: Path, every: float = 60.0) -> Iterator[None]:
+    """Hold ``out_dir``'s training lock: one try trains in a run folder at a time.
+
+    A Celery worker killed alone leaves its task training, in a session of its own; Airflow's retry
+    then trained beside it, both appending to ``history.csv`` and writing backups, until the run
+    failed. The retry now waits for it (saying so every ``every`` seconds), then reuses its result
+    or resumes from its backup. An ``fcntl`` lock ends with its holder, however it ends.
+    """
+    import fcntl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".training.lock", "a+") as lock:
+        said = None
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if said is None or time.monotonic() - said >= every:
+                    lock.seek(0)
+                    log.warning(
+                        "pretrain: an earlier try (pid %s) still trains in %s (its worker died, or Airflow lost "
+                        "it): waiting for it to end, then reusing or resuming what it leaves",
+                        lock.read().strip() or "?",
+                        out_dir,
+                    )
+                    said = time.monotonic()
+                time.sleep(1.0)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _train(
