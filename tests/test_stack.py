@@ -192,6 +192,25 @@ def mlflow_client(st: stack_mod.Stack, user: str | None):
     return MlflowClient(tracking_uri=st.mlflow_url, registry_uri=st.mlflow_url)
 
 
+def test_a_pid_file_counts_for_the_process_it_started_and_down_stops_strays(tmp_path):
+    """A pid file outlives its process: a later process with that number was 'running' and down killed
+    it. And a worker killed alone left its task training, out of every component's process tree."""
+    st = stack_mod.Stack(tmp_path / "home")
+    other = subprocess.Popen(["sleep", "60"], cwd=st.root)  # not the stack's: no program of it
+    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "airflow"], cwd=st.root)
+    try:
+        (st.pids / "triggerer.pid").write_text(f"{other.pid} {stack_mod._start_time(other.pid)}")
+        assert st.alive("triggerer")
+        (st.pids / "triggerer.pid").write_text(f"{other.pid} 1")  # the same number, another start
+        assert not st.alive("triggerer") and st.strays() == [stray.pid]
+        st.down()
+        assert stray.wait(40) is not None and other.poll() is None  # the stray stopped, the other left alone
+    finally:
+        for proc in (other, stray):
+            proc.kill()
+            proc.wait()
+
+
 def registry_state(st: stack_mod.Stack) -> tuple[str | None, list[dict[str, Any]], list[Any]]:
     """(champion version, champion moves, every version) as MLflow's admin sees them."""
     from mlflow.exceptions import RestException
@@ -265,10 +284,10 @@ def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an
     killed = time.monotonic()
     print(f"SIGKILL gpu worker {killed - t0:.0f} s into the run, backups: {sorted(p.name for p in backups.iterdir())}")
     wait_for("the worker to be gone", lambda: not st.alive("worker-gpu"), 30, every=0.2)
-    orphans = st.strays("worker-gpu")
+    orphans = st.strays()
     assert orphans, "the killed worker left no task running: this test no longer kills what an operator kills"
     st.start("worker-gpu")
-    assert not st.strays("worker-gpu") and not any(stack_mod._running(p) for p in orphans)
+    assert not st.strays() and not any(stack_mod._running(p) for p in orphans)
     assert finished(client, first) == "success"
     pretrain = client.tasks(first)["pretrain"]
     print(f"first run success {time.monotonic() - killed:.0f} s after the kill; pretrain try {pretrain['try_number']}")

@@ -56,11 +56,9 @@ SECRETS = (
     "mlflow_flask",
 )
 MLFLOW_USERS = {"encoderflow-worker": "mlflow_worker", "encoderflow-reader": "mlflow_reader"}
-# Marks in the environment of every process the stack starts (inherited by the tasks a worker runs):
-# which stack, which component. A pid alone is not an identity: pid files outlive their processes.
-STACK_MARK, COMPONENT_MARK = "ENCODERFLOW_STACK", "ENCODERFLOW_STACK_COMPONENT"
-# For processes of a stack started before the marks: the word its command line holds.
-PROGRAMS = {"redis": "redis-server", "mlflow": "mlflow", "api": "api-server", "worker": "celery"}
+# What a process the stack started runs (its command line, or the title Airflow and Celery give it):
+# with the stack folder as its working directory, which each component's children inherit, a stray.
+STRAY_PROGRAMS = (b"airflow", b"celery", b"mlflow", b"gunicorn", b"uvicorn")
 DEBIAN_PACKAGES = ("postgresql", "redis-server")
 
 
@@ -194,42 +192,34 @@ class Stack:
         stat = Path(f"/proc/{pid}/stat")
         if stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
             return None
-        # A pid file outlives its process, and the number comes back as another process: only one this
-        # stack started counts (status said "running" for it, and down killed it).
-        if name != "postgres" and not self._ours(pid, name):
+        # A pid file outlives its process, and the number comes back as another process: only the one
+        # started then counts (status said "running" for another, and down killed it).
+        recorded = pidfile.read_text().split()
+        if name != "postgres" and len(recorded) > 1 and recorded[1] != _start_time(pid):
             return None
         return pid
 
-    def _ours(self, pid: int, name: str | None = None) -> bool:
-        """Whether ``pid`` was started by this stack (as component ``name``, when given), by the marks
-        :meth:`_spawn` puts in each component's environment, which its children inherit."""
-        try:
-            marks = _marks(pid)
-            if marks is None:  # started before the marks existed: by its program, as then
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-                return name is not None and PROGRAMS.get(name.split("-")[0], name).encode() in cmdline
-        except OSError:  # gone, or another user's process: not one this stack started
-            return False
-        return marks[STACK_MARK] == str(self.root) and (name is None or marks.get(COMPONENT_MARK) == name)
-
-    def strays(self, name: str | None = None) -> list[int]:
-        """Processes this stack started (as ``name``, when given) that outlived their component: the
-        tasks of a killed Celery worker (each in a session of its own) go on training, and a retry
-        then trained beside them in the same run folder."""
+    def strays(self) -> list[int]:
+        """Processes this stack started that outlived their component: those running one of its
+        programs in the stack folder (every component's working directory, which its children inherit)
+        that no live component holds. A Celery worker killed alone leaves its task training, in a
+        session of its own; Airflow's retry then trained beside it in the same run folder. (An
+        environment mark would not do: Airflow and Celery overwrite it with their process titles.)"""
         leaders = {pid for c in COMPONENTS if (pid := self._pid(c)) is not None}
-        inside = leaders.union(*(descendants(leader) for leader in leaders), {os.getpid()})
+        inside = leaders.union(*(descendants(p) for p in leaders), {os.getpid()})
         found = []
         for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) not in inside:
-                with contextlib.suppress(OSError):
-                    if (marks := _marks(int(entry.name))) and marks[STACK_MARK] == str(self.root):
-                        if name is None or marks.get(COMPONENT_MARK) == name:
-                            found.append(int(entry.name))
+            if not entry.name.isdigit() or int(entry.name) in inside:
+                continue
+            with contextlib.suppress(OSError):
+                cmdline = (entry / "cmdline").read_bytes()
+                if os.readlink(entry / "cwd") == str(self.root) and any(p in cmdline for p in STRAY_PROGRAMS):
+                    found.append(int(entry.name))
         return found
 
-    def stop_strays(self, name: str | None = None, timeout: float = 30) -> list[int]:
+    def stop_strays(self, timeout: float = 30) -> list[int]:
         """SIGTERM the :meth:`strays`, SIGKILL those left after ``timeout`` seconds; returns their pids."""
-        pids = self.strays(name)
+        pids = self.strays()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -248,7 +238,7 @@ class Stack:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it from here
         proc = subprocess.Popen(
             cmd,
-            env={**env, STACK_MARK: str(self.root), COMPONENT_MARK: name},
+            env=env,
             cwd=self.root,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -257,7 +247,7 @@ class Stack:
         )
         log.close()
         tmp = self.pids / f"{name}.pid.tmp"
-        tmp.write_text(str(proc.pid))
+        tmp.write_text(f"{proc.pid} {_start_time(proc.pid)}")
         os.replace(tmp, self.pids / f"{name}.pid")
 
     def _as_postgres(self, cmd: list[str]) -> list[str]:
@@ -273,9 +263,9 @@ class Stack:
         """Start one component unless it runs; waits until it answers."""
         if self.alive(name):
             return
-        if name in WORKERS and (left := self.stop_strays(name)):
+        if name in WORKERS and (left := self.stop_strays()):
             # Airflow retries what they ran (resuming from its backups), once its heartbeat timeout passes.
-            print(f"stack: stopped {len(left)} process(es) the stopped {name} left running (its tasks): pids {left}")
+            print(f"stack: stopped {len(left)} process(es) a stopped component left running (tasks): pids {left}")
         start = getattr(self, "_start_" + name.replace("-", "_"), None)
         if start:
             start()
@@ -551,15 +541,12 @@ class Stack:
         raise StackError(f"{name} {state}; its log is {self.logs / (name + '.log')}:\n{tail}")
 
 
-def _marks(pid: int) -> dict[str, str] | None:
-    """The stack's marks in ``pid``'s environment, or None when it has none (OSError: gone, or not ours)."""
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    marks = {
-        k.decode(): v.decode(errors="replace")
-        for k, _, v in (e.partition(b"=") for e in environ)
-        if k in (STACK_MARK.encode(), COMPONENT_MARK.encode())
-    }
-    return marks if STACK_MARK in marks else None
+def _start_time(pid: int) -> str:
+    """When ``pid`` started (clock ticks after boot, ``/proc/<pid>/stat``): with the pid, an identity."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def _new_secret(name: str) -> str:
