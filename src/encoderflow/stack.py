@@ -218,17 +218,19 @@ class Stack:
         return found
 
     def stop_strays(self, timeout: float = 30) -> list[int]:
-        """SIGTERM the :meth:`strays`, SIGKILL those left after ``timeout`` seconds; returns their pids."""
+        """SIGKILL the :meth:`strays` and wait up to ``timeout`` seconds for them to go; returns their pids.
+
+        Not SIGTERM first: Airflow's task runner forwards it to the task, and a training task goes on to
+        its end (measured: one trained on through its last epoch), writing while Airflow retries it.
+        Airflow has given up on these tasks already; the retry resumes from their last backup.
+        """
         pids = self.strays()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + timeout
         while any(_running(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
         return pids
 
     def alive(self, name: str) -> bool:
