@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from encoderflow import cli, errors, layout
+from encoderflow import cli, errors, layout, runs
 from encoderflow.config import ConfigError, from_params
 from encoderflow.train.callbacks import NonFiniteLoss
 
@@ -24,6 +24,10 @@ def test_config_prints_resolved_values(capsys, tmp_path):
     assert cli.main(["config", "--preset", "smoke", "--set", "model.num_layers=2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["preset"] == "smoke" and out["model"]["num_layers"] == 2 and len(out["config_hash"]) == 64
+    # As the usage writes it, several after one --set (it was "unrecognized arguments"), or repeated.
+    assert cli.main(["config", "--set", "model.num_layers=2", "finetune.epochs=3", "--set", "data.seed=9"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["model"]["num_layers"], out["finetune"]["epochs"], out["data"]["seed"]) == (2, 3, 9)
     # A data file's sections are config too; --set still wins over them.
     data_file = tmp_path / "data.yaml"
     data_file.write_text("labeled: tickets/\ninputs: {text_column: body}\nmodel: {num_layers: 3, num_heads: 2}\n")
@@ -393,6 +397,11 @@ def test_a_killed_run_is_marked_failed_by_the_next_one(tmp_path, encoderflow_hom
     [claim] = (encoderflow_home / "airflow" / "encoderflow-runs").iterdir()
     run_id = claim.read_text()
     assert _airflow_states(encoderflow_home, run_id)[0] == "running"
+    # Before the next run, `runs` and `prune` said "in flight" for it, and prune kept every folder for it.
+    assert layout.stopped_runs() == {run_id}
+    asked = runs.asking_airflow(encoderflow_home)()
+    assert [r["state"] for r in asked.runs if r["run_id"] == run_id] == ["stopped"]
+    assert runs.airflow_states(asked).in_flight == []
     proc = _run_toy(tmp_path / "again", encoderflow_home, "expected")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (

@@ -216,6 +216,9 @@ def test_the_move_history_only_grows_each_move_a_tag_that_fits_the_stores_column
     assert events[:3] == legacy and events[3]["reason"] == "first"
     assert [e["reason"] for e in events[4:-1]] == [f"move {n} " + "é" * 150 for n in range(30)]
     assert events[-1]["who"] == "script" and events[-1]["reason"].endswith(" [cut]")
+    # Within the limit, any script: kept whole (as \\uXXXX escapes, 1,000 characters of Chinese were cut to nothing).
+    cjk = registry._event("promote", "lin", "回" * registry.REASON_MAX, "1", "2")
+    assert json.loads(tag := registry.move_tag(cjk))["reason"] == "回" * 1000 and len(tag) <= registry.TAG_VALUE_MAX
     moves = {k: v for k, v in c.get_registered_model(NAME).tags.items() if k.startswith(registry.MOVE_TAG)}
     assert len(moves) == 32 and max(len(v) for v in moves.values()) <= registry.TAG_VALUE_MAX
     assert len(c.get_model_version(NAME, v2).tags["champion.promote"]) <= registry.TAG_VALUE_MAX
@@ -378,6 +381,10 @@ def test_a_version_blessed_by_a_later_run_carries_that_decision(tmp_path):
     again = {"airflow.run_id": "run-again", "airflow.dag_id": "encoder_pretraining"}
     registry.log_candidate(NAME, _bundle(tmp_path / "again", "1"), {}, {}, {}, again, rejected)
     assert c.get_model_version(NAME, first).tags["gate.decided_in"] == "run-later"
+    # Nor does a cleared gate of the run that registered it, rejecting it again.
+    registry.log_candidate(NAME, _bundle(tmp_path / "retry", "1"), {}, {}, {}, {"airflow.run_id": "run-1"}, rejected)
+    now = c.get_model_version(NAME, first).tags
+    assert now["gate.blessed"] == "true" and now["gate.decided_in"] == "run-later"
 
 
 def test_version_tags_carry_the_gate_decision(tmp_path):

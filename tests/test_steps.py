@@ -80,7 +80,7 @@ def test_a_changed_setting_is_named_and_an_init_from_encoder_counts_by_its_bytes
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="encoderflow"):
         assert steps.check_lineage(INPUTS, params, "run-c") is True
-    assert f"config.training_hash (the encoder at pretrain.init_from={enc}, by its sha256)" in caplog.text
+    assert f"config.training_hash (the encoder at pretrain.init_from={enc}, by its sha256 (" in caplog.text
     enc.write_bytes(b"encoder one")
     caplog.clear()
     faster = {
@@ -93,6 +93,16 @@ def test_a_changed_setting_is_named_and_an_init_from_encoder_counts_by_its_bytes
     assert (
         f"config.training_hash (pretrain.learning_rate {was[0]} -> 0.0123; finetune.epochs {was[1]} -> 9)"
     ) in caplog.text
+    # promote tags the encoder pretraining read (its sha256 in the result), not the file there now: a newer
+    # one copied over it meanwhile would read as this version's parent, and a file gone failed promote.
+    import hashlib
+
+    read = hashlib.sha256(b"encoder one").hexdigest()
+    enc.write_bytes(b"encoder three")
+    assert steps.lineage_tags(cfg, INPUTS, read) == steps.lineage_tags(from_params(params), INPUTS, read)
+    assert steps.lineage_tags(cfg, INPUTS, read) != steps.lineage_tags(cfg, INPUTS)
+    enc.unlink()
+    assert steps.lineage_tags(cfg, INPUTS, read)["config.training_hash"] == cfg.training_hash(read)
 
 
 def test_a_damaged_champion_fails_the_run_before_training_naming_the_version(tmp_path, caplog):

@@ -594,7 +594,7 @@ def _stopped_by_ctrl_c(logs: TaskLogs) -> Iterator[None]:
 
 
 def _claims() -> Path:
-    return layout.airflow_home() / "encoderflow-runs"
+    return layout.run_claims()
 
 
 @contextlib.contextmanager

@@ -394,11 +394,16 @@ def _stack_mlflow() -> dict[str, str]:
 
     stack = Stack(layout.home())
     if not stack.alive("mlflow"):
-        if not registry.no_store():
-            return {}  # the embedded store of runs made before the stack
+        # Not the embedded store of runs made before the stack, silently: a promote there moved a
+        # champion no stack run reads.
+        embedded = (
+            ""
+            if registry.no_store()
+            else f" (MLFLOW_TRACKING_URI={registry.embedded_uri()} for this home's embedded store)"
+        )
         raise EncoderflowError(
             f"the MLflow server of make stack in {stack.root} is not running",
-            fix="start the stack (make stack), or set MLFLOW_TRACKING_URI to the MLflow to ask",
+            fix=f"start the stack (make stack), or set MLFLOW_TRACKING_URI to the MLflow to ask{embedded}",
         )
     print(f"MLflow: make stack's server at {stack.mlflow_url}", file=sys.stderr)
     return {k: v for k, v in stack.env("worker-default").items() if k.startswith("MLFLOW_TRACKING_")}
@@ -496,6 +501,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
     print("\n".join(["", *runs.table_lines(shown)]))
     if any(runs.state_of(e).endswith("*") for e in shown):
         print("* no Airflow asked knows this run: the state is what its folder says")
+    if any(e.get("state") == runs.STOPPED for e in shown):
+        print(
+            "stopped: Airflow says running, but the encoderflow run process that ran it is gone (killed); "
+            "the next encoderflow run marks it failed, and resumes its training"
+        )
     if len(shown) < len(entries):
         print(f"{len(entries) - len(shown)} older run(s) not shown (--limit 0 shows all)")
     print("encoderflow runs RUN shows one run in full")
@@ -655,7 +665,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, sources: bool = True, data_file: bool = False):
         sp.add_argument("--preset", default=os.environ.get("PRESET") or DEFAULT_PRESET, choices=sorted(PRESETS))
-        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
+        sp.add_argument(
+            "--set",
+            action="extend",
+            nargs="+",
+            metavar="KEY=VALUE",
+            help="config overrides: --set a=1 b=2, or repeated",
+        )
         if sources:
             sp.add_argument(
                 "--data-dir",
@@ -730,7 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument(
         "--preset", default=None, choices=sorted(PRESETS), help="check this preset's files only (default: every preset)"
     )
-    dr.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
+    dr.add_argument(
+        "--set", action="extend", nargs="+", metavar="KEY=VALUE", help="config overrides: --set a=1 b=2, or repeated"
+    )
     dr.add_argument("--timeout", type=float, default=5.0, help="seconds per URL probe")
     return p
 

@@ -70,6 +70,26 @@ def airflow_home() -> Path:
     return home() / "airflow"
 
 
+def run_claims() -> Path:
+    """Where each ``encoderflow run`` process holds its run id under an ``flock`` while it runs the DAG."""
+    return airflow_home() / "encoderflow-runs"
+
+
+def stopped_runs() -> set[str]:
+    """The run ids whose ``encoderflow run`` process is gone (a kill, a crash) and that no later run has
+    marked failed yet: their claim's lock is free. Airflow still says they are running."""
+    stopped = set()
+    for path in sorted(run_claims().glob("*")) if run_claims().is_dir() else []:
+        try:
+            with open(path, encoding="utf-8") as claim:
+                fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on close
+                if run_id := claim.read().strip():
+                    stopped.add(run_id)
+        except (BlockingIOError, FileNotFoundError):  # alive, or swept meanwhile
+            continue
+    return stopped
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

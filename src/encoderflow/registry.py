@@ -223,6 +223,21 @@ def serving_folder(name: str, version: str) -> Path:
     return layout.home() / "serving" / layout.safe_run_id(name) / f"v{version}"
 
 
+def _verified_in_store(name: str, version: str) -> None:
+    """A person's move serves ``version`` next: its files are fetched from the store and verified now,
+    not found damaged by the next host that serves it (a verified copy in this home's serving folder
+    hid a damaged store). Into that folder when it has no verified copy; else into a temporary one,
+    so a ``predict`` reading the copy there is not disturbed."""
+    import tempfile
+
+    folder = serving_folder(name, version)
+    if bundle.damage(folder) is not None:
+        fetch_verified(name, version, folder)
+        return
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".check-{folder.name}-") as tmp:
+        download_version(name, version, Path(tmp) / "bundle")
+
+
 def fetch_verified(name: str, version: str, dst: str | os.PathLike) -> Path:
     """Version ``version`` of ``name`` at ``dst``: the copy already there when it still verifies
     (``bundle.verify``), else downloaded (:func:`download_version`), its files then stored once for
@@ -272,10 +287,11 @@ def log_candidate(
             tags.get("airflow.run_id"),
         )
         if "registered_by" not in done:  # this run's version: its tags follow the decision (a cleared gate's)
-            for key, value in decision_tags(decision).items():
-                c.set_model_version_tag(name, done["version"], key, value)
+            blessed_later = "gate.decided_in" in c.get_model_version(name, done["version"]).tags
+            if decision.get("blessed") or not blessed_later:  # a later run's blessing is what it serves under
+                _set_decision(c, name, done["version"], decision)
         elif decision.get("blessed"):
-            _blessed_again(c, name, done["version"], decision, tags.get("airflow.run_id"))
+            _set_decision(c, name, done["version"], decision, decided_in=tags.get("airflow.run_id") or "manual")
         return done
     for earlier in _versions_of_run(c, name, tags):
         if earlier.tags.get(CONTENT_TAG) == tags[CONTENT_TAG]:
@@ -324,7 +340,7 @@ def log_candidate(
             return _register(c, name, source, run_id, {**tags, **decision_tags(decision)})
         c.set_tag(run_id, REGISTERED_AS, str(holder.version))  # how a retry finds it (_registered_for)
         if decision.get("blessed"):
-            _blessed_again(c, name, str(holder.version), decision, tags.get("airflow.run_id"))
+            _set_decision(c, name, str(holder.version), decision, decided_in=tags.get("airflow.run_id") or "manual")
     log.info(
         "registry: this candidate is %s v%s's model (same weights, tokenizer and labels, bundle sha256 %s), registered "
         "by %s: no second version; MLflow run %s records this run's metrics and decision",
@@ -337,11 +353,14 @@ def log_candidate(
     return _described(holder, run_id, earlier=True)
 
 
-def _blessed_again(c, name: str, version: str, decision: dict[str, Any], run: str | None) -> None:
-    """A gate blessed ``version``'s model in a run that did not register it (rejected when it was, say,
-    and blessed once the champion it lost to was rolled back): its ``gate.*`` tags become this decision,
-    which ``gate.decided_in`` names, so the MLflow UI does not show the model it serves as rejected."""
-    new = {**decision_tags(decision), "gate.decided_in": run or "manual"}
+def _set_decision(c, name: str, version: str, decision: dict[str, Any], decided_in: str | None = None) -> None:
+    """``version``'s ``gate.*`` tags become ``decision``'s, none of an earlier decision left.
+
+    ``decided_in``: the run whose gate blessed the version's model without registering it (rejected
+    when it was registered, say, and blessed once the champion it lost to was rolled back), so the
+    MLflow UI does not show the model it serves as rejected; ``gate.decided_in`` names that run.
+    """
+    new = {**decision_tags(decision), **({"gate.decided_in": decided_in} if decided_in else {})}
     for key in c.get_model_version(name, version).tags:
         if key.startswith("gate.") and key not in new:
             c.delete_model_version_tag(name, version, key)
@@ -565,9 +584,7 @@ def move_champion(
             fix="give --version one of them (the runs page and the MLflow UI show each version's gate decision)",
         ) from None
     if demote:
-        # A person's move serves this version next: fetched from the store and verified now (into the
-        # serving copy predict uses), not found damaged by the next host that serves it.
-        layout.share_identical(download_version(name, version, serving_folder(name, version)))
+        _verified_in_store(name, version)
     with promotion_lock():
         current = champion(name)
         current_version = current["version"] if current else None
@@ -648,12 +665,16 @@ def _record_move(c, name: str, version: str, event: dict[str, Any], earlier: lis
 
 
 def move_tag(event: dict[str, Any]) -> str:
-    """One move as JSON within ``TAG_VALUE_MAX``: a reason too long for it (only a move made without
-    :func:`check_reason`) is cut and ends ``[cut]``."""
-    text, reason = json.dumps(event), event["reason"]
-    while len(text) > TAG_VALUE_MAX and reason:  # escapes make a character cost up to 6: cut until it fits
+    """One move as JSON within ``TAG_VALUE_MAX`` characters: a reason too long for it (only a move made
+    without :func:`check_reason`) is cut and ends ``[cut]``.
+
+    Not ASCII-escaped: the SQL stores' VARCHAR(5000) counts characters, and as ``\\uXXXX`` escapes a
+    1,000-character reason in Chinese took 6,000 and was cut to nothing.
+    """
+    text, reason = json.dumps(event, ensure_ascii=False), event["reason"]
+    while len(text) > TAG_VALUE_MAX and reason:  # a quote or control character escapes to 2-6: cut until it fits
         reason = reason[: max(0, len(reason) - (len(text) - TAG_VALUE_MAX) - len(" [cut]"))]
-        text = json.dumps({**event, "reason": reason + " [cut]"})
+        text = json.dumps({**event, "reason": reason + " [cut]"}, ensure_ascii=False)
     return text
 
 

@@ -105,6 +105,7 @@ class Pretrained(TypedDict):
     mlm_val_accuracy: float
     result: str
     parent: str | None  # the champion version or encoder path a warm start began from
+    init_sha256: NotRequired[str | None]  # the sha256 of the encoder it began from, as pretraining read it
     vocab_sha256: NotRequired[str]  # the vocabulary its token ids index (absent in results before it)
     reused_from: NotRequired[str]  # the run folder whose encoder this is, trained from the same key and code
 

@@ -42,6 +42,8 @@ from encoderflow.results import current_names
 
 FINISHED = ("success", "failed")
 IN_FLIGHT = ("queued", "running")
+# Airflow says running, but the `encoderflow run` process that ran it is gone (layout.stopped_runs).
+STOPPED = "stopped"
 ALIASES = ("champion", "previous")
 # Declared once, with the gate's other settings: gate.registered_model's default.
 DEFAULT_MODEL = GateConfig().registered_model
@@ -145,6 +147,12 @@ def asking_airflow(home: Path, dag_id: str = DAG_ID) -> Callable[[], DagRuns]:
             found += [{k: (None if v == "" and k.endswith("_date") else v) for k, v in run.items()} for run in runs]
             said.append(f"{label}: {len(runs)} runs")
         found.sort(key=lambda r: str(r.get("run_after") or r.get("start_date") or ""), reverse=True)
+        # A killed `encoderflow run` leaves its run "running" in Airflow until the next run sweeps it: it
+        # read as in flight forever, and prune kept every folder for it.
+        stopped = layout.stopped_runs()
+        for run in found:
+            if run.get("state") in IN_FLIGHT and run.get("run_id") in stopped:
+                run["state"] = STOPPED
         return DagRuns(found, True, "Airflow " + "; ".join(said))
 
     return answer
@@ -593,6 +601,8 @@ def verdict_of(entry: dict[str, Any]) -> str:
         return "FAILED"
     if entry.get("unchanged"):
         return "SKIPPED"
+    if entry.get("state") == STOPPED:
+        return "STOPPED"
     return "in flight" if entry.get("state") in IN_FLIGHT else "not gated"
 
 

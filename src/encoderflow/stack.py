@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import getpass
 import glob
 import json
 import os
+import pwd
 import re
 import secrets
 import shutil
@@ -56,9 +56,9 @@ SECRETS = (
     "mlflow_flask",
 )
 MLFLOW_USERS = {"encoderflow-worker": "mlflow_worker", "encoderflow-reader": "mlflow_reader"}
-# What a process the stack started runs (its command line, or the title Airflow and Celery give it):
-# with the stack folder as its working directory, which each component's children inherit, a stray.
-STRAY_PROGRAMS = (b"airflow", b"celery", b"mlflow", b"gunicorn", b"uvicorn")
+# What a process the stack started runs, by the first word of its command line (or of the title
+# Airflow and Celery give it): in the stack folder, which each component's children inherit, a stray.
+STACK_PROGRAMS = ("airflow", "celery", "mlflow", "gunicorn", "uvicorn", "python")
 DEBIAN_PACKAGES = ("postgresql", "redis-server")
 
 
@@ -104,7 +104,7 @@ class Stack:
         self.extra_env = dict(extra_env or {})
         self.as_postgres = os.geteuid() == 0  # PostgreSQL refuses to run as root
         # The cluster's superuser is the OS user it runs as: peer authentication on its socket.
-        self.pg_superuser = "postgres" if self.as_postgres else getpass.getuser()
+        self.pg_superuser = "postgres" if self.as_postgres else pwd.getpwuid(os.geteuid()).pw_name
         for d in (self.root, self.logs, self.pids):
             d.mkdir(parents=True, exist_ok=True)
         self.secrets = self._load_or_make(
@@ -199,35 +199,42 @@ class Stack:
             return None
         return pid
 
-    def strays(self) -> list[int]:
-        """Processes this stack started that outlived their component: those running one of its
-        programs in the stack folder (every component's working directory, which its children inherit)
-        that no live component holds. A Celery worker killed alone leaves its task training, in a
+    def strays(self) -> list[tuple[int, str]]:
+        """Processes this stack started that outlived their component, each as (pid, start time): a
+        program of the stack (Python, or the title Airflow and Celery give theirs) running in the stack
+        folder (every component's working directory, which its children inherit) with no live
+        component among its ancestors. A Celery worker killed alone leaves its task training, in a
         session of its own; Airflow's retry then trained beside it in the same run folder. (An
-        environment mark would not do: Airflow and Celery overwrite it with their process titles.)"""
+        environment mark would not do: those titles overwrite it.)"""
+        import psutil
+
         leaders = {pid for c in COMPONENTS if (pid := self._pid(c)) is not None}
-        inside = leaders.union(*(descendants(p) for p in leaders), {os.getpid()})
         found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) in inside:
-                continue
-            with contextlib.suppress(OSError):
-                cmdline = (entry / "cmdline").read_bytes()
-                if os.readlink(entry / "cwd") == str(self.root) and any(p in cmdline for p in STRAY_PROGRAMS):
-                    found.append(int(entry.name))
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if proc.pid == os.getpid() or proc.cwd() != str(self.root) or not _stack_program(proc.cmdline()):
+                    continue
+                # Asked of each process, not of a list of the components' children taken before: a
+                # child forked meanwhile (a task the live worker just started) is still theirs.
+                if proc.pid in leaders or any(a.pid in leaders for a in proc.parents()):
+                    continue
+                found.append((proc.pid, _start_time(proc.pid)))
         return found
 
     def stop_strays(self, timeout: float = 30) -> list[int]:
         """SIGKILL the :meth:`strays` and wait up to ``timeout`` seconds for them to go; returns their pids.
 
-        Not SIGTERM first: Airflow's task runner forwards it to the task, and a training task goes on to
-        its end (measured: one trained on through its last epoch), writing while Airflow retries it.
-        Airflow has given up on these tasks already; the retry resumes from their last backup.
+        Not SIGTERM first: Airflow's task runner forwards it to the task, and a training task went on to
+        its end (measured: its retry found the encoder finished), writing while Airflow retried it.
+        Airflow has given up on these tasks already; the retry resumes from their last backup. A pid is
+        signalled only while its start time is the one seen: its number may belong to another by then.
         """
-        pids = self.strays()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        strays = self.strays()
+        for pid, started in strays:
+            if _start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        pids = [pid for pid, _ in strays]
         deadline = time.monotonic() + timeout
         while any(_running(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -311,7 +318,9 @@ class Stack:
         if not any(self.status().values()):
             # A stack made when the JWT key was 24 bytes (PyJWT warned on every token: below 64 for
             # SHA-512): a longer one, only while nothing runs that holds the old one.
-            weak = {k: _new_secret(k) for k in SECRETS if len(self.secrets.get(k, "")) < len(_new_secret(k))}
+            weak = {k: _new_secret(k) for k in SECRETS if k not in self.secrets}  # none yet: made now
+            if len(self.secrets.get("airflow_jwt", "")) < 64:  # the others are in PostgreSQL's and MLflow's stores
+                weak["airflow_jwt"] = _new_secret("airflow_jwt")
             if weak:
                 self.secrets |= weak
                 _write_private(self.root / "secrets.json", self.secrets)
@@ -541,6 +550,15 @@ class Stack:
         )
         state = "exited" if not self.alive(name) else f"did not answer within {timeout:.0f} s"
         raise StackError(f"{name} {state}; its log is {self.logs / (name + '.log')}:\n{tail}")
+
+
+def _stack_program(cmdline: list[str]) -> bool:
+    """Whether a command line is one of the stack's programs (not, say, ``tail -f logs/mlflow.log`` in
+    its folder); a Python program counts when it runs one of them (``python -m airflow ...``)."""
+    first = Path(cmdline[0].split()[0]).name if cmdline and cmdline[0] else ""
+    if first.startswith("python"):
+        return any(word in arg for arg in cmdline[1:4] for word in STACK_PROGRAMS[:-1])
+    return first.startswith(STACK_PROGRAMS[:-1])
 
 
 def _start_time(pid: int) -> str:

@@ -244,6 +244,7 @@ def pretrain(sealed: Sealed, params: Mapping[str, Any], run_id: str) -> Pretrain
         "mlm_val_accuracy": result["mlm_val_accuracy"],
         "result": str(out / "result.json"),
         "parent": (init.get("version") or init["path"]) if init else None,
+        "init_sha256": (result.get("config") or {}).get("init"),
         **({"vocab_sha256": result["vocab_sha256"]} if "vocab_sha256" in result else {}),
     }
 
@@ -520,7 +521,9 @@ def promote(
     stages = (("pretrain", pretrained), ("finetune", finetuned))
     tags = {
         **lineage,
-        **lineage_tags(cfg, inputs),
+        # The encoder pretraining began from as it read it: the file at init_from's path may have
+        # changed since (a newer latest/encoder.keras), or gone.
+        **lineage_tags(cfg, inputs, pretrained.get("init_sha256")),
         "config.preset": cfg.preset,
         "shards.manifest_sha256": sealed["manifest_sha256"],
         "shards.hash": sealed["shards_hash"],
@@ -607,7 +610,7 @@ def _decided_for(decision: dict[str, Any], candidate: str) -> None:
         )
 
 
-def lineage_tags(cfg, inputs: Mapping[str, Dataset]) -> dict[str, str]:
+def lineage_tags(cfg, inputs: Mapping[str, Dataset], init_sha256: str | None = None) -> dict[str, str]:
     """What a model is a function of: each dataset's content hash, the config's training hash
     (:meth:`~encoderflow.config.Config.training_hash`) and the code's hash.
 
@@ -615,10 +618,13 @@ def lineage_tags(cfg, inputs: Mapping[str, Dataset]) -> dict[str, str]:
     model again (same seed, same shards), so :func:`check_lineage` skips it. A ``pretrain.init_from``
     path counts by its encoder's sha256: another encoder copied over it is a change (it was skipped as
     "nothing changed"), and the same encoder at another path is none."""
-    given = _given_encoder(cfg)
+    if cfg.pretrain.init_from in ("none", "champion"):
+        init_sha256 = None
+    elif init_sha256 is None:  # before training: the file as it is now
+        init_sha256 = layout.sha256_file(_given_encoder(cfg))
     return {
         **{f"data.{name}.content_hash": info["content_hash"] for name, info in sorted(inputs.items())},
-        "config.training_hash": cfg.training_hash(layout.sha256_file(given) if given else None),
+        "config.training_hash": cfg.training_hash(init_sha256),
         "code.hash": layout.code_hash(),
     }
 
@@ -673,7 +679,10 @@ def _changed_settings(cfg, champ: Mapping[str, Any]) -> str:
         if k.in_lineage and (theirs := params.get(k.key)) is not None and theirs != str(mine):
             diffs.append(f"{k.key} {theirs} -> {mine}")
     if not diffs and cfg.pretrain.init_from.startswith("/"):
-        return f"the encoder at pretrain.init_from={cfg.pretrain.init_from}, by its sha256"
+        return (
+            f"the encoder at pretrain.init_from={cfg.pretrain.init_from}, by its sha256 (a champion registered "
+            "before 2026-12-07 recorded the path instead: one retrain)"
+        )
     return "; ".join(diffs) or "settings the champion's run did not log"
 
 

@@ -820,5 +820,5 @@ def test_a_second_try_in_the_same_run_folder_waits_for_the_first_and_history_sur
     waiter.join(10)
     assert entered.is_set()
     assert f"pretrain: an earlier try (pid 4242) still trains in {out}" in caplog.text
-    (out / "history.csv").write_text("epoch,loss\n0,7.5\n,4.0405\n1,7.1\n")
+    (out / "history.csv").write_text("epoch,loss\n0,7.5\n,4.0405\n2,6.9,6.8\n3,6.5epoch\n4\n1,7.1\n")
     assert pretrain.read_history(out / "history.csv") == {"loss": [7.5, 7.1]}

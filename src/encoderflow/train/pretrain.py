@@ -169,10 +169,15 @@ def read_history(path: Path) -> dict[str, list[float]]:
     rows: dict[int, dict[str, str]] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            try:
+            try:  # a row two writers interleaved, or a killed write ran into the next: not an epoch's
+                if None in row or None in row.values():
+                    raise ValueError("fields beyond or short of the header")
                 epoch = int(row.pop("epoch"))
-            except (TypeError, ValueError):  # a row two writers interleaved: not an epoch's
-                log.warning("pretrain: %s: a row with no epoch number skipped: %s", path, row)
+                for value in row.values():
+                    if value != "":
+                        float(value)
+            except (TypeError, ValueError):
+                log.warning("pretrain: %s: a torn row skipped: %s", path, row)
                 continue
             rows[epoch] = row
     keys = sorted({k for row in rows.values() for k in row})
