@@ -127,6 +127,14 @@ def test_run_folders_go_only_when_finished_old_and_not_an_aliased_versions(encod
     }
     assert p.notes == ["Airflow test; none in flight"]
 
+    # The champion began from an encoder in the "old" run's folder (pretrain.init_from=<path>): its config
+    # points there, and each run of it failed once prune had removed it.
+    parent = home / "runs" / "old" / "pretrain" / "encoder.keras"
+    warm = [prune.Aliased("encoderflow-sst2", "1", "champion", "champion", parent=str(parent))]
+    p = prune.plan(home, keep=1, older_than_days=7, airflow=_airflow(**states), aliased=warm, now=NOW)
+    assert _judged(p, "run")[1]["old"] == f"holds {parent}, which encoderflow-sst2 v1 (champion) began from"
+    assert "old" not in _judged(p, "run")[0]
+
     # MLflow not asked: any finished run may have registered the champion (and failed before its summary).
     p = prune.plan(home, keep=1, older_than_days=7, airflow=_airflow(**states), aliased=None, now=NOW)
     assert not _judged(p, "run")[0]

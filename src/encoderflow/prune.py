@@ -130,6 +130,12 @@ def _plan_runs(
     """Judge each run folder (Airflow was asked and no run is in flight); returns the kept ones."""
     protected = {a.run: a.why for a in aliased or [] if a.run}
     root = home / "runs"
+    # The encoder an aliased version's pretraining began from (pretrain.init_from=<path>): the config that
+    # made it points there, and each run of that config failed once prune had removed it.
+    for a in aliased or []:
+        if a.parent and (inside := Path(a.parent).resolve()).is_relative_to(root.resolve()) and inside != root:
+            folder = inside.relative_to(root.resolve()).parts[0]
+            protected.setdefault(folder, f"holds {a.parent}, which {a.model} v{a.version} ({a.alias}) began from")
     folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
     changed = {p: last_change(p) for p in folders}
     finished_keys = {

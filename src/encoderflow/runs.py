@@ -242,6 +242,8 @@ class Aliased:
     store: str = ""
     # The champion's: the last move of the alias (registry.moves_in), when it was the move onto it.
     moved: str = ""
+    # The encoder its pretraining began from (lineage.parent), when that was a file: prune keeps it.
+    parent: str = ""
 
     @property
     def why(self) -> str:
@@ -327,11 +329,20 @@ def _aliased(registry, store: str) -> tuple[list[Aliased] | None, str]:
             moves = registry.moves_in(model.tags)
             for alias, version in sorted(model.aliases.items()):
                 if alias in ALIASES:
-                    run = c.get_model_version(model.name, version).tags.get("airflow.run_id")
+                    tags = c.get_model_version(model.name, version).tags
+                    run, parent = tags.get("airflow.run_id"), tags.get("lineage.parent", "")
                     last = moves[-1] if moves and alias == "champion" else {}
                     moved = _moved(last) if str(last.get("to")) == str(version) else ""
                     found.append(
-                        Aliased(model.name, str(version), alias, run and layout.safe_run_id(run), store, moved)
+                        Aliased(
+                            model.name,
+                            str(version),
+                            alias,
+                            run and layout.safe_run_id(run),
+                            store,
+                            moved,
+                            parent if parent.startswith("/") else "",
+                        )
                     )
     except Exception as exc:  # any failure to ask: keep more, never less
         return None, f"MLflow at {registry.tracking_uri()}: could not be asked ({str(exc).splitlines()[0][:200]})"
