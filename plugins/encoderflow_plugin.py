@@ -78,20 +78,24 @@ def _dag_runs(limit: int = 200) -> list[dict[str, Any]]:
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
+    from encoderflow.runs import mark_stopped
+
     with create_session() as session:
         rows = session.scalars(
             select(DagRun).where(DagRun.dag_id == page.DAG_ID).order_by(DagRun.id.desc()).limit(limit)
         ).all()
-        return [
-            {
-                "run_id": r.run_id,
-                "state": str(r.state.value if hasattr(r.state, "value") else r.state),
-                "start_date": r.start_date.isoformat() if r.start_date else None,
-                "end_date": r.end_date.isoformat() if r.end_date else None,
-                "conf": dict(r.conf or {}),
-            }
-            for r in rows
-        ]
+        return mark_stopped(
+            [
+                {
+                    "run_id": r.run_id,
+                    "state": str(r.state.value if hasattr(r.state, "value") else r.state),
+                    "start_date": r.start_date.isoformat() if r.start_date else None,
+                    "end_date": r.end_date.isoformat() if r.end_date else None,
+                    "conf": dict(r.conf or {}),
+                }
+                for r in rows
+            ]
+        )
 
 
 def _snapshot(model: str) -> dict[str, Any]:

@@ -206,6 +206,7 @@ def test_a_pid_file_counts_for_the_process_it_started_and_down_stops_strays(tmp_
         (st.logs / "mlflow.log").touch()
         tail = subprocess.Popen(["tail", "-f", "logs/mlflow.log"], cwd=st.root)  # an operator's, in its folder
         assert [pid for pid, _ in st.strays()] == [stray.pid]
+        assert not stack_mod._stack_program([" "]) and not stack_mod._stack_program([])  # a blank title
         st.down()
         assert stray.wait(40) is not None and other.poll() is None and tail.poll() is None  # only the stray went
     finally:

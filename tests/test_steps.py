@@ -80,7 +80,7 @@ def test_a_changed_setting_is_named_and_an_init_from_encoder_counts_by_its_bytes
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="encoderflow"):
         assert steps.check_lineage(INPUTS, params, "run-c") is True
-    assert f"config.training_hash (the encoder at pretrain.init_from={enc}, by its sha256 (" in caplog.text
+    assert f"config.training_hash (the encoder at pretrain.init_from={enc}, by its sha256: other bytes" in caplog.text
     enc.write_bytes(b"encoder one")
     caplog.clear()
     faster = {
@@ -103,6 +103,9 @@ def test_a_changed_setting_is_named_and_an_init_from_encoder_counts_by_its_bytes
     assert steps.lineage_tags(cfg, INPUTS, read) != steps.lineage_tags(cfg, INPUTS)
     enc.unlink()
     assert steps.lineage_tags(cfg, INPUTS, read)["config.training_hash"] == cfg.training_hash(read)
+    # A result passed on before init_sha256 was: from its result.json, which has recorded it since warm starts.
+    result = layout.write_json(tmp_path / "pretrain" / "result.json", {"config": {"init": read}})
+    assert steps._init_sha256({"result": str(result), "parent": str(enc)}) == read
 
 
 def test_a_damaged_champion_fails_the_run_before_training_naming_the_version(tmp_path, caplog):

@@ -620,20 +620,34 @@ def sweep_stopped_runs() -> list[tuple[str, list[tuple[str, int, str]]]]:
     """Runs whose ``encoderflow run`` died (a kill, a crash) stay ``running`` in Airflow, with their
     running task, and their MLflow run RUNNING: mark each failed (:func:`fail_run`). Returns each
     run id with the task instances changed."""
-    import fcntl
 
     swept = []
     for path in sorted(_claims().glob("*")) if _claims().is_dir() else []:
         with open(path, encoding="utf-8") as claim:
-            try:
-                fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _lock_within(claim, 0.5):
                 continue  # its process is alive, running its DAG
             run_id = claim.read().strip()
             if run_id:
                 swept.append((run_id, fail_run(run_id)))
             path.unlink(missing_ok=True)
     return swept
+
+
+def _lock_within(claim, seconds: float) -> bool:
+    """Take ``claim``'s exclusive lock, trying for ``seconds``: ``encoderflow runs`` and ``prune`` read a
+    dead run's claim under a brief shared lock (layout.stopped_runs), and one try then skipped that run."""
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
 
 def fail_run(run_id: str, wait_for_pid: int | None = None, wait_s: float = 60.0) -> list[tuple[str, int, str]]:

@@ -82,10 +82,10 @@ def stopped_runs() -> set[str]:
     for path in sorted(run_claims().glob("*")) if run_claims().is_dir() else []:
         try:
             with open(path, encoding="utf-8") as claim:
-                fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on close
+                fcntl.flock(claim, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released on close, at once
                 if run_id := claim.read().strip():
                     stopped.add(run_id)
-        except (BlockingIOError, FileNotFoundError):  # alive, or swept meanwhile
+        except OSError:  # alive (locked), swept meanwhile, or unreadable: not known to be stopped
             continue
     return stopped
 

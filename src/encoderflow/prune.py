@@ -44,7 +44,7 @@ from pathlib import Path
 from encoderflow import layout
 from encoderflow.data.folders import COMPLETE
 from encoderflow.errors import FAILURE_FILE, failure_outlived
-from encoderflow.runs import FINISHED, AirflowRuns, Aliased
+from encoderflow.runs import FINISHED, STOPPED, AirflowRuns, Aliased
 from encoderflow.steps import SHARDS_RECORD
 from encoderflow.train.pretrain import BACKUP_CODE, BACKUP_KEY
 
@@ -151,6 +151,8 @@ def _plan_runs(
             finished, said = _reported(folder), "no Airflow knows it; its summary.json says it finished"
         else:
             finished, said = state in FINISHED, f"Airflow: {state}"
+            if state == STOPPED:
+                said = "Airflow: running, but its encoderflow run process is gone (stopped)"
         if rank < keep:
             why = f"one of the newest {keep}"
         elif not finished:

@@ -228,14 +228,12 @@ def _verified_in_store(name: str, version: str) -> None:
     not found damaged by the next host that serves it (a verified copy in this home's serving folder
     hid a damaged store). Into that folder when it has no verified copy; else into a temporary one,
     so a ``predict`` reading the copy there is not disturbed."""
-    import tempfile
-
     folder = serving_folder(name, version)
     if bundle.damage(folder) is not None:
         fetch_verified(name, version, folder)
         return
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".check-{folder.name}-") as tmp:
-        download_version(name, version, Path(tmp) / "bundle")
+    with layout.temp_dir(folder.parent, f".check-{folder.name}-") as tmp:  # a killed promote's: swept
+        download_version(name, version, tmp / "bundle")
 
 
 def fetch_verified(name: str, version: str, dst: str | os.PathLike) -> Path:
@@ -671,17 +669,30 @@ def move_tag(event: dict[str, Any]) -> str:
     Not ASCII-escaped: the SQL stores' VARCHAR(5000) counts characters, and as ``\\uXXXX`` escapes a
     1,000-character reason in Chinese took 6,000 and was cut to nothing.
     """
-    text, reason = json.dumps(event, ensure_ascii=False), event["reason"]
+
+    def dumped(e: dict[str, Any]) -> str:
+        # A lone surrogate (bytes that were not UTF-8, from a script) stays an escape: no store takes it.
+        return json.dumps(e, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
+
+    text, reason = dumped(event), event["reason"]
     while len(text) > TAG_VALUE_MAX and reason:  # a quote or control character escapes to 2-6: cut until it fits
         reason = reason[: max(0, len(reason) - (len(text) - TAG_VALUE_MAX) - len(" [cut]"))]
-        text = json.dumps({**event, "reason": reason + " [cut]"}, ensure_ascii=False)
+        text = dumped({**event, "reason": reason + " [cut]"})
     return text
 
 
-def check_reason(reason: str) -> None:
-    """A person's ``--reason``: given, and short enough to keep whole with the move."""
+def check_reason(reason: str, who: str | None = None) -> None:
+    """A person's ``--reason`` (and ``--who``): given, UTF-8, and short enough to keep whole with the move."""
     if not reason.strip():
         raise EncoderflowError("give a --reason; it is recorded with the move")
+    for flag, text in (("--reason", reason), ("--who", who or "")):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a Latin-1 terminal's bytes: Python's lone surrogates
+            raise EncoderflowError(
+                f"{flag} is not UTF-8 (character {exc.start}); nothing moved",
+                fix=f"give {flag} as UTF-8 text (a UTF-8 terminal, or iconv -t utf-8)",
+            ) from None
     if len(reason) > REASON_MAX:
         raise EncoderflowError(
             f"--reason is {len(reason):,} characters; the registry keeps at most {REASON_MAX:,} with each move",
@@ -737,7 +748,7 @@ _MOVE_FIELDS = ("at", "action", "who", "reason", "from", "to")
 def promote(name: str, version: str, reason: str, who: str | None = None) -> dict[str, Any]:
     """A person's explicit promotion of ``version`` (no gate), recorded with who and why; the version
     it replaces is demoted (:data:`DEMOTED`)."""
-    check_reason(reason)
+    check_reason(reason, who)
     current = champion(name)
     expected = current["version"] if current else None
     return move_champion(name, str(version), expected, reason, who, action="promote", demote=True)
@@ -750,8 +761,8 @@ def rollback(name: str, reason: str, who: str | None = None) -> dict[str, Any]:
     Raises:
         EncoderflowError: no ``previous`` version (none, or the last rollback reached the first champion).
     """
-    if len(reason or "") > REASON_MAX:
-        check_reason(reason)
+    if reason and reason.strip():
+        check_reason(reason, who)
     from mlflow.exceptions import MlflowException
 
     c = client()

@@ -147,15 +147,20 @@ def asking_airflow(home: Path, dag_id: str = DAG_ID) -> Callable[[], DagRuns]:
             found += [{k: (None if v == "" and k.endswith("_date") else v) for k, v in run.items()} for run in runs]
             said.append(f"{label}: {len(runs)} runs")
         found.sort(key=lambda r: str(r.get("run_after") or r.get("start_date") or ""), reverse=True)
-        # A killed `encoderflow run` leaves its run "running" in Airflow until the next run sweeps it: it
-        # read as in flight forever, and prune kept every folder for it.
-        stopped = layout.stopped_runs()
-        for run in found:
-            if run.get("state") in IN_FLIGHT and run.get("run_id") in stopped:
-                run["state"] = STOPPED
-        return DagRuns(found, True, "Airflow " + "; ".join(said))
+        return DagRuns(mark_stopped(found), True, "Airflow " + "; ".join(said))
 
     return answer
+
+
+def mark_stopped(dag_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``dag_runs`` with :data:`STOPPED` for each run Airflow says is in flight whose ``encoderflow run``
+    process is gone (:func:`encoderflow.layout.stopped_runs`): until the next run sweeps it, it read as in
+    flight, and prune held every folder back for it. The CLI and the runs page both say it."""
+    stopped = layout.stopped_runs()
+    for run in dag_runs:
+        if run.get("state") in IN_FLIGHT and run.get("run_id") in stopped:
+            run["state"] = STOPPED
+    return dag_runs
 
 
 def ask_airflow(home: Path, dag_id: str = DAG_ID) -> AirflowRuns:

@@ -214,6 +214,10 @@ class Stack:
             with contextlib.suppress(psutil.Error, OSError):
                 if proc.pid == os.getpid() or proc.cwd() != str(self.root) or not _stack_program(proc.cmdline()):
                     continue
+                # A person's command (an `airflow` CLI run from the stack folder) has a terminal; every
+                # component starts in a new session, without one, and so do its children.
+                if proc.terminal() is not None:
+                    continue
                 # Asked of each process, not of a list of the components' children taken before: a
                 # child forked meanwhile (a task the live worker just started) is still theirs.
                 if proc.pid in leaders or any(a.pid in leaders for a in proc.parents()):
@@ -229,16 +233,16 @@ class Stack:
         Airflow has given up on these tasks already; the retry resumes from their last backup. A pid is
         signalled only while its start time is the one seen: its number may belong to another by then.
         """
-        strays = self.strays()
-        for pid, started in strays:
+        killed = []
+        for pid, started in self.strays():
             if _start_time(pid) == started:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        pids = [pid for pid, _ in strays]
+                    killed.append((pid, started))
         deadline = time.monotonic() + timeout
-        while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        while any(_start_time(p) == t and _running(p) for p, t in killed) and time.monotonic() < deadline:
             time.sleep(0.1)
-        return pids
+        return [pid for pid, _ in killed]
 
     def alive(self, name: str) -> bool:
         return self._pid(name) is not None
@@ -555,7 +559,7 @@ class Stack:
 def _stack_program(cmdline: list[str]) -> bool:
     """Whether a command line is one of the stack's programs (not, say, ``tail -f logs/mlflow.log`` in
     its folder); a Python program counts when it runs one of them (``python -m airflow ...``)."""
-    first = Path(cmdline[0].split()[0]).name if cmdline and cmdline[0] else ""
+    first = Path((cmdline[0].split() or [""])[0]).name if cmdline else ""
     if first.startswith("python"):
         return any(word in arg for arg in cmdline[1:4] for word in STACK_PROGRAMS[:-1])
     return first.startswith(STACK_PROGRAMS[:-1])

@@ -249,6 +249,15 @@ def pretrain(sealed: Sealed, params: Mapping[str, Any], run_id: str) -> Pretrain
     }
 
 
+def _init_sha256(pretrained: Pretrained) -> str | None:
+    """The sha256 of the encoder pretraining began from, as it read it: from its result.json for a
+    result passed on before ``init_sha256`` was (every result since warm starts records it)."""
+    if "init_sha256" in pretrained:
+        return pretrained["init_sha256"]
+    recorded = layout.read_json_or_none(pretrained["result"]) or {}
+    return (recorded.get("config") or {}).get("init")
+
+
 def _reused(result: dict[str, Any]) -> dict[str, str]:
     """The run folder a stage's result was copied from (``adopt_earlier``), when it was."""
     return {"reused_from": Path(result["reused_from"]).parents[1].name} if result.get("reused_from") else {}
@@ -523,7 +532,7 @@ def promote(
         **lineage,
         # The encoder pretraining began from as it read it: the file at init_from's path may have
         # changed since (a newer latest/encoder.keras), or gone.
-        **lineage_tags(cfg, inputs, pretrained.get("init_sha256")),
+        **lineage_tags(cfg, inputs, _init_sha256(pretrained)),
         "config.preset": cfg.preset,
         "shards.manifest_sha256": sealed["manifest_sha256"],
         "shards.hash": sealed["shards_hash"],
@@ -680,8 +689,8 @@ def _changed_settings(cfg, champ: Mapping[str, Any]) -> str:
             diffs.append(f"{k.key} {theirs} -> {mine}")
     if not diffs and cfg.pretrain.init_from.startswith("/"):
         return (
-            f"the encoder at pretrain.init_from={cfg.pretrain.init_from}, by its sha256 (a champion registered "
-            "before 2026-12-07 recorded the path instead: one retrain)"
+            f"the encoder at pretrain.init_from={cfg.pretrain.init_from}, by its sha256: other bytes than the "
+            "champion began from, or a champion registered before 2026-12-07, whose lineage recorded the path"
         )
     return "; ".join(diffs) or "settings the champion's run did not log"
 
