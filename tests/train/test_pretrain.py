@@ -802,7 +802,7 @@ def test_a_second_try_in_the_same_run_folder_waits_for_the_first_and_history_sur
     out = tmp_path / "pretrain"
     out.mkdir()
     entered = threading.Event()
-    with open(out / ".training.lock", "a+") as first:  # the earlier try, alive
+    with open(tmp_path / ".pretrain.lock", "a+") as first:  # the earlier try, alive
         fcntl.flock(first, fcntl.LOCK_EX)
         first.write("4242\n")
         first.flush()

@@ -390,7 +390,7 @@ def pretrain(
 
 @contextlib.contextmanager
 def _alone_in(out_dir: Path, every: float = 60.0) -> Iterator[None]:
-    """Hold ``out_dir``'s training lock: one try trains in a run folder at a time.
+    """Hold ``out_dir``'s training lock (``.<name>.lock`` beside it): one try trains in a run folder at a time.
 
     A Celery worker killed alone leaves its task training, in a session of its own; Airflow's retry
     then trained beside it, both appending to ``history.csv`` and writing backups, until the run
@@ -399,8 +399,9 @@ def _alone_in(out_dir: Path, every: float = 60.0) -> Iterator[None]:
     """
     import fcntl
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".training.lock", "a+") as lock:
+    # Beside the folder, not in it: a refused training leaves no folder behind.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "a+") as lock:
         said = None
         while True:
             try:
