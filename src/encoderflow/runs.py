@@ -306,10 +306,10 @@ def aliased_versions(home: Path) -> tuple[list[Aliased] | None, str, set[str]]:
 def _moved(move: dict[str, Any]) -> str:
     """A champion move, as the runs header tells it: when, what, who, why."""
     at = str(move.get("at") or "")[:16].replace("T", " ")
-    before = f"from v{move['from']}" if move.get("from") else "the first"
+    before = f" from v{move['from']}" if move.get("from") else ", the first champion"
     reason = str(move.get("reason") or "")
     reason = reason if len(reason) <= 120 else reason[:117] + "..."
-    return f"{at} UTC ({move.get('action')} {before}, by {move.get('who')}: {reason!r})"
+    return f"{at} UTC ({move.get('action')}{before}, by {move.get('who')}: {reason!r})"
 
 
 @contextlib.contextmanager
