@@ -58,7 +58,7 @@ SECRETS = (
 MLFLOW_USERS = {"encoderflow-worker": "mlflow_worker", "encoderflow-reader": "mlflow_reader"}
 # What a process the stack started runs, by the first word of its command line (or of the title
 # Airflow and Celery give it): in the stack folder, which each component's children inherit, a stray.
-STACK_PROGRAMS = ("airflow", "celery", "mlflow", "gunicorn", "uvicorn", "python")
+STACK_PROGRAMS = ("airflow", "celery", "mlflow", "gunicorn", "uvicorn")
 DEBIAN_PACKAGES = ("postgresql", "redis-server")
 
 
@@ -189,8 +189,7 @@ class Stack:
             os.kill(pid, 0)
         except (OSError, ValueError, IndexError):
             return None
-        stat = Path(f"/proc/{pid}/stat")
-        if stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+        if not _running(pid):
             return None
         # A pid file outlives its process, and the number comes back as another process: only the one
         # started then counts (status said "running" for another, and down killed it).
@@ -561,16 +560,22 @@ def _stack_program(cmdline: list[str]) -> bool:
     its folder); a Python program counts when it runs one of them (``python -m airflow ...``)."""
     first = Path((cmdline[0].split() or [""])[0]).name if cmdline else ""
     if first.startswith("python"):
-        return any(word in arg for arg in cmdline[1:4] for word in STACK_PROGRAMS[:-1])
-    return first.startswith(STACK_PROGRAMS[:-1])
+        return any(word in arg for arg in cmdline[1:4] for word in STACK_PROGRAMS)
+    return first.startswith(STACK_PROGRAMS)
+
+
+def _stat(pid: int) -> list[str]:
+    """``/proc/<pid>/stat``'s fields after the command name (state first), or [] when there is none."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
 
 
 def _start_time(pid: int) -> str:
     """When ``pid`` started (clock ticks after boot, ``/proc/<pid>/stat``): with the pid, an identity."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else ""
 
 
 def _new_secret(name: str) -> str:
@@ -585,8 +590,7 @@ def _running(pid: int) -> bool:
         return False
     except OSError:
         return True
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+    return _stat(pid)[:1] != ["Z"]  # a zombie has exited
 
 
 def _read_from(path: Path, offset: int) -> bytes:
