@@ -38,7 +38,7 @@ from encoderflow.config import (
     from_params,
     resolve,
 )
-from encoderflow.errors import INTERRUPTED_EXIT, Cause, EncoderflowError, read_failure
+from encoderflow.errors import INTERRUPTED_EXIT, Cause, EncoderflowError, check_utf8, read_failure
 
 if TYPE_CHECKING:
     from encoderflow.airflow_adapter import TaskLogs
@@ -317,17 +317,11 @@ def _read_texts(file: str) -> list[str]:
 
 
 def _utf8_arguments(sentences: list[str]) -> list[str]:
-    """Sentences given as arguments: bytes that are not UTF-8 reach Python as lone surrogates, which the
-    tokenizer would fail on with a TensorFlow traceback after the model loaded."""
+    """Sentences given as arguments, refused before the model loads when not UTF-8."""
     for i, sentence in enumerate(sentences, 1):
-        try:
-            sentence.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            bad = sentence[exc.start].encode("utf-8", "surrogateescape")
-            raise EncoderflowError(
-                f"predict: sentence {i} is not UTF-8 (character {exc.start}: {bad!r})",
-                fix="give UTF-8 text (a UTF-8 terminal, or iconv -t utf-8 and --file -)",
-            ) from None
+        check_utf8(
+            f"predict: sentence {i}", sentence, fix="give UTF-8 text (a UTF-8 terminal, or iconv -t utf-8 and --file -)"
+        )
     return sentences
 
 
@@ -663,8 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp, sources: bool = True, data_file: bool = False):
-        sp.add_argument("--preset", default=os.environ.get("PRESET") or DEFAULT_PRESET, choices=sorted(PRESETS))
+    def overrides(sp):
         sp.add_argument(
             "--set",
             action="extend",
@@ -672,21 +665,26 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="config overrides: --set a=1 b=2, or repeated",
         )
+
+    def locations(sp):
+        sp.add_argument(
+            "--data-dir",
+            dest="data_dir",
+            default=os.environ.get("DATA_DIR") or None,
+            help="offline folder laid out as the archives extract",
+        )
+        sp.add_argument(
+            "--mirror", default=os.environ.get("ENCODERFLOW_MIRROR") or None, help="base URL tried first for every file"
+        )
+        sp.add_argument(
+            "--sources-file", dest="sources_file", default=None, help="JSON replacing dataset specs (URLs, hashes)"
+        )
+
+    def common(sp, sources: bool = True, data_file: bool = False):
+        sp.add_argument("--preset", default=os.environ.get("PRESET") or DEFAULT_PRESET, choices=sorted(PRESETS))
+        overrides(sp)
         if sources:
-            sp.add_argument(
-                "--data-dir",
-                dest="data_dir",
-                default=os.environ.get("DATA_DIR") or None,
-                help="offline folder laid out as the archives extract",
-            )
-            sp.add_argument(
-                "--mirror",
-                default=os.environ.get("ENCODERFLOW_MIRROR") or None,
-                help="base URL tried first for every file",
-            )
-            sp.add_argument(
-                "--sources-file", dest="sources_file", default=None, help="JSON replacing dataset specs (URLs, hashes)"
-            )
+            locations(sp)
             sp.add_argument("--corpus", default=None, help=source_help("corpus"))
             sp.add_argument("--labeled", default=None, help=source_help("labeled"))
         if sources or data_file:
@@ -740,15 +738,11 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--limit", type=_at_least(0), default=20, help="newest runs listed (default 20; 0 lists every run)")
     rn.add_argument("--json", action="store_true", help="print the record as JSON (as the runs page's runs.json)")
     dr = sub.add_parser("doctor", help="what a run here would use; exit 0 only if a run can start")
-    dr.add_argument("--data-dir", dest="data_dir", default=os.environ.get("DATA_DIR") or None, help="offline folder")
-    dr.add_argument("--mirror", default=os.environ.get("ENCODERFLOW_MIRROR") or None, help="base URL probed first")
-    dr.add_argument("--sources-file", dest="sources_file", default=None, help="JSON replacing dataset specs")
+    locations(dr)
     dr.add_argument(
         "--preset", default=None, choices=sorted(PRESETS), help="check this preset's files only (default: every preset)"
     )
-    dr.add_argument(
-        "--set", action="extend", nargs="+", metavar="KEY=VALUE", help="config overrides: --set a=1 b=2, or repeated"
-    )
+    overrides(dr)
     dr.add_argument("--timeout", type=float, default=5.0, help="seconds per URL probe")
     return p
 

@@ -72,6 +72,16 @@ GENERIC_FIX = "the message names what to change; a retry alone will not help"
 BUG_FIX = "not an expected failure (a bug or an outage): the traceback is in the task log"
 
 
+def check_utf8(what: str, text: str, *, fix: str, after: str = "") -> None:
+    """Refuse text given on a command line that is not UTF-8: a non-UTF-8 terminal's bytes reach Python as
+    lone surrogates, which fail much later (a tokenizer's TensorFlow traceback, a tag no store accepts)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start].encode("utf-8", "surrogateescape")
+        raise EncoderflowError(f"{what} is not UTF-8 (character {exc.start}: {bad!r}){after}", fix=fix) from None
+
+
 @dataclass(frozen=True)
 class Cause:
     """A failure as a person reads it.

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from encoderflow import DAG_ID, bundle, layout
-from encoderflow.errors import EncoderflowError
+from encoderflow.errors import EncoderflowError, check_utf8
 from encoderflow.gate import METRICS, metric_tag
 from encoderflow.results import current_names
 
@@ -686,13 +686,9 @@ def check_reason(reason: str, who: str | None = None) -> None:
     if not reason.strip():
         raise EncoderflowError("give a --reason; it is recorded with the move")
     for flag, text in (("--reason", reason), ("--who", who or "")):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # a Latin-1 terminal's bytes: Python's lone surrogates
-            raise EncoderflowError(
-                f"{flag} is not UTF-8 (character {exc.start}); nothing moved",
-                fix=f"give {flag} as UTF-8 text (a UTF-8 terminal, or iconv -t utf-8)",
-            ) from None
+        check_utf8(
+            flag, text, after="; nothing moved", fix=f"give {flag} as UTF-8 text (a UTF-8 terminal, or iconv -t utf-8)"
+        )
     if len(reason) > REASON_MAX:
         raise EncoderflowError(
             f"--reason is {len(reason):,} characters; the registry keeps at most {REASON_MAX:,} with each move",
