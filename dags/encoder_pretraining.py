@@ -74,10 +74,10 @@ decision, metrics, champion history and links.
 def encoder_pretraining():
     @task(retries=0, execution_timeout=timedelta(minutes=5))
     @af.expected_failures
-    def check_params(params=None, dag_run=None) -> dict:
+    def check_params(params=None, dag_run=None, run_id=None) -> dict:
         """Resolve the config once, before anything downloads: a trigger key that is no param, an unknown
         override, a value out of bounds or your own labeled data without its own model name fails here."""
-        return steps.check_params(params, dict(dag_run.conf or {}))
+        return steps.check_params(params, dict(dag_run.conf or {}), run_id)
 
     @task(**af.NETWORK, execution_timeout=timedelta(hours=2))
     @af.expected_failures
@@ -164,14 +164,16 @@ def encoder_pretraining():
         baseline and the regression against the champion. A rejection is a result, not a failure."""
         return steps.evaluate_and_gate(finetuned, baseline, labeled, params, run_id)
 
-    @task(**af.NETWORK, outlets=[af.CHAMPION_MOVES], execution_timeout=timedelta(minutes=30))
+    @task(
+        **af.NETWORK, inlets=[af.CHAMPION_MOVES], outlets=[af.CHAMPION_MOVES], execution_timeout=timedelta(minutes=30)
+    )
     @af.expected_failures
-    def promote(run: dict, params=None, run_id=None, ti=None, outlet_events=None) -> dict:
+    def promote(run: dict, params=None, run_id=None, ti=None, outlet_events=None, inlet_events=None) -> dict:
         """Register the candidate in MLflow (bundle, metrics, curves, decision, lineage); move `champion`
-        to it only if blessed, and only then update the `<model>@champion` asset."""
+        to it only if blessed, and only then update the `<model>@champion` asset (once per move)."""
         lineage = {"airflow.dag_id": af.DAG_ID, "airflow.run_id": run_id, "airflow.try_number": str(ti.try_number)}
         promoted = steps.promote(**run, params=params, lineage=lineage)
-        af.record_champion(outlet_events, promoted, run["finetuned"]["val_accuracy"])
+        af.record_champion(outlet_events, promoted, run["finetuned"]["val_accuracy"], inlet_events, run_id)
         return promoted
 
     @task(execution_timeout=timedelta(minutes=10))

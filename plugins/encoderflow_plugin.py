@@ -140,9 +140,26 @@ def data_docs(folder: str, rel: str, user=Depends(reader)) -> FileResponse:
     return FileResponse(path)
 
 
+class PageWithoutSlash:
+    """ASGI middleware on Airflow's root app: ``<base>/encoderflow`` (no slash) is outside the mounted app
+    and got the UI's "404 Page Not Found"; it is sent to the page. Nothing else is touched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path in (URL_PREFIX, scope.get("root_path", "") + URL_PREFIX):
+            query = scope.get("query_string", b"").decode("latin-1")
+            await RedirectResponse(path + "/" + (f"?{query}" if query else ""))(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class EncoderflowPlugin(AirflowPlugin):
     name = "encoderflow"
     fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "Encoderflow runs"}]
+    fastapi_root_middlewares = [{"middleware": PageWithoutSlash, "name": "encoderflow page without slash"}]
     # url_route: shown inside the Airflow UI (an iframe under /plugin/encoderflow-runs), with the
     # UI's navigation around it. The relative href keeps it working under a base_url prefix.
     external_views = [

@@ -531,8 +531,12 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
     failed = ""
     if failure:
         where = f"{failure.get('task_id') or 'a task'}, try {failure.get('try_number', '?')}"
+        if str(failure.get("log_url") or "").startswith(("http://", "https://", "/")):
+            where = f"<a target='_top' href='{_e(failure['log_url'])}'>{_e(where)}</a>"
+        else:
+            where = _e(where)
         failed = (
-            f"<span class='no'>FAILED</span> at {_e(where)}<ul><li>{_e(failure.get('error'))}: "
+            f"<span class='no'>FAILED</span> at {where}<ul><li>{_e(failure.get('error'))}: "
             f"{_e(failure.get('message'))}</li><li>fix: {_e(failure.get('fix'))}</li></ul>"
         )
     if gate is None and failure:
@@ -574,9 +578,17 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
     if run.get("pruned_at"):
         cells.append(f"<span class='muted'>folder pruned {_e(str(run['pruned_at'])[:10])}</span>")
     elif docs and run.get("folder"):
+        pages = run.get("data_docs_pages") or {}
+
+        def link(rel: str, text: str, failed: int = 0) -> str:
+            css = " class='no'" if failed else ""
+            return f"<a target='_blank' rel='noopener'{css} href='runs/{quote(run['folder'])}/{_e(rel)}'>{_e(text)}</a>"
+
         cells.append(
             "<br>".join(
-                f"<a target='_blank' rel='noopener' href='runs/{quote(run['folder'])}/{_e(rel)}'>{_e(name)}</a>"
+                link(rel, name)
+                # Each file's result page too: the index's list needs scripts from CDNs (empty offline).
+                + "".join(f" · {link(p['rel'], p['file'], p['failed'])}" for p in pages.get(name, []))
                 for name, rel in docs.items()
             )
         )

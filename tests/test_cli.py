@@ -585,3 +585,18 @@ def test_run_names_a_data_file_that_does_not_exist_as_such(tmp_path, capsys):
     assert cli.main(["run", "--preset", "smoke", "--data-file", str(missing)]) == 2
     err = capsys.readouterr().err
     assert f"ConfigError: data file {missing}: no such file; fix: give --data-file (or DATA_FILE) the path" in err
+
+
+def test_output_piped_into_a_reader_that_leaves_early_ends_quietly(tmp_path):
+    """`encoderflow config | head -1`: a BrokenPipeError traceback after the line the reader wanted."""
+    env = {**os.environ, "ENCODERFLOW_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "encoderflow.cli", "config", "--preset", "smoke"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader leaves before the output is written (its imports take a second)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err

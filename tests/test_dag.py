@@ -242,3 +242,66 @@ def test_a_fix_naming_cli_flags_names_the_trigger_forms_fields_outside_encoderfl
     )
     monkeypatch.setenv("ENCODERFLOW_CLI_RUN", "1")
     assert af.in_form_words(told) == told
+
+
+class _Events(list):
+    """Airflow's inlet-events accessor as the promote task reads it (newest first, limited)."""
+
+    def ascending(self, ascending=True):
+        return _Events(sorted(self, key=lambda e: e.timestamp, reverse=not ascending))
+
+    def limit(self, n):
+        return _Events(self[:n])
+
+
+class _Outlet:
+    def __init__(self):
+        self.added = []
+
+    def add(self, asset, extra=None):
+        self.added.append((asset.uri, extra))
+
+
+def test_a_cleared_promote_announces_a_champion_move_once(monkeypatch):
+    """A DAG scheduled on `<model>@champion` runs once per move: a cleared promote whose earlier try of
+    this run moved and announced the champion adds no second event; one whose earlier try died before
+    its event (the move made, nothing announced) announces it."""
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    from encoderflow import airflow_adapter as af
+
+    uri = af.champion_asset("encoderflow-sst2").uri
+    promoted = {"registered_model": "encoderflow-sst2", "version": "1", "run_id": "abc"}
+    moved = {**promoted, "promoted": {"to": "1", "already": False}}
+    again = {**promoted, "promoted": {"to": "1", "already": True}}
+
+    def event(run_id, version, asset_uri=uri, minute=0):
+        return SimpleNamespace(
+            source_run_id=run_id,
+            asset=SimpleNamespace(uri=asset_uri),
+            extra={"version": version},
+            timestamp=datetime(2026, 12, 7, 6, minute, tzinfo=UTC),
+        )
+
+    outlets = {af.CHAMPION_MOVES: _Outlet()}
+    af.record_champion(outlets, moved, 0.8, {af.CHAMPION_MOVES: _Events()}, "run-a")
+    assert outlets[af.CHAMPION_MOVES].added == [(uri, {"version": "1", "run_id": "abc", "val_accuracy": 0.8})]
+
+    announced = _Events([event("run-a", "1", minute=13), event("run-b", "2", minute=20)])
+    outlets = {af.CHAMPION_MOVES: _Outlet()}
+    af.record_champion(outlets, again, 0.8, {af.CHAMPION_MOVES: announced}, "run-a")
+    assert outlets[af.CHAMPION_MOVES].added == []
+    # Not announced by this run (another run's event, another model's, another version): announced now.
+    for events in (
+        [event("run-b", "1")],
+        [event("run-a", "1", asset_uri=af.champion_asset("tickets").uri)],
+        [event("run-a", "3")],
+        [],
+    ):
+        outlets = {af.CHAMPION_MOVES: _Outlet()}
+        af.record_champion(outlets, again, 0.8, {af.CHAMPION_MOVES: _Events(events)}, "run-a")
+        assert len(outlets[af.CHAMPION_MOVES].added) == 1, events
+    outlets = {af.CHAMPION_MOVES: _Outlet()}
+    af.record_champion(outlets, {**promoted, "promoted": None}, 0.8, {af.CHAMPION_MOVES: announced}, "run-a")
+    assert outlets[af.CHAMPION_MOVES].added == []  # not blessed: no move, no event

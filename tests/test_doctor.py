@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import socket
 import time
 import types
@@ -186,3 +187,35 @@ def test_disk_check_reports_the_nearest_existing_folder(tmp_path, monkeypatch, f
 def test_every_line_is_one_check_with_its_fix():
     assert doctor.Check(doctor.FAIL, "x", "bad", "do y").line().endswith("-> fix: do y")
     assert "fix" not in doctor.Check(doctor.OK, "x", "fine", "unused").line()
+
+
+def test_a_file_that_cannot_be_read_fails_doctor_and_the_run_before_any_download(tmp_path, capsys):
+    """Present is not readable: a vocabulary linked to a file every read of refuses passed doctor, then
+    each download try failed as 'not an expected failure' and was retried for minutes."""
+    from encoderflow.data.sources import DataError
+
+    folder = offline_folder(tmp_path / "offline", without=("bert_vocab_uncased.txt",))
+    (folder / "bert_vocab_uncased.txt").symlink_to("/proc/self/mem")  # a regular file; reading it fails (EIO)
+    assert cli.main(["doctor", "--data-dir", str(folder), "--preset", "smoke"]) == 1
+    (fail,) = [line for line in lines(capsys.readouterr().out, "FAIL") if "data (offline)" in line]
+    assert f"cannot read bert_vocab_uncased.txt (Input/output error) under {folder}" in fail
+    assert "fix: make it readable" in fail
+    needs = {"bert_vocab": ("bert_vocab_uncased.txt",)}
+    with pytest.raises(DataError, match=r"cannot read bert_vocab_uncased.txt \(Input/output error\)"):
+        sources.check_offline(folder, needs)
+
+
+def test_a_home_that_is_a_file_or_under_one_fails_doctor_and_the_run_in_one_line(tmp_path, monkeypatch, capsys):
+    from encoderflow import layout
+
+    a_file = tmp_path / "env.sh"
+    a_file.write_text("export X=1\n")
+    for home in (a_file, a_file / "home"):
+        check = doctor.check_disk(home)
+        assert check.status == doctor.FAIL and f"{a_file} is a file, not a folder" in check.value, check
+        monkeypatch.setenv("ENCODERFLOW_HOME", str(home))
+        with pytest.raises(cli.EncoderflowError, match=re.escape(f"ENCODERFLOW_HOME={home}: cannot")) as err:
+            layout.writable_home()
+        assert "set ENCODERFLOW_HOME to a folder you can write" in str(err.value)
+    assert cli.main(["run", "--preset", "smoke", "--data-dir", str(offline_folder(tmp_path / "offline"))]) == 2
+    assert "encoderflow run: EncoderflowError: ENCODERFLOW_HOME=" in capsys.readouterr().err

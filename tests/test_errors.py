@@ -112,3 +112,18 @@ def test_what_a_failed_task_says_is_its_cause_and_fix_once_and_reads_back_the_sa
     cause = errors.cause_of(exc)
     assert text.startswith(f"{type(exc).__name__}: ") and text.count(cause.fix) == 1, text
     assert errors.cause_of(text) == cause
+
+
+def test_a_cleared_task_that_now_succeeds_is_no_longer_the_runs_failure():
+    # Fixed data, validation cleared and passed: the page must not keep telling the user to fix it.
+    validation = errors.Cause("ValidationFailed", "dev.tsv: label 2", "fix the data", True)
+    assert errors.record_failure("r2", validation, task_id="validate_labeled", map_index=-1)
+    assert not errors.forget_failure("r2", "validate_corpus")  # another task's success leaves it
+    assert not errors.forget_failure("r2", "validate_labeled", map_index=3)
+    assert errors.read_failure("r2")["task_id"] == "validate_labeled"
+    assert errors.forget_failure("r2", "validate_labeled") and errors.read_failure("r2") is None
+    # The run's next failure, after it, is the one kept now.
+    later = errors.Cause("DataError", "finetune: dev.tsv changed", "run again", True)
+    assert errors.record_failure("r2", later, task_id="finetune", map_index=-1)
+    assert errors.read_failure("r2")["task_id"] == "finetune"
+    assert not errors.forget_failure("never-ran", "finetune")

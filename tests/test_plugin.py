@@ -488,6 +488,9 @@ def test_page_refuses_anonymous_and_shows_runs_to_a_signed_in_user(tmp_path, enc
         status, body = stack.request("GET", "/encoderflow/", headers={"Accept": "text/html"})
         assert status == 200, body
         assert BLESSED_RUN in body and REJECTED_RUN in body and "NOT BLESSED" in body
+        # Typed without its slash: sent to the page, not to the UI's "404 Page Not Found".
+        status, body = stack.request("GET", "/encoderflow?model=encoderflow-sst2", headers={"Accept": "text/html"})
+        assert status == 200 and BLESSED_RUN in body, (status, str(body)[:300])
         viewer = stack.token("viewer", stack.viewer_password)
         status, body = stack.request("GET", "/encoderflow/", token=None, cookie=viewer, headers={"Accept": "text/html"})
         assert status == 200 and "signed in as viewer" in body
@@ -561,3 +564,38 @@ def test_the_page_shows_the_newest_champion_moves_and_says_where_the_rest_are(en
     html = page.render([], {**REGISTRY, "history": moves}, "encoderflow-sst2", None)
     assert "night 11-30" in html and "night 10-11" in html and "night 10-10" not in html
     assert "10 older move(s) not shown: the registered model's <code>champion.move.*</code> tags" in html
+
+
+def test_a_run_links_each_validated_files_result_page_failed_first_and_its_failing_tasks_log(tmp_path):
+    """The Data Docs index lists its pages with scripts from CDNs (an empty list offline): each file's
+    own result page is linked beside it, a failed file first and marked; the failure links the try's log."""
+    from encoderflow import errors, layout
+    from encoderflow.data import validation
+    from tests.data.test_validation import DEV, VALID_FILES, _tsv_field, info_for
+
+    home = tmp_path / "home"
+    data = tmp_path / "data"
+    for member, text in VALID_FILES.items():
+        (data / member).parent.mkdir(parents=True, exist_ok=True)
+        (data / member).write_text(text)
+    (data / DEV).write_text(_tsv_field(2, 1, "2")(VALID_FILES[DEV]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENCODERFLOW_HOME", str(home))
+        folder = layout.run_dir("manual__docs")
+        with pytest.raises(validation.ValidationFailed):
+            validation.check(info_for("sst2", data), folder / "data_docs" / "labeled")
+        url = "http://localhost:8181/dags/encoder_pretraining/runs/manual__docs/tasks/validate_labeled?try_number=1"
+        cause = errors.Cause("ValidationFailed", "label 2", "fix the data", True)
+        errors.record_failure("manual__docs", cause, task_id="validate_labeled", try_number=1, log_url=url)
+    runs = collect_runs(home, [{"run_id": "manual__docs", "state": "failed", "conf": {}}])
+    pages = runs[0]["data_docs_pages"]["labeled"]
+    assert [(p["file"], p["failed"] > 0) for p in pages] == [
+        ("dev.tsv", True),
+        ("test.tsv", False),
+        ("train.tsv", False),
+    ]
+    assert all((folder / p["rel"]).is_file() for p in pages)
+    html = page.render(runs, {}, "encoderflow-sst2", None)
+    assert f"rel='noopener' class='no' href='runs/{folder.name}/{pages[0]['rel']}'>dev.tsv</a>" in html
+    assert f"rel='noopener' href='runs/{folder.name}/{pages[1]['rel']}'>test.tsv</a>" in html
+    assert f"href='{html_escape(url, quote=True)}'>validate_labeled, try 1</a>" in html

@@ -204,6 +204,15 @@ def test_check_params_refuses_what_a_trigger_could_get_wrong_and_logs_what_it_re
         and f"; set: model.dropout=0.2, pretrain.epochs=3; data: data_dir={data}" in m
         for m in caplog.messages
     ), caplog.messages
+    # The run folder keeps what it resolved: `encoderflow runs` names the preset of a run killed before it reported.
+    from encoderflow import runs
+
+    steps.check_params(params, params, "manual__killed")
+    kept = layout.read_json(layout.run_dir("manual__killed") / layout.RESOLVED_FILE)
+    assert kept["preset"] == "smoke" and kept["set"] == {"model.dropout": 0.2, "pretrain.epochs": 3}
+    assert kept["config"]["pretrain"]["epochs"] == 3 and kept["config_hash"] == result["config_hash"]
+    listed = runs.collect_runs(layout.home(), [{"run_id": "manual__killed", "state": "failed", "conf": {}}])
+    assert [(e["run_id"], e["preset"]) for e in listed] == [("manual__killed", "smoke")]
 
 
 def test_check_params_fails_once_on_a_file_the_run_names_that_is_not_there(tmp_path):
@@ -399,3 +408,28 @@ def test_a_cleared_gate_keeps_the_decision_its_registered_candidate_was_register
     with caplog.at_level("INFO", logger="encoderflow.steps"):
         assert steps._decided(gate_json, sha, name, run) is None
     assert f"the champion moved since this decision (vNone, now v{other['version']}): gating again" in caplog.text
+
+
+def test_validation_refuses_a_file_changed_since_its_download_recorded_it(tmp_path):
+    """A file fixed after a failed validation, with only validate cleared: it passed and the run trained
+    for nothing before finetune refused it. Validation refuses it first, naming the task to clear."""
+    from pathlib import Path
+
+    from encoderflow.data.sources import DataError
+    from encoderflow.results import SST2_DEV, split_path
+    from tests.fixtures_pipeline import write_tree
+
+    params = {**PARAMS, "data_dir": str(write_tree(tmp_path / "data"))}
+    info = steps.download("labeled", params)
+    assert steps.validate(info, params, "run-v")["validation"]["success"]
+    dev = Path(split_path(info, "dev"))
+    dev.write_text(dev.read_text().replace("\t0\n", "\t1\n", 1))
+    with pytest.raises(DataError, match=rf"{re.escape(str(dev))}: changed since download_labeled recorded it") as e:
+        steps.validate(info, params, "run-v")
+    assert cause_of(e.value).fix.startswith("clear download_labeled with its downstream tasks")
+    dev.unlink()
+    with pytest.raises(DataError, match=rf"{re.escape(str(dev))} \({SST2_DEV}\): unreadable since download_labeled"):
+        steps.validate(info, params, "run-v")
+    # Downloaded again, the record is the file as it is now.
+    dev.write_text("sentence\tlabel\nfine\t1\n")
+    assert steps.download("labeled", params)["files"][SST2_DEV]["sha256"] != info["files"][SST2_DEV]["sha256"]

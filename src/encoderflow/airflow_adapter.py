@@ -275,11 +275,24 @@ def _record_failure(
         log.warning("could not keep the failure in %s: %s", errors.failure_path(ti.run_id), e)
 
 
+def forget_failure(context) -> None:
+    """on_success_callback: a task that failed the run, cleared and now done, is no longer its failure
+    (the runs page and ``encoderflow runs`` would tell the user to fix what they fixed)."""
+    ti = context["ti"]
+    map_index = getattr(ti, "map_index", -1)
+    try:
+        if errors.forget_failure(ti.run_id, ti.task_id, -1 if map_index is None else map_index):
+            log.info("%s failed this run before and is done now: its failure is no longer the run's", ti.task_id)
+    except OSError as e:
+        log.warning("could not remove the failure kept in %s: %s", errors.failure_path(ti.run_id), e)
+
+
 DEFAULT_ARGS = {
     "retries": 1,
     "retry_delay": retry_delay(),
     "execution_timeout": timedelta(hours=1),
     "on_failure_callback": log_failure,
+    "on_success_callback": forget_failure,
     # Each step logs its outputs itself, one line each; Airflow's dump of the whole returned dict
     # (up to kilobytes on one line) repeated them. The value stays in XCom and the UI.
     "show_return_value_in_logs": False,
@@ -347,13 +360,33 @@ def record_shards(outlet_events, sealed: dict[str, Any]) -> None:
     outlet_events[SHARDS].extra = {"manifest": sealed["manifest"], "manifest_sha256": sealed["manifest_sha256"]}
 
 
-def record_champion(outlet_events, promoted: dict[str, Any], val_accuracy: float | None) -> None:
-    """One ``<model>@champion`` asset event when, and only when, the champion moved."""
-    if promoted.get("promoted"):
-        outlet_events[CHAMPION_MOVES].add(
-            champion_asset(promoted["registered_model"]),
-            extra={"version": promoted["version"], "run_id": promoted.get("run_id"), "val_accuracy": val_accuracy},
-        )
+def record_champion(
+    outlet_events, promoted: dict[str, Any], val_accuracy: float | None, inlet_events=None, run_id: str | None = None
+) -> None:
+    """One ``<model>@champion`` asset event when, and only when, the champion moved: a cleared ``promote``
+    whose earlier try of this run moved the champion and announced it announces nothing again (a DAG
+    scheduled on the asset would run twice); one whose earlier try died before its event announces it."""
+    move = promoted.get("promoted")
+    if not move:
+        return
+    asset = champion_asset(promoted["registered_model"])
+    if move.get("already") and (when := _announced(inlet_events, asset, str(move["to"]), run_id)):
+        log.info("promote: this run announced %s v%s at %s already; no second event", asset.name, move["to"], when)
+        return
+    outlet_events[CHAMPION_MOVES].add(
+        asset, extra={"version": promoted["version"], "run_id": promoted.get("run_id"), "val_accuracy": val_accuracy}
+    )
+
+
+def _announced(inlet_events, asset: Asset, version: str, run_id: str | None) -> str | None:
+    """When this run's earlier event put ``version`` on ``asset``, from the newest events through the alias."""
+    if inlet_events is None or run_id is None:
+        return None
+    for event in inlet_events[CHAMPION_MOVES].ascending(False).limit(100):
+        extra = event.extra or {}
+        if event.source_run_id == run_id and event.asset.uri == asset.uri and str(extra.get("version")) == version:
+            return event.timestamp.isoformat(timespec="seconds")
+    return None
 
 
 # --- the embedded Airflow: ``encoderflow run`` (dag.test) and ``make airflow`` (standalone) ---------------------

@@ -54,6 +54,7 @@ def dags_folder() -> Path:
 
 def airflow_env() -> dict[str, str]:
     """The embedded Airflow: SQLite metadata DB under ENCODERFLOW_HOME/airflow, this repo's DAG."""
+    layout.writable_home()
     home = layout.airflow_home()
     home.mkdir(parents=True, exist_ok=True)
     return {
@@ -290,7 +291,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if not report["success"] and (fix := validation.own_fix(info, report)):
             print(f"  fix: {fix}")  # the fix a run would end with
         else:
-            print(f"  Data Docs: {report['docs']}")  # the fix names them too
+            print(f"  Data Docs: {validation.failed_docs(report)}")  # the fix names them too
     print(f"validate: {'all datasets passed' if ok else 'FAILED'} in {time.monotonic() - t0:.1f}s")
     return 0 if ok else 1
 
@@ -774,6 +775,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, EncoderflowError) as exc:
         print(f"encoderflow {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `encoderflow runs | head`: the reader has what it wanted. Python would report the pipe again
+        # while flushing stdout at exit; what is left goes nowhere instead, and the exit is a pipe's.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         # A person's Ctrl-C is an answer, not a bug: one line and the shell's code, not a traceback.
         # (`encoderflow run` handles its own SIGINT: it ends the run and says how it left it.)

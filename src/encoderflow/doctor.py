@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -173,11 +174,25 @@ def check_disk(home: Path | None = None) -> Check:
     home = home or layout.home()
     where = nearest_existing(home)
     label = str(home) if where == home else f"{home} (not created yet; {where})"
+    if not where.is_dir():
+        return Check(
+            FAIL,
+            "disk (ENCODERFLOW_HOME)",
+            f"{where} is a file, not a folder" + ("" if where == home else f" ({home} would be under it)"),
+            "set ENCODERFLOW_HOME to a folder",
+        )
     free = shutil.disk_usage(where).free
     value = f"{_gib(free)} free under {label}"
-    if not os.access(where, os.W_OK):
+    try:  # a write, not os.access: a read-only mount, an immutable folder or /proc pass that
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
         return Check(
-            FAIL, "disk (ENCODERFLOW_HOME)", f"{value}; not writable", "set ENCODERFLOW_HOME to a writable folder"
+            FAIL,
+            "disk (ENCODERFLOW_HOME)",
+            f"{value}; not writable ({exc.strerror or exc})",
+            "set ENCODERFLOW_HOME to a writable folder",
         )
     if free < DISK_FAIL_BYTES:
         return Check(
@@ -245,6 +260,11 @@ def check_offline(
         if train in files and len(files) == 1:
             fix += ", or run with --set data.pretrain_split=test (pretrain on wiki.test.raw; figures must say so)"
         checks.append(Check(status, what, f"missing {', '.join(str(root / f) for f in files)}", fix))
+    listed = list(dict.fromkeys(m for files in needed.values() for m in files))
+    if bad := sources.unreadable(root, listed):
+        checks.append(
+            Check(FAIL, "data (offline)", f"cannot read {', '.join(bad)} under {root}", sources.UNREADABLE_FIX)
+        )
     return checks
 
 

@@ -248,6 +248,20 @@ def record_failure(run_id: str, cause: Cause, /, **where: Any) -> bool:
             os.unlink(tmp)
 
 
+def forget_failure(run_id: str, task_id: str, map_index: int = -1) -> bool:
+    """Remove the run's recorded failure when it is this task's: cleared and now done, the task no longer
+    fails the run, and the next failure of the run (a task after it) is the one to keep and show.
+
+    Returns:
+        True if a record was removed.
+    """
+    record = read_failure(run_id)
+    if not record or record.get("task_id") != task_id or record.get("map_index", -1) != map_index:
+        return False
+    failure_path(run_id).unlink(missing_ok=True)
+    return True
+
+
 def read_failure(run_id: str) -> dict[str, Any] | None:
     """The run's first recorded failure (see :func:`record_failure`), or None."""
     path = failure_path(run_id)

@@ -23,8 +23,36 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+# What check_params resolved a run's config to, in its folder: what a run stopped before it reported ran.
+RESOLVED_FILE = "resolved.json"
+
+
 def home() -> Path:
     return Path(os.environ.get("ENCODERFLOW_HOME", ".encoderflow")).resolve()
+
+
+def writable_home() -> Path:
+    """``ENCODERFLOW_HOME``, created when missing and written to once: a file there, or a folder nobody
+    may write, is named before Airflow starts instead of failing with its traceback.
+
+    Raises:
+        EncoderflowError: it cannot be created or written.
+    """
+    from encoderflow.errors import EncoderflowError
+
+    where = home()
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        what = "write to" if where.is_dir() else "create a folder at"
+        raise EncoderflowError(
+            f"ENCODERFLOW_HOME={where}: cannot {what} it ({exc.strerror or exc})",
+            fix="set ENCODERFLOW_HOME to a folder you can write, or make this one writable",
+        ) from None
+    return where
 
 
 def data_dir(dataset: str, content_hash: str) -> Path:

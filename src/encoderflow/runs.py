@@ -362,6 +362,29 @@ def data_docs(run_dir: Path) -> dict[str, str]:
     return {d.name: f"data_docs/{d.name}/index.html" for d in sorted(root.iterdir()) if (d / "index.html").is_file()}
 
 
+DOCS_PAGES_SHOWN = 6
+
+
+def data_docs_pages(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """dataset -> its files' validation result pages (file name, failed expectations, path relative to the
+    run folder), failed files first, at most :data:`DOCS_PAGES_SHOWN`: a site's index lists them with
+    scripts from CDNs that an offline browser cannot load, and a result page reads without them."""
+    pages: dict[str, list[dict[str, Any]]] = {}
+    for name in data_docs(run_dir):
+        report = _object(read_json_or_none(run_dir / "data_docs" / name / "validation.json")) or {}
+        listed = []
+        for member, f in (report.get("files") or {}).items():
+            page = Path(str(f.get("docs") or ""))
+            try:
+                rel = page.relative_to(run_dir).as_posix()
+            except ValueError:  # written before result pages were recorded, or in another folder
+                continue
+            listed.append({"file": member.rsplit("/", 1)[-1], "failed": int(f.get("failed") or 0), "rel": rel})
+        if listed:
+            pages[name] = sorted(listed, key=lambda p: (-p["failed"], p["file"]))[:DOCS_PAGES_SHOWN]
+    return pages
+
+
 def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One entry per run: the Airflow run (if known) merged with its folder (if any), newest first.
 
@@ -391,6 +414,7 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         _fill(entry, summary, _object(read_json_or_none(folder / "gate.json")), failure, folder.name)
         entry["curves"] = read_curves(folder)
         entry["data_docs"] = data_docs(folder)
+        entry["data_docs_pages"] = data_docs_pages(folder)
     pruned_root = home / "pruned"
     records = sorted(pruned_root.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in records if pruned_root.is_dir() else []:
@@ -404,8 +428,17 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         entry["pruned_folder"] = path.stem
     # Airflow's runs first, newest first as given; then folders no Airflow run claims, newest first.
     out = list(runs.values())
-    for entry in out:  # a run that failed before it reported: its trigger's, or its failure record's
-        said = (entry.get("conf") or {}).get("preset") or (entry.get("failure") or {}).get("preset")
+    for entry in out:  # a run that stopped before it reported: its trigger's, its resolved config's, its failure's
+        resolved = (
+            _object(read_json_or_none(home / "runs" / entry["folder"] / layout.RESOLVED_FILE))
+            if entry.get("folder")
+            else None
+        )
+        said = (
+            (entry.get("conf") or {}).get("preset")
+            or (resolved or {}).get("preset")
+            or (entry.get("failure") or {}).get("preset")
+        )
         entry["preset"] = entry.get("preset") or said
     return out
 

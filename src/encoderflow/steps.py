@@ -53,8 +53,9 @@ def _output(step: str, label: str, path: str, sha256: str | None = None) -> None
     log.info("%s output %s: %s%s", step, label, path, f" (sha256 {sha256})" if sha256 else "")
 
 
-def check_params(params: Mapping[str, Any], conf: Mapping[str, Any]) -> dict[str, Any]:
-    """Resolve the run's config once, before anything downloads, and say what it resolved to.
+def check_params(params: Mapping[str, Any], conf: Mapping[str, Any], run_id: str | None = None) -> dict[str, Any]:
+    """Resolve the run's config once, before anything downloads, and say what it resolved to; the run
+    folder keeps it (``resolved.json``), so a run stopped before it reported still says what it ran.
 
     Raises:
         ConfigError: a trigger key that is no param (``conf``: the trigger's own keys), an unknown
@@ -73,7 +74,11 @@ def check_params(params: Mapping[str, Any], conf: Mapping[str, Any]) -> dict[str
         ", ".join(f"{k}={_resolved(cfg, k)}" for k in sorted(given)) or "nothing (the preset's values)",
         ", ".join(f"{k}={v}" for k, v in sorted(declared.items())) or "the guide's datasets",
     )
-    return {"preset": cfg.preset, "config_hash": cfg.config_hash(), "training_hash": cfg.training_hash()}
+    out = {"preset": cfg.preset, "config_hash": cfg.config_hash(), "training_hash": cfg.training_hash()}
+    if run_id:
+        record = {**out, "set": {k: _resolved(cfg, k) for k in sorted(given)}, "data": declared}
+        layout.write_json(layout.run_dir(run_id) / layout.RESOLVED_FILE, {**record, "config": cfg.to_dict()})
+    return out
 
 
 def _resolved(cfg, key: str) -> Any:
@@ -125,9 +130,10 @@ def validate(info: Dataset, params: Mapping[str, Any], run_id: str) -> Dataset:
     a mirror re-pack, an offline folder or your own data is checked with its declared or loose
     bounds. Labeled data leaves with its label set (``labels``), read from train.
     """
-    from encoderflow.data import validation
+    from encoderflow.data import inputs, validation
 
     setup_logging()
+    inputs.check_recorded(info)
     docs = layout.run_dir(run_id) / "data_docs" / info["role"]
     # validation logs each file it read (rows, result) and the Data Docs it wrote: not repeated here.
     report = validation.check(info, docs, inputs_cfg=from_params(params).inputs)

@@ -264,7 +264,11 @@ def test_check_raises_listing_every_failure_across_files(folder, tmp_path):
     assert [line.split(": ")[1] for line in lines] == [str(folder / DEV), str(folder / TRAIN)]
     assert "column='label'" in lines[0] and "column='_fields'" in lines[1]
     assert str(err.value) == "\n".join(lines)
-    assert errors.cause_of(err.value).fix.endswith(f"the Data Docs show each failed expectation: {docs / 'index.html'}")
+    # The fix names the first failing file's own result page: the site's index lists pages with scripts
+    # from CDNs, an empty list offline.
+    page = Path(errors.cause_of(err.value).fix.split("the Data Docs show each failed expectation: ")[1])
+    assert page.is_file() and page.is_relative_to(docs / "validations") and page.name.endswith("_tsv.html")
+    assert "SST_2_test_tsv" not in str(page)  # test.tsv passed
     # The report is on disk too, for the DAG's summary and for people reading a failed run.
     saved = json.loads((docs / "validation.json").read_text())
     assert saved["success"] is False and saved["failures"] == lines
@@ -280,6 +284,13 @@ def test_data_docs_are_written_for_every_file(folder, tmp_path):
     for suite in ("sst2.SST_2_train_tsv", "sst2.SST_2_dev_tsv", "sst2.SST_2_test_tsv"):
         assert suite in html
     assert len(list((docs / "validations").rglob("*.html"))) == 3
+    # Each file's own result page, recorded for the runs page (readable where the index's CDN scripts are not).
+    pages = {m: Path(f["docs"]) for m, f in report["files"].items()}
+    assert all(p.is_file() and p.is_relative_to(docs / "validations") for p in pages.values())
+    assert len(set(pages.values())) == 3 and "SST_2_dev_tsv" in str(pages[DEV])
+    # Validated again in the same folder (a cleared task): this validation's page, not the one before.
+    again = validation.check(info_for("sst2", folder), docs)
+    assert Path(again["files"][DEV]["docs"]) != pages[DEV] and Path(again["files"][DEV]["docs"]).is_file()
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared real data not mounted")
@@ -506,11 +517,12 @@ def test_your_own_data_is_told_to_fix_its_file_or_name_its_column(tmp_path):
     info = inputs.get("labeled", cfg, config.Sources(labeled=str(labeled)))
     with pytest.raises(ValidationFailed) as err:
         validation.check(info, tmp_path / "docs", inputs_cfg=cfg.inputs)
-    assert errors.cause_of(err.value).fix == (
+    fix, page = errors.cause_of(err.value).fix.split("the Data Docs show each failed expectation: ")
+    assert fix == (
         "name the label column: --set inputs.label_column=<one of ['body', 'label']> (now 'category'); "
         "correct the file(s) named above, or point the source at good ones; "
-        f"the Data Docs show each failed expectation: {tmp_path / 'docs' / 'index.html'}"
     )
+    assert Path(page).is_file() and Path(page).name == "labeled-dev_jsonl.html"  # dev's own result page
 
 
 def _as_csv(labeled: Path, line: Callable[[dict], str], header: str = "", dev_extra: str = "") -> Path:

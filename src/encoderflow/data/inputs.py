@@ -186,6 +186,35 @@ def decode_lines(raw: bytes, strip_cr: bool = False) -> tuple[list[str], list[bo
     return lines, ok
 
 
+def check_recorded(info: dict[str, Any]) -> None:
+    """Each file of a role's data is as ``download_<role>`` recorded it (its sha256), before validation
+    reads it: a file fixed after a failed validation, with the validation cleared alone, would pass and be
+    refused only when training reads it, after shards and pretraining ran.
+
+    Raises:
+        DataError: a file changed or gone since; the fix clears the download too.
+    """
+    role = info.get("role", "data")
+    fix = (
+        f"clear download_{role} with its downstream tasks (or trigger a new run), so that the file is recorded "
+        "as it is now and then validated"
+    )
+    for member, recorded in files_of(info).items():
+        path = recorded["path"]
+        try:
+            now = layout.sha256_file(path)
+        except OSError as exc:
+            raise DataError(
+                f"{path} ({member}): unreadable since download_{role} recorded it ({exc})", fix=fix
+            ) from None
+        if now != recorded["sha256"]:
+            raise DataError(
+                f"{path}: changed since download_{role} recorded it (sha256 {now[:16]}, recorded "
+                f"{recorded['sha256'][:16]}); not validated",
+                fix=fix,
+            )
+
+
 def read_table(path: str | os.PathLike, fmt: str, sha256: str | None = None) -> Table:
     """Read a TSV (GLUE style: split on tabs, no quoting), CSV (RFC 4180 quoting) or JSONL file.
 

@@ -409,8 +409,29 @@ def _describe_files(root: Path, members: Iterable[str], where: str, fix: str) ->
     files: dict[str, dict[str, Any]] = {}
     for member in members:
         path = root / member
-        files[member] = {"path": str(path), "bytes": path.stat().st_size, "sha256": layout.sha256_file(path)}
+        try:
+            files[member] = {"path": str(path), "bytes": path.stat().st_size, "sha256": layout.sha256_file(path)}
+        except OSError as exc:  # no retry reads a file its permissions refuse
+            raise DataError(f"{where}: cannot read {path} ({exc.strerror or exc})", fix=UNREADABLE_FIX) from None
     return files
+
+
+UNREADABLE_FIX = "make it readable by the user the tasks run as (permissions, a broken link), or replace it"
+
+
+def unreadable(root: Path, members: Iterable[str]) -> list[str]:
+    """``member (reason)`` for each file present under ``root`` that cannot be read (its first byte)."""
+    out = []
+    for member in members:
+        path = root / member
+        if not path.is_file():
+            continue
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            out.append(f"{member} ({exc.strerror or exc})")
+    return out
 
 
 def _layout_hint(members: Iterable[str]) -> str:
@@ -552,7 +573,7 @@ def check_offline(
             read: a missing split the folder could replace by another gets the key to set.
 
     Raises:
-        DataError: the folder is not there, or lacks a file.
+        DataError: the folder is not there, lacks a file, or holds one that cannot be read.
     """
     members = tuple(dict.fromkeys(m for ms in needs.values() for m in ms))
     root = offline_root(data_dir, members)
@@ -563,6 +584,8 @@ def check_offline(
     if missing:
         fix = "; ".join([_offline_fix(root), *(f"for {p[0]}: {p[2]}" for p in problems)])
         raise DataError(f"offline data folder {root}: missing {', '.join(missing)}", fix=fix)
+    if bad := unreadable(root, members):
+        raise DataError(f"offline data folder {root}: cannot read {', '.join(bad)}", fix=UNREADABLE_FIX)
     return root
 
 

@@ -528,6 +528,9 @@ def validate_dataset(
     ctx.build_data_docs(site_names=["encoderflow"])
     layout.share_identical(docs_dir / "static")
     docs_index = docs_dir / "index.html"
+    for member, f in files.items():
+        if page := _result_page(docs_dir, dataset, member):
+            f["docs"] = str(page)
     report = {
         "dataset": dataset,
         "success": not failures,
@@ -572,13 +575,23 @@ def validate_dataset(
     return report
 
 
+def _result_page(docs_dir: Path, dataset: str, member: str) -> Path | None:
+    """One file's newest validation result page. The site's index lists them with scripts it loads from
+    CDNs, so an offline browser shows an empty list; a result page renders without them."""
+    name = re.sub(r"[^A-Za-z0-9_]+", "_", member)
+    pages = sorted(
+        docs_dir.glob(f"validations/{dataset.replace('.', '/')}/{name}/*/*/*.html"), key=lambda p: p.parent.name
+    )
+    return pages[-1] if pages else None
+
+
 def check(
     info: dict[str, Any], docs_dir: str | os.PathLike, strict: bool | None = None, inputs_cfg=None
 ) -> dict[str, Any]:
     """Validate and raise :class:`ValidationFailed` (one line per failure) on bad data."""
     report = validate_dataset(info, docs_dir, strict, inputs_cfg)
     if not report["success"]:
-        raise ValidationFailed(report["failures"], report["docs"], fix=own_fix(info, report))
+        raise ValidationFailed(report["failures"], failed_docs(report), fix=own_fix(info, report))
     return report
 
 
@@ -598,7 +611,13 @@ def own_fix(info: dict[str, Any], report: dict[str, Any]) -> str | None:
                 break
             fixes.append(f"name the {role} column: --set inputs.{role}_column=<one of {seen}> (now {column!r})")
     fixes.append("correct the file(s) named above, or point the source at good ones")
-    return "; ".join(fixes) + f"; the Data Docs show each failed expectation: {report['docs']}"
+    return "; ".join(fixes) + f"; the Data Docs show each failed expectation: {failed_docs(report)}"
+
+
+def failed_docs(report: dict[str, Any]) -> str:
+    """Where a person reads the failed expectations: the first failing file's result page, else the site."""
+    pages = [f["docs"] for f in report["files"].values() if f.get("failed") and f.get("docs")]
+    return pages[0] if pages else report["docs"]
 
 
 def _names(columns: str) -> list[str] | None:
