@@ -72,7 +72,9 @@ decision, metrics, champion history and links.
     default_args=af.DEFAULT_ARGS,
 )
 def encoder_pretraining():
-    @task(retries=0, execution_timeout=timedelta(minutes=5))
+    # Retried like a network task: a scheduled run's first try can die before it runs (the api-server not
+    # up yet); a bad trigger is an expected failure and fails once.
+    @task(**af.NETWORK, execution_timeout=timedelta(minutes=5))
     @af.expected_failures
     def check_params(params=None, dag_run=None, run_id=None) -> dict:
         """Resolve the config once, before anything downloads: a trigger key that is no param, an unknown

@@ -40,6 +40,8 @@ print(json.dumps({
     "max_active_runs": dag.max_active_runs if dag else None,
     "catchup": dag.catchup if dag else None,
     "download_retries": dag.get_task("download_labeled").retries if dag else None,
+    "check_params_retries": dag.get_task("check_params").retries if dag else None,
+    "preset_default": dag.params.get_param("preset").value if dag else None,
     "queues": {t.task_id: [t.queue, t.pool] for t in dag.tasks} if dag else {},
     "return_value_logged": sorted(t.task_id for t in dag.tasks if getattr(t, "show_return_value_in_logs", False))
         if dag else None,
@@ -135,6 +137,32 @@ def test_assets_schedule_runs_on_source_changes(tmp_path):
     both = _probe(tmp_path, ENCODERFLOW_SCHEDULE="assets|0 3 * * *", ENCODERFLOW_SOURCE_CHECK_SCHEDULE="*/10 * * * *")
     assert both["schedule"] == "AssetOrTimeSchedule" and both["schedule_assets"] == assets
     assert both["watcher_schedule"] == "*/10 * * * *"
+
+
+def test_a_schedule_airflow_cannot_run_fails_the_import_naming_the_variable(tmp_path):
+    """'every day' failed with croniter's "Exactly 5, 6 or 7 columns" and took manual triggers away;
+    behind assets| it parsed, never fired, and logged a traceback every 30 s."""
+    for value in ("every day", "assets,@daily", "assets|every day", "assets|", "@nightly", "assets|@once"):
+        errors = _probe(tmp_path, ENCODERFLOW_SCHEDULE=value)["errors"]
+        # Both DAGs read it (the source watcher runs hourly for assets): both say it.
+        assert sorted(Path(f).name for f in errors) == ["encoder_pretraining.py", "encoder_sources.py"], errors
+        for error in errors.values():
+            assert f"ConfigError: ENCODERFLOW_SCHEDULE={value!r}" in error and "fix: give a cron" in error, error
+    result = _probe(tmp_path, ENCODERFLOW_SCHEDULE="assets", ENCODERFLOW_SOURCE_CHECK_SCHEDULE="hourly")
+    (error,) = result["errors"].values()
+    assert "ENCODERFLOW_SOURCE_CHECK_SCHEDULE='hourly' is not a schedule" in error
+    assert _probe(tmp_path, ENCODERFLOW_SCHEDULE="@weekly")["errors"] == {}
+
+
+def test_scheduled_runs_train_with_the_deployments_preset_and_ride_out_a_late_api_server(tmp_path):
+    """A scheduled run has no form: its preset is the form's default, ENCODERFLOW_PRESET (guide unset).
+    check_params retries like a network task: a scheduled run's first try died when the api-server was
+    not up yet (a bad trigger still fails once: expected failures are not retried)."""
+    result = _probe(tmp_path)
+    assert result["preset_default"] == "guide" and result["check_params_retries"] >= 2
+    assert _probe(tmp_path, ENCODERFLOW_PRESET="smoke")["preset_default"] == "smoke"
+    (error,) = _probe(tmp_path, ENCODERFLOW_PRESET="tiny")["errors"].values()
+    assert "ENCODERFLOW_PRESET='tiny' is no preset; fix: set it to one of guide, recipe, smoke" in error
 
 
 def test_every_param_maps_to_a_config_key(tmp_path):

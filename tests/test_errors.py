@@ -127,3 +127,10 @@ def test_a_cleared_task_that_now_succeeds_is_no_longer_the_runs_failure():
     assert errors.record_failure("r2", later, task_id="finetune", map_index=-1)
     assert errors.read_failure("r2")["task_id"] == "finetune"
     assert not errors.forget_failure("never-ran", "finetune")
+
+
+def test_a_try_failed_without_an_exception_points_at_the_logs_that_say_why():
+    # A scheduled run's first try died before it ran (the api-server not up): its task log holds no traceback.
+    cause = errors.cause_of(None)
+    assert not cause.expected and "without an exception" in cause.message and "traceback" not in cause.fix
+    assert cause.fix.startswith("the scheduler's and the worker's logs say why")

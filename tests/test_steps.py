@@ -302,6 +302,12 @@ def test_check_source_reports_a_change_once(tmp_path, caplog):
         "fingerprint_sha256": None,
     }
     assert "nothing to watch" in caplog.text
+    # Scheduled on these events with nothing of your own declared: the training DAG would never run.
+    caplog.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENCODERFLOW_SCHEDULE", "assets")
+        steps.check_source("labeled", PARAMS)
+    assert [r.levelname for r in caplog.records if "will not run" in r.getMessage()] == ["WARNING"]
     corpus = write_corpus(tmp_path / "corpus", n_files=3)
     params = {**PARAMS, "corpus": str(corpus)}
     first = steps.check_source("corpus", params)

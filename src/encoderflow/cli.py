@@ -519,6 +519,9 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     import secrets
 
     os.environ.update(airflow_env())
+    # `make airflow PRESET=smoke`: the form's default, and the preset of scheduled runs (they have no form).
+    if os.environ.get("PRESET") and not os.environ.get("ENCODERFLOW_PRESET"):
+        os.environ["ENCODERFLOW_PRESET"] = os.environ["PRESET"]
     # standalone starts its components as `airflow ...` from PATH; make that this venv's airflow
     # even when the venv is not activated (make calls .venv/bin/encoderflow directly).
     bin_dir = str(Path(sys.executable).parent)

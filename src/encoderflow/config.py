@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -620,6 +621,22 @@ SECTIONS: dict[str, type] = {
 
 # What a run without a preset gets: the guide's hyperparameters (CLI, trigger form, Makefile's PRESET).
 DEFAULT_PRESET = "guide"
+
+
+def deployment_preset() -> str:
+    """The trigger form's default preset, which scheduled and asset-triggered runs (no form) train with:
+    ``ENCODERFLOW_PRESET`` on every Airflow component, else the guide's.
+
+    Raises:
+        ConfigError: it names no preset (the DAG's import error then says so).
+    """
+    value = os.environ.get("ENCODERFLOW_PRESET", "").strip() or DEFAULT_PRESET
+    if value not in PRESETS:
+        raise ConfigError(
+            f"ENCODERFLOW_PRESET={value!r} is no preset",
+            fix=f"set it to one of {', '.join(sorted(PRESETS))}, or unset it",
+        )
+    return value
 
 
 @dataclass(frozen=True)

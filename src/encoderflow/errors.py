@@ -146,7 +146,14 @@ def cause_of(exc: BaseException | str | None) -> Cause:
             it (``"NonFiniteLoss: pretrain: loss became nan ..."``), or None.
     """
     if exc is None:
-        return Cause("Failure", "no exception recorded", BUG_FIX, expected=False)
+        # Airflow failed the try without running it to an exception: its log has no traceback to read.
+        return Cause(
+            "Failure",
+            "the task ended without an exception: Airflow could not run it (the api-server or a worker was "
+            "unreachable, or its process was killed)",
+            "the scheduler's and the worker's logs say why; clear the task to run it again",
+            expected=False,
+        )
     if isinstance(exc, BaseException) and not isinstance(exc, EncoderflowError):
         # expected_failures raises "from None": the original is still the exception's context.
         if isinstance(exc.__context__, EncoderflowError) and exc.__suppress_context__:

@@ -835,9 +835,20 @@ def check_source(role: str, params: Mapping[str, Any], run_id: str | None = None
     from encoderflow.data import folders
 
     setup_logging()
-    location = Sources.from_params(params).custom().get(role)
+    custom = Sources.from_params(params).custom()
+    location = custom.get(role)
     if location is None:
-        log.info("check_source: no %s source of your own declared (the guide's pinned dataset): nothing to watch", role)
+        if not custom and os.environ.get("ENCODERFLOW_SCHEDULE", "").strip().lower().startswith("assets"):
+            # Nothing to watch at all: a training DAG scheduled on these events never runs.
+            log.warning(
+                "check_source: ENCODERFLOW_SCHEDULE=assets, but no corpus or labeled data of your own is declared: "
+                "the training DAG will not run; fix: set ENCODERFLOW_DATA_FILE (its sources) on every Airflow "
+                "component, or schedule on a cron"
+            )
+        else:
+            log.info(
+                "check_source: no %s source of your own declared (the guide's pinned dataset): nothing to watch", role
+            )
         return {"role": role, "location": None, "changed": False, "fingerprint_sha256": None}
     fingerprint = folders.fingerprint(location, role)
     digest = layout.sha256_json(fingerprint)
