@@ -20,16 +20,37 @@ from pathlib import Path
 
 from encoderflow.config import from_overrides, parse_set
 from encoderflow.data.sources import get_dataset
+from encoderflow.errors import EncoderflowError
 from encoderflow.results import only_file
+
+
+class Refused(Exception):
+    """A bad argument or setting, said in one line before any work."""
 
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__)
         return 2
+    try:
+        return run(argv)
+    except (Refused, EncoderflowError) as exc:
+        print(f"finetune.py: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(argv: list[str]) -> int:
     encoder, out, sets = argv[0], Path(argv[1]), argv[2:]
+    if encoder != "random" and not Path(encoder).is_file():
+        raise Refused(f"encoder {encoder}: no such file; pass a saved encoder (.keras) or 'random'")
     data_dir = os.environ.get("DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    cfg = from_overrides(os.environ.get("PRESET", "guide"), parse_set(["finetune.epochs=1", *sets]))
+    if not Path(data_dir).is_dir():
+        raise Refused(f"DATA_DIR {data_dir}: no such folder; set DATA_DIR to the offline data folder")
+    preset = os.environ.get("PRESET", "guide")
+    try:
+        cfg = from_overrides(preset, parse_set(["finetune.epochs=1", *sets]))
+    except EncoderflowError as exc:
+        raise Refused(f"PRESET={preset} with {' '.join(sets) or 'no overrides'}: {exc}") from None
     sst2 = get_dataset("sst2", data_dir=data_dir)
     vocab_path = only_file(get_dataset("vocab", data_dir=data_dir))["path"]
     if encoder == "random":

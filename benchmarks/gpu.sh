@@ -5,7 +5,8 @@
 #
 # 1. synthetic throughput table, guide preset: float32 and mixed_bfloat16 at batch 128 and 1024,
 #    fit next to the bare jitted step (benchmarks/synthetic.py; one process per cell);
-# 2. a 300-step mixed_bfloat16 run whose loss must fall and stay finite;
+# 2. a 300-step mixed_bfloat16 run at the first of GPU_CHECK_BATCHES (128) whose loss must fall and
+#    stay finite (one loss per 10 steps, the first against the last: 20 steps at least, 0 skips it);
 # 3. the next levers, each timed beside the real cell (mixed_bfloat16, batch 128); the 4,096 x V
 #    logits and their loss are ~40% of the H100 step. The head-loss ones take the head's features,
 #    not logits (head_loss.py; fit there has no accuracy metric, the bare step is the same work),
@@ -32,7 +33,7 @@
 #
 # Knobs (defaults are the real check; a CPU rehearsal shrinks them):
 #   GPU_CHECK_PRESET=guide GPU_CHECK_BATCHES=128,1024 GPU_CHECK_PRECISIONS=float32,mixed_bfloat16
-#   GPU_CHECK_STEPS=64 GPU_CHECK_WARMUP=5 GPU_CHECK_REPEATS=3 GPU_CHECK_LOSS_STEPS=300
+#   GPU_CHECK_STEPS=64 GPU_CHECK_WARMUP=5 GPU_CHECK_REPEATS=3 GPU_CHECK_LOSS_STEPS=300 (0 or >= 20)
 #   GPU_CHECK_LEVERS="loss-fused vocab-pad loss-chunked loss-logsumexp" (empty: none) GPU_CHECK_PAD_VOCAB=30592
 #   A shorter check once the full table exists: GPU_CHECK_BATCHES=128 GPU_CHECK_PRECISIONS=mixed_bfloat16
 #   PYTHON=python3
@@ -45,6 +46,14 @@ export PYTHONUNBUFFERED=1
 export KERAS_BACKEND=jax
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 batches=${GPU_CHECK_BATCHES:-128,1024}
+loss_steps=${GPU_CHECK_LOSS_STEPS:-300}
+# Refused before the first cell: too few steps record one loss, which cannot be seen to fall, and
+# the check would fail after minutes of timing for a reason the table does not show.
+if ! [[ $loss_steps =~ ^[0-9]+$ ]] || { ((10#$loss_steps > 0)) && ((10#$loss_steps < 20)); }; then
+    echo "gpu check: GPU_CHECK_LOSS_STEPS=$loss_steps: the loss run records one loss per 10 steps and compares" \
+        "the first with the last: set it to 20 or more (300 is the check), or 0 to skip the loss run" >&2
+    exit 2
+fi
 mkdir -p "$out"
 log="$out/log.txt"
 
@@ -101,7 +110,7 @@ lever() {
 }
 
 synthetic --precision "${GPU_CHECK_PRECISIONS:-float32,mixed_bfloat16}" --batch-size "$batches" \
-    --loss-run "${GPU_CHECK_LOSS_STEPS:-300}" --out "$out" || rc=1
+    --loss-run "$((10#$loss_steps))" --out "$out" || rc=1
 for name in "${wanted[@]}"; do
     lever "$name"
 done

@@ -9,7 +9,9 @@ on ``valid``, then fine-tune on SST-2 train and report SST-2 dev accuracy:
 
 * encoderflow: ``encoderflow run --preset guide`` through Airflow (download/validate/shards/
   baseline/pretrain/finetune/gate), in a fresh ENCODERFLOW_HOME; the wall time is the whole run;
-* guide: ``seed_guide.py --stage all`` (baseline, on-the-fly preprocessing, pretrain, fine-tune).
+* guide: ``seed_guide.py --stage all`` (baseline, on-the-fly preprocessing, pretrain, fine-tune;
+  ``../shared/peers/``, or ``ENCODERFLOW_GUIDE_SCRIPT``), always the guide's own model: against
+  another preset the table gives both rows and no verdict.
 
 Runs one after the other (never side by side: they would share the CPU). Prints a table.
 
@@ -41,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from peer import run_guide
+from peer import GuideMissing, guide_script, run_guide
 
 from encoderflow.config import PRESETS, from_overrides, parse_set
 
@@ -202,7 +204,17 @@ def guide(args, work: Path) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    try:
+        return run_benchmark()
+    except GuideMissing as exc:  # --only guide: nothing ran before it
+        print(f"quality.py: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_benchmark() -> int:
+    ap = argparse.ArgumentParser(
+        prog="quality.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data-dir", type=lambda p: Path(p).resolve(), help="the offline folder (not for --table)")
     ap.add_argument(
         "--preset", default="guide", choices=sorted(PRESETS), help="encoderflow's preset (the guide side is the guide)"
@@ -228,7 +240,12 @@ def main() -> int:
     ap.add_argument("--table", type=Path, metavar="FILE", help="print the ablation table of a results file and exit")
     args = ap.parse_args()
     if args.table:
-        print_table(load_results(args.table))
+        if not args.table.is_file():
+            ap.error(f"--table {args.table}: no such file; name a results file written by --results")
+        rows = load_results(args.table)
+        if not rows:
+            ap.error(f"--table {args.table}: holds no rows; name a results file written by --results")
+        print_table(rows)
         return 0
     if args.data_dir is None:
         ap.error("--data-dir is required (except with --table)")
@@ -239,6 +256,25 @@ def main() -> int:
             ap.error(f"unknown ablation row(s) {unknown}: choose from {', '.join(ABLATIONS)} or all")
     if args.seeds < 1 or (args.seeds > 1 and not names and args.only != "guide"):
         ap.error("--seeds N (N >= 1) repeats --ablation rows or, with --only guide, the guide's code: add one of them")
+    if args.results and not names and args.only != "guide":
+        ap.error(
+            f"--results {args.results}: keeps --ablation rows or --only guide runs, and this run is neither; "
+            "add one of them or drop --results"
+        )
+    # 0 pretraining epochs is a row of its own (a random encoder, --only encoderflow); fine-tuning needs one.
+    for name, least in (("pretrain_epochs", 0), ("finetune_epochs", 1)):
+        if (value := getattr(args, name)) is not None and value < least:
+            ap.error(f"--{name.replace('_', '-')} {value}: must be >= {least}")
+    for name in ("pretrain_steps", "finetune_steps"):
+        if getattr(args, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0 (0 = the whole epoch)")
+    # Checked before any work (the encoderflow side's hours come first); a --results series may need no
+    # new run of the guide's code, so there a missing script is said only once one is due.
+    if not names and (args.only is None or (args.only == "guide" and not args.results)):
+        try:
+            guide_script()
+        except GuideMissing as exc:
+            ap.error(f"{exc}" + ("; or pass --only encoderflow" if args.only is None else ""))
     work = Path(tempfile.mkdtemp(prefix="encoderflow-quality-"))
     print(f"logs in {work}", flush=True)
     if names:
@@ -270,13 +306,22 @@ def main() -> int:
             f"{r['finetune_s'] / 60:>8.1f}m {r['wall_s'] / 60:>8.1f}m"
         )
     if len(results) == 2:
-        a, b = results["encoderflow"], results["guide (seed_guide.py)"]
-        print(
-            f"\nSST-2 dev: {100 * (a['sst2'] - b['sst2']):+.1f} points; wall time {a['wall_s'] / b['wall_s']:.2f}x "
-            f"the guide's; target >= +3.0 points in less wall time: "
-            f"{'met' if a['sst2'] - b['sst2'] >= 0.03 and a['wall_s'] < b['wall_s'] else 'NOT met'}"
-        )
+        print("\n" + verdict(args.preset, results["encoderflow"], results["guide (seed_guide.py)"]))
     return 0
+
+
+def verdict(preset: str, a: dict, b: dict) -> str:
+    """The target's verdict for encoderflow (``a``) against the guide's code (``b``); none unless
+    encoderflow ran the guide preset, as the guide's side always runs the guide's model."""
+    points, wall = 100 * (a["sst2"] - b["sst2"]), a["wall_s"] / b["wall_s"]
+    gap = f"SST-2 dev: {points:+.1f} points; wall time {wall:.2f}x the guide's"
+    if preset != "guide":
+        return (
+            f"{gap}; NOT COMPARABLE: encoderflow ran the {preset} preset, the guide its own model: no verdict "
+            "on the target (use --preset guide)"
+        )
+    met = a["sst2"] - b["sst2"] >= 0.03 and a["wall_s"] < b["wall_s"]
+    return f"{gap}; target >= +3.0 points in less wall time: {'met' if met else 'NOT met'}"
 
 
 def keep(args, rows: list[dict], row: dict) -> None:

@@ -5,8 +5,9 @@
 Guide preset data config (seq 128, 32 predictions), dupe_factor 1, pretraining on WikiText
 `test` and validating on `valid` (the offline folder has no train split). In one run:
 
-* guide: ``seed_guide.py --stage preprocess`` as a subprocess (tokenize + mask in tf.data,
-  batches of 128), its ``SEED_RESULT`` line parsed for ``preprocess_seq_per_s``;
+* guide: ``seed_guide.py --stage preprocess`` (``../shared/peers/``, or ``ENCODERFLOW_GUIDE_SCRIPT``)
+  as a subprocess (tokenize + mask in tf.data, batches of 128), its ``SEED_RESULT`` line parsed for
+  ``preprocess_seq_per_s``;
 * build: every shard (train and valid) built in this process one after another, sequences
   written per second of wall time; "cold" includes building and tracing the tokenizer (once
   per process), "warm" is a build into a fresh home with it cached, comparable to the
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -38,7 +40,7 @@ runtime.use_jax()
 # Also for the guide's subprocess, which inherits this environment.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from peer import run_guide  # noqa: E402
+from peer import TEXT_MEMBERS, GuideMissing, guide_script, offline_folder_problem, run_guide  # noqa: E402
 
 
 def _inputs(data_dir: Path):
@@ -91,15 +93,44 @@ def _guide(data_dir: Path, batches: int) -> dict:
     return run_guide(data_dir, "preprocess", "--preprocess-batches", str(batches))[0]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, the data folder and the guide's script checked before any work (one line, exit 2)."""
+    ap = argparse.ArgumentParser(
+        prog="shards.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data-dir", required=True, type=Path)
-    ap.add_argument("--epochs", type=int, default=3, help="timed read epochs after one warm-up")
+    ap.add_argument("--epochs", type=int, default=3, help="timed read epochs after one warm-up (>= 1)")
     ap.add_argument("--pool", type=int, default=0, help="also build with a spawn pool of this size")
-    ap.add_argument("--guide-batches", type=int, default=15)
-    ap.add_argument("--repeats", type=int, default=3, help="guide and warm-build runs; medians reported")
-    args = ap.parse_args()
-    data_dir = args.data_dir.resolve()
+    ap.add_argument("--guide-batches", type=int, default=15, help="batches the guide preprocesses (>= 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="guide and warm-build runs; medians reported (>= 1)")
+    args = ap.parse_args(argv)
+    for name in ("epochs", "guide_batches", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.pool < 0:
+        ap.error(f"--pool {args.pool}: must be >= 0 (0 or 1: no pool)")
+    args.data_dir = args.data_dir.expanduser().resolve()
+    if problem := offline_folder_problem(args.data_dir, TEXT_MEMBERS):
+        ap.error(problem)
+    try:
+        guide_script()
+    except GuideMissing as exc:
+        ap.error(str(exc))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Every shard set lands in a home of its own, removed at the end: they serve this run's timing only.
+    tmp = Path(tempfile.mkdtemp(prefix="encoderflow-bench-shards-"))
+    try:
+        return measure(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(args, tmp: Path) -> int:
+    data_dir = args.data_dir
 
     from encoderflow.config import from_overrides
     from encoderflow.data import shards
@@ -114,7 +145,6 @@ def main() -> int:
     # This VM's timings swing by 1.5x from one run to the next: each side is run --repeats
     # times, alternating, and the median rate is reported.
     guide_rates, warm_rates = [], []
-    tmp = Path(tempfile.mkdtemp(prefix="encoderflow-bench-shards-"))
     sealed, n, s = _build(cfg, cfg_dict, inputs, tmp / "seq", 1)
     cold = (f"build, sequential, cold ({sealed['num_shards']} shards)", n, n / s)
     for r in range(args.repeats):

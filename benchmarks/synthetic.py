@@ -15,15 +15,18 @@ Each (precision, batch size) cell times ``fit`` and the same model's bare jitted
 ``stateless_apply`` in one ``jax.jit``, state donated): warm-up steps first (the first one pays
 for XLA compilation, reported on its own), then ``--repeats`` runs of ``--steps`` steps each,
 fit's and the bare step's alternating, each closed by ``block_until_ready``; the median run gives
-ms/step. ``fit/bare`` is fit's overhead.
+ms/step. ``fit/bare`` is fit's overhead. ``fit`` runs only whole calls of
+``pretrain.steps_per_execution`` (16) steps, so ``--steps`` and fit's warm-up round up to whole
+calls (the bare step times the same rounded count); the table's header says what ran.
 
 With more than one unit of work (cells, the loss run) each runs in its own Python process, so
 the device's ``peak_bytes_in_use`` (a process-lifetime maximum) belongs to that cell alone.
 
-``--loss-run N`` trains a fresh model N steps at mixed_bfloat16 on the same kind of batches and
-records the loss every 10 steps (fit's running mean over those 10 steps); it passes when every
-recorded loss is finite and the last is below the first by at least ``--min-drop``. A failed
-loss run makes the exit status 1.
+``--loss-run N`` trains a fresh model N steps (rounded up to tens; at least 20, so there is a first
+and a last loss to compare) at mixed_bfloat16 and the first ``--batch-size`` on the same kind of
+batches and records the loss every 10 steps (fit's running mean over those 10 steps); it passes
+when every recorded loss is finite and the last is below the first by at least ``--min-drop``. A
+failed loss run makes the exit status 1.
 
 ``--mlm-loss`` swaps in a lever's loss (``mlm_loss``). For the ones that take the head's features
 (``chunked``, ``fused``: ``benchmarks/head_loss.py``) each cell also measures, on its device, how
@@ -46,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from encoderflow.config import PRESETS  # plain dataclasses: imports no ML library
+from encoderflow.config import PRECISIONS, PRESETS, ConfigError  # plain dataclasses: imports no ML library
 
 # Peak dense (no sparsity) matmul FLOP/s by device kind and math mode. H100 SXM figures from the
 # NVIDIA datasheet; the H200 is the same chip at the same clocks (more, faster memory).
@@ -63,7 +66,7 @@ COLUMNS = (
     "n",
     "precision",
     "batch",
-    "compile s",
+    "first call s",
     "fit ms/step",
     "bare ms/step",
     "fit/bare",
@@ -73,6 +76,32 @@ COLUMNS = (
     "util",
     "peak mem",
 )
+
+
+# The loss run records one loss per this many steps and compares the first with the last: it needs two.
+LOSS_EVERY = 10
+MIN_LOSS_RUN = 2 * LOSS_EVERY
+
+
+def columns(spe: int | None) -> tuple[str, ...]:
+    """:data:`COLUMNS` as a table shows them: fit's first call, timed whole, runs ``spe`` steps beside
+    the compilation (``steps_per_execution``), and its header says so."""
+    first = "first call s" if spe is None else f"first call s (compile + {spe} steps)"
+    return tuple(first if c == "first call s" else c for c in COLUMNS)
+
+
+def planned_steps(steps: int, warmup: int, spe: int) -> dict[str, int]:
+    """The steps a cell runs. ``fit`` runs whole calls of ``spe`` (steps_per_execution) steps only, so
+    ``steps`` rounds up to whole calls (the bare step times that count too, to compare like with
+    like), and so does fit's warm-up: its first call (one step asked, ``spe`` run, compilation
+    included), then ``warmup - 1`` more, rounded up; the bare step warms up ``warmup`` steps exactly."""
+    calls = math.ceil(steps / spe)
+    return {
+        "timed": calls * spe,
+        "fit_first": spe,
+        "fit_warmup": spe + (math.ceil((warmup - 1) / spe) * spe if warmup > 1 else 0),
+        "bare_warmup": warmup,
+    }
 
 
 def peak_entry(device_kind: str) -> dict | None:
@@ -356,7 +385,7 @@ def time_both(mlm, batches, warmup: int, steps: int, repeats: int) -> dict:
     likewise; then the remaining runs alternate bare, fit, so that both see the same machine
     (a shared CPU's load drifts). The first step of each pays for its compilation."""
     fit, spe = fit_runner(mlm, batches)
-    steps = math.ceil(steps / spe) * spe
+    steps = planned_steps(steps, warmup, spe)["timed"]
     compile_s = fit(1)
     if warmup > 1:
         fit(warmup - 1)
@@ -455,15 +484,17 @@ def head_agreement(mlm, loss: str, batch) -> dict | None:
 
 
 def run_loss(spec: dict) -> dict:
-    """A fresh model trained ``loss_run`` steps at mixed_bfloat16; loss every 10 steps."""
+    """A fresh model trained ``loss_run`` steps at mixed_bfloat16; loss every :data:`LOSS_EVERY` steps."""
     cfg = config(spec)
     vocab = spec["vocab_size"]
-    steps = math.ceil(spec["loss_run"] / 10) * 10
+    steps = math.ceil(spec["loss_run"] / LOSS_EVERY) * LOSS_EVERY
+    if steps < MIN_LOSS_RUN:  # parse_args refuses it; a unit spec written by hand must not pass as a check
+        raise ValueError(f"loss run of {spec['loss_run']} steps: needs >= {MIN_LOSS_RUN} (two recorded losses)")
     batch = spec["batch_size"]
     mlm, policy = build(cfg, vocab, "mixed_bfloat16", total_steps=steps, loss=spec["mlm_loss"])
     batches = make_batches(cfg, vocab, batch, spec["pool"], cfg.data.seed + 1)
     t0 = time.perf_counter()
-    history = mlm.fit(cycle(batches), steps_per_epoch=10, epochs=steps // 10, verbose=0, shuffle=False)
+    history = mlm.fit(cycle(batches), steps_per_epoch=LOSS_EVERY, epochs=steps // LOSS_EVERY, verbose=0, shuffle=False)
     seconds = time.perf_counter() - t0
     losses = [float(v) for v in history.history["loss"]]
     first, last = losses[0], losses[-1]
@@ -549,14 +580,17 @@ def agrees(cell: dict) -> bool:
     return not cell.get("agreement") or max(cell["agreement"].values()) <= AGREEMENT_TOLERANCE
 
 
-def markdown(header: str, cells: list[dict], loss: dict | None) -> str:
+def markdown(header: str, cells: list[dict], loss: dict | None, spe: int | None = None, loss_note: str = "") -> str:
+    """The tables as markdown. ``spe``: fit's steps per call (what its first call ran beside the
+    compilation); ``loss_note``: where the loss run's batch size came from."""
     lines = [header, ""]
     if cells:
-        lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(columns(spe)) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(cell_row(r)) + " |" for r in cells]
+        first = "fit's first call" + ("" if spe is None else f", {spe} steps (steps_per_execution)")
         lines += [
             "",
-            "ms/step: median of the timed runs; compile s: fit's first step (XLA compilation included); "
+            f"ms/step: median of the timed runs; first call s: {first} with XLA compilation, timed whole; "
             "fit/bare: fit's step over the bare jitted step's; TFLOP/s and util from fit's step and "
             "model FLOPs (3 x forward matmuls); util against the dense bf16 peak for mixed_bfloat16, "
             "TF32 for float32 (JAX's default f32 matmul precision on GPU); peak mem: "
@@ -579,11 +613,11 @@ def markdown(header: str, cells: list[dict], loss: dict | None) -> str:
         else:
             trace = ", ".join(f"{v:.3f}" for v in loss["every_10_steps"])
             lines += [
-                f"loss run ({loss['precision']}, batch {loss['batch']}, {loss['steps']} steps, "
+                f"loss run ({loss['precision']}, batch {loss['batch']}{loss_note}, {loss['steps']} steps, "
                 f"{loss['seconds']:.1f}s): first {loss['first']:.4f}, last {loss['last']:.4f} -> "
                 f"{'PASS' if loss['passed'] else 'FAIL'} (finite: {loss['finite']}, fell by "
                 f">= {100 * loss['min_drop']:g}%: {loss['fell']})",
-                f"loss every 10 steps (mean of those 10): {trace}",
+                f"loss every {LOSS_EVERY} steps (mean of those {LOSS_EVERY}): {trace}",
             ]
     return "\n".join(lines) + "\n"
 
@@ -600,11 +634,14 @@ def fused_note() -> str:
     return note
 
 
-def _list(values: list[str], cast) -> list:
-    return [cast(v) for item in values for v in str(item).split(",") if v.strip()]
+def _list(values: list[str]) -> list[str]:
+    return [v.strip() for item in values for v in str(item).split(",") if v.strip()]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The arguments, each checked before any work: a bad one is one line (argparse's) and exit 2.
+
+    Adds ``precisions`` and ``batches``, the comma lists unfolded (defaults filled in)."""
     ap = argparse.ArgumentParser(
         prog="train.py --synthetic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -614,12 +651,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--precision",
         action="append",
         default=[],
-        help="float32 | mixed_bfloat16 | auto (repeatable or comma list; default auto)",
+        help=f"{' | '.join(PRECISIONS)} (repeatable or comma list; default auto)",
     )
     ap.add_argument(
-        "--batch-size", action="append", default=[], help="repeatable or comma list (default pretrain.batch_size)"
+        "--batch-size",
+        action="append",
+        default=[],
+        help="repeatable or comma list (default pretrain.batch_size); the loss run takes the first",
     )
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per run (rounded up to steps_per_execution)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is reported")
     ap.add_argument("--pool", type=int, default=8, help="distinct random batches, cycled")
@@ -631,7 +671,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="keras: the pipeline's loss; the others: levers (see mlm_loss)",
     )
     ap.add_argument("--out", help="write synthetic.md and synthetic.json into this folder")
-    ap.add_argument("--loss-run", type=int, default=0, metavar="N", help="also train N steps at mixed_bfloat16")
+    ap.add_argument(
+        "--loss-run",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"also train N steps (>= {MIN_LOSS_RUN}; 0: none) at mixed_bfloat16 and the first --batch-size",
+    )
     ap.add_argument("--min-drop", type=float, default=0.01, help="loss run: relative fall required (0.01 = 1%%)")
     ap.add_argument("--only-loss-run", action="store_true", help="skip the throughput table")
     ap.add_argument("--in-process", action="store_true", help="run every unit in this process")
@@ -641,7 +687,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     for name in ("steps", "warmup", "repeats", "pool"):
         if getattr(args, name) < 1:
-            ap.error(f"--{name} must be >= 1")
+            ap.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    if args.vocab_size < 16:
+        ap.error(f"--vocab-size {args.vocab_size}: must be >= 16 (the special tokens plus words)")
+    args.precisions = _list(args.precision) or ["auto"]
+    if bad := [p for p in args.precisions if p not in PRECISIONS]:
+        ap.error(f"--precision {','.join(bad)}: expected one or more of {', '.join(PRECISIONS)}")
+    try:
+        cfg = config({"preset": args.preset, "set": args.set})
+    except ConfigError as exc:
+        ap.error(f"--set {' '.join(args.set)}: {exc}")
+    batches = _list(args.batch_size)
+    if bad := [b for b in batches if not b.isdigit() or int(b) < 1]:
+        ap.error(f"--batch-size {','.join(bad)}: expected whole numbers >= 1, e.g. 128 or 128,1024")
+    args.batches = [int(b) for b in batches] or [cfg.pretrain.batch_size]
+    if args.loss_run < 0 or 0 < args.loss_run < MIN_LOSS_RUN:
+        ap.error(
+            f"--loss-run {args.loss_run}: the loss run records one loss per {LOSS_EVERY} steps and compares the first "
+            f"with the last: give >= {MIN_LOSS_RUN} steps, or 0 for no loss run"
+        )
+    if args.only_loss_run and not args.loss_run:
+        ap.error(f"--only-loss-run without --loss-run N (N >= {MIN_LOSS_RUN}) would run nothing: add --loss-run")
+    if not 0 <= args.min_drop < 1:
+        ap.error(f"--min-drop {args.min_drop}: a relative fall, >= 0 and < 1 (0.01 = 1%)")
     return args
 
 
@@ -652,8 +720,66 @@ def block_tensorflow() -> None:
         sys.modules.setdefault("tensorflow", None)
 
 
+def header_text(args, cfg) -> str:
+    """The table's first line: the model, and the steps each cell actually runs (after rounding)."""
+    import jax
+    import keras
+    import keras_hub
+
+    m, d = cfg.model, cfg.data
+    spe = cfg.pretrain.steps_per_execution
+    return (
+        f"synthetic pretraining benchmark: preset {args.preset}"
+        + (f" ({', '.join(args.set)})" if args.set else "")
+        + f"; model {m.num_layers} layers, dim {m.model_dim}, ffn {m.intermediate_dim}, {m.num_heads} heads; "
+        f"seq {d.seq_length}, {d.predictions_per_seq} predictions/seq, vocab {args.vocab_size}; "
+        + ("" if args.mlm_loss == "keras" else f"loss {args.mlm_loss} (not the pipeline's); ")
+        + ("fit without the accuracy metric (no logits); " if args.mlm_loss in HEAD_LOSSES else "")
+        + (fused_note() if args.mlm_loss == "fused" else "")
+        + (steps_note(args.steps, args.warmup, args.repeats, spe) + "; " if not args.only_loss_run else "")
+        + f"python {platform.python_version()}, "
+        f"jax {jax.__version__}, keras {keras.__version__}, keras-hub {keras_hub.__version__}"
+        + ("" if "tensorflow" not in sys.modules or sys.modules["tensorflow"] is None else "; TensorFlow WAS imported")
+    )
+
+
+def steps_note(steps: int, warmup: int, repeats: int, spe: int) -> str:
+    """What a cell runs, in words, the rounding to whole calls of ``spe`` steps said where it happened."""
+    plan = planned_steps(steps, warmup, spe)
+    rounded = []
+    if plan["timed"] != steps:
+        rounded.append(f"--steps {steps}")
+    if plan["fit_warmup"] != warmup:
+        rounded.append(f"fit's warm-up of {warmup}")
+    return (
+        f"warm-up: fit {plan['fit_warmup']} steps (its first call compiles), bare step {plan['bare_warmup']}; "
+        f"timed: {repeats} x {plan['timed']} steps each for fit and the bare step"
+        + (
+            f" ({' and '.join(rounded)} rounded up to whole calls of steps_per_execution={spe}: fit runs no "
+            "shorter call)"
+            if rounded
+            else ""
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # A unit process says nothing: the process that started it says it once.
+        if "--unit" not in argv:
+            print("train.py --synthetic: interrupted (Ctrl-C); no table written", file=sys.stderr)
+        return INTERRUPTED_EXIT
+
+
+# A shell's code for a command ended by SIGINT.
+INTERRUPTED_EXIT = 130
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
     block_tensorflow()
     from encoderflow import runtime
 
@@ -674,22 +800,25 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "pool": args.pool,
     }
-    precisions = _list(args.precision, str) or ["auto"]
-    batches = _list(args.batch_size, int) or [cfg.pretrain.batch_size]
     units = []
     if not args.only_loss_run:
-        units += [{**base, "kind": "cell", "precision": p, "batch_size": b} for p in precisions for b in batches]
+        units += [
+            {**base, "kind": "cell", "precision": p, "batch_size": b} for p in args.precisions for b in args.batches
+        ]
+    loss_note = ""
     if args.loss_run:
         units.append(
             {
                 **base,
                 "kind": "loss",
                 "precision": "mixed_bfloat16",
-                "batch_size": cfg.pretrain.batch_size,
+                "batch_size": args.batches[0],
                 "loss_run": args.loss_run,
                 "min_drop": args.min_drop,
             }
         )
+        if len(args.batches) > 1:
+            loss_note = f", the first of --batch-size {','.join(map(str, args.batches))}"
     isolate = len(units) > 1 and not args.in_process
     results = []
     for unit in units:
@@ -699,24 +828,8 @@ def main(argv: list[str] | None = None) -> int:
     cells = [r for r, u in zip(results, units) if u["kind"] == "cell"]
     loss = next((r for r, u in zip(results, units) if u["kind"] == "loss"), None)
 
-    import jax
-    import keras
-    import keras_hub
-
-    m, d = cfg.model, cfg.data
-    header = (
-        f"synthetic pretraining benchmark: preset {args.preset}"
-        + (f" ({', '.join(args.set)})" if args.set else "")
-        + f"; model {m.num_layers} layers, dim {m.model_dim}, ffn {m.intermediate_dim}, {m.num_heads} heads; "
-        f"seq {d.seq_length}, {d.predictions_per_seq} predictions/seq, vocab {args.vocab_size}; "
-        + ("" if args.mlm_loss == "keras" else f"loss {args.mlm_loss} (not the pipeline's); ")
-        + ("fit without the accuracy metric (no logits); " if args.mlm_loss in HEAD_LOSSES else "")
-        + (fused_note() if args.mlm_loss == "fused" else "")
-        + f"{args.warmup} warm-up + {args.repeats} x {args.steps} timed steps; python {platform.python_version()}, "
-        f"jax {jax.__version__}, keras {keras.__version__}, keras-hub {keras_hub.__version__}"
-        + ("" if "tensorflow" not in sys.modules or sys.modules["tensorflow"] is None else "; TensorFlow WAS imported")
-    )
-    text = markdown(header, cells, loss)
+    header = header_text(args, cfg)
+    text = markdown(header, cells, loss, spe=cfg.pretrain.steps_per_execution, loss_note=loss_note)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

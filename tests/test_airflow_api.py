@@ -246,6 +246,20 @@ def smoke_conf(data_dir: Path) -> dict[str, Any]:
     return {"preset": "smoke", "data_dir": str(data_dir), "pretrain_split": "train", "finetune_steps_per_epoch": 40}
 
 
+def task_log(stack, run_id: str, task_id: str, until: str, try_number: int = 1, timeout: float = 60) -> str:
+    """A task try's log as plain text once it holds ``until``: the run reads failed as soon as the try
+    does, and the try's last records (its exception's) can land in the log a moment later."""
+    quoted = urllib.parse.quote(run_id, safe="")
+    path = f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/{task_id}/logs/{try_number}?full_content=true"
+    deadline = time.monotonic() + timeout
+    while True:
+        _, log = stack.request("GET", path)
+        text = "\n".join(log_lines(log["content"]))
+        if until in text or time.monotonic() > deadline:
+            return text
+        time.sleep(1)
+
+
 def log_lines(content: list[Any]) -> list[str]:
     """Plain text of a task log as the API returns it (structured records or strings)."""
     lines = []
@@ -840,11 +854,8 @@ def test_a_failed_task_says_its_cause_and_fix_once_in_its_log(stack, smoke_run):
     quoted = urllib.parse.quote(run["dag_run_id"], safe="")
     _, ti = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/validate_labeled")
     assert (ti["state"], ti["try_number"]) == ("failed", 1), ti  # an expected failure is not retried
-    _, log = stack.request(
-        "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/validate_labeled/logs/1?full_content=true"
-    )
-    text = "\n".join(log_lines(log["content"]))
     cause = f"{dev}: expect_column_values_to_be_in_set(column='label'"
+    text = task_log(stack, run["dag_run_id"], "validate_labeled", until=cause)
     fix = errors.DEFAULT_FIXES["ValidationFailed"]
     assert text.count(cause) == 1 and text.count(fix) == 1, text[-4000:]
     [summary] = [line for line in text.splitlines() if "encoderflow FAILED" in line]
@@ -861,11 +872,9 @@ def test_a_trigger_key_that_is_no_param_fails_the_first_task_once(stack, smoke_r
     _, tis = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances")
     states = {ti["task_id"]: (ti["state"], ti["try_number"]) for ti in tis["task_instances"]}
     assert states["check_params"] == ("failed", 1) and states["download_corpus"][0] == "upstream_failed", states
-    _, log = stack.request(
-        "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/check_params/logs/1?full_content=true"
-    )
-    text = "\n".join(log_lines(log["content"]))
-    assert text.count("unknown trigger params 'pretrain_epoch': did you mean 'pretrain_epochs'?") == 1, text[-4000:]
+    said = "unknown trigger params 'pretrain_epoch': did you mean 'pretrain_epochs'?"
+    text = task_log(stack, run["dag_run_id"], "check_params", until=said)
+    assert text.count(said) == 1, text[-4000:]
 
 
 @pytest.mark.slow

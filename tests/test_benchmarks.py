@@ -1,9 +1,11 @@
-"""benchmarks/train.py --synthetic: runs where TensorFlow cannot be imported, and its numbers add up."""
+"""benchmarks/: train.py --synthetic runs where TensorFlow cannot be imported and its numbers add up; every
+script refuses a bad argument in one line before any work; a comparison with the guide says when it is none."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +54,7 @@ def test_synthetic_benchmark_and_loss_run_without_tensorflow(tmp_path):
             "--pool",
             "2",
             "--loss-run",
-            "30",
+            "20",
             "--in-process",
             "--out",
             str(out),
@@ -64,8 +66,11 @@ def test_synthetic_benchmark_and_loss_run_without_tensorflow(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    header = "| " + " | ".join(synthetic.COLUMNS) + " |"
-    assert header in proc.stdout
+    spe = from_overrides("smoke").pretrain.steps_per_execution
+    header = "| " + " | ".join(synthetic.columns(spe)) + " |"
+    assert header in proc.stdout and f"first call s (compile + {spe} steps)" in header
+    # --steps 2 ran as one whole call of steps_per_execution, and the header says so, and why.
+    assert f"timed: 1 x {spe} steps each" in proc.stdout and f"steps_per_execution={spe}" in proc.stdout
     for name in ("fit ms/step", "bare ms/step", "fit/bare", "seq/s", "GFLOP/seq", "util", "peak mem"):
         assert name in proc.stdout
     assert "loss run (mixed_bfloat16" in proc.stdout and "PASS" in proc.stdout
@@ -78,8 +83,9 @@ def test_synthetic_benchmark_and_loss_run_without_tensorflow(tmp_path):
     assert cell["fit_ms"] > 0 and cell["bare_ms"] > 0 and cell["fit_over_bare"] > 0
     assert cell["flops_per_seq"] == synthetic.train_flops_per_sequence(from_overrides("smoke"), 30522)
     loss = result["loss_run"]
-    assert loss["passed"] and loss["finite"] and loss["steps"] == 30 and len(loss["every_10_steps"]) == 3
-    assert loss["last"] < loss["first"]
+    # The fewest steps allowed still record a first and a last loss, at the batch asked for.
+    assert loss["passed"] and loss["finite"] and loss["steps"] == 20 and len(loss["every_10_steps"]) == 2
+    assert loss["last"] < loss["first"] and loss["batch"] == 8
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -532,3 +538,260 @@ def test_gpu_aot_without_a_cuda_plugin_says_how_to_get_one():
     assert proc.returncode == 1
     assert "cannot compile for CUDA without a GPU" in proc.stderr and "make gpu-aot" in proc.stderr
     assert "h100_sxm.txtpb" in proc.stderr and "gpu_aot:" not in proc.stdout
+
+
+def refusal(capsys, parse, argv) -> str:
+    """What ``parse(argv)`` says when it refuses: exit 2 and one line of its own below the usage."""
+    with pytest.raises(SystemExit) as exc:
+        parse(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--batch-size", "0"], "--batch-size 0: expected whole numbers >= 1"),
+        (["--batch-size", "128,abc"], "--batch-size abc:"),
+        (["--set", "foo=bar"], "--set foo=bar: unknown config key 'foo'"),
+        (["--set", "pretrain.batch_size=0"], "pretrain.batch_size"),
+        (["--loss-run", "-5", "--only-loss-run"], "--loss-run -5:"),
+        (["--loss-run", "10"], f"give >= {synthetic.MIN_LOSS_RUN} steps, or 0"),
+        (["--only-loss-run"], "would run nothing"),
+        (["--precision", "float32,float64"], "--precision float64: expected one or more of auto, float32"),
+        (["--steps", "0"], "--steps 0: must be >= 1"),
+        (["--vocab-size", "8"], "--vocab-size 8"),
+        (["--min-drop", "1"], "--min-drop 1.0"),
+    ],
+)
+def test_synthetic_refuses_bad_arguments_in_one_line(argv, said, capsys):
+    assert said in refusal(capsys, synthetic.parse_args, ["--preset", "smoke", *argv])
+
+
+def test_synthetic_arguments_unfold_and_the_loss_run_takes_the_first_batch():
+    args = synthetic.parse_args(["--precision", "float32", "--precision", "mixed_bfloat16", "--batch-size", "16,4"])
+    assert args.precisions == ["float32", "mixed_bfloat16"] and args.batches == [16, 4]
+    assert synthetic.parse_args(["--preset", "smoke"]).batches == [from_overrides("smoke").pretrain.batch_size]
+
+
+def test_synthetic_header_states_the_steps_that_ran():
+    """fit runs whole calls of steps_per_execution: the steps asked round up, and the header gives
+    the rounded count and the reason; without rounding it says nothing of it."""
+    assert synthetic.planned_steps(1, 1, 16) == {"timed": 16, "fit_first": 16, "fit_warmup": 16, "bare_warmup": 1}
+    assert synthetic.planned_steps(20, 3, 16)["timed"] == 32 and synthetic.planned_steps(20, 3, 16)["fit_warmup"] == 32
+    note = synthetic.steps_note(20, 3, 3, 16)
+    assert "timed: 3 x 32 steps each" in note and "--steps 20" in note and "steps_per_execution=16" in note
+    assert "fit 32 steps" in note and "bare step 3" in note
+    # gpu.sh's counts: the timed steps are whole calls already; fit's first call alone runs 16 steps.
+    gpu = synthetic.steps_note(64, 5, 3, 16)
+    assert "timed: 3 x 64 steps each" in gpu and "fit 32 steps" in gpu and "--steps" not in gpu
+    assert "(fit's warm-up of 5 rounded up" in gpu
+    assert "rounded" not in synthetic.steps_note(64, 5, 3, 1)
+
+
+def test_synthetic_ctrl_c_exits_130_with_one_line(tmp_path):
+    """Ctrl-C while a cell's own process runs: no traceback from either process, one line, exit 130."""
+    cmd = [sys.executable, str(BENCH / "train.py"), "--synthetic", "--preset", "smoke", "--batch-size", "8,4"]
+    cmd += ["--steps", "1", "--warmup", "1", "--repeats", "1", "--pool", "2", "--out", str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Its own process group, as a terminal's Ctrl-C reaches every process of the foreground job.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        assert proc.stdout.readline().startswith("synthetic: ")  # the first cell's process is starting
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines() == ["train.py --synthetic: interrupted (Ctrl-C); no table written"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_refuses_too_few_loss_steps_before_any_cell(tmp_path):
+    """Under 20 steps the loss run records one loss, which cannot fall: refused at once, naming the knob."""
+    for bad in ("5", "19", "ten"):
+        env = {**os.environ, "GPU_CHECK_LOSS_STEPS": bad, "PYTHON": "false"}  # no Python may start
+        proc = subprocess.run(
+            ["bash", str(BENCH / "gpu.sh"), str(tmp_path / "out")], env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert f"GPU_CHECK_LOSS_STEPS={bad}" in proc.stderr and "20 or more" in proc.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def fake_guide(path: Path, **changes) -> Path:
+    """A seed_guide.py stand-in with the guide's constants (``changes`` replace some; ``None`` drops one)."""
+    values = {"PRETRAINING_BATCH_SIZE": 128, "FINETUNING_BATCH_SIZE": 32, "SEQ_LENGTH": 128,
+              "PREDICTIONS_PER_SEQ": 32, "NUM_LAYERS": 3, "MODEL_DIM": 256, "INTERMEDIATE_DIM": 512,
+              "NUM_HEADS": 4, **changes}  # fmt: skip
+    path.write_text("".join(f"{k} = {v}\n" for k, v in values.items() if v is not None) + "print('guide')\n")
+    return path
+
+
+def test_peer_finds_the_guide_script_by_environment_and_reads_its_setup(tmp_path, monkeypatch):
+    import peer
+
+    script = fake_guide(tmp_path / "guide.py")
+    monkeypatch.setenv(peer.GUIDE_ENV, str(script))
+    assert peer.guide_script() == script.resolve()
+    assert peer.guide_setup() == {"pretrain_batch": 128, "finetune_batch": 32, "seq_length": 128,
+                                  "predictions_per_seq": 32, "num_layers": 3, "model_dim": 256,
+                                  "intermediate_dim": 512, "num_heads": 4}  # fmt: skip
+    assert peer.guide_setup(fake_guide(tmp_path / "other.py", NUM_LAYERS=None))["num_layers"] is None
+    monkeypatch.setenv(peer.GUIDE_ENV, str(tmp_path / "nope.py"))
+    with pytest.raises(peer.GuideMissing, match=f"{tmp_path / 'nope.py'} does not exist; set {peer.GUIDE_ENV}"):
+        peer.guide_script()
+
+
+def offline_tree(root: Path) -> Path:
+    """Every file the benchmarks read from an offline folder, empty: enough to pass their checks."""
+    import peer
+
+    for member in peer.OFFLINE_MEMBERS:
+        (root / member).parent.mkdir(parents=True, exist_ok=True)
+        (root / member).write_text("")
+    return root
+
+
+def test_train_data_mode_refuses_bad_arguments_before_any_work(tmp_path, monkeypatch, capsys):
+    import train
+
+    data = offline_tree(tmp_path / "data")
+    monkeypatch.setenv("ENCODERFLOW_GUIDE_SCRIPT", str(fake_guide(tmp_path / "guide.py")))
+    ok = ["--data-dir", str(data), "--preset", "smoke"]
+    args = train.parse_args(ok)
+    assert args.guide_plan == ((2, 8), (10, 110)) and args.data_dir == data.resolve()
+    for argv, said in [
+        (["--steps", "0"], "--steps 0: must be >= 1"),
+        (["--finetune-steps", "0"], "--finetune-steps 0: must be >= 1"),
+        (["--guide-steps", "2,8"], "--guide-steps '2,8': expected 'pretrain_short"),
+        (["--guide-steps", "2,8:10,10"], "finetune counts 10,10 must be >= 1 with the second larger"),
+        (["--guide-steps", "0,8:10,110"], "pretrain counts 0,8"),
+        (["--set", "foo=bar"], "unknown config key 'foo'"),
+    ]:
+        assert said in refusal(capsys, train.parse_args, ok + argv), argv
+    # This script never downloads: the message is its own, not the pipeline's "leave it empty to download".
+    said = refusal(capsys, train.parse_args, ["--data-dir", str(tmp_path / "nope")])
+    assert f"--data-dir {tmp_path / 'nope'} does not exist" in said and "download" not in said
+    (data / "SST-2" / "dev.tsv").unlink()
+    assert "lacks SST-2/dev.tsv" in refusal(capsys, train.parse_args, ok)
+    offline_tree(data)
+    monkeypatch.setenv("ENCODERFLOW_GUIDE_SCRIPT", str(tmp_path / "gone.py"))
+    said = refusal(capsys, train.parse_args, ok)
+    assert "gone.py does not exist" in said and "ENCODERFLOW_GUIDE_SCRIPT" in said and "--no-guide" in said
+    assert train.parse_args([*ok, "--no-guide"]).no_guide
+
+
+def test_train_data_mode_home_and_errors(tmp_path):
+    """A given ENCODERFLOW_HOME means no temporary home at all; without one, the temporary home goes
+    at the end. An error of the pipeline's (here: text with no usable line) is one line, exit 2."""
+    data = offline_tree(tmp_path / "data")
+    cmd = [sys.executable, str(BENCH / "train.py"), "--data-dir", str(data), "--preset", "smoke", "--no-guide"]
+    for home in (str(tmp_path / "home"), None):
+        tmp = tmp_path / f"tmp-{home is None}"
+        tmp.mkdir()
+        env = {k: v for k, v in os.environ.items() if k != "ENCODERFLOW_HOME"}
+        env.update(TMPDIR=str(tmp), **({"ENCODERFLOW_HOME": home} if home else {}))
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("train.py: ") and "Traceback" not in proc.stderr
+        assert "nothing to pretrain on" in proc.stderr
+        assert not list(tmp.glob("encoderflow-bench-*"))
+
+
+def test_train_table_compares_like_with_like_only(tmp_path):
+    """The guide's throughput is its own batch over its own step; against another preset (or batch)
+    the table says the sides are not comparable and gives no speed-up; few steps are called noise."""
+    import peer
+    import train
+
+    setup = peer.guide_setup(fake_guide(tmp_path / "guide.py"))
+    ours = {"pretrain_step_s": 0.5, "finetune_step_s": 0.1}
+    guide = {"pretrain_step_s": 4.0, "finetune_step_s": 0.8}
+    many = {"encoderflow": (20, 200), "guide": (6, 100)}
+    smoke = train.table(from_overrides("smoke"), ours, guide, setup, many, 3200)
+    assert smoke[0].startswith("NOT COMPARABLE") and "preset smoke, not guide" in smoke[0]
+    assert "pretraining batch 32 against the guide's 128" in smoke[0] and "layers 1 against the guide's 3" in smoke[0]
+    rows = {line[:40].strip(): line[40:].split() for line in smoke[1:]}
+    assert rows["pretrain throughput"][:4] == ["64.0", "seq/s", "32.0", "seq/s"]  # 32 / 0.5, 128 / 4.0
+    assert rows["fine-tune epoch (steps x step)"][:4] == ["0.2", "min", "1.3", "min"]  # 100 x 0.1 s, 100 x 0.8 s
+    assert all(r[-1] == "n/c" for name, r in rows.items() if name != "measure")
+    same = train.table(from_overrides("guide"), ours, guide, setup, many, 3200)
+    assert not any("COMPARABLE" in line or "noise" in line for line in same)
+    rows = {line[:40].strip(): line[40:].split() for line in same}
+    assert rows["pretrain step (batch 128)"][-1] == "8.00x" and rows["pretrain throughput"][-1] == "8.00x"
+    # The same preset with another batch is another comparison, and a guide that does not say its batch too.
+    bigger = from_overrides("guide", {"pretrain.batch_size": 256})
+    assert "pretraining batch 256 against the guide's 128" in train.table(bigger, ours, guide, setup, many, 3200)[0]
+    blind = peer.guide_setup(fake_guide(tmp_path / "blind.py", PRETRAINING_BATCH_SIZE=None))
+    assert "against the guide's unknown" in train.table(from_overrides("guide"), ours, guide, blind, many, 3200)[0]
+    few = train.table(from_overrides("guide"), ours, guide, setup, {"encoderflow": (2, 200), "guide": (1, 100)}, 3200)
+    (noise,) = [line for line in few if "noise" in line]
+    assert "encoderflow pretraining 2" in noise and "guide pretraining 1" in noise
+    assert "--steps and --guide-steps" in noise
+    alone = train.table(from_overrides("smoke"), ours, None, {}, {"encoderflow": (20, 200), "guide": (1, 1)}, 3200)
+    assert not any("COMPARABLE" in line or "noise" in line for line in alone)
+
+
+def test_train_shard_line_gives_a_rate_only_for_shards_built():
+    import train
+
+    assert train.build_line(0, 5, 0, 0.01) == "shards reused (5 already built, 0.0s to check them)"
+    built = train.build_line(4, 1, 6000, 2.0)
+    assert "4 built in 2.0s, 6,000 train+valid sequences (3,000 seq/s); 1 reused" in built
+
+
+def test_shards_gate_and_finetune_refuse_bad_arguments(tmp_path, monkeypatch, capsys):
+    import gate
+    import peer
+    import shards as shard_bench
+
+    assert "--repeats 0: must be >= 1" in refusal(capsys, gate.main, ["--repeats", "0"])
+    assert "--repeats -2" in refusal(capsys, gate.main, ["--repeats", "-2"])
+    said = refusal(capsys, shard_bench.parse_args, ["--data-dir", str(tmp_path / "nope")])
+    assert f"--data-dir {tmp_path / 'nope'} does not exist" in said
+    data = offline_tree(tmp_path / "data")
+    assert "--repeats 0" in refusal(capsys, shard_bench.parse_args, ["--data-dir", str(data), "--repeats", "0"])
+    monkeypatch.setenv(peer.GUIDE_ENV, str(tmp_path / "gone.py"))
+    assert peer.GUIDE_ENV in refusal(capsys, shard_bench.parse_args, ["--data-dir", str(data)])
+    for env, argv, said in [
+        ({}, [str(tmp_path / "none.keras")], "finetune.py: encoder " + str(tmp_path / "none.keras") + ": no such file"),
+        ({"PRESET": "bogus"}, ["random"], "finetune.py: PRESET=bogus with no overrides: "),
+        ({"DATA_DIR": str(tmp_path / "nope")}, ["random"], "finetune.py: DATA_DIR " + str(tmp_path / "nope")),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, str(BENCH / "finetune.py"), *argv, str(tmp_path / "out")],
+            env={**os.environ, "DATA_DIR": str(data), **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and proc.stderr.strip().startswith(said), proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_quality_refuses_what_it_cannot_do_and_gives_no_verdict_across_models(tmp_path):
+    import quality
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    base = [sys.executable, str(BENCH / "quality.py")]
+    cases = [
+        (["--table", str(tmp_path / "none.jsonl")], {}, f"--table {tmp_path / 'none.jsonl'}: no such file"),
+        (["--data-dir", str(tmp_path), "--results", str(tmp_path / "r.jsonl")], {}, "and this run is neither"),
+        (["--data-dir", str(tmp_path)], {"ENCODERFLOW_GUIDE_SCRIPT": str(tmp_path / "gone.py")}, "gone.py does not"),
+    ]
+    for argv, extra, said in cases:
+        proc = subprocess.run([*base, *argv], capture_output=True, text=True, env={**env, **extra}, timeout=120)
+        assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("encoderflow-quality-*"))  # refused before its work folder exists
+    ours, theirs = {"sst2": 0.84, "wall_s": 100.0}, {"sst2": 0.80, "wall_s": 200.0}
+    assert quality.verdict("guide", ours, theirs).endswith("target >= +3.0 points in less wall time: met")
+    smoke = quality.verdict("smoke", ours, theirs)
+    assert "NOT COMPARABLE" in smoke and "met" not in smoke.replace("NOT COMPARABLE", "")
