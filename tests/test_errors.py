@@ -134,3 +134,19 @@ def test_a_try_failed_without_an_exception_points_at_the_logs_that_say_why():
     cause = errors.cause_of(None)
     assert not cause.expected and "without an exception" in cause.message and "traceback" not in cause.fix
     assert cause.fix.startswith("the scheduler's and the worker's logs say why")
+
+
+def test_a_cleared_task_failing_again_replaces_its_own_failure_not_another_tasks():
+    # Fixed data, validate cleared, refused now as changed since its download: the page showed try 1's
+    # "fix the data" and hid the fix that mattered.
+    first = errors.Cause("ValidationFailed", "label 2 at line 3", "fix or replace the data", True)
+    assert errors.record_failure("r3", first, task_id="validate_labeled", map_index=-1, try_number=1)
+    again = errors.Cause("DataError", "dev.tsv changed since download_labeled recorded it", "clear download", True)
+    assert errors.record_failure("r3", again, task_id="validate_labeled", map_index=-1, try_number=2)
+    assert errors.read_failure("r3")["error"] == "DataError" and errors.read_failure("r3")["try_number"] == 2
+    # Another task's failure, or an older try's, leaves the record.
+    other = errors.Cause("ValueError", "x", "y", False)
+    assert not errors.record_failure("r3", other, task_id="validate_corpus", map_index=-1, try_number=3)
+    assert not errors.record_failure("r3", other, task_id="validate_labeled", map_index=-1, try_number=1)
+    assert not errors.record_failure("r3", other, task_id="validate_labeled", map_index=2, try_number=5)
+    assert errors.read_failure("r3")["error"] == "DataError"

@@ -219,6 +219,7 @@ def failure_outlived(folder: Path) -> bool:
 def record_failure(run_id: str, cause: Cause, /, **where: Any) -> bool:
     """Keep a run's first failure in ``runs/<run id>/failure.json``; later ones leave it alone, until
     the run finishes (``summary.json``): a failure after that, of a cleared task, is kept in its place.
+    A later try of the recorded task (cleared, failed again) replaces it too.
 
     Written to a temp name and hard-linked into place, which fails if the file exists: two tasks
     failing at once cannot both win, and a reader never sees half a file.
@@ -233,7 +234,7 @@ def record_failure(run_id: str, cause: Cause, /, **where: Any) -> bool:
     """
     path = failure_path(run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if failure_outlived(path.parent):  # this is the first failure of an attempt after that
+    if failure_outlived(path.parent) or _a_later_try_of(read_failure(run_id), where):
         path.unlink(missing_ok=True)
     payload = {**where, **asdict(cause)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -253,6 +254,18 @@ def record_failure(run_id: str, cause: Cause, /, **where: Any) -> bool:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _a_later_try_of(record: dict[str, Any] | None, where: dict[str, Any]) -> bool:
+    """Whether ``where`` is a later try of the recorded failure's task: cleared and failed again (for another
+    cause, maybe: the fixed file now refused as changed since its download), it replaces the record, which
+    told the user to fix what they had fixed."""
+    if not record or record.get("task_id") != where.get("task_id"):
+        return False
+    if record.get("map_index", -1) != where.get("map_index", -1):
+        return False
+    before, now = record.get("try_number"), where.get("try_number")
+    return isinstance(before, int) and isinstance(now, int) and now > before
 
 
 def forget_failure(run_id: str, task_id: str, map_index: int = -1) -> bool:
