@@ -600,3 +600,14 @@ def test_output_piped_into_a_reader_that_leaves_early_ends_quietly(tmp_path):
     proc.stdout.close()  # the reader leaves before the output is written (its imports take a second)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_make_airflow_signs_tokens_with_a_key_pyjwt_accepts_kept_across_starts(tmp_path):
+    """Airflow's generated jwt_secret (16 bytes) made PyJWT warn 4-9 times a `make airflow` start."""
+    path = tmp_path / "airflow" / "jwt_secret"
+    path.parent.mkdir()
+    key = cli.kept_secret(path)
+    assert len(key) >= 64 and cli.kept_secret(path) == key  # the same key next start: signed-in users stay
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    path.write_text("short\n")  # one kept by an older version: replaced
+    assert len(cli.kept_secret(path)) >= 64

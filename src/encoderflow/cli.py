@@ -546,6 +546,9 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     # Airflow prints a generated password only the first time; keep the file it reads and say
     # the login every time.
     home = Path(os.environ["AIRFLOW_HOME"])
+    # The jwt_secret Airflow generates into airflow.cfg is 16 bytes: PyJWT's "HMAC key ... below the minimum
+    # recommended length" printed 4-9 times a start. Every component reads this one from the environment.
+    os.environ.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", kept_secret(home / "jwt_secret"))
     pw_file = Path(
         os.environ.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE")
         or home / "simple_auth_manager_passwords.json.generated"
@@ -569,6 +572,22 @@ def cmd_airflow(args: argparse.Namespace) -> int:
         print(f"  MLflow UI: {mlflow_url}  (the runs page links its runs and model versions here)")
     print("=" * 72, flush=True)
     os.execvpe(sys.executable, [sys.executable, "-m", "airflow", "standalone"], os.environ.copy())
+
+
+def kept_secret(path: Path, length: int = 64) -> str:
+    """A random key of at least ``length`` characters kept in ``path`` (0600, written whole), made once."""
+    import secrets
+
+    try:
+        kept = path.read_text().strip()
+    except FileNotFoundError:
+        kept = ""
+    if len(kept) >= length:
+        return kept
+    kept = secrets.token_urlsafe(length)  # 4/3 characters a byte: longer than asked, never shorter
+    with layout.atomic_path(path) as tmp:  # mkstemp's file is 0600 from the start
+        tmp.write_text(kept + "\n")
+    return kept
 
 
 def start_mlflow_ui() -> tuple[str | None, subprocess.Popen | None]:
