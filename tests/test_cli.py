@@ -179,7 +179,7 @@ def test_predict_names_a_file_it_cannot_read_and_the_fix(tmp_path, capsys, monke
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
     assert cli.main(["predict", "--file", str(tmp_path / "latin1.txt")]) == 2
     err = capsys.readouterr().err
-    assert f"predict --file {tmp_path / 'latin1.txt'}: not UTF-8 (byte 3: b'\\xe9'); fix: convert it first" in err
+    assert f"predict --file {tmp_path / 'latin1.txt'}: not UTF-8 (byte 4: b'\\xe9'); fix: convert it first" in err
     assert cli.main(["predict"]) == 2
     assert (
         "predict: no text given; fix: give sentences as arguments, or --file FILE (- for stdin)"
@@ -189,11 +189,15 @@ def test_predict_names_a_file_it_cannot_read_and_the_fix(tmp_path, capsys, monke
     # TensorFlow traceback once the model had loaded.
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("ok\ncafé\n".encode("latin-1"))))
     assert cli.main(["predict", "--file", "-"]) == 2
-    assert "predict --file -: standard input is not UTF-8 (byte 6: b'\\xe9'); fix: convert it first" in (
+    assert "predict --file -: standard input is not UTF-8 (byte 7: b'\\xe9'); fix: convert it first" in (
         capsys.readouterr().err
     )
     assert cli.main(["predict", "fine", "caf\udce9"]) == 2
-    assert "predict: sentence 2 is not UTF-8 (character 3: b'\\xe9'); fix: give UTF-8 text" in capsys.readouterr().err
+    assert "predict: sentence 2 is not UTF-8 (character 4: b'\\xe9'); fix: give UTF-8 text" in capsys.readouterr().err
+    # A model name in such bytes read as an MLflow outage ("check that the server is up").
+    for command in (["predict", "fine"], ["promote", "--version", "1", "--reason", "ok"], ["rollback"]):
+        assert cli.main([*command, "--model", "m\udce9"]) == 2
+        assert "--model is not UTF-8 (character 2: b'\\xe9'); fix: give the registered model" in capsys.readouterr().err
     assert cli.main(["predict", "--file", str(tmp_path)]) == 2
     assert f"predict --file {tmp_path}: cannot read it (Is a directory); fix:" in capsys.readouterr().err
     # A batch whose input happens to be empty scores nothing and says so; it is not a failure.

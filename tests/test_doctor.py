@@ -214,8 +214,14 @@ def test_a_home_that_is_a_file_or_under_one_fails_doctor_and_the_run_in_one_line
         check = doctor.check_disk(home)
         assert check.status == doctor.FAIL and f"{a_file} is a file, not a folder" in check.value, check
         monkeypatch.setenv("ENCODERFLOW_HOME", str(home))
-        with pytest.raises(cli.EncoderflowError, match=re.escape(f"ENCODERFLOW_HOME={home}: cannot")) as err:
+        with pytest.raises(cli.EncoderflowError, match=re.escape(f"ENCODERFLOW_HOME={home}: ")) as err:
             layout.writable_home()
         assert "set ENCODERFLOW_HOME to a folder you can write" in str(err.value)
-    assert cli.main(["run", "--preset", "smoke", "--data-dir", str(offline_folder(tmp_path / "offline"))]) == 2
+    folder = str(offline_folder(tmp_path / "offline"))
+    assert cli.main(["run", "--preset", "smoke", "--data-dir", folder]) == 2
     assert "encoderflow run: EncoderflowError: ENCODERFLOW_HOME=" in capsys.readouterr().err
+    assert cli.main(["validate", "--preset", "smoke", "--data-dir", folder]) == 2  # it writes its Data Docs there
+    assert "encoderflow validate: EncoderflowError: ENCODERFLOW_HOME=" in capsys.readouterr().err
+    monkeypatch.setenv("ENCODERFLOW_HOME", str(a_file))
+    with pytest.raises(cli.EncoderflowError, match="it is a file, not a folder; fix: set ENCODERFLOW_HOME to a folder"):
+        layout.writable_home()

@@ -210,7 +210,7 @@ def test_the_move_history_only_grows_each_move_a_tag_that_fits_the_stores_column
     assert cli.main(["rollback", "--reason", long]) == 2
     # A Latin-1 terminal's byte (Python's lone surrogate) moved the champion, then failed to record it.
     assert cli.main(["promote", "--version", v2, "--reason", "caf\udce9", "--who", "longy"]) == 2
-    assert "--reason is not UTF-8 (character 3: b'\\xe9'); nothing moved" in capsys.readouterr().err
+    assert "--reason is not UTF-8 (character 4: b'\\xe9'); nothing moved" in capsys.readouterr().err
     assert cli.main(["promote", "--version", v2, "--reason", "ok", "--who", "caf\udce9"]) == 2
     assert _aliases()["champion"] == v1
     assert registry.move_tag(registry._event("promote", "script", "caf\udce9", "1", "2")).encode("utf-8")

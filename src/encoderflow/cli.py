@@ -265,7 +265,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     params = run_conf(args)
     cfg = from_params(params)  # a bad --set fails here, before any download
     custom = Sources.from_params(params).custom()
-    docs_root = layout.home() / "validation" / time.strftime("%Y%m%dT%H%M%S")
+    docs_root = layout.writable_home() / "validation" / time.strftime("%Y%m%dT%H%M%S")
     specs = sources.load_specs(params.get("sources_file"))
     ok = True
     t0 = time.monotonic()
@@ -308,7 +308,8 @@ def _read_texts(file: str) -> list[str]:
         ) from None
     except UnicodeDecodeError as exc:
         raise EncoderflowError(
-            f"predict --file {file}: {where}not UTF-8 (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r})",
+            f"predict --file {file}: {where}not UTF-8 "
+            f"(byte {exc.start + 1}: {exc.object[exc.start : exc.start + 1]!r})",  # counted from 1, as a person counts
             fix=f"convert it first, e.g. iconv -f latin1 -t utf-8 {'FILE' if file == '-' else file}",
         ) from None
     except OSError as exc:  # a folder, no permission
@@ -792,6 +793,8 @@ REGISTRY_COMMANDS = ("predict", "promote", "rollback")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in REGISTRY_COMMANDS:  # an MLflow error about its encoding would send a person to the server
+            check_utf8("--model", args.model, fix="give the registered model's name as UTF-8 text")
         with _interactive_mlflow(stack=True) if args.command in REGISTRY_COMMANDS else contextlib.nullcontext():
             return COMMANDS[args.command](args)
     except (ConfigError, EncoderflowError) as exc:

@@ -79,7 +79,8 @@ def check_utf8(what: str, text: str, *, fix: str, after: str = "") -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         bad = text[exc.start].encode("utf-8", "surrogateescape")
-        raise EncoderflowError(f"{what} is not UTF-8 (character {exc.start}: {bad!r}){after}", fix=fix) from None
+        # Counted from 1, as a person counts: "café"'s é is its character 4.
+        raise EncoderflowError(f"{what} is not UTF-8 (character {exc.start + 1}: {bad!r}){after}", fix=fix) from None
 
 
 @dataclass(frozen=True)

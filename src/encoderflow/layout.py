@@ -47,11 +47,13 @@ def writable_home() -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        what = "write to" if where.is_dir() else "create a folder at"
-        raise EncoderflowError(
-            f"ENCODERFLOW_HOME={where}: cannot {what} it ({exc.strerror or exc})",
-            fix="set ENCODERFLOW_HOME to a folder you can write, or make this one writable",
-        ) from None
+        if where.exists() and not where.is_dir():
+            said, fix = "it is a file, not a folder", "set ENCODERFLOW_HOME to a folder you can write"
+        else:
+            what = "write to" if where.is_dir() else "create a folder at"
+            said = f"cannot {what} it ({exc.strerror or exc})"
+            fix = "set ENCODERFLOW_HOME to a folder you can write, or make this one writable"
+        raise EncoderflowError(f"ENCODERFLOW_HOME={where}: {said}", fix=fix) from None
     return where
 
 
