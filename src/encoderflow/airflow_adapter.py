@@ -98,41 +98,11 @@ def champion_inlets() -> list[Asset]:
     return [champion_asset(name) for name in dict.fromkeys(names) if name]
 
 
-CRON_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
-SCHEDULE_FIX = "give a cron expression ('0 3 * * *'), a preset (@daily), assets or assets|<cron>; docs/operations.md"
-
-
-def _checked_cron(value: str, variable: str, fix: str = SCHEDULE_FIX, whole: str | None = None) -> str:
-    """``value`` if Airflow can schedule on it; else the import error names the variable and the fix, not
-    croniter's "Exactly 5, 6 or 7 columns" (or, behind ``assets|``, nothing at all: it never fired).
-    ``whole``: the variable's value when ``value`` is the cron after its ``assets|``."""
-    from croniter import croniter
-
-    presets = CRON_PRESETS if whole is None else [p for p in CRON_PRESETS if p not in ("@once", "@continuous")]
-    if value in presets or (not value.startswith("@") and croniter.is_valid(value)):
-        return value
-    said = f"{variable}={value!r}" if whole is None else f"{variable}={whole!r}: {value!r}"
-    raise config.ConfigError(f"{said} is not a schedule Airflow can run", fix=fix)
-
-
-def _training_schedule() -> tuple[str, str | None]:
-    """``ENCODERFLOW_SCHEDULE`` as (kind, cron): ("off", None), ("cron", cron), ("assets", cron or None)."""
-    value = os.environ.get("ENCODERFLOW_SCHEDULE", "").strip()
-    if value.lower() in ("", "none", "off", "manual"):
-        return "off", None
-    kind, bar, cron = value.partition("|")
-    if kind.strip().lower() != "assets":
-        return "cron", _checked_cron(value, "ENCODERFLOW_SCHEDULE")
-    if bar and not cron.strip():
-        raise config.ConfigError(f"ENCODERFLOW_SCHEDULE={value!r}: no cron after '|'", fix=SCHEDULE_FIX)
-    return "assets", _checked_cron(cron.strip(), "ENCODERFLOW_SCHEDULE", whole=value) if cron.strip() else None
-
-
 def schedule_from_env() -> Any:
     """``ENCODERFLOW_SCHEDULE``: a cron expression or preset (``@daily``); ``assets``: on every change
     the source checker records to your corpus or labeled data; ``assets|<cron>``: either;
     empty/``off`` = manual only. Anything else fails the DAG's import, naming the variable."""
-    kind, cron = _training_schedule()
+    kind, cron = config.training_schedule()
     if kind != "assets":
         return cron
     assets = SOURCE_ASSETS["corpus"] | SOURCE_ASSETS["labeled"]
@@ -151,12 +121,12 @@ def source_check_schedule() -> str | None:
     if value.lower() in ("none", "off", "manual"):
         return None
     if value:
-        return _checked_cron(
+        return config.checked_cron(
             value,
             "ENCODERFLOW_SOURCE_CHECK_SCHEDULE",
             fix="give a cron expression ('*/30 * * * *') or a preset (@hourly)",
         )
-    return "@hourly" if _training_schedule()[0] == "assets" else None
+    return "@hourly" if config.training_schedule()[0] == "assets" else None
 
 
 def source_params() -> dict[str, Param]:

@@ -639,6 +639,37 @@ def deployment_preset() -> str:
     return value
 
 
+CRON_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
+SCHEDULE_FIX = "give a cron expression ('0 3 * * *'), a preset (@daily), assets or assets|<cron>; docs/operations.md"
+
+
+def checked_cron(value: str, variable: str, fix: str = SCHEDULE_FIX, whole: str | None = None) -> str:
+    """``value`` if Airflow can schedule on it; else the import error names the variable and the fix, not
+    croniter's "Exactly 5, 6 or 7 columns" (or, behind ``assets|``, nothing at all: it never fired).
+    ``whole``: the variable's value when ``value`` is the cron after its ``assets|``."""
+    from croniter import croniter
+
+    presets = CRON_PRESETS if whole is None else [p for p in CRON_PRESETS if p not in ("@once", "@continuous")]
+    if value in presets or (not value.startswith("@") and croniter.is_valid(value)):
+        return value
+    said = f"{variable}={value!r}" if whole is None else f"{variable}={whole!r}: {value!r}"
+    raise ConfigError(f"{said} is not a schedule Airflow can run", fix=fix)
+
+
+def training_schedule() -> tuple[str, str | None]:
+    """``ENCODERFLOW_SCHEDULE`` as (kind, cron): ("off", None), ("cron", cron), ("assets", cron or None).
+    Read by the DAG files (airflow_adapter.schedule_from_env) and the source watcher's task."""
+    value = os.environ.get("ENCODERFLOW_SCHEDULE", "").strip()
+    if value.lower() in ("", "none", "off", "manual"):
+        return "off", None
+    kind, bar, cron = value.partition("|")
+    if kind.strip().lower() != "assets":
+        return "cron", checked_cron(value, "ENCODERFLOW_SCHEDULE")
+    if bar and not cron.strip():
+        raise ConfigError(f"ENCODERFLOW_SCHEDULE={value!r}: no cron after '|'", fix=SCHEDULE_FIX)
+    return "assets", checked_cron(cron.strip(), "ENCODERFLOW_SCHEDULE", whole=value) if cron.strip() else None
+
+
 @dataclass(frozen=True)
 class Config:
     """The resolved configuration of one run. Build with :func:`from_overrides`."""

@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -183,10 +182,8 @@ def check_disk(home: Path | None = None) -> Check:
         )
     free = shutil.disk_usage(where).free
     value = f"{_gib(free)} free under {label}"
-    try:  # a write, not os.access: a read-only mount, an immutable folder or /proc pass that
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=where)
-        os.close(fd)
-        os.unlink(probe)
+    try:
+        layout.write_probe(where)
     except OSError as exc:
         return Check(
             FAIL,

@@ -257,13 +257,16 @@ def record_failure(run_id: str, cause: Cause, /, **where: Any) -> bool:
             os.unlink(tmp)
 
 
+def _of_task(record: dict[str, Any] | None, task_id: Any, map_index: Any) -> bool:
+    """Whether a failure record is this task's (its map index too)."""
+    return bool(record) and record.get("task_id") == task_id and record.get("map_index", -1) == map_index
+
+
 def _a_later_try_of(record: dict[str, Any] | None, where: dict[str, Any]) -> bool:
     """Whether ``where`` is a later try of the recorded failure's task: cleared and failed again (for another
     cause, maybe: the fixed file now refused as changed since its download), it replaces the record, which
     told the user to fix what they had fixed."""
-    if not record or record.get("task_id") != where.get("task_id"):
-        return False
-    if record.get("map_index", -1) != where.get("map_index", -1):
+    if not _of_task(record, where.get("task_id"), where.get("map_index", -1)):
         return False
     before, now = record.get("try_number"), where.get("try_number")
     return isinstance(before, int) and isinstance(now, int) and now > before
@@ -276,8 +279,7 @@ def forget_failure(run_id: str, task_id: str, map_index: int = -1) -> bool:
     Returns:
         True if a record was removed.
     """
-    record = read_failure(run_id)
-    if not record or record.get("task_id") != task_id or record.get("map_index", -1) != map_index:
+    if not _of_task(read_failure(run_id), task_id, map_index):
         return False
     failure_path(run_id).unlink(missing_ok=True)
     return True

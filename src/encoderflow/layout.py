@@ -43,9 +43,7 @@ def writable_home() -> Path:
     where = home()
     try:
         where.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=where)
-        os.close(fd)
-        os.unlink(probe)
+        write_probe(where)
     except OSError as exc:
         if where.exists() and not where.is_dir():
             said, fix = "it is a file, not a folder", "set ENCODERFLOW_HOME to a folder you can write"
@@ -55,6 +53,18 @@ def writable_home() -> Path:
             fix = "set ENCODERFLOW_HOME to a folder you can write, or make this one writable"
         raise EncoderflowError(f"ENCODERFLOW_HOME={where}: {said}", fix=fix) from None
     return where
+
+
+def write_probe(folder: Path) -> None:
+    """Create and remove a file in ``folder``: a real write, where ``os.access`` passes a read-only mount,
+    an immutable folder or ``/proc``.
+
+    Raises:
+        OSError: the folder cannot be written.
+    """
+    fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
 
 
 def data_dir(dataset: str, content_hash: str) -> Path:

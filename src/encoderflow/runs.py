@@ -429,18 +429,20 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
     # Airflow's runs first, newest first as given; then folders no Airflow run claims, newest first.
     out = list(runs.values())
     for entry in out:  # a run that stopped before it reported: its trigger's, its resolved config's, its failure's
-        resolved = (
-            _object(read_json_or_none(home / "runs" / entry["folder"] / layout.RESOLVED_FILE))
-            if entry.get("folder")
-            else None
-        )
-        said = (
-            (entry.get("conf") or {}).get("preset")
-            or (resolved or {}).get("preset")
+        entry["preset"] = (
+            entry.get("preset")
+            or (entry.get("conf") or {}).get("preset")
+            or _resolved_preset(home, entry.get("folder"))
             or (entry.get("failure") or {}).get("preset")
         )
-        entry["preset"] = entry.get("preset") or said
     return out
+
+
+def _resolved_preset(home: Path, folder: str | None) -> str | None:
+    """The preset ``check_params`` resolved for the run in ``folder`` (None: no folder, or none resolved)."""
+    if not folder:
+        return None
+    return (_object(read_json_or_none(home / "runs" / folder / layout.RESOLVED_FILE)) or {}).get("preset")
 
 
 def _object(value: Any) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from encoderflow import layout
-from encoderflow.config import RunOptions, Sources, check_conf_keys, from_params, resolve
+from encoderflow.config import RunOptions, Sources, check_conf_keys, from_params, resolve, training_schedule
 from encoderflow.gate import METRICS, metric_tag
 from encoderflow.results import (
     Baseline,
@@ -838,7 +838,7 @@ def check_source(role: str, params: Mapping[str, Any], run_id: str | None = None
     custom = Sources.from_params(params).custom()
     location = custom.get(role)
     if location is None:
-        if not custom and os.environ.get("ENCODERFLOW_SCHEDULE", "").strip().lower().startswith("assets"):
+        if not custom and training_schedule()[0] == "assets":
             # Nothing to watch at all: a training DAG scheduled on these events never runs.
             log.warning(
                 "check_source: ENCODERFLOW_SCHEDULE=assets, but no corpus or labeled data of your own is declared: "
