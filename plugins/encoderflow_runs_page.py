@@ -24,7 +24,7 @@ from urllib.parse import quote
 from encoderflow import DAG_ID
 from encoderflow.gate import METRICS as GATE_METRICS
 from encoderflow.gate import metric_tag
-from encoderflow.runs import DEFAULT_MODEL, STAGES, accuracy_text, finite, intervals_text
+from encoderflow.runs import DEFAULT_MODEL, FORCE_HINT, STAGES, accuracy_text, finite, intervals_text, skipped_text
 
 METRICS = (
     ("val_accuracy", "dev accuracy"),
@@ -543,8 +543,8 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
         cells.append(failed)
     elif gate is None and run.get("unchanged"):
         cells.append(
-            f"<span class='muted'>SKIPPED</span><ul><li>{_e(run['unchanged'].get('message'))}: data, config and "
-            "code hashes equal the champion's; training skipped (set force to train anyway)</li></ul>"
+            f"<span class='muted'>SKIPPED</span><ul><li>training skipped: {_e(skipped_text(run['unchanged']))}; "
+            f"{FORCE_HINT}</li></ul>"
         )
     elif gate is None:
         cells.append("<span class='muted'>not gated</span>")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import socket
 import time
@@ -203,6 +204,21 @@ def test_a_file_that_cannot_be_read_fails_doctor_and_the_run_before_any_download
     needs = {"bert_vocab": ("bert_vocab_uncased.txt",)}
     with pytest.raises(DataError, match=r"cannot read bert_vocab_uncased.txt \(Input/output error\)"):
         sources.check_offline(folder, needs)
+
+
+def test_a_fifo_or_folder_where_a_file_belongs_is_named_for_what_it_is_and_nothing_says_complete(tmp_path, capsys):
+    """A FIFO was called missing (put it there, it said, and it was there), and an unreadable file's
+    preset was called complete above the FAIL, with the whole expected layout printed below it."""
+    from encoderflow.data.sources import DataError
+
+    folder = offline_folder(tmp_path / "offline", without=("bert_vocab_uncased.txt",))
+    os.mkfifo(folder / "bert_vocab_uncased.txt")  # opening it to read would block until a writer came
+    assert cli.main(["doctor", "--data-dir", str(folder), "--preset", "smoke"]) == 1
+    out = capsys.readouterr().out
+    assert f"cannot read bert_vocab_uncased.txt (not a regular file) under {folder}" in out
+    assert "complete" not in out and "missing" not in out and "expected layout" not in out, out
+    with pytest.raises(DataError, match=r"cannot read bert_vocab_uncased.txt \(not a regular file\)"):
+        sources.check_offline(folder, {"bert_vocab": ("bert_vocab_uncased.txt",)})
 
 
 def test_a_home_that_is_a_file_or_under_one_fails_doctor_and_the_run_in_one_line(tmp_path, monkeypatch, capsys):

@@ -16,11 +16,12 @@ PARAMS = {"preset": "smoke"}
 INPUTS = {name: {"content_hash": f"{name}-hash", "source": "offline"} for name in ("corpus", "labeled", "vocab")}
 
 
-def _champion(tmp_path, tags: dict[str, str], config: dict | None = None) -> str:
+def _champion(tmp_path, tags: dict[str, str], config: dict | None = None, tag: str = "1") -> str:
     decision = {"blessed": True, "reasons": [], "candidate": 0.9, "baseline": 0.8, "champion": None, "checks": []}
     name = from_params(PARAMS).gate.registered_model
-    out = registry.log_candidate(name, fake_bundle(tmp_path / "b", "1"), config or {}, {}, {}, tags, decision)
-    registry.move_champion(name, out["version"], expected=None, reason="test", who="test")
+    out = registry.log_candidate(name, fake_bundle(tmp_path / "b", tag), config or {}, {}, {}, tags, decision)
+    now = registry.champion(name)
+    registry.move_champion(name, out["version"], expected=now and now["version"], reason="test", who="test")
     return out["version"]
 
 
@@ -57,6 +58,66 @@ def test_any_changed_value_trains_and_names_it(tmp_path, caplog):
         "code.hash",
     }
     assert tags["code.hash"] == layout.code_hash() and len(tags["code.hash"]) == 64
+
+
+def _rejected(tmp_path, inputs, champion: str, params=PARAMS, tag: str = "2", run: str = "run-r") -> dict:
+    cfg = from_params(params)
+    decision = {
+        "blessed": False,
+        "reasons": ["regression: candidate 0.8500 is 0.0500 below the champion's 0.9000"],
+        "candidate": 0.85,
+        "baseline": 0.8,
+        "champion": 0.9,
+        "checks": [],
+        "champion_version": champion,
+        "settings_hash": cfg.promotion_hash(),
+    }
+    root = tmp_path / f"bundle-{tag}"
+    if not root.exists():
+        fake_bundle(root, tag)
+    tags = {**steps.lineage_tags(cfg, inputs), "airflow.run_id": run}
+    return registry.log_candidate(cfg.gate.registered_model, root, {}, {}, {}, tags, decision)
+
+
+def test_a_candidate_rejected_against_this_champion_under_these_settings_is_not_gated_again(tmp_path, caplog):
+    """A daily run on data that last produced a rejected candidate reused its pretraining and fine-tuning,
+    retrained the baseline, re-scored the champion and listed one more identical NOT BLESSED row."""
+    champion = _champion(tmp_path, steps.lineage_tags(from_params(PARAMS), INPUTS))
+    landed = {**INPUTS, "labeled": {**INPUTS["labeled"], "content_hash": "more-reviews"}}
+    rejected = _rejected(tmp_path, landed, champion)
+    caplog.clear()
+    assert steps.check_lineage(landed, PARAMS, "run-s") is False
+    said = f"nothing changed since v{rejected['version']}, which the gate rejected against champion v{champion}"
+    assert said in caplog.text and "regression: candidate 0.8500" in caplog.text
+    summary = layout.read_json(layout.run_dir("run-s") / "summary.json")
+    assert summary["unchanged"]["rejected_version"] == rejected["version"]
+    assert not (layout.run_dir("run-s") / "champion").exists()  # nothing fetched: nothing will be scored
+    # What would make the gate judge otherwise, or the user asking: each trains (and gates) again.
+    assert steps.check_lineage(landed, {**PARAMS, "force": True}, "run-t") is True
+    assert steps.check_lineage(landed, {**PARAMS, "overrides": ["gate.max_regression=0.1"]}, "run-u") is True
+    assert steps.check_lineage(landed, {**PARAMS, "overrides": ["baseline.epochs=3"]}, "run-v") is True
+    other = {**landed, "corpus": {**INPUTS["corpus"], "content_hash": "more-text"}}
+    assert steps.check_lineage(other, PARAMS, "run-w") is True
+    newer = _champion(tmp_path / "newer", steps.lineage_tags(from_params(PARAMS), other), tag="3")
+    assert newer != champion and steps.check_lineage(landed, PARAMS, "run-x") is True
+
+
+def test_a_rejection_under_new_settings_becomes_the_rejected_versions_tags_but_never_a_champions(tmp_path):
+    name = from_params(PARAMS).gate.registered_model
+    champion = _champion(tmp_path, steps.lineage_tags(from_params(PARAMS), INPUTS))
+    landed = {**INPUTS, "labeled": {**INPUTS["labeled"], "content_hash": "more-reviews"}}
+    first = _rejected(tmp_path, landed, champion)
+    looser = {**PARAMS, "overrides": ["gate.max_regression=0.06"]}
+    assert steps.check_lineage(landed, looser, "run-s") is True
+    again = _rejected(tmp_path, landed, champion, params=looser, run="run-s")  # the same weights: no new version
+    assert again["version"] == first["version"]
+    tags = registry.client().get_model_version(name, first["version"]).tags
+    assert tags["gate.settings_hash"] == from_params(looser).promotion_hash() and tags["gate.decided_in"] == "run-s"
+    assert steps.check_lineage(landed, looser, "run-t") is False  # the next slot under those settings: skipped
+    registry.move_champion(name, first["version"], expected=champion, reason="by hand", who="test")
+    _rejected(tmp_path, landed, first["version"], params=PARAMS, run="run-u")
+    tags = registry.client().get_model_version(name, first["version"]).tags
+    assert tags["gate.decided_in"] == "run-s"  # the champion's tags are not replaced by a rejection
 
 
 def test_a_changed_setting_is_named_and_an_init_from_encoder_counts_by_its_bytes(tmp_path, caplog):

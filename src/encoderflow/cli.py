@@ -129,6 +129,7 @@ def print_summary(
 ) -> None:
     """The run's task states, metrics, gate and artifacts; a failed run's ends with the first failure's
     cause, its fix and its task's log."""
+    from encoderflow.runs import skipped_text
     from encoderflow.steps import registered_text
 
     print("\n" + "=" * 72)
@@ -141,10 +142,7 @@ def print_summary(
     s = layout.read_json(summary_file) if summary_file.exists() else None
     if s is not None and "unchanged" in s:
         print("-" * 72)
-        print(
-            f"  {s['unchanged']['message']}: training skipped "
-            "(data, code and config hashes equal the champion's; gate.*, baseline.* and housekeeping settings aside)"
-        )
+        print(f"  training skipped: {skipped_text(s['unchanged'])}")
         print("  to train anyway: --force (make run: FORCE=1; trigger form: 'Train even if nothing changed')")
         print(f"  summary                          {summary_file}")
     elif s is not None:

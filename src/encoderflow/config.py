@@ -737,6 +737,12 @@ class Config:
             payload["pretrain"]["init_from"] = f"sha256:{init_from_sha256}"
         return sha256_json(payload)
 
+    def promotion_hash(self) -> str:
+        """What a gate decision is a function of besides the models and the dev data: the
+        :data:`PROMOTION_SECTIONS`. Recorded with each decision, so a candidate rejected under these
+        settings and this champion is not gated again (:func:`encoderflow.steps.check_lineage`)."""
+        return self.section_hash(*PROMOTION_SECTIONS)
+
 
 # Sections that decide a model's promotion, not the model: out of Config.training_hash.
 PROMOTION_SECTIONS = ("gate", "baseline")

@@ -243,13 +243,17 @@ def check_offline(
     for label, (pretrain_split, validation_split) in configs.items():
         files = [m for ds in specs for m in sources.required_members(ds, pretrain_split, validation_split, specs)]
         needed[label] = files
-        missing[label] = [m for m in files if not (root / m).is_file()]
-    any_complete = any(not m for m in missing.values())
+        missing[label] = [m for m in files if not (root / m).exists()]
+    bad = sources.unreadable(root, dict.fromkeys(m for files in needed.values() for m in files))
+    usable = {label: not missing[label] and not bad.keys() & set(needed[label]) for label in configs}
+    any_complete = any(usable.values())
     checks = []
     for label, files in missing.items():
         what = f"data ({label})"
-        if not files:
+        if usable[label]:
             checks.append(Check(OK, what, f"complete: {len(needed[label])} files under {root}"))
+            continue
+        if not files:  # all there, one unreadable: the line below names it
             continue
         status = WARN if any_complete and not required else FAIL
         fix = f"put {', '.join(files)} under {root} (layout below)"
@@ -257,10 +261,14 @@ def check_offline(
         if train in files and len(files) == 1:
             fix += ", or run with --set data.pretrain_split=test (pretrain on wiki.test.raw; figures must say so)"
         checks.append(Check(status, what, f"missing {', '.join(str(root / f) for f in files)}", fix))
-    listed = list(dict.fromkeys(m for files in needed.values() for m in files))
-    if bad := sources.unreadable(root, listed):
+    if bad:
         checks.append(
-            Check(FAIL, "data (offline)", f"cannot read {', '.join(bad)} under {root}", sources.UNREADABLE_FIX)
+            Check(
+                FAIL,
+                "data (offline)",
+                f"cannot read {sources.unreadable_text(bad)} under {root}",
+                sources.UNREADABLE_FIX,
+            )
         )
     return checks
 
@@ -384,7 +392,7 @@ def run_checks(
     notes: list[str] = []
     if data_dir:
         data_checks = check_offline(data_dir, configs, specs, required=preset is not None)
-        if any(c.status != OK for c in data_checks):
+        if any(c.status != OK and c.fix != sources.UNREADABLE_FIX for c in data_checks):  # a file to put there
             root = Path(data_dir).expanduser().resolve()
             notes = [f"expected layout under {root} (as the archives extract; WikiText train only to pretrain on it):"]
             notes += [f"  {m}" for m in expected_layout(specs)]

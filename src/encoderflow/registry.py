@@ -285,11 +285,12 @@ def log_candidate(
             tags.get("airflow.run_id"),
         )
         if "registered_by" not in done:  # this run's version: its tags follow the decision (a cleared gate's)
-            blessed_later = "gate.decided_in" in c.get_model_version(name, done["version"]).tags
+            now = c.get_model_version(name, done["version"]).tags
+            blessed_later = now.get("gate.blessed") == "true" and "gate.decided_in" in now
             if decision.get("blessed") or not blessed_later:  # a later run's blessing is what it serves under
                 _set_decision(c, name, done["version"], decision)
-        elif decision.get("blessed"):
-            _set_decision(c, name, done["version"], decision, decided_in=tags.get("airflow.run_id") or "manual")
+        else:
+            _judged_again(c, name, done["version"], decision, tags.get("airflow.run_id") or "manual")
         return done
     for earlier in _versions_of_run(c, name, tags):
         if earlier.tags.get(CONTENT_TAG) == tags[CONTENT_TAG]:
@@ -337,8 +338,7 @@ def log_candidate(
         if holder is None:
             return _register(c, name, source, run_id, {**tags, **decision_tags(decision)})
         c.set_tag(run_id, REGISTERED_AS, str(holder.version))  # how a retry finds it (_registered_for)
-        if decision.get("blessed"):
-            _set_decision(c, name, str(holder.version), decision, decided_in=tags.get("airflow.run_id") or "manual")
+        _judged_again(c, name, str(holder.version), decision, tags.get("airflow.run_id") or "manual")
     log.info(
         "registry: this candidate is %s v%s's model (same weights, tokenizer and labels, bundle sha256 %s), registered "
         "by %s: no second version; MLflow run %s records this run's metrics and decision",
@@ -354,9 +354,9 @@ def log_candidate(
 def _set_decision(c, name: str, version: str, decision: dict[str, Any], decided_in: str | None = None) -> None:
     """``version``'s ``gate.*`` tags become ``decision``'s, none of an earlier decision left.
 
-    ``decided_in``: the run whose gate blessed the version's model without registering it (rejected
-    when it was registered, say, and blessed once the champion it lost to was rolled back), so the
-    MLflow UI does not show the model it serves as rejected; ``gate.decided_in`` names that run.
+    ``decided_in``: the run whose gate judged the version's model without registering it (rejected
+    when it was registered, say, and blessed once the champion it lost to was rolled back, so the
+    MLflow UI does not show the model it serves as rejected); ``gate.decided_in`` names that run.
     """
     new = {**decision_tags(decision), **({"gate.decided_in": decided_in} if decided_in else {})}
     for key in c.get_model_version(name, version).tags:
@@ -364,6 +364,15 @@ def _set_decision(c, name: str, version: str, decision: dict[str, Any], decided_
             c.delete_model_version_tag(name, version, key)
     for key, value in new.items():
         c.set_model_version_tag(name, version, key, value)
+
+
+def _judged_again(c, name: str, version: str, decision: dict[str, Any], run_id: str) -> None:
+    """``version``'s model, registered by an earlier run, gated again by ``run_id``: a blessing becomes
+    its tags; so does a rejection of a version only ever rejected, whose tags then say the newest
+    judgment (the one :func:`rejected_under` matches, so the next run does not gate it again)."""
+    mv = c.get_model_version(name, version)
+    if decision.get("blessed") or (mv.tags.get("gate.blessed") == "false" and CHAMPION not in (mv.aliases or [])):
+        _set_decision(c, name, version, decision, decided_in=run_id)
 
 
 def _register(c, name: str, source: str, run_id: str, tags: dict[str, str]) -> dict[str, Any]:
@@ -500,12 +509,34 @@ def _described(mv, run_id: str, earlier: bool = False) -> dict[str, Any]:
     return {**out, "registered_by": mv.tags.get("airflow.run_id") or "an earlier run"} if earlier else out
 
 
+# The gate and baseline settings a decision was made under (Config.promotion_hash).
+SETTINGS_TAG = "gate.settings_hash"
+
+
+def rejected_under(name: str, lineage: dict[str, str], champion_version: str, settings_hash: str) -> dict | None:
+    """The newest version of ``name`` trained from ``lineage`` (data, code and config hashes) that the
+    gate rejected against ``champion_version`` under ``settings_hash``, as ``{"version", "reasons"}``;
+    None when there is none (or only versions decided before decisions recorded their settings)."""
+    c = client()
+    for mv in sorted(c.search_model_versions(f"name='{name}'"), key=lambda mv: -int(mv.version)):
+        tags = mv.tags
+        if (
+            all(tags.get(k) == v for k, v in lineage.items())
+            and tags.get("gate.blessed") == "false"
+            and tags.get("gate.champion_version") == str(champion_version)
+            and tags.get(SETTINGS_TAG) == settings_hash
+        ):
+            return {"version": str(mv.version), "reasons": tags.get("gate.reasons", "")}
+    return None
+
+
 def decision_tags(decision: dict[str, Any]) -> dict[str, str]:
     tags = {
         "gate.blessed": str(bool(decision["blessed"])).lower(),
         "gate.reasons": "; ".join(decision.get("reasons") or []) or "all checks passed",
         **{metric_tag(metric): str(decision.get(name)) for name, metric in METRICS.items()},
         "gate.champion_version": str(decision.get("champion_version")),
+        **({SETTINGS_TAG: decision["settings_hash"]} if decision.get("settings_hash") else {}),
     }
     for check in decision.get("checks", []):
         tags[f"gate.check.{check['name']}"] = ("pass: " if check["passed"] else "FAIL: ") + check["detail"]

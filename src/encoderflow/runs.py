@@ -27,7 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -643,6 +643,20 @@ def state_of(entry: dict[str, Any]) -> str:
     return "finished*" if entry.get("summary") else "unknown*"
 
 
+# Why check_lineage skipped a run's training, for a summary written before it said: the champion's lineage.
+CHAMPION_BASIS = (
+    "data, code and config hashes equal the champion's; gate.*, baseline.* and the housekeeping settings aside: "
+    "they decide promotion or when the host looks, not the model"
+)
+FORCE_HINT = "set force to train anyway"
+
+
+def skipped_text(unchanged: Mapping[str, Any]) -> str:
+    """A skipped run's one sentence, from its summary's ``unchanged`` (the terminal, ``runs``, the runs page)."""
+    message = unchanged.get("message") or "nothing changed since the champion"
+    return f"{message} ({unchanged.get('basis') or CHAMPION_BASIS})"
+
+
 def verdict_of(entry: dict[str, Any]) -> str:
     gate = entry.get("gate")
     if gate is not None:
@@ -783,8 +797,7 @@ def _in_folder(summary: dict[str, Any], name: str, folder: Path) -> str | None:
 def _gate_lines(entry: dict[str, Any]) -> list[str]:
     gate = entry.get("gate")
     if gate is None and entry.get("unchanged"):
-        said = entry["unchanged"].get("message") or "nothing changed since the champion"
-        return [f"gate       SKIPPED: {said} (data, config and code hashes equal; set force to train anyway)"]
+        return [f"gate       SKIPPED: {skipped_text(entry['unchanged'])}; {FORCE_HINT}"]
     if gate is None:
         return [f"gate       {verdict_of(entry)}"]
     out = [f"gate       {'BLESSED' if gate.get('blessed') else 'NOT BLESSED'}"]

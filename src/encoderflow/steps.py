@@ -30,6 +30,7 @@ from encoderflow.results import (
     split_info,
     split_path,
 )
+from encoderflow.runs import CHAMPION_BASIS, FORCE_HINT, skipped_text
 
 log = logging.getLogger("encoderflow")
 
@@ -450,9 +451,10 @@ def evaluate_and_gate(
     )
     for line in decision.table().splitlines():
         log.info("%s", line)
-    path = layout.write_json(gate_json, {**decision.to_dict(), "candidate_bundle_sha256": candidate})
+    decided = {**decision.to_dict(), "settings_hash": cfg.promotion_hash()}
+    path = layout.write_json(gate_json, {**decided, "candidate_bundle_sha256": candidate})
     _output("evaluate_and_gate", "gate_json", str(path))
-    return {**decision.to_dict(), "gate_json": str(path)}
+    return {**decided, "gate_json": str(path)}
 
 
 def _decided(gate_json: Path, candidate: str, name: str, run_id: str) -> dict[str, Any] | None:
@@ -703,8 +705,9 @@ def _changed_settings(cfg, champ: Mapping[str, Any]) -> str:
 
 def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_id: str) -> bool:
     """True when this run must train: force, no champion yet, or a lineage value that differs from the
-    champion's. False (nothing changed) writes the run's ``summary.json`` saying so; the DAG's
-    short-circuit then skips every task after this one."""
+    champion's and from every version the gate rejected against this champion under these gate and
+    baseline settings (the same candidate would be rejected again). False writes the run's
+    ``summary.json`` saying why; the DAG's short-circuit then skips every task after this one."""
     from encoderflow import registry
 
     setup_logging()
@@ -717,7 +720,13 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
         log.info("check_lineage: no champion of %s yet: training", cfg.gate.registered_model)
         return True
     changed = [k for k, v in mine.items() if champ["tags"].get(k) != v]
-    if changed or RunOptions.from_params(params).force:
+    force = RunOptions.from_params(params).force
+    rejected = (
+        None
+        if force or not changed
+        else registry.rejected_under(cfg.gate.registered_model, mine, champ["version"], cfg.promotion_hash())
+    )
+    if rejected is None and (changed or force):
         # The gate re-scores the champion after training (hours on a GPU): a damaged one fails now.
         registry.fetch_verified(cfg.gate.registered_model, champ["version"], _champion_dir(run_id, champ))
         if changed:
@@ -726,7 +735,18 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
         else:
             log.info("check_lineage: force=true: training whatever the champion's lineage")
         return True
-    message = f"nothing changed since champion v{champ['version']}"
+    if rejected is None:
+        unchanged = {"message": f"nothing changed since champion v{champ['version']}", "basis": CHAMPION_BASIS}
+    else:
+        # Training would reuse v<rejected>'s model and the gate would judge it as before: same
+        # candidate, champion, dev data, seed and gate settings. Only the runs list would grow.
+        unchanged = {
+            "message": f"nothing changed since v{rejected['version']}, which the gate rejected against champion "
+            f"v{champ['version']}",
+            "basis": f"data, code and config hashes equal v{rejected['version']}'s, as do the champion and the "
+            f"gate.* and baseline.* settings it was judged under; it failed {rejected['reasons']}",
+            "rejected_version": rejected["version"],
+        }
     try:
         accuracy = float(champ["tags"].get(metric_tag(METRICS["candidate"])))
     except (TypeError, ValueError):
@@ -735,18 +755,13 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
         "run_id": run_id,
         "preset": cfg.preset,
         "config_hash": cfg.config_hash(),
-        "unchanged": {"champion_version": champ["version"], "message": message, "lineage": mine},
+        "unchanged": {"champion_version": champ["version"], **unchanged, "lineage": mine},
         "metrics": {"champion_val_accuracy": accuracy},
         "registry": {"registered_model": cfg.gate.registered_model, "champion_version": champ["version"]},
     }
     path = layout.write_json(layout.run_dir(run_id) / "summary.json", summary)
     log.info(
-        "check_lineage: %s (data, code and config hashes equal; gate.*, baseline.* and the housekeeping settings "
-        "aside: they decide promotion or when the host looks, not the model); training skipped, set "
-        "force to train anyway; "
-        "summary %s",
-        message,
-        path,
+        "check_lineage: %s; training skipped, %s; summary %s", skipped_text(summary["unchanged"]), FORCE_HINT, path
     )
     return False
 

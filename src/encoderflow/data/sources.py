@@ -419,19 +419,27 @@ def _describe_files(root: Path, members: Iterable[str], where: str, fix: str) ->
 UNREADABLE_FIX = "make it readable by the user the tasks run as (permissions, a broken link), or replace it"
 
 
-def unreadable(root: Path, members: Iterable[str]) -> list[str]:
-    """``member (reason)`` for each file present under ``root`` that cannot be read (its first byte)."""
-    out = []
+def unreadable(root: Path, members: Iterable[str]) -> dict[str, str]:
+    """member -> why, for each file present under ``root`` that cannot be read (its first byte), or is
+    no regular file (a FIFO would block the reader, a folder fails it)."""
+    out = {}
     for member in members:
         path = root / member
+        if not path.exists():
+            continue
         if not path.is_file():
+            out[member] = "not a regular file"
             continue
         try:
             with open(path, "rb") as f:
                 f.read(1)
         except OSError as exc:
-            out.append(f"{member} ({exc.strerror or exc})")
+            out[member] = exc.strerror or str(exc)
     return out
+
+
+def unreadable_text(bad: dict[str, str]) -> str:
+    return ", ".join(f"{member} ({why})" for member, why in bad.items())
 
 
 def _layout_hint(members: Iterable[str]) -> str:
@@ -577,7 +585,7 @@ def check_offline(
     """
     members = tuple(dict.fromkeys(m for ms in needs.values() for m in ms))
     root = offline_root(data_dir, members)
-    missing = [m for m in members if not (root / m).is_file()]
+    missing = [m for m in members if not (root / m).exists()]  # a FIFO or folder there: unreadable, below
     problems = _split_problems(root, splits) if splits else []
     if problems and set(missing) == {p[0] for p in problems}:  # only splits: each key's way out
         raise DataError("; ".join(p[1] for p in problems), fix="; ".join(p[2] for p in problems))
@@ -585,7 +593,7 @@ def check_offline(
         fix = "; ".join([_offline_fix(root), *(f"for {p[0]}: {p[2]}" for p in problems)])
         raise DataError(f"offline data folder {root}: missing {', '.join(missing)}", fix=fix)
     if bad := unreadable(root, members):
-        raise DataError(f"offline data folder {root}: cannot read {', '.join(bad)}", fix=UNREADABLE_FIX)
+        raise DataError(f"offline data folder {root}: cannot read {unreadable_text(bad)}", fix=UNREADABLE_FIX)
     return root
 
 
