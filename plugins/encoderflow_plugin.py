@@ -89,6 +89,8 @@ def _dag_runs(limit: int = 200) -> list[dict[str, Any]]:
                 {
                     "run_id": r.run_id,
                     "state": str(r.state.value if hasattr(r.state, "value") else r.state),
+                    # A clear resets start_date: the page orders by run_after, as `encoderflow runs` does.
+                    "run_after": r.run_after.isoformat() if r.run_after else None,
                     "start_date": r.start_date.isoformat() if r.start_date else None,
                     "end_date": r.end_date.isoformat() if r.end_date else None,
                     "conf": dict(r.conf or {}),

@@ -6,6 +6,7 @@ Most bundles here are small files with a real ``bundle.json``; only the round tr
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,19 @@ def test_round_trip_scores_the_accuracy_recorded(tmp_path, inputs):
     np.testing.assert_array_equal(predicted, (probs > 0.5).astype(np.int32))
     np.testing.assert_allclose(confidence, np.where(probs > 0.5, probs, 1 - probs), atol=1e-6)
     assert (confidence >= 0.5).all()
+    # A notebook's mistakes are refused, not scored: one string was 11 predictions (one per character),
+    # a batch size of -1 an empty result, None a TensorFlow conversion error.
+    for bad, error, said in (
+        ("a dull mess", TypeError, "got one str: pass [text]"),
+        (["fine", None], TypeError, "sentences[1] is NoneType None, not a string"),
+        ([3.5], TypeError, "sentences[0] is float 3.5"),
+    ):
+        with pytest.raises(error, match=re.escape(said)):
+            scorer.predict(bad)
+    for size, error in ((0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="batch_size must be"):
+            scorer.probabilities(["a"], batch_size=size)
+    assert scorer.probabilities(np.array(sentences[:3]), batch_size=np.int64(2)).shape == (3,)  # numpy's own
 
     # At the threshold itself the gate's count (Scorer) and fine-tuning's (Keras) must agree.
     import keras

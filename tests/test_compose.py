@@ -195,6 +195,10 @@ def test_shared_volume_at_the_same_path_in_every_airflow_service(compose, servic
     assert services["airflow-worker"]["depends_on"]["mlflow-init"]["condition"] == "service_completed_successfully"
     assert services["airflow-apiserver"]["environment"]["MLFLOW_TRACKING_USERNAME"] == "encoderflow-reader"
     assert "viewer:viewer" in common["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"]
+    # A task the scheduler re-queues at a restart waits for the api-server as long as in the native stack.
+    from encoderflow import runtime
+
+    assert common["AIRFLOW__WORKERS__EXECUTION_API_RETRIES"] == runtime.WORKER_API_RETRIES
 
 
 def test_no_password_has_a_literal_default(compose):

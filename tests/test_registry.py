@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from encoderflow import bundle, cli, registry
+from encoderflow.errors import EncoderflowError
 from tests.test_bundle import fake_bundle as _bundle
 
 NAME = "encoderflow-sst2"
@@ -108,6 +110,22 @@ def test_candidates_aliases_history_and_rollback(tmp_path, capsys):
     # The registry serves what was registered, verified against bundle.json.
     served = registry.download_version(NAME, "@champion", tmp_path / "serve")
     assert (served / "classifier.keras").read_text() == "clf-3"
+    # From a notebook: a version as `encoderflow runs` prints it, or as a number, is that version; a
+    # mistake is named with what there is, not MLflow's "Invalid Model Version stage" or an AttributeError.
+    for version in (2, "2", "v2"):
+        got = registry.download_version(NAME, version, tmp_path / f"v2-{version}")
+        assert (got / "classifier.keras").read_text() == "clf-2"
+    for version, said in (
+        ("champion", "version 'champion' of encoderflow-sst2 is neither a number nor an @alias"),
+        ("@nosuch", "encoderflow-sst2 has no alias @nosuch at "),
+        (9, "encoderflow-sst2 has no version 9 at "),
+    ):
+        with pytest.raises(EncoderflowError, match=re.escape(said)) as refused:
+            registry.download_version(NAME, version, tmp_path / "x")
+        assert "versions: 1, 2, 3; aliases: @champion, @previous" in str(refused.value) or "neither" in said
+    with pytest.raises(EncoderflowError, match=r"no registered model 'nosuch-model' at .*registered: \['encoderflow"):
+        registry.download_version("nosuch-model", "@champion", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_person_moving_the_champion_off_a_model_demotes_it_until_a_person_brings_it_back(tmp_path):

@@ -282,6 +282,39 @@ def test_odd_files_in_a_run_folder_do_not_take_the_record_down(recorded, monkeyp
         assert stores == {STORE}
 
 
+def test_runs_of_several_models_are_told_apart_and_can_be_listed_alone(recorded, capsys, monkeypatch):
+    """A home with your own data's model beside SST-2's listed three BLESSED v1 champions in one
+    accuracy column, each of another task, with no model named."""
+    from encoderflow import cli
+
+    home, _ = recorded
+    entries = _entries(home, None)
+    assert runs.table_lines(list(entries.values()))[0].split()[-1] == "version"  # one model: no column for it
+    summary = layout.run_dir(REJECTED_RUN) / "summary.json"
+    data = json.loads(summary.read_text())
+    data["registry"]["registered_model"] = "tickets"
+    summary.write_text(json.dumps(data))
+    # A run that failed before registering names its model in the config check_params resolved.
+    layout.write_json(
+        layout.run_dir(FAILED_RUN) / layout.RESOLVED_FILE, {"config": {"gate": {"registered_model": "tickets"}}}
+    )
+    entries = _entries(home, None)
+    lines = runs.table_lines(list(entries.values()))
+    assert lines[0].split()[-2:] == ["model", "version"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows[REJECTED_RUN][-2:] == ["tickets", "v2"] and rows[BLESSED_RUN][-2:] == [MODEL, "v1"]
+    assert rows[FAILED_RUN][-2:] == ["tickets", "–"]
+    monkeypatch.setattr(runs, "aliased_versions", lambda home: (None, "MLflow: not asked", ()))
+    capsys.readouterr()
+    assert cli.main(["runs", "--model", "tickets", "--limit", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    listed = [line.split()[0] for line in out if line.startswith(("manual__", "scheduled__"))]
+    assert sorted(listed) == sorted([REJECTED_RUN, FAILED_RUN])
+    assert cli.main(["runs", "--model", "nosuch"]) == 2
+    said = capsys.readouterr().err
+    assert f"no run in {home} trains model 'nosuch' (the runs here train {MODEL}, tickets)" in said
+
+
 def test_an_unchanged_run_says_why_nothing_trained(encoderflow_home):
     folder = layout.run_dir("manual__2026-12-01T00:00:00+00:00")
     message = "nothing changed since champion v4"

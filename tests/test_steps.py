@@ -474,7 +474,17 @@ def test_a_cleared_gate_keeps_the_decision_its_registered_candidate_was_register
     caplog.clear()
     with caplog.at_level("INFO", logger="encoderflow.steps"):
         assert steps._decided(gate_json, sha, name, run) is None
-    assert f"the champion moved since this decision (vNone, now v{other['version']}): gating again" in caplog.text
+    said = f"the champion moved since this run's blessing (from none to v{other['version']}) and its model never"
+    assert said in caplog.text
+    # Carried out (its model became champion, and a later run's since) or a rejection: the decision is this
+    # run's history. Clearing the old run's tasks re-gated it against today's champion, rewrote gate.json
+    # and its version's tags to NOT BLESSED, under a champion record saying the gate blessed it.
+    registry.move_champion(name, "1", expected=other["version"], reason="gate blessed run manual__gated", who="airflow")
+    registry.move_champion(name, other["version"], expected="1", reason="a later run", who="airflow")
+    assert steps._decided(gate_json, sha, name, run) is not None
+    rejected = {**decision, "blessed": False, "reasons": ["champion: below"], "champion_version": "9"}
+    layout.write_json(gate_json, {**rejected, "candidate_bundle_sha256": sha})
+    assert steps._decided(gate_json, sha, name, run)["blessed"] is False
 
 
 def test_validation_refuses_a_file_changed_since_its_download_recorded_it(tmp_path):

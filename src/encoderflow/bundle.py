@@ -290,6 +290,16 @@ def damage(path: str | os.PathLike) -> str | None:
     return None
 
 
+def _check_sentences(sentences: Any) -> None:
+    """What :class:`Scorer` scores is a sequence of strings: one string would be scored a character at
+    a time, and a None or number failed deep in TensorFlow."""
+    if isinstance(sentences, (str, bytes)):
+        raise TypeError(f"sentences must be a list of strings, got one {type(sentences).__name__}: pass [text]")
+    for i, sentence in enumerate(sentences):
+        if not isinstance(sentence, str):
+            raise TypeError(f"sentences[{i}] is {type(sentence).__name__} {sentence!r:.60}, not a string")
+
+
 class Scorer:
     """Score sentences with a saved bundle: its own tokenizer settings, Keras safe mode.
 
@@ -341,11 +351,24 @@ class Scorer:
         return labels_of(self.meta)
 
     def probabilities(self, sentences: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """Two classes: P(class 1) per sentence, shape ``[n]``; more: one row of class probabilities each."""
+        """Two classes: P(class 1) per sentence, shape ``[n]``; more: one row of class probabilities each.
+
+        An empty or blank sentence is scored as the model sees it (only its [CLS] and [SEP] tokens).
+
+        Raises:
+            TypeError: ``sentences`` is one string (it would be scored a character at a time) or holds
+                something other than a string; ``batch_size`` is not an int.
+            ValueError: ``batch_size`` is below 1.
+        """
         import numpy as np
 
         from encoderflow.data.tokenizer import tokenize
 
+        _check_sentences(sentences)
+        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool):
+            raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__} {batch_size!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         out = []
         for i in range(0, len(sentences), batch_size):
             ids = tokenize(self.tokenizer, list(sentences[i : i + batch_size]))
@@ -360,6 +383,7 @@ class Scorer:
         ``seq_length`` tokens are scored (the model was trained on no more)."""
         from encoderflow.data.tokenizer import make_tokenizer
 
+        _check_sentences(sentences)
         if not sentences:
             return 0
         tf = runtime.tensorflow()

@@ -479,6 +479,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
     airflow = asked()
     entries = runs.newest_first(runs.collect_runs(home, airflow.runs))
     runs.mark_aliases(entries, aliased, stores)
+    if args.model:
+        models = sorted({str(e["model"]) for e in entries if e.get("model")})
+        entries = [e for e in entries if e.get("model") == args.model]
+        if not entries:
+            raise EncoderflowError(
+                f"no run in {home} trains model {args.model!r} (the runs here train {', '.join(models) or 'none'})",
+                fix="give --model one of those names (gate.registered_model), or leave it out to list every run",
+            )
     if args.run:
         entry = runs.find(entries, args.run)
         print(json.dumps(runs.jsonable(entry), indent=2) if args.json else "\n".join(runs.detail_lines(entry, home)))
@@ -537,6 +545,7 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     # Airflow's default of 32 ran five shard builds and the baseline at once on a 2-core machine,
     # each 7x slower than alone: one task per core.
     os.environ.setdefault("AIRFLOW__CORE__PARALLELISM", str(max(2, os.cpu_count() or 2)))
+    os.environ.setdefault("AIRFLOW__WORKERS__EXECUTION_API_RETRIES", runtime.WORKER_API_RETRIES)
     init_airflow()
     from encoderflow import airflow_adapter as af  # after init_airflow: Airflow reads its configuration on import
 
@@ -759,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("run", nargs="?", help="one run: its run id, its folder name, or the start of either")
     rn.add_argument("--limit", type=_at_least(0), default=20, help="newest runs listed (default 20; 0 lists every run)")
     rn.add_argument("--json", action="store_true", help="print the record as JSON (as the runs page's runs.json)")
+    rn.add_argument("--model", help="only the runs of this registered model (gate.registered_model)")
     dr = sub.add_parser("doctor", help="what a run here would use; exit 0 only if a run can start")
     locations(dr)
     dr.add_argument(

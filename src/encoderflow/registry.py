@@ -13,6 +13,7 @@ import getpass
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -183,18 +184,57 @@ def champion(name: str) -> dict[str, Any] | None:
     return {"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": current_names(mv.tags)}
 
 
-def download_version(name: str, version: str, dst: str | os.PathLike) -> Path:
+def version_ref(c, name: str, version: str | int) -> str:
+    """``version`` as the registry names it: a number (``3``, ``"3"`` or ``"v3"``, as ``encoderflow
+    runs`` prints it) or ``"@alias"``, checked to exist.
+
+    Raises:
+        EncoderflowError: neither a number nor an ``@alias``, or no such version or alias of ``name``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(version, int) and not isinstance(version, bool):
+        version = str(version)
+    if not isinstance(version, str) or not re.fullmatch(r"v?\d+|@[\w.-]+", version):
+        raise EncoderflowError(
+            f"version {version!r} of {name} is neither a number nor an @alias",
+            fix="give a version number ('3') or an alias ('@champion', '@previous')",
+        )
+    version = version.removeprefix("v")
+    try:
+        if version.startswith("@"):
+            c.get_model_version_by_alias(name, version[1:])
+        else:
+            c.get_model_version(name, version)
+    except MlflowException as exc:
+        _absent(exc, c, name)
+        versions = c.search_model_versions(f"name='{name}'")
+        numbers = sorted(int(mv.version) for mv in versions)
+        aliases = sorted(f"@{a}" for a in (c.get_registered_model(name).aliases or {}))  # searches carry none
+        raise EncoderflowError(
+            f"{name} has no {'alias ' + version if version.startswith('@') else 'version ' + version} at "
+            f"{tracking_uri()}; versions: {', '.join(map(str, numbers)) or 'none'}; aliases: "
+            f"{', '.join(aliases) or 'none'}",
+            fix="give one of those",
+        ) from None
+    return version
+
+
+def download_version(name: str, version: str | int, dst: str | os.PathLike) -> Path:
     """Fetch a version (a number or ``@alias``) into ``dst``; verify it; return its folder.
 
     The files land in a temporary folder beside ``dst`` and replace it only once verified: a
     reader of ``dst`` sees the old bundle, none, or the whole new one, never a partial download.
 
     Raises:
-        EncoderflowError: a file of the downloaded bundle is missing or altered (``bundle.verify``).
+        EncoderflowError: no store or no model ``name`` here (:func:`require_model`), no such version
+            (:func:`version_ref`), or a file of the downloaded bundle is missing or altered
+            (``bundle.verify``).
     """
     import mlflow
 
-    c = client()
+    c = require_model(name)
+    version = version_ref(c, name, version)
     uri = f"models:/{name}{version}" if version.startswith("@") else f"models:/{name}/{version}"
     with layout.atomic_dir(dst) as tmp:
         got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))

@@ -429,20 +429,37 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
     # Airflow's runs first, newest first as given; then folders no Airflow run claims, newest first.
     out = list(runs.values())
     for entry in out:  # a run that stopped before it reported: its trigger's, its resolved config's, its failure's
+        resolved = _Resolved(home, entry.get("folder"))
         entry["preset"] = (
             entry.get("preset")
             or (entry.get("conf") or {}).get("preset")
-            or _resolved_preset(home, entry.get("folder"))
+            or resolved.preset()
             or (entry.get("failure") or {}).get("preset")
         )
+        # Which registered model the run trains for: one home may hold several (your own data beside SST-2).
+        model = (entry.get("registry") or {}).get("registered_model") or resolved.model()
+        entry["model"] = model if isinstance(model, str) else None  # a hand-edited file may hold anything
     return out
 
 
-def _resolved_preset(home: Path, folder: str | None) -> str | None:
-    """The preset ``check_params`` resolved for the run in ``folder`` (None: no folder, or none resolved)."""
-    if not folder:
-        return None
-    return (_object(read_json_or_none(home / "runs" / folder / layout.RESOLVED_FILE)) or {}).get("preset")
+class _Resolved:
+    """What ``check_params`` resolved for the run in ``folder`` (``resolved.json``), read when first asked."""
+
+    def __init__(self, home: Path, folder: str | None):
+        self._path = home / "runs" / folder / layout.RESOLVED_FILE if folder else None
+        self._read: dict[str, Any] | None = None
+
+    def _json(self) -> dict[str, Any]:
+        if self._read is None:
+            self._read = (_object(read_json_or_none(self._path)) if self._path else None) or {}
+        return self._read
+
+    def preset(self) -> str | None:
+        return self._json().get("preset")
+
+    def model(self) -> str | None:
+        gate = _object((_object(self._json().get("config")) or {}).get("gate")) or {}
+        return gate.get("registered_model")
 
 
 def _object(value: Any) -> dict[str, Any] | None:
@@ -690,7 +707,18 @@ def accuracy_text(value: Any) -> str:
 
 def table_lines(entries: list[dict[str, Any]]) -> list[str]:
     """``entries`` (:func:`collect_runs`' with :func:`mark_aliases`') as an aligned table, one run a line."""
-    head = ["run", "state", "preset", "started (UTC)", "gate", *TABLE_METRICS, "version"]
+    # Runs of several models (your own data's beside SST-2's) are told apart: their accuracies are of other tasks.
+    several = len({e.get("model") for e in entries if e.get("model")}) > 1
+    head = [
+        "run",
+        "state",
+        "preset",
+        "started (UTC)",
+        "gate",
+        *TABLE_METRICS,
+        *(["model"] if several else []),
+        "version",
+    ]
     rows = [
         [
             str(e.get("run_id") or e.get("folder")),
@@ -699,6 +727,7 @@ def table_lines(entries: list[dict[str, Any]]) -> list[str]:
             _when(e.get("start_date")),
             verdict_of(e),
             *(accuracy_text((e.get("metrics") or {}).get(m)) for m in TABLE_METRICS),
+            *([str(e.get("model") or "–")] if several else []),
             _version_of(e),
         ]
         for e in entries

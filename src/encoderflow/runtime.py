@@ -18,6 +18,10 @@ import threading
 from encoderflow import layout
 
 BACKEND = "jax"
+# [workers] execution_api_retries for every topology. Airflow's 5 give up after about 30 s: a task the
+# scheduler re-queued at start (an orphan after a crash) failed its last try before a slow api-server
+# listened. 10 wait up to about 5 minutes (random exponential back-off, 90 s at most between tries).
+WORKER_API_RETRIES = "10"
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 
 

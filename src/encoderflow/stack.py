@@ -156,6 +156,7 @@ class Stack:
             "AIRFLOW__API__WORKERS": "1",
             "AIRFLOW__API__BASE_URL": self.airflow_url,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.airflow_url}/execution/",
+            "AIRFLOW__WORKERS__EXECUTION_API_RETRIES": runtime.WORKER_API_RETRIES,
             "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder()),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(repo_root() / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",

@@ -472,11 +472,20 @@ def _decided(gate_json: Path, candidate: str, name: str, run_id: str) -> dict[st
         return None
     current = registry.champion(name)
     now = current["version"] if current else None
-    if now not in (decision.get("champion_version"), version["version"]):
-        # promote failed StaleChampion: its fix is this clear, and the decision must be made again
+    stale = (
+        decision.get("blessed")
+        and now not in (decision.get("champion_version"), version["version"])
+        and not any(move.get("to") == version["version"] for move in registry.history(name))
+    )
+    if stale:
+        # promote failed StaleChampion (blessed, never champion): its fix is this clear, and the decision
+        # must be made again. A decision that was carried out, or a rejection, is this run's history: a
+        # later champion does not rewrite it.
+        was = decision.get("champion_version")
         log.info(
-            "gate: the champion moved since this decision (v%s, now v%s): gating again",
-            decision.get("champion_version"),
+            "gate: the champion moved since this run's blessing (from %s to v%s) and its model never became "
+            "champion: gating again",
+            f"v{was}" if was is not None else "none",
             now,
         )
         return None

@@ -95,6 +95,11 @@ def test_a_labeled_folder_gives_its_splits_and_columns(tmp_path, encoderflow_hom
     (folder / "train.csv").write_text("body,category\nx,bug\n")
     with pytest.raises(DataError, match=r"several formats \(csv, jsonl\).*fix: put exactly one train"):
         inputs.get("labeled", cfg, _src(labeled=str(folder)))
+    # A lone train.csv beside the pair was never read, without a word: someone edits the file not read.
+    (folder / "dev.csv").unlink()
+    with pytest.raises(DataError, match=r"train.csv beside the train.jsonl and dev.jsonl pair it reads") as stray:
+        inputs.get("labeled", cfg, _src(labeled=str(folder)))
+    assert stray.value.fix == "keep one train and one dev file there (remove or rename train.csv)"
 
 
 def test_a_custom_corpus_splits_into_documents_and_holds_some_out(tmp_path, encoderflow_home):

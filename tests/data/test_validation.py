@@ -557,6 +557,50 @@ def test_a_csv_row_with_another_number_of_fields_says_so_and_where(tmp_path):
     ]
 
 
+def test_a_repeated_header_line_is_one_failure_naming_its_line_not_a_class_of_its_own(tmp_path):
+    """Two CSVs joined with `cat` kept the second header as a row: its label column's name became a
+    class (a 4-class classifier from 3 labels) and a small file passed validation."""
+    from encoderflow import config
+    from encoderflow.data import inputs
+
+    from .fixtures_own import write_labeled
+
+    line = lambda r: f"{r['body'].replace(',', ' ')},{r['category']}\n"  # noqa: E731
+    labeled = _as_csv(write_labeled(tmp_path / "tickets"), line, header="body,category\n")
+    train = labeled / "train.csv"
+    lines = train.read_text().splitlines(keepends=True)
+    train.write_text("".join(lines[:31] + ["body,category\n"] + lines[31:]))
+    cfg = config.from_overrides("smoke", OWN)
+    info = inputs.get("labeled", cfg, config.Sources(labeled=str(labeled)))
+    assert inputs.labels_of(info) == ["billing", "bug", "praise"]
+    report = validation.validate_dataset(info, tmp_path / "docs", inputs_cfg=cfg.inputs)
+    assert report["labels"] == ["billing", "bug", "praise"]
+    assert report["failures"] == [
+        f"labeled: {train}: expect_column_values_to_be_in_set(column='_not_header', value_set=[True]) failed, "
+        f"observed 1 of {len(lines)} rows that repeat the header line (files joined with their headers?): delete "
+        "them at lines [32]"
+    ]
+
+
+def test_a_header_naming_a_column_twice_is_refused_naming_the_file_and_the_columns(tmp_path):
+    """The label column named twice ended validation in pandas' 'Cannot set a DataFrame with multiple
+    columns to the single column _class_0', reported as a bug."""
+    from encoderflow import config
+    from encoderflow.data import inputs
+    from encoderflow.data.sources import DataError
+
+    from .fixtures_own import write_labeled
+
+    line = lambda r: f"{r['body'].replace(',', ' ')},{r['category']},{r['category']}\n"  # noqa: E731
+    labeled = _as_csv(write_labeled(tmp_path / "tickets"), line, header="body,category,category\n")
+    cfg = config.from_overrides("smoke", OWN)
+    info = inputs.get("labeled", cfg, config.Sources(labeled=str(labeled)))
+    with pytest.raises(DataError, match=r"header line names a column twice \('category' in columns \[2, 3\]\)") as e:
+        validation.check(info, tmp_path / "docs", inputs_cfg=cfg.inputs)
+    assert e.value.message.startswith(f"{labeled / 'train.csv'}: ")  # the file as the user knows it, not the copy
+    assert e.value.fix == "give each column its own name in the first line of the file"
+
+
 def test_a_csv_without_a_header_is_told_to_add_one_not_to_rename_a_column_after_a_sentence(tmp_path):
     from encoderflow import config
     from encoderflow.data import inputs

@@ -132,6 +132,19 @@ def _labeled_folder(info: dict[str, Any], cfg) -> dict[str, Any]:
         )
     fmt = found[0]
     splits = {split: f"{split}.{fmt}" for split in LABELED_SPLITS}
+    # A train.tsv beside the train.csv/dev.csv pair is not read: the file someone edits may be that one.
+    if strays := sorted(
+        n
+        for n in names
+        if n.partition(".")[0] in LABELED_SPLITS
+        and n.rpartition(".")[2] in LABELED_FORMATS
+        and n not in splits.values()
+    ):
+        raise DataError(
+            f"labeled folder {info['location']}: {', '.join(strays)} beside the {splits['train']} and "
+            f"{splits['dev']} pair it reads",
+            fix=f"keep one train and one dev file there (remove or rename {', '.join(strays)})",
+        )
     files = {m: listed[m] for m in splits.values()}
     return {
         **info,
@@ -163,6 +176,8 @@ class Table:
     lines: list[int] = field(default_factory=list)
     # JSONL: the keys of each row whose value is a list or an object (kept as JSON text in ``rows``).
     nested: list[set[str]] = field(default_factory=list)
+    # CSV and TSV: each row that repeats the header line (two files joined with ``cat``, say).
+    header_again: list[bool] = field(default_factory=list)
 
 
 def decode_lines(raw: bytes, strip_cr: bool = False) -> tuple[list[str], list[bool]]:
@@ -282,8 +297,15 @@ def read_table(path: str | os.PathLike, fmt: str, sha256: str | None = None) -> 
     if not records:
         return Table([], [], [], [])
     header = records[0]
+    if dupes := sorted({name for name in header if header.count(name) > 1}):
+        where = "; ".join(f"{name!r} in columns {[i + 1 for i, n in enumerate(header) if n == name]}" for name in dupes)
+        raise DataError(
+            f"{path}: its header line names a column twice ({where}): a value under it could not be told apart",
+            fix="give each column its own name in the first line of the file",
+        )
     rows = [dict(zip(header, (r + [None] * len(header))[: len(header)], strict=True)) for r in records[1:]]
-    return Table(header, rows, ok[1:], [len(r) == len(header) for r in records[1:]], starts[1:])
+    again = [r == header for r in records[1:]]
+    return Table(header, rows, ok[1:], [len(r) == len(header) for r in records[1:]], starts[1:], [], again)
 
 
 def _cell(value: Any) -> str | None:
@@ -317,10 +339,14 @@ def labels_of(info: dict[str, Any]) -> list[str]:
         return list(info["labels"])
     fmt, columns = info.get("format", "tsv"), info.get("columns", SST2_COLUMNS)
     table = read_table(split_path(info, "train"), fmt, split_info(info, "train").get("sha256"))
-    # A list or object is no label (validation names its rows), nor a class the classifier would learn.
+    # A list or object is no label (validation names its rows), nor a class the classifier would learn,
+    # nor is the header's label column name on a line that repeats the header.
     nested = table.nested or [set()] * len(table.rows)
+    again = table.header_again or [False] * len(table.rows)
     return label_set(
-        r.get(columns["label"]) for r, keys in zip(table.rows, nested, strict=True) if columns["label"] not in keys
+        r.get(columns["label"])
+        for r, keys, header in zip(table.rows, nested, again, strict=True)
+        if columns["label"] not in keys and not header
     )
 
 

@@ -14,6 +14,7 @@ import re
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -214,6 +215,7 @@ _FLAGS: dict[str, str | dict[str, str]] = {
     "_fields": "not 2 tab-separated fields",
     "_scalar": "with a list or object where the text or label belongs (a string; a label may be a number)",
     "_label_clash": "with a label also spelled another way: one label, two classes",
+    "_not_header": "that repeat the header line (files joined with their headers?): delete them",
 }
 
 
@@ -361,6 +363,8 @@ def frame_labeled(
     df = pd.DataFrame(table.rows, columns=table.columns, dtype=object)
     df["_utf8"], df["_parsed"] = table.utf8, table.parsed
     df["_no_nul"] = [not any(isinstance(v, str) and "\x00" in v for v in row.values()) for row in table.rows]
+    if fmt != "jsonl":  # the header line's names as a row: `cat a.csv b.csv`
+        df["_not_header"] = [not again for again in table.header_again]
     df.attrs["lines"], df.attrs["format"], df.attrs["labels"] = table.lines, fmt, list(labels or ())
     text, label_column = columns["text"], columns["label"]
     if fmt == "jsonl":
@@ -404,12 +408,14 @@ def suite_labeled(df, split: str, columns: dict[str, str], labels: list[str], bo
         E.ExpectColumnValuesToBeInSet(column="_no_nul", value_set=[True]),
         E.ExpectColumnValuesToBeInSet(column="_parsed", value_set=[True]),
     ]
-    # A row that does not parse (or holds a list where its text or label belongs) fails once, above,
-    # not again for each value it lacks.
-    parsed = {"row_condition": "_parsed==True", "condition_parser": "pandas"}
-    if "_scalar" in df.columns:
-        suite.append(E.ExpectColumnValuesToBeInSet(column="_scalar", value_set=[True]))
-        parsed["row_condition"] = "_parsed==True and _scalar==True"
+    # A row that does not parse (or holds a list where its text or label belongs, or repeats the header)
+    # fails once, below, not again for each value it lacks.
+    good = ["_parsed==True"]
+    for flag in ("_not_header", "_scalar"):
+        if flag in df.columns:
+            suite.append(E.ExpectColumnValuesToBeInSet(column=flag, value_set=[True]))
+            good.append(f"{flag}==True")
+    parsed = {"row_condition": " and ".join(good), "condition_parser": "pandas"}
     if text in df.columns:  # a missing column is one failure above, not one per check on it
         suite += [
             E.ExpectColumnValuesToNotBeNull(column=text, **parsed),
@@ -453,18 +459,35 @@ def _plans(
     if info.get("splits") and "dev" in info["splits"]:
         from encoderflow.data.inputs import labels_of
 
-        labels = labels_of(info)
+        labels = _as_origin(info, labels_of, info)
     if kind == "labeled_folder":
         plans, train_texts = [], None
         # Train first: dev's rows are checked against its texts.
         for split, member in sorted(info["splits"].items(), key=lambda kv: kv[0] != "train"):
             path = Path(files_of(info)[member]["path"])
-            df = frame_labeled(path, info["format"], info["columns"], labels, train_texts if split == "dev" else None)
+            dev_of = train_texts if split == "dev" else None
+            df = _as_origin(info, frame_labeled, path, info["format"], info["columns"], labels, dev_of)
             if split == "train":
                 train_texts = texts_of(df, info["columns"]["text"])
             plans.append((member, path, df, suite_labeled(df, split, info["columns"], labels, inputs_cfg)))
         return plans, labels
     return [(m, Path(f["path"]), frame_for(m, Path(f["path"])), suite_for(m, strict)) for m, f in members], labels
+
+
+def _as_origin(info: dict[str, Any], read: Callable[..., Any], *args: Any) -> Any:
+    """``read(*args)``; a file it refuses is named as you know it (its origin), not as the verified copy."""
+    from encoderflow.data.sources import DataError
+
+    try:
+        return read(*args)
+    except DataError as exc:
+        message = exc.message
+        for f in files_of(info).values():
+            if f.get("origin"):
+                message = message.replace(str(f["path"]), str(f["origin"]))
+        if message == exc.message:
+            raise
+        raise DataError(message, fix=exc.fix) from None
 
 
 def validate_dataset(
