@@ -193,6 +193,7 @@ def encoder_pretraining():
     plan = plan_shards(corpus, vocab, labeled)
     sealed = seal_shards(plan, build_shard.expand(shard=plan))
     baseline = train_baseline(labeled)
+    [corpus, bert] >> baseline  # a run whose corpus or vocabulary fails validation trains nothing
     pretrained = pretrain(sealed)
     finetuned = finetune(pretrained, labeled, vocab)
     decision = evaluate_and_gate(finetuned, baseline, labeled)

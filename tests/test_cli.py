@@ -169,6 +169,11 @@ def test_predict_scores_sentences_with_the_champion(tmp_path, capsys, monkeypatc
     registry.promote("is-review", version["version"], reason="test")
     assert cli.main(["predict", "a fine film", "--model", "is-review"]) == 0
     assert capsys.readouterr().out == f"{int(predicted[0])}\t{confidence[0]:.4f}\ta fine film\n"
+    # A tab or line break inside a text made a fourth field or another row ("row n answers line n").
+    assert cli.main(["predict", "a fine\tfilm", "two\nlines\r", "--model", name]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [row.split("\t")[2] for row in rows] == ["a fine\\tfilm", "two\\nlines\\r"]
+    assert all(len(row.split("\t")) == 3 for row in rows)
 
 
 def test_predict_names_a_file_it_cannot_read_and_the_fix(tmp_path, capsys, monkeypatch):
@@ -417,26 +422,33 @@ def test_a_killed_run_is_marked_failed_by_the_next_one(tmp_path, encoderflow_hom
         {"fetch": "success", "train": "failed", "relay": "upstream_failed", "report": "upstream_failed"},
     )
     assert list((encoderflow_home / "airflow" / "encoderflow-runs").iterdir()) == []
+    # Its record says where it stopped and what to do ("FAILED", and nothing else, before).
+    record = errors.read_failure(run_id)
+    assert (record["task_id"], record["try_number"], record["error"]) == ("train", 1, "Stopped")
+    assert record["message"] == (
+        "the encoderflow run process that ran it ended during train without finishing (killed, or its machine stopped)"
+    )
 
 
-def test_ctrl_c_stops_the_run_there_and_marks_it_failed(tmp_path, encoderflow_home):
-    """Ctrl-C used to raise KeyboardInterrupt inside the task: a retry, or training went on and promoted."""
-    import signal
-
+@pytest.mark.parametrize("signum, by", [(2, "Ctrl-C"), (15, "SIGTERM")], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_run_there_and_marks_it_failed(tmp_path, encoderflow_home, signum, by):
+    """Ctrl-C used to raise KeyboardInterrupt inside the task: a retry, or training went on and promoted.
+    SIGTERM (systemd, `timeout`, a CI cancel) was caught by Airflow's task runner, which only called the
+    operator's on_kill: the run went on to the gate and the registry."""
     proc, _ = _start_toy_until_training(tmp_path, encoderflow_home)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out[-3000:] + err[-3000:]
     assert (
-        "INTERRUPTED (Ctrl-C) during train: nothing after it runs, the run is marked failed; run it again: "
+        f"INTERRUPTED ({by}) during train: nothing after it runs, the run is marked failed; run it again: "
         "what finished is reused and pretraining resumes from its last backup" in err
     )
     assert "[DAG TEST] starting task_id=relay" not in out + err and "KeyboardInterrupt" not in out + err
     run_id = json.loads(next((encoderflow_home / "runs").glob("*/failure.json")).read_text())["run_id"]
     log = (layout.run_dir(run_id) / "logs" / "task_id=train" / "attempt=1.log").read_text()
-    assert "train: a line of the failing task" in log and "encoderflow INTERRUPTED (Ctrl-C) during train" in log
+    assert "train: a line of the failing task" in log and f"encoderflow INTERRUPTED ({by}) during train" in log
     record = json.loads((layout.run_dir(run_id) / "failure.json").read_text())
-    assert (record["task_id"], record["error"], record["message"]) == ("train", "Interrupted", "Ctrl-C during train")
+    assert (record["task_id"], record["error"], record["message"]) == ("train", "Interrupted", f"{by} during train")
     # The detached marker sets the Airflow run's states once the interrupted process has gone.
     deadline = time.monotonic() + 120
     while (states := _airflow_states(encoderflow_home, run_id))[0] != "failed" and time.monotonic() < deadline:
@@ -448,6 +460,39 @@ def test_ctrl_c_stops_the_run_there_and_marks_it_failed(tmp_path, encoderflow_ho
     while list((encoderflow_home / "airflow" / "encoderflow-runs").iterdir()) and time.monotonic() < deadline:
         time.sleep(0.2)  # the marker removes the interrupted process's claim once it is done
     assert list((encoderflow_home / "airflow" / "encoderflow-runs").iterdir()) == []
+
+
+def test_ctrl_c_before_the_first_task_names_the_run_and_leaves_it_failed_not_in_flight(tmp_path, encoderflow_home):
+    """Ctrl-C in a run's first seconds said "encoderflow run : INTERRUPTED ... marked failed" with no run
+    id, and the run stayed running in Airflow (in flight for `runs`, and prune kept every folder for it)."""
+    import signal
+
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "toy.py").write_text(TOY_DAG)
+    env = {**os.environ, "ENCODERFLOW_HOME": str(encoderflow_home), "ENCODERFLOW_DAGS_FOLDER": str(dags)}
+    env["TOY_FAILURE"] = "expected"
+    claims = encoderflow_home / "airflow" / "encoderflow-runs"
+    cmd = [sys.executable, "-m", "encoderflow.cli", "run", "--preset", "smoke"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (claimed := [p.read_text() for p in claims.glob("*")] if claims.is_dir() else []) or not claimed[0]:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # the run id is claimed before dag.test starts the run
+    out, err = proc.communicate(timeout=60)
+    [run_id] = claimed
+    assert proc.returncode == 130, out[-3000:] + err[-3000:]
+    assert f"encoderflow run {run_id}: INTERRUPTED (Ctrl-C) " in err, err[-2000:]
+    deadline = time.monotonic() + 120
+    while list(claims.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the detached marker is done
+    import sqlite3
+
+    with sqlite3.connect(encoderflow_home / "airflow" / "airflow.db") as con:
+        state = con.execute("select state from dag_run where run_id=?", (run_id,)).fetchone()
+    assert state in (None, ("failed",)), state  # not made yet, or marked failed: never running for good
+    assert layout.stopped_runs() == set()
 
 
 def test_ctrl_c_ends_any_other_command_with_one_line_not_a_traceback(tmp_path, encoderflow_home):

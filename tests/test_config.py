@@ -109,6 +109,9 @@ def test_none_overrides_are_skipped():
         ({"data.seq_length": 16}, "data.predictions_per_seq"),  # 32 predictions no longer fit
         ({"data.seed": -1}, "data.seed"),
         ({"data.pretrain_split": "training"}, "data.pretrain_split"),
+        # MLM accuracy measured on the pretraining text itself (the smoke preset pretrains on test)
+        ({"data.pretrain_split": "test", "data.validation_split": "test"}, "data.validation_split"),
+        ({"data.pretrain_split": "valid"}, "data.validation_split"),
         ({"gate.min_accuracy": 1.01}, "gate.min_accuracy"),
         ({"gate.registered_model": "a/b"}, "gate.registered_model"),
         ({"pretrain.batch_size": 0}, "pretrain.batch_size"),

@@ -43,6 +43,7 @@ print(json.dumps({
     "check_params_retries": dag.get_task("check_params").retries if dag else None,
     "preset_default": dag.params.get_param("preset").value if dag else None,
     "queues": {t.task_id: [t.queue, t.pool] for t in dag.tasks} if dag else {},
+    "baseline_after": sorted(dag.get_task("train_baseline").upstream_task_ids) if dag else [],
     "return_value_logged": sorted(t.task_id for t in dag.tasks if getattr(t, "show_return_value_in_logs", False))
         if dag else None,
 }))
@@ -74,6 +75,8 @@ def test_dagbag_parses_without_heavy_imports(tmp_path):
     assert result["max_active_runs"] == 1
     assert result["catchup"] is False
     assert result["download_retries"] >= 2
+    # A run whose corpus or vocabulary fails validation fails: its baseline trained anyway, for nothing.
+    assert result["baseline_after"] == ["validate_corpus", "validate_labeled", "validate_vocab"]
     # Both training stages run on the gpu queue, one at a time through the gpu pool; nothing else does.
     on_gpu = sorted(t for t, (queue, pool) in result["queues"].items() if queue == "gpu" and pool == "gpu")
     assert on_gpu == ["finetune", "pretrain"], result["queues"]

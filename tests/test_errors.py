@@ -150,3 +150,46 @@ def test_a_cleared_task_failing_again_replaces_its_own_failure_not_another_tasks
     assert not errors.record_failure("r3", other, task_id="validate_labeled", map_index=-1, try_number=1)
     assert not errors.record_failure("r3", other, task_id="validate_labeled", map_index=2, try_number=5)
     assert errors.read_failure("r3")["error"] == "DataError"
+
+
+def test_a_full_or_read_only_disk_is_an_expected_failure_with_its_fix(encoderflow_home):
+    """A full disk was retried after 30 s and told as "a bug or an outage" (h5py and Keras wrap the
+    OSError, or keep only its text); a read-only one the same."""
+    import errno
+    import os
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from encoderflow import airflow_adapter as af
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/h/shards/shard-00001.tfrecord")
+    said = errors.storage_error(full)
+    assert (
+        said.message
+        == f"no space left on the device writing /h/shards/shard-00001.tfrecord (ENCODERFLOW_HOME={encoderflow_home})"
+    )
+    assert said.fix.startswith(
+        "free space there (encoderflow prune removes old runs' folders), or set ENCODERFLOW_HOME"
+    )
+    try:
+        raise RuntimeError("Unable to synchronously create file") from full
+    except RuntimeError as wrapped:
+        assert errors.storage_error(wrapped).message == said.message
+    text_only = RuntimeError(
+        "Unable to synchronously close file (file write failed: [Errno 28] No space left on device)"
+    )
+    assert errors.storage_error(text_only).message.startswith("no space left on the device (ENCODERFLOW_HOME=")
+    read_only = errors.storage_error(OSError(errno.EROFS, os.strerror(errno.EROFS), "/h/runs/x/summary.json"))
+    assert read_only.message.startswith("the file system is read-only writing /h/runs/x/summary.json")
+    assert read_only.fix.startswith("make it writable, or set ENCODERFLOW_HOME to another disk")
+    for other in (ValueError("bad"), OSError(errno.ENOENT, "No such file or directory", "/x")):
+        assert errors.storage_error(other) is None
+
+    @af.expected_failures
+    def build_shard():
+        raise RuntimeError("h5py: write failed") from full
+
+    with pytest.raises(AirflowFailException) as failed:
+        build_shard()
+    cause = errors.cause_of(failed.value)
+    assert (cause.error, cause.expected) == ("StorageFull", True) and cause.message == said.message

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import fields, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -288,12 +288,26 @@ def forget_failure(context) -> None:
         log.warning("could not remove the failure kept in %s: %s", errors.failure_path(ti.run_id), e)
 
 
+# While `encoderflow run` runs the DAG in its own process: what SIGTERM does there (stop the run as Ctrl-C does).
+_IN_PROCESS_STOP: Any = None
+
+
+def keep_stop_on_sigterm(context) -> None:
+    """on_execute_callback: Airflow's task runner points SIGTERM at the operator's ``on_kill`` (a no-op
+    here) as each task starts. A worker's supervisor then stops the task; under ``encoderflow run``,
+    whose tasks run in its own process, a SIGTERM (systemd, ``timeout``, a CI cancel) was ignored and
+    the run went on to promote. There it stops the run, as Ctrl-C does; on a worker nothing changes."""
+    if _IN_PROCESS_STOP is not None:
+        signal.signal(signal.SIGTERM, _IN_PROCESS_STOP)
+
+
 DEFAULT_ARGS = {
     "retries": 1,
     "retry_delay": retry_delay(),
     "execution_timeout": timedelta(hours=1),
     "on_failure_callback": log_failure,
     "on_success_callback": forget_failure,
+    "on_execute_callback": keep_stop_on_sigterm,
     # Each step logs its outputs itself, one line each; Airflow's dump of the whole returned dict
     # (up to kilobytes on one line) repeated them. The value stays in XCom and the UI.
     "show_return_value_in_logs": False,
@@ -309,7 +323,12 @@ def expected_failures(fn):
         from airflow.sdk.exceptions import AirflowFailException
 
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if (full := errors.storage_error(exc)) is None:
+                    raise
+                raise full from None
         except EncoderflowError as exc:
             # The message is the diagnosis; the stack below it (TF, GX, MLflow) only hides it.
             raise AirflowFailException(in_form_words(errors.told(exc))) from None
@@ -429,7 +448,7 @@ class TaskLogs:
     def __init__(self) -> None:
         self.paths: dict[tuple[str, int, int], Path] = {}
         self.failed: list[tuple[tuple[str, int, int], errors.Cause]] = []
-        self.run_id: str | None = None  # the run's, once its first task started
+        self.run_id: str | None = None  # the run's: set before it starts (run_dag), or by its first task
         self.running: tuple[str, int, int] | None = None  # the task instance running now
         self.claim = None  # an open file: this process's claim on the run (see _claimed)
         self._file = None
@@ -515,12 +534,21 @@ class _TeeHandler(logging.Handler):
     def __init__(self, logs: TaskLogs):
         super().__init__()
         self.logs = logs
+        self.said = False  # that a line could not be written
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.logs.write(self.format(record))
-        except Exception:
-            self.handleError(record)
+        except Exception as exc:
+            # A full disk failed every later line too, each with logging's "--- Logging error ---"
+            # traceback on the terminal: say it once; the terminal keeps the lines.
+            if not self.said:
+                self.said = True
+                sys.stderr.write(
+                    f"encoderflow: could not write the task log ({exc}); its lines stay on this terminal\n"
+                )
+
+    said = False
 
 
 class RunOutcome(NamedTuple):
@@ -569,9 +597,16 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
     test_loop = logging.getLogger(type(dag).test.__module__)
     unrunnable = UnrunnableFilter()
     test_loop.addFilter(unrunnable)
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.types import DagRunType
+
+    # The run id dag.test will give its run, known before it starts: a Ctrl-C or TERM in its first
+    # seconds (before a task starts) said "marked failed" and left the run running, in flight for good.
+    now = datetime.now(UTC)
+    run_id = DagRun.generate_run_id(run_type=DagRunType.MANUAL, logical_date=now, run_after=now)
     try:
-        with TaskLogs() as logs, _claimed(logs), _stopped_by_ctrl_c(logs):
-            dr = dag.test(run_conf=conf)
+        with TaskLogs() as logs, _claimed(logs, run_id), _stopped_by_ctrl_c(logs):
+            dr = dag.test(run_conf=conf, logical_date=now, run_after=now)
     finally:
         test_loop.removeFilter(unrunnable)
     from airflow.models.taskinstance import TaskInstance
@@ -588,20 +623,23 @@ def _stopped_by_ctrl_c(logs: TaskLogs) -> Iterator[None]:
     """Ctrl-C stops the run, there and then, and nothing after the running task runs.
 
     Left to Python, SIGINT raises KeyboardInterrupt wherever the main thread is: a task fails with it
-    and is retried, or training swallows it and the run goes on to promote a model. This handler
+    and is retried, or training swallows it and the run goes on to promote a model. SIGTERM does the
+    same as Ctrl-C (:func:`keep_stop_on_sigterm`). This handler
     writes the interruption into the task's log and the run's ``failure.json`` and ends the process
     (what a retry or re-run finds is what a kill leaves: finished, renamed outputs). A detached
     process then marks the Airflow run failed, once this one has exited and released the metadata DB.
     """
 
     def stop(signum, frame) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+        for each in STOP_SIGNALS:  # a second Ctrl-C (or a TERM after it) must not cut this short
+            signal.signal(each, signal.SIG_IGN)
+        by = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         task = f"{logs.running[0]}{f'[{logs.running[1]}]' if logs.running[1] >= 0 else ''}" if logs.running else None
         where = f"during {task}" if task else "between tasks"
         fix = "run it again: what finished is reused and pretraining resumes from its last backup"
         if logs.run_id:
-            logs.write(f"encoderflow INTERRUPTED (Ctrl-C) {where}: the run stops here; {fix}")
-            cause = errors.Cause("Interrupted", f"Ctrl-C {where}", fix, expected=True)
+            logs.write(f"encoderflow INTERRUPTED ({by}) {where}: the run stops here; {fix}")
+            cause = errors.Cause("Interrupted", f"{by} {where}", fix, expected=True)
             where_ids = dict(zip(("task_id", "map_index", "try_number"), logs.running or (), strict=False))
             errors.record_failure(logs.run_id, cause, dag_id=DAG_ID, run_id=logs.run_id, **where_ids)
             subprocess.Popen(
@@ -614,17 +652,25 @@ def _stopped_by_ctrl_c(logs: TaskLogs) -> Iterator[None]:
             )
         logs._close()
         sys.stderr.write(
-            f"\nencoderflow run {logs.run_id or ''}: INTERRUPTED (Ctrl-C) {where}: nothing after it runs, the run "
+            f"\nencoderflow run {logs.run_id or ''}: INTERRUPTED ({by}) {where}: nothing after it runs, the run "
             f"is marked failed; {fix}\n"
         )
         sys.stderr.flush()
         os._exit(errors.INTERRUPTED_EXIT)
 
-    previous = signal.signal(signal.SIGINT, stop)
+    global _IN_PROCESS_STOP
+    previous = {each: signal.signal(each, stop) for each in STOP_SIGNALS}
+    _IN_PROCESS_STOP = stop
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _IN_PROCESS_STOP = None
+        for each, handler in previous.items():
+            signal.signal(each, handler)
+
+
+# What stops `encoderflow run` there and then: Ctrl-C, and a service manager's or `timeout`'s TERM.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _claims() -> Path:
@@ -632,7 +678,7 @@ def _claims() -> Path:
 
 
 @contextlib.contextmanager
-def _claimed(logs: TaskLogs) -> Iterator[None]:
+def _claimed(logs: TaskLogs, run_id: str) -> Iterator[None]:
     """While this process runs the DAG, ``airflow/encoderflow-runs/<pid>`` holds its run id under an
     exclusive ``flock``; the kernel drops the lock when the process dies, however it dies. A later
     ``encoderflow run`` that can take the lock knows the run was stopped (:func:`sweep_stopped_runs`)."""
@@ -642,7 +688,9 @@ def _claimed(logs: TaskLogs) -> Iterator[None]:
     path = _claims() / str(os.getpid())
     with open(path, "w", encoding="utf-8") as claim:
         fcntl.flock(claim, fcntl.LOCK_EX)
-        logs.claim = claim
+        claim.write(run_id)
+        claim.flush()
+        logs.claim, logs.run_id = claim, run_id
         try:
             yield
         finally:
@@ -705,9 +753,11 @@ def fail_run(run_id: str, wait_for_pid: int | None = None, wait_s: float = 60.0)
             break
         time.sleep(0.2)
     started = {TaskInstanceState.RUNNING, TaskInstanceState.QUEUED, TaskInstanceState.UP_FOR_RETRY}
-    changed = []
+    changed, running, stopped = [], [], False
     with create_session() as session:
         for ti in session.query(TaskInstance).filter(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == run_id):
+            if ti.state == TaskInstanceState.RUNNING:
+                running.append({"task_id": ti.task_id, "map_index": ti.map_index, "try_number": ti.try_number})
             if ti.state in started:
                 ti.state, ti.end_date = TaskInstanceState.FAILED, datetime.now(UTC)
             elif ti.state in (None, TaskInstanceState.SCHEDULED):
@@ -718,6 +768,20 @@ def fail_run(run_id: str, wait_for_pid: int | None = None, wait_s: float = 60.0)
         dr = session.query(DagRun).filter(DagRun.dag_id == DAG_ID, DagRun.run_id == run_id).one_or_none()
         if dr is not None and dr.state == DagRunState.RUNNING:
             dr.set_state(DagRunState.FAILED)
+            stopped = True
+    if stopped:  # a kill leaves no record of its own: `runs` showed "FAILED" and nothing about where or why
+        where = running[0] if running else {}
+        index = where.get("map_index", -1)
+        task = f"{where['task_id']}{f'[{index}]' if index >= 0 else ''}" if where else None
+        cause = errors.Cause(
+            "Stopped",
+            f"the encoderflow run process that ran it ended {f'during {task}' if task else 'between tasks'} without "
+            "finishing (killed, or its machine stopped)",
+            "run it again: what finished is reused and pretraining resumes from its last backup",
+            expected=True,
+        )
+        with contextlib.suppress(OSError):  # an Interrupted record (Ctrl-C) of the same try stays first
+            errors.record_failure(run_id, cause, dag_id=DAG_ID, run_id=run_id, **where)
     from encoderflow import registry
 
     registry.close_stopped(DAG_ID, run_id)

@@ -368,8 +368,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rows = {i: f"{names[int(c)]}\t{p:.4f}" for i, c, p in zip(scored, predicted, probs, strict=True)}
     unscored = "-\t-"
     for i, text in enumerate(texts):
-        print(f"{rows.get(i, unscored)}\t{text}")
+        print(f"{rows.get(i, unscored)}\t{_one_field(text)}")
     return 0
+
+
+def _one_field(text: str) -> str:
+    """``text`` as the third tab-separated field of one line: a tab or line break in it (an argument, or
+    a line of a --file) would make another field or line, so each is written as ``\\t``, ``\\n``, ``\\r``."""
+    return text.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 # A person waits at the terminal: a server that does not answer fails in seconds, not after MLflow's

@@ -250,9 +250,9 @@ class DataConfig(_Section):
     strip_accents: bool = knob(True, "WordPiece accent stripping.")
     task_adaptive: bool = knob(
         False,
-        "Task-adaptive pretraining (Gururangan et al. 2020): the sentences of the SST-2 train split, without "
-        "their labels, join the pretraining corpus as shards of their own, packed into data.seq_length windows. "
-        "Dev and test text never do.",
+        "Task-adaptive pretraining (Gururangan et al. 2020): the texts of the labeled data's train split (SST-2's "
+        "by default), without their labels, join the pretraining corpus as shards of their own, packed into "
+        "data.seq_length windows. Dev and test text never do.",
     )
     sequence_mode: str = knob(
         "line",
@@ -267,6 +267,14 @@ class DataConfig(_Section):
             self.predictions_per_seq <= self.seq_length,
             "data.predictions_per_seq",
             f"must be <= data.seq_length={self.seq_length}, got {self.predictions_per_seq}",
+        )
+        # mlm_val_accuracy measured on the text pretraining learned from says nothing of the model.
+        others = " or ".join(repr(split) for split in SPLITS if split != self.pretrain_split)
+        _check(
+            self.validation_split != self.pretrain_split,
+            "data.validation_split",
+            f"is data.pretrain_split ({self.pretrain_split!r}): MLM accuracy would be measured on the text "
+            f"pretraining trained on; give another split ({others})",
         )
 
 
@@ -391,7 +399,7 @@ class BaselineConfig(_Section):
     max_tokens: int = knob(
         4000, "Vocabulary of the multi-hot encoding (most frequent tokens).", minimum=16, maximum=1_000_000
     )
-    epochs: int = knob(5, "Passes over SST-2 train.", minimum=1, maximum=1000)
+    epochs: int = knob(5, "Passes over the labeled train split (SST-2 train by default).", minimum=1, maximum=1000)
     batch_size: int = knob(32, "Sentences per step.", minimum=1, maximum=65536)
 
 
@@ -504,7 +512,7 @@ class PretrainConfig(_Optimizer):
 
 @dataclass(frozen=True)
 class FinetuneConfig(_Optimizer):
-    """SST-2 fine-tuning of the pretrained encoder."""
+    """Fine-tuning of the pretrained encoder on the labeled data (SST-2 by default)."""
 
     batch_size: int = knob(
         32, "Sentences per step.", minimum=1, maximum=65536, title="Fine-tuning batch size", form=TUNE
@@ -512,10 +520,17 @@ class FinetuneConfig(_Optimizer):
     learning_rate: float = knob(
         5e-5, "AdamW.", minimum=0.0, exclusive_minimum=True, maximum=1.0, title="Fine-tuning learning rate", form=TUNE
     )
-    epochs: int = knob(3, "Passes over SST-2 train.", minimum=1, maximum=1000, title="Fine-tuning epochs", form=TUNE)
+    epochs: int = knob(
+        3,
+        "Passes over the labeled train split (SST-2 train by default).",
+        minimum=1,
+        maximum=1000,
+        title="Fine-tuning epochs",
+        form=TUNE,
+    )
     steps_per_epoch: int = knob(
         0,
-        "0 = the whole SST-2 train split.",
+        "0 = the whole labeled train split (SST-2 train by default).",
         minimum=0,
         maximum=10_000_000,
         title="Fine-tuning steps per epoch",

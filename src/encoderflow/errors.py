@@ -11,6 +11,7 @@ summary or the runs page can say why a run failed without reading task logs.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -65,11 +66,49 @@ DEFAULT_FIXES = {
     "NonFiniteLoss": "lower the learning rate or check the input data",
     "ShardError": "rebuild the shards: re-run plan_shards and the tasks after it",
     "StaleChampion": "re-run the gate (evaluate_and_gate, then promote)",
+    "StorageFull": "free space under ENCODERFLOW_HOME (encoderflow prune), or set it to another disk",
     "ValidationFailed": "fix or replace the data (another --data-dir or --mirror); the Data Docs show each "
     "failed expectation",
 }
 GENERIC_FIX = "the message names what to change; a retry alone will not help"
 BUG_FIX = "not an expected failure (a bug or an outage): the traceback is in the task log"
+
+
+class StorageFull(EncoderflowError):
+    """The disk under ``ENCODERFLOW_HOME`` is full, over quota or read-only: no retry writes there."""
+
+
+_STORAGE = {
+    errno.ENOSPC: ("no space left on the device", "free space there (encoderflow prune removes old runs' folders)"),
+    errno.EDQUOT: ("the disk quota is used up", "free space there (encoderflow prune removes old runs' folders)"),
+    errno.EROFS: ("the file system is read-only", "make it writable"),
+}
+
+
+def storage_error(exc: BaseException) -> StorageFull | None:
+    """``exc`` as a :class:`StorageFull` when it, or an exception it was raised from, is a full, over-quota
+    or read-only file system (h5py, Keras and TensorFlow wrap the OSError, or keep only its text); else None.
+
+    A full disk was retried after 30 s (it was not an expected failure), told as "a bug or an outage", and
+    every log line that could not be written printed Python's "--- Logging error ---" traceback.
+    """
+    from encoderflow import layout
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code = exc.errno if isinstance(exc, OSError) else None
+        if code is None:
+            code = next((c for c in _STORAGE if f"[Errno {c}]" in str(exc) or os.strerror(c) in str(exc)), None)
+        if code in _STORAGE:
+            what, fix = _STORAGE[code]
+            where = f" writing {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+            return StorageFull(
+                f"{what}{where} (ENCODERFLOW_HOME={layout.home()})",
+                fix=f"{fix}, or set ENCODERFLOW_HOME to another disk; then clear the task (or run again)",
+            )
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def check_utf8(what: str, text: str, *, fix: str, after: str = "") -> None:

@@ -420,7 +420,12 @@ def _register(c, name: str, source: str, run_id: str, tags: dict[str, str]) -> d
     from mlflow.exceptions import MlflowException
 
     try:
-        c.create_registered_model(name, description="encoderflow SST-2 classifier and its pretrained encoder")
+        # Your own data's model is not SST-2's: the description says which data each version was trained on.
+        c.create_registered_model(
+            name,
+            description="encoderflow text classifier and its pretrained encoder; each version's data.*.source "
+            "and data.labeled.labels tags say what it was trained on",
+        )
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

@@ -129,6 +129,38 @@ CORRUPTIONS = {
         lambda t: t.replace("\t0\n", "\t1\n"),
         [("expect_column_mean_to_be_between(column='_label_value', min_value=0.3, max_value=0.7)", "1.0")],
     ),
+    # A tab inside a sentence: its second half is no label, and that is the one failure (the row), not two.
+    "sst2-tab-inside-sentence": (
+        TRAIN,
+        _replace_line(5, lambda s: s.replace(" , ", "\t", 1)),
+        [
+            (
+                "expect_column_values_to_be_in_set(column='_fields', value_set=[2])",
+                "1 of 20 rows not 2 tab-separated fields (they have [3]) at lines [6]",
+            )
+        ],
+    ),
+    "sst2-test-row-without-tab": (
+        TEST,
+        _replace_line(3, lambda s: s.replace("\t", " ")),
+        [
+            (
+                "expect_column_values_to_be_in_set(column='_fields', value_set=[2])",
+                "1 of 20 rows not 2 tab-separated fields (they have [1]) at lines [4]",
+            )
+        ],
+    ),
+    # No label in the set leaves the class balance without a value: the label check alone says so.
+    "sst2-labels-spelled-out": (
+        TRAIN,
+        lambda t: t.replace("\t0\n", "\tneg\n").replace("\t1\n", "\tpos\n"),
+        [
+            (
+                "expect_column_values_to_be_in_set(column='label', value_set=['0', '1'])",
+                "20 unexpected of 20, e.g. ['neg', 'pos', 'neg'] at lines [2, 3, 4, 5, 6]",
+            )
+        ],
+    ),
     "sst2-invalid-utf8": (
         TRAIN,
         lambda b: b.replace(b"dull", b"d\xffll", 1),
@@ -143,6 +175,16 @@ CORRUPTIONS = {
         WIKI_TEST,
         lambda t: t.replace(" = Test Article = ", " "),
         [("expect_column_sum_to_be_between(column='_header', min_value=1", "0")],
+    ),
+    "wikitext-headings-only": (
+        WIKI_TEST,
+        lambda t: "\n".join(line if len(line) < 100 else " A short line . " for line in t.splitlines()) + "\n",
+        [
+            (
+                "expect_column_sum_to_be_between(column='_long', min_value=1.0, max_value=50000000.0)",
+                "0 lines over 100 bytes: no article text, only headings or short lines",
+            )
+        ],
     ),
     "wikitext-invalid-utf8": (
         WIKI_TEST,
@@ -216,20 +258,133 @@ def test_each_corruption_is_caught_naming_file_and_expectation(folder, tmp_path,
 
 
 @pytest.mark.parametrize("member", [TRAIN, TEST, WIKI_VALID, VOCAB])
-def test_an_empty_file_fails_its_row_count(folder, tmp_path, member):
+@pytest.mark.parametrize(
+    "raw, says",
+    [(b"", "empty (0 bytes)"), (b" \n\t\n \n", "empty (6 bytes, all whitespace)")],
+    ids=["0-bytes", "blank"],
+)
+def test_an_empty_file_is_one_failure_saying_so(folder, tmp_path, member, raw, says):
+    """Not one line per check with nothing to observe (7 for SST-2's train.tsv, 5 "column missing?")."""
     path = folder / member
-    path.write_bytes(b"")
+    path.write_bytes(raw)
     dataset = DATASET_OF[member]
 
     report = validation.validate_dataset(info_for(dataset, folder, only=member), tmp_path / "docs")
 
+    assert report["failures"] == [f"{dataset}: {path}: the file is {says}: download or copy it again"]
     assert report["success"] is False and report["files"][member]["rows"] == 0
-    assert all(line.startswith(f"{dataset}: {path}: expect_") for line in report["failures"])
-    lo = 5 if member == VOCAB else 10
-    assert (
-        f"{dataset}: {path}: expect_table_row_count_to_be_between(min_value={lo}, max_value=50000000) "
-        "failed, observed 0"
-    ) in report["failures"]
+
+
+def _sparse(size: int) -> Callable[[Path], None]:
+    """``truncate -s``: the file grows to ``size`` with NUL bytes that take no disk."""
+
+    def grow(path: Path) -> None:
+        with path.open("r+b") as f:
+            f.truncate(size)
+
+    return grow
+
+
+def _zipped(path: Path) -> None:
+    import zipfile
+
+    text = path.read_bytes()
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(path.name, text)
+
+
+NOT_TEXT = {
+    # id: (file, change to it, the one failure after "the file is ", from the file's original bytes)
+    "sparse": (
+        WIKI_TEST,
+        _sparse(256 << 20),
+        lambda b: (
+            f"binary, not text: NUL bytes from byte {len(b) + 1:,} (a sparse or corrupt file?): "
+            "download or copy it again"
+        ),
+    ),
+    "nul-inside": (
+        TRAIN,
+        lambda p: p.write_bytes(p.read_bytes().replace(b"take 7", b"take\x007")),
+        lambda b: (
+            f"binary, not text: NUL bytes from byte {b.index(b'take 7') + 5} (a sparse or corrupt file?): "
+            "download or copy it again"
+        ),
+    ),
+    "gzip": (
+        VOCAB,
+        lambda p: p.write_bytes(__import__("gzip").compress(p.read_bytes())),
+        lambda b: "gzip-compressed: gunzip it first",
+    ),
+    "zip": (WIKI_VALID, _zipped, lambda b: "a zip archive: unzip it first"),
+    "utf-16": (
+        TEST,
+        lambda p: p.write_bytes(p.read_text().encode("utf-16")),
+        lambda b: "UTF-16 text, not UTF-8: save it as UTF-8",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_TEXT))
+def test_a_file_that_is_not_text_is_one_failure_read_in_no_frame(folder, tmp_path, monkeypatch, case):
+    """A 2 GB sparse wiki.test.raw was read whole into frames (17 GB); a 200 MB one passed as a long line."""
+    member, change, says = NOT_TEXT[case]
+    path = folder / member
+    original = path.read_bytes()
+    change(path)
+    read = validation._decode_lines
+
+    def decode(p: Path):
+        assert p != path, "the file was read whole, to build a frame"
+        return read(p)
+
+    monkeypatch.setattr(validation, "_decode_lines", decode)
+    dataset = DATASET_OF[member]
+
+    report = validation.validate_dataset(info_for(dataset, folder, only=member), tmp_path / "docs")
+
+    assert report["failures"] == [f"{dataset}: {path}: the file is {says(original)}"]
+    assert report["files"][member] == {"path": str(path), "rows": 0, "expectations": 0, "failed": 1}
+
+
+def test_a_file_that_is_not_text_fails_the_check_beside_its_validated_neighbours(folder, tmp_path):
+    """As the DAG's validate task and the CLI read the report: the failure listed, the other files' pages kept."""
+    (folder / TRAIN).write_bytes(__import__("gzip").compress((folder / TRAIN).read_bytes()))
+    (folder / DEV).write_text(_tsv_field(2, 1, "2")(VALID_FILES[DEV]))
+    docs = tmp_path / "docs"
+
+    with pytest.raises(ValidationFailed) as err:
+        validation.check(info_for("sst2", folder), docs)
+
+    assert err.value.lines == [
+        f"sst2: {folder / DEV}: expect_column_values_to_be_in_set(column='label', value_set=['0', '1']) failed, "
+        "observed 1 unexpected of 20, e.g. ['2'] at lines [3]",
+        f"sst2: {folder / TRAIN}: the file is gzip-compressed: gunzip it first",
+    ]
+    saved = json.loads((docs / "validation.json").read_text())
+    assert saved["failures"] == err.value.lines and saved["files"][TRAIN]["failed"] == 1
+    assert "docs" not in saved["files"][TRAIN]  # no expectation ran on it: no result page
+    assert Path(saved["files"][DEV]["docs"]).is_file() and Path(saved["files"][TEST]["docs"]).is_file()
+    assert err.value.docs == saved["files"][DEV]["docs"]  # the first failing file with a page
+
+
+def test_the_whole_file_scan_reads_in_bounded_chunks(tmp_path):
+    """Every byte of a blank file is read (no text ends the scan early), a chunk at a time."""
+    import tracemalloc
+
+    path = tmp_path / "blank.raw"
+    with path.open("wb") as f:
+        for _ in range(32):
+            f.write(b" \n" * (1 << 19))
+    tracemalloc.start()
+    try:
+        says = validation.whole_file_defect(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert says == "the file is empty (33,554,432 bytes, all whitespace): download or copy it again"
+    assert peak < 3 * validation.SCAN_CHUNK, peak
 
 
 def test_a_pinned_archive_must_have_the_genuine_row_counts(folder, tmp_path):
