@@ -335,8 +335,12 @@ def test_a_failed_run_ends_with_the_cause_the_fix_and_the_task_log(tmp_path, enc
     if failure == "expected":
         assert "DataError: download http://127.0.0.1:9/SST-2.zip: too slow" in text
         assert "Traceback" not in text  # an expected failure is its message
+        said = text.index("DataError: download http://127.0.0.1:9/SST-2.zip: too slow")
     else:
         assert "Traceback (most recent call last)" in text and "ValueError: disk full" in text
+        said = text.index("Traceback (most recent call last)")
+    # As in a worker's log (docs/operations.md): the cause, once, then the line to grep for below it.
+    assert said < text.index("encoderflow FAILED") and text.count("Traceback (most recent call last)") <= 1
 
     # The failure callback kept the cause in the run folder.
     record = json.loads((layout.run_dir(run_id) / "failure.json").read_text())
@@ -539,15 +543,27 @@ def test_a_retry_wait_is_said_once_not_every_second():
     def record(message: str) -> logging.LogRecord:
         return logging.LogRecord("airflow", logging.WARNING, __file__, 1, message, None, None)
 
-    waiting = "No tasks to run. unrunnable tasks: {<TaskInstance: pretrain [up_for_retry]>}"
-    downstream = "No tasks to run. unrunnable tasks: {<TaskInstance: report [None]>}"
+    run = "manual__2026-12-07T09:22:02.123456+00:00"
+    waiting = (
+        f"No tasks to run. unrunnable tasks: {{<TaskInstance: encoder_pretraining.pretrain {run} [up_for_retry] "
+        "ti_id=019a-7c3e>, <TaskInstance: encoder_pretraining.report " + run + " [None] ti_id=019a-7c3f>}"
+    )
+    downstream = "No tasks to run. unrunnable tasks: {<TaskInstance: encoder_pretraining.report x [None] ti_id=1>}"
+    mapped = (
+        f"No tasks to run. unrunnable tasks: {{<TaskInstance: d.build_shard {run} map_index=3 [up_for_retry] ti_id=2>}}"
+    )
     f = UnrunnableFilter()
-    kept = [
-        m
-        for m in [waiting] * 30 + [downstream, "pretrain: epoch 1/2", waiting.replace("pretrain", "finetune")]
-        if f.filter(record(m))
+    kept = []
+    for m in [waiting] * 30 + [downstream, "pretrain: epoch 1/2", waiting.replace("pretrain", "finetune"), mapped]:
+        if f.filter(said := record(m)):
+            kept.append(said.getMessage())
+    # Once, and as the task that waits: each task instance's repr made it a line of 800 characters.
+    assert kept == [
+        "waiting: pretrain (up_for_retry); a retry starts after its delay",
+        "pretrain: epoch 1/2",
+        "waiting: finetune (up_for_retry); a retry starts after its delay",
+        "waiting: build_shard[3] (up_for_retry); a retry starts after its delay",
     ]
-    assert kept == [waiting, "pretrain: epoch 1/2", waiting.replace("pretrain", "finetune")]
 
 
 def _summary(capsys, run_id: str, state: str, states) -> list[str]:

@@ -240,6 +240,8 @@ def log_failure(context) -> None:
     # failure.json is what the runs page shows: its fix names the form's fields as the task log's does.
     cause = errors.cause_of(exc)
     cause = replace(cause, fix=in_form_words(cause.fix))
+    if _ACTIVE_LOGS is not None:  # encoderflow run: the cause goes above this line, as a worker's log has it
+        _ACTIVE_LOGS.write_exception(ti, exc)
     log.error("encoderflow FAILED %s.%s run=%s %s: %s", ti.dag_id, label, ti.run_id, attempt, cause.error)
     preset = (context.get("params") or {}).get("preset")
     _record_failure(ti, map_index, max_tries, cause, no_retry=no_retry, preset=preset)
@@ -288,8 +290,10 @@ def forget_failure(context) -> None:
         log.warning("could not remove the failure kept in %s: %s", errors.failure_path(ti.run_id), e)
 
 
-# While `encoderflow run` runs the DAG in its own process: what SIGTERM does there (stop the run as Ctrl-C does).
+# While `encoderflow run` runs the DAG in its own process: what SIGTERM does there (stop the run as Ctrl-C does),
+# and the task logs it writes (TaskLogs).
 _IN_PROCESS_STOP: Any = None
+_ACTIVE_LOGS: Any = None
 
 
 def keep_stop_on_sigterm(context) -> None:
@@ -451,6 +455,7 @@ class TaskLogs:
         self.run_id: str | None = None  # the run's: set before it starts (run_dag), or by its first task
         self.running: tuple[str, int, int] | None = None  # the task instance running now
         self.claim = None  # an open file: this process's claim on the run (see _claimed)
+        self._written: set[tuple[str, int, int]] = set()  # the tries whose exception is in their log
         self._file = None
         self._handler = _TeeHandler(self)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -458,6 +463,8 @@ class TaskLogs:
     def __enter__(self) -> TaskLogs:
         from airflow.sdk.listener import get_listener_manager
 
+        global _ACTIVE_LOGS
+        _ACTIVE_LOGS = self
         get_listener_manager().add_listener(self)
         logging.getLogger().addHandler(self._handler)
         return self
@@ -465,6 +472,8 @@ class TaskLogs:
     def __exit__(self, *exc_info) -> None:
         from airflow.sdk.listener import get_listener_manager
 
+        global _ACTIVE_LOGS
+        _ACTIVE_LOGS = None
         logging.getLogger().removeHandler(self._handler)
         manager = get_listener_manager()
         if manager.pm.is_registered(self):
@@ -517,17 +526,25 @@ class TaskLogs:
 
     @hookimpl
     def on_task_instance_failed(self, previous_state, task_instance, error) -> None:
-        import traceback
 
         if self._file is None:  # failed before it ran (e.g. while rendering templates)
             self._open(task_instance)
         cause = errors.cause_of(error)
         self.failed.append((self.key(task_instance), cause))
-        # What a worker's log holds in Airflow's exception record: an expected failure's text (cause
-        # and fix), an unexpected one's traceback.
-        if isinstance(error, BaseException):
-            self.write(str(error) if cause.expected else "".join(traceback.format_exception(error)))
+        self.write_exception(task_instance, error)
         self._close()
+
+    def write_exception(self, ti, error) -> None:
+        """What a worker's log holds in Airflow's exception record (an expected failure's text, cause and
+        fix; an unexpected one's traceback), once per try. The failure callback writes it before its
+        "encoderflow FAILED" line, as on a worker: the cause is the record just above that line."""
+        import traceback
+
+        key = self.key(ti)
+        if key in self._written or not isinstance(error, BaseException):
+            return
+        self._written.add(key)
+        self.write(str(error) if errors.cause_of(error).expected else "".join(traceback.format_exception(error)))
 
 
 class _TeeHandler(logging.Handler):
@@ -571,6 +588,9 @@ class UnrunnableFilter(logging.Filter):
         super().__init__()
         self.last: str | None = None
 
+    # A task instance as dag.test prints it: "<TaskInstance: dag.task run_id [map_index=N ][state] ti_id=...>".
+    _TI = re.compile(r"<TaskInstance: (?:[\w.-]+\.)?([\w-]+)(?: \S+)?(?: map_index=(\d+))? \[(\w+)\]")
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if not message.startswith("No tasks to run."):
@@ -578,6 +598,14 @@ class UnrunnableFilter(logging.Filter):
         if not any(state in message.lower() for state in ("up_for_retry", "deferred")) or message == self.last:
             return False
         self.last = message
+        # Each task instance's repr (dag, run id, ti id) made this one line of 800 characters: say who waits.
+        waiting = [
+            f"{task}{f'[{index}]' if index else ''} ({state})"
+            for task, index, state in self._TI.findall(message)
+            if state.lower() in ("up_for_retry", "deferred")
+        ]
+        if waiting:
+            record.msg, record.args = f"waiting: {', '.join(waiting)}; a retry starts after its delay", None
         return True
 
 
@@ -592,7 +620,7 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
         if changed:  # a run Ctrl-C stopped was marked already
             sys.stderr.write(
                 f"encoderflow run: run {run_id} stopped without finishing (its process is gone): marked failed "
-                f"({', '.join(f'{t} {s}' for t, _, s in changed)})\n"
+                f"({', '.join(f'{t}[{m}] {s}' if m >= 0 else f'{t} {s}' for t, m, s in sorted(changed))})\n"
             )
     test_loop = logging.getLogger(type(dag).test.__module__)
     unrunnable = UnrunnableFilter()
