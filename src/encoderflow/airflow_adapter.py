@@ -618,9 +618,12 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
     dag = load_dag(dag_folder)
     for run_id, changed in sweep_stopped_runs():
         if changed:  # a run Ctrl-C stopped was marked already
+            said = ", ".join(
+                f"{t}[{m}] {s}" if m >= 0 else f"{t} {s}" for t, m, s in sorted(changed, key=_failed_first)
+            )
             sys.stderr.write(
                 f"encoderflow run: run {run_id} stopped without finishing (its process is gone): marked failed "
-                f"({', '.join(f'{t}[{m}] {s}' if m >= 0 else f'{t} {s}' for t, m, s in sorted(changed))})\n"
+                f"({said})\n"
             )
     test_loop = logging.getLogger(type(dag).test.__module__)
     unrunnable = UnrunnableFilter()
@@ -644,6 +647,12 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
         tis = session.query(TaskInstance).filter(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == dr.run_id).all()
         states = sorted((ti.task_id, ti.map_index, str(ti.state)) for ti in tis)
     return RunOutcome(dr.run_id, str(dr.state), states, logs)
+
+
+def _failed_first(ti: tuple[str, int, str]) -> tuple[bool, str, int]:
+    """The task that was running (failed) first, then those that never ran, each in task and index order."""
+    task, index, state = ti
+    return state != "failed", task, index
 
 
 @contextlib.contextmanager
