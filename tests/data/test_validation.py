@@ -86,7 +86,19 @@ CORRUPTIONS = {
     "sst2-swapped-columns": (
         TRAIN,
         _swap_columns,
-        [("expect_table_columns_to_match_ordered_list", "['label', 'sentence', '_fields', '_utf8', '_label_value']")],
+        [("expect_table_columns_to_match_ordered_list", "columns ['label', 'sentence']")],
+    ),
+    # A misnamed column is one failure naming the columns there are, not also "no value (column missing?)"
+    # from each check of the column it lacks.
+    "sst2-misnamed-label-column": (
+        DEV,
+        _replace_line(0, lambda s: s.replace("label", "lable")),
+        [
+            (
+                "expect_table_columns_to_match_ordered_list(column_list=['sentence', 'label'])",
+                "columns ['sentence', 'lable']",
+            )
+        ],
     ),
     "sst2-label-2": (
         DEV,

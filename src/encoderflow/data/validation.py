@@ -191,6 +191,12 @@ def suite_for(member: str, strict: bool, df=None) -> list[Any]:
         E.ExpectTableRowCountToBeBetween(min_value=lo, max_value=hi),
         E.ExpectColumnValuesToBeInSet(column="_utf8", value_set=[True]),
     ]
+    if member.startswith("SST-2/"):
+        columns = ["index", "sentence"] if member.endswith("test.tsv") else ["sentence", "label"]
+        if df is not None and [c for c in df.columns if not str(c).startswith("_")] != columns:
+            # A misnamed header is one failure naming the columns there are, not also every check of a
+            # column it lacks ("no value (column missing?)" five times).
+            return common + [E.ExpectTableColumnsToMatchOrderedList(column_list=columns)]
     if member.startswith("SST-2/") and member.endswith("test.tsv"):
         return common + [
             E.ExpectTableColumnsToMatchOrderedList(column_list=["index", "sentence", "_fields", "_utf8"]),
@@ -623,7 +629,10 @@ def validate_dataset(
             for r in run_result.results:
                 if not r.success:
                     observed = _observed(r, df)
-                    if r.expectation_config.type == "expect_column_to_exist":
+                    if r.expectation_config.type in (
+                        "expect_column_to_exist",
+                        "expect_table_columns_to_match_ordered_list",
+                    ):
                         observed = f"columns {[c for c in df.columns if not str(c).startswith('_')]}"
                     file_failures.append(Failure(dataset, named, _describe_expectation(r.expectation_config), observed))
         failures += file_failures
