@@ -521,12 +521,7 @@ class FinetuneConfig(_Optimizer):
         5e-5, "AdamW.", minimum=0.0, exclusive_minimum=True, maximum=1.0, title="Fine-tuning learning rate", form=TUNE
     )
     epochs: int = knob(
-        3,
-        "Passes over the labeled train split (SST-2 train by default).",
-        minimum=1,
-        maximum=1000,
-        title="Fine-tuning epochs",
-        form=TUNE,
+        3, "Passes over the labeled train split.", minimum=1, maximum=1000, title="Fine-tuning epochs", form=TUNE
     )
     steps_per_epoch: int = knob(
         0,
