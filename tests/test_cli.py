@@ -228,14 +228,18 @@ def test_dag_params_become_config_values():
         from_params({"preset": "smoke", "pretrain_epochs": -1})  # 0 is allowed: no pretraining
 
 
-def test_validate_passes_offline_without_a_train_split_and_fails_on_bad_data(tmp_path, capsys):
+def test_validate_passes_offline_without_a_train_split_and_fails_on_bad_data(tmp_path, capsys, caplog):
     from tests.fixtures_pipeline import write_tree
 
     tree = write_tree(tmp_path / "data")
     (tree / "wikitext-103-raw" / "wiki.train.raw").unlink()
+    caplog.clear()
     assert cli.main(["validate", "--preset", "smoke", "--data-dir", str(tree)]) == 0
     out = capsys.readouterr().out
     assert "wiki.train.raw not in" in out and "all datasets passed" in out
+    # Each result once: the summary's "labeled: PASSED (...)", not also the validation module's log lines.
+    assert out.count("labeled: PASSED") == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "encoderflow.data.validation"] == []
 
     dev = tree / "SST-2" / "dev.tsv"
     dev.write_text(dev.read_text().replace("\t1\n", "\t2\n", 1))

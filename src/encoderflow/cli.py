@@ -254,12 +254,25 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Validate every role's data. Offline, WikiText splits absent from the folder are skipped
     (said so), since a folder may lack the train split; a run still demands the splits it uses."""
+    from encoderflow.data import validation
+
+    _setup_logging()
+    # Its per-file lines and PASSED line are what this command's summary prints: said once, there.
+    quiet = logging.getLogger(validation.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        return _validate_roles(args)
+    finally:
+        quiet.setLevel(level)
+
+
+def _validate_roles(args: argparse.Namespace) -> int:
     from encoderflow import steps
     from encoderflow.config import Sources
     from encoderflow.data import sources, validation
     from encoderflow.data.inputs import BUILTIN
 
-    _setup_logging()
     params = run_conf(args)
     cfg = from_params(params)  # a bad --set fails here, before any download
     custom = Sources.from_params(params).custom()
