@@ -24,7 +24,16 @@ from urllib.parse import quote
 from encoderflow import DAG_ID
 from encoderflow.gate import METRICS as GATE_METRICS
 from encoderflow.gate import metric_tag
-from encoderflow.runs import DEFAULT_MODEL, FORCE_HINT, STAGES, accuracy_text, finite, intervals_text, skipped_text
+from encoderflow.runs import (
+    DEFAULT_MODEL,
+    FORCE_HINT,
+    STAGES,
+    accuracy_text,
+    failed_at,
+    finite,
+    intervals_text,
+    skipped_text,
+)
 
 METRICS = (
     ("val_accuracy", "dev accuracy"),
@@ -530,13 +539,13 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
     failure = run.get("failure")
     failed = ""
     if failure:
-        where = f"{failure.get('task_id') or 'a task'}, try {failure.get('try_number', '?')}"
-        if str(failure.get("log_url") or "").startswith(("http://", "https://", "/")):
+        where = failed_at(failure)
+        if where and str(failure.get("log_url") or "").startswith(("http://", "https://", "/")):
             where = f"<a target='_top' href='{_e(failure['log_url'])}'>{_e(where)}</a>"
         else:
             where = _e(where)
         failed = (
-            f"<span class='no'>FAILED</span> at {where}<ul><li>{_e(failure.get('error'))}: "
+            f"<span class='no'>FAILED</span>{f' at {where}' if where else ''}<ul><li>{_e(failure.get('error'))}: "
             f"{_e(failure.get('message'))}</li><li>fix: {_e(failure.get('fix'))}</li></ul>"
         )
     if gate is None and failure:

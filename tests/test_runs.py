@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from encoderflow import cli, layout, runs
+from encoderflow import DAG_ID, cli, errors, layout, runs
 from tests.fixtures_runs import BLESSED_RUN, FAILED_RUN, REJECTED_RUN, write_runs
 
 QUEUED_RUN = "manual__2026-11-28T12:00:00+00:00"
@@ -454,3 +454,18 @@ def test_a_run_triggered_in_the_ui_shows_its_preset_and_log_before_it_reports(re
     airflow_log.parent.mkdir(parents=True)
     airflow_log.write_text("ValidationFailed: ...\n")
     assert f"           log: {airflow_log}\n" in "\n".join(runs.detail_lines(_entries(home, [])[FAILED_RUN], home))
+
+
+def test_a_run_stopped_before_or_between_tasks_names_no_task(encoderflow_home):
+    """A Ctrl-C in a run's first seconds read "failed at a task, try ?"."""
+    from encoderflow import airflow_adapter as af
+
+    run_id = "manual__2026-12-07T09:46:40.000000+00:00"
+    cause = errors.Cause("Interrupted", "Ctrl-C between tasks", af.rerun_fix(None), expected=True)
+    errors.record_failure(run_id, cause, dag_id=DAG_ID, run_id=run_id, preset="smoke")
+    [entry] = runs.collect_runs(encoderflow_home)
+    lines = runs.detail_lines(entry, encoderflow_home)
+    assert "failed     Interrupted: Ctrl-C between tasks" in lines and entry["preset"] == "smoke"
+    assert "           fix: run it again: what finished is reused" in lines  # no backup to resume from
+    assert runs.failed_at({"task_id": "build_shard", "map_index": 3, "try_number": 2}) == "build_shard[3], try 2"
+    assert af.rerun_fix("pretrain").endswith("and pretraining resumes from its last backup")

@@ -636,7 +636,7 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
     now = datetime.now(UTC)
     run_id = DagRun.generate_run_id(run_type=DagRunType.MANUAL, logical_date=now, run_after=now)
     try:
-        with TaskLogs() as logs, _claimed(logs, run_id), _stopped_by_ctrl_c(logs):
+        with TaskLogs() as logs, _claimed(logs, run_id), _stopped_by_ctrl_c(logs, conf.get("preset")):
             dr = dag.test(run_conf=conf, logical_date=now, run_after=now)
     finally:
         test_loop.removeFilter(unrunnable)
@@ -649,6 +649,12 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
     return RunOutcome(dr.run_id, str(dr.state), states, logs)
 
 
+def rerun_fix(task: str | None) -> str:
+    """What to do about a run stopped in ``task`` (None: between tasks)."""
+    resumes = " and pretraining resumes from its last backup" if task == "pretrain" else ""
+    return f"run it again: what finished is reused{resumes}"
+
+
 def _failed_first(ti: tuple[str, int, str]) -> tuple[bool, str, int]:
     """The task that was running (failed) first, then those that never ran, each in task and index order."""
     task, index, state = ti
@@ -656,7 +662,7 @@ def _failed_first(ti: tuple[str, int, str]) -> tuple[bool, str, int]:
 
 
 @contextlib.contextmanager
-def _stopped_by_ctrl_c(logs: TaskLogs) -> Iterator[None]:
+def _stopped_by_ctrl_c(logs: TaskLogs, preset: str | None = None) -> Iterator[None]:
     """Ctrl-C stops the run, there and then, and nothing after the running task runs.
 
     Left to Python, SIGINT raises KeyboardInterrupt wherever the main thread is: a task fails with it
@@ -673,12 +679,12 @@ def _stopped_by_ctrl_c(logs: TaskLogs) -> Iterator[None]:
         by = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         task = f"{logs.running[0]}{f'[{logs.running[1]}]' if logs.running[1] >= 0 else ''}" if logs.running else None
         where = f"during {task}" if task else "between tasks"
-        fix = "run it again: what finished is reused and pretraining resumes from its last backup"
+        fix = rerun_fix(logs.running[0] if logs.running else None)
         if logs.run_id:
             logs.write(f"encoderflow INTERRUPTED ({by}) {where}: the run stops here; {fix}")
             cause = errors.Cause("Interrupted", f"{by} {where}", fix, expected=True)
             where_ids = dict(zip(("task_id", "map_index", "try_number"), logs.running or (), strict=False))
-            errors.record_failure(logs.run_id, cause, dag_id=DAG_ID, run_id=logs.run_id, **where_ids)
+            errors.record_failure(logs.run_id, cause, dag_id=DAG_ID, run_id=logs.run_id, preset=preset, **where_ids)
             subprocess.Popen(
                 [sys.executable, "-m", __name__, "fail-run", logs.run_id, str(os.getpid())],
                 env=os.environ.copy(),
@@ -814,7 +820,7 @@ def fail_run(run_id: str, wait_for_pid: int | None = None, wait_s: float = 60.0)
             "Stopped",
             f"the encoderflow run process that ran it ended {f'during {task}' if task else 'between tasks'} without "
             "finishing (killed, or its machine stopped)",
-            "run it again: what finished is reused and pretraining resumes from its last backup",
+            rerun_fix(where.get("task_id")),
             expected=True,
         )
         with contextlib.suppress(OSError):  # an Interrupted record (Ctrl-C) of the same try stays first

@@ -674,6 +674,16 @@ def skipped_text(unchanged: Mapping[str, Any]) -> str:
     return f"{message} ({unchanged.get('basis') or CHAMPION_BASIS})"
 
 
+def failed_at(failure: Mapping[str, Any]) -> str | None:
+    """Which try of which task a failure record names (``build_shard[3], try 1``), or None: a run stopped
+    before its first task, or between tasks, names none."""
+    task = failure.get("task_id")
+    if not task:
+        return None
+    index = failure.get("map_index")
+    return f"{task}{f'[{index}]' if index not in (None, -1) else ''}, try {failure.get('try_number', '?')}"
+
+
 def verdict_of(entry: dict[str, Any]) -> str:
     gate = entry.get("gate")
     if gate is not None:
@@ -765,11 +775,9 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
         out.append("folder     none (the run has not written one)")
     failure = entry.get("failure")
     if failure:
-        where = failure.get("task_id") or "a task"
-        if failure.get("map_index") not in (None, -1):
-            where += f"[{failure['map_index']}]"
         said = f"{failure.get('error')}: {failure.get('message')}"
-        out.append(f"failed     at {where}, try {failure.get('try_number', '?')}: {said}")
+        where = failed_at(failure)
+        out.append(f"failed     at {where}: {said}" if where else f"failed     {said}")
         out.append(f"           fix: {failure.get('fix')}")
         if log := _log_file(folder, failure):
             out.append(f"           log: {log}")
