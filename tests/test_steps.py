@@ -476,15 +476,43 @@ def test_a_cleared_gate_keeps_the_decision_its_registered_candidate_was_register
         assert steps._decided(gate_json, sha, name, run) is None
     said = f"the champion moved since this run's blessing (from none to v{other['version']}) and its model never"
     assert said in caplog.text
-    # Carried out (its model became champion, and a later run's since) or a rejection: the decision is this
-    # run's history. Clearing the old run's tasks re-gated it against today's champion, rewrote gate.json
-    # and its version's tags to NOT BLESSED, under a champion record saying the gate blessed it.
-    registry.move_champion(name, "1", expected=other["version"], reason="gate blessed run manual__gated", who="airflow")
-    registry.move_champion(name, other["version"], expected="1", reason="a later run", who="airflow")
-    assert steps._decided(gate_json, sha, name, run) is not None
+    # A rejection is this run's history: clearing its tasks after later champions keeps it.
     rejected = {**decision, "blessed": False, "reasons": ["champion: below"], "champion_version": "9"}
     layout.write_json(gate_json, {**rejected, "candidate_bundle_sha256": sha})
     assert steps._decided(gate_json, sha, name, run)["blessed"] is False
+
+
+def test_a_cleared_old_run_whose_blessing_was_carried_out_keeps_it_and_moves_nothing(tmp_path):
+    """Clearing an old promoted run's tasks after a later champion re-gated it against today's champion
+    and rewrote its decision; kept, its promote then failed StaleChampion, and the fix it printed (clear
+    the gate) looped. Its blessing was carried out: kept, and nothing moves."""
+    from encoderflow import DAG_ID
+
+    run, name = "manual__first", "encoderflow-sst2"
+    candidate = fake_bundle(tmp_path / "bundle", "1")
+    sha = bundle.identity(candidate)
+    decision = {
+        "blessed": True,
+        "reasons": [],
+        "checks": [],
+        "candidate": 0.9,
+        "champion": None,
+        "champion_version": None,
+    }
+    gate_json = layout.write_json(layout.run_dir(run) / "gate.json", {**decision, "candidate_bundle_sha256": sha})
+    tags = {"airflow.run_id": run, "airflow.dag_id": DAG_ID}
+    first = registry.log_candidate(name, candidate, {}, {}, {}, tags, decision)["version"]
+    registry.move_champion(name, first, expected=None, reason=f"gate blessed run {run}", who="airflow")
+    later = registry.log_candidate(
+        name, fake_bundle(tmp_path / "later", "2"), {}, {}, {}, {"airflow.run_id": "manual__later"}, decision
+    )["version"]
+    registry.move_champion(name, later, expected=first, reason="gate blessed run manual__later", who="airflow")
+    current = registry.champion(name)
+    assert steps._decided(gate_json, sha, name, run) is not None  # the gate, cleared: kept
+    assert steps._carried_out(name, decision, first, current)  # promote, cleared: nothing moves
+    # A new run blessing the old model against today's champion (new dev data, say) is a new decision: it moves.
+    assert not steps._carried_out(name, {**decision, "champion_version": later}, first, current)
+    assert not steps._carried_out(name, decision, later, current)  # the champion itself: move_champion says so
 
 
 def test_validation_refuses_a_file_changed_since_its_download_recorded_it(tmp_path):

@@ -791,6 +791,22 @@ def history(name: str) -> list[dict[str, Any]]:
     return moves_in(tags)
 
 
+def promoted_from(name: str, before: str | None, version: str) -> bool:
+    """Whether a promotion on record moved ``name``'s champion from ``before`` (None: no champion) to
+    ``version``: a gate decision against ``before`` that blessed ``version`` was carried out (the
+    champion may have moved on since)."""
+
+    def said(v: Any) -> str | None:
+        return None if v is None else str(v)
+
+    return any(
+        move.get("action") == "promote"
+        and said(move.get("from")) == said(before)
+        and said(move.get("to")) == str(version)
+        for move in history(name)
+    )
+
+
 def versions_of_model(name: str, identity: str, content: str | None = None) -> list[dict[str, Any]]:
     """The versions of ``name`` that hold the model ``identity`` or ``content`` names (:func:`_holders`),
     oldest first: each ``version``, and ``demoted``, the move a person made off it (``champion.demoted``),

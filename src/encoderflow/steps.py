@@ -475,7 +475,7 @@ def _decided(gate_json: Path, candidate: str, name: str, run_id: str) -> dict[st
     stale = (
         decision.get("blessed")
         and now not in (decision.get("champion_version"), version["version"])
-        and not any(move.get("to") == version["version"] for move in registry.history(name))
+        and not registry.promoted_from(name, decision.get("champion_version"), version["version"])
     )
     if stale:
         # promote failed StaleChampion (blessed, never champion): its fix is this clear, and the decision
@@ -584,7 +584,18 @@ def promote(
         extra_artifacts=[curves_png],
     )
     promoted = None
-    if decision["blessed"]:
+    current = registry.champion(cfg.gate.registered_model)
+    if decision["blessed"] and _carried_out(cfg.gate.registered_model, decision, registered["version"], current):
+        # An old run's tasks cleared after later champions: its blessing made this version champion
+        # then, and moving the alias back now would undo every promotion since.
+        log.info(
+            "promote: %s v%s was made champion by this blessing before; the champion has moved on since (now "
+            "v%s): nothing moves",
+            cfg.gate.registered_model,
+            registered["version"],
+            current["version"] if current else None,
+        )
+    elif decision["blessed"]:
         promoted = registry.move_champion(
             cfg.gate.registered_model,
             registered["version"],
@@ -612,6 +623,15 @@ def promote(
         "champion_version": current["version"] if current else None,
         "registered_model": cfg.gate.registered_model,
     }
+
+
+def _carried_out(name: str, decision: Mapping[str, Any], version: str, current: Mapping[str, Any] | None) -> bool:
+    """Whether this blessing of ``version`` was carried out already (the champion moved from the one it
+    was judged against to ``version``) and the champion has moved on since."""
+    from encoderflow import registry
+
+    moved_on = current is None or current["version"] != str(version)
+    return moved_on and registry.promoted_from(name, decision.get("champion_version"), version)
 
 
 def _decided_for(decision: dict[str, Any], candidate: str) -> None:

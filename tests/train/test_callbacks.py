@@ -127,3 +127,20 @@ def test_the_progress_line_rate_and_eta_leave_the_compiling_call_out(monkeypatch
         logger.on_train_batch_end(3, {"loss": 4.0})  # steps 3-4
     [line] = [r.getMessage() for r in caplog.records if "progress" in r.getMessage()]
     assert line == "pretrain progress: epoch step 4/4 loss=4.0000 seq/s=4 eta=4.0s", line
+
+
+def test_a_resumed_fit_estimates_the_steps_it_runs_not_all_of_them(caplog):
+    """Resumed at epoch 4 of 30, pretraining estimated the time of 1500 steps where 1300 were left."""
+    import keras
+
+    from encoderflow.train.callbacks import EpochLogger
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(loss="mse", optimizer="sgd")
+    x, y = np.ones((16, 2), "float32"), np.zeros((16, 1), "float32")  # 4 steps an epoch at batch 4
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        logger = EpochLogger("pretrain", 4, estimate_steps=2)
+        model.fit(x, y, batch_size=4, epochs=5, initial_epoch=3, verbose=0, callbacks=[logger])
+    [estimate] = [r.getMessage() for r in caplog.records if "estimated training time" in r.getMessage()]
+    assert estimate.endswith("for 8 steps (+ validation)"), estimate  # epochs 4 and 5, not all 5

@@ -96,6 +96,7 @@ class EpochLogger(keras.callbacks.Callback):
         self.label, self.examples_per_step, self.nan_fix = label, examples_per_step, nan_fix
         self.loss_ceiling = loss_ceiling
         self.epoch = 0
+        self.first_epoch: int | None = None
         # The last finite loss read (epoch, step, value): where a NaN's error says training still held.
         self.last_finite: tuple[int, int, float] | None = None
         self.log_every_seconds, self.estimate_steps, self.slow_hint = log_every_seconds, estimate_steps, slow_hint
@@ -112,6 +113,8 @@ class EpochLogger(keras.callbacks.Callback):
         self.epoch_t0 = time.monotonic()
         self.epoch_steps = 0
         self.epoch = epoch
+        if self.first_epoch is None:  # fit's initial_epoch: a resumed run starts past 0
+            self.first_epoch = epoch
         # The epoch line's seq/s is training's steady state: timed from the end of the epoch's first
         # call into the compiled step (the run's first also compiles it) to the start of validation.
         self.first_call = None
@@ -172,8 +175,11 @@ class EpochLogger(keras.callbacks.Callback):
         return steps * self.examples_per_step / (until - since) if until > since else float("nan")
 
     def total_steps(self) -> int | None:
+        """The steps this fit runs: a run resumed at epoch k runs ``epochs - k`` of them, not all."""
         p = self.params or {}
-        return p["epochs"] * p["steps"] if p.get("epochs") and p.get("steps") else None
+        if not (p.get("epochs") and p.get("steps")):
+            return None
+        return (p["epochs"] - (self.first_epoch or 0)) * p["steps"]
 
     def log_estimate(self) -> None:
         total = self.total_steps()
