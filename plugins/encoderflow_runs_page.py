@@ -568,8 +568,12 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
         cells.append(f"{failed}{earlier}{verdict}<ul>{items}</ul>{_intervals_text(run.get('intervals'))}")
 
     metrics = run.get("metrics") or {}
+    # A skipped run re-evaluated nothing: the champion's accuracy it shows is the one recorded on its version.
+    labels = (
+        {**dict(METRICS), "champion_val_accuracy": "champion (recorded)"} if run.get("unchanged") else dict(METRICS)
+    )
     cells.append(
-        "<br>".join(f"{label}: <b>{accuracy_text(metrics.get(key))}</b>" for key, label in METRICS if key in metrics)
+        "<br>".join(f"{labels[key]}: <b>{accuracy_text(metrics.get(key))}</b>" for key, _ in METRICS if key in metrics)
         or "<span class='muted'>–</span>"
     )
 

@@ -599,3 +599,22 @@ def test_a_run_links_each_validated_files_result_page_failed_first_and_its_faili
     assert f"rel='noopener' class='no' href='runs/{folder.name}/{pages[0]['rel']}'>dev.tsv</a>" in html
     assert f"rel='noopener' href='runs/{folder.name}/{pages[1]['rel']}'>test.tsv</a>" in html
     assert f"href='{html_escape(url, quote=True)}'>validate_labeled, try 1</a>" in html
+
+
+def test_a_skipped_run_shows_the_champions_recorded_accuracy_and_why_it_skipped(encoderflow_home):
+    """A SKIPPED row said "champion (re-evaluated)" of an accuracy nothing in that run evaluated."""
+    from encoderflow import layout
+
+    run_id = "scheduled__2026-12-08T03:00:00+00:00"
+    unchanged = {
+        "champion_version": "1",
+        "message": "nothing changed since v2, which the gate rejected against champion v1",
+        "basis": "data, code and config hashes equal v2's, as do the champion and the gate.* and baseline.* settings "
+        "it was judged under; it failed floor: 0.6720 < floor 0.9900",
+        "rejected_version": "2",
+    }
+    summary = {"run_id": run_id, "preset": "smoke", "unchanged": unchanged, "metrics": {"champion_val_accuracy": 0.81}}
+    layout.write_json(layout.run_dir(run_id) / "summary.json", summary)
+    html = page.render(collect_runs(encoderflow_home), REGISTRY, "encoderflow-sst2", None)
+    assert "champion (recorded): <b>0.8100</b>" in html and "re-evaluated" not in html
+    assert html_escape(f"training skipped: {unchanged['message']} ({unchanged['basis']})") in html
