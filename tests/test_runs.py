@@ -469,3 +469,18 @@ def test_a_run_stopped_before_or_between_tasks_names_no_task(encoderflow_home):
     assert "           fix: run it again: what finished is reused" in lines  # no backup to resume from
     assert runs.failed_at({"task_id": "build_shard", "map_index": 3, "try_number": 2}) == "build_shard[3], try 2"
     assert af.rerun_fix("pretrain").endswith("and pretraining resumes from its last backup")
+
+
+def test_a_cleared_run_keeps_its_trigger_time_beside_airflows_start_date(encoderflow_home):
+    """A clear resets Airflow's start_date: the cleared run read as started at the clear, 20 s long."""
+    entry = {
+        "run_id": "manual__2026-12-07T10:39:50+00:00",
+        "state": "success",
+        "run_after": "2026-12-07T10:39:50+00:00",
+        "start_date": "2026-12-07T10:44:37+00:00",
+        "end_date": "2026-12-07T10:44:57+00:00",
+    }
+    assert "2026-12-07 10:39:50" in runs.table_lines([entry])[1]
+    [state] = [line for line in runs.detail_lines(entry, encoderflow_home) if line.startswith("state ")]
+    times = "triggered 2026-12-07 10:39:50 · started 2026-12-07 10:44:37 · ended 2026-12-07 10:44:57"
+    assert state == f"state      success · {times}"

@@ -734,7 +734,7 @@ def table_lines(entries: list[dict[str, Any]]) -> list[str]:
             str(e.get("run_id") or e.get("folder")),
             state_of(e),
             str(e.get("preset") or "–"),
-            _when(e.get("start_date")),
+            _when(e.get("run_after") or e.get("start_date")),  # a clear resets start_date to the clear's time
             verdict_of(e),
             *(accuracy_text((e.get("metrics") or {}).get(m)) for m in TABLE_METRICS),
             *([str(e.get("model") or "–")] if several else []),
@@ -756,7 +756,9 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
     """Everything the record holds about one run, a labelled line (or a few) per subject."""
     out = [f"run        {entry.get('run_id') or entry.get('folder')}"]
     state = state_of(entry)
-    times = [f"started {_when(entry.get('start_date'))}"] if entry.get("start_date") else []
+    times = [f"triggered {_when(entry.get('run_after'))}"] if entry.get("run_after") else []
+    # After a clear, Airflow's start_date is the clear's: both times, so a long run does not read as 20 s.
+    times += [f"started {_when(entry.get('start_date'))}"] if entry.get("start_date") else []
     if entry.get("end_date"):
         times.append(f"ended {_when(entry['end_date'])}")
     out.append(f"state      {' · '.join([state, *times])}")
