@@ -233,7 +233,7 @@ def log_failure(context) -> None:
     ti, exc = context["ti"], context.get("exception")
     map_index = getattr(ti, "map_index", -1)
     map_index = -1 if map_index is None else map_index
-    label = ti.task_id if map_index == -1 else f"{ti.task_id}[{map_index}]"
+    label = errors.task_label(ti.task_id, map_index)
     max_tries = (getattr(ti, "max_tries", 0) or 0) + 1
     no_retry = isinstance(exc, AirflowFailException)
     attempt = f"try={ti.try_number}, no retry" if no_retry else f"try={ti.try_number}/{max_tries}"
@@ -565,8 +565,6 @@ class _TeeHandler(logging.Handler):
                     f"encoderflow: could not write the task log ({exc}); its lines stay on this terminal\n"
                 )
 
-    said = False
-
 
 class RunOutcome(NamedTuple):
     run_id: str
@@ -618,9 +616,7 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
     dag = load_dag(dag_folder)
     for run_id, changed in sweep_stopped_runs():
         if changed:  # a run Ctrl-C stopped was marked already
-            said = ", ".join(
-                f"{t}[{m}] {s}" if m >= 0 else f"{t} {s}" for t, m, s in sorted(changed, key=_failed_first)
-            )
+            said = ", ".join(f"{errors.task_label(t, m)} {s}" for t, m, s in sorted(changed, key=_failed_first))
             sys.stderr.write(
                 f"encoderflow run: run {run_id} stopped without finishing (its process is gone): marked failed "
                 f"({said})\n"
@@ -677,7 +673,7 @@ def _stopped_by_ctrl_c(logs: TaskLogs, preset: str | None = None) -> Iterator[No
         for each in STOP_SIGNALS:  # a second Ctrl-C (or a TERM after it) must not cut this short
             signal.signal(each, signal.SIG_IGN)
         by = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        task = f"{logs.running[0]}{f'[{logs.running[1]}]' if logs.running[1] >= 0 else ''}" if logs.running else None
+        task = errors.task_label(*logs.running[:2]) if logs.running else None
         where = f"during {task}" if task else "between tasks"
         fix = rerun_fix(logs.running[0] if logs.running else None)
         if logs.run_id:
@@ -814,8 +810,7 @@ def fail_run(run_id: str, wait_for_pid: int | None = None, wait_s: float = 60.0)
             stopped = True
     if stopped:  # a kill leaves no record of its own: `runs` showed "FAILED" and nothing about where or why
         where = running[0] if running else {}
-        index = where.get("map_index", -1)
-        task = f"{where['task_id']}{f'[{index}]' if index >= 0 else ''}" if where else None
+        task = errors.task_label(where["task_id"], where["map_index"]) if where else None
         cause = errors.Cause(
             "Stopped",
             f"the encoderflow run process that ran it ended {f'during {task}' if task else 'between tasks'} without "

@@ -38,7 +38,7 @@ from encoderflow.config import (
     from_params,
     resolve,
 )
-from encoderflow.errors import INTERRUPTED_EXIT, Cause, EncoderflowError, check_utf8, read_failure
+from encoderflow.errors import INTERRUPTED_EXIT, Cause, EncoderflowError, check_utf8, read_failure, task_label
 
 if TYPE_CHECKING:
     from encoderflow.airflow_adapter import TaskLogs
@@ -136,7 +136,7 @@ def print_summary(
     print(f"encoderflow run {run_id}: {state.upper()} in {seconds:.0f}s")
     print("-" * 72)
     for task_id, map_index, ti_state in states:
-        print(f"  {_label(task_id, map_index):<32} {ti_state}")
+        print(f"  {task_label(task_id, map_index):<32} {ti_state}")
     summary_file = layout.run_dir(run_id) / "summary.json"
     gate_file = layout.run_dir(run_id) / "gate.json"
     s = layout.read_json(summary_file) if summary_file.exists() else None
@@ -191,12 +191,12 @@ def print_failure(run_id: str, states: list[tuple[str, int, str]], logs: TaskLog
         key, cause = logs.failed[0]
         tries = ""
     else:
-        failed = [_label(t, m) for t, m, st in states if st == "failed"]
+        failed = [task_label(t, m) for t, m, st in states if st == "failed"]
         where = f"{', '.join(failed)} failed" if failed else "no task failed"
         print(f"  {where}, and no cause was recorded: see the lines above")
         return
     task_id, map_index, try_number = key
-    print(f"  first failure: {_label(task_id, map_index)}, try {try_number}{tries}")
+    print(f"  first failure: {task_label(task_id, map_index)}, try {try_number}{tries}")
     print(f"  cause: {cause.line()}")
     print(f"  fix:   {cause.fix}")
     log_file = (logs.paths.get(key) if logs is not None else None) or layout.task_log_path(run_id, *key)
@@ -204,10 +204,6 @@ def print_failure(run_id: str, states: list[tuple[str, int, str]], logs: TaskLog
         print(f"  log:   {log_file}")
     else:
         print("  log:   none written for this try; its lines are in the output above")
-
-
-def _label(task_id: str, map_index: int) -> str:
-    return task_id if map_index < 0 else f"{task_id}[{map_index}]"
 
 
 def cmd_run(args: argparse.Namespace) -> int:

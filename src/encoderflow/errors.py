@@ -296,6 +296,11 @@ def record_failure(run_id: str, cause: Cause, /, **where: Any) -> bool:
             os.unlink(tmp)
 
 
+def task_label(task_id: str, map_index: int | None = -1) -> str:
+    """A task instance as every message names it: ``finetune``, or ``build_shard[3]`` when mapped."""
+    return task_id if map_index is None or map_index < 0 else f"{task_id}[{map_index}]"
+
+
 def _of_task(record: dict[str, Any] | None, task_id: Any, map_index: Any) -> bool:
     """Whether a failure record is this task's (its map index too)."""
     return bool(record) and record.get("task_id") == task_id and record.get("map_index", -1) == map_index

@@ -35,7 +35,7 @@ from typing import Any
 
 from encoderflow import DAG_ID, layout
 from encoderflow.config import GateConfig
-from encoderflow.errors import failure_outlived
+from encoderflow.errors import failure_outlived, task_label
 from encoderflow.gate import METRICS as GATE_METRICS
 from encoderflow.layout import read_json_or_none, safe_run_id
 from encoderflow.results import current_names
@@ -680,8 +680,7 @@ def failed_at(failure: Mapping[str, Any]) -> str | None:
     task = failure.get("task_id")
     if not task:
         return None
-    index = failure.get("map_index")
-    return f"{task}{f'[{index}]' if index not in (None, -1) else ''}, try {failure.get('try_number', '?')}"
+    return f"{task_label(task, failure.get('map_index'))}, try {failure.get('try_number', '?')}"
 
 
 def verdict_of(entry: dict[str, Any]) -> str:
