@@ -91,6 +91,19 @@ def test_an_hdf5_file_is_written_through_atomic_path(tmp_path):
         assert list(f["w"][:]) == [1.0, 2.0]
 
 
+def test_a_write_the_disk_has_no_room_for_is_refused_as_a_full_disk(tmp_path):
+    import errno
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    layout.require_room(tmp_path / "fits.bin", 1024, "a file")
+    with pytest.raises(OSError) as refused:
+        layout.require_room(tmp_path / "huge.bin", free * 4 + 2**40, "a huge file")
+    assert (refused.value.errno, refused.value.filename) == (errno.ENOSPC, str(tmp_path / "huge.bin"))
+    assert refused.value.strerror.startswith("a huge file needs about ") and " is free" in refused.value.strerror
+    assert not (tmp_path / "huge.bin").exists()
+
+
 DIR_WRITER = """
 import sys, time
 from pathlib import Path

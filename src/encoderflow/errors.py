@@ -103,8 +103,11 @@ def storage_error(exc: BaseException) -> StorageFull | None:
         if code in _STORAGE:
             what, fix = _STORAGE[code]
             where = f" writing {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+            # layout.require_room's refusal says the sizes; the system's own text says no more than `what`.
+            own = isinstance(exc, OSError) and exc.strerror and exc.strerror != os.strerror(code)
+            sizes = f": {exc.strerror}" if own else ""
             return StorageFull(
-                f"{what}{where} (ENCODERFLOW_HOME={layout.home()})",
+                f"{what}{where}{sizes} (ENCODERFLOW_HOME={layout.home()})",
                 fix=f"{fix}, or set ENCODERFLOW_HOME to another disk; then clear the task (or run again)",
             )
         exc = exc.__cause__ or exc.__context__

@@ -6,6 +6,7 @@ so a re-run with the same inputs finds its finished work and a retry never mixes
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import hashlib
@@ -161,6 +162,33 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         finally:
             if tmp_path.exists():
                 tmp_path.unlink()
+
+
+def human_size(size: float) -> str:
+    """``size`` bytes as B, KB, MB or GB (1024 each)."""
+    unit = "B"
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            break
+        size /= 1024
+    return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+
+
+def require_room(path: str | os.PathLike, size: int, what: str) -> None:
+    """Refuse to write ``path``, about ``size`` bytes, as a full disk would, before the write starts.
+
+    HDF5 (Keras's ``save_weights``) does not survive running out of space mid-file: h5py leaks the
+    half-written file's objects, prints their tracebacks, and the process ends in a segmentation fault
+    at exit, after the failure was reported (h5py 3.14 with HDF5 1.14.6; a plain ``save_weights`` onto
+    a full tmpfs does it). A disk that fills during a run is refused here instead, with the sizes.
+
+    Raises:
+        OSError: ``ENOSPC``, when the file system ``path`` is written to (its folder's, which must exist)
+            has less than ``size`` bytes free.
+    """
+    free = shutil.disk_usage(Path(path).parent).free
+    if free < size:
+        raise OSError(errno.ENOSPC, f"{what} needs about {human_size(size)}, {human_size(free)} is free", str(path))
 
 
 @contextmanager

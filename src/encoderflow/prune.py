@@ -484,16 +484,6 @@ def keep_record(home: Path, folder: Path) -> Path:
     return layout.write_json(path, record)
 
 
-def human(size: float) -> str:
-    """``size`` bytes as B, KB, MB or GB (1024 each)."""
-    unit = "B"
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            break
-        size /= 1024
-    return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-
-
 @contextlib.contextmanager
 def only_prune(home: Path) -> Iterator[bool]:
     """Hold ``home``'s prune lock for the block: yields False when another prune holds it (one prune
@@ -528,7 +518,7 @@ def report_lines(home: Path, plan_: Plan, dry_run: bool, notes: Iterable[str] = 
     if dry_run:
         left -= sum(1 for item in plan_.remove if item.kind == "run")
     lines.append(
-        f"{'would free' if dry_run else 'freed'} {human(plan_.freed)} ({len(plan_.remove)} item(s)); "
+        f"{'would free' if dry_run else 'freed'} {layout.human_size(plan_.freed)} ({len(plan_.remove)} item(s)); "
         f"{left} run folder(s) {'would be ' if dry_run else ''}left. Not touched: the MLflow registry "
         "(versions and their bundles) and Airflow's metadata DB (airflow db clean trims it)."
     )

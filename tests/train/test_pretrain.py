@@ -204,6 +204,36 @@ def test_an_altered_backup_is_deleted_and_not_resumed_from(tmp_path, caplog):
     assert list(backup.iterdir()) == []
 
 
+def test_a_backup_the_disk_has_no_room_for_is_refused_before_hdf5_writes(tmp_path, monkeypatch):
+    """HDF5 running out of space mid-backup ended the process in a segmentation fault at exit (exit
+    139, after the failure was reported): the backup is refused first, as a full disk, with its sizes."""
+    import collections
+    import errno
+    import shutil
+
+    from encoderflow import errors
+    from encoderflow.train.callbacks import StepBackup, backup_size
+
+    x, y = _tiny_data()
+    model, backup = _tiny_model(), tmp_path / "backup"
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[StepBackup(backup, 4)])
+    [written] = backup.glob("step-*.weights.h5")
+    # The estimate covers the file it is for, and by no more than the MiB it adds for HDF5's structure.
+    assert written.stat().st_size <= backup_size(model) <= written.stat().st_size + 2**20
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 4096, 4096))
+    refused = StepBackup(backup, 4)
+    refused.set_model(model)
+    with pytest.raises(OSError) as full:
+        refused.save()
+    assert full.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in backup.iterdir()) == [written.name, f"{written.name}.sha256"]  # no temp left
+    said = errors.storage_error(full.value).message
+    assert said.startswith(f"no space left on the device writing {backup}/step-")
+    assert "a backup of pretrain needs about 1.0 MB, 4.0 KB is free (ENCODERFLOW_HOME=" in said
+
+
 @pytest.mark.parametrize("resumed_by", ["a retry", "the next run"])
 def test_pretrain_resumes_on_the_copy_of_the_interrupted_epoch(duped, tmp_path, monkeypatch, caplog, resumed_by):
     """A retry resumes in its own run folder; the next run (after Ctrl-C or a kill) from the stopped run's
