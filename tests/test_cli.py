@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -373,6 +374,54 @@ def test_a_failed_run_ends_with_the_cause_the_fix_and_the_task_log(tmp_path, enc
     assert output.count(cause.removeprefix("  cause: ").split(": ", 1)[1]) == 1, output[-3000:]
 
 
+def test_a_run_is_refused_while_a_scheduler_runs_on_the_same_airflow(tmp_path, encoderflow_home):
+    """With `encoderflow airflow` up on the same home, its scheduler queued the tasks of `encoderflow run`'s
+    DAG run too and ran them a second time; when it lost the race the run failed, blaming a worker."""
+    import sqlite3
+    from datetime import UTC, datetime, timedelta
+
+    assert _run_toy(tmp_path / "first", encoderflow_home, "expected").returncode == 1  # makes the metadata DB
+    db = encoderflow_home / "airflow" / "airflow.db"
+    beat = datetime.now(UTC).replace(tzinfo=None)
+    with sqlite3.connect(db) as con:
+        con.execute(
+            "insert into job (state, job_type, start_date, latest_heartbeat, hostname, unixname) values "
+            "('running', 'SchedulerJob', ?, ?, 'teamhost', 'alice')",
+            (f"{beat - timedelta(hours=1)}", f"{beat}"),
+        )
+    refused = _run_toy(tmp_path / "beside", encoderflow_home, "expected")
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert refused.stderr.startswith(
+        "encoderflow run: SchedulerRunning: an Airflow scheduler is running on this home's Airflow "
+        f"({encoderflow_home / 'airflow'}; on teamhost as alice, since "
+    )
+    assert "it would run this run's tasks too, a second time beside this process; fix: trigger the run in" in (
+        refused.stderr
+    )
+    assert "[DAG TEST]" not in refused.stdout + refused.stderr  # no task ran
+    # A second standalone on the same home: its scheduler shared the first one's runs.
+    env = {**os.environ, "ENCODERFLOW_HOME": str(encoderflow_home), "AIRFLOW__API__PORT": "1"}
+    cmd = [sys.executable, "-m", "encoderflow.cli", "airflow"]
+    second = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = second.communicate(timeout=180)
+    finally:
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+    assert second.returncode == 2 and "Airflow standalone" not in out, out[-2000:] + err[-2000:]
+    assert err.startswith("encoderflow airflow: SchedulerRunning: an Airflow scheduler is running on this home's ")
+    assert "a second standalone's scheduler would share its runs' tasks; fix: use the Airflow that runs" in err
+    # A scheduler that stopped beating (killed with its standalone) holds nothing back.
+    with sqlite3.connect(db) as con:
+        con.execute(
+            "update job set latest_heartbeat = ? where hostname = 'teamhost'", (f"{beat - timedelta(hours=1)}",)
+        )
+    again = _run_toy(tmp_path / "after", encoderflow_home, "expected")
+    assert again.returncode == 1 and "SchedulerRunning" not in again.stderr, again.stderr[-3000:]
+
+
 def _start_toy_until_training(tmp_path: Path, home: Path) -> tuple[subprocess.Popen, Path]:
     """The toy DAG under ``encoderflow run``, returned once its train task is in its long step."""
     dags = tmp_path / "dags"
@@ -406,7 +455,6 @@ def _airflow_states(home: Path, run_id: str) -> tuple[str, dict[str, str]]:
 
 def test_a_killed_run_is_marked_failed_by_the_next_one(tmp_path, encoderflow_home):
     """kill -9 left the run and its task 'running' in Airflow for good."""
-    import signal
 
     proc, _ = _start_toy_until_training(tmp_path, encoderflow_home)
     proc.send_signal(signal.SIGKILL)
@@ -473,7 +521,6 @@ def test_ctrl_c_or_sigterm_stops_the_run_there_and_marks_it_failed(tmp_path, enc
 def test_ctrl_c_before_the_first_task_names_the_run_and_leaves_it_failed_not_in_flight(tmp_path, encoderflow_home):
     """Ctrl-C in a run's first seconds said "encoderflow run : INTERRUPTED ... marked failed" with no run
     id, and the run stayed running in Airflow (in flight for `runs`, and prune kept every folder for it)."""
-    import signal
 
     dags = tmp_path / "dags"
     dags.mkdir()
@@ -506,7 +553,6 @@ def test_ctrl_c_before_the_first_task_names_the_run_and_leaves_it_failed_not_in_
 def test_ctrl_c_ends_any_other_command_with_one_line_not_a_traceback(tmp_path, encoderflow_home):
     """`encoderflow doctor` waiting on a mirror that never answers: Ctrl-C there used to print
     Python's traceback of wherever it was (26 lines, ending in threading's lock.acquire)."""
-    import signal
     import socket
     import threading
 

@@ -613,6 +613,11 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
     The embedded Airflow's environment must be set (``cli.init_airflow``) before this module is
     imported: Airflow reads its configuration, the metadata DB's address included, when first imported.
     """
+    refuse_beside_scheduler(
+        "it would run this run's tasks too, a second time beside this process",
+        fix=f"trigger the run in that Airflow (its UI, or POST /api/v2/dags/{DAG_ID}/dagRuns with this "
+        "conf), or stop it first, or run with another ENCODERFLOW_HOME",
+    )
     dag = load_dag(dag_folder)
     for run_id, changed in sweep_stopped_runs():
         if changed:  # a run Ctrl-C stopped was marked already
@@ -824,6 +829,41 @@ def fail_run(run_id: str, wait_for_pid: int | None = None, wait_s: float = 60.0)
 
     registry.close_stopped(DAG_ID, run_id)
     return changed
+
+
+class SchedulerRunning(EncoderflowError):
+    """An Airflow scheduler is alive on the metadata DB a second Airflow process was about to use."""
+
+
+def live_scheduler() -> str | None:
+    """The scheduler alive on this Airflow's metadata DB (its heartbeat within Airflow's health
+    threshold), described for a person; None when there is none."""
+    from airflow.jobs.job import most_recent_job
+
+    job = most_recent_job("SchedulerJob")
+    if job is None or not job.is_alive():
+        return None
+    beat = (datetime.now(UTC) - job.latest_heartbeat).total_seconds()
+    return f"on {job.hostname} as {job.unixname}, since {job.start_date:%Y-%m-%d %H:%M} UTC, heartbeat {beat:.0f} s ago"
+
+
+def refuse_beside_scheduler(starting: str, fix: str) -> None:
+    """Refuse to start ``starting`` on a metadata DB a live scheduler uses.
+
+    ``dag.test`` makes an ordinary running DAG run: a scheduler on the same DB (``encoderflow airflow``
+    on the same home) queued its tasks as well, and ran them a second time beside ``encoderflow run``.
+    When it lost the race, the run failed with Airflow's "TI was not in the running state" and a cause
+    that pointed at a worker. A second standalone's scheduler shared the first one's runs the same way.
+
+    Raises:
+        SchedulerRunning: one is alive.
+    """
+    if (scheduler := live_scheduler()) is not None:
+        raise SchedulerRunning(
+            f"an Airflow scheduler is running on this home's Airflow ({os.environ['AIRFLOW_HOME']}; {scheduler}): "
+            f"{starting}",
+            fix=fix,
+        )
 
 
 def create_gpu_pool() -> None:

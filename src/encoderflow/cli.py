@@ -564,6 +564,10 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     init_airflow()
     from encoderflow import airflow_adapter as af  # after init_airflow: Airflow reads its configuration on import
 
+    af.refuse_beside_scheduler(
+        "a second standalone's scheduler would share its runs' tasks",
+        fix="use the Airflow that runs (its UI), or stop it first, or start this one with another ENCODERFLOW_HOME",
+    )
     af.create_gpu_pool()
 
     # Airflow prints a generated password only the first time; keep the file it reads and say
