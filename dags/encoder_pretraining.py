@@ -170,10 +170,11 @@ def encoder_pretraining():
         **af.NETWORK, inlets=[af.CHAMPION_MOVES], outlets=[af.CHAMPION_MOVES], execution_timeout=timedelta(minutes=30)
     )
     @af.expected_failures
-    def promote(run: dict, params=None, run_id=None, ti=None, outlet_events=None, inlet_events=None) -> dict:
+    def promote(run: dict, params=None, run_id=None, ti=None, dag_run=None, outlet_events=None, inlet_events=None):
         """Register the candidate in MLflow (bundle, metrics, curves, decision, lineage); move `champion`
         to it only if blessed, and only then update the `<model>@champion` asset (once per move)."""
         lineage = {"airflow.dag_id": af.DAG_ID, "airflow.run_id": run_id, "airflow.try_number": str(ti.try_number)}
+        lineage["airflow.triggered_by"] = af.triggered_by(dag_run)
         promoted = steps.promote(**run, params=params, lineage=lineage)
         af.record_champion(outlet_events, promoted, run["finetuned"]["val_accuracy"], inlet_events, run_id)
         return promoted

@@ -214,6 +214,29 @@ def test_retry_delay_comes_from_the_environment_and_refuses_nonsense(monkeypatch
             af.retry_delay()
 
 
+def test_a_promotion_names_who_started_the_run(monkeypatch):
+    """Every gate promotion was recorded as made by "airflow", a terminal run and a person's trigger alike."""
+    from types import SimpleNamespace
+
+    from airflow.utils.types import DagRunType
+
+    from encoderflow import airflow_adapter as af
+
+    monkeypatch.delenv("ENCODERFLOW_CLI_RUN", raising=False)
+    assert af.triggered_by(SimpleNamespace(triggering_user_name="admin", run_type=DagRunType.MANUAL)) == "admin"
+    assert af.triggered_by(SimpleNamespace(triggering_user_name=None, run_type=DagRunType.SCHEDULED)) == (
+        "the schedule"
+    )
+    assert af.triggered_by(SimpleNamespace(triggering_user_name=None, run_type=DagRunType.ASSET_TRIGGERED)) == (
+        "an asset update"
+    )
+    assert af.triggered_by(None) == "airflow"
+    # dag.test calls every run's user "dag_test": the terminal's user is who ran it.
+    monkeypatch.setenv("ENCODERFLOW_CLI_RUN", "1")
+    monkeypatch.setenv("ENCODERFLOW_USER", "carol")
+    assert af.triggered_by(SimpleNamespace(triggering_user_name="dag_test")) == "carol (encoderflow run)"
+
+
 def test_more_shards_than_airflow_maps_fail_naming_the_setting_and_the_fix(monkeypatch):
     """Airflow refuses a mapped list over [core] max_map_length only after the push, naming neither."""
     from encoderflow import airflow_adapter as af

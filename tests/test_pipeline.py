@@ -152,6 +152,13 @@ def test_two_runs_through_airflow(served, encoderflow_home, capsys):
     assert v1.source.startswith((home / "mlflow" / "artifacts").as_uri()), v1.source
     assert not (REPO / "mlruns").exists()
     assert v1.tags["airflow.run_id"] == run1
+    # Who ran it, on the version and on the champion's move (every gate move used to say "airflow").
+    import getpass
+
+    who = f"{os.environ.get('ENCODERFLOW_USER') or getpass.getuser()} (encoderflow run)"
+    assert v1.tags["airflow.triggered_by"] == who
+    assert json.loads(client.get_registered_model(MODEL).tags["champion.move.000001"])["who"] == who
+    assert json.loads((layout.run_dir(run1) / "registered.json").read_text())["version"] == v1.version
     assert v1.tags["gate.check.floor"].startswith("pass")
     assert v1.tags["shards.manifest_sha256"] == layout.sha256_file(manifest_path)
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from encoderflow import bundle, layout, registry, steps
+from encoderflow import bundle, errors, layout, registry, steps
 from encoderflow.config import ConfigError, from_params, resolve
 from encoderflow.errors import EncoderflowError, cause_of
 from tests.test_bundle import fake_bundle
@@ -513,6 +513,46 @@ def test_a_cleared_old_run_whose_blessing_was_carried_out_keeps_it_and_moves_not
     # A new run blessing the old model against today's champion (new dev data, say) is a new decision: it moves.
     assert not steps._carried_out(name, {**decision, "champion_version": later}, first, current)
     assert not steps._carried_out(name, decision, later, current)  # the champion itself: move_champion says so
+
+
+def test_a_blessing_the_champion_moved_past_leaves_a_version_that_says_so(tmp_path):
+    """A person's promote between the gate and promote: promote failed StaleChampion after registering,
+    leaving a version tagged gate.blessed=true that `runs` called "not registered", and its message said
+    "another run promoted since" whoever it was."""
+    import json
+
+    from encoderflow.runs import collect_runs
+
+    name, run = "encoderflow-sst2", "manual__raced"
+    decision = {"blessed": True, "reasons": [], "checks": [], "candidate": 0.9, "champion": None}
+    first = registry.log_candidate(name, fake_bundle(tmp_path / "a", "1"), {}, {}, {}, {}, decision)["version"]
+    registry.move_champion(name, first, expected=None, reason="checked by hand", who="alice")
+    tags = {"airflow.run_id": run, "airflow.dag_id": "encoder_pretraining"}
+    registered = registry.log_candidate(name, fake_bundle(tmp_path / "b", "2"), {}, {}, {}, tags, decision)
+    layout.write_json(layout.run_dir(run) / layout.REGISTERED_FILE, {"registered_model": name, **registered})
+    version = registered["version"]
+    with pytest.raises(registry.StaleChampion) as stale:
+        steps._move_blessed(name, version, {**decision, "champion_version": None}, run, "bob (encoderflow run)")
+    said = stale.value.message
+    assert said.startswith(
+        f"{name} v{version} registered, not champion: champion is v{first}, but the gate decided against no "
+        f"champion: v{first} became champion by alice at "
+    ) and said.endswith(" UTC (promote: checked by hand)")
+    assert "clear evaluate_and_gate" in stale.value.fix
+    assert registry.client().get_model_version(name, version).tags[registry.NOT_PROMOTED] == said
+    assert registry.champion(name)["version"] == first
+    # The run failed in promote, with no summary: the runs list names the version it registered.
+    errors.record_failure(run, errors.cause_of(stale.value), task_id="promote", map_index=-1, try_number=1)
+    [entry] = [e for e in collect_runs(layout.home()) if e["run_id"] == run]
+    assert entry["registry"]["version"] == version and entry["failure"]["error"] == "StaleChampion"
+    # Gated again against today's champion and promoted, the version is champion and the tag goes;
+    # the move names who started the run.
+    moved = steps._move_blessed(name, version, {**decision, "champion_version": first}, run, "bob (encoderflow run)")
+    assert moved["who"] == "bob (encoderflow run)" and moved["reason"] == f"gate blessed run {run}"
+    assert registry.NOT_PROMOTED not in registry.client().get_model_version(name, version).tags
+    assert json.loads(registry.client().get_registered_model(name).tags["champion.move.000002"])["who"] == (
+        "bob (encoderflow run)"
+    )
 
 
 def test_validation_refuses_a_file_changed_since_its_download_recorded_it(tmp_path):

@@ -384,6 +384,25 @@ def record_shards(outlet_events, sealed: dict[str, Any]) -> None:
     outlet_events[SHARDS].extra = {"manifest": sealed["manifest"], "manifest_sha256": sealed["manifest_sha256"]}
 
 
+# Who starts a run that no person triggered, as the champion's move record says it.
+_STARTED_BY = {"scheduled": "the schedule", "asset_triggered": "an asset update", "backfill": "a backfill"}
+
+
+def triggered_by(dag_run) -> str:
+    """Who started ``dag_run``, for the records a promotion leaves: the person at the terminal for
+    ``encoderflow run`` (``ENCODERFLOW_USER``, else the login), the user who triggered it in the UI or
+    the REST API, or what started it (the schedule, an asset update). Every gate promotion used to
+    say "airflow"."""
+    if os.environ.get("ENCODERFLOW_CLI_RUN"):  # dag.test names every run's user "dag_test"
+        import getpass
+
+        return f"{os.environ.get('ENCODERFLOW_USER') or getpass.getuser()} (encoderflow run)"
+    if user := getattr(dag_run, "triggering_user_name", None):
+        return str(user)
+    run_type = str(getattr(getattr(dag_run, "run_type", None), "value", getattr(dag_run, "run_type", "")))
+    return _STARTED_BY.get(run_type, "airflow")
+
+
 def record_champion(
     outlet_events, promoted: dict[str, Any], val_accuracy: float | None, inlet_events=None, run_id: str | None = None
 ) -> None:

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 # What check_params resolved a run's config to, in its folder: what a run stopped before it reported ran.
 RESOLVED_FILE = "resolved.json"
+# The model version a run's promote registered (model, version, MLflow run), written before the champion
+# moves: a run whose promote failed after registering still names its version.
+REGISTERED_FILE = "registered.json"
 
 
 def home() -> Path:

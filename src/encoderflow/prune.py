@@ -462,7 +462,7 @@ def restore_hidden(home: Path) -> list[Path]:
 
 def keep_record(home: Path, folder: Path) -> Path:
     """Keep what the runs page shows of a run whose folder goes, in ``pruned/<folder>.json``: its
-    ``summary.json``, ``gate.json`` and the failure it ended on (a few KB), with the time. A run
+    ``summary.json``, ``gate.json``, ``registered.json`` and the failure it ended on (a few KB), with the time. A run
     pruned again (a task of it was cleared since) keeps what its earlier record had and it lacks."""
     summary, failure = (
         layout.read_json_or_none(folder / "summary.json"),
@@ -480,6 +480,7 @@ def keep_record(home: Path, folder: Path) -> Path:
         "summary": summary or earlier.get("summary"),
         "gate": layout.read_json_or_none(folder / "gate.json") or earlier.get("gate"),
         "failure": failure,
+        "registered": layout.read_json_or_none(folder / layout.REGISTERED_FILE) or earlier.get("registered"),
     }
     return layout.write_json(path, record)
 

@@ -39,6 +39,8 @@ CONTENT_TAG = "bundle.content_sha256"
 # never makes the same model champion again by itself (gate.model_check). Cleared when a person
 # makes the version champion again.
 DEMOTED = "champion.demoted"
+# On a version the gate blessed that did not become champion: why (the champion moved since the gate).
+NOT_PROMOTED = "champion.not_promoted"
 # On the MLflow run of a candidate that was a registered model already: the version holding it.
 REGISTERED_AS = "registry.version"
 
@@ -681,9 +683,10 @@ def move_champion(
                     f"{action} ran; nothing moved",
                     fix="check the champion (encoderflow runs) and run the command again if it is still wanted",
                 )
+            moved = next((m for m in reversed(history(name)) if str(m.get("to")) == str(current_version)), None)
             raise StaleChampion(
                 f"{name}: champion is {said(current_version)}, but the gate decided against "
-                f"{said(expected)}: another run promoted since",
+                f"{said(expected)}: {moved_text(moved) if moved else 'it moved since'}",
                 fix="clear evaluate_and_gate with its downstream tasks (or run again) to gate against today's champion",
             )
         event = _event(action, who, reason, current_version, version)
@@ -704,10 +707,27 @@ def move_champion(
             c.set_registered_model_alias(name, CHAMPION, version)
         if demote:
             _undemote(c, name, version)
+        if action == "promote" and NOT_PROMOTED in c.get_model_version(name, version).tags:
+            c.delete_model_version_tag(name, version, NOT_PROMOTED)  # champion now, as blessed
         _record_move(c, name, version, event, history(name))
     before = f"v{current_version}" if current_version is not None else "none"
     log.info("registry: %s champion %s -> v%s (%s: %s, by %s)", name, before, version, action, reason, who)
     return {**event, "previous": previous} if action == "rollback" else event
+
+
+def moved_text(move: dict[str, Any]) -> str:
+    """How a champion move on record came about, for a person: "v3 became champion by alice at
+    2026-12-07 12:14 UTC (promote: a reason)"."""
+    at = str(move.get("at") or "")[:16].replace("T", " ")
+    how = f"{move.get('action')}: {move.get('reason')}"
+    return f"v{move.get('to')} became champion by {move.get('who')} at {at} UTC ({how})"
+
+
+def not_promoted(name: str, version: str, why: str) -> None:
+    """Tag ``version``, registered as blessed, with why it did not become champion (a stale decision):
+    its ``gate.blessed`` tag alone read as a champion that never was. A later promotion of it removes
+    the tag."""
+    client().set_model_version_tag(name, version, NOT_PROMOTED, why[:TAG_VALUE_MAX])
 
 
 def _replaced_by(c, name: str, version: str) -> str | None:

@@ -411,7 +411,8 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         summary = _object(read_json_or_none(folder / "summary.json"))
         if failure and summary and failure_outlived(folder):
             failure = None
-        _fill(entry, summary, _object(read_json_or_none(folder / "gate.json")), failure, folder.name)
+        gate = _object(read_json_or_none(folder / "gate.json"))
+        _fill(entry, summary, gate, failure, folder.name, _object(read_json_or_none(folder / layout.REGISTERED_FILE)))
         entry["curves"] = read_curves(folder)
         entry["data_docs"] = data_docs(folder)
         entry["data_docs_pages"] = data_docs_pages(folder)
@@ -422,8 +423,10 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         if not record or runs.get(path.stem, {}).get("folder"):
             continue  # unreadable, or a run of that name wrote a folder again since
         entry = runs.setdefault(path.stem, _unknown(finite(record.get("folder_mtime")) or path.stat().st_mtime))
-        parts = (_object(record.get(k)) for k in ("summary", "gate", "failure"))
-        _fill(entry, *parts, path.stem)
+        summary, gate, failure, registered = (
+            _object(record.get(k)) for k in ("summary", "gate", "failure", "registered")
+        )
+        _fill(entry, summary, gate, failure, path.stem, registered)
         entry["pruned_at"] = record.get("pruned_at")
         entry["pruned_folder"] = path.stem
     # Airflow's runs first, newest first as given; then folders no Airflow run claims, newest first.
@@ -494,9 +497,12 @@ def _fill(
     gate: dict[str, Any] | None,
     failure: dict[str, Any] | None,
     folder_name: str,
+    registered: dict[str, Any] | None = None,
 ) -> None:
-    """``entry``'s decision, metrics and registry from a run's ``summary.json``, ``gate.json`` and
-    ``failure.json`` (each None when absent), whether read from its folder or a pruned record."""
+    """``entry``'s decision, metrics and registry from a run's ``summary.json``, ``gate.json``,
+    ``failure.json`` and ``registered.json`` (each None when absent), whether read from its folder or a
+    pruned record. A run that registered its candidate and then failed (a stale champion) names the
+    version from ``registered.json``: its summary, which names it otherwise, was never written."""
     if summary:  # a summary written before a metric's rename reads as today's
         summary["metrics"] = current_names(_object(summary.get("metrics")) or {})
     entry["summary"] = summary
@@ -517,6 +523,8 @@ def _fill(
     elif gate:
         entry["gate"] = {"blessed": gate.get("blessed"), "reasons": _list(gate.get("reasons"))}
         entry["metrics"] = {metric: gate.get(name) for name, metric in GATE_METRICS.items()}
+    if registered and not summary:
+        entry["registry"] = registered
     if gate:
         entry["checks"] = [c for c in _list(gate.get("checks")) if isinstance(c, dict)]
         entry["intervals"] = gate_intervals(gate)

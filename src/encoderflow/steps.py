@@ -583,6 +583,10 @@ def promote(
         decision,
         extra_artifacts=[curves_png],
     )
+    name = cfg.gate.registered_model
+    # What this run registered, before the champion moves: a promote that fails after registering (a
+    # stale champion) left a version `encoderflow runs` and the runs page called "not registered".
+    layout.write_json(layout.run_dir(run_id) / layout.REGISTERED_FILE, {"registered_model": name, **registered})
     promoted = None
     current = registry.champion(cfg.gate.registered_model)
     if decision["blessed"] and _carried_out(cfg.gate.registered_model, decision, registered["version"], current):
@@ -596,13 +600,7 @@ def promote(
             current["version"] if current else None,
         )
     elif decision["blessed"]:
-        promoted = registry.move_champion(
-            cfg.gate.registered_model,
-            registered["version"],
-            expected=decision.get("champion_version"),
-            reason=f"gate blessed run {run_id}",
-            who="airflow",
-        )
+        promoted = _move_blessed(name, registered["version"], decision, run_id, lineage.get("airflow.triggered_by"))
     else:
         log.info(
             "promote: not blessed, champion stays at v%s: %s",
@@ -623,6 +621,30 @@ def promote(
         "champion_version": current["version"] if current else None,
         "registered_model": cfg.gate.registered_model,
     }
+
+
+def _move_blessed(name: str, version: str, decision: Mapping[str, Any], run_id: str, who: str | None) -> dict[str, Any]:
+    """Make the blessed, registered ``version`` champion if the champion is still the one the gate
+    judged it against; the move records who started the run (``who``) and the gate's run.
+
+    Raises:
+        StaleChampion: the champion moved since the gate; ``version`` stays registered, tagged with why
+            it is not champion (``gate.blessed`` alone read as a champion that never was).
+    """
+    from encoderflow import registry
+
+    try:
+        return registry.move_champion(
+            name,
+            version,
+            expected=decision.get("champion_version"),
+            reason=f"gate blessed run {run_id}",
+            who=who or "airflow",
+        )
+    except registry.StaleChampion as exc:
+        said = f"{name} v{version} registered, not champion: {exc.message.removeprefix(f'{name}: ')}"
+        registry.not_promoted(name, version, said)
+        raise registry.StaleChampion(said, fix=exc.fix) from None
 
 
 def _carried_out(name: str, decision: Mapping[str, Any], version: str, current: Mapping[str, Any] | None) -> bool:
