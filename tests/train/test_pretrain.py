@@ -234,6 +234,46 @@ def test_a_backup_the_disk_has_no_room_for_is_refused_before_hdf5_writes(tmp_pat
     assert "a backup of pretrain needs about 1.0 MB, 4.0 KB is free (ENCODERFLOW_HOME=" in said
 
 
+def test_a_run_waits_while_another_trains_the_same_model_and_never_adopts_its_live_backup(tmp_path, caplog):
+    """Two `encoderflow run` of one config minutes apart both pretrained, on one accelerator, and the
+    second said the first, alive, had "stopped" as it copied that run's backup."""
+    import fcntl
+    import logging
+    import threading
+
+    from encoderflow.train import pretrain as pt
+
+    key, code = "k" * 64, layout.code_hash()
+    twin = layout.run_dir("manual__first") / "pretrain"
+    (twin / "backup").mkdir(parents=True)
+    (twin / "backup" / pt.BACKUP_KEY).write_text(key + "\n")
+    (twin / "backup" / pt.BACKUP_CODE).write_text(code + "\n")
+    (twin / "backup" / "step-000000000050.weights.h5").write_bytes(b"weights")
+    mine = layout.run_dir("manual__second") / "pretrain"
+    assert pt._busy_twin(mine, key) is None  # its training lock is free: stopped, not busy
+
+    holder = open(twin.parent / pt.TRAINING_LOCK, "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    holder.write("4242\n")
+    holder.flush()
+    try:
+        assert pt._busy_twin(mine, key) == (twin, "4242")
+        assert pt._busy_twin(mine, "o" * 64) is None  # other training: not waited for
+        pt._adopt_backup(mine, key)  # alive: its backup is not taken for a stopped run's
+        assert not (mine / "backup").exists()
+        threading.Timer(1.0, lambda: fcntl.flock(holder, fcntl.LOCK_UN)).start()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="encoderflow.train"):
+            assert pt._wait_for_twin(mine, key, poll=0.1) is True
+    finally:
+        holder.close()
+    assert caplog.messages == [
+        "pretrain: run manual__first trains the same model from the same shards, config and code now (pid 4242): "
+        "waiting for it, then reusing its encoder (or resuming its backup if it stops)"
+    ]
+    assert pt._wait_for_twin(mine, key) is False  # it ended: nothing to wait for
+
+
 @pytest.mark.parametrize("resumed_by", ["a retry", "the next run"])
 def test_pretrain_resumes_on_the_copy_of_the_interrupted_epoch(duped, tmp_path, monkeypatch, caplog, resumed_by):
     """A retry resumes in its own run folder; the next run (after Ctrl-C or a kill) from the stopped run's

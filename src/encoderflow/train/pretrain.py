@@ -252,6 +252,8 @@ def _adopt_backup(out_dir: Path, key: str) -> None:
         folder = stamp.parent
         if folder.resolve() == own.resolve() or (folder.parent / "result.json").exists():
             continue
+        if _trains_now(folder.parent) is not None:  # alive: not stopped, and its backups keep changing
+            continue
         try:
             same = stamp.read_text().strip() == key and (folder / BACKUP_CODE).read_text().strip() == code
         except OSError:  # no CODE: taken before it was recorded
@@ -382,10 +384,92 @@ def pretrain(
     with _alone_in(out_dir):
         if (done := layout.finished("pretrain", key, out_dir, "encoder", _altered, earlier_runs, what)) is not None:
             return done
+        if earlier_runs and _wait_for_twin(out_dir, key):
+            found = layout.finished("pretrain", key, out_dir, "encoder", _altered, earlier_runs, what)
+            if found is not None:
+                return found
         if earlier_runs:
             _adopt_backup(out_dir, key)
-        with data_parallel(cfg.pretrain.batch_size) as devices:
+        with data_parallel(cfg.pretrain.batch_size) as devices, _training(out_dir):
             return _train(cfg, manifest_path, out_dir, init, key, keyed, devices)
+
+
+# Beside a run's pretrain folder, held while it trains (not while it waits): another run of the same
+# training finds it busy.
+TRAINING_LOCK = ".pretrain.training.lock"
+
+
+@contextlib.contextmanager
+def _training(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir``'s training lock, with this process's id in it, while the block trains."""
+    import fcntl
+
+    with open(out_dir.parent / TRAINING_LOCK, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _trains_now(folder: Path) -> str | None:
+    """The pid in the training lock of the pretrain folder ``folder`` when a process holds it, else None."""
+    import fcntl
+
+    try:
+        with open(folder.parent / TRAINING_LOCK) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return lock.read().strip() or "?"
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError:  # no lock file: it never trained here (or its folder was pruned while this read)
+        pass
+    return None
+
+
+def _busy_twin(out_dir: Path, key: str) -> tuple[Path, str] | None:
+    """Another run folder training ``key`` with this code now: (its pretrain folder, its pid), or None."""
+    code = layout.code_hash()
+    for stamp in (layout.home() / "runs").glob(f"*/pretrain/backup/{BACKUP_KEY}"):
+        folder = stamp.parents[1]
+        if folder.resolve() == out_dir.resolve() or (folder / "result.json").exists():
+            continue
+        try:
+            same = stamp.read_text().strip() == key and (stamp.parent / BACKUP_CODE).read_text().strip() == code
+        except OSError:
+            continue
+        if same and (pid := _trains_now(folder)) is not None:
+            return folder, pid
+    return None
+
+
+def _wait_for_twin(out_dir: Path, key: str, every: float = 60.0, poll: float = 2.0) -> bool:
+    """Wait while another run trains the same ``key`` with this code; returns whether it waited.
+
+    Two ``encoderflow run`` of one config started minutes apart both pretrained, on one accelerator
+    (``dag.test`` knows no pools), and the second logged that the first, alive, had "stopped" as it
+    copied its backup. The second now waits, then reuses the first's encoder, or resumes its backup if it
+    stopped. Only training holds the lock: a run waiting here is never waited for.
+    """
+    said, waited = None, False
+    while (twin := _busy_twin(out_dir, key)) is not None:
+        folder, pid = twin
+        if said is None or time.monotonic() - said >= every:
+            log.info(
+                "pretrain: run %s trains the same model from the same shards, config and code now (pid %s): waiting "
+                "for it, then reusing its encoder (or resuming its backup if it stops)",
+                folder.parent.name,
+                pid,
+            )
+            said = time.monotonic()
+        waited = True
+        time.sleep(poll)
+    return waited
 
 
 @contextlib.contextmanager
