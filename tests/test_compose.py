@@ -201,6 +201,20 @@ def test_shared_volume_at_the_same_path_in_every_airflow_service(compose, servic
     assert common["AIRFLOW__WORKERS__EXECUTION_API_RETRIES"] == runtime.WORKER_API_RETRIES
 
 
+def test_celery_acknowledges_and_fetches_as_the_native_stack_does(services, tmp_path):
+    """A worker killed mid-task left its message unacknowledged, replayed by Redis a day later."""
+    import json
+
+    from encoderflow.stack import Stack
+
+    native = Stack(tmp_path / "home").env("worker-gpu")
+    for name in ("airflow-worker", "airflow-worker-gpu"):
+        env = services[name]["environment"]
+        assert env["AIRFLOW__CELERY__TASK_ACKS_LATE"] == native["AIRFLOW__CELERY__TASK_ACKS_LATE"] == "False"
+        assert json.loads(env["AIRFLOW__CELERY__EXTRA_CELERY_CONFIG"]) == {"worker_disable_prefetch": True}
+        assert env["AIRFLOW__CELERY__EXTRA_CELERY_CONFIG"] == native["AIRFLOW__CELERY__EXTRA_CELERY_CONFIG"]
+
+
 def test_no_password_has_a_literal_default(compose):
     required = set()
     for path, value in strings(compose):

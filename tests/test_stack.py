@@ -2,11 +2,13 @@
 
 PostgreSQL, Redis, the api-server, scheduler, dag-processor, triggerer, two Celery workers
 (``default``; ``gpu`` for the ``gpu`` pool) and an MLflow server with basic auth, all on
-loopback under one ENCODERFLOW_HOME. Each test triggers smoke runs of ``encoder_pretraining``
+loopback under one ENCODERFLOW_HOME. Each slow test triggers smoke runs of ``encoder_pretraining``
 through the REST API and breaks something on purpose: two runs at once, the scheduler restarted
 while one runs and the other waits, the gpu worker SIGKILLed mid-pretrain, MLflow down while
 ``promote`` runs. Every test
-prints what it did and how long it took (``-s`` shows it; the closing note quotes it).
+prints what it did and how long it took (``-s`` shows it; the closing note quotes it). The others
+check one part (settings, pid files, what ``up``/``down``/``status`` say, Celery's acks) in seconds,
+with at most a Redis of their own.
 
 Needs Debian's postgresql and redis-server (``make stack-deps``; ``.ci/run`` installs them and
 sets ENCODERFLOW_REQUIRE_STACK=1, which turns a missing package into a failure, not a skip).
@@ -14,6 +16,7 @@ sets ENCODERFLOW_REQUIRE_STACK=1, which turns a missing package into a failure, 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -40,7 +43,6 @@ from tests import fixtures_pipeline as fixtures_data
 
 DAG_ID = "encoder_pretraining"
 MODEL = "encoderflow-sst2"
-pytestmark = pytest.mark.slow
 
 
 def _missing() -> str | None:
@@ -215,6 +217,175 @@ def test_a_pid_file_counts_for_the_process_it_started_and_down_stops_strays(tmp_
             proc.wait()
 
 
+def _need_redis() -> None:
+    if not shutil.which("redis-server"):
+        if os.environ.get("ENCODERFLOW_REQUIRE_STACK"):
+            pytest.fail("redis-server is not installed: run `make stack-deps`")
+        pytest.skip("redis-server is not installed: run `make stack-deps`")
+
+
+def test_the_users_airflow_settings_reach_every_component_except_what_the_topology_owns(tmp_path, monkeypatch, capsys):
+    """Every AIRFLOW* variable of the caller was dropped: a heartbeat timeout or a parallelism exported
+    before `up`, as docs/operations.md advises, never reached the scheduler and nothing said so."""
+    monkeypatch.setenv("ENCODERFLOW_HOME", str(tmp_path / "home"))
+    st = stack_mod.Stack()
+    mine = {
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "True",  # over a default of the stack's
+    }
+    owned = {
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "sqlite:////tmp/elsewhere.db",
+        "AIRFLOW__CELERY__BROKER_URL": "redis://elsewhere:6379/0",
+        "AIRFLOW__API__PORT": "8080",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "short",
+        "AIRFLOW__CELERY__TASK_ACKS_LATE": "True",
+        "AIRFLOW__CORE__FERNET_KEY_CMD": "echo elsewhere",  # Airflow's _CMD form of an owned setting
+    }
+    for k, v in {**mine, **owned, "AIRFLOW_HOME": "/elsewhere", "MLFLOW_TRACKING_URI": "http://elsewhere"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", "CeleryExecutor")  # the stack's own value: nothing to say
+    for role in (*stack_mod.AIRFLOW_COMPONENTS, *stack_mod.WORKERS):
+        env = st.env(role)
+        assert {k: env.get(k) for k in mine} == mine, role
+        assert all(env.get(k) != v for k, v in owned.items()), role
+        assert env["AIRFLOW_HOME"] == str(st.root / "airflow") and env["MLFLOW_TRACKING_URI"] == st.mlflow_url
+    assert stack_mod.main(["env", "scheduler"]) == 0
+    out = capsys.readouterr().out
+    assert "export AIRFLOW__CORE__PARALLELISM='4'" in out and "TASK_INSTANCE_HEARTBEAT_TIMEOUT='60'" in out
+
+    # `up` names each one it ignores, once, with why (start is stubbed: no component is started here).
+    monkeypatch.setattr(stack_mod.Stack, "start", lambda self, name: None)
+    st.up()
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("stack: ignoring ")]
+    assert sorted(ln.split()[2] for ln in said) == sorted(owned), said
+    assert all(": " in ln.split(" from your environment", 1)[1] for ln in said), said
+
+
+def test_stop_says_what_it_waits_for_kills_after_its_timeout_and_forgets_the_pid(tmp_path, capsys):
+    """`down` waited silently (Celery's warm shutdown of a worker with a task running took 31-77 s), then
+    SIGKILLed; and every pid file stayed behind."""
+    st = stack_mod.Stack(tmp_path / "home")
+    armed = tmp_path / "armed"
+    # A worker in its warm shutdown (SIGTERM does not end it) with a pool process running a task.
+    code = (
+        "import pathlib, signal, subprocess, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"subprocess.Popen([{sys.executable!r}, '-c', 'import subprocess; subprocess.run([\"sleep\", \"60\"])']); "
+        f"pathlib.Path({str(armed)!r}).touch(); time.sleep(60)"
+    )
+    st._spawn("worker-gpu", [sys.executable, "-c", code], dict(os.environ))
+    pid = st._pid("worker-gpu")
+    wait_for("the fake worker's task", lambda: armed.exists() and len(stack_mod.descendants(pid)) == 2, 30, every=0.1)
+    t0 = time.monotonic()
+    st.stop("worker-gpu", timeout=4)
+    assert 4 <= time.monotonic() - t0 < 15 and not stack_mod._running(pid)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"stack: worker-gpu (pid {pid}) is finishing its running task: waiting up to 4 s, then killing it",
+        f"stack: worker-gpu (pid {pid}) still running after 4 s: killed",
+    ], lines
+    assert not (st.pids / "worker-gpu.pid").exists()
+
+    # One that ends at once is stopped without a word; a pid file whose process died before `down` goes too.
+    st._spawn("triggerer", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
+    (st.pids / "scheduler.pid").write_text("999999999 1")
+    st.down()
+    assert capsys.readouterr().out == "" and not list(st.pids.iterdir())
+
+
+def test_up_says_each_component_ready_and_status_lists_what_stopped_components_left(tmp_path, monkeypatch, capsys):
+    """`up` printed nothing for a minute until the table; `status` after a SIGKILLed gpu worker said
+    only 'worker-gpu stopped' while the task it had started trained on."""
+    _need_redis()
+    monkeypatch.setenv("ENCODERFLOW_HOME", str(tmp_path / "home"))
+    st = stack_mod.Stack()
+    # In a session of its own, as Airflow starts a task (and without the terminal pytest may have).
+    stray = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "airflow"], cwd=st.root, start_new_session=True
+    )
+    try:
+        st.start("redis")
+        assert re.fullmatch(rf"stack: redis ready \(pid {st._pid('redis')}, \d+ s\)\n", capsys.readouterr().out), (
+            "no ready line"
+        )
+        assert stack_mod.main(["status"]) == 1  # most components stopped
+        out = capsys.readouterr().out
+        assert re.search(
+            rf"^  stray +pid {stray.pid}: \S*python\S* -c import time; time.sleep\(60\) airflow$", out, re.M
+        ), out
+        assert "up SIGKILLs them before it starts worker-default, worker-gpu; down SIGKILLs them" in out, out
+        st.stop("redis")
+        assert not (st.pids / "redis.pid").exists()
+    finally:
+        st.stop("redis")
+        stray.kill()
+        stray.wait()
+
+
+PROBE_WORKER = '''
+"""A Celery worker configured as Airflow configures its own (DEFAULT_CELERY_CONFIG, from the environment)."""
+import sys
+import time
+from pathlib import Path
+
+from airflow.providers.celery.executors.default_celery import DEFAULT_CELERY_CONFIG
+from celery import Celery
+
+app = Celery("probe", config_source=dict(DEFAULT_CELERY_CONFIG, result_backend=None))  # no PostgreSQL here
+
+
+@app.task(name="probe.train")
+def train(marker):
+    Path(marker).touch()
+    time.sleep(120)
+
+
+if __name__ == "__main__":  # the options `airflow celery worker` passes
+    app.worker_main(["worker", "-O", "fair", "--queues", "gpu", "--concurrency", "1", "--loglevel", "INFO",
+                     "--without-mingle", "--without-gossip"])
+'''
+
+
+def test_a_worker_killed_mid_task_leaves_no_message_for_redis_to_replay_a_day_later(tmp_path):
+    """A SIGKILLed worker's message stayed in kombu's `unacked` set; past the 25 h visibility timeout Redis
+    handed it to the gpu queue again and the worker logged `Invalid auth token` with a 70-line traceback.
+    Acknowledged as the task starts, and nothing prefetched behind it, a killed worker leaves no message
+    unacknowledged; a message it had not started stays queued."""
+    _need_redis()
+    import redis
+    from celery import Celery
+
+    st = stack_mod.Stack(tmp_path / "home")
+    st.start("redis")
+    (tmp_path / "probe.py").write_text(PROBE_WORKER)
+    log = tmp_path / "worker.log"
+    env = st.env("worker-gpu") | {"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, str(tmp_path / "probe.py")], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    db = redis.Redis(host="127.0.0.1", port=st.ports["redis"], password=st.secrets["redis"])
+    try:
+        wait_for("the probe worker", lambda: b" ready." in log.read_bytes() or worker.poll() is not None, 120)
+        assert worker.poll() is None, log.read_text()[-3000:]
+        sender = Celery(broker=env["AIRFLOW__CELERY__BROKER_URL"])
+        for n in (1, 2):
+            sender.send_task("probe.train", args=[str(tmp_path / f"task{n}")], queue="gpu")
+        wait_for("the first task to run", (tmp_path / "task1").exists, 60, every=0.1)
+        time.sleep(3)  # time to prefetch the second, were it prefetched
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(30)
+        assert db.hlen("unacked") == 0, db.hgetall("unacked")  # what kombu redelivers after the timeout
+        assert db.llen("gpu") == 1  # the second, never delivered, is still there for the next worker
+        assert not (tmp_path / "task2").exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+        db.close()
+        st.stop("redis")
+
+
 def registry_state(st: stack_mod.Stack) -> tuple[str | None, list[dict[str, Any]], list[Any]]:
     """(champion version, champion moves, every version) as MLflow's admin sees them."""
     from mlflow.exceptions import RestException
@@ -247,6 +418,7 @@ def assert_clean_logs(client: Client, run_id: str) -> None:
         assert not bad, f"{name} try {ti['try_number']} logged errors on a successful run:\n" + "\n".join(bad[:5])
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an_mlflow_outage(deployed):
     """Two runs triggered at once, each fault met by the run that is at its stage (one smoke run
     costs about two minutes here, so the faults share two runs instead of one run each):
@@ -390,6 +562,7 @@ def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an
     assert f"models:/{MODEL}@champion (v{champion})" in proc.stderr and proc.stdout.count("\t") == 2, proc.stdout
 
 
+@pytest.mark.slow
 def test_the_stack_keeps_its_secrets_off_command_lines_and_its_database_to_its_owner(deployed):
     """PostgreSQL let any local user in as superuser over its socket (initdb --auth-local=trust), and
     MLflow's database password was on its command line, which ps shows every user."""
@@ -409,6 +582,7 @@ def test_the_stack_keeps_its_secrets_off_command_lines_and_its_database_to_its_o
         assert probe.returncode != 0, probe.stdout
 
 
+@pytest.mark.slow
 def test_security_anonymous_mlflow_and_airflow_viewer(deployed):
     st, client, tree = deployed
     champion, _, _ = registry_state(st)
@@ -455,6 +629,7 @@ def test_security_anonymous_mlflow_and_airflow_viewer(deployed):
     assert status == 200 and "Encoderflow runs" in page and "signed in as viewer" in page, (status, page[:500])
 
 
+@pytest.mark.slow
 def test_a_month_of_champion_moves_fits_the_postgresql_registry(deployed, monkeypatch):
     """MLflow's PostgreSQL store keeps a tag's value in a VARCHAR(5000): one tag of the whole history
     failed about the 29th promotion after its alias had moved. Each move is a tag of its own now, and

@@ -60,6 +60,33 @@ MLFLOW_USERS = {"encoderflow-worker": "mlflow_worker", "encoderflow-reader": "ml
 # Airflow and Celery give it): in the stack folder, which each component's children inherit, a stray.
 STACK_PROGRAMS = ("airflow", "celery", "mlflow", "gunicorn", "uvicorn")
 DEBIAN_PACKAGES = ("postgresql", "redis-server")
+# The Airflow settings (AIRFLOW__SECTION__KEY, without the prefix) whose value the topology needs, with
+# why: the caller's value for one of them is ignored and `up` says so; every other one reaches every
+# component, over the stack's defaults.
+OWNED_SETTINGS = {
+    "CORE__EXECUTOR": "the stack is a CeleryExecutor deployment",
+    "CORE__AUTH_MANAGER": "the stack's logins are SimpleAuthManager's admin and viewer",
+    "CORE__SIMPLE_AUTH_MANAGER_USERS": "the stack's logins are admin and viewer",
+    "CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": "the stack's passwords are those in stack/secrets.json",
+    "DATABASE__SQL_ALCHEMY_CONN": "the metadata DB is the stack's PostgreSQL",
+    "CELERY__BROKER_URL": "the Celery broker is the stack's Redis",
+    "CELERY__RESULT_BACKEND": "Celery's results are kept in the stack's PostgreSQL",
+    "CELERY__CELERY_CONFIG_OPTIONS": "it would replace the stack's broker, result backend and acknowledgement",
+    "CELERY__EXTRA_CELERY_CONFIG": "it would override the stack's broker, result backend and acknowledgement",
+    "CELERY__TASK_ACKS_LATE": "late acks let Redis replay a killed worker's task a day later",
+    "CORE__FERNET_KEY": "the stack generated it (stack/secrets.json) and its DB is encrypted with it",
+    "API_AUTH__JWT_SECRET": "the stack generated it (stack/secrets.json) for every component",
+    "API__SECRET_KEY": "the stack generated it (stack/secrets.json) for every component",
+    "API__HOST": "the stack listens on 127.0.0.1 only",
+    "API__PORT": "the api-server's port is the one in stack/ports.json",
+    "API__BASE_URL": "the api-server is the one the stack started",
+    "CORE__EXECUTION_API_SERVER_URL": "the workers report to the api-server the stack started",
+    "CORE__DAGS_FOLDER": "the stack serves this repository's dags/",
+    "CORE__PLUGINS_FOLDER": "the runs page is this repository's plugins/",
+    "OPERATORS__DEFAULT_QUEUE": "worker-default reads queue 'default': tasks sent elsewhere would wait forever",
+}
+# How long a component may take to stop before `stop` says what it waits for.
+QUIET_STOP_S = 2.0
 
 
 class StackError(RuntimeError):
@@ -133,6 +160,8 @@ class Stack:
         from encoderflow.cli import dags_folder, repo_root
 
         airflow_home = self.root / "airflow"
+        # Other AIRFLOW* and MLFLOW_TRACKING* variables (AIRFLOW_HOME, a tracking server) would point the
+        # components at another deployment.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW_TRACKING"))}
         env |= {
             "AIRFLOW_HOME": str(airflow_home),
@@ -146,8 +175,16 @@ class Stack:
             "AIRFLOW__CELERY__RESULT_BACKEND": self._pg_url("airflow", "airflow", "db+postgresql+psycopg2"),
             "AIRFLOW__CELERY__BROKER_URL": f"redis://:{self.secrets['redis']}@127.0.0.1:{self.ports['redis']}/0",
             # Longer than the longest execution_timeout (pretrain, 24 h): the broker never redelivers a
-            # task that is still running.
+            # task that is still running (with the acks below, one only between its fetch and its start).
             "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "90000",
+            # Acknowledged as it starts (Celery's default; Airflow's is late) and fetched only when a pool
+            # process is free: a worker killed mid-task left its message, and one prefetched behind it,
+            # unacknowledged in Redis, and past the visibility timeout kombu handed it to a worker again,
+            # a day after Airflow had retried the task, to fail on its expired token ("Invalid auth
+            # token"). A lost task is Airflow's to retry (task heartbeat and queued timeouts), not the
+            # broker's to replay.
+            "AIRFLOW__CELERY__TASK_ACKS_LATE": "False",
+            "AIRFLOW__CELERY__EXTRA_CELERY_CONFIG": json.dumps({"worker_disable_prefetch": True}),
             "AIRFLOW__CORE__FERNET_KEY": self.secrets["fernet"],
             "AIRFLOW__API_AUTH__JWT_SECRET": self.secrets["airflow_jwt"],
             "AIRFLOW__API__SECRET_KEY": self.secrets["airflow_api"],
@@ -174,10 +211,24 @@ class Stack:
             "GX_ANALYTICS_ENABLED": "false",
             "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
         }
+        env |= {k: v for k, v in os.environ.items() if k.startswith("AIRFLOW__") and _owned(k) is None}
         user = {"api-server": "encoderflow-reader"}.get(role, "encoderflow-worker" if role in WORKERS else None)
         if user:
             env |= {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": self.secrets[MLFLOW_USERS[user]]}
         return env | self.extra_env
+
+    def ignored_settings(self) -> dict[str, str]:
+        """The caller's Airflow settings that :meth:`env` overrides with the stack's, each with why.
+
+        Returns:
+            Variable name to reason; one that already has the stack's value is left out.
+        """
+        ours = self.env()
+        return {
+            k: why
+            for k, v in sorted(os.environ.items())
+            if k.startswith("AIRFLOW__") and (why := _owned(k)) is not None and ours.get(k) != v
+        }
 
     # -- processes -----------------------------------------------------------------------------
     def _pid(self, name: str) -> int | None:
@@ -224,6 +275,24 @@ class Stack:
                     continue
                 found.append((proc.pid, _start_time(proc.pid)))
         return found
+
+    def stray_report(self) -> list[str]:
+        """Lines for ``status``: each of :meth:`strays` (pid and command), then what ``up`` and ``down`` do
+        about them; none when there are none."""
+        found = self.strays()
+        if not found:
+            return []
+        lines = [f"  {'stray':<15} pid {pid}: {_command(pid)}" for pid, _ in found]
+        stopped = [w for w in WORKERS if not self.alive(w)]
+        up = (
+            f"up SIGKILLs them before it starts {', '.join(stopped)}"
+            if stopped
+            else "up leaves them (no worker to start)"
+        )
+        return [
+            *lines,
+            f"  processes left by components that died (a killed worker's task trains on): {up}; down SIGKILLs them",
+        ]
 
     def stop_strays(self, timeout: float = 30) -> list[int]:
         """SIGKILL the :meth:`strays` and wait up to ``timeout`` seconds for them to go; returns their pids.
@@ -279,16 +348,20 @@ class Stack:
         if name in WORKERS and (left := self.stop_strays()):
             # Airflow retries what they ran (resuming from its backups), once its heartbeat timeout passes.
             print(f"stack: stopped {len(left)} process(es) a stopped component left running (tasks): pids {left}")
+        began = time.monotonic()
         start = getattr(self, "_start_" + name.replace("-", "_"), None)
         if start:
             start()
         else:
             self._start_airflow(name)
+        # `up` takes a minute or more: a line per component says it is getting on.
+        print(f"stack: {name} ready (pid {self._pid(name)}, {time.monotonic() - began:.0f} s)", flush=True)
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
         """Stop one component and every process it started; SIGKILL after ``timeout`` seconds."""
         pid = self._pid(name)
         if pid is None:
+            self._forget(name)  # a crash's, or the number of another process by now
             return
         if name == "postgres":
             self._run(
@@ -300,15 +373,25 @@ class Stack:
         # of its own, and a lost worker machine takes its tasks with it. Read before the signal: an
         # orphan is re-parented to init and out of reach.
         tree = descendants(pid)
+        # A worker's tasks are its pool processes' children (Airflow's task supervisor forks each).
+        busy = name in WORKERS and len(tree) > len(_children(pid))
         for target in [pid, *tree] if sig == signal.SIGKILL else []:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(target, sig)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, sig)
-        deadline = time.monotonic() + timeout
-        while self.alive(name) and time.monotonic() < deadline:
+        began = time.monotonic()
+        said = False
+        while self.alive(name) and time.monotonic() < began + timeout:
+            if not said and time.monotonic() > began + QUIET_STOP_S:
+                # Celery's warm shutdown waits for the running task (31-77 s measured): silence read as a hang.
+                doing = "is finishing its running task" if busy else "is shutting down"
+                print(f"stack: {name} (pid {pid}) {doing}: waiting up to {timeout:.0f} s, then killing it", flush=True)
+                said = True
             time.sleep(0.2)
         if self.alive(name) or sig == signal.SIGKILL:
+            if self.alive(name) and sig != signal.SIGKILL:
+                print(f"stack: {name} (pid {pid}) still running after {timeout:.0f} s: killed", flush=True)
             for target in [pid, *tree]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(target, signal.SIGKILL)
@@ -316,9 +399,17 @@ class Stack:
                 os.killpg(pid, signal.SIGKILL)
             while self.alive(name):
                 time.sleep(0.1)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        # PostgreSQL removes its postmaster.pid itself.
+        if name != "postgres":
+            (self.pids / f"{name}.pid").unlink(missing_ok=True)
 
     def up(self) -> None:
         """Start every component that is not running, in dependency order (idempotent)."""
+        for var, why in self.ignored_settings().items():
+            print(f"stack: ignoring {var} from your environment: {why}", flush=True)
         if not any(self.status().values()):
             # A stack made when the JWT key was 24 bytes (PyJWT warned on every token: below 64 for
             # SHA-512): a longer one, only while nothing runs that holds the old one.
@@ -484,6 +575,7 @@ class Stack:
         if marker.exists():
             return
         env = self.env("scheduler")
+        print("stack: first start: migrating Airflow's metadata DB", flush=True)
         self._run([sys.executable, "-m", "airflow", "db", "migrate"], "airflow db migrate", env)
         self._run(
             [sys.executable, "-m", "airflow", "pools", "set", "gpu", "1", "one training job on the accelerator"],
@@ -565,6 +657,23 @@ def _stack_program(cmdline: list[str]) -> bool:
     return first.startswith(STACK_PROGRAMS)
 
 
+def _owned(var: str) -> str | None:
+    """Why the stack owns the Airflow setting ``var`` (``AIRFLOW__SECTION__KEY``, or its ``_CMD`` or
+    ``_SECRET`` form), or None when the caller's value is to be kept."""
+    key = var.upper().removeprefix("AIRFLOW__")
+    return OWNED_SETTINGS.get(key) or OWNED_SETTINGS.get(re.sub(r"_(CMD|SECRET)$", "", key))
+
+
+def _command(pid: int, width: int = 160) -> str:
+    """``pid``'s command line (or the title Airflow and Celery give it), cut to ``width`` characters."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return "?"
+    line = " ".join(w.decode(errors="replace") for w in words).strip()
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
 def _stat(pid: int) -> list[str]:
     """``/proc/<pid>/stat``'s fields after the command name (state first), or [] when there is none."""
     try:
@@ -633,6 +742,16 @@ def descendants(pid: int) -> list[int]:
         return []
 
 
+def _children(pid: int) -> list[int]:
+    """The live children of ``pid`` (none when ``pid`` itself is gone)."""
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def _fernet_key() -> str:
     return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
 
@@ -687,6 +806,9 @@ def main(argv: list[str] | None = None) -> int:
     status = stack.status()
     for name, up in status.items():
         print(f"  {name:<15} {'running' if up else 'stopped'}  log: {stack.logs / (name + '.log')}")
+    if args.action in ("up", "status"):
+        for line in stack.stray_report():
+            print(line)
     # A live process is not a working one: with PostgreSQL down every Airflow process still runs.
     unhealthy = []
     if args.action in ("up", "status") and status.get("api-server"):
