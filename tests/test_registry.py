@@ -63,6 +63,13 @@ def _aliases() -> dict[str, str | None]:
     return out
 
 
+def test_a_candidates_curves_are_logged_per_epoch_in_one_request(tmp_path):
+    v1 = _register(tmp_path, "1")
+    run_id = registry.client().get_model_version(NAME, v1).run_id
+    points = registry.client().get_metric_history(run_id, "finetune.loss")
+    assert [(p.step, p.value) for p in sorted(points, key=lambda p: p.step)] == [(0, 0.5), (1, 0.4)]
+
+
 def test_candidates_aliases_history_and_rollback(tmp_path, capsys):
     v1, v2, v3 = (_register(tmp_path, t) for t in "123")
     assert (v1, v2, v3) == ("1", "2", "3")
