@@ -287,6 +287,51 @@ def test_an_empty_file_is_one_failure_saying_so(folder, tmp_path, member, raw, s
     assert report["success"] is False and report["files"][member]["rows"] == 0
 
 
+ROW_COUNT = "expect_table_row_count_to_be_between(min_value=10, max_value=50000000) failed, observed"
+TOO_FEW_ROWS = {
+    # id: (file, its new text, its exact failures after "<dataset>: <file>: ")
+    # A header and no row: "observed 0.0000, the share of distinct texts (the rest are copies of other
+    # rows)" was listed too, of a file with no row to copy.
+    "sst2-header-only": (DEV, "sentence\tlabel\n", [f"{ROW_COUNT} 0"]),
+    # Three copies of one positive row: a share of distinct texts (0.33) and a class balance (1.0) of
+    # three rows say nothing the row count does not.
+    "sst2-three-copies": (DEV, "sentence\tlabel\n" + "a fine film\t1\n" * 3, [f"{ROW_COUNT} 3"]),
+    # A misnamed header stays true of a file with no row: both are said.
+    "sst2-header-only-misnamed": (
+        DEV,
+        "sentence\tlable\n",
+        [
+            f"{ROW_COUNT} 0",
+            "expect_table_columns_to_match_ordered_list(column_list=['sentence', 'label']) failed, "
+            "observed columns ['sentence', 'lable']",
+        ],
+    ),
+    # WikiText has no share to echo it, and cannot have no row (a blank file is the one failure "empty");
+    # what its one line lacks is said of the line, not of an empty table.
+    "wikitext-one-heading": (
+        WIKI_TEST,
+        " = Fixture Article = \n",
+        [
+            f"{ROW_COUNT} 1",
+            "expect_column_sum_to_be_between(column='_long', min_value=1.0, max_value=50000000.0) failed, "
+            "observed 0 lines over 100 bytes: no article text, only headings or short lines",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TOO_FEW_ROWS))
+def test_too_few_rows_fail_the_row_count_not_also_a_share_of_them(folder, tmp_path, case):
+    member, text, expected = TOO_FEW_ROWS[case]
+    path = folder / member
+    path.write_text(text)
+    dataset = DATASET_OF[member]
+
+    report = validation.validate_dataset(info_for(dataset, folder, only=member), tmp_path / "docs")
+
+    assert report["failures"] == [f"{dataset}: {path}: {line}" for line in expected]
+
+
 def _sparse(size: int) -> Callable[[Path], None]:
     """``truncate -s``: the file grows to ``size`` with NUL bytes that take no disk."""
 
@@ -846,6 +891,45 @@ def test_each_bad_source_of_your_own_is_named(tmp_path, case):
     origin = (corpus if role == "corpus" else labeled) / name
     lines = [f for f in report["failures"] if f.startswith(f"{role}: {origin}: ")]
     assert lines and any(expected in f for f in lines), report["failures"]
+
+
+@pytest.mark.parametrize("fmt, sep", [("csv", ","), ("tsv", "\t")])
+def test_your_own_files_with_a_header_and_no_row_fail_their_row_count_alone(tmp_path, fmt, sep):
+    """Not also a share of distinct texts of 0.0000, a share of dev leaked from train of None and one
+    class (fewer than 2) on train: each only says again that there is no row."""
+
+    def header_only(corpus: Path, labeled: Path) -> None:
+        for split in ("train", "dev"):
+            (labeled / f"{split}.jsonl").unlink()
+            (labeled / f"{split}.{fmt}").write_text(f"body{sep}category\n")
+
+    report, _, labeled = _own(tmp_path, "labeled", header_only)
+    assert report["failures"] == [
+        f"labeled: {labeled / f'{split}.{fmt}'}: expect_table_row_count_to_be_between(min_value=10, "
+        "max_value=50000000) failed, observed 0"
+        for split in ("train", "dev")
+    ]
+
+
+def test_your_own_labeled_files_of_too_few_rows_fail_their_row_count_alone(tmp_path):
+    """Three copies of one row: no share of distinct texts (0.33) or class share (1.0) of three rows."""
+    rows = [{"body": "crash again", "category": "bug"}] * 3
+    report, _, labeled = _own(
+        tmp_path, "labeled", lambda c, lab: _rows(lab / "train.jsonl", rows), **{"inputs.min_rows": 4}
+    )
+    # One class stays true of three rows (a count, not a share of them): it is said too.
+    assert [f.split(": ", 2)[2] for f in report["failures"] if f.startswith(f"labeled: {labeled / 'train.jsonl'}")] == [
+        "expect_table_row_count_to_be_between(min_value=4, max_value=50000000) failed, observed 3",
+        "expect_column_unique_value_count_to_be_between(column='category', min_value=2) failed, observed 1",
+    ]
+
+
+def test_an_empty_file_of_your_corpus_fails_its_row_count_alone(tmp_path):
+    """Not also "no line with text" (a sum of 0.0 over no line)."""
+    report, corpus, _ = _own(tmp_path, "corpus", lambda c, lab: (c / "empty.txt").write_text(""))
+    assert report["failures"] == [
+        f"corpus: {corpus / 'empty.txt'}: expect_table_row_count_to_be_between(min_value=1) failed, observed 0"
+    ]
 
 
 def test_class_balance_bounds_come_from_the_declaration(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
@@ -140,16 +141,59 @@ def test_an_encoder_altered_since_pretrain_wrote_it_is_refused_naming_the_way_ou
     assert not (layout.run_dir("altered") / "finetune").exists()
 
 
-def test_full_epochs_over_length_buckets_raise_no_ran_out_of_data_warning(inputs, tmp_path, recwarn):
+def test_full_epochs_over_length_buckets_raise_no_ran_out_of_data_warning(inputs, tmp_path, recwarn, caplog):
     """Whole epochs (no step cap) over the bucketed train split: its batches are counted, so Keras
-    does not warn "Your input ran out of data" at the end of every epoch of a run's log."""
+    does not warn "Your input ran out of data" at the end of every epoch of a run's log, and the
+    steps/epoch logged before it are the steps it runs (not the schedule's bound, a partial batch per
+    bucket width more)."""
     from encoderflow.train.finetune import finetune
 
     encoder, sst2, vocab = inputs
     cfg = from_overrides("smoke", {"finetune.steps_per_epoch": 0, "finetune.epochs": 1})
-    result = finetune(cfg, encoder, sst2, vocab, tmp_path)
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        result = finetune(cfg, encoder, sst2, vocab, tmp_path)
     assert len(result["history"]["loss"]) == 1
     assert not [w for w in recwarn if "ran out of data" in str(w.message)], [str(w.message) for w in recwarn]
+    log = "\n".join(caplog.messages)
+    [planned] = re.findall(r"^finetune: .* (\d+) steps/epoch, 1 epochs, \d+ steps in all$", log, re.M)
+    [ran] = re.findall(r"^finetune epoch 1/1: .* steps=(\d+) ", log, re.M)
+    assert planned == ran
+
+
+def test_fine_tuning_logs_its_plan_a_measured_step_time_and_progress_during_the_first_epoch(
+    inputs, tmp_path, caplog, monkeypatch
+):
+    """The guide's fine-tuning on a CPU takes hours: its log says the plan and the rate before training,
+    then a measured ms/step with the time it makes and progress lines (at most one per
+    LOG_EVERY_SECONDS; every step here), as pretraining's does, not only the device and the pooling."""
+    from encoderflow.data.inputs import read_labeled
+    from encoderflow.train import finetune
+
+    monkeypatch.setattr(finetune, "LOG_EVERY_SECONDS", 0.0, raising=False)
+    encoder, sst2, vocab = inputs
+    overrides = {"finetune.steps_per_epoch": 12, "finetune.epochs": 1, "finetune.lr_schedule": "warmup_cosine"}
+    cfg = from_overrides("smoke", overrides)
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        finetune.finetune(cfg, encoder, sst2, vocab, tmp_path)
+    lines = [m for m in caplog.messages if m.startswith("finetune")]
+    before = lines[: next(i for i, m in enumerate(lines) if m.startswith("finetune epoch 1/1: "))]
+    train, dev = (len(read_labeled(sst2, split)[0]) for split in ("train", "dev"))
+    assert (
+        f"finetune: {train:,} train examples, {dev:,} dev examples, batch {cfg.finetune.batch_size}, "
+        "12 steps/epoch (finetune.steps_per_epoch), 1 epochs, 12 steps in all"
+    ) in before
+    assert f"finetune: learning rate {cfg.finetune.learning_rate:g} (warmup_cosine, warmup_ratio 0.1)" in before
+    # 1 step compiles, 10 are timed: the estimate comes at step 11 of 12.
+    [estimate] = [m for m in before if "ms/step" in m]
+    assert re.fullmatch(
+        r"finetune: \d+\.\d ms/step measured over 10 steps; estimated training time \S+ for 12 steps \(\+ validation\)",
+        estimate,
+    ), estimate
+    progress = [m for m in before if m.startswith("finetune progress: ")]
+    assert len(progress) >= 10, before
+    progress_line = r"finetune progress: epoch step \d+/12 loss=\d+\.\d{4} seq/s=\d+ eta=\S+"
+    assert all(re.fullmatch(progress_line, m) for m in progress), progress
+    assert not [m for m in caplog.messages if "\r" in m]
 
 
 def test_an_ema_fine_tuning_saves_the_averaged_classifier_it_evaluated(inputs, tmp_path, caplog):

@@ -18,6 +18,10 @@ from encoderflow.results import split_info
 
 log = logging.getLogger(__name__)
 
+# At most one progress line (step, loss, sequences/s, ETA) per this many seconds within an epoch, as
+# pretraining's default (pretrain.log_every_seconds): an epoch of the guide's on a CPU takes hours.
+LOG_EVERY_SECONDS = 60.0
+
 
 def compile_classifier(classifier, f, total_steps: int, num_classes: int = 2) -> None:
     """The guide's fine-tuning compile: AdamW, binary cross-entropy (sparse categorical for more than
@@ -135,6 +139,7 @@ def finetune(
 
     from encoderflow import model as models
     from encoderflow.train.callbacks import EpochLogger, NonFiniteLoss
+    from encoderflow.train.pretrain import ESTIMATE_STEPS
 
     f = cfg.finetune
     keras.utils.set_random_seed(cfg.data.seed)
@@ -182,6 +187,21 @@ def finetune(
     partial = len(bucket_widths(seq)) if cfg.length_buckets() else 0
     per_epoch = steps or math.ceil(len(train_x) / f.batch_size) + partial
     compile_classifier(classifier, f, total_steps=per_epoch * f.epochs, num_classes=len(labels))
+    # The steps fit runs, not per_epoch's bound for the schedule: bucketed sets have counted theirs.
+    counted = int(train_ds.cardinality())
+    epoch_steps = steps or (counted if counted >= 0 else per_epoch)
+    log.info(
+        "finetune: %s train examples, %s dev examples, batch %d, %s steps/epoch%s, %d epochs, %s steps in all",
+        f"{len(train_x):,}",
+        f"{len(dev_x):,}",
+        f.batch_size,
+        f"{epoch_steps:,}",
+        " (finetune.steps_per_epoch)" if steps else "",
+        f.epochs,
+        f"{epoch_steps * f.epochs:,}",
+    )
+    schedule = f", warmup_ratio {f.warmup_ratio:g}" if f.lr_schedule != "constant" else ""
+    log.info("finetune: learning rate %g (%s%s)", f.learning_rate, f.lr_schedule, schedule)
     t0 = time.monotonic()
     history = classifier.fit(
         train_ds,
@@ -194,6 +214,8 @@ def finetune(
             EpochLogger(
                 "finetune",
                 f.batch_size,
+                LOG_EVERY_SECONDS,
+                estimate_steps=ESTIMATE_STEPS,
                 nan_fix=f"lower finetune.learning_rate (now {f.learning_rate:g}) or check the input data",
             )
         ],
