@@ -104,6 +104,33 @@ def test_a_write_the_disk_has_no_room_for_is_refused_as_a_full_disk(tmp_path):
     assert not (tmp_path / "huge.bin").exists()
 
 
+def test_writers_racing_for_one_folder_all_land_and_leave_one_whole(tmp_path):
+    """Two scorers fetching into one folder: the loser of the old delete-then-rename failed with
+    "Directory not empty"."""
+    import threading
+
+    final, errors, barrier = tmp_path / "champion", [], threading.Barrier(8, timeout=60)
+
+    def write(n: int) -> None:
+        try:
+            for round_ in range(5):
+                with layout.atomic_dir(final) as tmp:
+                    for i in range(20):
+                        (tmp / f"f{i}").write_text(f"{n}-{round_}")
+                    barrier.wait() if round_ == 0 else None
+        except Exception as exc:  # noqa: BLE001 - the test reports any writer's failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len({p.read_text() for p in final.iterdir()}) == 1 and len(list(final.iterdir())) == 20
+    assert [p.name for p in tmp_path.iterdir()] == ["champion"]  # nothing aside left behind
+
+
 DIR_WRITER = """
 import sys, time
 from pathlib import Path

@@ -117,6 +117,14 @@ def test_candidates_aliases_history_and_rollback(tmp_path, capsys):
     # The registry serves what was registered, verified against bundle.json.
     served = registry.download_version(NAME, "@champion", tmp_path / "serve")
     assert (served / "classifier.keras").read_text() == "clf-3"
+    # Which version an alias is, resolved once, for a caller that must say what it scored.
+    assert registry.resolve_version(NAME, "@champion") == "3" and registry.resolve_version(NAME, "v2") == "2"
+    # Fetched again while it holds that version, verified: left alone (a scorer's loop re-fetched it each
+    # time, and the swap broke another process reading it); another version replaces it.
+    before = (served / "classifier.keras").stat().st_ino
+    assert registry.download_version(NAME, "3", served) == served
+    assert (served / "classifier.keras").stat().st_ino == before
+    assert (registry.download_version(NAME, "1", served) / "classifier.keras").read_text() == "clf-1"
     # From a notebook: a version as `encoderflow runs` prints it, or as a number, is that version; a
     # mistake is named with what there is, not MLflow's "Invalid Model Version stage" or an AttributeError.
     for version in (2, "2", "v2"):

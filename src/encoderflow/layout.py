@@ -6,10 +6,12 @@ so a re-run with the same inputs finds its finished work and a retry never mixes
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -253,8 +255,22 @@ def atomic_dir(final: str | os.PathLike, prefix: str | None = None) -> Iterator[
     final = Path(final)
     with temp_dir(final.parent, prefix or f".{final.name}.") as tmp:
         yield tmp
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        # The folder there is renamed aside, not deleted first: two writers of one folder (two scorers
+        # fetching into one path) failed with "Directory not empty" after both had deleted it, and a
+        # reader found no folder for as long as a delete took. A writer whose rename lost to another's
+        # moves that one aside in turn: the last writer's folder stays, whole.
+        for attempt in itertools.count():
+            aside = tmp.with_name(f"{tmp.name}.old{attempt}")  # the temp's prefix: a killed swap's is swept
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(final, aside)
+            try:
+                os.replace(tmp, final)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        for old in tmp.parent.glob(f"{glob.escape(tmp.name)}.old*"):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

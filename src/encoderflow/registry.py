@@ -223,11 +223,27 @@ def version_ref(c, name: str, version: str | int) -> str:
     return version
 
 
+def resolve_version(name: str, version: str | int) -> str:
+    """The number of a version of ``name`` given as a number (``3``, ``"3"``, ``"v3"``) or ``"@alias"``
+    (:func:`version_ref`), as the registry has it now: an alias may move at any time, so a caller that
+    must say which version it scores resolves first and downloads that number.
+
+    Raises:
+        EncoderflowError: as :func:`download_version`.
+    """
+    c = require_model(name)
+    ref = version_ref(c, name, version)
+    return str(c.get_model_version_by_alias(name, ref[1:]).version) if ref.startswith("@") else ref
+
+
 def download_version(name: str, version: str | int, dst: str | os.PathLike) -> Path:
     """Fetch a version (a number or ``@alias``) into ``dst``; verify it; return its folder.
 
     The files land in a temporary folder beside ``dst`` and replace it only once verified: a
-    reader of ``dst`` sees the old bundle, none, or the whole new one, never a partial download.
+    reader of ``dst`` sees the old bundle or the whole new one, never a partial download, and of
+    several processes fetching into one ``dst`` the last one's stays. When ``dst`` already holds that
+    version's bundle, verified, nothing is fetched. An alias is resolved once (:func:`resolve_version`)
+    and the log names the number.
 
     Raises:
         EncoderflowError: no store or no model ``name`` here (:func:`require_model`), no such version
@@ -237,14 +253,21 @@ def download_version(name: str, version: str | int, dst: str | os.PathLike) -> P
     import mlflow
 
     c = require_model(name)
-    version = version_ref(c, name, version)
-    uri = f"models:/{name}{version}" if version.startswith("@") else f"models:/{name}/{version}"
+    ref = version_ref(c, name, version)
+    mv = c.get_model_version_by_alias(name, ref[1:]) if ref.startswith("@") else c.get_model_version(name, ref)
+    # By number: the alias may move while the files come.
+    version, uri = str(mv.version), f"models:/{name}/{mv.version}"
+    named = f"{name}{ref} (v{version})" if ref.startswith("@") else f"{name} v{version}"
+    held = mv.tags.get(BUNDLE_TAG)
+    if held and bundle.damage(dst) is None and bundle.identity(dst) == held:
+        log.info("registry: %s is at %s already, verified: not fetched again", named, dst)
+        return Path(dst)
+    log.info("registry: fetching %s into %s", named, dst)
     with layout.atomic_dir(dst) as tmp:
         got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
         if not any(got.iterdir()):
             # A local artifact path that is gone downloads as an empty folder, not as an error.
-            mv = c.get_model_version_by_alias(name, version[1:]) if version.startswith("@") else None
-            source = (mv or c.get_model_version(name, version)).source
+            source = mv.source
             raise EncoderflowError(
                 f"{uri}: nothing was downloaded from its source {source}",
                 fix="the store records its artifacts' absolute paths: use it where it was written (the "
