@@ -380,8 +380,15 @@ def test_a_run_is_refused_while_a_scheduler_runs_on_the_same_airflow(tmp_path, e
     import sqlite3
     from datetime import UTC, datetime, timedelta
 
-    assert _run_toy(tmp_path / "first", encoderflow_home, "expected").returncode == 1  # makes the metadata DB
+    first = _run_toy(tmp_path / "first", encoderflow_home, "expected")  # makes the metadata DB
+    assert first.returncode == 1
     db = encoderflow_home / "airflow" / "airflow.db"
+    # A run of that Airflow left running (its standalone killed): `runs` and `prune` said "in flight", and
+    # prune kept everything, with no word that no scheduler was there to finish it.
+    with sqlite3.connect(db) as con:
+        con.execute("update dag_run set state = 'running'")
+    said = runs.asking_airflow(encoderflow_home)().said
+    assert "(no scheduler alive on it: its runs in flight wait until that Airflow runs again" in said
     beat = datetime.now(UTC).replace(tzinfo=None)
     with sqlite3.connect(db) as con:
         con.execute(
@@ -389,6 +396,9 @@ def test_a_run_is_refused_while_a_scheduler_runs_on_the_same_airflow(tmp_path, e
             "('running', 'SchedulerJob', ?, ?, 'teamhost', 'alice')",
             (f"{beat - timedelta(hours=1)}", f"{beat}"),
         )
+    assert "no scheduler alive" not in runs.asking_airflow(encoderflow_home)().said
+    with sqlite3.connect(db) as con:
+        con.execute("update dag_run set state = 'failed'")
     refused = _run_toy(tmp_path / "beside", encoderflow_home, "expected")
     assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
     assert refused.stderr.startswith(

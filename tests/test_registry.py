@@ -794,7 +794,7 @@ def test_a_store_moved_away_from_its_artifacts_says_so_when_serving(tmp_path, mo
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the old home's, exported by MLflow in this process
     with pytest.raises(EncoderflowError) as err:
         registry.download_version(NAME, "@champion", tmp_path / "serve")
-    assert str(err.value).startswith(f"models:/{NAME}@champion: nothing was downloaded from its source file://")
+    assert str(err.value).startswith(f"models:/{NAME}@champion (v1): nothing was downloaded from its source file://")
     assert "the store records its artifacts' absolute paths" in err.value.fix
     assert not (tmp_path / "serve").exists()
 

@@ -124,16 +124,31 @@ def run_claims() -> Path:
 def stopped_runs() -> set[str]:
     """The run ids whose ``encoderflow run`` process is gone (a kill, a crash) and that no later run has
     marked failed yet: their claim's lock is free. Airflow still says they are running."""
-    stopped = set()
+    return _claimed()[1]
+
+
+def live_runs() -> set[str]:
+    """The run ids an ``encoderflow run`` process runs now: their claim's lock is held."""
+    return _claimed()[0]
+
+
+def _claimed() -> tuple[set[str], set[str]]:
+    """The claimed run ids: (those whose process holds the claim, those whose claim is free)."""
+    live, stopped = set(), set()
     for path in sorted(run_claims().glob("*")) if run_claims().is_dir() else []:
         try:
             with open(path, encoding="utf-8") as claim:
-                fcntl.flock(claim, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released on close, at once
-                if run_id := claim.read().strip():
+                run_id = claim.read().strip()
+                try:
+                    fcntl.flock(claim, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released on close, at once
+                except BlockingIOError:
+                    live.add(run_id)
+                    continue
+                if run_id:
                     stopped.add(run_id)
-        except OSError:  # alive (locked), swept meanwhile, or unreadable: not known to be stopped
+        except OSError:  # swept meanwhile, or unreadable: not known either way
             continue
-    return stopped
+    return live - {""}, stopped
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

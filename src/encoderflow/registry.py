@@ -258,6 +258,7 @@ def download_version(name: str, version: str | int, dst: str | os.PathLike) -> P
     # By number: the alias may move while the files come.
     version, uri = str(mv.version), f"models:/{name}/{mv.version}"
     named = f"{name}{ref} (v{version})" if ref.startswith("@") else f"{name} v{version}"
+    shown = f"models:/{name}{ref} (v{version})" if ref.startswith("@") else uri  # in errors: as the caller named it
     held = mv.tags.get(BUNDLE_TAG)
     if held and bundle.damage(dst) is None and bundle.identity(dst) == held:
         log.info("registry: %s is at %s already, verified: not fetched again", named, dst)
@@ -269,13 +270,13 @@ def download_version(name: str, version: str | int, dst: str | os.PathLike) -> P
             # A local artifact path that is gone downloads as an empty folder, not as an error.
             source = mv.source
             raise EncoderflowError(
-                f"{uri}: nothing was downloaded from its source {source}",
+                f"{shown}: nothing was downloaded from its source {source}",
                 fix="the store records its artifacts' absolute paths: use it where it was written (the "
                 "ENCODERFLOW_HOME of its runs), or restore the artifacts folder there",
             )
         if why := bundle.damage(got):  # named by the version, not by the temp folder it was fetched into
             raise EncoderflowError(
-                f"{uri}: {why}",
+                f"{shown}: {why}",
                 fix=f"serve another version of {name} (encoderflow rollback, or encoderflow promote --version N); "
                 "the damaged files are under the version's source in the MLflow store",
             )

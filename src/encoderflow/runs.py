@@ -134,20 +134,30 @@ def asking_airflow(home: Path, dag_id: str = DAG_ID) -> Callable[[], DagRuns]:
         return lambda: unasked
     # Each CLI in a process of its own, started now; nothing joins them at exit, so Ctrl-C ends the reader
     # at once (a thread waiting on one held the interpreter's exit for as long as Airflow took).
-    asked = [(label, _start_list_runs(env, dag_id)) for label, env in envs]
+    asked = [(label, env, _start_list_runs(env, dag_id)) for label, env in envs]
 
     def answer() -> DagRuns:
         found: list[dict[str, Any]] = []
         said = []
-        answers = [(label, answered()) for label, answered in asked]  # every CLI waited for, and its files closed
-        for label, runs in answers:
+        answers = [(label, env, answered()) for label, env, answered in asked]  # every CLI waited for
+        for label, env, runs in answers:
             if isinstance(runs, str):
                 return DagRuns([], False, f"Airflow {label}: could not list the runs of {dag_id} ({runs})")
             # Airflow's CLI writes "" for a date it does not have (a queued run's start); the page's ORM None.
-            found += [{k: (None if v == "" and k.endswith("_date") else v) for k, v in run.items()} for run in runs]
+            runs = mark_stopped(
+                [{k: (None if v == "" and k.endswith("_date") else v) for k, v in r.items()} for r in runs]
+            )
+            found += runs
             said.append(f"{label}: {len(runs)} runs")
+            unattended = [r for r in runs if r.get("state") in IN_FLIGHT and r.get("run_id") not in layout.live_runs()]
+            if unattended and not _scheduler_alive(env):
+                # Its standalone killed: its runs stay running, and prune keeps everything, until it is back.
+                said[-1] += (
+                    " (no scheduler alive on it: its runs in flight wait until that Airflow runs again, "
+                    "encoderflow airflow or make stack, which then finishes or fails them)"
+                )
         found.sort(key=lambda r: str(r.get("run_after") or r.get("start_date") or ""), reverse=True)
-        return DagRuns(mark_stopped(found), True, "Airflow " + "; ".join(said))
+        return DagRuns(found, True, "Airflow " + "; ".join(said))
 
     return answer
 
@@ -201,6 +211,17 @@ def _start_list_runs(env: dict[str, str], dag_id: str) -> Callable[[], list[dict
         return said[0]
 
     return answered
+
+
+def _scheduler_alive(env: dict[str, str]) -> bool:
+    """Whether a scheduler is alive on the Airflow ``env`` points at (``airflow jobs check``: its
+    heartbeat in the job table); True when that cannot be told, as no claim is then made."""
+    cmd = [sys.executable, "-m", "airflow", "jobs", "check", "--job-type", "SchedulerJob", "--limit", "1"]
+    try:
+        proc = subprocess.run(cmd, env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    return proc.returncode == 0 or "No alive jobs found" not in proc.stdout + proc.stderr
 
 
 def _stop(proc: subprocess.Popen) -> None:
