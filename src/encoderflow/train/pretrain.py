@@ -631,12 +631,18 @@ def _train(
     history = None
     if initial_epoch < p.epochs:
         if backup.steps_done:  # at an epoch boundary too: the log says where a retry picked up
+            # A try whose worker died trains on with no log to write to: its epochs are only in history.csv.
+            done = len(read_history(history_csv).get("loss", []))
             log.info(
-                "pretrain: resuming epoch %d at step %d of %d (backup in %s)",
+                "pretrain: resuming epoch %d at step %d of %d (backup in %s)%s",
                 initial_epoch + 1,
                 skip + 1,
                 steps,
                 backup.directory,
+                f"; {'epoch 1 was' if done == 1 else f'epochs 1-{done} were'} trained by earlier tries, in "
+                f"{history_csv} (a try whose worker died trains on after its log ends)"
+                if done
+                else "",
             )
         train_ds, _ = train_batches(manifest_path, cfg, initial_epoch, skip, whole_batches)
         with warnings.catch_warnings():
