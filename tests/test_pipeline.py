@@ -186,6 +186,11 @@ def test_two_runs_through_airflow(served, encoderflow_home, capsys):
         f"report: BLESSED; val_accuracy {m1['val_accuracy']:.4f} (baseline_val_accuracy "
         f"{m1['baseline_val_accuracy']:.4f}, champion_val_accuracy -, mlm_val_accuracy "
     ) in report_log and f"{MODEL} v1 registered, champion v1" in report_log
+    # Each step names what it wrote with its hash (docs/operations.md, "Logs"); the bundle's is the registry's.
+    summary_sha = layout.sha256_file(layout.run_dir(run1) / "summary.json")
+    assert f"report output summary: {layout.run_dir(run1) / 'summary.json'} (sha256 {summary_sha})" in report_log
+    finetune_log = (layout.run_dir(run1) / "logs" / "task_id=finetune" / "attempt=1.log").read_text()
+    assert f"(sha256 {v1.tags['bundle.sha256']})" in finetune_log
 
     # A second, untrained candidate: registered, not blessed, champion unchanged; it must also show
     # a significant gain, and its paired interval says it is significantly worse. It pretrains with

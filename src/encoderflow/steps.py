@@ -222,7 +222,7 @@ def train_baseline(labeled: Dataset, params: Mapping[str, Any], run_id: str) -> 
     out = layout.run_dir(run_id) / "baseline"
     _inputs("train_baseline", train=split_path(labeled, "train"), dev=split_path(labeled, "dev"))
     result = fit(from_params(params), labeled, out)
-    _output("train_baseline", "result", str(out / "result.json"))
+    _output("train_baseline", "result", str(out / "result.json"), layout.sha256_file(out / "result.json"))
     return {"baseline_val_accuracy": result["baseline_val_accuracy"], "result": str(out / "result.json")}
 
 
@@ -334,7 +334,9 @@ def finetune(
         init_classifier=init["classifier"] if init else None,
         earlier_runs=not RunOptions.from_params(params).force,
     )
-    _output("finetune", "bundle", result["bundle"])
+    from encoderflow.bundle import identity
+
+    _output("finetune", "bundle", result["bundle"], identity(result["bundle"]))  # the registry's bundle.sha256
     return {
         **_reused(result),
         "bundle": result["bundle"],
@@ -453,7 +455,7 @@ def evaluate_and_gate(
         log.info("%s", line)
     decided = {**decision.to_dict(), "settings_hash": cfg.promotion_hash()}
     path = layout.write_json(gate_json, {**decided, "candidate_bundle_sha256": candidate})
-    _output("evaluate_and_gate", "gate_json", str(path))
+    _output("evaluate_and_gate", "gate_json", str(path), layout.sha256_file(path))
     return {**decided, "gate_json": str(path)}
 
 
@@ -609,9 +611,10 @@ def promote(
         )
     current = registry.champion(cfg.gate.registered_model)
     log.info(
-        "promote output: %s v%s (champion v%s)",
+        "promote output: models:/%s/%s at %s (champion v%s)",
         cfg.gate.registered_model,
         registered["version"],
+        registered.get("tracking_uri") or registry.tracking_uri(),
         current["version"] if current else None,
     )
     return {
@@ -872,7 +875,7 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
         registered_text(r),
         f"v{r['champion_version']}" if r["champion_version"] else "none",
     )
-    _output("report", "summary", str(path))
+    _output("report", "summary", str(path), layout.sha256_file(path))
     return {"summary": str(path), **summary["metrics"], "blessed": summary["gate"]["blessed"]}
 
 
