@@ -158,7 +158,7 @@ def test_two_runs_through_airflow(served, encoderflow_home, capsys):
     who = f"{os.environ.get('ENCODERFLOW_USER') or getpass.getuser()} (encoderflow run)"
     assert v1.tags["airflow.triggered_by"] == who
     assert json.loads(client.get_registered_model(MODEL).tags["champion.move.000001"])["who"] == who
-    assert json.loads((layout.run_dir(run1) / "registered.json").read_text())["version"] == v1.version
+    assert json.loads((layout.run_dir(run1) / "registered.json").read_text())["version"] == str(v1.version)
     assert v1.tags["gate.check.floor"].startswith("pass")
     assert v1.tags["shards.manifest_sha256"] == layout.sha256_file(manifest_path)
 
