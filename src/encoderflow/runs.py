@@ -149,8 +149,8 @@ def asking_airflow(home: Path, dag_id: str = DAG_ID) -> Callable[[], DagRuns]:
             )
             found += runs
             said.append(f"{label}: {len(runs)} runs")
-            unattended = [r for r in runs if r.get("state") in IN_FLIGHT and r.get("run_id") not in layout.live_runs()]
-            if unattended and not _scheduler_alive(env):
+            in_flight = [r for r in runs if r.get("state") in IN_FLIGHT]
+            if in_flight and {r.get("run_id") for r in in_flight} - layout.live_runs() and not _scheduler_alive(env):
                 # Its standalone killed: its runs stay running, and prune keeps everything, until it is back.
                 said[-1] += (
                     " (no scheduler alive on it: its runs in flight wait until that Airflow runs again, "
