@@ -389,7 +389,8 @@ def test_a_run_is_refused_while_a_scheduler_runs_on_the_same_airflow(tmp_path, e
         con.execute("update dag_run set state = 'running'")
     said = runs.asking_airflow(encoderflow_home)().said
     assert "(no scheduler alive on it: its runs in flight wait until that Airflow runs again" in said
-    beat = datetime.now(UTC).replace(tzinfo=None)
+    # A heartbeat ahead of the clock stays within Airflow's 30 s threshold however slowly the CLIs start here.
+    beat = datetime.now(UTC).replace(tzinfo=None) + timedelta(minutes=10)
     with sqlite3.connect(db) as con:
         con.execute(
             "insert into job (state, job_type, start_date, latest_heartbeat, hostname, unixname) values "
@@ -426,7 +427,7 @@ def test_a_run_is_refused_while_a_scheduler_runs_on_the_same_airflow(tmp_path, e
     # A scheduler that stopped beating (killed with its standalone) holds nothing back.
     with sqlite3.connect(db) as con:
         con.execute(
-            "update job set latest_heartbeat = ? where hostname = 'teamhost'", (f"{beat - timedelta(hours=1)}",)
+            "update job set latest_heartbeat = ? where hostname = 'teamhost'", (f"{beat - timedelta(hours=2)}",)
         )
     again = _run_toy(tmp_path / "after", encoderflow_home, "expected")
     assert again.returncode == 1 and "SchedulerRunning" not in again.stderr, again.stderr[-3000:]

@@ -406,14 +406,23 @@ def _training(out_dir: Path) -> Iterator[None]:
 
     with open(out_dir.parent / TRAINING_LOCK, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        try:
+        with _held(lock):
             yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _held(lock) -> Iterator[None]:
+    """Write this process's id into ``lock``, which the caller has just locked, and unlock it after the block."""
+    import fcntl
+
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _trains_now(folder: Path) -> str | None:
@@ -502,14 +511,8 @@ def _alone_in(out_dir: Path, every: float = 60.0) -> Iterator[None]:
                     )
                     said = time.monotonic()
                 time.sleep(1.0)
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        try:
+        with _held(lock):
             yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _train(
