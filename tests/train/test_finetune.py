@@ -155,7 +155,7 @@ def test_full_epochs_over_length_buckets_raise_no_ran_out_of_data_warning(inputs
     assert len(result["history"]["loss"]) == 1
     assert not [w for w in recwarn if "ran out of data" in str(w.message)], [str(w.message) for w in recwarn]
     log = "\n".join(caplog.messages)
-    [planned] = re.findall(r"^finetune: .* (\d+) steps/epoch, 1 epochs, \d+ steps in all$", log, re.M)
+    [planned] = re.findall(r"^finetune: .* (\d+) steps/epoch, 1 epoch, \d+ steps in all$", log, re.M)
     [ran] = re.findall(r"^finetune epoch 1/1: .* steps=(\d+) ", log, re.M)
     assert planned == ran
 
@@ -180,7 +180,7 @@ def test_fine_tuning_logs_its_plan_a_measured_step_time_and_progress_during_the_
     train, dev = (len(read_labeled(sst2, split)[0]) for split in ("train", "dev"))
     assert (
         f"finetune: {train:,} train examples, {dev:,} dev examples, batch {cfg.finetune.batch_size}, "
-        "12 steps/epoch (finetune.steps_per_epoch), 1 epochs, 12 steps in all"
+        "12 steps/epoch (finetune.steps_per_epoch), 1 epoch, 12 steps in all"
     ) in before
     assert f"finetune: learning rate {cfg.finetune.learning_rate:g} (warmup_cosine, warmup_ratio 0.1)" in before
     # 1 step compiles, 10 are timed: the estimate comes at step 11 of 12.

@@ -191,13 +191,13 @@ def finetune(
     counted = int(train_ds.cardinality())
     epoch_steps = steps or (counted if counted >= 0 else per_epoch)
     log.info(
-        "finetune: %s train examples, %s dev examples, batch %d, %s steps/epoch%s, %d epochs, %s steps in all",
+        "finetune: %s train examples, %s dev examples, batch %d, %s steps/epoch%s, %s, %s steps in all",
         f"{len(train_x):,}",
         f"{len(dev_x):,}",
         f.batch_size,
         f"{epoch_steps:,}",
         " (finetune.steps_per_epoch)" if steps else "",
-        f.epochs,
+        f"{f.epochs} epoch{'s' * (f.epochs != 1)}",
         f"{epoch_steps * f.epochs:,}",
     )
     schedule = f", warmup_ratio {f.warmup_ratio:g}" if f.lr_schedule != "constant" else ""
