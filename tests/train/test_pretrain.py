@@ -691,7 +691,9 @@ def test_pretrain_logs_an_estimate_progress_and_the_cpu_warning(duped, tmp_path,
     with caplog.at_level(logging.INFO, logger="encoderflow"):
         result = pretrain.pretrain(cfg, duped["manifest"], tmp_path / "pretrain")
     lines = [r.getMessage() for r in caplog.records if r.name == "encoderflow.train"]
-    estimate = [line for line in lines if "ms/step measured over 10 steps; estimated training time" in line]
+    estimate = [
+        line for line in lines if "ms/step measured over 10 steps" in line and "estimated training time" in line
+    ]
     assert len(estimate) == 1 and "for 16 steps" in estimate[0], lines
     assert any("pretrain: device 1 x " in r.getMessage() for r in caplog.records)
     warning = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "encoderflow.train"]
