@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 # At most one progress line (step, loss, sequences/s, ETA) per this many seconds within an epoch, as
 # pretraining's default (pretrain.log_every_seconds): an epoch of the guide's on a CPU takes hours.
 LOG_EVERY_SECONDS = 60.0
+# Steps the time estimate is measured over: batches of the length buckets' widths differ in cost (a
+# 16-token batch is quick), and 10 of them told a smoke run half its step time.
+ESTIMATE_STEPS = 50
 
 
 def compile_classifier(classifier, f, total_steps: int, num_classes: int = 2) -> None:
@@ -139,7 +142,6 @@ def finetune(
 
     from encoderflow import model as models
     from encoderflow.train.callbacks import EpochLogger, NonFiniteLoss
-    from encoderflow.train.pretrain import ESTIMATE_STEPS
 
     f = cfg.finetune
     keras.utils.set_random_seed(cfg.data.seed)
