@@ -433,6 +433,55 @@ def test_a_run_is_refused_while_a_scheduler_runs_on_the_same_airflow(tmp_path, e
     assert again.returncode == 1 and "SchedulerRunning" not in again.stderr, again.stderr[-3000:]
 
 
+SUPERVISED = """
+import subprocess, sys
+from encoderflow import cli
+# A stand-in for airflow standalone: a process with a child of its own, as its components are.
+tree = subprocess.Popen([sys.executable, "-c",
+    "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+    "time.sleep(300)"])
+other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])  # the MLflow UI
+print(tree.pid, other.pid, flush=True)
+sys.exit(cli.supervise(tree, other, grace_s=10))
+"""
+
+
+def test_sigterm_to_encoderflow_airflow_stops_everything_it_started(tmp_path):
+    """A SIGTERM to `encoderflow airflow` (timeout, systemd, kill) ended only standalone's own process: its
+    scheduler, api-server (its port taken), workers and the MLflow UI ran on."""
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISED], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    tree_pid, other_pid = map(int, proc.stdout.readline().split())
+    deadline = time.monotonic() + 60
+    while len(psutil.Process(tree_pid).children()) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    started = [psutil.Process(tree_pid), *psutil.Process(tree_pid).children(recursive=True), psutil.Process(other_pid)]
+    assert len(started) == 3
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert alive == []
+
+
+def test_a_dag_an_encoderflow_run_created_is_not_paused_for_the_standalone(tmp_path, encoderflow_home):
+    """`encoderflow run` before `encoderflow airflow` created the DAG paused: every trigger in the standalone
+    started after it waited in 'queued' with no word why."""
+    import sqlite3
+
+    assert _run_toy(tmp_path, encoderflow_home, "expected").returncode == 1
+    with sqlite3.connect(encoderflow_home / "airflow" / "airflow.db") as con:
+        assert con.execute("select dag_id, is_paused from dag").fetchall() == [("encoder_pretraining", 0)]
+        con.execute("update dag set is_paused = 1")  # a person paused it: the standalone says so at start
+    asked = "from encoderflow import cli; cli.init_airflow(); from encoderflow import airflow_adapter as af; "
+    asked += "print(af.paused_dags())"
+    env = {**os.environ, "ENCODERFLOW_HOME": str(encoderflow_home)}
+    said = subprocess.run([sys.executable, "-c", asked], env=env, cwd=REPO, capture_output=True, text=True)
+    assert said.stdout.strip().splitlines()[-1] == "['encoder_pretraining']", said.stdout + said.stderr[-2000:]
+
+
 def _start_toy_until_training(tmp_path: Path, home: Path) -> tuple[subprocess.Popen, Path]:
     """The toy DAG under ``encoderflow run``, returned once its train task is in its long step."""
     dags = tmp_path / "dags"

@@ -885,6 +885,13 @@ def refuse_beside_scheduler(starting: str, fix: str) -> None:
         )
 
 
+def paused_dags() -> list[str]:
+    """This repository's DAGs that the metadata DB has paused (a trigger of one waits in 'queued')."""
+    from airflow.models.dag import DagModel
+
+    return [d for d in (DAG_ID, SOURCES_DAG_ID) if (m := DagModel.get_dagmodel(d)) is not None and m.is_paused]
+
+
 def create_gpu_pool() -> None:
     """The ``gpu`` pool (one slot) pretrain and finetune run in; without it they would never be queued."""
     pool = subprocess.run(

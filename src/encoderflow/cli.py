@@ -64,6 +64,12 @@ def airflow_env() -> dict[str, str]:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO"),
+        # Manual triggers run at once; a schedule only exists if ENCODERFLOW_SCHEDULE asks for one. Here, not
+        # only in `encoderflow airflow`: an `encoderflow run` first created the DAG paused, and the
+        # standalone started later left every trigger queued.
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": os.environ.get(
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "False"
+        ),
         "ENCODERFLOW_HOME": str(layout.home()),
         "GX_ANALYTICS_ENABLED": "false",
         "KERAS_BACKEND": runtime.BACKEND,
@@ -555,8 +561,6 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     os.environ.setdefault("AIRFLOW__API__HOST", "127.0.0.1")
     os.environ.setdefault("AIRFLOW__API__BASE_URL", f"http://localhost:{port}")
     os.environ.setdefault("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", "admin:admin")
-    # Manual triggers should run at once; a schedule only exists if ENCODERFLOW_SCHEDULE asks for one.
-    os.environ.setdefault("AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "False")
     # Airflow's default of 32 ran five shard builds and the baseline at once on a 2-core machine,
     # each 7x slower than alone: one task per core.
     os.environ.setdefault("AIRFLOW__CORE__PARALLELISM", str(max(2, os.cpu_count() or 2)))
@@ -569,6 +573,13 @@ def cmd_airflow(args: argparse.Namespace) -> int:
         fix="use the Airflow that runs (its UI), or stop it first, or start this one with another ENCODERFLOW_HOME",
     )
     af.create_gpu_pool()
+    if paused := af.paused_dags():
+        print(
+            f"encoderflow airflow: {', '.join(paused)} paused in this Airflow (by a person, or created paused before "
+            "2026-12-07): a trigger waits in 'queued' until it is unpaused (its toggle in the UI, or "
+            f'PATCH /api/v2/dags/{paused[0]} with {{"is_paused": false}})',
+            file=sys.stderr,
+        )
 
     # Airflow prints a generated password only the first time; keep the file it reads and say
     # the login every time.
@@ -588,7 +599,7 @@ def cmd_airflow(args: argparse.Namespace) -> int:
         passwords.update({u: secrets.token_urlsafe(12) for u in users if u not in passwords})
         with layout.atomic_path(pw_file) as tmp:  # mkstemp's file is 0600 from the start: never readable by others
             tmp.write_text(json.dumps(passwords) + "\n")
-    mlflow_url, _ = start_mlflow_ui()
+    mlflow_url, mlflow_proc = start_mlflow_ui()
     print("=" * 72)
     print(f"Airflow standalone: http://localhost:{port}  (AIRFLOW_HOME={home})")
     for u in users:
@@ -598,7 +609,45 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     if mlflow_url:
         print(f"  MLflow UI: {mlflow_url}  (the runs page links its runs and model versions here)")
     print("=" * 72, flush=True)
-    os.execvpe(sys.executable, [sys.executable, "-m", "airflow", "standalone"], os.environ.copy())
+    standalone = subprocess.Popen([sys.executable, "-m", "airflow", "standalone"], env=os.environ.copy())
+    return supervise(standalone, *[p for p in (mlflow_proc,) if p is not None])
+
+
+def supervise(main: subprocess.Popen, *others: subprocess.Popen, grace_s: float = 30.0) -> int:
+    """Wait for ``main`` (``airflow standalone``) and return its exit code; SIGTERM or SIGHUP to this
+    process stops it, every process under it and ``others``, and exits 128 + the signal.
+
+    Standalone stops its components on Ctrl-C, which the terminal sends to them all; a SIGTERM to it alone
+    (``timeout``, systemd, ``kill``) ended only it, and left its scheduler, api-server (its port taken),
+    triggerer, log servers, workers and the MLflow UI running. Each gets SIGTERM, and SIGKILL after
+    ``grace_s`` seconds.
+    """
+    import signal
+
+    import psutil
+
+    def stop(signum, frame) -> None:
+        procs = []
+        for proc in (main, *others):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                parent = psutil.Process(proc.pid)
+                procs += [parent, *parent.children(recursive=True)]
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    while True:
+        try:
+            return main.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached standalone too: it stops its components, then exits
+            continue
 
 
 def kept_secret(path: Path, length: int = 64) -> str:
