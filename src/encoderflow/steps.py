@@ -590,14 +590,14 @@ def promote(
     # stale champion) left a version `encoderflow runs` and the runs page called "not registered".
     layout.write_json(layout.run_dir(run_id) / layout.REGISTERED_FILE, {"registered_model": name, **registered})
     promoted = None
-    current = registry.champion(cfg.gate.registered_model)
-    if decision["blessed"] and _carried_out(cfg.gate.registered_model, decision, registered["version"], current):
+    current = registry.champion(name)
+    if decision["blessed"] and _carried_out(name, decision, registered["version"], current):
         # An old run's tasks cleared after later champions: its blessing made this version champion
         # then, and moving the alias back now would undo every promotion since.
         log.info(
             "promote: %s v%s was made champion by this blessing before; the champion has moved on since (now "
             "v%s): nothing moves",
-            cfg.gate.registered_model,
+            name,
             registered["version"],
             current["version"] if current else None,
         )
@@ -609,10 +609,10 @@ def promote(
             decision.get("champion_version"),
             "; ".join(decision["reasons"]),
         )
-    current = registry.champion(cfg.gate.registered_model)
+    current = registry.champion(name)
     log.info(
         "promote output: models:/%s/%s at %s (champion v%s)",
-        cfg.gate.registered_model,
+        name,
         registered["version"],
         registered.get("tracking_uri") or registry.tracking_uri(),
         current["version"] if current else None,
@@ -622,7 +622,7 @@ def promote(
         "blessed": decision["blessed"],
         "promoted": promoted,
         "champion_version": current["version"] if current else None,
-        "registered_model": cfg.gate.registered_model,
+        "registered_model": name,
     }
 
 

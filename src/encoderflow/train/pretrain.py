@@ -247,19 +247,12 @@ def _adopt_backup(out_dir: Path, key: str) -> None:
     own = out_dir / "backup"
     if latest_backup(own)[1] is not None:
         return
-    code, found, damaged = layout.code_hash(), [], []
-    for stamp in (layout.home() / "runs").glob(f"*/pretrain/backup/{BACKUP_KEY}"):
-        folder = stamp.parent
-        if folder.resolve() == own.resolve() or (folder.parent / "result.json").exists():
+    found, damaged = [], []
+    for folder in _same_training(out_dir, key):
+        if _trains_now(folder) is not None:  # alive: not stopped, and its backups keep changing
             continue
-        if _trains_now(folder.parent) is not None:  # alive: not stopped, and its backups keep changing
-            continue
-        try:
-            same = stamp.read_text().strip() == key and (folder / BACKUP_CODE).read_text().strip() == code
-        except OSError:  # no CODE: taken before it was recorded
-            continue
-        steps, file = latest_backup(folder)
-        if same and file is not None:
+        steps, file = latest_backup(folder / "backup")
+        if file is not None:
             if (why := backup_problem(file)) is None:
                 found.append((steps, file))
             else:
@@ -441,8 +434,9 @@ def _trains_now(folder: Path) -> str | None:
     return None
 
 
-def _busy_twin(out_dir: Path, key: str) -> tuple[Path, str] | None:
-    """Another run folder training ``key`` with this code now: (its pretrain folder, its pid), or None."""
+def _same_training(out_dir: Path, key: str) -> Iterator[Path]:
+    """The pretrain folders of other runs whose backups were taken training ``key`` with this code and
+    that have no result: stopped, or training now (:func:`_trains_now`)."""
     code = layout.code_hash()
     for stamp in (layout.home() / "runs").glob(f"*/pretrain/backup/{BACKUP_KEY}"):
         folder = stamp.parents[1]
@@ -450,9 +444,16 @@ def _busy_twin(out_dir: Path, key: str) -> tuple[Path, str] | None:
             continue
         try:
             same = stamp.read_text().strip() == key and (stamp.parent / BACKUP_CODE).read_text().strip() == code
-        except OSError:
+        except OSError:  # no CODE: taken before it was recorded
             continue
-        if same and (pid := _trains_now(folder)) is not None:
+        if same:
+            yield folder
+
+
+def _busy_twin(out_dir: Path, key: str) -> tuple[Path, str] | None:
+    """Another run folder training ``key`` with this code now: (its pretrain folder, its pid), or None."""
+    for folder in _same_training(out_dir, key):
+        if (pid := _trains_now(folder)) is not None:
             return folder, pid
     return None
 
