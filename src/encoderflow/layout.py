@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -503,3 +504,147 @@ def finished(
         )
         return done
     return None
+
+
+# Locks beside a training stage's folder in a run folder (a refused training leaves no folder): ``.<stage>.lock``
+# while a try is in the stage (one try at a time, :func:`alone_in`), ``.<stage>.training.lock`` while it trains
+# (not while it waits), holding its pid, key and code (:func:`training`, :func:`busy_twin`).
+def stage_lock(out_dir: str | os.PathLike) -> Path:
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.lock"
+
+
+def training_lock(out_dir: str | os.PathLike) -> Path:
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.training.lock"
+
+
+@contextmanager
+def _holding(lock, facts: dict[str, Any]) -> Iterator[None]:
+    """Write ``facts`` (with this process's id) into ``lock``, which the caller has just locked, and unlock it
+    after the block."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write(json.dumps({"pid": os.getpid(), **facts}) + "\n")
+    lock.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def holder(lock_path: str | os.PathLike) -> dict[str, Any] | None:
+    """What the live holder of ``lock_path`` wrote in it (``pid``, and ``key``, ``code`` for a training
+    lock), or None when no process holds it. An ``fcntl`` lock ends with its holder, however it ends."""
+    try:
+        with open(lock_path) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = lock.read().strip()
+                try:
+                    facts = json.loads(text)
+                except ValueError:  # being written, or a bare pid
+                    facts = None
+                return facts if isinstance(facts, dict) else {"pid": text or "?"}
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError:  # no lock file: it never trained there (or its folder was pruned while this read)
+        pass
+    return None
+
+
+@contextmanager
+def alone_in(out_dir: str | os.PathLike, every: float = 60.0) -> Iterator[None]:
+    """Hold the stage lock of ``out_dir`` (a run folder's ``pretrain``, ``finetune``): one try works in it at a time.
+
+    A Celery worker killed alone leaves its task training, in a session of its own; Airflow's retry
+    then trained beside it, both appending to ``history.csv`` and writing backups, until the run
+    failed. The retry now waits for it (saying so every ``every`` seconds), then reuses its result
+    or resumes from its backup.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(stage_lock(out_dir), "a+") as lock:
+        said = None
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if said is None or time.monotonic() - said >= every:
+                    lock.seek(0)
+                    text = lock.read().strip()
+                    with contextlib.suppress(ValueError, AttributeError):
+                        text = str(json.loads(text).get("pid", text))
+                    log.warning(
+                        "%s: an earlier try (pid %s) still trains in %s (its worker died, or Airflow lost "
+                        "it): waiting for it to end, then reusing or resuming what it leaves",
+                        out_dir.name,
+                        text or "?",
+                        out_dir,
+                    )
+                    said = time.monotonic()
+                time.sleep(1.0)
+        with _holding(lock, {}):
+            yield
+
+
+@contextmanager
+def training(out_dir: str | os.PathLike, key: str) -> Iterator[None]:
+    """Hold the training lock of ``out_dir`` while the block trains under ``key``: another run of the same
+    training waits for it (:func:`wait_for_twin`) instead of training beside it."""
+    with open(training_lock(out_dir), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with _holding(lock, {"key": key, "code": code_hash()}):
+            yield
+
+
+def trains_now(out_dir: str | os.PathLike) -> str | None:
+    """The pid training in the stage folder ``out_dir`` now, else None."""
+    facts = holder(training_lock(out_dir))
+    return None if facts is None else str(facts.get("pid", "?"))
+
+
+def busy_twin(out_dir: str | os.PathLike, key: str) -> tuple[Path, str] | None:
+    """Another run folder's stage folder (same name as ``out_dir``) training ``key`` with this code now:
+    (that folder, its pid), or None."""
+    out_dir = Path(out_dir)
+    code = code_hash()
+    for lock in (home() / "runs").glob(f"*/.{out_dir.name}.training.lock"):
+        folder = lock.parent / out_dir.name
+        if lock.parent.resolve() == out_dir.parent.resolve():
+            continue
+        facts = holder(lock)
+        if facts is not None and facts.get("key") == key and facts.get("code") == code:
+            return folder, str(facts.get("pid", "?"))
+    return None
+
+
+def wait_for_twin(
+    out_dir: str | os.PathLike, key: str, doing: str, then: str, every: float = 60.0, poll: float = 2.0
+) -> bool:
+    """Wait while another run trains ``key`` with this code (:func:`busy_twin`); returns whether it waited.
+
+    Two ``encoderflow run`` of one config minutes apart both trained, on one accelerator (``dag.test``
+    knows no pools). Only training holds the lock: a run waiting here is never waited for.
+
+    Args:
+        doing: what the twin does, for the log line ("trains the same model from ...").
+        then: what this run does after it ("reusing its encoder ...").
+    """
+    said, waited = None, False
+    while (twin := busy_twin(out_dir, key)) is not None:
+        folder, pid = twin
+        if said is None or time.monotonic() - said >= every:
+            log.info(
+                "%s: run %s %s now (pid %s): waiting for it, then %s",
+                Path(out_dir).name,
+                folder.parent.name,
+                doing,
+                pid,
+                then,
+            )
+            said = time.monotonic()
+        waited = True
+        time.sleep(poll)
+    return waited

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import pytest
@@ -295,3 +296,38 @@ def test_a_change_to_the_dev_split_alone_rescores_the_same_model_and_trains_noth
     with caplog.at_level(logging.INFO, logger="encoderflow"):
         again = finetune(cfg, encoder, changed, vocab, layout.run_dir("dev-second") / "finetune")
     assert again["val_accuracy"] == rescored and "dev file changed" not in caplog.text
+
+
+def test_a_run_waits_while_another_fine_tunes_the_same_model_then_reuses_its_bundle(inputs, caplog):
+    """Two runs of one config (differing only in gate settings) fine-tuned side by side: twice the work on one
+    accelerator, and two bundles of one model that could both be registered. The second now waits."""
+    import threading
+    import time
+
+    from encoderflow.train.finetune import finetune
+
+    encoder, sst2, vocab = inputs
+    cfg = from_overrides("smoke", {"finetune.steps_per_epoch": 3, "finetune.epochs": 1, "data.seed": 11})
+    first_out, second_out = layout.run_dir("twin-first") / "finetune", layout.run_dir("twin-second") / "finetune"
+    second = {}
+
+    def second_run():
+        deadline = time.monotonic() + 120
+        while layout.trains_now(first_out) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        second["result"] = finetune(cfg, encoder, sst2, vocab, second_out)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        waiter = threading.Thread(target=second_run)
+        waiter.start()
+        first = finetune(cfg, encoder, sst2, vocab, first_out)
+        waiter.join(120)
+    assert second["result"]["reused_from"] == str(first_out / "result.json")
+    assert second["result"]["val_accuracy"] == first["val_accuracy"]
+    assert caplog.text.count("finetune: device") == 1  # one fine-tuning
+    assert (
+        f"finetune: run twin-first fine-tunes the same encoder on the same data with the same config and code now "
+        f"(pid {os.getpid()}): waiting for it, then reusing its bundle (or training here if it stops)"
+    ) in caplog.messages
+    assert layout.trains_now(first_out) is None and layout.busy_twin(second_out, first["key"]) is None

@@ -237,7 +237,6 @@ def test_a_backup_the_disk_has_no_room_for_is_refused_before_hdf5_writes(tmp_pat
 def test_a_run_waits_while_another_trains_the_same_model_and_never_adopts_its_live_backup(tmp_path, caplog):
     """Two `encoderflow run` of one config minutes apart both pretrained, on one accelerator, and the
     second said the first, alive, had "stopped" as it copied that run's backup."""
-    import fcntl
     import logging
     import threading
 
@@ -250,28 +249,33 @@ def test_a_run_waits_while_another_trains_the_same_model_and_never_adopts_its_li
     (twin / "backup" / pt.BACKUP_CODE).write_text(code + "\n")
     (twin / "backup" / "step-000000000050.weights.h5").write_bytes(b"weights")
     mine = layout.run_dir("manual__second") / "pretrain"
-    assert pt._busy_twin(mine, key) is None  # its training lock is free: stopped, not busy
+    assert layout.busy_twin(mine, key) is None  # nothing holds its training lock: stopped, not busy
 
-    holder = open(twin.parent / pt.TRAINING_LOCK, "a+")
-    fcntl.flock(holder, fcntl.LOCK_EX)
-    holder.write("4242\n")
-    holder.flush()
+    trains, stop = threading.Event(), threading.Event()
+
+    def first_run():
+        with layout.training(twin, key):
+            trains.set()
+            stop.wait(10)
+
+    threading.Thread(target=first_run).start()
+    assert trains.wait(10)
     try:
-        assert pt._busy_twin(mine, key) == (twin, "4242")
-        assert pt._busy_twin(mine, "o" * 64) is None  # other training: not waited for
+        assert layout.busy_twin(mine, key) == (twin, str(os.getpid()))
+        assert layout.busy_twin(mine, "o" * 64) is None  # other training: not waited for
         pt._adopt_backup(mine, key)  # alive: its backup is not taken for a stopped run's
         assert not (mine / "backup").exists()
-        threading.Timer(1.0, lambda: fcntl.flock(holder, fcntl.LOCK_UN)).start()
+        threading.Timer(1.0, stop.set).start()
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="encoderflow.train"):
-            assert pt._wait_for_twin(mine, key, poll=0.1) is True
+        with caplog.at_level(logging.INFO, logger="encoderflow"):
+            assert layout.wait_for_twin(mine, key, pt.TWIN_DOES, pt.TWIN_THEN, poll=0.1) is True
     finally:
-        holder.close()
+        stop.set()
     assert caplog.messages == [
-        "pretrain: run manual__first trains the same model from the same shards, config and code now (pid 4242): "
-        "waiting for it, then reusing its encoder (or resuming its backup if it stops)"
+        f"pretrain: run manual__first trains the same model from the same shards, config and code now (pid "
+        f"{os.getpid()}): waiting for it, then reusing its encoder (or resuming its backup if it stops)"
     ]
-    assert pt._wait_for_twin(mine, key) is False  # it ended: nothing to wait for
+    assert layout.wait_for_twin(mine, key, pt.TWIN_DOES, pt.TWIN_THEN) is False  # it ended: nothing to wait for
 
 
 @pytest.mark.parametrize("resumed_by", ["a retry", "the next run"])
@@ -882,7 +886,7 @@ def test_a_second_try_in_the_same_run_folder_waits_for_the_first_and_history_sur
         first.flush()
 
         def retry():
-            with pretrain._alone_in(out, every=0.2):
+            with layout.alone_in(out, every=0.2):
                 entered.set()
 
         with caplog.at_level(logging.WARNING, logger="encoderflow"):

@@ -131,9 +131,35 @@ def finetune(
     key = layout.sha256_json(keyed)
     dev_sha256 = split_info(labeled, "dev")["sha256"]
     what = "encoder, labeled train split, vocabulary, config"
-    if (done := layout.finished("finetune", key, out_dir, "bundle", _unsound, earlier_runs, what)) is not None:
-        return _on_this_dev(done, labeled, dev_sha256, out_dir)
+    # As pretrain: one try in this run folder at a time, and a run of the same fine-tuning waits for it. Two
+    # runs differing only in gate settings fine-tuned side by side, and both bundles, one model trained
+    # twice, could be registered.
+    with layout.alone_in(out_dir):
+        if (done := layout.finished("finetune", key, out_dir, "bundle", _unsound, earlier_runs, what)) is not None:
+            return _on_this_dev(done, labeled, dev_sha256, out_dir)
+        if earlier_runs and layout.wait_for_twin(out_dir, key, TWIN_DOES, TWIN_THEN):
+            found = layout.finished("finetune", key, out_dir, "bundle", _unsound, earlier_runs, what)
+            if found is not None:
+                return _on_this_dev(found, labeled, dev_sha256, out_dir)
+        with layout.training(out_dir, key):
+            return _train(cfg, encoder_path, labeled, vocab_path, out_dir, init_classifier, key, keyed, dev_sha256)
 
+
+TWIN_DOES = "fine-tunes the same encoder on the same data with the same config and code"
+TWIN_THEN = "reusing its bundle (or training here if it stops)"
+
+
+def _train(
+    cfg: Config,
+    encoder_path: str | os.PathLike,
+    labeled: dict[str, Any],
+    vocab_path: str | os.PathLike,
+    out_dir: Path,
+    init_classifier: str | os.PathLike | None,
+    key: str,
+    keyed: dict[str, Any],
+    dev_sha256: str,
+) -> dict[str, Any]:
     from encoderflow.data.inputs import labels_of, read_labeled
     from encoderflow.data.sst2 import bucket_widths, bucketed_token_dataset, token_dataset
     from encoderflow.data.tokenizer import Vocab, make_tokenizer

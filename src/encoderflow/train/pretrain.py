@@ -249,7 +249,7 @@ def _adopt_backup(out_dir: Path, key: str) -> None:
         return
     found, damaged = [], []
     for folder in _same_training(out_dir, key):
-        if _trains_now(folder) is not None:  # alive: not stopped, and its backups keep changing
+        if layout.trains_now(folder) is not None:  # alive: not stopped, and its backups keep changing
             continue
         steps, file = latest_backup(folder / "backup")
         if file is not None:
@@ -374,69 +374,29 @@ def pretrain(
     }
     key = layout.sha256_json(keyed)
     what = "shards, model and pretrain config, seed, initial weights"
-    with _alone_in(out_dir):
+    # One try in this run folder at a time; a run of the same training waits for it: two `encoderflow run` of
+    # one config minutes apart trained side by side on one accelerator, and the second copied the first's
+    # live backup calling it stopped. It now reuses that run's encoder, or resumes its backup if it stops.
+    with layout.alone_in(out_dir):
         if (done := layout.finished("pretrain", key, out_dir, "encoder", _altered, earlier_runs, what)) is not None:
             return done
-        if earlier_runs and _wait_for_twin(out_dir, key):
+        if earlier_runs and layout.wait_for_twin(out_dir, key, TWIN_DOES, TWIN_THEN):
             found = layout.finished("pretrain", key, out_dir, "encoder", _altered, earlier_runs, what)
             if found is not None:
                 return found
         if earlier_runs:
             _adopt_backup(out_dir, key)
-        with data_parallel(cfg.pretrain.batch_size) as devices, _training(out_dir):
+        with data_parallel(cfg.pretrain.batch_size) as devices, layout.training(out_dir, key):
             return _train(cfg, manifest_path, out_dir, init, key, keyed, devices)
 
 
-# Beside a run's pretrain folder, held while it trains (not while it waits): another run of the same
-# training finds it busy.
-TRAINING_LOCK = ".pretrain.training.lock"
-
-
-@contextlib.contextmanager
-def _training(out_dir: Path) -> Iterator[None]:
-    """Hold ``out_dir``'s training lock, with this process's id in it, while the block trains."""
-    import fcntl
-
-    with open(out_dir.parent / TRAINING_LOCK, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        with _held(lock):
-            yield
-
-
-@contextlib.contextmanager
-def _held(lock) -> Iterator[None]:
-    """Write this process's id into ``lock``, which the caller has just locked, and unlock it after the block."""
-    import fcntl
-
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    try:
-        yield
-    finally:
-        fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _trains_now(folder: Path) -> str | None:
-    """The pid in the training lock of the pretrain folder ``folder`` when a process holds it, else None."""
-    import fcntl
-
-    try:
-        with open(folder.parent / TRAINING_LOCK) as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return lock.read().strip() or "?"
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    except OSError:  # no lock file: it never trained here (or its folder was pruned while this read)
-        pass
-    return None
+TWIN_DOES = "trains the same model from the same shards, config and code"
+TWIN_THEN = "reusing its encoder (or resuming its backup if it stops)"
 
 
 def _same_training(out_dir: Path, key: str) -> Iterator[Path]:
     """The pretrain folders of other runs whose backups were taken training ``key`` with this code and
-    that have no result: stopped, or training now (:func:`_trains_now`)."""
+    that have no result: stopped, or training now (:func:`~encoderflow.layout.trains_now`)."""
     code = layout.code_hash()
     for stamp in (layout.home() / "runs").glob(f"*/pretrain/backup/{BACKUP_KEY}"):
         folder = stamp.parents[1]
@@ -448,72 +408,6 @@ def _same_training(out_dir: Path, key: str) -> Iterator[Path]:
             continue
         if same:
             yield folder
-
-
-def _busy_twin(out_dir: Path, key: str) -> tuple[Path, str] | None:
-    """Another run folder training ``key`` with this code now: (its pretrain folder, its pid), or None."""
-    for folder in _same_training(out_dir, key):
-        if (pid := _trains_now(folder)) is not None:
-            return folder, pid
-    return None
-
-
-def _wait_for_twin(out_dir: Path, key: str, every: float = 60.0, poll: float = 2.0) -> bool:
-    """Wait while another run trains the same ``key`` with this code; returns whether it waited.
-
-    Two ``encoderflow run`` of one config started minutes apart both pretrained, on one accelerator
-    (``dag.test`` knows no pools), and the second logged that the first, alive, had "stopped" as it
-    copied its backup. The second now waits, then reuses the first's encoder, or resumes its backup if it
-    stopped. Only training holds the lock: a run waiting here is never waited for.
-    """
-    said, waited = None, False
-    while (twin := _busy_twin(out_dir, key)) is not None:
-        folder, pid = twin
-        if said is None or time.monotonic() - said >= every:
-            log.info(
-                "pretrain: run %s trains the same model from the same shards, config and code now (pid %s): waiting "
-                "for it, then reusing its encoder (or resuming its backup if it stops)",
-                folder.parent.name,
-                pid,
-            )
-            said = time.monotonic()
-        waited = True
-        time.sleep(poll)
-    return waited
-
-
-@contextlib.contextmanager
-def _alone_in(out_dir: Path, every: float = 60.0) -> Iterator[None]:
-    """Hold ``out_dir``'s training lock (``.<name>.lock`` beside it): one try trains in a run folder at a time.
-
-    A Celery worker killed alone leaves its task training, in a session of its own; Airflow's retry
-    then trained beside it, both appending to ``history.csv`` and writing backups, until the run
-    failed. The retry now waits for it (saying so every ``every`` seconds), then reuses its result
-    or resumes from its backup. An ``fcntl`` lock ends with its holder, however it ends.
-    """
-    import fcntl
-
-    # Beside the folder, not in it: a refused training leaves no folder behind.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / f".{out_dir.name}.lock", "a+") as lock:
-        said = None
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if said is None or time.monotonic() - said >= every:
-                    lock.seek(0)
-                    log.warning(
-                        "pretrain: an earlier try (pid %s) still trains in %s (its worker died, or Airflow lost "
-                        "it): waiting for it to end, then reusing or resuming what it leaves",
-                        lock.read().strip() or "?",
-                        out_dir,
-                    )
-                    said = time.monotonic()
-                time.sleep(1.0)
-        with _held(lock):
-            yield
 
 
 def _train(
