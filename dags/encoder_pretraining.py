@@ -79,7 +79,7 @@ def encoder_pretraining():
     def check_params(params=None, dag_run=None, run_id=None) -> dict:
         """Resolve the config once, before anything downloads: a trigger key that is no param, an unknown
         override, a value out of bounds or your own labeled data without its own model name fails here."""
-        return steps.check_params(params, dict(dag_run.conf or {}), run_id)
+        return steps.check_params(params, dict(dag_run.conf or {}), run_id, af.triggered_by(dag_run))
 
     @task(**af.NETWORK, execution_timeout=timedelta(hours=2))
     @af.expected_failures

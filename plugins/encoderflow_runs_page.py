@@ -529,6 +529,7 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
             state and f"state <b>{_e(state)}</b>",
             run.get("preset") and f"preset {_e(run['preset'])}",
             run.get("start_date") and f"started {_e(str(run['start_date'])[:19])}",
+            run.get("triggered_by") and f"by {_e(run['triggered_by'])}",
         )
         if m
     ]

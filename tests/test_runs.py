@@ -484,3 +484,10 @@ def test_a_cleared_run_keeps_its_trigger_time_beside_airflows_start_date(encoder
     [state] = [line for line in runs.detail_lines(entry, encoderflow_home) if line.startswith("state ")]
     times = "triggered 2026-12-07 10:39:50 · started 2026-12-07 10:44:37 · ended 2026-12-07 10:44:57"
     assert state == f"state      success · {times}"
+    # Who asked for it, as check_params recorded it (resolved.json): a team reading the list asks first.
+    [state] = [
+        line
+        for line in runs.detail_lines({**entry, "triggered_by": "alice"}, encoderflow_home)
+        if line.startswith("state ")
+    ]
+    assert state == f"state      success · {times.replace('10:39:50', '10:39:50 by alice', 1)}"

@@ -268,12 +268,13 @@ def test_check_params_refuses_what_a_trigger_could_get_wrong_and_logs_what_it_re
     # The run folder keeps what it resolved: `encoderflow runs` names the preset of a run killed before it reported.
     from encoderflow import runs
 
-    steps.check_params(params, params, "manual__killed")
+    steps.check_params(params, params, "manual__killed", "alice")
     kept = layout.read_json(layout.run_dir("manual__killed") / layout.RESOLVED_FILE)
     assert kept["preset"] == "smoke" and kept["set"] == {"model.dropout": 0.2, "pretrain.epochs": 3}
     assert kept["config"]["pretrain"]["epochs"] == 3 and kept["config_hash"] == result["config_hash"]
+    assert kept["triggered_by"] == "alice"
     listed = runs.collect_runs(layout.home(), [{"run_id": "manual__killed", "state": "failed", "conf": {}}])
-    assert [(e["run_id"], e["preset"]) for e in listed] == [("manual__killed", "smoke")]
+    assert [(e["run_id"], e["preset"], e["triggered_by"]) for e in listed] == [("manual__killed", "smoke", "alice")]
 
 
 def test_check_params_fails_once_on_a_file_the_run_names_that_is_not_there(tmp_path):

@@ -463,6 +463,8 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         # Which registered model the run trains for: one home may hold several (your own data beside SST-2).
         model = (entry.get("registry") or {}).get("registered_model") or resolved.model()
         entry["model"] = model if isinstance(model, str) else None  # a hand-edited file may hold anything
+        who = resolved.triggered_by()
+        entry["triggered_by"] = who if isinstance(who, str) else None
     return out
 
 
@@ -484,6 +486,9 @@ class _Resolved:
     def model(self) -> str | None:
         gate = _object((_object(self._json().get("config")) or {}).get("gate")) or {}
         return gate.get("registered_model")
+
+    def triggered_by(self) -> str | None:
+        return self._json().get("triggered_by")
 
 
 def _object(value: Any) -> dict[str, Any] | None:
@@ -785,6 +790,8 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
     out = [f"run        {entry.get('run_id') or entry.get('folder')}"]
     state = state_of(entry)
     times = [f"triggered {_when(entry.get('run_after'))}"] if entry.get("run_after") else []
+    if entry.get("triggered_by"):
+        times = [f"{times[0] if times else 'triggered'} by {entry['triggered_by']}"]
     # After a clear, Airflow's start_date is the clear's: both times, so a long run does not read as 20 s.
     times += [f"started {_when(entry.get('start_date'))}"] if entry.get("start_date") else []
     if entry.get("end_date"):

@@ -54,9 +54,12 @@ def _output(step: str, label: str, path: str, sha256: str | None = None) -> None
     log.info("%s output %s: %s%s", step, label, path, f" (sha256 {sha256})" if sha256 else "")
 
 
-def check_params(params: Mapping[str, Any], conf: Mapping[str, Any], run_id: str | None = None) -> dict[str, Any]:
+def check_params(
+    params: Mapping[str, Any], conf: Mapping[str, Any], run_id: str | None = None, triggered_by: str | None = None
+) -> dict[str, Any]:
     """Resolve the run's config once, before anything downloads, and say what it resolved to; the run
-    folder keeps it (``resolved.json``), so a run stopped before it reported still says what it ran.
+    folder keeps it (``resolved.json``, with ``triggered_by``: who started the run), so a run stopped
+    before it reported still says what it ran, and ``encoderflow runs`` says who asked for it.
 
     Raises:
         ConfigError: a trigger key that is no param (``conf``: the trigger's own keys), an unknown
@@ -78,6 +81,8 @@ def check_params(params: Mapping[str, Any], conf: Mapping[str, Any], run_id: str
     out = {"preset": cfg.preset, "config_hash": cfg.config_hash(), "training_hash": cfg.training_hash()}
     if run_id:
         record = {**out, "set": {k: _resolved(cfg, k) for k in sorted(given)}, "data": declared}
+        if triggered_by:
+            record["triggered_by"] = triggered_by
         layout.write_json(layout.run_dir(run_id) / layout.RESOLVED_FILE, {**record, "config": cfg.to_dict()})
     return out
 
