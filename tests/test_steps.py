@@ -579,3 +579,42 @@ def test_validation_refuses_a_file_changed_since_its_download_recorded_it(tmp_pa
     # Downloaded again, the record is the file as it is now.
     dev.write_text("sentence\tlabel\nfine\t1\n")
     assert steps.download("labeled", params)["files"][SST2_DEV]["sha256"] != info["files"][SST2_DEV]["sha256"]
+
+
+def test_a_warm_start_from_a_champion_its_model_settings_do_not_fit_is_refused_before_training(tmp_path):
+    """finetune.init_from=champion under the recipe preset continued a post-norm champion's classifier and
+    registered it as a pre-norm model; pretrain.init_from=champion with other shapes failed only at pretrain."""
+    cfg = from_params(PARAMS)
+    root = tmp_path / "champ"
+    fake_bundle(root, "1")
+    bundle.seal(root, {"config": cfg.to_dict()})  # the champion's bundle records the config it was built with
+    decision = {"blessed": True, "reasons": [], "candidate": 0.9, "baseline": 0.8, "champion": None, "checks": []}
+    name = cfg.gate.registered_model
+    out = registry.log_candidate(name, root, {}, {}, {}, steps.lineage_tags(cfg, INPUTS), decision)
+    registry.move_champion(name, out["version"], expected=None, reason="test", who="test")
+
+    def lineage(*overrides: str, run: str = "run-w") -> bool:
+        return steps.check_lineage(INPUTS, {**PARAMS, "overrides": list(overrides)}, run)
+
+    with pytest.raises(EncoderflowError) as err:
+        lineage("finetune.init_from=champion", "model.normalize_first=true", "model.dropout=0.2")
+    assert err.value.message == (
+        f"finetune.init_from=champion: champion v{out['version']} of {name} was built with model.dropout "
+        f"{cfg.model.dropout!r} (this run 0.2), model.normalize_first False (this run True); this run continues "
+        "its classifier as it is, so the model it registers would not be the one its config describes"
+    )
+    assert err.value.fix == (
+        f"use the champion's settings (--set model.dropout={cfg.model.dropout} model.normalize_first=false), "
+        "or finetune.init_from=none"
+    )
+    layers = cfg.model.num_layers
+    with pytest.raises(EncoderflowError) as err:
+        lineage("pretrain.init_from=champion", f"model.num_layers={layers + 1}")
+    assert f"built with model.num_layers {layers} (this run {layers + 1}); this run copies its encoder's" in str(
+        err.value
+    )
+    assert err.value.fix == f"use the champion's settings (--set model.num_layers={layers}), or pretrain.init_from=none"
+    # What shapes no weight (pretrain) or what the champion's model already has: trains.
+    assert lineage("pretrain.init_from=champion", "model.dropout=0.2") is True
+    assert lineage("finetune.init_from=champion", "finetune.epochs=2") is True
+    assert lineage("model.normalize_first=true") is True  # no warm start: any model

@@ -734,6 +734,49 @@ def _same_task(step: str, version: str, name: str, theirs: list[str], labeled: D
         )
 
 
+# The model settings a weight's shape depends on: an encoder warm-started from (pretrain.init_from) must share them.
+SHAPE_SETTINGS = ("num_layers", "model_dim", "intermediate_dim", "num_heads", "normalize_first")
+
+
+def _warm_starts_fit(cfg, folder: Path, version: str) -> None:
+    """Refuse, before anything trains, a warm start from the champion its model settings do not fit.
+
+    ``finetune.init_from=champion`` continues the champion's classifier as it is: a run with other
+    ``model.*`` or ``finetune.pooling`` settings (another preset) registered a model its recorded config
+    did not describe. ``pretrain.init_from=champion`` copies its encoder's weights: other shapes failed
+    only at pretrain, after validation, the baseline and the shards.
+    """
+    from encoderflow import bundle
+    from encoderflow.errors import EncoderflowError
+
+    theirs = bundle.metadata(folder).get("config") or {}
+    if not theirs.get("model"):
+        return  # a bundle without its config: pretrain and finetune still check the shapes they load
+    mine = cfg.to_dict()
+    checks = []
+    if cfg.finetune.init_from == "champion":
+        keys = [f"model.{k}" for k in mine["model"]] + ["finetune.pooling"]
+        how = "continues its classifier as it is, so the model it registers would not be the one its config describes"
+        checks.append(("finetune.init_from=champion", how, keys, "finetune.init_from"))
+    if cfg.pretrain.init_from == "champion":
+        keys = [f"model.{k}" for k in SHAPE_SETTINGS]
+        how = "copies its encoder's weights, which do not fit this config's layers"
+        checks.append(("pretrain.init_from=champion", how, keys, "pretrain.init_from"))
+    for label, how, keys, knob in checks:
+        differ = []
+        for key in keys:
+            section, name = key.split(".")
+            if name in (theirs.get(section) or {}) and theirs[section][name] != mine[section][name]:
+                differ.append((key, theirs[section][name], mine[section][name]))
+        if differ:
+            said = ", ".join(f"{k} {t!r} (this run {m!r})" for k, t, m in differ)
+            fix_set = " ".join(f"{k}={str(t).lower() if isinstance(t, bool) else t}" for k, t, _ in differ)
+            raise EncoderflowError(
+                f"{label}: champion v{version} of {cfg.gate.registered_model} was built with {said}; this run {how}",
+                fix=f"use the champion's settings (--set {fix_set}), or {knob}=none",
+            )
+
+
 def _champion_dir(run_id: str, champ: Mapping[str, Any]) -> Path:
     """Where a run keeps the champion's bundle: fetched and verified by check_lineage, scored by the gate."""
     return layout.run_dir(run_id) / "champion" / f"v{champ['version']}"
@@ -787,7 +830,8 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
     )
     if rejected is None and (changed or force):
         # The gate re-scores the champion after training (hours on a GPU): a damaged one fails now.
-        registry.fetch_verified(cfg.gate.registered_model, champ["version"], _champion_dir(run_id, champ))
+        folder = registry.fetch_verified(cfg.gate.registered_model, champ["version"], _champion_dir(run_id, champ))
+        _warm_starts_fit(cfg, folder, champ["version"])
         if changed:
             said = [f"{k} ({_changed_settings(cfg, champ)})" if k == "config.training_hash" else k for k in changed]
             log.info("check_lineage: changed since champion v%s: %s; training", champ["version"], ", ".join(said))
