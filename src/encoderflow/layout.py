@@ -186,10 +186,10 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 def human_size(size: float) -> str:
-    """``size`` bytes as B, KB, MB or GB (1024 each)."""
+    """``size`` bytes as B, KiB, MiB or GiB: binary units, named as such (``du -h`` counts the same way)."""
     unit = "B"
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
             break
         size /= 1024
     return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"

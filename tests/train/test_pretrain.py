@@ -231,7 +231,7 @@ def test_a_backup_the_disk_has_no_room_for_is_refused_before_hdf5_writes(tmp_pat
     assert sorted(p.name for p in backup.iterdir()) == [written.name, f"{written.name}.sha256"]  # no temp left
     said = errors.storage_error(full.value).message
     assert said.startswith(f"no space left on the device writing {backup}/step-")
-    assert "a backup of pretrain needs about 1.0 MB, 4.0 KB is free (ENCODERFLOW_HOME=" in said
+    assert "a backup of pretrain needs about 1.0 MiB, 4.0 KiB is free (ENCODERFLOW_HOME=" in said
 
 
 def test_a_run_waits_while_another_trains_the_same_model_and_never_adopts_its_live_backup(tmp_path, caplog):
