@@ -32,6 +32,7 @@ from encoderflow.runs import (
     failed_at,
     finite,
     intervals_text,
+    settings_text,
     skipped_text,
 )
 
@@ -535,6 +536,8 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
     ]
     if meta:
         cells[0] += "<div class='muted'>" + " · ".join(meta) + "</div>"
+    if run.get("settings"):
+        cells[0] += f"<div class='muted'>set <code>{_e(settings_text(run['settings']))}</code></div>"
 
     gate = run.get("gate")
     failure = run.get("failure")

@@ -85,9 +85,9 @@ def test_runs_page_shows_decisions_metrics_history_and_links(encoderflow_home):
     html = page.render(runs, REGISTRY, "encoderflow-sst2", "http://mlflow.example:5000", user="alice")
     assert "BLESSED" in html and "NOT BLESSED" in html
     assert "· by " not in page._row(blessed, None)  # a run recorded before check_params kept who triggered it
-    assert "started 2026-11-25T10:00:01 · by bob &lt;ops&gt;</div>" in page._row(
-        {**blessed, "triggered_by": "bob <ops>"}, None
-    )
+    row = page._row({**blessed, "triggered_by": "bob <ops>", "settings": {"gate.min_accuracy": 0.6}}, None)
+    assert "started 2026-11-25T10:00:01 · by bob &lt;ops&gt;</div>" in row
+    assert "<div class='muted'>set <code>gate.min_accuracy=0.6</code></div>" in row  # what the run was triggered with
     assert "champion: 0.7010 is 0.1110 below champion v1" in html
     assert "floor: 0.8120 &gt;= floor 0.8000" in html  # a blessing says by how much it passed
     assert "<script>" not in html and "&lt;script&gt;" in html

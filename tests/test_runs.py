@@ -103,7 +103,11 @@ def test_one_run_in_full_gives_its_checks_intervals_failure_fix_and_log(recorded
     home, log = recorded
     entries = _entries(home, [runs.Aliased(MODEL, "2", "previous", None, STORE)])
     rejected = "\n".join(runs.detail_lines(entries[REJECTED_RUN], home))
-    assert f"run        {REJECTED_RUN}\nstate      finished*\npreset     guide\n" in rejected
+    # No Airflow record of it: the time in its run id.
+    assert (
+        f"run        {REJECTED_RUN}\nstate      finished* · triggered 2026-11-26 03:00:00\npreset     guide\n"
+        in rejected
+    )
     assert f"folder     {home / 'runs' / layout.safe_run_id(REJECTED_RUN)}\n" in rejected
     assert "gate       NOT BLESSED\n           PASS metric: candidate accuracy present\n" in rejected
     assert "           FAIL champion: -0.1110\n" in rejected
@@ -491,3 +495,25 @@ def test_a_cleared_run_keeps_its_trigger_time_beside_airflows_start_date(encoder
         if line.startswith("state ")
     ]
     assert state == f"state      success · {times.replace('10:39:50', '10:39:50 by alice', 1)}"
+
+
+def test_a_run_says_what_it_set_and_when_it_started_after_airflow_forgot_it(encoderflow_home):
+    """After weeks, "which run was the lr=0.002 one?" had no answer outside old task logs; and after
+    `airflow db clean` the started column read "–" though the time is in the run id."""
+    run_id = "manual__2026-12-07T15:20:15.461561+00:00"
+    layout.write_json(
+        layout.run_dir(run_id) / layout.RESOLVED_FILE,
+        {"preset": "smoke", "set": {"finetune.learning_rate": 0.002, "model.padding_mask": False}},
+    )
+    [entry] = runs.collect_runs(encoderflow_home)
+    assert entry["settings"] == {"finetune.learning_rate": 0.002, "model.padding_mask": False}
+    assert entry["run_after"] == "2026-12-07T15:20:15"  # from the folder's name: no Airflow record
+    assert "2026-12-07 15:20:15" in runs.table_lines([entry])[1]
+    lines = runs.detail_lines(entry, encoderflow_home)
+    assert "set        finetune.learning_rate=0.002 model.padding_mask=false" in lines
+    assert lines[1] == "state      unknown* · triggered 2026-12-07 15:20:15"
+    # A run of the preset's values says so; one recorded before resolved.json kept them says nothing.
+    assert runs.settings_text({}) == "nothing (the preset's values)"
+    assert not any(line.startswith("set ") for line in runs.detail_lines({**entry, "settings": None}, encoderflow_home))
+    assert runs.time_in_run_id("scheduled__2026-11-26T03:00:00+00:00") == "2026-11-26T03:00:00"
+    assert runs.time_in_run_id("my-own-run") is None

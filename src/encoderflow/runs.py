@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -448,12 +449,13 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
             _object(record.get(k)) for k in ("summary", "gate", "failure", "registered")
         )
         _fill(entry, summary, gate, failure, path.stem, registered)
+        entry["resolved"] = _object(record.get("resolved"))
         entry["pruned_at"] = record.get("pruned_at")
         entry["pruned_folder"] = path.stem
     # Airflow's runs first, newest first as given; then folders no Airflow run claims, newest first.
     out = list(runs.values())
     for entry in out:  # a run that stopped before it reported: its trigger's, its resolved config's, its failure's
-        resolved = _Resolved(home, entry.get("folder"))
+        resolved = _Resolved(home, entry.get("folder"), entry.pop("resolved", None))
         entry["preset"] = (
             entry.get("preset")
             or (entry.get("conf") or {}).get("preset")
@@ -465,15 +467,29 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         entry["model"] = model if isinstance(model, str) else None  # a hand-edited file may hold anything
         who = resolved.triggered_by()
         entry["triggered_by"] = who if isinstance(who, str) else None
+        # The overrides the run was triggered with, as check_params resolved them: the preset alone did not
+        # tell a returning user which run was the lr=0.002 one.
+        entry["settings"] = resolved.settings()
+        if not (entry.get("run_after") or entry.get("start_date")):
+            # Airflow's record cleaned (airflow db clean) or never made: a manual or scheduled run's id holds its time.
+            entry["run_after"] = time_in_run_id(str(entry.get("run_id") or entry.get("folder") or ""))
     return out
 
 
-class _Resolved:
-    """What ``check_params`` resolved for the run in ``folder`` (``resolved.json``), read when first asked."""
+def time_in_run_id(run_id: str) -> str | None:
+    """The ISO time in an Airflow run id (``manual__2026-12-07T15:20:15.461561+00:00``, or its folder name
+    ``manual__2026-12-07T15_20_15.461561_00_00``), or None."""
+    found = re.search(r"__(\d{4}-\d\d-\d\d)T(\d\d)[:_](\d\d)[:_](\d\d)", run_id)
+    return f"{found[1]}T{found[2]}:{found[3]}:{found[4]}" if found else None
 
-    def __init__(self, home: Path, folder: str | None):
+
+class _Resolved:
+    """What ``check_params`` resolved for the run in ``folder`` (``resolved.json``), read when first asked;
+    a pruned run's from its record (``kept``)."""
+
+    def __init__(self, home: Path, folder: str | None, kept: dict[str, Any] | None = None):
         self._path = home / "runs" / folder / layout.RESOLVED_FILE if folder else None
-        self._read: dict[str, Any] | None = None
+        self._read: dict[str, Any] | None = kept
 
     def _json(self) -> dict[str, Any]:
         if self._read is None:
@@ -489,6 +505,10 @@ class _Resolved:
 
     def triggered_by(self) -> str | None:
         return self._json().get("triggered_by")
+
+    def settings(self) -> dict[str, Any] | None:
+        """The keys the run set (trigger form, ``--set``), as resolved; None when not recorded."""
+        return _object(self._json().get("set"))
 
 
 def _object(value: Any) -> dict[str, Any] | None:
@@ -742,6 +762,12 @@ def _when(value: Any) -> str:
     return str(value)[:19].replace("T", " ") if value else "–"
 
 
+def settings_text(settings: Mapping[str, Any]) -> str:
+    """A run's overrides as ``--set`` takes them, or what an empty set means."""
+    shown = (f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(settings.items()))
+    return " ".join(shown) or "nothing (the preset's values)"
+
+
 def accuracy_text(value: Any) -> str:
     """An accuracy as shown everywhere: four decimals, or a dash when there is none."""
     number = finite(value)
@@ -802,6 +828,8 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
         f"preset     {entry.get('preset') or '–'}"
         + (f" · config_hash {str(summary['config_hash'])[:16]}" if summary.get("config_hash") else "")
     )
+    if (settings := entry.get("settings")) is not None:
+        out.append(f"set        {settings_text(settings)}")
     folder = entry.get("folder")
     if entry.get("pruned_at"):
         record = home / "pruned" / f"{entry.get('pruned_folder')}.json"
