@@ -222,7 +222,7 @@ def test_adopt_earlier_links_the_newest_sound_result_of_the_same_key_and_code(ca
     assert layout.adopt_earlier("pretrain", "k3", mine, "encoder", altered) is None
 
 
-def test_adopt_earlier_links_a_folder_artifact_whole():
+def test_adopt_earlier_links_a_folder_artifact_whole(caplog):
     src = layout.run_dir("old") / "finetune"
     (src / "bundle" / "sub").mkdir(parents=True)
     (src / "bundle" / "bundle.json").write_text("{}")
@@ -239,6 +239,18 @@ def test_adopt_earlier_links_a_folder_artifact_whole():
 
     shutil.rmtree(layout.run_dir("old"))
     assert (mine / "bundle" / "sub" / "weights").read_bytes() == b"w"
+    # The next run links the kept copy in and says whose it is: the run that trained it is pruned.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="encoderflow.layout"):
+        later = layout.finished(
+            "finetune", "k", layout.run_dir("later") / "finetune", "bundle", lambda f, r: None, True, "x"
+        )
+    assert later["reused_from"] == str(src / "result.json") and later["linked_from"] == str(mine / "result.json")
+    assert caplog.messages == [
+        "finetune: reusing the bundle run old trained from the same x and code (key k) (from run now, which reused it; "
+        f"run old's folder is pruned): linked to {layout.run_dir('later') / 'finetune' / 'bundle'}; "
+        "set force to train again"
+    ]
 
 
 def test_share_identical_keeps_one_copy_of_what_every_run_writes_alike(tmp_path):

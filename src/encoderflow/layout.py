@@ -461,7 +461,12 @@ def adopt_earlier(
                 tmp.unlink(missing_ok=True)
                 link_or_copy(src, tmp)
         # The run that trained it, not a run that copied it in turn: its timings are that run's.
-        adopted = {**result, field: str(dst), "reused_from": result.get("reused_from") or str(path)}
+        adopted = {
+            **result,
+            field: str(dst),
+            "reused_from": result.get("reused_from") or str(path),
+            "linked_from": str(path),
+        }
         write_json(out_dir / "result.json", adopted)
         return adopted
     return None
@@ -492,14 +497,23 @@ def finished(
             return done
         log.warning("%s: not reusing this run's %s: %s; training it again", stage, own, why)
     if earlier_runs and (done := adopt_earlier(stage, key, out_dir, field, problem)) is not None:
+        origin, copy = Path(done["reused_from"]), Path(done["linked_from"])
+        # The run that trained it may be pruned since, its files kept by a run that reused them: name both.
+        via = (
+            ""
+            if copy == origin
+            else f" (from run {copy.parents[1].name}, which reused it"
+            + (")" if origin.parent.exists() else f"; run {origin.parents[1].name}'s folder is pruned)")
+        )
         log.info(
-            "%s: reusing the %s run %s trained from the same %s and code (key %s): linked to %s; "
+            "%s: reusing the %s run %s trained from the same %s and code (key %s)%s: linked to %s; "
             "set force to train again",
             stage,
             field,
-            Path(done["reused_from"]).parents[1].name,
+            origin.parents[1].name,
             trained_from,
             key[:16],
+            via,
             done[field],
         )
         return done
