@@ -177,3 +177,24 @@ def test_the_estimate_times_steps_in_which_nothing_compiled(monkeypatch, caplog)
         "finetune: 500.0 ms/step measured over 4 steps (after 4 in which JAX compiled other shapes); estimated "
         "training time 5.0s for 10 steps (+ validation)"
     ]
+
+
+def test_half_written_backups_a_killed_try_left_are_deleted_unless_a_writer_is_alive(tmp_path, caplog):
+    """kill -9 mid-backup left a 12 MB `.step-...weights.h5` temp in the run folder for good."""
+    from encoderflow import layout
+    from encoderflow.train.callbacks import StepBackup
+
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    dead = backup / ".step-000000000120.weights.h5.ohi09fy0.weights.h5"
+    dead.write_bytes(b"half")
+    kept = backup / "KEY"  # what is no temp stays
+    kept.write_bytes(b"k" * 64)
+    with layout.writing_in(backup):  # a writer alive in the folder: its temp may be that one
+        StepBackup(backup, 10)
+        assert dead.exists()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        StepBackup(backup, 10)
+    assert not dead.exists() and kept.read_bytes() == b"k" * 64
+    assert f"pretrain: deleted 1 half-written backup(s) a killed try left in {backup}" in caplog.messages

@@ -331,3 +331,20 @@ def test_a_run_waits_while_another_fine_tunes_the_same_model_then_reuses_its_bun
         f"(pid {os.getpid()}): waiting for it, then reusing its bundle (or training here if it stops)"
     ) in caplog.messages
     assert layout.trains_now(first_out) is None and layout.busy_twin(second_out, first["key"]) is None
+
+
+def test_a_finite_fine_tuning_loss_far_above_guessing_is_called_diverging(inputs, tmp_path, caplog):
+    """finetune.learning_rate=1 ended "success" at loss 7.2 (ten times a guess's ln 2), told at INFO only."""
+    from encoderflow.train import finetune
+
+    encoder, sst2, vocab = inputs
+    cfg = from_overrides("smoke", {"finetune.steps_per_epoch": 30, "finetune.epochs": 1, "finetune.learning_rate": 1.0})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        finetune.finetune(cfg, encoder, sst2, vocab, tmp_path)
+    [warned] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert re.fullmatch(
+        r"finetune: epoch 1 loss \d+\.\d{4} is above 1\.39, twice what a uniform guess scores: training is diverging; "
+        r"lower finetune.learning_rate \(now 1\) or check the input data",
+        warned,
+    ), warned

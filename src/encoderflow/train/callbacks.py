@@ -315,6 +315,14 @@ def backup_problem(backup: Path) -> str | None:
     return None
 
 
+def sweep_dead_backups(directory: str | os.PathLike, label: str = "pretrain") -> None:
+    """Delete the half-written backups a killed writer left in ``directory`` (a guide backup is ~115 MB;
+    ``kill -9`` mid-write left one for good in every kept run folder). Only when no writer is alive there."""
+    directory = Path(directory)
+    if gone := layout.remove_dead_temps(directory, directory.glob(".step-*")):
+        log.info("%s: deleted %d half-written backup(s) a killed try left in %s", label, len(gone), directory)
+
+
 class StepBackup(keras.callbacks.Callback):
     """Backs up weights, optimizer state and the global step, so a killed fit can resume at the next step.
 
@@ -358,6 +366,7 @@ class StepBackup(keras.callbacks.Callback):
         self.label, self.nan_fix = label, nan_fix
         self.directory = Path(directory)
         self.steps_per_epoch, self.every_steps = steps_per_epoch, every_steps
+        sweep_dead_backups(self.directory, label)
         self.steps_done, self.restore_from = latest_backup(self.directory)
         if self.restore_from is not None and (why := backup_problem(self.restore_from)):
             log.warning(

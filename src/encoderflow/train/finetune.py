@@ -245,6 +245,8 @@ def _train(
                 LOG_EVERY_SECONDS,
                 estimate_steps=ESTIMATE_STEPS,
                 nan_fix=f"lower finetune.learning_rate (now {f.learning_rate:g}) or check the input data",
+                # As pretraining's: learning_rate=1 ended "success" at loss 7.2, ten times a guess's ln 2.
+                loss_ceiling=2 * math.log(max(len(labels), 2)),
             )
         ],
     )

@@ -242,7 +242,7 @@ def _adopt_backup(out_dir: Path, key: str) -> None:
     new one: without this, hours of pretraining would start again from step 0. Nothing is copied
     when ``out_dir`` has a backup of its own.
     """
-    from encoderflow.train.callbacks import backup_problem, checksum_file, latest_backup
+    from encoderflow.train.callbacks import backup_problem, checksum_file, latest_backup, sweep_dead_backups
 
     own = out_dir / "backup"
     if latest_backup(own)[1] is not None:
@@ -251,6 +251,7 @@ def _adopt_backup(out_dir: Path, key: str) -> None:
     for folder in _same_training(out_dir, key):
         if layout.trains_now(folder) is not None:  # alive: not stopped, and its backups keep changing
             continue
+        sweep_dead_backups(folder / "backup")
         steps, file = latest_backup(folder / "backup")
         if file is not None:
             if (why := backup_problem(file)) is None:
