@@ -7,6 +7,7 @@ against a loopback HTTP server; nothing here touches the internet.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -241,3 +242,39 @@ def test_a_home_that_is_a_file_or_under_one_fails_doctor_and_the_run_in_one_line
     monkeypatch.setenv("ENCODERFLOW_HOME", str(a_file))
     with pytest.raises(cli.EncoderflowError, match="it is a file, not a folder; fix: set ENCODERFLOW_HOME to a folder"):
         layout.writable_home()
+
+
+@pytest.mark.slow
+def test_a_scheduler_running_on_the_homes_airflow_is_named_as_what_refuses_encoderflow_run(encoderflow_home, capsys):
+    """doctor said "a run can start" (exit 0) while `encoderflow run` was then refused: a standalone ran
+    on the same home."""
+    import sqlite3
+    import subprocess
+    import sys
+    from datetime import UTC, datetime, timedelta
+
+    assert doctor.check_home_airflow() is None  # never set up: nothing runs on it
+    env = {**os.environ, **cli.airflow_env()}
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+    db = encoderflow_home / "airflow" / "airflow.db"
+    assert doctor.check_home_airflow() == doctor.Check(
+        doctor.OK, doctor.HOME_AIRFLOW, f"no scheduler running on {encoderflow_home / 'airflow'}"
+    )
+    # A heartbeat ahead of the clock stays within Airflow's 30 s threshold however slowly the child starts here.
+    beat = datetime.now(UTC).replace(tzinfo=None) + timedelta(minutes=10)
+    with sqlite3.connect(db) as con:
+        con.execute(
+            "insert into job (state, job_type, start_date, latest_heartbeat, hostname, unixname) values "
+            "('running', 'SchedulerJob', ?, ?, 'teamhost', 'alice')",
+            (f"{beat - timedelta(hours=1)}", f"{beat}"),
+        )
+    check = doctor.check_home_airflow()
+    assert check.status == doctor.WARN and check.value.startswith(
+        "a scheduler runs on it (on teamhost as alice, since "
+    )
+    assert check.value.endswith("): `encoderflow run` is refused beside it") and "POST /api/v2/dags/" in check.fix
+    buf = io.StringIO()
+    assert doctor.report([check], [], out=buf) == 0
+    assert buf.getvalue().splitlines()[-1] == (
+        "doctor: a run can start in the Airflow running on this home, not with encoderflow run (1 warn)"
+    )

@@ -5,7 +5,8 @@ when it is not ok. A run can start when no check FAILs (exit 0; 1 otherwise). Ch
 JAX (version, backend, devices and their memory), the dtype policy ``precision=auto`` resolves to,
 that TensorFlow sees no GPU, free disk under ``ENCODERFLOW_HOME``, and the data: with
 ``--data-dir`` the offline folder's layout for the configs a run would use (no network), else
-whether each dataset's sources (the ``--mirror`` first, then the pinned URLs) answer a HEAD request.
+whether each dataset's sources (the ``--mirror`` first, then the pinned URLs) answer a HEAD request;
+and whether a scheduler runs on the home's Airflow (``encoderflow run`` is refused beside one).
 """
 
 from __future__ import annotations
@@ -358,6 +359,41 @@ def check_sources(
     return out
 
 
+# What ``encoderflow run`` is refused beside (airflow_adapter.refuse_beside_scheduler): the doctor said "a run
+# can start" while the run it was asked about was then refused.
+HOME_AIRFLOW = "airflow (this home)"
+_SCHEDULER_PROBE = "from encoderflow import airflow_adapter as af; print(af.live_scheduler() or '')"
+
+
+def check_home_airflow(home: Path | None = None, timeout: float = 120.0) -> Check | None:
+    """Whether an Airflow scheduler runs on the home's embedded Airflow (None: that Airflow was never
+    set up, so nothing can run on it). Asked in a child process: this one stays free of Airflow's
+    configuration."""
+    from encoderflow.cli import airflow_env
+
+    airflow = (home or layout.home()) / "airflow"
+    if not (airflow / "airflow.db").exists():
+        return None
+    env = {**os.environ, **airflow_env(), "PYTHONWARNINGS": "ignore"}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _SCHEDULER_PROBE], env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return Check(WARN, HOME_AIRFLOW, f"its metadata DB did not answer in {timeout:.0f} s", "")
+    said = proc.stdout.strip().splitlines()[-1:] if proc.returncode == 0 else None
+    if said is None:
+        return Check(WARN, HOME_AIRFLOW, f"could not be asked: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+    if not said or not said[0]:
+        return Check(OK, HOME_AIRFLOW, f"no scheduler running on {airflow}")
+    return Check(
+        WARN,
+        HOME_AIRFLOW,
+        f"a scheduler runs on it ({said[0]}): `encoderflow run` is refused beside it",
+        "trigger runs in that Airflow (its UI, or POST /api/v2/dags/encoder_pretraining/dagRuns), or stop it first",
+    )
+
+
 # --- the screen ------------------------------------------------------------------------------------
 
 
@@ -389,6 +425,8 @@ def run_checks(
     checks.append(check_dtype_policy(backend))
     checks.append(check_tensorflow())
     checks.append(check_disk())
+    if (airflow := check_home_airflow()) is not None:
+        checks.append(airflow)
     notes: list[str] = []
     if data_dir:
         data_checks = check_offline(data_dir, configs, specs, required=preset is not None)
@@ -419,6 +457,12 @@ def report(checks: Sequence[Check], notes: Sequence[str], out: TextIO) -> int:
         named = ", ".join(f"{p} (the default)" if p == DEFAULT_PRESET else p for p in blocked)
         which = f"presets {named}: see their warn lines" if len(blocked) > 1 else f"preset {named}: see its warn line"
         print(f"doctor: a run can start, but not with {which} ({len(warns)} warn)", file=out)
+    elif any(c.what == HOME_AIRFLOW and c.status == WARN and "refused" in c.value for c in warns):
+        print(
+            f"doctor: a run can start in the Airflow running on this home, not with encoderflow run "
+            f"({len(warns)} warn)",
+            file=out,
+        )
     else:
         print(f"doctor: a run can start ({len(warns)} warn)", file=out)
     return 0
