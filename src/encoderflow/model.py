@@ -94,6 +94,16 @@ def build_encoder(cfg: ModelConfig, vocab_size: int, seq_length: int, pad_id: in
     return keras.Model(token_ids, x, name="encoder")
 
 
+def describe(cfg: ModelConfig) -> str:
+    """The encoder's shape as a log line says it: ``3 layers of width 256 (4 heads, feed-forward 512),
+    post-norm, dropout 0.1``. A preset's choices (the recipe's pre-norm) were in no log line."""
+    norm = "pre-norm (a final layer norm)" if cfg.normalize_first else "post-norm (the guide's)"
+    return (
+        f"{cfg.num_layers} layer{'s' * (cfg.num_layers != 1)} of width {cfg.model_dim} ({cfg.num_heads} heads, "
+        f"feed-forward {cfg.intermediate_dim}), {norm}, dropout {cfg.dropout:g}"
+    )
+
+
 def with_dropout(encoder: keras.Model, cfg: ModelConfig, pad_id: int = 0) -> keras.Model:
     """``encoder`` itself when its dropout is ``cfg.dropout``, else the same weights in an encoder
     built with ``cfg.dropout`` (pretraining may run at another rate than fine-tuning)."""

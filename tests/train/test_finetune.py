@@ -184,7 +184,11 @@ def test_fine_tuning_logs_its_plan_a_measured_step_time_and_progress_during_the_
         f"finetune: {train:,} train examples, {dev:,} dev examples, batch {cfg.finetune.batch_size}, "
         "12 steps/epoch (finetune.steps_per_epoch), 1 epoch, 12 steps in all"
     ) in before
-    assert f"finetune: learning rate {cfg.finetune.learning_rate:g} (warmup_cosine, warmup_ratio 0.1)" in before
+    lr, decay = cfg.finetune.learning_rate, cfg.finetune.weight_decay
+    assert (
+        f"finetune: AdamW, learning rate {lr:g} (warmup_cosine, warmup_ratio 0.1), weight decay {decay:g}"
+        in " ".join(before)
+    )
     # 1 step compiles, 10 are timed: the estimate comes at step 11 of 12.
     [estimate] = [m for m in before if "ms/step" in m]
     assert re.fullmatch(

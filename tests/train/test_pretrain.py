@@ -700,6 +700,14 @@ def test_pretrain_logs_an_estimate_progress_and_the_cpu_warning(duped, tmp_path,
     ]
     assert len(estimate) == 1 and "for 16 steps" in estimate[0], lines
     assert any("pretrain: device 1 x " in r.getMessage() for r in caplog.records)
+    # What the preset chose is said, not only what was overridden (the recipe's pre-norm was in no line).
+    m = cfg.model
+    assert (
+        f"pretrain: model {m.num_layers} layer{'s' * (m.num_layers != 1)} of width {m.model_dim} ({m.num_heads} heads, "
+        f"feed-forward {m.intermediate_dim}), post-norm (the guide's), dropout {m.dropout:g}"
+    ) in caplog.messages
+    said = f"learning rate {cfg.pretrain.learning_rate:g} (constant), weight decay "
+    assert any(said in line for line in caplog.messages)
     warning = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "encoderflow.train"]
     if not runtime.on_cpu():  # make test on a GPU machine: the guide preset is where it belongs
         assert warning == [] and result["device"].endswith("(gpu)")

@@ -180,7 +180,14 @@ def _train(
     dev_x, dev_y = read_labeled(labeled, "dev")
     labels = labels_of(labeled)
     seq = cfg.data.seq_length
-    encoder = models.with_dropout(models.load(encoder_path), cfg.model, vocab.pad_id)
+    loaded = models.load(encoder_path)
+    encoder = models.with_dropout(loaded, cfg.model, vocab.pad_id)
+    if encoder is not loaded and not init_classifier:
+        log.info(
+            "finetune: encoder rebuilt with model.dropout %g (pretrained at dropout %g)",
+            cfg.model.dropout,
+            float(loaded.get_layer("embeddings_dropout").rate),
+        )
     # Real-token attention and pooling make outputs independent of padding: fit lengths to the data.
     log.info(
         "finetune: pooling %s, length buckets %s (model.padding_mask=%s)",
@@ -228,8 +235,9 @@ def _train(
         f"{f.epochs} epoch{'s' * (f.epochs != 1)}",
         f"{epoch_steps * f.epochs:,}",
     )
-    schedule = f", warmup_ratio {f.warmup_ratio:g}" if f.lr_schedule != "constant" else ""
-    log.info("finetune: learning rate %g (%s%s)", f.learning_rate, f.lr_schedule, schedule)
+    from encoderflow.train.optim import describe
+
+    log.info("finetune: %s", describe(f))
     t0 = time.monotonic()
     history = classifier.fit(
         train_ds,

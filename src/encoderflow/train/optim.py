@@ -47,3 +47,14 @@ def adamw(section, total_steps: int, ema_momentum: float = 0.0):
     if section.weight_decay != KERAS_DEFAULT_DECAY:
         opt.exclude_from_weight_decay(var_names=list(NO_DECAY))
     return opt
+
+
+def describe(section) -> str:
+    """The optimizer as a log line says it: ``AdamW, learning rate 0.001 (warmup_cosine, warmup_ratio 0.1),
+    weight decay 0.01``. A preset's choices (the recipe's schedule and decay) were in no log line."""
+    schedule = f", warmup_ratio {section.warmup_ratio:g}" if section.lr_schedule != "constant" else ""
+    decay = " (Keras's default)" if section.weight_decay == KERAS_DEFAULT_DECAY else ", biases and norms undecayed"
+    return (
+        f"AdamW, learning rate {section.learning_rate:g} ({section.lr_schedule}{schedule}), "
+        f"weight decay {section.weight_decay:g}{decay}"
+    )

@@ -463,14 +463,20 @@ def _train(
     compile_mlm(mlm, p, total_steps=steps * p.epochs, steps_per_execution=spe)
     backup.restore(mlm)
     device = runtime.device_summary()
+    from encoderflow.train.optim import describe
+
     log.info(
-        "pretrain: device %s, dtype policy %s (precision=%s), learning rate %g (%s), %d steps per call",
+        "pretrain: device %s, dtype policy %s (precision=%s), %s, %d steps per call",
         device,
         policy,
         p.precision,
-        p.learning_rate,
-        p.lr_schedule,
+        describe(p),
         spe,
+    )
+    log.info(
+        "pretrain: model %s%s",
+        models.describe(model_cfg),
+        f" (pretrain.dropout_off; fine-tuning uses model.dropout {cfg.model.dropout:g})" if p.dropout_off else "",
     )
     # Declared length: Keras warns "input ran out of data" each epoch on an unknown-length set.
     val_records = manifest["totals"]["valid"]["records"]
