@@ -193,3 +193,79 @@ def test_a_full_or_read_only_disk_is_an_expected_failure_with_its_fix(encoderflo
         build_shard()
     cause = errors.cause_of(failed.value)
     assert (cause.error, cause.expected) == ("StorageFull", True) and cause.message == said.message
+
+
+@pytest.fixture
+def answers_503():
+    """A loopback server answering every request as MLflow does when its database is down."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def _answer(self):
+            body = json.dumps({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "OperationalError"}).encode()
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_unreachable_or_answering_503_is_named_as_the_outage_it_is(answers_503, monkeypatch):
+    """The gate's failure with MLflow stopped read "MlflowException: API request to ... failed with exception
+    HTTPConnectionPool(...)", and its fix "not an expected failure (a bug or an outage)"."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    down = f"http://127.0.0.1:{_closed_port()}"
+    causes = {}
+    for uri in (down, answers_503):
+        try:
+            MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("m", "champion")
+        except Exception as exc:  # noqa: BLE001 - the client's own error is what is told
+            try:
+                raise RuntimeError("promote failed") from exc  # seen through what wraps it
+            except RuntimeError as wrapped:
+                causes[uri] = errors.cause_of(wrapped)
+    assert causes[down] == errors.Cause(
+        "MlflowUnavailable",
+        f"the MLflow server at {down} is not reachable (Connection refused)",
+        "start it (make stack, or the server MLFLOW_TRACKING_URI names), then clear the task; Airflow retries it "
+        "meanwhile",
+        expected=False,
+    )
+    assert causes[answers_503].message == (
+        f"the MLflow server at {answers_503} answers 503 Service Unavailable (its database down, or overloaded)"
+    )
+    assert not causes[answers_503].expected  # an outage: retried
+
+
+def test_a_try_that_never_ran_names_the_celery_broker_when_it_does_not_answer(monkeypatch):
+    """Redis stopped: the scheduler could not send the task and its cause named the api-server or a worker."""
+    port = _closed_port()
+    monkeypatch.setenv("AIRFLOW__CELERY__BROKER_URL", f"redis://127.0.0.1:{port}/0")
+    cause = errors.cause_of(None)
+    assert cause.message.endswith(f"(the Celery broker redis://127.0.0.1:{port} does not answer)")
+    assert cause.fix == "start the broker (make stack), then clear the task to run it again"
+    monkeypatch.delenv("AIRFLOW__CELERY__BROKER_URL")
+    assert "broker" not in errors.cause_of(None).message  # no broker here: the general cause

@@ -147,7 +147,11 @@ def test_the_cli_lists_finds_and_prints_json_without_an_airflow_or_a_registry(re
     assert out[0] == f"ENCODERFLOW_HOME={home}"
     assert out[1].startswith("Airflow not asked: no Airflow metadata DB found for this home: set AIRFLOW_HOME")
     # The runs registered in a server that does not answer here: said so, and no alias is claimed.
-    assert out[2].startswith("MLflow at http://mlflow:5000: could not be asked ("), out[2]
+    # An unreachable server is named as the outage it is, with why.
+    assert out[2] == (
+        "MLflow could not be asked: the MLflow server at http://mlflow:5000 is not reachable "
+        "(Name or service not known)"
+    ), out[2]
     rows = [line.split()[:2] for line in out[5:8]]
     assert sorted(rows) == sorted([[FAILED_RUN, "failed*"], [REJECTED_RUN, "finished*"], [BLESSED_RUN, "finished*"]])
     assert out[8].startswith("* no Airflow asked knows this run") and out[-1].startswith("encoderflow runs RUN")
@@ -282,7 +286,9 @@ def test_odd_files_in_a_run_folder_do_not_take_the_record_down(recorded, monkeyp
     for odd in (["not", "an", "object"], {"registry": "v1"}, {"registry": {"tracking_uri": 5}}):
         (blessed / "summary.json").write_text(json.dumps(odd))
         aliased, said, stores = runs.aliased_versions(home)
-        assert aliased is None and said.startswith("MLflow at http://mlflow:5000: could not be asked"), said
+        assert aliased is None and said.startswith(
+            "MLflow could not be asked: the MLflow server at http://mlflow:5000 "
+        ), said
         assert stores == {STORE}
 
 

@@ -190,6 +190,14 @@ def cause_of(exc: BaseException | str | None) -> Cause:
     """
     if exc is None:
         # Airflow failed the try without running it to an exception: its log has no traceback to read.
+        if broker := _broker_down():  # the scheduler could not hand the task to a worker: it never started
+            return Cause(
+                "Failure",
+                f"the task ended without an exception: Airflow could not run it (the Celery broker {broker} does "
+                "not answer)",
+                "start the broker (make stack), then clear the task to run it again",
+                expected=False,
+            )
         return Cause(
             "Failure",
             "the task ended without an exception: Airflow could not run it (the api-server or a worker was "
@@ -197,6 +205,8 @@ def cause_of(exc: BaseException | str | None) -> Cause:
             "the scheduler's and the worker's logs say why; clear the task to run it again",
             expected=False,
         )
+    if isinstance(exc, BaseException) and (outage := _service_outage(exc)) is not None:
+        return outage
     if isinstance(exc, BaseException) and not isinstance(exc, EncoderflowError):
         # expected_failures raises "from None": the original is still the exception's context.
         if isinstance(exc.__context__, EncoderflowError) and exc.__suppress_context__:
@@ -218,6 +228,58 @@ def cause_of(exc: BaseException | str | None) -> Cause:
         return Cause(name, one_line(message) or name, fix or _default_fix(name), expected=True)
     name = type(exc).__name__ if isinstance(exc, BaseException) else "Failure"
     return Cause(name, one_line(text) or repr(exc), BUG_FIX, expected=False)
+
+
+# An MLflow client call that never reached the server (requests/urllib3 say so in these words, the most
+# telling first), or one the server refused with 503 (MLflow's own database down): an outage, retried as
+# one, but named as one.
+_UNREACHABLE = ("Connection refused", "timed out", "Name or service not known", "Failed to establish a new connection")
+_MLFLOW_URL = re.compile(r"API request to (https?://[^/\s]+)")
+
+
+def _service_outage(exc: BaseException) -> Cause | None:
+    """``exc`` told as the outage it is when it, or an exception it was raised from, is the MLflow server
+    unreachable or answering 503; else None. It was "MlflowException: API request to ... failed with
+    exception HTTPConnectionPool(...)", ~45 frames, and the fix "a bug or an outage"."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if type(exc).__name__ == "MlflowException" and (url := _MLFLOW_URL.search(text)):
+            server = url.group(1)
+            if "503 error responses" in text or "TEMPORARILY_UNAVAILABLE" in text:
+                why = (
+                    f"the MLflow server at {server} answers 503 Service Unavailable (its database down, or overloaded)"
+                )
+                fix = "see its log and its database (make stack-status), then clear the task"
+            elif reason := next((r for r in _UNREACHABLE if r in text), None):
+                why = f"the MLflow server at {server} is not reachable ({reason})"
+                fix = "start it (make stack, or the server MLFLOW_TRACKING_URI names), then clear the task"
+            else:
+                return None
+            return Cause("MlflowUnavailable", why, f"{fix}; Airflow retries it meanwhile", expected=False)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _broker_down() -> str | None:
+    """The Celery broker this process is configured with when it refuses a connection now, else None."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = os.environ.get("AIRFLOW__CELERY__BROKER_URL", "")
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port or 6379
+    except ValueError:
+        return None
+    if not host or parts.scheme not in ("redis", "rediss"):
+        return None
+    try:
+        socket.create_connection((host, port), timeout=1.0).close()
+    except OSError:
+        return f"{parts.scheme}://{host}:{port}"
+    return None
 
 
 def told(exc: EncoderflowError) -> str:

@@ -372,7 +372,12 @@ def _aliased(registry, store: str) -> tuple[list[Aliased] | None, str]:
                         )
                     )
     except Exception as exc:  # any failure to ask: keep more, never less
-        return None, f"MLflow at {registry.tracking_uri()}: could not be asked ({str(exc).splitlines()[0][:200]})"
+        from encoderflow.errors import cause_of, one_line
+
+        cause = cause_of(exc)
+        if cause.error == "MlflowUnavailable":  # an outage, told as one (a 503 is its database, not MLflow, down)
+            return None, f"MLflow could not be asked: {cause.message}"
+        return None, f"MLflow at {registry.tracking_uri()}: could not be asked ({one_line(str(exc), 300)})"
     return found, ""
 
 
