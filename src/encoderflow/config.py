@@ -908,6 +908,12 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected section.key=value")
+        if key.strip() in out and out[key.strip()] != value:
+            # The last one silently won: a long command line set a key twice and trained the other value.
+            raise ConfigError(
+                f"override {key.strip()!r} given twice ({out[key.strip()]!r}, then {value!r})",
+                fix="keep the one you mean",
+            )
         out[key.strip()] = value
     return out
 

@@ -175,7 +175,8 @@ def test_the_estimate_times_steps_in_which_nothing_compiled(monkeypatch, caplog)
     assert logger.compiling == 8.0  # unregistered at the end of training
     assert [r.getMessage() for r in caplog.records] == [
         "finetune: 500.0 ms/step measured over 4 steps (after 4 in which JAX compiled other shapes); estimated "
-        "training time 5.0s for 10 steps (+ validation)"
+        "training time 5.0s for 10 steps (+ validation, + compiling each batch shape met for the first time "
+        "(8.0s compiling so far))"
     ]
 
 

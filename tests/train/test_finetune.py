@@ -193,7 +193,8 @@ def test_fine_tuning_logs_its_plan_a_measured_step_time_and_progress_during_the_
     [estimate] = [m for m in before if "ms/step" in m]
     assert re.fullmatch(
         r"finetune: \d+\.\d ms/step measured over 10 steps( \(after \d+ in which JAX compiled other shapes\))?; "
-        r"estimated training time \S+ for 12 steps \(\+ validation\)",
+        r"estimated training time \S+ for 12 steps \(\+ validation"
+        r"(, \+ compiling each batch shape met for the first time \(\S+ compiling so far\))?\)",
         estimate,
     ), estimate
     progress = [m for m in before if m.startswith("finetune progress: ")]
