@@ -47,16 +47,39 @@ async def reader(request: Request) -> Any:
         user = await resolve_user_from_token(token)
     except HTTPException as exc:
         raise NotSignedIn(401, str(exc.detail)) from None
-    allowed = await asyncio.to_thread(
-        get_auth_manager().is_authorized_dag,
-        method="GET",
-        access_entity=DagAccessEntity.RUN,
-        details=DagDetails(id=page.DAG_ID),
-        user=user,
-    )
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    try:
+        allowed = await asyncio.to_thread(
+            get_auth_manager().is_authorized_dag,
+            method="GET",
+            access_entity=DagAccessEntity.RUN,
+            details=DagDetails(id=page.DAG_ID),
+            user=user,
+        )
+    except (OperationalError, DBAPIError) as exc:
+        # With PostgreSQL down the page was a bare 500 (and a second traceback from the middleware).
+        raise Unavailable(f"Airflow's metadata database does not answer ({type(exc.orig).__name__})") from None
     if not allowed:
         raise NotSignedIn(403, f"{user.get_name()} may not read {page.DAG_ID} runs")
     return user
+
+
+class Unavailable(Exception):
+    def __init__(self, detail: str):
+        self.detail = detail
+
+
+@app.exception_handler(Unavailable)
+async def _unavailable(request: Request, exc: Unavailable):
+    detail = (
+        f"{exc.detail}: who may read runs cannot be checked. `encoderflow runs` on the Airflow host reads the run "
+        "folders without it; `make stack-status` says which part is down."
+    )
+    if "text/html" not in request.headers.get("accept", ""):
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "30"})
+    body = f"<!doctype html><title>Encoderflow runs: unavailable</title><p>{html.escape(detail)}</p>"
+    return HTMLResponse(body, status_code=503, headers={"Retry-After": "30"})
 
 
 @app.exception_handler(NotSignedIn)

@@ -622,3 +622,32 @@ def test_a_skipped_run_shows_the_champions_recorded_accuracy_and_why_it_skipped(
     html = page.render(collect_runs(encoderflow_home), REGISTRY, "encoderflow-sst2", None)
     assert "champion (recorded): <b>0.8100</b>" in html and "re-evaluated" not in html
     assert html_escape(f"training skipped: {unchanged['message']} ({unchanged['basis']})") in html
+
+
+def test_the_page_answers_503_saying_why_when_airflows_database_does_not_answer(encoderflow_home, monkeypatch):
+    """With PostgreSQL down the page was a bare 500: checking who may read runs asks the metadata DB.
+    The outage is stood in for by an auth manager whose check raises what SQLAlchemy raises then."""
+    import sqlite3
+
+    import airflow.api_fastapi.app as airflow_app
+    import airflow.api_fastapi.core_api.security as security
+    import encoderflow_plugin as plugin
+    from fastapi.testclient import TestClient
+    from sqlalchemy.exc import OperationalError
+
+    class DatabaseDown:
+        def is_authorized_dag(self, **_):
+            raise OperationalError("SELECT 1", {}, sqlite3.OperationalError("connection refused"))
+
+    async def signed_in(token):
+        return object()
+
+    monkeypatch.setattr(airflow_app, "get_auth_manager", lambda: DatabaseDown())
+    monkeypatch.setattr(security, "resolve_user_from_token", signed_in)
+    client = TestClient(plugin.app)
+    for accept in ("application/json", "text/html"):
+        answer = client.get("/runs.json", headers={"Accept": accept, "Authorization": "Bearer t"})
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "30", answer.text
+        said = "Airflow's metadata database does not answer (OperationalError): who may read runs cannot be"
+        assert (said if accept == "application/json" else html_escape(said)) in answer.text
+        assert BLESSED_RUN not in answer.text  # nothing of the runs leaks without the check
