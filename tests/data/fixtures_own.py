@@ -1,4 +1,5 @@
-"""Your own data, tiny: a corpus folder of text files and a 3-class labeled JSONL under other column names.
+"""Your own data, tiny: a corpus folder of text files and a 3-class labeled JSONL under other column names
+(and a 2-class review CSV, ``id,review,sentiment``, as spreadsheets and pandas export one).
 
 The labeled task is learnable from one cue word per class, so a smoke model separates it well
 above chance (a third); the corpus uses the same words, so a vocabulary trained on it covers them.
@@ -59,3 +60,31 @@ def write_data_file(path: Path, corpus: Path, labeled: Path, **inputs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+REVIEW_WORDS = ["a", "film", "with", "lengthy", "dialogue", "scenes", "and", "fine", "acting", "plot", "dull", "great"]
+REVIEWS = {"text_column": "review", "label_column": "sentiment"}
+
+
+def review_rows(n: int, seed: int) -> list[list[str]]:
+    """``[id, review, sentiment]`` rows; each review holds a comma, so a CSV writer quotes it (as in IMDB exports)."""
+    rng = random.Random(seed)
+    return [
+        [str(i), " ".join(rng.choice(REVIEW_WORDS) for _ in range(8)) + f", take {i}", ("neg", "pos")[i % 2]]
+        for i in range(n)
+    ]
+
+
+def write_reviews_csv(root: Path, n_train: int = 60, n_dev: int = 20, seed: int = 0) -> Path:
+    """``train.csv`` and ``dev.csv`` with the header ``id,review,sentiment`` (RFC 4180, as ``csv`` writes it)."""
+    import csv
+    import io
+
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n, offset in (("train", n_train, 0), ("dev", n_dev, 1)):
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["id", "review", "sentiment"])
+        writer.writerows(review_rows(n, seed + offset))
+        (root / f"{split}.csv").write_text(out.getvalue(), encoding="utf-8")
+    return root

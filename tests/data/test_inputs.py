@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import gzip
 import json
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from encoderflow import config
 from encoderflow.data import inputs
 from encoderflow.data.sources import DataError
 
-from .fixtures_own import write_corpus, write_labeled
+from .fixtures_own import REVIEWS, review_rows, write_corpus, write_labeled, write_reviews_csv
 
 
 def _src(**kw):
@@ -119,3 +121,67 @@ def test_a_custom_corpus_splits_into_documents_and_holds_some_out(tmp_path, enco
     cfg = config.from_overrides("smoke")
     with pytest.raises(DataError, match=r"1 document\(s\) with text; .*at least 2"):
         inputs.corpus_texts(inputs.get("corpus", cfg, _src(corpus=str(one))), cfg)
+
+
+def _reviews(folder: Path) -> dict:
+    """The record ``download_labeled`` makes of a review CSV folder (what check_lineage reads labels from)."""
+    cfg = config.from_overrides("smoke", {f"inputs.{k}": v for k, v in REVIEWS.items()})
+    return inputs.get("labeled", cfg, _src(labeled=str(folder)))
+
+
+def test_a_csv_field_of_two_million_characters_is_read(tmp_path):
+    """A document is a legitimate field: csv's default limit (131,072 characters) failed check_lineage's
+    label read with a raw `_csv.Error`, retried four times as a bug."""
+    folder = write_reviews_csv(tmp_path / "reviews")
+    train = folder / "train.csv"
+    document = "word " * 400_000
+    train.write_text(train.read_text() + f'60,"{document}",pos\n')
+
+    table = inputs.read_table(train, "csv")
+    assert table.rows[-1] == {"id": "60", "review": document, "sentiment": "pos"} and all(table.parsed)
+    assert len(document) == 2_000_000 and table.lines[-1] == 62
+    assert inputs.labels_of(_reviews(folder)) == ["neg", "pos"]
+
+
+def test_a_csv_the_reader_stops_on_is_a_data_error_naming_the_line_and_the_fix(tmp_path, monkeypatch):
+    """Not a traceback retried as a bug. A platform whose csv takes no field this long is the one way to
+    make the reader stop on a line (with a quote or a field count the row is read as one that does not parse)."""
+    monkeypatch.setattr(inputs, "FIELD_LIMIT", 1_000)
+    path = tmp_path / "train.csv"
+    path.write_text("id,review,sentiment\n1,short,pos\n2," + "x" * 5_000 + ",neg\n3,short,pos\n")
+    before = csv.field_size_limit()
+    try:
+        with pytest.raises(DataError, match=rf"^{path}: line 3: the CSV reader stopped there \(field larger") as err:
+            inputs.read_table(path, "csv")
+    finally:
+        csv.field_size_limit(before)
+    assert err.value.fix == "split the text at line 3 over several rows, or save the file as .jsonl"
+
+
+def test_a_stray_quote_is_one_row_that_does_not_parse_and_the_rows_after_it_are_read(tmp_path):
+    """An unclosed quote ran on into the next row: their pieces were one row whose 'label' was a piece of
+    review text, a class of its own in the label set; in the last column it ran to the end of the file."""
+    folder = write_reviews_csv(tmp_path / "reviews")
+    train = folder / "train.csv"
+    lines = train.read_text().splitlines(keepends=True)
+    lines[4] = lines[4].replace(', take 3",', ", take 3,")  # the review's closing quote lost
+    lines[9] = lines[9].replace(",neg\n", ',"neg\n')  # the last field's quote opened, never closed
+    train.write_text("".join(lines))
+
+    table = inputs.read_table(train, "csv")
+    assert [line for line, ok in zip(table.lines, table.parsed, strict=True) if not ok] == [5, 10]
+    assert table.open_quote == [not ok for ok in table.parsed]
+    assert len(table.rows) == 60 and table.lines[4] == 6 and table.lines[-1] == 61  # nothing after them lost
+    assert table.rows[4] == dict(zip(["id", "review", "sentiment"], review_rows(60, 0)[4], strict=True))
+    assert inputs.labels_of(_reviews(folder)) == ["neg", "pos"]
+
+
+def test_a_compressed_labeled_file_is_refused_naming_the_file_as_you_know_it(tmp_path):
+    """check_lineage reads train's labels before validation: gzip bytes gave it a label set of garbage."""
+    folder = write_reviews_csv(tmp_path / "reviews")
+    train = folder / "train.csv"
+    train.write_bytes(gzip.compress(train.read_bytes()))
+
+    with pytest.raises(DataError) as err:
+        inputs.labels_of(_reviews(folder))
+    assert err.value.message == f"{train}: the file is gzip-compressed" and err.value.fix == "gunzip it first"

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,53 @@ LABELED_FORMATS = ("tsv", "csv", "jsonl")
 LABELED_SPLITS = ("train", "dev")
 # Bumped when the materialised corpus layout changes, so older folders are not reused.
 CORPUS_FORMAT = 1
+
+# A file's first bytes when it is an archive or a binary format: (what it is, the fix). Such a file is
+# named as what it is, once, rather than read as text into a failure per check (a gzip train.csv was
+# told it was UTF-16 and had no `review` column).
+NOT_TEXT = {
+    b"\x1f\x8b": ("gzip-compressed", "gunzip it first"),
+    b"PK\x03\x04": ("a zip archive", "unzip it first"),
+    b"BZh": ("bzip2-compressed", "bunzip2 it first"),
+    b"\xfd7zXZ\x00": ("xz-compressed", "unxz it first"),
+    b"(\xb5/\xfd": ("zstd-compressed", "unzstd it first"),
+    b"\x89PNG\r\n\x1a\n": ("a PNG image, not text", "remove it, or put the text file there"),
+    b"\xff\xd8\xff": ("a JPEG image, not text", "remove it, or put the text file there"),
+    b"GIF8": ("a GIF image, not text", "remove it, or put the text file there"),
+    b"%PDF-": ("a PDF document, not text", "extract its text first (pdftotext), or remove it"),
+    b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1": (
+        "an Office document (.xls or .doc), not text",
+        "save it as text (from a spreadsheet: CSV UTF-8)",
+    ),
+}
+# Within a zip's first member names: a workbook renamed .csv, not an archive to unzip.
+XLSX_MARKS = (b"[Content_Types].xml", b"xl/")
+
+
+def not_text(head: bytes) -> tuple[str, str] | None:
+    """What a file starting with ``head`` is, when an archive or a binary format (:data:`NOT_TEXT`),
+    and how to get its text: ``("gzip-compressed", "gunzip it first")``; None for anything else."""
+    kind = next((kind for magic, kind in NOT_TEXT.items() if head.startswith(magic)), None)
+    if kind and head.startswith(b"PK") and all(mark in head for mark in XLSX_MARKS):
+        return "an Excel workbook (.xlsx), not text", "save it as text (from the spreadsheet: CSV UTF-8)"
+    return kind
+
+
+def _largest_field_limit() -> int:
+    """The largest CSV field this platform's ``csv`` accepts: ``sys.maxsize`` overflows a C long on some
+    (Windows), and the default, 131,072 characters, refused a 2,000,000-character review outright."""
+    limit = sys.maxsize
+    while True:
+        try:
+            old = csv.field_size_limit(limit)
+        except OverflowError:
+            limit //= 2
+            continue
+        csv.field_size_limit(old)  # set by read_table when it reads, not as a side effect of an import
+        return limit
+
+
+FIELD_LIMIT = _largest_field_limit()
 
 
 def get(role: str, cfg, src, downloader=None) -> dict[str, Any]:
@@ -178,6 +226,8 @@ class Table:
     nested: list[set[str]] = field(default_factory=list)
     # CSV and TSV: each row that repeats the header line (two files joined with ``cat``, say).
     header_again: list[bool] = field(default_factory=list)
+    # CSV: each row whose quoting does not parse (a quote left open); also not ``parsed``.
+    open_quote: list[bool] = field(default_factory=list)
 
 
 def decode_lines(raw: bytes, strip_cr: bool = False) -> tuple[list[str], list[bool]]:
@@ -230,16 +280,23 @@ def check_recorded(info: dict[str, Any]) -> None:
             )
 
 
-def read_table(path: str | os.PathLike, fmt: str, sha256: str | None = None) -> Table:
+def read_table(path: str | os.PathLike, fmt: str, sha256: str | None = None, name: str | None = None) -> Table:
     """Read a TSV (GLUE style: split on tabs, no quoting), CSV (RFC 4180 quoting) or JSONL file.
 
     A leading UTF-8 byte-order mark (spreadsheets' "CSV UTF-8" writes one) is not part of the first
-    column's name or the first JSON line.
+    column's name or the first JSON line. A CSV row whose quoting does not parse is a row that does not
+    parse (:attr:`Table.open_quote`), and the rows after it are read as if it were not there.
 
     Args:
         sha256: the file's as recorded and validated: bytes that differ (the file was changed since)
             raise :class:`DataError` instead of being read.
+        name: the file as a person knows it, for messages (default ``path``).
+
+    Raises:
+        DataError: the file changed since ``sha256``; it is an archive or binary (:func:`not_text`); a CSV
+            the reader cannot go through (naming the line).
     """
+    name = name or str(path)
     raw = Path(path).read_bytes()
     if sha256 is not None and (now := hashlib.sha256(raw).hexdigest()) != sha256:
         raise DataError(
@@ -249,6 +306,9 @@ def read_table(path: str | os.PathLike, fmt: str, sha256: str | None = None) -> 
             "file back and clear this task)",
         )
     raw = raw.removeprefix(codecs.BOM_UTF8)
+    if kind := not_text(raw[:4096]):
+        what, fix = kind
+        raise DataError(f"{name}: the file is {what}", fix=fix)
     if fmt == "jsonl":
         lines, ok = decode_lines(raw, strip_cr=True)
         columns: dict[str, None] = {}
@@ -283,19 +343,18 @@ def read_table(path: str | os.PathLike, fmt: str, sha256: str | None = None) -> 
             text, bad = raw.decode("utf-8"), False
         except UnicodeDecodeError:
             text, bad = raw.decode("utf-8", errors="replace"), True
-        reader = csv.reader(io.StringIO(text, newline=""))
-        records, starts, read = [], [], 0
-        for record in reader:  # a quoted field may span lines: a record starts after the last one read
-            if len(record) > 1 or (record and record[0].strip()):  # not a blank or whitespace-only line
-                records.append(record)
-                starts.append(read + 1)
-            read = reader.line_num
+        records, starts, open_quote = _csv_records(text, name)
         # A row holding a replacement character came from undecodable bytes when the file had any.
         ok = [not (bad and any("\ufffd" in f for f in r)) for r in records]
     else:
         raise ValueError(f"unknown labeled format {fmt!r}; known: {LABELED_FORMATS}")
     if not records:
         return Table([], [], [], [])
+    if fmt == "csv" and open_quote[0]:
+        raise DataError(
+            f"{name}: line {starts[0]}: the header line's quoting does not parse (a quote left open)",
+            fix=f"correct line {starts[0]}: the header line names the columns, separated by commas",
+        )
     header = records[0]
     if dupes := sorted({name for name in header if header.count(name) > 1}):
         where = "; ".join(f"{name!r} in columns {[i + 1 for i, n in enumerate(header) if n == name]}" for name in dupes)
@@ -305,7 +364,69 @@ def read_table(path: str | os.PathLike, fmt: str, sha256: str | None = None) -> 
         )
     rows = [dict(zip(header, (r + [None] * len(header))[: len(header)], strict=True)) for r in records[1:]]
     again = [r == header for r in records[1:]]
-    return Table(header, rows, ok[1:], [len(r) == len(header) for r in records[1:]], starts[1:], [], again)
+    quotes = open_quote[1:] if fmt == "csv" else []
+    parsed = [len(r) == len(header) and not (quotes and quotes[n]) for n, r in enumerate(records[1:])]
+    return Table(header, rows, ok[1:], parsed, starts[1:], [], again, quotes)
+
+
+# What csv's strict mode says of quoting that does not parse ("',' expected after '\"'", "unexpected end
+# of data"); any other csv.Error is no row's quoting but the reader itself stopping.
+_QUOTE_ERRORS = ("expected after", "end of data")
+CSV_RULES = "RFC 4180: a field holding a comma, a quote or a line break is quoted, each quote in it doubled"
+
+
+def _csv_records(text: str, name: str) -> tuple[list[list[str]], list[int], list[bool]]:
+    """A CSV's records (blank lines left out), the line each starts on and whether its quoting failed.
+
+    Strict parsing: a stray quote made the lenient reader run on into the next rows (a review and a
+    label of one row, the id and text of the next, as one row with a text fragment for a label), or to
+    the end of the file, quietly, when it was in the last column. A record that fails is one row that
+    does not parse, and reading starts again on the line after its first: the quote that broke it is
+    most likely on that line, and the rows after it are whole.
+
+    Raises:
+        DataError: the reader stopped for another reason, naming the line.
+    """
+    csv.field_size_limit(FIELD_LIMIT)
+    lines = io.StringIO(text, newline="").readlines()  # the lines csv sees: split at LF, CRLF or CR
+    at = 0  # the next line the reader is given
+
+    def feed():
+        nonlocal at
+        while at < len(lines):
+            at += 1
+            yield lines[at - 1]
+
+    records, starts, open_quote = [], [], []
+    reader = csv.reader(feed(), strict=True)
+    while True:
+        first = at  # the reader takes a line only when it needs one: this record starts here
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            if not any(why in str(exc) for why in _QUOTE_ERRORS):
+                long = "field larger than" in str(exc)
+                raise DataError(
+                    f"{name}: line {first + 1}: the CSV reader stopped there ({exc})",
+                    fix=(
+                        f"split the text at line {first + 1} over several rows, or save the file as .jsonl"
+                        if long
+                        else f"correct line {first + 1} ({CSV_RULES}), or save the file as .jsonl"
+                    ),
+                ) from None
+            records.append([])
+            starts.append(first + 1)
+            open_quote.append(True)
+            at = first + 1
+            reader = csv.reader(feed(), strict=True)
+            continue
+        if len(record) > 1 or (record and record[0].strip()):  # not a blank or whitespace-only line
+            records.append(record)
+            starts.append(first + 1)
+            open_quote.append(False)
+    return records, starts, open_quote
 
 
 def _cell(value: Any) -> str | None:
@@ -333,20 +454,27 @@ def label_set(values) -> list[str]:
 SST2_COLUMNS = {"text": "sentence", "label": "label"}
 
 
+def _read_split(info: dict[str, Any], split: str) -> Table:
+    """One split's table, a file it cannot read named as you know it (its origin), not the verified copy."""
+    recorded = split_info(info, split)
+    return read_table(recorded["path"], info.get("format", "tsv"), recorded.get("sha256"), recorded.get("origin"))
+
+
 def labels_of(info: dict[str, Any]) -> list[str]:
     """The record's label set (``validate`` sets it), or read from its train split when it has none."""
     if info.get("labels"):
         return list(info["labels"])
-    fmt, columns = info.get("format", "tsv"), info.get("columns", SST2_COLUMNS)
-    table = read_table(split_path(info, "train"), fmt, split_info(info, "train").get("sha256"))
+    columns = info.get("columns", SST2_COLUMNS)
+    table = _read_split(info, "train")
     # A list or object is no label (validation names its rows), nor a class the classifier would learn,
-    # nor is the header's label column name on a line that repeats the header.
+    # nor is the header's label column name on a line that repeats the header, nor a fragment of a row
+    # that does not parse (a stray quote's: "' despite several attempts at lengthy dialogue scenes '").
     nested = table.nested or [set()] * len(table.rows)
     again = table.header_again or [False] * len(table.rows)
     return label_set(
         r.get(columns["label"])
-        for r, keys, header in zip(table.rows, nested, again, strict=True)
-        if columns["label"] not in keys and not header
+        for r, keys, header, parsed in zip(table.rows, nested, again, table.parsed, strict=True)
+        if columns["label"] not in keys and not header and parsed
     )
 
 
@@ -357,9 +485,9 @@ def read_labeled(info: dict[str, Any], split: str) -> tuple[list[str], np.ndarra
     Raises:
         DataError: a row's label is not in the set (validation checks this first).
     """
-    fmt, columns = info.get("format", "tsv"), info.get("columns", SST2_COLUMNS)
+    columns = info.get("columns", SST2_COLUMNS)
     path = split_path(info, split)
-    table = read_table(path, fmt, split_info(info, split).get("sha256"))
+    table = _read_split(info, split)
     labels = labels_of(info)
     index = {label: i for i, label in enumerate(labels)}
     texts, ids = [], []

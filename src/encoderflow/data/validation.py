@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import time
 from collections import Counter
@@ -22,8 +23,9 @@ from typing import Any
 
 from encoderflow import layout
 from encoderflow.data import tokenizer
+from encoderflow.data.inputs import CSV_RULES, not_text
 from encoderflow.errors import EncoderflowError
-from encoderflow.results import SST2_LABELS, files_of
+from encoderflow.results import SST2_LABELS, files_of, split_path
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +84,30 @@ SCAN_CHUNK = 1 << 20
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
-def whole_file_defect(path: Path) -> str | None:
-    """Why a built-in text file is no text file at all (empty, compressed, binary), or None.
+def whole_file_defect(path: Path, empty: bool = True) -> str | None:
+    """Why a text file is no text file at all (compressed, binary, UTF-16, empty), or None.
 
     Streams the file in :data:`SCAN_CHUNK` pieces before any frame is built: a 2 GB sparse file read
     whole into a frame took 17 GB, and a smaller one passed as one over-long line.
+
+    Args:
+        empty: an empty or all-blank file is a defect too; a corpus file's row count and text checks
+            say that of it instead.
 
     Returns:
         One sentence naming the defect and its fix, the file's only failure.
     """
     with path.open("rb") as f:
         chunk = f.read(SCAN_CHUNK)
-        if kind := compression_of(chunk):
-            return f"the file is {kind} first"
+        if kind := not_text(chunk):
+            return "the file is {}: {}".format(*kind)
         if chunk.startswith(UTF16_BOMS):
             return "the file is UTF-16 text, not UTF-8: save it as UTF-8"
         size, blank = 0, True
         while chunk:
             if (nul := chunk.find(b"\x00")) >= 0:
+                if size == 0 and _utf16_without_bom(chunk):
+                    return "the file is UTF-16 text (no byte-order mark), not UTF-8: save it as UTF-8"
                 # Counted from 1, as a person (and `cmp`) counts bytes.
                 return (
                     f"the file is binary, not text: NUL bytes from byte {size + nul + 1:,} "
@@ -108,11 +116,58 @@ def whole_file_defect(path: Path) -> str | None:
             blank = blank and not chunk.strip()
             size += len(chunk)
             chunk = f.read(SCAN_CHUNK)
-    if size == 0:
+    if empty and size == 0:
         return "the file is empty (0 bytes): download or copy it again"
-    if blank:
+    if empty and blank:
         return f"the file is empty ({size:,} bytes, all whitespace): download or copy it again"
     return None
+
+
+def _utf16_without_bom(head: bytes) -> bool:
+    """Whether ``head`` reads as UTF-16 text: a NUL beside most characters, always on the same side (ASCII
+    in UTF-16), where a sparse or corrupt file has runs of NULs on both."""
+    pairs = len(head) // 2
+    even, odd = head[0 : 2 * pairs : 2].count(0), head[1 : 2 * pairs : 2].count(0)
+    return pairs > 0 and max(even, odd) >= pairs / 2 and min(even, odd) <= pairs / 20
+
+
+# Windows-1252 (Latin-1 with curly quotes and the euro sign): what older Excel and Windows editors save.
+CP1252 = "Windows-1252 (Latin-1)"
+
+
+def not_utf8_hint(raw: bytes) -> str | None:
+    """What the lines of ``raw`` that are not UTF-8 are, from the first of them, and how to convert them.
+
+    Returns:
+        ``"the first at line 6 ('... caf\u00e9 ...') reads as Windows-1252 (Latin-1) text: ..."``, or None
+        when every line is UTF-8.
+    """
+    first, cp1252, utf8_beyond_ascii = None, True, False
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if first is None:
+                first = (number, line, exc.start)
+            try:
+                line.decode("cp1252")
+            except UnicodeDecodeError:  # bytes 0x81, 0x8D, 0x8F, 0x90, 0x9D: no Windows-1252 text
+                cp1252 = False
+        else:
+            utf8_beyond_ascii = utf8_beyond_ascii or not line.isascii()
+    if first is None:
+        return None
+    number, line, at = first
+    text = line.decode("cp1252" if cp1252 else "latin-1").strip()  # one byte a character: `at` still points
+    if len(text) > 60:
+        start = max(0, at - 30)
+        text = ("..." if start else "") + text[start : start + 60] + ("..." if start + 60 < len(text) else "")
+    where = f"the first at line {number} ({text!r})"
+    if not cp1252:
+        return f"{where} is in another encoding: save the file as UTF-8 (`file -i` names its encoding)"
+    if utf8_beyond_ascii:  # converting the whole file would garble the lines that are UTF-8 already
+        return f"{where} reads as {CP1252} text, the other lines as UTF-8 (files joined?): save those lines as UTF-8"
+    return f"{where} reads as {CP1252} text: save the file as UTF-8 (iconv -f cp1252 -t utf-8)"
 
 
 def _defective(defect: str):
@@ -333,11 +388,17 @@ def _observed(result: Any, df=None) -> str:
             what = flag[fmt] if isinstance(flag, dict) else flag
             if column == "_fields":  # the one flag that holds counts, worth showing
                 what += f" (they have {sorted(set(r.get('partial_unexpected_list', [])))[:5]})"
-            if column == "_utf8" and df is not None and df.attrs.get("compressed"):
-                what += f": the file is {df.attrs['compressed']} first"
             if column == "_label_clash" and df is not None:
                 what += f" ({df.attrs.get('clashes')})"
-            return f"{r['unexpected_count']} of {r.get('element_count')} rows {what}{where}"
+            tail = ""
+            if column == "_utf8" and df is not None and df.attrs.get("encoding"):
+                tail = f": {df.attrs['encoding']}"
+            if column == "_parsed" and df is not None and (quoted := df.attrs.get("open_quote_lines")):
+                if len(quoted) == r["unexpected_count"]:  # the field counts are all right: say what is not
+                    what, tail = "with a quote left open", f" ({CSV_RULES})"
+                else:
+                    tail = f"; a quote left open at lines {quoted[:5]} ({CSV_RULES})"
+            return f"{r['unexpected_count']} of {r.get('element_count')} rows {what}{where}{tail}"
         return (
             f"{r['unexpected_count']} unexpected of {r.get('element_count')}, "
             f"e.g. {repr(r.get('partial_unexpected_list', [])[:3])[:160]}{where}"
@@ -369,45 +430,34 @@ def _context(docs_dir: Path):
     return ctx
 
 
-# An archive's first bytes: a corpus file that starts so is not text (and is named as what it is).
-COMPRESSED = {
-    b"\x1f\x8b": "gzip-compressed: gunzip it",
-    b"PK\x03\x04": "a zip archive: unzip it",
-    b"BZh": "bzip2-compressed: bunzip2 it",
-    b"\xfd7zXZ\x00": "xz-compressed: unxz it",
-    b"(\xb5/\xfd": "zstd-compressed: unzstd it",
-}
-
-
-def compression_of(head: bytes) -> str | None:
-    """What compressed a file starting with ``head`` and how to undo it (:data:`COMPRESSED`), or None."""
-    return next((kind for magic, kind in COMPRESSED.items() if head.startswith(magic)), None)
-
-
 def frame_text(path: Path):
-    """A corpus file: one row per line, with ``_utf8`` and ``_nonblank`` flags."""
+    """A corpus file: one row per line, with ``_utf8`` and ``_nonblank`` flags; a file that is no text
+    (compressed, an image, UTF-16, NUL bytes: :func:`whole_file_defect`) is that one failure, not also
+    its lines' bytes as not UTF-8 and as NULs."""
     import pandas as pd
 
     from encoderflow.data.inputs import decode_lines
 
+    if defect := whole_file_defect(path, empty=False):
+        return _defective(defect)
     raw = path.read_bytes()
     lines, ok = decode_lines(raw)
     df = pd.DataFrame({"line": pd.Series(lines, dtype=object), "_utf8": ok})
     df["_nonblank"] = [int(bool(line.strip())) for line in lines]
-    df["_no_nul"] = ["\x00" not in line for line in lines]
-    df.attrs["compressed"] = compression_of(raw)
+    if not all(ok):
+        df.attrs["encoding"] = not_utf8_hint(raw)
     return df
 
 
 def suite_corpus_file() -> list[Any]:
-    """A file of your own corpus: some text, all UTF-8, no line of absurd length."""
+    """A file of your own corpus: some text, all UTF-8, no line of absurd length (NUL bytes, UTF-16 and
+    binaries are the whole-file defects of :func:`frame_text`)."""
     import great_expectations as gx
 
     E = gx.expectations
     return [
         E.ExpectTableRowCountToBeBetween(min_value=1),
         E.ExpectColumnValuesToBeInSet(column="_utf8", value_set=[True]),
-        E.ExpectColumnValuesToBeInSet(column="_no_nul", value_set=[True]),
         E.ExpectColumnSumToBeBetween(column="_nonblank", min_value=1),
         E.ExpectColumnValueLengthsToBeBetween(column="line", max_value=1_000_000),
     ]
@@ -448,6 +498,9 @@ def frame_labeled(
     table = read_table(path, fmt)
     df = pd.DataFrame(table.rows, columns=table.columns, dtype=object)
     df["_utf8"], df["_parsed"] = table.utf8, table.parsed
+    if not all(table.utf8):
+        df.attrs["encoding"] = not_utf8_hint(path.read_bytes())
+    df.attrs["open_quote_lines"] = [n for n, bad in zip(table.lines, table.open_quote) if bad]
     df["_no_nul"] = [not any(isinstance(v, str) and "\x00" in v for v in row.values()) for row in table.rows]
     if fmt != "jsonl":  # the header line's names as a row: `cat a.csv b.csv`
         df["_not_header"] = [not again for again in table.header_again]
@@ -458,12 +511,14 @@ def frame_labeled(
     if label_column in df.columns:
         for i, label in enumerate(labels):
             df[f"_class_{i}"] = (df[label_column] == label).astype(int)
-        clashes = label_clashes(set(labels or ()) | {v for v in df[label_column] if isinstance(v, str)})
+        # A row that does not parse has no label, only a piece of text where one belongs: no spelling.
+        spelled = df[label_column].where(df["_parsed"])
+        clashes = label_clashes(set(labels or ()) | {v for v in spelled if isinstance(v, str)})
         df.attrs["clashes"] = " / ".join(repr(g)[1:-1].replace("', '", "' = '") for g in clashes)
         # The rows to correct: those not under their group's most common spelling in this file.
-        counts = Counter(df[label_column])
+        counts = Counter(spelled)
         odd = {label for group in clashes for label in sorted(group, key=lambda v: -counts[v])[1:]}
-        df["_label_clash"] = [v in odd for v in df[label_column]]
+        df["_label_clash"] = [v in odd for v in spelled]
         df.attrs["odd_labels"] = sorted(odd)
     if train_texts is not None and text in df.columns:
         df["_in_train"] = [int(isinstance(v, str) and v.strip() in train_texts) for v in df[text]]
@@ -516,12 +571,20 @@ def suite_labeled(df, split: str, columns: dict[str, str], labels: list[str], bo
         if labels:  # none when train has none: that failure is reported on train, not echoed per dev row
             suite.append(E.ExpectColumnValuesToBeInSet(column=label, value_set=labels, **parsed))
         if split == "train":
-            suite.append(E.ExpectColumnUniqueValueCountToBeBetween(column=label, min_value=2))
-            # A label spelled another way is one failure (_label_clash), not a rare class besides.
+            # Classes and their shares are of the rows that parse: a stray quote's row is one failure, not
+            # also a class of its own or a smaller share of the others.
+            suite.append(E.ExpectColumnUniqueValueCountToBeBetween(column=label, min_value=2, **parsed))
+            # A label spelled another way is one failure (_label_clash), not a rare class besides; nor is
+            # one holding bytes that are not UTF-8 ('pos caf\ufffd'), which the `_utf8` failure names.
             odd = set(df.attrs.get("odd_labels") or ())
+            if df.attrs.get("encoding"):
+                odd |= {name for name in labels if "\ufffd" in name}
             suite += [
                 E.ExpectColumnMeanToBeBetween(
-                    column=f"_class_{i}", min_value=bounds.min_class_share, max_value=bounds.max_class_share
+                    column=f"_class_{i}",
+                    min_value=bounds.min_class_share,
+                    max_value=bounds.max_class_share,
+                    **parsed,
                 )
                 for i, name in enumerate(labels)
                 if name not in odd
@@ -579,12 +642,17 @@ def _plans(
     if info.get("splits") and "dev" in info["splits"]:
         from encoderflow.data.inputs import labels_of
 
-        labels = _as_origin(info, labels_of, info)
+        # An archive or a binary for train is its one failure: no label set read from its bytes, and none
+        # that dev's labels would each fail against.
+        labels = [] if not_a_table(Path(split_path(info, "train"))) else _as_origin(info, labels_of, info)
     if kind == "labeled_folder":
         plans, train_texts = [], None
         # Train first: dev's rows are checked against its texts.
         for split, member in sorted(info["splits"].items(), key=lambda kv: kv[0] != "train"):
             path = Path(files_of(info)[member]["path"])
+            if defect := not_a_table(path):
+                plans.append((member, path, _defective(defect), []))
+                continue
             dev_of = train_texts if split == "dev" else None
             df = _as_origin(info, frame_labeled, path, info["format"], info["columns"], labels, dev_of)
             if split == "train":
@@ -598,6 +666,15 @@ def _plans(
         suite = suite_for(m, strict, df)
         plans.append((m, Path(f["path"]), df, with_rows_to_observe(suite, df, _row_range(m, False)[0])))
     return plans, labels
+
+
+def not_a_table(path: Path) -> str | None:
+    """Why a labeled file is no table at all, when it is an archive or a binary (:func:`not_text`): one
+    failure saying what it is, not its bytes read as a header of no known column and rows of no text.
+    (UTF-16 and empty files are read: their header's failure says what they are.)"""
+    with path.open("rb") as f:
+        kind = not_text(f.read(4096))
+    return "the file is {}: {}".format(*kind) if kind else None
 
 
 def _as_origin(info: dict[str, Any], read: Callable[..., Any], *args: Any) -> Any:
@@ -756,6 +833,12 @@ def own_fix(info: dict[str, Any], report: dict[str, Any]) -> str | None:
     if info.get("kind") not in ("labeled_folder", "corpus_folder", "trained_vocab"):
         return None
     fixes = []
+    # The file to convert, named (a failure line is "<dataset>: <file>: <what failed>").
+    for failure in report["failures"]:
+        if f"reads as {CP1252} text: save the file as UTF-8" in failure:
+            named = shlex.quote(failure.split(": ", 2)[1])
+            convert = f"iconv -f cp1252 -t utf-8 {named} > utf8.tmp && mv utf8.tmp {named}"
+            fixes.append(f"convert {named} to UTF-8: {convert}")
     columns = info.get("columns") or {}
     sep = "<tab>" if info.get("format") == "tsv" else ","
     header = f"{columns.get('text')}{sep}{columns.get('label')}"
