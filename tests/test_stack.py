@@ -4,11 +4,12 @@ PostgreSQL, Redis, the api-server, scheduler, dag-processor, triggerer, two Cele
 (``default``; ``gpu`` for the ``gpu`` pool) and an MLflow server with basic auth, all on
 loopback under one ENCODERFLOW_HOME. Each slow test triggers smoke runs of ``encoder_pretraining``
 through the REST API and breaks something on purpose: two runs at once, the scheduler restarted
-while one runs and the other waits, the gpu worker SIGKILLed mid-pretrain, MLflow down while
-``promote`` runs. Every test
+while one runs and the other waits, the gpu worker SIGKILLed mid-pretrain (the supervisor brings it
+back), MLflow down while ``promote`` runs, the triggerer SIGKILLed, PostgreSQL down 30 s mid-pretrain.
+Every test
 prints what it did and how long it took (``-s`` shows it; the closing note quotes it). The others
-check one part (settings, pid files, what ``up``/``down``/``status`` say, Celery's acks) in seconds,
-with at most a Redis of their own.
+check one part (settings, pid files, what ``up``/``down``/``status`` say, Celery's acks, the
+supervisor, chosen ports) in seconds, with at most a Redis of their own.
 
 Needs Debian's postgresql and redis-server (``make stack-deps``; ``.ci/run`` installs them and
 sets ENCODERFLOW_REQUIRE_STACK=1, which turns a missing package into a failure, not a skip).
@@ -170,6 +171,17 @@ def deployed():
             shutil.rmtree(root, ignore_errors=True)
 
 
+def supervised_ready(st: stack_mod.Stack, name: str, times: int, timeout: float = 300) -> None:
+    """Wait until the supervisor has restarted ``name`` ``times`` times, the last one ready."""
+    line = f" {name} ready (pid "
+    wait_for(
+        f"the supervisor to restart {name} ({times})",
+        lambda: (st.logs / "supervisor.log").read_text().count(line) >= times and st.alive(name),
+        timeout,
+        every=0.2,
+    )
+
+
 def smoke_conf(tree: Path, **extra: Any) -> dict[str, Any]:
     return {"preset": "smoke", "data_dir": str(tree), "pretrain_split": "train", "finetune_steps_per_epoch": 40} | extra
 
@@ -254,8 +266,10 @@ def test_the_users_airflow_settings_reach_every_component_except_what_the_topolo
     out = capsys.readouterr().out
     assert "export AIRFLOW__CORE__PARALLELISM='4'" in out and "TASK_INSTANCE_HEARTBEAT_TIMEOUT='60'" in out
 
-    # `up` names each one it ignores, once, with why (start is stubbed: no component is started here).
+    # `up` names each one it ignores, once, with why (start is stubbed: no component is started here,
+    # and no supervisor to keep them).
     monkeypatch.setattr(stack_mod.Stack, "start", lambda self, name: None)
+    monkeypatch.setattr(stack_mod.Stack, "start_supervisor", lambda self: None)
     st.up()
     said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("stack: ignoring ")]
     assert sorted(ln.split()[2] for ln in said) == sorted(owned), said
@@ -320,6 +334,212 @@ def test_up_says_each_component_ready_and_status_lists_what_stopped_components_l
         st.stop("redis")
         stray.kill()
         stray.wait()
+
+
+def _left_behind(st: stack_mod.Stack) -> list[str]:
+    """Every live process of ``st``'s: in its folder, or naming it on its command line."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.cwd() == str(st.root) or any(str(st.root) in arg for arg in proc.cmdline()):
+                found.append(f"{proc.pid} {stack_mod._command(proc.pid, 100)}")
+    return found
+
+
+def test_the_supervisor_restarts_a_killed_component_says_so_and_outlives_the_terminal_of_up(
+    tmp_path, monkeypatch, capsys
+):
+    """Nothing watched the components: one that exited (the scheduler, when PostgreSQL went away) stayed
+    down until someone ran `up` again. Started from a terminal that then closes, the supervisor restarts
+    a SIGKILLed component, says so in `status` and its log, and waits longer when it dies again at once."""
+    import pty
+    import select
+
+    _need_redis()
+    home = tmp_path / "home"
+    monkeypatch.setenv("ENCODERFLOW_HOME", str(home))
+    st = stack_mod.Stack(home)
+    # `up` in a terminal of its own (redis stands for the stack: the supervisor treats each alike).
+    script = (
+        f"from encoderflow import stack; s = stack.Stack({str(home)!r}); s.start('redis'); s.start_supervisor(); "
+        "print('UP', flush=True); import time; time.sleep(300)"
+    )
+    term_pid, term = pty.fork()
+    if term_pid == 0:  # the terminal's shell: never returns
+        os.execv(sys.executable, [sys.executable, "-c", script])
+    try:
+        said = b""
+        deadline = time.monotonic() + 120
+        while b"UP" not in said and time.monotonic() < deadline:
+            if select.select([term], [], [], 1)[0]:
+                said += os.read(term, 4096)
+        assert b"UP" in said, said.decode(errors="replace")
+        supervisor = st.supervisor_pid()
+        os.close(term)  # the terminal window closes: SIGHUP to its session
+        _, how = os.waitpid(term_pid, 0)
+        assert os.WIFSIGNALED(how) and os.WTERMSIG(how) == signal.SIGHUP, how
+        assert supervisor and stack_mod._running(supervisor) and st.alive("redis")
+
+        def back_from(pid: int) -> int | None:
+            new = st._pid("redis")
+            return (
+                new
+                if new not in (None, pid) and stack_mod._redis_ping(st.ports["redis"], st.secrets["redis"])
+                else None
+            )
+
+        first = st._pid("redis")
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
+        second = wait_for("redis to be restarted", lambda: back_from(first), 30, every=0.05)
+        print(f"\nredis SIGKILLed: answering again {time.monotonic() - killed:.1f} s later (pid {second})")
+        log = (st.logs / "supervisor.log").read_text()
+        assert f"redis exited (killed by SIGKILL; its log: {st.logs / 'redis.log'}): restarting in 1 s" in log, log
+        ready = "redis ready (pid"
+        wait_for("the restart on record", lambda: (st.logs / "supervisor.log").read_text().count(ready) == 1, 30)
+        assert st.restarts()["redis"]["restarts"] == 1
+        assert stack_mod.main(["status"]) == 1  # the rest of the stack is not running
+        out = capsys.readouterr().out
+        assert re.search(rf"^  supervisor +running \(pid {supervisor}\): restarts a component that exits", out, re.M)
+        assert re.search(
+            r"^  redis +running  log: .*\n {2}\s+restarted 1 time, last \d\d:\d\d:\d\d: killed by SIGKILL$", out, re.M
+        ), out
+
+        # Dead again at once: the pause doubles (a crash loop, e.g. PostgreSQL away, is not spun).
+        os.kill(second, signal.SIGKILL)
+        third = wait_for("redis to be restarted again", lambda: back_from(second), 30, every=0.1)
+        wait_for("the restart on record", lambda: (st.logs / "supervisor.log").read_text().count(ready) == 2, 30)
+        log = (st.logs / "supervisor.log").read_text()
+        assert f"redis exited (killed by SIGKILL; its log: {st.logs / 'redis.log'}): restarting in 2 s" in log, log
+        assert st.restarts()["redis"]["restarts"] == 2 and "failed" not in log, log
+        assert third and stack_mod._running(supervisor) and st.supervisor_pid() == supervisor
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(term_pid, signal.SIGKILL)
+            os.waitpid(term_pid, 0)
+        st.down()
+    assert not _left_behind(st)
+
+
+def test_one_supervisor_per_stack_a_component_stopped_on_purpose_stays_so_and_down_leaves_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    """A supervisor must not bring back what the user stopped, nor anything after `down`; two would race
+    each other's restarts."""
+    _need_redis()
+    home = tmp_path / "home"
+    monkeypatch.setenv("ENCODERFLOW_HOME", str(home))
+    st = stack_mod.Stack(home)
+    try:
+        st.start("redis")
+        supervisor = st.start_supervisor()
+        assert st.start_supervisor() == supervisor
+        # One started by hand (or by a second `up` at the same moment) finds the lock taken and leaves.
+        other = subprocess.run(
+            [sys.executable, "-m", "encoderflow.stack", "supervise"], capture_output=True, text=True, timeout=120
+        )
+        assert other.returncode == 0 and f"another supervisor (pid {supervisor}) keeps this stack" in other.stdout
+        assert st.supervisor_pid() == supervisor
+
+        assert stack_mod.main(["stop", "redis"]) == 0
+        out = capsys.readouterr().out
+        assert "stack: redis stopped; the supervisor leaves it so until `start redis` or `up`" in out, out
+        time.sleep(stack_mod.RESTART_FIRST_S + 3)  # past the first restart's pause
+        assert not st.alive("redis")
+        assert stack_mod.main(["status"]) == 1
+        assert re.search(
+            r"^  redis +stopped  log: .*\n {2}\s+stopped on purpose: not restarted \(`start redis` or `up` starts it\)",
+            capsys.readouterr().out,
+            re.M,
+        )
+        assert stack_mod.main(["start", "redis"]) == 0 and st.alive("redis")
+        capsys.readouterr()
+
+        st.down()
+        assert not stack_mod._running(supervisor) and not st.alive("redis")
+        time.sleep(stack_mod.RESTART_FIRST_S + 2)  # nothing comes back
+        assert not st.alive("redis") and st.supervisor_pid() is None
+        assert not _left_behind(st), _left_behind(st)
+        assert stack_mod.main(["status"]) == 1
+        assert re.search(r"^  supervisor +stopped: a component that exits stays stopped", capsys.readouterr().out, re.M)
+    finally:
+        st.down()
+
+
+def test_ports_are_chosen_by_variables_or_ports_json_and_a_bad_or_taken_one_is_refused(tmp_path, monkeypatch, capsys):
+    """Ports were free ones picked at the first `up`; choosing them meant writing an undocumented file."""
+    import socket
+
+    _need_redis()
+    home = tmp_path / "home"
+    monkeypatch.setenv("ENCODERFLOW_HOME", str(home))
+    for var in stack_mod.PORT_VARS.values():
+        monkeypatch.delenv(var, raising=False)
+    ports_json = home / "stack" / "ports.json"
+    mine = stack_mod._free_port()
+    # Written before the first `up`: what it names is kept, the rest is picked.
+    ports_json.parent.mkdir(parents=True)
+    ports_json.write_text(json.dumps({"redis": mine}))
+    st = stack_mod.Stack()
+    assert st.ports["redis"] == mine and set(st.ports) == set(stack_mod.PORT_VARS)
+    assert json.loads(ports_json.read_text()) == st.ports
+
+    start = stack_mod.Stack.start
+
+    def nothing_starts(self, name):
+        raise AssertionError(f"up started {name} with a port it should have refused")
+
+    monkeypatch.setattr(stack_mod.Stack, "start", nothing_starts)
+
+    def refused(**variables: str) -> str:
+        for var, value in variables.items():
+            monkeypatch.setenv(var, value)
+        assert stack_mod.main(["up"]) == 1
+        for var in variables:
+            monkeypatch.delenv(var)
+        return capsys.readouterr().err
+
+    for bad in ("abc", "0", "70000", "80.5"):
+        err = refused(ENCODERFLOW_STACK_API_PORT=bad)
+        assert f"stack: ENCODERFLOW_STACK_API_PORT is {bad!r}: a port is a whole number from 1 to 65535" in err, err
+    err = refused(ENCODERFLOW_STACK_API_PORT=str(mine))
+    assert f"'redis' {mine} in {ports_json} and ENCODERFLOW_STACK_API_PORT={mine}: each needs a port of its own" in err
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        err = refused(ENCODERFLOW_STACK_MLFLOW_PORT=str(taken))
+    assert (
+        f"stack: mlflow cannot listen on 127.0.0.1:{taken} (ENCODERFLOW_STACK_MLFLOW_PORT={taken}): taken, "
+        f"held by pid {os.getpid()} (" in err
+    ), err
+    assert "choose another with ENCODERFLOW_STACK_MLFLOW_PORT=PORT" in err
+    assert json.loads(ports_json.read_text())["mlflow"] == st.ports["mlflow"]  # nothing refused was kept
+
+    for text, said in (('{"redis": "six"}', "'redis' is 'six'"), ('{"broker": 1}', "keys are postgres, redis, api")):
+        ports_json.write_text(text)
+        assert stack_mod.main(["status"]) == 1 and said in capsys.readouterr().err
+    ports_json.write_text(json.dumps(st.ports))
+
+    # A good one is used, and kept for the next `up`.
+    chosen = stack_mod._free_port()
+    monkeypatch.setenv("ENCODERFLOW_STACK_REDIS_PORT", str(chosen))
+    st = stack_mod.Stack()
+    try:
+        st._choose_ports()  # what `up` does first
+        start(st, "redis")
+        assert stack_mod._redis_ping(chosen, st.secrets["redis"])
+        assert json.loads(ports_json.read_text())["redis"] == chosen == stack_mod.Stack().ports["redis"]
+        # Moved under a running stack, every component's settings would point at the old one: refused.
+        err = refused(ENCODERFLOW_STACK_REDIS_PORT=str(mine))
+        assert f"ENCODERFLOW_STACK_REDIS_PORT={mine} (now {chosen}): the stack runs (redis)" in err, err
+        assert "stop it (make stack-down), then start it with the new port" in err
+    finally:
+        st.down()
 
 
 PROBE_WORKER = '''
@@ -462,8 +682,10 @@ def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an
     wait_for("the worker to be gone", lambda: not st.alive("worker-gpu"), 30, every=0.2)
     orphans = [pid for pid, _ in st.strays()]
     assert orphans, "the killed worker left no task running: this test no longer kills what an operator kills"
-    st.start("worker-gpu")
+    # The supervisor starts it again, first SIGKILLing what its predecessor left training.
+    supervised_ready(st, "worker-gpu", 1)
     assert not st.strays() and not any(stack_mod._running(p) for p in orphans)
+    assert st.restarts()["worker-gpu"]["last_why"] == "killed by SIGKILL"
     assert finished(client, first) == "success"
     pretrain = client.tasks(first)["pretrain"]
     print(f"first run success {time.monotonic() - killed:.0f} s after the kill; pretrain try {pretrain['try_number']}")
@@ -675,3 +897,82 @@ def test_a_month_of_champion_moves_fits_the_postgresql_registry(deployed, monkey
     assert moves[-1]["reason"].endswith(" [cut]")
     tags = c.get_registered_model(name).tags
     assert max(len(v) for k, v in tags.items() if k.startswith(registry.MOVE_TAG)) <= registry.TAG_VALUE_MAX
+
+
+@pytest.mark.slow
+def test_a_killed_triggerer_and_a_postgresql_outage_mid_run_are_outlived(deployed, monkeypatch, capsys):
+    """PostgreSQL stopped for 30 s while a run's pretrain ran: the scheduler, dag-processor and triggerer
+    exited on `OperationalError` and stayed down, the run `running` for good with finetune never
+    scheduled, until someone ran `up` again. The supervisor restarts what exits, as compose does."""
+    st, client, tree = deployed
+    monkeypatch.setenv("ENCODERFLOW_HOME", str(st.home))
+
+    def say(line: str) -> None:  # past capsys, which reads `status`
+        with capsys.disabled():
+            print(line, flush=True)
+
+    airflow_parts = ("scheduler", "dag-processor", "triggerer")
+    before = {name: (st.restarts().get(name) or {}).get("restarts", 0) for name in stack_mod.COMPONENTS}
+
+    victim = st._pid("triggerer")
+    os.kill(victim, signal.SIGKILL)
+    killed, t0 = time.time(), time.monotonic()
+    wait_for(
+        "the triggerer to beat again",
+        lambda: (
+            st._pid("triggerer") not in (None, victim)
+            and stack_mod._heartbeat_after(st.airflow_health(), "triggerer", killed)
+        ),
+        300,
+        every=0.2,
+    )
+    say(f"\ntriggerer SIGKILLed: a heartbeat of its successor {time.monotonic() - t0:.1f} s later")
+    capsys.readouterr()
+    assert stack_mod.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(
+        rf"^  triggerer +running  log: .*\n {{2}}\s+restarted {before['triggerer'] + 1} times?, "
+        r"last \d\d:\d\d:\d\d: killed by SIGKILL$",
+        out,
+        re.M,
+    ), out
+
+    run = client.trigger(smoke_conf(tree, seed=11, pretrain_steps_per_epoch=400), "postgres outage")
+    wait_for("pretrain to run", lambda: client.tasks(run).get("pretrain", {}).get("state") == "running", 600)
+    st.stop("postgres")  # on purpose: the supervisor leaves it down
+    down = time.monotonic()
+    # What QA saw: Airflow's own loops do not outlive their database.
+    gone = wait_for(
+        "an Airflow component to exit without its database",
+        lambda: [n for n in airflow_parts if not st.alive(n)],
+        60,
+        every=0.5,
+    )
+    say(f"PostgreSQL stopped mid-pretrain; {', '.join(gone)} exited {time.monotonic() - down:.0f} s later")
+    time.sleep(max(0.0, 30 - (time.monotonic() - down)))
+    assert not st.alive("postgres")
+    st.start("postgres")
+    back = time.monotonic()
+
+    def healthy() -> bool:
+        health = st.airflow_health() or {}
+        parts = [v for v in health.values() if isinstance(v, dict)]
+        return all(st.status().values()) and bool(parts) and all(v.get("status") == "healthy" for v in parts)
+
+    wait_for("every component running and Airflow healthy", healthy, 300)
+    say(f"PostgreSQL back: every component running and healthy {time.monotonic() - back:.0f} s later")
+    after = st.restarts()
+    restarted = [n for n in airflow_parts if after[n]["restarts"] > before[n]]
+    assert set(gone) <= set(restarted), (gone, after)
+    assert stack_mod.main(["status"]) == 0
+    out = capsys.readouterr().out
+    for name in restarted:
+        assert re.search(rf"^  {name} +running  log: .*\n {{2}}\s+restarted \d+ times?, last ", out, re.M), out
+    log = (st.logs / "supervisor.log").read_text()
+    # Each exit with its status (the watcher's, whoever started the component) and the log to read.
+    for name in gone:
+        exited = rf"{name} exited \((exit \d+|killed by SIG[A-Z]+); its log: {re.escape(str(st.logs / name))}\.log\)"
+        assert re.search(exited, log), log
+
+    assert finished(client, run, 900) == "success", client.tasks(run)
+    say(f"the run succeeded {time.monotonic() - back:.0f} s after PostgreSQL came back")

@@ -5,10 +5,13 @@ broker), Airflow's api-server, scheduler, dag-processor and triggerer, two Celer
 ``default``; queue ``gpu``, one task at a time, for the ``gpu`` pool) and an MLflow tracking
 server with basic auth and ``--serve-artifacts``: every process on loopback, every file under
 ``$ENCODERFLOW_HOME/stack``. Secrets are generated once into ``stack/secrets.json`` (mode 0600)
-and ports are chosen once into ``stack/ports.json``, so ``up`` after ``down`` (or after a crash)
-brings back the same deployment with its data.
+and ports are chosen once into ``stack/ports.json`` (or by you: ``ENCODERFLOW_STACK_<KEY>_PORT``), so
+``up`` after ``down`` (or after a crash) brings back the same deployment with its data. Once ``up`` has
+started everything, a supervisor (one per stack, in a session of its own) restarts any component that
+exits, with a growing pause, as compose's ``restart: always`` does; ``stop NAME`` is the way to keep
+one stopped, and ``down`` ends the supervisor before anything else.
 
-    python -m encoderflow.stack up | down | status | env [ROLE]
+    python -m encoderflow.stack up | down | status | env [ROLE] | start NAME | stop NAME
 
 Sign-ins: Airflow ``admin`` and ``viewer`` (SimpleAuthManager roles ADMIN and VIEWER), MLflow
 ``admin``; workers write to MLflow as ``encoderflow-worker``, the api-server reads as
@@ -20,7 +23,9 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import errno
 import glob
+import io
 import json
 import os
 import pwd
@@ -32,6 +37,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -87,6 +93,67 @@ OWNED_SETTINGS = {
 }
 # How long a component may take to stop before `stop` says what it waits for.
 QUIET_STOP_S = 2.0
+# Keys of stack/ports.json, each with the variable that chooses it at `up`.
+PORT_VARS = {
+    "postgres": "ENCODERFLOW_STACK_POSTGRES_PORT",
+    "redis": "ENCODERFLOW_STACK_REDIS_PORT",
+    "api": "ENCODERFLOW_STACK_API_PORT",
+    "mlflow": "ENCODERFLOW_STACK_MLFLOW_PORT",
+}
+# The component that listens on each port: checked free before it starts, so a taken port is named as
+# such rather than found in a log after a crash.
+LISTENS_ON = {"postgres": "postgres", "redis": "redis", "mlflow": "mlflow", "api-server": "api"}
+# The supervisor's pause before restarting a component: doubling from the first, at most the second
+# (compose's daemon doubles to a minute; half that keeps an outage's crash loop from outlasting the
+# outage by much), back to the first once the component has run STABLE_S.
+RESTART_FIRST_S, RESTART_MAX_S = 1.0, 30.0
+STABLE_S = 30.0
+# How the tests' extra_env reaches the supervisor, which restarts components with it.
+EXTRA_ENV_VAR = "ENCODERFLOW_STACK_EXTRA_ENV"
+# What every component runs under (``python -c WATCHER exit_file log cmd...``): its parent for its whole
+# life, so that an exit's status is known whoever started it (`up`'s process is long gone by then, and
+# only a parent learns a status). The component gets a session of its own, as before; this watcher ignores
+# the signals meant for it and leaves when it ends, having written its status.
+WATCHER = """\
+import json, os, signal, sys, time
+exit_file, log, cmd = sys.argv[1], sys.argv[2], sys.argv[3:]
+# Closed by a successful exec: the pid is told only then, so a signal sent at once reaches the program.
+execd, failed = os.pipe()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.close(execd)
+        os.setsid()
+        for s in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(s, signal.SIG_DFL)
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.execvp(cmd[0], cmd)
+    except BaseException as exc:
+        os.write(2, f"cannot start {cmd[0]}: {exc}\\n".encode())
+        os.write(failed, b"x")
+    os._exit(127)
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)
+os.close(failed)
+os.read(execd, 1)
+print(pid, flush=True)
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+status = os.waitpid(pid, 0)[1]
+code = os.waitstatus_to_exitcode(status)
+why = f"exit {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
+try:
+    with open(exit_file + ".tmp", "w") as f:
+        json.dump({"pid": pid, "why": why, "at": time.time()}, f)
+    os.replace(exit_file + ".tmp", exit_file)
+except OSError:
+    pass
+"""
+
+
+class _Stopping(BaseException):
+    """The supervisor was told to stop (``down``): out of whatever it is doing, not caught as a failure."""
 
 
 class StackError(RuntimeError):
@@ -105,6 +172,36 @@ def _write_private(path: Path, data: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1)
     os.replace(tmp, path)
+
+
+def _ports_example() -> str:
+    return json.dumps({k: 15432 + i for i, k in enumerate(PORT_VARS)})
+
+
+def _port_number(value, what: str) -> int:
+    """``value`` as a TCP port (an int, or its digits from a variable), or a StackError naming ``what``."""
+    port = int(value) if isinstance(value, str) and value.isdigit() else value
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise StackError(f"{what} is {value!r}: a port is a whole number from 1 to 65535")
+    return port
+
+
+def _port_problem(port: int) -> str | None:
+    """Why nothing could listen on 127.0.0.1:``port`` now (taken, by whom; or not ours to take), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the servers bind: a port whose last connections linger in TIME_WAIT is free to them.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            holder = ""
+            with contextlib.suppress(Exception):
+                import psutil
+
+                pids = {c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.pid}
+                holder = "".join(f", held by pid {pid} ({_command(pid, 80)})" for pid in sorted(pids))
+            return f"{'taken' if exc.errno == errno.EADDRINUSE else exc.strerror}{holder}"
+    return None
 
 
 def _pg_bin(name: str) -> str:
@@ -137,11 +234,76 @@ class Stack:
         self.secrets = self._load_or_make(
             "secrets.json", lambda: {k: _new_secret(k) for k in SECRETS} | {"fernet": _fernet_key()}
         )
-        self.ports = self._load_or_make(
-            "ports.json", lambda: {k: _free_port() for k in ("postgres", "redis", "api", "mlflow")}
-        )
-        self.airflow_url = f"http://127.0.0.1:{self.ports['api']}"
-        self.mlflow_url = f"http://127.0.0.1:{self.ports['mlflow']}"
+        self.ports = self._load_ports()
+        # The supervisor's folder: its pid and lock, its state for `status`, which components are wanted
+        # running, each component's last exit (written by its watcher) and a lock per component.
+        self.sup = self.root / "supervisor"
+        self._locks: dict[str, list] = {}
+        self._spawning, self._stop_pending = False, False
+
+    @property
+    def airflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['api']}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['mlflow']}"
+
+    def _load_ports(self) -> dict[str, int]:
+        """``stack/ports.json``, checked; the keys it lacks (all of them the first time) get free ports."""
+        path = self.root / "ports.json"
+        try:
+            ports = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError as exc:
+            raise StackError(f"{path} is not JSON ({exc}): write it as {_ports_example()}") from None
+        if not isinstance(ports, dict) or set(ports) - set(PORT_VARS):
+            raise StackError(f"{path}: keys are {', '.join(PORT_VARS)}, each a port: {_ports_example()}")
+        for key, value in ports.items():
+            _port_number(value, f"{path}: {key!r}")
+        missing = {k: _free_port() for k in PORT_VARS if k not in ports}
+        if missing:
+            ports |= missing
+            _write_private(path, {k: ports[k] for k in PORT_VARS})
+        return {k: ports[k] for k in PORT_VARS}
+
+    def _choose_ports(self) -> None:
+        """Apply the ``ENCODERFLOW_STACK_<KEY>_PORT`` variables to ``stack/ports.json`` and check that each
+        port of a component not running is free on 127.0.0.1, before `up` starts anything."""
+        path = self.root / "ports.json"
+        chosen = {
+            key: _port_number(os.environ[var].strip(), var)
+            for key, var in PORT_VARS.items()
+            if os.environ.get(var, "").strip()
+        }
+        moved = {k: p for k, p in chosen.items() if self.ports[k] != p}
+        running = [name for name, up in self.status().items() if up]
+        if moved and running:
+            # Every component has the ports in its environment: one moved under them would cut them off.
+            said = ", ".join(f"{PORT_VARS[k]}={p} (now {self.ports[k]})" for k, p in moved.items())
+            raise StackError(
+                f"{said}: the stack runs ({', '.join(running)}) on the ports of {path}: "
+                "stop it (make stack-down), then start it with the new port"
+            )
+        ports = self.ports | chosen
+
+        def source(key: str) -> str:
+            return f"{PORT_VARS[key]}={ports[key]}" if key in chosen else f"{key!r} {ports[key]} in {path}"
+
+        owner: dict[int, str] = {}
+        for key, port in ports.items():
+            if port in owner:
+                raise StackError(f"{source(owner[port])} and {source(key)}: each needs a port of its own")
+            owner[port] = key
+        for name, key in LISTENS_ON.items():
+            if not self.alive(name) and (why := _port_problem(ports[key])):
+                raise StackError(
+                    f"{name} cannot listen on 127.0.0.1:{ports[key]} ({source(key)}): {why}; "
+                    f"choose another with {PORT_VARS[key]}=PORT, or stop what holds it"
+                )
+        if moved:
+            self.ports = ports
+            _write_private(path, ports)
+            print(f"stack: ports now {json.dumps(ports)} ({path})", flush=True)
 
     def _load_or_make(self, name: str, make) -> dict:
         path = self.root / name
@@ -234,6 +396,8 @@ class Stack:
     def _pid(self, name: str) -> int | None:
         if name == "postgres":
             pidfile = self.root / "postgres" / "postmaster.pid"
+        elif name == "supervisor":
+            pidfile = self.sup / "pid"
         else:
             pidfile = self.pids / f"{name}.pid"
         try:
@@ -317,20 +481,35 @@ class Stack:
         return self._pid(name) is not None
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it from here
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            cwd=self.root,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: `stop` ends its children with it
-        )
-        log.close()
-        tmp = self.pids / f"{name}.pid.tmp"
-        tmp.write_text(f"{proc.pid} {_start_time(proc.pid)}")
-        os.replace(tmp, self.pids / f"{name}.pid")
+        """Start ``cmd`` under its :data:`WATCHER`, in a session of its own (`stop` ends its process group
+        with it), and record its pid (the component's, not the watcher's)."""
+        log = self.logs / f"{name}.log"
+        exits = self.sup / "exits"
+        exits.mkdir(parents=True, exist_ok=True)
+        # A SIGTERM to the supervisor (`down`) waits for this: a component started and not yet in its pid
+        # file would be one `down` cannot find.
+        self._spawning = True
+        try:
+            with open(log, "ab") as err:
+                watcher = subprocess.Popen(
+                    [sys.executable, "-c", WATCHER, str(exits / f"{name}.json"), str(log), *cmd],
+                    env=env,
+                    cwd=self.root,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    start_new_session=True,
+                )
+            with watcher.stdout:
+                line = watcher.stdout.readline()
+            if not line.strip().isdigit():
+                raise StackError(f"{name} did not start (its watcher exited {watcher.wait()}); its log is {log}")
+            pid = int(line)
+            _write_pidfile(self.pids / f"{name}.pid", pid)
+        finally:
+            self._spawning = False
+        if self._stop_pending:
+            raise _Stopping
 
     def _as_postgres(self, cmd: list[str]) -> list[str]:
         return ["runuser", "-u", "postgres", "--", *cmd] if self.as_postgres else cmd
@@ -342,23 +521,44 @@ class Stack:
         return proc.stdout
 
     def start(self, name: str) -> None:
-        """Start one component unless it runs; waits until it answers."""
-        if self.alive(name):
-            return
-        if name in WORKERS and (left := self.stop_strays()):
-            # Airflow retries what they ran (resuming from its backups), once its heartbeat timeout passes.
-            print(f"stack: stopped {len(left)} process(es) a stopped component left running (tasks): pids {left}")
-        began = time.monotonic()
-        start = getattr(self, "_start_" + name.replace("-", "_"), None)
-        if start:
-            start()
-        else:
-            self._start_airflow(name)
-        # `up` takes a minute or more: a line per component says it is getting on.
-        print(f"stack: {name} ready (pid {self._pid(name)}, {time.monotonic() - began:.0f} s)", flush=True)
+        """Start one component unless it runs; waits until it answers. From now on the supervisor keeps
+        it running (until :meth:`stop`)."""
+        if name not in COMPONENTS:
+            raise StackError(f"no component {name!r}: one of {', '.join(COMPONENTS)}")
+        # One start at a time per component: yours and the supervisor's restart would both spawn one.
+        with self._lock(name):
+            self._want(name, True)
+            if self.alive(name):
+                return
+            if left := self._stop_remnants(name):
+                # In compose the container's other processes die with its main one; here they kept its port.
+                print(f"stack: stopped {len(left)} process(es) the exited {name} left in its group: pids {left}")
+            if name in WORKERS and (left := self.stop_strays()):
+                # Airflow retries what they ran (resuming from its backups), once its heartbeat timeout passes.
+                print(f"stack: stopped {len(left)} process(es) a stopped component left running (tasks): pids {left}")
+            if name in LISTENS_ON and (why := _port_problem(port := self.ports[LISTENS_ON[name]])):
+                var = PORT_VARS[LISTENS_ON[name]]
+                raise StackError(
+                    f"{name} cannot listen on 127.0.0.1:{port} (stack/ports.json): {why}; stop what holds it, "
+                    f"or move the stack to another port ({var}=PORT at `up`, from stopped)"
+                )
+            began = time.monotonic()
+            start = getattr(self, "_start_" + name.replace("-", "_"), None)
+            if start:
+                start()
+            else:
+                self._start_airflow(name)
+            # `up` takes a minute or more: a line per component says it is getting on.
+            print(f"stack: {name} ready (pid {self._pid(name)}, {time.monotonic() - began:.0f} s)", flush=True)
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
-        """Stop one component and every process it started; SIGKILL after ``timeout`` seconds."""
+        """Stop one component and every process it started; SIGKILL after ``timeout`` seconds. Stopped on
+        purpose: the supervisor leaves it stopped until :meth:`start` or :meth:`up`."""
+        if name not in COMPONENTS:
+            raise StackError(f"no component {name!r}: one of {', '.join(COMPONENTS)}")
+        # Under the lock: a restart the supervisor is in finishes first, and the stop below ends it.
+        with self._lock(name):
+            self._want(name, False)
         pid = self._pid(name)
         if pid is None:
             self._forget(name)  # a crash's, or the number of another process by now
@@ -407,9 +607,11 @@ class Stack:
             (self.pids / f"{name}.pid").unlink(missing_ok=True)
 
     def up(self) -> None:
-        """Start every component that is not running, in dependency order (idempotent)."""
+        """Start every component that is not running, in dependency order (idempotent), then the
+        supervisor that keeps them running."""
         for var, why in self.ignored_settings().items():
             print(f"stack: ignoring {var} from your environment: {why}", flush=True)
+        self._choose_ports()
         if not any(self.status().values()):
             # A stack made when the JWT key was 24 bytes (PyJWT warned on every token: below 64 for
             # SHA-512): a longer one, only while nothing runs that holds the old one.
@@ -421,8 +623,11 @@ class Stack:
                 _write_private(self.root / "secrets.json", self.secrets)
         for name in COMPONENTS:
             self.start(name)
+        self.start_supervisor()
 
     def down(self) -> None:
+        # The supervisor first: it would start again each component stopped below.
+        self.stop_supervisor()
         for name in reversed(COMPONENTS):
             self.stop(name)
         if left := self.stop_strays():
@@ -430,6 +635,258 @@ class Stack:
 
     def status(self) -> dict[str, bool]:
         return {name: self.alive(name) for name in COMPONENTS}
+
+    # -- supervision ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _lock(self, name: str):
+        """Hold the lock of component ``name`` (re-entrant in this process; across processes, flock)."""
+        import fcntl
+
+        if held := self._locks.get(name):
+            held[1] += 1
+            try:
+                yield
+            finally:
+                held[1] -= 1
+            return
+        (self.sup / "locks").mkdir(parents=True, exist_ok=True)
+        with open(self.sup / "locks" / name, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            self._locks[name] = [f, 1]
+            try:
+                yield
+            finally:
+                del self._locks[name]
+
+    def _want(self, name: str, wanted: bool) -> None:
+        mark = self.sup / "wanted" / name
+        if wanted:
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.touch()
+        else:
+            mark.unlink(missing_ok=True)
+
+    def wanted(self, name: str) -> bool:
+        """Whether ``name`` was started and not stopped since: the supervisor restarts it if it exits."""
+        return (self.sup / "wanted" / name).exists()
+
+    def _recorded_pid(self, name: str) -> int | None:
+        """The pid in ``name``'s pid file, live or not: a dead one says whose exit and group to look at."""
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int((self.pids / f"{name}.pid").read_text().split()[0])
+        return None
+
+    def _stop_remnants(self, name: str) -> list[int]:
+        """SIGKILL what the exited ``name`` left in its process group (its children: MLflow's and the
+        api-server's web workers kept their port, a worker's pool processes); returns their pids. A
+        member counts only while its working directory is the stack folder, which an unrelated group
+        that got the number after every member died lacks."""
+        import psutil
+
+        dead = self._recorded_pid(name)
+        if dead is None or self.alive(name):
+            return []
+        left = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if proc.pid != os.getpid() and os.getpgid(proc.pid) == dead and proc.cwd() == str(self.root):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    left.append(proc.pid)
+        deadline = time.monotonic() + 30
+        while any(_running(p) for p in left) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return left
+
+    def last_exit(self, name: str, pid: int, wait: float = 0) -> str | None:
+        """How process ``pid`` of ``name`` ended ("exit 1", "killed by SIGKILL"), as its watcher wrote it;
+        None when nothing says (PostgreSQL: pg_ctl starts it detached). Waits up to ``wait`` seconds: the
+        watcher writes it just after the exit."""
+        deadline = time.monotonic() + wait
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                rec = json.loads((self.sup / "exits" / f"{name}.json").read_text())
+                if rec.get("pid") == pid:
+                    return rec["why"]
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
+
+    def supervisor_pid(self) -> int | None:
+        return self._pid("supervisor")
+
+    def start_supervisor(self, timeout: float = 60) -> int:
+        """Start the supervisor unless one runs (:meth:`supervise`, detached); returns its pid."""
+        if (pid := self.supervisor_pid()) is not None:
+            return pid
+        self.sup.mkdir(parents=True, exist_ok=True)
+        log = self.logs / "supervisor.log"
+        # The caller's environment, as `up` gave each component: a restart gets what the first start got.
+        env = dict(os.environ) | {"ENCODERFLOW_HOME": str(self.home), EXTRA_ENV_VAR: json.dumps(self.extra_env)}
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "encoderflow.stack", "supervise"],
+                env=env,
+                cwd=self.root,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                # No terminal: closing the one that ran `up` (SIGHUP to its session) does not reach it.
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while (pid := self.supervisor_pid()) is None and time.monotonic() < deadline:
+            if proc.poll() is not None and self.supervisor_pid() is None:
+                break
+            time.sleep(0.1)
+        if pid is None:
+            raise StackError(f"the supervisor did not start; its log is {log}:\n{_tail(log)}")
+        print(f"stack: supervisor running (pid {pid}): a component that exits is restarted; log: {log}", flush=True)
+        return pid
+
+    def stop_supervisor(self, timeout: float = 60) -> None:
+        """End the supervisor (a restart it is in is cut short; `down` stops that component next)."""
+        pid = self.supervisor_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _running(pid):
+                print(f"stack: supervisor (pid {pid}) still running after {timeout:.0f} s: killed", flush=True)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                while _running(pid):
+                    time.sleep(0.1)
+        (self.sup / "pid").unlink(missing_ok=True)
+        (self.sup / "state.json").unlink(missing_ok=True)
+
+    def restarts(self) -> dict[str, dict]:
+        """The running supervisor's record per component: ``restarts``, ``last`` (Unix time), ``last_why``
+        (the exit that restart followed), ``why`` (the latest exit) and ``next`` (when it tries again,
+        while it waits); {} with no supervisor."""
+        if self.supervisor_pid() is None:
+            return {}
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads((self.sup / "state.json").read_text())
+        return {}
+
+    def supervision_notes(self) -> dict[str, str]:
+        """Per component, what ``status`` adds: its restarts, the one it waits for, or that it was stopped
+        on purpose."""
+        state, supervised = self.restarts(), self.supervisor_pid() is not None
+        notes = {}
+        for name in COMPONENTS:
+            rec, said = state.get(name) or {}, []
+            if n := rec.get("restarts"):
+                said.append(f"restarted {n} time{'s' * (n != 1)}, last {_clock(rec['last'])}: {rec['last_why']}")
+            if self.alive(name):
+                pass
+            elif rec.get("next") and self.wanted(name):
+                said.append(f"exited ({rec['why']}): restarting in {max(0, rec['next'] - time.time()):.0f} s")
+            elif supervised and not self.wanted(name):
+                said.append(f"stopped on purpose: not restarted (`start {name}` or `up` starts it)")
+            if said:
+                notes[name] = "; ".join(said)
+        return notes
+
+    def supervise(self) -> int:
+        """Keep running every component that was started and not stopped since: compose's ``restart:
+        always``. Each exit is logged with its status and the component's log, then the component is
+        started again after a pause (:data:`RESTART_FIRST_S`, doubling to :data:`RESTART_MAX_S`) that
+        gives a crash loop (PostgreSQL down) room; in dependency order, so PostgreSQL comes back before
+        what needs it. One per stack: a second one leaves at once. Runs until SIGTERM (``down``)."""
+        import fcntl
+
+        self.sup.mkdir(parents=True, exist_ok=True)
+        lock = open(self.sup / "lock", "a")  # noqa: SIM115 - held for this process's life
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log(f"another supervisor (pid {self.supervisor_pid()}) keeps this stack: this one leaves")
+            return 0
+
+        def on_stop(signum, frame):
+            if self._spawning:
+                self._stop_pending = True
+            else:
+                raise _Stopping
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        _write_pidfile(self.sup / "pid", os.getpid())
+        state = {name: {"restarts": 0, "failures": 0} for name in COMPONENTS}
+        seen: dict[str, tuple[int, float]] = {}  # the live pid of each, since when
+        due: dict[str, float] = {}  # when each exited one is to be restarted (monotonic)
+        _log(f"supervisor (pid {os.getpid()}) keeps {self.root} running")
+        try:
+            # Gone with the stack folder (removed under it): nothing left to keep running.
+            while (self.sup / "lock").exists():
+                for name in COMPONENTS:
+                    try:
+                        self._tend(name, state, seen, due)
+                    except Exception:  # noqa: BLE001 - one bad look (a full disk) must not end supervision
+                        _log(f"{name}: {traceback.format_exc().strip()}")
+                with contextlib.suppress(OSError):
+                    _write_private(self.sup / "state.json", state)
+                time.sleep(1)
+        except _Stopping:
+            _log("supervisor stopping")
+        finally:
+            if self.supervisor_pid() == os.getpid():
+                (self.sup / "pid").unlink(missing_ok=True)
+        return 0
+
+    def _tend(self, name: str, state: dict, seen: dict, due: dict) -> None:
+        """One look at ``name``: note it running, note its exit, or restart it once its pause is over."""
+        rec = state[name]
+        if not self.wanted(name):
+            due.pop(name, None)
+            rec["next"] = None
+            return
+        if (pid := self._pid(name)) is not None:
+            if seen.get(name, (None,))[0] != pid:
+                seen[name] = (pid, time.monotonic())
+            elif time.monotonic() - seen[name][1] >= STABLE_S:
+                rec["failures"] = 0
+            return
+        if name not in due:
+            dead = self._recorded_pid(name)
+            why = self.last_exit(name, dead, wait=2) if dead is not None and dead != rec.get("reported") else None
+            rec["reported"] = dead
+            # A start that failed before anything ran (a taken port) has no exit of its own to report.
+            rec["why"] = why or rec.pop("error", None) or "exit status unknown"
+            rec.pop("error", None)
+            rec["failures"] += 1
+            pause = min(RESTART_FIRST_S * 2 ** (rec["failures"] - 1), RESTART_MAX_S)
+            due[name], rec["next"] = time.monotonic() + pause, time.time() + pause
+            _log(f"{name} exited ({rec['why']}; its log: {self.logs / (name + '.log')}): restarting in {pause:.0f} s")
+            _write_private(self.sup / "state.json", state)
+        if time.monotonic() < due[name]:
+            return
+        with self._lock(name):
+            del due[name]
+            rec["next"] = None
+            if not self.wanted(name) or self.alive(name):  # stopped, or started, meanwhile
+                return
+            # As `up` last left them (a port moved, a secret renewed while everything was stopped).
+            self.ports = self._load_ports()
+            self.secrets = json.loads((self.root / "secrets.json").read_text())
+            rec["restarts"] += 1
+            rec["last"], rec["last_why"] = time.time(), rec["why"]
+            _write_private(self.sup / "state.json", state)
+            _log(f"restarting {name} (restart {rec['restarts']}, after: {rec['why']})")
+            out = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(out):
+                    self.start(name)
+            except Exception as exc:  # noqa: BLE001 - any failure is one more exit to pause after
+                rec["error"] = f"start failed: {(str(exc).splitlines() or [type(exc).__name__])[0].rstrip(':')}"
+                _log(f"{name}: {rec['error']}")
+            finally:
+                for line in out.getvalue().splitlines():
+                    _log(line.removeprefix("stack: "))
 
     # -- components ----------------------------------------------------------------------------
     def _start_postgres(self) -> None:
@@ -650,8 +1107,11 @@ class Stack:
 
 def _stack_program(cmdline: list[str]) -> bool:
     """Whether a command line is one of the stack's programs (not, say, ``tail -f logs/mlflow.log`` in
-    its folder); a Python program counts when it runs one of them (``python -m airflow ...``)."""
+    its folder); a Python program counts when it runs one of them (``python -m airflow ...``). A
+    component's :data:`WATCHER` names it in its arguments, and leaves with it: never one."""
     first = Path((cmdline[0].split() or [""])[0]).name if cmdline else ""
+    if cmdline[1:3] == ["-c", WATCHER]:
+        return False
     if first.startswith("python"):
         return any(word in arg for arg in cmdline[1:4] for word in STACK_PROGRAMS)
     return first.startswith(STACK_PROGRAMS)
@@ -686,6 +1146,27 @@ def _start_time(pid: int) -> str:
     """When ``pid`` started (clock ticks after boot, ``/proc/<pid>/stat``): with the pid, an identity."""
     fields = _stat(pid)
     return fields[19] if len(fields) > 19 else ""
+
+
+def _write_pidfile(path: Path, pid: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{pid} {_start_time(pid)}")
+    os.replace(tmp, path)
+
+
+def _log(line: str) -> None:
+    """One line of the supervisor's log, with the time."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", flush=True)
+
+
+def _clock(at: float) -> str:
+    """``at`` (Unix time) as HH:MM:SS today, with the date otherwise."""
+    same_day = time.strftime("%Y-%m-%d", time.localtime(at)) == time.strftime("%Y-%m-%d")
+    return time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+def _tail(path: Path, chars: int = 1500) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
 def _new_secret(name: str) -> str:
@@ -784,19 +1265,33 @@ def _redis_ping(port: int, password: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m encoderflow.stack", description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=("up", "down", "status", "env"))
-    parser.add_argument("role", nargs="?", default="worker-default", help="for env: whose environment")
+    parser.add_argument("action", choices=("up", "down", "status", "env", "start", "stop", "supervise"))
+    parser.add_argument(
+        "role", nargs="?", help="env: whose environment (default worker-default); start, stop: which component"
+    )
     args = parser.parse_args(argv)
-    stack = Stack()
     try:
+        stack = Stack()
         if args.action == "up":
             stack.up()
         elif args.action == "down":
             stack.down()
+        elif args.action == "supervise":
+            extra = os.environ.pop(EXTRA_ENV_VAR, "")
+            stack.extra_env = json.loads(extra) if extra else {}
+            return stack.supervise()
+        elif args.action in ("start", "stop"):
+            if args.role not in COMPONENTS:
+                raise StackError(f"{args.action}: name a component: one of {', '.join(COMPONENTS)}")
+            getattr(stack, args.action)(args.role)
+            if args.action == "stop" and stack.supervisor_pid() is not None:
+                print(f"stack: {args.role} stopped; the supervisor leaves it so until `start {args.role}` or `up`")
         elif args.action == "env":
-            if args.role not in (*AIRFLOW_COMPONENTS, *WORKERS):
-                raise StackError(f"env: no role {args.role!r}: one of {', '.join((*AIRFLOW_COMPONENTS, *WORKERS))}")
-            for k, v in sorted(stack.env(args.role).items()):
+            roles = (*AIRFLOW_COMPONENTS, *WORKERS)
+            role = args.role or "worker-default"
+            if role not in roles:
+                raise StackError(f"env: no role {role!r}: one of {', '.join(roles)}")
+            for k, v in sorted(stack.env(role).items()):
                 if k.startswith(("AIRFLOW", "MLFLOW", "ENCODERFLOW")):
                     print(f"export {k}={v!r}")
             return 0
@@ -804,12 +1299,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stack: {exc}", file=sys.stderr)
         return 1
     status = stack.status()
+    notes = stack.supervision_notes()
+    supervisor = stack.supervisor_pid()
+    if args.action != "down":
+        print(
+            f"  {'supervisor':<15} "
+            + (
+                f"running (pid {supervisor}): restarts a component that exits"
+                if supervisor
+                else "stopped: a component that exits stays stopped (`up` starts the supervisor)"
+            )
+            + f"  log: {stack.logs / 'supervisor.log'}"
+        )
     for name, up in status.items():
         print(f"  {name:<15} {'running' if up else 'stopped'}  log: {stack.logs / (name + '.log')}")
+        if name in notes:
+            print(f"  {'':<15} {notes[name]}")
     if args.action in ("up", "status"):
         for line in stack.stray_report():
             print(line)
-    # A live process is not a working one: with PostgreSQL down every Airflow process still runs.
+    # A live process is not a working one: with PostgreSQL down the api-server and the workers run on
+    # (the scheduler, dag-processor and triggerer exit, and the supervisor restarts them until it is back).
     unhealthy = []
     if args.action in ("up", "status") and status.get("api-server"):
         health = stack.airflow_health() or {}
@@ -820,7 +1330,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Airflow  {stack.airflow_url}  (admin or viewer; passwords in {stack.root / 'secrets.json'})")
         print(f"MLflow   {stack.mlflow_url}  (admin; workers write as encoderflow-worker)")
         print(f"Runs     {stack.airflow_url}/encoderflow/")
-    return 0 if args.action == "down" or (all(stack.status().values()) and not unhealthy) else 1
+    if args.action in ("down", "start", "stop"):
+        return 0
+    return 0 if all(stack.status().values()) and not unhealthy else 1
 
 
 if __name__ == "__main__":
