@@ -276,5 +276,13 @@ def test_a_scheduler_running_on_the_homes_airflow_is_named_as_what_refuses_encod
     buf = io.StringIO()
     assert doctor.report([check], [], out=buf) == 0
     assert buf.getvalue().splitlines()[-1] == (
-        "doctor: a run can start in the Airflow running on this home, not with encoderflow run (1 warn)"
+        "doctor: a run can start in the Airflow running on this home (not with encoderflow run) (1 warn)"
+    )
+    # With a preset's data missing too (the shared offline folder has no WikiText train split).
+    missing = doctor.Check(doctor.WARN, "data (guide preset)", "missing wiki.train.raw", "add it")
+    buf = io.StringIO()
+    assert doctor.report([check, missing], [], out=buf) == 0
+    assert buf.getvalue().splitlines()[-1] == (
+        "doctor: a run can start in the Airflow running on this home (not with encoderflow run), but not with "
+        "preset guide (the default): see its warn line (2 warn)"
     )

@@ -615,6 +615,10 @@ def test_a_warm_start_from_a_champion_its_model_settings_do_not_fit_is_refused_b
     )
     assert err.value.fix == f"use the champion's settings (--set model.num_layers={layers}), or pretrain.init_from=none"
     # What shapes no weight (pretrain) or what the champion's model already has: trains.
+    seq = cfg.data.seq_length  # the position embedding's length: followed, the fix once left it out
+    with pytest.raises(EncoderflowError, match=rf"data.seq_length {seq} \(this run {seq * 2}\)") as err:
+        lineage("finetune.init_from=champion", f"data.seq_length={seq * 2}")
+    assert f"--set data.seq_length={seq})" in err.value.fix
     assert lineage("pretrain.init_from=champion", "model.dropout=0.2") is True
     assert lineage("finetune.init_from=champion", "finetune.epochs=2") is True
     assert lineage("model.normalize_first=true") is True  # no warm start: any model

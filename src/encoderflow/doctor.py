@@ -453,18 +453,16 @@ def report(checks: Sequence[Check], notes: Sequence[str], out: TextIO) -> int:
         return 1
     # A preset whose files are missing is a warn while another preset's are complete: say which.
     blocked = [c.what[len("data (") : -len(" preset)")] for c in warns if re.fullmatch(r"data \(\w+ preset\)", c.what)]
+    beside = any(c.what == HOME_AIRFLOW and c.status == WARN and "refused" in c.value for c in warns)
+    # Said whatever else is warned about: with the shared data two presets lack a file, and the line read
+    # as if `encoderflow run --preset smoke` could start beside the scheduler.
+    where = " in the Airflow running on this home (not with encoderflow run)" if beside else ""
     if blocked:
         named = ", ".join(f"{p} (the default)" if p == DEFAULT_PRESET else p for p in blocked)
         which = f"presets {named}: see their warn lines" if len(blocked) > 1 else f"preset {named}: see its warn line"
-        print(f"doctor: a run can start, but not with {which} ({len(warns)} warn)", file=out)
-    elif any(c.what == HOME_AIRFLOW and c.status == WARN and "refused" in c.value for c in warns):
-        print(
-            f"doctor: a run can start in the Airflow running on this home, not with encoderflow run "
-            f"({len(warns)} warn)",
-            file=out,
-        )
+        print(f"doctor: a run can start{where}, but not with {which} ({len(warns)} warn)", file=out)
     else:
-        print(f"doctor: a run can start ({len(warns)} warn)", file=out)
+        print(f"doctor: a run can start{where} ({len(warns)} warn)", file=out)
     return 0
 
 

@@ -755,11 +755,11 @@ def _warm_starts_fit(cfg, folder: Path, version: str) -> None:
     mine = cfg.to_dict()
     checks = []
     if cfg.finetune.init_from == "champion":
-        keys = [f"model.{k}" for k in mine["model"]] + ["finetune.pooling"]
+        keys = [f"model.{k}" for k in mine["model"]] + ["finetune.pooling", "data.seq_length"]
         how = "continues its classifier as it is, so the model it registers would not be the one its config describes"
         checks.append(("finetune.init_from=champion", how, keys, "finetune.init_from"))
     if cfg.pretrain.init_from == "champion":
-        keys = [f"model.{k}" for k in SHAPE_SETTINGS]
+        keys = [f"model.{k}" for k in SHAPE_SETTINGS] + ["data.seq_length"]  # its position embedding's
         how = "copies its encoder's weights, which do not fit this config's layers"
         checks.append(("pretrain.init_from=champion", how, keys, "pretrain.init_from"))
     for label, how, keys, knob in checks:

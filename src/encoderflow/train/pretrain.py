@@ -500,14 +500,14 @@ def _train(
         "; that is noise: hold out more text for validation for a figure to compare" if margin > MARGIN_NOISE else "",
     )
     log.info(
-        "pretrain: encoder %s parameters (%s with the MLM head), %s train records (%s), batch %d, %d epochs "
+        "pretrain: encoder %s parameters (%s with the MLM head), %s train records (%s), batch %d, %s "
         "from epoch %d, %d steps/epoch%s",
         f"{encoder.count_params():,}",
         f"{mlm.count_params():,}",
         f"{train_records:,}",
         manifest_path,
         p.batch_size,
-        p.epochs,
+        f"{p.epochs} epoch{'s' * (p.epochs != 1)}",
         initial_epoch,
         steps,
         f" (each record of its copy ~{repeats:.0f} times)"
