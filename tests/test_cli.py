@@ -177,6 +177,33 @@ def test_predict_scores_sentences_with_the_champion(tmp_path, capsys, monkeypatc
     assert all(len(row.split("\t")) == 3 for row in rows)
 
 
+def test_promote_takes_a_version_as_runs_prints_it_or_as_its_number(tmp_path, capsys):
+    """QA: `encoderflow promote --version v3` failed with argparse's "invalid int value: 'v3'", though
+    `encoderflow runs` prints versions as v3."""
+    from encoderflow import registry
+    from tests.test_bundle import fake_bundle
+
+    name = "encoderflow-sst2"
+    decision = {"blessed": True, "reasons": [], "checks": []}
+    for tag in "123":
+        tags = {"airflow.run_id": f"run-{tag}"}
+        registry.log_candidate(name, fake_bundle(tmp_path / tag, tag), {}, {}, {}, tags, decision)
+    for given, champion in (("v3", "3"), ("2", "2"), ("V1", "1")):
+        assert cli.main(["promote", "--version", given, "--reason", "hand-checked", "--who", "bob"]) == 0
+        assert registry.champion(name)["version"] == champion
+    assert capsys.readouterr().out.splitlines()[-1] == f"{name}: champion v2 -> v1 by bob: hand-checked"
+    # From Python too, as download_version takes it.
+    assert registry.promote(name, "v3", "again", who="bob")["to"] == "3"
+    # Not a version: one line naming what to give, before MLflow is asked.
+    for given in ("x3", "v", "3.0", "@champion"):
+        with pytest.raises(SystemExit):
+            cli.main(["promote", "--version", given, "--reason", "x"])
+        assert f"argument --version: {given!r} is not a version: give its number, 3 or v3" in capsys.readouterr().err
+    # A number that is no version is named with the versions there are.
+    assert cli.main(["promote", "--version", "v9", "--reason", "x"]) == 2
+    assert "encoderflow-sst2: no version 9 in " in capsys.readouterr().err
+
+
 def test_predict_names_a_file_it_cannot_read_and_the_fix(tmp_path, capsys, monkeypatch):
     assert cli.main(["predict", "--file", str(tmp_path / "nope.txt")]) == 2
     assert f"predict --file {tmp_path / 'nope.txt'}: no such file; fix: give an existing file, or - for stdin" in (
@@ -541,6 +568,7 @@ def test_a_killed_run_is_marked_failed_by_the_next_one(tmp_path, encoderflow_hom
     # Its record says where it stopped and what to do ("FAILED", and nothing else, before).
     record = errors.read_failure(run_id)
     assert (record["task_id"], record["try_number"], record["error"]) == ("train", 1, "Stopped")
+    assert record["preset"] == "smoke"  # pruned, a killed run read "–" for its preset
     assert record["message"] == (
         "the encoderflow run process that ran it ended during train without finishing (killed, or its machine stopped)"
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def _backup(folder: Path, key: str, code: str, files: bool = True) -> None:
     if files:
         (backups / "step-40.weights.h5").write_bytes(b"weights")
         (backups / "step-40.weights.h5.sha256").write_text(layout.sha256_file(backups / "step-40.weights.h5"))
+
+
+def _du(path: Path, but: Path | None = None) -> int:
+    """Bytes on disk under ``path`` as du counts them (allocated blocks, a hard-linked file once), less
+    ``but`` under it."""
+    out = subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0]) - (_du(but) if but is not None and but.exists() else 0)
 
 
 def _airflow(**states: str) -> prune.AirflowRuns:
@@ -225,14 +233,17 @@ def test_shared_files_go_with_their_last_run_and_the_freed_bytes_count_each_file
         home, keep=1, older_than_days=7, airflow=_airflow(gone="success", kept="success"), aliased=[], now=NOW
     )
     assert {i.path.name for i in p.remove if i.kind == "shared file"} == {"only-gone", "nobody"}
-    # only-gone, nobody and the summary; the encoder and "both" live on in the kept run.
-    freed = 2000 + (gone / "summary.json").stat().st_size
-    assert p.freed == freed
+    # only-gone, nobody, the summary and the run's folders; the encoder and "both" live on in the kept run.
+    # As du counts them, blocks not sizes: 2,000 bytes of files and a 30-byte summary take three blocks.
+    sizes = 2000 + (gone / "summary.json").stat().st_size
+    before = _du(home)
 
     done = prune.apply(home, p)
     assert not gone.exists() and kept.exists()
     assert sorted(os.listdir(store)) == ["both"]
-    assert done.freed == freed and {i.path.name for i in done.remove} == {"gone", "only-gone", "nobody"}
+    assert {i.path.name for i in done.remove} == {"gone", "only-gone", "nobody"}
+    freed = before - _du(home, but=home / "pruned")  # the record prune keeps of the run is not what it freed
+    assert p.freed == done.freed == freed > sizes
     assert (kept / "pretrain" / "encoder.keras").read_bytes() == b"gone" * 100
     assert not list(home.glob(".prune-*"))  # the trash folder went with what was in it
 
@@ -383,3 +394,237 @@ def test_the_cli_prunes_nothing_shared_by_runs_when_no_airflow_is_found_and_says
         assert out.splitlines()[-1].startswith(("would free" if flags else "freed") + " ")
         assert "2 run folder(s) " in out.splitlines()[-1]
     assert "removed       validation validation/20260101T000000" in out and not site.exists()
+
+
+MODEL = "encoderflow-sst2"
+# What check_lineage compares: a rejected version with these, against that champion under those gate
+# settings, makes a rerun of its training skip (registry.rejected_under).
+LINEAGE = {"data.labeled.content_hash": "d" * 64, "config.training_hash": "c" * 64, "code.hash": "e" * 64}
+
+
+def _version(home: Path, run: str, blessed: bool, encoder: bytes, in_home: bool = True, **tags: str) -> str:
+    """A version registered as promote registers one, from a bundle in the run's folder (``in_home``)
+    or elsewhere; the encoder is shared by every version given the same bytes."""
+    from encoderflow import bundle, registry
+
+    root = (layout.run_dir(run) if in_home else home.parent / "elsewhere" / run) / "finetune" / "bundle"
+    root.mkdir(parents=True)
+    (root / "classifier.keras").write_bytes(os.urandom(200_000))
+    (root / "encoder.keras").write_bytes(encoder)
+    (root / "vocab.txt").write_text("[PAD]\nfilm\n")
+    bundle.seal(root)
+    decision = {
+        "blessed": blessed,
+        "reasons": [] if blessed else ["regression: 0.70 < champion 0.80"],
+        "checks": [],
+        "champion_version": tags.pop("champion_version", None),
+        "settings_hash": "s" * 64,
+    }
+    tags = {"airflow.run_id": run, "airflow.dag_id": "encoder_pretraining", **tags}
+    return registry.log_candidate(MODEL, root, {}, {}, {}, tags, decision)["version"]
+
+
+def _gone(version: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    from encoderflow import registry
+
+    try:
+        registry.client().get_model_version(MODEL, version)
+    except MlflowException:
+        return True
+    return False
+
+
+def test_versions_the_gate_rejected_that_were_never_champion_go_with_their_files_as_du_counts(encoderflow_home):
+    """QA: 20 smoke runs left 83 MB of MLflow store, every rejected version's bundle kept for good."""
+    from mlflow.entities import ViewType
+
+    from encoderflow import registry
+
+    home = encoderflow_home
+    encoder = os.urandom(1 << 20)  # one pretraining, fine-tuned seven times
+    v1 = _version(home, "run-1", True, encoder)
+    registry.move_champion(MODEL, v1, expected=None, reason="gate", who="airflow")
+    v2 = _version(home, "run-2", True, encoder)
+    registry.move_champion(MODEL, v2, expected=v1, reason="gate", who="airflow")  # v1: previous
+    v3 = _version(home, "run-3", False, encoder, in_home=False, champion_version=v2, **LINEAGE)
+    v4 = _version(home, "run-4", False, encoder)
+    registry.promote(MODEL, v4, "looked fine by hand", who="alice")  # a person's champion, rolled back
+    registry.rollback(MODEL, "it was not", who="alice")
+    v5 = _version(home, "run-5", False, encoder)
+    v6 = _version(home, "run-6", False, encoder)
+    v7 = _version(home, "run-7", False, encoder, **{"lineage.parent": v5})  # the newest (--keep 1), from v5's
+    assert [v1, v2, v3, v4, v5, v6, v7] == [str(n) for n in range(1, 8)]
+    airflow = _airflow()
+    later = time.time() + 60  # every version older than --older-than 0
+
+    p = prune.plan(home, keep=1, older_than_days=0, airflow=airflow, aliased=[], now=later)
+    p = prune.plan_versions(home, p, 1, 0, airflow, registry.versions_for_prune(), now=later)
+    versions = {i.version: i.why for i in p.remove if i.kind == "version"}
+    assert versions == {
+        v3: "rejected by the gate (regression: 0.70 < champion 0.80), never champion",
+        v6: "rejected by the gate (regression: 0.70 < champion 0.80), never champion",
+    }
+    kept = {i.version: i.why for i in p.keep if i.kind == "version"}
+    assert kept[v1] == "the previous version" and kept[v2] == "the champion version"
+    assert kept[v4].startswith("was champion (v4 became champion by alice at ")
+    assert (
+        kept[v5] == "a kept version's training began from it" and kept[v7] == "one of the newest 1 of encoderflow-sst2"
+    )
+    files = {i.version: i.files for i in p.remove if i.kind == "version"}
+    lines = prune.report_lines(home, p, dry_run=True)
+    assert any(line.startswith(f"  would remove  version {MODEL} v3: rejected by the gate") for line in lines)
+    assert "frees " in next(line for line in lines if f"{MODEL} v3:" in line)  # its own classifier, alone
+    assert lines[-1].startswith("would free ") and "mlflow gc" in lines[-1]
+    assert all(path.exists() for path in files.values()) and not _gone(v3)  # a dry run: nothing went
+
+    before = _du(home)
+    done = prune.apply(home, p, recheck=lambda: airflow)
+    # v3's bundle lived only in the store (its run folder is elsewhere): its classifier went with it; v6's
+    # lives on in its run folder, and the encoder in every version kept.
+    assert done.freed == p.freed == before - _du(home) > 200_000
+    assert {i.version for i in done.remove if i.kind == "version"} == {v3, v6} and _gone(v3) and _gone(v6)
+    assert not any(path.exists() for path in files.values())
+    c = registry.client()
+    deleted = c.search_runs(
+        [c.get_experiment_by_name(registry.EXPERIMENT).experiment_id], run_view_type=ViewType.DELETED_ONLY
+    )
+    assert {r.data.tags["airflow.run_id"] for r in deleted} == {"run-3", "run-6"}
+    assert (layout.run_dir("run-6") / "finetune" / "bundle" / "classifier.keras").exists()
+    # Its record stays on the registered model: a rerun of v3's training is skipped as before, not
+    # trained again for hours to be rejected again.
+    record = registry.pruned_in(c.get_registered_model(MODEL).tags)[v3]
+    assert record["why"] == versions[v3] and record["tags"]["airflow.run_id"] == "run-3"
+    rejected = registry.rejected_under(MODEL, LINEAGE, v2, "s" * 64)
+    assert rejected["version"] == v3 and rejected["reasons"].startswith("regression: 0.70 < champion 0.80 (v3 itself")
+    # Asked for by number, as encoderflow runs still prints it: not simply missing.
+    from encoderflow.errors import EncoderflowError
+
+    with pytest.raises(EncoderflowError, match=r"no version 3 in .* \(deleted by encoderflow prune --versions on "):
+        registry.promote(MODEL, "v3", "bring it back", who="bob")
+    # Another prune finds nothing more to do: the rest stays for the reasons it gave.
+    again = prune.plan(home, keep=1, older_than_days=0, airflow=airflow, aliased=[], now=later)
+    again = prune.plan_versions(home, again, 1, 0, airflow, registry.versions_for_prune(), now=later)
+    assert not [i for i in again.remove if i.kind in prune.VERSION_KINDS]
+
+
+def test_versions_stay_while_a_run_is_in_flight_or_whatever_changed_since_the_plan(encoderflow_home):
+    from encoderflow import registry
+
+    home = encoderflow_home
+    encoder = os.urandom(100_000)
+    v1 = _version(home, "run-1", True, encoder)
+    registry.move_champion(MODEL, v1, expected=None, reason="gate", who="airflow")
+    rejected = [_version(home, f"run-{n}", False, encoder) for n in (2, 3, 4, 5)]
+    _version(home, "run-6", False, encoder)
+    later = time.time() + 60
+
+    def planned(airflow):
+        p = prune.plan(home, keep=1, older_than_days=0, airflow=airflow, aliased=[], now=later)
+        return prune.plan_versions(home, p, 1, 0, airflow, registry.versions_for_prune(), now=later)
+
+    # A run in flight may find its model in any version and register none of its own: all stay.
+    busy = planned(_airflow(**{"run-9": "running"}))
+    assert not [i for i in busy.remove if i.kind == "version"]
+    assert "registered versions are kept: in flight: run-9 (a run may find its model in any version)" in busy.notes
+    # Airflow says otherwise when asked again: nothing is deleted.
+    p = planned(_airflow())
+    assert {i.version for i in p.remove if i.kind == "version"} == set(rejected)
+    done = prune.apply(home, p, recheck=lambda: _airflow(**{"run-9": "queued"}))
+    assert not any(_gone(v) for v in rejected) and not [i for i in done.remove if i.kind == "version"]
+    assert "and no registered version was deleted" in done.notes[-1]
+
+    # Since the plan: a person made v2 champion; a later run's gate blessed v3's model; a run found its
+    # model in v4 (its MLflow run says registry.version 4: it uploaded no bundle of its own). They stay.
+    p = planned(_airflow())
+    registry.promote(MODEL, rejected[0], "hand-checked", who="bob")
+    registry.client().set_model_version_tag(MODEL, rejected[1], "gate.blessed", "true")
+    again = registry.log_candidate(
+        MODEL,
+        layout.run_dir("run-4") / "finetune" / "bundle",
+        {},
+        {},
+        {},
+        {"airflow.run_id": "run-later", "airflow.dag_id": "encoder_pretraining"},
+        {"blessed": False, "reasons": ["regression"], "checks": []},
+    )
+    assert again["version"] == rejected[2] and again["registered_by"] == "run-4"
+    done = prune.apply(home, p, recheck=_airflow)
+    stays = {i.version: i.why for i in done.keep if i.kind == "version" and i.version in rejected}
+    assert stays == {
+        rejected[0]: "it is the champion version now",
+        rejected[1]: "a gate blessed it since the plan",
+        rejected[2]: "run-later found its model in it since the plan",
+    }
+    assert [i.version for i in done.remove if i.kind == "version"] == [rejected[3]] and _gone(rejected[3])
+    assert not any(_gone(v) for v in rejected[:3])
+
+    # A prune killed after MLflow deleted a version, before its files went: the next one removes them.
+    v8 = _version(home, "run-8", False, encoder)
+    answer = registry.delete_version(MODEL, v8, "a test's", time.time())
+    assert answer["deleted"] and answer["files"].exists()
+    [left] = [i for i in planned(_airflow()).remove if i.kind == "version files"]
+    assert left.path == answer["files"] and left.why == "files of a version an interrupted prune deleted"
+    prune.apply(home, planned(_airflow()), recheck=_airflow)
+    assert not answer["files"].exists() and not registry.versions_for_prune()["leftovers"]
+
+
+def test_the_cli_prunes_versions_only_of_a_store_on_this_machine_and_never_without_airflow(
+    encoderflow_home, capsys, monkeypatch
+):
+    from encoderflow import registry
+
+    monkeypatch.delenv("AIRFLOW_HOME", raising=False)
+    monkeypatch.delenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", raising=False)
+    home = encoderflow_home
+    _version(home, "run-1", False, b"enc")
+    _version(home, "run-2", False, b"enc")
+    _aged(home / "runs", 30)
+    for flags in (["--dry-run"], []):
+        assert cli.main(["prune", "--versions", "--keep", "1", "--older-than", "0", *flags]) == 0
+        out = capsys.readouterr().out
+        assert "registered versions are kept: no Airflow could be asked" in out, out
+        assert f"  keep          version {MODEL} v1: no Airflow could be asked" in out
+        assert "mlflow gc" in out.splitlines()[-1]
+    assert len(registry.versions_for_prune()["versions"]) == 2
+    # A server's files are not this machine's: refused before anything is asked or removed.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert cli.main(["prune", "--versions"]) == 2
+    err = capsys.readouterr().err
+    assert "prune --versions deletes versions from an MLflow store on this machine" in err
+    assert "http://127.0.0.1:9 is a server" in err and "fix: leave out --versions here" in err
+
+
+def test_prune_versions_stores_the_identical_files_of_versions_registered_before_once(encoderflow_home):
+    """Versions registered before registration linked identical files each hold a copy (QA: the same
+    encoder.keras five times, and the run folder's bundle a sixth): prune --versions links them."""
+    from encoderflow import bundle, registry
+
+    home = encoderflow_home
+    encoder = os.urandom(1 << 20)
+    versions = [_version(home, f"run-{n}", True, encoder) for n in (1, 2, 3)]
+    registry.move_champion(MODEL, versions[-1], expected=None, reason="gate", who="airflow")
+    judged = registry.versions_for_prune()["versions"]
+    for v in judged:  # each file its own copy again, as this code's predecessor left them
+        for folder in (v["files"] / "bundle", layout.run_dir(v["tags"]["airflow.run_id"]) / "finetune" / "bundle"):
+            for path in folder.iterdir():
+                shutil.copy2(path, path.with_name("copy"))
+                os.replace(path.with_name("copy"), path)
+    assert all((v["files"] / "bundle" / "encoder.keras").stat().st_nlink == 1 for v in judged)
+    airflow, later = _airflow(), time.time() + 60
+    p = prune.plan(home, keep=10, older_than_days=0, airflow=airflow, aliased=[], now=later)
+    p = prune.plan_versions(home, p, 10, 0, airflow, registry.versions_for_prune(), now=later)
+    assert not p.remove and len([i for i in p.keep if i.kind == "version"]) == 3
+    before = _du(home)
+    done = prune.apply(home, p, recheck=lambda: airflow)
+    # Five of the six encoders, and each version's other files' second copy, as du counts them.
+    assert done.shared == before - _du(home) >= 5 << 20
+    first = judged[0]["files"] / "bundle" / "encoder.keras"
+    assert first.stat().st_nlink == 6
+    assert any(
+        line.startswith("  stored the kept versions' identical files once: ")
+        for line in prune.report_lines(home, done, dry_run=False)
+    )
+    for v in versions:
+        assert bundle.damage(registry.download_version(MODEL, v, home.parent / f"serve-{v}")) is None

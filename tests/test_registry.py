@@ -893,3 +893,120 @@ def test_runs_says_who_made_the_champion_when_and_why_and_each_alias_once(tmp_pa
     day = registry.history(NAME)[-1]["at"][:10]
     assert moved.startswith(f"  {NAME} v2 is champion since {day} ")
     assert moved.endswith("UTC (promote from v1, by alice: 'hand-checked on the new slice')")
+
+
+def _run_bundle(run: str, classifier: bytes, encoder: bytes) -> Path:
+    """A bundle in a run folder of this home, as finetune writes it (big files: their blocks count)."""
+    from encoderflow import layout
+
+    root = layout.run_dir(run) / "finetune" / "bundle"
+    root.mkdir(parents=True)
+    (root / "classifier.keras").write_bytes(classifier)
+    (root / "encoder.keras").write_bytes(encoder)
+    (root / "vocab.txt").write_text("[PAD]\nfilm\n")
+    bundle.seal(root)
+    return root
+
+
+def _log(root: Path, run: str, blessed: bool = False, **tags: str) -> dict:
+    decision = {"blessed": blessed, "reasons": [] if blessed else ["floor: 0.4 < 0.5"], "checks": []}
+    return registry.log_candidate(NAME, root, {}, {}, {}, {"airflow.run_id": run, **tags}, decision)
+
+
+def _du(*paths: Path) -> int:
+    """Bytes on disk as du counts them: allocated blocks, each hard-linked file once."""
+    out = subprocess.run(["du", "-s", "-c", "-B1", *map(str, paths)], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-2])
+
+
+def _as_copies(*paths: Path) -> int:
+    """What the same files took before they were stored once: each path its own copy."""
+    return sum(p.stat().st_blocks * 512 for root in paths for p in root.rglob("*") if p.is_file())
+
+
+def test_a_versions_files_are_stored_once_with_its_run_folders_and_other_versions_identical_ones(tmp_path):
+    """Each version kept its whole bundle in the store, the same encoder.keras once per version fine-tuned
+    from one pretraining, and the run folder's bundle a second copy (QA: 83 MB of a 110 MB home)."""
+    from urllib.parse import urlparse
+
+    from encoderflow import layout
+
+    encoder = os.urandom(4 << 20)  # one pretraining, fine-tuned three times
+    roots = [_run_bundle(f"run-{i}", os.urandom(1 << 20), encoder) for i in (1, 2, 3)]
+    home, artifacts = layout.home(), layout.mlflow_dir() / "artifacts"
+    as_copies = _as_copies(home / "runs") * 2  # each run folder's files, and the store's copy of each
+    versions = [_log(root, f"run-{i}")["version"] for i, root in enumerate(roots, 1)]
+    assert versions == ["1", "2", "3"]
+    c = registry.client()
+    stored = [Path(urlparse(c.get_model_version(NAME, v).source).path) for v in versions]
+    for root, copy in zip(roots, stored, strict=True):
+        assert os.path.samefile(copy / "encoder.keras", stored[0] / "encoder.keras")
+        assert os.path.samefile(root / "encoder.keras", stored[0] / "encoder.keras")
+        for name in ("classifier.keras", "bundle.json"):  # its own: one copy for the run and the version
+            assert os.path.samefile(copy / name, root / name) and (copy / name).stat().st_nlink == 2
+    assert (stored[0] / "encoder.keras").stat().st_nlink == 6  # three run folders, three versions
+    assert (stored[0] / "vocab.txt").stat().st_nlink == 6
+    # One 4 MiB encoder and three 1 MiB classifiers on disk, where the copies took 30 MiB.
+    assert as_copies >= 30 << 20 and _du(home / "runs", artifacts) < (7 << 20) + (256 << 10)
+    assert not (home / "cache" / "files").exists()  # nothing shared with the copies predict serves
+    for v in versions:  # served as registered, verified against bundle.json
+        assert bundle.damage(registry.download_version(NAME, v, tmp_path / f"serve-{v}")) is None
+
+    # The caveat of one copy: a write in place alters every version holding it, and each is refused,
+    # never served; the copies fetched to serve are not the store's and stay as they were.
+    with open(stored[0] / "encoder.keras", "r+b") as f:
+        f.write(b"bitrot")
+    for v in versions:
+        with pytest.raises(EncoderflowError, match=f"models:/{NAME}/{v}: encoder.keras"):
+            registry.download_version(NAME, v, tmp_path / f"again-{v}")
+        assert bundle.damage(tmp_path / f"serve-{v}") is None
+
+    # A bundle outside the home (a folder of the user's, edited in place maybe) is not linked to.
+    outside = _bundle(tmp_path / "outside", "4")
+    version = _log(outside, "run-4")["version"]
+    copy = Path(urlparse(c.get_model_version(NAME, version).source).path)
+    assert (outside / "classifier.keras").stat().st_nlink == 1 == (copy / "classifier.keras").stat().st_nlink
+
+
+def test_a_version_logged_to_the_stacks_mlflow_server_is_stored_once_too(tmp_path, monkeypatch):
+    """make stack's MLflow keeps artifacts on this machine (--artifacts-destination under the home):
+    the registry knows where, from the stack's ports.json, and links them as the embedded store's."""
+    import socket
+    import time
+    import urllib.request
+
+    from encoderflow import layout
+
+    home = layout.home()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    artifacts = home / "stack" / "mlflow" / "artifacts"
+    artifacts.mkdir(parents=True)
+    (home / "stack" / "ports.json").write_text(json.dumps({"mlflow": port}))
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{home / 'stack' / 'mlflow' / 'store.db'}"}
+    command = registry.server_command(port, "--serve-artifacts", "--artifacts-destination", str(artifacts))
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "the MLflow server did not start"
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        root = _run_bundle("run-1", os.urandom(1 << 20), os.urandom(1 << 20))
+        got = _log(root, "run-1", blessed=True)
+        assert got["source"].startswith("mlflow-artifacts:/")
+        copy = registry.local_artifacts(got["source"])
+        assert copy is not None and copy.is_relative_to(artifacts)
+        for name in ("classifier.keras", "encoder.keras", "vocab.txt", "bundle.json"):
+            assert os.path.samefile(copy / name, root / name) and (root / name).stat().st_nlink == 2
+        # Another server's, or a cloud store's, files are not this machine's to link.
+        assert registry.local_artifacts("mlflow-artifacts://elsewhere:5000/1/abc/artifacts") is None
+        assert registry.local_artifacts("s3://bucket/1/abc/artifacts") is None
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -204,6 +204,7 @@ def test_runs_are_found_by_any_of_their_names_and_a_pruned_one_by_its_record(rec
 
     home, _ = recorded
     folder = layout.run_dir(REJECTED_RUN)
+    layout.write_json(folder / layout.RESOLVED_FILE, {"set": {"model.dropout": 0.2}, "triggered_by": "alice"})
     assert len(prune.apply(home, prune.Plan(remove=[prune.Item("run", folder, "test")])).remove) == 1
     entries = list(_entries(home, []).values())
     # The start of a folder name, as `ls runs/` shows it (":" and "+" are "_" there).
@@ -212,6 +213,7 @@ def test_runs_are_found_by_any_of_their_names_and_a_pruned_one_by_its_record(rec
     assert pruned["run_id"] == REJECTED_RUN and runs.find(entries, "scheduled__2026-11-26T03_00") is pruned
     shown = "\n".join(runs.detail_lines(pruned, home))
     record = home / "pruned" / f"{folder.name}.json"
+    assert pruned["settings"] == {"model.dropout": 0.2} and pruned["triggered_by"] == "alice"  # its resolved.json kept
     assert record.is_file() and f"its record: {record}" in shown, shown
     assert "NOT BLESSED" in shown and "data docs" not in shown  # its Data Docs went with the folder
 

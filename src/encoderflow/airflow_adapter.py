@@ -829,6 +829,8 @@ def fail_run(run_id: str, wait_for_pid: int | None = None, wait_s: float = 60.0)
                 continue
             changed.append((ti.task_id, ti.map_index, str(ti.state)))
         dr = session.query(DagRun).filter(DagRun.dag_id == DAG_ID, DagRun.run_id == run_id).one_or_none()
+        # The record keeps the preset, as a Ctrl-C's does: a killed run, pruned, read "–" in `encoderflow runs`.
+        preset = (dr.conf or {}).get("preset") if dr is not None else None
         if dr is not None and dr.state == DagRunState.RUNNING:
             dr.set_state(DagRunState.FAILED)
             stopped = True
@@ -843,7 +845,9 @@ def fail_run(run_id: str, wait_for_pid: int | None = None, wait_s: float = 60.0)
             expected=True,
         )
         with contextlib.suppress(OSError):  # an Interrupted record (Ctrl-C) of the same try stays first
-            errors.record_failure(run_id, cause, dag_id=DAG_ID, run_id=run_id, **where)
+            errors.record_failure(
+                run_id, cause, dag_id=DAG_ID, run_id=run_id, **where, **({"preset": preset} if preset else {})
+            )
     from encoderflow import registry
 
     registry.close_stopped(DAG_ID, run_id)

@@ -10,7 +10,8 @@ encoderflow rollback [--reason "..."]                     put the previous champ
 encoderflow config   [--preset P] [--set key=value ...] [--data-file FILE]   print the resolved config
 encoderflow doctor   [--data-dir DIR | --mirror URL]      what a run here would use; exit 0 if it can start
 encoderflow airflow                                       Airflow standalone with this DAG (make airflow)
-encoderflow prune    [--keep N] [--older-than DAYS] [--dry-run]   old run folders and unused caches
+encoderflow prune    [--keep N] [--older-than DAYS] [--dry-run] [--versions]   old run folders, unused caches
+                     and (--versions) registered versions the gate rejected that were never champion
 encoderflow runs     [RUN] [--limit N] [--json]           what each run decided and measured, or one run in full
 """
 
@@ -478,8 +479,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         restored = prune.restore_hidden(home)
         asked = runs.asking_airflow(home)
         with _interactive_mlflow():
+            registered = _versions_for_prune(home) if args.versions else None  # a server: refused first
             aliased, mlflow_said, _ = runs.aliased_versions(home)
-        plan = prune.plan(home, args.keep, args.older_than, runs.airflow_states(asked()), aliased)
+        airflow = runs.airflow_states(asked())
+        plan = prune.plan(home, args.keep, args.older_than, airflow, aliased)
+        if args.versions:
+            plan = prune.plan_versions(home, plan, args.keep, args.older_than, airflow, registered)
         if not args.dry_run:
             plan = prune.apply(home, plan, recheck=lambda: runs.ask_airflow(home))
     notes = [mlflow_said] + (
@@ -488,6 +493,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for line in prune.report_lines(home, plan, args.dry_run, notes):
         print(line)
     return 0
+
+
+def _versions_for_prune(home: Path) -> dict[str, Any] | None:
+    """``registry.versions_for_prune``'s answer for ``prune --versions``; None when MLflow could not be
+    asked (every version stays). A store that is a server is refused (EncoderflowError), before anything
+    is removed."""
+    from encoderflow import registry
+
+    if (home / "stack" / "secrets.json").exists() and not os.environ.get("MLFLOW_TRACKING_URI"):
+        print(
+            "prune --versions: the versions of make stack's MLflow server are not pruned (its files are the "
+            "server's); this home's embedded store is",
+            file=sys.stderr,
+        )
+    try:
+        return registry.versions_for_prune()
+    except EncoderflowError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to ask: keep every version, say why
+        print(f"prune --versions: MLflow at {registry.tracking_uri()} could not be asked: {exc}", file=sys.stderr)
+        return None
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -750,6 +776,17 @@ def _at_least(low: float):
     return parse
 
 
+def _version(text: str) -> str:
+    """An argparse type: a registered version's number, given as ``3`` or as ``encoderflow runs`` prints
+    it, ``v3``; returned as the registry numbers it (``"3"``)."""
+    from encoderflow.registry import version_number
+
+    number = version_number(text)
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version: give its number, 3 or v3 (encoderflow runs)")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="encoderflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -809,7 +846,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Its data file's sections are config too: what a run with it resolves to.
     common(sub.add_parser("config", help="print the resolved config"), sources=False, data_file=True)
     pr = sub.add_parser("promote", help="make a registered version champion (recorded with who and why)")
-    pr.add_argument("--version", required=True, type=int)
+    pr.add_argument(
+        "--version", required=True, type=_version, help="the version's number, as encoderflow runs prints it: 3 or v3"
+    )
     pr.add_argument("--reason", required=True)
     rb = sub.add_parser("rollback", help="put the previous champion back")
     rb.add_argument("--reason", default="rollback")
@@ -818,7 +857,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--who", default=None, help="recorded as the actor (default: $ENCODERFLOW_USER or login)")
     sub.add_parser("airflow", help="Airflow standalone UI with this DAG on localhost:8080")
     pn = sub.add_parser(
-        "prune", help="remove old finished run folders and the caches no kept run uses (never MLflow or Airflow's DB)"
+        "prune",
+        help="remove old finished run folders and the caches no kept run uses (MLflow only with --versions; "
+        "never Airflow's DB)",
     )
     pn.add_argument(
         "--keep", type=_at_least(1), default=10, help="run folders kept whatever their age, newest first (default 10)"
@@ -832,6 +873,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep what changed within this many days (default 7)",
     )
     pn.add_argument("--dry-run", dest="dry_run", action="store_true", help="say what would go, remove nothing")
+    pn.add_argument(
+        "--versions",
+        action="store_true",
+        help="also delete registered versions the gate rejected that were never champion, with their files "
+        "(embedded MLflow store; --keep and --older-than apply to each model's versions too)",
+    )
     rn = sub.add_parser("runs", help="what each run decided and measured, or one run in full")
     rn.add_argument("run", nargs="?", help="one run: its run id, its folder name, or the start of either")
     rn.add_argument("--limit", type=_at_least(0), default=20, help="newest runs listed (default 20; 0 lists every run)")

@@ -22,10 +22,12 @@ adds hundreds of MB. This module decides what goes, by rules a person can read b
   is no alias's; ``validation/`` sites (``encoderflow validate``) beyond the newest ``keep``.
 
 A removed run folder leaves ``pruned/<folder>.json`` (its summary, gate decision and last failure,
-a few KB), so the runs page keeps showing what it decided. The MLflow registry (versions and their
-bundles) and Airflow's metadata DB are the record and are never touched here (``airflow db clean``
-trims the latter). Removal moves a folder into ``.prune/`` beside it first, so a reader sees the
-whole folder or none.
+a few KB), so the runs page keeps showing what it decided. Airflow's metadata DB is never touched
+here (``airflow db clean`` trims it), nor the MLflow registry unless asked (``--versions``,
+:func:`plan_versions`): then the versions the gate rejected that were never champion go, beyond the
+newest ``keep`` and ``older_than``, each leaving its record on the registered model
+(``registry.delete_version``), and the kept versions' identical files are stored once. Removal moves
+a folder into ``.prune/`` beside it first, so a reader sees the whole folder or none.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -62,6 +64,19 @@ class Item:
     why: str
 
 
+@dataclass(frozen=True)
+class VersionItem(Item):
+    """A registered version judged (``kind`` "version"): ``files`` is its MLflow run's artifact folder,
+    which goes with it (None: not known on this machine, or another version's too), ``size`` the space
+    they take on their own."""
+
+    model: str = ""
+    version: str = ""
+    files: Path | None = None
+    size: int = 0
+    run: str = ""  # the Airflow run that registered it: its run folder holds the bundle too
+
+
 @dataclass
 class Plan:
     remove: list[Item] = field(default_factory=list)
@@ -70,6 +85,12 @@ class Plan:
     freed: int = 0
     # Airflow's answer the plan was made on: a second answer that differs stops the removal.
     airflow_states: dict[str, str] | None = None
+    # When it was made: a version whose model a run found in it after this stays (registry.delete_version).
+    made_at: float = field(default_factory=time.time)
+    # Bytes no longer stored twice once kept versions' identical files were linked (apply, with versions).
+    shared: int = 0
+    # Whether registered versions were judged (prune --versions).
+    versions: bool = False
 
 
 def last_change(path: Path) -> float:
@@ -117,6 +138,100 @@ def plan(
     _plan_validation(home, keep, cutoff, out)
     _plan_shared_files(home, out)
     return out
+
+
+def plan_versions(
+    home: Path,
+    plan_: Plan,
+    keep: int,
+    older_than_days: float,
+    airflow: AirflowRuns,
+    registered: dict | None,
+    now: float | None = None,
+) -> Plan:
+    """Add to ``plan_`` the registered versions ``prune --versions`` deletes and keeps, and why; the
+    bytes it frees then count their files too (a file goes with its last link: one a kept version or
+    run folder holds as well stays).
+
+    A version goes when the gate rejected it (its ``gate.blessed`` tag is ``false``: the newest
+    decision on its model), it was never champion (no champion move on record to or from it, no move
+    or demotion tag of its own), no alias points to it, no kept version's training began from it
+    (``lineage.parent``, ``lineage.finetune_parent``), it is not among the newest ``keep`` versions of
+    its model, and it was registered more than ``older_than_days`` ago. Nothing goes while a run is in
+    flight or no Airflow could be asked: a run may find its model in any version and register none
+    of its own (``registry.version``). The files of versions a killed prune deleted go too.
+
+    Args:
+        home: ENCODERFLOW_HOME.
+        plan_: :func:`plan`'s answer, extended in place and returned.
+        keep: versions of each model kept whatever they are, newest first.
+        older_than_days: versions registered more recently than this are kept.
+        airflow: :func:`ask_airflow`'s answer.
+        registered: ``registry.versions_for_prune()``'s answer (None: MLflow could not be asked).
+        now: the time ages are counted from (seconds since the epoch).
+    """
+    now = time.time() if now is None else now
+    cutoff = now - older_than_days * DAY
+    plan_.versions = True
+    if registered is None:
+        plan_.notes.append("registered versions are kept: MLflow could not be asked")
+        return plan_
+    for left in registered["leftovers"]:
+        plan_.remove.append(Item("version files", left["files"], "files of a version an interrupted prune deleted"))
+    versions = registered["versions"]
+    held_back = None
+    if not airflow.asked:
+        held_back = "no Airflow could be asked"
+    elif airflow.in_flight:
+        held_back = f"in flight: {', '.join(airflow.in_flight)}"
+    if held_back:
+        plan_.notes.append(f"registered versions are kept: {held_back} (a run may find its model in any version)")
+    parents: set[tuple[str, str]] = set()  # the versions a kept one began from: older, so judged after it
+    ranked: dict[str, int] = {}
+    for v in sorted(versions, key=lambda v: (v["model"], -int(v["version"]))):
+        rank = ranked[v["model"]] = ranked.get(v["model"], -1) + 1
+        tags = v["tags"]
+        # Another version registered from the same MLflow run holds the same files: they stay with it.
+        files = v["files"] if not v["shares_run"] else None
+        blessed = tags.get("gate.blessed")
+        if held_back:
+            why = held_back
+        elif rank < keep:
+            why = f"one of the newest {keep} of {v['model']}"
+        elif v["aliases"]:
+            why = f"the {', '.join(v['aliases'])} version"
+        elif v["champion"]:
+            why = v["champion"]
+        elif blessed != "false":
+            why = "the gate blessed it" if blessed == "true" else "no gate decision on record"
+        elif v["created"] > cutoff:
+            why = "registered within the age limit"
+        elif (v["model"], v["version"]) in parents:
+            why = "a kept version's training began from it"
+        else:
+            reasons = tags.get("gate.reasons") or "no reason recorded"
+            why = f"rejected by the gate ({reasons if len(reasons) <= 100 else reasons[:97] + '...'}), never champion"
+            size = _frees_alone(_run_folder_of(files)) if files is not None and files.exists() else 0
+            plan_.remove.append(VersionItem("version", files or home, why, v["model"], v["version"], files, size))
+            continue
+        run = tags.get("airflow.run_id") or ""
+        parents |= {
+            (v["model"], str(tags[t]).removeprefix("v"))
+            for t in ("lineage.parent", "lineage.finetune_parent")
+            if tags.get(t)
+        }
+        kept = VersionItem("version", v["files"] or home, why, v["model"], v["version"], v["files"], run=run)
+        plan_.keep.append(kept)  # its files, if any, are stored once with identical ones (apply)
+    _plan_shared_files(home, plan_)
+    return plan_
+
+
+def _frees_alone(path: Path) -> int:
+    """The space removing ``path`` would free by itself, as ``du`` counts it: its folders, and each file
+    no kept run folder or version links to as well."""
+    links = _Links()
+    links.count(path)
+    return links.freed
 
 
 def _plan_runs(
@@ -303,52 +418,74 @@ def _plan_validation(home: Path, keep: int, cutoff: float, out: Plan) -> None:
             out.remove.append(Item("validation", folder, "an older encoderflow validate site"))
 
 
+def _allocated(st: os.stat_result) -> int:
+    """The disk space behind one inode, as ``du`` counts it: its allocated blocks (512 bytes each on
+    Linux), not its size. A 100-byte file takes a 4 KiB block: counted by size, a prune of Data Docs and
+    logs said 38.7 MB freed where ``du`` saw 41.8 MiB go."""
+    return st.st_blocks * 512
+
+
 class _Links:
-    """Hard links counted per inode, to tell which files leave the disk: a file goes with its last link."""
+    """Hard links counted per inode, to tell which files leave the disk (a file goes with its last
+    link), and the space they free as ``du`` counts it (:func:`_allocated`), their folders' included."""
 
     def __init__(self) -> None:
-        self.inodes: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [size, links, links counted]
+        self.inodes: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [allocated, links, links counted]
+        self.folders = 0  # a folder has no second link: it goes whole with what holds it
 
     def count(self, path: Path) -> None:
-        """Count every file under ``path`` (or ``path`` itself) as one link that goes."""
-        for file in [path] if not path.is_dir() or path.is_symlink() else _files(path):
+        """Count every file under ``path`` (or ``path`` itself) as one link that goes, and every folder."""
+        if not path.is_dir() or path.is_symlink():
+            self._link(path)
+            return
+        for root, _, files in os.walk(path):
             with contextlib.suppress(OSError):
-                st = file.lstat()
-                self.inodes.setdefault((st.st_dev, st.st_ino), [st.st_size, st.st_nlink, 0])[2] += 1
+                self.folders += _allocated(os.lstat(root))
+            for name in files:
+                self._link(Path(root) / name)
+
+    def _link(self, file: Path) -> None:
+        with contextlib.suppress(OSError):
+            st = file.lstat()
+            self.inodes.setdefault((st.st_dev, st.st_ino), [_allocated(st), st.st_nlink, 0])[2] += 1
 
     def last_link(self, path: Path) -> bool:
         """Whether ``path``'s other links are all counted already."""
         st = path.lstat()
-        size, nlink, counted = self.inodes.get((st.st_dev, st.st_ino), [st.st_size, st.st_nlink, 0])
+        _, nlink, counted = self.inodes.get((st.st_dev, st.st_ino), [0, st.st_nlink, 0])
         return counted + 1 >= nlink
 
     def merge(self, other: _Links) -> None:
         for inode, (size, nlink, counted) in other.inodes.items():
             self.inodes.setdefault(inode, [size, nlink, 0])[2] += counted
+        self.folders += other.folders
 
     @property
     def freed(self) -> int:
-        return sum(size for size, nlink, counted in self.inodes.values() if counted >= nlink)
+        return self.folders + sum(size for size, nlink, counted in self.inodes.values() if counted >= nlink)
+
+
+def _on_disk(item: Item) -> Path | None:
+    """What of ``item`` leaves the disk: a version's MLflow run folder (or nothing), else its path."""
+    if not isinstance(item, VersionItem):
+        return item.path
+    return _run_folder_of(item.files) if item.files is not None and item.files.exists() else None
 
 
 def _plan_shared_files(home: Path, out: Plan) -> None:
     """``cache/files`` entries whose every other link is in a folder that goes (or that have none),
     and the bytes all removals free."""
+    out.remove = [item for item in out.remove if item.kind != "shared file"]  # judged again: versions came
     links = _Links()
     for item in out.remove:
-        links.count(item.path)
+        if (path := _on_disk(item)) is not None:
+            links.count(path)
     store = home / "cache" / "files"
     for path in sorted(store.iterdir()) if store.is_dir() else []:
         if links.last_link(path):
             out.remove.append(Item("shared file", path, "no run holds it any more"))
             links.count(path)
     out.freed = links.freed
-
-
-def _files(path: Path) -> Iterator[Path]:
-    for root, _, files in os.walk(path):
-        for name in files:
-            yield Path(root) / name
 
 
 # What a run in flight may read: nothing here goes unless Airflow, asked again, says the same.
@@ -374,10 +511,19 @@ def apply(home: Path, plan_: Plan, recheck: Callable[[], AirflowRuns] | None = N
         plan_: :func:`plan`'s answer.
         recheck: asks Airflow again (:func:`ask_airflow`); None: no second asking.
     """
-    done = Plan(keep=list(plan_.keep), notes=list(plan_.notes), airflow_states=plan_.airflow_states)
+    done = Plan(
+        keep=list(plan_.keep),
+        notes=list(plan_.notes),
+        airflow_states=plan_.airflow_states,
+        made_at=plan_.made_at,
+        versions=plan_.versions,
+    )
+    registered = [i for i in plan_.remove if i.kind in VERSION_KINDS]
     hidden: list[tuple[Item, Path]] = []
     try:
-        for item in (i for i in plan_.remove if i.path.is_dir() and not i.path.is_symlink()):
+        for item in (
+            i for i in plan_.remove if i.kind not in VERSION_KINDS and i.path.is_dir() and not i.path.is_symlink()
+        ):
             try:
                 away = item.path.parent / HIDDEN / item.path.name
                 away.parent.mkdir(exist_ok=True)
@@ -387,33 +533,47 @@ def apply(home: Path, plan_: Plan, recheck: Callable[[], AirflowRuns] | None = N
                 hidden.append((item, away))
             except OSError as exc:
                 done.notes.append(f"{item.path}: not removed ({exc})")
-        if recheck is not None and any(item.kind in SHARED_BY_RUNS for item, _ in hidden):
+        if recheck is not None and (registered or any(item.kind in SHARED_BY_RUNS for item, _ in hidden)):
             now = recheck()
             if not now.asked or now.states != plan_.airflow_states:
                 done.notes.append(
                     f"{now.said}: runs started or changed since the plan, so runs/, data/ and shards/ were put back"
+                    + (" and no registered version was deleted" if registered else "")
                 )
                 for item, away in [h for h in hidden if h[0].kind in SHARED_BY_RUNS]:
                     _put_back(item.path, away)
                     done.keep.append(Item(item.kind, item.path, "put back: runs started or changed since the plan"))
                 hidden = [h for h in hidden if h[0].kind not in SHARED_BY_RUNS]
+                done.keep += [i for i in registered if i.kind == "version"]
+                registered = []
     except BaseException:
         for item, away in hidden:
             _put_back(item.path, away)
         raise
     links = _Links()
     for item, away in hidden:
-        mine = _Links()
-        mine.count(away)
-        shutil.rmtree(away, ignore_errors=True)
-        if away.exists():
+        if _delete(away, links):
+            done.remove.append(item)
+            with contextlib.suppress(OSError):
+                away.parent.rmdir()  # the hidden folder, once empty
+        else:
             done.notes.append(f"{item.path}: not wholly removed; what is left is in {away}")
-            continue
-        links.merge(mine)
+    for item in registered:
+        files = _on_disk(item)
+        if isinstance(item, VersionItem):
+            from encoderflow import registry
+
+            answer = registry.delete_version(item.model, item.version, item.why, plan_.made_at, item.size)
+            if not answer["deleted"]:
+                done.keep.append(replace(item, why=answer["why"]))
+                continue
+            files = answer["files"]
+        if files is not None and files.exists() and not _delete(_run_folder_of(files), links):
+            done.notes.append(f"{files}: not wholly removed")
         done.remove.append(item)
-        with contextlib.suppress(OSError):
-            away.parent.rmdir()  # the hidden folder, once empty
-    for item in (i for i in plan_.remove if not i.path.is_dir() or i.path.is_symlink()):
+    for item in (
+        i for i in plan_.remove if i.kind not in VERSION_KINDS and (not i.path.is_dir() or i.path.is_symlink())
+    ):
         try:
             if item.kind == "shared file" and item.path.lstat().st_nlink > 1:
                 continue
@@ -425,7 +585,64 @@ def apply(home: Path, plan_: Plan, recheck: Callable[[], AirflowRuns] | None = N
         except OSError as exc:
             done.notes.append(f"{item.path}: not removed ({exc})")
     done.freed = links.freed
+    done.shared = _share_kept(home, [i for i in done.keep if isinstance(i, VersionItem)])
     return done
+
+
+# What apply removes through MLflow (a version) or as a deleted MLflow run's leftover files, never hidden
+# in .prune/ first: no run reads them.
+VERSION_KINDS = ("version", "version files")
+
+
+def _delete(path: Path, links: _Links) -> bool:
+    """Remove the folder ``path``; its space counts in ``links`` once it is all gone. Whether it is."""
+    mine = _Links()
+    mine.count(path)
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        return False
+    links.merge(mine)
+    return True
+
+
+def _run_folder_of(files: Path) -> Path:
+    """An MLflow run's artifact folder (``<run id>/artifacts`` in a local store), or the run's folder
+    around it when it holds nothing else: a deleted run leaves no empty folder behind."""
+    if files.name == "artifacts" and [p.name for p in files.parent.iterdir()] == ["artifacts"]:
+        return files.parent
+    return files
+
+
+def _share_kept(home: Path, kept: list[VersionItem]) -> int:
+    """Store each identical file of the kept versions' bundles, and of the run folders they were
+    registered from, once (``registry.store_once``): versions registered before registration did so
+    each hold a copy. Returns the space freed, as ``du`` counts it."""
+    from encoderflow import registry
+
+    pairs = [
+        (item.files / "bundle", layout.run_dir(item.run) / "finetune" / "bundle" if item.run else None)
+        for item in kept
+        if item.files is not None and (item.files / "bundle").is_dir()
+    ]
+    before = {
+        path: path.lstat()
+        for folders in pairs
+        for folder in folders
+        if folder is not None and folder.is_dir()
+        for path in folder.iterdir()
+        if path.is_file() and not path.is_symlink()
+    }
+    for logged, run_bundle in pairs:
+        try:
+            registry.store_once(logged, run_bundle)
+        except OSError as exc:  # a file that cannot be replaced: the copies stay
+            log.warning("prune: the files of %s stay as they are (%s)", logged, exc)
+    freed = _Links()
+    for path, st in before.items():
+        with contextlib.suppress(OSError):
+            if path.lstat().st_ino != st.st_ino:  # now a link to the one kept: its old inode lost a link
+                freed.inodes.setdefault((st.st_dev, st.st_ino), [_allocated(st), st.st_nlink, 0])[2] += 1
+    return freed.freed
 
 
 def _put_back(path: Path, away: Path) -> None:
@@ -481,6 +698,8 @@ def keep_record(home: Path, folder: Path) -> Path:
         "gate": layout.read_json_or_none(folder / "gate.json") or earlier.get("gate"),
         "failure": failure,
         "registered": layout.read_json_or_none(folder / layout.REGISTERED_FILE) or earlier.get("registered"),
+        # What the run was triggered with and by whom: `encoderflow runs` reads them for a pruned run too.
+        "resolved": layout.read_json_or_none(folder / layout.RESOLVED_FILE) or earlier.get("resolved"),
     }
     return layout.write_json(path, record)
 
@@ -508,19 +727,44 @@ def report_lines(home: Path, plan_: Plan, dry_run: bool, notes: Iterable[str] = 
     for item in sorted(plan_.keep, key=lambda i: (i.kind, str(i.path))):
         if item.kind == "run":
             lines.append(f"  keep          run     {item.path.relative_to(home)}: {item.why}")
+    for item in sorted((i for i in plan_.keep if isinstance(i, VersionItem)), key=_version_order):
+        lines.append(f"  keep          version {item.model} v{item.version}: {item.why}")
     for item in plan_.remove:
-        if item.kind != "shared file":
-            lines.append(f"  {verb:<13} {item.kind:<7} {item.path.relative_to(home)}: {item.why}")
+        if isinstance(item, VersionItem):
+            held = f" (frees {layout.human_size(item.size)} alone)" if item.size else ""
+            lines.append(f"  {verb:<13} version {item.model} v{item.version}: {item.why}{held}")
+        elif item.kind != "shared file":
+            lines.append(f"  {verb:<13} {item.kind:<7} {_shown(item.path, home)}: {item.why}")
     shared = sum(1 for item in plan_.remove if item.kind == "shared file")
     if shared:
-        lines.append(f"  {verb:<13} {shared} file(s) in cache/files no run holds any more")
+        lines.append(f"  {verb:<13} {shared} file(s) in cache/files no run or version holds any more")
+    if plan_.shared:
+        lines.append(f"  stored the kept versions' identical files once: {layout.human_size(plan_.shared)} freed")
     runs = home / "runs"
     left = sum(1 for f in runs.iterdir() if f.is_dir() and not f.name.startswith(".")) if runs.is_dir() else 0
     if dry_run:
         left -= sum(1 for item in plan_.remove if item.kind == "run")
+    untouched = (
+        "Not touched: Airflow's metadata DB (airflow db clean trims it); a deleted version's MLflow run is marked "
+        "deleted, its few KB of rows left for mlflow gc."
+        if plan_.versions
+        else "Not touched: the MLflow registry (versions and their bundles; --versions deletes rejected ones) and "
+        "Airflow's metadata DB (airflow db clean trims it)."
+    )
     lines.append(
         f"{'would free' if dry_run else 'freed'} {layout.human_size(plan_.freed)} ({len(plan_.remove)} item(s)); "
-        f"{left} run folder(s) {'would be ' if dry_run else ''}left. Not touched: the MLflow registry "
-        "(versions and their bundles) and Airflow's metadata DB (airflow db clean trims it)."
+        f"{left} run folder(s) {'would be ' if dry_run else ''}left. {untouched}"
     )
     return lines
+
+
+def _version_order(item: VersionItem) -> tuple[str, int]:
+    return item.model, int(item.version) if item.version.isdigit() else 0
+
+
+def _shown(path: Path, home: Path) -> str:
+    """``path`` as the report names it: from ``home`` when it is there (a store elsewhere: whole)."""
+    try:
+        return str(path.relative_to(home))
+    except ValueError:
+        return str(path)

@@ -44,6 +44,13 @@ DEMOTED = "champion.demoted"
 NOT_PROMOTED = "champion.not_promoted"
 # On the MLflow run of a candidate that was a registered model already: the version holding it.
 REGISTERED_AS = "registry.version"
+# On the registered model, one per version ``encoderflow prune --versions`` deleted (its number, six
+# digits): what the version was judged on and when it went. check_lineage still finds a deleted
+# rejection (rejected_under), so a rerun of that training is skipped, not trained again for hours.
+PRUNED_TAG = "pruned.version."
+# On the MLflow run of a deleted version, set before the run is deleted: a prune killed before it removed
+# the run's files leaves them findable (versions_for_prune's leftovers).
+PRUNED_RUN_TAG = "encoderflow.pruned"
 
 
 class StaleChampion(EncoderflowError):
@@ -71,6 +78,18 @@ def _absent(exc, c, name: str) -> bool:
             if missing.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return True
     raise exc
+
+
+def _deleted(c, name: str, version: str) -> str:
+    """`` (deleted by encoderflow prune --versions on <date>: <why>)`` for a version pruned from ``name``,
+    else nothing: a version ``encoderflow runs`` still names is not simply missing."""
+    try:
+        record = pruned_in(c.get_registered_model(name).tags).get(str(version).removeprefix("v"))
+    except Exception:  # noqa: BLE001 - a detail of an error message already on its way
+        return ""
+    if not record:
+        return ""
+    return f" (deleted by encoderflow prune --versions on {str(record.get('deleted_at'))[:10]}: {record.get('why')})"
 
 
 def embedded_uri() -> str:
@@ -216,8 +235,8 @@ def version_ref(c, name: str, version: str | int) -> str:
         aliases = sorted(f"@{a}" for a in (c.get_registered_model(name).aliases or {}))  # searches carry none
         raise EncoderflowError(
             f"{name} has no {'alias ' + version if version.startswith('@') else 'version ' + version} at "
-            f"{tracking_uri()}; versions: {', '.join(map(str, numbers)) or 'none'}; aliases: "
-            f"{', '.join(aliases) or 'none'}",
+            f"{tracking_uri()}{_deleted(c, name, version)}; versions: {', '.join(map(str, numbers)) or 'none'}; "
+            f"aliases: {', '.join(aliases) or 'none'}",
             fix="give one of those",
         ) from None
     return version
@@ -418,6 +437,8 @@ def log_candidate(
                 mlflow.log_artifact(str(extra))
             source = f"{run.info.artifact_uri}/bundle"
             run_id = run.info.run_id
+    if holder is None:  # this MLflow run holds the bundle's files (uploaded now, or by an earlier try)
+        _store_once(source, bundle_dir)
     with promotion_lock():  # another run's promote may have registered this very model meanwhile
         holder = holder or _holding(c, name, tags[BUNDLE_TAG], tags[CONTENT_TAG])
         if holder is None:
@@ -434,6 +455,110 @@ def log_candidate(
         run_id,
     )
     return _described(holder, run_id, earlier=True)
+
+
+def local_artifacts(artifact_uri: str) -> Path | None:
+    """The folder on this machine holding the files of an MLflow artifact URI, where this code knows it:
+    a ``file:`` URI or an absolute path (the embedded store, any SQLite store), or ``mlflow-artifacts:``
+    served by this home's native stack (``make stack``: its MLflow keeps them under
+    ``stack/mlflow/artifacts``); None for any other server or a cloud store. The folder may not exist."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme in ("", "file") and not parsed.netloc:
+        path = Path(url2pathname(parsed.path))
+        return path if path.is_absolute() else None
+    stack = _stack_artifacts()
+    if parsed.scheme == "mlflow-artifacts" and stack is not None and parsed.netloc in ("", *stack[1]):
+        # The server's artifacts destination plus the URI's path: how it resolves one it serves.
+        return stack[0] / parsed.path.lstrip("/")
+    return None
+
+
+def _stack_artifacts() -> tuple[Path, tuple[str, ...]] | None:
+    """Where the native stack's MLflow server of this home keeps artifacts, and the host:port names it
+    answers to, when the tracking URI in use is that server; else None."""
+    root = layout.home() / "stack"
+    ports = layout.read_json_or_none(root / "ports.json") or {}
+    if "mlflow" not in ports:
+        return None
+    hosts = tuple(f"{host}:{ports['mlflow']}" for host in ("127.0.0.1", "localhost"))
+    if tracking_uri().rstrip("/") not in {f"http://{host}" for host in hosts}:
+        return None
+    return root / "mlflow" / "artifacts", hosts
+
+
+def _store_once(source: str, bundle_dir: str | os.PathLike) -> int:
+    """:func:`store_once` for the bundle just logged at ``source`` from ``bundle_dir``, where its files are
+    on this machine; a registration never fails for want of it (the copies stay). Returns the bytes freed."""
+    logged = local_artifacts(source)
+    if logged is None:
+        return 0
+    try:
+        freed = store_once(logged, Path(bundle_dir))
+    except OSError as exc:
+        log.warning("registry: the files of %s stay copies (%s)", logged, exc)
+        return 0
+    if freed:
+        log.info("registry: the bundle's files are stored once with identical ones: %s", layout.human_size(freed))
+    return freed
+
+
+def store_once(logged: Path, run_bundle: Path | None = None) -> int:
+    """Make each file of a version's bundle in the MLflow store (``logged``) one inode with the identical
+    files of other versions' bundles there and of the run folder's bundle it was logged from
+    (``run_bundle``): each version kept a copy of its own, and versions fine-tuned from one pretraining
+    hold the same encoder.keras (a smoke home of 20 runs: 83 MB of MLflow store in 110 MB). Returns
+    the space freed, as ``du`` counts it.
+
+    Every file is checked against the sha256 it is linked for: a copy damaged meanwhile is neither
+    linked to nor replaced. Only within ``ENCODERFLOW_HOME``, where nothing rewrites a bundle's file in
+    place (MLflow writes a run's artifacts once; bundles are built aside and renamed). Not with
+    ``cache/files``, which the copies ``predict`` serves and runs fetch link to: an edit in place of one
+    of those must not reach the registry's files, which ``predict`` fetches a verified copy from again.
+    The deterministic choice of the copy kept (the first by path) makes every identical file one.
+    """
+    home = layout.home()
+    root = next((r for r in _artifact_roots() if logged.resolve().is_relative_to(r.resolve())), None)
+    if root is None or not (logged / bundle.META).is_file():
+        return 0
+    if run_bundle is not None and not run_bundle.resolve().is_relative_to(home):
+        run_bundle = None  # a folder of the user's, edited in place maybe
+    held: dict[str, list[Path]] = {}  # sha256 -> the same file in other versions' bundles
+    for meta in sorted(root.rglob(bundle.META)):
+        if meta.parent.name == "bundle" and meta.parent != logged:
+            for name, digest in ((layout.read_json_or_none(meta) or {}).get("files") or {}).items():
+                held.setdefault(digest, []).append(meta.parent / name)
+    gone: dict[tuple[int, int], list[int]] = {}  # an inode replaced: [allocated, links, links replaced]
+    for path in sorted(p for p in logged.iterdir() if p.is_file() and not p.is_symlink()):
+        digest = layout.sha256_file(path)
+        mine = run_bundle / path.name if run_bundle is not None else None
+        mine = mine if mine is not None and mine.is_file() and _holds(mine, digest, path) else None
+        # Another version's copy, else the run folder's (runs that reused its result link to it already).
+        anchor = next((c for c in sorted(held.get(digest, [])) if _holds(c, digest, path)), mine or path)
+        for copy in (c for c in (path, mine) if c is not None and not os.path.samefile(c, anchor)):
+            st = copy.lstat()
+            with layout.atomic_path(copy) as tmp:  # a reader sees one copy or the other, never none
+                tmp.unlink()
+                os.link(anchor, tmp)
+            gone.setdefault((st.st_dev, st.st_ino), [st.st_blocks * 512, st.st_nlink, 0])[2] += 1
+    return sum(size for size, links, replaced in gone.values() if replaced >= links)
+
+
+def _artifact_roots() -> list[Path]:
+    """Where this home's MLflow stores keep artifacts: the embedded store's, and make stack's server's."""
+    return [layout.mlflow_dir() / "artifacts", layout.home() / "stack" / "mlflow" / "artifacts"]
+
+
+def _holds(path: Path, digest: str, like: Path) -> bool:
+    """Whether ``path`` is there and holds the content ``digest`` names (``like``'s: the size first)."""
+    try:
+        return os.path.samefile(path, like) or (
+            path.stat().st_size == like.stat().st_size and layout.sha256_file(path) == digest
+        )
+    except OSError:
+        return False
 
 
 def _set_decision(c, name: str, version: str, decision: dict[str, Any], decided_in: str | None = None) -> None:
@@ -522,7 +647,11 @@ def _finished_unregistered(c, exp_id: str, tags: dict[str, str]):
     without registering it, or None."""
     # Exactly this bundle: a run logged before the tag was could hold a candidate trained again since.
     same = (r for r in _earlier_tries(c, exp_id, tags, "FINISHED") if r.data.tags.get(BUNDLE_TAG) == tags[BUNDLE_TAG])
-    return next(same, None)
+    # A run that found its model held by a version uploaded no bundle: registered from, it would be an
+    # empty version (its holder may be gone since: encoderflow prune --versions).
+    return next(
+        (r for r in same if REGISTERED_AS not in r.data.tags or c.list_artifacts(r.info.run_id, "bundle")), None
+    )
 
 
 def registered_for_run(
@@ -562,9 +691,15 @@ def _registered_for(c, name: str, tags: dict[str, str]) -> dict[str, Any] | None
         if _same_bundle(mv.tags, tags):
             return _described(mv, mv.run_id)
     exp = c.get_experiment_by_name(EXPERIMENT) if tags.get("airflow.run_id") else None
+    from mlflow.exceptions import MlflowException
+
     for run in _earlier_tries(c, exp.experiment_id, tags, "FINISHED") if exp is not None else ():
         if REGISTERED_AS in run.data.tags and _same_bundle(run.data.tags, tags):
-            holder = c.get_model_version(name, run.data.tags[REGISTERED_AS])
+            try:
+                holder = c.get_model_version(name, run.data.tags[REGISTERED_AS])
+            except MlflowException as exc:  # deleted since (encoderflow prune --versions): it holds nothing
+                _absent(exc, c, name)
+                continue
             return _described(holder, run.info.run_id, earlier=True)
     return None
 
@@ -607,16 +742,34 @@ def rejected_under(name: str, lineage: dict[str, str], champion_version: str, se
     """The newest version of ``name`` trained from ``lineage`` (data, code and config hashes) that the
     gate rejected against ``champion_version`` under ``settings_hash``, as ``{"version", "reasons"}``;
     None when there is none (or only versions decided before decisions recorded their settings)."""
+    from mlflow.exceptions import MlflowException
+
     c = client()
-    for mv in sorted(c.search_model_versions(f"name='{name}'"), key=lambda mv: -int(mv.version)):
-        tags = mv.tags
+    judged = [(int(mv.version), mv.tags, None) for mv in c.search_model_versions(f"name='{name}'")]
+    try:
+        model_tags = c.get_registered_model(name).tags
+    except MlflowException as exc:
+        _absent(exc, c, name)
+        model_tags = {}
+    # A version encoderflow prune --versions deleted was judged all the same: its record answers.
+    judged += [(int(number), record.get("tags") or {}, record) for number, record in pruned_in(model_tags).items()]
+    for number, tags, pruned in sorted(judged, key=lambda j: -j[0]):
         if (
             all(tags.get(k) == v for k, v in lineage.items())
             and tags.get("gate.blessed") == "false"
             and tags.get("gate.champion_version") == str(champion_version)
             and tags.get(SETTINGS_TAG) == settings_hash
         ):
-            return {"version": str(mv.version), "reasons": tags.get("gate.reasons", "")}
+            reasons = tags.get("gate.reasons", "")
+            if pruned is None:
+                return {"version": str(number), "reasons": reasons}
+            when = str(pruned.get("deleted_at") or "")[:10]
+            return {
+                "version": str(number),
+                "reasons": f"{reasons} (v{number} itself was deleted by encoderflow prune --versions on {when}; "
+                f"its record is {name}'s {PRUNED_TAG}{number:06d} tag)",
+                "pruned": pruned,
+            }
     return None
 
 
@@ -699,7 +852,8 @@ def move_champion(
         _absent(exc, c, name)
         versions = sorted((int(v.version) for v in c.search_model_versions(f"name='{name}'")), reverse=True)
         raise EncoderflowError(
-            f"{name}: no version {version} in {tracking_uri()}; its versions: {versions[:20]}",
+            f"{name}: no version {version} in {tracking_uri()}{_deleted(c, name, version)}; its versions: "
+            f"{versions[:20]}",
             fix="give --version one of them (the runs page and the MLflow UI show each version's gate decision)",
         ) from None
     if demote:
@@ -902,7 +1056,14 @@ def promote(name: str, version: str, reason: str, who: str | None = None) -> dic
     check_reason(reason, who)
     current = champion(name)
     expected = current["version"] if current else None
-    return move_champion(name, str(version), expected, reason, who, action="promote", demote=True)
+    return move_champion(name, version_number(version), expected, reason, who, action="promote", demote=True)
+
+
+def version_number(version: str | int) -> str:
+    """A version as the registry numbers it: ``3``, ``"3"`` and ``"v3"`` (as ``encoderflow runs`` prints
+    it) are ``"3"``. Anything else is returned as given, for the caller's lookup to refuse by name."""
+    text = str(version).strip()
+    return str(int(text[1:] if text[:1] in "vV" else text)) if re.fullmatch(r"[vV]?\d+", text) else text
 
 
 def rollback(name: str, reason: str, who: str | None = None) -> dict[str, Any]:
@@ -945,3 +1106,190 @@ def rollback(name: str, reason: str, who: str | None = None) -> dict[str, Any]:
         )
     expected = current["version"] if current else None
     return move_champion(name, target, expected, reason or "rollback", who, action="rollback", demote=True)
+
+
+def pruned_in(tags: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The versions ``encoderflow prune --versions`` deleted, by number, from a registered model's tags:
+    each one's record (``deleted_at``, ``who``, ``why``, ``bytes`` and the tags it was judged on)."""
+    out = {}
+    for key, value in tags.items():
+        if key.startswith(PRUNED_TAG) and key[len(PRUNED_TAG) :].isdigit():
+            try:
+                out[str(int(key[len(PRUNED_TAG) :]))] = json.loads(value)
+            except ValueError:  # cut or edited by hand: that version is simply not on record
+                continue
+    return out
+
+
+def _champion_record(tags: dict[str, str], version: str, moves: list[dict[str, Any]]) -> str | None:
+    """Why version ``version`` (its ``tags``) counts as having been champion, or None: a move onto or
+    off it on record, its own move tags, or a person's demotion of it."""
+    for move in moves:
+        if version in (str(move.get("to")), str(move.get("from"))):
+            return f"was champion ({moved_text(move) if str(move.get('to')) == version else 'moved off it'})"
+    for tag in ("champion.promote", "champion.rollback", DEMOTED):
+        if tag in tags:
+            return f"was champion (its {tag} tag)"
+    return None
+
+
+def versions_for_prune() -> dict[str, Any]:
+    """Every registered version of every model in the MLflow store in use, as ``encoderflow prune
+    --versions`` judges them, and the files of versions a killed prune deleted but left on disk.
+
+    Returns:
+        ``store`` (the tracking URI); ``versions``: one dict each with ``model``, ``version``,
+        ``run_id``, ``created`` (seconds since the epoch), ``tags``, ``aliases``, ``champion`` (why it
+        was champion once, or None), ``files`` (its MLflow run's artifact folder on this machine, None
+        when unknown) and ``shares_run`` (another version was registered from the same MLflow run);
+        ``leftovers``: ``run_id`` and ``files`` of each such deleted run whose folder is still there.
+
+    Raises:
+        EncoderflowError: the store is a server: its files are not this machine's to delete.
+    """
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:"):
+        raise EncoderflowError(
+            f"prune --versions deletes versions from an MLflow store on this machine (the embedded one, or a "
+            f"sqlite: MLFLOW_TRACKING_URI); {uri} is a server, whose files it cannot reach",
+            fix="leave out --versions here, and delete versions on the server (its UI or MlflowClient."
+            "delete_model_version, then mlflow gc there)",
+        )
+    if no_store():
+        return {"store": uri, "versions": [], "leftovers": []}
+    from mlflow.entities import ViewType
+
+    c = client()
+    found = []
+    for model in c.search_registered_models():
+        moves = moves_in(model.tags)
+        aliases: dict[str, list[str]] = {}
+        for alias, number in (model.aliases or {}).items():  # a search's versions carry none
+            aliases.setdefault(str(number), []).append(alias)
+        for mv in c.search_model_versions(f"name='{model.name}'"):
+            version = str(mv.version)
+            try:
+                files = local_artifacts(c.get_run(mv.run_id).info.artifact_uri)
+            except Exception:  # noqa: BLE001 - a run gone from the store: its files are not known
+                files = None
+            found.append(
+                {
+                    "model": model.name,
+                    "version": version,
+                    "run_id": mv.run_id,
+                    "created": (mv.creation_timestamp or 0) / 1000,
+                    "tags": dict(mv.tags),
+                    "aliases": sorted(aliases.get(version, [])),
+                    "champion": _champion_record(mv.tags, version, moves),
+                    "files": files,
+                }
+            )
+    runs = [v["run_id"] for v in found]
+    for v in found:
+        v["shares_run"] = runs.count(v["run_id"]) > 1
+    leftovers = []
+    if (exp := c.get_experiment_by_name(EXPERIMENT)) is not None:
+        for run in c.search_runs([exp.experiment_id], run_view_type=ViewType.DELETED_ONLY, max_results=5000):
+            files = local_artifacts(run.info.artifact_uri) if PRUNED_RUN_TAG in run.data.tags else None
+            if files is not None and files.exists():
+                leftovers.append({"run_id": run.info.run_id, "files": files})
+    return {"store": uri, "versions": found, "leftovers": leftovers}
+
+
+def delete_version(name: str, version: str, why: str, since: float, size: int = 0) -> dict[str, Any]:
+    """Delete version ``version`` of ``name``, which ``encoderflow prune --versions`` judged at ``since``
+    (seconds since the epoch) as going, for the reason ``why``, if that still holds.
+
+    Under the promotion lock, so no champion move (a gate's, a person's) interleaves: a version that
+    has an alias now, was made champion, was blessed by a later gate, or whose model a run found in it
+    since ``since`` (``registry.version`` on its MLflow run: the run registered no bundle of its own)
+    stays. Otherwise, in this order, so a crash at any point leaves a consistent store: the version's
+    record becomes the registered model's ``pruned.version.NNNNNN`` tag (:func:`rejected_under` reads it,
+    so that training is not run again for hours to be rejected again); its MLflow run is tagged; the
+    version is deleted; its MLflow run is deleted (MLflow marks it deleted: its few KB of rows stay until
+    ``mlflow gc``), unless another version was registered from it. The run's files are the caller's to
+    remove, once they are not an MLflow run's of record.
+
+    Args:
+        size: the bytes its files hold, for the record.
+
+    Returns:
+        ``deleted`` (bool), ``why`` (the reason it stays, when not deleted) and ``files`` (the deleted
+        MLflow run's artifact folder on this machine, or None: nothing to remove).
+    """
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    with promotion_lock():
+        try:
+            mv = c.get_model_version(name, version)
+        except MlflowException as exc:
+            _absent(exc, c, name)
+            return {"deleted": False, "why": "deleted since the plan", "files": None}
+        tags = dict(mv.tags)
+        stays = None
+        if mv.aliases:
+            stays = f"it is the {', '.join(mv.aliases)} version now"
+        elif was := _champion_record(tags, str(version), history(name)):
+            stays = was
+        elif tags.get("gate.blessed") != "false":
+            stays = "a gate blessed it since the plan"
+        else:
+            exp = c.get_experiment_by_name(EXPERIMENT)
+            query = f"tags.`{REGISTERED_AS}` = '{version}' and attributes.start_time > {int(since * 1000)}"
+            if exp is not None and (later := c.search_runs([exp.experiment_id], filter_string=query, max_results=1)):
+                stays = f"{later[0].data.tags.get('airflow.run_id', 'a run')} found its model in it since the plan"
+        if stays:
+            return {"deleted": False, "why": stays, "files": None}
+        at = datetime.now(UTC).isoformat(timespec="seconds")
+        record = {
+            "deleted_at": at,
+            "who": os.environ.get("ENCODERFLOW_USER") or getpass.getuser(),
+            "why": why,
+            "bytes": size,
+            "run_id": mv.run_id,
+            "tags": {
+                k: v
+                for k, v in tags.items()
+                if k in _PRUNED_KEEPS or (k.startswith("data.") and k.endswith(".content_hash"))
+            },
+        }
+        c.set_registered_model_tag(name, f"{PRUNED_TAG}{int(version):06d}", _pruned_value(record))
+        c.set_tag(mv.run_id, PRUNED_RUN_TAG, json.dumps({"model": name, "version": str(version), "at": at}))
+        c.delete_model_version(name, version)
+        if any(other.run_id == mv.run_id for other in c.search_model_versions(f"name='{name}'")):
+            return {"deleted": True, "why": "", "files": None}
+        c.delete_run(mv.run_id)
+        files = local_artifacts(c.get_run(mv.run_id).info.artifact_uri)
+    log.info("registry: %s v%s deleted (%s); its MLflow run %s marked deleted", name, version, why, mv.run_id)
+    return {"deleted": True, "why": "", "files": files}
+
+
+# What a deleted version's record keeps of its tags: how it was judged, on what (with the data hashes),
+# and which model it held.
+_PRUNED_KEEPS = (
+    "airflow.run_id",
+    "airflow.dag_id",
+    BUNDLE_TAG,
+    CONTENT_TAG,
+    "config.training_hash",
+    "code.hash",
+    "gate.blessed",
+    "gate.champion_version",
+    SETTINGS_TAG,
+    "gate.reasons",
+    metric_tag(METRICS["candidate"]),
+)
+
+
+def _pruned_value(record: dict[str, Any]) -> str:
+    """A deleted version's record as JSON within ``TAG_VALUE_MAX`` characters: the gate's reasons are
+    cut (ending ``[cut]``) when the whole would not fit."""
+    text = json.dumps(record, ensure_ascii=False)
+    reasons = record["tags"].get("gate.reasons", "")
+    while len(text) > TAG_VALUE_MAX and reasons:
+        reasons = reasons[: max(0, len(reasons) - (len(text) - TAG_VALUE_MAX) - len(" [cut]"))]
+        text = json.dumps(
+            {**record, "tags": {**record["tags"], "gate.reasons": reasons + " [cut]"}}, ensure_ascii=False
+        )
+    return text
