@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 BLESSED_RUN = "manual__2026-11-25T10:00:00+00:00"
@@ -119,3 +120,20 @@ HISTORIES = {
         "val_accuracy": [0.55, 0.55],
     },
 }
+
+
+def beat_a_scheduler(db: Path, host: str = "teamhost", user: str = "alice") -> datetime:
+    """A live scheduler in the embedded Airflow's job table (``airflow.db`` at ``db``), started an hour ago
+    on ``host`` as ``user``; returns its heartbeat. The heartbeat is ahead of the clock, so it stays within
+    Airflow's 30 s threshold however slowly the CLIs under test start on a loaded machine."""
+    import sqlite3
+    from datetime import UTC, timedelta
+
+    beat = datetime.now(UTC).replace(tzinfo=None) + timedelta(minutes=10)
+    with sqlite3.connect(db) as con:
+        con.execute(
+            "insert into job (state, job_type, start_date, latest_heartbeat, hostname, unixname) values "
+            "('running', 'SchedulerJob', ?, ?, ?, ?)",
+            (f"{beat - timedelta(hours=1)}", f"{beat}", host, user),
+        )
+    return beat

@@ -405,7 +405,9 @@ def test_a_run_is_refused_while_a_scheduler_runs_on_the_same_airflow(tmp_path, e
     """With `encoderflow airflow` up on the same home, its scheduler queued the tasks of `encoderflow run`'s
     DAG run too and ran them a second time; when it lost the race the run failed, blaming a worker."""
     import sqlite3
-    from datetime import UTC, datetime, timedelta
+    from datetime import timedelta
+
+    from tests.fixtures_runs import beat_a_scheduler
 
     first = _run_toy(tmp_path / "first", encoderflow_home, "expected")  # makes the metadata DB
     assert first.returncode == 1
@@ -416,14 +418,7 @@ def test_a_run_is_refused_while_a_scheduler_runs_on_the_same_airflow(tmp_path, e
         con.execute("update dag_run set state = 'running'")
     said = runs.asking_airflow(encoderflow_home)().said
     assert "(no scheduler alive on it: its runs in flight wait until that Airflow runs again" in said
-    # A heartbeat ahead of the clock stays within Airflow's 30 s threshold however slowly the CLIs start here.
-    beat = datetime.now(UTC).replace(tzinfo=None) + timedelta(minutes=10)
-    with sqlite3.connect(db) as con:
-        con.execute(
-            "insert into job (state, job_type, start_date, latest_heartbeat, hostname, unixname) values "
-            "('running', 'SchedulerJob', ?, ?, 'teamhost', 'alice')",
-            (f"{beat - timedelta(hours=1)}", f"{beat}"),
-        )
+    beat = beat_a_scheduler(db)
     assert "no scheduler alive" not in runs.asking_airflow(encoderflow_home)().said
     with sqlite3.connect(db) as con:
         con.execute("update dag_run set state = 'failed'")

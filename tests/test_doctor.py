@@ -248,10 +248,10 @@ def test_a_home_that_is_a_file_or_under_one_fails_doctor_and_the_run_in_one_line
 def test_a_scheduler_running_on_the_homes_airflow_is_named_as_what_refuses_encoderflow_run(encoderflow_home, capsys):
     """doctor said "a run can start" (exit 0) while `encoderflow run` was then refused: a standalone ran
     on the same home."""
-    import sqlite3
     import subprocess
     import sys
-    from datetime import UTC, datetime, timedelta
+
+    from tests.fixtures_runs import beat_a_scheduler
 
     assert doctor.check_home_airflow() is None  # never set up: nothing runs on it
     env = {**os.environ, **cli.airflow_env()}
@@ -260,14 +260,7 @@ def test_a_scheduler_running_on_the_homes_airflow_is_named_as_what_refuses_encod
     assert doctor.check_home_airflow() == doctor.Check(
         doctor.OK, doctor.HOME_AIRFLOW, f"no scheduler running on {encoderflow_home / 'airflow'}"
     )
-    # A heartbeat ahead of the clock stays within Airflow's 30 s threshold however slowly the child starts here.
-    beat = datetime.now(UTC).replace(tzinfo=None) + timedelta(minutes=10)
-    with sqlite3.connect(db) as con:
-        con.execute(
-            "insert into job (state, job_type, start_date, latest_heartbeat, hostname, unixname) values "
-            "('running', 'SchedulerJob', ?, ?, 'teamhost', 'alice')",
-            (f"{beat - timedelta(hours=1)}", f"{beat}"),
-        )
+    beat_a_scheduler(db)
     check = doctor.check_home_airflow()
     assert check.status == doctor.WARN and check.value.startswith(
         "a scheduler runs on it (on teamhost as alice, since "
