@@ -370,6 +370,8 @@ def test_the_supervisor_restarts_a_killed_component_says_so_and_outlives_the_ter
     )
     term_pid, term = pty.fork()
     if term_pid == 0:  # the terminal's shell: never returns
+        # As a terminal's shell has it: a test run under nohup would hand its ignored SIGHUP on.
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         os.execv(sys.executable, [sys.executable, "-c", script])
     try:
         said = b""

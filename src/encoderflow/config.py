@@ -908,13 +908,7 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected section.key=value")
-        if key.strip() in out and out[key.strip()] != value:
-            # The last one silently won: a long command line set a key twice and trained the other value.
-            raise ConfigError(
-                f"override {key.strip()!r} given twice ({out[key.strip()]!r}, then {value!r})",
-                fix="keep the one you mean",
-            )
-        out[key.strip()] = value
+        out[key.strip()] = value  # the last wins: a wrapper adds its defaults first, a person's value after
     return out
 
 
