@@ -912,6 +912,11 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def set_item(key: str, value: Any) -> str:
+    """``key=value`` as ``--set`` (and :func:`parse_set`) takes it back: booleans as ``true``/``false``."""
+    return f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+
+
 # An unknown key is a misspelt one: its value may be right.
 KEY_FIX = "use a key `encoderflow config` prints (docs/parameters.md lists each, with its type and bounds)"
 

@@ -586,15 +586,11 @@ def alone_in(out_dir: str | os.PathLike, every: float = 60.0) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if said is None or time.monotonic() - said >= every:
-                    lock.seek(0)
-                    text = lock.read().strip()
-                    with contextlib.suppress(ValueError, AttributeError):
-                        text = str(json.loads(text).get("pid", text))
                     log.warning(
                         "%s: an earlier try (pid %s) still trains in %s (its worker died, or Airflow lost "
                         "it): waiting for it to end, then reusing or resuming what it leaves",
                         out_dir.name,
-                        text or "?",
+                        (holder(lock.name) or {}).get("pid", "?"),
                         out_dir,
                     )
                     said = time.monotonic()
@@ -631,6 +627,26 @@ def busy_twin(out_dir: str | os.PathLike, key: str) -> tuple[Path, str] | None:
         facts = holder(lock)
         if facts is not None and facts.get("key") == key and facts.get("code") == code:
             return folder, str(facts.get("pid", "?"))
+    return None
+
+
+def finished_or_after_twin(
+    stage: str,
+    key: str,
+    out_dir: str | os.PathLike,
+    field: str,
+    problem: Callable[[Path, dict[str, Any]], str | None],
+    earlier_runs: bool,
+    trained_from: str,
+    doing: str,
+    then: str,
+) -> dict[str, Any] | None:
+    """:func:`finished`'s result; else, with ``earlier_runs``, once another run training ``key`` now ends
+    (:func:`wait_for_twin`), what it left. None: train (or resume)."""
+    if (done := finished(stage, key, out_dir, field, problem, earlier_runs, trained_from)) is not None:
+        return done
+    if earlier_runs and wait_for_twin(out_dir, key, doing, then):
+        return finished(stage, key, out_dir, field, problem, earlier_runs, trained_from)
     return None
 
 

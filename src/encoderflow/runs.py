@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from encoderflow import DAG_ID, layout
-from encoderflow.config import GateConfig
+from encoderflow.config import GateConfig, set_item
 from encoderflow.errors import failure_outlived, task_label
 from encoderflow.gate import METRICS as GATE_METRICS
 from encoderflow.layout import read_json_or_none, safe_run_id
@@ -769,8 +769,7 @@ def _when(value: Any) -> str:
 
 def settings_text(settings: Mapping[str, Any]) -> str:
     """A run's overrides as ``--set`` takes them, or what an empty set means."""
-    shown = (f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(settings.items()))
-    return " ".join(shown) or "nothing (the preset's values)"
+    return " ".join(set_item(k, v) for k, v in sorted(settings.items())) or "nothing (the preset's values)"
 
 
 def accuracy_text(value: Any) -> str:

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from encoderflow import layout
-from encoderflow.config import RunOptions, Sources, check_conf_keys, from_params, resolve, training_schedule
+from encoderflow.config import (
+    RunOptions,
+    Sources,
+    check_conf_keys,
+    from_params,
+    resolve,
+    set_item,
+    training_schedule,
+)
 from encoderflow.gate import METRICS, metric_tag
 from encoderflow.results import (
     Baseline,
@@ -770,7 +778,7 @@ def _warm_starts_fit(cfg, folder: Path, version: str) -> None:
                 differ.append((key, theirs[section][name], mine[section][name]))
         if differ:
             said = ", ".join(f"{k} {t!r} (this run {m!r})" for k, t, m in differ)
-            fix_set = " ".join(f"{k}={str(t).lower() if isinstance(t, bool) else t}" for k, t, _ in differ)
+            fix_set = " ".join(set_item(k, t) for k, t, _ in differ)
             raise EncoderflowError(
                 f"{label}: champion v{version} of {cfg.gate.registered_model} was built with {said}; this run {how}",
                 fix=f"use the champion's settings (--set {fix_set}), or {knob}=none",

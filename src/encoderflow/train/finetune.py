@@ -135,12 +135,11 @@ def finetune(
     # runs differing only in gate settings fine-tuned side by side, and both bundles, one model trained
     # twice, could be registered.
     with layout.alone_in(out_dir):
-        if (done := layout.finished("finetune", key, out_dir, "bundle", _unsound, earlier_runs, what)) is not None:
+        done = layout.finished_or_after_twin(
+            "finetune", key, out_dir, "bundle", _unsound, earlier_runs, what, TWIN_DOES, TWIN_THEN
+        )
+        if done is not None:
             return _on_this_dev(done, labeled, dev_sha256, out_dir)
-        if earlier_runs and layout.wait_for_twin(out_dir, key, TWIN_DOES, TWIN_THEN):
-            found = layout.finished("finetune", key, out_dir, "bundle", _unsound, earlier_runs, what)
-            if found is not None:
-                return _on_this_dev(found, labeled, dev_sha256, out_dir)
         with layout.training(out_dir, key):
             return _train(cfg, encoder_path, labeled, vocab_path, out_dir, init_classifier, key, keyed, dev_sha256)
 

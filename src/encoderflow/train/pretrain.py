@@ -379,12 +379,11 @@ def pretrain(
     # one config minutes apart trained side by side on one accelerator, and the second copied the first's
     # live backup calling it stopped. It now reuses that run's encoder, or resumes its backup if it stops.
     with layout.alone_in(out_dir):
-        if (done := layout.finished("pretrain", key, out_dir, "encoder", _altered, earlier_runs, what)) is not None:
+        done = layout.finished_or_after_twin(
+            "pretrain", key, out_dir, "encoder", _altered, earlier_runs, what, TWIN_DOES, TWIN_THEN
+        )
+        if done is not None:
             return done
-        if earlier_runs and layout.wait_for_twin(out_dir, key, TWIN_DOES, TWIN_THEN):
-            found = layout.finished("pretrain", key, out_dir, "encoder", _altered, earlier_runs, what)
-            if found is not None:
-                return found
         if earlier_runs:
             _adopt_backup(out_dir, key)
         with data_parallel(cfg.pretrain.batch_size) as devices, layout.training(out_dir, key):
