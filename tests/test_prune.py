@@ -503,6 +503,22 @@ def test_versions_the_gate_rejected_that_were_never_champion_go_with_their_files
 
     with pytest.raises(EncoderflowError, match=r"no version 3 in .* \(deleted by encoderflow prune --versions on "):
         registry.promote(MODEL, "v3", "bring it back", who="bob")
+    # encoderflow runs marks them, where it printed a plain "v3" as if MLflow still held it; the records
+    # protect nothing from prune (only the aliases do).
+    from encoderflow import runs
+
+    aliased, said, _ = runs.aliased_versions(home)
+    assert sorted((a.version, a.alias) for a in aliased) == [
+        (v1, "previous"),
+        (v2, "champion"),
+        (v3, runs.DELETED),
+        (v6, runs.DELETED),
+    ]
+    assert said.startswith("MLflow (") and "deleted" not in said and f"{MODEL} v2 (champion)" in said
+    shown = [{"registry": {"registered_model": MODEL, "version": v}} for v in (v2, v6)]
+    runs.mark_aliases(shown, aliased)
+    assert [runs.version_text(e) for e in shown] == ["v2 champion", "v6 (deleted by prune)"]
+    assert not any("deleted" in i.why for i in prune.plan(home, 1, 0, airflow, aliased, now=later).keep)
     # Another prune finds nothing more to do: the rest stays for the reasons it gave.
     again = prune.plan(home, keep=1, older_than_days=0, airflow=airflow, aliased=[], now=later)
     again = prune.plan_versions(home, again, 1, 0, airflow, registry.versions_for_prune(), now=later)

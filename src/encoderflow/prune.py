@@ -125,6 +125,8 @@ def plan(
     now = time.time() if now is None else now
     cutoff = now - older_than_days * DAY
     out = Plan(airflow_states=dict(airflow.states))
+    # A deleted version's record protects nothing: only what an alias points to does.
+    aliased = None if aliased is None else [a for a in aliased if a.aliased]
     if not airflow.asked:
         out.notes.append(f"{airflow.said}; so runs/, data/ and shards/ are kept")
     elif airflow.in_flight:

@@ -46,6 +46,9 @@ IN_FLIGHT = ("queued", "running")
 # Airflow says running, but the `encoderflow run` process that ran it is gone (layout.stopped_runs).
 STOPPED = "stopped"
 ALIASES = ("champion", "previous")
+# Not an alias: marks a version ``encoderflow prune --versions`` deleted, for ``runs`` to say so (a plain
+# "v2" read as a version MLflow still holds). It protects nothing: prune keeps to :data:`ALIASES`.
+DELETED = "deleted"
 # Declared once, with the gate's other settings: gate.registered_model's default.
 DEFAULT_MODEL = GateConfig().registered_model
 
@@ -276,11 +279,17 @@ class Aliased:
     def why(self) -> str:
         return f"registered {self.model} v{self.version} ({self.alias})"
 
+    @property
+    def aliased(self) -> bool:
+        """An alias points to it (not a :data:`DELETED` record)."""
+        return self.alias in ALIASES
+
 
 def aliased_versions(home: Path) -> tuple[list[Aliased] | None, str, set[str]]:
-    """Every version the ``champion`` or ``previous`` alias of any registered model points to, and a
-    line for the report, and the tracking URIs asked; None when an MLflow the runs registered in could
-    not be asked (the caller then keeps every run that registered a version).
+    """Every version the ``champion`` or ``previous`` alias of any registered model points to (and, as
+    :data:`DELETED`, every version ``prune --versions`` deleted), and a line for the report, and the
+    tracking URIs asked; None when an MLflow the runs registered in could not be asked (the caller then
+    keeps every run that registered a version).
 
     Asked: the environment's MLflow (``MLFLOW_TRACKING_URI``), else the embedded store (if it
     exists) and the native stack's server (with the workers' login); and every other tracking URI a
@@ -320,7 +329,8 @@ def aliased_versions(home: Path) -> tuple[list[Aliased] | None, str, set[str]]:
             return None, said, set(stores)
         found += aliased
     # dict.fromkeys: a server over the embedded store's database lists the same aliases again.
-    said = ", ".join(dict.fromkeys(f"{a.model} v{a.version} ({a.alias})" for a in found)) or "no aliased version"
+    said = ", ".join(dict.fromkeys(f"{a.model} v{a.version} ({a.alias})" for a in found if a.aliased))
+    said = said or "no aliased version"
     moves = dict.fromkeys(f"\n  {a.model} v{a.version} is champion since {a.moved}" for a in found if a.moved)
     return found, f"MLflow ({', '.join(stores) or 'no registry here yet'}): {said}{''.join(moves)}", set(stores)
 
@@ -371,6 +381,11 @@ def _aliased(registry, store: str) -> tuple[list[Aliased] | None, str]:
                             parent if parent.startswith("/") else "",
                         )
                     )
+            found += [
+                Aliased(model.name, number, DELETED, layout.safe_run_id(run) if isinstance(run, str) else None, store)
+                for number, record in registry.pruned_in(model.tags).items()
+                for run in [(record.get("tags") or {}).get("airflow.run_id")]
+            ]
     except Exception as exc:  # any failure to ask: keep more, never less
         from encoderflow.errors import cause_of, one_line
 
@@ -756,11 +771,13 @@ def verdict_of(entry: dict[str, Any]) -> str:
     return "in flight" if entry.get("state") in IN_FLIGHT else "not gated"
 
 
-def _version_of(entry: dict[str, Any]) -> str:
+def version_text(entry: dict[str, Any]) -> str:
+    """The version a run registered or found, with the aliases :func:`mark_aliases` gave it."""
     reg = entry.get("registry") or {}
     if not reg.get("version"):
         return "–"
-    return " ".join([f"v{reg['version']}", *(entry.get("aliases") or [])])
+    marks = [f"({a} by prune)" if a == DELETED else a for a in entry.get("aliases") or []]
+    return " ".join([f"v{reg['version']}", *marks])
 
 
 def _when(value: Any) -> str:
@@ -801,7 +818,7 @@ def table_lines(entries: list[dict[str, Any]]) -> list[str]:
             verdict_of(e),
             *(accuracy_text((e.get("metrics") or {}).get(m)) for m in TABLE_METRICS),
             *([str(e.get("model") or "–")] if several else []),
-            _version_of(e),
+            version_text(e),
         ]
         for e in entries
     ]
@@ -858,7 +875,7 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
     out.append(f"metrics    {' · '.join(shown) or '–'}")
     reg = entry.get("registry") or {}
     if reg.get("version") or reg.get("run_id"):
-        parts = [f"{reg.get('registered_model') or DEFAULT_MODEL} {_version_of(entry)}"]
+        parts = [f"{reg.get('registered_model') or DEFAULT_MODEL} {version_text(entry)}"]
         if reg.get("registered_by"):
             parts.append(f"registered by {reg['registered_by']}")
         if reg.get("run_id"):

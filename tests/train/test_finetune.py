@@ -46,6 +46,8 @@ def test_pooling_and_buckets_follow_the_config(inputs, tmp_path, caplog, overrid
     with caplog.at_level(logging.INFO, logger="encoderflow"):
         result = finetune(cfg, encoder, sst2, vocab, tmp_path)
     assert f"length buckets {buckets}" in caplog.text
+    # The shape is in finetune's own log: a run that reused its pretraining has no pretrain line of it.
+    assert "finetune: encoder 1 layer of width" in caplog.text
     scorer = bundle.Scorer(result["bundle"])
     layer = scorer.classifier.get_layer("pooled_tokens")
     assert f"{layer.name}:{type(layer).__name__}" == pooling

@@ -188,8 +188,10 @@ def _train(
             float(loaded.get_layer("embeddings_dropout").rate),
         )
     # Real-token attention and pooling make outputs independent of padding: fit lengths to the data.
+    # As pretrain's line: a run that reused its pretraining had the shape only in the earlier run's log.
     log.info(
-        "finetune: pooling %s, length buckets %s (model.padding_mask=%s)",
+        "finetune: encoder %s; pooling %s, length buckets %s (model.padding_mask=%s)",
+        models.describe(cfg.model),
         cfg.pooling(),
         "on" if cfg.length_buckets() else "off",
         cfg.model.padding_mask,
