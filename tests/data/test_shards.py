@@ -531,6 +531,169 @@ def _copy_reference(reference, corpus):
     return p
 
 
+def _sealed_copy(reference, corpus, edit=None):
+    """The reference set, manifest included, copied into this test's home; ``edit`` alters the manifest."""
+    p = shards.plan(reference["cfg"], *corpus)
+    shutil.copytree(reference["plan"]["shards_dir"], p["shards_dir"])
+    path = Path(p["shards_dir"]) / shards.MANIFEST
+    if edit:
+        manifest = layout.read_json(path)
+        edit(manifest)
+        layout.write_json(path, manifest)
+    return p, path
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_seal_reuses_an_untouched_manifest_as_it_is(reference, corpus, monkeypatch, caplog):
+    p, path = _sealed_copy(reference, corpus)
+    hashed = []
+    sha256_file = layout.sha256_file
+    monkeypatch.setattr(layout, "sha256_file", lambda f: hashed.append(Path(f).name) or sha256_file(f))
+    for _ in range(2):
+        before = (path.read_bytes(), path.stat().st_mtime_ns)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="encoderflow"):
+            sealed = shards.seal(p, reference["cfg"])
+        assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+        assert sealed == {**reference["sealed"], "manifest": str(path), "manifest_sha256": sha256_file(path)}
+        assert f"shards {p['shards_dir']}: sealed already ({len(p['shards'])} shards), reused" in caplog.text
+        assert not _warnings(caplog)
+        assert not [f for f in hashed if f.endswith(".tfrecord")]  # reuse does not hash the shards again
+        # A manifest sealed before manifests named their vocabulary file is reused as it is too.
+        manifest = layout.read_json(path)
+        manifest.pop("vocab_path", None)
+        layout.write_json(path, manifest)
+    assert shards.load_manifest(path, reference["cfg"])["seq_length"] == SEQ
+
+
+def _set(*keys, value):
+    def edit(manifest):
+        inner = manifest
+        for key in keys[:-1]:
+            inner = inner[key]
+        inner[keys[-1]] = value
+
+    return edit
+
+
+# (what is edited, the reader's complaint, sealing's); {vocab} is the vocabulary file's path.
+EDITED_MANIFESTS = {
+    "seq_length": (
+        _set("seq_length", value=64),
+        "seq_length=64 but its config.data.seq_length=32",
+        "seq_length=64, not 32 (data.seq_length)",
+    ),
+    "vocab_size": (
+        _set("vocab_size", value=999),
+        f"vocab_size=999 but {{vocab}} holds {len(VOCAB)} tokens",
+        f"vocab_size=999, not {len(VOCAB)} (the token count of {{vocab}})",
+    ),
+    "one_copy_of_predictions_per_seq": (
+        _set("config", "data", "predictions_per_seq", value=8),
+        "predictions_per_seq=6 but its config.data.predictions_per_seq=8",
+        "config.data.predictions_per_seq=8, not 6 (data.predictions_per_seq)",
+    ),
+    "totals": (
+        _set("totals", "train", "tokens", value=1),
+        "totals={'train': {'records': ",
+        "totals={'train': {'records': ",
+    ),
+}
+
+
+@pytest.mark.parametrize("edited", list(EDITED_MANIFESTS))
+def test_an_edited_manifest_is_refused_by_readers_and_written_again_by_seal(reference, corpus, caplog, edited):
+    edit, refused, rewritten = EDITED_MANIFESTS[edited]
+    p, path = _sealed_copy(reference, corpus, edit)
+    cfg = reference["cfg"]
+    with pytest.raises(ShardError) as refusal:
+        shards.load_manifest(path, cfg)
+    message = str(refusal.value)
+    assert message.startswith(f"{path}: shard manifest disagrees with itself or its vocabulary")
+    assert refused.replace("{vocab}", p["vocab_path"]) in message
+    assert message.endswith(
+        f"; fix: delete {path} and re-run seal_shards and the tasks after it (clear seal_shards, or run the DAG "
+        "again): sealing writes the manifest again from the verified shards"
+    )
+    with pytest.raises(ShardError, match="disagrees with itself"):
+        shards.make_dataset(path, cfg, "train", 4)
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="encoderflow"):
+        sealed = shards.seal(p, cfg)
+    [warning] = _warnings(caplog)
+    assert warning.startswith(f"shards {p['shards_dir']}: manifest {path} does not hold what sealing writes (")
+    assert rewritten.replace("{vocab}", p["vocab_path"]) in warning
+    assert warning.endswith("): writing it again from the verified shards")
+    # Written again from the verified shards: the very bytes sealing wrote first; readers take it.
+    assert sealed["manifest_sha256"] == layout.sha256_file(path) == reference["sealed"]["manifest_sha256"]
+    assert shards.load_manifest(path, cfg)["vocab_size"] == len(VOCAB)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="encoderflow"):
+        assert shards.seal(p, cfg) == sealed
+    assert not _warnings(caplog)
+
+
+def test_both_copies_of_seq_length_edited_are_refused_against_the_config_and_sealing_puts_them_right(
+    reference, corpus, caplog
+):
+    """seq_length=64 in the manifest of a set sealed with 32 used to fail only in pretrain, with a fix
+    ("re-run plan_shards") that changed nothing: the plan reuses the sealed set. Sealing now checks it."""
+
+    def edit(manifest):
+        manifest["seq_length"] = manifest["config"]["data"]["seq_length"] = 64
+
+    p, path = _sealed_copy(reference, corpus, edit)
+    with pytest.raises(ShardError) as refusal:
+        shards.load_manifest(path, reference["cfg"])
+    assert str(refusal.value) == (
+        f"{path}: shard manifest seq_length=64 but the training config expects 32; fix: re-run plan_shards and the "
+        "tasks after it with this config: it plans the shard set for these settings, and seal_shards checks a "
+        "sealed set's manifest before reusing it"
+    )
+    assert shards.plan(reference["cfg"], *corpus)["sealed"] is True
+    with caplog.at_level("WARNING", logger="encoderflow"):
+        shards.seal(p, reference["cfg"])
+    assert _warnings(caplog) == [
+        f"shards {p['shards_dir']}: manifest {path} does not hold what sealing writes (seq_length=64, not 32 "
+        "(data.seq_length); config.data.seq_length=64, not 32 (data.seq_length)): writing it again from the "
+        "verified shards"
+    ]
+    assert shards.load_manifest(path, reference["cfg"])["seq_length"] == SEQ
+
+
+def test_a_manifest_that_is_not_json_or_lists_other_shards_is_written_again(reference, corpus, caplog):
+    p, path = _sealed_copy(reference, corpus)
+    path.write_text(path.read_text()[:200])  # cut short by something outside the writer
+    with pytest.raises(ShardError) as refusal:
+        shards.load_manifest(path, reference["cfg"])
+    assert str(refusal.value).startswith(f"{path}: shard manifest is not valid JSON (")
+    assert f"; fix: delete {path} and re-run seal_shards" in str(refusal.value)
+    with caplog.at_level("WARNING", logger="encoderflow"):
+        assert shards.seal(p, reference["cfg"])["manifest_sha256"] == reference["sealed"]["manifest_sha256"]
+    assert "not valid JSON" in _warnings(caplog)[0]
+
+    manifest = layout.read_json(path)
+    manifest["shards"].pop()
+    layout.write_json(path, manifest)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="encoderflow"):
+        assert shards.seal(p, reference["cfg"])["num_shards"] == len(p["shards"])
+    assert f"shards: {len(p['shards']) - 1} files, not the plan's {len(p['shards'])}" in _warnings(caplog)[0]
+
+
+def test_seal_with_an_edited_manifest_still_refuses_a_missing_shard(reference, corpus):
+    p, path = _sealed_copy(reference, corpus, _set("vocab_size", value=999))
+    Path(p["shards"][1]["file"]).unlink()
+    with pytest.raises(ShardError, match=f"shard {p['shards'][1]['file']} is missing"):
+        shards.seal(p, reference["cfg"])
+    with pytest.raises(ShardError, match="vocab_size=999"):
+        shards.load_manifest(path, reference["cfg"])  # still refused: nothing downstream runs on it
+
+
 def test_seal_refuses_a_missing_shard(reference, corpus):
     p = _copy_reference(reference, corpus)
     missing = Path(p["shards"][1]["file"])

@@ -460,15 +460,36 @@ def _example(tf, ex: dict[str, Any], row: int) -> bytes:
 
 
 def seal(shard_plan: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    """Verify every shard and write ``manifest.json`` last: its presence means the set is complete."""
+    """Verify every shard and write ``manifest.json`` last: its presence means the set is complete.
+
+    A manifest found in place is reused only when it holds what sealing would write: the plan's
+    shards and build records, this config's values, the vocabulary's sha256, size and special ids,
+    its duplicated values agreeing. Otherwise (edited, damaged) it is written again from the
+    verified shards, with a warning: nothing in it is known only to the manifest.
+    """
     from encoderflow.data.tokenizer import Vocab
 
     out_dir = Path(shard_plan["shards_dir"])
     manifest_path = out_dir / MANIFEST
+    vocab_path = shard_plan["vocab_path"]
+    # The shards' vocabulary: its token count and special ids go into (and check) the manifest.
+    if not Path(vocab_path).is_file():
+        raise ShardError(f"{vocab_path}: the vocabulary is gone since the shard plan; re-run the DAG")
+    if layout.sha256_file(vocab_path) != shard_plan["vocab_sha256"]:
+        raise ShardError(f"{vocab_path}: changed since the shard plan (sha256 differs); re-run the DAG")
+    vocab = Vocab.load(vocab_path)
     if manifest_path.exists():
-        manifest = layout.read_json(manifest_path)
-        log.info("shards %s: sealed already (%d shards), reused", out_dir, len(manifest["shards"]))
-        return _summary(manifest_path, manifest)
+        faults = _reuse_faults(manifest_path, shard_plan, cfg, vocab)
+        if not faults:
+            manifest = layout.read_json(manifest_path)
+            log.info("shards %s: sealed already (%d shards), reused", out_dir, len(manifest["shards"]))
+            return _summary(manifest_path, manifest)
+        log.warning(
+            "shards %s: manifest %s does not hold what sealing writes (%s): writing it again from the verified shards",
+            out_dir,
+            manifest_path,
+            "; ".join(faults),
+        )
     entries = []
     for shard in shard_plan["shards"]:
         path = Path(shard["file"])
@@ -495,30 +516,7 @@ def seal(shard_plan: dict[str, Any], cfg: Config) -> dict[str, Any]:
         log.info("shards %s: kept %d temp files: another run is writing here", out_dir, len(temps) - len(stale))
     if stale:
         log.info("shards %s: removed %d temp files left by interrupted writers", out_dir, len(stale))
-    vocab = Vocab.load(shard_plan["vocab_path"])
-    d = cfg.data
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "shards_hash": shard_plan["shards_hash"],
-        "config": {"data": cfg.to_dict()["data"]},
-        "seq_length": d.seq_length,
-        "predictions_per_seq": d.predictions_per_seq,
-        "mask_rate": d.mask_rate,
-        "mask_token_rate": MASK_TOKEN_RATE,
-        "random_token_rate": RANDOM_TOKEN_RATE,
-        "vocab_size": vocab.size,
-        "vocab_sha256": shard_plan["vocab_sha256"],
-        "special_ids": vocab.special_ids(),
-        "inputs": sorted({(s["split"], s["text_path"], s["text_sha256"]) for s in shard_plan["shards"]}),
-        "shards": entries,
-        "totals": {
-            split: {
-                "records": sum(e["records"] for e in entries if e["split"] == split),
-                "tokens": sum(e["tokens"] for e in entries if e["split"] == split),
-            }
-            for split in SPLIT_CODES
-        },
-    }
+    manifest = _manifest(shard_plan, cfg, vocab, entries)
     layout.write_json(manifest_path, manifest)
     log.info(
         "shards %s: sealed %d shards, train %d records, valid %d records; manifest %s",
@@ -541,8 +539,163 @@ def _summary(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_manifest(manifest: dict[str, Any], cfg: Config) -> None:
-    """Refuse shards whose coupled values differ from what the training config expects."""
+def _manifest(shard_plan: dict[str, Any], cfg: Config, vocab, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest sealing writes: a function of the plan, the config, the vocabulary and the build records."""
+    d = cfg.data
+    return {
+        "format_version": FORMAT_VERSION,
+        "shards_hash": shard_plan["shards_hash"],
+        "config": {"data": cfg.to_dict()["data"]},
+        "seq_length": d.seq_length,
+        "predictions_per_seq": d.predictions_per_seq,
+        "mask_rate": d.mask_rate,
+        "mask_token_rate": MASK_TOKEN_RATE,
+        "random_token_rate": RANDOM_TOKEN_RATE,
+        "vocab_size": vocab.size,
+        "vocab_sha256": shard_plan["vocab_sha256"],
+        "vocab_path": str(shard_plan["vocab_path"]),
+        "special_ids": vocab.special_ids(),
+        "inputs": sorted({(s["split"], s["text_path"], s["text_sha256"]) for s in shard_plan["shards"]}),
+        "shards": entries,
+        "totals": _totals(entries),
+    }
+
+
+def _totals(entries: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    return {
+        split: {
+            "records": sum(e["records"] for e in entries if e["split"] == split),
+            "tokens": sum(e["tokens"] for e in entries if e["split"] == split),
+        }
+        for split in SPLIT_CODES
+    }
+
+
+# Values a manifest holds twice: at the top (what readers use) and in the data config it records.
+DUPLICATED = ("seq_length", "predictions_per_seq", "mask_rate")
+# The recorded data config's values every manifest has and readers check against the training config.
+COUPLED_DATA = (*DUPLICATED, "lowercase", "strip_accents")
+
+
+def _reuse_faults(path: Path, shard_plan: dict[str, Any], cfg: Config, vocab) -> list[str]:
+    """How the manifest at ``path`` differs from what :func:`seal` would write now; empty: reuse it.
+
+    Shards are not hashed again here (that is what sealing anew does): their entries are compared
+    with the build records beside them. Paths are not compared (a home may move); the contents'
+    sha256s are.
+    """
+    try:
+        recorded = layout.read_json(path)
+    except ValueError as e:
+        return [f"not valid JSON ({e})"]
+    if not isinstance(recorded, dict):
+        return [f"not a JSON object but a {type(recorded).__name__}"]
+    names = [Path(s["file"]).name for s in shard_plan["shards"]]
+    records = [layout.read_json_or_none(_sidecar(Path(s["file"]))) for s in shard_plan["shards"]]
+    expected = _manifest(shard_plan, cfg, vocab, [r for r in records if isinstance(r, dict)])
+    where = {
+        "format_version": "this code's record format",
+        "shards_hash": "the plan's",
+        "mask_token_rate": "the masking's",
+        "random_token_rate": "the masking's",
+        "vocab_size": f"the token count of {vocab.path}",
+        "vocab_sha256": f"the plan's sha256 of {vocab.path}",
+        "special_ids": f"the ids in {vocab.path}",
+        "totals": "the sums of its shards' build records",
+        **{key: f"data.{key}" for key in DUPLICATED},
+    }
+    faults = []
+    for key, source in where.items():
+        if key == "totals" and None in records:
+            continue  # reported below, with the missing build record
+        got, want = recorded.get(key), expected[key]
+        if got != want:
+            faults.append(f"{key}={got!r}, not {want!r} ({source})")
+    data = recorded.get("config", {}).get("data") if isinstance(recorded.get("config"), dict) else None
+    if not isinstance(data, dict):
+        faults.append("no config.data")
+    else:
+        want_data = expected["config"]["data"]
+        # A key this code no longer or not yet writes is left alone; the coupled ones must be there.
+        for key in sorted({*COUPLED_DATA, *(k for k in data if k in want_data)}):
+            if data.get(key) != want_data.get(key):
+                faults.append(f"config.data.{key}={data.get(key)!r}, not {want_data.get(key)!r} (data.{key})")
+    inputs = recorded.get("inputs")
+    try:
+        texts = sorted({(split, sha) for split, _, sha in inputs})
+    except (TypeError, ValueError):
+        texts = None
+    if texts != sorted({(split, sha) for split, _, sha in expected["inputs"]}):
+        faults.append("inputs: other texts (split and sha256) than the plan's")
+    entries = recorded.get("shards")
+    if not isinstance(entries, list):
+        faults.append("no shards list")
+    elif [e.get("file") if isinstance(e, dict) else None for e in entries] != names:
+        faults.append(f"shards: {len(entries)} files, not the plan's {len(names)} ({', '.join(names[:2])}, ...)")
+    else:
+        for name, entry, record in zip(names, entries, records):
+            if record is None:
+                faults.append(f"{name}: no build record beside it")
+            elif entry != record:
+                faults.append(f"{name}: its entry differs from the shard's build record")
+    return faults
+
+
+def _rewrite_fix(path: str | os.PathLike | None) -> str:
+    return (
+        f"delete {path or 'the manifest.json of the shard set'} and re-run seal_shards and the tasks after it "
+        "(clear seal_shards, or run the DAG again): sealing writes the manifest again from the verified shards"
+    )
+
+
+def _inconsistencies(manifest: dict[str, Any]) -> list[str]:
+    """Where a manifest disagrees with itself, or with the vocabulary file it names (when readable)."""
+    from encoderflow.data.tokenizer import Vocab
+
+    faults = []
+    data = manifest.get("config", {}).get("data", {}) if isinstance(manifest.get("config"), dict) else {}
+    for key in DUPLICATED:
+        if manifest.get(key) != data.get(key):
+            faults.append(f"{key}={manifest.get(key)!r} but its config.data.{key}={data.get(key)!r}")
+    entries = manifest.get("shards")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        faults.append("no list of shards")
+    else:
+        try:
+            totals = _totals(entries)
+        except (KeyError, TypeError):
+            faults.append("shard entries without records and tokens")
+        else:
+            if manifest.get("totals") != totals:
+                faults.append(f"totals={manifest.get('totals')!r} but its shards add up to {totals!r}")
+    vocab_path = manifest.get("vocab_path")
+    try:
+        # Only the vocabulary the shards were built with says what vocab_size must be.
+        same = bool(vocab_path) and layout.sha256_file(vocab_path) == manifest.get("vocab_sha256")
+    except OSError:
+        same = False  # moved or gone: nothing to compare with
+    if same:
+        vocab = Vocab.load(vocab_path)
+        if manifest.get("vocab_size") != vocab.size:
+            faults.append(f"vocab_size={manifest.get('vocab_size')!r} but {vocab_path} holds {vocab.size} tokens")
+        if manifest.get("special_ids") != vocab.special_ids():
+            faults.append(f"special_ids={manifest.get('special_ids')!r} but {vocab_path} has {vocab.special_ids()!r}")
+    return faults
+
+
+def check_manifest(manifest: dict[str, Any], cfg: Config, path: str | os.PathLike | None = None) -> None:
+    """Refuse a manifest that disagrees with itself or its vocabulary, or with the training config.
+
+    Args:
+        path: where the manifest was read from, named in the errors.
+    """
+    what = f"{path}: shard manifest" if path else "shard manifest"
+    faults = _inconsistencies(manifest)
+    if faults:
+        raise ShardError(
+            f"{what} disagrees with itself or its vocabulary (edited or damaged after sealing): {'; '.join(faults)}",
+            fix=_rewrite_fix(path),
+        )
     expected = {
         "format_version": FORMAT_VERSION,
         "seq_length": cfg.data.seq_length,
@@ -558,8 +711,11 @@ def check_manifest(manifest: dict[str, Any], cfg: Config) -> None:
         got = recorded.get(key)
         if got != want:
             raise ShardError(
-                f"shard manifest {key}={got!r} but the training config expects {want!r}; "
-                "rebuild the shards with this config (re-run plan_shards)"
+                f"{what} {key}={got!r} but the training config expects {want!r}",
+                # Another data config addresses another shard set; an edited set's manifest fails
+                # sealing's check and is written again.
+                fix="re-run plan_shards and the tasks after it with this config: it plans the shard set for these "
+                "settings, and seal_shards checks a sealed set's manifest before reusing it",
             )
 
 
@@ -567,8 +723,13 @@ def load_manifest(path: str | os.PathLike, cfg: Config) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ShardError(f"{path}: no manifest; the shard set was never sealed (run seal_shards)")
-    manifest = layout.read_json(path)
-    check_manifest(manifest, cfg)
+    try:
+        manifest = layout.read_json(path)
+    except ValueError as e:
+        raise ShardError(f"{path}: shard manifest is not valid JSON ({e})", fix=_rewrite_fix(path)) from None
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path}: shard manifest is not a JSON object", fix=_rewrite_fix(path))
+    check_manifest(manifest, cfg, path)
     return manifest
 
 
