@@ -276,35 +276,258 @@ def test_the_users_airflow_settings_reach_every_component_except_what_the_topolo
     assert all(": " in ln.split(" from your environment", 1)[1] for ln in said), said
 
 
-def test_stop_says_what_it_waits_for_kills_after_its_timeout_and_forgets_the_pid(tmp_path, capsys):
+TI_ID = "0199a1b2-c3d4-7e5f-8a6b-7c8d9e0f1a2b"  # a task instance try's id, as Airflow 3 makes them (uuid7)
+# Airflow's task runner: its title names the try it runs; its process group is its own (Airflow 3.3).
+FAKE_TASK = f"""\
+import contextlib, os, setproctitle, time
+with contextlib.suppress(OSError):  # a session leader's group is its own already
+    os.setpgid(0, 0)
+setproctitle.setproctitle("airflow worker -- {TI_ID}")
+time.sleep(60)
+"""
+
+
+def fake_ti(**over: Any) -> dict[str, Any]:
+    """A row of Stack.task_instances: try 1 of 3 of pretrain, running, its last heartbeat 10 s ago."""
+    rec = {"dag_id": DAG_ID, "run_id": "manual__fake", "task_id": "pretrain", "map_index": -1, "try_number": 1}
+    return rec | {"max_tries": 2, "state": "running", "heartbeat": time.time() - 10, "current": True} | over
+
+
+def test_stop_says_what_it_waits_for_kills_after_its_timeout_and_forgets_the_pid(tmp_path, monkeypatch, capsys):
     """`down` waited silently (Celery's warm shutdown of a worker with a task running took 31-77 s), then
-    SIGKILLed; and every pid file stayed behind."""
+    SIGKILLed, naming neither the task it killed nor when Airflow would retry it; it said "is shutting
+    down: waiting up to 60 s" of idle workers too; and every pid file stayed behind."""
     st = stack_mod.Stack(tmp_path / "home")
+    monkeypatch.setattr(
+        stack_mod.Stack, "task_instances", lambda self, ids: {TI_ID: fake_ti()} if ids == [TI_ID] else {}
+    )
     armed = tmp_path / "armed"
     # A worker in its warm shutdown (SIGTERM does not end it) with a pool process running a task.
+    # (Its pool process runs the task as Airflow's task supervisor does: a child, here through a script.)
+    (tmp_path / "task.py").write_text(FAKE_TASK)
+    pool = f"import subprocess, sys; subprocess.run([sys.executable, {str(tmp_path / 'task.py')!r}])"
     code = (
-        "import pathlib, signal, subprocess, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-        f"subprocess.Popen([{sys.executable!r}, '-c', 'import subprocess; subprocess.run([\"sleep\", \"60\"])']); "
-        f"pathlib.Path({str(armed)!r}).touch(); time.sleep(60)"
+        "import pathlib, signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"subprocess.Popen([sys.executable, '-c', {pool!r}]); pathlib.Path({str(armed)!r}).touch(); time.sleep(60)"
     )
     st._spawn("worker-gpu", [sys.executable, "-c", code], dict(os.environ))
     pid = st._pid("worker-gpu")
-    wait_for("the fake worker's task", lambda: armed.exists() and len(stack_mod.descendants(pid)) == 2, 30, every=0.1)
+
+    def task_running() -> bool:
+        tree = stack_mod.descendants(pid)
+        return armed.exists() and len(tree) == 2 and any(stack_mod._task_instance_id(p) == TI_ID for p in tree)
+
+    wait_for("the fake worker's task", task_running, 30, every=0.1)
+    task = next(p for p in stack_mod.descendants(pid) if stack_mod._task_instance_id(p))
     t0 = time.monotonic()
     st.stop("worker-gpu", timeout=4)
-    assert 4 <= time.monotonic() - t0 < 15 and not stack_mod._running(pid)
+    assert 4 <= time.monotonic() - t0 < 15 and not stack_mod._running(pid) and not stack_mod._running(task)
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [
+    due = stack_mod._clock(fake_ti()["heartbeat"] + 120)  # within the second: the lines are compared below
+    assert [re.sub(r"about \d\d:\d\d:\d\d", f"about {due}", ln) for ln in lines] == [
         f"stack: worker-gpu (pid {pid}) is finishing its running task: waiting up to 4 s, then killing it",
         f"stack: worker-gpu (pid {pid}) still running after 4 s: killed",
+        f"stack: killed task process {task}: {DAG_ID} run manual__fake, task pretrain, try 1 of 3: Airflow keeps it "
+        "running until its last heartbeat is 120 s old ([scheduler] task_instance_heartbeat_timeout), "
+        f"about {due}, then retries it (try 2 of 3) after its retry delay",
     ], lines
     assert not (st.pids / "worker-gpu.pid").exists()
+
+    # An idle worker taking a few seconds to stop (Celery's shutdown) is stopped without a word.
+    idle = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(3), sys.exit(0))); "
+        "subprocess.Popen(['sleep', '60'], start_new_session=False); time.sleep(60)"
+    )
+    st._spawn("worker-default", [sys.executable, "-c", idle], dict(os.environ))
+    pid = st._pid("worker-default")
+    wait_for("the idle worker's pool process", lambda: len(stack_mod.descendants(pid)) == 1, 30, every=0.1)
+    t0 = time.monotonic()
+    st.stop("worker-default", timeout=30)
+    assert 3 <= time.monotonic() - t0 < 20 and capsys.readouterr().out == ""
 
     # One that ends at once is stopped without a word; a pid file whose process died before `down` goes too.
     st._spawn("triggerer", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
     (st.pids / "scheduler.pid").write_text("999999999 1")
     st.down()
     assert capsys.readouterr().out == "" and not list(st.pids.iterdir())
+
+
+def test_a_worker_killed_mid_task_is_restarted_naming_the_task_it_left_and_when_airflow_retries_it(
+    tmp_path, monkeypatch, capsys
+):
+    """The gpu worker SIGKILLed mid-pretrain: its restart SIGKILLed the task it left ("stopped 2 process(es)
+    ... pids [16778, 17235]") without a word of which task that was, and Airflow kept it `running` five more
+    minutes (its default heartbeat timeout) before retrying it. The restart names each task it kills and
+    when Airflow retries it (the stack's timeout is 120 s); `down` names those it finds, even with Airflow's
+    database away."""
+    st = stack_mod.Stack(tmp_path / "home")
+    monkeypatch.setattr(
+        stack_mod.Stack, "task_instances", lambda self, ids: {TI_ID: fake_ti()} if ids == [TI_ID] else {}
+    )
+    (tmp_path / "task.py").write_text(FAKE_TASK)
+    pool = f"import subprocess, sys; subprocess.run([sys.executable, {str(tmp_path / 'task.py')!r}])"
+    code = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {pool!r}]); time.sleep(60)"
+    st._spawn("worker-gpu", [sys.executable, "-c", code], dict(os.environ))
+    st._want("worker-gpu", True)
+    worker = st._pid("worker-gpu")
+
+    def pool_and_task() -> tuple[int, int] | None:
+        tree = stack_mod.descendants(worker)
+        tasks = [p for p in tree if stack_mod._task_instance_id(p) == TI_ID]
+        return (next(p for p in tree if p not in tasks), tasks[0]) if len(tree) == 2 and tasks else None
+
+    pool_pid, task = wait_for("the fake worker's task", pool_and_task, 30, every=0.1)
+    # As Airflow 3.3 leaves it: the task in a group of its own, out of the worker's (and of _stop_remnants').
+    assert os.getpgid(task) == task and os.getpgid(pool_pid) == worker
+    os.kill(worker, signal.SIGKILL)
+    wait_for("the worker to be gone", lambda: not st.alive("worker-gpu"), 30, every=0.1)
+    started = []
+    monkeypatch.setattr(stack_mod.Stack, "_start_airflow", lambda self, name: started.append(name))
+    try:
+        st.start("worker-gpu")  # what the supervisor's restart does, its lines going to supervisor.log
+        assert started == ["worker-gpu"] and not stack_mod._running(task) and not stack_mod._running(pool_pid)
+        lines = capsys.readouterr().out.splitlines()
+        due = stack_mod._clock(fake_ti()["heartbeat"] + 120)
+        assert [re.sub(r"about \d\d:\d\d:\d\d", f"about {due}", ln) for ln in lines[:3]] == [
+            f"stack: stopped 1 process(es) the exited worker-gpu left in its group: pids [{pool_pid}]",
+            f"stack: stopped 1 process(es) a stopped component left running (tasks): pids [{task}]",
+            f"stack: killed task process {task}: {DAG_ID} run manual__fake, task pretrain, try 1 of 3: Airflow "
+            "keeps it running until its last heartbeat is 120 s old ([scheduler] task_instance_heartbeat_timeout), "
+            f"about {due}, then retries it (try 2 of 3) after its retry delay",
+        ], lines
+
+        # What Airflow says of other tries, each as it stands.
+        ti = "0199a1b2-c3d4-7e5f-8a6b-000000000000"
+        rows = {
+            ti: fake_ti(task_id="embed", map_index=3, try_number=2, max_tries=1, heartbeat=time.time() - 500),
+            TI_ID: fake_ti(state="up_for_retry", current=False),
+        }
+        monkeypatch.setattr(stack_mod.Stack, "task_instances", lambda self, ids: rows)
+        assert st.killed_task_lines({7: ti, 8: TI_ID}) == [
+            f"killed task process 7: {DAG_ID} run manual__fake, task embed[3], try 2 of 2: Airflow keeps it running "
+            "until its last heartbeat is 120 s old ([scheduler] task_instance_heartbeat_timeout), any moment now, "
+            "then fails it: no tries left",
+            f"killed task process 8: {DAG_ID} run manual__fake, task pretrain, try 1 of 3: Airflow has it "
+            "up_for_retry already",
+        ]
+        # Yours over the stack's: the timeout the scheduler has is the one said.
+        monkeypatch.setenv(stack_mod.HEARTBEAT_TIMEOUT_VAR, "600")
+        assert st.heartbeat_timeout() == 600 and "is 600 s old" in st.killed_task_lines({7: ti})[0]
+        monkeypatch.delenv(stack_mod.HEARTBEAT_TIMEOUT_VAR)
+
+        # `down` finds one left by a worker that died (none runs), and says what it was with no database.
+        monkeypatch.undo()
+        stray = subprocess.Popen([sys.executable, str(tmp_path / "task.py")], cwd=st.root, start_new_session=True)
+        wait_for("the stray task's title", lambda: stack_mod._task_instance_id(stray.pid) == TI_ID, 30, every=0.1)
+        st.down()
+        assert stray.wait(30) is not None
+        out = capsys.readouterr().out
+        assert (
+            f"stack: killed task process {stray.pid}: task instance {TI_ID} (Airflow's database did not answer: " in out
+        )
+        assert "Airflow fails a running task once its last heartbeat is 120 s old" in out, out
+    finally:
+        st.down()
+
+
+def test_the_stack_heartbeat_timeout_is_compose_s_and_task_instances_asks_airflow_s_own_columns(tmp_path):
+    """A lost task stayed `running` 300 s (Airflow's default); the stack's timeout is shorter, as compose's.
+    Task instances are looked up by the columns Airflow's models have (its history's for earlier tries)."""
+    import yaml
+
+    st = stack_mod.Stack(tmp_path / "home")
+    env = st.env("scheduler")
+    assert env[stack_mod.HEARTBEAT_TIMEOUT_VAR] == str(stack_mod.TASK_HEARTBEAT_TIMEOUT_S) == "120"
+    assert st.heartbeat_timeout() == 120 and all(
+        st.env(r)[stack_mod.HEARTBEAT_TIMEOUT_VAR] == "120" for r in stack_mod.WORKERS
+    )
+    compose = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker-compose.yaml").read_text())
+    assert compose["x-airflow-common"]["environment"][stack_mod.HEARTBEAT_TIMEOUT_VAR] == "120"
+    check = (
+        "from airflow.models.taskinstance import TaskInstance as T\n"
+        "from airflow.models.taskinstancehistory import TaskInstanceHistory as H\n"
+        "need = ['dag_id', 'run_id', 'task_id', 'map_index', 'try_number', 'max_tries', 'state']\n"
+        "assert all(c in T.__table__.c for c in need + ['id', 'last_heartbeat_at']), T.__table__.c.keys()\n"
+        "assert all(c in H.__table__.c for c in need + ['task_instance_id']), H.__table__.c.keys()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_mlflow_users_are_asked_for_before_being_created(tmp_path):
+    """Every MLflow start created both users again: PostgreSQL logged `duplicate key value violates unique
+    constraint "users_username_key"` and the INSERT with each password hash into postgres.log."""
+    import http.server
+    import threading
+
+    seen = []
+
+    class FakeMlflow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            seen.append(("GET", self.path, self.headers["Authorization"]))
+            exists = self.path.endswith("username=encoderflow-worker")
+            body = {"user": {"username": "encoderflow-worker"}} if exists else {"error_code": "RESOURCE_DOES_NOT_EXIST"}
+            self._answer(200 if exists else 404, body)
+
+        def do_POST(self):  # noqa: N802
+            seen.append(("POST", self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self._answer(200, {})
+
+        def _answer(self, code, body):
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), FakeMlflow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        st = stack_mod.Stack(tmp_path / "home")
+        st.ports["mlflow"] = server.server_address[1]
+        st._mlflow_users()
+    finally:
+        server.shutdown()
+    import base64
+
+    admin = "Basic " + base64.b64encode(f"admin:{st.secrets['mlflow_admin']}".encode()).decode()
+    assert seen == [
+        ("GET", "/api/2.0/mlflow/users/get?username=encoderflow-worker", admin),
+        ("GET", "/api/2.0/mlflow/users/get?username=encoderflow-reader", admin),
+        (
+            "POST",
+            "/api/2.0/mlflow/users/create",
+            {"username": "encoderflow-reader", "password": st.secrets["mlflow_reader"]},
+        ),
+    ], seen
+
+
+def test_the_stack_logs_are_private_postgresql_s_included(tmp_path, monkeypatch):
+    """postgres.log (statements it logs, with their values) was 0644 beside secrets.json's 0600."""
+    st = stack_mod.Stack(tmp_path / "home")
+    assert st.logs.stat().st_mode & 0o777 == (0o711 if st.as_postgres else 0o700)
+    # Logs made before: each is made private as its component next starts.
+    for name in ("postgres", "triggerer"):
+        (st.logs / f"{name}.log").write_text("old\n")
+        (st.logs / f"{name}.log").chmod(0o644)
+    st._spawn("triggerer", [sys.executable, "-c", "print('hello')"], dict(os.environ))
+    (data := st.root / "postgres").mkdir()
+    (data / "PG_VERSION").write_text("16\n")  # an existing cluster: no initdb
+    ran = []
+    monkeypatch.setattr(stack_mod, "_pg_bin", lambda name: name)
+    monkeypatch.setattr(stack_mod.Stack, "_run", lambda self, cmd, what, env=None: ran.append(what) or "")
+    st._start_postgres()
+    assert ran == [f"PostgreSQL start (log: {st.logs / 'postgres.log'})"]
+    (st.logs / "fresh.log").unlink(missing_ok=True)
+    with stack_mod._open_log(st.logs / "fresh.log") as f:
+        f.write(b"x")
+    for name in ("postgres", "triggerer", "fresh"):
+        assert (st.logs / f"{name}.log").stat().st_mode & 0o777 == 0o600, name
+    assert (st.logs / "postgres.log").read_text() == "old\n"
+    st.stop("triggerer")
 
 
 def test_up_says_each_component_ready_and_status_lists_what_stopped_components_left(tmp_path, monkeypatch, capsys):
@@ -676,8 +899,8 @@ def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an
     # A complete backup: the one being written is a hidden temp file until it is renamed into place.
     wait_for("pretrain's first backup", lambda: backups.is_dir() and any(backups.glob(BACKUP_GLOB)), 400, every=0.5)
     assert client.tasks(first)["pretrain"]["state"] == "running"
-    # The worker alone, as an operator's kill -9 or the OOM killer does: its task, in a session of its own,
-    # went on training, and the retry trained beside it in the same run folder until the run failed.
+    # The worker alone, as an operator's kill -9 or the OOM killer does: its task, in a process group of its
+    # own, went on training, and the retry trained beside it in the same run folder until the run failed.
     os.kill(st._pid("worker-gpu"), signal.SIGKILL)
     killed = time.monotonic()
     print(f"SIGKILL gpu worker {killed - t0:.0f} s into the run, backups: {sorted(p.name for p in backups.iterdir())}")

@@ -39,6 +39,7 @@ import sys
 import time
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -93,6 +94,19 @@ OWNED_SETTINGS = {
 }
 # How long a component may take to stop before `stop` says what it waits for.
 QUIET_STOP_S = 2.0
+# The title Airflow's task runner gives itself (``airflow worker -- <id>``, task_runner.startup): the id of
+# one try of one task instance in Airflow's DB, the way to name a task process the stack kills. (Its
+# environment is no help: the title overwrites it.)
+TASK_TITLE = re.compile(r"airflow worker -- ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\b")
+# The stack's [scheduler] task_instance_heartbeat_timeout (Airflow's default: 300 s), yours over it: how long
+# a task whose worker died stays `running` before Airflow fails it and retries it. Each running task's
+# supervisor (a process apart from the task, so training does not hold it up) heartbeats every 5 s
+# ([workers] min_heartbeat_interval), and retries one that fails with a random back-off of up to 90 s
+# ([workers] execution_api_retry_wait_max): 120 s outlives an api-server restart and a PostgreSQL outage of
+# about half a minute without failing a live task; one failed wrongly is killed by its own supervisor (the
+# next heartbeat is refused) and its retry resumes from its backup.
+TASK_HEARTBEAT_TIMEOUT_S = 120
+HEARTBEAT_TIMEOUT_VAR = "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"
 # Keys of stack/ports.json, each with the variable that chooses it at `up`.
 PORT_VARS = {
     "postgres": "ENCODERFLOW_STACK_POSTGRES_PORT",
@@ -126,7 +140,7 @@ if pid == 0:
         os.setsid()
         for s in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(s, signal.SIG_DFL)
-        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.execvp(cmd[0], cmd)
@@ -231,6 +245,10 @@ class Stack:
         self.pg_superuser = "postgres" if self.as_postgres else pwd.getpwuid(os.geteuid()).pw_name
         for d in (self.root, self.logs, self.pids):
             d.mkdir(parents=True, exist_ok=True)
+        # The logs are the stack's own (PostgreSQL's quotes statements; each is 0600 too): only PostgreSQL,
+        # run as user postgres, needs a way in, to its own.
+        with contextlib.suppress(OSError):
+            self.logs.chmod(0o711 if self.as_postgres else 0o700)
         self.secrets = self._load_or_make(
             "secrets.json", lambda: {k: _new_secret(k) for k in SECRETS} | {"fernet": _fernet_key()}
         )
@@ -356,6 +374,7 @@ class Stack:
             "AIRFLOW__API__BASE_URL": self.airflow_url,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.airflow_url}/execution/",
             "AIRFLOW__WORKERS__EXECUTION_API_RETRIES": runtime.WORKER_API_RETRIES,
+            HEARTBEAT_TIMEOUT_VAR: str(TASK_HEARTBEAT_TIMEOUT_S),
             "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder()),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(repo_root() / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -418,9 +437,10 @@ class Stack:
         """Processes this stack started that outlived their component, each as (pid, start time): a
         program of the stack (Python, or the title Airflow and Celery give theirs) running in the stack
         folder (every component's working directory, which its children inherit) with no live
-        component among its ancestors. A Celery worker killed alone leaves its task training, in a
-        session of its own; Airflow's retry then trained beside it in the same run folder. (An
-        environment mark would not do: those titles overwrite it.)"""
+        component among its ancestors. A Celery worker killed alone leaves its task training (Airflow's
+        task runner is in a process group of its own, out of reach of the worker's); Airflow's retry
+        then trained beside it in the same run folder. (An environment mark would not do: those titles
+        overwrite it.)"""
         import psutil
 
         leaders = {pid for c in COMPONENTS if (pid := self._pid(c)) is not None}
@@ -458,8 +478,10 @@ class Stack:
             f"  processes left by components that died (a killed worker's task trains on): {up}; down SIGKILLs them",
         ]
 
-    def stop_strays(self, timeout: float = 30) -> list[int]:
+    def stop_strays(self, timeout: float = 30, tasks: dict[int, str] | None = None) -> list[int]:
         """SIGKILL the :meth:`strays` and wait up to ``timeout`` seconds for them to go; returns their pids.
+        Each that was an Airflow task is added to ``tasks`` (pid: task instance id) for
+        :meth:`killed_task_lines`.
 
         Not SIGTERM first: Airflow's task runner forwards it to the task, and a training task went on to
         its end (measured: its retry found the encoder finished), writing while Airflow retried it.
@@ -469,9 +491,12 @@ class Stack:
         killed = []
         for pid, started in self.strays():
             if _start_time(pid) == started:
+                ti = _task_instance_id(pid)  # read before the kill: a dead process has no title
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                     killed.append((pid, started))
+                    if ti and tasks is not None:
+                        tasks[pid] = ti
         deadline = time.monotonic() + timeout
         while any(_start_time(p) == t and _running(p) for p, t in killed) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -490,7 +515,7 @@ class Stack:
         # file would be one `down` cannot find.
         self._spawning = True
         try:
-            with open(log, "ab") as err:
+            with _open_log(log) as err:
                 watcher = subprocess.Popen(
                     [sys.executable, "-c", WATCHER, str(exits / f"{name}.json"), str(log), *cmd],
                     env=env,
@@ -530,12 +555,15 @@ class Stack:
             self._want(name, True)
             if self.alive(name):
                 return
-            if left := self._stop_remnants(name):
+            tasks: dict[int, str] = {}
+            if left := self._stop_remnants(name, tasks):
                 # In compose the container's other processes die with its main one; here they kept its port.
                 print(f"stack: stopped {len(left)} process(es) the exited {name} left in its group: pids {left}")
-            if name in WORKERS and (left := self.stop_strays()):
+            if name in WORKERS and (left := self.stop_strays(tasks=tasks)):
                 # Airflow retries what they ran (resuming from its backups), once its heartbeat timeout passes.
                 print(f"stack: stopped {len(left)} process(es) a stopped component left running (tasks): pids {left}")
+            for line in self.killed_task_lines(tasks):
+                print(f"stack: {line}", flush=True)
             if name in LISTENS_ON and (why := _port_problem(port := self.ports[LISTENS_ON[name]])):
                 var = PORT_VARS[LISTENS_ON[name]]
                 raise StackError(
@@ -573,8 +601,9 @@ class Stack:
         # of its own, and a lost worker machine takes its tasks with it. Read before the signal: an
         # orphan is re-parented to init and out of reach.
         tree = descendants(pid)
+        tasks = {p: ti for p in tree if (ti := _task_instance_id(p))}
         # A worker's tasks are its pool processes' children (Airflow's task supervisor forks each).
-        busy = name in WORKERS and len(tree) > len(_children(pid))
+        busy = name in WORKERS and (bool(tasks) or len(tree) > len(_children(pid)))
         for target in [pid, *tree] if sig == signal.SIGKILL else []:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(target, sig)
@@ -585,13 +614,21 @@ class Stack:
         while self.alive(name) and time.monotonic() < began + timeout:
             if not said and time.monotonic() > began + QUIET_STOP_S:
                 # Celery's warm shutdown waits for the running task (31-77 s measured): silence read as a hang.
-                doing = "is finishing its running task" if busy else "is shutting down"
-                print(f"stack: {name} (pid {pid}) {doing}: waiting up to {timeout:.0f} s, then killing it", flush=True)
+                # An idle worker's few seconds are nothing to announce.
+                if busy or name not in WORKERS:
+                    doing = "is finishing its running task" if busy else "is shutting down"
+                    print(
+                        f"stack: {name} (pid {pid}) {doing}: waiting up to {timeout:.0f} s, then killing it", flush=True
+                    )
                 said = True
             time.sleep(0.2)
         if self.alive(name) or sig == signal.SIGKILL:
             if self.alive(name) and sig != signal.SIGKILL:
                 print(f"stack: {name} (pid {pid}) still running after {timeout:.0f} s: killed", flush=True)
+            # The tasks still running now are killed with it (all of them, SIGKILLed at once); Airflow learns
+            # of it only from its heartbeat timeout.
+            if sig != signal.SIGKILL:
+                tasks = {p: ti for p, ti in tasks.items() if _task_instance_id(p) == ti}
             for target in [pid, *tree]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(target, signal.SIGKILL)
@@ -599,6 +636,8 @@ class Stack:
                 os.killpg(pid, signal.SIGKILL)
             while self.alive(name):
                 time.sleep(0.1)
+            for line in self.killed_task_lines(tasks):
+                print(f"stack: {line}", flush=True)
         self._forget(name)
 
     def _forget(self, name: str) -> None:
@@ -630,8 +669,11 @@ class Stack:
         self.stop_supervisor()
         for name in reversed(COMPONENTS):
             self.stop(name)
-        if left := self.stop_strays():
+        tasks: dict[int, str] = {}
+        if left := self.stop_strays(tasks=tasks):
             print(f"stack: stopped {len(left)} process(es) left running by components that had died: pids {left}")
+        for line in self.killed_task_lines(tasks):
+            print(f"stack: {line}", flush=True)
 
     def status(self) -> dict[str, bool]:
         return {name: self.alive(name) for name in COMPONENTS}
@@ -676,11 +718,11 @@ class Stack:
             return int((self.pids / f"{name}.pid").read_text().split()[0])
         return None
 
-    def _stop_remnants(self, name: str) -> list[int]:
+    def _stop_remnants(self, name: str, tasks: dict[int, str] | None = None) -> list[int]:
         """SIGKILL what the exited ``name`` left in its process group (its children: MLflow's and the
-        api-server's web workers kept their port, a worker's pool processes); returns their pids. A
-        member counts only while its working directory is the stack folder, which an unrelated group
-        that got the number after every member died lacks."""
+        api-server's web workers kept their port, a worker's pool processes); returns their pids, and adds
+        each that was an Airflow task to ``tasks``. A member counts only while its working directory is the
+        stack folder, which an unrelated group that got the number after every member died lacks."""
         import psutil
 
         dead = self._recorded_pid(name)
@@ -690,8 +732,11 @@ class Stack:
         for proc in psutil.process_iter():
             with contextlib.suppress(psutil.Error, OSError):
                 if proc.pid != os.getpid() and os.getpgid(proc.pid) == dead and proc.cwd() == str(self.root):
+                    ti = _task_instance_id(proc.pid)
                     os.kill(proc.pid, signal.SIGKILL)
                     left.append(proc.pid)
+                    if ti and tasks is not None:
+                        tasks[proc.pid] = ti
         deadline = time.monotonic() + 30
         while any(_running(p) for p in left) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -711,6 +756,93 @@ class Stack:
                 return None
             time.sleep(0.1)
 
+    def heartbeat_timeout(self) -> int:
+        """The scheduler's ``[scheduler] task_instance_heartbeat_timeout`` in seconds (the stack's, or yours)."""
+        value = self.env("scheduler").get(HEARTBEAT_TIMEOUT_VAR, "").strip()
+        return int(value) if value.isdigit() else 300  # Airflow's default
+
+    def task_instances(self, ids: list[str]) -> dict[str, dict] | str:
+        """What Airflow's DB says of each task instance try in ``ids`` (the ids of :data:`TASK_TITLE`): its
+        ``dag_id``, ``run_id``, ``task_id``, ``map_index``, ``try_number``, ``max_tries``, ``state``,
+        ``heartbeat`` (its last, Unix time, or None) and ``current`` (False: an earlier try, in Airflow's
+        history). An id Airflow does not know is left out; when the DB does not answer, why (a str)."""
+        import psycopg2
+
+        sql = (
+            "SELECT id::text, dag_id, run_id, task_id, map_index, try_number, max_tries, state, "
+            "extract(epoch FROM last_heartbeat_at), true FROM task_instance WHERE id = ANY(%(ids)s::uuid[]) "
+            "UNION ALL SELECT task_instance_id::text, dag_id, run_id, task_id, map_index, try_number, max_tries, "
+            "state, NULL, false FROM task_instance_history WHERE task_instance_id = ANY(%(ids)s::uuid[])"
+        )
+        keys = ("dag_id", "run_id", "task_id", "map_index", "try_number", "max_tries", "state", "heartbeat", "current")
+        try:
+            conn = psycopg2.connect(
+                host="127.0.0.1",
+                port=self.ports["postgres"],
+                user="airflow",
+                password=self.secrets["postgres_airflow"],
+                dbname="airflow",
+                connect_timeout=5,
+            )
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(sql, {"ids": list(ids)})
+                    rows = cur.fetchall()
+            finally:
+                conn.close()
+        except psycopg2.Error as exc:
+            return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        found: dict[str, dict] = {}
+        for ti_id, *values in sorted(rows, key=lambda r: r[-1]):  # the current row last: it wins
+            rec = dict(zip(keys, values, strict=True))
+            rec["heartbeat"] = float(rec["heartbeat"]) if rec["heartbeat"] is not None else None
+            found[ti_id] = rec
+        return found
+
+    def killed_task_lines(self, tasks: dict[int, str]) -> list[str]:
+        """A line per task process the stack killed (``tasks``: pid to task instance id): which try of
+        which task of which run it was, and when Airflow, which still has it running, will fail it and
+        retry it: once its last heartbeat is older than :meth:`heartbeat_timeout` (nothing tells it sooner)."""
+        if not tasks:
+            return []
+        found = self.task_instances(sorted(set(tasks.values())))
+        timeout = self.heartbeat_timeout()
+        lines = []
+        for pid, ti_id in sorted(tasks.items()):
+            rec = found.get(ti_id) if isinstance(found, dict) else None
+            if rec is None:
+                why = f"Airflow's database did not answer: {found}" if isinstance(found, str) else "unknown to Airflow"
+                lines.append(
+                    f"killed task process {pid}: task instance {ti_id} ({why}); Airflow fails a running task once its "
+                    f"last heartbeat is {timeout} s old ([scheduler] task_instance_heartbeat_timeout), then retries "
+                    "it if it has tries left"
+                )
+                continue
+            n, retries = rec["try_number"], rec["max_tries"] or 0
+            task = rec["task_id"] + (
+                f"[{rec['map_index']}]" if rec["map_index"] is not None and rec["map_index"] >= 0 else ""
+            )
+            what = (
+                f"killed task process {pid}: {rec['dag_id']} run {rec['run_id']}, task {task}, "
+                f"try {n} of {max(n, retries + 1)}"
+            )
+            if rec["current"] and rec["state"] in ("running", "restarting"):
+                due = (rec["heartbeat"] or time.time()) + timeout
+                when = f"about {_clock(due)}" if due > time.time() else "any moment now"
+                # As the scheduler decides (its purge of tasks without heartbeats): retries configured and left.
+                then = (
+                    f"retries it (try {n + 1} of {retries + 1}) after its retry delay"
+                    if 0 < retries and n <= retries
+                    else "fails it: no tries left"
+                )
+                lines.append(
+                    f"{what}: Airflow keeps it running until its last heartbeat is {timeout} s old "
+                    f"([scheduler] task_instance_heartbeat_timeout), {when}, then {then}"
+                )
+            else:
+                lines.append(f"{what}: Airflow has it {rec['state'] or 'without a state'} already")
+        return lines
+
     def supervisor_pid(self) -> int | None:
         return self._pid("supervisor")
 
@@ -722,7 +854,7 @@ class Stack:
         log = self.logs / "supervisor.log"
         # The caller's environment, as `up` gave each component: a restart gets what the first start got.
         env = dict(os.environ) | {"ENCODERFLOW_HOME": str(self.home), EXTRA_ENV_VAR: json.dumps(self.extra_env)}
-        with open(log, "ab") as out:
+        with _open_log(log) as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "encoderflow.stack", "supervise"],
                 env=env,
@@ -921,7 +1053,7 @@ class Stack:
         run.chmod(0o700)
         _no_local_trust(data / "pg_hba.conf")
         log = self.logs / "postgres.log"
-        log.touch()
+        _open_log(log).close()  # pg_ctl appends to it, as it is
         if self.as_postgres:
             shutil.chown(log, "postgres", "postgres")
         opts = f"-c listen_addresses=127.0.0.1 -p {self.ports['postgres']} -k {run}"
@@ -1001,11 +1133,21 @@ class Stack:
         )
         self._spawn("mlflow", cmd, env)
         self._wait(lambda: _http_ok(f"{self.mlflow_url}/health"), "mlflow", 180)
-        for user, key in MLFLOW_USERS.items():
-            self.mlflow_admin("POST", "/api/2.0/mlflow/users/create", {"username": user, "password": self.secrets[key]})
+        self._mlflow_users()
 
-    def mlflow_admin(self, method: str, path: str, body: dict | None = None) -> dict:
-        """One MLflow REST call as its admin; an existing user is not an error."""
+    def _mlflow_users(self) -> None:
+        """Create the workers' and the api-server's MLflow users, those missing only."""
+        for user, key in MLFLOW_USERS.items():
+            # Asked first: creating one that exists fails in PostgreSQL, which logged an ERROR and the INSERT,
+            # password hash and all, at every start.
+            query = urllib.parse.urlencode({"username": user})
+            if not self.mlflow_admin("GET", f"/api/2.0/mlflow/users/get?{query}", missing_ok=True):
+                body = {"username": user, "password": self.secrets[key]}
+                self.mlflow_admin("POST", "/api/2.0/mlflow/users/create", body)
+
+    def mlflow_admin(self, method: str, path: str, body: dict | None = None, missing_ok: bool = False) -> dict:
+        """One MLflow REST call as its admin; an existing user is not an error, nor (``missing_ok``: {}) a
+        missing one."""
         token = base64.b64encode(f"admin:{self.secrets['mlflow_admin']}".encode()).decode()
         req = urllib.request.Request(
             self.mlflow_url + path,
@@ -1020,12 +1162,15 @@ class Stack:
             payload = exc.read().decode(errors="replace")
             if "RESOURCE_ALREADY_EXISTS" in payload or "already exists" in payload:
                 return {}
+            if missing_ok and exc.code == 404 and "RESOURCE_DOES_NOT_EXIST" in payload:
+                return {}
             raise StackError(f"MLflow {method} {path}: HTTP {exc.code} {payload[:300]}") from None
 
     def _airflow_init(self) -> None:
         marker = self.root / "airflow" / ".initialised"
         home = self.root / "airflow"
         home.mkdir(exist_ok=True)
+        home.chmod(0o700)  # Airflow's own logs (tasks, scheduler, dag-processor) are under it
         _write_private(
             home / "passwords.json", {"admin": self.secrets["airflow_admin"], "viewer": self.secrets["airflow_viewer"]}
         )
@@ -1134,6 +1279,12 @@ def _command(pid: int, width: int = 160) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
+def _task_instance_id(pid: int) -> str | None:
+    """The task instance try that process ``pid`` runs, when it is an Airflow task (:data:`TASK_TITLE`)."""
+    m = TASK_TITLE.match(_command(pid, 400))
+    return m.group(1) if m else None
+
+
 def _stat(pid: int) -> list[str]:
     """``/proc/<pid>/stat``'s fields after the command name (state first), or [] when there is none."""
     try:
@@ -1235,6 +1386,13 @@ def _children(pid: int) -> list[int]:
 
 def _fernet_key() -> str:
     return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+
+
+def _open_log(path: Path):
+    """``path`` opened to append to, readable by its owner only (0600, a log made before included)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
 
 
 def _write_text_private(path: Path, text: str) -> None:
