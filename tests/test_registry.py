@@ -667,6 +667,39 @@ def test_runs_fetching_the_champion_store_its_files_once(tmp_path):
     assert (b / "classifier.keras").read_text() == "clf-1" and bundle.damage(b) is None
 
 
+def test_a_copy_whose_bundle_json_was_edited_is_fetched_again_not_served(tmp_path, caplog):
+    """QA: the labels swapped in a served copy's bundle.json printed inverted answers, exit 0 (its files'
+    sha256s still matched it); a config edited there passed to the warm-start check. And the copy is
+    one inode with every run's champion folder (share_identical): the edit reached them all."""
+    version = _register(tmp_path, "1")
+    served = registry.fetch_verified(NAME, version, tmp_path / "serving")
+    run = registry.fetch_verified(NAME, version, tmp_path / "run-a" / "champion")
+    registered = (served / "bundle.json").read_bytes()
+    for edit in ({"labels": ["1", "0"]}, {"config": {"model": {"num_layers": 3}}}):
+        meta = json.loads(registered)
+        with open(served / "bundle.json", "r+") as f:  # in place, as an editor may write
+            f.seek(0)
+            f.write(json.dumps({**meta, **edit}))
+            f.truncate()
+        assert (run / "bundle.json").read_bytes() != registered  # the same file
+        assert bundle.damage(served) is None  # its files' sha256s alone do not tell
+        caplog.clear()
+        again = registry.fetch_verified(NAME, version, tmp_path / "serving")
+        assert (again / "bundle.json").read_bytes() == registered, edit
+        assert "is not the registered bundle (bundle.json: altered (sha256 differs from the version's" in caplog.text
+        assert (
+            registry.fetch_verified(NAME, version, tmp_path / "run-a" / "champion").joinpath("bundle.json").read_bytes()
+            == registered
+        )
+    # The store's own copy altered: refused by name, never served.
+    stored = registry.local_artifacts(registry.client().get_model_version(NAME, version).source.rsplit("/bundle", 1)[0])
+    meta_file = next(p for p in stored.rglob("bundle.json"))
+    os.unlink(meta_file)
+    meta_file.write_text(json.dumps({**json.loads(registered), "labels": ["1", "0"]}))
+    with pytest.raises(EncoderflowError, match=r"models:/encoderflow-sst2/\d+: bundle.json: altered \(sha256 differs"):
+        registry.download_version(NAME, version, tmp_path / "elsewhere")
+
+
 def test_a_retry_after_registering_failed_reuses_the_finished_mlflow_run(tmp_path, monkeypatch):
     """The try logged its run in full, then the registry call failed (MLflow down a moment): the retry
     registers that run, and the experiment holds one run for the Airflow run, not one per try."""

@@ -36,6 +36,10 @@ CHAMPION, PREVIOUS = "champion", "previous"
 BUNDLE_TAG = "bundle.sha256"
 # The model by what its files hold (bundle.content_identity): a retrain to the same weights is that model.
 CONTENT_TAG = "bundle.content_sha256"
+# The whole bundle.json as registered: BUNDLE_TAG leaves its config out (the same model from another
+# gate setting is the same model), yet a warm start's check reads that config, and a copy with the
+# labels swapped in it served inverted answers, verified by its files' sha256s alone.
+META_TAG = "bundle.json.sha256"
 # On a version a person moved the champion off (rollback, promote by hand): that move, so the gate
 # never makes the same model champion again by itself (gate.model_check). Cleared when a person
 # makes the version champion again.
@@ -271,6 +275,7 @@ def download_version(name: str, version: str | int, dst: str | os.PathLike) -> P
     """
     import mlflow
 
+    dst = Path(dst)
     c = require_model(name)
     ref = version_ref(c, name, version)
     mv = c.get_model_version_by_alias(name, ref[1:]) if ref.startswith("@") else c.get_model_version(name, ref)
@@ -279,9 +284,13 @@ def download_version(name: str, version: str | int, dst: str | os.PathLike) -> P
     named = f"{name}{ref} (v{version})" if ref.startswith("@") else f"{name} v{version}"
     shown = f"models:/{name}{ref} (v{version})" if ref.startswith("@") else uri  # in errors: as the caller named it
     held = mv.tags.get(BUNDLE_TAG)
-    if held and bundle.damage(dst) is None and bundle.identity(dst) == held:
+    if held and _as_registered(dst, mv.tags) is None:
         log.info("registry: %s is at %s already, verified: not fetched again", named, dst)
         return Path(dst)
+    if (dst / bundle.META).exists() and (why := _as_registered(dst, mv.tags)):
+        log.warning(
+            "registry: the copy of %s at %s is not the registered bundle (%s): fetching it again", named, dst, why
+        )
     log.info("registry: fetching %s into %s", named, dst)
     with layout.atomic_dir(dst) as tmp:
         got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
@@ -293,7 +302,7 @@ def download_version(name: str, version: str | int, dst: str | os.PathLike) -> P
                 fix="the store records its artifacts' absolute paths: use it where it was written (the "
                 "ENCODERFLOW_HOME of its runs), or restore the artifacts folder there",
             )
-        if why := bundle.damage(got):  # named by the version, not by the temp folder it was fetched into
+        if why := _as_registered(got, mv.tags):  # named by the version, not by the temp folder it was fetched into
             raise EncoderflowError(
                 f"{shown}: {why}",
                 fix=f"serve another version of {name} (encoderflow rollback, or encoderflow promote --version N); "
@@ -323,14 +332,35 @@ def _verified_in_store(name: str, version: str) -> None:
 
 
 def fetch_verified(name: str, version: str, dst: str | os.PathLike) -> Path:
-    """Version ``version`` of ``name`` at ``dst``: the copy already there when it still verifies
-    (``bundle.verify``), else downloaded (:func:`download_version`), its files then stored once for
-    every run that fetches them (:func:`encoderflow.layout.share_identical`)."""
-    if bundle.damage(dst) is None:
+    """Version ``version`` of ``name`` at ``dst``: the copy already there when it is still the registered
+    bundle (:func:`_as_registered`, against the version's tags), else downloaded (:func:`download_version`),
+    its files then stored once for every run that fetches them (:func:`encoderflow.layout.share_identical`)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client().get_model_version(name, str(version)).tags
+    except MlflowException:  # no such version, or none here: download_version says which, by name
+        tags = {}
+    if tags.get(BUNDLE_TAG) and _as_registered(dst, tags) is None:
         return Path(dst)
     fetched = download_version(name, version, dst)
     layout.share_identical(fetched)
     return fetched
+
+
+def _as_registered(folder: str | os.PathLike, tags: dict[str, str]) -> str | None:
+    """What makes the bundle at ``folder`` other than the version with ``tags`` registered, naming the
+    file (``bundle.json: ...``), or None: every file matches ``bundle.json`` (:func:`bundle.damage`), and
+    ``bundle.json`` is the registered one, whole (:data:`META_TAG`) or, for a version registered before
+    that tag, in what the model's identity covers (:data:`BUNDLE_TAG`)."""
+    folder = Path(folder)
+    if why := bundle.damage(folder):
+        return why
+    if (whole := tags.get(META_TAG)) and layout.sha256_file(folder / bundle.META) != whole:
+        return f"{bundle.META}: altered (sha256 differs from the version's {META_TAG} tag)"
+    if not whole and (held := tags.get(BUNDLE_TAG)) and bundle.identity(folder) != held:
+        return f"{bundle.META}: altered (its files or labels differ from the version's {BUNDLE_TAG} tag)"
+    return None
 
 
 def _flatten(prefix: str, payload: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -362,7 +392,12 @@ def log_candidate(
     import mlflow
 
     c = client()
-    tags = {**tags, BUNDLE_TAG: bundle.identity(bundle_dir), CONTENT_TAG: bundle.content_identity(bundle_dir)}
+    tags = {
+        **tags,
+        BUNDLE_TAG: bundle.identity(bundle_dir),
+        CONTENT_TAG: bundle.content_identity(bundle_dir),
+        META_TAG: layout.sha256_file(Path(bundle_dir) / bundle.META),
+    }
     if (done := _registered_for(c, name, tags)) is not None:
         log.info(
             "registry: %s version %s already registered for %s (a retry); reused",
