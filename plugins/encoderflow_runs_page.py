@@ -577,7 +577,12 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
         {**dict(METRICS), "champion_val_accuracy": "champion (recorded)"} if run.get("unchanged") else dict(METRICS)
     )
     cells.append(
-        "<br>".join(f"{labels[key]}: <b>{accuracy_text(metrics.get(key))}</b>" for key, _ in METRICS if key in metrics)
+        # The metric's name as MLflow, summary.json and `encoderflow runs` call it, on hover.
+        "<br>".join(
+            f"<span title='{key}'>{labels[key]}: <b>{accuracy_text(metrics.get(key))}</b></span>"
+            for key, _ in METRICS
+            if key in metrics
+        )
         or "<span class='muted'>–</span>"
     )
 

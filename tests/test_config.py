@@ -122,6 +122,15 @@ def test_invalid_overrides_raise_naming_the_key(overrides, key):
         from_overrides("guide", overrides)
 
 
+def test_an_accuracy_given_in_percent_is_told_it_is_a_fraction():
+    with pytest.raises(
+        ConfigError, match=r"'gate.min_accuracy': must be <= 1.0, got 80.0 \(a fraction: 0.8 for 80%\)$"
+    ):
+        from_overrides("guide", {"gate.min_accuracy": "80"})
+    with pytest.raises(ConfigError, match=r"must be <= 1.0, got 150.0$"):  # no percentage either
+        from_overrides("guide", {"gate.min_accuracy": "150"})
+
+
 def test_valid_edges_are_accepted():
     cfg = from_overrides(
         "guide",

@@ -299,3 +299,29 @@ def test_finished_reuses_its_own_result_only_while_its_artifact_is_sound(caplog)
     ]
     (mine / "encoder.keras").unlink()
     assert layout.finished(*args) is None
+
+
+def test_a_copied_home_reuses_its_own_files_not_the_ones_its_results_name_in_the_old_home(tmp_path, monkeypatch):
+    """QA: in a copy of a home, results name the old home's files (absolute paths): a reuse read those
+    (and said "linked"), while the copy's own altered file went unchecked; with the old home deleted,
+    the stage would have trained again for hours."""
+    import shutil
+
+    def altered(file: Path, result: dict) -> str | None:
+        return None if file.read_bytes().startswith(b"good") else "its sha256 differs"
+
+    _earlier_run("old", "k1", b"good old")
+    _earlier_run("own", "k2", b"good own")
+    copy = tmp_path / "copy"
+    shutil.copytree(layout.home(), copy)
+    monkeypatch.setenv("ENCODERFLOW_HOME", str(copy))
+    (layout.run_dir("old") / "pretrain" / "encoder.keras").write_bytes(b"bad copy")
+    mine = layout.run_dir("now") / "pretrain"
+    assert layout.adopt_earlier("pretrain", "k1", mine, "encoder", altered) is None  # the copy's is altered
+    (layout.run_dir("old") / "pretrain" / "encoder.keras").write_bytes(b"good copy")
+    adopted = layout.adopt_earlier("pretrain", "k1", mine, "encoder", altered)
+    assert (mine / "encoder.keras").read_bytes() == b"good copy" and adopted["encoder"] == str(mine / "encoder.keras")
+    # A retry in a copied run folder hands on its own file, not the old home's path.
+    own = layout.run_dir("own") / "pretrain"
+    done = layout.finished("pretrain", "k2", own, "encoder", altered, False, "x")
+    assert done["encoder"] == str(own / "encoder.keras") and Path(done["encoder"]).is_relative_to(copy)

@@ -123,6 +123,16 @@ def test_two_runs_through_airflow(served, encoderflow_home, capsys):
     } <= task_ids
     mapped = sorted(m for t, m, _ in states if t == "build_shard")
     assert mapped == list(range(len(mapped))) and len(mapped) >= 2
+    # The summary lists the tasks in the DAG's order (it was alphabetical: check_lineage first, finetune
+    # after evaluate_and_gate), so where a run stopped reads top to bottom.
+    listed = [ln.split()[0] for ln in first.stdout.split(": SUCCESS in ", 1)[1].splitlines()[2:] if ln.startswith("  ")]
+    listed = list(dict.fromkeys(t.split("[")[0] for t in listed if t.split("[")[0] in task_ids))
+    assert listed[:2] == ["check_params", "download_corpus"] and listed[-3:] == [
+        "evaluate_and_gate",
+        "promote",
+        "report",
+    ]
+    assert listed.index("pretrain") < listed.index("finetune"), listed
 
     # The downloads really went over HTTP, once per file.
     assert sorted(requests) == ["/SST-2.zip", "/bert_vocab_uncased.txt", "/wikitext-103-raw-v1.zip"]

@@ -136,6 +136,7 @@ def test_a_pruned_run_keeps_its_decision_and_metrics_on_the_page(encoderflow_hom
     html = page.render(list(runs.values()), REGISTRY, "encoderflow-sst2", None)
     assert html.count("<span class='ok'>BLESSED</span>") == 1 and html.count("<span class='no'>NOT BLESSED</span>") == 1
     assert "dev accuracy: <b>0.8120</b>" in html and "dev accuracy: <b>0.7010</b>" in html
+    assert "<span title='mlm_val_accuracy'>MLM accuracy: <b>" in html  # one name per metric, on hover
     assert html.count(f"folder pruned {runs[BLESSED_RUN]['pruned_at'][:10]}") == 2
     for folder in folders.values():  # their Data Docs went with the folders: no dead links
         assert f"runs/{folder.name}/data_docs" not in html

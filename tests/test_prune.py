@@ -610,6 +610,18 @@ def test_the_cli_prunes_versions_only_of_a_store_on_this_machine_and_never_witho
     err = capsys.readouterr().err
     assert "prune --versions deletes versions from an MLflow store on this machine" in err
     assert "http://127.0.0.1:9 is a server" in err and "fix: leave out --versions here" in err
+    # A home of make stack, its versions on the stack's server and no embedded store: refused the same
+    # way (it found nothing to delete in a store that is not there, and exited 0).
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    stack_home = home.parent / "stack-home"
+    monkeypatch.setenv("ENCODERFLOW_HOME", str(stack_home))
+    (stack_home / "stack").mkdir(parents=True)
+    (stack_home / "runs").mkdir()
+    (stack_home / "stack" / "secrets.json").write_text("{}")
+    assert cli.main(["prune", "--versions", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "this home's versions are on make stack's MLflow server (http://127.0.0.1:" in err, err
+    assert "it has no embedded store" in err and "fix: leave out --versions here" in err
 
 
 def test_prune_versions_stores_the_identical_files_of_versions_registered_before_once(encoderflow_home):

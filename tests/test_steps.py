@@ -261,7 +261,9 @@ def test_check_params_refuses_what_a_trigger_could_get_wrong_and_logs_what_it_re
     with pytest.raises(ConfigError, match=re.escape("expected int, got float 3.5")):
         from_params({**params, "pretrain_epochs": 3.5})
     assert any(
-        m.startswith("check_params: preset smoke, config hash ")
+        m.startswith(f"check_params: preset smoke, config hash {result['config_hash'][:16]} (training hash ")
+        # The hash the model version carries (config.training_hash): config_hash has gate.* in it.
+        and f"(training hash {result['training_hash'][:16]}: what the model is trained from" in m
         and f"; set: model.dropout=0.2, pretrain.epochs=3; data: data_dir={data}" in m
         for m in caplog.messages
     ), caplog.messages
@@ -622,3 +624,29 @@ def test_a_warm_start_from_a_champion_its_model_settings_do_not_fit_is_refused_b
     assert lineage("pretrain.init_from=champion", "model.dropout=0.2") is True
     assert lineage("finetune.init_from=champion", "finetune.epochs=2") is True
     assert lineage("model.normalize_first=true") is True  # no warm start: any model
+
+    # Another vocabulary of the same size: its token ids would mean other words. Refused here too, not
+    # after the shards at pretrain or finetune; the champion's own file (fake_bundle's) trains.
+    def with_vocab(text: str) -> dict:
+        path = tmp_path / "vocab" / f"{len(text)}.txt"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        return {
+            **INPUTS,
+            "vocab": {**INPUTS["vocab"], "files": {"v": {"path": str(path), "sha256": layout.sha256_file(path)}}},
+        }
+
+    warm = {**PARAMS, "overrides": ["finetune.init_from=champion", "pretrain.init_from=champion"]}
+    with pytest.raises(EncoderflowError) as err:
+        steps.check_lineage(with_vocab("[UNK]\n"), warm, "run-v")
+    assert re.fullmatch(
+        rf"finetune.init_from=champion and pretrain.init_from=champion: champion v{out['version']} of {name} tokenizes "
+        r"with another vocabulary \(sha256 [0-9a-f]{64}\), this run's \S+/vocab/6.txt has sha256 [0-9a-f]{64}: its "
+        "embeddings would be read under other words",
+        err.value.message,
+    ), err.value.message
+    assert err.value.fix == (
+        "give this run the vocabulary the champion was trained with, or finetune.init_from=none and "
+        "pretrain.init_from=none"
+    )
+    assert steps.check_lineage(with_vocab("[PAD]\n"), warm, "run-v") is True

@@ -665,7 +665,12 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
 
     with create_session() as session:
         tis = session.query(TaskInstance).filter(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == dr.run_id).all()
-        states = sorted((ti.task_id, ti.map_index, str(ti.state)) for ti in tis)
+        # In the DAG's order (check_params first, report last), where a run stopped reads top to bottom.
+        order = {task.task_id: i for i, task in enumerate(dag.topological_sort())}
+        states = sorted(
+            ((ti.task_id, ti.map_index, str(ti.state)) for ti in tis),
+            key=lambda s: (order.get(s[0], len(order)), s[0], s[1]),
+        )
     return RunOutcome(dr.run_id, str(dr.state), states, logs)
 
 

@@ -157,6 +157,9 @@ def print_summary(
         for k, v in s["metrics"].items():
             print(f"  {k:<32} {'-' if v is None else f'{v:.4f}'}")
         for stage, rt in s.get("runtime", {}).items():
+            if rt.get("skipped"):
+                print(f"  {stage:<32} not run: {rt['skipped']}")
+                continue
             there = f" in run {rt['reused_from']}, reused" if rt.get("reused_from") else ""
             print(f"  {stage:<32} {rt['device']}, {rt['dtype_policy']}, {rt['seconds']}s{there}")
         print("-" * 72)
@@ -502,9 +505,19 @@ def _versions_for_prune(home: Path) -> dict[str, Any] | None:
     from encoderflow import registry
 
     if (home / "stack" / "secrets.json").exists() and not os.environ.get("MLFLOW_TRACKING_URI"):
+        from encoderflow.stack import Stack
+
+        server = Stack(home).mlflow_url
+        if registry.no_store():  # it found no version in a store that is not there, and exited 0
+            raise EncoderflowError(
+                f"prune --versions deletes versions from an MLflow store on this machine; this home's versions are "
+                f"on make stack's MLflow server ({server}), whose files it cannot reach, and it has no embedded store",
+                fix="leave out --versions here, and delete versions on the server (its UI or MlflowClient."
+                "delete_model_version, then mlflow gc there)",
+            )
         print(
-            "prune --versions: the versions of make stack's MLflow server are not pruned (its files are the "
-            "server's); this home's embedded store is",
+            f"prune --versions: only this home's embedded store ({registry.embedded_uri()}) is pruned; the versions "
+            f"on make stack's MLflow server ({server}) are the server's to delete",
             file=sys.stderr,
         )
     try:

@@ -135,7 +135,9 @@ class Knob:
             ok = value > self.minimum if self.exclusive_minimum else value >= self.minimum
             _check(ok, self.key, f"must be {'>' if self.exclusive_minimum else '>='} {self.minimum}, got {value!r}")
         if self.maximum is not None:
-            _check(value <= self.maximum, self.key, f"must be <= {self.maximum}, got {value!r}")
+            # An accuracy given in percent (80 for 0.8) is the likely slip where 1 is the most.
+            pct = f" (a fraction: {value / 100:g} for {value:g}%)" if self.maximum == 1 and 1 < value <= 100 else ""
+            _check(value <= self.maximum, self.key, f"must be <= {self.maximum}, got {value!r}{pct}")
         if self.choices is not None:
             _check(value in self.choices, self.key, f"must be one of {self.choices}, got {value!r}")
 
@@ -543,7 +545,7 @@ class FinetuneConfig(_Optimizer):
         "Where fine-tuning starts: none (a new classification head on this run's pretrained encoder, the "
         "guide) or champion (the current champion's whole classifier, fine-tuned encoder and head, continues "
         "on this run's labeled data; its label set, vocabulary and sequence length must equal this run's, and "
-        "this run's pretrained encoder is then not used). The model version records the parent.",
+        "pretraining then does not run: nothing would read its encoder). The model version records the parent.",
         choices=("none", "champion"),
         title="Fine-tuning starts from",
         form=TUNE,
@@ -571,7 +573,8 @@ class GateConfig(_Section):
 
     min_accuracy: float = knob(
         0.80,
-        "Dev accuracy (val_accuracy: the labeled data's dev split) the candidate must reach.",
+        "Dev accuracy (val_accuracy: the labeled data's dev split) the candidate must reach, as a fraction "
+        "(0.8 is 80%).",
         minimum=0.0,
         maximum=1.0,
         title="Gate: accuracy floor",
@@ -579,7 +582,8 @@ class GateConfig(_Section):
     )
     min_gain_over_baseline: float = knob(
         0.0,
-        "Accuracy points over this run's bag-of-words baseline; negative tolerates a deficit.",
+        "Dev accuracy the candidate must gain over this run's bag-of-words baseline, as a fraction (0.01 is one "
+        "percentage point); negative tolerates a deficit.",
         minimum=-1.0,
         maximum=1.0,
         title="Gate: minimum gain over the BoW baseline",
@@ -588,7 +592,7 @@ class GateConfig(_Section):
     max_regression: float = knob(
         0.0,
         "How far below the current champion (re-evaluated on this run's dev data) a "
-        "candidate may fall and still be promoted.",
+        "candidate may fall and still be promoted, as a fraction of dev accuracy (0.01 is one percentage point).",
         minimum=0.0,
         maximum=1.0,
         title="Gate: maximum regression vs champion",

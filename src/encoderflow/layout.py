@@ -447,7 +447,7 @@ def adopt_earlier(
         if result is not None and result.get("code_hash") == code:
             found.append((path.stat().st_mtime, path, result))
     for _, path, result in sorted(found, key=lambda t: t[0], reverse=True):
-        src = Path(result[field])
+        src = artifact_of(path, result, field)
         why = problem(src, result) if src.exists() else "missing"
         if why:
             log.warning("%s: not reusing %s (run %s): %s", stage, src, path.parents[1].name, why)
@@ -472,6 +472,13 @@ def adopt_earlier(
     return None
 
 
+def artifact_of(result_path: Path, result: dict[str, Any], field: str) -> Path:
+    """The artifact a stage's ``result.json`` names in ``field``: in that stage's folder, beside it. The
+    path recorded is absolute: in a copied or moved ENCODERFLOW_HOME it is the old home's, whose file
+    a reuse read (and called linked) while the copy's own went unchecked."""
+    return Path(result_path).parent / Path(result[field]).name
+
+
 def finished(
     stage: str,
     key: str,
@@ -491,10 +498,10 @@ def finished(
     out_dir = Path(out_dir)
     if (done := reusable(out_dir / "result.json", key)) is not None:
         # A retry (a cleared task) hands this on: it gets the same check as another run's result.
-        own = Path(done[field])
+        own = artifact_of(out_dir / "result.json", done, field)
         if not (why := problem(own, done) if own.exists() else "missing"):
             log.info("%s: reusing %s", stage, own)
-            return done
+            return {**done, field: str(own)}
         log.warning("%s: not reusing this run's %s: %s; training it again", stage, own, why)
     if earlier_runs and (done := adopt_earlier(stage, key, out_dir, field, problem)) is not None:
         origin, copy = Path(done["reused_from"]), Path(done["linked_from"])

@@ -100,14 +100,15 @@ class Baseline(TypedDict):
 
 
 class Pretrained(TypedDict):
-    encoder: str
+    encoder: str  # empty when ``skipped``
     encoder_sha256: str
-    mlm_val_accuracy: float
+    mlm_val_accuracy: float | None  # None when ``skipped``
     result: str
     parent: str | None  # the champion version or encoder path a warm start began from
     init_sha256: NotRequired[str | None]  # the sha256 of the encoder it began from, as pretraining read it
     vocab_sha256: NotRequired[str]  # the vocabulary its token ids index (absent in results before it)
     reused_from: NotRequired[str]  # the run folder whose encoder this is, trained from the same key and code
+    skipped: NotRequired[str]  # why nothing was pretrained (fine-tuning continues the champion's classifier)
 
 
 class Finetuned(TypedDict):

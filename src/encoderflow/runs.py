@@ -848,6 +848,8 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
     out.append(
         f"preset     {entry.get('preset') or '–'}"
         + (f" · config_hash {str(summary['config_hash'])[:16]}" if summary.get("config_hash") else "")
+        # The registry's config.training_hash, which the model version carries (config_hash has gate.* in it).
+        + (f" · training_hash {str(summary['training_hash'])[:16]}" if summary.get("training_hash") else "")
     )
     if (settings := entry.get("settings")) is not None:
         out.append(f"set        {settings_text(settings)}")
@@ -887,6 +889,9 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
         out.append("registry   not registered")
     for stage, took in (_object(summary.get("runtime")) or {}).items():
         if not isinstance(took, dict):
+            continue
+        if took.get("skipped"):
+            out.append(f"{stage:<10} not run: {took['skipped']}")
             continue
         seconds = finite(took.get("seconds"))
         bits = [None if seconds is None else f"{seconds:.1f} s"]

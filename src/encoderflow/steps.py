@@ -79,9 +79,11 @@ def check_params(
     check_files(cfg, sources)
     declared = {k: v for k, v in dataclasses.asdict(sources).items() if v}
     log.info(
-        "check_params: preset %s, config hash %s; set: %s; data: %s",
+        "check_params: preset %s, config hash %s (training hash %s: what the model is trained from, gate.* "
+        "and baseline.* aside, as the registry's config.training_hash); set: %s; data: %s",
         cfg.preset,
         cfg.config_hash()[:16],
+        cfg.training_hash()[:16],
         # As resolved (a REST client's 3.0 for an integer reads 3), not as given.
         ", ".join(f"{k}={_resolved(cfg, k)}" for k in sorted(given)) or "nothing (the preset's values)",
         ", ".join(f"{k}={v}" for k, v in sorted(declared.items())) or "the guide's datasets",
@@ -249,6 +251,8 @@ def pretrain(sealed: Sealed, params: Mapping[str, Any], run_id: str) -> Pretrain
     setup_logging()
     out = layout.run_dir(run_id) / "pretrain"
     cfg = from_params(params)
+    if skipped := _not_read(cfg, out):
+        return skipped
     init = _init_encoder(cfg, out)
     _inputs("pretrain", manifest=sealed["manifest"], **({"init_from": init["path"]} if init else {}))
     # Which shard set this run reads, before it reads it: `encoderflow prune` keeps it while the run is kept.
@@ -281,6 +285,43 @@ def _init_sha256(pretrained: Pretrained) -> str | None:
 def _reused(result: dict[str, Any]) -> dict[str, str]:
     """The run folder a stage's result was copied from (``adopt_earlier``), when it was."""
     return {"reused_from": Path(result["reused_from"]).parents[1].name} if result.get("reused_from") else {}
+
+
+def _not_read(cfg, out: Path) -> Pretrained | None:
+    """What pretrain hands on when fine-tuning will not read its encoder (``finetune.init_from=champion``
+    with a champion: fine-tuning continues that classifier), else None. Pretraining it anyway cost hours on
+    the guide preset whenever no earlier run's result was there to reuse (``--force``, a pruned folder)."""
+    if cfg.finetune.init_from != "champion":
+        return None
+    from encoderflow import registry
+
+    name = cfg.gate.registered_model
+    if (champ := registry.champion(name)) is None:
+        return None  # finetune then fine-tunes a new classifier on this run's encoder
+    why = (
+        f"finetune.init_from=champion: fine-tuning continues champion v{champ['version']} of {name} "
+        "(its classifier and fine-tuned encoder), so it would not read an encoder pretrained here"
+    )
+    result = {
+        "skipped": why,
+        "champion_version": champ["version"],
+        "history": {},
+        "seconds": 0.0,
+        "device": None,
+        "dtype_policy": None,
+        "code_hash": layout.code_hash(),
+    }
+    path = layout.write_json(out / "result.json", result)
+    log.info("pretrain: not run: %s; this run has no mlm_val_accuracy (finetune.init_from=none pretrains)", why)
+    return {
+        "encoder": "",
+        "encoder_sha256": "",
+        "mlm_val_accuracy": None,
+        "result": str(path),
+        "parent": None,
+        "init_sha256": None,
+        "skipped": why,
+    }
 
 
 def _init_encoder(cfg, out: Path) -> dict[str, Any] | None:
@@ -320,10 +361,18 @@ def finetune(
     vocab_file = only_file(vocab)
     vocab_path = vocab_file["path"]
     init = _init_classifier(cfg, labeled, vocab_file["sha256"], out)
-    encoder = init["encoder"] if init else pretrained["encoder"]
-    pretrained_on = pretrained.get("vocab_sha256")
     from encoderflow.errors import EncoderflowError
 
+    if not init and pretrained.get("skipped"):
+        raise EncoderflowError(
+            f"finetune: pretrain did not run ({pretrained['skipped']}), but "
+            f"{cfg.gate.registered_model} has no champion now (demoted since): there is no encoder to fine-tune",
+            fix="clear pretrain with its downstream tasks: it pretrains an encoder now that there is no champion",
+        )
+    if init and pretrained.get("encoder"):  # a champion that came after pretrain looked for one
+        log.info("finetune: the encoder pretrain wrote (%s) is not used", pretrained["encoder"])
+    encoder = init["encoder"] if init else pretrained["encoder"]
+    pretrained_on = pretrained.get("vocab_sha256")
     if not init and layout.sha256_file(encoder) != pretrained["encoder_sha256"]:
         raise EncoderflowError(
             f"finetune: {encoder} is not the encoder pretrain wrote (sha256 {pretrained['encoder_sha256']}): "
@@ -389,8 +438,7 @@ def _init_classifier(cfg, labeled: Dataset, vocab_sha256: str, out: Path) -> dic
                 fix="set finetune.init_from=none to fine-tune a new classifier on this run's encoder",
             )
     log.info(
-        "finetune: warm start from finetune.init_from=champion v%s (its classifier, fine-tuned encoder and head); "
-        "this run's pretrained encoder is not used",
+        "finetune: warm start from finetune.init_from=champion v%s (its classifier, fine-tuned encoder and head)",
         champ["version"],
     )
     return {
@@ -746,18 +794,42 @@ def _same_task(step: str, version: str, name: str, theirs: list[str], labeled: D
 SHAPE_SETTINGS = ("num_layers", "model_dim", "intermediate_dim", "num_heads", "normalize_first")
 
 
-def _warm_starts_fit(cfg, folder: Path, version: str) -> None:
-    """Refuse, before anything trains, a warm start from the champion its model settings do not fit.
+def _warm_starts_fit(cfg, folder: Path, version: str, vocab: Dataset) -> None:
+    """Refuse, before anything trains, a warm start from the champion its model settings or vocabulary do
+    not fit.
 
     ``finetune.init_from=champion`` continues the champion's classifier as it is: a run with other
     ``model.*`` or ``finetune.pooling`` settings (another preset) registered a model its recorded config
     did not describe. ``pretrain.init_from=champion`` copies its encoder's weights: other shapes failed
-    only at pretrain, after validation, the baseline and the shards.
+    only at pretrain, after validation, the baseline and the shards. Another vocabulary (the same size,
+    other words) failed there too; a trained one (``inputs.vocab=trained``) is not known before
+    ``prepare_vocab``, and pretrain and finetune still compare it.
     """
     from encoderflow import bundle
     from encoderflow.errors import EncoderflowError
 
-    theirs = bundle.metadata(folder).get("config") or {}
+    meta = bundle.metadata(folder)
+    warm = [
+        k for k in ("finetune.init_from", "pretrain.init_from") if getattr(cfg, k.split(".")[0]).init_from == "champion"
+    ]
+    files = vocab.get("files") or {}
+    if warm and cfg.inputs.vocab != "trained" and len(files) == 1:
+        mine_vocab, theirs_vocab = next(iter(files.values())), meta["files"].get(bundle.VOCAB)
+        if theirs_vocab and theirs_vocab != mine_vocab["sha256"]:
+            trained = ((meta.get("config") or {}).get("inputs") or {}).get("vocab") == "trained"
+            raise EncoderflowError(
+                f"{' and '.join(f'{k}=champion' for k in warm)}: champion v{version} of {cfg.gate.registered_model} "
+                f"tokenizes with {'a vocabulary trained on its corpus' if trained else 'another vocabulary'} "
+                f"(sha256 {theirs_vocab}), this run's {mine_vocab['path']} has sha256 {mine_vocab['sha256']}: its "
+                "embeddings would be read under other words",
+                fix=(
+                    "--set inputs.vocab=trained with the champion's corpus"
+                    if trained
+                    else "give this run the vocabulary the champion was trained with"
+                )
+                + f", or {' and '.join(f'{k}=none' for k in warm)}",
+            )
+    theirs = meta.get("config") or {}
     if not theirs.get("model"):
         return  # a bundle without its config: pretrain and finetune still check the shapes they load
     mine = cfg.to_dict()
@@ -839,7 +911,7 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
     if rejected is None and (changed or force):
         # The gate re-scores the champion after training (hours on a GPU): a damaged one fails now.
         folder = registry.fetch_verified(cfg.gate.registered_model, champ["version"], _champion_dir(run_id, champ))
-        _warm_starts_fit(cfg, folder, champ["version"])
+        _warm_starts_fit(cfg, folder, champ["version"], inputs["vocab"])
         if changed:
             said = [f"{k} ({_changed_settings(cfg, champ)})" if k == "config.training_hash" else k for k in changed]
             log.info("check_lineage: changed since champion v%s: %s; training", champ["version"], ", ".join(said))
@@ -866,6 +938,7 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
         "run_id": run_id,
         "preset": cfg.preset,
         "config_hash": cfg.config_hash(),
+        "training_hash": mine["config.training_hash"],
         "unchanged": {"champion_version": champ["version"], **unchanged, "lineage": mine},
         "metrics": {"champion_val_accuracy": accuracy},
         "registry": {"registered_model": cfg.gate.registered_model, "champion_version": champ["version"]},
@@ -885,6 +958,8 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
         "run_id": run_id,
         "preset": cfg.preset,
         "config_hash": cfg.config_hash(),
+        # The registry's config.training_hash: what matches this summary to a model version.
+        "training_hash": cfg.training_hash(_init_sha256(results["pretrained"])),
         "metrics": {
             "baseline_val_accuracy": results["baseline"]["baseline_val_accuracy"],
             "mlm_val_accuracy": results["pretrained"]["mlm_val_accuracy"],
@@ -893,7 +968,7 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
         },
         "runtime": {
             stage: {
-                **{k: layout.read_json(res["result"]).get(k) for k in ("device", "dtype_policy", "seconds")},
+                **{k: layout.read_json(res["result"]).get(k) for k in ("device", "dtype_policy", "seconds", "skipped")},
                 "reused_from": res.get("reused_from"),
             }
             for stage, res in (("pretrain", results["pretrained"]), ("finetune", results["finetuned"]))
@@ -910,7 +985,7 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
         "artifacts": {
             "run_dir": str(layout.run_dir(run_id)),
             "shards_manifest": results["sealed"]["manifest"],
-            "encoder": results["pretrained"]["encoder"],
+            "encoder": results["pretrained"]["encoder"] or None,  # none: pretrain did not run
             "bundle": results["finetuned"]["bundle"],
             "curves": str(layout.run_dir(run_id) / "curves.png"),
             "data_docs": {name: info["validation"]["docs"] for name, info in results["inputs"].items()},

@@ -99,8 +99,15 @@ def test_fine_tuning_continues_from_the_champions_classifier_and_refuses_another
         "files": {"v": {"path": str(vocab), "sha256": __import__("encoderflow").layout.sha256_file(vocab)}},
     }
     pretrained = {"encoder": str(encoder), "encoder_sha256": layout.sha256_file(encoder)}
+    # Nothing is pretrained for it (the guide preset's hours): fine-tuning would not read that encoder. The
+    # shard set named does not exist: pretrain does not even look.
+    no_shards = {"manifest": str(tmp_path / "no-shards" / "manifest.json"), "manifest_sha256": "0" * 64}
     with caplog.at_level(logging.INFO, logger="encoderflow"):
-        warm = steps.finetune(pretrained, sst2, vocab_info, params, "warm")
+        skipped = steps.pretrain(no_shards, params, "warm")
+        warm = steps.finetune(skipped, sst2, vocab_info, params, "warm")
+    assert skipped["mlm_val_accuracy"] is None and skipped["encoder"] == ""
+    assert f"pretrain: not run: finetune.init_from=champion: fine-tuning continues champion v{version}" in caplog.text
+    assert layout.read_json(skipped["result"])["skipped"] == skipped["skipped"]
     assert warm["parent"] == version
     assert f"warm start from finetune.init_from=champion v{version}" in caplog.text
     assert warm["val_accuracy"] == pytest.approx(first["val_accuracy"], abs=1e-6)  # started where it was
@@ -112,6 +119,10 @@ def test_fine_tuning_continues_from_the_champions_classifier_and_refuses_another
         r"this run has \['neg', 'pos'\].*fix: set finetune.init_from=none",
     ):
         steps.finetune(pretrained, relabeled, vocab_info, params, "relabeled")
+    # The champion demoted between the two tasks: no encoder to fine-tune, said once, with the way on.
+    registry.client().delete_registered_model_alias(name, "champion")
+    with pytest.raises(EncoderflowError, match=r"pretrain did not run \(finetune.init_from=champion: .* no champion "):
+        steps.finetune(skipped, sst2, vocab_info, params, "demoted")
 
 
 def test_an_encoder_pretrained_on_another_vocabulary_is_refused(inputs, tmp_path):

@@ -621,6 +621,11 @@ def test_pretraining_sigkilled_mid_epoch_resumes_at_the_next_step(duped, tmp_pat
     with caplog.at_level(logging.INFO, logger="encoderflow.train"):
         resumed = pretrain.pretrain(cfg, duped["manifest"], out)
     assert "resuming epoch 2 at step 3 of 4" in caplog.text
+    # What ran, where the MLflow param says what was asked (16).
+    assert (
+        ", 2 steps per call (pretrain.steps_per_execution 16, lowered to divide the 4 steps per epoch and "
+        "pretrain.backup_every_steps 2)"
+    ) in caplog.text
     # Epochs of a try no log shows (its worker died and it trained on) are named where they are.
     assert f"; epoch 1 was trained by earlier tries, in {out / 'history.csv'} (a try whose worker died" in caplog.text
     # The resumed attempt's epochs start 2 steps into an epoch; the last is 2 steps short.

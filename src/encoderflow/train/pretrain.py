@@ -456,21 +456,30 @@ def _train(
     if init:
         warm_start(encoder, init, manifest)
     mlm = models.build_pretraining_model(encoder, manifest["predictions_per_seq"])
-    spe = steps_per_execution(p.steps_per_execution, steps, p.backup_every_steps)
+    spe = divides = steps_per_execution(p.steps_per_execution, steps, p.backup_every_steps)
     if skip % spe:  # a backup taken with another steps_per_execution: calls must end on its step
         spe = math.gcd(spe, skip)
+    # The MLflow param says what was asked: say what ran, and why it is less.
+    lowered = [f"divide the {steps} steps per epoch"] if divides != p.steps_per_execution else []
+    if lowered and 0 < p.backup_every_steps < steps:
+        lowered[0] += f" and pretrain.backup_every_steps {p.backup_every_steps}"
+    if spe != divides:
+        lowered.append(f"end on step {skip}, where the backup this run resumes from was taken")
     compile_mlm(mlm, p, total_steps=steps * p.epochs, steps_per_execution=spe)
     backup.restore(mlm)
     device = runtime.device_summary()
     from encoderflow.train.optim import describe
 
     log.info(
-        "pretrain: device %s, dtype policy %s (precision=%s), %s, %d steps per call",
+        "pretrain: device %s, dtype policy %s (precision=%s), %s, %d steps per call%s",
         device,
         policy,
         p.precision,
         describe(p),
         spe,
+        f" (pretrain.steps_per_execution {p.steps_per_execution}, lowered to {' and to '.join(lowered)})"
+        if lowered
+        else "",
     )
     log.info(
         "pretrain: model %s%s",
