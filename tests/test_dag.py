@@ -359,3 +359,15 @@ def test_a_cleared_promote_announces_a_champion_move_once(monkeypatch):
     outlets = {af.CHAMPION_MOVES: _Outlet()}
     af.record_champion(outlets, {**promoted, "promoted": None}, 0.8, {af.CHAMPION_MOVES: announced}, "run-a")
     assert outlets[af.CHAMPION_MOVES].added == []  # not blessed: no move, no event
+
+
+def test_the_preset_fields_description_says_each_presets_own_shape():
+    """It said "guide: 3 layers, dim 256, 8 pretraining epochs" by hand: a preset changed, the form did not."""
+    from encoderflow import airflow_adapter as af
+
+    said = af.params()["preset"].description
+    for name in ("guide", "smoke"):
+        c = config.from_overrides(name, {})
+        assert (
+            f"{name}: {c.model.num_layers} layer" in said and f"dim {c.model.model_dim}, {c.pretrain.epochs} " in said
+        )

@@ -263,6 +263,28 @@ def test_the_move_history_only_grows_each_move_a_tag_that_fits_the_stores_column
     assert len(c.get_model_version(NAME, v2).tags["champion.promote"]) <= registry.TAG_VALUE_MAX
 
 
+def test_a_move_is_recorded_at_the_time_the_alias_moved(tmp_path, monkeypatch):
+    """Stamped before the calls that move it (14 s against the stack's server), the record said "champion
+    since" a time the old champion still served."""
+    import time
+    from datetime import UTC, datetime
+
+    from mlflow import MlflowClient
+
+    v1 = _register(tmp_path, "1")
+    real, moved = MlflowClient.set_registered_model_alias, []
+
+    def slow(self, name, alias, version):
+        time.sleep(0.3)  # a server's round trip
+        real(self, name, alias, version)
+        moved.append(datetime.now(UTC))
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", slow)
+    event = registry.move_champion(NAME, v1, expected=None, reason="first", who="gate")
+    assert datetime.fromisoformat(event["at"]) >= moved[-1]
+    assert registry.history(NAME)[-1]["at"] == event["at"]
+
+
 def test_a_retry_records_the_move_its_first_try_made_but_did_not_record(tmp_path):
     v1, v2 = (_register(tmp_path, t) for t in "12")
     registry.move_champion(NAME, v1, expected=None, reason="first", who="gate")

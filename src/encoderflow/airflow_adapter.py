@@ -178,6 +178,16 @@ def form_param(k: config.Knob) -> Param:
     )
 
 
+def _shape(preset: str) -> str:
+    """A preset's model and pretraining length as the form says them, from the preset itself (they were
+    written here by hand)."""
+    c = config.from_overrides(preset, {})
+    layers, epochs = c.model.num_layers, c.pretrain.epochs
+    return (
+        f"{layers} layer{'s' * (layers != 1)}, dim {c.model.model_dim}, {epochs} pretraining epoch{'s' * (epochs != 1)}"
+    )
+
+
 def params() -> dict[str, Param]:
     """The trigger form: preset, where the data comes from, the declared form fields, free overrides."""
     form = [k for k in config.knobs() if k.form is not None]
@@ -193,10 +203,10 @@ def params() -> dict[str, Param]:
                 "recipe": "recipe: the guide's model, a better training recipe (GPU)",
                 "smoke": "smoke: tiny model, minutes on a CPU",
             },
-            description="Hyperparameters every empty field below falls back to. guide: 3 layers, dim "
-            "256, 8 pretraining epochs (needs a GPU). recipe: the same model with packed and task-adaptive "
-            "text, pre-norm, schedules and weight decay (README, Model quality). smoke: 1 layer, dim 32, a "
-            "plumbing check in minutes on a CPU.",
+            description=f"Hyperparameters every empty field below falls back to. guide: {_shape('guide')} "
+            "(needs a GPU). recipe: the same model with packed and task-adaptive text, pre-norm, schedules "
+            f"and weight decay (README, Model quality). smoke: {_shape('smoke')}, a plumbing check in minutes "
+            "on a CPU.",
         ),
         **{
             f.name: Param(_source_default(f.name), type=["null", "string"], **f.metadata)

@@ -284,9 +284,7 @@ def damage(path: str | os.PathLike) -> str | None:
     for fname, digest in files.items():
         file = path / fname
         if not file.exists() or layout.sha256_file(file) != digest:
-            return (
-                f"{fname}: missing or altered (sha256 differs from bundle.json); the registered version is incomplete"
-            )
+            return f"{fname}: missing or altered (sha256 differs from bundle.json); the bundle is incomplete"
     return None
 
 

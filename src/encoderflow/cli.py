@@ -812,7 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
             action="extend",
             nargs="+",
             metavar="KEY=VALUE",
-            help="config overrides: --set a=1 b=2, or repeated",
+            help="config overrides, SECTION.KEY=VALUE: --set pretrain.epochs=2 finetune.learning_rate=1e-4, or "
+            "repeated; every key with its type, bounds and presets' values: docs/parameters.md (this run's "
+            "values: encoderflow config)",
         )
 
     def locations(sp):
