@@ -161,6 +161,8 @@ def print_summary(
                 print(f"  {stage:<32} not run: {rt['skipped']}")
                 continue
             there = f" in run {rt['reused_from']}, reused" if rt.get("reused_from") else ""
+            if rt.get("resumed_from_step"):  # the time of the try that resumed, not of the steps before it
+                there += f" (the try that resumed at step {rt['resumed_from_step']:,})"
             print(f"  {stage:<32} {rt['device']}, {rt['dtype_policy']}, {rt['seconds']}s{there}")
         print("-" * 72)
         print(f"  gate: {'BLESSED' if s['gate']['blessed'] else 'NOT BLESSED'}")

@@ -896,6 +896,8 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
         seconds = finite(took.get("seconds"))
         bits = [None if seconds is None else f"{seconds:.1f} s"]
         bits += [took.get("device"), took.get("dtype_policy")]
+        if isinstance(step := took.get("resumed_from_step"), int) and step > 0:  # that try's time alone
+            bits.append(f"the try that resumed at step {step:,}")
         if took.get("reused_from"):
             bits.append(f"results reused from {took['reused_from']}")
         out.append(f"{stage:<10} {', '.join(str(b) for b in bits if b)}")

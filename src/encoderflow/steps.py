@@ -968,7 +968,10 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
         },
         "runtime": {
             stage: {
-                **{k: layout.read_json(res["result"]).get(k) for k in ("device", "dtype_policy", "seconds", "skipped")},
+                **{
+                    k: layout.read_json(res["result"]).get(k)
+                    for k in ("device", "dtype_policy", "seconds", "skipped", "resumed_from_step")
+                },
                 "reused_from": res.get("reused_from"),
             }
             for stage, res in (("pretrain", results["pretrained"]), ("finetune", results["finetuned"]))

@@ -539,6 +539,13 @@ def test_pretraining_sigkilled_after_epoch_one_resumes_at_epoch_two(duped, tmp_p
     assert epochs_run == ["pretrain epoch 2/3", "pretrain epoch 3/3"]  # resumed at the second epoch
     assert len(result["history"]["loss"]) == 3  # the killed attempt's epoch is in the record too
     assert (out / "encoder.keras").exists() and not (out / "backup").exists()
+    # Its seconds are this try's: said, so `runs` does not pass them off as the whole training's.
+    steps = result["config"]["pretrain"]["steps_per_epoch"]  # epoch one's, which the killed try trained
+    assert result["resumed_from_step"] == steps == 2
+    from encoderflow import runs
+
+    shown = runs.detail_lines({"summary": {"runtime": {"pretrain": result}}, "folder": None}, tmp_path)
+    assert any(f"the try that resumed at step {steps:,}" in line for line in shown), shown
 
 
 @pytest.mark.slow

@@ -627,6 +627,8 @@ def _train(
         "step_seconds": epoch_logger.step_seconds,
         "history": hist,
         "seconds": round(time.monotonic() - t0, 1),
+        # seconds and first_step_loss are this try's: one that resumed a backup did not see the steps before.
+        "resumed_from_step": initial_epoch * steps + skip,
         "init_from": {k: init.get(k) for k in ("label", "path", "version")} if init else None,
         "code_hash": layout.code_hash(),
     }
