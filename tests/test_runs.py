@@ -525,3 +525,18 @@ def test_a_run_says_what_it_set_and_when_it_started_after_airflow_forgot_it(enco
     assert not any(line.startswith("set ") for line in runs.detail_lines({**entry, "settings": None}, encoderflow_home))
     assert runs.time_in_run_id("scheduled__2026-11-26T03:00:00+00:00") == "2026-11-26T03:00:00"
     assert runs.time_in_run_id("my-own-run") is None
+
+
+def test_a_stopped_stack_worker_is_named_where_runs_say_in_flight(tmp_path):
+    """A stopped worker left its queue's tasks queued while `runs` said only "in flight" (stack-status told)."""
+    from encoderflow.stack import Stack
+
+    home = tmp_path / "home"
+    st = Stack(home)
+    st._want("worker-gpu", True)  # started once, and not stopped since; no supervisor here to restart it
+    said = runs.idle_queues(home)
+    assert said == (
+        " (not running: worker-default (queue default) is stopped: python -m encoderflow.stack start worker-default, "
+        "or make stack; worker-gpu (queue gpu) is stopped: python -m encoderflow.stack start worker-gpu, or make "
+        "stack; a queue's tasks wait for its worker)"
+    ), said

@@ -160,10 +160,34 @@ def asking_airflow(home: Path, dag_id: str = DAG_ID) -> Callable[[], DagRuns]:
                     " (no scheduler alive on it: its runs in flight wait until that Airflow runs again, "
                     "encoderflow airflow or make stack, which then finishes or fails them)"
                 )
+            elif in_flight and label.startswith("make stack"):
+                said[-1] += idle_queues(home)
         found.sort(key=lambda r: str(r.get("run_after") or r.get("start_date") or ""), reverse=True)
         return DagRuns(found, True, "Airflow " + "; ".join(said))
 
     return answer
+
+
+def idle_queues(home: Path) -> str:
+    """What the runs line adds when a worker of ``home``'s make stack is not running: its queue's tasks
+    wait ``queued``, and "in flight" alone did not say so (``stack-status`` did). Empty when both run."""
+    from encoderflow.stack import WORKERS, Stack
+
+    st = Stack(home)
+    down = [name for name in WORKERS if not st.alive(name)]
+    if not down:
+        return ""
+    restarting = st.supervisor_pid() is not None
+    said = [
+        f"{name} (queue {WORKERS[name][0]}) "
+        + (
+            "is being restarted by the supervisor"
+            if restarting and st.wanted(name)
+            else f"is stopped: python -m encoderflow.stack start {name}, or make stack"
+        )
+        for name in down
+    ]
+    return f" (not running: {'; '.join(said)}; a queue's tasks wait for its worker)"
 
 
 def mark_stopped(dag_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
