@@ -79,6 +79,8 @@ def registry_state(home: Path, model: str) -> dict[str, Any]:
         return {
             "champion": registry.champion(model),
             "history": registry.history(model),
+            # Versions encoderflow prune --versions deleted: their rows linked to an MLflow page that is gone.
+            "deleted": sorted(registry.pruned_versions(model), key=int),
             "error": None,
             "store": registry.tracking_uri(),
         }
@@ -472,12 +474,13 @@ def render(
             "<table><tr><th>run</th><th>gate decision</th><th>metrics</th><th>registry</th><th>Data Docs</th></tr>"
         )
         charted = uncharted = 0
+        deleted = {(model, str(v)) for v in registry.get("deleted") or ()}
         for run in runs:
             figures = charts_html(run)
             if figures and charted >= chart_runs:
                 figures, uncharted = "", uncharted + 1
             charted += bool(figures)
-            out.append(_row(run, mlflow_url, figures))
+            out.append(_row(run, mlflow_url, figures, deleted))
         out.append("</table>")
         if uncharted:
             out.append(
@@ -515,7 +518,9 @@ def _intervals_text(intervals: Mapping[str, Any] | None) -> str:
     return f"<div class='muted ef-ci-text'>{_e(said)}</div>" if said else ""
 
 
-def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
+def _row(
+    run: dict[str, Any], mlflow_url: str | None, figures: str = "", deleted: set[tuple[str, str]] = frozenset()
+) -> str:
     """The run's table row, and under it a row with its charts (``figures``, :func:`charts_html`) if any."""
     run_id = run.get("run_id") or run.get("folder")
     state = run.get("state")
@@ -592,7 +597,11 @@ def _row(run: dict[str, Any], mlflow_url: str | None, figures: str = "") -> str:
         head = f"{_e(model)} v{_e(reg['version'])}" if reg.get("version") else "<span class='muted'>no version</span>"
         if reg.get("version") and reg.get("registered_by"):  # a candidate that version held already
             head += f" <span class='muted'>(this model, registered by {_e(reg['registered_by'])})</span>"
-        cells.append("<br>".join([head, *_mlflow_links(mlflow_url, model, reg.get("version"), reg.get("run_id"))]))
+        if (model, str(reg.get("version"))) in deleted:  # MLflow holds neither the version nor its run now
+            cells.append(f"{head} <span class='muted'>(deleted by prune)</span>")
+        else:
+            links = _mlflow_links(mlflow_url, model, reg.get("version"), reg.get("run_id"))
+            cells.append("<br>".join([head, *links]))
     else:
         cells.append("<span class='muted'>not registered</span>")
 

@@ -710,6 +710,29 @@ def test_a_successful_summary_has_no_failure_block(capsys):
     assert not [line for line in out if "first failure" in line or "fix:" in line]
 
 
+def test_a_summary_of_a_run_that_did_not_pretrain_says_so_in_the_dags_order(capsys):
+    """finetune.init_from=champion: the files listed "encoder   None", and the stages came finetune first."""
+    summary = {
+        "metrics": {"val_accuracy": 0.8, "mlm_val_accuracy": None},
+        "runtime": {
+            "finetune": {"device": "1 x cpu", "dtype_policy": "float32", "seconds": 3.0},
+            "pretrain": {"skipped": "finetune.init_from=champion: fine-tuning continues champion v1"},
+        },
+        "gate": {"blessed": True, "reasons": []},
+        "registry": {"registered_model": "m", "version": "2", "champion_version": "2", "tracking_uri": "sqlite:///x"},
+        "artifacts": {"encoder": None, "bundle": "/b"},
+    }
+    layout.write_json(layout.run_dir("manual__3") / "summary.json", summary)
+    out = _summary(capsys, "manual__3", "success", [("report", -1, "success")])
+    stages = [line.split()[0] for line in out if line.startswith(("  pretrain ", "  finetune "))]
+    assert stages == ["pretrain", "finetune"], out
+    assert (
+        "  pretrain                         not run: finetune.init_from=champion: fine-tuning continues champion v1"
+        in out
+    )
+    assert not any(line.split()[:1] == ["encoder"] for line in out) and "  bundle                           /b" in out
+
+
 def test_a_failed_summary_without_a_log_file_says_where_the_lines_are(capsys):
     cause = errors.cause_of(NonFiniteLoss("pretrain: loss became nan at step 7; lower the learning rate"))
     errors.record_failure("manual__2", cause, task_id="build_shard", map_index=3, try_number=2, max_tries=2)

@@ -127,6 +127,8 @@ def test_an_accuracy_given_in_percent_is_told_it_is_a_fraction():
         ConfigError, match=r"'gate.min_accuracy': must be <= 1.0, got 80.0 \(a fraction: 0.8 for 80%\)$"
     ):
         from_overrides("guide", {"gate.min_accuracy": "80"})
+    with pytest.raises(ConfigError, match=r"must be >= -1.0, got -5.0 \(a fraction: -0.05 for -5%\)$"):
+        from_overrides("guide", {"gate.min_gain_over_baseline": "-5"})
     with pytest.raises(ConfigError, match=r"must be <= 1.0, got 150.0$"):  # no percentage either
         from_overrides("guide", {"gate.min_accuracy": "150"})
 

@@ -310,7 +310,12 @@ def test_a_copied_home_reuses_its_own_files_not_the_ones_its_results_name_in_the
     def altered(file: Path, result: dict) -> str | None:
         return None if file.read_bytes().startswith(b"good") else "its sha256 differs"
 
-    _earlier_run("old", "k1", b"good old")
+    first = _earlier_run("first", "k0", b"good first")
+    old = _earlier_run("old", "k1", b"good old")
+    # "old" reused "first"'s result: its record names the home it was made in.
+    layout.write_json(
+        old / "result.json", {**layout.read_json(old / "result.json"), "reused_from": str(first / "result.json")}
+    )
     _earlier_run("own", "k2", b"good own")
     copy = tmp_path / "copy"
     shutil.copytree(layout.home(), copy)
@@ -321,6 +326,8 @@ def test_a_copied_home_reuses_its_own_files_not_the_ones_its_results_name_in_the
     (layout.run_dir("old") / "pretrain" / "encoder.keras").write_bytes(b"good copy")
     adopted = layout.adopt_earlier("pretrain", "k1", mine, "encoder", altered)
     assert (mine / "encoder.keras").read_bytes() == b"good copy" and adopted["encoder"] == str(mine / "encoder.keras")
+    # The run that trained it is named as it is in this home, not as a folder of the old one ("pruned").
+    assert adopted["reused_from"] == str(copy / "runs" / "first" / "pretrain" / "result.json")
     # A retry in a copied run folder hands on its own file, not the old home's path.
     own = layout.run_dir("own") / "pretrain"
     done = layout.finished("pretrain", "k2", own, "encoder", altered, False, "x")

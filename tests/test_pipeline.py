@@ -238,6 +238,7 @@ def test_two_runs_through_airflow(served, encoderflow_home, capsys):
     assert client.get_model_version_by_alias(MODEL, "champion").version == v1.version
     v2 = client.get_model_version(MODEL, summary2["registry"]["version"])
     assert v2.tags["lineage.parent"] == str(v1.version) and "lineage.parent" not in v1.tags
+    assert v2.tags["lineage.starts_from"] == str(v1.version) and "lineage.starts_from" not in v1.tags
     pretrain_log = (layout.run_dir(run2) / "logs" / "task_id=pretrain" / "attempt=1.log").read_text()
     assert f"warm start from pretrain.init_from=champion v{v1.version}" in pretrain_log
     assert v2.tags["gate.blessed"] == "false"

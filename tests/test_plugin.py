@@ -84,6 +84,11 @@ def test_runs_page_shows_decisions_metrics_history_and_links(encoderflow_home):
 
     html = page.render(runs, REGISTRY, "encoderflow-sst2", "http://mlflow.example:5000", user="alice")
     assert "BLESSED" in html and "NOT BLESSED" in html
+    assert "models/encoderflow-sst2/versions/1'>model version</a>" in html
+    # A version prune --versions deleted is said so, not linked to an MLflow page that is gone.
+    gone = page.render(runs, {**REGISTRY, "deleted": ["1"]}, "encoderflow-sst2", "http://mlflow.example:5000")
+    assert "encoderflow-sst2 v1 <span class='muted'>(deleted by prune)</span>" in gone
+    assert "versions/1'>model version</a>" not in gone
     assert "· by " not in page._row(blessed, None)  # a run recorded before check_params kept who triggered it
     row = page._row({**blessed, "triggered_by": "bob <ops>", "settings": {"gate.min_accuracy": 0.6}}, None)
     assert "started 2026-11-25T10:00:01 · by bob &lt;ops&gt;</div>" in row

@@ -518,6 +518,7 @@ def test_versions_the_gate_rejected_that_were_never_champion_go_with_their_files
     shown = [{"registry": {"registered_model": MODEL, "version": v}} for v in (v2, v6)]
     runs.mark_aliases(shown, aliased)
     assert [runs.version_text(e) for e in shown] == ["v2 champion", "v6 (deleted by prune)"]
+    assert shown[1]["aliases"] == [] and shown[1]["version_deleted"] is True  # no alias named "deleted" (--json)
     assert not any("deleted" in i.why for i in prune.plan(home, 1, 0, airflow, aliased, now=later).keep)
     # Another prune finds nothing more to do: the rest stays for the reasons it gave.
     again = prune.plan(home, keep=1, older_than_days=0, airflow=airflow, aliased=[], now=later)
@@ -626,7 +627,7 @@ def test_the_cli_prunes_versions_only_of_a_store_on_this_machine_and_never_witho
 
 def test_prune_versions_stores_the_identical_files_of_versions_registered_before_once(encoderflow_home):
     """Versions registered before registration linked identical files each hold a copy (QA: the same
-    encoder.keras five times, and the run folder's bundle a sixth): prune --versions links them."""
+    encoder.keras in every version): prune --versions links the store's, never a run folder's."""
     from encoderflow import bundle, registry
 
     home = encoderflow_home
@@ -646,10 +647,15 @@ def test_prune_versions_stores_the_identical_files_of_versions_registered_before
     assert not p.remove and len([i for i in p.keep if i.kind == "version"]) == 3
     before = _du(home)
     done = prune.apply(home, p, recheck=lambda: airflow)
-    # Five of the six encoders, and each version's other files' second copy, as du counts them.
-    assert done.shared == before - _du(home) >= 5 << 20
+    # Two of the store's three encoders, and its other identical files, as du counts them; the run
+    # folders' copies are their own (rewritten in place, one would alter the registered versions).
+    assert done.shared == before - _du(home) >= 2 << 20
     first = judged[0]["files"] / "bundle" / "encoder.keras"
-    assert first.stat().st_nlink == 6
+    assert first.stat().st_nlink == 3
+    assert all(
+        (layout.run_dir(v["tags"]["airflow.run_id"]) / "finetune" / "bundle" / "encoder.keras").stat().st_nlink == 1
+        for v in judged
+    )
     assert any(
         line.startswith("  stored the kept versions' identical files once: ")
         for line in prune.report_lines(home, done, dry_run=False)

@@ -722,6 +722,28 @@ def test_a_copy_whose_bundle_json_was_edited_is_fetched_again_not_served(tmp_pat
         registry.download_version(NAME, version, tmp_path / "elsewhere")
 
 
+def test_a_copied_homes_store_that_writes_into_the_original_home_is_refused_before_training(tmp_path, monkeypatch):
+    """QA: in a `cp -a` of a home, new runs wrote their model files into the original home's store (the
+    experiment's artifact folder is recorded once) and served from there."""
+    import shutil
+
+    from encoderflow import layout
+
+    _register(tmp_path, "1")
+    registry.check_store_in_place()  # where it was made: fine
+    copy = tmp_path / "copy"
+    shutil.copytree(layout.home(), copy)
+    monkeypatch.setenv("ENCODERFLOW_HOME", str(copy))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # client() exported the original's
+    with pytest.raises(EncoderflowError) as err:
+        registry.check_store_in_place()
+    original = (tmp_path / "efhome" / "mlflow" / "artifacts").resolve().as_uri()
+    assert f"keeps its artifacts in {original}, not in {copy / 'mlflow' / 'artifacts'}: it was made in another" in str(
+        err.value
+    )
+    assert f"move {copy / 'mlflow'} aside" in err.value.fix
+
+
 def test_a_retry_after_registering_failed_reuses_the_finished_mlflow_run(tmp_path, monkeypatch):
     """The try logged its run in full, then the registry call failed (MLflow down a moment): the retry
     registers that run, and the experiment holds one run for the Airflow run, not one per try."""
@@ -979,9 +1001,10 @@ def _as_copies(*paths: Path) -> int:
     return sum(p.stat().st_blocks * 512 for root in paths for p in root.rglob("*") if p.is_file())
 
 
-def test_a_versions_files_are_stored_once_with_its_run_folders_and_other_versions_identical_ones(tmp_path):
+def test_a_versions_files_are_stored_once_with_other_versions_identical_ones_never_with_a_run_folder(tmp_path):
     """Each version kept its whole bundle in the store, the same encoder.keras once per version fine-tuned
-    from one pretraining, and the run folder's bundle a second copy (QA: 83 MB of a 110 MB home)."""
+    from one pretraining (QA: 83 MB of a 110 MB home). Linked with the run folder's bundle too, a run
+    folder's file rewritten in place (Keras's Model.save to the same path) damaged the champion."""
     from urllib.parse import urlparse
 
     from encoderflow import layout
@@ -989,23 +1012,29 @@ def test_a_versions_files_are_stored_once_with_its_run_folders_and_other_version
     encoder = os.urandom(4 << 20)  # one pretraining, fine-tuned three times
     roots = [_run_bundle(f"run-{i}", os.urandom(1 << 20), encoder) for i in (1, 2, 3)]
     home, artifacts = layout.home(), layout.mlflow_dir() / "artifacts"
-    as_copies = _as_copies(home / "runs") * 2  # each run folder's files, and the store's copy of each
+    as_copies = _as_copies(home / "runs")  # the store's copy of each run folder's files
     versions = [_log(root, f"run-{i}")["version"] for i, root in enumerate(roots, 1)]
     assert versions == ["1", "2", "3"]
     c = registry.client()
     stored = [Path(urlparse(c.get_model_version(NAME, v).source).path) for v in versions]
     for root, copy in zip(roots, stored, strict=True):
         assert os.path.samefile(copy / "encoder.keras", stored[0] / "encoder.keras")
-        assert os.path.samefile(root / "encoder.keras", stored[0] / "encoder.keras")
-        for name in ("classifier.keras", "bundle.json"):  # its own: one copy for the run and the version
-            assert os.path.samefile(copy / name, root / name) and (copy / name).stat().st_nlink == 2
-    assert (stored[0] / "encoder.keras").stat().st_nlink == 6  # three run folders, three versions
-    assert (stored[0] / "vocab.txt").stat().st_nlink == 6
-    # One 4 MiB encoder and three 1 MiB classifiers on disk, where the copies took 30 MiB.
-    assert as_copies >= 30 << 20 and _du(home / "runs", artifacts) < (7 << 20) + (256 << 10)
+        for name in ("encoder.keras", "classifier.keras", "bundle.json"):
+            assert not os.path.samefile(copy / name, root / name) and (root / name).stat().st_nlink == 1
+    assert (stored[0] / "encoder.keras").stat().st_nlink == 3  # three versions
+    assert (stored[0] / "vocab.txt").stat().st_nlink == 3
+    # One 4 MiB encoder and three 1 MiB classifiers in the store, where the copies took 15 MiB.
+    assert as_copies >= 15 << 20 and _du(artifacts) < (7 << 20) + (256 << 10)
     assert not (home / "cache" / "files").exists()  # nothing shared with the copies predict serves
     for v in versions:  # served as registered, verified against bundle.json
         assert bundle.damage(registry.download_version(NAME, v, tmp_path / f"serve-{v}")) is None
+    # A run folder's file rewritten in place leaves every version as registered.
+    with open(roots[0] / "classifier.keras", "r+b") as f:
+        f.write(b"re-saved")
+    with open(roots[1] / "encoder.keras", "r+b") as f:
+        f.write(b"re-saved")
+    for v in versions:
+        assert bundle.damage(registry.download_version(NAME, v, tmp_path / f"after-{v}")) is None
 
     # The caveat of one copy: a write in place alters every version holding it, and each is refused,
     # never served; the copies fetched to serve are not the store's and stay as they were.
@@ -1057,8 +1086,12 @@ def test_a_version_logged_to_the_stacks_mlflow_server_is_stored_once_too(tmp_pat
         assert got["source"].startswith("mlflow-artifacts:/")
         copy = registry.local_artifacts(got["source"])
         assert copy is not None and copy.is_relative_to(artifacts)
+        # A second version of the same encoder: the server's copies are one, the run folders' their own.
+        other = _run_bundle("run-2", os.urandom(1 << 20), (root / "encoder.keras").read_bytes())
+        second = registry.local_artifacts(_log(other, "run-2")["source"])
+        assert os.path.samefile(second / "encoder.keras", copy / "encoder.keras")
         for name in ("classifier.keras", "encoder.keras", "vocab.txt", "bundle.json"):
-            assert os.path.samefile(copy / name, root / name) and (root / name).stat().st_nlink == 2
+            assert not os.path.samefile(copy / name, root / name) and (root / name).stat().st_nlink == 1
         # Another server's, or a cloud store's, files are not this machine's to link.
         assert registry.local_artifacts("mlflow-artifacts://elsewhere:5000/1/abc/artifacts") is None
         assert registry.local_artifacts("s3://bucket/1/abc/artifacts") is None

@@ -481,6 +481,18 @@ def test_a_run_stopped_before_or_between_tasks_names_no_task(encoderflow_home):
     assert "           fix: run it again: what finished is reused" in lines  # no backup to resume from
     assert runs.failed_at({"task_id": "build_shard", "map_index": 3, "try_number": 2}) == "build_shard[3], try 2"
     assert af.rerun_fix("pretrain").endswith("and pretraining resumes from its last backup")
+    # A backup taken by other code (an upgrade since) is not resumed: the record promised hours it did not keep.
+    from encoderflow.train.pretrain import BACKUP_CODE
+
+    backups = layout.run_dir(run_id) / "pretrain" / "backup"
+    backups.mkdir(parents=True)
+    (backups / BACKUP_CODE).write_text(layout.code_hash() + "\n")
+    assert af.rerun_fix("pretrain", run_id).endswith("and pretraining resumes from its last backup")
+    (backups / BACKUP_CODE).write_text("0" * 64 + "\n")
+    assert af.rerun_fix("pretrain", run_id) == (
+        "run it again: what finished is reused; pretraining starts over: its backup was taken by other code "
+        "(the code changed since), which this code does not resume"
+    )
 
 
 def test_a_cleared_run_keeps_its_trigger_time_beside_airflows_start_date(encoderflow_home):

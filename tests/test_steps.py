@@ -102,6 +102,35 @@ def test_a_candidate_rejected_against_this_champion_under_these_settings_is_not_
     assert newer != champion and steps.check_lineage(landed, PARAMS, "run-x") is True
 
 
+def test_a_warm_start_counts_the_champion_it_continues_in_its_lineage(tmp_path, caplog):
+    """v3, fine-tuned on from v2, was "nothing changed" for a run that would continue v3 itself: a
+    scheduled continuation stopped after one promotion. A candidate continued from this champion and
+    rejected is still not gated again."""
+    warm = {**PARAMS, "overrides": ["finetune.init_from=champion"]}
+    cfg = from_params(warm)
+    v1 = _champion(tmp_path, steps.lineage_tags(from_params(PARAMS), INPUTS))
+    v2 = _champion(tmp_path / "v2", steps.lineage_tags(cfg, INPUTS, starts_from=v1), tag="2")
+    assert registry.champion(cfg.gate.registered_model)["tags"][steps.STARTS_FROM_TAG] == v1
+    caplog.clear()
+    assert steps.check_lineage(INPUTS, warm, "run-c") is True
+    assert (
+        f"changed since champion v{v2}: lineage.starts_from (this run continues champion v{v2}, which began "
+        f"from v{v1}); training"
+    ) in caplog.text
+    assert steps.lineage_tags(from_params(PARAMS), INPUTS, starts_from=v2) == steps.lineage_tags(
+        from_params(PARAMS), INPUTS
+    )  # no warm start: no such tag
+    # Continued from v2, rejected against it: the same run again is skipped, as any rejected candidate's.
+    decision = {"blessed": False, "reasons": ["regression"], "checks": [], "champion_version": v2}
+    decision["settings_hash"] = cfg.promotion_hash()
+    tags = {**steps.lineage_tags(cfg, INPUTS, starts_from=v2), "airflow.run_id": "run-c"}
+    rejected = registry.log_candidate(
+        cfg.gate.registered_model, fake_bundle(tmp_path / "b3", "3"), {}, {}, {}, tags, decision
+    )
+    assert steps.check_lineage(INPUTS, warm, "run-d") is False
+    assert f"nothing changed since v{rejected['version']}, which the gate rejected" in caplog.text
+
+
 def test_a_rejection_under_new_settings_becomes_the_rejected_versions_tags_but_never_a_champions(tmp_path):
     name = from_params(PARAMS).gate.registered_model
     champion = _champion(tmp_path, steps.lineage_tags(from_params(PARAMS), INPUTS))
@@ -645,8 +674,9 @@ def test_a_warm_start_from_a_champion_its_model_settings_do_not_fit_is_refused_b
         "embeddings would be read under other words",
         err.value.message,
     ), err.value.message
+    copy = layout.run_dir("run-v") / "champion" / f"v{out['version']}" / "vocab.txt"
     assert err.value.fix == (
-        "give this run the vocabulary the champion was trained with, or finetune.init_from=none and "
-        "pretrain.init_from=none"
+        f"give this run the vocabulary the champion was trained with (a copy: {copy}), or finetune.init_from=none "
+        "and pretrain.init_from=none"
     )
     assert steps.check_lineage(with_vocab("[PAD]\n"), warm, "run-v") is True

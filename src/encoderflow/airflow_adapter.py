@@ -684,9 +684,21 @@ def run_dag(conf: dict[str, Any], dag_folder: Path) -> RunOutcome:
     return RunOutcome(dr.run_id, str(dr.state), states, logs)
 
 
-def rerun_fix(task: str | None) -> str:
-    """What to do about a run stopped in ``task`` (None: between tasks)."""
-    resumes = " and pretraining resumes from its last backup" if task == "pretrain" else ""
+def rerun_fix(task: str | None, run_id: str | None = None) -> str:
+    """What to do about a run stopped in ``task`` (None: between tasks); with ``run_id``, a pretraining
+    backup taken by other code (the code changed since: an upgrade) is not promised as resumed."""
+    resumes = ""
+    if task == "pretrain":
+        resumes = " and pretraining resumes from its last backup"
+        if run_id is not None:
+            from encoderflow.train.pretrain import backup_code
+
+            taken = backup_code(layout.run_dir(run_id) / "pretrain")
+            if taken is not None and taken != layout.code_hash():
+                resumes = (
+                    "; pretraining starts over: its backup was taken by other code (the code changed since), "
+                    "which this code does not resume"
+                )
     return f"run it again: what finished is reused{resumes}"
 
 
@@ -856,7 +868,7 @@ def fail_run(run_id: str, wait_for_pid: int | None = None, wait_s: float = 60.0)
             "Stopped",
             f"the encoderflow run process that ran it ended {f'during {task}' if task else 'between tasks'} without "
             "finishing (killed, or its machine stopped)",
-            rerun_fix(where.get("task_id")),
+            rerun_fix(where.get("task_id"), run_id),
             expected=True,
         )
         with contextlib.suppress(OSError):  # an Interrupted record (Ctrl-C) of the same try stays first

@@ -136,7 +136,7 @@ def print_summary(
 ) -> None:
     """The run's task states, metrics, gate and artifacts; a failed run's ends with the first failure's
     cause, its fix and its task's log."""
-    from encoderflow.runs import skipped_text
+    from encoderflow.runs import in_stage_order, skipped_text
     from encoderflow.steps import registered_text
 
     print("\n" + "=" * 72)
@@ -156,7 +156,7 @@ def print_summary(
         print("-" * 72)
         for k, v in s["metrics"].items():
             print(f"  {k:<32} {'-' if v is None else f'{v:.4f}'}")
-        for stage, rt in s.get("runtime", {}).items():
+        for stage, rt in in_stage_order(s.get("runtime", {})):
             if rt.get("skipped"):
                 print(f"  {stage:<32} not run: {rt['skipped']}")
                 continue
@@ -173,6 +173,8 @@ def print_summary(
         print(f"  tracking: {r['tracking_uri']}")
         print("-" * 72)
         for k, v in s["artifacts"].items():
+            if v is None:  # none written: the encoder of a run whose pretraining did not run
+                continue
             if isinstance(v, dict):
                 for name, path in v.items():
                     print(f"  {k}.{name:<22} {path}")

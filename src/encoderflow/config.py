@@ -133,7 +133,10 @@ class Knob:
             _check(math.isfinite(value), self.key, f"must be finite, got {value!r}")
         if self.minimum is not None:
             ok = value > self.minimum if self.exclusive_minimum else value >= self.minimum
-            _check(ok, self.key, f"must be {'>' if self.exclusive_minimum else '>='} {self.minimum}, got {value!r}")
+            pct = f" (a fraction: {value / 100:g} for {value:g}%)" if self.minimum == -1 and -100 <= value < -1 else ""
+            _check(
+                ok, self.key, f"must be {'>' if self.exclusive_minimum else '>='} {self.minimum}, got {value!r}{pct}"
+            )
         if self.maximum is not None:
             # An accuracy given in percent (80 for 0.8) is the likely slip where 1 is the most.
             pct = f" (a fraction: {value / 100:g} for {value:g}%)" if self.maximum == 1 and 1 < value <= 100 else ""

@@ -464,12 +464,22 @@ def adopt_earlier(
         adopted = {
             **result,
             field: str(dst),
-            "reused_from": result.get("reused_from") or str(path),
+            "reused_from": str(result_in_this_home(result.get("reused_from") or path)),
             "linked_from": str(path),
         }
         write_json(out_dir / "result.json", adopted)
         return adopted
     return None
+
+
+def result_in_this_home(recorded: str | os.PathLike) -> Path:
+    """A stage result's path (``.../runs/<folder>/<stage>/result.json``) as it is in this home: one
+    recorded in a home since copied or moved names the old home's folder (a reuse in the copy said
+    "run X's folder is pruned" of a folder it holds)."""
+    path = Path(recorded)
+    if path.is_relative_to(home()) or len(path.parts) < 4 or path.parts[-4] != "runs":
+        return path
+    return home() / "runs" / Path(*path.parts[-3:])
 
 
 def artifact_of(result_path: Path, result: dict[str, Any], field: str) -> Path:
@@ -504,7 +514,7 @@ def finished(
             return {**done, field: str(own)}
         log.warning("%s: not reusing this run's %s: %s; training it again", stage, own, why)
     if earlier_runs and (done := adopt_earlier(stage, key, out_dir, field, problem)) is not None:
-        origin, copy = Path(done["reused_from"]), Path(done["linked_from"])
+        origin, copy = result_in_this_home(done["reused_from"]), Path(done["linked_from"])
         # The run that trained it may be pruned since, its files kept by a run that reused them: name both.
         via = (
             ""

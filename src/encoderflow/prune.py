@@ -616,27 +616,20 @@ def _run_folder_of(files: Path) -> Path:
 
 
 def _share_kept(home: Path, kept: list[VersionItem]) -> int:
-    """Store each identical file of the kept versions' bundles, and of the run folders they were
-    registered from, once (``registry.store_once``): versions registered before registration did so
-    each hold a copy. Returns the space freed, as ``du`` counts it."""
+    """Store each identical file of the kept versions' bundles once (``registry.store_once``): versions
+    registered before registration did so each hold a copy. Returns the space freed, as ``du`` counts it."""
     from encoderflow import registry
 
-    pairs = [
-        (item.files / "bundle", layout.run_dir(item.run) / "finetune" / "bundle" if item.run else None)
-        for item in kept
-        if item.files is not None and (item.files / "bundle").is_dir()
-    ]
+    bundles = [item.files / "bundle" for item in kept if item.files is not None and (item.files / "bundle").is_dir()]
     before = {
         path: path.lstat()
-        for folders in pairs
-        for folder in folders
-        if folder is not None and folder.is_dir()
+        for folder in bundles
         for path in folder.iterdir()
         if path.is_file() and not path.is_symlink()
     }
-    for logged, run_bundle in pairs:
+    for logged in bundles:
         try:
-            registry.store_once(logged, run_bundle)
+            registry.store_once(logged)
         except OSError as exc:  # a file that cannot be replaced: the copies stay
             log.warning("prune: the files of %s stay as they are (%s)", logged, exc)
     freed = _Links()

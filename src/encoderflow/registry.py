@@ -197,6 +197,31 @@ def _experiment_id(c) -> str:
         return c.get_experiment_by_name(EXPERIMENT).experiment_id  # created concurrently by another task
 
 
+def check_store_in_place() -> None:
+    """Refuse to train into an embedded store that keeps its artifacts in another home's folder.
+
+    The store records its experiment's artifact folder when it is created: in a copy of a home (``cp -a``
+    of a production home as a sandbox) every new run wrote its model files into the original home's
+    store, and served from there. Checked by ``check_lineage``, before anything trains.
+
+    Raises:
+        EncoderflowError: the store's artifact folder is not this home's.
+    """
+    if tracking_uri() != embedded_uri() or no_store():
+        return
+    exp = client().get_experiment_by_name(EXPERIMENT)
+    here = (layout.mlflow_dir() / "artifacts").resolve()
+    if exp is None or exp.artifact_location == here.as_uri():
+        return
+    raise EncoderflowError(
+        f"the MLflow store of ENCODERFLOW_HOME={layout.home()} ({embedded_uri()}) keeps its artifacts in "
+        f"{exp.artifact_location}, not in {here}: it was made in another home and copied or moved here, and "
+        "a run would write its model files into that home's store",
+        fix="run where the store was made; or give this home a store of its own (move "
+        f"{layout.mlflow_dir()} aside: versions are then registered anew from v1), or set MLFLOW_TRACKING_URI",
+    )
+
+
 def champion(name: str) -> dict[str, Any] | None:
     """The current champion version (number, source, run id, tags), or None."""
     from mlflow.exceptions import MlflowException
@@ -473,7 +498,7 @@ def log_candidate(
             source = f"{run.info.artifact_uri}/bundle"
             run_id = run.info.run_id
     if holder is None:  # this MLflow run holds the bundle's files (uploaded now, or by an earlier try)
-        _store_once(source, bundle_dir)
+        _store_once(source)
     with promotion_lock():  # another run's promote may have registered this very model meanwhile
         holder = holder or _holding(c, name, tags[BUNDLE_TAG], tags[CONTENT_TAG])
         if holder is None:
@@ -524,42 +549,42 @@ def _stack_artifacts() -> tuple[Path, tuple[str, ...]] | None:
     return root / "mlflow" / "artifacts", hosts
 
 
-def _store_once(source: str, bundle_dir: str | os.PathLike) -> int:
-    """:func:`store_once` for the bundle just logged at ``source`` from ``bundle_dir``, where its files are
-    on this machine; a registration never fails for want of it (the copies stay). Returns the bytes freed."""
+def _store_once(source: str) -> int:
+    """:func:`store_once` for the bundle just logged at ``source``, where its files are on this machine; a
+    registration never fails for want of it (the copies stay). Returns the bytes freed."""
     logged = local_artifacts(source)
     if logged is None:
         return 0
     try:
-        freed = store_once(logged, Path(bundle_dir))
+        freed = store_once(logged)
     except OSError as exc:
         log.warning("registry: the files of %s stay copies (%s)", logged, exc)
         return 0
     if freed:
-        log.info("registry: the bundle's files are stored once with identical ones: %s", layout.human_size(freed))
+        log.info(
+            "registry: the bundle's files are stored once with other versions' identical ones: %s",
+            layout.human_size(freed),
+        )
     return freed
 
 
-def store_once(logged: Path, run_bundle: Path | None = None) -> int:
+def store_once(logged: Path) -> int:
     """Make each file of a version's bundle in the MLflow store (``logged``) one inode with the identical
-    files of other versions' bundles there and of the run folder's bundle it was logged from
-    (``run_bundle``): each version kept a copy of its own, and versions fine-tuned from one pretraining
-    hold the same encoder.keras (a smoke home of 20 runs: 83 MB of MLflow store in 110 MB). Returns
-    the space freed, as ``du`` counts it.
+    files of other versions' bundles there: each version kept a copy of its own, and versions fine-tuned
+    from one pretraining hold the same encoder.keras (a smoke home of 20 runs: 83 MB of MLflow store in
+    110 MB). Returns the space freed, as ``du`` counts it.
 
     Every file is checked against the sha256 it is linked for: a copy damaged meanwhile is neither
-    linked to nor replaced. Only within ``ENCODERFLOW_HOME``, where nothing rewrites a bundle's file in
-    place (MLflow writes a run's artifacts once; bundles are built aside and renamed). Not with
-    ``cache/files``, which the copies ``predict`` serves and runs fetch link to: an edit in place of one
-    of those must not reach the registry's files, which ``predict`` fetches a verified copy from again.
-    The deterministic choice of the copy kept (the first by path) makes every identical file one.
+    linked to nor replaced. Only within the store, where nothing rewrites a file in place (MLflow writes
+    a run's artifacts once). Never with a run folder's bundle (it was, until a QA run rewrote a run
+    folder's classifier.keras in place, as Keras's ``Model.save`` to the same path does, and the champion
+    it was registered as was refused from then on) nor with ``cache/files``, which the copies ``predict``
+    serves link to. The deterministic choice of the copy kept (the first by path) makes every identical
+    file one.
     """
-    home = layout.home()
     root = next((r for r in _artifact_roots() if logged.resolve().is_relative_to(r.resolve())), None)
     if root is None or not (logged / bundle.META).is_file():
         return 0
-    if run_bundle is not None and not run_bundle.resolve().is_relative_to(home):
-        run_bundle = None  # a folder of the user's, edited in place maybe
     held: dict[str, list[Path]] = {}  # sha256 -> the same file in other versions' bundles
     for meta in sorted(root.rglob(bundle.META)):
         if meta.parent.name == "bundle" and meta.parent != logged:
@@ -568,16 +593,14 @@ def store_once(logged: Path, run_bundle: Path | None = None) -> int:
     gone: dict[tuple[int, int], list[int]] = {}  # an inode replaced: [allocated, links, links replaced]
     for path in sorted(p for p in logged.iterdir() if p.is_file() and not p.is_symlink()):
         digest = layout.sha256_file(path)
-        mine = run_bundle / path.name if run_bundle is not None else None
-        mine = mine if mine is not None and mine.is_file() and _holds(mine, digest, path) else None
-        # Another version's copy, else the run folder's (runs that reused its result link to it already).
-        anchor = next((c for c in sorted(held.get(digest, [])) if _holds(c, digest, path)), mine or path)
-        for copy in (c for c in (path, mine) if c is not None and not os.path.samefile(c, anchor)):
-            st = copy.lstat()
-            with layout.atomic_path(copy) as tmp:  # a reader sees one copy or the other, never none
-                tmp.unlink()
-                os.link(anchor, tmp)
-            gone.setdefault((st.st_dev, st.st_ino), [st.st_blocks * 512, st.st_nlink, 0])[2] += 1
+        anchor = next((c for c in sorted(held.get(digest, [])) if _holds(c, digest, path)), None)
+        if anchor is None or os.path.samefile(path, anchor):
+            continue
+        st = path.lstat()
+        with layout.atomic_path(path) as tmp:  # a reader sees one copy or the other, never none
+            tmp.unlink()
+            os.link(anchor, tmp)
+        gone.setdefault((st.st_dev, st.st_ino), [st.st_blocks * 512, st.st_nlink, 0])[2] += 1
     return sum(size for size, links, replaced in gone.values() if replaced >= links)
 
 
@@ -1035,15 +1058,23 @@ def moves_in(tags: dict[str, str]) -> list[dict[str, Any]]:
 
 def history(name: str) -> list[dict[str, Any]]:
     """Every champion move on record, oldest first (:func:`moves_in`)."""
+    return moves_in(_model_tags(name))
+
+
+def pruned_versions(name: str) -> dict[str, dict[str, Any]]:
+    """The versions of ``name`` that ``encoderflow prune --versions`` deleted, by number (:func:`pruned_in`)."""
+    return pruned_in(_model_tags(name))
+
+
+def _model_tags(name: str) -> dict[str, str]:
     from mlflow.exceptions import MlflowException
 
     c = client()
     try:
-        tags = c.get_registered_model(name).tags
+        return c.get_registered_model(name).tags
     except MlflowException as exc:  # an outage read as "no history" would overwrite it with one move
         _absent(exc, c, name)
-        return []
-    return moves_in(tags)
+        return {}
 
 
 def promoted_from(name: str, before: str | None, version: str) -> bool:
@@ -1312,6 +1343,7 @@ _PRUNED_KEEPS = (
     CONTENT_TAG,
     "config.training_hash",
     "code.hash",
+    "lineage.starts_from",  # steps.STARTS_FROM_TAG: a warm start's lineage
     "gate.blessed",
     "gate.champion_version",
     SETTINGS_TAG,

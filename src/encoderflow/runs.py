@@ -284,6 +284,13 @@ def _read_list_runs(proc: subprocess.Popen, out, err, stop: Callable[[], None]) 
     return ((errors or said)[-1] if said else f"exit {proc.returncode}, no output")[:300]
 
 
+def in_stage_order(by_stage: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``by_stage``'s items in :data:`STAGES`' order (pretrain before finetune), others after:
+    ``summary.json`` keeps its keys sorted."""
+    order = [stage for stage, _ in STAGES]
+    return sorted(by_stage.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+
+
 @dataclass(frozen=True)
 class Aliased:
     """A version some alias points to, the Airflow run (folder name) that registered it, and the
@@ -728,7 +735,8 @@ DETAIL_METRICS = ("val_accuracy", "baseline_val_accuracy", "champion_val_accurac
 
 def mark_aliases(entries: list[dict[str, Any]], aliased: list[Aliased] | None, stores: set[str] | None = None) -> None:
     """Give each entry ``aliases``: the aliases (``champion``, ``previous``) that now point to the
-    version its run registered or found; None for every entry when MLflow could not be asked.
+    version its run registered or found; None for every entry when MLflow could not be asked. And
+    ``version_deleted``: ``encoderflow prune --versions`` deleted that version.
 
     A run's version is looked up in the store it recorded when that store was asked (``stores``,
     :func:`aliased_versions`' third answer; each store numbers its versions from 1), else in every
@@ -746,7 +754,9 @@ def mark_aliases(entries: list[dict[str, Any]], aliased: list[Aliased] | None, s
             said = by_version.get((own, model, version), set())
         else:
             said = set().union(*(v for (_, m, n), v in by_version.items() if (m, n) == (model, version)))
-        entry["aliases"] = None if aliased is None else sorted(said)
+        # A deleted version's mark is not an alias (a script building models:/NAME@alias from it): its own key.
+        entry["aliases"] = None if aliased is None else sorted(said - {DELETED})
+        entry["version_deleted"] = DELETED in said
 
 
 def state_of(entry: dict[str, Any]) -> str:
@@ -800,7 +810,7 @@ def version_text(entry: dict[str, Any]) -> str:
     reg = entry.get("registry") or {}
     if not reg.get("version"):
         return "–"
-    marks = [f"({a} by prune)" if a == DELETED else a for a in entry.get("aliases") or []]
+    marks = [*(entry.get("aliases") or []), *(["(deleted by prune)"] if entry.get("version_deleted") else [])]
     return " ".join([f"v{reg['version']}", *marks])
 
 
@@ -911,7 +921,7 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
         out.append(f"registry   {' · '.join(parts)}")
     else:
         out.append("registry   not registered")
-    for stage, took in (_object(summary.get("runtime")) or {}).items():
+    for stage, took in in_stage_order(_object(summary.get("runtime")) or {}):
         if not isinstance(took, dict):
             continue
         if took.get("skipped"):

@@ -273,6 +273,15 @@ def pretrain(sealed: Sealed, params: Mapping[str, Any], run_id: str) -> Pretrain
     }
 
 
+def _warm_parent(cfg, pretrained: Pretrained, finetuned: Finetuned) -> str | None:
+    """The champion version this run's warm start began from, if it began from one."""
+    if cfg.finetune.init_from == "champion" and finetuned.get("parent"):
+        return str(finetuned["parent"])
+    if cfg.pretrain.init_from == "champion" and pretrained.get("parent"):
+        return str(pretrained["parent"])
+    return None
+
+
 def _init_sha256(pretrained: Pretrained) -> str | None:
     """The sha256 of the encoder pretraining began from, as it read it: from its result.json for a
     result passed on before ``init_sha256`` was (every result since warm starts records it)."""
@@ -612,7 +621,7 @@ def promote(
         **lineage,
         # The encoder pretraining began from as it read it: the file at init_from's path may have
         # changed since (a newer latest/encoder.keras), or gone.
-        **lineage_tags(cfg, inputs, _init_sha256(pretrained)),
+        **lineage_tags(cfg, inputs, _init_sha256(pretrained), _warm_parent(cfg, pretrained, finetuned)),
         "config.preset": cfg.preset,
         "shards.manifest_sha256": sealed["manifest_sha256"],
         "shards.hash": sealed["shards_hash"],
@@ -742,23 +751,33 @@ def _decided_for(decision: dict[str, Any], candidate: str) -> None:
         )
 
 
-def lineage_tags(cfg, inputs: Mapping[str, Dataset], init_sha256: str | None = None) -> dict[str, str]:
+def lineage_tags(
+    cfg, inputs: Mapping[str, Dataset], init_sha256: str | None = None, starts_from: str | None = None
+) -> dict[str, str]:
     """What a model is a function of: each dataset's content hash, the config's training hash
-    (:meth:`~encoderflow.config.Config.training_hash`) and the code's hash.
+    (:meth:`~encoderflow.config.Config.training_hash`) and the code's hash; for a warm start from the
+    champion (``*.init_from=champion``), the version it starts from (``starts_from``).
 
     Recorded on every model version; a run whose lineage equals the champion's would train the same
     model again (same seed, same shards), so :func:`check_lineage` skips it. A ``pretrain.init_from``
     path counts by its encoder's sha256: another encoder copied over it is a change (it was skipped as
-    "nothing changed"), and the same encoder at another path is none."""
+    "nothing changed"), and the same encoder at another path is none. So does the champion a warm start
+    continues: v3, continued from v2, was "nothing changed" for a run that would continue v3 itself."""
     if cfg.pretrain.init_from in ("none", "champion"):
         init_sha256 = None
     elif init_sha256 is None:  # before training: the file as it is now
         init_sha256 = layout.sha256_file(_given_encoder(cfg))
+    warm = "champion" in (cfg.pretrain.init_from, cfg.finetune.init_from)
     return {
         **{f"data.{name}.content_hash": info["content_hash"] for name, info in sorted(inputs.items())},
         "config.training_hash": cfg.training_hash(init_sha256),
         "code.hash": layout.code_hash(),
+        **({STARTS_FROM_TAG: str(starts_from)} if warm and starts_from is not None else {}),
     }
+
+
+# The champion version a warm start (*.init_from=champion) began from: part of the model's lineage.
+STARTS_FROM_TAG = "lineage.starts_from"
 
 
 # A model version's label set, as a tag: check_lineage refuses another task's data before training.
@@ -825,7 +844,7 @@ def _warm_starts_fit(cfg, folder: Path, version: str, vocab: Dataset) -> None:
                 fix=(
                     "--set inputs.vocab=trained with the champion's corpus"
                     if trained
-                    else "give this run the vocabulary the champion was trained with"
+                    else f"give this run the vocabulary the champion was trained with (a copy: {folder / bundle.VOCAB})"
                 )
                 + f", or {' and '.join(f'{k}=none' for k in warm)}",
             )
@@ -894,8 +913,9 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
 
     setup_logging()
     cfg = from_params(params)
-    mine = lineage_tags(cfg, inputs)
+    registry.check_store_in_place()
     champ = registry.champion(cfg.gate.registered_model)
+    mine = lineage_tags(cfg, inputs, starts_from=champ["version"] if champ else None)
     if champ is not None and (theirs := champ["tags"].get(LABELS_TAG)) is not None:  # older versions: the gate checks
         _same_task("check_lineage", champ["version"], cfg.gate.registered_model, json.loads(theirs), inputs["labeled"])
     if champ is None:
@@ -913,7 +933,13 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
         folder = registry.fetch_verified(cfg.gate.registered_model, champ["version"], _champion_dir(run_id, champ))
         _warm_starts_fit(cfg, folder, champ["version"], inputs["vocab"])
         if changed:
-            said = [f"{k} ({_changed_settings(cfg, champ)})" if k == "config.training_hash" else k for k in changed]
+            began = champ["tags"].get(STARTS_FROM_TAG)
+            why = {
+                "config.training_hash": f"config.training_hash ({_changed_settings(cfg, champ)})",
+                STARTS_FROM_TAG: f"{STARTS_FROM_TAG} (this run continues champion v{champ['version']}, which "
+                + (f"began from v{began})" if began else "was not a warm start from a champion)"),
+            }
+            said = [why.get(k, k) for k in changed]
             log.info("check_lineage: changed since champion v%s: %s; training", champ["version"], ", ".join(said))
         else:
             log.info("check_lineage: force=true: training whatever the champion's lineage")

@@ -276,6 +276,16 @@ def test_a_run_waits_while_another_trains_the_same_model_and_never_adopts_its_li
         f"{os.getpid()}): waiting for it, then reusing its encoder (or resuming its backup if it stops)"
     ]
     assert layout.wait_for_twin(mine, key, pt.TWIN_DOES, pt.TWIN_THEN) is False  # it ended: nothing to wait for
+    # Stopped under other code (an upgrade since): not resumed, and said, where it was skipped in silence.
+    (twin / "backup" / pt.BACKUP_CODE).write_text("0" * 64 + "\n")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        pt._adopt_backup(mine, key)
+    assert not (mine / "backup").exists()
+    assert caplog.messages == [
+        f"pretrain: not resuming run manual__first's backup of this training: taken by other code (code hash "
+        f"000000000000, this {code[:12]}); resumed only by the code that took it"
+    ]
 
 
 @pytest.mark.parametrize("resumed_by", ["a retry", "the next run"])

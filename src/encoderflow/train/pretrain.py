@@ -394,6 +394,14 @@ TWIN_DOES = "trains the same model from the same shards, config and code"
 TWIN_THEN = "reusing its encoder (or resuming its backup if it stops)"
 
 
+def backup_code(out_dir: str | os.PathLike) -> str | None:
+    """The code hash that took the pretraining backups in ``out_dir`` (a run folder's ``pretrain``), or
+    None when it holds none (or they were taken before the hash was recorded)."""
+    with contextlib.suppress(OSError):
+        return (Path(out_dir) / "backup" / BACKUP_CODE).read_text().strip() or None
+    return None
+
+
 def _same_training(out_dir: Path, key: str) -> Iterator[Path]:
     """The pretrain folders of other runs whose backups were taken training ``key`` with this code and
     that have no result: stopped, or training now (:func:`~encoderflow.layout.trains_now`)."""
@@ -403,11 +411,20 @@ def _same_training(out_dir: Path, key: str) -> Iterator[Path]:
         if folder.resolve() == out_dir.resolve() or (folder / "result.json").exists():
             continue
         try:
-            same = stamp.read_text().strip() == key and (stamp.parent / BACKUP_CODE).read_text().strip() == code
-        except OSError:  # no CODE: taken before it was recorded
+            same_key = stamp.read_text().strip() == key
+        except OSError:
             continue
-        if same:
+        if same_key and backup_code(folder) == code:
             yield folder
+        elif same_key and not (folder / "result.json").exists() and layout.trains_now(folder) is None:
+            # Said: the stopped run's record promised a resume (hours of pretraining on the guide preset).
+            log.info(
+                "pretrain: not resuming run %s's backup of this training: taken by other code (code hash %s, "
+                "this %s); resumed only by the code that took it",
+                folder.parent.name,
+                (backup_code(folder) or "not recorded")[:12],
+                code[:12],
+            )
 
 
 def _train(
