@@ -934,12 +934,14 @@ def check_lineage(inputs: Mapping[str, Dataset], params: Mapping[str, Any], run_
         _warm_starts_fit(cfg, folder, champ["version"], inputs["vocab"])
         if changed:
             began = champ["tags"].get(STARTS_FROM_TAG)
-            why = {
-                "config.training_hash": f"config.training_hash ({_changed_settings(cfg, champ)})",
-                STARTS_FROM_TAG: f"{STARTS_FROM_TAG} (this run continues champion v{champ['version']}, which "
-                + (f"began from v{began})" if began else "was not a warm start from a champion)"),
+            why = {  # what each changed tag means, asked of MLflow only when that one changed
+                "config.training_hash": lambda: f"config.training_hash ({_changed_settings(cfg, champ)})",
+                STARTS_FROM_TAG: lambda: (
+                    f"{STARTS_FROM_TAG} (this run continues champion v{champ['version']}, which "
+                    + (f"began from v{began})" if began else "was not a warm start from a champion)")
+                ),
             }
-            said = [why.get(k, k) for k in changed]
+            said = [why[k]() if k in why else k for k in changed]
             log.info("check_lineage: changed since champion v%s: %s; training", champ["version"], ", ".join(said))
         else:
             log.info("check_lineage: force=true: training whatever the champion's lineage")
