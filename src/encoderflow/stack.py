@@ -636,6 +636,11 @@ class Stack:
                 os.killpg(pid, signal.SIGKILL)
             while self.alive(name):
                 time.sleep(0.1)
+            # And its tasks: SIGKILL is delivered, not awaited, and a task releasing gigabytes of (GPU) memory
+            # takes a moment to go. `down` returning while one still held them, a restart collided with it.
+            deadline = time.monotonic() + 10
+            while any(_running(p) for p in tree) and time.monotonic() < deadline:
+                time.sleep(0.1)
             for line in self.killed_task_lines(tasks):
                 print(f"stack: {line}", flush=True)
         self._forget(name)
