@@ -309,10 +309,12 @@ def download_version(name: str, version: str | int, dst: str | os.PathLike) -> P
     named = f"{name}{ref} (v{version})" if ref.startswith("@") else f"{name} v{version}"
     shown = f"models:/{name}{ref} (v{version})" if ref.startswith("@") else uri  # in errors: as the caller named it
     held = mv.tags.get(BUNDLE_TAG)
-    if held and _as_registered(dst, mv.tags) is None:
+    # Checked once (it hashes every file of the copy): to reuse it, or to say why it is fetched again.
+    why = _as_registered(dst, mv.tags) if (dst / bundle.META).exists() else "absent"
+    if held and why is None:
         log.info("registry: %s is at %s already, verified: not fetched again", named, dst)
         return Path(dst)
-    if (dst / bundle.META).exists() and (why := _as_registered(dst, mv.tags)):
+    if why and why != "absent":
         log.warning(
             "registry: the copy of %s at %s is not the registered bundle (%s): fetching it again", named, dst, why
         )
