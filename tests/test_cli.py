@@ -37,6 +37,25 @@ def test_config_prints_resolved_values(capsys, tmp_path):
     assert (out["inputs"]["text_column"], out["model"]["num_layers"], out["model"]["num_heads"]) == ("body", 2, 2)
 
 
+def test_run_help_is_the_form_declarations(monkeypatch, capsys):
+    """Each source and run option is declared once (config.Sources, config.RunOptions): the trigger form's
+    description is the flag's help; --data-dir, --mirror and --sources-file had help of their own."""
+    import re
+    from dataclasses import fields
+
+    from encoderflow.config import RunOptions, Sources
+
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in (*fields(Sources), *fields(RunOptions)):
+        said = " ".join(f.metadata["description"].split())
+        # The CLI resolves a relative path itself: the form's "Absolute path" is "Path" here.
+        said = re.sub(r"^Absolute path", "Path", said).replace("an absolute path or", "a path or")
+        assert said in text, f.name
+
+
 @pytest.mark.parametrize(
     "override, named",
     [

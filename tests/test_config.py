@@ -153,6 +153,14 @@ def test_direct_construction_validates_too():
         Config(model=dataclasses.replace(Config().model, num_heads=5))
 
 
+def test_a_whole_number_written_as_a_float_sets_an_int_and_a_fraction_is_refused():
+    # The form and REST clients send 2.0 for 2; --set takes the same spelling.
+    cfg = from_overrides("smoke", {"pretrain.epochs": "2.0", "data.seq_length": "1e2"})
+    assert cfg.pretrain.epochs == 2 and type(cfg.pretrain.epochs) is int and cfg.data.seq_length == 100
+    with pytest.raises(ConfigError, match=r"'pretrain.epochs': expected int, got '2.5'"):
+        from_overrides("smoke", {"pretrain.epochs": "2.5"})
+
+
 def test_parse_set():
     assert parse_set(["data.seq_length=64", " gate.registered_model =a=b", "data.seed="]) == {
         "data.seq_length": "64",

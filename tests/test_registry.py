@@ -63,6 +63,20 @@ def _aliases() -> dict[str, str | None]:
     return out
 
 
+def test_params_spell_booleans_as_set_takes_them(tmp_path):
+    out = registry.log_candidate(
+        NAME,
+        _bundle(tmp_path / "b", "1"),
+        {"model": {"padding_mask": True}, "data": {"lowercase": False}, "pretrain": {"epochs": 2}},
+        {"val_accuracy": 0.9},
+        {},
+        {"airflow.run_id": "run-1"},
+        {"blessed": False, "reasons": ["x"], "candidate": 0.9, "champion_version": None, "checks": []},
+    )
+    params = registry.client().get_run(registry.client().get_model_version(NAME, out["version"]).run_id).data.params
+    assert (params["model.padding_mask"], params["data.lowercase"], params["pretrain.epochs"]) == ("true", "false", "2")
+
+
 def test_a_candidates_curves_are_logged_per_epoch_in_one_request(tmp_path):
     v1 = _register(tmp_path, "1")
     run_id = registry.client().get_model_version(NAME, v1).run_id

@@ -430,6 +430,47 @@ def test_a_worker_killed_mid_task_is_restarted_naming_the_task_it_left_and_when_
         st.down()
 
 
+def test_status_names_the_tasks_the_supervisor_s_last_restart_killed(tmp_path, monkeypatch):
+    """The supervisor's restart of a worker named the task process it killed only in supervisor.log:
+    `status` said "restarted 1 time" and nothing of the run Airflow still had running."""
+    st = stack_mod.Stack(tmp_path / "home")
+    killed = (
+        f"killed task process 7: {DAG_ID} run manual__fake, task pretrain, try 1 of 3: Airflow keeps it running "
+        "until its last heartbeat is 120 s old ([scheduler] task_instance_heartbeat_timeout), about 12:02:03, "
+        "then retries it (try 2 of 3) after its retry delay"
+    )
+    started = []
+
+    def start(self, name):  # as Stack.start prints, killing what the dead worker left
+        started.append(name)
+        print(f"stack: stopped 1 process(es) a stopped component left running (tasks): pids [7]\nstack: {killed}")
+
+    monkeypatch.setattr(stack_mod.Stack, "start", start)
+    monkeypatch.setattr(stack_mod.Stack, "wanted", lambda self, name: True)
+    monkeypatch.setattr(stack_mod.Stack, "alive", lambda self, name: False)
+    monkeypatch.setattr(stack_mod.Stack, "_pid", lambda self, name: None)
+    monkeypatch.setattr(stack_mod.Stack, "_recorded_pid", lambda self, name: None)
+    st.sup.mkdir(parents=True)  # as the supervisor makes it
+    state, due = {"worker-gpu": {"restarts": 0, "failures": 0}}, {}
+    st._tend("worker-gpu", state, {}, due)  # its exit noted
+    due["worker-gpu"] = 0.0  # its pause over
+    st._tend("worker-gpu", state, {}, due)
+    assert started == ["worker-gpu"] and state["worker-gpu"]["restarts"] == 1
+    assert [re.sub(r"^\d\d:\d\d:\d\d ", "", k) for k in state["worker-gpu"]["killed"]] == [killed]
+
+    monkeypatch.setattr(stack_mod.Stack, "supervisor_pid", lambda self: os.getpid())
+    monkeypatch.setattr(stack_mod.Stack, "restarts", lambda self: state)
+    note = st.supervision_notes()["worker-gpu"].splitlines()
+    assert note[0].startswith("restarted 1 time, last ") and note[0].endswith(": exit status unknown"), note
+    assert re.fullmatch(rf" {{18}}\d\d:\d\d:\d\d {re.escape(killed)}", note[1]), note
+    # The next restart killed nothing: the old line goes (that task was retried or failed since).
+    monkeypatch.setattr(stack_mod.Stack, "start", lambda self, name: None)
+    st._tend("worker-gpu", state, {}, due)
+    due["worker-gpu"] = 0.0
+    st._tend("worker-gpu", state, {}, due)
+    assert state["worker-gpu"]["killed"] == [] and len(st.supervision_notes()["worker-gpu"].splitlines()) == 1
+
+
 def test_the_stack_heartbeat_timeout_is_compose_s_and_task_instances_asks_airflow_s_own_columns(tmp_path):
     """A lost task stayed `running` 300 s (Airflow's default); the stack's timeout is shorter, as compose's.
     Task instances are looked up by the columns Airflow's models have (its history's for earlier tries)."""

@@ -765,6 +765,7 @@ def source_help(name: str) -> str:
     text = next(f.metadata["description"] for f in fields(Sources) if f.name == name)
     # The form needs absolute paths (it runs elsewhere); here a relative one is resolved first.
     text = text.replace("Absolute path of", "Path of").replace("an absolute path or", "a path or")
+    text = text.replace("Absolute path,", "Path,")
     return text.replace("%", "%%")
 
 
@@ -826,14 +827,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--data-dir",
             dest="data_dir",
             default=os.environ.get("DATA_DIR") or None,
-            help="offline folder laid out as the archives extract",
+            help=source_help("data_dir") + " Default: $DATA_DIR.",
         )
         sp.add_argument(
-            "--mirror", default=os.environ.get("ENCODERFLOW_MIRROR") or None, help="base URL tried first for every file"
+            "--mirror",
+            default=os.environ.get("ENCODERFLOW_MIRROR") or None,
+            help=source_help("mirror") + " Default: $ENCODERFLOW_MIRROR.",
         )
-        sp.add_argument(
-            "--sources-file", dest="sources_file", default=None, help="JSON replacing dataset specs (URLs, hashes)"
-        )
+        sp.add_argument("--sources-file", dest="sources_file", default=None, help=source_help("sources_file"))
 
     def common(sp, sources: bool = True, data_file: bool = False):
         sp.add_argument("--preset", default=os.environ.get("PRESET") or DEFAULT_PRESET, choices=sorted(PRESETS))

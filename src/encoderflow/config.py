@@ -826,7 +826,11 @@ def _coerce(key: str, typ: type, value: Any) -> Any:
                     return False
                 raise ValueError(text)
             if typ is int:
-                return int(text)
+                # As for JSON numbers below: "2.0" is the form's and a REST client's spelling of 2.
+                number = float(text) if any(c in text for c in ".eE") else int(text)
+                if isinstance(number, float) and not number.is_integer():
+                    raise ValueError(text)
+                return int(number)
             if typ is float:
                 return float(text)
             return text
@@ -919,9 +923,15 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def param_text(value: Any) -> str:
+    """A value as ``--set`` takes it back, ``runs`` prints it and MLflow's params hold it: booleans as
+    ``true``/``false``."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def set_item(key: str, value: Any) -> str:
-    """``key=value`` as ``--set`` (and :func:`parse_set`) takes it back: booleans as ``true``/``false``."""
-    return f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+    """``key=value`` as ``--set`` (and :func:`parse_set`) takes it back."""
+    return f"{key}={param_text(value)}"
 
 
 # An unknown key is a misspelt one: its value may be right.
@@ -1209,7 +1219,7 @@ def parameters_markdown() -> str:
     ]
     for k in knobs():
         form = f"`{param_name(k)}` ({k.form or 'main'})" if k.form is not None else ""
-        values = " | ".join(f"`{_preset_value(k, p)}`" for p in PRESETS)
+        values = " | ".join(f"`{param_text(_preset_value(k, p))}`" for p in PRESETS)
         # A bare "|" between choices would start a new table cell.
         allowed = k.bounds().replace("|", "\\|")
         lineage = "" if k.in_lineage else " (Not in the model's lineage: changed alone, a run trains nothing.)"

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from encoderflow import DAG_ID, bundle, layout
+from encoderflow.config import param_text
 from encoderflow.errors import EncoderflowError, check_utf8
 from encoderflow.gate import METRICS, metric_tag
 from encoderflow.results import current_names
@@ -477,7 +478,8 @@ def log_candidate(
             else ", with its bundle",
         )
         with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
-            mlflow.log_params({k: v for k, v in _flatten("", config, {}).items()})
+            # Booleans as `--set` and `runs` spell them (true, not Python's True).
+            mlflow.log_params({k: param_text(v) for k, v in _flatten("", config, {}).items()})
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
             # One request for every epoch's point: one each took 24-39 s on a smoke run against a tracking
             # server with basic auth (~0.5 s a request), growing with the epochs.

@@ -909,8 +909,8 @@ class Stack:
         return {}
 
     def supervision_notes(self) -> dict[str, str]:
-        """Per component, what ``status`` adds: its restarts, the one it waits for, or that it was stopped
-        on purpose."""
+        """Per component, what ``status`` adds: its restarts and the task processes the last one killed,
+        the one it waits for, or that it was stopped on purpose."""
         state, supervised = self.restarts(), self.supervisor_pid() is not None
         notes = {}
         for name in COMPONENTS:
@@ -923,8 +923,11 @@ class Stack:
                 said.append(f"exited ({rec['why']}): restarting in {max(0, rec['next'] - time.time()):.0f} s")
             elif supervised and not self.wanted(name):
                 said.append(f"stopped on purpose: not restarted (`start {name}` or `up` starts it)")
+            # The tasks its last restart killed, a line each: which run and try, and when Airflow retries it.
+            said = ["; ".join(said)] if said else []
+            said += rec.get("killed") or []
             if said:
-                notes[name] = "; ".join(said)
+                notes[name] = f"\n  {'':<15} ".join(said)
         return notes
 
     def supervise(self) -> int:
@@ -1022,8 +1025,13 @@ class Stack:
                 rec["error"] = f"start failed: {(str(exc).splitlines() or [type(exc).__name__])[0].rstrip(':')}"
                 _log(f"{name}: {rec['error']}")
             finally:
-                for line in out.getvalue().splitlines():
-                    _log(line.removeprefix("stack: "))
+                lines = [line.removeprefix("stack: ") for line in out.getvalue().splitlines()]
+                for line in lines:
+                    _log(line)
+                # For `status`: Airflow has a killed task running until its heartbeat timeout, and then
+                # retries it; nothing else on the screen would say which run that was.
+                at = _clock(time.time())
+                rec["killed"] = [f"{at} {line}" for line in lines if line.startswith("killed task process")]
 
     # -- components ----------------------------------------------------------------------------
     def _start_postgres(self) -> None:

@@ -885,7 +885,7 @@ def _changed_settings(cfg, champ: Mapping[str, Any]) -> str:
     """The training settings in which this run's config differs from the one the champion's MLflow run
     logged (its params), by name: the hash alone told a person nothing."""
     from encoderflow import registry
-    from encoderflow.config import knobs
+    from encoderflow.config import knobs, param_text
 
     try:
         params = registry.client().get_run(champ["run_id"]).data.params
@@ -894,7 +894,8 @@ def _changed_settings(cfg, champ: Mapping[str, Any]) -> str:
     diffs = []
     for k in knobs():
         mine = getattr(getattr(cfg, k.section), k.name)
-        if k.in_lineage and (theirs := params.get(k.key)) is not None and theirs != str(mine):
+        # Champions logged before 2026-12-07 spell booleans True/False.
+        if k.in_lineage and (theirs := params.get(k.key)) is not None and theirs not in (str(mine), param_text(mine)):
             diffs.append(f"{k.key} {theirs} -> {mine}")
     if not diffs and cfg.pretrain.init_from.startswith("/"):
         return (
