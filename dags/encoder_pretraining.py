@@ -176,7 +176,9 @@ def encoder_pretraining():
         lineage = {"airflow.dag_id": af.DAG_ID, "airflow.run_id": run_id, "airflow.try_number": str(ti.try_number)}
         lineage["airflow.triggered_by"] = af.triggered_by(dag_run)
         promoted = steps.promote(**run, params=params, lineage=lineage)
-        af.record_champion(outlet_events, promoted, run["finetuned"]["val_accuracy"], inlet_events, run_id)
+        af.record_champion(
+            outlet_events, promoted, steps.val_accuracy(run["finetuned"], run["decision"]), inlet_events, run_id
+        )
         return promoted
 
     @task(execution_timeout=timedelta(minutes=10))

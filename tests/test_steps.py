@@ -680,3 +680,44 @@ def test_a_warm_start_from_a_champion_its_model_settings_do_not_fit_is_refused_b
         "and pretrain.init_from=none"
     )
     assert steps.check_lineage(with_vocab("[PAD]\n"), warm, "run-v") is True
+
+
+def test_the_gate_decides_on_its_own_score_of_the_candidate_as_of_the_champion(tmp_path, monkeypatch, caplog):
+    """On the stack, fine-tuning runs on a GPU worker in bfloat16 and the gate on a CPU one: the gate
+    compared fine-tuning's number with a champion it scored itself, and bootstrapped around its own."""
+    import logging
+
+    import numpy as np
+
+    from encoderflow.data import inputs as inputs_mod
+
+    correct = np.array([True, True, True, False] * 16)  # 48 of 64: 0.75
+
+    class Scored:
+        def __init__(self, path):
+            self.path = path
+
+        def correct(self, sentences, labels):
+            return correct
+
+    monkeypatch.setattr(bundle, "Scorer", Scored)
+    monkeypatch.setattr(inputs_mod, "read_labeled", lambda labeled, split: (["a sentence"] * 64, np.array([0, 1] * 32)))
+    monkeypatch.setattr(steps, "split_path", lambda labeled, split: tmp_path / "dev.tsv")
+    ran = {"device": "cuda:0 (NVIDIA H100 80GB HBM3)", "dtype_policy": "mixed_bfloat16"}
+    finetuned = {
+        "bundle": str(fake_bundle(tmp_path / "candidate", "1")),
+        "val_accuracy": 0.765625,  # 49 of 64, where fine-tuning ran
+        "result": str(layout.write_json(tmp_path / "finetune" / "result.json", ran)),
+    }
+    baseline = {"baseline_val_accuracy": 0.5, "result": str(layout.write_json(tmp_path / "bl" / "result.json", {}))}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        decided = steps.evaluate_and_gate(finetuned, baseline, {}, PARAMS, "run-g")
+    assert decided["candidate"] == 0.75 and decided["intervals"]["candidate"]["estimate"] == 0.75
+    assert (
+        "val_accuracy 0.7500 (48 of 64 sentences) here, where the champion is re-evaluated; fine-tuning measured "
+        "0.7656 on cuda:0 (NVIDIA H100 80GB HBM3) (mixed_bfloat16): the gate and the registry take this one"
+    ) in caplog.text
+    # What promote registers, report summarises and the champion asset carries.
+    assert steps.val_accuracy(finetuned, decided) == 0.75
+    assert steps.val_accuracy(finetuned, {"candidate": None}) == 0.765625

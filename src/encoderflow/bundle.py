@@ -351,7 +351,8 @@ class Scorer:
     def probabilities(self, sentences: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Two classes: P(class 1) per sentence, shape ``[n]``; more: one row of class probabilities each.
 
-        An empty or blank sentence is scored as the model sees it (only its [CLS] and [SEP] tokens).
+        An empty or blank sentence is scored as the model sees it: a row of [PAD] ids only (the
+        classifier's tokenizer adds no [CLS] or [SEP]).
 
         Raises:
             TypeError: ``sentences`` is one string (it would be scored a character at a time) or holds

@@ -465,9 +465,10 @@ def evaluate_and_gate(
     Both bundles are scored here, by the same :class:`~encoderflow.bundle.Scorer` on the same dev
     file, so their per-sentence results pair up sentence for sentence (fine-tuning's own
     evaluation batches by length and does not keep the order). The baseline's come from its
-    ``result.json``. The decision's numbers stay the metrics of record (``val_accuracy``,
-    ``baseline_val_accuracy``, the re-evaluated ``champion_val_accuracy``); the intervals are
-    computed around the per-sentence scores.
+    ``result.json``. The decision's numbers are the metrics of record (``val_accuracy``, this
+    scoring's, not fine-tuning's, which was measured on its own device; ``baseline_val_accuracy``;
+    the re-evaluated ``champion_val_accuracy``); the intervals are computed around the per-sentence
+    scores.
     """
     import numpy as np
 
@@ -484,13 +485,25 @@ def evaluate_and_gate(
     dev = split_path(labeled, "dev")
     sentences, labels = read_labeled(labeled, "dev")
     candidate_correct = Scorer(finetuned["bundle"]).correct(sentences, labels)
-    log.info(
-        "gate: candidate %s scored on %s: accuracy %.4f (fine-tuning measured %.4f)",
-        finetuned["bundle"],
-        dev,
-        candidate_correct.mean(),
-        finetuned["val_accuracy"],
-    )
+    # The gate's val_accuracy is its own score, as the champion's is: fine-tuning's was measured where it
+    # ran (on the stack a GPU worker, in bfloat16), this one here, and a sentence at 0.5 can round either way.
+    candidate_acc = float(candidate_correct.mean())
+    if candidate_acc == finetuned["val_accuracy"]:
+        log.info("gate: candidate %s scored on %s: val_accuracy %.4f", finetuned["bundle"], dev, candidate_acc)
+    else:
+        ran = layout.read_json(finetuned["result"])
+        log.info(
+            "gate: candidate %s scored on %s: val_accuracy %.4f (%d of %d sentences) here, where the champion "
+            "is re-evaluated; fine-tuning measured %.4f on %s (%s): the gate and the registry take this one",
+            finetuned["bundle"],
+            dev,
+            candidate_acc,
+            int(candidate_correct.sum()),
+            len(labels),
+            finetuned["val_accuracy"],
+            ran.get("device", "its device"),
+            ran.get("dtype_policy", "its dtype policy"),
+        )
     current = registry.champion(cfg.gate.registered_model)
     champion_acc = champion_correct = None
     if current is not None:
@@ -509,7 +522,7 @@ def evaluate_and_gate(
     )
     champion_version = current["version"] if current else None
     decision = gate.decide(
-        finetuned["val_accuracy"],
+        candidate_acc,
         baseline["baseline_val_accuracy"],
         champion_acc,
         cfg.gate,
@@ -527,6 +540,12 @@ def evaluate_and_gate(
     path = layout.write_json(gate_json, {**decided, "candidate_bundle_sha256": candidate})
     _output("evaluate_and_gate", "gate_json", str(path), layout.sha256_file(path))
     return {**decided, "gate_json": str(path)}
+
+
+def val_accuracy(finetuned: Finetuned, decision: Mapping[str, Any]) -> float:
+    """The candidate's metric of record: the gate's score of it (:func:`evaluate_and_gate`), measured as
+    the champion's was; fine-tuning's own where the gate recorded none."""
+    return decision["candidate"] if decision.get("candidate") is not None else finetuned["val_accuracy"]
 
 
 def _decided(gate_json: Path, candidate: str, name: str, run_id: str) -> dict[str, Any] | None:
@@ -637,7 +656,7 @@ def promote(
     }
     curves_png = curves.plot(histories, layout.run_dir(run_id) / "curves.png", title=f"{cfg.preset} · {run_id}")
     metrics = {
-        "val_accuracy": finetuned["val_accuracy"],
+        "val_accuracy": val_accuracy(finetuned, decision),
         "baseline_val_accuracy": baseline["baseline_val_accuracy"],
         "mlm_val_accuracy": pretrained["mlm_val_accuracy"],
     }
@@ -992,7 +1011,7 @@ def report(run_id: str, params: Mapping[str, Any], results: dict[str, Any]) -> d
         "metrics": {
             "baseline_val_accuracy": results["baseline"]["baseline_val_accuracy"],
             "mlm_val_accuracy": results["pretrained"]["mlm_val_accuracy"],
-            "val_accuracy": results["finetuned"]["val_accuracy"],
+            "val_accuracy": val_accuracy(results["finetuned"], results["decision"]),
             "champion_val_accuracy": results["decision"].get("champion"),
         },
         "runtime": {

@@ -350,6 +350,23 @@ def test_plan_partitions_eligible_lines(corpus, encoderflow_home):
     assert all(Path(s["file"]).parent == Path(p["shards_dir"]) for s in p["shards"])
 
 
+def test_plan_says_when_predictions_per_seq_caps_the_mask_rate(corpus, caplog):
+    """The smoke preset's 6 predictions a row are fewer than its mask rate asks of a full row: the manifest
+    and MLflow said mask_rate 0.25, and full rows were masked at 0.2, with nothing in the log."""
+    import logging
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encoderflow"):
+        shards.plan(_cfg(seq_length=32, mask_rate=0.25, predictions_per_seq=6), *corpus)
+        shards.plan(_cfg(seq_length=32, mask_rate=0.25, predictions_per_seq=8), *corpus)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shards plan:")]
+    assert said[0].endswith(
+        "; a full row has 30 tokens to mask, and data.mask_rate 0.25 asks 8 of them, but data.predictions_per_seq "
+        "caps it at 6 (a masked share of 0.200): only rows of up to 24 tokens get the rate"
+    ) and said[1].endswith("(to build)"), said
+    assert len(said) == 2
+
+
 def test_plan_caps_shards_at_line_count_and_rejects_empty_text(corpus, tmp_path):
     p = shards.plan(_cfg(num_shards=1000), *corpus)
     assert sum(s["split"] == "train" for s in p["shards"]) == 30

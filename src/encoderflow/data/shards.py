@@ -276,10 +276,11 @@ def plan(
                 )
     sealed = (out_dir / MANIFEST).exists()
     log.info(
-        "shards plan: %d shards into %s (%s)",
+        "shards plan: %d shards into %s (%s)%s",
         len(shards),
         out_dir,
         "already sealed, will reuse" if sealed else "to build",
+        _cap_note(d),
     )
     return {
         "shards_dir": str(out_dir),
@@ -289,6 +290,23 @@ def plan(
         "sealed": sealed,
         "shards": shards,
     }
+
+
+def _cap_note(d) -> str:
+    """What the manifest's ``mask_rate`` does not say: when ``predictions_per_seq`` caps a full row below
+    it, as the smoke preset's does (a run's MLM figures are over fewer masked tokens than the rate asks)."""
+    full = d.seq_length - 2  # [CLS] and [SEP] are never masked
+    asked = math.ceil(float(np.float32(full) * np.float32(d.mask_rate)))  # as mask_batch counts
+    if asked <= d.predictions_per_seq:
+        return ""
+    uncapped = max(
+        n for n in range(full + 1) if math.ceil(float(np.float32(n) * np.float32(d.mask_rate))) <= d.predictions_per_seq
+    )
+    return (
+        f"; a full row has {full} tokens to mask, and data.mask_rate {d.mask_rate:g} asks {asked} of them, but "
+        f"data.predictions_per_seq caps it at {d.predictions_per_seq} (a masked share of "
+        f"{d.predictions_per_seq / full:.3f}): only rows of up to {uncapped} tokens get the rate"
+    )
 
 
 def _sidecar(path: Path) -> Path:
