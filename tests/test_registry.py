@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -1084,7 +1085,9 @@ def test_a_version_logged_to_the_stacks_mlflow_server_is_stored_once_too(tmp_pat
     (home / "stack" / "ports.json").write_text(json.dumps({"mlflow": port}))
     env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{home / 'stack' / 'mlflow' / 'store.db'}"}
     command = registry.server_command(port, "--serve-artifacts", "--artifacts-destination", str(artifacts))
-    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -1110,5 +1113,10 @@ def test_a_version_logged_to_the_stacks_mlflow_server_is_stored_once_too(tmp_pat
         assert registry.local_artifacts("mlflow-artifacts://elsewhere:5000/1/abc/artifacts") is None
         assert registry.local_artifacts("s3://bucket/1/abc/artifacts") is None
     finally:
-        server.terminate()
-        server.wait(30)
+        # Its group: mlflow server runs uvicorn in a child. A loaded machine took over 30 s to end it.
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
