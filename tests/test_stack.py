@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -296,10 +297,13 @@ def fake_ti(**over: Any) -> dict[str, Any]:
 def test_stop_says_what_it_waits_for_kills_after_its_timeout_and_forgets_the_pid(tmp_path, monkeypatch, capsys):
     """`down` waited silently (Celery's warm shutdown of a worker with a task running took 31-77 s), then
     SIGKILLed, naming neither the task it killed nor when Airflow would retry it; it said "is shutting
-    down: waiting up to 60 s" of idle workers too; and every pid file stayed behind."""
+    down: waiting up to 60 s" of idle workers too; and every pid file stayed behind. Its task's retry waits for
+    the worker stopped on purpose (it said "then retries it ... after its retry delay"), and supervisor.log,
+    read afterwards, had no word of the stop nor of the task it killed."""
+    monkeypatch.delenv("SUDO_USER", raising=False)
     st = stack_mod.Stack(tmp_path / "home")
     monkeypatch.setattr(
-        stack_mod.Stack, "task_instances", lambda self, ids: {TI_ID: fake_ti()} if ids == [TI_ID] else {}
+        stack_mod.Stack, "task_instances", lambda self, ids: {TI_ID: fake_ti(queue="gpu")} if ids == [TI_ID] else {}
     )
     armed = tmp_path / "armed"
     # A worker in its warm shutdown (SIGTERM does not end it) with a pool process running a task.
@@ -324,14 +328,24 @@ def test_stop_says_what_it_waits_for_kills_after_its_timeout_and_forgets_the_pid
     assert 4 <= time.monotonic() - t0 < 15 and not stack_mod._running(pid) and not stack_mod._running(task)
     lines = capsys.readouterr().out.splitlines()
     due = stack_mod._clock(fake_ti()["heartbeat"] + 120)  # within the second: the lines are compared below
+    killed = (
+        f"killed task process {task}: {DAG_ID} run manual__fake, task pretrain, try 1 of 3: Airflow keeps it "
+        "running until its last heartbeat is 120 s old ([scheduler] task_instance_heartbeat_timeout), "
+        f"about {due}, then queues try 2 of 3 for queue gpu, which waits for worker-gpu "
+        "(stopped: `python -m encoderflow.stack start worker-gpu`)"
+    )
     assert [re.sub(r"about \d\d:\d\d:\d\d", f"about {due}", ln) for ln in lines] == [
         f"stack: worker-gpu (pid {pid}) is finishing its running task: waiting up to 4 s, then killing it",
         f"stack: worker-gpu (pid {pid}) still running after 4 s: killed",
-        f"stack: killed task process {task}: {DAG_ID} run manual__fake, task pretrain, try 1 of 3: Airflow keeps it "
-        "running until its last heartbeat is 120 s old ([scheduler] task_instance_heartbeat_timeout), "
-        f"about {due}, then retries it (try 2 of 3) after its retry delay",
+        f"stack: {killed}",
     ], lines
     assert not (st.pids / "worker-gpu.pid").exists()
+    log = (st.logs / "supervisor.log").read_text().splitlines()
+    assert [re.sub(r"about \d\d:\d\d:\d\d", f"about {due}", ln[20:]) for ln in log] == [
+        f"stop worker-gpu, asked by {pwd.getpwuid(os.geteuid()).pw_name} (pid {os.getpid()})",
+        killed,
+    ], log
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", ln) for ln in log), log  # as the supervisor's
 
     # An idle worker taking a few seconds to stop (Celery's shutdown) is stopped without a word.
     idle = (
@@ -362,7 +376,7 @@ def test_a_worker_killed_mid_task_is_restarted_naming_the_task_it_left_and_when_
     database away."""
     st = stack_mod.Stack(tmp_path / "home")
     monkeypatch.setattr(
-        stack_mod.Stack, "task_instances", lambda self, ids: {TI_ID: fake_ti()} if ids == [TI_ID] else {}
+        stack_mod.Stack, "task_instances", lambda self, ids: {TI_ID: fake_ti(queue="gpu")} if ids == [TI_ID] else {}
     )
     (tmp_path / "task.py").write_text(FAKE_TASK)
     pool = f"import subprocess, sys; subprocess.run([sys.executable, {str(tmp_path / 'task.py')!r}])"
@@ -414,6 +428,13 @@ def test_a_worker_killed_mid_task_is_restarted_naming_the_task_it_left_and_when_
         monkeypatch.setenv(stack_mod.HEARTBEAT_TIMEOUT_VAR, "600")
         assert st.heartbeat_timeout() == 600 and "is 600 s old" in st.killed_task_lines({7: ti})[0]
         monkeypatch.delenv(stack_mod.HEARTBEAT_TIMEOUT_VAR)
+        # A queue no worker of the stack reads: its retry would wait forever.
+        stray_queue = {TI_ID: fake_ti(queue="cpu", heartbeat=time.time() - 500)}
+        assert st.killed_task_lines({8: TI_ID}, found=stray_queue) == [
+            f"killed task process 8: {DAG_ID} run manual__fake, task pretrain, try 1 of 3: Airflow keeps it running "
+            "until its last heartbeat is 120 s old ([scheduler] task_instance_heartbeat_timeout), any moment now, "
+            "then queues try 2 of 3 for queue cpu, which no worker of the stack reads"
+        ]
 
         # `down` finds one left by a worker that died (none runs), and says what it was with no database.
         monkeypatch.undo()
@@ -430,23 +451,25 @@ def test_a_worker_killed_mid_task_is_restarted_naming_the_task_it_left_and_when_
         st.down()
 
 
-def test_status_names_the_tasks_the_supervisor_s_last_restart_killed(tmp_path, monkeypatch):
-    """The supervisor's restart of a worker named the task process it killed only in supervisor.log:
-    `status` said "restarted 1 time" and nothing of the run Airflow still had running."""
+def test_status_says_what_airflow_has_now_of_the_tasks_the_supervisor_s_last_restart_killed(tmp_path, monkeypatch):
+    """The supervisor's restart of a worker named the task process it killed only in supervisor.log; then
+    `status` kept the line it printed then: at 21:35, the run a success since 21:34, it still said "Airflow
+    keeps it running until ..., about 21:31:02, then retries it", until the next restart, under "stopped on
+    purpose" too. What was killed is kept, and `status` asks Airflow what is true of it now, once for all."""
     st = stack_mod.Stack(tmp_path / "home")
-    killed = (
-        f"killed task process 7: {DAG_ID} run manual__fake, task pretrain, try 1 of 3: Airflow keeps it running "
-        "until its last heartbeat is 120 s old ([scheduler] task_instance_heartbeat_timeout), about 12:02:03, "
-        "then retries it (try 2 of 3) after its retry delay"
-    )
     started = []
 
-    def start(self, name):  # as Stack.start prints, killing what the dead worker left
+    def start(self, name, tasks=None):  # as Stack.start does, killing the task the dead worker left
         started.append(name)
-        print(f"stack: stopped 1 process(es) a stopped component left running (tasks): pids [7]\nstack: {killed}")
+        tasks[7] = TI_ID
+        print("stack: stopped 1 process(es) a stopped component left running (tasks): pids [7]")
 
+    asked = []
+    rows: dict[str, Any] | str = {TI_ID: fake_ti(queue="gpu")}
+    monkeypatch.setattr(stack_mod.Stack, "task_instances", lambda self, ids: asked.append(ids) or rows)
     monkeypatch.setattr(stack_mod.Stack, "start", start)
-    monkeypatch.setattr(stack_mod.Stack, "wanted", lambda self, name: True)
+    wanted = {"worker-gpu": True}
+    monkeypatch.setattr(stack_mod.Stack, "wanted", lambda self, name: wanted.get(name, False))
     monkeypatch.setattr(stack_mod.Stack, "alive", lambda self, name: False)
     monkeypatch.setattr(stack_mod.Stack, "_pid", lambda self, name: None)
     monkeypatch.setattr(stack_mod.Stack, "_recorded_pid", lambda self, name: None)
@@ -454,21 +477,162 @@ def test_status_names_the_tasks_the_supervisor_s_last_restart_killed(tmp_path, m
     state, due = {"worker-gpu": {"restarts": 0, "failures": 0}}, {}
     st._tend("worker-gpu", state, {}, due)  # its exit noted
     due["worker-gpu"] = 0.0  # its pause over
+    before = time.time()
     st._tend("worker-gpu", state, {}, due)
     assert started == ["worker-gpu"] and state["worker-gpu"]["restarts"] == 1
-    assert [re.sub(r"^\d\d:\d\d:\d\d ", "", k) for k in state["worker-gpu"]["killed"]] == [killed]
+    killed = state["worker-gpu"]["killed"]
+    assert killed["tasks"] == {"7": TI_ID} and before <= killed["at"] <= time.time(), killed
+    at = stack_mod._clock(killed["at"])
 
     monkeypatch.setattr(stack_mod.Stack, "supervisor_pid", lambda self: os.getpid())
     monkeypatch.setattr(stack_mod.Stack, "restarts", lambda self: state)
+    what = f"{at} killed task process 7: {DAG_ID} run manual__fake, task pretrain, try 1 of 3"
+    due_at = stack_mod._clock(rows[TI_ID]["heartbeat"] + 120)
     note = st.supervision_notes()["worker-gpu"].splitlines()
     assert note[0].startswith("restarted 1 time, last ") and note[0].endswith(": exit status unknown"), note
-    assert re.fullmatch(rf" {{18}}\d\d:\d\d:\d\d {re.escape(killed)}", note[1]), note
-    # The next restart killed nothing: the old line goes (that task was retried or failed since).
-    monkeypatch.setattr(stack_mod.Stack, "start", lambda self, name: None)
+    assert note[1:] == [
+        f"{' ' * 18}{what}: Airflow keeps it running until its last heartbeat is 120 s old ([scheduler] "
+        f"task_instance_heartbeat_timeout), about {due_at}, then retries it (try 2 of 3) after its retry delay"
+    ], note
+    # Later, Airflow has retried it: said so, not the forecast; under "stopped on purpose" too.
+    rows = {TI_ID: fake_ti(queue="gpu", state="failed", current=False)}
+    wanted["worker-gpu"] = False
+    note = st.supervision_notes()["worker-gpu"].splitlines()
+    assert note[0].endswith("; stopped on purpose: not restarted (`start worker-gpu` or `up` starts it)"), note
+    assert note[1:] == [f"{' ' * 18}{what}: Airflow has it failed already"], note
+    # Its database away: said so, at once.
+    rows = "connection to server at 127.0.0.1 failed: Connection refused"
+    note = st.supervision_notes()["worker-gpu"].splitlines()
+    assert note[1:] == [
+        f"{' ' * 18}{at} killed task process 7: task instance {TI_ID} (Airflow's database did not answer: "
+        f"{rows}); Airflow fails a running task once its last heartbeat is 120 s old ([scheduler] "
+        "task_instance_heartbeat_timeout), then retries it if it has tries left"
+    ], note
+    # One question for every component's: each asks its connect timeout of a database that hangs.
+    state["worker-default"] = {"restarts": 1, "last": killed["at"], "last_why": "exit 1", "killed": killed}
+    asked.clear()
+    notes = st.supervision_notes()
+    assert len(asked) == 1 and "killed task process 7" in notes["worker-default"], (asked, notes)
+    # The next restart killed nothing: the old record goes (that task was retried or failed since).
+    monkeypatch.setattr(stack_mod.Stack, "start", lambda self, name, tasks=None: None)
+    wanted["worker-gpu"] = True
     st._tend("worker-gpu", state, {}, due)
     due["worker-gpu"] = 0.0
     st._tend("worker-gpu", state, {}, due)
-    assert state["worker-gpu"]["killed"] == [] and len(st.supervision_notes()["worker-gpu"].splitlines()) == 1
+    assert state["worker-gpu"]["killed"] is None and len(st.supervision_notes()["worker-gpu"].splitlines()) == 1
+
+
+def test_down_says_no_scheduler_sees_its_killed_tasks_until_up_which_names_them_with_airflow_s_word(
+    tmp_path, monkeypatch, capsys
+):
+    """`down` said "then retries it (try 2 of 2) after its retry delay" with the scheduler gone with the
+    stack; after the next `up`, neither `up` nor `status` named that task while Airflow showed it running,
+    its pid dead, until its heartbeat timeout; and supervisor.log had no word of the down or the task."""
+    monkeypatch.setenv("ENCODERFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    st = stack_mod.Stack()
+    asked = []
+    rows: dict[str, Any] = {TI_ID: fake_ti(queue="gpu")}
+    monkeypatch.setattr(stack_mod.Stack, "task_instances", lambda self, ids: asked.append(ids) or rows)
+    (tmp_path / "task.py").write_text(FAKE_TASK)
+    # Left by a worker that died: what `down` kills last.
+    stray = subprocess.Popen([sys.executable, str(tmp_path / "task.py")], cwd=st.root, start_new_session=True)
+    try:
+        wait_for("the stray task's title", lambda: stack_mod._task_instance_id(stray.pid) == TI_ID, 30, every=0.1)
+        before = time.time()
+        st.down()
+        assert stray.wait(30) is not None
+    finally:
+        stray.kill()
+        stray.wait()
+    killed = (
+        f"killed task process {stray.pid}: {DAG_ID} run manual__fake, task pretrain, try 1 of 3: the stack is going "
+        "down, so Airflow sees it only after `up`: then it fails it once its last heartbeat is 120 s old "
+        "([scheduler] task_instance_heartbeat_timeout) and retries it (try 2 of 3)"
+    )
+    assert capsys.readouterr().out.splitlines() == [
+        f"stack: stopped 1 process(es) left running by components that had died: pids [{stray.pid}]",
+        f"stack: {killed}",
+    ]
+    log = (st.logs / "supervisor.log").read_text().splitlines()
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    assert [ln[20:] for ln in log] == [f"down, asked by {user} (pid {os.getpid()})", killed], log
+    last = rows[TI_ID] | {"try_number": 3}
+    assert st.killed_task_lines({8: TI_ID}, going_down=True, found={TI_ID: last}) == [
+        f"killed task process 8: {DAG_ID} run manual__fake, task pretrain, try 3 of 3: the stack is going down, so "
+        "Airflow sees it only after `up`: then it fails it once its last heartbeat is 120 s old ([scheduler] "
+        "task_instance_heartbeat_timeout): no tries left"
+    ]
+
+    # With PostgreSQL stopped Airflow has nothing new to say: `status` does not ask it.
+    asked.clear()
+    assert stack_mod.main(["status"]) == 1 and "last down" not in capsys.readouterr().out and not asked
+
+    # `up` (its components stubbed: each wanted, PostgreSQL running) names it, with what Airflow has now.
+    monkeypatch.setattr(stack_mod.Stack, "start", lambda self, name, tasks=None: self._want(name, True))
+    monkeypatch.setattr(stack_mod.Stack, "start_supervisor", lambda self: None)
+    monkeypatch.setattr(stack_mod.Stack, "alive", lambda self, name: name == "postgres")
+    rows[TI_ID]["heartbeat"] = before - 200  # stale: the scheduler fails it at its next look
+    at = stack_mod._clock(json.loads((st.sup / stack_mod.DOWN_KILLED).read_text())["at"])
+    stack_mod.main(["up"])
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "killed task process" in ln]
+    assert said == [
+        f"  last down       {at} killed task process {stray.pid}: {DAG_ID} run manual__fake, task pretrain, try 1 "
+        "of 3: Airflow keeps it running until its last heartbeat is 120 s old ([scheduler] "
+        "task_instance_heartbeat_timeout), any moment now, then retries it (try 2 of 3) after its retry delay"
+    ], said
+    # Said by `status` until Airflow has it running no more, then once more, as it is; then no more.
+    rows[TI_ID] = rows[TI_ID] | {"state": "failed", "current": False}
+    stack_mod.main(["status"])
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "killed task process" in ln]
+    assert said == [
+        f"  last down       {at} killed task process {stray.pid}: {DAG_ID} run manual__fake, task pretrain, try 1 "
+        "of 3: Airflow has it failed already"
+    ], said
+    stack_mod.main(["status"])
+    assert "last down" not in capsys.readouterr().out and not (st.sup / stack_mod.DOWN_KILLED).exists()
+
+
+def test_supervisor_log_records_each_operation_asked_for_once(tmp_path, monkeypatch, capsys):
+    """supervisor.log, all an on-call has afterwards, had the supervisor's restarts only: a `stop`, `start`,
+    `down` or `up` was not there, so a worker stopped on purpose read as one that had died."""
+    monkeypatch.setenv("ENCODERFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    st = stack_mod.Stack()
+
+    def sleeper(self, name=None):  # each component a process that ends on SIGTERM
+        name = name or "postgres"  # PostgreSQL's pid is in its own file: never seen running here
+        if name == "dag-processor":
+            raise stack_mod.StackError("dag-processor exited; its log is dag-processor.log:\nTraceback")
+        self._spawn(name, [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
+
+    for starter in ("_start_postgres", "_start_redis", "_start_mlflow"):
+        monkeypatch.setattr(stack_mod.Stack, starter, lambda self, n=starter[7:]: sleeper(self, n))
+    monkeypatch.setattr(stack_mod.Stack, "_start_airflow", sleeper)
+    monkeypatch.setattr(stack_mod.Stack, "start_supervisor", lambda self: None)
+    try:
+        assert stack_mod.main(["start", "triggerer"]) == 0 and st.alive("triggerer")
+        assert stack_mod.main(["stop", "triggerer"]) == 0 and not st.alive("triggerer")
+        assert stack_mod.main(["start", "dag-processor"]) == 1
+        with pytest.raises(stack_mod.StackError):
+            st.up()  # its starts are `up`'s, not an operator's each: up to the dag-processor, which fails
+        st.down()
+    finally:
+        st.down()
+    capsys.readouterr()
+    log = (st.logs / "supervisor.log").read_text().splitlines()
+    asked = f"asked by {pwd.getpwuid(os.geteuid()).pw_name} (pid {os.getpid()})"
+    assert [ln[20:] for ln in log] == [
+        f"start triggerer, {asked}",
+        f"stop triggerer, {asked}",
+        f"start dag-processor, {asked}",
+        "start dag-processor failed: dag-processor exited; its log is dag-processor.log:",
+        f"up, {asked}",
+        "up failed: dag-processor exited; its log is dag-processor.log:",
+        f"down, {asked}",
+        f"down, {asked}",
+    ], log
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", ln) for ln in log), log  # as the supervisor's
 
 
 def test_the_stack_heartbeat_timeout_is_compose_s_and_task_instances_asks_airflow_s_own_columns(tmp_path):
@@ -487,7 +651,7 @@ def test_the_stack_heartbeat_timeout_is_compose_s_and_task_instances_asks_airflo
     check = (
         "from airflow.models.taskinstance import TaskInstance as T\n"
         "from airflow.models.taskinstancehistory import TaskInstanceHistory as H\n"
-        "need = ['dag_id', 'run_id', 'task_id', 'map_index', 'try_number', 'max_tries', 'state']\n"
+        "need = ['dag_id', 'run_id', 'task_id', 'map_index', 'try_number', 'max_tries', 'state', 'queue']\n"
         "assert all(c in T.__table__.c for c in need + ['id', 'last_heartbeat_at']), T.__table__.c.keys()\n"
         "assert all(c in H.__table__.c for c in need + ['task_instance_id']), H.__table__.c.keys()\n"
     )
@@ -569,6 +733,13 @@ def test_the_stack_logs_are_private_postgresql_s_included(tmp_path, monkeypatch)
         assert (st.logs / f"{name}.log").stat().st_mode & 0o777 == 0o600, name
     assert (st.logs / "postgres.log").read_text() == "old\n"
     st.stop("triggerer")
+    # Redis's append-only file holds each queued task's Airflow token: its folder (0755 before) is private.
+    (st.root / "redis").mkdir(mode=0o755)
+    monkeypatch.setattr(stack_mod.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(stack_mod.Stack, "_spawn", lambda self, name, cmd, env: ran.append(name))
+    monkeypatch.setattr(stack_mod.Stack, "_wait", lambda self, ready, name, timeout: None)
+    st._start_redis()
+    assert ran[-1] == "redis" and (st.root / "redis").stat().st_mode & 0o777 == 0o700
 
 
 def test_up_says_each_component_ready_and_status_lists_what_stopped_components_left(tmp_path, monkeypatch, capsys):
@@ -668,6 +839,9 @@ def test_the_supervisor_restarts_a_killed_component_says_so_and_outlives_the_ter
         ready = "redis ready (pid"
         wait_for("the restart on record", lambda: (st.logs / "supervisor.log").read_text().count(ready) == 1, 30)
         assert st.restarts()["redis"]["restarts"] == 1
+        # The terminal's start is recorded as asked for; the restart is the supervisor's, logged once.
+        log = (st.logs / "supervisor.log").read_text()
+        assert log.count("start redis, asked by ") == 1 and log.count("restarting redis ") == 1, log
         assert stack_mod.main(["status"]) == 1  # the rest of the stack is not running
         out = capsys.readouterr().out
         assert re.search(rf"^  supervisor +running \(pid {supervisor}\): restarts a component that exits", out, re.M)

@@ -122,6 +122,9 @@ LISTENS_ON = {"postgres": "postgres", "redis": "redis", "mlflow": "mlflow", "api
 # outage by much), back to the first once the component has run STABLE_S.
 RESTART_FIRST_S, RESTART_MAX_S = 1.0, 30.0
 STABLE_S = 30.0
+# In the supervisor's folder: the task processes the last `down` killed ({"at": Unix time, "tasks": {pid: task
+# instance id}}), for `up` and `status` to say what Airflow makes of them once it runs again.
+DOWN_KILLED = "down-killed.json"
 # How the tests' extra_env reaches the supervisor, which restarts components with it.
 EXTRA_ENV_VAR = "ENCODERFLOW_STACK_EXTRA_ENV"
 # What every component runs under (``python -c WATCHER exit_file log cmd...``): its parent for its whole
@@ -258,6 +261,9 @@ class Stack:
         self.sup = self.root / "supervisor"
         self._locks: dict[str, list] = {}
         self._spawning, self._stop_pending = False, False
+        # The operation under way in this process ("up", "stop worker-gpu", "supervise"): the outermost
+        # one is recorded in supervisor.log, and `down`'s kills say that no scheduler is left to see them.
+        self._doing: str | None = None
 
     @property
     def airflow_url(self) -> str:
@@ -545,25 +551,27 @@ class Stack:
             raise StackError(f"{what} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-800:]}")
         return proc.stdout
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, tasks: dict[int, str] | None = None) -> None:
         """Start one component unless it runs; waits until it answers. From now on the supervisor keeps
-        it running (until :meth:`stop`)."""
+        it running (until :meth:`stop`). Each Airflow task process it kills first (left by the exited
+        one) is added to ``tasks`` (pid: task instance id)."""
         if name not in COMPONENTS:
             raise StackError(f"no component {name!r}: one of {', '.join(COMPONENTS)}")
         # One start at a time per component: yours and the supervisor's restart would both spawn one.
-        with self._lock(name):
+        with self._operation(f"start {name}"), self._lock(name):
             self._want(name, True)
             if self.alive(name):
                 return
-            tasks: dict[int, str] = {}
-            if left := self._stop_remnants(name, tasks):
+            killed: dict[int, str] = {}
+            if left := self._stop_remnants(name, killed):
                 # In compose the container's other processes die with its main one; here they kept its port.
                 print(f"stack: stopped {len(left)} process(es) the exited {name} left in its group: pids {left}")
-            if name in WORKERS and (left := self.stop_strays(tasks=tasks)):
+            if name in WORKERS and (left := self.stop_strays(tasks=killed)):
                 # Airflow retries what they ran (resuming from its backups), once its heartbeat timeout passes.
                 print(f"stack: stopped {len(left)} process(es) a stopped component left running (tasks): pids {left}")
-            for line in self.killed_task_lines(tasks):
-                print(f"stack: {line}", flush=True)
+            self._tell_killed(killed)
+            if tasks is not None:
+                tasks.update(killed)
             if name in LISTENS_ON and (why := _port_problem(port := self.ports[LISTENS_ON[name]])):
                 var = PORT_VARS[LISTENS_ON[name]]
                 raise StackError(
@@ -579,11 +587,18 @@ class Stack:
             # `up` takes a minute or more: a line per component says it is getting on.
             print(f"stack: {name} ready (pid {self._pid(name)}, {time.monotonic() - began:.0f} s)", flush=True)
 
-    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+    def stop(
+        self, name: str, sig: int = signal.SIGTERM, timeout: float = 60, tasks: dict[int, str] | None = None
+    ) -> None:
         """Stop one component and every process it started; SIGKILL after ``timeout`` seconds. Stopped on
-        purpose: the supervisor leaves it stopped until :meth:`start` or :meth:`up`."""
+        purpose: the supervisor leaves it stopped until :meth:`start` or :meth:`up`. Each Airflow task
+        process killed with it is added to ``tasks`` (pid: task instance id)."""
         if name not in COMPONENTS:
             raise StackError(f"no component {name!r}: one of {', '.join(COMPONENTS)}")
+        with self._operation(f"stop {name}"):
+            self._stop(name, sig, timeout, tasks)
+
+    def _stop(self, name: str, sig: int, timeout: float, tasks: dict[int, str] | None) -> None:
         # Under the lock: a restart the supervisor is in finishes first, and the stop below ends it.
         with self._lock(name):
             self._want(name, False)
@@ -601,9 +616,9 @@ class Stack:
         # of its own, and a lost worker machine takes its tasks with it. Read before the signal: an
         # orphan is re-parented to init and out of reach.
         tree = descendants(pid)
-        tasks = {p: ti for p in tree if (ti := _task_instance_id(p))}
+        running = {p: ti for p in tree if (ti := _task_instance_id(p))}
         # A worker's tasks are its pool processes' children (Airflow's task supervisor forks each).
-        busy = name in WORKERS and (bool(tasks) or len(tree) > len(_children(pid)))
+        busy = name in WORKERS and (bool(running) or len(tree) > len(_children(pid)))
         for target in [pid, *tree] if sig == signal.SIGKILL else []:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(target, sig)
@@ -628,7 +643,7 @@ class Stack:
             # The tasks still running now are killed with it (all of them, SIGKILLed at once); Airflow learns
             # of it only from its heartbeat timeout.
             if sig != signal.SIGKILL:
-                tasks = {p: ti for p, ti in tasks.items() if _task_instance_id(p) == ti}
+                running = {p: ti for p, ti in running.items() if _task_instance_id(p) == ti}
             for target in [pid, *tree]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(target, signal.SIGKILL)
@@ -641,8 +656,9 @@ class Stack:
             deadline = time.monotonic() + 10
             while any(_running(p) for p in tree) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            for line in self.killed_task_lines(tasks):
-                print(f"stack: {line}", flush=True)
+            self._tell_killed(running)
+            if tasks is not None:
+                tasks.update(running)
         self._forget(name)
 
     def _forget(self, name: str) -> None:
@@ -653,32 +669,45 @@ class Stack:
     def up(self) -> None:
         """Start every component that is not running, in dependency order (idempotent), then the
         supervisor that keeps them running."""
-        for var, why in self.ignored_settings().items():
-            print(f"stack: ignoring {var} from your environment: {why}", flush=True)
-        self._choose_ports()
-        if not any(self.status().values()):
-            # A stack made when the JWT key was 24 bytes (PyJWT warned on every token: below 64 for
-            # SHA-512): a longer one, only while nothing runs that holds the old one.
-            weak = {k: _new_secret(k) for k in SECRETS if k not in self.secrets}  # none yet: made now
-            if len(self.secrets.get("airflow_jwt", "")) < 64:  # the others are in PostgreSQL's and MLflow's stores
-                weak["airflow_jwt"] = _new_secret("airflow_jwt")
-            if weak:
-                self.secrets |= weak
-                _write_private(self.root / "secrets.json", self.secrets)
-        for name in COMPONENTS:
-            self.start(name)
-        self.start_supervisor()
+        with self._operation("up"):
+            for var, why in self.ignored_settings().items():
+                print(f"stack: ignoring {var} from your environment: {why}", flush=True)
+            self._choose_ports()
+            if not any(self.status().values()):
+                # A stack made when the JWT key was 24 bytes (PyJWT warned on every token: below 64 for
+                # SHA-512): a longer one, only while nothing runs that holds the old one.
+                weak = {k: _new_secret(k) for k in SECRETS if k not in self.secrets}  # none yet: made now
+                if len(self.secrets.get("airflow_jwt", "")) < 64:  # the others are in PostgreSQL's and MLflow's stores
+                    weak["airflow_jwt"] = _new_secret("airflow_jwt")
+                if weak:
+                    self.secrets |= weak
+                    _write_private(self.root / "secrets.json", self.secrets)
+            for name in COMPONENTS:
+                self.start(name)
+            self.start_supervisor()
 
     def down(self) -> None:
-        # The supervisor first: it would start again each component stopped below.
-        self.stop_supervisor()
-        for name in reversed(COMPONENTS):
-            self.stop(name)
-        tasks: dict[int, str] = {}
-        if left := self.stop_strays(tasks=tasks):
-            print(f"stack: stopped {len(left)} process(es) left running by components that had died: pids {left}")
-        for line in self.killed_task_lines(tasks):
-            print(f"stack: {line}", flush=True)
+        """Stop the supervisor, then every component, then what dead ones left (SIGKILL). The task processes
+        it kills are kept (:data:`DOWN_KILLED`) for ``up`` and ``status`` to say what Airflow makes of them."""
+        with self._operation("down"):
+            # The supervisor first: it would start again each component stopped below.
+            self.stop_supervisor()
+            killed: dict[int, str] = {}
+            for name in reversed(COMPONENTS):
+                self.stop(name, tasks=killed)
+            left_tasks: dict[int, str] = {}
+            if left := self.stop_strays(tasks=left_tasks):
+                print(f"stack: stopped {len(left)} process(es) left running by components that had died: pids {left}")
+            self._tell_killed(left_tasks)
+            killed |= left_tasks
+            # Airflow has them running until a scheduler sees their heartbeats stop, after `up`: that is when
+            # they are news, and nothing else would name them then.
+            if killed:
+                self.sup.mkdir(parents=True, exist_ok=True)
+                record = {"at": time.time(), "tasks": {str(pid): ti for pid, ti in sorted(killed.items())}}
+                _write_private(self.sup / DOWN_KILLED, record)
+            else:
+                (self.sup / DOWN_KILLED).unlink(missing_ok=True)
 
     def status(self) -> dict[str, bool]:
         return {name: self.alive(name) for name in COMPONENTS}
@@ -716,6 +745,41 @@ class Stack:
     def wanted(self, name: str) -> bool:
         """Whether ``name`` was started and not stopped since: the supervisor restarts it if it exits."""
         return (self.sup / "wanted" / name).exists()
+
+    @contextlib.contextmanager
+    def _operation(self, what: str):
+        """Do ``what`` (``up``, ``down``, ``start NAME``, ``stop NAME``), asked for on purpose: recorded in
+        supervisor.log beside the supervisor's restarts, or the log reads as if the stack had crashed. Only
+        the outermost is (``up``'s starts are ``up``), and none in the supervisor, which logs its own."""
+        if self._doing is not None:
+            yield
+            return
+        self._doing = what
+        self._record([f"{what}, asked by {_user()} (pid {os.getpid()})"])
+        try:
+            yield
+        except StackError as exc:
+            self._record([f"{what} failed: {(str(exc).splitlines() or [type(exc).__name__])[0]}"])
+            raise
+        finally:
+            self._doing = None
+
+    def _record(self, lines: list[str]) -> None:
+        """Append ``lines`` to supervisor.log as :func:`_log` writes them. The supervisor's own output is that
+        log already: from it, nothing (its restarts log what they print)."""
+        if not lines or self._doing == "supervise":
+            return
+        # One write, appended: the supervisor writes to the same file meanwhile. A log that cannot be
+        # written must not fail the stop it records.
+        with contextlib.suppress(OSError), _open_log(self.logs / "supervisor.log") as log:
+            log.write("".join(f"{_stamped(line)}\n" for line in lines).encode())
+
+    def _tell_killed(self, tasks: dict[int, str]) -> None:
+        """Print :meth:`killed_task_lines` of ``tasks`` and record them in supervisor.log."""
+        lines = self.killed_task_lines(tasks, going_down=self._doing == "down")
+        for line in lines:
+            print(f"stack: {line}", flush=True)
+        self._record(lines)
 
     def _recorded_pid(self, name: str) -> int | None:
         """The pid in ``name``'s pid file, live or not: a dead one says whose exit and group to look at."""
@@ -769,17 +833,28 @@ class Stack:
     def task_instances(self, ids: list[str]) -> dict[str, dict] | str:
         """What Airflow's DB says of each task instance try in ``ids`` (the ids of :data:`TASK_TITLE`): its
         ``dag_id``, ``run_id``, ``task_id``, ``map_index``, ``try_number``, ``max_tries``, ``state``,
-        ``heartbeat`` (its last, Unix time, or None) and ``current`` (False: an earlier try, in Airflow's
-        history). An id Airflow does not know is left out; when the DB does not answer, why (a str)."""
+        ``queue``, ``heartbeat`` (its last, Unix time, or None) and ``current`` (False: an earlier try, in
+        Airflow's history). An id Airflow does not know is left out; when the DB does not answer, why (a str)."""
         import psycopg2
 
         sql = (
-            "SELECT id::text, dag_id, run_id, task_id, map_index, try_number, max_tries, state, "
+            "SELECT id::text, dag_id, run_id, task_id, map_index, try_number, max_tries, state, queue, "
             "extract(epoch FROM last_heartbeat_at), true FROM task_instance WHERE id = ANY(%(ids)s::uuid[]) "
             "UNION ALL SELECT task_instance_id::text, dag_id, run_id, task_id, map_index, try_number, max_tries, "
-            "state, NULL, false FROM task_instance_history WHERE task_instance_id = ANY(%(ids)s::uuid[])"
+            "state, queue, NULL, false FROM task_instance_history WHERE task_instance_id = ANY(%(ids)s::uuid[])"
         )
-        keys = ("dag_id", "run_id", "task_id", "map_index", "try_number", "max_tries", "state", "heartbeat", "current")
+        keys = (
+            "dag_id",
+            "run_id",
+            "task_id",
+            "map_index",
+            "try_number",
+            "max_tries",
+            "state",
+            "queue",
+            "heartbeat",
+            "current",
+        )
         try:
             conn = psycopg2.connect(
                 host="127.0.0.1",
@@ -804,13 +879,24 @@ class Stack:
             found[ti_id] = rec
         return found
 
-    def killed_task_lines(self, tasks: dict[int, str]) -> list[str]:
+    def killed_task_lines(
+        self, tasks: dict[int, str], *, going_down: bool = False, found: dict[str, dict] | str | None = None
+    ) -> list[str]:
         """A line per task process the stack killed (``tasks``: pid to task instance id): which try of
-        which task of which run it was, and when Airflow, which still has it running, will fail it and
-        retry it: once its last heartbeat is older than :meth:`heartbeat_timeout` (nothing tells it sooner)."""
+        which task of which run it was and what Airflow says of it now; while it still has it running,
+        when it will fail it and what then runs the retry: once its last heartbeat is older than
+        :meth:`heartbeat_timeout` (nothing tells it sooner), and only with a scheduler (``going_down``:
+        the stack is stopping, scheduler included) and a worker for the task's queue.
+
+        Args:
+            tasks: pid to task instance id, as :meth:`stop_strays` collects them.
+            going_down: the kill is part of ``down``.
+            found: :meth:`task_instances` of those ids, when the caller asked already (once for many).
+        """
         if not tasks:
             return []
-        found = self.task_instances(sorted(set(tasks.values())))
+        if found is None:
+            found = self.task_instances(sorted(set(tasks.values())))
         timeout = self.heartbeat_timeout()
         lines = []
         for pid, ti_id in sorted(tasks.items()):
@@ -831,21 +917,40 @@ class Stack:
                 f"killed task process {pid}: {rec['dag_id']} run {rec['run_id']}, task {task}, "
                 f"try {n} of {max(n, retries + 1)}"
             )
-            if rec["current"] and rec["state"] in ("running", "restarting"):
-                due = (rec["heartbeat"] or time.time()) + timeout
-                when = f"about {_clock(due)}" if due > time.time() else "any moment now"
-                # As the scheduler decides (its purge of tasks without heartbeats): retries configured and left.
-                then = (
-                    f"retries it (try {n + 1} of {retries + 1}) after its retry delay"
-                    if 0 < retries and n <= retries
-                    else "fails it: no tries left"
+            if not (rec["current"] and rec["state"] in ("running", "restarting")):
+                lines.append(f"{what}: Airflow has it {rec['state'] or 'without a state'} already")
+                continue
+            # As the scheduler decides (its purge of tasks without heartbeats): retries configured and left.
+            retried = 0 < retries and n <= retries
+            if going_down:
+                # Its scheduler stops with the stack: the timeout is looked at again only after `up`.
+                fails = (
+                    f"then it fails it once its last heartbeat is {timeout} s old "
+                    "([scheduler] task_instance_heartbeat_timeout)"
                 )
-                lines.append(
-                    f"{what}: Airflow keeps it running until its last heartbeat is {timeout} s old "
-                    f"([scheduler] task_instance_heartbeat_timeout), {when}, then {then}"
+                then = f" and retries it (try {n + 1} of {retries + 1})" if retried else ": no tries left"
+                lines.append(f"{what}: the stack is going down, so Airflow sees it only after `up`: {fails}{then}")
+                continue
+            due = (rec["heartbeat"] or time.time()) + timeout
+            when = f"about {_clock(due)}" if due > time.time() else "any moment now"
+            queue = rec.get("queue")
+            worker = next((w for w, (q, _) in WORKERS.items() if q == queue), None)
+            if not retried:
+                then = "fails it: no tries left"
+            elif queue and worker is None:
+                then = f"queues try {n + 1} of {retries + 1} for queue {queue}, which no worker of the stack reads"
+            elif worker and not self.wanted(worker) and not self.alive(worker):
+                # Stopped on purpose: the supervisor leaves it so, and the retry waits in its queue.
+                then = (
+                    f"queues try {n + 1} of {retries + 1} for queue {queue}, which waits for {worker} "
+                    f"(stopped: `python -m encoderflow.stack start {worker}`)"
                 )
             else:
-                lines.append(f"{what}: Airflow has it {rec['state'] or 'without a state'} already")
+                then = f"retries it (try {n + 1} of {retries + 1}) after its retry delay"
+            lines.append(
+                f"{what}: Airflow keeps it running until its last heartbeat is {timeout} s old "
+                f"([scheduler] task_instance_heartbeat_timeout), {when}, then {then}"
+            )
         return lines
 
     def supervisor_pid(self) -> int | None:
@@ -900,18 +1005,32 @@ class Stack:
 
     def restarts(self) -> dict[str, dict]:
         """The running supervisor's record per component: ``restarts``, ``last`` (Unix time), ``last_why``
-        (the exit that restart followed), ``why`` (the latest exit) and ``next`` (when it tries again,
-        while it waits); {} with no supervisor."""
+        (the exit that restart followed), ``why`` (the latest exit), ``next`` (when it tries again,
+        while it waits) and ``killed`` (the task processes that restart killed: ``at``, Unix time, and
+        ``tasks``, pid to task instance id; or None); {} with no supervisor."""
         if self.supervisor_pid() is None:
             return {}
         with contextlib.suppress(OSError, ValueError):
             return json.loads((self.sup / "state.json").read_text())
         return {}
 
-    def supervision_notes(self) -> dict[str, str]:
+    def supervision_notes(self, last_down: bool = True) -> dict[str, str]:
         """Per component, what ``status`` adds: its restarts and the task processes the last one killed,
-        the one it waits for, or that it was stopped on purpose."""
+        the one it waits for, or that it was stopped on purpose; with ``last_down``, under ``"last down"``,
+        the task processes the last ``down`` killed (while PostgreSQL runs: before, Airflow has nothing new
+        to say of them), until it has none of them running (said then once more, and forgotten).
+        Each killed task is said as Airflow has it now, asking its database once for all of them."""
         state, supervised = self.restarts(), self.supervisor_pid() is not None
+        # A supervisor older than this code kept the lines it printed, whose forecast went stale: none.
+        killed = {name: k for name, rec in state.items() if isinstance(k := (rec or {}).get("killed"), dict)}
+        down = self._down_killed() if last_down and self.alive("postgres") else None
+        ids = sorted({ti for k in [*killed.values(), *([down] if down else [])] for ti in k["tasks"].values()})
+        found = self.task_instances(ids) if ids else {}
+
+        def lines(k: dict) -> list[str]:
+            tasks = {int(pid): ti for pid, ti in k["tasks"].items()}
+            return [f"{_clock(k['at'])} {line}" for line in self.killed_task_lines(tasks, found=found)]
+
         notes = {}
         for name in COMPONENTS:
             rec, said = state.get(name) or {}, []
@@ -923,12 +1042,28 @@ class Stack:
                 said.append(f"exited ({rec['why']}): restarting in {max(0, rec['next'] - time.time()):.0f} s")
             elif supervised and not self.wanted(name):
                 said.append(f"stopped on purpose: not restarted (`start {name}` or `up` starts it)")
-            # The tasks its last restart killed, a line each: which run and try, and when Airflow retries it.
+            # The tasks its last restart killed, a line each: which run and try, and what Airflow has of it now.
             said = ["; ".join(said)] if said else []
-            said += rec.get("killed") or []
+            said += lines(killed[name]) if name in killed else []
             if said:
                 notes[name] = f"\n  {'':<15} ".join(said)
+        if down:
+            notes["last down"] = f"\n  {'':<15} ".join(lines(down))
+            # Said once more when Airflow has none of them running any more, then left to supervisor.log.
+            if isinstance(found, dict) and not any(
+                (row := found.get(ti)) and row["current"] and row["state"] in ("running", "restarting")
+                for ti in down["tasks"].values()
+            ):
+                (self.sup / DOWN_KILLED).unlink(missing_ok=True)
         return notes
+
+    def _down_killed(self) -> dict | None:
+        """The record of :data:`DOWN_KILLED`, or None."""
+        with contextlib.suppress(OSError, ValueError):
+            rec = json.loads((self.sup / DOWN_KILLED).read_text())
+            if isinstance(rec, dict) and isinstance(rec.get("tasks"), dict) and rec["tasks"]:
+                return rec
+        return None
 
     def supervise(self) -> int:
         """Keep running every component that was started and not stopped since: compose's ``restart:
@@ -952,6 +1087,7 @@ class Stack:
             else:
                 raise _Stopping
 
+        self._doing = "supervise"  # its restarts are not an operator's starts: it logs them itself
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -1018,9 +1154,10 @@ class Stack:
             _write_private(self.sup / "state.json", state)
             _log(f"restarting {name} (restart {rec['restarts']}, after: {rec['why']})")
             out = io.StringIO()
+            killed: dict[int, str] = {}
             try:
                 with contextlib.redirect_stdout(out):
-                    self.start(name)
+                    self.start(name, tasks=killed)
             except Exception as exc:  # noqa: BLE001 - any failure is one more exit to pause after
                 rec["error"] = f"start failed: {(str(exc).splitlines() or [type(exc).__name__])[0].rstrip(':')}"
                 _log(f"{name}: {rec['error']}")
@@ -1029,9 +1166,10 @@ class Stack:
                 for line in lines:
                     _log(line)
                 # For `status`: Airflow has a killed task running until its heartbeat timeout, and then
-                # retries it; nothing else on the screen would say which run that was.
-                at = _clock(time.time())
-                rec["killed"] = [f"{at} {line}" for line in lines if line.startswith("killed task process")]
+                # retries it; nothing else on the screen would say which run that was. What was killed, not
+                # what was said then: `status` asks Airflow what is true of it by then.
+                tasks = {str(pid): ti for pid, ti in sorted(killed.items())}
+                rec["killed"] = {"at": time.time(), "tasks": tasks} if tasks else None
 
     # -- components ----------------------------------------------------------------------------
     def _start_postgres(self) -> None:
@@ -1106,6 +1244,9 @@ class Stack:
             raise StackError("redis-server is not installed: run `make stack-deps` (apt-get install redis-server)")
         data = self.root / "redis"
         data.mkdir(exist_ok=True)
+        # Its append-only file holds the Celery messages, each with a task's Airflow token: as private as
+        # redis.conf (a stack made before this was 0755, its files 0644 under umask 022).
+        data.chmod(0o700)
         conf = self.root / "redis.conf"
         _write_text_private(
             conf,
@@ -1318,9 +1459,24 @@ def _write_pidfile(path: Path, pid: int) -> None:
     os.replace(tmp, path)
 
 
+def _stamped(line: str) -> str:
+    """``line`` as supervisor.log has each: after the time."""
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
+
+
 def _log(line: str) -> None:
     """One line of the supervisor's log, with the time."""
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", flush=True)
+    print(_stamped(line), flush=True)
+
+
+def _user() -> str:
+    """Who runs this process: the name of its user (its uid when it has none), and who ran sudo."""
+    try:
+        name = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        name = f"uid {os.geteuid()}"
+    sudo = os.environ.get("SUDO_USER")
+    return f"{name} (sudo from {sudo})" if sudo and sudo != name else name
 
 
 def _clock(at: float) -> str:
@@ -1470,7 +1626,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stack: {exc}", file=sys.stderr)
         return 1
     status = stack.status()
-    notes = stack.supervision_notes()
+    notes = stack.supervision_notes(last_down=args.action in ("up", "status"))
     supervisor = stack.supervisor_pid()
     if args.action != "down":
         print(
@@ -1486,6 +1642,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<15} {'running' if up else 'stopped'}  log: {stack.logs / (name + '.log')}")
         if name in notes:
             print(f"  {'':<15} {notes[name]}")
+    if "last down" in notes:
+        # After `up`, Airflow has them running with no process until their heartbeat timeout: this says why.
+        print(f"  {'last down':<15} {notes['last down']}")
     if args.action in ("up", "status"):
         for line in stack.stray_report():
             print(line)
