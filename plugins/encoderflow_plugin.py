@@ -162,7 +162,16 @@ def data_docs(folder: str, rel: str, user=Depends(reader)) -> FileResponse:
     path = page.data_docs_file(layout.home(), folder, rel)
     if path is None:
         raise HTTPException(404, "no such Data Docs file")
-    return FileResponse(path)
+    return FileResponse(path, headers=DATA_DOCS_HEADERS)
+
+
+# Data Docs print the validated data's values (a label, a sentence) into HTML as they are: a row holding
+# a <script> ran with the signed-in user's Airflow session (the API takes its cookie). The pages are
+# read, not run: no script, plugin, form or <base> of theirs is let do anything on Airflow's origin.
+DATA_DOCS_HEADERS = {
+    "Content-Security-Policy": "script-src 'none'; object-src 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 class PageWithoutSlash:

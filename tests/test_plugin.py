@@ -657,3 +657,32 @@ def test_the_page_answers_503_saying_why_when_airflows_database_does_not_answer(
         said = "Airflow's metadata database does not answer (OperationalError): who may read runs cannot be"
         assert (said if accept == "application/json" else html_escape(said)) in answer.text
         assert BLESSED_RUN not in answer.text  # nothing of the runs leaks without the check
+
+
+def test_data_docs_are_served_with_no_script_of_theirs_allowed_to_run(encoderflow_home, monkeypatch):
+    """Data Docs show validated values unescaped: a labeled row `<script>...</script>` ran, on Airflow's own
+    origin, with the session of whoever opened the failure's link from the runs page."""
+    import airflow.api_fastapi.app as airflow_app
+    import airflow.api_fastapi.core_api.security as security
+    import encoderflow_plugin as plugin
+    from fastapi.testclient import TestClient
+
+    class Everyone:
+        def is_authorized_dag(self, **_):
+            return True
+
+    async def signed_in(token):
+        return object()
+
+    monkeypatch.setattr(airflow_app, "get_auth_manager", lambda: Everyone())
+    monkeypatch.setattr(security, "resolve_user_from_token", signed_in)
+    folder = encoderflow_home / "runs" / "run-x" / "data_docs" / "labeled"
+    folder.mkdir(parents=True)
+    (folder / "index.html").write_text("<td><script>fetch('/api/v2/connections')</script></td>")
+    answer = TestClient(plugin.app).get(
+        "/runs/run-x/data_docs/labeled/index.html", headers={"Authorization": "Bearer t"}
+    )
+    assert answer.status_code == 200 and "<script>" in answer.text
+    policy = answer.headers["content-security-policy"]
+    assert "script-src 'none'" in policy and "object-src 'none'" in policy and "base-uri 'none'" in policy
+    assert answer.headers["x-content-type-options"] == "nosniff"

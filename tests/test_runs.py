@@ -154,7 +154,9 @@ def test_the_cli_lists_finds_and_prints_json_without_an_airflow_or_a_registry(re
     ), out[2]
     rows = [line.split()[:2] for line in out[5:8]]
     assert sorted(rows) == sorted([[FAILED_RUN, "failed*"], [REJECTED_RUN, "finished*"], [BLESSED_RUN, "finished*"]])
-    assert out[8].startswith("* no Airflow asked knows this run") and out[-1].startswith("encoderflow runs RUN")
+    # Not "no Airflow asked knows this run": none was asked.
+    assert out[8] == "* Airflow was not asked (above): the state is what the run's folder says"
+    assert out[-1].startswith("encoderflow runs RUN")
 
     assert cli.main(["runs", "--limit", "1"]) == 0
     assert "2 older run(s) not shown (--limit 0 shows all)" in capsys.readouterr().out
@@ -537,6 +539,30 @@ def test_a_run_says_what_it_set_and_when_it_started_after_airflow_forgot_it(enco
     assert not any(line.startswith("set ") for line in runs.detail_lines({**entry, "settings": None}, encoderflow_home))
     assert runs.time_in_run_id("scheduled__2026-11-26T03:00:00+00:00") == "2026-11-26T03:00:00"
     assert runs.time_in_run_id("my-own-run") is None
+
+
+def test_a_run_in_flight_with_its_airflow_away_keeps_its_id_its_figures_and_no_verdict(encoderflow_home):
+    """The stack's PostgreSQL down mid-run: `runs` listed the run under its folder's name, "not gated", and
+    `encoderflow runs manual__2026-12-07T21:34` (the id as Airflow spells it) found no run. Its pretraining's
+    MLM accuracy showed only once report had run."""
+    run_id = "manual__2026-12-07T21:34:18.315172+00:00"
+    folder = layout.run_dir(run_id)
+    layout.write_json(folder / layout.RESOLVED_FILE, {"run_id": run_id, "preset": "smoke", "set": {}})
+    layout.write_json(folder / "pretrain" / "result.json", {"mlm_val_accuracy": 0.0648})
+    [entry] = runs.collect_runs(encoderflow_home)
+    assert entry["run_id"] == run_id and runs.verdict_of(entry) == "unknown"
+    assert entry["metrics"] == {"mlm_val_accuracy": 0.0648}
+    assert runs.find([entry], "manual__2026-12-07T21:34") is entry
+    assert runs.find([entry], "manual__2026-12-07T21:34:18.315172+00:00") is entry
+    # A folder's own resolved.json names only its own run: one copied from another folder is not believed.
+    other = encoderflow_home / "runs" / "copied"
+    other.mkdir()
+    layout.write_json(other / layout.RESOLVED_FILE, {"run_id": run_id})
+    assert {e["run_id"] for e in runs.collect_runs(encoderflow_home)} == {run_id, "copied"}
+    # Once gated, the gate's figures join pretraining's.
+    layout.write_json(folder / "gate.json", {"blessed": True, "reasons": [], "candidate": 0.797, "baseline": 0.75})
+    [entry] = [e for e in runs.collect_runs(encoderflow_home) if e["run_id"] == run_id]
+    assert entry["metrics"]["val_accuracy"] == 0.797 and entry["metrics"]["mlm_val_accuracy"] == 0.0648
 
 
 def test_a_stopped_stack_worker_is_named_where_runs_say_in_flight(tmp_path):

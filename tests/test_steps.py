@@ -303,7 +303,7 @@ def test_check_params_refuses_what_a_trigger_could_get_wrong_and_logs_what_it_re
     kept = layout.read_json(layout.run_dir("manual__killed") / layout.RESOLVED_FILE)
     assert kept["preset"] == "smoke" and kept["set"] == {"model.dropout": 0.2, "pretrain.epochs": 3}
     assert kept["config"]["pretrain"]["epochs"] == 3 and kept["config_hash"] == result["config_hash"]
-    assert kept["triggered_by"] == "alice"
+    assert kept["triggered_by"] == "alice" and kept["run_id"] == "manual__killed"
     listed = runs.collect_runs(layout.home(), [{"run_id": "manual__killed", "state": "failed", "conf": {}}])
     assert [(e["run_id"], e["preset"], e["triggered_by"]) for e in listed] == [("manual__killed", "smoke", "alice")]
 

@@ -566,7 +566,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     print("\n".join(["", *runs.table_lines(shown)]))
     if any(runs.state_of(e).endswith("*") for e in shown):
-        print("* no Airflow asked knows this run: the state is what its folder says")
+        print(
+            "* no Airflow asked knows this run: the state is what its folder says"
+            if airflow.asked
+            else "* Airflow was not asked (above): the state is what the run's folder says"
+        )
     if any(e.get("state") == runs.STOPPED for e in shown):
         print(
             "stopped: Airflow says running, but the encoderflow run process that ran it is gone (killed); "

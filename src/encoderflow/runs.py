@@ -486,6 +486,10 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
             failure = None
         gate = _object(read_json_or_none(folder / "gate.json"))
         _fill(entry, summary, gate, failure, folder.name, _object(read_json_or_none(folder / layout.REGISTERED_FILE)))
+        if not summary:  # until report writes it, each figure as its stage recorded it: pretraining's first
+            pretrained = _object(read_json_or_none(folder / "pretrain" / "result.json")) or {}
+            if finite(pretrained.get("mlm_val_accuracy")) is not None:
+                entry["metrics"] = {**(entry.get("metrics") or {}), "mlm_val_accuracy": pretrained["mlm_val_accuracy"]}
         entry["curves"] = read_curves(folder)
         entry["data_docs"] = data_docs(folder)
         entry["data_docs_pages"] = data_docs_pages(folder)
@@ -518,6 +522,10 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
         entry["model"] = model if isinstance(model, str) else None  # a hand-edited file may hold anything
         who = resolved.triggered_by()
         entry["triggered_by"] = who if isinstance(who, str) else None
+        # A run no Airflow asked knows, before it wrote a summary or failure: its folder named it, and
+        # `encoderflow runs manual__2026-12-07T21:34` (the id as Airflow spells it) found nothing.
+        if entry.get("folder") and entry.get("run_id") == entry["folder"] and (rid := resolved.run_id()):
+            entry["run_id"] = rid if safe_run_id(rid) == entry["folder"] else entry["run_id"]
         # The overrides the run was triggered with, as check_params resolved them: the preset alone did not
         # tell a returning user which run was the lr=0.002 one.
         entry["settings"] = resolved.settings()
@@ -556,6 +564,11 @@ class _Resolved:
 
     def triggered_by(self) -> str | None:
         return self._json().get("triggered_by")
+
+    def run_id(self) -> str | None:
+        """The run's id as Airflow spells it (recorded since 2026-12-07), or None."""
+        run_id = self._json().get("run_id")
+        return run_id if isinstance(run_id, str) else None
 
     def settings(self) -> dict[str, Any] | None:
         """The keys the run set (trigger form, ``--set``), as resolved; None when not recorded."""
@@ -802,7 +815,10 @@ def verdict_of(entry: dict[str, Any]) -> str:
         return "SKIPPED"
     if entry.get("state") == STOPPED:
         return "STOPPED"
-    return "in flight" if entry.get("state") in IN_FLIGHT else "not gated"
+    if entry.get("state") in IN_FLIGHT:
+        return "in flight"
+    # Nothing on record yet and no Airflow asked: it may be training, or its worker died.
+    return "not gated" if entry.get("state") else "unknown"
 
 
 def version_text(entry: dict[str, Any]) -> str:
@@ -1014,8 +1030,10 @@ def find(entries: list[dict[str, Any]], wanted: str) -> dict[str, Any]:
     def names(e: dict[str, Any]) -> list[str]:
         return [str(n) for n in (e.get("run_id"), e.get("folder"), e.get("pruned_folder")) if n]
 
-    exact = [e for e in entries if wanted in names(e)]
-    matches = exact or [e for e in entries if any(n.startswith(wanted) for n in names(e))]
+    # A run id as Airflow spells it names a folder too (':' and '+' are '_' there), and the start of one.
+    forms = {wanted, safe_run_id(wanted)}
+    exact = [e for e in entries if forms & set(names(e))]
+    matches = exact or [e for e in entries if any(n.startswith(w) for n in names(e) for w in forms)]
     if len(matches) == 1:
         return matches[0]
     if not matches:

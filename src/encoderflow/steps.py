@@ -90,7 +90,8 @@ def check_params(
     )
     out = {"preset": cfg.preset, "config_hash": cfg.config_hash(), "training_hash": cfg.training_hash()}
     if run_id:
-        record = {**out, "set": {k: _resolved(cfg, k) for k in sorted(given)}, "data": declared}
+        # Its run id as Airflow spells it: the folder's name is a filesystem-safe form (':' and '+' gone).
+        record = {"run_id": run_id, **out, "set": {k: _resolved(cfg, k) for k in sorted(given)}, "data": declared}
         if triggered_by:
             record["triggered_by"] = triggered_by
         layout.write_json(layout.run_dir(run_id) / layout.RESOLVED_FILE, {**record, "config": cfg.to_dict()})
