@@ -155,3 +155,21 @@ def test_a_damaged_or_missing_keras_file_is_named_as_bad_input(models, tmp_path)
             models.load(bad)
         assert err.value.fix.startswith("give an intact .keras file")
     assert models.load(path).count_params() == encoder.count_params()
+
+
+def test_a_model_that_would_run_code_is_refused_as_such_not_as_damage(models, tmp_path):
+    """A .keras holding a Lambda layer was refused by safe mode, but named "not a readable Keras model ...
+    If you trust the" (cut off) with the fix "give an intact .keras file": tampering read as a flipped byte."""
+    import keras
+
+    from encoderflow.errors import EncoderflowError
+
+    inputs = keras.Input((3,))
+    outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
+    path = tmp_path / "lambda.keras"
+    keras.Model(inputs, outputs).save(path)
+    said = rf"^{path}: refused: loading it would run Python code it carries"
+    with pytest.raises(EncoderflowError, match=said) as err:
+        models.load(path)
+    assert "not written by encoderflow or has been altered" in str(err.value)
+    assert err.value.fix.startswith("do not load it")

@@ -188,6 +188,15 @@ def load(path: str | os.PathLike) -> keras.Model:
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except (zipfile.BadZipFile, OSError, KeyError, ValueError) as exc:
+        if "safe_mode" in str(exc):
+            # Not damage: a model that would run code of its own when loaded, which no encoderflow model does.
+            raise EncoderflowError(
+                f"{path}: refused: loading it would run Python code it carries (Keras safe mode: "
+                f"{str(exc).split('.')[0][:160]}); encoderflow's models hold none, so this file was not written "
+                "by encoderflow or has been altered",
+                fix="do not load it: find who wrote it; re-run the step that should have written it, or, for a "
+                "registered version, serve another (encoderflow rollback, or promote --version N)",
+            ) from None
         raise EncoderflowError(
             f"{path}: not a readable Keras model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
             fix="give an intact .keras file: re-run the step that wrote it, or, for a registered version, "

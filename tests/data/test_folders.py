@@ -48,6 +48,34 @@ def test_a_local_folder_is_copied_content_addressed_and_reused(tmp_path, encoder
     assert not list((encoderflow_home / "data" / "corpus").glob(".fetch-*"))  # no temp folder left
 
 
+def test_a_link_out_of_the_folder_is_refused_and_a_private_file_stays_private(tmp_path, encoderflow_home):
+    """A link in a corpus folder copied any file the worker could read (a 0600 key) into the data store,
+    world-readable, and into the training text."""
+    src = _tree(tmp_path / "corpus")
+    secret = tmp_path / "victim.txt"
+    secret.write_text("top secret api key\n")
+    secret.chmod(0o600)
+    (src / "link.txt").symlink_to(secret)
+    with pytest.raises(DataError) as err:
+        folders.fetch("corpus", str(src))
+    assert str(err.value) == (
+        f"corpus folder {src}: link.txt is a link to {secret}, outside the folder: not read; fix: copy the file "
+        "into the folder (a link to a file inside it is read)"
+    )
+    with pytest.raises(DataError, match="outside the folder"):
+        folders.fingerprint(str(src), "corpus")
+    assert not (encoderflow_home / "data" / "corpus").exists() or not list(
+        (encoderflow_home / "data" / "corpus").rglob("link.txt")
+    )
+    # A link within the folder is its own data; a private file's copy keeps its mode.
+    (src / "link.txt").unlink()
+    (src / "again.txt").symlink_to(src / "a.txt")
+    (src / "sub" / "b.txt").chmod(0o600)
+    got = folders.fetch("corpus", str(src))
+    assert sorted(got["files"]) == ["a.txt", "again.txt", "sub/b.txt"]
+    assert os.stat(got["files"]["sub/b.txt"]["path"]).st_mode & 0o777 == 0o600
+
+
 def test_a_missing_or_empty_folder_is_refused_with_the_fix(tmp_path, encoderflow_home):
     with pytest.raises(DataError, match=r"corpus folder .*nope: does not exist; fix: give the corpus source"):
         folders.fetch("corpus", str(tmp_path / "nope"))

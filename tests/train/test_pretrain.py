@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -545,7 +546,9 @@ def test_pretraining_sigkilled_after_epoch_one_resumes_at_epoch_two(duped, tmp_p
     with caplog.at_level(logging.INFO, logger="encoderflow.train"):
         result = pretrain.pretrain(from_overrides("smoke", over), duped["manifest"], out)
     assert "3 epochs from epoch 1" in caplog.text
-    epochs_run = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "encoderflow.train"]
+    epochs_run = [
+        m.split(":")[0] for r in caplog.records if r.name == "encoderflow.train" and " epoch " in (m := r.getMessage())
+    ]
     assert epochs_run == ["pretrain epoch 2/3", "pretrain epoch 3/3"]  # resumed at the second epoch
     assert len(result["history"]["loss"]) == 3  # the killed attempt's epoch is in the record too
     assert (out / "encoder.keras").exists() and not (out / "backup").exists()
@@ -573,7 +576,9 @@ def test_a_retry_under_another_key_does_not_resume_the_old_backup(duped, tmp_pat
         result = pretrain.pretrain(from_overrides("smoke", changed), duped["manifest"], out)
     assert "were taken by other training" in caplog.text
     assert "2 epochs from epoch 0" in caplog.text
-    epochs_run = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "encoderflow.train"]
+    epochs_run = [
+        m.split(":")[0] for r in caplog.records if r.name == "encoderflow.train" and " epoch " in (m := r.getMessage())
+    ]
     assert epochs_run == ["pretrain epoch 1/2", "pretrain epoch 2/2"]
     assert len(result["history"]["loss"]) == 2 and not (out / "backup").exists()
     # What fine-tuning checks its tokenizer against.
@@ -646,7 +651,7 @@ def test_pretraining_sigkilled_mid_epoch_resumes_at_the_next_step(duped, tmp_pat
     # Epochs of a try no log shows (its worker died and it trained on) are named where they are.
     assert f"; epoch 1 was trained by earlier tries, in {out / 'history.csv'} (a try whose worker died" in caplog.text
     # The resumed attempt's epochs start 2 steps into an epoch; the last is 2 steps short.
-    steps_run = [r.getMessage().split(" steps=")[1].split()[0] for r in caplog.records if r.name == "encoderflow.train"]
+    steps_run = [m.split(" steps=")[1].split()[0] for r in caplog.records if " steps=" in (m := r.getMessage())]
     assert steps_run == ["4", "2"]
     assert len(resumed["history"]["loss"]) == 3 and not (out / "backup").exists()
     straight = pretrain.pretrain(cfg, duped["manifest"], tmp_path / "straight")
@@ -687,6 +692,11 @@ def test_pretrain_killed_after_its_last_backup_trains_nothing_more(duped, tmp_pa
         result = pretrain.pretrain(cfg, duped["manifest"], out)
     assert "2 epochs from epoch 2" in caplog.text
     assert not [r for r in caplog.records if r.name == "encoderflow.train"]  # no epoch ran
+    # Said, not only done: the retry's log went from its plan to the encoder's size without a word.
+    assert (
+        f"pretrain: the backup at step 4 ({out / 'backup'}) is the end of training: an earlier try trained all 2 "
+        "epochs and stopped before saving the encoder; saving it from that backup"
+    ) in caplog.messages
     assert (
         len(result["history"]["loss"]) == 2
         and result["mlm_val_accuracy"] == result["history"]["val_sparse_categorical_accuracy"][-1]
@@ -740,6 +750,12 @@ def test_pretrain_logs_an_estimate_progress_and_the_cpu_warning(duped, tmp_path,
     assert "pretrain progress: epoch step 16/16" in progress[-1]
     assert not any("\r" in line for line in lines)
     assert result["step_seconds"] > 0 and result["device"] == "1 x cpu"
+    # What follows the last epoch is said: tf.data's autotuner has held the end of fit up to 35 s, silently.
+    assert re.fullmatch(
+        r"pretrain: training ended after \d+\.\d s; stopping the input pipeline \(TensorFlow may take up to a "
+        r"minute\), then saving the encoder",
+        lines[-1],
+    ), lines[-1]
 
 
 def test_mixed_bfloat16_trains_to_within_5_percent_of_float32(duped, tmp_path):

@@ -53,11 +53,21 @@ def _local_listing(root: Path, role: str) -> list[str]:
             f"{role} folder {root}: {'not a folder (a file)' if root.exists() else 'does not exist'}",
             fix=f"give the {role} source as an existing folder (absolute path or file:// URL) readable by every worker",
         )
-    names = sorted(
-        p.relative_to(root).as_posix()
+    found = [
+        p
         for p in root.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts) and p.name != MANIFEST
-    )
+    ]
+    # A link out of the folder would copy whatever this worker may read (a key, secrets.json) into the data
+    # store and the training text: a folder someone else can write to must not choose what a run reads.
+    real = root.resolve()
+    if outside := [p for p in found if not p.resolve().is_relative_to(real)]:
+        raise DataError(
+            f"{role} folder {root}: {outside[0].relative_to(root)} is a link to {outside[0].resolve()}, outside the "
+            f"folder{f' (and {len(outside) - 1} more)' if len(outside) > 1 else ''}: not read",
+            fix="copy the file into the folder (a link to a file inside it is read)",
+        )
+    names = sorted(p.relative_to(root).as_posix() for p in found)
     if not names:
         raise DataError(
             f"{role} folder {root}: no files in it", fix="put the data files in the folder, or fix the path"
@@ -143,6 +153,8 @@ def fetch(role: str, location: str, downloader: ResumingDownloader | None = None
                 _download(f"{location.rstrip('/')}/{name}", sha, tmp / "dl", f"{i:06d}", downloader, dest)
             else:
                 shutil.copyfile(root / name, dest)
+                # A private source stays private in the data store (the copy was 0644 under umask 022).
+                shutil.copymode(root / name, dest)
         got = {name: layout.sha256_file(tmp / "files" / name) for name in known}
         if source == "folder" and got != known:
             changed = sorted(n for n in known if got[n] != known[n])

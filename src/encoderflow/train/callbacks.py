@@ -92,6 +92,8 @@ class EpochLogger(keras.callbacks.Callback):
         nan_fix: the fix a NaN loss's error names (e.g. the learning-rate key and its value).
         loss_ceiling: an epoch loss above this is diverging, though finite: a warning says so
             with ``nan_fix`` (pretraining: twice a uniform guess's, 2 ln(vocabulary size)).
+        end_note: logged when training ends, after "<label>: training ended after N s; ": what comes
+            next, for a task log that would otherwise be silent until it is done.
 
     Attributes:
         first_loss: the loss after the first call into the compiled step (``None`` before).
@@ -113,8 +115,10 @@ class EpochLogger(keras.callbacks.Callback):
         slow_hint: str | None = None,
         nan_fix: str = NAN_FIX,
         loss_ceiling: float | None = None,
+        end_note: str | None = None,
     ):
         super().__init__()
+        self.end_note = end_note
         self.label, self.examples_per_step, self.nan_fix = label, examples_per_step, nan_fix
         self.loss_ceiling = loss_ceiling
         self.epoch = 0
@@ -139,6 +143,8 @@ class EpochLogger(keras.callbacks.Callback):
         import jax.monitoring
 
         jax.monitoring.unregister_event_duration_listener(self.count_compiling)
+        if self.end_note:
+            log.info("%s: training ended after %.1f s; %s", self.label, time.monotonic() - self.train_t0, self.end_note)
 
     def count_compiling(self, event: str, duration: float, **_) -> None:
         """A ``jax.monitoring`` duration: tracing, lowering and compiling a program, or fetching it

@@ -555,10 +555,21 @@ def _train(
         slow_hint=slow_hint,
         nan_fix=nan_fix,
         loss_ceiling=2 * math.log(manifest["vocab_size"]),
+        # The input pipeline's iterator is dropped as fit returns, and tf.data's autotuner has held that
+        # up to 35 s (measured: a repeated shard set, after a few minutes of training), with nothing logged.
+        end_note="stopping the input pipeline (TensorFlow may take up to a minute), then saving the encoder",
     )
     history_csv = out_dir / "history.csv"
     t0 = time.monotonic()
     history = None
+    if initial_epoch >= p.epochs and backup.steps_done:
+        log.info(
+            "pretrain: the backup at step %d (%s) is the end of training: an earlier try trained all %d epochs "
+            "and stopped before saving the encoder; saving it from that backup",
+            backup.steps_done,
+            backup.directory,
+            p.epochs,
+        )
     if initial_epoch < p.epochs:
         if backup.steps_done:  # at an epoch boundary too: the log says where a retry picked up
             # A try whose worker died trains on with no log to write to: its epochs are only in history.csv.
