@@ -44,6 +44,23 @@ def test_atomic_path_shows_nothing_when_the_block_fails(tmp_path):
     assert list(final.parent.iterdir()) == []
 
 
+def test_a_file_lands_with_the_umask_s_mode_and_a_private_one_stays_0600(tmp_path):
+    """encoder.keras (written here) was 0600 beside classifier.keras's 0644: mkstemp's mode, kept by the
+    rename, left a home's group unable to read the encoder. A password file keeps mkstemp's on purpose."""
+    old = os.umask(0o027)
+    try:
+        layout._umask.cache_clear()
+        with layout.atomic_path(tmp_path / "encoder.keras") as tmp:
+            tmp.write_text("weights")
+        with layout.atomic_path(tmp_path / "passwords.json", private=True) as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(old)
+        layout._umask.cache_clear()
+    assert (tmp_path / "encoder.keras").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "passwords.json").stat().st_mode & 0o777 == 0o600
+
+
 def test_a_live_writers_temp_survives_a_sweep_and_then_lands(tmp_path):
     final = tmp_path / "shard-0.tfrecord"
     proc, temp, release = _start_writer(final, tmp_path)

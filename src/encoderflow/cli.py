@@ -644,7 +644,7 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     ]
     if any(u not in passwords for u in users):
         passwords.update({u: secrets.token_urlsafe(12) for u in users if u not in passwords})
-        with layout.atomic_path(pw_file) as tmp:  # mkstemp's file is 0600 from the start: never readable by others
+        with layout.atomic_path(pw_file, private=True) as tmp:
             tmp.write_text(json.dumps(passwords) + "\n")
     mlflow_url, mlflow_proc = start_mlflow_ui()
     print("=" * 72)
@@ -708,7 +708,7 @@ def kept_secret(path: Path, length: int = 64) -> str:
     if len(kept) >= length:
         return kept
     kept = secrets.token_urlsafe(length)  # 4/3 characters a byte: longer than asked, never shorter
-    with layout.atomic_path(path) as tmp:  # mkstemp's file is 0600 from the start
+    with layout.atomic_path(path, private=True) as tmp:
         tmp.write_text(kept + "\n")
     return kept
 

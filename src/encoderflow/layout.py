@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import glob
 import hashlib
 import itertools
@@ -165,11 +166,16 @@ def sha256_json(payload: Any) -> str:
 
 
 @contextmanager
-def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike, suffix: str = "", private: bool = False) -> Iterator[Path]:
     """Yield a temp path beside ``final``; rename it into place only if the block succeeds.
 
     Readers never see a half-written file: either the old one, none, or the complete new one.
     While the block runs, the folder carries this writer's shared lock (see :func:`remove_dead_temps`).
+
+    Args:
+        private: keep the file 0600 (mkstemp's, from the start: a password is never readable by others).
+            Otherwise it gets the mode a plain ``open`` would give it under the umask: an encoder written
+            here was 0600 beside its classifier's 0644, unreadable to the group sharing a home.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -179,10 +185,20 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         tmp_path = Path(tmp)
         try:
             yield tmp_path
+            if not private:
+                os.chmod(tmp_path, 0o666 & ~_umask())
             os.replace(tmp_path, final)
         finally:
             if tmp_path.exists():
                 tmp_path.unlink()
+
+
+@functools.cache
+def _umask() -> int:
+    """This process's umask (reading it means setting it: once, and put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def human_size(size: float) -> str:
