@@ -574,7 +574,29 @@ def test_a_stopped_stack_worker_is_named_where_runs_say_in_flight(tmp_path):
     st._want("worker-gpu", True)  # started once, and not stopped since; no supervisor here to restart it
     said = runs.idle_queues(home)
     assert said == (
-        " (not running: worker-default (queue default) is stopped: python -m encoderflow.stack start worker-default, "
-        "or make stack; worker-gpu (queue gpu) is stopped: python -m encoderflow.stack start worker-gpu, or make "
-        "stack; a queue's tasks wait for its worker)"
+        " (waiting for a worker: worker-default (queue default) is stopped: python -m encoderflow.stack start "
+        "worker-default, or make stack; worker-gpu (queue gpu) is stopped: python -m encoderflow.stack start "
+        "worker-gpu, or make stack; a queue's tasks wait for its worker)"
     ), said
+
+
+def test_the_one_run_view_names_the_stopped_worker_its_tasks_wait_for(tmp_path, monkeypatch, capsys):
+    """`encoderflow runs <run>` said only "gate in flight" while pretrain sat queued for a stopped gpu worker."""
+    from encoderflow.stack import Stack
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("ENCODERFLOW_HOME", str(home))
+    Stack(home)._want("worker-gpu", True)
+    run_id = "manual__2026-12-07T21:36:00+00:00"
+    layout.write_json(layout.run_dir(run_id) / layout.RESOLVED_FILE, {"run_id": run_id, "preset": "smoke"})
+    listed = [{"run_id": run_id, "state": "running", "start_date": "2026-12-07T21:36:01+00:00"}]
+    said = "Airflow make stack (PostgreSQL): 1 runs" + runs.idle_queues(home)
+    monkeypatch.setattr(runs, "asking_airflow", lambda home: lambda: runs.DagRuns(listed, True, said))
+    monkeypatch.setattr(runs, "aliased_versions", lambda home: ([], "MLflow (x): no aliased version", set()))
+    assert cli.main(["runs", run_id]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == (
+        "workers    waiting for a worker: worker-default (queue default) is stopped: python -m encoderflow.stack "
+        "start worker-default, or make stack; worker-gpu (queue gpu) is stopped: python -m encoderflow.stack start "
+        "worker-gpu, or make stack; a queue's tasks wait for its worker"
+    ), out

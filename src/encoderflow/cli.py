@@ -553,7 +553,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
             )
     if args.run:
         entry = runs.find(entries, args.run)
-        print(json.dumps(runs.jsonable(entry), indent=2) if args.json else "\n".join(runs.detail_lines(entry, home)))
+        if args.json:
+            print(json.dumps(runs.jsonable(entry), indent=2))
+            return 0
+        lines = runs.detail_lines(entry, home)
+        # The one-run view said only "in flight" while its tasks waited on a stopped worker (the list said so).
+        if entry.get("state") in runs.IN_FLIGHT and "make stack" in airflow.said and (idle := runs.idle_queues(home)):
+            lines.insert(2, f"{'workers':<10} {idle.strip()[1:-1]}")
+        print("\n".join(lines))
         return 0
     shown = entries[: args.limit] if args.limit else entries
     if args.json:

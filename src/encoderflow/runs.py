@@ -187,7 +187,8 @@ def idle_queues(home: Path) -> str:
         )
         for name in down
     ]
-    return f" (not running: {'; '.join(said)}; a queue's tasks wait for its worker)"
+    # Not "not running": the runs are in flight; their tasks on that queue are what waits.
+    return f" (waiting for a worker: {'; '.join(said)}; a queue's tasks wait for its worker)"
 
 
 def mark_stopped(dag_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
