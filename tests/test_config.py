@@ -325,6 +325,15 @@ def test_a_data_file_declares_sources_and_inputs_and_the_form_wins(tmp_path):
         read_data_file(str(path))
     with pytest.raises(ConfigError, match=r"data file .*missing\.yaml: no such file; fix: give --data-file"):
         read_data_file(str(tmp_path / "missing.yaml"))
+    # Another file named by mistake (or on purpose): where it is not YAML, never its text, which reaches
+    # failure.json and the runs page every viewer reads.
+    path.write_text("[core]\nsql_alchemy_conn = postgresql://airflow:hunter2@db/airflow\nx = {\n")
+    with pytest.raises(ConfigError) as err:
+        read_data_file(str(path))
+    assert "hunter2" not in str(err.value) and "sql_alchemy_conn" not in str(err.value)
+    assert str(err.value).startswith(f"data file {path}: cannot read it as YAML or JSON (") and "at line 2" in str(
+        err.value
+    )
     # Empty or comments only, it used to run the guide's datasets as if no data file were given.
     for nothing in ("", "# corpus: corpus/\n", "{}\n"):
         path.write_text(nothing)

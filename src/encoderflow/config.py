@@ -1049,7 +1049,15 @@ def read_data_file(path: str | None) -> tuple[dict[str, str], dict[str, Any]]:
     try:
         payload = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"data file {file}: cannot read it as YAML or JSON ({exc})") from None
+        # Where, not what: YAML's message quotes the line, and this one reaches failure.json and the runs
+        # page, which every viewer reads, whatever file the path named.
+        mark = getattr(exc, "problem_mark", None)
+        said = (
+            f"{getattr(exc, 'problem', None) or 'not YAML'} at line {mark.line + 1}, column {mark.column + 1}"
+            if mark is not None
+            else type(exc).__name__ + (f": {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else "")
+        )
+        raise ConfigError(f"data file {file}: cannot read it as YAML or JSON ({said})") from None
     if not isinstance(payload, dict):
         raise ConfigError(f"data file {file}: expected a mapping of sources and config sections at the top")
     if not payload:  # empty, or comments only: the run would quietly train on the guide's datasets
