@@ -615,11 +615,16 @@ def _row(
             css = " class='no'" if failed else ""
             return f"<a target='_blank' rel='noopener'{css} href='runs/{quote(run['folder'])}/{_e(rel)}'>{_e(text)}</a>"
 
+        # Each file's result page, a table that reads as it is. A site's index draws its list with
+        # scripts, which are not run here (DATA_DOCS_HEADERS: a validated value could be one): it shows
+        # an empty list, so it is linked only for a run that recorded no result pages.
         cells.append(
             "<br>".join(
-                link(rel, name)
-                # Each file's result page too: the index's list needs scripts from CDNs (empty offline).
-                + "".join(f" · {link(p['rel'], p['file'], p['failed'])}" for p in pages.get(name, []))
+                (
+                    _e(name) + "".join(f" · {link(p['rel'], p['file'], p['failed'])}" for p in pages[name])
+                    if pages.get(name)
+                    else link(rel, name)
+                )
                 for name, rel in docs.items()
             )
         )

@@ -172,4 +172,14 @@ def test_a_model_that_would_run_code_is_refused_as_such_not_as_damage(models, tm
     with pytest.raises(EncoderflowError, match=said) as err:
         models.load(path)
     assert "not written by encoderflow or has been altered" in str(err.value)
+    assert err.value.fix.startswith("do not load it: give a .keras file encoderflow wrote (for pretrain.init_from")
+    # A Lambda over a named function: Keras's bare TypeError, which the task retried as "a bug or an outage".
+    named = tmp_path / "named.keras"
+    keras.Model(inputs, keras.layers.Lambda(_doubled)(inputs)).save(named)
+    with pytest.raises(EncoderflowError, match=rf"^{named}: not a model encoderflow can load: it names code") as err:
+        models.load(named)
     assert err.value.fix.startswith("do not load it")
+
+
+def _doubled(x):
+    return x * 2

@@ -609,6 +609,8 @@ def test_a_run_links_each_validated_files_result_page_failed_first_and_its_faili
     assert f"rel='noopener' class='no' href='runs/{folder.name}/{pages[0]['rel']}'>dev.tsv</a>" in html
     assert f"rel='noopener' href='runs/{folder.name}/{pages[1]['rel']}'>test.tsv</a>" in html
     assert f"href='{html_escape(url, quote=True)}'>validate_labeled, try 1</a>" in html
+    # Not the site's index: its list is drawn by scripts, which the plugin serves it without (an empty page).
+    assert "labeled · <a" in html and "data_docs/labeled/index.html" not in html
 
 
 def test_a_skipped_run_shows_the_champions_recorded_accuracy_and_why_it_skipped(encoderflow_home):

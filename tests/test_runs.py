@@ -541,7 +541,9 @@ def test_a_run_says_what_it_set_and_when_it_started_after_airflow_forgot_it(enco
     assert runs.time_in_run_id("my-own-run") is None
 
 
-def test_a_run_in_flight_with_its_airflow_away_keeps_its_id_its_figures_and_no_verdict(encoderflow_home):
+def test_a_run_in_flight_with_its_airflow_away_keeps_its_id_its_figures_and_no_verdict(
+    encoderflow_home, monkeypatch, capsys
+):
     """The stack's PostgreSQL down mid-run: `runs` listed the run under its folder's name, "not gated", and
     `encoderflow runs manual__2026-12-07T21:34` (the id as Airflow spells it) found no run. Its pretraining's
     MLM accuracy showed only once report had run."""
@@ -549,11 +551,20 @@ def test_a_run_in_flight_with_its_airflow_away_keeps_its_id_its_figures_and_no_v
     folder = layout.run_dir(run_id)
     layout.write_json(folder / layout.RESOLVED_FILE, {"run_id": run_id, "preset": "smoke", "set": {}})
     layout.write_json(folder / "pretrain" / "result.json", {"mlm_val_accuracy": 0.0648})
+    layout.write_json(folder / "baseline" / "result.json", {"baseline_val_accuracy": 0.7523})
     [entry] = runs.collect_runs(encoderflow_home)
     assert entry["run_id"] == run_id and runs.verdict_of(entry) == "unknown"
-    assert entry["metrics"] == {"mlm_val_accuracy": 0.0648}
+    assert entry["metrics"] == {"mlm_val_accuracy": 0.0648, "baseline_val_accuracy": 0.7523}
     assert runs.find([entry], "manual__2026-12-07T21:34") is entry
     assert runs.find([entry], "manual__2026-12-07T21:34:18.315172+00:00") is entry
+    # The one-run view explains its star as the list does, with why no Airflow was asked.
+    monkeypatch.delenv("AIRFLOW_HOME", raising=False)
+    monkeypatch.delenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", raising=False)
+    assert cli.main(["runs", "manual__2026-12-07T21:34"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("state      unknown* · triggered 2026-12-07 21:34:18"), out
+    assert out[2].startswith("           * Airflow not asked: no Airflow metadata DB found for this home"), out
+    assert out[2].endswith(": the state is what its folder says"), out
     # A folder's own resolved.json names only its own run: one copied from another folder is not believed.
     other = encoderflow_home / "runs" / "copied"
     other.mkdir()

@@ -557,6 +557,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
             print(json.dumps(runs.jsonable(entry), indent=2))
             return 0
         lines = runs.detail_lines(entry, home)
+        if runs.state_of(entry).endswith("*"):  # the list's footnote, here under the state it explains
+            lines.insert(
+                2,
+                f"{'':<10} * "
+                + ("no Airflow asked knows this run" if airflow.asked else airflow.said)
+                + ": the state is what its folder says",
+            )
         # The one-run view said only "in flight" while its tasks waited on a stopped worker (the list said so).
         if entry.get("state") in runs.IN_FLIGHT and "make stack" in airflow.said and (idle := runs.idle_queues(home)):
             lines.insert(2, f"{'workers':<10} {idle.strip()[1:-1]}")

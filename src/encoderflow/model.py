@@ -185,8 +185,21 @@ def load(path: str | os.PathLike) -> keras.Model:
 
     from encoderflow.errors import EncoderflowError
 
+    not_ours = (
+        "do not load it: give a .keras file encoderflow wrote (for pretrain.init_from, another encoder, or none; "
+        "for a run's model, re-run the step that wrote it, or serve another version: encoderflow rollback, or "
+        "promote --version N)"
+    )
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except TypeError as exc:
+        # A layer or function Keras cannot find here (a Lambda over a named function, a custom class): not a
+        # model encoderflow wrote, which holds only Keras's and keras-hub's. Retrying cannot find it either.
+        raise EncoderflowError(
+            f"{path}: not a model encoderflow can load: it names code that is not Keras's or keras-hub's "
+            f"(TypeError: {str(exc).splitlines()[0][:160]})",
+            fix=not_ours,
+        ) from None
     except (zipfile.BadZipFile, OSError, KeyError, ValueError) as exc:
         if "safe_mode" in str(exc):
             # Not damage: a model that would run code of its own when loaded, which no encoderflow model does.
@@ -194,8 +207,7 @@ def load(path: str | os.PathLike) -> keras.Model:
                 f"{path}: refused: loading it would run Python code it carries (Keras safe mode: "
                 f"{str(exc).split('.')[0][:160]}); encoderflow's models hold none, so this file was not written "
                 "by encoderflow or has been altered",
-                fix="do not load it: find who wrote it; re-run the step that should have written it, or, for a "
-                "registered version, serve another (encoderflow rollback, or promote --version N)",
+                fix=not_ours,
             ) from None
         raise EncoderflowError(
             f"{path}: not a readable Keras model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",

@@ -487,10 +487,11 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
             failure = None
         gate = _object(read_json_or_none(folder / "gate.json"))
         _fill(entry, summary, gate, failure, folder.name, _object(read_json_or_none(folder / layout.REGISTERED_FILE)))
-        if not summary:  # until report writes it, each figure as its stage recorded it: pretraining's first
-            pretrained = _object(read_json_or_none(folder / "pretrain" / "result.json")) or {}
-            if finite(pretrained.get("mlm_val_accuracy")) is not None:
-                entry["metrics"] = {**(entry.get("metrics") or {}), "mlm_val_accuracy": pretrained["mlm_val_accuracy"]}
+        if not summary:  # until report writes it (or in a run that failed later), each as its stage recorded it
+            for stage, metric in (("pretrain", "mlm_val_accuracy"), ("baseline", "baseline_val_accuracy")):
+                recorded = _object(read_json_or_none(folder / stage / "result.json")) or {}
+                if finite(recorded.get(metric)) is not None and (entry.get("metrics") or {}).get(metric) is None:
+                    entry["metrics"] = {**(entry.get("metrics") or {}), metric: recorded[metric]}
         entry["curves"] = read_curves(folder)
         entry["data_docs"] = data_docs(folder)
         entry["data_docs_pages"] = data_docs_pages(folder)
