@@ -601,8 +601,9 @@ def test_the_one_run_view_names_the_stopped_worker_its_tasks_wait_for(tmp_path, 
     run_id = "manual__2026-12-07T21:36:00+00:00"
     layout.write_json(layout.run_dir(run_id) / layout.RESOLVED_FILE, {"run_id": run_id, "preset": "smoke"})
     listed = [{"run_id": run_id, "state": "running", "start_date": "2026-12-07T21:36:01+00:00"}]
-    said = "Airflow make stack (PostgreSQL): 1 runs" + runs.idle_queues(home)
-    monkeypatch.setattr(runs, "asking_airflow", lambda home: lambda: runs.DagRuns(listed, True, said))
+    waiting = runs.idle_queues(home)
+    said = "Airflow make stack (PostgreSQL): 1 runs" + waiting
+    monkeypatch.setattr(runs, "asking_airflow", lambda home: lambda: runs.DagRuns(listed, True, said, waiting))
     monkeypatch.setattr(runs, "aliased_versions", lambda home: ([], "MLflow (x): no aliased version", set()))
     assert cli.main(["runs", run_id]) == 0
     out = capsys.readouterr().out.splitlines()

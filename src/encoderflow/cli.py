@@ -565,8 +565,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
                 + ": the state is what its folder says",
             )
         # The one-run view said only "in flight" while its tasks waited on a stopped worker (the list said so).
-        if entry.get("state") in runs.IN_FLIGHT and "make stack" in airflow.said and (idle := runs.idle_queues(home)):
-            lines.insert(2, f"{'workers':<10} {idle.strip()[1:-1]}")
+        if entry.get("state") in runs.IN_FLIGHT and airflow.waiting:
+            lines.insert(2, f"{'workers':<10} {airflow.waiting.strip()[1:-1]}")
         print("\n".join(lines))
         return 0
     shown = entries[: args.limit] if args.limit else entries

@@ -311,11 +311,12 @@ def download_version(name: str, version: str | int, dst: str | os.PathLike) -> P
     shown = f"models:/{name}{ref} (v{version})" if ref.startswith("@") else uri  # in errors: as the caller named it
     held = mv.tags.get(BUNDLE_TAG)
     # Checked once (it hashes every file of the copy): to reuse it, or to say why it is fetched again.
-    why = _as_registered(dst, mv.tags) if (dst / bundle.META).exists() else "absent"
-    if held and why is None:
+    present = (dst / bundle.META).exists()
+    why = _as_registered(dst, mv.tags) if present else None
+    if held and present and why is None:
         log.info("registry: %s is at %s already, verified: not fetched again", named, dst)
         return Path(dst)
-    if why and why != "absent":
+    if why:
         log.warning(
             "registry: the copy of %s at %s is not the registered bundle (%s): fetching it again", named, dst, why
         )

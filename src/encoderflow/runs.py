@@ -111,12 +111,14 @@ def _airflow_envs(home: Path) -> tuple[list[tuple[str, dict[str, str]]], str | N
 class DagRuns:
     """Every run of the DAG the Airflows writing into a home know, newest first, each as
     ``airflow dags list-runs`` gives it (``run_id``, ``state``, ``start_date``, ``end_date``, ...);
-    ``asked`` False when one of them could not be asked (then ``runs`` is empty), and ``said``
-    the line a report shows."""
+    ``asked`` False when one of them could not be asked (then ``runs`` is empty), ``said``
+    the line a report shows, and ``waiting`` the part of it that names a stopped stack worker the
+    runs in flight wait for (:func:`idle_queues`; empty when none)."""
 
     runs: list[dict[str, Any]]
     asked: bool
     said: str
+    waiting: str = ""
 
 
 def dag_runs(home: Path, dag_id: str = DAG_ID) -> DagRuns:
@@ -143,6 +145,7 @@ def asking_airflow(home: Path, dag_id: str = DAG_ID) -> Callable[[], DagRuns]:
     def answer() -> DagRuns:
         found: list[dict[str, Any]] = []
         said = []
+        waiting = ""
         answers = [(label, env, answered()) for label, env, answered in asked]  # every CLI waited for
         for label, env, runs in answers:
             if isinstance(runs, str):
@@ -161,9 +164,10 @@ def asking_airflow(home: Path, dag_id: str = DAG_ID) -> Callable[[], DagRuns]:
                     "encoderflow airflow or make stack, which then finishes or fails them)"
                 )
             elif in_flight and label.startswith("make stack"):
-                said[-1] += idle_queues(home)
+                waiting = idle_queues(home)
+                said[-1] += waiting
         found.sort(key=lambda r: str(r.get("run_after") or r.get("start_date") or ""), reverse=True)
-        return DagRuns(found, True, "Airflow " + "; ".join(said))
+        return DagRuns(found, True, "Airflow " + "; ".join(said), waiting)
 
     return answer
 

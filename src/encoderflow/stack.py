@@ -917,7 +917,7 @@ class Stack:
                 f"killed task process {pid}: {rec['dag_id']} run {rec['run_id']}, task {task}, "
                 f"try {n} of {max(n, retries + 1)}"
             )
-            if not (rec["current"] and rec["state"] in ("running", "restarting")):
+            if not _airflow_runs(rec):
                 lines.append(f"{what}: Airflow has it {rec['state'] or 'without a state'} already")
                 continue
             # As the scheduler decides (its purge of tasks without heartbeats): retries configured and left.
@@ -1051,8 +1051,7 @@ class Stack:
             notes["last down"] = f"\n  {'':<15} ".join(lines(down))
             # Said once more when Airflow has none of them running any more, then left to supervisor.log.
             if isinstance(found, dict) and not any(
-                (row := found.get(ti)) and row["current"] and row["state"] in ("running", "restarting")
-                for ti in down["tasks"].values()
+                (row := found.get(ti)) and _airflow_runs(row) for ti in down["tasks"].values()
             ):
                 (self.sup / DOWN_KILLED).unlink(missing_ok=True)
         return notes
@@ -1457,6 +1456,12 @@ def _write_pidfile(path: Path, pid: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(f"{pid} {_start_time(pid)}")
     os.replace(tmp, path)
+
+
+def _airflow_runs(rec: dict) -> bool:
+    """Whether Airflow has this try (a row of :meth:`Stack.task_instances`) running still: its current try,
+    running or restarting."""
+    return bool(rec["current"]) and rec["state"] in ("running", "restarting")
 
 
 def _stamped(line: str) -> str:

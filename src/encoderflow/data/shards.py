@@ -295,13 +295,14 @@ def plan(
 def _cap_note(d) -> str:
     """What the manifest's ``mask_rate`` does not say: when ``predictions_per_seq`` caps a full row below
     it, as the smoke preset's does (a run's MLM figures are over fewer masked tokens than the rate asks)."""
+
+    def wanted(tokens: int) -> int:  # as mask_batch counts them, in float32
+        return math.ceil(float(np.float32(tokens) * np.float32(d.mask_rate)))
+
     full = d.seq_length - 2  # [CLS] and [SEP] are never masked
-    asked = math.ceil(float(np.float32(full) * np.float32(d.mask_rate)))  # as mask_batch counts
-    if asked <= d.predictions_per_seq:
+    if (asked := wanted(full)) <= d.predictions_per_seq:
         return ""
-    uncapped = max(
-        n for n in range(full + 1) if math.ceil(float(np.float32(n) * np.float32(d.mask_rate))) <= d.predictions_per_seq
-    )
+    uncapped = max(n for n in range(full + 1) if wanted(n) <= d.predictions_per_seq)
     return (
         f"; a full row has {full} tokens to mask, and data.mask_rate {d.mask_rate:g} asks {asked} of them, but "
         f"data.predictions_per_seq caps it at {d.predictions_per_seq} (a masked share of "

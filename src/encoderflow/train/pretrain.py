@@ -414,15 +414,17 @@ def _same_training(out_dir: Path, key: str) -> Iterator[Path]:
             same_key = stamp.read_text().strip() == key
         except OSError:
             continue
-        if same_key and backup_code(folder) == code:
+        if not same_key:
+            continue
+        if (taken := backup_code(folder)) == code:
             yield folder
-        elif same_key and not (folder / "result.json").exists() and layout.trains_now(folder) is None:
+        elif layout.trains_now(folder) is None:
             # Said: the stopped run's record promised a resume (hours of pretraining on the guide preset).
             log.info(
                 "pretrain: not resuming run %s's backup of this training: taken by other code (code hash %s, "
                 "this %s); resumed only by the code that took it",
                 folder.parent.name,
-                (backup_code(folder) or "not recorded")[:12],
+                (taken or "not recorded")[:12],
                 code[:12],
             )
 
