@@ -86,6 +86,34 @@ def test_a_killed_writers_temp_is_swept(tmp_path):
     assert list(tmp_path.glob(".shard-0.tfrecord.*")) == []
 
 
+def test_a_retry_writing_the_file_again_clears_its_killed_writers_temp(tmp_path):
+    """A pretrain killed while saving left ``.encoder.keras.XXXX.keras`` (0600) in its run folder for
+    good: its retry wrote the encoder beside it."""
+    final = tmp_path / "encoder.keras"
+    proc, temp, _ = _start_writer(final, tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert temp.exists()
+    with layout.atomic_path(final) as tmp:
+        tmp.write_text("whole")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert final.read_text() == "whole"
+
+
+def test_a_live_writers_temp_survives_another_write_of_its_file(tmp_path):
+    final = tmp_path / "encoder.keras"
+    proc, temp, release = _start_writer(final, tmp_path)
+    try:
+        with layout.atomic_path(final) as tmp:
+            tmp.write_text("first")
+        assert temp.read_bytes() == b"half"
+        release.touch()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    assert final.read_bytes() == b"whole" and not temp.exists()
+
+
 def test_a_finished_writer_leaves_only_its_file_and_no_lock(tmp_path):
     final = tmp_path / "a.json"
     for text in ("one", "two"):

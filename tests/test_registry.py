@@ -472,6 +472,8 @@ def test_version_tags_carry_the_gate_decision(tmp_path):
     assert tags["airflow.run_id"] == "run-1"
     # The figures under the metrics' one name each, as in summary.json and the run's MLflow metrics.
     assert (tags["gate.val_accuracy"], tags["gate.baseline_val_accuracy"]) == ("0.9", "0.8")
+    # No champion yet: no champion tags (they read "None" before).
+    assert not {"gate.champion_val_accuracy", "gate.champion_version"} & set(tags)
     run = registry.client().get_run(registry.client().get_model_version(NAME, version).run_id)
     assert run.data.metrics["val_accuracy"] == 0.9
 
@@ -483,12 +485,12 @@ def test_a_champion_tagged_before_the_metrics_rename_reads_under_todays_names(tm
         ("gate.candidate_accuracy", "gate.val_accuracy"),
         ("gate.champion_accuracy", "gate.champion_val_accuracy"),
     ):
-        c.set_model_version_tag(NAME, version, old, c.get_model_version(NAME, version).tags[new])
+        c.set_model_version_tag(NAME, version, old, c.get_model_version(NAME, version).tags.get(new, "0.85"))
         c.delete_model_version_tag(NAME, version, new)
     registry.move_champion(NAME, version, expected=None, reason="test", who="test")
     tags = registry.champion(NAME)["tags"]
     assert tags["gate.val_accuracy"] == "0.9" and "gate.candidate_accuracy" not in tags
-    assert tags["gate.champion_val_accuracy"] == "None"
+    assert tags["gate.champion_val_accuracy"] == "0.85" and "gate.champion_accuracy" not in tags
 
 
 def _child(script: str, *args: str) -> subprocess.CompletedProcess:

@@ -179,6 +179,8 @@ def atomic_path(final: str | os.PathLike, suffix: str = "", private: bool = Fals
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # A writer killed mid-write (a worker's SIGKILL) left its temp here; its retry clears it away.
+    remove_dead_temps(final.parent, final.parent.glob(f".{glob.escape(final.name)}.*"))
     with writing_in(final.parent):
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or ".tmp", dir=final.parent)
         os.close(fd)

@@ -840,8 +840,9 @@ def decision_tags(decision: dict[str, Any]) -> dict[str, str]:
     tags = {
         "gate.blessed": str(bool(decision["blessed"])).lower(),
         "gate.reasons": "; ".join(decision.get("reasons") or []) or "all checks passed",
-        **{metric_tag(metric): str(decision.get(name)) for name, metric in METRICS.items()},
-        "gate.champion_version": str(decision.get("champion_version")),
+        # A first champion has no champion figures: no tag, rather than one reading "None".
+        **{metric_tag(metric): str(v) for name, metric in METRICS.items() if (v := decision.get(name)) is not None},
+        **({"gate.champion_version": str(v)} if (v := decision.get("champion_version")) is not None else {}),
         **({SETTINGS_TAG: decision["settings_hash"]} if decision.get("settings_hash") else {}),
     }
     for check in decision.get("checks", []):
