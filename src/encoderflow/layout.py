@@ -195,6 +195,12 @@ def atomic_path(final: str | os.PathLike, suffix: str = "", private: bool = Fals
                 tmp_path.unlink()
 
 
+def is_private(path: str | os.PathLike) -> bool:
+    """Whether only its owner may read ``path``: what is made from it keeps it so (a private corpus's
+    documents and shards decode back to its text)."""
+    return not os.stat(path).st_mode & 0o044
+
+
 @functools.cache
 def _umask() -> int:
     """This process's umask (reading it means setting it: once, and put back at once)."""

@@ -1153,3 +1153,25 @@ def test_a_vocabulary_trained_on_your_corpus_gives_identical_shards_for_the_same
         assert manifest["vocab_sha256"] == layout.sha256_file(path) and manifest["vocab_size"] == vocab.size
         built.append((layout.sha256_file(path), p["shards_hash"], [(i["file"], i["sha256"]) for i in infos]))
     assert built[0] == built[1] and len(built[0][2]) >= 3  # train copies and validation
+
+
+def test_a_private_corpus_stays_private_in_its_documents_and_shards(tmp_path, corpus, encoderflow_home):
+    """A 0600 corpus file's copy stayed 0600 in the data store, but the documents made from it and the
+    shards (whose token ids decode back to its text) were written world-readable."""
+    from encoderflow.config import Sources
+    from encoderflow.data import inputs
+
+    from .fixtures_own import write_corpus
+
+    cfg = from_overrides("smoke", SMOKE)
+    modes = {}
+    for name in ("public", "private"):
+        folder = write_corpus(tmp_path / name, n_files=6, seed=len(name))
+        if name == "private":
+            sorted(folder.iterdir())[0].chmod(0o600)
+        own = inputs.get("corpus", cfg, Sources(corpus=str(folder)))
+        p = shards.plan(cfg, own, corpus[1])
+        first = p["shards"][0]
+        shards.build_shard(first, cfg, p["vocab_path"], p["vocab_sha256"])
+        modes[name] = {os.stat(first["text_path"]).st_mode & 0o777, os.stat(first["file"]).st_mode & 0o777}
+    assert modes == {"public": {0o666 & ~layout._umask()}, "private": {0o600}}

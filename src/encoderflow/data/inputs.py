@@ -553,9 +553,12 @@ def corpus_texts(info: dict[str, Any], cfg) -> dict[str, dict[str, Any]]:
         if all(held):
             held[int(np.argmax(fraction))] = False
         parts = {"train": [d for d, h in zip(docs, held) if not h], "valid": [d for d, h in zip(docs, held) if h]}
+        private = any(layout.is_private(f["path"]) for f in files_of(info).values())
         with layout.atomic_dir(folder, prefix=".docs-") as tmp:
             for role, name in names.items():
                 (tmp / name).write_text("\n\n".join("\n".join(d) for d in parts[role]) + "\n", encoding="utf-8")
+                if private:
+                    (tmp / name).chmod(0o600)
             (tmp / ".complete").write_text(key + "\n")
         log.info(
             "corpus: %d documents from %s: %d for pretraining, %d held out for validation, in %s",

@@ -424,7 +424,7 @@ def build_shard(shard: dict[str, Any], cfg: Config, vocab_path: str, vocab_sha25
     rng = np.random.default_rng(stream + [SOURCE_CODES[shard["source"]]] if "source" in shard else stream)
 
     records = tokens = 0
-    with layout.atomic_path(path) as tmp:
+    with layout.atomic_path(path, private=layout.is_private(shard["text_path"])) as tmp:
         with tf.io.TFRecordWriter(str(tmp)) as writer:
             for ids in chunks:
                 ex = mask_batch(
