@@ -522,6 +522,20 @@ def test_status_says_what_airflow_has_now_of_the_tasks_the_supervisor_s_last_res
     assert state["worker-gpu"]["killed"] is None and len(st.supervision_notes()["worker-gpu"].splitlines()) == 1
 
 
+def test_down_kills_what_dead_components_left_while_postgresql_still_answers(tmp_path, monkeypatch):
+    """`down` killed the strays after it had stopped PostgreSQL: each line then said only that Airflow's
+    database did not answer. They go first now, and once more after the components (a task process that
+    outlived its worker's stop)."""
+    st = stack_mod.Stack(tmp_path / "home")
+    done = []
+    monkeypatch.setattr(stack_mod.Stack, "stop_supervisor", lambda self: done.append("supervisor"))
+    monkeypatch.setattr(stack_mod.Stack, "stop", lambda self, name, tasks=None: done.append(name))
+    monkeypatch.setattr(stack_mod.Stack, "stop_strays", lambda self, tasks=None: done.append("strays") or [])
+    st.down()
+    assert done == ["supervisor", "strays", *reversed(stack_mod.COMPONENTS), "strays"]
+    assert done.index("strays") < done.index("postgres")
+
+
 def test_down_says_no_scheduler_sees_its_killed_tasks_until_up_which_names_them_with_airflow_s_word(
     tmp_path, monkeypatch, capsys
 ):

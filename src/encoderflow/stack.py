@@ -687,19 +687,28 @@ class Stack:
             self.start_supervisor()
 
     def down(self) -> None:
-        """Stop the supervisor, then every component, then what dead ones left (SIGKILL). The task processes
+        """Stop the supervisor, what dead components left (SIGKILL), then every component. The task processes
         it kills are kept (:data:`DOWN_KILLED`) for ``up`` and ``status`` to say what Airflow makes of them."""
         with self._operation("down"):
             # The supervisor first: it would start again each component stopped below.
             self.stop_supervisor()
             killed: dict[int, str] = {}
+
+            def sweep() -> None:
+                left_tasks: dict[int, str] = {}
+                if left := self.stop_strays(tasks=left_tasks):
+                    print(
+                        f"stack: stopped {len(left)} process(es) left running by components that had died: pids {left}"
+                    )
+                self._tell_killed(left_tasks)
+                killed.update(left_tasks)
+
+            # What dead components left goes while PostgreSQL is up: Airflow's database then says what each
+            # was running (swept last, every line said only that the database did not answer).
+            sweep()
             for name in reversed(COMPONENTS):
                 self.stop(name, tasks=killed)
-            left_tasks: dict[int, str] = {}
-            if left := self.stop_strays(tasks=left_tasks):
-                print(f"stack: stopped {len(left)} process(es) left running by components that had died: pids {left}")
-            self._tell_killed(left_tasks)
-            killed |= left_tasks
+            sweep()  # a task process that outlived its component's stop
             # Airflow has them running until a scheduler sees their heartbeats stop, after `up`: that is when
             # they are news, and nothing else would name them then.
             if killed:
