@@ -383,6 +383,7 @@ def test_a_worker_killed_mid_task_is_restarted_naming_the_task_it_left_and_when_
     code = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {pool!r}]); time.sleep(60)"
     st._spawn("worker-gpu", [sys.executable, "-c", code], dict(os.environ))
     st._want("worker-gpu", True)
+    st._want("scheduler", True)  # the stack's: it fails the killed try and retries it
     worker = st._pid("worker-gpu")
 
     def pool_and_task() -> tuple[int, int] | None:
@@ -424,6 +425,15 @@ def test_a_worker_killed_mid_task_is_restarted_naming_the_task_it_left_and_when_
             f"killed task process 8: {DAG_ID} run manual__fake, task pretrain, try 1 of 3: Airflow has it "
             "up_for_retry already",
         ]
+        # After `stop scheduler`, no retry delay runs and no time can be given until one is back.
+        st._want("scheduler", False)
+        assert st.killed_task_lines({8: TI_ID}, found={TI_ID: fake_ti(queue="gpu")}) == [
+            f"killed task process 8: {DAG_ID} run manual__fake, task pretrain, try 1 of 3: Airflow keeps it running "
+            "while the scheduler is stopped (`python -m encoderflow.stack start scheduler`); once one runs, it fails "
+            "it when its last heartbeat is 120 s old ([scheduler] task_instance_heartbeat_timeout), then retries it "
+            "(try 2 of 3) after its retry delay"
+        ]
+        st._want("scheduler", True)
         # Yours over the stack's: the timeout the scheduler has is the one said.
         monkeypatch.setenv(stack_mod.HEARTBEAT_TIMEOUT_VAR, "600")
         assert st.heartbeat_timeout() == 600 and "is 600 s old" in st.killed_task_lines({7: ti})[0]
@@ -468,7 +478,7 @@ def test_status_says_what_airflow_has_now_of_the_tasks_the_supervisor_s_last_res
     rows: dict[str, Any] | str = {TI_ID: fake_ti(queue="gpu")}
     monkeypatch.setattr(stack_mod.Stack, "task_instances", lambda self, ids: asked.append(ids) or rows)
     monkeypatch.setattr(stack_mod.Stack, "start", start)
-    wanted = {"worker-gpu": True}
+    wanted = {"worker-gpu": True, "scheduler": True}
     monkeypatch.setattr(stack_mod.Stack, "wanted", lambda self, name: wanted.get(name, False))
     monkeypatch.setattr(stack_mod.Stack, "alive", lambda self, name: False)
     monkeypatch.setattr(stack_mod.Stack, "_pid", lambda self, name: None)

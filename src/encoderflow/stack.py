@@ -956,11 +956,24 @@ class Stack:
                 )
             else:
                 then = f"retries it (try {n + 1} of {retries + 1}) after its retry delay"
+            if self._scheduler_stopped():
+                # No scheduler looks at heartbeats, so no time can be given.
+                lines.append(
+                    f"{what}: Airflow keeps it running while the scheduler is stopped (`python -m encoderflow.stack "
+                    f"start scheduler`); once one runs, it fails it when its last heartbeat is {timeout} s old "
+                    f"([scheduler] task_instance_heartbeat_timeout), then {then}"
+                )
+                continue
             lines.append(
                 f"{what}: Airflow keeps it running until its last heartbeat is {timeout} s old "
                 f"([scheduler] task_instance_heartbeat_timeout), {when}, then {then}"
             )
         return lines
+
+    def _scheduler_stopped(self) -> bool:
+        """Whether the stack runs (a component is wanted) with its scheduler stopped on purpose."""
+        others = any(self.wanted(c) for c in COMPONENTS if c != "scheduler")
+        return others and not self.wanted("scheduler") and not self.alive("scheduler")
 
     def supervisor_pid(self) -> int | None:
         return self._pid("supervisor")
