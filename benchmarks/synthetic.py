@@ -10,7 +10,8 @@ exactly like ``encoderflow.data.shards.make_dataset``'s: ``({"token_ids", "mask_
 mask_ids, mask_weights)``, int32 / int32 / int32 / float32, masked by the shards' own
 ``mask_batch`` (so mask positions are distinct, ascending, 0-padded with weight 0).
 
-Each (precision, batch size) cell times ``fit`` and the same model's bare jitted train step
+Each (precision, batch size) cell times ``fit`` (with the callbacks pretraining runs it with, no
+backup written) and the same model's bare jitted train step
 (Keras 3 JAX stateless API: ``stateless_call`` + ``stateless_compute_loss`` + the optimizer's
 ``stateless_apply`` in one ``jax.jit``, state donated): warm-up steps first (the first one pays
 for XLA compilation, reported on its own), then ``--repeats`` runs of ``--steps`` steps each,
@@ -299,14 +300,32 @@ def sync(mlm) -> None:
     jax.block_until_ready([v.value for v in mlm.trainable_variables])
 
 
+def pipeline_callbacks(batch_size: int) -> list:
+    """The callbacks pretraining's ``fit`` runs every call, as it runs them: a callback that made Keras
+    read each call's logs on fit's thread would cost the device a wait per call, and a fit timed
+    without them would not show it. No backup is written: the table times steps, not HDF5 files."""
+    from encoderflow.train.callbacks import EpochLogger, StepBackup
+
+    class Unwritten(StepBackup):
+        def save(self):
+            return None
+
+    return [
+        Unwritten(tempfile.mkdtemp(prefix="encoderflow-bench-"), steps_per_epoch=10**12),
+        EpochLogger("pretrain", batch_size, log_every_seconds=3600),
+    ]
+
+
 def fit_runner(mlm, batches):
-    """``run(n)``: seconds for ``n`` steps of ``fit`` (one call), device work finished."""
+    """``run(n)``: seconds for ``n`` steps of ``fit`` (one call) with pretraining's callbacks, device
+    work finished."""
     spe = max(1, int(getattr(mlm, "steps_per_execution", 1) or 1))
+    callbacks = pipeline_callbacks(len(batches[0][1]))
 
     def run(n: int) -> float:
         n = math.ceil(n / spe) * spe  # whole executions only: no second, shorter program
         t0 = time.perf_counter()
-        mlm.fit(cycle(batches), steps_per_epoch=n, epochs=1, verbose=0, shuffle=False)
+        mlm.fit(cycle(batches), steps_per_epoch=n, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
         sync(mlm)
         return time.perf_counter() - t0
 

@@ -483,7 +483,7 @@ class PretrainConfig(_Optimizer):
         16,
         "Training steps per call into the compiled step (Keras steps_per_execution): fewer host round trips per "
         "step; progress lines, NaN checks and backups run between calls. Lowered to the largest divisor of the "
-        "steps per epoch and of pretrain.backup_every_steps.",
+        "steps per epoch.",
         minimum=1,
         maximum=1024,
         trains=False,
@@ -498,9 +498,9 @@ class PretrainConfig(_Optimizer):
     )
     backup_every_steps: int = knob(
         5000,
-        "Back up weights and optimizer state every this many steps as well as at "
-        "each epoch end, so a retry resumes mid-epoch; 0 = epoch ends only. A guide-model "
-        "backup writes ~230 MB.",
+        "Back up weights and optimizer state every this many steps (at the end of the call into the compiled "
+        "step that reaches it) as well as at each epoch end, so a retry resumes mid-epoch; 0 = epoch ends only. "
+        "A guide-model backup writes ~230 MB.",
         minimum=0,
         maximum=10_000_000,
         trains=False,

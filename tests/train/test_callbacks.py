@@ -199,3 +199,67 @@ def test_half_written_backups_a_killed_try_left_are_deleted_unless_a_writer_is_a
         StepBackup(backup, 10)
     assert not dead.exists() and kept.read_bytes() == b"k" * 64
     assert f"pretrain: deleted 1 half-written backup(s) a killed try left in {backup}" in caplog.messages
+
+
+def test_the_pipeline_s_callbacks_leave_fit_s_thread_free_of_reading_each_call_s_logs(tmp_path):
+    """A callback overriding on_train_batch_end that is not ``async_safe`` makes Keras read every call's
+    logs (a wait for the device) on fit's thread before it dispatches the next call: EpochLogger and
+    StepBackup did, so each call into the compiled step waited for the previous one to finish. With them,
+    Keras now runs batch ends on threads of its own, as with no callback at all."""
+    import threading
+
+    import keras
+
+    from encoderflow.train.callbacks import EpochLogger, StepBackup
+
+    class Where(keras.callbacks.Callback):
+        async_safe = True
+
+        def __init__(self):
+            super().__init__()
+            self.threads = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.threads.append(threading.current_thread() is threading.main_thread())
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(loss="mse", optimizer="sgd", steps_per_execution=2)
+    x, y = np.ones((32, 2), "float32"), np.zeros((32, 1), "float32")
+    where = Where()
+    pipeline = [
+        keras.callbacks.CSVLogger(str(tmp_path / "history.csv")),
+        StepBackup(tmp_path / "backup", 8, every_steps=4),
+        EpochLogger("pretrain", 4, log_every_seconds=0, estimate_steps=2),
+        where,
+    ]
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False, callbacks=pipeline)
+    assert where.threads == [False] * 8  # 2 epochs of 4 calls, none on fit's thread
+    assert sorted(f.name for f in (tmp_path / "backup").glob("*.h5")) == ["step-000000000016.weights.h5"]
+
+
+def test_batch_ends_keras_runs_out_of_order_are_taken_in_the_order_the_calls_ran(caplog):
+    """Keras runs async-safe batch ends on a pool of threads: a later call's may come first."""
+    import threading
+
+    from encoderflow.train.callbacks import EpochLogger
+
+    logger = EpochLogger("pretrain", 4, log_every_seconds=0)
+    logger.params = {"epochs": 1, "steps": 4}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encoderflow.train"):
+        logger.on_train_begin()
+        logger.on_epoch_begin(0)
+        logger.on_train_batch_begin(0)
+        logger.on_train_batch_begin(2)
+        later = threading.Thread(target=logger.on_train_batch_end, args=(3, {"loss": 4.0}))
+        later.start()  # steps 3-4 end first, and wait for steps 1-2
+        later.join(0.5)
+        assert later.is_alive() and logger.steps_seen == 0
+        logger.on_train_batch_end(1, {"loss": 5.0})
+        later.join(60)
+        logger.on_train_end()
+    # The first call's loss is the first loss (no progress line for it); the second's line follows it.
+    assert [m.split(" seq/s")[0] for m in caplog.messages if "progress" in m] == [
+        "pretrain progress: epoch step 4/4 loss=4.0000"
+    ]
+    assert logger.first_loss == 5.0 and logger.steps_seen == 4 and not logger.calls

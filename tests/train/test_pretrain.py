@@ -625,6 +625,8 @@ def test_pretraining_sigkilled_mid_epoch_resumes_at_the_next_step(duped, tmp_pat
         "pretrain.steps_per_epoch": 0,
         "pretrain.validation_steps": 1,
         "pretrain.backup_every_steps": 2,
+        # Backups fall between calls: 2 steps per call puts one at step 2 of the 4.
+        "pretrain.steps_per_execution": 3,
         "model.dropout": 0.0,
     }
     out = tmp_path / "pretrain"
@@ -644,10 +646,7 @@ def test_pretraining_sigkilled_mid_epoch_resumes_at_the_next_step(duped, tmp_pat
         resumed = pretrain.pretrain(cfg, duped["manifest"], out)
     assert "resuming epoch 2 at step 3 of 4" in caplog.text
     # What ran, where the MLflow param says what was asked (16).
-    assert (
-        ", 2 steps per call (pretrain.steps_per_execution 16, lowered to divide the 4 steps per epoch and "
-        "pretrain.backup_every_steps 2)"
-    ) in caplog.text
+    assert ", 2 steps per call (pretrain.steps_per_execution 3, lowered to divide the 4 steps per epoch)" in caplog.text
     # Epochs of a try no log shows (its worker died and it trained on) are named where they are.
     assert f"; epoch 1 was trained by earlier tries, in {out / 'history.csv'} (a try whose worker died" in caplog.text
     # The resumed attempt's epochs start 2 steps into an epoch; the last is 2 steps short.
@@ -708,10 +707,11 @@ def test_pretrain_killed_after_its_last_backup_trains_nothing_more(duped, tmp_pa
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
 
 
-def test_steps_per_execution_divides_the_epoch_and_the_backup_interval():
+def test_steps_per_execution_divides_the_epoch():
     assert pretrain.steps_per_execution(16, 50) == 10  # the smoke epoch: 50 steps
-    assert pretrain.steps_per_execution(16, 9000, 5000) == 10  # gcd(9000, 5000) = 1000
-    assert pretrain.steps_per_execution(16, 4, 1) == 1
+    # The backup interval no longer counts (backups fall on call boundaries): 12,352 steps and a backup every
+    # 5,000 ran one step per call, each call's logs read on fit's thread.
+    assert pretrain.steps_per_execution(16, 12352) == 16
     assert pretrain.steps_per_execution(1, 128) == 1
     assert pretrain.steps_per_execution(64, 7) == 7  # never more than an epoch
     assert pretrain.steps_per_execution(8, 13) == 1  # a prime epoch: one step per call

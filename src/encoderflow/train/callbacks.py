@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -75,10 +77,15 @@ class EpochLogger(keras.callbacks.Callback):
     left out and the next ones timed instead; an estimate over them read 1,254 ms/step where training ran
     at ~100.
 
-    The step path stays free of device-to-host copies: the loss is read (which waits for the
-    device) only for the first step, for the time estimate, for a progress line at most every
-    ``log_every_seconds``, and at epoch ends (where Keras has read it already). A NaN or infinite
-    loss raises :class:`NonFiniteLoss` at the first of those reads after it appears.
+    The step path stays free of device-to-host copies. Keras reads every call's logs (waiting for the
+    device) before a callback that overrides ``on_train_batch_end`` sees them, on fit's own thread,
+    unless each such callback is ``async_safe``: this one is, so Keras reads them on a thread of its
+    own while fit dispatches the next call. Those threads may run out of order: each call is taken
+    in the order fit ran them (the calls :meth:`on_train_batch_begin` saw). It never touches
+    ``self.model`` there (under JAX that copies fit's state into the model's variables, on the
+    training thread's toes). A NaN or infinite loss raises :class:`NonFiniteLoss` at the first read
+    after it appears (Keras raises it on fit's thread at its next call), at the latest at the
+    epoch's end.
 
     Args:
         label: what is training (``pretrain``, ``finetune``, ``baseline``).
@@ -105,6 +112,8 @@ class EpochLogger(keras.callbacks.Callback):
     first_loss: float | None = None
     step_seconds: float | None = None
     left_out = 0
+    # Keras's CallbackList: run on_train_batch_end on a thread of its own (keras-team/keras#20284).
+    async_safe = True
 
     def __init__(
         self,
@@ -132,6 +141,9 @@ class EpochLogger(keras.callbacks.Callback):
         self.epoch_steps = self.steps_seen = 0
         self.estimate_from: tuple[int, float, float] | None = None
         self.compiling = 0.0  # seconds JAX has spent compiling since training began
+        # The first step of each call fit has begun and this callback has not yet taken the end of.
+        self.calls: collections.deque[int] = collections.deque()
+        self.turn = threading.Condition()
 
     def on_train_begin(self, logs=None):
         self.train_t0 = self.last_line_t = time.monotonic()
@@ -168,13 +180,12 @@ class EpochLogger(keras.callbacks.Callback):
             self.val_t0 = time.monotonic()
 
     def read_loss(self, logs, step: int) -> float | None:
-        """Read the loss (waits for the device) and stop on NaN."""
+        """Read the loss (waits for the device) and raise :class:`NonFiniteLoss` on NaN (fit stops)."""
         loss = (logs or {}).get("loss")
         if loss is None:
             return None
         value = float(loss)
         if not math.isfinite(value):
-            self.model.stop_training = True
             held = ""
             if self.last_finite:
                 epoch, at, last = self.last_finite
@@ -185,8 +196,24 @@ class EpochLogger(keras.callbacks.Callback):
         self.last_finite = (self.epoch, step, value)
         return value
 
+    def on_train_batch_begin(self, batch, logs=None):
+        with self.turn:
+            self.calls.append(batch)
+
     def on_train_batch_end(self, batch, logs=None):
         # ``batch`` is the last step of this call: with steps_per_execution > 1 a call runs several.
+        with self.turn:
+            # Keras's threads may run out of order: this call's turn comes once every earlier one is taken.
+            # (Driven without on_train_batch_begin, as a test does, there is no order to keep.)
+            self.turn.wait_for(lambda: len(self.calls) < 2 or self.calls[1] > batch, timeout=300)
+            try:
+                self.call_ended(batch, logs)
+            finally:
+                if self.calls:
+                    self.calls.popleft()
+                self.turn.notify_all()
+
+    def call_ended(self, batch, logs) -> None:
         self.steps_seen += batch + 1 - self.epoch_steps
         self.epoch_steps = batch + 1
         if self.first_call is None:
@@ -342,10 +369,14 @@ class StepBackup(keras.callbacks.Callback):
 
     A backup is due every ``every_steps`` steps into an epoch and at each epoch end (with
     ``every_steps`` 0 or at least ``steps_per_epoch``: epoch ends only). It is written when the next
-    step begins or at the Keras epoch end, after validation and after the callbacks listed before
-    this one (a ``CSVLogger`` there has written the epoch's history row); so a step after which a
-    callback raised (the NaN guard) is never backed up. ``model.save_weights`` holds the
-    optimizer's variables too, its step count among them (which drives the learning-rate schedule).
+    call into the compiled step begins (the first at or after the step it was due), or at the Keras
+    epoch end, after validation and after the callbacks listed before this one (a ``CSVLogger`` there
+    has written the epoch's history row). It is taken on fit's thread, between calls, from the state
+    fit holds then; it overrides no ``on_train_batch_end``, which would make Keras read every call's
+    logs on fit's thread (a device-to-host wait per call, see :class:`EpochLogger`). Weights that are
+    no longer finite (a NaN loss's) are never backed up: :class:`NonFiniteLoss` is raised instead.
+    ``model.save_weights`` holds the optimizer's variables too, its step count among them (which
+    drives the learning-rate schedule).
     The step is in the file name and the file is renamed into place once complete, so a backup is
     either whole or absent and always agrees with its step; older backups are deleted after that.
     Its sha256 is written beside it first; a backup whose bytes no longer match it (or that has
@@ -392,8 +423,7 @@ class StepBackup(keras.callbacks.Callback):
             for path in (self.restore_from, checksum_file(self.restore_from)):
                 path.unlink(missing_ok=True)
             self.steps_done, self.restore_from = 0, None
-        self.due = False
-        self.batch_seen = 0
+        self.epoch_start = self.steps_done
         self.last_logs = None
 
     def restore(self, model) -> int:
@@ -423,34 +453,53 @@ class StepBackup(keras.callbacks.Callback):
             )
         return self.steps_done
 
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.due:
-            self.save()
-
     def on_epoch_begin(self, epoch, logs=None):
-        self.batch_seen = 0
+        self.epoch_start = self.steps_done
 
-    def on_train_batch_end(self, batch, logs=None):
-        # ``batch`` is the last step of this call: with steps_per_execution > 1 a call runs several.
-        self.steps_done += batch + 1 - self.batch_seen
-        self.batch_seen = batch + 1
-        self.last_logs = logs
-        into_epoch = self.steps_done % self.steps_per_epoch
-        self.due = into_epoch == 0 or bool(self.every_steps and into_epoch % self.every_steps == 0)
+    def on_train_batch_begin(self, batch, logs=None):
+        # ``batch`` is this call's first step: the steps before it in this Keras epoch are done.
+        self.last_logs = None
+        self.reach(self.epoch_start + batch)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.due:
-            self.last_logs = logs
+        end = self.epoch_start + self.steps_per_epoch
+        if (self.params or {}).get("epochs"):
+            # A resumed fit's data ends mid-way through its last Keras epoch, at the end of training.
+            end = min(end, self.params["epochs"] * self.steps_per_epoch)
+        self.last_logs = logs
+        self.reach(end)
+
+    def reach(self, step: int) -> None:
+        """Training is at ``step`` (steps done over every attempt): back up if a backup fell due since."""
+        due = self.due_between(self.steps_done, step)
+        self.steps_done = step
+        if due:
             self.save()
+
+    def due_between(self, done: int, now: int) -> bool:
+        """Whether a backup point lies after step ``done`` and at or before ``now``."""
+        per_epoch, every = self.steps_per_epoch, self.every_steps
+        if now // per_epoch > done // per_epoch:  # an epoch ended
+            return True
+        if not every or every >= per_epoch:
+            return False
+        start = now // per_epoch * per_epoch
+        return (now - start) // every > (done - start) // every
 
     def save(self) -> Path:
         """Write a backup of the model as it is now, at ``steps_done``; returns its file."""
-        # The loss is read here, at the backup cadence, not every step: a backup never holds NaN weights.
+        # Checked here, at the backup cadence, not every step: a backup never holds NaN weights.
         loss = (self.last_logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise NonFiniteLoss(f"{self.label}: loss became {float(loss)} by step {self.steps_done}; {self.nan_fix}")
-        final = self.directory / f"step-{self.steps_done:012d}.weights.h5"
         model = self.model  # under JAX, reading Callback.model syncs the state fit holds into the variables
+        ops = keras.ops
+        if not bool(ops.all(ops.stack([ops.all(ops.isfinite(v)) for v in model.trainable_variables]))):
+            raise NonFiniteLoss(
+                f"{self.label}: the weights are no longer finite by step {self.steps_done} (the loss became NaN or "
+                f"infinite): not backed up; {self.nan_fix}"
+            )
+        final = self.directory / f"step-{self.steps_done:012d}.weights.h5"
         self.directory.mkdir(parents=True, exist_ok=True)
         layout.require_room(final, backup_size(model), f"a backup of {self.label}")
         with layout.atomic_path(final, suffix=".weights.h5") as tmp:
@@ -467,7 +516,6 @@ class StepBackup(keras.callbacks.Callback):
             if old != final:
                 old.unlink(missing_ok=True)
                 checksum_file(old).unlink(missing_ok=True)
-        self.due = False
         return final
 
 

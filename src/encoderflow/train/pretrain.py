@@ -32,17 +32,15 @@ BACKUP_KEY = "KEY"
 BACKUP_CODE = "CODE"
 
 
-def steps_per_execution(wanted: int, steps_per_epoch: int, backup_every_steps: int = 0) -> int:
-    """The largest count <= ``wanted`` that divides the epoch and the backup interval.
+def steps_per_execution(wanted: int, steps_per_epoch: int) -> int:
+    """The largest count <= ``wanted`` that divides the epoch.
 
-    A call into the compiled step runs this many steps; callbacks see only its end. Dividing both
-    keeps every epoch end and every backup point at the end of a call, so the data of one epoch
-    never spills into the next and a resume starts on a call boundary.
+    A call into the compiled step runs this many steps; callbacks see only its ends. Dividing the
+    epoch keeps every epoch end at the end of a call (Keras's last call of an epoch would run on into
+    the next epoch's data). Backups are taken between calls, at the first call boundary at or after
+    each ``pretrain.backup_every_steps``, so a resume starts on a call boundary whatever the interval.
     """
-    period = steps_per_epoch
-    if 0 < backup_every_steps < steps_per_epoch:
-        period = math.gcd(steps_per_epoch, backup_every_steps)
-    return max(d for d in range(1, max(1, min(wanted, period)) + 1) if period % d == 0)
+    return max(d for d in range(1, max(1, min(wanted, steps_per_epoch)) + 1) if steps_per_epoch % d == 0)
 
 
 def epoch_steps(manifest: dict[str, Any], p, whole_batches: bool = False) -> int:
@@ -475,13 +473,11 @@ def _train(
     if init:
         warm_start(encoder, init, manifest)
     mlm = models.build_pretraining_model(encoder, manifest["predictions_per_seq"])
-    spe = divides = steps_per_execution(p.steps_per_execution, steps, p.backup_every_steps)
+    spe = divides = steps_per_execution(p.steps_per_execution, steps)
     if skip % spe:  # a backup taken with another steps_per_execution: calls must end on its step
         spe = math.gcd(spe, skip)
     # The MLflow param says what was asked: say what ran, and why it is less.
     lowered = [f"divide the {steps} steps per epoch"] if divides != p.steps_per_execution else []
-    if lowered and 0 < p.backup_every_steps < steps:
-        lowered[0] += f" and pretrain.backup_every_steps {p.backup_every_steps}"
     if spe != divides:
         lowered.append(f"end on step {skip}, where the backup this run resumes from was taken")
     compile_mlm(mlm, p, total_steps=steps * p.epochs, steps_per_execution=spe)
