@@ -306,6 +306,28 @@ def test_check_params_refuses_what_a_trigger_could_get_wrong_and_logs_what_it_re
     assert kept["triggered_by"] == "alice" and kept["run_id"] == "manual__killed"
     listed = runs.collect_runs(layout.home(), [{"run_id": "manual__killed", "state": "failed", "conf": {}}])
     assert [(e["run_id"], e["preset"], e["triggered_by"]) for e in listed] == [("manual__killed", "smoke", "alice")]
+    # Its retry is the same run; another run id with the same folder name is refused before it writes there.
+    steps.check_params(params, params, "manual__killed", "alice")
+    with pytest.raises(ConfigError) as taken:
+        steps.check_params(params, params, "manual:_killed", "bob")
+    assert str(taken.value) == (
+        f"run id 'manual:_killed': its folder {layout.run_dir('manual__killed')} belongs to run 'manual__killed' (in "
+        "folder names every character but letters, digits, '.', '_' and '-' becomes '_'); fix: trigger it again "
+        "under another run id"
+    )
+    assert layout.read_json(layout.run_dir("manual__killed") / layout.RESOLVED_FILE)["triggered_by"] == "alice"
+    # Listed newest first, the refused run took the folder's entry: the run it belongs to dropped off the list.
+    both = [
+        {"run_id": "manual:_killed", "state": "failed", "conf": {}},
+        {"run_id": "manual__killed", "state": "success", "conf": {}},
+    ]
+    listed = runs.collect_runs(layout.home(), both)
+    assert [(e["run_id"], e["state"], e["folder"], e["triggered_by"]) for e in listed] == [
+        ("manual:_killed", "failed", None, None),
+        ("manual__killed", "success", "manual__killed", "alice"),
+    ]
+    # Airflow accepts "." and ".." as run ids: never the runs folder or the home.
+    assert [layout.safe_run_id(r) for r in (".", "..", ".hidden", "a.b")] == ["run", "run", "hidden", "a.b"]
 
 
 def test_check_params_fails_once_on_a_file_the_run_names_that_is_not_there(tmp_path):

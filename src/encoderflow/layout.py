@@ -84,8 +84,27 @@ def shards_dir(shards_hash: str) -> Path:
 
 
 def safe_run_id(run_id: str) -> str:
-    """Airflow run ids hold ':' and '+'; keep them readable but filesystem-safe."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_") or "run"
+    """Airflow run ids hold ':' and '+'; keep them readable but filesystem-safe. Not one-to-one
+    (``a:b`` and ``a_b`` share ``a_b``): :func:`run_folder_owner` tells whose a folder is. Never
+    ``.`` or ``..`` (Airflow accepts either as a run id): leading dots go."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_").lstrip(".") or "run"
+
+
+def recorded_run_id(folder: Path) -> str | None:
+    """The run id a run folder's ``resolved.json`` (or summary) records: None when it names none (free, or
+    written before runs recorded theirs)."""
+    for name in (RESOLVED_FILE, "summary.json"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if owner := json.loads((folder / name).read_text()).get("run_id"):
+                return str(owner)
+    return None
+
+
+def run_folder_owner(run_id: str) -> str | None:
+    """The run id another run recorded in ``run_id``'s folder, or None when the folder is free, is this
+    run's, or names no run id."""
+    owner = recorded_run_id(run_dir(run_id))
+    return None if owner == run_id else owner
 
 
 def run_dir(run_id: str) -> Path:

@@ -475,9 +475,14 @@ def collect_runs(home: Path, dag_runs: list[dict[str, Any]] | None = None) -> li
             ``start_date``, ``end_date`` (strings), ``conf``.
     """
     runs: dict[str, dict[str, Any]] = {}
-    for dr in dag_runs or []:
-        runs[safe_run_id(dr["run_id"])] = {**dr, "folder": None}
     runs_root = home / "runs"
+    for dr in dag_runs or []:
+        key = safe_run_id(dr["run_id"])
+        owner = layout.recorded_run_id(runs_root / key)
+        if key in runs or owner not in (None, dr["run_id"]):
+            # Another run id with this folder name (check_params refused it): listed, with no folder of its own.
+            key = "\0" + dr["run_id"]
+        runs[key] = {**dr, "folder": None}
     # Dot names are not runs (encoderflow prune's .prune/); a folder may go while this reads.
     found = [(_mtime(p), p) for p in runs_root.iterdir() if not p.name.startswith(".")] if runs_root.is_dir() else []
     for mtime, folder in sorted((t, p) for t, p in found if t is not None and p.is_dir())[::-1]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from encoderflow import layout
 from encoderflow.config import (
+    ConfigError,
     RunOptions,
     Sources,
     check_conf_keys,
@@ -89,6 +90,13 @@ def check_params(
         ", ".join(f"{k}={v}" for k, v in sorted(declared.items())) or "the guide's datasets",
     )
     out = {"preset": cfg.preset, "config_hash": cfg.config_hash(), "training_hash": cfg.training_hash()}
+    if run_id and (owner := layout.run_folder_owner(run_id)):
+        # Two ids one folder name apart: the later run's files would replace the earlier's, summary included.
+        raise ConfigError(
+            f"run id {run_id!r}: its folder {layout.run_dir(run_id)} belongs to run {owner!r} (in folder names "
+            "every character but letters, digits, '.', '_' and '-' becomes '_')",
+            fix="trigger it again under another run id",
+        )
     if run_id:
         # Its run id as Airflow spells it: the folder's name is a filesystem-safe form (':' and '+' gone).
         record = {"run_id": run_id, **out, "set": {k: _resolved(cfg, k) for k in sorted(given)}, "data": declared}
