@@ -108,8 +108,7 @@ def schedule_from_env() -> Any:
     assets = SOURCE_ASSETS["corpus"] | SOURCE_ASSETS["labeled"]
     if cron is None:
         return assets
-    from airflow.timetables.assets import AssetOrTimeSchedule
-    from airflow.timetables.trigger import CronTriggerTimetable
+    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
 
     return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=assets)
 
