@@ -194,10 +194,11 @@ def load(path: str | os.PathLike) -> keras.Model:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except TypeError as exc:
         # A layer or function Keras cannot find here (a Lambda over a named function, a custom class): not a
-        # model encoderflow wrote, which holds only Keras's and keras-hub's. Retrying cannot find it either.
+        # model encoderflow wrote, which holds only Keras's, keras-hub's and this module's registered layers.
+        # Retrying cannot find it either.
         raise EncoderflowError(
-            f"{path}: not a model encoderflow can load: it names code that is not Keras's or keras-hub's "
-            f"(TypeError: {str(exc).splitlines()[0][:160]})",
+            f"{path}: not a model encoderflow can load: it names code that is not Keras's, keras-hub's or "
+            f"encoderflow's (TypeError: {str(exc).splitlines()[0][:160]})",
             fix=not_ours,
         ) from None
     except (zipfile.BadZipFile, OSError, KeyError, ValueError) as exc:

@@ -56,3 +56,26 @@ def test_per_sentence_dev_correctness_is_recorded_for_the_gate(tmp_path):
     assert float(correct.mean()) == result["baseline_val_accuracy"] == correct.sum() / correct.size
     # Tied to the dev file it was scored on, so the gate pairs it only with predictions on that file.
     assert result["dev_sha256"] == layout.sha256_file(tmp_path / "data" / DEV)
+
+
+def test_the_baseline_trains_in_float32_whatever_policy_an_earlier_task_left(tmp_path, monkeypatch):
+    """dag.test runs every task in one process: pretrain's mixed_bfloat16 (a GPU's precision=auto) was
+    still Keras's global policy when the baseline, the gate's bar, trained after it."""
+    import keras
+
+    from encoderflow.train import callbacks
+
+    seen = []
+
+    class Watched(callbacks.EpochLogger):
+        def set_model(self, model):
+            super().set_model(model)
+            seen.extend(layer.dtype_policy.name for layer in model.layers if layer.weights)
+
+    monkeypatch.setattr(callbacks, "EpochLogger", Watched)
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        train_baseline(config.from_overrides("smoke"), _sst2(tmp_path), tmp_path / "baseline")
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert seen and set(seen) == {"float32"}, seen

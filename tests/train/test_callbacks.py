@@ -263,3 +263,50 @@ def test_batch_ends_keras_runs_out_of_order_are_taken_in_the_order_the_calls_ran
         "pretrain progress: epoch step 4/4 loss=4.0000"
     ]
     assert logger.first_loss == 5.0 and logger.steps_seen == 4 and not logger.calls
+
+
+def test_the_estimate_says_how_many_steps_it_timed_in_whole_calls(monkeypatch, caplog):
+    """With 4 steps per call, an estimate over 10 steps times 3 calls (12 steps): it said "10"."""
+    from encoderflow.train import callbacks
+
+    clock = iter([0.0, 0.0, 1.0, 1.0, 2.0, 3.0, 7.0, 7.0])
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
+    logger = callbacks.EpochLogger("pretrain", 4, log_every_seconds=1e9, estimate_steps=10)
+    logger.params = {"epochs": 1, "steps": 16}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encoderflow.train"):
+        logger.on_train_begin()
+        logger.on_epoch_begin(0)
+        for last in (3, 7, 11, 15):
+            logger.on_train_batch_end(last, {"loss": 5.0})
+        logger.on_train_end()
+    assert logger.timed_steps == 12
+    assert caplog.messages == [
+        "pretrain: 500.0 ms/step measured over 12 steps; estimated training time 8.0s for 16 steps (+ validation)"
+    ]
+
+
+def test_a_fit_that_raises_leaves_nothing_holding_its_logger():
+    """Keras skips on_train_end when fit raises: the logger's jax.monitoring listener stayed registered,
+    holding the logger and its model for the life of the process (three NaN fits, three listeners)."""
+    import gc
+    import weakref
+
+    import keras
+
+    from encoderflow.train.callbacks import EpochLogger, NonFiniteLoss
+
+    def failed_fit() -> weakref.ref:
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(loss="mse", optimizer="sgd")
+        logger = EpochLogger("pretrain", 4)
+        x, y = np.ones((8, 2), "float32"), np.full((8, 1), np.nan, "float32")
+        try:
+            model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[logger])
+        except NonFiniteLoss:
+            pass
+        return weakref.ref(logger)
+
+    gone = [failed_fit() for _ in range(3)]
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None, None]

@@ -48,6 +48,9 @@ def train_baseline(cfg: Config, labeled: dict[str, Any], out_dir: str | os.PathL
     from encoderflow.train.callbacks import EpochLogger
 
     b = cfg.baseline
+    # Set, not inherited: dag.test runs every task in one process, and pretrain's bfloat16 policy (a GPU's)
+    # would train the gate's bar in it, and the result would be reused as a float32 one.
+    runtime.set_dtype_policy("float32")
     keras.utils.set_random_seed(cfg.data.seed)
     train_x, train_y = read_labeled(labeled, "train")
     dev_x, dev_y = read_labeled(labeled, "dev")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from encoderflow import layout, runtime
@@ -59,6 +61,23 @@ def _fmt_seconds(seconds: float) -> str:
 # jax.monitoring's duration events of making a program: tracing, lowering to MLIR, compiling, and
 # fetching it from the persistent compilation cache instead.
 COMPILE_EVENTS = ("/jax/core/compile/", "/jax/compilation_cache/cache_retrieval_time_sec")
+# The loggers in a fit now, told of JAX's compiling. Weakly held: a fit that raises never calls
+# on_train_end, and a listener of its own would keep the logger, and its model, for the process's life.
+_TRAINING: weakref.WeakSet = weakref.WeakSet()
+
+
+@functools.cache  # one listener per process: jax.monitoring keeps every one registered
+def _listen_to_compiling() -> None:
+    import jax.monitoring
+
+    def count(event: str, duration: float, **_) -> None:
+        if event.startswith(COMPILE_EVENTS):
+            for logger in list(_TRAINING):
+                logger.compiling += duration
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+
+
 # Steps the time estimate may leave out for compiling before it takes what it has.
 MAX_LEFT_OUT = 100
 # What a NaN loss's error says to do when the caller names nothing more precise.
@@ -103,7 +122,9 @@ class EpochLogger(keras.callbacks.Callback):
             next, for a task log that would otherwise be silent until it is done.
 
     Attributes:
-        first_loss: the loss after the first call into the compiled step (``None`` before).
+        first_loss: the loss after the first call into the compiled step (``None`` before): Keras's
+            running mean over that call's steps.
+        timed_steps: the steps the estimate timed (whole calls: ``estimate_steps`` or a few more).
         step_seconds: the measured seconds per step (``None`` before the estimate).
         left_out: the steps the estimate left out because JAX compiled during them.
         compiling: the seconds JAX has spent compiling since training began.
@@ -111,6 +132,7 @@ class EpochLogger(keras.callbacks.Callback):
 
     first_loss: float | None = None
     step_seconds: float | None = None
+    timed_steps = 0
     left_out = 0
     # Keras's CallbackList: run on_train_batch_end on a thread of its own (keras-team/keras#20284).
     async_safe = True
@@ -147,22 +169,13 @@ class EpochLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.train_t0 = self.last_line_t = time.monotonic()
-        import jax.monitoring
-
-        jax.monitoring.register_event_duration_secs_listener(self.count_compiling)
+        _listen_to_compiling()
+        _TRAINING.add(self)
 
     def on_train_end(self, logs=None):
-        import jax.monitoring
-
-        jax.monitoring.unregister_event_duration_listener(self.count_compiling)
+        _TRAINING.discard(self)
         if self.end_note:
             log.info("%s: training ended after %.1f s; %s", self.label, time.monotonic() - self.train_t0, self.end_note)
-
-    def count_compiling(self, event: str, duration: float, **_) -> None:
-        """A ``jax.monitoring`` duration: tracing, lowering and compiling a program, or fetching it
-        from the persistent compilation cache."""
-        if event.startswith(COMPILE_EVENTS):
-            self.compiling += duration
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_t0 = time.monotonic()
@@ -233,7 +246,8 @@ class EpochLogger(keras.callbacks.Callback):
                     self.left_out += self.steps_seen - done
                     self.estimate_from = (self.steps_seen, now, self.compiling)
                 else:
-                    self.step_seconds = (now - t0) / (self.steps_seen - done)
+                    self.timed_steps = self.steps_seen - done  # whole calls: estimate_steps or more
+                    self.step_seconds = (now - t0) / self.timed_steps
                     self.log_estimate()
         now = time.monotonic()
         if now - self.last_line_t >= self.log_every_seconds:
@@ -273,7 +287,7 @@ class EpochLogger(keras.callbacks.Callback):
             "%s: %.1f ms/step measured over %d steps%s; estimated training time %s for %d steps (+ validation%s)",
             self.label,
             1000 * self.step_seconds,
-            self.estimate_steps,
+            self.timed_steps,
             f" (after {self.left_out} in which JAX compiled other shapes)" if self.left_out else "",
             _fmt_seconds(seconds),
             total,

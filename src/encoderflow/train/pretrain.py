@@ -654,6 +654,7 @@ def _train(
         "history": hist,
         "seconds": round(time.monotonic() - t0, 1),
         # seconds and first_step_loss are this try's: one that resumed a backup did not see the steps before.
+        # first_step_loss is Keras's running mean over the first call's steps (pretrain.steps_per_execution).
         "resumed_from_step": initial_epoch * steps + skip,
         "init_from": {k: init.get(k) for k in ("label", "path", "version")} if init else None,
         "code_hash": layout.code_hash(),
