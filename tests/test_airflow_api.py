@@ -862,6 +862,7 @@ def test_a_failed_task_says_its_cause_and_fix_once_in_its_log(stack, smoke_run):
     assert f"encoderflow FAILED {DAG_ID}.validate_labeled run={run['dag_run_id']} try=1, no retry" in summary
 
 
+@pytest.mark.slow
 def test_a_trigger_key_that_is_no_param_fails_the_first_task_once(stack, smoke_run):
     """Airflow keeps any conf key; one that is no param changed nothing and the run went on as if
     it had not been given. check_params fails it before anything downloads, saying what was meant."""

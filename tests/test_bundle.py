@@ -165,7 +165,15 @@ def test_round_trip_scores_the_accuracy_recorded(tmp_path, inputs):
     predicted, confidence = scorer.predict(sentences)
     np.testing.assert_array_equal(predicted, (probs > 0.5).astype(np.int32))
     np.testing.assert_allclose(confidence, np.where(probs > 0.5, probs, 1 - probs), atol=1e-6)
-    assert (confidence >= 0.5).all()
+    # As the two classes' probabilities [1 - p, p] say it: the label is their argmax, the confidence its entry.
+    both = np.stack([1 - probs, probs], axis=1)
+    np.testing.assert_array_equal(predicted, both.argmax(axis=1))
+    np.testing.assert_allclose(confidence, both[np.arange(len(sentences)), predicted], atol=1e-6)
+    # At the threshold and either side of it (a fresh classifier's outputs may all fall on one side):
+    # 0.5 is class 0, as Keras's binary accuracy counts it, and each confidence is its class's probability.
+    edge_label, edge_conf = scorer._classes(np.array([0.2, 0.5, 0.9], dtype=np.float32))
+    np.testing.assert_array_equal(edge_label, [0, 0, 1])
+    np.testing.assert_allclose(edge_conf, [0.8, 0.5, 0.9], atol=1e-6)
     # A notebook's mistakes are refused, not scored: one string was 11 predictions (one per character),
     # a batch size of -1 an empty result, None a TensorFlow conversion error.
     for bad, error, said in (

@@ -135,8 +135,6 @@ def test_predict_without_a_store_says_where_it_looked(capsys):
 
 def test_predict_scores_sentences_with_the_champion(tmp_path, capsys, monkeypatch):
     """A real bundle registered and promoted: each line is label, confidence, sentence, as the Scorer says."""
-    import numpy as np
-
     from encoderflow import bundle, registry
     from tests import fixtures_pipeline
     from tests.test_bundle import _classifier
@@ -145,7 +143,10 @@ def test_predict_scores_sentences_with_the_champion(tmp_path, capsys, monkeypatc
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(fixtures_pipeline.vocab_tokens()) + "\n")
     sentences = ["a fine film", "a dull film", "the plot is thin"]
-    cfg, classifier, encoder_path, _ = _classifier(tmp_path, vocab, sentences)
+    texts = [*sentences, "the cast shines", " ".join(["fine"] * 40)]
+    # The in-memory classifier's P(positive) per text, on the bundle's tokenization: not the Scorer's.
+    cfg, classifier, encoder_path, probs = _classifier(tmp_path, vocab, texts)
+    probs = probs.reshape(-1)
     path = bundle.write(tmp_path / "bundle", classifier, encoder_path, vocab, cfg, 0.5)
     name = cfg.gate.registered_model
     decision = {"blessed": True, "reasons": [], "candidate": 0.5, "checks": []}
@@ -162,14 +163,19 @@ def test_predict_scores_sentences_with_the_champion(tmp_path, capsys, monkeypatc
     assert f"model: models:/{name}@champion (v{version}), {serving}" in err
     assert "predict: 1 empty text(s) not scored: their rows read -" in err
     assert "predict: 1 of 5 text(s) longer than the model's 32 tokens: only their first tokens were scored" in err
-    texts = [*sentences, "the cast shines", " ".join(["fine"] * 40)]
     predicted, confidence = bundle.Scorer(path).predict(texts)
     expected = [
         f"{['negative', 'positive'][int(i)]}\t{p:.4f}\t{s}"
         for s, i, p in zip(texts, predicted, confidence, strict=True)
     ]
     assert out == expected[:4] + ["-\t-\t"] + expected[4:]
-    assert all(float(line.split("\t")[1]) >= 0.5 for line in expected) and np.isfinite(confidence).all()
+    # Each printed row against the classifier itself: the label the 0.5 threshold gives (0.5 is negative,
+    # as fine-tuning's binary accuracy counts it), the confidence that label's probability (to 4 places).
+    scored = [line.split("\t") for line in out if not line.startswith("-\t")]
+    assert [text for _, _, text in scored] == texts
+    for (label, shown, text), p in zip(scored, probs, strict=True):
+        assert label == ("positive" if p > 0.5 else "negative"), (text, p)
+        assert abs(float(shown) - (p if p > 0.5 else 1 - p)) <= 5e-5 + 1e-6, (text, shown, p)
 
     # The verified copy in serving/<model>/v<N> is served again, not downloaded again; stdin is "-".
     def no_download(*args, **kwargs):
@@ -354,6 +360,7 @@ def _run_toy(tmp_path: Path, home: Path, failure: str) -> subprocess.CompletedPr
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["expected", "bug"])
 def test_a_failed_run_ends_with_the_cause_the_fix_and_the_task_log(tmp_path, encoderflow_home, failure):
     proc = _run_toy(tmp_path, encoderflow_home, failure)
@@ -420,6 +427,7 @@ def test_a_failed_run_ends_with_the_cause_the_fix_and_the_task_log(tmp_path, enc
     assert output.count(cause.removeprefix("  cause: ").split(": ", 1)[1]) == 1, output[-3000:]
 
 
+@pytest.mark.slow
 def test_a_run_is_refused_while_a_scheduler_runs_on_the_same_airflow(tmp_path, encoderflow_home):
     """With `encoderflow airflow` up on the same home, its scheduler queued the tasks of `encoderflow run`'s
     DAG run too and ran them a second time; when it lost the race the run failed, blaming a worker."""
@@ -507,6 +515,7 @@ def test_sigterm_to_encoderflow_airflow_stops_everything_it_started(tmp_path):
     assert alive == []
 
 
+@pytest.mark.slow
 def test_a_dag_an_encoderflow_run_created_is_not_paused_for_the_standalone(tmp_path, encoderflow_home):
     """`encoderflow run` before `encoderflow airflow` created the DAG paused: every trigger in the standalone
     started after it waited in 'queued' with no word why."""
@@ -554,6 +563,7 @@ def _airflow_states(home: Path, run_id: str) -> tuple[str, dict[str, str]]:
     return run_state, states
 
 
+@pytest.mark.slow
 def test_a_killed_run_is_marked_failed_by_the_next_one(tmp_path, encoderflow_home):
     """kill -9 left the run and its task 'running' in Airflow for good."""
 
@@ -588,6 +598,7 @@ def test_a_killed_run_is_marked_failed_by_the_next_one(tmp_path, encoderflow_hom
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, by", [(2, "Ctrl-C"), (15, "SIGTERM")], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_stops_the_run_there_and_marks_it_failed(tmp_path, encoderflow_home, signum, by):
     """Ctrl-C used to raise KeyboardInterrupt inside the task: a retry, or training went on and promoted.
@@ -620,6 +631,7 @@ def test_ctrl_c_or_sigterm_stops_the_run_there_and_marks_it_failed(tmp_path, enc
     assert list((encoderflow_home / "airflow" / "encoderflow-runs").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_task_names_the_run_and_leaves_it_failed_not_in_flight(tmp_path, encoderflow_home):
     """Ctrl-C in a run's first seconds said "encoderflow run : INTERRUPTED ... marked failed" with no run
     id, and the run stayed running in Airflow (in flight for `runs`, and prune kept every folder for it)."""
@@ -770,6 +782,7 @@ def test_a_failed_summary_without_any_record_names_the_failed_tasks(capsys):
     assert out[-2:] == ["  a failed, and no cause was recorded: see the lines above", "=" * 72]
 
 
+@pytest.mark.slow
 def test_make_airflow_starts_an_mlflow_ui_and_points_the_runs_page_at_it(tmp_path, monkeypatch):
     import socket
     import urllib.request
@@ -851,3 +864,123 @@ def test_make_airflow_signs_tokens_with_a_key_pyjwt_accepts_kept_across_starts(t
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     path.write_text("short\n")  # one kept by an older version: replaced
     assert len(cli.kept_secret(path)) >= 64
+
+
+@pytest.mark.slow
+def test_encoderflow_airflow_sets_up_the_gpu_pool_and_the_login_before_the_standalone(tmp_path, encoderflow_home):
+    """Without the gpu pool, pretrain and finetune were never queued; the login was printed only the first
+    time Airflow generated it. Everything `encoderflow airflow` does before the standalone starts, then
+    SIGTERM as soon as it has (supervise ends the standalone with everything under it)."""
+    import socket
+    import sqlite3
+
+    import psutil
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # not 8080: a developer's Airflow may be there
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
+        "ENCODERFLOW_HOME": str(encoderflow_home),
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,bob:viewer",
+        # A tracking server exists (make stack's, say): no MLflow UI of its own is started.
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
+        "ENCODERFLOW_MLFLOW_UI_URL": "http://mlflow.example:5000",
+    }
+    pw_file = encoderflow_home / "airflow" / "simple_auth_manager_passwords.json.generated"
+    pw_file.parent.mkdir(parents=True)
+    pw_file.write_text(json.dumps({"admin": "kept-from-before"}))  # a login from an earlier start stays
+    cmd = [sys.executable, "-m", "encoderflow.cli", "airflow"]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        banner = []
+        for line in proc.stdout:  # up to the banner's closing rule, printed just before the standalone starts
+            banner.append(line.rstrip("\n"))
+            if len(banner) > 1 and line.startswith("=" * 72):
+                break
+        assert banner and banner[-1] == "=" * 72, banner + [proc.stderr.read()[-3000:]]
+        deadline = time.monotonic() + 60
+        while not psutil.Process(proc.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        standalone = psutil.Process(proc.pid).children()
+        assert [c.cmdline()[-3:] for c in standalone] == [["-m", "airflow", "standalone"]]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+        _, alive = psutil.wait_procs(standalone, timeout=30)
+        assert alive == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    with sqlite3.connect(encoderflow_home / "airflow" / "airflow.db") as con:
+        pool = con.execute("select pool, slots, description from slot_pool where pool = 'gpu'").fetchall()
+    assert pool == [("gpu", 1, "one training job on the accelerator at a time")]
+    passwords = json.loads(pw_file.read_text())
+    assert passwords["admin"] == "kept-from-before" and len(passwords["bob"]) >= 16
+    assert oct(pw_file.stat().st_mode & 0o777) == "0o600"
+    assert len((encoderflow_home / "airflow" / "jwt_secret").read_text().strip()) >= 64
+    assert banner[-8:] == [
+        "=" * 72,
+        f"Airflow standalone: http://localhost:{port}  (AIRFLOW_HOME={encoderflow_home / 'airflow'})",
+        "  login: admin / kept-from-before",
+        f"  login: bob / {passwords['bob']}",
+        f"  passwords kept in {pw_file}",
+        f"  Encoderflow runs page: http://localhost:{port}/encoderflow/ (also in the navigation)",
+        "  MLflow UI: http://mlflow.example:5000  (the runs page links its runs and model versions here)",
+        "=" * 72,
+    ]
+    assert "paused in this Airflow" not in err  # a fresh Airflow has no DAG yet, paused or not
+
+
+def test_download_fetches_every_role_from_a_mirror_once_and_names_what_an_offline_copy_would_hash(
+    tmp_path, encoderflow_home, capsys
+):
+    """`encoderflow download`: each role's dataset fetched (from a loopback mirror serving the archives),
+    verified and extracted under the home; a second call reuses it; the same files offline hash the same."""
+    import re
+
+    from tests.fixtures_pipeline import serve, write_archives, write_tree
+
+    tree = write_tree(tmp_path / "tree")
+    sources_file = write_archives(tree, tmp_path / "www")
+
+    def said() -> dict[str, tuple[str, str, Path, str]]:
+        out = {}
+        for line in capsys.readouterr().out.splitlines():
+            if m := re.fullmatch(r"(corpus|labeled|vocab): (\w+) (\w+) (\S+) content_hash=([0-9a-f]{64})", line):
+                out[m[1]] = (m[2], m[3], Path(m[4]), m[5])
+        return out
+
+    with serve(tmp_path / "www") as (url, requests):
+        args = ["download", "--preset", "smoke", "--mirror", url + "/", "--sources-file", str(sources_file)]
+        assert cli.main(args) == 0
+        fetched = said()
+        assert sorted(requests) == ["/SST-2.zip", "/bert_vocab_uncased.txt", "/wikitext-103-raw-v1.zip"]
+        assert cli.main(args) == 0  # verified copies under the home: nothing asked for again
+        assert said() == fetched and len(requests) == 3
+    assert {role: (d, s) for role, (d, s, _, _) in fetched.items()} == {
+        "corpus": ("wikitext", "download"),
+        "labeled": ("sst2", "download"),
+        "vocab": ("vocab", "download"),
+    }
+    data = encoderflow_home / "data"
+    # What each archive held, extracted under the home's data folder as the tree had it.
+    for role, member in (
+        ("corpus", "wikitext-103-raw/wiki.valid.raw"),
+        ("labeled", "SST-2/train.tsv"),
+        ("vocab", "bert_vocab_uncased.txt"),
+    ):
+        root = fetched[role][2]
+        assert root.is_relative_to(data), root
+        assert (root / member).read_bytes() == (tree / member).read_bytes(), role
+
+    assert cli.main(["download", "--preset", "smoke", "--data-dir", str(tree)]) == 0
+    offline = said()
+    for role in ("corpus", "labeled", "vocab"):
+        assert offline[role][1:3] == ("offline", tree)
+        assert offline[role][3] == fetched[role][3], role  # the same files: the same content hash

@@ -83,7 +83,11 @@ def test_runs_page_shows_decisions_metrics_history_and_links(encoderflow_home):
     assert blessed["intervals"] is None  # its gate.json predates the intervals
 
     html = page.render(runs, REGISTRY, "encoderflow-sst2", "http://mlflow.example:5000", user="alice")
-    assert "BLESSED" in html and "NOT BLESSED" in html
+    # Each gated run's row says its own verdict: the blessed one BLESSED, the rejected one NOT BLESSED.
+    ok, no = "<span class='ok'>BLESSED</span>", "<span class='no'>NOT BLESSED</span>"
+    assert ok in page._row(blessed, None) and no not in page._row(blessed, None)
+    assert no in page._row(rejected, None) and ok not in page._row(rejected, None)
+    assert html.count(ok) == 1 and html.count(no) == 1
     assert "models/encoderflow-sst2/versions/1'>model version</a>" in html
     # A version prune --versions deleted is said so, not linked to an MLflow page that is gone.
     gone = page.render(runs, {**REGISTRY, "deleted": ["1"]}, "encoderflow-sst2", "http://mlflow.example:5000")

@@ -386,14 +386,21 @@ def test_the_cli_prunes_nothing_shared_by_runs_when_no_airflow_is_found_and_says
     site = home / "validation" / "20260101T000000"
     for stamp in (site.name, "20260102T000000"):  # the newest --keep stay
         _aged(_mk(home / "validation" / stamp / "corpus" / "index.html").parent, 30)
+    before = _du(home)
+    said = {}
     for flags in (["--dry-run"], []):
         assert cli.main(["prune", "--keep", "1", *flags]) == 0
         out = capsys.readouterr().out
         assert old.exists() and "no Airflow metadata DB found for this home" in out, out
         assert "so runs/, data/ and shards/ are kept" in out and "MLflow (no registry here yet)" in out
-        assert out.splitlines()[-1].startswith(("would free" if flags else "freed") + " ")
+        said[bool(flags)] = out.splitlines()[-1]
         assert "2 run folder(s) " in out.splitlines()[-1]
     assert "removed       validation validation/20260101T000000" in out and not site.exists()
+    # The amount both reports name is what du saw go: the old site's folders and its one small file.
+    gone = before - _du(home)
+    assert gone >= 3 * 4096, gone  # validation/<stamp>, corpus/ and index.html: a block each at least
+    assert said[True].startswith(f"would free {layout.human_size(gone)} (1 item(s)); "), said[True]
+    assert said[False].startswith(f"freed {layout.human_size(gone)} (1 item(s)); "), said[False]
 
 
 MODEL = "encoderflow-sst2"
@@ -475,7 +482,17 @@ def test_versions_the_gate_rejected_that_were_never_champion_go_with_their_files
     files = {i.version: i.files for i in p.remove if i.kind == "version"}
     lines = prune.report_lines(home, p, dry_run=True)
     assert any(line.startswith(f"  would remove  version {MODEL} v3: rejected by the gate") for line in lines)
-    assert "frees " in next(line for line in lines if f"{MODEL} v3:" in line)  # its own classifier, alone
+    # Alone, v3 frees its MLflow run's folders and every file there no other version links to (its own
+    # classifier): du of it, less the files the store holds once for several versions (encoder, vocabulary).
+    v3_run = files[v3].parent if os.listdir(files[v3].parent) == ["artifacts"] else files[v3]
+    linked = {
+        (st.st_ino, st.st_blocks * 512) for f in v3_run.rglob("*") if f.is_file() and (st := f.lstat()).st_nlink > 1
+    }
+    assert (1 << 20) in {size for _, size in linked}  # the shared encoder among them
+    alone = _du(v3_run) - sum(size for _, size in linked)
+    assert alone > 200_000  # the 200,000-byte classifier at least
+    v3_line = next(line for line in lines if f"{MODEL} v3:" in line)
+    assert v3_line.endswith(f", never champion (frees {layout.human_size(alone)} alone)"), v3_line
     assert lines[-1].startswith("would free ") and "mlflow gc" in lines[-1]
     assert all(path.exists() for path in files.values()) and not _gone(v3)  # a dry run: nothing went
 
@@ -483,7 +500,12 @@ def test_versions_the_gate_rejected_that_were_never_champion_go_with_their_files
     done = prune.apply(home, p, recheck=lambda: airflow)
     # v3's bundle lived only in the store (its run folder is elsewhere): its classifier went with it; v6's
     # lives on in its run folder, and the encoder in every version kept.
-    assert done.freed == p.freed == before - _du(home) > 200_000
+    gone = before - _du(home)
+    assert done.freed == p.freed == gone > 200_000
+    # Both reports name what du saw go, the dry run's before it went.
+    assert lines[-1].startswith(f"would free {layout.human_size(gone)} ("), lines[-1]
+    freed_line = prune.report_lines(home, done, dry_run=False)[-1]
+    assert freed_line.startswith(f"freed {layout.human_size(gone)} ("), freed_line
     assert {i.version for i in done.remove if i.kind == "version"} == {v3, v6} and _gone(v3) and _gone(v6)
     assert not any(path.exists() for path in files.values())
     c = registry.client()
@@ -656,9 +678,9 @@ def test_prune_versions_stores_the_identical_files_of_versions_registered_before
         (layout.run_dir(v["tags"]["airflow.run_id"]) / "finetune" / "bundle" / "encoder.keras").stat().st_nlink == 1
         for v in judged
     )
-    assert any(
-        line.startswith("  stored the kept versions' identical files once: ")
-        for line in prune.report_lines(home, done, dry_run=False)
+    shared = before - _du(home)
+    assert f"  stored the kept versions' identical files once: {layout.human_size(shared)} freed" in (
+        prune.report_lines(home, done, dry_run=False)
     )
     for v in versions:
         assert bundle.damage(registry.download_version(MODEL, v, home.parent / f"serve-{v}")) is None

@@ -263,6 +263,12 @@ def test_batch_ends_keras_runs_out_of_order_are_taken_in_the_order_the_calls_ran
         "pretrain progress: epoch step 4/4 loss=4.0000"
     ]
     assert logger.first_loss == 5.0 and logger.steps_seen == 4 and not logger.calls
+    # A call a failed fit began and never ended holds up no later epoch (each would wait for its turn).
+    logger.on_train_batch_begin(4)
+    logger.on_epoch_begin(1)
+    logger.on_train_batch_begin(0)
+    logger.on_train_batch_end(1, {"loss": 3.0})
+    assert not logger.calls and logger.epoch_steps == 2
 
 
 def test_the_estimate_says_how_many_steps_it_timed_in_whole_calls(monkeypatch, caplog):

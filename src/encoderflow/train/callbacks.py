@@ -178,6 +178,8 @@ class EpochLogger(keras.callbacks.Callback):
             log.info("%s: training ended after %.1f s; %s", self.label, time.monotonic() - self.train_t0, self.end_note)
 
     def on_epoch_begin(self, epoch, logs=None):
+        with self.turn:  # Keras has waited for every batch end of the epoch before: only a failed fit's are left
+            self.calls.clear()
         self.epoch_t0 = time.monotonic()
         self.epoch_steps = 0
         self.epoch = epoch
