@@ -12,7 +12,7 @@ def _events(accessors: OutletEventAccessors) -> list[tuple[str, str, dict]]:
     """The asset events the task runner would emit: (alias, asset, extra) per event added through an alias,
     and any extra set on an accessor directly (an event on that asset or alias)."""
     out = []
-    for accessor in accessors._dict.values():
+    for accessor in accessors.values():
         out += [(e.source_alias_name, e.dest_asset_key.name, e.extra) for e in accessor.asset_alias_events]
         if accessor.extra:
             out.append(("", str(accessor.key), accessor.extra))
@@ -56,3 +56,61 @@ def test_a_source_is_recorded_as_an_asset_event_only_when_it_changed(tmp_path, e
     assert changed["changed"] is True and changed["fingerprint_sha256"] != first["fingerprint_sha256"]
     af.record_source(events, changed)
     assert [e[2]["fingerprint_sha256"] for e in _events(events)] == [changed["fingerprint_sha256"]]
+
+
+def test_a_retry_says_first_what_became_of_the_try_before_it(encoderflow_home, monkeypatch, caplog):
+    """A try killed with its worker has a log that just stops, and the cause was only in the scheduler's
+    log: the next try said nothing of it. Each try is recorded; the next says what the record holds."""
+    import types
+
+    import airflow.sdk
+    import pytest
+
+    from encoderflow import layout
+    from encoderflow.errors import EncoderflowError
+
+    ti = types.SimpleNamespace(task_id="finetune", map_index=-1, run_id="manual__r1", try_number=1, max_tries=1)
+    monkeypatch.setattr(airflow.sdk, "get_current_context", lambda: {"ti": ti})
+    calls = []
+
+    @af.expected_failures
+    def body(fail=None):
+        calls.append(ti.try_number)
+        if fail == "kill":  # as a SIGKILL leaves it: the try's record is never ended
+            raise SystemExit
+        if fail:
+            raise EncoderflowError("bad labels in dev.tsv", fix="fix the file")
+        return "done"
+
+    record = layout.run_dir("manual__r1") / "tries" / "finetune.json"
+    caplog.clear()
+    with caplog.at_level("INFO", logger="encoderflow.dag"):
+        with pytest.raises(SystemExit):
+            body("kill")
+        layout.write_json(record, {k: v for k, v in layout.read_json(record).items() if k != "ended"})
+        ti.try_number = 2
+        with pytest.raises(Exception, match="bad labels in dev.tsv"):
+            body("bad")
+        ti.try_number, ti.max_tries = 3, 2
+        assert body() == "done"
+        ti.try_number = 4  # cleared after its success
+        assert body() == "done"
+    said = [m for m in caplog.messages if m.startswith("try ")]
+    host = layout.read_json(record)["host"]
+    assert len(said) == 3, said
+    assert said[0].startswith("try 2 of 2: try 1 (began ") and f" on {host}, pid " in said[0]
+    assert said[0].endswith(
+        ") never ended: its process was killed (its worker stopped, or it lost its heartbeat: the scheduler's "
+        "log says which) or a person marked it failed; its log, try 1, stops where it did"
+    )
+    assert said[1].startswith("try 3 of 3: try 2 (began ") and said[1].endswith(
+        ": EncoderflowError: bad labels in dev.tsv; retried after its delay"
+    )
+    assert said[2].startswith("try 4 of 4: try 3 (began ") and said[2].endswith(
+        "; the task was cleared, so it runs again"
+    )
+    assert calls == [1, 2, 3, 4] and layout.read_json(record)["ended"]["as"] == "success"
+    # A run id whose folder another run has writes nothing there.
+    layout.write_json(layout.run_dir("manual_r2") / layout.RESOLVED_FILE, {"run_id": "manual_r2"})
+    ti.run_id = "manual:r2"
+    assert af.TryRecord.begin().path is None

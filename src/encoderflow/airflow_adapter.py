@@ -329,24 +329,106 @@ DEFAULT_ARGS = {
 
 def expected_failures(fn):
     """Bad data, bad config or diverged training fails the task once, without retry, saying what is
-    wrong and the fix (:func:`errors.told`) in the exception Airflow logs."""
+    wrong and the fix (:func:`errors.told`) in the exception Airflow logs. Each try is recorded
+    (:class:`TryRecord`): a retry's log first says what became of the try before it."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from airflow.sdk.exceptions import AirflowFailException
 
+        record = TryRecord.begin()
         try:
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
             except Exception as exc:
                 if (full := errors.storage_error(exc)) is None:
                     raise
                 raise full from None
         except EncoderflowError as exc:
+            record.end(exc)
             # The message is the diagnosis; the stack below it (TF, GX, MLflow) only hides it.
             raise AirflowFailException(in_form_words(errors.told(exc))) from None
+        except BaseException as exc:
+            record.end(exc)
+            raise
+        record.end(None)
+        return result
 
     return wrapper
+
+
+class TryRecord:
+    """``runs/<run>/tries/<task>[.<map index>].json``: this try's number, start and, once it ends, how.
+
+    A try killed with its worker (SIGKILL, a lost heartbeat) never ends it: its log just stops, and the
+    cause is only in the scheduler's log. The next try finds the record and says so first.
+    """
+
+    def __init__(self, path: Path | None, record: dict[str, Any]):
+        self.path, self.record = path, record
+
+    @classmethod
+    def begin(cls) -> TryRecord:
+        try:
+            from airflow.sdk import get_current_context
+
+            ti = get_current_context()["ti"]
+        except RuntimeError:  # not in a task: a test calls the body itself
+            return cls(None, {})
+        map_index = -1 if getattr(ti, "map_index", None) is None else ti.map_index
+        label = ti.task_id + (f".{map_index}" if map_index >= 0 else "")
+        # A run id another run's folder has: check_params refuses it; nothing of it goes in that folder.
+        if layout.run_folder_owner(ti.run_id):
+            return cls(None, {})
+        path = layout.run_dir(ti.run_id) / "tries" / f"{label}.json"
+        n, tries = ti.try_number, (getattr(ti, "max_tries", 0) or 0) + 1
+        before = layout.read_json_or_none(path)
+        if n > 1 and isinstance(before, dict) and before.get("try") == n - 1:
+            log.info("%s", previous_try_line(before, n, max(n, tries)))
+        record = {
+            "try": n,
+            "began": datetime.now(UTC).isoformat(timespec="seconds"),
+            "host": os.uname().nodename,
+            "pid": os.getpid(),
+        }
+        try:
+            layout.write_json(path, record)
+        except OSError as e:  # the try's own work decides whether it fails, not its record
+            log.warning("could not record this try in %s: %s", path, e)
+            return cls(None, record)
+        return cls(path, record)
+
+    def end(self, exc: BaseException | None) -> None:
+        if self.path is None:
+            return
+        ended = {"at": datetime.now(UTC).isoformat(timespec="seconds")}
+        if exc is None:
+            ended["as"] = "success"
+        else:
+            cause = errors.cause_of(exc)
+            ended |= {"as": "failed", "error": cause.error, "message": cause.message}
+        with contextlib.suppress(OSError):
+            layout.write_json(self.path, {**self.record, "ended": ended})
+
+
+def previous_try_line(before: dict[str, Any], n: int, tries: int) -> str:
+    """What the record of try ``n - 1`` says of it, for the first line of try ``n``'s log."""
+    began = str(before.get("began", "?")).replace("T", " ").replace("+00:00", " UTC")
+    where = f"began {began} on {before.get('host', '?')}, pid {before.get('pid', '?')}"
+    ended = before.get("ended")
+    if not ended:
+        return (
+            f"try {n} of {tries}: try {n - 1} ({where}) never ended: its process was killed (its worker stopped, "
+            "or it lost its heartbeat: the scheduler's log says which) or a person marked it failed; its log, "
+            f"try {n - 1}, stops where it did"
+        )
+    at = str(ended.get("at", "?")).replace("T", " ").replace("+00:00", " UTC")
+    if ended.get("as") == "success":
+        return f"try {n} of {tries}: try {n - 1} ({where}) succeeded at {at}; the task was cleared, so it runs again"
+    return (
+        f"try {n} of {tries}: try {n - 1} ({where}) failed at {at}: {ended.get('error')}: {ended.get('message')}; "
+        "retried after its delay"
+    )
 
 
 def in_form_words(told: str) -> str:
