@@ -1117,3 +1117,19 @@ def test_a_row_of_another_width_and_an_open_quote_are_both_named_in_one_failure(
         "failed, observed 2 of 60 rows not the header's number of fields at lines [5, 8]; a quote left open at "
         "lines [5] (RFC 4180: a field holding a comma, a quote or a line break is quoted, each quote in it doubled)"
     ]
+
+
+def test_suites_use_gx_s_condition_objects_not_its_deprecated_query_strings():
+    """GX 1.9 deprecated string row conditions and condition_parser (gone in GX 2.0): 21 warnings a run."""
+    import warnings
+
+    import great_expectations  # noqa: F401 - its own imports' warnings (sre_constants) are not the suites'
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        suites = [validation.suite_for(m, False) for m in ("SST-2/dev.tsv", "SST-2/test.tsv", "bert_vocab_uncased.txt")]
+    conditioned = [e for suite in suites for e in suite if getattr(e, "row_condition", None) is not None]
+    assert conditioned and all(not isinstance(e.row_condition, str) for e in conditioned)
+    assert [
+        validation.condition_text(e.configuration.kwargs["row_condition"]) for e in suites[2] if e.row_condition
+    ] == ["id == 0"]

@@ -223,7 +223,20 @@ def frame_vocab(path: Path):
 
 # The rows of a GLUE TSV that parse; a row that does not is the `_fields` failure alone, not also a
 # label or sentence made of its pieces.
-TSV_PARSED = "_fields==2"
+# A TSV row that parses: two fields.
+TSV_PARSED = {"_fields": 2}
+
+
+def when(**equal: Any) -> Any:
+    """The rows whose columns hold these values, as GX's row condition: its ``Column`` objects (a pandas
+    query string with ``condition_parser`` is deprecated since GX 1.9)."""
+    from great_expectations.expectations.row_conditions import Column
+
+    conditions = [Column(name) == value for name, value in equal.items()]
+    condition = conditions[0]
+    for more in conditions[1:]:
+        condition = condition & more
+    return condition
 
 
 def suite_for(member: str, strict: bool, df=None) -> list[Any]:
@@ -240,7 +253,7 @@ def suite_for(member: str, strict: bool, df=None) -> list[Any]:
     if df is not None and df.attrs.get("defect"):
         return []
     E = gx.expectations
-    parsed = {"row_condition": TSV_PARSED, "condition_parser": "pandas"}
+    parsed = {"row_condition": when(**TSV_PARSED)}
     lo, hi = _row_range(member, strict)
     common = [
         E.ExpectTableRowCountToBeBetween(min_value=lo, max_value=hi),
@@ -295,9 +308,7 @@ def suite_for(member: str, strict: bool, df=None) -> list[Any]:
             # No ASCII blank in a token; Unicode's others (U+2028) may sit inside one, as in a vocabulary
             # trained on text holding them, which the tokenizer matches whole.
             E.ExpectColumnValuesToMatchRegex(column="token", regex=r"^[^ \t\n\r\f\v]+$"),
-            E.ExpectColumnValuesToBeInSet(
-                column="token", value_set=["[PAD]"], row_condition="id==0", condition_parser="pandas"
-            ),
+            E.ExpectColumnValuesToBeInSet(column="token", value_set=["[PAD]"], row_condition=when(id=0)),
             E.ExpectColumnDistinctValuesToContainSet(column="token", value_set=SPECIAL_TOKENS),
         ]
     raise ValueError(f"no validation suite for {member!r}")
@@ -320,9 +331,12 @@ def _describe_expectation(cfg: Any) -> str:
         for k, v in cfg.kwargs.items()
         if k in ("column", "value_set", "regex", "min_value", "max_value", "column_list", "row_condition")
     }
-    condition = str(kwargs.get("row_condition", ""))
-    if "_parsed" in condition or TSV_PARSED in condition:  # rows that parse: said by the check above
-        del kwargs["row_condition"]
+    if "row_condition" in kwargs:
+        condition = condition_text(kwargs["row_condition"])
+        if "_parsed" in condition or "_fields" in condition:  # rows that parse: said by the check above
+            del kwargs["row_condition"]
+        else:
+            kwargs["row_condition"] = condition
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     return f"{cfg.type}({args})"
 
@@ -551,12 +565,12 @@ def suite_labeled(df, split: str, columns: dict[str, str], labels: list[str], bo
     ]
     # A row that does not parse (or holds a list where its text or label belongs, or repeats the header)
     # fails once, below, not again for each value it lacks.
-    good = ["_parsed==True"]
+    good = {"_parsed": True}
     for flag in ("_not_header", "_scalar"):
         if flag in df.columns:
             suite.append(E.ExpectColumnValuesToBeInSet(column=flag, value_set=[True]))
-            good.append(f"{flag}==True")
-    parsed = {"row_condition": " and ".join(good), "condition_parser": "pandas"}
+            good[flag] = True
+    parsed = {"row_condition": when(**good)}
     if text in df.columns:  # a missing column is one failure above, not one per check on it
         suite += [
             E.ExpectColumnValuesToNotBeNull(column=text, **parsed),
@@ -600,9 +614,32 @@ TOTALS = ("expect_column_sum_to_be_between", "expect_column_unique_value_count_t
 
 
 def _rows_seen(df, expectation: Any) -> int:
-    """The rows of ``df`` that ``expectation`` looks at: those its row condition selects, else all."""
-    condition = getattr(expectation.row_condition, "pass_through_filter", None)
-    return int(len(df.query(condition, parser="pandas"))) if condition else int(len(df))
+    """The rows of ``df`` that ``expectation`` looks at: those its row condition (:func:`when`'s) selects,
+    else all."""
+    condition = expectation.row_condition
+    return int(len(df)) if condition is None else int(_selects(df, condition).sum())
+
+
+def _selects(df, condition: Any):
+    """The rows of ``df`` a :func:`when` condition holds for, as a boolean Series."""
+    import numpy as np
+    import pandas as pd
+
+    parts = getattr(condition, "conditions", None) or [condition]
+    mask = pd.Series(np.ones(len(df), dtype=bool), index=df.index)
+    for part in parts:
+        if str(part.operator) != "==":
+            raise ValueError(f"row condition {part}: only the == conditions encoderflow.data.validation.when writes")
+        mask &= df[part.column.name] == part.parameter
+    return mask
+
+
+def condition_text(condition: Any) -> str:
+    """A row condition as a person reads it (``id == 0``), from the condition or the dict a suite stores."""
+    if isinstance(condition, dict):
+        parts = condition.get("conditions") or [condition]
+        return " and ".join(f"{p['column']['name']} {p['operator']} {p['parameter']!r}" for p in parts)
+    return str(condition)
 
 
 def with_rows_to_observe(expectations: list[Any], df, floor: int) -> list[Any]:
