@@ -8,6 +8,17 @@ import numpy as np
 import pytest
 
 
+def _clocked(monkeypatch, times: list[float], label: str, params: dict, **kwargs):
+    """An EpochLogger driven by a clock reading ``times`` in turn, with fit's ``params``."""
+    from encoderflow.train import callbacks
+
+    clock = iter(times)
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
+    logger = callbacks.EpochLogger(label, 4, **kwargs)
+    logger.params = params
+    return logger
+
+
 def test_nan_loss_raises_non_finite_loss(caplog):
     import keras
 
@@ -92,12 +103,14 @@ def test_a_finite_loss_far_above_guessing_is_called_diverging(caplog):
 def test_the_epoch_rate_is_training_alone_after_the_compiling_call(monkeypatch, caplog):
     """Driven by a clock: the first call (2 steps) takes 10 s (compiling), the next 2 steps 2 s, then
     validation 3 s. seq/s is 2 steps x 4 / 2 s, not 4 steps x 4 / 15 s."""
-    from encoderflow.train import callbacks
 
-    clock = iter([0.0, 0.0, 10.0, 10.0, 12.0, 12.0, 15.0])
-    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
-    logger = callbacks.EpochLogger("pretrain", 4, log_every_seconds=1e9)
-    logger.params = {"epochs": 1, "steps": 4}
+    logger = _clocked(
+        monkeypatch,
+        [0.0, 0.0, 10.0, 10.0, 12.0, 12.0, 15.0],
+        "pretrain",
+        {"epochs": 1, "steps": 4},
+        log_every_seconds=1e9,
+    )
     logs = {"loss": 5.0}
     with caplog.at_level(logging.INFO, logger="encoderflow.train"):
         logger.on_train_begin()
@@ -114,12 +127,10 @@ def test_the_progress_line_rate_and_eta_leave_the_compiling_call_out(monkeypatch
     """Driven by a clock: the first call (2 steps) takes 10 s (compiling), the next 2 steps 2 s. The
     progress line says 2 steps x 4 / 2 s = 4 seq/s, and the 4 steps left of 2 epochs x 4 take 4 s at
     that rate (the run's average, compiling in it, said 1 seq/s and 12 s)."""
-    from encoderflow.train import callbacks
 
-    clock = iter([0.0, 0.0, 10.0, 10.0, 12.0])
-    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
-    logger = callbacks.EpochLogger("pretrain", 4, log_every_seconds=0)
-    logger.params = {"epochs": 2, "steps": 4}
+    logger = _clocked(
+        monkeypatch, [0.0, 0.0, 10.0, 10.0, 12.0], "pretrain", {"epochs": 2, "steps": 4}, log_every_seconds=0
+    )
     with caplog.at_level(logging.INFO, logger="encoderflow.train"):
         logger.on_train_begin()
         logger.on_epoch_begin(0)
@@ -153,12 +164,14 @@ def test_the_estimate_times_steps_in_which_nothing_compiled(monkeypatch, caplog)
     left out; the 4 after take 2 s: 500 ms/step."""
     import jax.monitoring
 
-    from encoderflow.train import callbacks
-
-    clock = iter([0.0, 0.0, 5.0, 5.0, 15.0, 15.0, 17.0, 17.0])
-    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
-    logger = callbacks.EpochLogger("finetune", 4, log_every_seconds=1e9, estimate_steps=4)
-    logger.params = {"epochs": 1, "steps": 10}
+    logger = _clocked(
+        monkeypatch,
+        [0.0, 0.0, 5.0, 5.0, 15.0, 15.0, 17.0, 17.0],
+        "finetune",
+        {"epochs": 1, "steps": 10},
+        log_every_seconds=1e9,
+        estimate_steps=4,
+    )
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="encoderflow.train"):
         logger.on_train_begin()
@@ -273,12 +286,15 @@ def test_batch_ends_keras_runs_out_of_order_are_taken_in_the_order_the_calls_ran
 
 def test_the_estimate_says_how_many_steps_it_timed_in_whole_calls(monkeypatch, caplog):
     """With 4 steps per call, an estimate over 10 steps times 3 calls (12 steps): it said "10"."""
-    from encoderflow.train import callbacks
 
-    clock = iter([0.0, 0.0, 1.0, 1.0, 2.0, 3.0, 7.0, 7.0])
-    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
-    logger = callbacks.EpochLogger("pretrain", 4, log_every_seconds=1e9, estimate_steps=10)
-    logger.params = {"epochs": 1, "steps": 16}
+    logger = _clocked(
+        monkeypatch,
+        [0.0, 0.0, 1.0, 1.0, 2.0, 3.0, 7.0, 7.0],
+        "pretrain",
+        {"epochs": 1, "steps": 16},
+        log_every_seconds=1e9,
+        estimate_steps=10,
+    )
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="encoderflow.train"):
         logger.on_train_begin()
