@@ -9,13 +9,15 @@ import pytest
 
 
 def _clocked(monkeypatch, times: list[float], label: str, params: dict, **kwargs):
-    """An EpochLogger driven by a clock reading ``times`` in turn, with fit's ``params``."""
+    """An EpochLogger driven by a clock reading ``times`` in turn, with fit's ``params``, in its first epoch."""
     from encoderflow.train import callbacks
 
     clock = iter(times)
     monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
     logger = callbacks.EpochLogger(label, 4, **kwargs)
     logger.params = params
+    logger.on_train_begin()
+    logger.on_epoch_begin(0)
     return logger
 
 
@@ -103,7 +105,6 @@ def test_a_finite_loss_far_above_guessing_is_called_diverging(caplog):
 def test_the_epoch_rate_is_training_alone_after_the_compiling_call(monkeypatch, caplog):
     """Driven by a clock: the first call (2 steps) takes 10 s (compiling), the next 2 steps 2 s, then
     validation 3 s. seq/s is 2 steps x 4 / 2 s, not 4 steps x 4 / 15 s."""
-
     logger = _clocked(
         monkeypatch,
         [0.0, 0.0, 10.0, 10.0, 12.0, 12.0, 15.0],
@@ -113,8 +114,6 @@ def test_the_epoch_rate_is_training_alone_after_the_compiling_call(monkeypatch, 
     )
     logs = {"loss": 5.0}
     with caplog.at_level(logging.INFO, logger="encoderflow.train"):
-        logger.on_train_begin()
-        logger.on_epoch_begin(0)
         logger.on_train_batch_end(1, logs)  # steps 1-2: one call
         logger.on_train_batch_end(3, logs)  # steps 3-4
         logger.on_test_begin()
@@ -127,13 +126,10 @@ def test_the_progress_line_rate_and_eta_leave_the_compiling_call_out(monkeypatch
     """Driven by a clock: the first call (2 steps) takes 10 s (compiling), the next 2 steps 2 s. The
     progress line says 2 steps x 4 / 2 s = 4 seq/s, and the 4 steps left of 2 epochs x 4 take 4 s at
     that rate (the run's average, compiling in it, said 1 seq/s and 12 s)."""
-
     logger = _clocked(
         monkeypatch, [0.0, 0.0, 10.0, 10.0, 12.0], "pretrain", {"epochs": 2, "steps": 4}, log_every_seconds=0
     )
     with caplog.at_level(logging.INFO, logger="encoderflow.train"):
-        logger.on_train_begin()
-        logger.on_epoch_begin(0)
         logger.on_train_batch_end(1, {"loss": 5.0})  # steps 1-2: the compiling call
         logger.on_train_batch_end(3, {"loss": 4.0})  # steps 3-4
     [line] = [r.getMessage() for r in caplog.records if "progress" in r.getMessage()]
@@ -174,8 +170,6 @@ def test_the_estimate_times_steps_in_which_nothing_compiled(monkeypatch, caplog)
     )
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="encoderflow.train"):
-        logger.on_train_begin()
-        logger.on_epoch_begin(0)
         logger.on_train_batch_end(0, {"loss": 5.0})  # the compiling first call
         jax.monitoring.record_event_duration_secs("/jax/core/compile/backend_compile_duration", 7.5)
         jax.monitoring.record_event_duration_secs("/jax/core/compile/jaxpr_trace_duration", 0.5)
@@ -286,7 +280,6 @@ def test_batch_ends_keras_runs_out_of_order_are_taken_in_the_order_the_calls_ran
 
 def test_the_estimate_says_how_many_steps_it_timed_in_whole_calls(monkeypatch, caplog):
     """With 4 steps per call, an estimate over 10 steps times 3 calls (12 steps): it said "10"."""
-
     logger = _clocked(
         monkeypatch,
         [0.0, 0.0, 1.0, 1.0, 2.0, 3.0, 7.0, 7.0],
@@ -297,8 +290,6 @@ def test_the_estimate_says_how_many_steps_it_timed_in_whole_calls(monkeypatch, c
     )
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="encoderflow.train"):
-        logger.on_train_begin()
-        logger.on_epoch_begin(0)
         for last in (3, 7, 11, 15):
             logger.on_train_batch_end(last, {"loss": 5.0})
         logger.on_train_end()
