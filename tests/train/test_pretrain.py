@@ -378,6 +378,33 @@ def test_step_backup_records_the_step_after_a_restore(tmp_path):
     assert _resume_point(backup, 4) == (2, 3)
 
 
+def test_backups_fall_on_the_first_call_boundary_at_or_after_each_backup_point(tmp_path):
+    """Backups are taken between calls into the compiled step: with 4 steps a call and a backup every 5
+    steps, at 8 (the first boundary past 5), at the epoch end (12), then 20 and 24. steps_per_execution
+    had to divide the backup interval too, and an epoch of 12,352 steps with a backup every 5,000 ran one
+    step a call."""
+    import keras
+
+    from encoderflow.train.callbacks import StepBackup
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(24, 2)).astype("float32"), rng.normal(size=(24, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(loss="mse", optimizer=keras.optimizers.AdamW(0.05), steps_per_execution=4)
+    saved = []
+
+    class Spy(StepBackup):
+        def save(self):
+            saved.append(self.steps_done)
+            return super().save()
+
+    model.fit(
+        x, y, batch_size=2, epochs=2, verbose=0, shuffle=False, callbacks=[Spy(tmp_path / "b", 12, every_steps=5)]
+    )
+    assert saved == [8, 12, 20, 24]
+    assert _resume_point(tmp_path / "b", 12) == (2, 0)
+
+
 def test_step_backup_never_saves_a_step_that_raised(tmp_path):
     """A NaN loss stops training before the state it produced is backed up."""
     from encoderflow.train.callbacks import EpochLogger, NonFiniteLoss, StepBackup
