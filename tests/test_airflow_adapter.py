@@ -110,6 +110,13 @@ def test_a_retry_says_first_what_became_of_the_try_before_it(encoderflow_home, m
         "; the task was cleared, so it runs again"
     )
     assert calls == [1, 2, 3, 4] and layout.read_json(record)["ended"]["as"] == "success"
+    # `encoderflow runs <run>` says how each try ended (Airflow shows the killed one only as failed).
+    from encoderflow import runs
+
+    assert runs.tries_lines(layout.run_dir("manual__r1")) == [
+        "finetune: try 1 never ended (its process was killed, or a person marked it failed); try 2 failed: "
+        "EncoderflowError: bad labels in dev.tsv; try 3 succeeded; try 4 succeeded"
+    ]
     # A run id whose folder another run has writes nothing there.
     layout.write_json(layout.run_dir("manual_r2") / layout.RESOLVED_FILE, {"run_id": "manual_r2"})
     ti.run_id = "manual:r2"

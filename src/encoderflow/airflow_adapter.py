@@ -383,13 +383,17 @@ class TryRecord:
         path = layout.run_dir(ti.run_id) / "tries" / f"{label}.json"
         n, tries = ti.try_number, (getattr(ti, "max_tries", 0) or 0) + 1
         before = layout.read_json_or_none(path)
-        if n > 1 and isinstance(before, dict) and before.get("try") == n - 1:
+        before = before if isinstance(before, dict) and isinstance(before.get("try"), int) else None
+        if n > 1 and before and before["try"] == n - 1:
             log.info("%s", previous_try_line(before, n, max(n, tries)))
+        # The tries before, each as it ended (or never did), for `encoderflow runs <run>`.
+        earlier = [*before.pop("earlier", []), before] if before and before["try"] < n else []
         record = {
             "try": n,
             "began": datetime.now(UTC).isoformat(timespec="seconds"),
             "host": os.uname().nodename,
             "pid": os.getpid(),
+            **({"earlier": earlier} if earlier else {}),
         }
         try:
             layout.write_json(path, record)

@@ -932,6 +932,10 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
             out.append(f"           log: {log}")
         elif failure.get("log_url"):
             out.append(f"           log: {failure['log_url']} (Airflow UI)")
+    if folder and not entry.get("pruned_at"):
+        out += [
+            f"{'retried' if i == 0 else '':<10} {line}" for i, line in enumerate(tries_lines(home / "runs" / folder))
+        ]
     out += _gate_lines(entry)
     metrics = entry.get("metrics") or {}
     shown = [f"{m} {accuracy_text(metrics[m])}" for m in DETAIL_METRICS if m in metrics]
@@ -971,6 +975,33 @@ def detail_lines(entry: dict[str, Any], home: Path) -> list[str]:
             for i, (k, v) in enumerate((k, v) for k, v in files.items() if v and Path(v).exists())
         ]
     return out
+
+
+def tries_lines(folder: Path) -> list[str]:
+    """A line per task tried more than once, saying how each try ended, from the records every try keeps
+    (``tries/<task>.json``, :class:`encoderflow.airflow_adapter.TryRecord`): a try killed with its worker
+    left a log that just stops, and Airflow shows it only as failed."""
+    out = []
+    for path in sorted((folder / "tries").glob("*.json")):
+        record = _object(read_json_or_none(path))
+        if not record or not record.get("earlier"):
+            continue
+        task, _, index = path.stem.rpartition(".")
+        label = task_label(task, int(index)) if task and index.isdigit() else path.stem
+        tries = [t for t in [*record["earlier"], record] if isinstance(t, dict)]
+        said = [f"try {t.get('try')} {_try_end(t, last=t is tries[-1])}" for t in tries]
+        out.append(f"{label}: {'; '.join(said)}")
+    return out
+
+
+def _try_end(record: dict[str, Any], last: bool) -> str:
+    ended = record.get("ended")
+    if not isinstance(ended, dict):
+        # The latest try may still run; an earlier one that never ended was killed.
+        return "has not ended" if last else "never ended (its process was killed, or a person marked it failed)"
+    if ended.get("as") == "success":
+        return "succeeded"
+    return f"failed: {ended.get('error')}: {ended.get('message')}"
 
 
 def _in_folder(summary: dict[str, Any], name: str, folder: Path) -> str | None:
