@@ -1102,8 +1102,57 @@ def assert_clean_logs(client: Client, run_id: str) -> None:
         assert not bad, f"{name} try {ti['try_number']} logged errors on a successful run:\n" + "\n".join(bad[:5])
 
 
+# The first run of the test below: its gpu worker is SIGKILLed just after pretrain's first backup (at step
+# KILL_BACKUP_EVERY). Its task trains on, out of the worker, until the supervisor's restart kills it (here
+# it had got to step 200-250, the retry resuming at 200); it must not reach the end of training first, or
+# the retry has nothing to resume (it saves the last backup instead). The 950 steps and two validations
+# after the first backup (~8 s here) are that margin, wider than the 800 steps and one validation of the
+# 2 x 800-step run this replaced, at less training. Pretrain's steps cost ~5-8 ms each here: a run's time
+# is its tasks' (start-up, imports, Airflow's scheduling), not its steps'.
+KILL_EPOCHS, KILL_STEPS, KILL_BACKUP_EVERY = 2, 500, 50
+# The seed of every run the slow tests trigger: the shard set is addressed by the data settings (the seed
+# among them), so the first run builds it and every later run of the module reuses it (building took
+# 75-95 s of each run). Each run differs in its pretrain settings: its own lineage, so each trains.
+SEED = 5
+
+
+def cli(st: stack_mod.Stack, *args: str) -> subprocess.Popen:
+    """``encoderflow <args>`` started with only ENCODERFLOW_HOME set (no AIRFLOW*/MLFLOW* of ours)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW"))}
+    return subprocess.Popen(
+        [sys.executable, "-m", "encoderflow.cli", *args],
+        env={**env, "ENCODERFLOW_HOME": str(st.home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def reap(*procs: subprocess.Popen) -> None:
+    """Kill what a failed test left running of its commands."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def cli_done(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"{proc.args[3:]} still running after {timeout:.0f} s:\n{out}\n{err}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def backup_step(path: Path) -> int:
+    """The step a pretrain backup was taken at: ``step-<12 digits>.weights.h5``."""
+    return int(re.fullmatch(r"step-(\d{12})\.weights\.h5", path.name).group(1))
+
+
 @pytest.mark.slow
-def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an_mlflow_outage(deployed):
+def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an_mlflow_outage(deployed, request):
     """Two runs triggered at once, each fault met by the run that is at its stage (one smoke run
     costs about two minutes here, so the faults share two runs instead of one run each):
 
@@ -1120,10 +1169,20 @@ def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an
     st, client, tree = deployed
     t0 = time.monotonic()
     before, history_before, _ = registry_state(st)
-    # Each run its own lineage: both train. The first pretrains long enough to be killed after its
-    # first epoch's backup and before its last epoch.
-    first = client.trigger(smoke_conf(tree, seed=5, pretrain_epochs=2, pretrain_steps_per_epoch=800), "faults 1")
-    second = client.trigger(smoke_conf(tree, seed=7), "faults 2")
+    # Each run its own lineage (its pretrain settings): both train, on one shard set. The first backs up
+    # every KILL_BACKUP_EVERY steps (a setting that leaves the model as it is), so it is killed early in
+    # its first epoch, just after its first backup, with most of its KILL_EPOCHS x KILL_STEPS steps to train.
+    first = client.trigger(
+        smoke_conf(
+            tree,
+            seed=SEED,
+            pretrain_epochs=KILL_EPOCHS,
+            pretrain_steps_per_epoch=KILL_STEPS,
+            overrides=[f"pretrain.backup_every_steps={KILL_BACKUP_EVERY}"],
+        ),
+        "faults 1",
+    )
+    second = client.trigger(smoke_conf(tree, seed=SEED), "faults 2")  # smoke's 2 x 50 steps: another lineage
     wait_for("the first run to start", lambda: client.run(first)["state"] == "running", 120)
     assert client.run(second)["state"] == "queued"
 
@@ -1136,13 +1195,21 @@ def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an
 
     backups = st.home / "runs" / safe_run_id(first) / "pretrain" / "backup"
     # A complete backup: the one being written is a hidden temp file until it is renamed into place.
-    wait_for("pretrain's first backup", lambda: backups.is_dir() and any(backups.glob(BACKUP_GLOB)), 400, every=0.5)
+    # Looked for often: the kill lands as soon after it as can be, the orphan's training still far from its end.
+    seen = wait_for(
+        "pretrain's first backup", lambda: backups.is_dir() and sorted(backups.glob(BACKUP_GLOB)), 400, every=0.1
+    )
+    first_backup = backup_step(seen[0])
+    assert 0 < first_backup < KILL_EPOCHS * KILL_STEPS, seen  # a backup mid-training, not the end of it
     assert client.tasks(first)["pretrain"]["state"] == "running"
     # The worker alone, as an operator's kill -9 or the OOM killer does: its task, in a process group of its
     # own, went on training, and the retry trained beside it in the same run folder until the run failed.
     os.kill(st._pid("worker-gpu"), signal.SIGKILL)
     killed = time.monotonic()
-    print(f"SIGKILL gpu worker {killed - t0:.0f} s into the run, backups: {sorted(p.name for p in backups.iterdir())}")
+    print(
+        f"SIGKILL gpu worker {killed - t0:.0f} s into the run, after the backup at step {first_backup} of "
+        f"{KILL_EPOCHS * KILL_STEPS}; backups now: {sorted(p.name for p in backups.iterdir())}"
+    )
     wait_for("the worker to be gone", lambda: not st.alive("worker-gpu"), 30, every=0.2)
     orphans = [pid for pid, _ in st.strays()]
     assert orphans, "the killed worker left no task running: this test no longer kills what an operator kills"
@@ -1157,8 +1224,11 @@ def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an
     _, lines = client.log(first, "pretrain", 2)
     resumed = [ln for ln in lines if "pretrain: resuming epoch" in ln]
     assert resumed, "the retry did not resume from the backup:\n" + "\n".join(lines[-20:])
-    epoch, step = map(int, re.search(r"resuming epoch (\d+) at step (\d+) of 800", resumed[0]).groups())
-    assert (epoch - 1) * 800 + step - 1 >= 800, resumed[0]  # past the first epoch's backup, not from scratch
+    epoch, step = map(int, re.search(rf"resuming epoch (\d+) at step (\d+) of {KILL_STEPS}\b", resumed[0]).groups())
+    done = (epoch - 1) * KILL_STEPS + step - 1  # steps the backup it resumed from had trained
+    # From the backup seen before the kill or a later one the orphan wrote, not from scratch; and a resume
+    # mid-training (a backup at the end of training is saved, not resumed: no such line).
+    assert first_backup <= done < KILL_EPOCHS * KILL_STEPS, (first_backup, resumed[0])
     print(resumed[0])
 
     wait_for("the second run's gate", lambda: client.tasks(second)["evaluate_and_gate"]["state"] == "success", 500, 0.2)
@@ -1184,6 +1254,11 @@ def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an
     assert finished(client, second) == "success"
     assert client.tasks(second)["promote"]["try_number"] >= 2
     print(f"two runs triggered at once: both succeeded, one after the other, in {time.monotonic() - t0:.0f} s")
+    # The read-only commands checked below, each a process of its own: started now, they run beside the
+    # checks of the logs and the registry (predict, which writes a serving copy, after prune's plan).
+    prune = cli(st, "prune", "--dry-run", "--keep", "1", "--older-than", "0")
+    runs = cli(st, "runs", "--json", "--limit", "0")
+    request.addfinalizer(lambda: reap(prune, runs))
 
     r1, r2 = client.run(first), client.run(second)
     assert r2["start_date"] >= r1["end_date"], (r1, r2)
@@ -1210,39 +1285,22 @@ def test_two_runs_at_once_through_a_scheduler_restart_a_killed_gpu_worker_and_an
 
     # `encoderflow prune`, with only ENCODERFLOW_HOME set, asks this stack's Airflow (PostgreSQL) and
     # MLflow (with the workers' login): both runs are finished, and the champion's run stays.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW"))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "encoderflow.cli", "prune", "--dry-run", "--keep", "1", "--older-than", "0"],
-        env={**env, "ENCODERFLOW_HOME": str(st.home)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = cli_done(prune)
+    predict = cli(st, "predict", "a wonderful, moving film")
+    request.addfinalizer(lambda: reap(predict))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "make stack (PostgreSQL): " in proc.stdout and "none in flight" in proc.stdout, proc.stdout
     assert f"MLflow ({st.mlflow_url}): " in proc.stdout and f"{MODEL} v{champion} (champion)" in proc.stdout
     assert f"keep          run     runs/{safe_run_id(by_run[champion])}: " in proc.stdout, proc.stdout
     # `encoderflow runs` asks the same two: both runs succeeded, and the version the champion alias
     # points to is marked on the run that registered it (its summary names this MLflow as its store).
-    proc = subprocess.run(
-        [sys.executable, "-m", "encoderflow.cli", "runs", "--json", "--limit", "0"],
-        env={**env, "ENCODERFLOW_HOME": str(st.home)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = cli_done(runs)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     listed = {r["run_id"]: r for r in json.loads(proc.stdout)["runs"]}
     assert listed[first]["state"] == listed[second]["state"] == "success", proc.stdout[:3000]
     assert "champion" in listed[by_run[champion]]["aliases"], listed[by_run[champion]]
     # And `encoderflow predict` serves the stack's champion (it looked for an embedded store a stack home lacks).
-    proc = subprocess.run(
-        [sys.executable, "-m", "encoderflow.cli", "predict", "a wonderful, moving film"],
-        env={**env, "ENCODERFLOW_HOME": str(st.home)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = cli_done(predict)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"MLflow: make stack's server at {st.mlflow_url}" in proc.stderr, proc.stderr
     assert f"models:/{MODEL}@champion (v{champion})" in proc.stderr and proc.stdout.count("\t") == 2, proc.stdout
@@ -1378,6 +1436,9 @@ def test_a_killed_triggerer_and_a_postgresql_outage_mid_run_are_outlived(deploye
     airflow_parts = ("scheduler", "dag-processor", "triggerer")
     before = {name: (st.restarts().get(name) or {}).get("restarts", 0) for name in stack_mod.COMPONENTS}
 
+    # The run first: its first tasks (no deferred one: the triggerer has no part in them) go on while the
+    # triggerer is killed and brought back. Its own lineage (2 x 400 pretrain steps), the shards reused.
+    run = client.trigger(smoke_conf(tree, seed=SEED, pretrain_steps_per_epoch=400), "postgres outage")
     victim = st._pid("triggerer")
     os.kill(victim, signal.SIGKILL)
     killed, t0 = time.time(), time.monotonic()
@@ -1401,8 +1462,14 @@ def test_a_killed_triggerer_and_a_postgresql_outage_mid_run_are_outlived(deploye
         re.M,
     ), out
 
-    run = client.trigger(smoke_conf(tree, seed=11, pretrain_steps_per_epoch=400), "postgres outage")
-    wait_for("pretrain to run", lambda: client.tasks(run).get("pretrain", {}).get("state") == "running", 600)
+    def pretrain_running() -> bool:
+        state = client.tasks(run).get("pretrain", {}).get("state")
+        assert state in (None, "scheduled", "queued", "running"), f"pretrain {state} before the outage"
+        return state == "running"
+
+    wait_for("pretrain to run", pretrain_running, 600)
+    # What the outage restarts, the triggerer's SIGKILL above aside.
+    before = {name: (st.restarts().get(name) or {}).get("restarts", 0) for name in stack_mod.COMPONENTS}
     st.stop("postgres")  # on purpose: the supervisor leaves it down
     down = time.monotonic()
     # What QA saw: Airflow's own loops do not outlive their database.
