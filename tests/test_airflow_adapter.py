@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from airflow.sdk.execution_time.context import OutletEventAccessors
 
 from encoderflow import airflow_adapter as af
@@ -103,21 +105,31 @@ def test_a_retry_says_first_what_became_of_the_try_before_it(encoderflow_home, m
         ") never ended: its process was killed (its worker stopped, or it lost its heartbeat: the scheduler's "
         "log says which) or a person marked it failed; its log, try 1, stops where it did"
     )
+    # An expected failure has no retry: a person cleared it (it said "retried after its delay").
     assert said[1].startswith("try 3 of 3: try 2 (began ") and said[1].endswith(
-        ": EncoderflowError: bad labels in dev.tsv; retried after its delay"
+        ": EncoderflowError: bad labels in dev.tsv (it fails without retry: a person cleared it)"
     )
-    assert said[2].startswith("try 4 of 4: try 3 (began ") and said[2].endswith(
-        "; the task was cleared, so it runs again"
-    )
-    assert calls == [1, 2, 3, 4] and layout.read_json(record)["ended"]["as"] == "success"
+    # Its work returned; Airflow may still have failed it after (storing its XCom): not called a success.
+    assert re.fullmatch(
+        r"try 4 of 4: try 3 \(began [^)]+\) ran its work to the end at [\d-]+ [\d:]+ UTC; this try runs it again "
+        r"\(a person cleared it, or Airflow failed try 3 after its work: its log says\)",
+        said[2],
+    ), said[2]
+    assert calls == [1, 2, 3, 4] and layout.read_json(record)["ended"]["as"] == "returned"
     # `encoderflow runs <run>` says how each try ended (Airflow shows the killed one only as failed).
     from encoderflow import runs
 
     assert runs.tries_lines(layout.run_dir("manual__r1")) == [
         "finetune: try 1 never ended (its process was killed, or a person marked it failed); try 2 failed: "
-        "EncoderflowError: bad labels in dev.tsv; try 3 succeeded; try 4 succeeded"
+        "EncoderflowError: bad labels in dev.tsv; try 3 ran to the end; try 4 ran to the end"
     ]
     # A run id whose folder another run has writes nothing there.
     layout.write_json(layout.run_dir("manual_r2") / layout.RESOLVED_FILE, {"run_id": "manual_r2"})
     ti.run_id = "manual:r2"
     assert af.TryRecord.begin().path is None
+    # ... nor its failure (check_params refuses it: failure.json replaced the other run's cause).
+    af._record_failure(ti, -1, 1, af.errors.cause_of(EncoderflowError("refused")), no_retry=True, preset=None)
+    assert not (layout.run_dir("manual_r2") / "failure.json").exists()
+    # The source checker's runs have no run folder: `encoderflow runs` listed each as an unknown run.
+    ti.run_id, ti.dag_id = "manual__src", af.SOURCES_DAG_ID
+    assert af.TryRecord.begin().path is None and not layout.run_dir("manual__src").exists()

@@ -135,13 +135,13 @@ def test_one_run_in_full_gives_its_checks_intervals_failure_fix_and_log(recorded
     assert "registry   not registered" in failed
     # A task tried more than once: how each try ended, under the failure (the first killed with its worker).
     tries = home / "runs" / layout.safe_run_id(FAILED_RUN) / "tries"
-    layout.write_json(tries / "build_shard.3.json", {"try": 2, "earlier": [{"try": 1}], "ended": {"as": "success"}})
+    layout.write_json(tries / "build_shard.3.json", {"try": 2, "earlier": [{"try": 1}], "ended": {"as": "returned"}})
     layout.write_json(tries / "check_params.json", {"try": 1, "ended": {"as": "success"}})
     failed = "\n".join(runs.detail_lines(entries[FAILED_RUN], home))
     assert (
         f"           log: {log}\n"
         "retried    build_shard[3]: try 1 never ended (its process was killed, or a person marked it failed); try 2 "
-        "succeeded\n"
+        "ran to the end\n"
         "gate       FAILED\n"
     ) in failed
 

@@ -326,6 +326,12 @@ def test_check_params_refuses_what_a_trigger_could_get_wrong_and_logs_what_it_re
         ("manual:_killed", "failed", None, None),
         ("manual__killed", "success", "manual__killed", "alice"),
     ]
+    # `encoderflow runs <id>` finds the run by its exact id, not both runs of its folder's name.
+    assert runs.find(listed, "manual:_killed")["state"] == "failed"
+    assert runs.find(listed, "manual__killed")["state"] == "success"
+    # Airflow takes "." and fails each task on storing its results: refused once, naming the fix.
+    with pytest.raises(ConfigError, match=r"^run id '\.': Airflow cannot store this run's results; fix: trigger"):
+        steps.check_params(params, params, ".", "bob")
     # Airflow accepts "." and ".." as run ids: never the runs folder or the home.
     assert [layout.safe_run_id(r) for r in (".", "..", ".hidden", "a.b")] == ["run", "run", "hidden", "a.b"]
 

@@ -263,6 +263,8 @@ def _record_failure(
 
     from airflow.sdk import conf
 
+    if layout.run_folder_owner(ti.run_id):  # check_params refused it: that folder is another run's
+        return
     try:
         errors.record_failure(
             ti.run_id,
@@ -375,6 +377,8 @@ class TryRecord:
             ti = get_current_context()["ti"]
         except RuntimeError:  # not in a task: a test calls the body itself
             return cls(None, {})
+        if getattr(ti, "dag_id", DAG_ID) != DAG_ID:  # the source checker's runs have no run folder
+            return cls(None, {})
         map_index = -1 if getattr(ti, "map_index", None) is None else ti.map_index
         label = ti.task_id + (f".{map_index}" if map_index >= 0 else "")
         # A run id another run's folder has: check_params refuses it; nothing of it goes in that folder.
@@ -407,10 +411,11 @@ class TryRecord:
             return
         ended = {"at": datetime.now(UTC).isoformat(timespec="seconds")}
         if exc is None:
-            ended["as"] = "success"
+            # Its work returned; Airflow may still fail the try after (storing its XCom).
+            ended["as"] = "returned"
         else:
             cause = errors.cause_of(exc)
-            ended |= {"as": "failed", "error": cause.error, "message": cause.message}
+            ended |= {"as": "failed", "error": cause.error, "message": cause.message, "no_retry": cause.expected}
         with contextlib.suppress(OSError):
             layout.write_json(self.path, {**self.record, "ended": ended})
 
@@ -427,12 +432,14 @@ def previous_try_line(before: dict[str, Any], n: int, tries: int) -> str:
             f"try {n - 1}, stops where it did"
         )
     at = str(ended.get("at", "?")).replace("T", " ").replace("+00:00", " UTC")
-    if ended.get("as") == "success":
-        return f"try {n} of {tries}: try {n - 1} ({where}) succeeded at {at}; the task was cleared, so it runs again"
-    return (
-        f"try {n} of {tries}: try {n - 1} ({where}) failed at {at}: {ended.get('error')}: {ended.get('message')}; "
-        "retried after its delay"
-    )
+    if ended.get("as") in ("returned", "success"):
+        return (
+            f"try {n} of {tries}: try {n - 1} ({where}) ran its work to the end at {at}; this try runs it again "
+            f"(a person cleared it, or Airflow failed try {n - 1} after its work: its log says)"
+        )
+    cleared = " (it fails without retry: a person cleared it)" if ended.get("no_retry") else ""
+    failed = f"{ended.get('error')}: {ended.get('message')}"
+    return f"try {n} of {tries}: try {n - 1} ({where}) failed at {at}: {failed}{cleared}"
 
 
 def in_form_words(told: str) -> str:

@@ -999,8 +999,8 @@ def _try_end(record: dict[str, Any], last: bool) -> str:
     if not isinstance(ended, dict):
         # The latest try may still run; an earlier one that never ended was killed.
         return "has not ended" if last else "never ended (its process was killed, or a person marked it failed)"
-    if ended.get("as") == "success":
-        return "succeeded"
+    if ended.get("as") in ("returned", "success"):
+        return "ran to the end"
     return f"failed: {ended.get('error')}: {ended.get('message')}"
 
 
@@ -1074,7 +1074,8 @@ def find(entries: list[dict[str, Any]], wanted: str) -> dict[str, Any]:
 
     # A run id as Airflow spells it names a folder too (':' and '+' are '_' there), and the start of one.
     forms = {wanted, safe_run_id(wanted)}
-    exact = [e for e in entries if forms & set(names(e))]
+    # The run id itself first: two ids one folder name apart (check_params refuses the second) both match its form.
+    exact = [e for e in entries if e.get("run_id") == wanted] or [e for e in entries if forms & set(names(e))]
     matches = exact or [e for e in entries if any(n.startswith(w) for n in names(e) for w in forms)]
     if len(matches) == 1:
         return matches[0]

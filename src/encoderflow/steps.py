@@ -90,6 +90,9 @@ def check_params(
         ", ".join(f"{k}={v}" for k, v in sorted(declared.items())) or "the guide's datasets",
     )
     out = {"preset": cfg.preset, "config_hash": cfg.config_hash(), "training_hash": cfg.training_hash()}
+    if run_id == ".":
+        # Airflow takes it, then fails every task on storing its results (its API redirects the '.' path).
+        raise ConfigError("run id '.': Airflow cannot store this run's results", fix="trigger it under another run id")
     if run_id and (owner := layout.run_folder_owner(run_id)):
         # Two ids one folder name apart: the later run's files would replace the earlier's, summary included.
         raise ConfigError(

@@ -323,3 +323,43 @@ def test_a_fit_that_raises_leaves_nothing_holding_its_logger():
     gone = [failed_fit() for _ in range(3)]
     gc.collect()
     assert [ref() for ref in gone] == [None, None, None]
+
+
+def test_validation_is_timed_from_the_end_of_training_not_from_fit_s_dispatch():
+    """fit reaches validation once it has dispatched the epoch's last calls; their batch ends come later, on
+    Keras's threads. val_t0 was stamped then: training's last seconds counted as validation's, and the epoch
+    line's seq/s read 378 where the progress lines read ~150."""
+    import threading
+    import time
+
+    from encoderflow.train.callbacks import EpochLogger
+
+    logger = EpochLogger("pretrain", 4, log_every_seconds=1e9)
+    logger.params = {"epochs": 1, "steps": 2}
+    logger.on_train_begin()
+    logger.on_epoch_begin(0)
+    logger.on_train_batch_begin(0)
+    ended = []
+
+    def late_end():  # the device finishes the last call 0.5 s after fit dispatched it
+        time.sleep(0.5)
+        ended.append(time.monotonic())
+        logger.on_train_batch_end(1, {"loss": 1.0})
+
+    worker = threading.Thread(target=late_end)
+    worker.start()
+    logger.on_test_begin()
+    worker.join(60)
+    logger.on_train_end()
+    assert ended and logger.val_t0 >= ended[0]
+
+
+def test_a_mid_epoch_resume_estimates_the_steps_it_trains(caplog):
+    """Resumed at step 105 of 200 (2 epochs), the estimate said 400 steps where 296 were left, and the
+    last progress line an ETA of 14 s as training ended."""
+    from encoderflow.train.callbacks import EpochLogger
+
+    logger = EpochLogger("pretrain", 4, resumed_steps=104)
+    logger.params = {"epochs": 2, "steps": 200}
+    logger.on_epoch_begin(0)
+    assert logger.total_steps() == 296

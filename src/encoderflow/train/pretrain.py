@@ -556,6 +556,7 @@ def _train(
         # The input pipeline's iterator is dropped as fit returns, and tf.data's autotuner has held that
         # up to 35 s (measured: a repeated shard set, after a few minutes of training), with nothing logged.
         end_note="stopping the input pipeline (TensorFlow may take up to a minute), then saving the encoder",
+        resumed_steps=skip,
     )
     history_csv = out_dir / "history.csv"
     t0 = time.monotonic()
