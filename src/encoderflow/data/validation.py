@@ -333,7 +333,7 @@ def _describe_expectation(cfg: Any) -> str:
     }
     if "row_condition" in kwargs:
         condition = condition_text(kwargs["row_condition"])
-        if "_parsed" in condition or "_fields" in condition:  # rows that parse: said by the check above
+        if any(column in condition for column in ("_parsed", *TSV_PARSED)):  # rows that parse: said above
             del kwargs["row_condition"]
         else:
             kwargs["row_condition"] = condition
